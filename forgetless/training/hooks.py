@@ -1,0 +1,126 @@
+"""The named moments of the training loop that anti-forgetting methods plug into.
+
+A method (HLoRA, EWC, SAM, replay, ...) subclasses :class:`Method` and overrides only the hooks it
+needs. The loop in :mod:`forgetless.training.loop` calls every method's hook at each moment, in the
+order the methods were given, and never asks which method it is talking to. That is what makes
+methods compose: ``[hlora, sam]`` runs HLoRA's extra loss inside both of SAM's passes.
+
+Order of calls in one stage::
+
+    on_stage_start(ctx)
+    examples = prepare_examples(ctx, examples)            # e.g. replay mixes in general text
+    fb = wrap_forward_backward(ctx, fb)                   # e.g. SAM: two passes per micro-batch
+    for each optimizer step:
+        for each micro-batch:
+            fb(batch):  loss = task loss + sum(extra_loss(ctx, batch)); backward(loss / accum)
+        before_optimizer_step(ctx)                        # gradients final, before clipping
+        clip, optimizer.step(), scheduler.step()
+        after_optimizer_step(ctx)                         # e.g. HLoRA importance integration
+        optimizer.zero_grad()
+    on_stage_end(ctx)                                     # e.g. HLoRA normalizes importance
+
+A method that must carry state from the general stage to a later domain stage (importance, Fisher,
+a reference adapter) implements :meth:`Method.save_state` / :meth:`Method.load_state`, so that the
+experiment runner can cache a finished general stage and reuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+
+    from forgetless.training.loop import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+ForwardBackward = Callable[[Batch], torch.Tensor]
+"""Runs forward and backward on one micro-batch, accumulating into ``.grad``; returns the
+(unscaled, detached) total loss of that micro-batch."""
+
+
+@dataclass
+class StageContext:
+    """What a method may look at and change during one training stage."""
+
+    stage: str  # "general" (nu) or "domain" (mu)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: "Accelerator"
+    config: "TrainConfig"
+    step: int = 0  # optimizer steps taken so far in this stage
+    total_steps: int = 0
+    grad_accum: int = 1
+    # Scalars a method wants logged at this step (e.g. {"reg_loss": ...}); the loop records them.
+    scalars: dict[str, float] = field(default_factory=dict)
+    # Free room for methods to leave things for each other or for the report.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use (first parameter group)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def log(self, name: str, value: float | torch.Tensor) -> None:
+        self.scalars[name] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class Method:
+    """Base class of an anti-forgetting method. Every hook is a no-op by default."""
+
+    name: str = "method"
+
+    def on_stage_start(self, ctx: StageContext) -> None:
+        """Called once before the first step of a stage."""
+
+    def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
+        """May return a different list of training examples (``{input_ids, labels}`` dicts)."""
+        return examples
+
+    def extra_loss(self, ctx: StageContext, batch: Batch) -> torch.Tensor | None:
+        """A term added to the task loss of every micro-batch (before dividing by accumulation)."""
+        return None
+
+    def wrap_forward_backward(self, ctx: StageContext, forward_backward: ForwardBackward) -> ForwardBackward:
+        """May replace how one micro-batch's gradient is computed (SAM calls it twice)."""
+        return forward_backward
+
+    def before_optimizer_step(self, ctx: StageContext) -> None:
+        """Gradients of the whole step are final (accumulated, synchronized), not yet clipped."""
+
+    def after_optimizer_step(self, ctx: StageContext) -> None:
+        """The optimizer has moved the weights; gradients are still there until zero_grad."""
+
+    def on_stage_end(self, ctx: StageContext) -> None:
+        """Called once after the last step of a stage."""
+
+    def evaluation_variants(self, model: torch.nn.Module) -> Iterator[tuple[str, AbstractContextManager]]:
+        """Extra models to evaluate after training, as (label, context manager that sets them up).
+
+        Weight interpolation uses this to evaluate several coefficients. Default: none.
+        """
+        return iter(())
+
+    def save_state(self, directory: Path) -> None:
+        """Write what a later stage needs (called after the general stage)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Read back what :meth:`save_state` wrote."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def call_all(methods: Sequence[Method], hook: str, *args: Any) -> None:
+    for method in methods:
+        getattr(method, hook)(*args)
