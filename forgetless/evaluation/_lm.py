@@ -1,0 +1,115 @@
+"""Shared plumbing for the evaluators: find a causal LM's backbone and output head.
+
+Scoring only needs log-probabilities at a few positions (the continuation tokens of a multiple-choice
+request) or wants to bound memory (perplexity over long blocks), so instead of ``model(...).logits``
+(a ``[batch, seq, vocab]`` tensor) we run the backbone to get hidden states and apply the output
+embedding only where needed. ``HeadScorer`` checks once, on a probe input, that
+``head(backbone(x))`` reproduces ``model(x).logits``; if it does not (an unknown architecture with
+extra logit scaling, say), it falls back to the full logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` inside, the previous train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place, so they stay)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        try:
+            return get_base()
+        except Exception:  # noqa: BLE001 - anything odd: use the model as it is
+            return model
+    return model
+
+
+def find_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder backbone returning hidden states, output embedding), or None if not found."""
+    base = _unwrap(model)
+    head = None
+    get_out = getattr(base, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+    backbone = None
+    get_dec = getattr(base, "get_decoder", None)
+    if callable(get_dec):
+        try:
+            backbone = get_dec()
+        except Exception:  # noqa: BLE001
+            backbone = None
+    if backbone is None or backbone is base:
+        prefix = getattr(base, "base_model_prefix", "model")
+        backbone = getattr(base, prefix, None) or getattr(base, "model", None)
+    if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module) or backbone is base:
+        return None
+    return backbone, head
+
+
+class HeadScorer:
+    """Hidden states from the backbone plus the output head applied at chosen positions.
+
+    ``fast`` is True when ``head(backbone(x))`` was verified to equal ``model(x).logits``; otherwise
+    ``hidden`` returns the full logits and ``logits`` is the identity, so callers need no branch.
+    """
+
+    def __init__(self, model: nn.Module, verify: bool = True):
+        self.model = model
+        self.device = model_device(model)
+        found = find_backbone_and_head(model)
+        self.backbone, self.head = found if found is not None else (None, None)
+        config = getattr(_unwrap(model), "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+        self.fast = found is not None
+        if self.fast and verify:
+            self.fast = self._verify()
+
+    @torch.no_grad()
+    def _verify(self) -> bool:
+        vocab = getattr(self.head, "out_features", None) or 2
+        probe = (torch.arange(7, device=self.device) * 3 + 1) % vocab
+        probe = probe.unsqueeze(0)
+        try:
+            fast = self.logits(self.backbone(input_ids=probe, use_cache=False).last_hidden_state)
+            full = self.model(input_ids=probe, use_cache=False).logits
+        except Exception:  # noqa: BLE001 - any failure: use the plain path
+            return False
+        if fast.shape != full.shape:
+            return False
+        return bool(torch.allclose(fast.float(), full.float(), atol=1e-4, rtol=1e-4))
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` hidden states (or ``[B, T, V]`` full logits when not ``fast``)."""
+        if self.fast:
+            return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states taken from ``hidden`` (identity when not ``fast``)."""
+        if not self.fast:
+            return hidden
+        out = self.head(hidden)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
