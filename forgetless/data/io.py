@@ -1,0 +1,148 @@
+"""Reading records from local JSON / JSON-lines files or from the Hugging Face hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+# Suffixes that make a source look like a local file even when it does not exist, so that a typo
+# gives FileNotFoundError instead of a confusing hub lookup.
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+class Record(dict):
+    """One row (a dict) that remembers where it came from, so errors can name the file and line."""
+
+    def __init__(self, data: dict[str, Any], origin: str, line: int) -> None:
+        super().__init__(data)
+        self.origin = origin
+        self.line = line
+
+    def error(self, problem: str, field: str | None = None) -> DataError:
+        """A DataError located at this record."""
+        return DataError.at(self.origin, self.line, problem, field)
+
+    def __reduce__(self):  # keep origin/line through pickling (datasets map, multiprocessing)
+        return (Record, (dict(self), self.origin, self.line))
+
+
+def _as_record(obj: Any, origin: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError.at(origin, line, f"expected a JSON object, got {type(obj).__name__}")
+    return Record(obj, origin, line)
+
+
+def _read_jsonl(text: str, origin: str) -> list[Record]:
+    records = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue  # blank lines are skipped but still counted, so numbers match an editor's
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError.at(origin, number, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        records.append(_as_record(obj, origin, number))
+    return records
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _read_json_array(text: str, origin: str) -> list[Record]:
+    """Parse a top-level JSON list element by element, recording the line where each element starts."""
+    decoder = json.JSONDecoder()
+    records: list[Record] = []
+
+    def fail(pos: int, msg: str) -> DataError:
+        return DataError.at(origin, text.count("\n", 0, pos) + 1, f"invalid JSON ({msg})")
+
+    i = _skip_ws(text, 0) + 1  # past '['
+    i = _skip_ws(text, i)
+    if i < len(text) and text[i] == "]":
+        return records
+    while True:
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            raise DataError.at(origin, exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        records.append(_as_record(obj, origin, line))
+        i = _skip_ws(text, i)
+        if i >= len(text):
+            raise fail(i, "unterminated list")
+        if text[i] == "]":
+            if _skip_ws(text, i + 1) != len(text):
+                raise fail(i + 1, "extra data after the list")
+            return records
+        if text[i] != ",":
+            raise fail(i, "expected ',' or ']'")
+        i = _skip_ws(text, i + 1)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read ``.jsonl`` (one object per line) or ``.json`` (a list of objects) into Records.
+
+    A ``.json`` file whose content is not a list is read as JSON lines, as ``datasets``' json loader does.
+    """
+    path = Path(path)
+    origin = str(path)
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{origin}: unsupported file type {path.suffix!r} (expected .jsonl or .json)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return _read_json_array(text, origin)
+    return _read_jsonl(text, origin)
+
+
+def looks_local(source: str) -> bool:
+    """True when ``source`` is meant as a local path rather than a hub dataset id."""
+    return (source.startswith((".", "/", "~")) or "/" in source or "\\" in source) and \
+        source.lower().endswith(LOCAL_SUFFIXES)
+
+
+def resolve_local(source: str, split: str | None = None) -> Path | None:
+    """The local file for ``source`` (a file, or a folder holding ``{split}.jsonl``/``.json``), else None.
+
+    Raises FileNotFoundError for a path that looks local but does not exist.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        # A folder of split files, like ../shared/data/piqa/{train,test}.jsonl.
+        candidates = [path / f"{split}{suffix}" for suffix in (".jsonl", ".json")] if split else []
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        files = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
+        raise FileNotFoundError(f"{source}: no file for split {split!r} in this folder (found {files})")
+    if looks_local(source):
+        raise FileNotFoundError(f"{source}: no such file")
+    return None
+
+
+def load_records(source: str, split: str | None = None, name: str | None = None) -> list[Record]:
+    """Records from a local file (or a folder of ``{split}.jsonl`` files), else from the hub.
+
+    For a hub dataset, ``datasets.load_dataset(source, name, split=split)`` is used; each Record's origin is
+    ``f"{source}[{split}]"`` and its line the 1-based row index.
+    """
+    local = resolve_local(source, split)
+    if local is not None:
+        return read_records(local)
+    import datasets  # imported lazily: slow, and not needed for local files
+
+    if split is None:
+        splits = datasets.get_dataset_split_names(source, name)
+        if len(splits) != 1:
+            raise ValueError(f"{source}: choose a split, one of {splits}")
+        split = splits[0]
+    rows = datasets.load_dataset(source, name, split=split)
+    origin = f"{source}[{split}]"
+    return [Record(dict(row), origin, index + 1) for index, row in enumerate(rows)]

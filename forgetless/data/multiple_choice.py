@@ -1,0 +1,323 @@
+"""Multiple-choice tasks in the exact prompt format of EleutherAI's lm-evaluation-harness.
+
+Each schema adapter turns one dataset row into an :class:`MCItem` (context, choices, answer,
+target_delimiter) reproducing the harness task's ``doc_to_text``, ``doc_to_choice``, ``doc_to_target`` and
+``target_delimiter`` (default ``" "``), so that training prompts and evaluation prompts are the ones that
+published zero-shot numbers use. The continuation scored for choice ``j`` is
+``target_delimiter + choices[j]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .io import Record, load_records
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice question: the prompt, the raw choice strings and the correct index."""
+
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+    target_delimiter: str = " "
+
+    def continuation(self, j: int) -> str:
+        """The text scored for choice ``j`` (as the harness builds it)."""
+        return self.target_delimiter + self.choices[j]
+
+    @property
+    def continuations(self) -> list[str]:
+        """All continuations, in choice order."""
+        return [self.continuation(j) for j in range(len(self.choices))]
+
+
+# --- field validation: every problem names file, line and field ---------------------------------------
+
+def _field(record: Record, name: str) -> Any:
+    if name not in record or record[name] is None:
+        raise record.error("missing", name)
+    return record[name]
+
+
+def _str(record: Record, name: str, value: Any = None, allow_empty: bool = True) -> str:
+    value = _field(record, name) if value is None else value
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__} {value!r}", name)
+    if not allow_empty and not value.strip():
+        raise record.error("empty", name)
+    return value
+
+
+def _int(record: Record, name: str) -> int:
+    value = _field(record, name)
+    # bool is an int subclass; a JSON true/false here is a schema mix-up, not an index.
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)  # some exports store indices as strings ("2")
+        raise record.error(f"expected an integer, got {type(value).__name__} {value!r}", name)
+    return value
+
+
+def _index(record: Record, name: str, n_choices: int) -> int:
+    value = _int(record, name)
+    if not 0 <= value < n_choices:
+        raise record.error(f"{value} is not a valid choice index (0-{n_choices - 1})", name)
+    return value
+
+
+def _str_list(record: Record, name: str, value: Any = None) -> tuple[str, ...]:
+    value = _field(record, name) if value is None else value
+    if not isinstance(value, (list, tuple)):
+        raise record.error(f"expected a list of strings, got {type(value).__name__}", name)
+    if not value:
+        raise record.error("empty choices", name)
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise record.error(f"item {j} is {type(item).__name__} {item!r}, expected a string", name)
+    return tuple(value)
+
+
+def _labelled_choices(record: Record) -> tuple[tuple[str, ...], list[str]]:
+    """ARC/OpenBookQA ``choices: {text: [...], label: [...]}``."""
+    choices = _field(record, "choices")
+    if not isinstance(choices, dict):
+        raise record.error(f"expected an object with 'text' and 'label', got {type(choices).__name__}",
+                           "choices")
+    for key in ("text", "label"):
+        if key not in choices:
+            raise record.error("missing", f"choices.{key}")
+    texts = _str_list(record, "choices.text", choices["text"])
+    labels = list(_str_list(record, "choices.label", choices["label"]))
+    if len(texts) != len(labels):
+        raise record.error(f"{len(texts)} texts but {len(labels)} labels", "choices")
+    return texts, labels
+
+
+def _answer_key(record: Record, labels: list[str], key: str) -> int:
+    if key not in labels:
+        raise record.error(f"{key!r} is not one of the choice labels {labels}", "answerKey")
+    return labels.index(key)
+
+
+# --- schema adapters -----------------------------------------------------------------------------------
+
+def sciq(record: Record) -> MCItem:
+    """SciQ (``allenai/sciq``), harness ``sciq/sciq.yaml``::
+
+        doc_to_text: "{{support.lstrip()}}\\nQuestion: {{question}}\\nAnswer:"
+        doc_to_choice: "{{[distractor1, distractor2, distractor3, correct_answer]}}"
+        doc_to_target: 3
+    """
+    support = _str(record, "support")
+    question = _str(record, "question")
+    choices = tuple(_str(record, k) for k in ("distractor1", "distractor2", "distractor3", "correct_answer"))
+    return MCItem(f"{support.lstrip()}\nQuestion: {question}\nAnswer:", choices, 3)
+
+
+def piqa(record: Record) -> MCItem:
+    """PIQA (``piqa``), harness ``piqa/piqa.yaml``::
+
+        doc_to_text: "Question: {{goal}}\\nAnswer:"
+        doc_to_choice: "{{[sol1, sol2]}}"
+        doc_to_target: label
+    """
+    goal = _str(record, "goal")
+    choices = (_str(record, "sol1"), _str(record, "sol2"))
+    return MCItem(f"Question: {goal}\nAnswer:", choices, _index(record, "label", 2))
+
+
+MEDMCQA_LETTERS = ("A", "B", "C", "D")
+
+
+def medmcqa(record: Record) -> MCItem:
+    """MedMCQA (``openlifescienceai/medmcqa``), harness ``medmcqa/medmcqa.yaml`` + ``utils_medmcqa.py``::
+
+        doc_to_text: "Question: " + question + "\\nChoices:\\n" + "A. {opa}\\nB. {opb}\\nC. {opc}\\nD. {opd}\\n"
+                     + "Answer:"
+        doc_to_choice: ['A', 'B', 'C', 'D']
+        doc_to_target: cop
+    """
+    question = _str(record, "question")
+    options = [_str(record, k) for k in ("opa", "opb", "opc", "opd")]
+    prompt = "Question: " + question + "\nChoices:\n"
+    prompt += "".join(f"{letter}. {option}\n" for letter, option in zip(MEDMCQA_LETTERS, options))
+    prompt += "Answer:"
+    return MCItem(prompt, MEDMCQA_LETTERS, _index(record, "cop", 4))
+
+
+def arc(record: Record) -> MCItem:
+    """ARC Easy/Challenge (``allenai/ai2_arc``), harness ``arc/arc_easy.yaml``::
+
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_choice: "{{choices.text}}"
+        doc_to_target: "{{choices.label.index(answerKey)}}"
+    """
+    question = _str(record, "question")
+    texts, labels = _labelled_choices(record)
+    answer = _answer_key(record, labels, _str(record, "answerKey"))
+    return MCItem(f"Question: {question}\nAnswer:", texts, answer)
+
+
+def openbookqa(record: Record) -> MCItem:
+    """OpenBookQA (``allenai/openbookqa``, main), harness ``openbookqa/openbookqa.yaml``::
+
+        doc_to_text: question_stem
+        doc_to_choice: "{{choices.text}}"
+        doc_to_target: "{{choices.label.index(answerKey.lstrip())}}"
+    """
+    stem = _str(record, "question_stem")
+    texts, labels = _labelled_choices(record)
+    answer = _answer_key(record, labels, _str(record, "answerKey").lstrip())
+    return MCItem(stem, texts, answer)
+
+
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+def mmlu(record: Record) -> MCItem:
+    """MMLU (``cais/mmlu``), harness ``mmlu/default/_default_template_yaml`` + per-subject yaml::
+
+        description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+        doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n
+                      D. {{choices[3]}}\\nAnswer:"
+        doc_to_choice: ["A", "B", "C", "D"]
+        doc_to_target: answer
+
+    The harness prepends the subject's ``description`` (subject with ``_`` -> space) even at 0-shot.
+    """
+    question = _str(record, "question")
+    subject = _str(record, "subject")
+    options = _str_list(record, "choices")
+    if len(options) != 4:
+        raise record.error(f"expected 4 choices, got {len(options)}", "choices")
+    description = ("The following are multiple choice questions (with answers) about "
+                   f"{subject.replace('_', ' ')}.\n\n")
+    body = question.strip() + "\n" + "".join(f"{l}. {o}\n" for l, o in zip(MMLU_LETTERS, options)) + "Answer:"
+    return MCItem(description + body, MMLU_LETTERS, _index(record, "answer", 4))
+
+
+def generic(record: Record) -> MCItem:
+    """Generic JSON-lines schema ``{question, choices, answer, context?}`` (this project's own)::
+
+        text: "{context}\\n" (when given) + "Question: {question}\\nAnswer:"
+        choices: choices
+        answer: an int index, or the correct choice string itself
+    """
+    question = _str(record, "question")
+    context = record.get("context")
+    if context is not None:
+        context = _str(record, "context")
+    choices = _str_list(record, "choices")
+    raw = _field(record, "answer")
+    if isinstance(raw, str) and raw in choices:
+        answer = choices.index(raw)
+    elif isinstance(raw, str) and not raw.strip().lstrip("-").isdigit():
+        raise record.error(f"{raw!r} is neither an index nor one of the choices", "answer")
+    else:
+        answer = _index(record, "answer", len(choices))
+    prefix = f"{context}\n" if context else ""
+    return MCItem(f"{prefix}Question: {question}\nAnswer:", choices, answer)
+
+
+SCHEMAS: dict[str, Callable[[Record], MCItem]] = {
+    "sciq": sciq,
+    "piqa": piqa,
+    "medmcqa": medmcqa,
+    "arc": arc,
+    "openbookqa": openbookqa,
+    "mmlu": mmlu,
+    "generic": generic,
+}
+
+# Checked in order: more specific key sets first (mmlu before generic, which share question/choices/answer).
+_SIGNATURES: list[tuple[str, frozenset[str]]] = [
+    ("sciq", frozenset({"question", "distractor1", "distractor2", "distractor3", "correct_answer"})),
+    ("piqa", frozenset({"goal", "sol1", "sol2"})),
+    ("medmcqa", frozenset({"question", "opa", "opb", "opc", "opd"})),
+    ("openbookqa", frozenset({"question_stem", "choices", "answerKey"})),
+    ("arc", frozenset({"question", "choices", "answerKey"})),
+    ("mmlu", frozenset({"question", "subject", "choices", "answer"})),
+    ("generic", frozenset({"question", "choices", "answer"})),
+]
+
+
+def detect_schema(record: dict[str, Any]) -> str:
+    """The schema name whose fields ``record`` has; DataError listing the known schemas if none fits."""
+    keys = set(record)
+    for name, required in _SIGNATURES:
+        if required <= keys:
+            return name
+    known = "; ".join(f"{name}: {sorted(req)}" for name, req in _SIGNATURES)
+    problem = f"cannot tell the schema from fields {sorted(keys)}; known schemas: {known}"
+    if isinstance(record, Record):
+        raise record.error(problem)
+    from .errors import DataError
+    raise DataError(problem)
+
+
+def load_mc_task(source: str, schema: str | None = None, split: str | None = None, name: str | None = None,
+                 limit: int | None = None) -> list[MCItem]:
+    """Load a multiple-choice task as MCItems from a local file or hub dataset.
+
+    ``schema`` is one of :data:`SCHEMAS`; when None it is detected from the first record's fields (so
+    ``allenai/sciq``, ``piqa``, ``openlifescienceai/medmcqa``, ``allenai/ai2_arc``, ``allenai/openbookqa``
+    and ``cais/mmlu`` all map to their schema). Every bad row raises DataError naming file, line and field.
+    """
+    if schema is not None and schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
+    records = load_records(source, split=split, name=name)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        return []
+    adapter = SCHEMAS[schema or detect_schema(records[0])]
+    return [adapter(record) for record in records]
+
+
+# --- tokenization ----------------------------------------------------------------------------------------
+
+def _tok(tokenizer: Any, text: str) -> list[int]:
+    # HFLM.tok_encode adds no special tokens for causal models (except gemma): match it.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation), exactly as lm-evaluation-harness's ``HFLM._encode_pair``.
+
+    Trailing whitespace of the context moves onto the continuation; the continuation ids are the tail of
+    ``tok(context + continuation)`` after ``len(tok(context))`` tokens, so merges across the boundary are
+    the ones the model sees at evaluation. An empty context becomes ``[prefix_token_id]`` (BOS if the
+    tokenizer has one, else EOS, as HFLM's ``prefix_token_id``) with ``tok(continuation)``.
+    """
+    if context == "":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], _tok(tokenizer, continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _tok(tokenizer, context + continuation)
+    context_enc = _tok(tokenizer, context)
+    return context_enc, whole[len(context_enc):]
+
+
+def mc_train_examples(items: list[MCItem], tokenizer: Any,
+                      max_length: int | None = None) -> list[dict[str, list[int]]]:
+    """Training examples ``prompt + correct answer`` with the loss on the answer tokens only.
+
+    Tokenized with :func:`encode_pair`, so the answer ids equal those the harness scores. If an example is
+    longer than ``max_length`` the context is cut from the left; answer tokens are never dropped.
+    """
+    examples = []
+    for item in items:
+        context, continuation = encode_pair(tokenizer, item.context, item.continuation(item.answer))
+        if max_length is not None and len(context) + len(continuation) > max_length:
+            if len(continuation) > max_length:
+                raise ValueError(f"answer of {len(continuation)} tokens exceeds max_length={max_length}: "
+                                 f"{item.continuation(item.answer)!r}")
+            context = context[len(context) + len(continuation) - max_length:]
+        examples.append({"input_ids": context + continuation, "labels": [-100] * len(context) + continuation})
+    return examples

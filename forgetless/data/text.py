@@ -1,0 +1,73 @@
+"""Plain-text corpora for causal-LM training: loading documents and packing them into fixed blocks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .io import load_records, resolve_local
+
+_BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
+
+
+def _read_txt(path: Path) -> list[str]:
+    """A ``.txt`` file's documents: paragraphs separated by blank lines."""
+    return [doc.strip() for doc in _BLANK_LINES.split(path.read_text(encoding="utf-8"))]
+
+
+def load_texts(source: str, field: str = "text", split: str = "train", limit: int | None = None) -> list[str]:
+    """Documents from a ``.txt`` file (split on blank lines), a ``.jsonl``/``.json`` file or a hub dataset.
+
+    For JSON sources each record must carry a string ``field`` (else DataError). Empty or whitespace-only
+    documents are dropped (wikitext has many empty rows); ``limit`` caps the number kept.
+    """
+    local = resolve_local(source, split)
+    if local is not None and local.suffix == ".txt":
+        texts = _read_txt(local)
+    else:
+        texts = []
+        for record in load_records(source, split=split):
+            if field not in record:
+                raise record.error("missing", field)
+            value = record[field]
+            if not isinstance(value, str):
+                raise record.error(f"expected a string, got {type(value).__name__}", field)
+            texts.append(value)
+    texts = [t for t in texts if t.strip()]
+    return texts[:limit] if limit is not None else texts
+
+
+def pack_blocks(texts: Sequence[str], tokenizer: Any, block_size: int,
+                max_blocks: int | None = None) -> torch.Tensor:
+    """Concatenate tokenized documents (each followed by EOS) and cut them into full blocks.
+
+    Returns a LongTensor ``[n_blocks, block_size]``; the trailing partial block is dropped. Raises ValueError
+    when there is not enough text for one block.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pack_blocks needs a tokenizer with an eos_token_id (it separates documents)")
+    needed = max_blocks * block_size if max_blocks is not None else None
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+        if needed is not None and len(ids) >= needed:
+            break  # enough tokens: don't tokenize the rest of a large corpus
+    n_blocks = len(ids) // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens in all)")
+    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+def lm_examples(blocks: torch.Tensor | Sequence[Sequence[int]]) -> list[dict[str, list[int]]]:
+    """Causal-LM examples with the loss on every token (``labels == input_ids``; the model shifts)."""
+    rows = blocks.tolist() if isinstance(blocks, torch.Tensor) else [list(b) for b in blocks]
+    return [{"input_ids": list(row), "labels": list(row)} for row in rows]
