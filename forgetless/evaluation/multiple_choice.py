@@ -15,9 +15,10 @@ in ``ConfigurableTask.process_results`` for ``multiple_choice``::
 Loglikelihoods follow ``HFLM._loglikelihood_tokens`` (lm_eval/models/huggingface.py): the model input
 is ``(context_enc + continuation_enc)[-(max_length + 1):][:-1]``, and the log-softmax rows
 ``[inplen - contlen : inplen]`` are gathered at the continuation tokens and summed. An empty context
-is replaced by ``[prefix_token_id]`` (``HFLM.loglikelihood``). The harness also sorts requests by
-descending total length and right-pads batches with zeros, which is exact for a causal model: pad
-tokens come after every real token, so no real position attends to them.
+is replaced by ``[prefix_token_id]`` (``HFLM.loglikelihood``; ``forgetless.data.encode_pair`` does
+it). The harness also sorts requests by descending total length and right-pads batches with zeros,
+which is exact for a causal model: pad tokens come after every real token, so no real position
+attends to them.
 
 The stderr of a mean is the harness's ``mean_stderr`` (lm_eval/api/metrics.py): sample standard
 deviation (``n - 1`` denominator) divided by ``sqrt(n)``.
@@ -80,14 +81,6 @@ def _max_length(model: nn.Module, tokenizer) -> int:
     return _DEFAULT_MAX_LENGTH
 
 
-def _prefix_token_id(tokenizer) -> int:
-    """``HFLM.prefix_token_id``: BOS if the tokenizer has one, else EOS."""
-    for token_id in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if token_id is not None:
-            return int(token_id)
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token to stand for an empty context")
-
-
 def _build_requests(model: nn.Module, tokenizer, items: Sequence[MCItem]) -> list[_Request]:
     from forgetless.data import encode_pair  # lazy: keeps the data stack off the import path
 
@@ -98,13 +91,10 @@ def _build_requests(model: nn.Module, tokenizer, items: Sequence[MCItem]) -> lis
             raise ValueError(f"item {i}: answer {item.answer} out of range for {len(item.choices)} choices")
         for j, choice in enumerate(item.choices):
             continuation = f"{item.target_delimiter}{choice}"
-            if item.context == "":
-                # HFLM.loglikelihood: context_enc = [prefix_token_id], continuation_enc = tok_encode(cont)
-                ctx = [_prefix_token_id(tokenizer)]
-                cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-            else:
-                ctx_ids, cont_ids = encode_pair(tokenizer, item.context, continuation)
-                ctx, cont = list(ctx_ids), list(cont_ids)
+            # encode_pair is HFLM._encode_pair, including HFLM.loglikelihood's empty-context case
+            # (context_enc = [prefix_token_id]).
+            ctx_ids, cont_ids = encode_pair(tokenizer, item.context, continuation)
+            ctx, cont = list(ctx_ids), list(cont_ids)
             if not cont:
                 raise ValueError(f"item {i}, choice {j}: the continuation {continuation!r} has no tokens")
             if len(cont) > max_length:

@@ -86,14 +86,14 @@ def perplexity_of_texts(
     tokenizer,
     texts: Sequence[str],
     block_size: int = 512,
+    max_blocks: int | None = None,
     batch_size: int = 8,
     precision: str = "auto",
     progress: bool = True,
 ) -> PerplexityResult:
-    """Pack ``texts`` into ``block_size`` blocks with ``forgetless.data.pack_blocks`` and score them."""
+    """Pack ``texts`` into ``block_size`` blocks (at most ``max_blocks``) with ``forgetless.data.pack_blocks``
+    (documents joined by EOS, trailing partial block dropped) and score them with :func:`perplexity`."""
     from forgetless.data import pack_blocks  # lazy: the data module is optional for block users
 
-    blocks = pack_blocks(list(texts), tokenizer, block_size)
-    if blocks.shape[0] == 0:
-        raise ValueError(f"texts are shorter than one block of {block_size} tokens")
+    blocks = pack_blocks(list(texts), tokenizer, block_size, max_blocks=max_blocks)
     return perplexity(model, blocks, batch_size=batch_size, precision=precision, progress=progress)
