@@ -1,0 +1,403 @@
+"""Unit tests for forgetless.data: file reading, text packing, harness-exact MC prompts, instructions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless.data import (SCHEMAS, DataError, MCItem, detect_schema, encode_pair, instruction_examples,
+                             lm_examples, load_instructions, load_mc_task, load_records, load_texts,
+                             mc_train_examples, pack_blocks, read_records)
+from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def jsonl(tmp_path: Path, name: str, rows: list) -> str:
+    return write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# --- schema adapters: exact lm-evaluation-harness prompts -------------------------------------------------
+
+def test_sciq_prompt_choices_answer():
+    items = load_mc_task(str(FIXTURES / "sciq.jsonl"))
+    assert items[0] == MCItem(
+        context="Mesophiles grow best in moderate temperature, typically between 25°C and 40°C.\n"
+                "Question: What type of organism is commonly used in preparation of foods such as cheese and "
+                "yogurt?\nAnswer:",
+        choices=("protozoa", "gymnosperms", "viruses", "mesophilic organisms"), answer=3)
+    # Empty support: the template still emits its newline, as the harness does.
+    assert items[1].context == "\nQuestion: What is the least dangerous radioactive decay?\nAnswer:"
+    assert items[1].choices == ("beta decay", "gamma decay", "zeta decay", "alpha decay")
+    assert items[1].answer == 3
+    assert items[1].continuation(3) == " alpha decay"
+
+
+def test_piqa():
+    items = load_mc_task(str(FIXTURES / "piqa.jsonl"))
+    assert items[0].context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert items[0].choices[0].startswith("Provide the guinea pig with a cage full of a few inches of bedding "
+                                          "made of ripped paper strips")
+    assert len(items[0].choices) == 2 and items[0].answer == 0
+    assert items[1] == MCItem("Question: Make outdoor pillow.\nAnswer:",
+                              ("Blow into tin can and tie with rubber band.",
+                               "Blow into trash bag and tie with rubber band."), 1)
+
+
+def test_medmcqa():
+    items = load_mc_task(str(FIXTURES / "medmcqa.jsonl"))
+    assert items[0].context == (
+        "Question: Which of the following is not true for myelinated nerve fibers:\nChoices:\n"
+        "A. Impulse through myelinated fibers is slower than non-myelinated fibers\n"
+        "B. Membrane currents are generated at nodes of Ranvier\n"
+        "C. Saltatory conduction of impulses is seen\n"
+        "D. Local anesthesia is effective only when the nerve is not covered by myelin sheath\n"
+        "Answer:")
+    assert items[0].choices == ("A", "B", "C", "D")  # harness doc_to_choice: letters
+    assert [it.answer for it in items] == [0, 0]
+    assert items[0].continuations == [" A", " B", " C", " D"]
+
+
+def test_arc():
+    items = load_mc_task(str(FIXTURES / "arc_easy.jsonl"))
+    assert items[1] == MCItem(
+        "Question: Which piece of safety equipment is used to keep mold spores from entering the respiratory "
+        "system?\nAnswer:", ("safety goggles", "breathing mask", "rubber gloves", "lead apron"), 1)
+    assert items[0].answer == 0
+
+
+def test_arc_numeric_labels(tmp_path):
+    # Some ARC rows use labels "1".."4"; the answer is the index of answerKey in choices.label.
+    path = jsonl(tmp_path, "arc.jsonl", [{"id": "x", "question": "Q?", "answerKey": "3",
+                                          "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}}])
+    assert load_mc_task(path)[0] == MCItem("Question: Q?\nAnswer:", ("a", "b", "c"), 2)
+
+
+def test_openbookqa():
+    items = load_mc_task(str(FIXTURES / "openbookqa.jsonl"))
+    # doc_to_text is the bare question_stem: no "Question:" / "Answer:" framing.
+    assert items[1] == MCItem("There is most likely going to be fog around:",
+                              ("a marsh", "a tundra", "the plains", "a desert"), 0)
+    assert items[0].answer == 1
+
+
+def test_openbookqa_answer_key_lstrip(tmp_path):
+    path = jsonl(tmp_path, "obqa.jsonl", [{"question_stem": "Predators eat", "answerKey": " C",
+                                           "choices": {"text": ["lions", "humans", "bunnies", "grass"],
+                                                       "label": ["A", "B", "C", "D"]}}])
+    assert load_mc_task(path)[0].answer == 2
+
+
+def test_mmlu_includes_subject_description():
+    items = load_mc_task(str(FIXTURES / "mmlu.jsonl"))
+    assert items[0].context == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:")
+    assert items[0].choices == ("A", "B", "C", "D") and items[0].answer == 1
+    assert items[1].context == (
+        "The following are multiple choice questions (with answers) about college medicine.\n\n"
+        "Glucose is transported into the muscle cell:\nA. via protein transporters called GLUT4.\n"
+        "B. only in the presence of insulin.\nC. via hexokinase.\nD. via monocarbylic acid transporters.\n"
+        "Answer:")
+    assert items[1].answer == 0
+
+
+def test_mmlu_strips_question(tmp_path):
+    path = jsonl(tmp_path, "m.jsonl", [{"question": "  Why?\n", "subject": "x", "choices": list("abcd"),
+                                        "answer": 3}])
+    assert load_mc_task(path)[0].context.endswith("about x.\n\nWhy?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+
+
+def test_generic():
+    items = load_mc_task(str(FIXTURES / "generic.jsonl"))
+    assert items == [
+        MCItem("Plants make sugar from light.\nQuestion: Which gas do plants absorb?\nAnswer:",
+               ("oxygen", "carbon dioxide", "helium"), 1),
+        MCItem("Question: 2 + 2 = ?\nAnswer:", ("3", "4"), 1),  # answer given as the choice string
+        MCItem("Question: Is the sky green?\nAnswer:", ("yes", "no"), 1),  # empty context adds no line
+    ]
+
+
+@pytest.mark.parametrize("fixture, schema", [
+    ("sciq", "sciq"), ("piqa", "piqa"), ("medmcqa", "medmcqa"), ("arc_easy", "arc"),
+    ("openbookqa", "openbookqa"), ("mmlu", "mmlu"), ("generic", "generic")])
+def test_detect_schema_and_explicit_schema(fixture, schema):
+    path = str(FIXTURES / f"{fixture}.jsonl")
+    assert detect_schema(read_records(path)[0]) == schema
+    assert load_mc_task(path, schema=schema) == load_mc_task(path)
+    assert set(SCHEMAS) == {"sciq", "piqa", "medmcqa", "arc", "openbookqa", "mmlu", "generic"}
+
+
+def test_detect_schema_unknown_lists_known(tmp_path):
+    path = jsonl(tmp_path, "odd.jsonl", [{"prompt": "x", "target": "y"}])
+    with pytest.raises(DataError, match=r"odd\.jsonl, line 1: .*known schemas: sciq.*generic"):
+        load_mc_task(path)
+    with pytest.raises(ValueError, match="unknown schema"):
+        load_mc_task(str(FIXTURES / "piqa.jsonl"), schema="hellaswag")
+
+
+def test_load_mc_task_limit_and_folder_split(tmp_path):
+    assert len(load_mc_task(str(FIXTURES / "piqa.jsonl"), limit=1)) == 1
+    folder = tmp_path / "piqa"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text((FIXTURES / "piqa.jsonl").read_text())
+    assert load_mc_task(str(folder), split="test") == load_mc_task(str(FIXTURES / "piqa.jsonl"))
+
+
+# --- malformed rows: messages name file, line and field ----------------------------------------------------
+
+def _error(path: str, **kwargs) -> DataError:
+    with pytest.raises(DataError) as info:
+        load_mc_task(path, **kwargs)
+    return info.value
+
+
+def test_missing_field(tmp_path):
+    good = {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}
+    path = jsonl(tmp_path, "p.jsonl", [good, good, {"goal": "g", "sol1": "a", "label": 0}])
+    err = _error(path, schema="piqa")
+    assert str(err) == f"{path}, line 3: field 'sol2': missing"
+    assert (err.line, err.field) == (3, "sol2")
+
+
+def test_bad_answer_index(tmp_path):
+    row = json.loads((FIXTURES / "medmcqa.jsonl").read_text().splitlines()[0])
+    path = jsonl(tmp_path, "med.jsonl", [row, dict(row, cop=7)])
+    assert str(_error(path)) == f"{path}, line 2: field 'cop': 7 is not a valid choice index (0-3)"
+
+
+def test_bad_answer_key(tmp_path):
+    row = json.loads((FIXTURES / "arc_easy.jsonl").read_text().splitlines()[0])
+    path = jsonl(tmp_path, "arc.jsonl", [dict(row, answerKey="E")])
+    assert str(_error(path)) == (f"{path}, line 1: field 'answerKey': 'E' is not one of the choice labels "
+                                 "['A', 'B', 'C', 'D']")
+
+
+def test_wrong_type(tmp_path):
+    path = jsonl(tmp_path, "g.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0},
+                                       {"question": 5, "choices": ["a", "b"], "answer": 0}])
+    assert str(_error(path)) == f"{path}, line 2: field 'question': expected a string, got int 5"
+    path = jsonl(tmp_path, "g2.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": True}])
+    assert "line 1: field 'answer': expected an integer, got bool" in str(_error(path))
+    path = jsonl(tmp_path, "g3.jsonl", [{"question": "q", "choices": "ab", "answer": 0}])
+    assert str(_error(path)) == f"{path}, line 1: field 'choices': expected a list of strings, got str"
+
+
+def test_empty_choices_and_unknown_answer_string(tmp_path):
+    path = jsonl(tmp_path, "e.jsonl", [{"question": "q", "choices": [], "answer": 0}])
+    assert str(_error(path)) == f"{path}, line 1: field 'choices': empty choices"
+    path = jsonl(tmp_path, "s.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "c"}])
+    assert str(_error(path)) == f"{path}, line 1: field 'answer': 'c' is neither an index nor one of the choices"
+
+
+def test_invalid_json_line(tmp_path):
+    path = write(tmp_path, "bad.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n\n{"goal": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 3: invalid JSON \(") as info:
+        load_mc_task(path)
+    assert info.value.line == 3
+
+
+def test_non_object_line(tmp_path):
+    path = write(tmp_path, "list.jsonl", "[1, 2]\n")
+    with pytest.raises(DataError, match=r"list\.jsonl, line 1: expected a JSON object, got list"):
+        read_records(path)
+
+
+# --- reading records ----------------------------------------------------------------------------------------
+
+def test_read_jsonl_counts_blank_lines(tmp_path):
+    path = write(tmp_path, "r.jsonl", '{"a": 1}\n\n   \n{"a": 2}\n')
+    records = read_records(path)
+    assert records == [{"a": 1}, {"a": 2}]
+    assert [r.line for r in records] == [1, 4] and records[0].origin == path
+
+
+def test_read_json_list_tracks_lines(tmp_path):
+    path = write(tmp_path, "r.json", '[\n  {"a": 1},\n\n  {"a": 2,\n   "b": 3}\n]\n')
+    records = read_records(path)
+    assert records == [{"a": 1}, {"a": 2, "b": 3}] and [r.line for r in records] == [2, 4]
+    bad = write(tmp_path, "bad.json", '[\n  {"a": 1},\n  {"a": }\n]')
+    with pytest.raises(DataError, match=r"bad\.json, line 3: invalid JSON"):
+        read_records(bad)
+    # A .json file holding JSON lines is accepted, as datasets' json loader does.
+    assert read_records(write(tmp_path, "lines.json", '{"a": 1}\n{"a": 2}\n')) == [{"a": 1}, {"a": 2}]
+
+
+def test_missing_local_path_does_not_try_the_hub(monkeypatch):
+    import datasets
+
+    def boom(*args, **kwargs):
+        raise AssertionError("must not reach the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    for source in ("data/nope.jsonl", "./nope.json", "corpus/nope.txt"):
+        with pytest.raises(FileNotFoundError, match="nope"):
+            load_records(source)
+    with pytest.raises(FileNotFoundError):
+        load_texts("corpus/nope.txt")
+
+
+def test_hub_source_uses_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return [{"goal": "g", "sol1": "a", "sol2": "b", "label": 1}, {"goal": "h", "sol1": "a", "sol2": "b"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_records("ybisk/piqa", split="validation", name="plain")
+    assert calls == [("ybisk/piqa", "plain", "validation")]
+    assert records[1].origin == "ybisk/piqa[validation]" and records[1].line == 2
+    with pytest.raises(DataError, match=r"^ybisk/piqa\[validation\], line 2: field 'label': missing$"):
+        load_mc_task("ybisk/piqa", split="validation")
+
+
+# --- plain text and packing -------------------------------------------------------------------------------
+
+def test_load_texts_jsonl_txt_and_errors(tmp_path):
+    path = jsonl(tmp_path, "t.jsonl", [{"text": "one"}, {"text": ""}, {"text": "  "}, {"text": "two"}])
+    assert load_texts(path) == ["one", "two"]
+    assert load_texts(path, limit=1) == ["one"]
+    body = jsonl(tmp_path, "b.jsonl", [{"body": "x"}])
+    assert load_texts(body, field="body") == ["x"]
+    with pytest.raises(DataError, match=r"b\.jsonl, line 1: field 'text': missing"):
+        load_texts(body)
+    typed = jsonl(tmp_path, "n.jsonl", [{"text": "a"}, {"text": 3}])
+    with pytest.raises(DataError, match=r"n\.jsonl, line 2: field 'text': expected a string, got int"):
+        load_texts(typed)
+    txt = write(tmp_path, "c.txt", "First doc\nstill first.\n\n\nSecond doc.\n  \nThird.\n")
+    assert load_texts(txt) == ["First doc\nstill first.", "Second doc.", "Third."]
+
+
+def test_pack_blocks_contents_and_counts(tok):
+    texts = ["Answer: A", "hello world", "Question: What"]
+    stream = []
+    for t in texts:
+        stream += ids(tok, t) + [tok.eos_token_id]  # EOS after every document
+    blocks = pack_blocks(texts, tok, block_size=4)
+    assert blocks.dtype == torch.long and blocks.shape == (len(stream) // 4, 4)
+    assert blocks.flatten().tolist() == stream[: len(stream) // 4 * 4]  # remainder dropped
+    assert pack_blocks(texts, tok, block_size=4, max_blocks=2).tolist() == blocks[:2].tolist()
+    assert pack_blocks(texts, tok, block_size=len(stream)).shape == (1, len(stream))
+    with pytest.raises(ValueError, match="not enough text"):
+        pack_blocks(texts, tok, block_size=len(stream) + 1)
+    with pytest.raises(ValueError):
+        pack_blocks([], tok, block_size=4)
+
+
+def test_lm_examples_labels_equal_inputs():
+    examples = lm_examples(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    assert examples == [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                        {"input_ids": [8, 9, 10], "labels": [8, 9, 10]}]
+
+
+# --- encode_pair and MC training examples --------------------------------------------------------------------
+
+def test_encode_pair_moves_trailing_whitespace(tok):
+    ctx, cont = encode_pair(tok, "Answer: ", "A")
+    # The space travels to the continuation, so "A" is scored as the word-initial token " A".
+    assert ctx == ids(tok, "Answer:") and cont == ids(tok, " A")
+    assert ctx + cont == ids(tok, "Answer: A")
+    ctx, cont = encode_pair(tok, "Answer:", " A")
+    assert (ctx, cont) == (ids(tok, "Answer:"), ids(tok, " A"))
+
+
+def test_encode_pair_continuation_is_tail_of_whole(tok):
+    context, continuation = "Question: What is the answer?\nAnswer:", " the answer"
+    ctx, cont = encode_pair(tok, context, continuation)
+    whole = ids(tok, context + continuation)
+    assert ctx == ids(tok, context) and ctx + cont == whole and cont == whole[len(ctx):]
+
+
+def test_encode_pair_empty_context_uses_prefix_token(tok):
+    # HFLM.prefix_token_id: BOS when the tokenizer has one, else EOS.
+    assert encode_pair(tok, "", " A") == ([tok.bos_token_id], ids(tok, " A"))
+
+
+def test_mc_train_examples_masks_prompt(tok):
+    items = load_mc_task(str(FIXTURES / "generic.jsonl"))
+    examples = mc_train_examples(items, tok)
+    for item, ex in zip(items, examples, strict=True):
+        ctx, cont = encode_pair(tok, item.context, " " + item.choices[item.answer])
+        assert ex["input_ids"] == ctx + cont
+        assert ex["input_ids"] == ids(tok, item.context + " " + item.choices[item.answer])
+        assert ex["labels"] == [-100] * len(ctx) + cont
+        assert [t for t in ex["labels"] if t != -100] == ids(tok, " " + item.choices[item.answer])
+
+
+def test_mc_train_examples_left_truncates_context(tok):
+    item = MCItem("Question: What is the answer?\nAnswer:", ("yes", "carbon dioxide"), 1)
+    full = mc_train_examples([item], tok)[0]
+    cont = [t for t in full["labels"] if t != -100]
+    short = mc_train_examples([item], tok, max_length=len(cont) + 2)[0]
+    assert short["input_ids"] == full["input_ids"][-(len(cont) + 2):]
+    assert short["labels"] == [-100, -100] + cont
+    assert mc_train_examples([item], tok, max_length=len(cont))[0]["labels"] == cont
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        mc_train_examples([item], tok, max_length=len(cont) - 1)
+
+
+# --- instructions -------------------------------------------------------------------------------------------
+
+def test_load_instructions_templates():
+    pairs = load_instructions(str(FIXTURES / "alpaca.jsonl"))
+    assert pairs[0][0] == ("Below is an instruction that describes a task. Write a response that appropriately "
+                           "completes the request.\n\n### Instruction:\nDescribe a process of making crepes.\n\n"
+                           "### Response:\n")
+    assert pairs[0][1].startswith("Making crepes is an easy and delicious process!")
+    assert pairs[1][0] == ("Below is an instruction that describes a task, paired with an input that provides "
+                           "further context. Write a response that appropriately completes the request.\n\n"
+                           "### Instruction:\nGiven the parameters of a triangle, find out its perimeter.\n\n"
+                           "### Input:\nSide 1 = 4\nSide 2 = 6\nSide 3 = 8\n\n### Response:\n")
+    assert len(load_instructions(str(FIXTURES / "alpaca.jsonl"), limit=1)) == 1
+
+
+def test_load_instructions_errors(tmp_path):
+    path = jsonl(tmp_path, "a.jsonl", [{"instruction": "Say hi.", "output": "hi"},  # input is optional
+                                       {"instruction": "Say hi.", "input": ""}])
+    with pytest.raises(DataError, match=r"a\.jsonl, line 2: field 'output': missing"):
+        load_instructions(path)
+    path = jsonl(tmp_path, "b.jsonl", [{"instruction": ["x"], "output": "hi"}])
+    with pytest.raises(DataError, match=r"b\.jsonl, line 1: field 'instruction': expected a string, got list"):
+        load_instructions(path)
+
+
+def test_instruction_examples_mask_prompt_and_append_eos(tok):
+    pairs = [("### Instruction:\nSay hello.\n\n### Response:\n", "Hello there!")]
+    ex = instruction_examples(pairs, tok)[0]
+    prompt, response = ids(tok, pairs[0][0]), ids(tok, pairs[0][1]) + [tok.eos_token_id]
+    assert ex["input_ids"] == prompt + response
+    assert ex["labels"] == [-100] * len(prompt) + response
+    short = instruction_examples(pairs, tok, max_length=len(response) + 3)[0]
+    assert len(short["input_ids"]) == len(response) + 3
+    assert short["input_ids"] == prompt[-3:] + response and short["labels"] == [-100] * 3 + response
+
+
+def test_instruction_examples_long_response_keeps_prompt_tail(tok):
+    prompt_text, response_text = "### Instruction:\nSay hello.\n\n### Response:\n", "Plants make sugar from light " * 3
+    prompt = ids(tok, prompt_text)
+    response = ids(tok, response_text) + [tok.eos_token_id]
+    ex = instruction_examples([(prompt_text, response_text)], tok, max_length=10)[0]
+    # Half the budget stays with the prompt's tail ("### Response:" marker); the response is cut at the right.
+    assert ex["input_ids"] == prompt[-5:] + response[:5]
+    assert ex["labels"] == [-100] * 5 + response[:5]
