@@ -121,6 +121,8 @@ def resolve_local(source: str, split: str | None = None) -> Path | None:
             if candidate.is_file():
                 return candidate
         files = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
+        if split is None and len(files) == 1:
+            return path / files[0]
         raise FileNotFoundError(f"{source}: no file for split {split!r} in this folder (found {files})")
     if looks_local(source):
         raise FileNotFoundError(f"{source}: no such file")

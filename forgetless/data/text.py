@@ -18,18 +18,20 @@ def _read_txt(path: Path) -> list[str]:
     return [doc.strip() for doc in _BLANK_LINES.split(path.read_text(encoding="utf-8"))]
 
 
-def load_texts(source: str, field: str = "text", split: str = "train", limit: int | None = None) -> list[str]:
+def load_texts(source: str, field: str = "text", split: str = "train", limit: int | None = None,
+               name: str | None = None) -> list[str]:
     """Documents from a ``.txt`` file (split on blank lines), a ``.jsonl``/``.json`` file or a hub dataset.
 
     For JSON sources each record must carry a string ``field`` (else DataError). Empty or whitespace-only
-    documents are dropped (wikitext has many empty rows); ``limit`` caps the number kept.
+    documents are dropped (wikitext has many empty rows); ``limit`` caps the number kept. ``name`` is the hub
+    dataset configuration (e.g. ``wikitext-2-raw-v1``).
     """
     local = resolve_local(source, split)
     if local is not None and local.suffix == ".txt":
         texts = _read_txt(local)
     else:
         texts = []
-        for record in load_records(source, split=split):
+        for record in load_records(source, split=split, name=name):
             if field not in record:
                 raise record.error("missing", field)
             value = record[field]

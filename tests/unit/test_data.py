@@ -160,6 +160,9 @@ def test_load_mc_task_limit_and_folder_split(tmp_path):
     folder.mkdir()
     (folder / "test.jsonl").write_text((FIXTURES / "piqa.jsonl").read_text())
     assert load_mc_task(str(folder), split="test") == load_mc_task(str(FIXTURES / "piqa.jsonl"))
+    assert load_mc_task(str(folder)) == load_mc_task(str(folder), split="test")  # the only file
+    with pytest.raises(FileNotFoundError, match="split 'train'"):
+        load_mc_task(str(folder), split="train")
 
 
 # --- malformed rows: messages name file, line and field ----------------------------------------------------
