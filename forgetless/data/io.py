@@ -37,13 +37,15 @@ def _as_record(obj: Any, origin: str, line: int) -> Record:
 
 def _read_jsonl(text: str, origin: str) -> list[Record]:
     records = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks on U+2028, U+0085 and others, which JSON allows raw
+    # inside strings (MMLU has some), and would cut such a row in two.
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue  # blank lines are skipped but still counted, so numbers match an editor's
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise DataError.at(origin, number, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise DataError.at(origin, number, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
         records.append(_as_record(obj, origin, number))
     return records
 
@@ -71,7 +73,7 @@ def _read_json_array(text: str, origin: str) -> list[Record]:
         try:
             obj, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as exc:
-            raise DataError.at(origin, exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise DataError.at(origin, exc.lineno, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
         records.append(_as_record(obj, origin, line))
         i = _skip_ws(text, i)
         if i >= len(text):

@@ -233,6 +233,12 @@ def test_read_jsonl_counts_blank_lines(tmp_path):
     assert [r.line for r in records] == [1, 4] and records[0].origin == path
 
 
+def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    path = write(tmp_path, "u.jsonl", '{"a": "x\u2028y\x85zw"}\r\n{"a": 2}\n')
+    records = read_records(path)
+    assert records == [{"a": "x\u2028y\x85zw"}, {"a": 2}] and records[1].line == 2
+
+
 def test_read_json_list_tracks_lines(tmp_path):
     path = write(tmp_path, "r.json", '[\n  {"a": 1},\n\n  {"a": 2,\n   "b": 3}\n]\n')
     records = read_records(path)
