@@ -15,6 +15,7 @@ that later loads take a second or two.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
@@ -69,8 +70,6 @@ def embedded_gguf_path(name: str) -> Path:
         path = package_dir / spec.filename
     else:
         # The package's own assemble() concatenates its part packages and checks the sha256.
-        import importlib
-
         try:
             path = Path(importlib.import_module(spec.package).assemble(cache_dir() / "gguf" / spec.filename))
         except (ImportError, FileNotFoundError) as err:
@@ -96,6 +95,7 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # loads as a plain float model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -1,0 +1,109 @@
+"""The registry of methods an experiment can name, and how a list of them becomes one recipe.
+
+A method name stands for three things, any of which may be empty:
+
+* which stages run: ``base`` none, ``lora-mu`` the domain stage only, ``lora-nu-mu`` general then domain;
+* LoRA setting overrides (``rslora`` switches on rank-stabilized scaling);
+* a plugin, a :class:`~forgetless.training.hooks.Method` built from the entry's options.
+
+An experiment entry is a name (``lora-nu-mu``), a mapping with options (``{name: hlora, phi: 0.001}``)
+or a list of those that compose (``[hlora, sam]``). Adding a method is adding a file that calls
+:func:`register`; nothing else in the code changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgetless.training.hooks import Method
+
+GENERAL, DOMAIN = "general", "domain"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    stages: tuple[str, ...] | None = None  # None: no opinion; the default is general then domain
+    lora: dict[str, Any] = field(default_factory=dict)
+    build: Callable[..., Method] | None = None  # build(**options) -> plugin
+
+
+@dataclass
+class Recipe:
+    """What one run does: its label, stages, LoRA overrides and plugins (in the order given)."""
+
+    label: str
+    stages: tuple[str, ...]
+    lora: dict[str, Any]
+    plugins: list[Method]
+    entries: list[dict[str, Any]]  # the normalized entries, for run signatures
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+register(MethodSpec("base", "the model as loaded, no tuning", stages=()))
+register(MethodSpec("lora-mu", "LoRA on the domain only", stages=(DOMAIN,)))
+register(MethodSpec("lora-nu-mu", "LoRA on general text, then continued on the domain", stages=(GENERAL, DOMAIN)))
+
+
+def _normalize(entry: Any) -> list[dict[str, Any]]:
+    if isinstance(entry, str):
+        return [{"name": entry}]
+    if isinstance(entry, dict):
+        if "name" in entry:
+            return [dict(entry)]
+        if len(entry) == 1:  # {hlora: {phi: 1e-3}}
+            (name, options), = entry.items()
+            return [{"name": name, **(options or {})}]
+    if isinstance(entry, (list, tuple)) and entry:
+        return [item for part in entry for item in _normalize(part)]
+    raise ValueError(f"cannot read method entry {entry!r}: use a name, {{name: ..., option: ...}} or a list of them")
+
+
+def method_label(entry: Any) -> str:
+    """A stable, readable label: ``hlora+sam``, ``hlora(phi=0.01)``."""
+    parts = []
+    for item in _normalize(entry):
+        options = {k: v for k, v in item.items() if k != "name"}
+        opts = ",".join(f"{k}={options[k]}" for k in sorted(options))
+        parts.append(f"{item['name']}({opts})" if opts else item["name"])
+    return "+".join(parts)
+
+
+def resolve(entry: Any) -> Recipe:
+    """Turn an experiment's method entry into a :class:`Recipe`, with clear errors."""
+    items = _normalize(entry)
+    stages: tuple[str, ...] | None = None
+    lora: dict[str, Any] = {}
+    plugins: list[Method] = []
+    for item in items:
+        name = item["name"]
+        if name not in REGISTRY:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        spec = REGISTRY[name]
+        options = {k: v for k, v in item.items() if k != "name"}
+        if spec.stages is not None:
+            if stages is not None and stages != spec.stages:
+                raise ValueError(f"methods in {method_label(entry)!r} disagree on which stages to run")
+            stages = spec.stages
+        lora.update(spec.lora)
+        if spec.build is not None:
+            try:
+                plugins.append(spec.build(**options))
+            except TypeError as err:
+                raise ValueError(f"bad options for method {name!r}: {err}") from err
+        elif options:
+            raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
+    stages = (GENERAL, DOMAIN) if stages is None else stages
+    if plugins and not stages:
+        raise ValueError(f"{method_label(entry)!r}: a plugin method needs at least one training stage")
+    return Recipe(label=method_label(entry), stages=stages, lora=lora, plugins=plugins, entries=items)

@@ -1,0 +1,4 @@
+from forgetless.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""The ``forgetless`` command: demo, run, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from forgetless.models import DEFAULT_MODEL
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from forgetless.demo import demo_experiment
+    from forgetless.experiment import load_experiment, run_experiment
+
+    path = demo_experiment(Path(args.output), model=args.model)
+    results = run_experiment(load_experiment(path), progress=not args.quiet)
+    print()
+    print((Path(args.output) / "results.md").read_text())
+    base = next(r for r in results if r["method"] == "base")
+    tuned = [r for r in results if r["method"] != "base"]
+    for r in tuned:
+        gain = 100 * (r["tasks"]["corvath"]["acc"] - base["tasks"]["corvath"]["acc"])
+        loss = r["general_ppl"] - base["general_ppl"]
+        print(f"{r['method']:>11}: domain accuracy {gain:+.1f} points over base, general PPL {loss:+.3f}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from forgetless.experiment import load_experiment, run_experiment
+
+    exp = load_experiment(args.experiment, output=args.output)
+    run_experiment(exp, progress=not args.quiet)
+    print((exp.output / "results.md").read_text())
+    return 0
+
+
+def _lora_from(args: argparse.Namespace):
+    from forgetless.models import LoraSettings
+
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=args.target_modules.split(","), use_rslora=args.rslora)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from forgetless.data import lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
+    from forgetless.methods import DOMAIN, GENERAL, resolve
+    from forgetless.models import attach_lora, load_model
+    from forgetless.training.loop import TrainConfig, train_stage
+
+    recipe = resolve(args.method.split("+"))
+    if GENERAL in recipe.stages and not args.general:
+        raise SystemExit(f"error: method {recipe.label!r} has a general stage: pass --general FILE")
+    model, tokenizer = load_model(args.model)
+    model = attach_lora(model, replace(_lora_from(args), **recipe.lora))
+    config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, precision=args.precision)
+    if GENERAL in recipe.stages:
+        blocks = pack_blocks(load_texts(args.general, limit=args.general_limit), tokenizer, args.block_size)
+        train_stage(model, lm_examples(blocks), config, recipe.plugins, stage=GENERAL)
+    if DOMAIN in recipe.stages:
+        items = load_mc_task(args.domain, schema=args.schema, limit=args.domain_limit)
+        train_stage(model, mc_train_examples(items, tokenizer), config, recipe.plugins, stage=DOMAIN)
+    model.save_pretrained(args.output)
+    print(f"adapter saved to {args.output} (PEFT format)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from forgetless.data import load_mc_task, load_texts, pack_blocks
+    from forgetless.evaluation import evaluate_mc, perplexity
+    from forgetless.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    report: dict = {"model": args.model, "adapter": args.adapter}
+    if args.ppl:
+        blocks = pack_blocks(load_texts(args.ppl, limit=args.limit), tokenizer, args.block_size,
+                             max_blocks=args.max_blocks)
+        res = perplexity(model, blocks, batch_size=args.batch_size, precision=args.precision)
+        report["perplexity"] = {"source": args.ppl, "ppl": res.ppl, "ppl_base2": res.ppl_base2,
+                                "mean_nll": res.mean_nll, "tokens": res.tokens}
+    for spec in args.task or []:
+        source, _, schema = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        items = load_mc_task(source, schema=schema or None, limit=args.limit)
+        res = evaluate_mc(model, tokenizer, items, batch_size=args.batch_size, precision=args.precision)
+        report.setdefault("tasks", {})[source] = {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n,
+                                                  "acc_stderr": res.acc_stderr}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="offline demo: SmolLM2 learns invented facts; base vs lora-mu vs lora-nu-mu")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run an experiment YAML (methods x tasks x seeds); resumable")
+    p.add_argument("experiment")
+    p.add_argument("--output", help="results folder (default: the YAML's 'output')")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")
+    common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument("--block-size", type=int, default=128)
+
+    p = sub.add_parser("train", parents=[common], help="one LoRA fine-tune; saves the adapter")
+    p.add_argument("--method", default="lora-mu", help="method names joined by '+', e.g. lora-nu-mu")
+    p.add_argument("--general", help="general text (jsonl with 'text', .txt, or hub dataset) for stage nu")
+    p.add_argument("--general-limit", type=int)
+    p.add_argument("--domain", required=True, help="multiple-choice task file or hub dataset for stage mu")
+    p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu or generic (default: detected)")
+    p.add_argument("--domain-limit", type=int)
+    p.add_argument("--output", required=True, help="adapter folder")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply")
+    p.add_argument("--ppl", help="held-out general text for perplexity")
+    p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-blocks", type=int)
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from forgetless.data import DataError
+    from forgetless.experiment import ConfigError
+    from forgetless.models import ModelNotFoundError
+
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, ModelNotFoundError, FileNotFoundError) as err:
+        print(f"forgetless: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

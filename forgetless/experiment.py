@@ -1,0 +1,289 @@
+"""Experiments: methods x domain tasks x seeds, from one YAML file, resumable.
+
+Example (``forgetless run experiment.yaml``)::
+
+    name: piqa-medmcqa
+    model: smollm2-135m                 # embedded name, hub id, model folder or .gguf file
+    output: runs/piqa-medmcqa
+    seeds: [0, 1, 2]
+    lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+    general:                            # stage nu data, and held-out text for perplexity
+      train: {source: ../shared/data/general_text/c4.jsonl, limit: 200}
+      heldout: {source: ../shared/data/wikitext2/test.jsonl, max_blocks: 32}
+      block_size: 128
+    tasks:                              # each is a domain stage; each is also evaluated
+      - {name: piqa, train: ../shared/data/piqa/train.jsonl, test: ../shared/data/piqa/test.jsonl,
+         train_limit: 400, test_limit: 200}
+    methods: [base, lora-mu, lora-nu-mu]
+    train:
+      general: {max_steps: 50, batch_size: 8, lr: 2.0e-4}
+      domain: {epochs: 1, batch_size: 8, lr: 2.0e-4}
+    eval: {batch_size: 16}
+
+Each finished run is a JSON file in ``OUTPUT/runs/``; starting the experiment again skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forgetless.methods import GENERAL, method_label, resolve
+from forgetless.models import DEFAULT_MODEL, LoraSettings
+from forgetless.training.loop import TrainConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    train: str
+    test: str
+    schema: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    max_length: int = 256
+
+
+@dataclass
+class Experiment:
+    name: str
+    output: Path
+    model: str = DEFAULT_MODEL
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    general_train: dict[str, Any] = field(default_factory=dict)  # {source, field?, limit?, max_blocks?}
+    general_heldout: dict[str, Any] = field(default_factory=dict)
+    block_size: int = 128
+    tasks: list[TaskSpec] = field(default_factory=list)
+    methods: list[Any] = field(default_factory=lambda: ["base", "lora-mu", "lora-nu-mu"])
+    train_general: TrainConfig = field(default_factory=TrainConfig)
+    train_domain: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = 16
+    precision: str = "auto"
+    source: Path | None = None  # the YAML file, for resolving relative paths
+
+
+def _dataclass_from(cls, values: Any, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def load_experiment(path: str | Path, output: str | Path | None = None) -> Experiment:
+    """Read and validate an experiment YAML; every problem names the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the experiment must be a mapping")
+    allowed = {"name", "model", "output", "seeds", "lora", "general", "tasks", "methods", "train", "eval", "precision"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(allowed)}")
+    general = raw.get("general") or {}
+    if "train" not in general or "heldout" not in general:
+        raise ConfigError(f"{path}: 'general' needs 'train' and 'heldout' (each a {{source: ...}} mapping)")
+    tasks = raw.get("tasks") or []
+    if not tasks:
+        raise ConfigError(f"{path}: 'tasks' must list at least one domain task")
+    train = raw.get("train") or {}
+    exp = Experiment(
+        name=str(raw.get("name", path.stem)),
+        output=Path(output or raw.get("output") or Path("runs") / path.stem),
+        model=str(raw.get("model", DEFAULT_MODEL)),
+        seeds=[int(s) for s in raw.get("seeds", [0])],
+        lora=_dataclass_from(LoraSettings, raw.get("lora"), f"{path}: lora"),
+        general_train=_source(general["train"], f"{path}: general.train"),
+        general_heldout=_source(general["heldout"], f"{path}: general.heldout"),
+        block_size=int(general.get("block_size", 128)),
+        tasks=[_dataclass_from(TaskSpec, t, f"{path}: tasks[{i}]") for i, t in enumerate(tasks)],
+        methods=list(raw.get("methods", ["base", "lora-mu", "lora-nu-mu"])),
+        train_general=_dataclass_from(TrainConfig, train.get("general"), f"{path}: train.general"),
+        train_domain=_dataclass_from(TrainConfig, train.get("domain"), f"{path}: train.domain"),
+        eval_batch_size=int((raw.get("eval") or {}).get("batch_size", 16)),
+        precision=str(raw.get("precision", "auto")),
+        source=path,
+    )
+    for entry in exp.methods:
+        try:
+            resolve(entry)
+        except ValueError as err:
+            raise ConfigError(f"{path}: methods: {err}") from err
+    names = [t.name for t in exp.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: task names must be unique, got {names}")
+    return exp
+
+
+def _source(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        return {"source": value}
+    if isinstance(value, dict) and "source" in value:
+        return dict(value)
+    raise ConfigError(f"{where}: expected a path/hub name or a mapping with 'source'")
+
+
+def _resolve_path(exp: Experiment, value: str) -> str:
+    """Relative paths are read relative to the YAML file's folder when they exist there."""
+    if exp.source is not None and not Path(value).is_absolute():
+        candidate = exp.source.parent / value
+        if candidate.exists() and not Path(value).exists():
+            return str(candidate)
+    return value
+
+
+def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | None) -> list:
+    """A task from a file or hub name, or the demo's built-in task (``demo:facts/train``, ``demo:facts/test``)."""
+    from forgetless.data import load_mc_task
+
+    if source.startswith("demo:facts/"):
+        from forgetless.data.demo import demo_task
+
+        return demo_task(source.removeprefix("demo:facts/"))[:limit]
+    return load_mc_task(_resolve_path(exp, source), schema=schema, limit=limit)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_id(label: str, task: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_.+=," else "_" for c in label)
+    return f"{safe}__{task}__seed{seed}"
+
+
+def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every (method, task, seed) not already finished; write tables; return all results."""
+    from transformers import AutoTokenizer  # noqa: F401  (import early: fail fast on a broken install)
+
+    from forgetless.data import lm_examples, load_texts, mc_train_examples, pack_blocks
+    from forgetless.models import load_model
+    from forgetless.pipeline import RunData, RunSettings, run_recipe
+
+    out = exp.output
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    todo = [(entry, task, seed) for seed in exp.seeds for task in exp.tasks for entry in exp.methods]
+    pending = [t for t in todo if not (out / "runs" / f"{run_id(method_label(t[0]), t[1].name, t[2])}.json").is_file()]
+    print(f"experiment {exp.name}: {len(todo)} runs, {len(todo) - len(pending)} already done, writing to {out}")
+    if pending:
+        _, tokenizer = load_model(exp.model)
+        g = exp.general_train
+        general_texts = load_texts(_resolve_path(exp, g["source"]), field=g.get("field", "text"), limit=g.get("limit"))
+        general_blocks = pack_blocks(general_texts, tokenizer, exp.block_size, max_blocks=g.get("max_blocks"))
+        h = exp.general_heldout
+        heldout_texts = load_texts(_resolve_path(exp, h["source"]), field=h.get("field", "text"), limit=h.get("limit"))
+        heldout = pack_blocks(heldout_texts, tokenizer, exp.block_size, max_blocks=h.get("max_blocks"))
+        task_data = {}
+        for task in exp.tasks:
+            train_items = _load_items(exp, task.train, task.schema, task.train_limit)
+            test_items = _load_items(exp, task.test, task.schema, task.test_limit)
+            task_data[task.name] = (mc_train_examples(train_items, tokenizer, max_length=task.max_length), test_items)
+        general_examples = lm_examples(general_blocks)
+    for number, (entry, task, seed) in enumerate(pending, 1):
+        recipe = resolve(entry)
+        rid = run_id(recipe.label, task.name, seed)
+        print(f"[{number}/{len(pending)}] {rid}")
+        data = RunData(general_train=general_examples, domain_train=task_data[task.name][0],
+                       heldout_blocks=heldout, eval_tasks={task.name: task_data[task.name][1]})
+        settings = RunSettings(model=exp.model, lora=exp.lora, general=exp.train_general, domain=exp.train_domain,
+                               seed=seed, eval_batch_size=exp.eval_batch_size, precision=exp.precision,
+                               progress=progress)
+        general_key = _digest({"model": exp.model, "lora": exp.lora, "data": exp.general_train, "block": exp.block_size,
+                               "train": exp.train_general, "seed": seed, "precision": exp.precision,
+                               "plugins": [e for e in recipe.entries], "lora_over": recipe.lora})
+        result = run_recipe(recipe, data, settings, adapter_dir=out / "adapters" / rid if recipe.stages else None,
+                            general_cache=lambda: out / "stages" / f"{GENERAL}-{general_key}")
+        record = result.to_json() | {"task": task.name, "run_id": rid, "model": exp.model}
+        path = out / "runs" / f"{rid}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)  # a run counts as done only once its JSON is complete
+        print(f"    general PPL {result.general_ppl:.3f}  {task.name} acc {result.tasks[task.name]['acc']:.3f}"
+              f"  acc_norm {result.tasks[task.name]['acc_norm']:.3f}  ({result.seconds:.0f} s)")
+    results = load_results(out)
+    write_tables(results, out, methods=[method_label(m) for m in exp.methods], tasks=[t.name for t in exp.tasks])
+    return results
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    results = []
+    for path in sorted((Path(folder) / "runs").glob("*.json")):
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: corrupt result file ({err}); delete it to rerun that run") from err
+    return results
+
+
+def _cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summary_table(results: list[dict[str, Any]], methods: list[str] | None = None,
+                  tasks: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows: methods; per task: general PPL after tuning on it, acc and acc_norm (mean ± std over seeds)."""
+    methods = methods or list(dict.fromkeys(r["method"] for r in results))
+    tasks = tasks or list(dict.fromkeys(r["task"] for r in results))
+    header = ["method"]
+    for task in tasks:
+        header += [f"{task} general PPL ↓", f"{task} acc ↑", f"{task} acc_norm ↑"]
+    header.append("seeds")
+    rows = []
+    for method in methods:
+        row = [method]
+        seeds = set()
+        for task in tasks:
+            runs = [r for r in results if r["method"] == method and r["task"] == task]
+            seeds |= {r["seed"] for r in runs}
+            row += [_cell([r["general_ppl"] for r in runs], 3),
+                    _cell([100 * r["tasks"][task]["acc"] for r in runs], 1),
+                    _cell([100 * r["tasks"][task]["acc_norm"] for r in runs], 1)]
+        row.append(str(len(seeds)))
+        rows.append(row)
+    return header, rows
+
+
+def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,
+                 tasks: list[str] | None = None) -> str:
+    """Write ``results.md`` and ``results.csv``; return the Markdown table."""
+    import csv
+
+    header, rows = summary_table(results, methods, tasks)
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    note = ("\nGeneral PPL: e-based token perplexity on the held-out general text (lower is better). "
+            "acc / acc_norm: multiple-choice accuracy in %, computed as lm-evaluation-harness does.\n")
+    (folder / "results.md").write_text(md + note)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([h.replace(" ↓", "").replace(" ↑", "") for h in header])
+        writer.writerows(rows)
+    return md

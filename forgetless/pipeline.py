@@ -1,0 +1,142 @@
+"""One run, end to end: load model -> attach LoRA -> stage nu -> stage mu -> evaluate.
+
+:func:`run_recipe` is the whole data flow of forgetless in one short function; the experiment runner
+(:mod:`forgetless.experiment`) calls it once per (method, domain task, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetless.evaluation import evaluate_mc, perplexity
+from forgetless.methods import DOMAIN, GENERAL, Recipe
+from forgetless.models import LoraSettings, attach_lora, load_model
+from forgetless.training.loop import StageResult, TrainConfig, train_stage
+
+
+@dataclass
+class RunData:
+    """Everything a run trains and evaluates on, already tokenized."""
+
+    general_train: list[dict]  # {input_ids, labels} blocks of general text (stage nu)
+    domain_train: list[dict]  # {input_ids, labels} prompt+answer examples (stage mu)
+    heldout_blocks: torch.Tensor  # [n, block] held-out general text for perplexity
+    eval_tasks: dict[str, list]  # task name -> MCItems to score
+
+
+@dataclass
+class RunSettings:
+    model: str
+    lora: LoraSettings
+    general: TrainConfig
+    domain: TrainConfig
+    seed: int = 0
+    eval_batch_size: int = 16
+    precision: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    general_ppl: float
+    general_ppl_base2: float
+    tasks: dict[str, dict[str, float]]  # task -> {acc, acc_norm, acc_stderr, acc_norm_stderr, n}
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: steps, seconds, history
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. weight-interpolation points
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSettings) -> dict[str, Any]:
+    """General perplexity and multiple-choice accuracy of ``model`` as it is now."""
+    ppl = perplexity(model, data.heldout_blocks, batch_size=settings.eval_batch_size, precision=settings.precision,
+                     progress=settings.progress)
+    tasks = {}
+    for name, items in data.eval_tasks.items():
+        mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
+                         progress=settings.progress)
+        tasks[name] = {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
+                       "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
+    return {"general_ppl": ppl.ppl, "general_ppl_base2": ppl.ppl_base2, "tasks": tasks}
+
+
+def _stage_summary(result: StageResult) -> dict[str, Any]:
+    return {"stage": result.stage, "steps": result.steps, "seconds": round(result.seconds, 3),
+            "history": result.history}
+
+
+def run_recipe(
+    recipe: Recipe,
+    data: RunData,
+    settings: RunSettings,
+    adapter_dir: Path | None = None,
+    general_cache: Callable[[], Path] | None = None,
+) -> RunResult:
+    """Train ``recipe`` and evaluate it. ``general_cache()`` names a folder where a finished general
+    stage (adapter plus method states) is kept and reused by other runs with the same general stage."""
+    started = time.perf_counter()
+    model, tokenizer = load_model(settings.model)
+    stages: list[dict[str, Any]] = []
+    if recipe.stages:
+        lora = replace(settings.lora, **recipe.lora)
+        model = attach_lora(model, lora)
+        if GENERAL in recipe.stages:
+            cache = general_cache() if general_cache else None
+            if cache is not None and (cache / "adapter_model.safetensors").is_file():
+                _load_adapter(model, cache)
+                for plugin in recipe.plugins:
+                    plugin.load_state(cache)
+                stages.append(json.loads((cache / "stage.json").read_text()) | {"cached": True})
+            else:
+                cfg = replace(settings.general, seed=settings.seed, precision=settings.precision,
+                              progress=settings.progress)
+                result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL)
+                stages.append(_stage_summary(result))
+                if cache is not None:
+                    _save_general(model, recipe, stages[-1], cache)
+        if DOMAIN in recipe.stages:
+            cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
+            stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN)))
+        if adapter_dir is not None:
+            model.save_pretrained(adapter_dir)  # PEFT's format: adapter_config.json + adapter_model.safetensors
+    scores = evaluate(model, tokenizer, data, settings)
+    variants = {}
+    for plugin in recipe.plugins:
+        for label, setup in plugin.evaluation_variants(model):
+            with setup:
+                variants[label] = evaluate(model, tokenizer, data, settings)
+    return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
+                     general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
+                     variants=variants, seconds=time.perf_counter() - started)
+
+
+def _save_general(model, recipe: Recipe, summary: dict[str, Any], cache: Path) -> None:
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    for plugin in recipe.plugins:
+        plugin.save_state(tmp)
+    (tmp / "stage.json").write_text(json.dumps(summary))
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    tmp.rename(cache)  # a half-written cache is never picked up
+
+
+def _load_adapter(model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
