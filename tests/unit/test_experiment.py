@@ -1,0 +1,99 @@
+"""End-to-end experiment runs on a tiny random model saved to a folder: runs, tables, resumption."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetless.experiment import ConfigError, load_experiment, run_experiment, summary_table
+from forgetless.methods import method_label, resolve
+from tests.unit.tiny_model import make_tiny_model
+from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(vocab_size=len(tok))
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_experiment(tmp_path, model_dir, **over):
+    text = tmp_path / "general.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Plants make sugar from light, sentence {i}."}) + "\n"
+                            for i in range(40)))
+    exp = {
+        "name": "tiny", "model": str(model_dir), "output": str(tmp_path / "out"), "seeds": [0, 1],
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "general": {"train": {"source": str(text)}, "heldout": {"source": str(text), "limit": 10}, "block_size": 16},
+        "tasks": [{"name": "gen", "train": str(FIXTURES / "generic.jsonl"), "test": str(FIXTURES / "generic.jsonl")}],
+        "methods": ["base", "lora-mu", "lora-nu-mu"],
+        "train": {"general": {"max_steps": 2, "batch_size": 4}, "domain": {"max_steps": 2, "batch_size": 2}},
+        "eval": {"batch_size": 4},
+    } | over
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def test_experiment_runs_writes_tables_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir))
+    results = run_experiment(exp, progress=False)
+    assert len(results) == 6  # 3 methods x 1 task x 2 seeds
+    out = tmp_path / "out"
+    assert len(list((out / "runs").glob("*.json"))) == 6
+    assert (out / "adapters" / "lora-mu__gen__seed0" / "adapter_model.safetensors").is_file()
+    md = (out / "results.md").read_text()
+    assert "| lora-nu-mu |" in md and "gen acc ↑" in md
+    base = [r for r in results if r["method"] == "base"]
+    assert base[0]["general_ppl"] == pytest.approx(base[1]["general_ppl"])  # untrained: seed-independent
+    nu_mu = [r for r in results if r["method"] == "lora-nu-mu"]
+    assert [s["stage"] for s in nu_mu[0]["stages"]] == ["general", "domain"]
+    # the general stage is cached per seed and reused by later runs with the same general stage
+    assert len(list((out / "stages").iterdir())) == 2
+
+    import forgetless.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(pipeline, "run_recipe", boom)
+    again = run_experiment(exp, progress=False)
+    assert len(again) == 6
+
+
+def test_summary_table_mean_and_std():
+    results = [{"method": "m", "task": "t", "seed": s, "general_ppl": p, "tasks": {"t": {"acc": a, "acc_norm": a}}}
+               for s, p, a in ((0, 10.0, 0.5), (1, 12.0, 0.7))]
+    header, rows = summary_table(results)
+    assert header[1:4] == ["t general PPL ↓", "t acc ↑", "t acc_norm ↑"]
+    assert rows[0][1] == "11.000 ± 1.414"  # stdev of (10, 12) = sqrt(2)
+    assert rows[0][2] == "60.0 ± 14.1"
+    assert rows[0][-1] == "2"
+
+
+def test_config_errors_name_file_and_key(tmp_path, tiny_model_dir):
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "no-such-method"])
+    with pytest.raises(ConfigError, match=r"exp\.yaml: methods: unknown method 'no-such-method'"):
+        load_experiment(path)
+    path = write_experiment(tmp_path, tiny_model_dir, train={"general": {"max_stepz": 3}})
+    with pytest.raises(ConfigError, match=r"train\.general: unknown key\(s\) \['max_stepz'\]"):
+        load_experiment(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_method_entries_compose():
+    assert method_label(["lora-nu-mu", {"name": "lora-mu"}]) == "lora-nu-mu+lora-mu"
+    with pytest.raises(ValueError, match="disagree"):
+        resolve(["lora-nu-mu", "lora-mu"])
+    assert resolve("base").stages == ()
+    assert resolve({"lora-mu": None}).stages == ("domain",)
+    with pytest.raises(ValueError, match="takes no options"):
+        resolve({"name": "base", "phi": 1})
