@@ -51,6 +51,8 @@ class TaskSpec:
     schema: str | None = None
     train_limit: int | None = None
     test_limit: int | None = None
+    train_split: str | None = None  # for hub datasets (local files need none)
+    test_split: str | None = None
     max_length: int = 256
 
 
@@ -155,7 +157,15 @@ def _resolve_path(exp: Experiment, value: str) -> str:
     return value
 
 
-def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | None) -> list:
+def _texts(exp: Experiment, spec: dict[str, Any]) -> list[str]:
+    """General text from ``{source, field?, split?, name?, limit?}`` (``max_blocks`` is used by packing)."""
+    from forgetless.data import load_texts
+
+    return load_texts(_resolve_path(exp, spec["source"]), field=spec.get("field", "text"),
+                      split=spec.get("split", "train"), name=spec.get("name"), limit=spec.get("limit"))
+
+
+def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | None, split: str | None) -> list:
     """A task from a file or hub name, or the demo's built-in task (``demo:facts/train``, ``demo:facts/test``)."""
     from forgetless.data import load_mc_task
 
@@ -163,7 +173,7 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
         from forgetless.data.demo import demo_task
 
         return demo_task(source.removeprefix("demo:facts/"))[:limit]
-    return load_mc_task(_resolve_path(exp, source), schema=schema, limit=limit)
+    return load_mc_task(_resolve_path(exp, source), schema=schema, split=split, limit=limit)
 
 
 def _digest(obj: Any) -> str:
@@ -179,7 +189,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
     """Run every (method, task, seed) not already finished; write tables; return all results."""
     from transformers import AutoTokenizer  # noqa: F401  (import early: fail fast on a broken install)
 
-    from forgetless.data import lm_examples, load_texts, mc_train_examples, pack_blocks
+    from forgetless.data import lm_examples, mc_train_examples, pack_blocks
     from forgetless.models import load_model
     from forgetless.pipeline import RunData, RunSettings, run_recipe
 
@@ -191,15 +201,15 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
     if pending:
         _, tokenizer = load_model(exp.model)
         g = exp.general_train
-        general_texts = load_texts(_resolve_path(exp, g["source"]), field=g.get("field", "text"), limit=g.get("limit"))
+        general_texts = _texts(exp, g)
         general_blocks = pack_blocks(general_texts, tokenizer, exp.block_size, max_blocks=g.get("max_blocks"))
         h = exp.general_heldout
-        heldout_texts = load_texts(_resolve_path(exp, h["source"]), field=h.get("field", "text"), limit=h.get("limit"))
+        heldout_texts = _texts(exp, h)
         heldout = pack_blocks(heldout_texts, tokenizer, exp.block_size, max_blocks=h.get("max_blocks"))
         task_data = {}
         for task in exp.tasks:
-            train_items = _load_items(exp, task.train, task.schema, task.train_limit)
-            test_items = _load_items(exp, task.test, task.schema, task.test_limit)
+            train_items = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
+            test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
             task_data[task.name] = (mc_train_examples(train_items, tokenizer, max_length=task.max_length), test_items)
         general_examples = lm_examples(general_blocks)
     for number, (entry, task, seed) in enumerate(pending, 1):

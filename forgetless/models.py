@@ -126,7 +126,6 @@ def load_model(name: str = DEFAULT_MODEL) -> tuple[PreTrainedModel, PreTrainedTo
         model, tokenizer = _load_folder(name)  # a hub id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.config.use_cache = False
     return model, tokenizer
 
 

@@ -1,0 +1,141 @@
+"""A forgetless LoRA training step vs a plain transformers Trainer + PEFT step, side by side in one run.
+
+Same model (SmolLM2-135M), same LoRA (r=8 on q_proj, v_proj), same batch (8 x 128 tokens of general text),
+same precision (bf16 autocast where the CPU has native bf16, else float32), same optimizer (AdamW),
+gradient clipping on in both. Each side's step time is the median over timed steps after warm-up, taken
+from hooks/callbacks at each optimizer step; the sides alternate twice and each keeps its best median.
+
+Also prints the step's model FLOP rate as a fraction of a dense matmul's rate measured in this run:
+model FLOPs = those counted by torch's FlopCounterMode for one forward+backward of the PEFT model.
+
+Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from forgetless.models import LoraSettings, attach_lora, load_model
+from forgetless.precision import autocast, resolve_precision
+from forgetless.training.hooks import Method
+from forgetless.training.loop import TrainConfig, train_stage
+
+BATCH, SEQ = 8, 128
+
+
+def make_examples(n: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (n, SEQ), generator=g)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+
+class StepTimer(Method):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_stage_start(self, ctx) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def after_optimizer_step(self, ctx) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def per_step(stamps: list[float], warmup: int) -> float:
+    diffs = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    return statistics.median(diffs)
+
+
+def forgetless_step(steps: int, warmup: int, precision: str) -> float:
+    model, _ = load_model("smollm2-135m")
+    model = attach_lora(model, LoraSettings(dropout=0.0))
+    timer = StepTimer()
+    config = TrainConfig(max_steps=steps + warmup, batch_size=BATCH, lr=1e-4, precision=precision, progress=False)
+    train_stage(model, make_examples(BATCH * (steps + warmup), model.config.vocab_size), config, [timer], stage="general")
+    return per_step(timer.stamps, warmup)
+
+
+def trainer_step(steps: int, warmup: int, precision: str) -> float:
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    model, _ = load_model("smollm2-135m")
+    model = attach_lora(model, LoraSettings(dropout=0.0))
+    rows = make_examples(BATCH * (steps + warmup), model.config.vocab_size)
+    data = Dataset.from_list([r | {"attention_mask": [1] * SEQ} for r in rows])
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    args = TrainingArguments(output_dir="/tmp/forgetless-bench-trainer", per_device_train_batch_size=BATCH,
+                             max_steps=steps + warmup, learning_rate=1e-4, lr_scheduler_type="linear",
+                             bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(), report_to=[],
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True, max_grad_norm=1.0,
+                             dataloader_num_workers=0, remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+            callbacks=[Stamp()]).train()
+    return per_step(stamps, warmup)
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best
+
+
+def model_flops(precision: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = load_model("smollm2-135m")
+    model = attach_lora(model, LoraSettings(dropout=0.0))
+    x = torch.randint(100, model.config.vocab_size, (BATCH, SEQ))
+    counter = FlopCounterMode(display=False)
+    with counter, autocast(precision, "cpu"):
+        model(input_ids=x, labels=x).loss.backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    print("command: python " + " ".join(sys.argv))
+    precision = resolve_precision("auto", "cpu")
+    print(f"precision: {precision} (auto); torch {torch.__version__}, threads {torch.get_num_threads()}")
+    ours, theirs = [], []
+    for _ in range(2):  # alternate, so that drift in machine load hits both sides
+        ours.append(forgetless_step(args.steps, args.warmup, precision))
+        theirs.append(trainer_step(args.steps, args.warmup, precision))
+        print(f"  forgetless step {ours[-1]:.3f} s   Trainer+PEFT step {theirs[-1]:.3f} s")
+    ratio = min(ours) / min(theirs)
+    print(f"forgetless / Trainer+PEFT step time: {ratio:.3f}  (target <= 1.05)")
+    flops = model_flops(precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_rate(dtype)
+    bf16_peak = peak if dtype == torch.bfloat16 else matmul_rate(torch.bfloat16, n=512, reps=2)
+    rate = flops / min(ours)
+    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; forgetless rate {rate / 1e9:.1f} GFLOP/s")
+    print(f"matmul rate in the step's precision ({precision}): {peak / 1e9:.1f} GFLOP/s -> fraction {rate / peak:.3f}")
+    print(f"bf16 matmul rate: {bf16_peak / 1e9:.1f} GFLOP/s -> fraction {rate / bf16_peak:.3f} (target >= 0.45)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
