@@ -107,7 +107,8 @@ def run_recipe(
                     _save_general(model, recipe, stages[-1], cache)
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
-            stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN)))
+            stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN,
+                                                      general_examples=data.general_train)))
         if adapter_dir is not None:
             model.save_pretrained(adapter_dir)  # PEFT's format: adapter_config.json + adapter_model.safetensors
     scores = evaluate(model, tokenizer, data, settings)

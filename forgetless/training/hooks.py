@@ -58,6 +58,8 @@ class StageContext:
     step: int = 0  # optimizer steps taken so far in this stage
     total_steps: int = 0
     grad_accum: int = 1
+    # The general-stage (nu) training examples, when the run has them: rehearsal mixes them in.
+    general_examples: Sequence[dict] | None = None
     # Scalars a method wants logged at this step (e.g. {"reg_loss": ...}); the loop records them.
     scalars: dict[str, float] = field(default_factory=dict)
     # Free room for methods to leave things for each other or for the report.

@@ -78,6 +78,7 @@ def train_stage(
     methods: Sequence[Method] = (),
     stage: str = "domain",
     accelerator: Accelerator | None = None,
+    general_examples: Sequence[dict] | None = None,
 ) -> StageResult:
     """Fine-tune the trainable parameters of ``model`` on ``examples`` (``{input_ids, labels}`` dicts)."""
     import time
@@ -91,7 +92,7 @@ def train_stage(
         raise ValueError("the model has no trainable parameters (attach LoRA first)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
-                       config=config, grad_accum=config.grad_accum)
+                       config=config, grad_accum=config.grad_accum, general_examples=general_examples)
     call_all(methods, "on_stage_start", ctx)
     for method in methods:
         examples = method.prepare_examples(ctx, examples)
