@@ -107,3 +107,4 @@ def resolve(entry: Any) -> Recipe:
     if plugins and not stages:
         raise ValueError(f"{method_label(entry)!r}: a plugin method needs at least one training stage")
     return Recipe(label=method_label(entry), stages=stages, lora=lora, plugins=plugins, entries=items)
+from forgetless.methods import hlora as _hlora  # noqa: E402,F401
