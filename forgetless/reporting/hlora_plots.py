@@ -1,0 +1,77 @@
+"""Figures for HLoRA: where the general-stage importance sits, and how the domain-stage losses evolve."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def importance_norms(importance: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
+    """(module type, layer index) -> ||Omega_l||_2. Module type is the last name part (q_proj, v_proj, ...)."""
+    out = {}
+    for i, (name, omega) in enumerate(importance.items()):
+        match = _LAYER.search(name)
+        layer = int(match.group(1)) if match else i
+        out[(name.rsplit(".", 1)[-1], layer)] = float(torch.linalg.vector_norm(omega.detach().float()))
+    return out
+
+
+def plot_importance_heatmap(importance: Mapping[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
+    """log10 ||Omega_l||_2: one column per layer index, one row per target module type."""
+    plt = _pyplot()
+    norms = importance_norms(importance)
+    kinds = sorted({k for k, _ in norms})
+    layers = sorted({layer for _, layer in norms})
+    grid = torch.full((len(kinds), len(layers)), float("nan"))
+    for (kind, layer), value in norms.items():
+        grid[kinds.index(kind), layers.index(layer)] = math.log10(value) if value > 0 else float("nan")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 0.6 * len(kinds) + 1.8))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlabel("layer")
+    ax.set_title(title or "HLoRA importance: log10 ||Omega_l||_2")
+    fig.colorbar(im, ax=ax, label="log10 ||Omega||")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_domain_losses(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """Task loss and the scaled regularization term phi * L_reg per domain-stage step (log y axis)."""
+    plt = _pyplot()
+    steps = [row.get("step", i + 1) for i, row in enumerate(history)]
+    task = [row.get("task_loss", row.get("loss", float("nan"))) for row in history]
+    reg = [row.get("reg_loss_scaled", float("nan")) for row in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, task, label="task loss")
+    ax.plot(steps, [r if r > 0 else float("nan") for r in reg], label="phi * L_reg")
+    ax.set_yscale("log")
+    ax.set_xlabel("domain step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "HLoRA domain stage")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,346 @@
+"""HLoRA's mathematics on tiny models: path integral (eqs 8-13), regularizer (eqs 14-16), persistence."""
+
+import copy
+
+import pytest
+import torch
+
+from forgetless.methods import resolve
+from forgetless.methods.hlora import FILENAME, HLoRA, layer_coefficients, load_importance, lora_modules
+from forgetless.models import LoraSettings, attach_lora
+from forgetless.training.batches import collate
+from forgetless.training.hooks import Method, StageContext
+from forgetless.training.loop import TrainConfig, train_stage
+from forgetless.training.loss import causal_lm_loss
+from tests.unit.tiny_model import make_tiny_model, random_examples
+
+
+def lora_model(seed=0, dtype=torch.float64, targets=("q_proj", "v_proj")):
+    model = attach_lora(make_tiny_model(seed), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=list(targets)))
+    return model.to(dtype)
+
+
+def ctx_for(model, optimizer, stage):
+    return StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=None, config=None)
+
+
+def batches(n=3, seed=0):
+    return [collate(random_examples(2, 8, seed=seed + i), pad_token_id=0) for i in range(n)]
+
+
+def lora_ab(module):
+    return module.lora_A["default"].weight, module.lora_B["default"].weight, float(module.scaling["default"])
+
+
+def sgd_stage(model, plugin, stage, steps, lr, data, record=None):
+    """Drive the plugin's hooks around a plain SGD loop (no momentum), as train_stage would."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    ctx = ctx_for(model, opt, stage)
+    plugin.on_stage_start(ctx)
+    history = []
+    for t in range(steps):
+        ctx.step, ctx.scalars = t, {}
+        loss = causal_lm_loss(model, data[t % len(data)])
+        extra = plugin.extra_loss(ctx, data[t % len(data)])
+        (loss if extra is None else loss + extra).backward()
+        plugin.before_optimizer_step(ctx)
+        if record is not None:
+            record.append({n: tuple(x.detach().clone() for x in (m.lora_A["default"].weight, m.lora_B["default"].weight,
+                                                                m.lora_A["default"].weight.grad,
+                                                                m.lora_B["default"].weight.grad))
+                           for n, m in lora_modules(model)})
+        opt.step()
+        plugin.after_optimizer_step(ctx)
+        opt.zero_grad(set_to_none=True)
+        history.append(dict(ctx.scalars))
+    plugin.on_stage_end(ctx)
+    return ctx, history
+
+
+def randomize_b(model, seed=1, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            b = m.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * std)
+
+
+# --------------------------------------------------------------------------------------------- eqs 8-13
+def test_paper_estimator_path_integral_matches_independent_computation():
+    model, lr, xi = lora_model(), 0.05, 1e-3
+    plugin = HLoRA(xi=xi)
+    record = []
+    sgd_stage(model, plugin, "general", 4, lr, batches(), record)
+    final = {n: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.scaling["default"]))
+             for n, m in lora_modules(model)}
+    for name, (a_end, b_end, s) in final.items():
+        omega = torch.zeros_like(plugin.importance[name])
+        for t, rec in enumerate(record):
+            a, b, ga, gb = rec[name]
+            a1, b1 = (record[t + 1][name][:2] if t + 1 < len(record) else (a_end, b_end))
+            dw, dw1 = s * b @ a, s * b1 @ a1
+            g_tilde = s * (gb @ a + b @ ga - lr * gb @ ga)  # eq 11
+            assert torch.allclose(dw1 - dw, -lr * g_tilde, atol=1e-12)  # eq 11 is SGD's implied full gradient
+            omega -= g_tilde * (dw1 - dw)
+        delta = s * b_end @ a_end  # B starts at zero
+        expected = omega / (delta**2 + xi)  # eq 13
+        assert torch.allclose(plugin.importance[name], expected, rtol=1e-9, atol=1e-14), name
+        assert torch.equal(plugin.reference[name], s * b_end @ a_end) or torch.allclose(plugin.reference[name], delta)
+        assert (plugin.importance[name] >= 0).all()  # under SGD omega = lr * sum |g~|^2
+        assert plugin.importance[name].abs().sum() > 0
+
+
+def test_clamp_keeps_omega_nonnegative_under_adam():
+    model = lora_model(dtype=torch.float32)
+    plugin = HLoRA(clamp=True)
+    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, progress=False),
+                [plugin], stage="general")
+    assert all((o >= 0).all() for o in plugin.importance.values())
+
+
+def _quadratic_lora(seed=0, n_in=5, n_out=6):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential()
+    net.add_module("lin", torch.nn.Linear(n_in, n_out, bias=False))
+    net = net.double()
+    model = get_peft_model(net, LoraConfig(r=3, lora_alpha=3, target_modules=["lin"], lora_dropout=0.0)).double()
+    target = torch.randn(n_out, n_in, dtype=torch.float64)
+    return model, target
+
+
+def test_exact_estimator_path_integral_of_quadratic_loss():
+    model, w_star = _quadratic_lora()
+    (name, module), = lora_modules(model)
+    randomize_b(model, std=0.3)
+    w0 = module.base_layer.weight.detach()
+    a, b, s = lora_ab(module)
+    eye = torch.eye(w0.shape[1], dtype=torch.float64)
+
+    def full():
+        return w0 + s * b.detach() @ a.detach()
+
+    start = full()
+    plugin = HLoRA(estimator="exact", xi=1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=2e-3)
+    ctx = ctx_for(model, opt, "general")
+    plugin.on_stage_start(ctx)
+    for _ in range(1500):
+        y = model(eye)  # y = I W^T, so L = 1/2 ||W - W*||^2 is quadratic in the full weight
+        (0.5 * (y - w_star.T).square().sum()).backward()
+        plugin.before_optimizer_step(ctx)
+        opt.step()
+        plugin.after_optimizer_step(ctx)
+        opt.zero_grad(set_to_none=True)
+    plugin.on_stage_end(ctx)
+    end = full()
+    delta = end - start
+    omega = plugin.importance[name] * (delta**2 + 1.0)
+    # -int (W - W*) dW, element by element = L_i(start) - L_i(end)
+    analytic = 0.5 * (start - w_star) ** 2 - 0.5 * (end - w_star) ** 2
+    assert analytic.abs().max() > 1e-2  # the weights did move
+    assert torch.allclose(omega, analytic, atol=2e-3 * analytic.abs().max())
+    assert torch.allclose(plugin.reference[name], s * b.detach() @ a.detach())
+
+
+def test_exact_full_weight_gradient_equals_autograd_of_merged_linear():
+    model = lora_model()
+    randomize_b(model)
+    plugin = HLoRA(estimator="exact")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    ctx = ctx_for(model, opt, "general")
+    plugin.on_stage_start(ctx)
+    data = batches(2)
+    for batch in data:  # two micro-batches, loss / accum as the loop does
+        (causal_lm_loss(model, batch) / 2).backward()
+    got = {n: g.grad_full[i].clone() for g in plugin.groups for i, n in enumerate(g.names)}
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    weights = {}
+    for name in got:
+        short = name.removeprefix("base_model.model.")
+        lin = merged.get_submodule(short)
+        lin.weight.requires_grad_(True)
+        weights[name] = lin.weight
+    for batch in data:
+        (causal_lm_loss(merged, batch) / 2).backward()
+    for name, w in weights.items():
+        assert torch.allclose(got[name], w.grad, rtol=1e-8, atol=1e-12), name
+    plugin.on_stage_end(ctx)
+
+
+# -------------------------------------------------------------------------------------------- eqs 14-16
+def general_then_domain_plugin(**options):
+    model = lora_model()
+    plugin = HLoRA(**options)
+    sgd_stage(model, plugin, "general", 3, 0.05, batches())
+    return model, plugin
+
+
+def test_regularizer_gradient_matches_central_differences():
+    model, plugin = general_then_domain_plugin(xi=1e-2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    plugin.on_stage_start(ctx_for(model, opt, "domain"))
+    randomize_b(model, seed=3, std=0.05)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_A["default"].weight.add_(0.05 * torch.randn_like(m.lora_A["default"].weight))
+    reg = plugin.regularizer()
+    assert reg > 0
+    params = [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    grads = torch.autograd.grad(reg, params)
+    g = torch.Generator().manual_seed(0)
+    h = 1e-6
+    for p, grad in zip(params, grads):
+        for _ in range(3):
+            idx = tuple(int(torch.randint(0, d, (1,), generator=g)) for d in p.shape)
+            with torch.no_grad():
+                old = p[idx].item()
+                p[idx] = old + h
+                up = plugin.regularizer().item()
+                p[idx] = old - h
+                down = plugin.regularizer().item()
+                p[idx] = old
+            fd = (up - down) / (2 * h)
+            assert abs(fd - grad[idx].item()) <= 1e-6 * max(1.0, abs(fd)), (idx, fd, grad[idx].item())
+
+
+def test_layer_coefficients_sum_to_one_and_flatten_with_temperature():
+    norms = torch.tensor([1.0, 5.0, 20.0, 0.1], dtype=torch.float64)
+    for scale in ("max", "mean", "none"):
+        for t in (0.1, 1.0, 10.0):
+            assert torch.isclose(layer_coefficients(norms, t, scale).sum(), torch.tensor(1.0, dtype=torch.float64))
+    uniform = torch.full_like(norms, 0.25)
+    spreads = [float((layer_coefficients(norms, t) - uniform).abs().max()) for t in (0.5, 1, 10, 100, 1e6)]
+    assert spreads == sorted(spreads, reverse=True) and spreads[-1] < 1e-6
+    assert layer_coefficients(norms, 1.0, "none").max() > 0.99  # eq 15 as printed saturates
+    c = layer_coefficients(norms)  # default: norms / max norm, T = 1: ratios bounded by e
+    assert c.max() / c.min() <= torch.e + 1e-9 and c.argmax() == 2
+    assert torch.equal(layer_coefficients(norms, layer_wise=False), uniform)
+
+
+def test_no_layer_variant_uses_uniform_coefficients():
+    plugin, = resolve("hlora-no-layer").plugins
+    assert isinstance(plugin, HLoRA) and not plugin.layer_wise
+    model = lora_model()
+    sgd_stage(model, plugin, "general", 2, 0.05, batches())
+    ctx = ctx_for(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), "domain")
+    plugin.on_stage_start(ctx)
+    c = ctx.extras["hlora_layer_coefficients"]
+    assert len(c) == 4 and all(abs(v - 0.25) < 1e-12 for v in c.values())
+    full, = resolve({"name": "hlora", "temperature": 2.0}).plugins
+    assert full.layer_wise and full.temperature == 2.0
+
+
+def test_regularizer_zero_at_first_domain_step_and_reference_fixed():
+    model = lora_model(dtype=torch.float32)
+    plugin = HLoRA(phi=1.0)
+
+    class Other(Method):  # composes with another plugin in the same list
+        def __init__(self):
+            self.steps = 0
+
+        def after_optimizer_step(self, ctx):
+            self.steps += 1
+
+    other = Other()
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False)
+    train_stage(model, random_examples(8, 8), cfg, [plugin, other], stage="general")
+    ref = {n: t.clone() for n, t in plugin.reference.items()}
+    res = train_stage(model, random_examples(8, 8, seed=5), TrainConfig(max_steps=4, batch_size=4, lr=1e-2,
+                                                                         progress=False), [other, plugin], stage="domain")
+    assert other.steps == 7
+    assert res.history[0]["reg_loss"] == 0.0 and res.history[0]["reg_loss_scaled"] == 0.0
+    assert res.history[-1]["reg_loss"] > 0
+    assert abs(res.history[-1]["reg_loss_scaled"] - res.history[-1]["reg_loss"]) < 1e-6 * res.history[-1]["reg_loss"] + 1e-12
+    for n, t in plugin.reference.items():
+        assert torch.equal(t, ref[n]) and not t.requires_grad
+    assert not any(t is p for t in plugin.reference.values() for p in model.parameters())
+    coeffs = res.extras["hlora_layer_coefficients"]
+    assert abs(sum(coeffs.values()) - 1.0) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ persistence
+def test_save_load_round_trip_float32_and_bfloat16(tmp_path):
+    model, plugin = general_then_domain_plugin()
+    plugin.save_state(tmp_path / "f32")
+    loaded = load_importance(tmp_path / "f32" / FILENAME)
+    assert loaded["metadata"]["modules"] == list(plugin.importance) and loaded["metadata"]["steps"] == 3
+    assert loaded["metadata"]["estimator"] == "paper" and loaded["metadata"]["dtype"] == "float32"
+    for n in plugin.importance:
+        assert torch.equal(loaded["omega"][n], plugin.importance[n].float())
+        assert torch.equal(loaded["dw_ref"][n], plugin.reference[n].float())
+        assert loaded["metadata"]["shapes"][n] == list(plugin.importance[n].shape)
+
+    plugin.storage_dtype = "bfloat16"
+    plugin.save_state(tmp_path / "bf16")
+    assert (tmp_path / "bf16" / FILENAME).stat().st_size < 0.6 * (tmp_path / "f32" / FILENAME).stat().st_size
+    low = load_importance(tmp_path / "bf16")
+    for n in plugin.importance:
+        assert low["omega"][n].dtype == torch.bfloat16
+        assert torch.allclose(low["omega"][n].double(), plugin.importance[n], rtol=2**-7, atol=0)
+
+    # A fresh plugin reads the file lazily and regularizes exactly like the one that recorded it.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    for folder in ("f32", "bf16"):
+        fresh = HLoRA()
+        fresh.load_state(tmp_path / folder)
+        ctx = ctx_for(model, opt, "domain")
+        fresh.on_stage_start(ctx)
+        assert fresh.regularizer().item() == 0.0  # bf16 reference snapped to the adapter it continues
+        assert ctx.extras["hlora_reference_snapped"]  # both stored below this float64 model's precision
+
+
+def test_load_into_mismatched_model_names_the_module(tmp_path):
+    _, plugin = general_then_domain_plugin()
+    plugin.save_state(tmp_path)
+    other = lora_model(targets=("q_proj", "k_proj"))
+    fresh = HLoRA()
+    fresh.load_state(tmp_path)  # lazy: nothing checked yet
+    opt = torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.0)
+    with pytest.raises(ValueError, match=r"k_proj"):
+        fresh.on_stage_start(ctx_for(other, opt, "domain"))
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / FILENAME))
+    key = next(k for k in tensors if k.endswith("layers.1.self_attn.v_proj.omega"))
+    tensors[key] = torch.zeros(3, 3)
+    save_file(tensors, str(tmp_path / FILENAME))
+    model = lora_model()
+    fresh = HLoRA()
+    fresh.load_state(tmp_path)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj"):
+        fresh.on_stage_start(ctx_for(model, opt, "domain"))
+    with pytest.raises(FileNotFoundError):
+        HLoRA().load_state(tmp_path / "nowhere")
+
+
+def test_domain_without_importance_is_a_clear_error():
+    model = lora_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with pytest.raises(ValueError, match="general stage"):
+        HLoRA().on_stage_start(ctx_for(model, opt, "domain"))
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def test_plots_write_png_files(tmp_path):
+    from forgetless.reporting.hlora_plots import plot_domain_losses, plot_importance_heatmap
+
+    model = lora_model(dtype=torch.float32)
+    plugin = HLoRA()
+    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, progress=False), [plugin],
+                stage="general")
+    res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=3, batch_size=4, progress=False), [plugin],
+                      stage="domain")
+    heat, losses = tmp_path / "heat.png", tmp_path / "losses.png"
+    plot_importance_heatmap(plugin.importance, heat)
+    plot_domain_losses(res.history, losses)
+    for p in (heat, losses):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
