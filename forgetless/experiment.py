@@ -227,6 +227,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         result = run_recipe(recipe, data, settings, adapter_dir=out / "adapters" / rid if recipe.stages else None,
                             general_cache=lambda: out / "stages" / f"{GENERAL}-{general_key}")
         record = result.to_json() | {"task": task.name, "run_id": rid, "model": exp.model}
+        if not is_main_process():
+            continue  # under `accelerate launch`, every process trains; only one writes
         path = out / "runs" / f"{rid}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
@@ -234,8 +236,16 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         print(f"    general PPL {result.general_ppl:.3f}  {task.name} acc {result.tasks[task.name]['acc']:.3f}"
               f"  acc_norm {result.tasks[task.name]['acc_norm']:.3f}  ({result.seconds:.0f} s)")
     results = load_results(out)
-    write_tables(results, out, methods=[method_label(m) for m in exp.methods], tasks=[t.name for t in exp.tasks])
+    if is_main_process():
+        write_tables(results, out, methods=[method_label(m) for m in exp.methods],
+                     tasks=[t.name for t in exp.tasks])
     return results
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def load_results(folder: Path) -> list[dict[str, Any]]:

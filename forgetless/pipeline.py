@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
@@ -103,13 +104,13 @@ def run_recipe(
                               progress=settings.progress)
                 result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL)
                 stages.append(_stage_summary(result))
-                if cache is not None:
+                if cache is not None and PartialState().is_main_process:
                     _save_general(model, recipe, stages[-1], cache)
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
             stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN,
                                                       general_examples=data.general_train)))
-        if adapter_dir is not None:
+        if adapter_dir is not None and PartialState().is_main_process:
             model.save_pretrained(adapter_dir)  # PEFT's format: adapter_config.json + adapter_model.safetensors
     scores = evaluate(model, tokenizer, data, settings)
     variants = {}
