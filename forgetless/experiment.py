@@ -237,8 +237,13 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
               f"  acc_norm {result.tasks[task.name]['acc_norm']:.3f}  ({result.seconds:.0f} s)")
     results = load_results(out)
     if is_main_process():
+        from forgetless.reporting.plots import plot_tradeoff, plot_training_curves
+
         write_tables(results, out, methods=[method_label(m) for m in exp.methods],
                      tasks=[t.name for t in exp.tasks])
+        plot_tradeoff(results, out / "tradeoff.png")
+        plot_training_curves(results, out / "training_curves.png")
+        print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; figures: tradeoff.png, training_curves.png")
     return results
 
 

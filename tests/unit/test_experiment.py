@@ -51,6 +51,8 @@ def test_experiment_runs_writes_tables_and_resumes(tmp_path, tiny_model_dir, mon
     assert (out / "adapters" / "lora-mu__gen__seed0" / "adapter_model.safetensors").is_file()
     md = (out / "results.md").read_text()
     assert "| lora-nu-mu |" in md and "gen acc ↑" in md
+    for figure in ("tradeoff.png", "training_curves.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     base = [r for r in results if r["method"] == "base"]
     assert base[0]["general_ppl"] == pytest.approx(base[1]["general_ppl"])  # untrained: seed-independent
     nu_mu = [r for r in results if r["method"] == "lora-nu-mu"]
