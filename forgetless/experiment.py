@@ -54,6 +54,11 @@ class TaskSpec:
     train_split: str | None = None  # for hub datasets (local files need none)
     test_split: str | None = None
     max_length: int = 256
+    train_kind: str = "multiple_choice"  # or "instructions": train on Alpaca-style data, test on the MC task
+
+    def __post_init__(self) -> None:
+        if self.train_kind not in ("multiple_choice", "instructions"):
+            raise ValueError(f"train_kind must be 'multiple_choice' or 'instructions', got {self.train_kind!r}")
 
 
 @dataclass
@@ -189,7 +194,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
     """Run every (method, task, seed) not already finished; write tables; return all results."""
     from transformers import AutoTokenizer  # noqa: F401  (import early: fail fast on a broken install)
 
-    from forgetless.data import lm_examples, mc_train_examples, pack_blocks
+    from forgetless.data import instruction_examples, lm_examples, load_instructions, mc_train_examples, pack_blocks
     from forgetless.models import load_model
     from forgetless.pipeline import RunData, RunSettings, run_recipe
 
@@ -208,9 +213,15 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         heldout = pack_blocks(heldout_texts, tokenizer, exp.block_size, max_blocks=h.get("max_blocks"))
         task_data = {}
         for task in exp.tasks:
-            train_items = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
             test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
-            task_data[task.name] = (mc_train_examples(train_items, tokenizer, max_length=task.max_length), test_items)
+            if task.train_kind == "instructions":
+                pairs = load_instructions(_resolve_path(exp, task.train), split=task.train_split or "train",
+                                          limit=task.train_limit)
+                train_examples = instruction_examples(pairs, tokenizer, max_length=task.max_length)
+            else:
+                train_items = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
+                train_examples = mc_train_examples(train_items, tokenizer, max_length=task.max_length)
+            task_data[task.name] = (train_examples, test_items)
         general_examples = lm_examples(general_blocks)
     for number, (entry, task, seed) in enumerate(pending, 1):
         recipe = resolve(entry)

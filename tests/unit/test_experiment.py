@@ -99,3 +99,11 @@ def test_method_entries_compose():
     assert resolve({"lora-mu": None}).stages == ("domain",)
     with pytest.raises(ValueError, match="takes no options"):
         resolve({"name": "base", "phi": 1})
+
+
+def test_instruction_training_data(tmp_path, tiny_model_dir):
+    tasks = [{"name": "gen", "train": str(FIXTURES / "alpaca.jsonl"), "train_kind": "instructions",
+              "test": str(FIXTURES / "generic.jsonl")}]
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, tasks=tasks, methods=["lora-mu"], seeds=[0]))
+    (result,) = run_experiment(exp, progress=False)
+    assert result["stages"][0]["stage"] == "domain" and result["stages"][0]["history"]
