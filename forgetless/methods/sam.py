@@ -1,0 +1,211 @@
+"""SAM: sharpness-aware minimization (Foret et al. 2021), with the adaptive variant ASAM (Kwon et al. 2021).
+
+Paper equations implemented (SAM, "Sharpness-Aware Minimization for Efficiently Improving Generalization"):
+
+* eq 2 (the first-order solution of the inner maximization)::
+
+      eps(w) = rho * g / ||g||_2,          g = grad L_B(w)
+
+* eq 3 (the SAM gradient used by the base optimizer)::
+
+      g_SAM = grad L_B(w) |_{w + eps(w)}
+
+ASAM ("ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning", eq 10 with p = 2 and the
+element-wise operator ``T_w = |w|``)::
+
+      eps(w) = rho * T_w^2 g / ||T_w g||_2
+
+(the ASAM paper adds a small constant, ``T_w = |w| + eta``; we use ``T_w = |w|`` exactly, so a weight that is
+exactly zero -- LoRA's B at initialisation -- is not perturbed by ASAM).
+
+How it runs here, for every micro-batch (in :meth:`SAM.wrap_forward_backward`)::
+
+    stash the gradients accumulated so far (earlier micro-batches) and clear .grad
+    fb(batch)                        -> g at w        (pass 1)
+    eps = rho * g / ||g||            norm over ALL trainable parameters together, float32
+    (several processes: g is all-reduced (mean) first, so every process uses the same eps)
+    keep a copy of w; w += eps; clear .grad
+    fb(batch)                        -> g at w + eps  (pass 2)
+    w = the kept copy                (restored bit-exactly, whatever the parameter dtype)
+    .grad = pass-2 gradient + stash
+
+Exactly two forward/backward passes per micro-batch (one when SAM is off for that step/stage).
+
+Notes:
+
+* **m-sharpness.** The perturbation is computed per micro-batch, from that micro-batch's gradient only (the
+  paper's m-sharpness, section 4.1 / appendix, with m = the micro-batch size), not from the gradient of the
+  whole accumulated batch. With ``grad_accum = k`` the final gradient is the mean of the k per-micro-batch SAM
+  gradients. Under several processes the ascent gradient is averaged over processes, so m = micro-batch size x
+  number of processes (every process perturbs by the same eps, as DDP requires for consistent replicas).
+* **Mixed precision.** Forward passes run under the loop's bf16 autocast; the parameters and their ``.grad``
+  stay float32 (autocast does not change parameter dtypes), eps is computed in float32 from the float32
+  gradients. Scaling the loss by ``1/grad_accum`` does not change eps (eps is normalized).
+* **Clipping** happens after: the loop clips the final (SAM) gradient in ``clip_grad_norm_``, as in the
+  reference implementations; the ascent step itself is never clipped.
+* **Weight decay.** The base optimizer (AdamW) steps normally on g_SAM, so its decoupled weight decay is kept.
+* **Several processes** (``accelerate launch``): non-final micro-batches run under ``no_sync``, so their
+  gradients are local. We all-reduce (mean) the ascent gradient and the stash of earlier micro-batches together in
+  one buffer each micro-batch; averaging is idempotent on already-averaged values, so the final gradient is the
+  mean over processes whether or not DDP also synchronized a pass.
+* **every_k** (cheaper variant): SAM only on optimizer steps with ``step % every_k == 0``; a plain step (one
+  pass) otherwise.
+* Works for any trainable parameters (LoRA matrices or a full fine-tune). Memory: one extra copy of the
+  trainable parameters (the kept ``w``) plus the stash.
+
+Logged per step (``ctx.log``): ``sam_rho``, ``sam_grad_norm`` (mean over micro-batches of ||g|| of the
+micro-batch's mean loss), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/``task_loss`` stay the loss at w).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
+from forgetless.training.hooks import Batch, ForwardBackward, Method, StageContext
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` (float32) over processes in one flat all-reduce; no-op for one process."""
+    import torch.distributed as dist
+
+    world = _world_size()
+    if world <= 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    start = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[start:start + n].view_as(t))
+        start += n
+
+
+def sam_perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
+                     adaptive: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """eps of SAM (eq 2) or ASAM (T = |w|), in float32; also returns the global norm ||g|| (or ||T g||).
+
+    The norm is taken over all tensors together.
+    """
+    g32 = [g.float() for g in grads]
+    if adaptive:
+        t = [p.detach().float().abs() for p in params]
+        tg = [ti * gi for ti, gi in zip(t, g32)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in tg])) if tg else torch.zeros(())
+        scale = rho / (norm + 1e-12)
+        eps = [ti * tgi * scale for ti, tgi in zip(t, tg)]  # rho T^2 g / ||T g||
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g32])) if g32 else torch.zeros(())
+        scale = rho / (norm + 1e-12)
+        eps = [g * scale for g in g32]
+    return eps, norm
+
+
+class SAM(Method):
+    """Sharpness-aware minimization as a wrapper of the loop's forward/backward (two passes per micro-batch)."""
+
+    name = "sam"
+
+    def __init__(self, rho: float = 0.05, adaptive: bool = False, every_k: int = 1,
+                 stages: Sequence[str] = (DOMAIN,), record_eps: bool = False) -> None:
+        if rho < 0:
+            raise ValueError(f"SAM rho must be >= 0, got {rho}")
+        if int(every_k) < 1:
+            raise ValueError(f"SAM every_k must be >= 1, got {every_k}")
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        bad = [s for s in stages if s not in (GENERAL, DOMAIN)]
+        if bad:
+            raise ValueError(f"SAM stages must be among {(GENERAL, DOMAIN)}, got {bad}")
+        self.rho, self.adaptive, self.every_k, self.stages = float(rho), bool(adaptive), int(every_k), stages
+        self.record_eps = bool(record_eps)
+        self.last_eps: dict[str, torch.Tensor] | None = None  # filled when record_eps (tests, diagnostics)
+        self._norms: list[float] = []
+        self._perturbed = 0.0
+        self._step_seen: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SAM(rho={self.rho}, adaptive={self.adaptive}, every_k={self.every_k}, stages={self.stages})"
+
+    def active(self, ctx: StageContext) -> bool:
+        return ctx.stage in self.stages and self.rho > 0 and ctx.step % self.every_k == 0
+
+    def wrap_forward_backward(self, ctx: StageContext, forward_backward: ForwardBackward) -> ForwardBackward:
+        if ctx.stage not in self.stages:
+            return forward_backward
+
+        def sam_forward_backward(batch: Batch) -> torch.Tensor:
+            if not self.active(ctx):
+                return forward_backward(batch)
+            return self._sam_step(ctx, forward_backward, batch)
+
+        return sam_forward_backward
+
+    def _sam_step(self, ctx: StageContext, fb: ForwardBackward, batch: Batch) -> torch.Tensor:
+        if self._step_seen != ctx.step:  # first micro-batch of a new optimizer step
+            self._step_seen, self._norms, self._perturbed = ctx.step, [], 0.0
+        named = ctx.trainable_parameters()
+        params = [p for _, p in named]
+        stash = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+
+        loss = fb(batch)  # pass 1: gradient at w
+        scalars_after_first = dict(ctx.scalars)
+        grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float().clone()
+                 for p in params]
+        stash_present = [i for i, s in enumerate(stash) if s is not None]
+        if _world_size() > 1:
+            # One buffer: ascent gradients, then the (possibly unsynchronized) stash of earlier micro-batches.
+            stash32 = [stash[i].detach().float() for i in stash_present]
+            _all_reduce_mean_(grads + stash32)
+            for i, s32 in zip(stash_present, stash32):
+                stash[i] = s32.to(stash[i].dtype)
+        eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
+        self._norms.append(float(norm) * ctx.grad_accum)  # norm of the micro-batch's mean-loss gradient
+        if self.record_eps:
+            self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
+
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in params]
+            for p, e in zip(params, eps):
+                p.add_(e.to(p.dtype))
+        for p in params:
+            p.grad = None
+        try:
+            perturbed = fb(batch)  # pass 2: gradient at w + eps
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, kept):
+                    p.copy_(w)
+        self._perturbed += float(perturbed) / ctx.grad_accum
+        ctx.scalars.update(scalars_after_first)  # keep the losses at w; the perturbed loss is logged apart
+
+        for p, s in zip(params, stash):
+            if s is not None:
+                p.grad = s if p.grad is None else p.grad.add_(s)
+        ctx.log("sam_rho", self.rho)
+        ctx.log("sam_grad_norm", sum(self._norms) / len(self._norms))
+        ctx.log("sam_perturbed_loss", self._perturbed)
+        return loss
+
+
+def _build(**options: Any) -> SAM:
+    return SAM(**options)
+
+
+register(MethodSpec("sam", "SAM / ASAM: gradient at the worst-case perturbation w + rho g/||g|| (domain stage by "
+                           "default); composes with lora-mu, lora-nu-mu, hlora", stages=None, build=_build))
+
+__all__ = ["SAM", "sam_perturbation"]
