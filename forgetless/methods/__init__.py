@@ -109,3 +109,5 @@ def resolve(entry: Any) -> Recipe:
     return Recipe(label=method_label(entry), stages=stages, lora=lora, plugins=plugins, entries=items)
 from forgetless.methods import hlora as _hlora  # noqa: E402,F401
 from forgetless.methods import sam as _sam  # noqa: E402,F401
+from forgetless.methods import replay as _replay  # noqa: E402,F401
+from forgetless.methods import wise_ft as _wise_ft  # noqa: E402,F401

@@ -1,0 +1,155 @@
+"""Replay (rehearsal mixing) and WiSE-FT (weight interpolation): exact counts, determinism, interpolation math."""
+
+import pytest
+import torch
+
+from forgetless.methods import resolve
+from forgetless.methods.replay import Replay, replay_count, sample_indices
+from forgetless.methods.wise_ft import FILENAME, WiseFT
+from forgetless.models import LoraSettings, attach_lora
+from forgetless.training.hooks import StageContext
+from forgetless.training.loop import TrainConfig, train_stage
+from tests.unit.tiny_model import make_tiny_model, random_examples
+
+
+def ctx_for(stage, general=None, seed=0, model=None):
+    return StageContext(stage=stage, model=model, optimizer=None, scheduler=None, accelerator=None,
+                        config=TrainConfig(seed=seed), general_examples=general)
+
+
+def tagged(prefix, n):
+    return [{"input_ids": [3, 4], "labels": [3, 4], "tag": f"{prefix}{i}"} for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------- replay
+def test_replay_fraction_of_mixed_set():
+    domain, general = tagged("d", 30), tagged("g", 100)
+    mixed = Replay(fraction=0.25).prepare_examples(ctx_for("domain", general), domain)
+    assert len(mixed) == 40 and mixed[:30] == domain
+    replayed = [e["tag"] for e in mixed[30:]]
+    assert all(t.startswith("g") for t in replayed) and len(set(replayed)) == 10  # without replacement
+    assert replay_count(30, 0.25) == 10 and replay_count(10, 0.5) == 10 and replay_count(7, 0.0) == 0
+
+
+def test_replay_is_deterministic_in_the_stage_seed():
+    domain, general = tagged("d", 30), tagged("g", 100)
+    tags = lambda seed: [e["tag"] for e in Replay(0.25).prepare_examples(ctx_for("domain", general, seed), domain)[30:]]
+    assert tags(0) == tags(0)
+    assert tags(0) != tags(1)
+
+
+def test_replay_repeats_a_small_pool_evenly():
+    idx = sample_indices(3, 7, seed=0)
+    assert len(idx) == 7 and sorted(idx[:3]) == [0, 1, 2] and sorted(idx[3:6]) == [0, 1, 2]
+
+
+def test_replay_only_in_domain_stage_and_clear_error():
+    domain = tagged("d", 8)
+    assert Replay().prepare_examples(ctx_for("general", tagged("g", 5)), domain) is domain
+    with pytest.raises(ValueError, match="general-text examples"):
+        Replay().prepare_examples(ctx_for("domain", None), domain)
+    with pytest.raises(ValueError):
+        Replay(fraction=1.0)
+
+
+def test_replay_through_train_stage_and_registry():
+    recipe = resolve(["lora-mu", {"name": "replay", "fraction": 0.5}])
+    assert recipe.stages == ("domain",) and isinstance(recipe.plugins[0], Replay)
+    assert resolve(["hlora", "replay"]).stages == ("general", "domain")
+    model = attach_lora(make_tiny_model(), LoraSettings(r=2, alpha=4, dropout=0.0))
+    result = train_stage(model, random_examples(4, 8), TrainConfig(max_steps=1, batch_size=4, progress=False,
+                                                                    precision="fp32"),
+                         recipe.plugins, stage="domain", general_examples=random_examples(6, 8, seed=3))
+    assert result.extras["replay_examples"] == 4
+
+
+# -------------------------------------------------------------------------------------------------- wise-ft
+def lora_model():
+    return attach_lora(make_tiny_model(), LoraSettings(r=2, alpha=4, dropout=0.0))
+
+
+def trained_pair(plugin):
+    """A model whose trainable weights are theta_nu at the general stage's end, then moved to theta_mu."""
+    model = lora_model()
+    ctx = ctx_for("general", model=model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in ctx.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    plugin.on_stage_end(ctx)
+    nu = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
+    dctx = ctx_for("domain", model=model)
+    plugin.on_stage_start(dctx)
+    with torch.no_grad():
+        for _, p in dctx.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    plugin.on_stage_end(dctx)
+    mu = {n: p.detach().clone() for n, p in dctx.trainable_parameters()}
+    return model, nu, mu
+
+
+def current(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_wise_ft_interpolation_exact_and_restored():
+    plugin = WiseFT(alphas=[0.0, 0.5, 1.0])
+    model, nu, mu = trained_pair(plugin)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    seen = []
+    for label, setup in plugin.evaluation_variants(model):
+        with setup:
+            w = current(model)
+            seen.append(label)
+            if label == "wise-ft(alpha=0.0)":
+                assert all(torch.equal(w[n], nu[n]) for n in nu)
+            elif label == "wise-ft(alpha=1.0)":
+                assert all(torch.equal(w[n], mu[n]) for n in mu)
+            else:
+                assert all(torch.allclose(w[n], (nu[n] + mu[n]) / 2, atol=1e-7) for n in nu)
+        assert all(torch.equal(current(model)[n], mu[n]) for n in mu)  # theta_mu restored exactly
+    assert seen == ["wise-ft(alpha=0.0)", "wise-ft(alpha=0.5)", "wise-ft(alpha=1.0)"]
+    assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_wise_ft_restores_on_error():
+    plugin = WiseFT(alphas=[0.3])
+    model, _, mu = trained_pair(plugin)
+    (_, setup), = plugin.evaluation_variants(model)
+    with pytest.raises(RuntimeError):
+        with setup:
+            raise RuntimeError("evaluation failed")
+    assert all(torch.equal(current(model)[n], mu[n]) for n in mu)
+
+
+def test_wise_ft_state_roundtrip(tmp_path):
+    plugin = WiseFT(alphas=[0.25])
+    model, nu, mu = trained_pair(plugin)
+    plugin.save_state(tmp_path)
+    assert (tmp_path / FILENAME).is_file()
+    fresh = WiseFT(alphas=[0.25])
+    fresh.load_state(tmp_path)
+    fresh.on_stage_start(ctx_for("domain", model=model))  # must not overwrite the loaded theta_nu
+    (label, setup), = fresh.evaluation_variants(model)
+    with setup:
+        w = current(model)
+    assert label == "wise-ft(alpha=0.25)"
+    assert all(torch.allclose(w[n], 0.75 * nu[n] + 0.25 * mu[n], atol=1e-7) for n in nu)
+    with pytest.raises(FileNotFoundError):
+        WiseFT().load_state(tmp_path / "nowhere")
+
+
+def test_wise_ft_without_general_stage_uses_domain_start():
+    recipe = resolve(["lora-mu", {"name": "wise-ft", "alphas": [0.0]}])
+    assert recipe.stages == ("domain",)
+    plugin = recipe.plugins[0]
+    model = lora_model()
+    start = current(model)
+    train_stage(model, random_examples(4, 8), TrainConfig(max_steps=2, batch_size=4, lr=1e-2, progress=False,
+                                                           precision="fp32"), [plugin], stage="domain")
+    after = current(model)
+    assert any(not torch.equal(after[n], start[n]) for n in start)
+    (_, setup), = plugin.evaluation_variants(model)
+    with setup:
+        assert all(torch.equal(current(model)[n], start[n]) for n in start)
+    assert all(torch.equal(current(model)[n], after[n]) for n in after)
