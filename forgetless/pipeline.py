@@ -73,8 +73,20 @@ def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSett
 
 
 def _stage_summary(result: StageResult) -> dict[str, Any]:
-    return {"stage": result.stage, "steps": result.steps, "seconds": round(result.seconds, 3),
-            "history": result.history}
+    summary = {"stage": result.stage, "steps": result.steps, "seconds": round(result.seconds, 3),
+               "history": result.history}
+    extras = {k: v for k, v in result.extras.items() if _json_safe(v)}
+    if extras:  # what methods left for the report (e.g. HLoRA's layer coefficients)
+        summary["extras"] = extras
+    return summary
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def run_recipe(

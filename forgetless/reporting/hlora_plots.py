@@ -75,3 +75,49 @@ def plot_domain_losses(history: Sequence[Mapping[str, float]], path: str | Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def hlora_section(results: Sequence[Mapping], folder: str | Path, top: int = 5) -> str:
+    """Figures and a Markdown section for every run that used HLoRA in an experiment's results folder.
+
+    Per run: the importance heatmap (from the general stage's saved importance, one figure per distinct
+    general stage), the domain-stage loss curves (task loss and phi * L_reg), and the ``top`` modules with the
+    largest layer coefficients c_l (eq 15) with the ratio between the largest and smallest coefficient.
+    Returns "" when no run used HLoRA.
+    """
+    from forgetless.methods.hlora import FILENAME, load_importance
+
+    folder = Path(folder)
+    lines: list[str] = []
+    heatmaps: dict[str, str] = {}
+    for run in results:
+        if "hlora" not in str(run.get("method", "")):
+            continue
+        rid = run.get("run_id", f"{run['method']}-{run.get('seed', 0)}")
+        lines.append(f"### {run['method']} on {run.get('task', '?')} (seed {run.get('seed', 0)})\n")
+        stage_dir = run.get("general_stage")
+        importance_file = folder / stage_dir / FILENAME if stage_dir else None
+        if importance_file is not None and importance_file.is_file():
+            if stage_dir not in heatmaps:
+                name = f"figures/hlora_importance-{Path(stage_dir).name}.png"
+                plot_importance_heatmap(load_importance(importance_file)["omega"], folder / name,
+                                        title=f"HLoRA importance, log10 ||Omega_l||_2 ({run['method']})")
+                heatmaps[stage_dir] = name
+            lines.append(f"![importance heatmap]({heatmaps[stage_dir]})\n")
+        domain = [s for s in run.get("stages", []) if s.get("stage") == "domain"]
+        if domain and domain[-1].get("history"):
+            name = f"figures/hlora_domain_loss-{rid}.png"
+            plot_domain_losses(domain[-1]["history"], folder / name, title=f"{run['method']}: domain stage")
+            lines.append(f"![domain-stage losses]({name})\n")
+        coeff = (domain[-1].get("extras", {}) if domain else {}).get("hlora_layer_coefficients")
+        if coeff:
+            ranked = sorted(coeff.items(), key=lambda kv: -kv[1])
+            ratio = ranked[0][1] / ranked[-1][1] if ranked[-1][1] > 0 else float("inf")
+            lines.append(f"Layer coefficients c_l over {len(ranked)} modules (uniform would be {1 / len(ranked):.4f}); "
+                         f"largest / smallest = {ratio:.3g}. Modules that dominate:\n")
+            lines.append("| module | c_l |\n|---|---|")
+            lines.extend(f"| `{n}` | {v:.4f} |" for n, v in ranked[:top])
+            lines.append("")
+    if not lines:
+        return ""
+    return "\n## HLoRA: importance and regularization\n\n" + "\n".join(lines) + "\n"

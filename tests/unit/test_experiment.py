@@ -107,3 +107,20 @@ def test_instruction_training_data(tmp_path, tiny_model_dir):
     exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, tasks=tasks, methods=["lora-mu"], seeds=[0]))
     (result,) = run_experiment(exp, progress=False)
     assert result["stages"][0]["stage"] == "domain" and result["stages"][0]["history"]
+
+
+def test_hlora_runs_report_importance_and_coefficients(tmp_path, tiny_model_dir):
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["hlora"], seeds=[0]))
+    (result,) = run_experiment(exp, progress=False)
+    out = tmp_path / "out"
+    coeff = result["stages"][-1]["extras"]["hlora_layer_coefficients"]
+    assert sum(coeff.values()) == pytest.approx(1.0, abs=1e-6)
+    assert len(coeff) == 2 * 2  # tiny model: 2 layers x (q_proj, v_proj)
+    assert (out / result["general_stage"] / "hlora_importance.safetensors").is_file()
+    md = (out / "results.md").read_text()
+    assert "## HLoRA: importance and regularization" in md
+    top = max(coeff, key=coeff.get)
+    assert f"| `{top}` | {coeff[top]:.4f} |" in md  # the module that dominates is listed first
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert len(figures) == 2 and figures[0].startswith("hlora_domain_loss") and figures[1].startswith("hlora_importance")
+    assert all((out / "figures" / f).read_bytes()[:4] == b"\x89PNG" for f in figures)
