@@ -238,6 +238,8 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         result = run_recipe(recipe, data, settings, adapter_dir=out / "adapters" / rid if recipe.stages else None,
                             general_cache=lambda: out / "stages" / f"{GENERAL}-{general_key}")
         record = result.to_json() | {"task": task.name, "run_id": rid, "model": exp.model}
+        if GENERAL in recipe.stages:
+            record["general_stage"] = f"stages/{GENERAL}-{general_key}"
         if not is_main_process():
             continue  # under `accelerate launch`, every process trains; only one writes
         path = out / "runs" / f"{rid}.json"
@@ -254,6 +256,12 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
                      tasks=[t.name for t in exp.tasks])
         plot_tradeoff(results, out / "tradeoff.png")
         plot_training_curves(results, out / "training_curves.png")
+        from forgetless.reporting.hlora_plots import hlora_section
+
+        section = hlora_section(results, out)
+        if section:
+            with open(out / "results.md", "a") as fh:
+                fh.write(section)
         print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; figures: tradeoff.png, training_curves.png")
     return results
 
