@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from forgetless.methods import GENERAL, method_label, resolve
+from forgetless.methods import GENERAL, general_stage_entries, method_label, resolve
 from forgetless.models import DEFAULT_MODEL, LoraSettings
 from forgetless.training.loop import TrainConfig
 
@@ -234,7 +234,7 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
                                progress=progress)
         general_key = _digest({"model": exp.model, "lora": exp.lora, "data": exp.general_train, "block": exp.block_size,
                                "train": exp.train_general, "seed": seed, "precision": exp.precision,
-                               "plugins": [e for e in recipe.entries], "lora_over": recipe.lora})
+                               "plugins": general_stage_entries(recipe.entries), "lora_over": recipe.lora})
         result = run_recipe(recipe, data, settings, adapter_dir=out / "adapters" / rid if recipe.stages else None,
                             general_cache=lambda: out / "stages" / f"{GENERAL}-{general_key}")
         record = result.to_json() | {"task": task.name, "run_id": rid, "model": exp.model}

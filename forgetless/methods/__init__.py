@@ -29,6 +29,10 @@ class MethodSpec:
     stages: tuple[str, ...] | None = None  # None: no opinion; the default is general then domain
     lora: dict[str, Any] = field(default_factory=dict)
     build: Callable[..., Method] | None = None  # build(**options) -> plugin
+    # Options that act on the domain stage only: runs differing only in them share a cached general stage.
+    domain_options: frozenset[str] = frozenset()
+    # (option, default) that weights the method's regularizer; the report sweeps it (phi, lambda).
+    weight_option: tuple[str, float] | None = None
 
 
 @dataclass
@@ -53,6 +57,8 @@ def register(spec: MethodSpec) -> MethodSpec:
 register(MethodSpec("base", "the model as loaded, no tuning", stages=()))
 register(MethodSpec("lora-mu", "LoRA on the domain only", stages=(DOMAIN,)))
 register(MethodSpec("lora-nu-mu", "LoRA on general text, then continued on the domain", stages=(GENERAL, DOMAIN)))
+register(MethodSpec("rslora", "LoRA with rank-stabilized scaling alpha/sqrt(r) (general then domain unless composed, "
+                              "e.g. [lora-mu, rslora])", lora={"use_rslora": True}))
 
 
 def _normalize(entry: Any) -> list[dict[str, Any]]:
@@ -77,6 +83,16 @@ def method_label(entry: Any) -> str:
         opts = ",".join(f"{k}={options[k]}" for k in sorted(options))
         parts.append(f"{item['name']}({opts})" if opts else item["name"])
     return "+".join(parts)
+
+
+def general_stage_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The normalized entries without their domain-only options: what a cached general stage depends on."""
+    out = []
+    for item in entries:
+        spec = REGISTRY.get(item["name"])
+        drop = spec.domain_options if spec is not None else frozenset()
+        out.append({k: v for k, v in item.items() if k not in drop})
+    return out
 
 
 def resolve(entry: Any) -> Recipe:
@@ -111,3 +127,4 @@ from forgetless.methods import hlora as _hlora  # noqa: E402,F401
 from forgetless.methods import sam as _sam  # noqa: E402,F401
 from forgetless.methods import replay as _replay  # noqa: E402,F401
 from forgetless.methods import wise_ft as _wise_ft  # noqa: E402,F401
+from forgetless.methods import ewc as _ewc  # noqa: E402,F401

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class _Group:
     dw_ref: torch.Tensor | None = None
     coeff: torch.Tensor | None = None  # [n]
     hooks: list[Any] = field(default_factory=list)
+    hook_seconds: float = 0.0  # time spent in the exact estimator's gradient hooks (importance cost)
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +118,7 @@ def lora_modules(model: torch.nn.Module, adapter: str = "default") -> list[tuple
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
             if getattr(module, "fan_in_fan_out", False):
-                raise ValueError(f"HLoRA: {name} uses fan_in_fan_out (Conv1D); only nn.Linear bases are supported")
+                raise ValueError(f"{name} uses fan_in_fan_out (Conv1D); only nn.Linear bases are supported")
             found.append((name, module))
     return found
 
@@ -207,6 +209,7 @@ class HLoRA(Method):
         self.steps = 0
         self._pending: Path | None = None
         self._model_name = ""
+        self._seconds = 0.0  # wall time of recording importance (the report's cost table)
 
     def __repr__(self) -> str:
         return (f"HLoRA(phi={self.phi}, xi={self.xi}, temperature={self.temperature}, norm_scale={self.norm_scale!r}, "
@@ -220,7 +223,7 @@ class HLoRA(Method):
             raise ValueError("HLoRA found no LoRA modules in the model (attach LoRA first)")
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
-            self.steps = 0
+            self.steps, self._seconds = 0, 0.0
             self.importance, self.reference = {}, {}
             if self.estimator == "exact":
                 self._install_hooks()
@@ -233,6 +236,7 @@ class HLoRA(Method):
         self._remove_hooks()
         if ctx.stage != GENERAL:
             return
+        started = _now(self.groups)
         norms = {}
         for g in self.groups:
             dw_end = g.delta_weight()
@@ -246,12 +250,19 @@ class HLoRA(Method):
                 norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
             g.omega = g.dw_start = g.dw_prev = g.g_est = g.grad_full = None
         ctx.extras["hlora_importance_norms"] = norms
+        self._seconds += _now(self.groups) - started + sum(g.hook_seconds for g in self.groups)
+        size = _STORAGE[self.storage_dtype].itemsize
+        ctx.extras.setdefault("importance_cost", {})["hlora"] = {
+            "what": f"path-integral importance ({self.estimator} estimator) + dW_nu", "seconds": self._seconds,
+            "bytes": sum(2 * t.numel() * size for t in self.importance.values()), "steps": self.steps,
+            "tensors": 2 * len(self.importance)}
         self.metadata = self._describe()
 
     # ------------------------------------------------------------------------------ general: importance
     def before_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.stage != GENERAL:
             return
+        started = _now(self.groups)
         eta = ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
         for g in self.groups:
             a, b = g.stacked()
@@ -271,10 +282,12 @@ class HLoRA(Method):
                     g.grad_full = torch.zeros_like(g.dw_prev)
                 _all_reduce_mean(g.grad_full)
                 g.g_est = g.grad_full
+        self._seconds += _now(self.groups) - started
 
     def after_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.stage != GENERAL:
             return
+        started = _now(self.groups)
         for g in self.groups:
             if g.g_est is None:
                 continue
@@ -288,6 +301,7 @@ class HLoRA(Method):
                 g.grad_full.zero_()
             g.g_est = None
         self.steps += 1
+        self._seconds += _now(self.groups) - started
 
     def _install_hooks(self) -> None:
         for g in self.groups:
@@ -424,6 +438,13 @@ class HLoRA(Method):
         self.importance, self.reference = {}, {}
 
 
+def _now(groups: Sequence[_Group]) -> float:
+    """A wall-clock reading after the device's queued work is done (CUDA runs asynchronously)."""
+    if groups and groups[0].device.type == "cuda":
+        torch.cuda.synchronize(groups[0].device)
+    return time.perf_counter()
+
+
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
@@ -451,12 +472,14 @@ class _ExactGradHook:
         group, index = self.group, self.index
 
         def accumulate(grad_out: torch.Tensor) -> None:
+            started = time.perf_counter()  # not synchronized: inside backward, approximate on CUDA
             if group.grad_full is None:
                 n, r_in = len(group.names), group.a_params[0].shape[1]
                 group.grad_full = torch.zeros(n, group.b_params[0].shape[0], r_in, dtype=group.dtype,
                                               device=grad_out.device)
             go = grad_out.reshape(-1, grad_out.shape[-1]).to(group.dtype)
             group.grad_full[index].addmm_(go.T, x.reshape(-1, x.shape[-1]).to(group.dtype))
+            group.hook_seconds += time.perf_counter() - started
 
         out.register_hook(accumulate)
 
@@ -471,9 +494,12 @@ def _build(layer_wise: bool):
     return build
 
 
+_DOMAIN_OPTIONS = frozenset({"phi", "temperature", "norm_scale", "layer_wise", "snap_reference"})
 register(MethodSpec("hlora", "HLoRA: element-wise path-integral importance on nu, layer-weighted quadratic pull on mu",
-                    stages=(GENERAL, DOMAIN), build=_build(True)))
+                    stages=(GENERAL, DOMAIN), build=_build(True), domain_options=_DOMAIN_OPTIONS,
+                    weight_option=("phi", 1e-3)))
 register(MethodSpec("hlora-no-layer", "HLoRA with uniform layer coefficients (element-wise regularization only)",
-                    stages=(GENERAL, DOMAIN), build=_build(False)))
+                    stages=(GENERAL, DOMAIN), build=_build(False), domain_options=_DOMAIN_OPTIONS,
+                    weight_option=("phi", 1e-3)))
 
 __all__: Sequence[str] = ["HLoRA", "layer_coefficients", "load_importance", "lora_modules", "FILENAME"]

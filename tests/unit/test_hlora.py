@@ -344,3 +344,14 @@ def test_plots_write_png_files(tmp_path):
     plot_domain_losses(res.history, losses)
     for p in (heat, losses):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_importance_cost_is_recorded():
+    model = lora_model(dtype=torch.float32)
+    for estimator in ("paper", "exact"):
+        plugin = HLoRA(estimator=estimator, storage_dtype="bfloat16")
+        res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, progress=False),
+                          [plugin], stage="general")
+        cost = res.extras["importance_cost"]["hlora"]
+        assert cost["seconds"] > 0 and cost["steps"] == 2 and cost["tensors"] == 8
+        assert cost["bytes"] == 2 * 2 * sum(t.numel() for t in plugin.importance.values())  # omega + dW_nu, bf16
