@@ -1,0 +1,164 @@
+"""Flatness / sharpness metrics of a loss around the current weights.
+
+Surface metrics, on a 2-D surface ``L_ij = L(theta + a_i d1 + b_j d2)`` (:mod:`forgetless.landscape.surfaces`)
+with uniform steps ``h_a``, ``h_b``. "Revisiting Catastrophic Forgetting in Large Language Model Tuning" (Li,
+Ding, Fang, Tao 2024) compares runs by Surface Curvature, Average Gradient and Mean Absolute Gradient of such a
+surface; we could not check its exact formulas, so these definitions are ours. Central differences at the interior
+points ``I`` (``1 <= i <= n_a - 2``, ``1 <= j <= n_b - 2``; ``N = |I|``)::
+
+    L_a  = (L[i+1,j] - L[i-1,j]) / (2 h_a)              L_b  = (L[i,j+1] - L[i,j-1]) / (2 h_b)
+    L_aa = (L[i+1,j] - 2 L[i,j] + L[i-1,j]) / h_a^2     L_bb = (L[i,j+1] - 2 L[i,j] + L[i,j-1]) / h_b^2
+
+    surface_curvature      SC  = 1/N sum_I |L_aa + L_bb|              (mean absolute Laplacian)
+    average_gradient       AG  = 1/N sum_I sqrt(L_a^2 + L_b^2)        (mean gradient magnitude)
+    mean_absolute_gradient MAG = 1/N sum_I (|L_a| + |L_b|) / 2        (mean absolute partial derivative)
+
+The differences are exact on a quadratic surface, so there the metrics equal their analytic values at the grid
+points. Their unit is that of the coordinates ``a``, ``b`` (filter-normalized or raw Gaussian directions): compare
+runs measured with the same settings only.
+
+Hessian metrics over the selected parameters ``theta`` (Hessian-vector products by double backward):
+
+* top eigenvalue: power iteration ``v <- H v / ||H v||``, ``lambda = v^T H v`` (the eigenvalue of largest
+  magnitude, sign kept; it is the largest one at a minimum, where H is positive semi-definite);
+* trace: Hutchinson's estimator ``tr H ~ 1/m sum_k z_k^T H z_k`` with Rademacher ``z_k`` (entries +-1);
+  exact for a diagonal H, unbiased otherwise with variance ``2 sum_{i != j} H_ij^2 / m``.
+
+eps-sharpness: ``max_{||delta||_2 <= rho} L(theta + delta) - L(theta)`` (Keskar et al. 2017; the inner problem
+of SAM), by projected normalized gradient ascent started at SAM's ``delta_0 = rho g / ||g||`` (a random point of
+the sphere where ``g = 0``)::
+
+    delta <- P(delta + alpha rho grad L(theta + delta) / ||grad L(theta + delta)||),   P: projection on the ball
+
+The largest increase seen along the way is returned: a lower bound of the true maximum, exact for a linear L
+after the first step and for a quadratic at its minimum once the ascent (then a power iteration) has converged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from forgetless.landscape.objective import Objective, Vector, dot, norm
+
+SURFACE_METRICS = ("surface_curvature", "average_gradient", "mean_absolute_gradient")
+
+
+def _step(coord: np.ndarray, axis: str) -> float:
+    coord = np.asarray(coord, dtype=np.float64)
+    if coord.ndim != 1 or len(coord) < 3:
+        raise ValueError(f"surface metrics need at least 3 points along {axis}, got {len(coord)}")
+    steps = np.diff(coord)
+    if not np.allclose(steps, steps[0], rtol=1e-6, atol=0) or steps[0] == 0:
+        raise ValueError(f"the grid along {axis} must be uniform and increasing")
+    return float(steps[0])
+
+
+def surface_metrics(losses: np.ndarray, coords: Sequence[np.ndarray]) -> dict[str, float]:
+    """Surface Curvature, Average Gradient, Mean Absolute Gradient of a 2-D loss grid (formulas in the module doc)."""
+    loss = np.asarray(losses, dtype=np.float64)
+    if loss.ndim != 2 or len(coords) != 2:
+        raise ValueError("surface metrics need a 2-D surface (two directions)")
+    ha, hb = _step(coords[0], "a"), _step(coords[1], "b")
+    if loss.shape != (len(coords[0]), len(coords[1])):
+        raise ValueError(f"losses have shape {loss.shape}, coordinates {len(coords[0])} x {len(coords[1])}")
+    centre = loss[1:-1, 1:-1]
+    la = (loss[2:, 1:-1] - loss[:-2, 1:-1]) / (2 * ha)
+    lb = (loss[1:-1, 2:] - loss[1:-1, :-2]) / (2 * hb)
+    laa = (loss[2:, 1:-1] - 2 * centre + loss[:-2, 1:-1]) / ha**2
+    lbb = (loss[1:-1, 2:] - 2 * centre + loss[1:-1, :-2]) / hb**2
+    return {
+        "surface_curvature": float(np.mean(np.abs(laa + lbb))),
+        "average_gradient": float(np.mean(np.sqrt(la**2 + lb**2))),
+        "mean_absolute_gradient": float(np.mean((np.abs(la) + np.abs(lb)) / 2)),
+    }
+
+
+def hessian_vector_product(objective: Objective, v: Vector) -> Vector:
+    """``H v`` at the current parameters."""
+    return objective.hvp(v)
+
+
+def _random_vector(objective: Objective, seed: int, rademacher: bool = False) -> Vector:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for z in objective.zeros():
+        if rademacher:
+            r = torch.randint(0, 2, z.shape, generator=g).to(z.dtype) * 2 - 1
+        else:
+            r = torch.randn(z.shape, generator=g, dtype=torch.float64).to(z.dtype)
+        out.append(r.to(z.device))
+    return out
+
+
+def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
+    """The Hessian's eigenvalue of largest magnitude by power iteration on Hessian-vector products.
+
+    Stops after ``iters`` products or when the Rayleigh quotient changes by less than ``tol`` (relative).
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    v = _random_vector(objective, seed)
+    n = norm(v)
+    v = [t / n for t in v]
+    eigenvalue = 0.0
+    for k in range(iters):
+        hv = objective.hvp(v)
+        previous, eigenvalue = eigenvalue, dot(v, hv)
+        size = norm(hv)
+        if size == 0.0:
+            return 0.0
+        v = [t / size for t in hv]
+        if k > 0 and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
+            break
+    return eigenvalue
+
+
+def hutchinson_trace(objective: Objective, samples: int = 10, seed: int = 0) -> float:
+    """Hutchinson's estimate of ``tr H``: the mean of ``z^T H z`` over ``samples`` Rademacher vectors ``z``."""
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    total = 0.0
+    for k in range(samples):
+        z = _random_vector(objective, seed + 1000 + k, rademacher=True)
+        total += dot(z, objective.hvp(z))
+    return total / samples
+
+
+def eps_sharpness(objective: Objective, rho: float = 0.05, steps: int = 5, step_size: float = 1.0,
+                  seed: int = 0) -> float:
+    """``max_{||delta|| <= rho} L(theta + delta) - L(theta)``, estimated by ``steps`` projected ascent steps.
+
+    Costs ``steps + 1`` gradients and one loss evaluation; the parameters are restored bit-exactly.
+    """
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    base, g = objective.value_and_gradient()
+    size = norm(g)
+    if size == 0.0:  # at an exact stationary point the gradient gives no direction: start anywhere on the sphere
+        g = _random_vector(objective, seed)
+        size = norm(g)
+    delta = [rho * t / size for t in g]
+    best = -float("inf")
+    for _ in range(steps):
+        with objective.shifted(delta):
+            value, g = objective.value_and_gradient()
+        best = max(best, value - base)
+        size = norm(g)
+        if size == 0.0:
+            break
+        delta = [d + step_size * rho * t / size for d, t in zip(delta, g)]
+        length = norm(delta)
+        if length > rho:
+            delta = [d * (rho / length) for d in delta]
+    with objective.shifted(delta):
+        best = max(best, objective.value() - base)
+    return best
+
+
+__all__ = ["SURFACE_METRICS", "eps_sharpness", "hessian_top_eigenvalue", "hessian_vector_product",
+           "hutchinson_trace", "surface_metrics"]

@@ -1,0 +1,348 @@
+"""Loss landscape and flatness metrics against closed forms, plus the CLI and the experiment's landscape step."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from forgetless.landscape import (
+    Objective,
+    compute_surface,
+    eps_sharpness,
+    hessian_top_eigenvalue,
+    hutchinson_trace,
+    load_surface,
+    model_objective,
+    random_direction,
+    surface_metrics,
+)
+from forgetless.models import LoraSettings, attach_lora
+from forgetless.reporting.flatness import flatness_rows, reference_ppl, spearman
+from tests.unit.test_experiment import tiny_model_dir, write_experiment  # noqa: F401  (fixture)
+from tests.unit.tiny_model import make_tiny_model, random_examples
+
+# ---------------------------------------------------------------- surface metrics on known surfaces
+
+
+def test_surface_metrics_match_analytic_values_on_a_quadratic_surface():
+    # L = c + p a^2 + q b^2 + r a b + s a + t b: central differences are exact on a quadratic.
+    c, p, q, r, s, t = 1.5, 2.0, 0.5, -0.7, 0.3, -1.1
+    a = np.linspace(-1, 1, 11)
+    b = np.linspace(-2, 2, 9)  # another step along b
+    A, B = np.meshgrid(a, b, indexing="ij")
+    losses = c + p * A**2 + q * B**2 + r * A * B + s * A + t * B
+    got = surface_metrics(losses, [a, b])
+    Ai, Bi = A[1:-1, 1:-1], B[1:-1, 1:-1]
+    la, lb = 2 * p * Ai + r * Bi + s, 2 * q * Bi + r * Ai + t
+    assert got["surface_curvature"] == pytest.approx(abs(2 * p + 2 * q), rel=1e-12)
+    assert got["average_gradient"] == pytest.approx(np.mean(np.hypot(la, lb)), rel=1e-12)
+    assert got["mean_absolute_gradient"] == pytest.approx(np.mean((abs(la) + abs(lb)) / 2), rel=1e-12)
+
+
+def test_surface_metrics_approach_the_continuum_integrals():
+    # L = p (a^2 + b^2) on [-1, 1]^2: |grad| = 2 p |(a, b)|, whose mean over the square is
+    # 2 p (sqrt 2 + ln(1 + sqrt 2)) / 3; (|L_a| + |L_b|) / 2 = p (|a| + |b|) has mean p; Laplacian 4 p.
+    p = 1.7
+    a = np.linspace(-1, 1, 801)
+    A, B = np.meshgrid(a, a, indexing="ij")
+    got = surface_metrics(p * (A**2 + B**2), [a, a])
+    assert got["surface_curvature"] == pytest.approx(4 * p, rel=1e-9)
+    assert got["average_gradient"] == pytest.approx(2 * p * (math.sqrt(2) + math.log(1 + math.sqrt(2))) / 3, rel=5e-3)
+    assert got["mean_absolute_gradient"] == pytest.approx(p, rel=5e-3)
+
+
+def test_surface_metrics_reject_bad_grids():
+    a = np.linspace(-1, 1, 5)
+    with pytest.raises(ValueError, match="2-D"):
+        surface_metrics(np.zeros(5), [a])
+    with pytest.raises(ValueError, match="uniform"):
+        surface_metrics(np.zeros((5, 5)), [a, a**3])
+    with pytest.raises(ValueError, match="at least 3"):
+        surface_metrics(np.zeros((2, 5)), [a[:2], a])
+
+
+# ---------------------------------------------------------------- Hessian metrics on f(x) = 1/2 x^T H x + b^T x
+
+
+def symmetric(eigenvalues, seed=0):
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def quadratic_objective(h, x0, b=None):
+    """Two parameter tensors (shapes (2,) and (n-2,)) so that the multi-tensor plumbing is exercised."""
+    x1 = torch.nn.Parameter(x0[:2].clone())
+    x2 = torch.nn.Parameter(x0[2:].clone())
+    b = torch.zeros(len(x0), dtype=torch.float64) if b is None else b
+
+    def loss():
+        x = torch.cat([x1, x2])
+        return 0.5 * x @ h @ x + b @ x
+
+    return Objective(params=[x1, x2], chunks=[(1.0, loss)])
+
+
+def test_hessian_vector_product_is_h_times_v():
+    h = symmetric([7.0, 3.0, 1.0, -0.5, 0.2])
+    obj = quadratic_objective(h, torch.linspace(-1, 1, 5, dtype=torch.float64))
+    v = torch.tensor([0.3, -1.0, 2.0, 0.5, -0.25], dtype=torch.float64)
+    hv = obj.hvp([v[:2], v[2:]])
+    assert torch.allclose(torch.cat(hv), h @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_hessian_top_eigenvalue_matches_h():
+    h = symmetric([7.0, 3.0, 1.0, -0.5, 0.2])
+    obj = quadratic_objective(h, torch.linspace(-1, 1, 5, dtype=torch.float64))
+    assert hessian_top_eigenvalue(obj, iters=200, tol=1e-14) == pytest.approx(7.0, rel=1e-9)
+    # the eigenvalue of largest magnitude keeps its sign
+    neg = quadratic_objective(symmetric([-6.0, 2.0, 1.0]), torch.ones(3, dtype=torch.float64))
+    assert hessian_top_eigenvalue(neg, iters=200, tol=1e-14) == pytest.approx(-6.0, rel=1e-9)
+
+
+def test_hutchinson_trace_matches_h():
+    diag = torch.diag(torch.tensor([4.0, -1.0, 2.5, 0.5], dtype=torch.float64))
+    obj = quadratic_objective(diag, torch.ones(4, dtype=torch.float64))
+    assert hutchinson_trace(obj, samples=3) == pytest.approx(6.0, rel=1e-12)  # exact for a diagonal H
+    h = symmetric([7.0, 3.0, 1.0, -0.5, 0.2], seed=1)
+    m = 2000
+    obj = quadratic_objective(h, torch.zeros(5, dtype=torch.float64))
+    off = h - torch.diag(torch.diag(h))
+    std = math.sqrt(2 * float((off**2).sum()) / m)  # z^T H z = tr H + sum_{i != j} H_ij z_i z_j
+    assert abs(hutchinson_trace(obj, samples=m) - 10.7) < 4 * std
+
+
+def test_eps_sharpness_closed_forms_and_restores_weights():
+    rho = 0.1
+    # linear L = c^T x: the maximum rho ||c|| is reached by SAM's first step
+    c = torch.tensor([3.0, -4.0, 12.0], dtype=torch.float64)
+    obj = quadratic_objective(torch.zeros(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), b=c)
+    kept = [p.detach().clone() for p in obj.params]
+    assert eps_sharpness(obj, rho=rho, steps=0) == pytest.approx(rho * 13.0, rel=1e-12)
+    assert eps_sharpness(obj, rho=rho, steps=3) == pytest.approx(rho * 13.0, rel=1e-12)
+    assert all(torch.equal(p, k) for p, k in zip(obj.params, kept))
+    # at the minimum of a convex quadratic: 1/2 rho^2 lambda_max
+    h = symmetric([5.0, 1.0, 0.5])
+    obj = quadratic_objective(h, torch.zeros(3, dtype=torch.float64))
+    assert eps_sharpness(obj, rho=rho, steps=60) == pytest.approx(0.5 * rho**2 * 5.0, rel=1e-8)
+
+
+def test_eps_sharpness_reaches_the_trust_region_maximum():
+    # max_{||d|| <= rho} g^T d + 1/2 d^T H d for H > 0: d = (mu I - H)^-1 g with mu > lambda_max, ||d|| = rho
+    h = symmetric([4.0, 2.0, 1.0, 0.5], seed=3)
+    x0 = torch.tensor([0.2, -0.1, 0.05, 0.3], dtype=torch.float64)
+    rho = 0.5
+    g = h @ x0
+    eye = torch.eye(4, dtype=torch.float64)
+    lo, hi = 4.0 + 1e-12, 4.0 + 100.0
+    for _ in range(200):  # bisection on ||d(mu)|| = rho (decreasing in mu)
+        mu = (lo + hi) / 2
+        lo, hi = (mu, hi) if torch.linalg.solve(mu * eye - h, g).norm() > rho else (lo, mu)
+    d = torch.linalg.solve(mu * eye - h, g)
+    expected = float(g @ d + 0.5 * d @ h @ d)
+    obj = quadratic_objective(h, x0)
+    assert eps_sharpness(obj, rho=rho, steps=100) == pytest.approx(expected, rel=1e-7)
+
+
+# ---------------------------------------------------------------- surfaces on models
+
+
+def lora_model(seed=0, r=2):
+    model = attach_lora(make_tiny_model(seed=seed), LoraSettings(r=r, alpha=2 * r, dropout=0.0))
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():  # B = 0 at initialisation: give the adapter something to be
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_filter_normalized_direction_has_the_weights_row_norms():
+    model = make_tiny_model()
+    params = [p for _, p in model.named_parameters()]
+    d = random_direction(params, torch.Generator().manual_seed(0), filter_normalize=True)
+    checked = 0
+    for p, di in zip(params, d):
+        if p.dim() == 1:
+            assert torch.count_nonzero(di) == 0  # norm scales are left out
+        else:
+            assert torch.allclose(di.norm(dim=1), p.detach().norm(dim=1), rtol=1e-5, atol=1e-7)
+            assert not torch.allclose(di, p.detach())  # a new direction, not the weights
+            checked += 1
+    assert checked >= 8
+    raw = random_direction(params, torch.Generator().manual_seed(0), filter_normalize=False)
+    ratio = [(r.norm(dim=1) / di.norm(dim=1)) for r, di, p in zip(raw, d, params) if p.dim() == 2]
+    assert not torch.allclose(ratio[0], torch.ones_like(ratio[0]))  # normalization changed something
+
+
+def test_surface_of_a_quadratic_module_matches_the_closed_form():
+    # L(a, b) = 1/2 (x + a d1 + b d2)^T H (x + a d1 + b d2): L_aa + L_bb = d1^T H d1 + d2^T H d2 everywhere.
+    n = 6
+    h = symmetric([3.0, 2.0, 1.0, 0.7, 0.4, 0.1], seed=5)
+    module = torch.nn.Module()
+    module.x = torch.nn.Parameter(torch.linspace(-0.5, 0.5, n, dtype=torch.float64).view(2, 3))
+
+    def loss():
+        v = module.x.reshape(-1)
+        return 0.5 * v @ h @ v
+
+    surface = compute_surface(module, loss, dims=2, steps=7, span=(-0.5, 0.5), filter_normalize=False, seed=3)
+    g = torch.Generator().manual_seed(3)
+    d1, d2 = (random_direction([module.x], g, filter_normalize=False)[0].double().reshape(-1) for _ in range(2))
+    expected = float(d1 @ h @ d1 + d2 @ h @ d2)
+    assert surface.losses.shape == (7, 7)
+    assert surface.losses[3, 3] == pytest.approx(float(loss().detach()), rel=1e-12)
+    assert surface_metrics(surface.losses, surface.coords)["surface_curvature"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("params", ["trainable", "all"])
+def test_surface_sweep_restores_weights_bit_exactly(params):
+    model = lora_model().to(torch.bfloat16)  # bf16 weights: the perturbed values are rounded, the restore is not
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    examples = random_examples(3, 12)
+    with model_objective(model, examples, params=params, batch_size=2) as obj:
+        centre = obj.value()
+        surface = compute_surface(model, obj.value, dims=2, params=params, steps=3, span=(-1, 1), seed=1)
+    assert surface.losses[1, 1] == centre  # a = b = 0 is the model itself, exactly
+    assert not np.allclose(surface.losses, centre)  # and the others are not
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.requires_grad == flags[n]
+
+
+def test_model_objective_is_the_mean_nll_and_its_hvp_matches_finite_differences():
+    from forgetless.evaluation import perplexity
+
+    model = lora_model(seed=1).double()
+    blocks = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+    with model_objective(model, examples, batch_size=2) as obj:
+        # perplexity() takes the logits to float32 (this model is float64): equal to float32 precision
+        assert obj.value() == pytest.approx(perplexity(model, blocks, progress=False).mean_nll, rel=1e-6)
+        g = torch.Generator().manual_seed(1)
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in obj.params]
+        hv = obj.hvp(v)
+
+        def central(eps):  # (g(theta + eps v) - g(theta - eps v)) / 2 eps = H v + O(eps^2)
+            with obj.shifted([eps * t for t in v]):
+                _, g_plus = obj.value_and_gradient()
+            with obj.shifted([-eps * t for t in v]):
+                _, g_minus = obj.value_and_gradient()
+            return torch.cat([((a - b) / (2 * eps)).reshape(-1) for a, b in zip(g_plus, g_minus)])
+
+        # Richardson's extrapolation cancels the eps^2 term; a smaller eps drowns in rounding instead (LlamaRMSNorm
+        # computes in float32 even in a float64 model).
+        fd = (4 * central(2e-3) - central(4e-3)) / 3
+    exact = torch.cat([t.reshape(-1) for t in hv])
+    assert float((exact - fd).norm() / fd.norm()) < 2e-5
+    assert float(fd.norm()) > 1e-3  # a real curvature, not zeros on both sides
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def test_spearman_and_reference_ppl():
+    rows = [{"method": "m", "ppl_increase": y, "x": x} for x, y in zip([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])]
+    rho, p, n = spearman(rows, "x")
+    assert (rho, n) == (pytest.approx(0.8), 5)  # 1 - 6 * 4 / (5 * 24)
+    assert 0 < p < 1
+    assert math.isnan(spearman(rows[:2], "x")[0])
+    results = [{"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 12.0},
+               {"method": "base", "task": "t", "seed": 0, "general_ppl": 10.0},
+               {"method": "lora-mu", "task": "t", "seed": 1, "general_ppl": 13.0,
+                "landscape": {"metrics": {"surface_curvature": 2.0}}}]
+    assert reference_ppl(results, results[2]) == 10.0  # no base with seed 1: any base
+    assert flatness_rows(results)[0]["ppl_increase"] == pytest.approx(3.0)
+    no_base = [r for r in results if r["method"] != "base"]
+    assert reference_ppl(no_base, no_base[1], methods=["lora-mu"]) == 13.0  # the first method, same seed
+
+
+# ---------------------------------------------------------------- CLI and experiment
+
+
+def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir):  # noqa: F811
+    from forgetless.cli import main
+
+    adapter = tmp_path / "adapter"
+    model = lora_model()
+    model.save_pretrained(adapter)
+    text = tmp_path / "text.txt"
+    text.write_text("Plants make sugar from light and absorb carbon dioxide from the air.\n" * 20)
+    out = tmp_path / "land"
+    rc = main(["landscape", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--text", str(text),
+               "--blocks", "2", "--block-size", "16", "--grid", "5", "--range", "-0.5", "0.5", "--metrics",
+               "--hessian-iters", "3", "--trace-samples", "2", "--ascent-steps", "1", "--output", str(out), "--quiet"])
+    assert rc == 0
+    report = json.loads((out / "landscape.json").read_text())
+    surface = load_surface(out / "surface.npz")
+    assert surface.losses.shape == (5, 5) and surface.coords[0][0] == -0.5
+    assert report["surface_metrics"] == pytest.approx(surface_metrics(surface.losses, surface.coords))
+    assert set(report["metrics"]) == {"hessian_top_eigenvalue", "hessian_trace", "eps_sharpness"}
+    assert surface.losses[2, 2] == pytest.approx(report["loss"], rel=1e-6)
+    for name in ("surface_contour.png", "surface_3d.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc = main(["landscape", "--model", str(tiny_model_dir), "--params", "all", "--no-filter-normalize",
+               "--text", str(text), "--blocks", "1", "--block-size", "16", "--dims", "1", "--grid", "4",
+               "--output", str(out / "one"), "--quiet"])
+    assert rc == 0 and (out / "one" / "surface_1d.png").is_file()
+    assert load_surface(out / "one" / "surface.npz").losses.shape == (4,)
+    from tests.unit.test_experiment import FIXTURES
+
+    rc = main(["landscape", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--task",
+               str(FIXTURES / "generic.jsonl"), "--blocks", "3", "--dims", "1", "--grid", "3", "--output",
+               str(out / "task"), "--quiet"])
+    task_report = json.loads((out / "task" / "landscape.json").read_text())
+    assert rc == 0 and task_report["data"]["examples"] == 3
+    with pytest.raises(SystemExit, match="no trainable weights"):
+        main(["landscape", "--model", str(tiny_model_dir), "--text", str(text), "--output", str(out / "x")])
+
+
+def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+    from forgetless.experiment import ConfigError, load_experiment, run_experiment
+
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 2, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], landscape=landscape)
+    results = run_experiment(load_experiment(path), progress=False)
+    out = tmp_path / "out"
+    tuned = [r for r in results if r["method"] == "lora-mu"]
+    base = {r["seed"]: r for r in results if r["method"] == "base"}
+    assert len(tuned) == 2 and all("skipped" in r["landscape"] for r in base.values())
+    for r in tuned:
+        metrics = r["landscape"]["metrics"]
+        assert {"surface_curvature", "average_gradient", "mean_absolute_gradient", "hessian_top_eigenvalue",
+                "hessian_trace", "eps_sharpness"} <= set(metrics)
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert (out / "landscape" / r["run_id"] / "surface_contour.png").is_file()
+        grid = load_surface(out / r["landscape"]["surface"])
+        assert surface_metrics(grid.losses, grid.coords)["surface_curvature"] == metrics["surface_curvature"]
+    md = (out / "results.md").read_text()
+    assert "## Flatness and forgetting" in md and "Spearman" in md
+    row = next(line for line in md.splitlines() if line.startswith("| lora-mu | gen | 0 |"))
+    increase = float(row.split("|")[5])
+    assert increase == pytest.approx(tuned[0]["general_ppl"] - base[0]["general_ppl"], rel=1e-3)
+    assert (out / "flatness_surface_curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    import forgetless.landscape.measure as measure
+
+    def boom(*a, **k):
+        raise AssertionError("a measured run was measured again")
+
+    monkeypatch.setattr(measure, "measure_flatness", boom)
+    run_experiment(load_experiment(path), progress=False)  # resumable: nothing is recomputed
+    monkeypatch.undo()
+    calls = []
+    real = measure.measure_flatness
+    monkeypatch.setattr(measure, "measure_flatness", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], landscape=landscape | {"grid": 5})
+    run_experiment(load_experiment(path), progress=False)
+    assert len(calls) == 2  # other settings: measured again (the two tuned runs)
+
+    bad = yaml.safe_load(path.read_text()) | {"landscape": {"params": "lora"}}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"landscape: params must be"):
+        load_experiment(path)
