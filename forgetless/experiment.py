@@ -19,6 +19,7 @@ Example (``forgetless run experiment.yaml``)::
       general: {max_steps: 50, batch_size: 8, lr: 2.0e-4}
       domain: {epochs: 1, batch_size: 8, lr: 2.0e-4}
     eval: {batch_size: 16}
+    landscape: {blocks: 4, grid: 9}     # optional: flatness metrics per run vs forgetting (off when absent)
 
 Each finished run is a JSON file in ``OUTPUT/runs/``; starting the experiment again skips them.
 """
@@ -78,6 +79,7 @@ class Experiment:
     eval_batch_size: int = 16
     precision: str = "auto"
     source: Path | None = None  # the YAML file, for resolving relative paths
+    landscape: Any = None  # forgetless.landscape.LandscapeSettings when the YAML has a 'landscape:' section
 
 
 def _dataclass_from(cls, values: Any, where: str):
@@ -106,7 +108,8 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the experiment must be a mapping")
-    allowed = {"name", "model", "output", "seeds", "lora", "general", "tasks", "methods", "train", "eval", "precision"}
+    allowed = {"name", "model", "output", "seeds", "lora", "general", "tasks", "methods", "train", "eval", "precision",
+               "landscape"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(allowed)}")
@@ -134,6 +137,10 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
         precision=str(raw.get("precision", "auto")),
         source=path,
     )
+    if "landscape" in raw:
+        from forgetless.landscape.measure import LandscapeSettings
+
+        exp.landscape = _dataclass_from(LandscapeSettings, raw["landscape"], f"{path}: landscape")
     for entry in exp.methods:
         try:
             resolve(entry)
@@ -248,6 +255,11 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         tmp.replace(path)  # a run counts as done only once its JSON is complete
         print(f"    general PPL {result.general_ppl:.3f}  {task.name} acc {result.tasks[task.name]['acc']:.3f}"
               f"  acc_norm {result.tasks[task.name]['acc_norm']:.3f}  ({result.seconds:.0f} s)")
+    if exp.landscape is not None and is_main_process():
+        from forgetless.landscape.measure import measure_runs
+
+        measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, exp.general_heldout), exp.block_size,
+                     data_key=exp.general_heldout, progress=progress)
     results = load_results(out)
     if is_main_process():
         from forgetless.reporting.plots import plot_tradeoff, plot_training_curves
@@ -262,6 +274,13 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
         if section:
             with open(out / "results.md", "a") as fh:
                 fh.write(section)
+        if exp.landscape is not None:
+            from forgetless.reporting.flatness import flatness_section
+
+            section = flatness_section(results, out, methods=[method_label(m) for m in exp.methods])
+            if section:
+                with open(out / "results.md", "a") as fh:
+                    fh.write(section)
         print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; figures: tradeoff.png, training_curves.png")
     return results
 
