@@ -1,4 +1,4 @@
-"""The ``forgetless`` command: demo, run, train, eval."""
+"""The ``forgetless`` command: demo, run, train, eval, landscape."""
 
 from __future__ import annotations
 
@@ -96,6 +96,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_landscape(args: argparse.Namespace) -> int:
+    from forgetless.data import lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
+    from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
+                                      save_surface, surface_metrics)
+    from forgetless.models import load_model
+    from forgetless.reporting.landscape_plots import plot_surface
+
+    if bool(args.text) == bool(args.task):
+        raise SystemExit("error: give the evaluation data: --text FILE (general text) or --task FILE[:schema]")
+    if args.dims == 2 and args.grid < 3:
+        raise SystemExit("error: a 2-D surface needs --grid >= 3")
+    if args.params == "trainable" and not args.adapter:
+        raise SystemExit("error: a model without --adapter has no trainable weights: pass --adapter or --params all")
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)  # trainable: the LoRA weights
+    if args.text:
+        texts = load_texts(args.text, limit=args.limit)
+        blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.blocks)
+        examples, data = lm_examples(blocks), {"text": args.text, "blocks": len(blocks), "block_size": args.block_size}
+    else:
+        source, _, schema = args.task.partition(":") if not Path(args.task).exists() else (args.task, "", "")
+        items = load_mc_task(source, schema=schema or None, limit=args.limit)
+        examples = mc_train_examples(items, tokenizer)[: args.blocks]  # loss on the correct answers' tokens
+        data = {"task": source, "examples": len(examples)}
+    out = Path(args.output)
+    with model_objective(model, examples, args.params, args.batch_size, args.precision) as objective:
+        loss = objective.value()
+        surface = compute_surface(model, objective.value, dims=args.dims, params=args.params, steps=args.grid,
+                                  span=(args.range[0], args.range[1]), filter_normalize=args.filter_normalize,
+                                  seed=args.seed, progress=not args.quiet)
+    surface.meta |= {"model": args.model, "adapter": args.adapter, "data": data, "precision": args.precision}
+    report: dict = {"model": args.model, "adapter": args.adapter, "data": data, "loss": loss, **surface.meta}
+    if args.dims == 2:
+        report["surface_metrics"] = surface_metrics(surface.losses, surface.coords)
+    if args.metrics:
+        settings = LandscapeSettings(params=args.params, batch_size=args.batch_size, precision=args.precision, grid=0,
+                                     seed=args.seed, hessian_iters=args.hessian_iters,
+                                     trace_samples=args.trace_samples, rho=args.rho, ascent_steps=args.ascent_steps)
+        metrics, _ = measure_flatness(model, examples, settings)
+        report["metrics"] = {k: v for k, v in metrics.items() if k not in ("loss", "n_params")}
+    files = {"grid": save_surface(surface, out / "surface.npz"), **plot_surface(surface, out)}
+    report["files"] = {k: str(v) for k, v in files.items()}
+    (out / "landscape.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--max-blocks", type=int)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("landscape", parents=[common],
+                       help="loss surface L(theta + a d1 + b d2) around a model (+ adapter): grid, figures, "
+                            "flatness metrics")
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply (its LoRA weights are the 'trainable' ones)")
+    p.add_argument("--text", help="evaluation data: general text (jsonl with 'text', .txt, or hub dataset)")
+    p.add_argument("--task", help="evaluation data: multiple-choice task FILE or HUB_NAME[:schema] (loss on the "
+                                  "correct answers)")
+    p.add_argument("--blocks", type=int, default=8, help="evaluation blocks of --block-size tokens (or task examples)")
+    p.add_argument("--limit", type=int, help="read at most this many texts / task items")
+    p.add_argument("--dims", type=int, choices=[1, 2], default=2, help="1-D curve or 2-D surface")
+    p.add_argument("--grid", type=int, default=21, help="points per axis")
+    p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
+                   help="coordinates a, b run over [LOW, HIGH] (default -1 1)")
+    p.add_argument("--params", choices=["trainable", "all"], default="trainable",
+                   help="perturb the trainable (LoRA) weights or all weights")
+    p.add_argument("--filter-normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="rescale each row of a direction to the norm of the weights' row (Li et al. 2018)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--metrics", action="store_true",
+                   help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
+    p.add_argument("--hessian-iters", type=int, default=20)
+    p.add_argument("--trace-samples", type=int, default=10)
+    p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
+    p.add_argument("--ascent-steps", type=int, default=5)
+    p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_landscape)
     return parser
 
 
