@@ -1,4 +1,4 @@
-"""The ``forgetless`` command: demo, run, train, eval, landscape."""
+"""The ``forgetless`` command: demo, run, train, eval, landscape, report."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, output=args.output)
     run_experiment(exp, progress=not args.quiet)
     print((exp.output / "results.md").read_text())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from forgetless.reporting.report import build_report
+
+    path = build_report(args.results, output=args.output, reference=args.reference or None, metric=args.metric,
+                        rank_base=args.rank_base)
+    print(path.read_text())
+    print(f"report: {path} (figures beside it)")
     return 0
 
 
@@ -161,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="results folder (default: the YAML's 'output')")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("report", help="Markdown report with figures from an experiment's results folder: main "
+                                      "table, t-tests, cost, sweeps, Pareto front, ablation")
+    p.add_argument("results", help="the experiment's output folder (with runs/*.json)")
+    p.add_argument("--output", help="folder for report.md and its figures (default RESULTS/report)")
+    p.add_argument("--reference", default="lora-nu-mu", help="method the t-tests compare against ('' for none)")
+    p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc", help="domain accuracy metric")
+    p.add_argument("--rank-base", action="store_true", help="rank 'base' too when marking best and second")
+    p.set_defaults(func=_cmd_report)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")

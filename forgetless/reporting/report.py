@@ -1,0 +1,541 @@
+"""``forgetless report RESULTS_DIR``: the paper's tables and figures, from an experiment's run records.
+
+It reads the per-run JSON files that :func:`forgetless.experiment.run_experiment` writes (``RESULTS_DIR/runs/*.json``:
+one per method x task x seed, with ``general_ppl``, ``tasks[task][acc|acc_norm]`` and per-stage ``seconds`` and
+``extras``) and writes ``report.md`` with PNG figures beside it. Sections:
+
+1. the Table 1 analogue: general perplexity (lower is better) and domain accuracy (higher is better) per method and
+   task, mean ± std over seeds, best in bold and second underlined;
+2. Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) of every method against a reference method, per
+   metric and task, with box plots of the seeds;
+3. the cost table: wall time and storage of recording importance (HLoRA's path integral, EWC's Fisher) as the runs
+   recorded them in ``extras["importance_cost"]``, and the training time of each method;
+4. the sweep of the regularization weight (``phi`` for HLoRA, ``lambda`` for EWC: runs of one method differing only
+   in that option) and a Pareto plot of domain accuracy against general perplexity over all methods;
+5. the ablation table (``hlora``, ``hlora-no-layer``, ``lora-nu-mu``).
+
+A section whose data is absent is replaced by a one-line note. Reporting reads results only; it never trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
+ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
+PPL, ACC = "general_ppl", "domain_acc"
+METRIC_TITLES = {PPL: "general PPL ↓", ACC: "domain acc ↑"}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """The run records of an experiment folder (``runs/*.json``), or of a folder of such files."""
+    folder = Path(folder)
+    runs_dir = folder / "runs" if (folder / "runs").is_dir() else folder
+    paths = sorted(runs_dir.glob("*.json"))
+    runs = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: corrupt result file ({err})") from err
+        if isinstance(record, dict) and {"method", "task", "general_ppl", "tasks"} <= set(record):
+            runs.append(record)
+    if not runs:
+        raise FileNotFoundError(f"no run records (JSON with method, task, general_ppl, tasks) under {runs_dir}")
+    return runs
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets and parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def _value(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+
+
+def parse_label(label: str) -> list[tuple[str, dict[str, Any]]]:
+    """``"hlora(phi=0.01)+sam"`` -> ``[("hlora", {"phi": 0.01}), ("sam", {})]`` (inverse of ``method_label``)."""
+    out = []
+    for part in _split_top(label, "+"):
+        name, _, rest = part.partition("(")
+        options = {}
+        if rest.endswith(")") and rest[:-1]:
+            for item in _split_top(rest[:-1], ","):
+                key, _, value = item.partition("=")
+                options[key.strip()] = _value(value.strip())
+        out.append((name.strip(), options))
+    return out
+
+
+@dataclass
+class Cell:
+    """The values of one metric over seeds for one (method, task)."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+    def text(self, digits: int) -> str:
+        if not self.values:
+            return "-"
+        if len(self.values) == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+class Results:
+    """Run records indexed by (method, task, metric); metrics are general PPL and domain accuracy in %."""
+
+    def __init__(self, runs: Sequence[dict[str, Any]], metric: str = "acc") -> None:
+        self.runs = list(runs)
+        self.metric = metric
+        self.tasks = list(dict.fromkeys(r["task"] for r in self.runs))
+        self.methods = order_methods(dict.fromkeys(r["method"] for r in self.runs))
+        self.seeds = sorted({r.get("seed", 0) for r in self.runs})
+
+    def runs_of(self, method: str, task: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r["method"] == method and (task is None or r["task"] == task)]
+
+    def values(self, method: str, task: str, metric: str) -> list[float]:
+        out = []
+        for r in sorted(self.runs_of(method, task), key=lambda r: r.get("seed", 0)):
+            if metric == PPL:
+                out.append(float(r["general_ppl"]))
+            else:
+                scores = r["tasks"].get(task, {})
+                if self.metric in scores:
+                    out.append(100.0 * float(scores[self.metric]))
+        return out
+
+    def cell(self, method: str, task: str, metric: str) -> Cell:
+        return Cell(self.values(method, task, metric))
+
+
+def order_methods(methods: Sequence[str]) -> list[str]:
+    """The paper's order (base, lora-mu, lora-nu-mu, rslora, ewc, hlora-no-layer, hlora), variants after their
+    method, anything else last."""
+    def key(label: str) -> tuple[int, int, str]:
+        first = parse_label(label)[0][0]
+        rank = CANONICAL_ORDER.index(first) if first in CANONICAL_ORDER else len(CANONICAL_ORDER)
+        return rank, 0 if label == first else 1, label
+
+    return sorted(methods, key=key)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def rank_marks(means: dict[str, float], lower_is_better: bool) -> dict[str, str]:
+    """``"best"`` / ``"second"`` per method by mean (ties share a rank); NaN means are not ranked."""
+    finite = sorted({m for m in means.values() if not math.isnan(m)}, reverse=not lower_is_better)
+    marks = {}
+    for method, mean in means.items():
+        if finite and mean == finite[0]:
+            marks[method] = "best"
+        elif len(finite) > 1 and mean == finite[1]:
+            marks[method] = "second"
+    return marks
+
+
+def _decorate(text: str, mark: str | None) -> str:
+    if mark == "best":
+        return f"**{text}**"
+    if mark == "second":
+        return f"<u>{text}</u>"
+    return text
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def results_table(res: Results, methods: Sequence[str], rank_base: bool = False) -> str:
+    """Per method and task: general PPL and domain accuracy, mean ± std; best bold, second underlined (per column,
+    over the methods shown; ``base`` is shown but not ranked unless ``rank_base``)."""
+    header = ["method"] + [f"{task} {METRIC_TITLES[m]}" for task in res.tasks for m in (PPL, ACC)] + ["seeds"]
+    marks: dict[tuple[str, str], dict[str, str]] = {}
+    for task in res.tasks:
+        for metric in (PPL, ACC):
+            ranked = {m: res.cell(m, task, metric).mean for m in methods if rank_base or m != "base"}
+            marks[(task, metric)] = rank_marks(ranked, lower_is_better=metric == PPL)
+    rows = []
+    for method in methods:
+        row = [method]
+        for task in res.tasks:
+            for metric in (PPL, ACC):
+                text = res.cell(method, task, metric).text(2 if metric == PPL else 1)
+                row.append(_decorate(text, marks[(task, metric)].get(method)))
+        row.append(str(len({r.get("seed", 0) for r in res.runs_of(method)})))
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
+    """Welch's t-test of every method against ``reference``, per task and metric.
+
+    Rows: ``{method, task, metric, diff, t, p, n, n_ref}`` with ``diff = mean(method) - mean(reference)``; ``t`` and
+    ``p`` are NaN when either side has fewer than two seeds or both have zero variance.
+    """
+    from scipy.stats import ttest_ind
+
+    rows = []
+    for method in res.methods:
+        if method == reference:
+            continue
+        for task in res.tasks:
+            for metric in (PPL, ACC):
+                a, b = res.values(method, task, metric), res.values(reference, task, metric)
+                if not a or not b:
+                    continue
+                t = p = math.nan
+                if len(a) >= 2 and len(b) >= 2:
+                    test = ttest_ind(a, b, equal_var=False)
+                    t, p = float(test.statistic), float(test.pvalue)
+                rows.append({"method": method, "task": task, "metric": metric,
+                             "diff": statistics.fmean(a) - statistics.fmean(b), "t": t, "p": p,
+                             "n": len(a), "n_ref": len(b)})
+    return rows
+
+
+def _p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
+
+
+# --------------------------------------------------------------------------------------------- sections
+def section_main_table(res: Results, rank_base: bool) -> str:
+    note = ("" if rank_base else " `base` (no tuning) is shown for reference and not ranked.")
+    return ("## Main results (Table 1 analogue)\n\n"
+            f"General PPL: perplexity of the held-out general text after tuning (lower is better). Domain acc: "
+            f"multiple-choice `{res.metric}` on the task's test set, in % (higher is better). Mean ± std over seeds "
+            f"({', '.join(map(str, res.seeds))}); **best** in bold, <u>second</u> underlined per column.{note}\n\n"
+            + results_table(res, res.methods, rank_base))
+
+
+def section_welch(res: Results, reference: str | None, folder: Path) -> str:
+    title = "## Significance: Welch's t-test against a reference\n\n"
+    if reference is None:
+        return title + "Skipped: no reference method (give `--reference`; the default `lora-nu-mu` is absent).\n"
+    if reference not in res.methods:
+        return title + f"Skipped: the reference method `{reference}` has no runs here.\n"
+    rows = welch_tests(res, reference)
+    if not rows:
+        return title + f"Skipped: no method shares a task with `{reference}`.\n"
+    header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ (p)" for task in res.tasks for m in (PPL, ACC)]
+    table = []
+    for method in res.methods:
+        if method == reference:
+            continue
+        row, found = [method], False
+        for task in res.tasks:
+            for metric in (PPL, ACC):
+                hit = [r for r in rows if r["method"] == method and r["task"] == task and r["metric"] == metric]
+                if hit:
+                    found = True
+                    digits = 2 if metric == PPL else 1
+                    row.append(f"{hit[0]['diff']:+.{digits}f} (p={_p_text(hit[0]['p'])})")
+                else:
+                    row.append("-")
+        if found:
+            table.append(row)
+    figures = []
+    for metric in (PPL, ACC):
+        name = f"box_{metric}.png"
+        plot_boxes(res, metric, folder / name)
+        figures.append(f"![{METRIC_TITLES[metric]} per method]({name})")
+    return (title + f"Δ: mean of the method minus mean of `{reference}` (PPL in perplexity points, accuracy in "
+            f"percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
+            f"n/a with fewer than two seeds on a side.\n\n" + markdown_table(header, table) + "\n"
+            + "\n".join(figures) + "\n")
+
+
+def _importance_costs(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    costs: dict[str, dict[str, Any]] = {}
+    for stage in run.get("stages", []):
+        for name, cost in ((stage.get("extras") or {}).get("importance_cost") or {}).items():
+            costs[name] = cost
+    return costs
+
+
+def _stage_seconds(run: dict[str, Any], stage: str) -> float | None:
+    found = [float(s["seconds"]) for s in run.get("stages", []) if s.get("stage") == stage and "seconds" in s]
+    return sum(found) if found else None
+
+
+def _mean_text(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    return Cell(values).text(digits)
+
+
+def section_cost(res: Results) -> str:
+    title = "## Cost: importance and training time\n\n"
+    trained = [m for m in res.methods if any(r.get("stages") for r in res.runs_of(m))]
+    if not trained:
+        return title + "Skipped: no run recorded training stages.\n"
+    header = ["method", "importance", "importance time (s)", "importance storage (MiB)", "general stage (s)",
+              "domain stage (s)", "training total (s)", "runs"]
+    rows = []
+    totals: dict[str, dict[str, list[float]]] = {}
+    for method in trained:
+        runs = res.runs_of(method)
+        kinds = list(dict.fromkeys(k for r in runs for k in _importance_costs(r)))
+        what, secs, size = [], [], []
+        for kind in kinds:
+            costs = [_importance_costs(r)[kind] for r in runs if kind in _importance_costs(r)]
+            s = [float(c["seconds"]) for c in costs if "seconds" in c]
+            b = [float(c["bytes"]) / 2**20 for c in costs if "bytes" in c]
+            totals.setdefault(kind, {"seconds": [], "mib": []})
+            totals[kind]["seconds"] += s
+            totals[kind]["mib"] += b
+            what.append(f"{kind}: {costs[0].get('what', '')}".rstrip(": "))
+            secs.append(_mean_text(s, 2))
+            size.append(_mean_text(b, 2))
+        general = [v for v in (_stage_seconds(r, "general") for r in runs) if v is not None]
+        domain = [v for v in (_stage_seconds(r, "domain") for r in runs) if v is not None]
+        total = [sum(float(s.get("seconds", 0.0)) for s in r.get("stages", [])) for r in runs if r.get("stages")]
+        rows.append([method, "<br>".join(what) or "-", "<br>".join(secs) or "-", "<br>".join(size) or "-",
+                     _mean_text(general), _mean_text(domain), _mean_text(total), str(len(runs))])
+    text = (title + "Mean ± std over runs. Importance: what the method computes on the general stage to regularize "
+            "the domain stage, its wall time and the size of what it keeps (tensor payload in the storage dtype; the "
+            "file on disk adds a small header). Stage times include that computation. A general stage reused from "
+            "the cache reports the time it took when it was computed.\n\n" + markdown_table(header, rows))
+    if "hlora" in totals and "ewc" in totals and totals["hlora"]["seconds"] and totals["ewc"]["seconds"]:
+        h_s, e_s = statistics.fmean(totals["hlora"]["seconds"]), statistics.fmean(totals["ewc"]["seconds"])
+        h_b, e_b = statistics.fmean(totals["hlora"]["mib"]), statistics.fmean(totals["ewc"]["mib"])
+        text += (f"\nHLoRA's importance took {h_s:.3g} s against {e_s:.3g} s for EWC's Fisher "
+                 f"({e_s / h_s:.3g}× as long for EWC) and keeps {h_b:.3g} MiB against {e_b:.3g} MiB "
+                 f"(HLoRA's is {100 * h_b / e_b:.0f}% of EWC's).\n")
+    return text
+
+
+def _weight_options() -> dict[str, tuple[str, float]]:
+    from forgetless.methods import REGISTRY
+
+    return {name: spec.weight_option for name, spec in REGISTRY.items() if spec.weight_option is not None}
+
+
+def sweep_families(res: Results) -> dict[tuple[str, tuple], list[tuple[float, str]]]:
+    """Runs of one method differing only in its regularization weight: ``{(name, other options): [(weight, label)]}``,
+    only families with at least two distinct weights. A run without the option counts at the default weight."""
+    weights = _weight_options()
+    aliases = {"lam": "lambda"}
+    families: dict[tuple[str, tuple], list[tuple[float, str]]] = {}
+    for label in res.methods:
+        parts = parse_label(label)
+        if len(parts) != 1 or parts[0][0] not in weights:
+            continue
+        name, options = parts[0]
+        option, default = weights[name]
+        options = {aliases.get(k, k): v for k, v in options.items()}
+        try:
+            weight = float(options.pop(option, default))
+        except (TypeError, ValueError):
+            continue
+        key = (name, tuple(sorted((k, str(v)) for k, v in options.items())))
+        families.setdefault(key, []).append((weight, label))
+    return {k: sorted(v) for k, v in families.items() if len({w for w, _ in v}) >= 2}
+
+
+def section_sweep(res: Results, folder: Path) -> str:
+    title = "## Sweep of the regularization weight\n\n"
+    families = sweep_families(res)
+    if not families:
+        return title + ("Skipped: no method was run at two or more values of its regularization weight "
+                        "(`phi` for hlora / hlora-no-layer, `lambda` for ewc).\n")
+    weights = _weight_options()
+    header = ["method", "weight"] + [f"{task} {METRIC_TITLES[m]}" for task in res.tasks for m in (ACC, PPL)]
+    rows = []
+    for (name, _), members in families.items():
+        for weight, label in members:
+            row = [label, f"{weights[name][0]}={weight:g}"]
+            for task in res.tasks:
+                row += [res.cell(label, task, ACC).text(1), res.cell(label, task, PPL).text(2)]
+            rows.append(row)
+    plot_sweep(res, families, folder / "sweep.png")
+    return (title + "Runs of one method that differ only in its regularization weight (a run without the option "
+            "counts at the default). Mean ± std over seeds.\n\n" + markdown_table(header, rows)
+            + "\n![domain accuracy and general PPL against the regularization weight](sweep.png)\n")
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Methods not dominated in (general PPL lower, domain accuracy higher), ordered by PPL."""
+    front = []
+    for m, (ppl, acc) in points.items():
+        dominated = any(p2 <= ppl and a2 >= acc and (p2 < ppl or a2 > acc) for m2, (p2, a2) in points.items() if m2 != m)
+        if not dominated:
+            front.append(m)
+    return sorted(front, key=lambda m: (points[m][0], -points[m][1]))
+
+
+def _task_points(res: Results, task: str) -> dict[str, tuple[float, float]]:
+    points = {}
+    for m in res.methods:
+        ppl, acc = res.cell(m, task, PPL).mean, res.cell(m, task, ACC).mean
+        if not (math.isnan(ppl) or math.isnan(acc)):
+            points[m] = (ppl, acc)
+    return points
+
+
+def section_pareto(res: Results, folder: Path) -> str:
+    title = "## Pareto front: domain accuracy against general perplexity\n\n"
+    fronts = {task: pareto_front(_task_points(res, task)) for task in res.tasks}
+    if not any(fronts.values()):
+        return title + "Skipped: no run has both a general PPL and a domain accuracy.\n"
+    plot_pareto(res, folder / "pareto.png")
+    lines = [f"- **{task}**: " + ", ".join(f"`{m}`" for m in front) for task, front in fronts.items() if front]
+    return (title + "Mean over seeds per method; a method is on the front when no other method has both a lower "
+            "or equal general PPL and a higher or equal domain accuracy (one of them strictly).\n\n"
+            + "\n".join(lines) + "\n\n![Pareto plot](pareto.png)\n")
+
+
+def section_ablation(res: Results) -> str:
+    title = "## Ablation: layer-wise and element-wise regularization\n\n"
+    present = [m for m in ABLATION if m in res.methods]
+    if len(present) < 2 or "hlora" not in present:
+        return title + ("Skipped: needs `hlora` and at least one of `hlora-no-layer`, `lora-nu-mu` "
+                        f"(found: {', '.join(present) or 'none'}).\n")
+    return (title + "`hlora`: element-wise importance and layer coefficients; `hlora-no-layer`: element-wise only "
+            "(uniform layer coefficients); `lora-nu-mu`: no regularization (the same general-then-domain stages). "
+            "Best in bold, second underlined among these.\n\n" + results_table(res, present, rank_base=True))
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_boxes(res: Results, metric: str, path: Path) -> Path:
+    """One panel per task: a box per method over seeds, with the seeds as points."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(res.tasks), figsize=(max(4.5, 0.9 * len(res.methods) + 1.5) * len(res.tasks), 4),
+                             squeeze=False)
+    for ax, task in zip(axes[0], res.tasks):
+        data = [res.values(m, task, metric) for m in res.methods]
+        keep = [(m, d) for m, d in zip(res.methods, data) if d]
+        if keep:
+            ax.boxplot([d for _, d in keep], widths=0.5)
+            for i, (_, d) in enumerate(keep, 1):
+                ax.scatter([i] * len(d), d, s=14, color="black", zorder=3)
+            ax.set_xticks(range(1, len(keep) + 1), [m for m, _ in keep], rotation=30, ha="right", fontsize=8)
+        ax.set_title(task)
+        ax.set_ylabel("general perplexity (lower is better)" if metric == PPL
+                      else f"domain {res.metric}, % (higher is better)")
+        ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_sweep(res: Results, families: dict[tuple[str, tuple], list[tuple[float, str]]], path: Path) -> Path:
+    """Rows: domain accuracy and general PPL; columns: tasks; one line per family against its weight (log x)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(res.tasks), figsize=(4.8 * len(res.tasks), 7), squeeze=False)
+    for col, task in enumerate(res.tasks):
+        for row, metric in enumerate((ACC, PPL)):
+            ax = axes[row][col]
+            for (name, others), members in families.items():
+                xs = [w for w, _ in members]
+                cells = [res.cell(label, task, metric) for _, label in members]
+                label = name + (" (" + ", ".join(f"{k}={v}" for k, v in others) + ")" if others else "")
+                ax.errorbar(xs, [c.mean for c in cells], yerr=[0 if math.isnan(c.std) else c.std for c in cells],
+                            marker="o", capsize=3, label=label)
+            if all(w > 0 for members in families.values() for w, _ in members):
+                ax.set_xscale("log")
+            ax.set_xlabel("regularization weight (phi / lambda)")
+            ax.set_ylabel(f"domain {res.metric}, %" if metric == ACC else "general PPL")
+            ax.set_title(task)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_pareto(res: Results, path: Path) -> Path:
+    """Per task: every method's mean (general PPL, domain accuracy); the Pareto front is ringed and joined."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(res.tasks), figsize=(5.5 * len(res.tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], res.tasks):
+        points = _task_points(res, task)
+        front = pareto_front(points)
+        for m, (ppl, acc) in points.items():
+            ax.scatter([ppl], [acc], s=30, color="tab:red" if m in front else "tab:blue", zorder=3)
+            ax.annotate(m, (ppl, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if front:
+            ax.step([points[m][0] for m in front], [points[m][1] for m in front], where="post", color="tab:red",
+                    lw=1, label="Pareto front")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(task)
+        ax.set_xlabel("general perplexity (lower is better)")
+        ax.set_ylabel(f"domain {res.metric}, % (higher is better)")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------- report
+def build_report(results_dir: str | Path, output: str | Path | None = None, reference: str | None = "lora-nu-mu",
+                 metric: str = "acc", rank_base: bool = False) -> Path:
+    """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path."""
+    if metric not in ("acc", "acc_norm"):
+        raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
+    res = Results(load_runs(results_dir), metric=metric)
+    folder = Path(output) if output is not None else Path(results_dir) / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    models = sorted({str(r.get("model", "?")) for r in res.runs})
+    head = (f"# Report: {Path(results_dir).resolve().name}\n\n"
+            f"{len(res.runs)} runs; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
+            f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n")
+    sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
+                section_sweep(res, folder), section_pareto(res, folder), section_ablation(res)]
+    path = folder / "report.md"
+    path.write_text(head + "\n" + "\n".join(sections))
+    return path
+
+
+__all__ = ["build_report", "load_runs", "parse_label", "welch_tests", "rank_marks", "pareto_front", "sweep_families",
+           "results_table", "Results"]

@@ -1,0 +1,211 @@
+"""The report from hand-written run records: ranks, Welch's t-tests (against scipy), cost, sweep, Pareto, ablation,
+notes for absent data; and from a real tiny experiment with EWC and HLoRA sweeps."""
+
+import json
+import math
+import re
+
+import pytest
+from scipy.stats import ttest_ind
+
+from forgetless.cli import main
+from forgetless.methods import method_label
+from forgetless.reporting.report import (Results, build_report, pareto_front, parse_label, rank_marks, sweep_families,
+                                         welch_tests)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# (ppl, acc%) per seed, for tasks t1 and t2
+DATA = {
+    "base": {"t1": [(10.0, 25.0)] * 3, "t2": [(10.0, 30.0)] * 3},
+    "lora-nu-mu": {"t1": [(13.0, 50.0), (13.5, 52.0), (12.5, 51.0)], "t2": [(14.0, 40.0), (14.2, 41.0), (13.8, 42.0)]},
+    "hlora": {"t1": [(11.0, 55.0), (11.2, 56.0), (10.9, 57.0)], "t2": [(12.0, 44.0), (12.5, 43.0), (12.1, 45.0)]},
+    "hlora-no-layer": {"t1": [(11.5, 54.0), (11.4, 53.0), (11.6, 55.5)], "t2": [(12.2, 42.0), (12.8, 44.0), (12.4, 43.0)]},
+    "hlora(phi=0.01)": {"t1": [(10.5, 48.0), (10.6, 49.0), (10.4, 47.0)], "t2": [(11.0, 39.0), (11.1, 38.0), (11.2, 40.0)]},
+    "ewc": {"t1": [(12.0, 53.0), (12.2, 52.0), (11.9, 54.0)], "t2": [(13.0, 41.0), (13.1, 42.5), (12.9, 41.5)]},
+    "ewc(lambda=10.0)": {"t1": [(11.8, 50.0), (11.7, 51.0), (11.9, 52.0)], "t2": [(12.5, 40.0), (12.6, 40.5), (12.4, 39.5)]},
+}
+
+
+def run_record(method, task, seed, ppl, acc):
+    stages = []
+    if method != "base":
+        general = {"stage": "general", "steps": 4, "seconds": 10.0 + seed, "history": []}
+        if method.startswith("hlora"):
+            general["extras"] = {"importance_cost": {"hlora": {"what": "path integral", "seconds": 0.5,
+                                                                "bytes": 2 * 2**20}}}
+        if method.startswith("ewc"):
+            general["extras"] = {"importance_cost": {"ewc": {"what": "Fisher", "seconds": 5.0 + seed,
+                                                              "bytes": 8 * 2**20}}}
+        stages = [general, {"stage": "domain", "steps": 6, "seconds": 20.0, "history": []}]
+    return {"method": method, "task": task, "seed": seed, "general_ppl": ppl, "general_ppl_base2": ppl / 2,
+            "tasks": {task: {"acc": acc / 100, "acc_norm": acc / 100 - 0.01, "n": 100}}, "stages": stages,
+            "variants": {}, "seconds": 40.0, "run_id": f"{method}__{task}__seed{seed}", "model": "tiny"}
+
+
+def write_runs(folder, data=DATA):
+    (folder / "runs").mkdir(parents=True)
+    for method, tasks in data.items():
+        for task, values in tasks.items():
+            for seed, (ppl, acc) in enumerate(values):
+                rec = run_record(method, task, seed, ppl, acc)
+                (folder / "runs" / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    return folder
+
+
+def table_rows(md, heading):
+    """The rows of the first table after ``heading``: {method: [cells]}."""
+    part = md.split(heading, 1)[1]
+    rows = {}
+    for line in part.splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_report_sections_ranks_and_ttests(tmp_path):
+    folder = write_runs(tmp_path / "exp")
+    path = build_report(folder)
+    assert path == folder / "report" / "report.md"
+    md = path.read_text()
+    rows = table_rows(md, "## Main results")
+    # columns: t1 PPL, t1 acc, t2 PPL, t2 acc, seeds. base (PPL 10) is not ranked.
+    assert rows["base"][0] == "10.00 ± 0.00"
+    assert rows["hlora(phi=0.01)"][0].startswith("**10.50") and rows["hlora"][0].startswith("<u>11.03")
+    assert rows["hlora"][1] == "**56.0 ± 1.0**" and rows["hlora-no-layer"][1].startswith("<u>54.2")
+    assert rows["hlora"][3] == "**44.0 ± 1.0**" and rows["hlora-no-layer"][3] == "<u>43.0 ± 1.0</u>"
+    assert rows["lora-nu-mu"][1] == "51.0 ± 1.0" and rows["base"][4] == "3"
+    assert sum(line.count("**") // 2 for line in md.split("## Significance")[0].splitlines() if line.startswith("| ")) == 4
+
+    # Welch's t-test against lora-nu-mu, checked against scipy
+    res = Results([json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")])
+    tests = welch_tests(res, "lora-nu-mu")
+    assert {t["method"] for t in tests} == set(DATA) - {"lora-nu-mu"}
+    welch = table_rows(md, "## Significance")
+    for t in tests:
+        a = [v[0] if t["metric"] == "general_ppl" else v[1] for v in DATA[t["method"]][t["task"]]]
+        b = [v[0] if t["metric"] == "general_ppl" else v[1] for v in DATA["lora-nu-mu"][t["task"]]]
+        expected = ttest_ind(a, b, equal_var=False)
+        if t["method"] == "base" and t["metric"] == "general_ppl":
+            assert math.isfinite(t["p"])  # zero variance on one side only: still defined
+        assert t["p"] == pytest.approx(expected.pvalue, rel=1e-12)
+        assert t["t"] == pytest.approx(expected.statistic, rel=1e-12)
+        assert t["diff"] == pytest.approx(sum(a) / 3 - sum(b) / 3)
+        column = ["t1", "t2"].index(t["task"]) * 2 + (0 if t["metric"] == "general_ppl" else 1)
+        assert f"(p={t['p']:.3g})" in welch[t["method"]][column]
+    assert "lora-nu-mu" not in welch
+    hl = next(t for t in tests if (t["method"], t["task"], t["metric"]) == ("hlora", "t1", "domain_acc"))
+    assert welch["hlora"][1] == f"+5.0 (p={hl['p']:.3g})"
+
+    # cost: importance of HLoRA vs EWC and training times
+    cost = table_rows(md, "## Cost")
+    assert "base" not in cost
+    assert cost["ewc"][1] == "6.00 ± 0.89" and cost["ewc"][2] == "8.00 ± 0.00"  # seconds 5, 6, 7 on two tasks
+    assert cost["hlora"][1] == "0.50 ± 0.00" and cost["hlora"][2] == "2.00 ± 0.00"
+    assert cost["lora-nu-mu"][1] == "-" and cost["lora-nu-mu"][5] == "31.0 ± 0.9" and cost["lora-nu-mu"][6] == "6"
+    assert "(12× as long for EWC)" in md and "(HLoRA's is 25% of EWC's)" in md
+
+    # sweep: phi for hlora (default 1e-3 and 0.01), lambda for ewc (default 1 and 10)
+    families = sweep_families(res)
+    assert sorted(families.values()) == [[(0.001, "hlora"), (0.01, "hlora(phi=0.01)")],
+                                         [(1.0, "ewc"), (10.0, "ewc(lambda=10.0)")]]
+    sweep = table_rows(md, "## Sweep")
+    assert sweep["ewc(lambda=10.0)"][0] == "lambda=10" and sweep["hlora"][0] == "phi=0.001"
+
+    # Pareto front on t1: means (ppl, acc)
+    assert pareto_front({"a": (1.0, 1.0), "b": (2.0, 2.0), "c": (2.0, 1.5), "d": (0.5, 0.5), "e": (1.0, 1.0)}) == [
+        "d", "a", "e", "b"]
+    front_t1 = re.search(r"- \*\*t1\*\*: (.*)", md).group(1)
+    assert front_t1 == "`base`, `hlora(phi=0.01)`, `hlora`"  # hlora-no-layer is dominated by hlora
+
+    ablation = table_rows(md, "## Ablation")
+    assert list(ablation) == ["hlora", "hlora-no-layer", "lora-nu-mu"]
+    assert ablation["hlora"][1] == "**56.0 ± 1.0**" and ablation["lora-nu-mu"][0] == "13.00 ± 0.50"
+    for figure in ("box_general_ppl.png", "box_domain_acc.png", "sweep.png", "pareto.png"):
+        assert f"]({figure})" in md
+        assert (folder / "report" / figure).read_bytes()[:8] == PNG
+    assert "Skipped" not in md
+
+
+def test_rank_marks_ties_and_direction():
+    assert rank_marks({"a": 1.0, "b": 2.0, "c": 1.0, "d": 3.0}, lower_is_better=True) == {
+        "a": "best", "c": "best", "b": "second"}
+    assert rank_marks({"a": 1.0, "b": 2.0, "c": math.nan}, lower_is_better=False) == {"b": "best", "a": "second"}
+
+
+def test_absent_data_gives_one_line_notes(tmp_path):
+    data = {"base": {"t1": [(10.0, 25.0)]}, "lora-mu": {"t1": [(12.0, 40.0)]}}
+    folder = write_runs(tmp_path / "small", data)
+    md = build_report(folder, output=tmp_path / "out").read_text()
+    assert "Skipped: the reference method `lora-nu-mu` has no runs here." in md
+    assert "Skipped: no method was run at two or more values" in md
+    assert "Skipped: needs `hlora`" in md
+    assert "## Cost" in md and "Skipped: no run recorded" not in md
+    rows = table_rows(md, "## Main results")
+    assert rows["lora-mu"][:2] == ["**12.00**", "**40.0**"]  # the only ranked method, one seed: no ±
+    md = build_report(folder, output=tmp_path / "out2", reference=None).read_text()
+    assert "Skipped: no reference method" in md
+    only_base = write_runs(tmp_path / "base-only", {"base": {"t1": [(10.0, 25.0)]}})
+    assert "Skipped: no run recorded training stages." in build_report(only_base).read_text()
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path / "nothing-here")
+
+
+def test_two_seeds_against_one_gives_na(tmp_path):
+    data = {"lora-nu-mu": {"t1": [(12.0, 40.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.5, 47.0)]}}
+    md = build_report(write_runs(tmp_path / "x", data)).read_text()
+    assert table_rows(md, "## Significance")["hlora"] == ["-0.75 (p=n/a)", "+6.0 (p=n/a)"]
+
+
+def test_parse_label_inverts_method_label():
+    for entry in ("hlora", {"name": "hlora", "phi": 0.01}, [{"name": "ewc", "lambda": 10.0, "anchor": "zero"}, "sam"],
+                  {"name": "wise-ft", "alphas": [0.25, 0.5]}):
+        label = method_label(entry)
+        parsed = parse_label(label)
+        items = entry if isinstance(entry, list) else [entry]
+        want = [(i, {}) if isinstance(i, str) else (i["name"], {k: v for k, v in i.items() if k != "name"})
+                for i in items]
+        assert parsed == want, label
+
+
+def test_cli_report(tmp_path, capsys):
+    folder = write_runs(tmp_path / "exp")
+    assert main(["report", str(folder), "--reference", "ewc", "--metric", "acc_norm"]) == 0
+    out = capsys.readouterr().out
+    assert "report.md" in out
+    md = (folder / "report" / "report.md").read_text()
+    assert "multiple-choice `acc_norm`" in md and "against `ewc`" not in md and "minus mean of `ewc`" in md
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
+    from forgetless.experiment import load_experiment, run_experiment
+    from tests.unit.test_experiment import write_experiment
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model_dir = tmp_path / "tiny-model"
+    make_tiny_model(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    methods = ["lora-nu-mu", "rslora", "hlora", {"name": "hlora", "phi": 0.01},
+               {"name": "ewc", "samples": 4, "batch_size": 2},
+               {"name": "ewc", "samples": 4, "batch_size": 2, "lambda": 100.0}]
+    exp = load_experiment(write_experiment(tmp_path, model_dir, methods=methods))
+    results = run_experiment(exp, progress=False)
+    assert len(results) == 12
+    out = tmp_path / "out"
+    # per seed: lora-nu-mu, rslora, one hlora stage shared by both phi, one ewc stage shared by both lambda
+    assert len(list((out / "stages").iterdir())) == 8
+    assert len(list((out / "stages").glob("*/ewc_fisher.safetensors"))) == 2
+    md = build_report(out).read_text()
+    cost = table_rows(md, "## Cost")
+    assert cost["ewc(batch_size=2,samples=4)"][0].startswith("ewc: diagonal Fisher (sampled")
+    assert cost["hlora"][0].startswith("hlora: path") and cost["lora-nu-mu"][0] == "-"
+    assert "EWC's Fisher" in md
+    families = sweep_families(Results(results))
+    assert sorted(len(v) for v in families.values()) == [2, 2]
+    assert "## Ablation" in md and "Skipped: needs" not in md  # hlora and lora-nu-mu are enough
