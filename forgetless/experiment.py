@@ -21,7 +21,8 @@ Example (``forgetless run experiment.yaml``)::
     eval: {batch_size: 16}
     landscape: {blocks: 4, grid: 9}     # optional: flatness metrics per run vs forgetting (off when absent)
 
-Each finished run is a JSON file in ``OUTPUT/runs/``; starting the experiment again skips them.
+Each finished run is a JSON file in ``OUTPUT/runs/``; starting the experiment again skips them. Top-level keys
+starting with ``x-`` are ignored: a place to define YAML anchors (sizes, paths) that the rest refers to.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
         raise ConfigError(f"{path}: the experiment must be a mapping")
     allowed = {"name", "model", "output", "seeds", "lora", "general", "tasks", "methods", "train", "eval", "precision",
                "landscape"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(k for k in set(raw) - allowed if not str(k).startswith("x-"))  # x-...: YAML anchors only
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(allowed)}")
     general = raw.get("general") or {}

@@ -194,7 +194,7 @@ def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
     methods = ["lora-nu-mu", "rslora", "hlora", {"name": "hlora", "phi": 0.01},
                {"name": "ewc", "samples": 4, "batch_size": 2},
                {"name": "ewc", "samples": 4, "batch_size": 2, "lambda": 100.0}]
-    exp = load_experiment(write_experiment(tmp_path, model_dir, methods=methods))
+    exp = load_experiment(write_experiment(tmp_path, model_dir, methods=methods, **{"x-sizes": {"steps": 2}}))
     results = run_experiment(exp, progress=False)
     assert len(results) == 12
     out = tmp_path / "out"
