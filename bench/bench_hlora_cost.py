@@ -24,24 +24,12 @@ from pathlib import Path
 
 import torch
 
+from _common import StepTimer, make_examples, make_model
+
 from forgetless.methods.hlora import FILENAME, HLoRA
-from forgetless.models import LoraSettings, attach_lora
 from forgetless.precision import resolve_precision
 from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
-
-
-class StepTimer(Method):
-    """Stamps the end of every optimizer step; must come last in the method list."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_stage_start(self, ctx) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def after_optimizer_step(self, ctx) -> None:
-        self.stamps.append(time.perf_counter())
 
 
 class EveryOtherStep(Method):
@@ -84,34 +72,6 @@ def split_medians(stamps: list[float], warmup: int) -> tuple[float, float]:
     even = [t for i, t in enumerate(steps) if i >= warmup and i % 2 == 0]
     odd = [t for i, t in enumerate(steps) if i >= warmup and i % 2 == 1]
     return statistics.median(even), statistics.median(odd)
-
-
-def tiny_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
-    return model
-
-
-def make_model(tiny: bool) -> torch.nn.Module:
-    if tiny:
-        model = tiny_model()
-    else:
-        from forgetless.models import load_model
-
-        model, _ = load_model("smollm2-135m")
-    return attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
-
-
-def make_examples(n: int, vocab: int, seq: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, seq), generator=g)
-    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
 
 
 def main() -> int:
