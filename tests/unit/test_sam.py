@@ -261,3 +261,19 @@ def test_two_processes_use_the_same_eps(tmp_path):
     eps_mean, _ = sam_perturbation(list(mean.values()), list(mean.values()), 0.05)
     for k, e in zip(mean, eps_mean):
         assert torch.allclose(eps[0][k], e, atol=1e-6), k
+
+
+def test_composition_with_ewc_through_registry():
+    recipe = resolve(["ewc", {"name": "sam", "rho": 0.05}])
+    assert recipe.stages == ("general", "domain") and [type(p).__name__ for p in recipe.plugins] == ["EWC", "SAM"]
+    model = lora_model()
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, precision="fp32", progress=False)
+    general = random_examples(8, 8)
+    train_stage(model, general, cfg, recipe.plugins, stage="general")
+    counter = ForwardCounter(model)  # after the Fisher pass at the end of the general stage
+    domain = train_stage(model, random_examples(8, 8, seed=1), cfg, recipe.plugins, stage="domain",
+                         general_examples=general)
+    assert counter.count == 2 * 3  # two passes per step, the EWC penalty rides along in both
+    rows = domain.history
+    assert all("ewc_penalty" in r and "sam_grad_norm" in r for r in rows)
+    assert rows[0]["ewc_penalty"] == 0.0 and rows[-1]["ewc_penalty"] > 0.0  # anchored at the general adapter
