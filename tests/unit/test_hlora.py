@@ -219,8 +219,11 @@ def test_layer_coefficients_sum_to_one_and_flatten_with_temperature():
     spreads = [float((layer_coefficients(norms, t) - uniform).abs().max()) for t in (0.5, 1, 10, 100, 1e6)]
     assert spreads == sorted(spreads, reverse=True) and spreads[-1] < 1e-6
     assert layer_coefficients(norms, 1.0, "none").max() > 0.99  # eq 15 as printed saturates
-    c = layer_coefficients(norms)  # default: norms / max norm, T = 1: ratios bounded by e
+    c = layer_coefficients(norms, 1.0)  # norms / max norm, T = 1: ratios bounded by e
     assert c.max() / c.min() <= torch.e + 1e-9 and c.argmax() == 2
+    c = layer_coefficients(norms)  # default T = 0.25: ratios bounded by e**4, closed form
+    expected = torch.softmax(norms / 20.0 / 0.25, dim=0)
+    assert torch.allclose(c, expected) and c.max() / c.min() <= torch.e ** 4 + 1e-9
     assert torch.equal(layer_coefficients(norms, layer_wise=False), uniform)
 
 
