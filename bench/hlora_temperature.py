@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from forgetless.methods.hlora import layer_coefficients, load_importance
+from forgetless.methods.hlora import DEFAULT_TEMPERATURE, layer_coefficients, load_importance
 
 
 def describe(c: torch.Tensor) -> str:
@@ -45,9 +45,9 @@ def main() -> None:
         width = max(len(r[0]) for r in rows)
         for label, c in rows:
             print(f"{label:<{width}}  {describe(c)}")
-        default = layer_coefficients(norms, 1.0, "max")
+        default = layer_coefficients(norms, DEFAULT_TEMPERATURE, "max")
         top = torch.argsort(default, descending=True)[:5]
-        print("top modules at the default (T=1): " + ", ".join(f"{names[i]} {float(default[i]):.4f}" for i in top))
+        print(f"top modules at the default (T={DEFAULT_TEMPERATURE:g}): " + ", ".join(f"{names[i]} {float(default[i]):.4f}" for i in top))
 
 
 if __name__ == "__main__":
