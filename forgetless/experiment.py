@@ -313,8 +313,13 @@ def _cell(values: list[float], digits: int) -> str:
 
 def summary_table(results: list[dict[str, Any]], methods: list[str] | None = None,
                   tasks: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Rows: methods; per task: general PPL after tuning on it, acc and acc_norm (mean ± std over seeds)."""
+    """Rows: methods; per task: general PPL after tuning on it, acc and acc_norm (mean ± std over seeds).
+
+    A run's evaluation variants (e.g. WiSE-FT's interpolations) get rows of their own, ``method @ variant``,
+    right after their method's row.
+    """
     methods = methods or list(dict.fromkeys(r["method"] for r in results))
+    results, methods = _with_variants(results, methods)
     tasks = tasks or list(dict.fromkeys(r["task"] for r in results))
     header = ["method"]
     for task in tasks:
@@ -333,6 +338,22 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
         row.append(str(len(seeds)))
         rows.append(row)
     return header, rows
+
+
+def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    extra, order = [], []
+    for method in methods:
+        order.append(method)
+        for r in results:
+            if r["method"] != method:
+                continue
+            for label, scores in (r.get("variants") or {}).items():
+                name = f"{method} @ {label}"
+                extra.append({"method": name, "task": r["task"], "seed": r["seed"],
+                              "general_ppl": scores["general_ppl"], "tasks": scores["tasks"]})
+                if name not in order:
+                    order.append(name)
+    return results + extra, order
 
 
 def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,

@@ -124,3 +124,14 @@ def test_hlora_runs_report_importance_and_coefficients(tmp_path, tiny_model_dir)
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert len(figures) == 2 and figures[0].startswith("hlora_domain_loss") and figures[1].startswith("hlora_importance")
     assert all((out / "figures" / f).read_bytes()[:4] == b"\x89PNG" for f in figures)
+
+
+def test_summary_table_has_a_row_per_evaluation_variant():
+    def run(seed, ppl, acc, variants):
+        return {"method": "wise-ft", "task": "t", "seed": seed, "general_ppl": ppl, "tasks": {"t": {"acc": acc, "acc_norm": acc}},
+                "variants": {k: {"general_ppl": p, "tasks": {"t": {"acc": a, "acc_norm": a}}} for k, (p, a) in variants.items()}}
+
+    results = [run(0, 10.0, 0.5, {"wise-ft(alpha=0.5)": (8.0, 0.4)}), run(1, 12.0, 0.7, {"wise-ft(alpha=0.5)": (9.0, 0.6)})]
+    header, rows = summary_table(results)
+    assert [r[0] for r in rows] == ["wise-ft", "wise-ft @ wise-ft(alpha=0.5)"]
+    assert rows[1][1] == "8.500 ± 0.707" and rows[1][2] == "50.0 ± 14.1" and rows[1][-1] == "2"
