@@ -103,6 +103,9 @@ def run_recipe(
     stages: list[dict[str, Any]] = []
     if recipe.stages:
         lora = replace(settings.lora, **recipe.lora)
+        from accelerate.utils import set_seed
+
+        set_seed(settings.seed)  # LoRA's A is drawn from the global RNG: seed it, whatever ran before in this process
         model = attach_lora(model, lora)
         if GENERAL in recipe.stages:
             cache = general_cache() if general_cache else None

@@ -135,3 +135,17 @@ def test_summary_table_has_a_row_per_evaluation_variant():
     header, rows = summary_table(results)
     assert [r[0] for r in rows] == ["wise-ft", "wise-ft @ wise-ft(alpha=0.5)"]
     assert rows[1][1] == "8.500 ± 0.707" and rows[1][2] == "50.0 ± 14.1" and rows[1][-1] == "2"
+
+
+def test_same_seed_same_adapter_whatever_ran_before(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    import torch
+
+    adapters = []
+    for name in ("a", "b"):
+        torch.rand(1000)  # other work in the same process moves the global RNG
+        path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0], output=str(tmp_path / name))
+        run_experiment(load_experiment(path), progress=False)
+        adapters.append(load_file(str(tmp_path / name / "adapters" / "lora-mu__gen__seed0" / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # LoRA init and training both seeded
