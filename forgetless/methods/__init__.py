@@ -33,6 +33,9 @@ class MethodSpec:
     domain_options: frozenset[str] = frozenset()
     # (option, default) that weights the method's regularizer; the report sweeps it (phi, lambda).
     weight_option: tuple[str, float] | None = None
+    # Another method whose general stage this one's equals (same training, same recorded state): they share
+    # the cached general stage, so their domain stages start from the very same adapter.
+    general_as: str | None = None
 
 
 @dataclass
@@ -91,7 +94,8 @@ def general_stage_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]
     for item in entries:
         spec = REGISTRY.get(item["name"])
         drop = spec.domain_options if spec is not None else frozenset()
-        out.append({k: v for k, v in item.items() if k not in drop})
+        name = spec.general_as if spec is not None and spec.general_as else item["name"]
+        out.append({k: v for k, v in item.items() if k not in drop} | {"name": name})
     return out
 
 

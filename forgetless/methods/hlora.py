@@ -507,6 +507,6 @@ register(MethodSpec("hlora", "HLoRA: element-wise path-integral importance on nu
                     weight_option=("phi", 1e-3)))
 register(MethodSpec("hlora-no-layer", "HLoRA with uniform layer coefficients (element-wise regularization only)",
                     stages=(GENERAL, DOMAIN), build=_build(False), domain_options=_DOMAIN_OPTIONS,
-                    weight_option=("phi", 1e-3)))
+                    weight_option=("phi", 1e-3), general_as="hlora"))
 
 __all__: Sequence[str] = ["HLoRA", "layer_coefficients", "load_importance", "lora_modules", "FILENAME"]

@@ -240,6 +240,35 @@ def test_no_layer_variant_uses_uniform_coefficients():
     assert full.layer_wise and full.temperature == 2.0
 
 
+def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path):
+    from forgetless.methods import general_stage_entries
+
+    # same general-stage signature (the experiment's cache key), whatever the domain-only options
+    key = general_stage_entries(resolve({"name": "hlora", "phi": 0.1}).entries)
+    assert general_stage_entries(resolve("hlora-no-layer").entries) == key == [{"name": "hlora"}]
+    assert general_stage_entries(resolve({"name": "hlora", "estimator": "exact"}).entries) != key
+    # ... and the state one records is the state the other would have recorded
+    recorded = {}
+    for name in ("hlora", "hlora-no-layer"):
+        model = lora_model()
+        randomize_b(model)
+        plugin, = resolve(name).plugins
+        sgd_stage(model, plugin, "general", 2, 0.05, batches())
+        plugin.save_state(tmp_path / name)
+        recorded[name] = load_importance(tmp_path / name / FILENAME)
+    for n, omega in recorded["hlora"]["omega"].items():
+        assert torch.equal(omega, recorded["hlora-no-layer"]["omega"][n])
+        assert torch.equal(recorded["hlora"]["dw_ref"][n], recorded["hlora-no-layer"]["dw_ref"][n])
+    uniform, = resolve("hlora-no-layer").plugins
+    uniform.load_state(tmp_path / "hlora")
+    model = lora_model()
+    randomize_b(model)
+    sgd_stage(model, HLoRA(), "general", 2, 0.05, batches())
+    ctx = ctx_for(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), "domain")
+    uniform.on_stage_start(ctx)
+    assert all(abs(v - 0.25) < 1e-12 for v in ctx.extras["hlora_layer_coefficients"].values())
+
+
 def test_regularizer_zero_at_first_domain_step_and_reference_fixed():
     model = lora_model(dtype=torch.float32)
     plugin = HLoRA(phi=1.0)
