@@ -81,6 +81,8 @@ class Experiment:
     precision: str = "auto"
     source: Path | None = None  # the YAML file, for resolving relative paths
     landscape: Any = None  # forgetless.landscape.LandscapeSettings when the YAML has a 'landscape:' section
+    # per entry of ``methods``: the task names it runs on (None: all); from a mapping entry's ``tasks:`` key
+    method_tasks: list[list[str] | None] = field(default_factory=list)
 
 
 def _dataclass_from(cls, values: Any, where: str):
@@ -142,15 +144,36 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
         from forgetless.landscape.measure import LandscapeSettings
 
         exp.landscape = _dataclass_from(LandscapeSettings, raw["landscape"], f"{path}: landscape")
+    names = [t.name for t in exp.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: task names must be unique, got {names}")
+    exp.methods, exp.method_tasks = _split_method_tasks(exp.methods, names, f"{path}: methods")
     for entry in exp.methods:
         try:
             resolve(entry)
         except ValueError as err:
             raise ConfigError(f"{path}: methods: {err}") from err
-    names = [t.name for t in exp.tasks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: task names must be unique, got {names}")
     return exp
+
+
+def _split_method_tasks(entries: list[Any], names: list[str], where: str) -> tuple[list[Any], list[list[str] | None]]:
+    """Take the ``tasks:`` key (which tasks an entry runs on: e.g. a weight sweep on one task only) out of mapping
+    entries, ``{name: hlora, phi: 1e5, tasks: [piqa]}``; it is not a method option and not part of the label."""
+    methods, only = [], []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and "tasks" in entry:
+            entry = dict(entry)
+            chosen = entry.pop("tasks")
+            if isinstance(chosen, str):
+                chosen = [chosen]
+            if not isinstance(chosen, list) or not chosen or any(t not in names for t in chosen):
+                raise ConfigError(f"{where}[{i}]: 'tasks' must list task names from {names}, got {chosen!r}")
+            methods.append(entry)
+            only.append([str(t) for t in chosen])
+        else:
+            methods.append(entry)
+            only.append(None)
+    return methods, only
 
 
 def _source(value: Any, where: str) -> dict[str, Any]:
@@ -208,7 +231,9 @@ def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any
 
     out = exp.output
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    todo = [(entry, task, seed) for seed in exp.seeds for task in exp.tasks for entry in exp.methods]
+    only = exp.method_tasks or [None] * len(exp.methods)
+    todo = [(entry, task, seed) for seed in exp.seeds for task in exp.tasks
+            for entry, tasks in zip(exp.methods, only) if tasks is None or task.name in tasks]
     pending = [t for t in todo if not (out / "runs" / f"{run_id(method_label(t[0]), t[1].name, t[2])}.json").is_file()]
     print(f"experiment {exp.name}: {len(todo)} runs, {len(todo) - len(pending)} already done, writing to {out}")
     if pending:

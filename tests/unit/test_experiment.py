@@ -70,6 +70,22 @@ def test_experiment_runs_writes_tables_and_resumes(tmp_path, tiny_model_dir, mon
     assert len(again) == 6
 
 
+def test_method_entry_restricted_to_some_tasks(tmp_path, tiny_model_dir):
+    tasks = [{"name": n, "train": str(FIXTURES / "generic.jsonl"), "test": str(FIXTURES / "generic.jsonl")}
+             for n in ("a", "b")]
+    path = write_experiment(tmp_path, tiny_model_dir, tasks=tasks, seeds=[0],
+                            methods=["base", {"name": "lora-mu", "tasks": ["b"]}])
+    exp = load_experiment(path)
+    assert exp.methods == ["base", {"name": "lora-mu"}] and exp.method_tasks == [None, ["b"]]
+    results = run_experiment(exp, progress=False)
+    assert sorted(r["run_id"] for r in results) == ["base__a__seed0", "base__b__seed0", "lora-mu__b__seed0"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| lora-mu | - | - | - |" in md  # no run on task a: an empty cell, not an error
+    path = write_experiment(tmp_path, tiny_model_dir, tasks=tasks, methods=[{"name": "lora-mu", "tasks": ["c"]}])
+    with pytest.raises(ConfigError, match=r"exp\.yaml: methods\[0\]: 'tasks' must list task names"):
+        load_experiment(path)
+
+
 def test_summary_table_mean_and_std():
     results = [{"method": "m", "task": "t", "seed": s, "general_ppl": p, "tasks": {"t": {"acc": a, "acc_norm": a}}}
                for s, p, a in ((0, 10.0, 0.5), (1, 12.0, 0.7))]
