@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from forgetless.methods import resolve
+from forgetless.methods.hlora import lora_modules
 from forgetless.methods.replay import Replay, replay_count, sample_indices
 from forgetless.methods.wise_ft import FILENAME, WiseFT
 from forgetless.models import LoraSettings, attach_lora
@@ -92,8 +93,47 @@ def current(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_wise_ft_interpolation_exact_and_restored():
-    plugin = WiseFT(alphas=[0.0, 0.5, 1.0])
+def effective_weights(model):
+    """W + s B A of every LoRA module (float64)."""
+    out = {}
+    for name, m in lora_modules(model):
+        a, b = m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()
+        out[name] = m.get_base_layer().weight.double() + float(m.scaling["default"]) * b @ a
+    return out
+
+
+def test_wise_ft_interpolates_the_full_weights_of_lora():
+    plugin = WiseFT(alphas=[0.0, 0.3, 1.0])
+    model, nu, mu = trained_pair(plugin)
+    base_before = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_modules(model)}
+    at_mu = effective_weights(model)
+    with torch.no_grad():  # the model at theta_nu, by setting its factors
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(nu[n])
+    at_nu = effective_weights(model)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(4))
+    logits_nu = model(input_ids=tokens).logits
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(mu[n])
+    assert any(not torch.allclose(at_nu[n], at_mu[n]) for n in at_mu)
+    for label, setup in plugin.evaluation_variants(model):
+        alpha = float(label.split("=")[1].rstrip(")"))
+        with setup:
+            w = effective_weights(model)
+            for n in w:  # W_alpha = W + (1 - alpha) dW_nu + alpha dW_mu
+                assert torch.allclose(w[n], (1 - alpha) * at_nu[n] + alpha * at_mu[n], atol=1e-6), (label, n)
+            if alpha == 0.0:
+                assert torch.allclose(model(input_ids=tokens).logits, logits_nu, atol=1e-5)
+            assert all(torch.equal(current(model)[n], mu[n]) for n in mu)  # the factors stay at theta_mu
+        for n, m in lora_modules(model):
+            assert torch.equal(m.get_base_layer().weight, base_before[n])  # restored bit-exactly
+
+
+def test_wise_ft_factor_space_interpolation_exact_and_restored():
+    plugin = WiseFT(alphas=[0.0, 0.5, 1.0], space="factors")
     model, nu, mu = trained_pair(plugin)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     seen = []
@@ -123,11 +163,11 @@ def test_wise_ft_restores_on_error():
 
 
 def test_wise_ft_state_roundtrip(tmp_path):
-    plugin = WiseFT(alphas=[0.25])
+    plugin = WiseFT(alphas=[0.25], space="factors")
     model, nu, mu = trained_pair(plugin)
     plugin.save_state(tmp_path)
     assert (tmp_path / FILENAME).is_file()
-    fresh = WiseFT(alphas=[0.25])
+    fresh = WiseFT(alphas=[0.25], space="factors")
     fresh.load_state(tmp_path)
     fresh.on_stage_start(ctx_for("domain", model=model))  # must not overwrite the loaded theta_nu
     (label, setup), = fresh.evaluation_variants(model)
@@ -144,12 +184,15 @@ def test_wise_ft_without_general_stage_uses_domain_start():
     assert recipe.stages == ("domain",)
     plugin = recipe.plugins[0]
     model = lora_model()
-    start = current(model)
+    start, start_w = current(model), effective_weights(model)
     train_stage(model, random_examples(4, 8), TrainConfig(max_steps=2, batch_size=4, lr=1e-2, progress=False,
                                                            precision="fp32"), [plugin], stage="domain")
-    after = current(model)
+    after, after_w = current(model), effective_weights(model)
     assert any(not torch.equal(after[n], start[n]) for n in start)
+    assert any(not torch.allclose(after_w[n], start_w[n]) for n in start_w)
     (_, setup), = plugin.evaluation_variants(model)
-    with setup:
-        assert all(torch.equal(current(model)[n], start[n]) for n in start)
+    with setup:  # alpha 0: the untouched base model, W + dW at the domain stage's start
+        w = effective_weights(model)
+        assert all(torch.allclose(w[n], start_w[n], atol=1e-6) for n in start_w)
     assert all(torch.equal(current(model)[n], after[n]) for n in after)
+    assert all(torch.equal(effective_weights(model)[n], after_w[n]) for n in after_w)
