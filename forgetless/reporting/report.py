@@ -370,6 +370,12 @@ def sweep_families(res: Results) -> dict[tuple[str, tuple], list[tuple[float, st
     return {k: sorted(v) for k, v in families.items() if len({w for w, _ in v}) >= 2}
 
 
+def sweep_tasks(res: Results, families: dict[tuple[str, tuple], list[tuple[float, str]]]) -> list[str]:
+    """The tasks on which some family has runs at two or more weights (a sweep may be run on one task only)."""
+    return [task for task in res.tasks
+            if any(len({w for w, label in members if res.values(label, task, ACC)}) >= 2 for members in families.values())]
+
+
 def section_sweep(res: Results, folder: Path) -> str:
     title = "## Sweep of the regularization weight\n\n"
     families = sweep_families(res)
@@ -377,15 +383,16 @@ def section_sweep(res: Results, folder: Path) -> str:
         return title + ("Skipped: no method was run at two or more values of its regularization weight "
                         "(`phi` for hlora / hlora-no-layer, `lambda` for ewc).\n")
     weights = _weight_options()
-    header = ["method", "weight"] + [f"{task} {METRIC_TITLES[m]}" for task in res.tasks for m in (ACC, PPL)]
+    tasks = sweep_tasks(res, families)
+    header = ["method", "weight"] + [f"{task} {METRIC_TITLES[m]}" for task in tasks for m in (ACC, PPL)]
     rows = []
     for (name, _), members in families.items():
         for weight, label in members:
             row = [label, f"{weights[name][0]}={weight:g}"]
-            for task in res.tasks:
+            for task in tasks:
                 row += [res.cell(label, task, ACC).text(1), res.cell(label, task, PPL).text(2)]
             rows.append(row)
-    plot_sweep(res, families, folder / "sweep.png")
+    plot_sweep(res, families, folder / "sweep.png", tasks)
     return (title + "Runs of one method that differ only in its regularization weight (a run without the option "
             "counts at the default). Mean ± std over seeds.\n\n" + markdown_table(header, rows)
             + "\n![domain accuracy and general PPL against the regularization weight](sweep.png)\n")
@@ -473,11 +480,13 @@ def plot_boxes(res: Results, metric: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_sweep(res: Results, families: dict[tuple[str, tuple], list[tuple[float, str]]], path: Path) -> Path:
+def plot_sweep(res: Results, families: dict[tuple[str, tuple], list[tuple[float, str]]], path: Path,
+               tasks: Sequence[str] | None = None) -> Path:
     """Rows: domain accuracy and general PPL; columns: tasks; one line per family against its weight (log x)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, len(res.tasks), figsize=(4.8 * len(res.tasks), 7), squeeze=False)
-    for col, task in enumerate(res.tasks):
+    tasks = list(tasks or res.tasks)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.8 * len(tasks), 7), squeeze=False)
+    for col, task in enumerate(tasks):
         for row, metric in enumerate((ACC, PPL)):
             ax = axes[row][col]
             for (name, others), members in families.items():

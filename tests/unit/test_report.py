@@ -130,6 +130,17 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     assert "Skipped" not in md
 
 
+def test_sweep_on_one_task_only_shows_that_task(tmp_path):
+    data = {m: dict(v) for m, v in DATA.items()}
+    data["hlora(phi=0.01)"].pop("t2")
+    data["ewc(lambda=10.0)"].pop("t2")
+    md = build_report(write_runs(tmp_path / "r", data)).read_text()
+    part = md.split("## Sweep", 1)[1].split("\n## ", 1)[0]
+    assert "t1 domain acc" in part and "t2" not in part
+    sweep = table_rows(md, "## Sweep")
+    assert sweep["hlora(phi=0.01)"][1] == "48.0 ± 1.0" and sweep["hlora"][1] == "56.0 ± 1.0"
+
+
 def test_rank_marks_ties_and_direction():
     assert rank_marks({"a": 1.0, "b": 2.0, "c": 1.0, "d": 3.0}, lower_is_better=True) == {
         "a": "best", "c": "best", "b": "second"}
