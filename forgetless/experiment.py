@@ -161,6 +161,7 @@ def _split_method_tasks(entries: list[Any], names: list[str], where: str) -> tup
     entries, ``{name: hlora, phi: 1e5, tasks: [piqa]}``; it is not a method option and not part of the label."""
     methods, only = [], []
     for i, entry in enumerate(entries):
+        chosen = None
         if isinstance(entry, dict) and "tasks" in entry:
             entry = dict(entry)
             chosen = entry.pop("tasks")
@@ -168,11 +169,9 @@ def _split_method_tasks(entries: list[Any], names: list[str], where: str) -> tup
                 chosen = [chosen]
             if not isinstance(chosen, list) or not chosen or any(t not in names for t in chosen):
                 raise ConfigError(f"{where}[{i}]: 'tasks' must list task names from {names}, got {chosen!r}")
-            methods.append(entry)
-            only.append([str(t) for t in chosen])
-        else:
-            methods.append(entry)
-            only.append(None)
+            chosen = [str(t) for t in chosen]
+        methods.append(entry)
+        only.append(chosen)
     return methods, only
 
 
