@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from forgetless.training.config import TrainConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
-
-    from forgetless.training.loop import TrainConfig
 
 Batch = dict[str, torch.Tensor]
 ForwardBackward = Callable[[Batch], torch.Tensor]
@@ -54,7 +54,7 @@ class StageContext:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     accelerator: "Accelerator"
-    config: "TrainConfig"
+    config: TrainConfig
     step: int = 0  # optimizer steps taken so far in this stage
     total_steps: int = 0
     grad_accum: int = 1
