@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.evaluation._lm import HeadScorer, eval_mode, model_device
+from forgetless.lm import HeadScorer, eval_mode, model_device
 from forgetless.precision import autocast, resolve_precision
 
 if TYPE_CHECKING:

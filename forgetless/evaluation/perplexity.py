@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from forgetless.evaluation._lm import HeadScorer, eval_mode
+from forgetless.lm import HeadScorer, eval_mode
 from forgetless.precision import autocast, resolve_precision
 
 # Positions per output-head chunk: bounds the float32 logits buffer to chunk x vocab.

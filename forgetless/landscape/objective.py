@@ -133,11 +133,9 @@ def model_objective(model: torch.nn.Module, examples: Sequence[dict], params: st
     at least (float64 kept), as :func:`forgetless.evaluation.perplexity` does: for general-text blocks
     ``value()`` is the ``mean_nll`` of the perplexity.
     """
-    import torch.nn.functional as F
-
-    from forgetless.evaluation._lm import HeadScorer, model_device
+    from forgetless.lm import IGNORE_INDEX, HeadScorer, model_device, next_token_loss
     from forgetless.precision import autocast, resolve_precision
-    from forgetless.training.batches import IGNORE_INDEX, collate
+    from forgetless.training.batches import collate
 
     if not examples:
         raise ValueError("the evaluation set is empty")
@@ -159,10 +157,7 @@ def model_objective(model: torch.nn.Module, examples: Sequence[dict], params: st
     def mean_nll(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Right padding only: the causal attention never lets a real token see the padding after it.
         with autocast(resolved, device):
-            targets = labels[:, 1:]
-            keep = targets != IGNORE_INDEX
-            logits = scorer.logits(scorer.hidden(input_ids)[:, :-1][keep])
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[keep])
+            return next_token_loss(scorer, input_ids, labels)
 
     chunks = []
     for batch, count in zip(batches, counts):

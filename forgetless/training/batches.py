@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # label of a token that carries no loss (prompt tokens, padding)
+from forgetless.lm import IGNORE_INDEX
 
 
 def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

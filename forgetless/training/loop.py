@@ -65,6 +65,9 @@ def train_stage(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (attach LoRA first)")
+    # The model moves to the run's device before any method looks at it: state a method builds at stage start
+    # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
+    model.to(accelerator.device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
                        config=config, grad_accum=config.grad_accum, general_examples=general_examples)

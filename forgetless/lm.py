@@ -1,4 +1,5 @@
-"""Shared plumbing for the evaluators: find a causal LM's backbone and output head.
+"""A causal LM's backbone and output head, and the masked next-token loss: one copy for training, evaluation
+and the landscape.
 
 Scoring only needs log-probabilities at a few positions (the continuation tokens of a multiple-choice
 request) or wants to bound memory (perplexity over long blocks), so instead of ``model(...).logits``
@@ -13,7 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+IGNORE_INDEX = -100  # label of a token that carries no loss (prompt tokens, padding)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -99,11 +103,12 @@ class HeadScorer:
             return False
         return bool(torch.allclose(fast.float(), full.float(), atol=1e-4, rtol=1e-4))
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, H]`` hidden states (or ``[B, T, V]`` full logits when not ``fast``)."""
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
         if self.fast:
-            return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-        return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.backbone(input_ids=input_ids, use_cache=False, **mask).last_hidden_state
+        return self.model(input_ids=input_ids, use_cache=False, **mask).logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states taken from ``hidden`` (identity when not ``fast``)."""
@@ -113,3 +118,17 @@ class HeadScorer:
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
+
+
+def next_token_loss(scorer: HeadScorer, input_ids: torch.Tensor, labels: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the next token over positions whose label is not -100 (labels shifted here).
+
+    The output head is applied to the labelled positions only: for a multiple-choice example the answer is a few
+    tokens of a long prompt, and the vocabulary projection is the costliest matmul of a small model. The logits
+    are taken to float32 at least before the softmax.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = scorer.logits(scorer.hidden(input_ids, attention_mask)[:, :-1][keep])
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[keep])
