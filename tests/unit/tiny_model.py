@@ -24,3 +24,30 @@ def random_examples(n: int, length: int, vocab_size: int = 64, seed: int = 0, pr
         ids = torch.randint(3, vocab_size, (length,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return out
+
+
+def make_lora_model(seed: int = 0, *, r: int = 4, alpha: float = 8, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                    dtype: torch.dtype = torch.float32, use_rslora: bool = False, b_std: float | None = None,
+                    b_seed: int | None = None):
+    """``make_tiny_model(seed)`` with LoRA (no dropout) on ``targets``; ``b_std``: B drawn from N(0, b_std^2) instead
+    of PEFT's zeros, so that the adapter changes the outputs (``b_seed`` defaults to ``seed + 1``)."""
+    from forgetless.models import LoraSettings, attach_lora
+
+    model = attach_lora(make_tiny_model(seed), LoraSettings(r=r, alpha=alpha, dropout=0.0, target_modules=list(targets),
+                                                            use_rslora=use_rslora)).to(dtype)
+    if b_std is not None:
+        randomize_lora_b(model, seed=seed + 1 if b_seed is None else b_seed, std=b_std)
+    return model
+
+
+def randomize_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -> None:
+    """Every LoRA B (zero at initialization) drawn from N(0, std^2), in the parameters' order and dtype."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
