@@ -1,7 +1,8 @@
 """One run, end to end: load model -> attach LoRA -> stage nu -> stage mu -> evaluate.
 
 :func:`run_recipe` is the whole data flow of forgetless in one short function; the experiment runner
-(:mod:`forgetless.experiment`) calls it once per (method, domain task, seed).
+(:func:`forgetless.experiment.run_one`) calls it once per (method, domain task, seed), for ``forgetless run`` and
+``forgetless train`` alike.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class RunData:
 
     general_train: list[dict]  # {input_ids, labels} blocks of general text (stage nu)
     domain_train: list[dict]  # {input_ids, labels} prompt+answer examples (stage mu)
-    heldout_blocks: torch.Tensor  # [n, block] held-out general text for perplexity
-    eval_tasks: dict[str, list]  # task name -> MCItems to score
+    heldout_blocks: torch.Tensor | None  # [n, block] held-out general text for perplexity; None: no perplexity
+    eval_tasks: dict[str, list]  # task name -> MCItems to score (may be empty)
 
 
 @dataclass
@@ -48,8 +49,8 @@ class RunSettings:
 class RunResult:
     method: str
     seed: int
-    general_ppl: float
-    general_ppl_base2: float
+    general_ppl: float | None  # None: no held-out text to evaluate on
+    general_ppl_base2: float | None
     tasks: dict[str, dict[str, float]]  # task -> {acc, acc_norm, acc_stderr, acc_norm_stderr, n}
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: steps, seconds, history
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. weight-interpolation points
@@ -60,16 +61,18 @@ class RunResult:
 
 
 def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSettings) -> dict[str, Any]:
-    """General perplexity and multiple-choice accuracy of ``model`` as it is now."""
-    ppl = perplexity(model, data.heldout_blocks, batch_size=settings.eval_batch_size, precision=settings.precision,
-                     progress=settings.progress)
-    tasks = {}
+    """General perplexity (given held-out text) and multiple-choice accuracy of ``model`` as it is now."""
+    scores: dict[str, Any] = {"general_ppl": None, "general_ppl_base2": None, "tasks": {}}
+    if data.heldout_blocks is not None:
+        ppl = perplexity(model, data.heldout_blocks, batch_size=settings.eval_batch_size,
+                         precision=settings.precision, progress=settings.progress)
+        scores |= {"general_ppl": ppl.ppl, "general_ppl_base2": ppl.ppl_base2}
     for name, items in data.eval_tasks.items():
         mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
                          progress=settings.progress)
-        tasks[name] = {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
-                       "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
-    return {"general_ppl": ppl.ppl, "general_ppl_base2": ppl.ppl_base2, "tasks": tasks}
+        scores["tasks"][name] = {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
+                                 "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
+    return scores
 
 
 def _stage_summary(result: StageResult) -> dict[str, Any]:
@@ -96,8 +99,9 @@ def run_recipe(
     adapter_dir: Path | None = None,
     general_cache: Callable[[], Path] | None = None,
 ) -> RunResult:
-    """Train ``recipe`` and evaluate it. ``general_cache()`` names a folder where a finished general
-    stage (adapter plus method states) is kept and reused by other runs with the same general stage."""
+    """Train ``recipe`` and evaluate it (on what ``data`` has to evaluate on; nothing when it has neither held-out
+    text nor test items). ``general_cache()`` names a folder where a finished general stage (adapter plus method
+    states) is kept and reused by other runs with the same general stage."""
     started = time.perf_counter()
     model, tokenizer = load_model(settings.model)
     stages: list[dict[str, Any]] = []
@@ -129,10 +133,11 @@ def run_recipe(
             model.save_pretrained(adapter_dir)  # PEFT's format: adapter_config.json + adapter_model.safetensors
     scores = evaluate(model, tokenizer, data, settings)
     variants = {}
-    for plugin in recipe.plugins:
-        for label, setup in plugin.evaluation_variants(model):
-            with setup:
-                variants[label] = evaluate(model, tokenizer, data, settings)
+    if data.heldout_blocks is not None or data.eval_tasks:  # else there is nothing to evaluate variants on
+        for plugin in recipe.plugins:
+            for label, setup in plugin.evaluation_variants(model):
+                with setup:
+                    variants[label] = evaluate(model, tokenizer, data, settings)
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetless.experiment import load_experiment
+from forgetless.config import load_experiment
 from forgetless.methods import resolve
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))

@@ -193,7 +193,8 @@ def test_cli_report(tmp_path, capsys):
 
 
 def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
-    from forgetless.experiment import load_experiment, run_experiment
+    from forgetless.config import load_experiment
+    from forgetless.experiment import run_experiment
     from tests.unit.test_experiment import write_experiment
     from tests.unit.tiny_model import make_tiny_model
     from tests.unit.tiny_tokenizer import make_tiny_tokenizer

@@ -1,0 +1,318 @@
+"""The experiment YAML as typed data: one dataclass per section, read and checked in one place.
+
+Example (``forgetless run experiment.yaml``)::
+
+    name: piqa-medmcqa
+    model: smollm2-135m                 # embedded name, hub id, model folder or .gguf file
+    output: runs/piqa-medmcqa
+    seeds: [0, 1, 2]
+    lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+    general:                            # stage nu data, and held-out text for perplexity
+      train: {source: ../shared/data/general_text/c4.jsonl, limit: 200}
+      heldout: {source: ../shared/data/wikitext2/test.jsonl, max_blocks: 32}
+      block_size: 128
+    tasks:                              # each is a domain stage; each is also evaluated
+      - {name: piqa, train: ../shared/data/piqa/train.jsonl, test: ../shared/data/piqa/test.jsonl,
+         train_limit: 400, test_limit: 200}
+    methods: [base, lora-mu, lora-nu-mu]
+    train:
+      general: {max_steps: 50, batch_size: 8, lr: 2.0e-4}
+      domain: {epochs: 1, batch_size: 8, lr: 2.0e-4}
+    eval: {batch_size: 16}
+    landscape: {blocks: 4, grid: 9}     # optional: flatness metrics per run vs forgetting (off when absent)
+
+Sections and their dataclasses: ``general`` :class:`GeneralData` (``train``/``heldout`` :class:`TextSource`),
+``tasks[i]`` :class:`TaskSpec`, ``train`` :class:`TrainStages` (``general``/``domain``
+:class:`~forgetless.training.config.TrainConfig`), ``eval`` :class:`EvalSettings`, ``lora``
+:class:`~forgetless.models.LoraSettings`, ``landscape`` :class:`~forgetless.landscape.measure.LandscapeSettings`,
+the whole file :class:`Experiment`. Top-level keys starting with ``x-`` are ignored: a place to define YAML anchors
+(sizes, paths) that the rest refers to.
+
+One reader (:func:`read_section`) turns every mapping into its dataclass from the type hints, so a typo anywhere is
+caught, not silently ignored: ``exp.yaml: general.train: unknown key 'limt'; known: [...]``. Every error names the
+file and the full key path. Values are type-checked; the only conversion is a numeric string to a float, because
+YAML 1.1 reads ``1e-4`` (no dot) as a string. A string is never taken for a list (``seeds: "12"``), a float never
+for an integer (``seeds: [0.7]``).
+
+Method entries are checked by :func:`forgetless.methods.resolve`, which owns their options.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from forgetless.landscape.measure import LandscapeSettings
+from forgetless.methods import method_label, resolve
+from forgetless.models import DEFAULT_MODEL, LoraSettings
+from forgetless.precision import PRECISIONS
+from forgetless.training.config import TrainConfig
+
+T = TypeVar("T")
+
+# metadata of fields the loader fills in (not keys of the YAML file)
+_NOT_IN_YAML = {"yaml": False}
+
+
+class ConfigError(ValueError):
+    """A problem in an experiment's configuration; the message names the file and the key."""
+
+
+@dataclass
+class TextSource:
+    """General text (``general.train``, ``general.heldout``): a ``.jsonl``/``.txt`` file or a hub dataset.
+
+    A bare string is the source: ``train: data/c4.jsonl``.
+    """
+
+    SHORTHAND: ClassVar[str] = "source"  # the key a bare string fills
+
+    source: str
+    field: str = "text"  # the JSON field holding the text
+    split: str = "train"  # hub datasets
+    name: str | None = None  # hub dataset configuration, e.g. wikitext-2-raw-v1
+    limit: int | None = None  # documents read
+    max_blocks: int | None = None  # blocks kept after packing
+
+    def cache_key(self) -> dict[str, Any]:
+        """The keys set to other than their defaults: what identifies this data in cache keys (the same mapping
+        the YAML gave before the schema existed, so cached general stages and landscape measurements stay valid)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name == "source" or getattr(self, f.name) != f.default}
+
+
+@dataclass
+class GeneralData:
+    """``general:``: the stage nu text, the held-out text for perplexity, and the block size both are packed in.
+
+    An experiment needs both texts; ``forgetless train`` needs ``train`` only for a general stage (or a method
+    that uses general text) and ``heldout`` only to evaluate.
+    """
+
+    train: TextSource | None = None
+    heldout: TextSource | None = None
+    block_size: int = 128
+
+
+@dataclass
+class TaskSpec:
+    """``tasks[i]``: one domain task, trained on (stage mu) and evaluated on."""
+
+    name: str
+    train: str
+    test: str | None = None  # required in an experiment; ``forgetless train`` evaluates only when given
+    schema: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    train_split: str | None = None  # for hub datasets (local files need none)
+    test_split: str | None = None
+    max_length: int = 256
+    train_kind: str = "multiple_choice"  # or "instructions": train on Alpaca-style data, test on the MC task
+
+    def __post_init__(self) -> None:
+        if self.train_kind not in ("multiple_choice", "instructions"):
+            raise ValueError(f"train_kind must be 'multiple_choice' or 'instructions', got {self.train_kind!r}")
+
+
+@dataclass
+class TrainStages:
+    """``train:``: the hyperparameters of each stage."""
+
+    general: TrainConfig = field(default_factory=TrainConfig)
+    domain: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvalSettings:
+    """``eval:``: how the held-out perplexity and the multiple-choice accuracy are computed."""
+
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Experiment:
+    """The whole file: methods x domain tasks x seeds, and everything they share."""
+
+    name: str
+    output: Path
+    model: str = DEFAULT_MODEL
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    general: GeneralData = field(default_factory=GeneralData)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    # method entries as resolve() reads them: a name, {name: ..., option: ...} or a list of those that compose
+    methods: list[Any] = field(default_factory=lambda: ["base", "lora-mu", "lora-nu-mu"])
+    train: TrainStages = field(default_factory=TrainStages)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    precision: str = "auto"
+    landscape: LandscapeSettings | None = None  # off when the YAML has no 'landscape:' section
+    source: Path | None = field(default=None, metadata=_NOT_IN_YAML)  # the YAML file, for relative paths
+    # per entry of ``methods``: the task names it runs on (None: all); from a mapping entry's ``tasks:`` key
+    method_tasks: list[list[str] | None] = field(default_factory=list, metadata=_NOT_IN_YAML)
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: must list distinct seeds, got {self.seeds}")
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("tasks: must list at least one domain task")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must be unique, got {names}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_experiment(path: str | Path, output: str | Path | None = None) -> Experiment:
+    """Read and validate an experiment YAML; every problem is a :class:`ConfigError` naming the file and key.
+
+    ``output`` overrides the file's ``output:`` (default ``runs/<file stem>``); ``name`` defaults to the stem.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the experiment must be a mapping")
+    raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # x-...: YAML anchors only
+    raw.setdefault("name", path.stem)
+    raw["output"] = output or raw.get("output") or str(Path("runs") / path.stem)
+    exp = read_section(Experiment, raw, str(path), "")
+    exp.source = path
+    if exp.general.train is None or exp.general.heldout is None:
+        raise ConfigError(f"{path}: general: needs 'train' and 'heldout' (each a source or a {{source: ...}} mapping)")
+    for i, task in enumerate(exp.tasks):
+        if task.test is None:
+            raise ConfigError(f"{path}: tasks[{i}]: missing key 'test' (the task's test set)")
+    exp.methods, exp.method_tasks = check_methods(exp.methods, [t.name for t in exp.tasks], str(path))
+    return exp
+
+
+def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple[list[Any], list[list[str] | None]]:
+    """The method entries without their ``tasks:`` keys, and those keys; each entry resolved, none twice."""
+    if not entries:
+        raise ConfigError(f"{file}: methods: must list at least one method")
+    methods, only = _split_method_tasks(entries, task_names, f"{file}: methods")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(methods):
+        try:
+            label = resolve(entry).label
+        except ValueError as err:
+            raise ConfigError(f"{file}: methods[{i}]: {err}") from err
+        if label in seen:
+            raise ConfigError(f"{file}: methods[{i}]: duplicate of methods[{seen[label]}] ({label!r}); one entry "
+                              f"can run on several tasks with 'tasks: [...]'")
+        seen[label] = i
+    return methods, only
+
+
+def _split_method_tasks(entries: list[Any], names: list[str], where: str) -> tuple[list[Any], list[list[str] | None]]:
+    """Take the ``tasks:`` key (which tasks an entry runs on: e.g. a weight sweep on one task only) out of mapping
+    entries, ``{name: hlora, phi: 1e5, tasks: [piqa]}``; it is not a method option and not part of the label."""
+    methods, only = [], []
+    for i, entry in enumerate(entries):
+        chosen = None
+        if isinstance(entry, dict) and "tasks" in entry:
+            entry = dict(entry)
+            chosen = entry.pop("tasks")
+            if isinstance(chosen, str):
+                chosen = [chosen]
+            if not isinstance(chosen, list) or not chosen or any(t not in names for t in chosen):
+                raise ConfigError(f"{where}[{i}]: 'tasks' must list task names from {names}, got {chosen!r}")
+            chosen = [str(t) for t in chosen]
+        methods.append(entry)
+        only.append(chosen)
+    return methods, only
+
+
+# ------------------------------------------------------------------------------------------------ the reader
+def read_section(cls: type[T], value: Any, file: str, where: str) -> T:
+    """``value`` (a mapping read from ``file`` at key path ``where``) as a ``cls``, recursively, from its type hints.
+
+    Unknown and missing keys, values of the wrong type and the dataclass's own checks (``__post_init__``) are
+    :class:`ConfigError` naming ``file`` and the key path. A missing or null section is the dataclass's defaults.
+    """
+    if value is None:
+        value = {}
+    if isinstance(value, str) and hasattr(cls, "SHORTHAND"):
+        value = {cls.SHORTHAND: value}
+    if not isinstance(value, Mapping):
+        raise _error(file, where, f"expected a mapping, got {_show(value)}")
+    keys = [f for f in fields(cls) if f.metadata.get("yaml", True)]
+    known = sorted(f.name for f in keys)
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise _error(file, where, f"unknown key{'s' if len(unknown) > 1 else ''} {names}; known: {known}")
+    for f in keys:
+        if f.name not in value and f.default is MISSING and f.default_factory is MISSING:
+            raise _error(file, where, f"missing key {f.name!r}")
+    hints = get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], file, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # the dataclass's own checks
+        raise _error(file, where, str(err)) from err
+
+
+def _coerce(value: Any, hint: Any, file: str, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (converted only where that is safe)."""
+    if hint is Any:
+        return value
+    if get_origin(hint) in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, file, where)
+            except ConfigError:
+                continue
+        return _coerce(value, options[-1], file, where)
+    if is_dataclass(hint):
+        return read_section(hint, value, file, where)
+    if get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise _error(file, where, f"expected a list, got {_show(value)}")
+        (item,) = get_args(hint) or (Any,)
+        return [_coerce(v, item, file, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    # an int stays an int in a float field: it computes the same, and keeps cache keys as they were
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(hint, (hint,))
+    if isinstance(value, accepted) and (hint is bool or not isinstance(value, bool)):
+        return value
+    raise _error(file, where, f"expected {_NAMES.get(hint, getattr(hint, '__name__', str(hint)))}, got {_show(value)}")
+
+
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping"}
+    text = repr(value)
+    return f"{kinds.get(type(value), type(value).__name__)} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _error(file: str, where: str, message: str) -> ConfigError:
+    return ConfigError(f"{file}: {where}: {message}" if where else f"{file}: {message}")

@@ -1,0 +1,96 @@
+"""The result tables of an experiment: ``results.md`` and ``results.csv`` (mean ± std over seeds per method and task).
+
+They read the run records (``OUTPUT/runs/*.json``) that :func:`forgetless.experiment.run_experiment` writes and
+never touch models or training; ``forgetless report`` (:mod:`forgetless.reporting.report`) builds the fuller report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from forgetless.config import ConfigError
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    """Every run record of an experiment folder; a corrupt one (an interrupted write) is an error naming it."""
+    results = []
+    for path in sorted((Path(folder) / "runs").glob("*.json")):
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: corrupt result file ({err}); delete it to rerun that run") from err
+    return results
+
+
+def _cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summary_table(results: list[dict[str, Any]], methods: list[str] | None = None,
+                  tasks: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows: methods; per task: general PPL after tuning on it, acc and acc_norm (mean ± std over seeds).
+
+    A run's evaluation variants (e.g. WiSE-FT's interpolations) get rows of their own, ``method @ variant``,
+    right after their method's row.
+    """
+    methods = methods or list(dict.fromkeys(r["method"] for r in results))
+    results, methods = _with_variants(results, methods)
+    tasks = tasks or list(dict.fromkeys(r["task"] for r in results))
+    header = ["method"]
+    for task in tasks:
+        header += [f"{task} general PPL ↓", f"{task} acc ↑", f"{task} acc_norm ↑"]
+    header.append("seeds")
+    rows = []
+    for method in methods:
+        row = [method]
+        seeds = set()
+        for task in tasks:
+            runs = [r for r in results if r["method"] == method and r["task"] == task]
+            seeds |= {r["seed"] for r in runs}
+            row += [_cell([r["general_ppl"] for r in runs], 3),
+                    _cell([100 * r["tasks"][task]["acc"] for r in runs], 1),
+                    _cell([100 * r["tasks"][task]["acc_norm"] for r in runs], 1)]
+        row.append(str(len(seeds)))
+        rows.append(row)
+    return header, rows
+
+
+def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    extra, order = [], []
+    for method in methods:
+        order.append(method)
+        for r in results:
+            if r["method"] != method:
+                continue
+            for label, scores in (r.get("variants") or {}).items():
+                name = f"{method} @ {label}"
+                extra.append({"method": name, "task": r["task"], "seed": r["seed"],
+                              "general_ppl": scores["general_ppl"], "tasks": scores["tasks"]})
+                if name not in order:
+                    order.append(name)
+    return results + extra, order
+
+
+def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,
+                 tasks: list[str] | None = None) -> str:
+    """Write ``results.md`` and ``results.csv``; return the Markdown table."""
+    header, rows = summary_table(results, methods, tasks)
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    note = ("\nGeneral PPL: e-based token perplexity on the held-out general text (lower is better). "
+            "acc / acc_norm: multiple-choice accuracy in %, computed as lm-evaluation-harness does.\n")
+    (folder / "results.md").write_text(md + note)
+    with open(folder / "results.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([h.replace(" ↓", "").replace(" ↑", "") for h in header])
+        writer.writerows(rows)
+    return md

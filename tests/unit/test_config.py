@@ -1,0 +1,121 @@
+"""The experiment schema (forgetless/config.py): every mistake is an error naming the file and the key path.
+
+No model is loaded: the files name models and data that need not exist, since reading the YAML checks only the YAML.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetless.config import ConfigError, Experiment, TextSource, load_experiment
+
+BASE = {
+    "name": "tiny", "model": "no-model", "output": "out", "seeds": [0, 1],
+    "general": {"train": {"source": "g.jsonl"}, "heldout": {"source": "h.txt"}, "block_size": 16},
+    "tasks": [{"name": "t", "train": "train.jsonl", "test": "test.jsonl"}],
+    "methods": ["base", "lora-mu"],
+    "train": {"general": {"max_steps": 2}, "domain": {"max_steps": 2}},
+    "eval": {"batch_size": 4},
+}
+
+
+def write(tmp_path: Path, snippet: str) -> Path:
+    """``BASE`` with the top-level keys of the YAML ``snippet`` replaced, written to ``exp.yaml``."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(BASE | (yaml.safe_load(snippet) or {})))
+    return path
+
+
+ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
+    # unknown keys, in every section
+    ("nmae: x", "unknown key 'nmae'; known: ["),
+    ("{nmae: x, modle: y}", "unknown keys 'modle', 'nmae'; known: ["),
+    ("general: {train: {source: g.jsonl, limt: 3}, heldout: h.txt}",
+     "general.train: unknown key 'limt'; known: ['field', 'limit', 'max_blocks', 'name', 'source', 'split']"),
+    ("general: {train: g.jsonl, heldout: {source: h.txt, max_block: 3}}", "general.heldout: unknown key 'max_block'"),
+    ("general: {train: g.jsonl, heldout: h.txt, blocksize: 64}", "general: unknown key 'blocksize'"),
+    ("eval: {batchsize: 4}", "eval: unknown key 'batchsize'; known: ['batch_size']"),
+    ("train: {generall: {max_steps: 2}}", "train: unknown key 'generall'; known: ['domain', 'general']"),
+    ("train: {general: {max_stepz: 2}}", "train.general: unknown key 'max_stepz'"),
+    ("train: {domain: {learning_rate: 0.1}}", "train.domain: unknown key 'learning_rate'"),
+    ("tasks: [{name: t, train: a, test: b, train_limt: 3}]", "tasks[0]: unknown key 'train_limt'"),
+    ("lora: {rank: 4}", "lora: unknown key 'rank'"),
+    ("landscape: {grids: 3}", "landscape: unknown key 'grids'"),
+    # missing keys and sections
+    ("general: {train: g.jsonl}", "general: needs 'train' and 'heldout'"),
+    ("tasks: [{name: t, train: a}]", "tasks[0]: missing key 'test'"),
+    ("tasks: [{train: a, test: b}]", "tasks[0]: missing key 'name'"),
+    ("tasks: []", "tasks: must list at least one domain task"),
+    ("tasks: [{name: t, train: a, test: b}, {name: t, train: c, test: d}]", "tasks: task names must be unique"),
+    # types
+    ("seeds: '12'", "seeds: expected a list, got a string '12'"),
+    ("seeds: 3", "seeds: expected a list, got an integer 3"),
+    ("seeds: [0.7]", "seeds[0]: expected an integer, got a number 0.7"),
+    ("seeds: [0, 0]", "seeds: must list distinct seeds"),
+    ("train: {general: {lr: abc}}", "train.general.lr: expected a number, got a string 'abc'"),
+    ("train: {domain: {max_steps: 2.5}}", "train.domain.max_steps: expected an integer, got a number 2.5"),
+    ("eval: {batch_size: true}", "eval.batch_size: expected an integer, got a boolean True"),
+    ("lora: {target_modules: q_proj}", "lora.target_modules: expected a list, got a string 'q_proj'"),
+    ("lora: [8]", "lora: expected a mapping, got a list [8]"),
+    ("tasks: [{name: t, train: a, test: b, train_limit: many}]", "tasks[0].train_limit: expected an integer"),
+    ("name: 2024", "name: expected a string, got an integer 2024"),
+    # values the sections' own checks reject
+    ("precision: fp16", "precision: must be one of ['auto', 'bf16', 'fp32']"),
+    ("tasks: [{name: t, train: a, test: b, train_kind: chat}]", "tasks[0]: train_kind must be"),
+    ("landscape: {params: lora}", "landscape: params must be 'trainable' or 'all'"),
+    ("train: {general: {lr: -1}}", "train.general: lr must be > 0"),
+    ("eval: {batch_size: 0}", "eval: batch_size must be >= 1"),
+    # method entries
+    ("methods: lora-mu", "methods: expected a list, got a string 'lora-mu'"),
+    ("methods: []", "methods: must list at least one method"),
+    ("methods: [lora-mu, lora-nu-mu, lora-mu]", "methods[2]: duplicate of methods[0] ('lora-mu')"),
+    ("methods: [lora-mu, {name: lora-mu}]", "methods[1]: duplicate of methods[0] ('lora-mu')"),
+    ("methods: [lora-mu, no-such-method]", "methods[1]: unknown method 'no-such-method'"),
+    ("methods: [{name: lora-mu, tasks: [c]}]", "methods[0]: 'tasks' must list task names from ['t']"),
+]
+
+
+@pytest.mark.parametrize("snippet, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_schema_errors_name_file_and_key(tmp_path, snippet, message):
+    path = write(tmp_path, snippet)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert f"{path}: {message}" in str(info.value)
+
+
+def test_unquoted_exponent_is_a_float(tmp_path):
+    path = tmp_path / "exp.yaml"
+    text = yaml.safe_dump({k: v for k, v in BASE.items() if k != "train"})
+    path.write_text(text + "train:\n  general: {lr: 1e-4, max_steps: 2}\n  domain: {lr: 2.0e-4, epochs: 1}\n")
+    assert yaml.safe_load(path.read_text())["train"]["general"]["lr"] == "1e-4"  # what YAML 1.1 reads
+    exp = load_experiment(path)
+    assert exp.train.general.lr == 0.0001 and isinstance(exp.train.general.lr, float)
+    assert exp.train.domain.lr == 2e-4
+    assert exp.train.domain.epochs == 1 and isinstance(exp.train.domain.epochs, int)  # kept: cache keys unchanged
+
+
+def test_a_valid_file_reads_into_the_schema(tmp_path):
+    path = write(tmp_path, "{general: {train: g.jsonl, heldout: {source: h.txt, max_blocks: 8}}, 'x-sizes': {n: 1},"
+                           " methods: [base, {name: lora-mu, tasks: [t]}], landscape: {grid: 3}}")
+    exp = load_experiment(path, output=tmp_path / "elsewhere")
+    assert isinstance(exp, Experiment) and exp.source == path and exp.output == tmp_path / "elsewhere"
+    assert exp.general.train == TextSource("g.jsonl") and exp.general.heldout.max_blocks == 8
+    assert exp.general.heldout.cache_key() == {"source": "h.txt", "max_blocks": 8}
+    assert exp.methods == ["base", {"name": "lora-mu"}] and exp.method_tasks == [None, ["t"]]
+    assert exp.landscape.grid == 3 and exp.lora.r == 8 and exp.tasks[0].max_length == 256
+    path.write_text(yaml.safe_dump({k: v for k, v in BASE.items() if k not in ("name", "output", "landscape")}))
+    exp = load_experiment(path)
+    assert exp.name == "exp" and exp.output == Path("runs") / "exp" and exp.landscape is None
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ConfigError, match="experiment file not found: .*missing.yaml"):
+        load_experiment(tmp_path / "missing.yaml")
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: invalid YAML"):
+        load_experiment(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: the experiment must be a mapping"):
+        load_experiment(path)
