@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from forgetless.models import DEFAULT_MODEL
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from forgetless.config import load_experiment
     from forgetless.demo import demo_experiment
-    from forgetless.experiment import load_experiment, run_experiment
+    from forgetless.experiment import run_experiment
 
     path = demo_experiment(Path(args.output), model=args.model)
     results = run_experiment(load_experiment(path), progress=not args.quiet)
@@ -28,7 +30,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from forgetless.experiment import load_experiment, run_experiment
+    from forgetless.config import load_experiment
+    from forgetless.experiment import run_experiment
 
     exp = load_experiment(args.experiment, output=args.output)
     run_experiment(exp, progress=not args.quiet)
@@ -53,29 +56,52 @@ def _lora_from(args: argparse.Namespace):
                         target_modules=args.target_modules.split(","), use_rslora=args.rslora)
 
 
+def _method_entry(text: str) -> Any:
+    """``--method``: names joined by '+' (``lora-mu+ewc``), or one entry of an experiment's ``methods:`` list in
+    YAML, with options (``{name: hlora, phi: 0.01}``, ``[lora-mu, {name: ewc, lambda: 100}]``)."""
+    import yaml
+
+    from forgetless.config import ConfigError
+
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--method: invalid YAML: {err}") from err
+    names = text.split("+")
+    return names[0] if len(names) == 1 else names
+
+
+def _train_experiment(args: argparse.Namespace):
+    """The one-run experiment that ``forgetless train ARGS`` stands for: one method, one task, one seed, the same
+    training settings for both stages."""
+    from forgetless.config import (ConfigError, EvalSettings, Experiment, GeneralData, TaskSpec, TextSource,
+                                   TrainStages, check_methods)
+    from forgetless.training.config import TrainConfig
+
+    try:  # the settings' own checks (lr > 0, r >= 1, ...) become errors without a traceback
+        stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr)
+        task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
+                        train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
+                        train_kind=args.domain_kind)
+        lora, evaluation = _lora_from(args), EvalSettings(batch_size=args.batch_size)
+    except ValueError as err:
+        raise ConfigError(f"train: {err}") from err
+    general = GeneralData(
+        train=TextSource(args.general, limit=args.general_limit, max_blocks=args.general_max_blocks) if args.general
+        else None,
+        heldout=TextSource(args.heldout, max_blocks=args.heldout_max_blocks) if args.heldout else None,
+        block_size=args.block_size)
+    methods, method_tasks = check_methods([_method_entry(args.method)], [task.name], "--method")
+    return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed], lora=lora,
+                      general=general, tasks=[task], methods=methods, train=TrainStages(general=stage, domain=stage),
+                      eval=evaluation, precision=args.precision, method_tasks=method_tasks)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from forgetless.experiment import train_one
 
-    from forgetless.data import lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
-    from forgetless.methods import DOMAIN, GENERAL, resolve
-    from forgetless.models import attach_lora, load_model
-    from forgetless.training.loop import TrainConfig, train_stage
-
-    recipe = resolve(args.method.split("+"))
-    if GENERAL in recipe.stages and not args.general:
-        raise SystemExit(f"error: method {recipe.label!r} has a general stage: pass --general FILE")
-    model, tokenizer = load_model(args.model)
-    model = attach_lora(model, replace(_lora_from(args), **recipe.lora))
-    config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, precision=args.precision)
-    if GENERAL in recipe.stages:
-        blocks = pack_blocks(load_texts(args.general, limit=args.general_limit), tokenizer, args.block_size)
-        train_stage(model, lm_examples(blocks), config, recipe.plugins, stage=GENERAL)
-    if DOMAIN in recipe.stages:
-        items = load_mc_task(args.domain, schema=args.schema, limit=args.domain_limit)
-        train_stage(model, mc_train_examples(items, tokenizer), config, recipe.plugins, stage=DOMAIN)
-    model.save_pretrained(args.output)
-    print(f"adapter saved to {args.output} (PEFT format)")
+    train_one(_train_experiment(args), progress=not args.quiet)
     return 0
 
 
@@ -187,14 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=8)
     common.add_argument("--block-size", type=int, default=128)
 
-    p = sub.add_parser("train", parents=[common], help="one LoRA fine-tune; saves the adapter")
-    p.add_argument("--method", default="lora-mu", help="method names joined by '+', e.g. lora-nu-mu")
-    p.add_argument("--general", help="general text (jsonl with 'text', .txt, or hub dataset) for stage nu")
-    p.add_argument("--general-limit", type=int)
-    p.add_argument("--domain", required=True, help="multiple-choice task file or hub dataset for stage mu")
+    p = sub.add_parser(
+        "train", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="one fine-tune (any method of an experiment); saves the adapter, evaluates if given test data",
+        description="One (method, domain task, seed) run, trained exactly as `forgetless run` trains it (same code,\n"
+                    "same adapter for the same settings). The adapter is saved to --output in PEFT's format. With\n"
+                    "--heldout and/or --test the run is also evaluated (WiSE-FT's interpolations too) and its record,\n"
+                    "the run JSON of an experiment, is written to OUTPUT/run.json.")
+    p.add_argument("--method", default="lora-mu",
+                   help="method names joined by '+' (lora-nu-mu, lora-mu+ewc, hlora+sam), or one YAML entry of an "
+                        "experiment's 'methods:' list, with options: '{name: hlora, phi: 0.01}', "
+                        "'[lora-mu, {name: ewc, lambda: 100}]'")
+    p.add_argument("--general", help="general text (jsonl with 'text', .txt, or hub dataset): stage nu's data and the "
+                                     "general text of methods that use it (replay, ewc)")
+    p.add_argument("--general-limit", type=int, help="read at most this many general-text documents")
+    p.add_argument("--general-max-blocks", type=int, help="keep at most this many blocks of general text")
+    p.add_argument("--domain", required=True, help="task file or hub dataset for stage mu")
+    p.add_argument("--domain-kind", choices=["multiple_choice", "instructions"], default="multiple_choice",
+                   help="--domain holds multiple-choice items or Alpaca-style instructions")
     p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu or generic (default: detected)")
     p.add_argument("--domain-limit", type=int)
-    p.add_argument("--output", required=True, help="adapter folder")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per domain training example")
+    p.add_argument("--heldout", help="held-out general text: evaluate the general perplexity after training")
+    p.add_argument("--heldout-max-blocks", type=int)
+    p.add_argument("--test", help="multiple-choice test set of the domain: evaluate the accuracy after training")
+    p.add_argument("--test-limit", type=int)
+    p.add_argument("--output", required=True, help="adapter folder (and OUTPUT/run.json when evaluated)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -204,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")
@@ -247,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from forgetless.data import DataError
-    from forgetless.experiment import ConfigError
+    from forgetless.config import ConfigError
     from forgetless.models import ModelNotFoundError
 
     try:

@@ -1,0 +1,90 @@
+"""``forgetless train`` goes through the experiment runner: the same adapter, bit for bit, as ``forgetless run``."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgetless.cli import main
+from tests.unit.test_experiment import write_experiment
+from tests.unit.tiny_model import make_tiny_model
+from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+TASK = str(FIXTURES / "generic.jsonl")
+STAGE = {"max_steps": 2, "batch_size": 2, "lr": 2.0e-4}  # both stages: `train` has one setting for both
+
+
+@pytest.fixture()
+def model_dir(tmp_path) -> Path:
+    tok = make_tiny_tokenizer()
+    folder = tmp_path / "tiny-model"
+    make_tiny_model(vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def train_args(tmp_path: Path, model_dir: Path, method: str, output: Path, *extra: str) -> list[str]:
+    """``forgetless train`` with the settings of ``write_experiment(..., **EXPERIMENT)``."""
+    return ["train", "--model", str(model_dir), "--precision", "fp32", "--method", method,
+            "--general", str(tmp_path / "general.jsonl"), "--domain", TASK, "--block-size", "16",
+            "--batch-size", str(STAGE["batch_size"]), "--max-steps", str(STAGE["max_steps"]), "--lr", str(STAGE["lr"]),
+            "--seed", "0", "--lora-r", "2", "--lora-alpha", "4", "--lora-dropout", "0", "--output", str(output),
+            "--quiet", *extra]
+
+
+EXPERIMENT = {"seeds": [0], "precision": "fp32", "train": {"general": STAGE, "domain": STAGE},
+              "eval": {"batch_size": STAGE["batch_size"]}}
+
+
+@pytest.mark.parametrize("entry, method", [("lora-nu-mu", "lora-nu-mu"), ("replay", "replay"),
+                                           (["lora-mu", "ewc"], "lora-mu+ewc")])
+def test_train_and_run_give_the_same_adapter(tmp_path, model_dir, entry, method):
+    general = str(tmp_path / "general.jsonl")
+    path = write_experiment(tmp_path, model_dir, methods=[entry], **EXPERIMENT,
+                            general={"train": general, "heldout": general, "block_size": 16})
+    assert main(["run", str(path)]) == 0
+    (ran,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
+    adapter = tmp_path / "trained"
+    assert main(train_args(tmp_path, model_dir, method, adapter, "--heldout", general, "--test", TASK)) == 0
+
+    a = load_file(str(tmp_path / "out" / "adapters" / ran["run_id"] / "adapter_model.safetensors"))
+    b = load_file(str(adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+    trained = json.loads((adapter / "run.json").read_text())
+    assert trained["method"] == ran["method"] and trained["general_ppl"] == ran["general_ppl"]
+    assert trained["tasks"]["domain"] == ran["tasks"]["gen"]
+    assert [s["history"] for s in trained["stages"]] == [s["history"] for s in ran["stages"]]
+
+
+def test_train_wise_ft_records_its_variants(tmp_path, model_dir):
+    write_experiment(tmp_path, model_dir)  # writes general.jsonl
+    out = tmp_path / "wise"
+    args = train_args(tmp_path, model_dir, "{name: wise-ft, alphas: [0.5]}", out, "--heldout",
+                      str(tmp_path / "general.jsonl"), "--heldout-max-blocks", "4", "--test", TASK)
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["method"] == "wise-ft(alphas=[0.5])" and list(record["variants"]) == ["wise-ft(alpha=0.5)"]
+    variant = record["variants"]["wise-ft(alpha=0.5)"]
+    assert variant["general_ppl"] > 1 and set(variant["tasks"]) == {"domain"}
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir):
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "plain"
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out)) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("method, args, message", [
+    ("base", [], "method 'base' trains nothing"),
+    ("lora-nu-mu", ["--general", ""], "has a general stage: give the general text (--general)"),
+    ("no-such", [], "--method: methods[0]: unknown method 'no-such'"),
+    ("[lora-mu", [], "--method: invalid YAML"),
+])
+def test_train_errors_before_loading_anything(tmp_path, capsys, method, args, message):
+    rc = main(train_args(tmp_path, tmp_path / "no-model", method, tmp_path / "x", *args))
+    assert rc == 2 and message in capsys.readouterr().err
