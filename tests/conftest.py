@@ -95,18 +95,19 @@ def examples() -> list[dict]:
 
 @pytest.fixture
 def make_ctx() -> Callable[..., object]:
-    """``make_ctx(stage="domain", model=None, optimizer=None, general_examples=None, seed=0, grad_accum=1,
+    """``make_ctx(stage="domain", model=None, optimizer=None, lr=0.0, general_examples=None, seed=0, grad_accum=1,
     accelerator=None)``: a :class:`StageContext` as the loop builds it, for driving a method's hooks by hand.
 
-    With a model and no optimizer, an SGD with lr 0 over its trainable parameters stands in for one.
+    With a model and no optimizer, a plain SGD (no momentum) with learning rate ``lr`` over its trainable
+    parameters stands in for one.
     """
     from forgetless.training.config import TrainConfig
     from forgetless.training.hooks import StageContext
 
-    def build(stage: str = "domain", model: torch.nn.Module | None = None, optimizer=None, general_examples=None,
-              seed: int = 0, grad_accum: int = 1, accelerator=None) -> StageContext:
+    def build(stage: str = "domain", model: torch.nn.Module | None = None, optimizer=None, lr: float = 0.0,
+              general_examples=None, seed: int = 0, grad_accum: int = 1, accelerator=None) -> StageContext:
         if optimizer is None and model is not None:
-            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
         return StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
                             config=TrainConfig(seed=seed, precision="fp32", progress=False), grad_accum=grad_accum,
                             general_examples=general_examples)

@@ -1,4 +1,5 @@
-"""HLoRA's mathematics on tiny models: path integral (eqs 8-13), regularizer (eqs 14-16), persistence."""
+"""HLoRA's mathematics on tiny models (float64, on every device): path integral (eqs 8-13), regularizer
+(eqs 14-16), persistence."""
 
 import copy
 
@@ -7,36 +8,24 @@ import torch
 
 from forgetless.methods import resolve
 from forgetless.methods.hlora import FILENAME, HLoRA, layer_coefficients, load_importance, lora_modules
-from forgetless.models import LoraSettings, attach_lora
 from forgetless.training.batches import collate
-from forgetless.training.hooks import Method, StageContext
+from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
 from forgetless.training.loss import causal_lm_loss
-from tests.unit.tiny_model import make_tiny_model, random_examples
+from tests.unit.tiny_model import random_examples, randomize_lora_b, to_device
 
 
-def lora_model(seed=0, dtype=torch.float64, targets=("q_proj", "v_proj")):
-    model = attach_lora(make_tiny_model(seed), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=list(targets)))
-    return model.to(dtype)
-
-
-def ctx_for(model, optimizer, stage):
-    return StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=None, config=None)
-
-
-def batches(n=3, seed=0):
-    return [collate(random_examples(2, 8, seed=seed + i), pad_token_id=0) for i in range(n)]
+def batches(n=3, seed=0, device="cpu"):
+    return [to_device(collate(random_examples(2, 8, seed=seed + i), pad_token_id=0), device) for i in range(n)]
 
 
 def lora_ab(module):
     return module.lora_A["default"].weight, module.lora_B["default"].weight, float(module.scaling["default"])
 
 
-def sgd_stage(model, plugin, stage, steps, lr, data, record=None):
-    """Drive the plugin's hooks around a plain SGD loop (no momentum), as train_stage would."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
-    ctx = ctx_for(model, opt, stage)
+def sgd_stage(ctx, plugin, steps, data, record=None):
+    """Drive the plugin's hooks around the plain SGD loop of ``ctx.optimizer``, as train_stage would."""
+    model, opt = ctx.model, ctx.optimizer
     plugin.on_stage_start(ctx)
     history = []
     for t in range(steps):
@@ -58,20 +47,25 @@ def sgd_stage(model, plugin, stage, steps, lr, data, record=None):
     return ctx, history
 
 
-def randomize_b(model, seed=1, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            b = m.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * std)
+@pytest.fixture
+def general_then_domain(lora_model, make_ctx, device):
+    """``general_then_domain(**options)``: a float64 model after 3 SGD steps of HLoRA's general stage, and the plugin."""
+
+    def build(**options):
+        model = lora_model(dtype=torch.float64)
+        plugin = HLoRA(**options)
+        sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+        return model, plugin
+
+    return build
 
 
 # --------------------------------------------------------------------------------------------- eqs 8-13
-def test_paper_estimator_path_integral_matches_independent_computation():
-    model, lr, xi = lora_model(), 0.05, 1e-3
+def test_paper_estimator_path_integral_matches_independent_computation(lora_model, make_ctx, device, tol):
+    model, lr, xi = lora_model(dtype=torch.float64), 0.05, 1e-3
     plugin = HLoRA(xi=xi)
     record = []
-    sgd_stage(model, plugin, "general", 4, lr, batches(), record)
+    sgd_stage(make_ctx("general", model, lr=lr), plugin, 4, batches(device=device), record)
     final = {n: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.scaling["default"]))
              for n, m in lora_modules(model)}
     for name, (a_end, b_end, s) in final.items():
@@ -81,21 +75,22 @@ def test_paper_estimator_path_integral_matches_independent_computation():
             a1, b1 = (record[t + 1][name][:2] if t + 1 < len(record) else (a_end, b_end))
             dw, dw1 = s * b @ a, s * b1 @ a1
             g_tilde = s * (gb @ a + b @ ga - lr * gb @ ga)  # eq 11
-            assert torch.allclose(dw1 - dw, -lr * g_tilde, atol=1e-12)  # eq 11 is SGD's implied full gradient
+            assert torch.allclose(dw1 - dw, -lr * g_tilde, atol=tol(1e-12, torch.float64))  # eq 11 is SGD's implied full gradient
             omega -= g_tilde * (dw1 - dw)
         delta = s * b_end @ a_end  # B starts at zero
         expected = omega / (delta**2 + xi)  # eq 13
-        assert torch.allclose(plugin.importance[name], expected, rtol=1e-9, atol=1e-14), name
+        assert torch.allclose(plugin.importance[name], expected, rtol=tol(1e-9, torch.float64), atol=1e-14), name
         assert torch.equal(plugin.reference[name], s * b_end @ a_end) or torch.allclose(plugin.reference[name], delta)
         assert (plugin.importance[name] >= 0).all()  # under SGD omega = lr * sum |g~|^2
         assert plugin.importance[name].abs().sum() > 0
 
 
-def test_clamp_keeps_omega_nonnegative_under_adam():
-    model = lora_model(dtype=torch.float32)
+def test_clamp_keeps_omega_nonnegative_under_adam(lora_model, accelerator):
+    model = lora_model()
     plugin = HLoRA(clamp=True)
-    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, progress=False),
-                [plugin], stage="general")
+    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
+                                                           precision="fp32", progress=False),
+                [plugin], stage="general", accelerator=accelerator)
     assert all((o >= 0).all() for o in plugin.importance.values())
 
 
@@ -111,10 +106,10 @@ def _quadratic_lora(seed=0, n_in=5, n_out=6):
     return model, target
 
 
-def test_exact_estimator_path_integral_of_quadratic_loss():
+def test_exact_estimator_path_integral_of_quadratic_loss(make_ctx):
     model, w_star = _quadratic_lora()
     (name, module), = lora_modules(model)
-    randomize_b(model, std=0.3)
+    randomize_lora_b(model, std=0.3)
     w0 = module.base_layer.weight.detach()
     a, b, s = lora_ab(module)
     eye = torch.eye(w0.shape[1], dtype=torch.float64)
@@ -126,7 +121,7 @@ def test_exact_estimator_path_integral_of_quadratic_loss():
     plugin = HLoRA(estimator="exact", xi=1.0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=2e-3)
-    ctx = ctx_for(model, opt, "general")
+    ctx = make_ctx("general", model, optimizer=opt)
     plugin.on_stage_start(ctx)
     for _ in range(1500):
         y = model(eye)  # y = I W^T, so L = 1/2 ||W - W*||^2 is quadratic in the full weight
@@ -146,14 +141,12 @@ def test_exact_estimator_path_integral_of_quadratic_loss():
     assert torch.allclose(plugin.reference[name], s * b.detach() @ a.detach())
 
 
-def test_exact_full_weight_gradient_equals_autograd_of_merged_linear():
-    model = lora_model()
-    randomize_b(model)
+def test_exact_full_weight_gradient_equals_autograd_of_merged_linear(lora_model, make_ctx, device, tol):
+    model = lora_model(dtype=torch.float64, b_std=0.05)
     plugin = HLoRA(estimator="exact")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    ctx = ctx_for(model, opt, "general")
+    ctx = make_ctx("general", model)
     plugin.on_stage_start(ctx)
-    data = batches(2)
+    data = batches(2, device=device)
     for batch in data:  # two micro-batches, loss / accum as the loop does
         (causal_lm_loss(model, batch) / 2).backward()
     got = {n: g.grad_full[i].clone() for g in plugin.groups for i, n in enumerate(g.names)}
@@ -170,23 +163,15 @@ def test_exact_full_weight_gradient_equals_autograd_of_merged_linear():
     for batch in data:
         (causal_lm_loss(merged, batch) / 2).backward()
     for name, w in weights.items():
-        assert torch.allclose(got[name], w.grad, rtol=1e-8, atol=1e-12), name
+        assert torch.allclose(got[name], w.grad, rtol=tol(1e-8, torch.float64), atol=1e-12), name
     plugin.on_stage_end(ctx)
 
 
 # -------------------------------------------------------------------------------------------- eqs 14-16
-def general_then_domain_plugin(**options):
-    model = lora_model()
-    plugin = HLoRA(**options)
-    sgd_stage(model, plugin, "general", 3, 0.05, batches())
-    return model, plugin
-
-
-def test_regularizer_gradient_matches_central_differences():
-    model, plugin = general_then_domain_plugin(xi=1e-2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    plugin.on_stage_start(ctx_for(model, opt, "domain"))
-    randomize_b(model, seed=3, std=0.05)
+def test_regularizer_gradient_matches_central_differences(general_then_domain, make_ctx, tol):
+    model, plugin = general_then_domain(xi=1e-2)
+    plugin.on_stage_start(make_ctx("domain", model))
+    randomize_lora_b(model, seed=3, std=0.05)
     with torch.no_grad():
         for _, m in lora_modules(model):
             m.lora_A["default"].weight.add_(0.05 * torch.randn_like(m.lora_A["default"].weight))
@@ -207,7 +192,7 @@ def test_regularizer_gradient_matches_central_differences():
                 down = plugin.regularizer().item()
                 p[idx] = old
             fd = (up - down) / (2 * h)
-            assert abs(fd - grad[idx].item()) <= 1e-6 * max(1.0, abs(fd)), (idx, fd, grad[idx].item())
+            assert abs(fd - grad[idx].item()) <= tol(1e-6, torch.float64) * max(1.0, abs(fd)), (idx, fd, grad[idx].item())
 
 
 def test_layer_coefficients_sum_to_one_and_flatten_with_temperature():
@@ -227,12 +212,12 @@ def test_layer_coefficients_sum_to_one_and_flatten_with_temperature():
     assert torch.equal(layer_coefficients(norms, layer_wise=False), uniform)
 
 
-def test_no_layer_variant_uses_uniform_coefficients():
+def test_no_layer_variant_uses_uniform_coefficients(lora_model, make_ctx, device):
     plugin, = resolve("hlora-no-layer").plugins
     assert isinstance(plugin, HLoRA) and not plugin.layer_wise
-    model = lora_model()
-    sgd_stage(model, plugin, "general", 2, 0.05, batches())
-    ctx = ctx_for(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), "domain")
+    model = lora_model(dtype=torch.float64)
+    sgd_stage(make_ctx("general", model, lr=0.05), plugin, 2, batches(device=device))
+    ctx = make_ctx("domain", model)
     plugin.on_stage_start(ctx)
     c = ctx.extras["hlora_layer_coefficients"]
     assert len(c) == 4 and all(abs(v - 0.25) < 1e-12 for v in c.values())
@@ -240,7 +225,7 @@ def test_no_layer_variant_uses_uniform_coefficients():
     assert full.layer_wise and full.temperature == 2.0
 
 
-def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path):
+def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path, lora_model, make_ctx, device):
     from forgetless.methods import general_stage_entries
 
     # same general-stage signature (the experiment's cache key), whatever the domain-only options
@@ -250,10 +235,9 @@ def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path):
     # ... and the state one records is the state the other would have recorded
     recorded = {}
     for name in ("hlora", "hlora-no-layer"):
-        model = lora_model()
-        randomize_b(model)
+        model = lora_model(dtype=torch.float64, b_std=0.05)
         plugin, = resolve(name).plugins
-        sgd_stage(model, plugin, "general", 2, 0.05, batches())
+        sgd_stage(make_ctx("general", model, lr=0.05), plugin, 2, batches(device=device))
         plugin.save_state(tmp_path / name)
         recorded[name] = load_importance(tmp_path / name / FILENAME)
     for n, omega in recorded["hlora"]["omega"].items():
@@ -261,16 +245,15 @@ def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path):
         assert torch.equal(recorded["hlora"]["dw_ref"][n], recorded["hlora-no-layer"]["dw_ref"][n])
     uniform, = resolve("hlora-no-layer").plugins
     uniform.load_state(tmp_path / "hlora")
-    model = lora_model()
-    randomize_b(model)
-    sgd_stage(model, HLoRA(), "general", 2, 0.05, batches())
-    ctx = ctx_for(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), "domain")
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    sgd_stage(make_ctx("general", model, lr=0.05), HLoRA(), 2, batches(device=device))
+    ctx = make_ctx("domain", model)
     uniform.on_stage_start(ctx)
     assert all(abs(v - 0.25) < 1e-12 for v in ctx.extras["hlora_layer_coefficients"].values())
 
 
-def test_regularizer_zero_at_first_domain_step_and_reference_fixed():
-    model = lora_model(dtype=torch.float32)
+def test_regularizer_zero_at_first_domain_step_and_reference_fixed(lora_model, accelerator):
+    model = lora_model()
     plugin = HLoRA(phi=1.0)
 
     class Other(Method):  # composes with another plugin in the same list
@@ -281,11 +264,12 @@ def test_regularizer_zero_at_first_domain_step_and_reference_fixed():
             self.steps += 1
 
     other = Other()
-    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, progress=False)
-    train_stage(model, random_examples(8, 8), cfg, [plugin, other], stage="general")
+    cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    train_stage(model, random_examples(8, 8), cfg, [plugin, other], stage="general", accelerator=accelerator)
     ref = {n: t.clone() for n, t in plugin.reference.items()}
     res = train_stage(model, random_examples(8, 8, seed=5), TrainConfig(max_steps=4, batch_size=4, lr=1e-2,
-                                                                         progress=False), [other, plugin], stage="domain")
+                                                                         precision="fp32", progress=False),
+                      [other, plugin], stage="domain", accelerator=accelerator)
     assert other.steps == 7
     assert res.history[0]["reg_loss"] == 0.0 and res.history[0]["reg_loss_scaled"] == 0.0
     assert res.history[-1]["reg_loss"] > 0
@@ -298,8 +282,8 @@ def test_regularizer_zero_at_first_domain_step_and_reference_fixed():
 
 
 # ------------------------------------------------------------------------------------------ persistence
-def test_save_load_round_trip_float32_and_bfloat16(tmp_path):
-    model, plugin = general_then_domain_plugin()
+def test_save_load_round_trip_float32_and_bfloat16(tmp_path, general_then_domain, make_ctx):
+    model, plugin = general_then_domain()
     plugin.save_state(tmp_path / "f32")
     loaded = load_importance(tmp_path / "f32" / FILENAME)
     assert loaded["metadata"]["modules"] == list(plugin.importance) and loaded["metadata"]["steps"] == 3
@@ -318,25 +302,23 @@ def test_save_load_round_trip_float32_and_bfloat16(tmp_path):
         assert torch.allclose(low["omega"][n].double(), plugin.importance[n], rtol=2**-7, atol=0)
 
     # A fresh plugin reads the file lazily and regularizes exactly like the one that recorded it.
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for folder in ("f32", "bf16"):
         fresh = HLoRA()
         fresh.load_state(tmp_path / folder)
-        ctx = ctx_for(model, opt, "domain")
+        ctx = make_ctx("domain", model)
         fresh.on_stage_start(ctx)
         assert fresh.regularizer().item() == 0.0  # bf16 reference snapped to the adapter it continues
         assert ctx.extras["hlora_reference_snapped"]  # both stored below this float64 model's precision
 
 
-def test_load_into_mismatched_model_names_the_module(tmp_path):
-    _, plugin = general_then_domain_plugin()
+def test_load_into_mismatched_model_names_the_module(tmp_path, general_then_domain, lora_model, make_ctx):
+    _, plugin = general_then_domain()
     plugin.save_state(tmp_path)
-    other = lora_model(targets=("q_proj", "k_proj"))
+    other = lora_model(dtype=torch.float64, targets=("q_proj", "k_proj"))
     fresh = HLoRA()
     fresh.load_state(tmp_path)  # lazy: nothing checked yet
-    opt = torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.0)
     with pytest.raises(ValueError, match=r"k_proj"):
-        fresh.on_stage_start(ctx_for(other, opt, "domain"))
+        fresh.on_stage_start(make_ctx("domain", other))
 
     from safetensors.torch import load_file, save_file
 
@@ -344,33 +326,30 @@ def test_load_into_mismatched_model_names_the_module(tmp_path):
     key = next(k for k in tensors if k.endswith("layers.1.self_attn.v_proj.omega"))
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, str(tmp_path / FILENAME))
-    model = lora_model()
+    model = lora_model(dtype=torch.float64)
     fresh = HLoRA()
     fresh.load_state(tmp_path)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj"):
-        fresh.on_stage_start(ctx_for(model, opt, "domain"))
+        fresh.on_stage_start(make_ctx("domain", model))
     with pytest.raises(FileNotFoundError):
         HLoRA().load_state(tmp_path / "nowhere")
 
 
-def test_domain_without_importance_is_a_clear_error():
-    model = lora_model()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+def test_domain_without_importance_is_a_clear_error(lora_model, make_ctx):
     with pytest.raises(ValueError, match="general stage"):
-        HLoRA().on_stage_start(ctx_for(model, opt, "domain"))
+        HLoRA().on_stage_start(make_ctx("domain", lora_model()))
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def test_plots_write_png_files(tmp_path):
+def test_plots_write_png_files(tmp_path, lora_model, accelerator):
     from forgetless.reporting.hlora_plots import plot_domain_losses, plot_importance_heatmap
 
-    model = lora_model(dtype=torch.float32)
+    model = lora_model()
     plugin = HLoRA()
-    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, progress=False), [plugin],
-                stage="general")
-    res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=3, batch_size=4, progress=False), [plugin],
-                      stage="domain")
+    cfg = TrainConfig(max_steps=2, batch_size=4, precision="fp32", progress=False)
+    train_stage(model, random_examples(8, 8), cfg, [plugin], stage="general", accelerator=accelerator)
+    res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=3, batch_size=4, precision="fp32", progress=False),
+                      [plugin], stage="domain", accelerator=accelerator)
     heat, losses = tmp_path / "heat.png", tmp_path / "losses.png"
     plot_importance_heatmap(plugin.importance, heat)
     plot_domain_losses(res.history, losses)
@@ -378,12 +357,13 @@ def test_plots_write_png_files(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_importance_cost_is_recorded():
-    model = lora_model(dtype=torch.float32)
+def test_importance_cost_is_recorded(lora_model, accelerator):
+    model = lora_model()
     for estimator in ("paper", "exact"):
         plugin = HLoRA(estimator=estimator, storage_dtype="bfloat16")
-        res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, progress=False),
-                          [plugin], stage="general")
+        res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, precision="fp32",
+                                                                     progress=False),
+                          [plugin], stage="general", accelerator=accelerator)
         cost = res.extras["importance_cost"]["hlora"]
         assert cost["seconds"] > 0 and cost["steps"] == 2 and cost["tensors"] == 8
         assert cost["bytes"] == 2 * 2 * sum(t.numel() for t in plugin.importance.values())  # omega + dW_nu, bf16
