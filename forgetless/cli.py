@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgetless.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from forgetless.config import Experiment
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -72,7 +75,7 @@ def _method_entry(text: str) -> Any:
     return names[0] if len(names) == 1 else names
 
 
-def _train_experiment(args: argparse.Namespace):
+def _train_experiment(args: argparse.Namespace) -> Experiment:
     """The one-run experiment that ``forgetless train ARGS`` stands for: one method, one task, one seed, the same
     training settings for both stages."""
     from forgetless.config import (ConfigError, EvalSettings, Experiment, GeneralData, TaskSpec, TextSource,

@@ -48,7 +48,7 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 import yaml
 
 from forgetless.landscape.measure import LandscapeSettings
-from forgetless.methods import method_label, resolve
+from forgetless.methods import resolve
 from forgetless.models import DEFAULT_MODEL, LoraSettings
 from forgetless.precision import PRECISIONS
 from forgetless.training.config import TrainConfig
@@ -189,6 +189,8 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # x-...: YAML anchors only
     raw.setdefault("name", path.stem)
     raw["output"] = output or raw.get("output") or str(Path("runs") / path.stem)
+    if "landscape" in raw and raw["landscape"] is None:
+        raw["landscape"] = {}  # a bare 'landscape:' switches the section on with its defaults
     exp = read_section(Experiment, raw, str(path), "")
     exp.source = path
     if exp.general.train is None or exp.general.heldout is None:

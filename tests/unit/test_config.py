@@ -107,6 +107,8 @@ def test_a_valid_file_reads_into_the_schema(tmp_path):
     path.write_text(yaml.safe_dump({k: v for k, v in BASE.items() if k not in ("name", "output", "landscape")}))
     exp = load_experiment(path)
     assert exp.name == "exp" and exp.output == Path("runs") / "exp" and exp.landscape is None
+    path.write_text(path.read_text() + "landscape:\n")
+    assert load_experiment(path).landscape.grid == 9  # a bare section: on, with its defaults
 
 
 def test_file_level_errors(tmp_path):
