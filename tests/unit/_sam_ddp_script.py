@@ -12,18 +12,17 @@ import torch
 from accelerate import Accelerator
 
 from forgetless.methods.sam import SAM
-from forgetless.models import LoraSettings, attach_lora
 from forgetless.training.batches import collate
 from forgetless.training.hooks import StageContext
 from forgetless.training.loss import causal_lm_loss
-from tests.unit.tiny_model import make_tiny_model, random_examples
+from tests.unit.tiny_model import make_lora_model, random_examples
 
 
 def main(out: Path) -> None:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     assert accelerator.num_processes == 2 and torch.distributed.get_backend() == "gloo", "not a 2-process gloo run"
-    model = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = make_lora_model(0)
     torch.manual_seed(1)  # same non-zero B on every rank, so that A gets a gradient too
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -1,4 +1,4 @@
-"""SAM / ASAM against closed forms on quadratics, plus integration with the training loop."""
+"""SAM / ASAM against closed forms on quadratics, plus integration with the training loop (on every device)."""
 
 import os
 import shutil
@@ -12,10 +12,9 @@ import torch
 from forgetless.methods import resolve
 from forgetless.methods.hlora import HLoRA
 from forgetless.methods.sam import SAM, sam_perturbation
-from forgetless.models import LoraSettings, attach_lora
-from forgetless.training.hooks import Method, StageContext
+from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
-from tests.unit.tiny_model import make_tiny_model, random_examples
+from tests.unit.tiny_model import random_examples, to_device
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,21 +31,27 @@ def spd(n=4, seed=0):
     return m @ m.T + n * torch.eye(n, dtype=torch.float64)
 
 
-def setup(n=4, grad_accum=1, stage="domain", seed=0):
-    g = torch.Generator().manual_seed(seed + 100)
-    model = Quadratic(torch.randn(n, generator=g, dtype=torch.float64))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctx = StageContext(stage=stage, model=model, optimizer=opt, scheduler=None, accelerator=None, config=None,
-                       grad_accum=grad_accum)
-    calls = []
+@pytest.fixture
+def quadratic(make_ctx):
+    """``quadratic(n=4, grad_accum=1, stage="domain", seed=0)``: f(x) = 1/2 x^T H x as a model, an SGD (lr 0.1), the
+    stage context, a forward/backward over ``{"H": matrix}`` batches, and the points it was called at."""
 
-    def fb(batch):  # batch = {"H": matrix}: f(x) = 1/2 x^T H x
-        calls.append(model.x.detach().clone())
-        loss = 0.5 * model.x @ batch["H"] @ model.x
-        (loss / ctx.grad_accum).backward()
-        return loss.detach()
+    def build(n=4, grad_accum=1, stage="domain", seed=0):
+        g = torch.Generator().manual_seed(seed + 100)
+        model = Quadratic(torch.randn(n, generator=g, dtype=torch.float64))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ctx = make_ctx(stage, model, optimizer=opt, grad_accum=grad_accum)
+        calls = []
 
-    return model, opt, ctx, fb, calls
+        def fb(batch):
+            calls.append(model.x.detach().clone())
+            loss = 0.5 * model.x @ batch["H"] @ model.x
+            (loss / ctx.grad_accum).backward()
+            return loss.detach()
+
+        return model, opt, ctx, fb, calls
+
+    return build
 
 
 def sam_grad(h, x, rho):
@@ -54,8 +59,8 @@ def sam_grad(h, x, rho):
     return h @ (x + rho * g / g.norm())
 
 
-def test_sam_gradient_on_quadratic_is_closed_form():
-    model, _, ctx, fb, calls = setup()
+def test_sam_gradient_on_quadratic_is_closed_form(quadratic):
+    model, _, ctx, fb, calls = quadratic()
     h, rho = spd(), 0.3
     x0 = model.x.detach().clone()
     wrapped = SAM(rho=rho).wrap_forward_backward(ctx, fb)
@@ -70,8 +75,8 @@ def test_sam_gradient_on_quadratic_is_closed_form():
     assert ctx.scalars["sam_perturbed_loss"] == pytest.approx(float(0.5 * (x0 + eps) @ h @ (x0 + eps)))
 
 
-def test_sgd_step_with_sam():
-    model, opt, ctx, fb, _ = setup()
+def test_sgd_step_with_sam(quadratic):
+    model, opt, ctx, fb, _ = quadratic()
     h, rho, lr = spd(seed=1), 0.05, 0.1
     x0 = model.x.detach().clone()
     wrapped = SAM(rho=rho).wrap_forward_backward(ctx, fb)
@@ -80,8 +85,8 @@ def test_sgd_step_with_sam():
     assert torch.allclose(model.x.detach(), x0 - lr * sam_grad(h, x0, rho), atol=1e-12)
 
 
-def test_asam_formula():
-    model, _, ctx, fb, _ = setup(seed=2)
+def test_asam_formula(quadratic):
+    model, _, ctx, fb, _ = quadratic(seed=2)
     h, rho = spd(seed=2), 0.2
     x0 = model.x.detach().clone()
     SAM(rho=rho, adaptive=True).wrap_forward_backward(ctx, fb)({"H": h})
@@ -100,8 +105,8 @@ def test_norm_is_over_all_parameters_together():
     assert torch.allclose(eps[0], torch.tensor([0.6, 0.0])) and torch.allclose(eps[1], torch.tensor([0.8]))
 
 
-def test_grad_accumulation_is_mean_of_per_micro_batch_sam_gradients():
-    model, _, ctx, fb, calls = setup(grad_accum=2)
+def test_grad_accumulation_is_mean_of_per_micro_batch_sam_gradients(quadratic):
+    model, _, ctx, fb, calls = quadratic(grad_accum=2)
     h1, h2, rho = spd(seed=3), spd(seed=4), 0.1
     x0 = model.x.detach().clone()
     wrapped = SAM(rho=rho).wrap_forward_backward(ctx, fb)
@@ -114,8 +119,8 @@ def test_grad_accumulation_is_mean_of_per_micro_batch_sam_gradients():
     assert torch.allclose(calls[3], x0 + rho * h2 @ x0 / (h2 @ x0).norm(), atol=1e-12)
 
 
-def test_every_k_and_stages():
-    model, _, ctx, fb, calls = setup()
+def test_every_k_and_stages(quadratic):
+    model, _, ctx, fb, calls = quadratic()
     h = spd()
     wrapped = SAM(rho=0.1, every_k=3).wrap_forward_backward(ctx, fb)
     per_step = []
@@ -127,7 +132,7 @@ def test_every_k_and_stages():
         per_step.append(len(calls) - before)
     assert per_step == [2, 1, 1, 2, 1, 1, 2]
     # general stage: SAM is off by default (stages=("domain",)), on when asked
-    model, _, ctx, fb, calls = setup(stage="general")
+    model, _, ctx, fb, calls = quadratic(stage="general")
     SAM(rho=0.1).wrap_forward_backward(ctx, fb)({"H": h})
     assert len(calls) == 1
     SAM(rho=0.1, stages=("general", "domain")).wrap_forward_backward(ctx, fb)({"H": h})
@@ -146,10 +151,6 @@ def test_registry_composes_and_validates():
 
 
 # ------------------------------------------------------------------------------------- real (tiny) models
-def lora_model(seed=0):
-    return attach_lora(make_tiny_model(seed), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-
-
 class GradRecorder(Method):
     def __init__(self):
         self.grads = []
@@ -167,8 +168,8 @@ class ForwardCounter:
         self.count += 1
 
 
-def test_weights_restored_exactly_on_lora_model_in_bf16_params():
-    model = lora_model().to(torch.bfloat16)
+def test_weights_restored_exactly_on_lora_model_in_bf16_params(lora_model, make_ctx, device):
+    model = lora_model(dtype=torch.bfloat16)
     for n, p in model.named_parameters():
         if p.requires_grad:
             with torch.no_grad():
@@ -176,9 +177,8 @@ def test_weights_restored_exactly_on_lora_model_in_bf16_params():
     from forgetless.training.batches import collate
     from forgetless.training.loss import causal_lm_loss
 
-    batch = collate(random_examples(2, 8), pad_token_id=0)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ctx = StageContext(stage="domain", model=model, optimizer=opt, scheduler=None, accelerator=None, config=None)
+    batch = to_device(collate(random_examples(2, 8), pad_token_id=0), device)
+    ctx = make_ctx("domain", model, lr=0.1)
     before = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
 
     def fb(b):
@@ -192,28 +192,36 @@ def test_weights_restored_exactly_on_lora_model_in_bf16_params():
         assert p.grad is not None
 
 
-def _one_step(precision, methods, steps=1, grad_accum=1):
-    model = lora_model()
-    recorder = GradRecorder()
-    counter = ForwardCounter(model)
-    result = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=steps, batch_size=2, grad_accum=grad_accum,
-                                                                    lr=1e-2, precision=precision, progress=False,
-                                                                    max_grad_norm=None),
-                         [*methods, recorder], stage="domain")
-    return model, recorder.grads, counter.count, result
+@pytest.fixture
+def one_step(lora_model, accelerator):
+    """``one_step(precision, methods, steps=1, grad_accum=1)``: a domain stage of a fresh tiny LoRA model; returns the
+    model, the gradients of every step, the number of forward passes and the stage's result."""
+
+    def run(precision, methods, steps=1, grad_accum=1):
+        model = lora_model()
+        recorder = GradRecorder()
+        counter = ForwardCounter(model)
+        result = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=steps, batch_size=2,
+                                                                        grad_accum=grad_accum, lr=1e-2,
+                                                                        precision=precision, progress=False,
+                                                                        max_grad_norm=None),
+                             [*methods, recorder], stage="domain", accelerator=accelerator)
+        return model, recorder.grads, counter.count, result
+
+    return run
 
 
-def test_train_stage_passes_and_every_k_count_forward_calls():
-    _, _, plain, _ = _one_step("fp32", [], steps=4, grad_accum=2)
-    _, _, sam, result = _one_step("fp32", [SAM(rho=0.05)], steps=4, grad_accum=2)
-    _, _, sam_k, _ = _one_step("fp32", [SAM(rho=0.05, every_k=2)], steps=4, grad_accum=2)
+def test_train_stage_passes_and_every_k_count_forward_calls(one_step):
+    _, _, plain, _ = one_step("fp32", [], steps=4, grad_accum=2)
+    _, _, sam, result = one_step("fp32", [SAM(rho=0.05)], steps=4, grad_accum=2)
+    _, _, sam_k, _ = one_step("fp32", [SAM(rho=0.05, every_k=2)], steps=4, grad_accum=2)
     assert plain == 8 and sam == 16 and sam_k == 12
     assert all("sam_grad_norm" in row and "sam_perturbed_loss" in row for row in result.history)
 
 
-def test_bf16_autocast_matches_fp32():
-    _, g32, _, _ = _one_step("fp32", [SAM(rho=0.05)])
-    _, g16, _, _ = _one_step("bf16", [SAM(rho=0.05)])
+def test_bf16_autocast_matches_fp32(one_step):
+    _, g32, _, _ = one_step("fp32", [SAM(rho=0.05)])
+    _, g16, _, _ = one_step("bf16", [SAM(rho=0.05)])
     flat32 = torch.cat([g.flatten() for g in g32[0].values()])
     flat16 = torch.cat([g.flatten() for g in g16[0].values()])
     assert all(g.dtype == torch.float32 for g in g16[0].values())
@@ -222,14 +230,15 @@ def test_bf16_autocast_matches_fp32():
     # under plain SGD the update is -lr * gradient, so the updates agree to the same tolerance
 
 
-def test_composition_with_hlora_through_train_stage():
+def test_composition_with_hlora_through_train_stage(lora_model, accelerator):
     model = lora_model()
     hlora, sam = HLoRA(phi=1.0), SAM(rho=0.05)
     counter = ForwardCounter(model)
     cfg = TrainConfig(max_steps=2, batch_size=2, lr=1e-2, precision="fp32", progress=False)
-    general = train_stage(model, random_examples(8, 8), cfg, [hlora, sam], stage="general")
+    general = train_stage(model, random_examples(8, 8), cfg, [hlora, sam], stage="general", accelerator=accelerator)
     assert counter.count == 2 and "sam_grad_norm" not in general.history[0]
-    domain = train_stage(model, random_examples(8, 8, seed=1), cfg, [hlora, sam], stage="domain")
+    domain = train_stage(model, random_examples(8, 8, seed=1), cfg, [hlora, sam], stage="domain",
+                         accelerator=accelerator)
     assert counter.count == 2 + 4
     assert all("reg_loss" in row and "sam_grad_norm" in row for row in domain.history)
 
@@ -263,16 +272,16 @@ def test_two_processes_use_the_same_eps(tmp_path):
         assert torch.allclose(eps[0][k], e, atol=1e-6), k
 
 
-def test_composition_with_ewc_through_registry():
+def test_composition_with_ewc_through_registry(lora_model, accelerator):
     recipe = resolve(["ewc", {"name": "sam", "rho": 0.05}])
     assert recipe.stages == ("general", "domain") and [type(p).__name__ for p in recipe.plugins] == ["EWC", "SAM"]
     model = lora_model()
     cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, precision="fp32", progress=False)
     general = random_examples(8, 8)
-    train_stage(model, general, cfg, recipe.plugins, stage="general")
+    train_stage(model, general, cfg, recipe.plugins, stage="general", accelerator=accelerator)
     counter = ForwardCounter(model)  # after the Fisher pass at the end of the general stage
     domain = train_stage(model, random_examples(8, 8, seed=1), cfg, recipe.plugins, stage="domain",
-                         general_examples=general)
+                         general_examples=general, accelerator=accelerator)
     assert counter.count == 2 * 3  # two passes per step, the EWC penalty rides along in both
     rows = domain.history
     assert all("ewc_penalty" in r and "sam_grad_norm" in r for r in rows)
