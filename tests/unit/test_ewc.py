@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
+from forgetless.lora import lora_modules
 from forgetless.methods import REGISTRY, general_stage_entries, resolve
 from forgetless.methods.ewc import EWC, FILENAME, fisher_diagonal, load_fisher
-from forgetless.methods.hlora import HLoRA, lora_modules
+from forgetless.methods.hlora import HLoRA
 from forgetless.training.loop import TrainConfig, train_stage
 from tests.unit.tiny_model import random_examples, randomize_lora_b
 

@@ -6,8 +6,9 @@ import copy
 import pytest
 import torch
 
+from forgetless.lora import lora_modules
 from forgetless.methods import resolve
-from forgetless.methods.hlora import FILENAME, HLoRA, layer_coefficients, load_importance, lora_modules
+from forgetless.methods.hlora import FILENAME, HLoRA, layer_coefficients, load_importance
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage

@@ -19,10 +19,9 @@ from forgetless.landscape import (
     random_direction,
     surface_metrics,
 )
-from forgetless.models import LoraSettings, attach_lora
 from forgetless.reporting.flatness import flatness_rows, reference_ppl, spearman
-from tests.unit.test_experiment import tiny_model_dir, write_experiment  # noqa: F401  (fixture)
-from tests.unit.tiny_model import make_tiny_model, random_examples
+from tests.unit.test_experiment import write_experiment
+from tests.unit.tiny_model import make_lora_model, make_tiny_model, random_examples
 
 # ---------------------------------------------------------------- surface metrics on known surfaces
 
@@ -152,13 +151,8 @@ def test_eps_sharpness_reaches_the_trust_region_maximum():
 
 
 def lora_model(seed=0, r=2):
-    model = attach_lora(make_tiny_model(seed=seed), LoraSettings(r=r, alpha=2 * r, dropout=0.0))
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():  # B = 0 at initialisation: give the adapter something to be
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    # B = 0 at initialisation: give the adapter something to be
+    return make_lora_model(seed, r=r, alpha=2 * r, b_std=0.05, b_seed=seed + 7)
 
 
 def test_filter_normalized_direction_has_the_weights_row_norms():
@@ -205,7 +199,7 @@ def test_surface_sweep_restores_weights_bit_exactly(params):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     examples = random_examples(3, 12)
-    with model_objective(model, examples, params=params, batch_size=2) as obj:
+    with model_objective(model, examples, params=params, batch_size=2, precision="fp32") as obj:
         centre = obj.value()
         surface = compute_surface(model, obj.value, dims=2, params=params, steps=3, span=(-1, 1), seed=1)
     assert surface.losses[1, 1] == centre  # a = b = 0 is the model itself, exactly
@@ -221,9 +215,10 @@ def test_model_objective_is_the_mean_nll_and_its_hvp_matches_finite_differences(
     model = lora_model(seed=1).double()
     blocks = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(0))
     examples = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
-    with model_objective(model, examples, batch_size=2) as obj:
+    with model_objective(model, examples, batch_size=2, precision="fp32") as obj:
         # perplexity() takes the logits to float32 (this model is float64): equal to float32 precision
-        assert obj.value() == pytest.approx(perplexity(model, blocks, progress=False).mean_nll, rel=1e-6)
+        assert obj.value() == pytest.approx(perplexity(model, blocks, precision="fp32", progress=False).mean_nll,
+                                            rel=1e-6)
         g = torch.Generator().manual_seed(1)
         v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in obj.params]
         hv = obj.hvp(v)
@@ -265,7 +260,7 @@ def test_spearman_and_reference_ppl():
 # ---------------------------------------------------------------- CLI and experiment
 
 
-def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir):  # noqa: F811
+def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir):
     from forgetless.cli import main
 
     adapter = tmp_path / "adapter"
@@ -302,7 +297,7 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir)
         main(["landscape", "--model", str(tiny_model_dir), "--text", str(text), "--output", str(out / "x")])
 
 
-def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_dir, monkeypatch):
     from forgetless.experiment import ConfigError, load_experiment, run_experiment
 
     landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 2, "trace_samples": 1, "ascent_steps": 1}
@@ -327,7 +322,7 @@ def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_di
     assert increase == pytest.approx(tuned[0]["general_ppl"] - base[0]["general_ppl"], rel=1e-3)
     assert (out / "flatness_surface_curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    import forgetless.landscape.measure as measure
+    import forgetless.landscape_runs as measure
 
     def boom(*a, **k):
         raise AssertionError("a measured run was measured again")

@@ -4,8 +4,8 @@ the model-level tests on every device."""
 import pytest
 import torch
 
+from forgetless.lora import lora_modules
 from forgetless.methods import resolve
-from forgetless.methods.hlora import lora_modules
 from forgetless.methods.replay import Replay, replay_count, sample_indices
 from forgetless.methods.wise_ft import FILENAME, WiseFT
 from forgetless.training.loop import TrainConfig, train_stage

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
+from forgetless.lora import lora_modules
 from forgetless.methods import resolve
-from forgetless.methods.hlora import lora_modules
 from forgetless.models import LoraSettings, attach_lora
 from tests.unit.tiny_model import make_tiny_model
 
