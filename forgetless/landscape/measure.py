@@ -1,26 +1,19 @@
-"""All flatness metrics of one model on one evaluation set, and the experiment step that adds them to runs.
-
-:func:`measure_flatness` is what ``forgetless landscape --metrics`` and the experiment's ``landscape:`` section
-run. :func:`measure_runs` goes over an experiment's finished runs, loads each run's domain-stage model (its
-saved adapter), measures it on a small fixed held-out general-text set and writes the metrics into the run's
-JSON; runs that already have metrics for the same settings are skipped, so it is resumable.
-"""
+"""All flatness metrics of one model on one evaluation set: :func:`measure_flatness` is what ``forgetless landscape
+--metrics`` and the experiment's ``landscape:`` section (:mod:`forgetless.landscape_runs`) run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from forgetless.landscape.metrics import eps_sharpness, hessian_top_eigenvalue, hutchinson_trace, surface_metrics
 from forgetless.landscape.objective import model_objective
-from forgetless.landscape.surfaces import Surface, compute_surface, save_surface
+from forgetless.landscape.surfaces import Surface, compute_surface
 
 
 @dataclass
@@ -87,70 +80,3 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
         if s.rho > 0 and s.ascent_steps >= 0:
             metrics["eps_sharpness"] = eps_sharpness(objective, rho=s.rho, steps=s.ascent_steps, seed=s.seed)
     return metrics, surface
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-
-
-def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
-                 block_size: int, data_key: Any = None, progress: bool = True) -> int:
-    """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
-
-    The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
-    domain stage); a run without an adapter (``base``) is measured only with ``params: all``. The evaluation set
-    is the first ``settings.blocks`` blocks of ``heldout_texts()`` (loaded only if a run needs measuring).
-    Returns how many runs were measured.
-    """
-    from forgetless.data import lm_examples, pack_blocks
-    from forgetless.models import load_model
-    from forgetless.reporting.landscape_plots import plot_surface
-
-    block = settings.block_size or block_size
-    digest = settings.digest({"data": data_key, "block_size": block, "model": model_name})
-    paths = sorted((Path(output) / "runs").glob("*.json"))
-    todo = []
-    for path in paths:
-        record = json.loads(path.read_text())
-        if (record.get("landscape") or {}).get("digest") != digest:
-            todo.append((path, record))
-    if not todo:
-        return 0
-    print(f"landscape: measuring {len(todo)} run(s) ({len(paths) - len(todo)} already measured)")
-    examples = None
-    measured = 0
-    for path, record in todo:
-        rid = record.get("run_id", path.stem)
-        adapter = Path(output) / "adapters" / rid
-        entry: dict[str, Any] = {"digest": digest, "settings": asdict(settings) | {"block_size": block}}
-        has_adapter = (adapter / "adapter_config.json").is_file()
-        if not has_adapter and settings.params == "trainable":
-            entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
-            _write_json(path, record | {"landscape": entry})
-            continue
-        model, tokenizer = load_model(model_name)
-        if examples is None:
-            blocks = pack_blocks(heldout_texts(), tokenizer, block, max_blocks=settings.blocks)
-            examples = lm_examples(blocks)
-        if has_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        started = time.perf_counter()
-        metrics, surface = measure_flatness(model, examples, settings, progress=progress)
-        entry["metrics"] = metrics
-        entry["tokens"] = int(sum(len(e["input_ids"]) - 1 for e in examples))
-        entry["seconds"] = round(time.perf_counter() - started, 2)
-        if surface is not None and settings.save_surfaces:
-            folder = Path(output) / "landscape" / rid
-            save_surface(surface, folder / "surface.npz")
-            plot_surface(surface, folder)
-            entry["surface"] = str(Path("landscape") / rid / "surface.npz")
-        _write_json(path, record | {"landscape": entry})
-        measured += 1
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n_params")
-        print(f"    {rid}: {shown} ({entry['seconds']:.0f} s)")
-        del model
-    return measured

@@ -4,19 +4,20 @@ A method name stands for three things, any of which may be empty:
 
 * which stages run: ``base`` none, ``lora-mu`` the domain stage only, ``lora-nu-mu`` general then domain;
 * LoRA setting overrides (``rslora`` switches on rank-stabilized scaling);
-* a plugin, a :class:`~forgetless.training.hooks.Method` built from the entry's options.
+* a plugin, a :class:`~forgetless.training.hooks.Method` built from the entry's options, which are one dataclass
+  per method (:class:`~forgetless.methods.common.Options`: help text, choices, which act on the domain stage only).
 
 An experiment entry is a name (``lora-nu-mu``), a mapping with options (``{name: hlora, phi: 0.001}``)
-or a list of those that compose (``[hlora, sam]``). Adding a method is adding a file that calls
-:func:`register`; nothing else in the code changes.
+or a list of those that compose (``[hlora, sam]``). Adding a method is adding a file under ``methods/`` that calls
+:func:`register`, and one import line at the end of this file so that the registry knows it; no other code changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from forgetless.methods.common import Options
 from forgetless.training.hooks import Method
 
 GENERAL, DOMAIN = "general", "domain"
@@ -28,14 +29,33 @@ class MethodSpec:
     description: str
     stages: tuple[str, ...] | None = None  # None: no opinion; the default is general then domain
     lora: dict[str, Any] = field(default_factory=dict)
-    build: Callable[..., Method] | None = None  # build(**options) -> plugin
-    # Options that act on the domain stage only: runs differing only in them share a cached general stage.
-    domain_options: frozenset[str] = frozenset()
-    # (option, default) that weights the method's regularizer; the report sweeps it (phi, lambda).
-    weight_option: tuple[str, float] | None = None
+    plugin: type[Method] | None = None  # built as plugin(options); None: a name without a plugin (base, lora-mu)
+    # Options this name pins (hlora-no-layer: layer_wise=False); giving another value is an error.
+    fixed: dict[str, Any] = field(default_factory=dict)
     # Another method whose general stage this one's equals (same training, same recorded state): they share
     # the cached general stage, so their domain stages start from the very same adapter.
     general_as: str | None = None
+
+    @property
+    def options(self) -> type[Options] | None:
+        return self.plugin.Options if self.plugin is not None else None
+
+    @property
+    def domain_options(self) -> frozenset[str]:
+        """Options that act on the domain stage only: runs differing only in them share a cached general stage."""
+        return self.options.domain_only() if self.options is not None else frozenset()
+
+    @property
+    def weight_option(self) -> tuple[str, Any] | None:
+        """(option, default) that weights the method's regularizer; the report sweeps it (phi, lambda)."""
+        return self.options.weight_option() if self.options is not None else None
+
+    def build(self, given: dict[str, Any]) -> Method | None:
+        if self.plugin is None:
+            if given:
+                raise ValueError(f"method {self.name!r} takes no options, got {sorted(given)}")
+            return None
+        return self.plugin(self.plugin.Options.from_entry(self.name, given, self.fixed))
 
 
 @dataclass
@@ -79,7 +99,7 @@ def _normalize(entry: Any) -> list[dict[str, Any]]:
 
 
 def method_label(entry: Any) -> str:
-    """A stable, readable label: ``hlora+sam``, ``hlora(phi=0.01)``."""
+    """A stable, readable label: ``hlora+sam``, ``hlora(phi=0.01)`` (the options as given, sorted by name)."""
     parts = []
     for item in _normalize(entry):
         options = {k: v for k, v in item.items() if k != "name"}
@@ -116,13 +136,9 @@ def resolve(entry: Any) -> Recipe:
                 raise ValueError(f"methods in {method_label(entry)!r} disagree on which stages to run")
             stages = spec.stages
         lora.update(spec.lora)
-        if spec.build is not None:
-            try:
-                plugins.append(spec.build(**options))
-            except TypeError as err:
-                raise ValueError(f"bad options for method {name!r}: {err}") from err
-        elif options:
-            raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
+        plugin = spec.build(options)
+        if plugin is not None:
+            plugins.append(plugin)
     stages = (GENERAL, DOMAIN) if stages is None else stages
     if plugins and not stages:
         raise ValueError(f"{method_label(entry)!r}: a plugin method needs at least one training stage")

@@ -48,22 +48,23 @@ the examples and the sums are all-reduced.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from forgetless.lm import IGNORE_INDEX
+from forgetless.lora import DEFAULT_ADAPTER, compute_dtype, delta_weight, fan_in_fan_out, factors, lora_modules, update_shape
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.hlora import lora_modules
-from forgetless.training.batches import IGNORE_INDEX, collate
+from forgetless.methods.common import STORAGE_DTYPES, Options, StateFile, Timer, all_reduce_, check_modules, option, shard
+from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "ewc_fisher.safetensors"
+STATE = StateFile(FILENAME, "ewc", "EWC Fisher")
 ESTIMATORS = ("sampled", "empirical")
-_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SEED_OFFSET = 104729  # keeps the Fisher's subset and draws independent of the loader's shuffling stream
 
 
@@ -78,22 +79,6 @@ def _example_nll(logits: torch.Tensor, labels: torch.Tensor, estimator: str,
     else:
         y = targets[keep]
     return -logp.gather(1, y[:, None]).sum(), int(keep.sum())
-
-
-def _shard(indices: list[int]) -> list[int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return indices[dist.get_rank()::dist.get_world_size()]
-    return indices
-
-
-def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t)
 
 
 def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator: str = "sampled",
@@ -124,7 +109,7 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     finally:
         model.train(was_training)
     count = torch.tensor(float(tokens), device=device, dtype=torch.float64)
-    _all_reduce_sum(list(fisher.values()) + [count])
+    all_reduce_(list(fisher.values()) + [count], op="sum")
     for t in fisher.values():
         t.div_(max(float(count), 1.0))
     return fisher, int(count)
@@ -137,7 +122,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
     fisher: dict[str, torch.Tensor] = {}
     hooks = []
 
-    def install(key: str, module: torch.nn.Module) -> None:
+    def install(key: str, module: torch.nn.Module, transpose: bool) -> None:
         def forward_hook(mod, args, output):
             out = output[0] if isinstance(output, tuple) else output
             if not (isinstance(out, torch.Tensor) and out.requires_grad) or not args:
@@ -149,7 +134,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
                 go = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc.dtype)
                 xi = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc.dtype)
                 g = torch.bmm(go.transpose(1, 2), xi)  # G_n = sum_t g_t x_t^T, one per example: [B, out, in]
-                acc.add_(g.square().sum(0))
+                acc.add_((g.transpose(1, 2) if transpose else g).square().sum(0))  # in the base weight's layout
 
             out.register_hook(accumulate)
 
@@ -158,10 +143,10 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
     grad_inputs = []
     for name, module in modules:
         weight = module.get_base_layer().weight
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        fisher[f"{name}.base_layer.weight"] = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        grad_inputs.append(module.lora_A[adapter].weight)
-        install(f"{name}.base_layer.weight", module)
+        fisher[f"{name}.base_layer.weight"] = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype),
+                                                          device=weight.device)
+        grad_inputs.append(factors(module, adapter)[0])
+        install(f"{name}.base_layer.weight", module, fan_in_fan_out(module))
     tokens = 0
     try:
         for start in range(0, len(examples), batch_size):
@@ -207,17 +192,30 @@ def _fisher_all(model, examples, estimator, generator):
 
 def load_fisher(path: str | Path) -> dict[str, Any]:
     """Read a file written by :meth:`EWC.save_state`: ``{"fisher": {name: Tensor}, "metadata": dict}`` (CPU)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no EWC Fisher file at {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = json.loads((fh.metadata() or {}).get("ewc", "{}"))
-        fisher = {key: fh.get_tensor(key) for key in fh.keys()}
+    fisher, metadata = STATE.load(path)
     return {"fisher": fisher, "metadata": metadata}
+
+
+@dataclass(repr=False)
+class EWCOptions(Options):
+    lam: float = option(1.0, "weight of the penalty lambda * sum F (dW - dW_ref)^2", yaml="lambda", domain=True,
+                        weight=True)
+    estimator: str = option("sampled", "labels of the Fisher: drawn from the model (sampled) or observed (empirical)",
+                            choices=ESTIMATORS)
+    samples: int | None = option(128, "general examples the Fisher is computed over (null: all)")
+    batch_size: int = option(4, "examples per batched pass when computing the Fisher")
+    fisher_over: str = option("lora", "weights the Fisher covers: the LoRA target weights, or all (as EWCLoRA)",
+                              choices=("lora", "all"))
+    anchor: str = option("general", "pull towards the adapter the domain stage starts from, or towards zero",
+                         choices=("general", "zero"), domain=True)
+    storage_dtype: str = option("float32", "dtype of the saved Fisher", choices=tuple(STORAGE_DTYPES))
+    adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to regularize")
+
+    def check(self) -> None:
+        if self.lam < 0 or int(self.batch_size) < 1 or (self.samples is not None and int(self.samples) < 1):
+            raise ValueError("need lambda >= 0, batch_size >= 1 and samples >= 1 (or null for all)")
+        self.batch_size = int(self.batch_size)
+        self.samples = None if self.samples is None else int(self.samples)
 
 
 class EWC(Method):
@@ -225,31 +223,18 @@ class EWC(Method):
 
     name = "ewc"
 
-    def __init__(self, lam: float = 1.0, estimator: str = "sampled", samples: int | None = 128, batch_size: int = 4,
-                 fisher_over: str = "lora", anchor: str = "general", storage_dtype: str = "float32",
-                 adapter: str = "default") -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if fisher_over not in ("lora", "all"):
-            raise ValueError(f"fisher_over must be 'lora' or 'all', got {fisher_over!r}")
-        if anchor not in ("general", "zero"):
-            raise ValueError(f"anchor must be 'general' or 'zero', got {anchor!r}")
-        if storage_dtype not in _STORAGE:
-            raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
-        if lam < 0 or int(batch_size) < 1 or (samples is not None and int(samples) < 1):
-            raise ValueError("need lambda >= 0, batch_size >= 1 and samples >= 1 (or null for all)")
-        self.lam, self.estimator, self.fisher_over, self.anchor = float(lam), estimator, fisher_over, anchor
-        self.samples = None if samples is None else int(samples)
-        self.batch_size, self.storage_dtype, self.adapter = int(batch_size), storage_dtype, adapter
+    Options = EWCOptions
+
+    def __init__(self, options: EWCOptions | None = None, **kwargs: Any) -> None:
+        if "lambda" in kwargs:  # the YAML name; `lambda` is a Python keyword
+            kwargs["lam"] = kwargs.pop("lambda")
+        super().__init__(options, **kwargs)
         self.fisher: dict[str, torch.Tensor] = {}  # parameter name -> F
         self.metadata: dict[str, Any] = {}
         self._stage_examples: Sequence[dict] | None = None
         self._pending: Path | None = None
+        self._source = ""  # the Fisher file the domain stage read, for error messages
         self._terms: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
-
-    def __repr__(self) -> str:
-        return (f"EWC(lambda={self.lam}, estimator={self.estimator!r}, samples={self.samples}, "
-                f"fisher_over={self.fisher_over!r}, anchor={self.anchor!r})")
 
     # ----------------------------------------------------------------------------------------------- stages
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
@@ -262,8 +247,8 @@ class EWC(Method):
             self.fisher, self.metadata, self._pending = {}, {}, None
         elif ctx.stage == DOMAIN:
             if self._pending is not None:
-                loaded = load_fisher(self._pending)
-                self.fisher, self.metadata, self._pending = loaded["fisher"], loaded["metadata"], None
+                self.fisher, self.metadata = STATE.load(self._pending)
+                self._source, self._pending = str(self._pending), None
             if not self.fisher:  # no general stage in this run: the Fisher of the base model, anchored at zero
                 if not ctx.general_examples:
                     raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
@@ -285,17 +270,15 @@ class EWC(Method):
             g = torch.Generator().manual_seed(seed + _SEED_OFFSET)
             chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=g)[: self.samples].tolist()]
         model = ctx.model
-        device = next(model.parameters()).device
-        _synchronize(device)
-        started = time.perf_counter()
-        fisher, tokens = fisher_diagonal(model, _shard(chosen), self.estimator, self.fisher_over, self.batch_size,
-                                         seed + _SEED_OFFSET, self.adapter)
-        _synchronize(device)
-        seconds = time.perf_counter() - started
+        with Timer(next(model.parameters()).device) as timer:
+            fisher, tokens = fisher_diagonal(model, shard(chosen), self.estimator, self.fisher_over, self.batch_size,
+                                             seed + _SEED_OFFSET, self.adapter)
+        seconds = timer.seconds
         self.fisher = fisher
-        size = _STORAGE[self.storage_dtype].itemsize
+        size = STORAGE_DTYPES[self.storage_dtype].itemsize
         payload = sum(t.numel() * size for t in fisher.values())
         self.metadata = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+                         "options": self.options.as_dict(),
                          "estimator": self.estimator, "fisher_over": self.fisher_over, "examples": len(chosen),
                          "tokens": tokens, "stage": ctx.stage, "seconds": seconds, "dtype": self.storage_dtype,
                          "shapes": {n: list(t.shape) for n, t in fisher.items()}}
@@ -309,18 +292,16 @@ class EWC(Method):
         modules = lora_modules(ctx.model, self.adapter)
         if not modules:
             raise ValueError("EWC found no LoRA modules in the model (attach LoRA first)")
+        keys = {f"{name}.base_layer.weight": module for name, module in modules}
+        source = self._source or "computed in this run"
+        under_lora = {k: t for k, t in self.fisher.items() if k.endswith(".base_layer.weight")}  # 'all' has more
+        check_modules("EWC Fisher", source, under_lora, {k: update_shape(m, self.adapter) for k, m in keys.items()})
         for name, module in modules:
             key = f"{name}.base_layer.weight"
-            a, b = module.lora_A[self.adapter].weight, module.lora_B[self.adapter].weight
-            if key not in self.fisher:
-                raise ValueError(f"EWC Fisher has no entry for LoRA module {name!r} of this model")
-            shape = (b.shape[0], a.shape[1])
-            if tuple(self.fisher[key].shape) != shape:
-                raise ValueError(f"EWC Fisher of module {name!r} has shape {tuple(self.fisher[key].shape)}, "
-                                 f"the model's LoRA update there is {shape}")
-            dtype = torch.promote_types(a.dtype, torch.float32)
+            a = factors(module, self.adapter)[0]
+            dtype = compute_dtype(a.dtype)
             fisher = self.fisher[key].to(a.device, dtype)
-            ref = _delta_weight(module, self.adapter, dtype).detach() if self.anchor == "general" else None
+            ref = delta_weight(module, self.adapter, dtype, detach=True) if self.anchor == "general" else None
             self._terms.append((name, module, fisher, ref))
         ctx.extras["ewc_anchor"] = self.anchor
 
@@ -329,7 +310,7 @@ class EWC(Method):
         total = None
         for _, module, fisher, ref in self._terms:
             with torch.autocast(device_type=fisher.device.type, enabled=False):
-                diff = _delta_weight(module, self.adapter, fisher.dtype)
+                diff = delta_weight(module, self.adapter, fisher.dtype)
                 if ref is not None:
                     diff = diff - ref
                 term = (fisher * diff.square()).sum()
@@ -349,53 +330,21 @@ class EWC(Method):
 
     # ---------------------------------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(directory) / FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
         if self._pending is not None and not self.fisher:
-            import shutil
-
-            shutil.copyfile(self._pending, path)
+            STATE.copy(self._pending, directory)
             return
         if not self.fisher:
             raise ValueError("EWC has no Fisher to save (the general stage has not run)")
-        dtype = _STORAGE[self.storage_dtype]
-        tensors = {n: t.detach().to("cpu", dtype).contiguous() for n, t in self.fisher.items()}
-        save_file(tensors, str(path), metadata={"ewc": json.dumps(self.metadata)})
-        print(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(tensors)} tensors, "
+        path = STATE.save(directory, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
+        print(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.fisher)} tensors, "
               f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
-        path = Path(directory)
-        path = path / FILENAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no EWC Fisher file at {path}")
-        self._pending, self.fisher = path, {}
-
-
-def _delta_weight(module: torch.nn.Module, adapter: str, dtype: torch.dtype) -> torch.Tensor:
-    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    return (b.to(dtype) @ a.to(dtype)) * float(module.scaling[adapter])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _build(**options: Any) -> EWC:
-    if "lambda" in options:  # the YAML name; `lambda` is a Python keyword
-        if "lam" in options:
-            raise TypeError("give 'lambda' or 'lam', not both")
-        options["lam"] = options.pop("lambda")
-    return EWC(**options)
+        self._pending, self.fisher = STATE.locate(directory), {}
 
 
 register(MethodSpec("ewc", "EWC-LoRA: diagonal Fisher of general text on the LoRA target weights, "
-                           "lambda * sum F (dW - dW_ref)^2 on the domain stage",
-                    stages=None, build=_build, domain_options=frozenset({"lambda", "lam", "anchor"}),
-                    weight_option=("lambda", 1.0)))
+                           "lambda * sum F (dW - dW_ref)^2 on the domain stage", stages=None, plugin=EWC))
 
 __all__: Sequence[str] = ["EWC", "fisher_diagonal", "load_fisher", "FILENAME", "ESTIMATORS"]

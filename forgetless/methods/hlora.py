@@ -54,8 +54,6 @@ parameters were changed in between, detected through the tensors' version counte
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -65,11 +63,14 @@ from typing import Any
 
 import torch
 
+from forgetless.lora import (DEFAULT_ADAPTER, compute_dtype, delta_from_factors, factors, fan_in_fan_out, lora_modules,
+                             scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
+from forgetless.methods.common import STORAGE_DTYPES, Options, StateFile, Timer, all_reduce_, check_modules, option
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
-_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE = StateFile(FILENAME, "hlora", "HLoRA importance")
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Group:
     b_params: list[torch.nn.Parameter]
     scaling: torch.Tensor  # [n, 1, 1]
     dtype: torch.dtype
+    fan_in_fan_out: bool  # base weights stored [in, out] (GPT-2 Conv1D): dW is (B A)^T
     # general stage
     omega: torch.Tensor | None = None  # [n, out, in]
     dw_start: torch.Tensor | None = None
@@ -106,40 +108,32 @@ class _Group:
         return torch.stack(a).to(self.dtype), torch.stack(b).to(self.dtype)
 
     def delta_weight(self, detach: bool = True) -> torch.Tensor:
-        """dW = s * B @ A for all modules of the group at once: [n, out, in]."""
+        """dW = s * B @ A for all modules of the group at once: [n, *base weight shape] (one batched matmul)."""
         a, b = self.stacked(detach)
-        return torch.bmm(b, a) * self.scaling.to(device=a.device, dtype=self.dtype)
+        return delta_from_factors(a, b, self.scaling, self.fan_in_fan_out, self.dtype)
+
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A [n, out, in] tensor in the base weight's layout."""
+        return t.transpose(1, 2) if self.fan_in_fan_out else t
 
     def current_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.a_params) + tuple(p._version for p in self.b_params)
 
 
-def lora_modules(model: torch.nn.Module, adapter: str = "default") -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every PEFT LoRA layer with a Linear-style ``adapter`` (A: [r, in], B: [out, r])."""
-    from peft.tuners.lora import LoraLayer
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
-            if getattr(module, "fan_in_fan_out", False):
-                raise ValueError(f"{name} uses fan_in_fan_out (Conv1D); only nn.Linear bases are supported")
-            found.append((name, module))
-    return found
-
-
 def _build_groups(model: torch.nn.Module, adapter: str) -> list[_Group]:
     by_key: dict[tuple, list[tuple[str, torch.nn.Module]]] = {}
     for name, module in lora_modules(model, adapter):
-        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        by_key.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, str(a.device)), []).append((name, module))
+        a, b = factors(module, adapter)
+        key = (tuple(a.shape), tuple(b.shape), a.dtype, str(a.device), fan_in_fan_out(module))
+        by_key.setdefault(key, []).append((name, module))
     groups = []
-    for (_, _, dtype, _), items in by_key.items():
+    for (_, _, dtype, _, fan), items in by_key.items():
         modules = [m for _, m in items]
         groups.append(_Group(
             names=[n for n, _ in items], modules=modules,
-            a_params=[m.lora_A[adapter].weight for m in modules], b_params=[m.lora_B[adapter].weight for m in modules],
-            scaling=torch.tensor([float(m.scaling[adapter]) for m in modules]).view(-1, 1, 1),
-            dtype=torch.promote_types(dtype, torch.float32)))
+            a_params=[factors(m, adapter)[0] for m in modules], b_params=[factors(m, adapter)[1] for m in modules],
+            scaling=torch.tensor([scaling(m, adapter) for m in modules]).view(-1, 1, 1),
+            dtype=compute_dtype(dtype), fan_in_fan_out=fan))
     return groups
 
 
@@ -169,24 +163,38 @@ def load_importance(path: str | Path) -> dict[str, Any]:
     Returns ``{"omega": {module: Tensor}, "dw_ref": {module: Tensor}, "metadata": dict}`` (tensors in the
     stored dtype, on the CPU).
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no HLoRA importance file at {path}")
-    omega, ref = {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("hlora", "{}"))
-        for key in f.keys():
-            name, kind = key.rsplit(".", 1)
-            (omega if kind == "omega" else ref)[name] = f.get_tensor(key)
-    names = metadata.get("modules") or sorted(omega)
-    for name in names:
+    tensors, metadata = STATE.load(path)
+    omega: dict[str, torch.Tensor] = {}
+    ref: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name, kind = key.rsplit(".", 1)
+        (omega if kind == "omega" else ref)[name] = tensor
+    for name in metadata.get("modules") or sorted(omega):
         if name not in omega or name not in ref:
-            raise ValueError(f"HLoRA importance file {path} lacks omega or dw_ref of module {name!r}")
+            raise ValueError(f"HLoRA importance file {STATE.locate(path)} lacks omega or dw_ref of module {name!r}")
     return {"omega": omega, "dw_ref": ref, "metadata": metadata}
+
+
+@dataclass(repr=False)
+class HLoRAOptions(Options):
+    phi: float = option(1e-3, "weight of the regularizer (eq 16)", domain=True, weight=True)
+    xi: float = option(1e-3, "damping of the importance normalisation Omega = omega / (Delta^2 + xi) (eq 13)")
+    temperature: float = option(DEFAULT_TEMPERATURE, "temperature of the layer coefficients' softmax (eq 15)",
+                                domain=True)
+    norm_scale: str = option("max", "divide the importance norms by their max, mean or nothing before eq 15",
+                             choices=("max", "mean", "none"), domain=True)
+    layer_wise: bool = option(True, "layer coefficients by eq 15 (False: uniform)", domain=True)
+    clamp: bool = option(False, "clamp omega at zero after each step (the authors' code)")
+    estimator: str = option("paper", "the full-weight gradient of the path integral: eq 11 or exact (hooks)",
+                            choices=("paper", "exact"))
+    storage_dtype: str = option("float32", "dtype of the saved importance", choices=tuple(STORAGE_DTYPES))
+    adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to regularize")
+    snap_reference: bool = option(True, "use the adapter itself as dW_nu when a reduced-precision reference "
+                                        "matches it", domain=True)
+
+    def check(self) -> None:
+        if self.temperature <= 0 or self.xi < 0 or self.phi < 0:
+            raise ValueError("need temperature > 0, xi >= 0, phi >= 0")
 
 
 class HLoRA(Method):
@@ -194,20 +202,10 @@ class HLoRA(Method):
 
     name = "hlora"
 
-    def __init__(self, phi: float = 1e-3, xi: float = 1e-3, temperature: float = DEFAULT_TEMPERATURE, norm_scale: str = "max",
-                 layer_wise: bool = True, clamp: bool = False, estimator: str = "paper",
-                 storage_dtype: str = "float32", adapter: str = "default", snap_reference: bool = True) -> None:
-        if estimator not in ("paper", "exact"):
-            raise ValueError(f"estimator must be 'paper' or 'exact', got {estimator!r}")
-        if storage_dtype not in _STORAGE:
-            raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE)}, got {storage_dtype!r}")
-        if norm_scale not in ("max", "mean", "none"):
-            raise ValueError(f"norm_scale must be 'max', 'mean' or 'none', got {norm_scale!r}")
-        if temperature <= 0 or xi < 0 or phi < 0:
-            raise ValueError("need temperature > 0, xi >= 0, phi >= 0")
-        self.phi, self.xi, self.temperature, self.norm_scale = float(phi), float(xi), float(temperature), norm_scale
-        self.layer_wise, self.clamp, self.estimator = bool(layer_wise), bool(clamp), estimator
-        self.storage_dtype, self.adapter, self.snap_reference = storage_dtype, adapter, bool(snap_reference)
+    Options = HLoRAOptions
+
+    def __init__(self, options: HLoRAOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.groups: list[_Group] = []
         # Per-module results of the general stage (views into the groups' stacked tensors, or loaded ones).
         self.importance: dict[str, torch.Tensor] = {}
@@ -215,12 +213,9 @@ class HLoRA(Method):
         self.metadata: dict[str, Any] = {}
         self.steps = 0
         self._pending: Path | None = None
+        self._source = ""  # the importance file the domain stage read, for error messages
         self._model_name = ""
-        self._seconds = 0.0  # wall time of recording importance (the report's cost table)
-
-    def __repr__(self) -> str:
-        return (f"HLoRA(phi={self.phi}, xi={self.xi}, temperature={self.temperature}, norm_scale={self.norm_scale!r}, "
-                f"layer_wise={self.layer_wise}, clamp={self.clamp}, estimator={self.estimator!r})")
+        self._timer = Timer()  # wall time of recording importance (the report's cost table)
 
     # ----------------------------------------------------------------------------------------------- stages
     def on_stage_start(self, ctx: StageContext) -> None:
@@ -230,7 +225,7 @@ class HLoRA(Method):
             raise ValueError("HLoRA found no LoRA modules in the model (attach LoRA first)")
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
-            self.steps, self._seconds = 0, 0.0
+            self.steps, self._timer = 0, Timer(self.groups[0].device)
             self.importance, self.reference = {}, {}
             if self.estimator == "exact":
                 self._install_hooks()
@@ -243,8 +238,8 @@ class HLoRA(Method):
         self._remove_hooks()
         if ctx.stage != GENERAL:
             return
-        started = _now(self.groups)
         norms = {}
+        self._timer.__enter__()
         for g in self.groups:
             dw_end = g.delta_weight()
             if g.omega is None:  # no step was taken
@@ -257,10 +252,11 @@ class HLoRA(Method):
                 norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
             g.omega = g.dw_start = g.dw_prev = g.g_est = g.grad_full = None
         ctx.extras["hlora_importance_norms"] = norms
-        self._seconds += _now(self.groups) - started + sum(g.hook_seconds for g in self.groups)
-        size = _STORAGE[self.storage_dtype].itemsize
+        self._timer.__exit__()
+        seconds = self._timer.seconds + sum(g.hook_seconds for g in self.groups)
+        size = STORAGE_DTYPES[self.storage_dtype].itemsize
         ctx.extras.setdefault("importance_cost", {})["hlora"] = {
-            "what": f"path-integral importance ({self.estimator} estimator) + dW_nu", "seconds": self._seconds,
+            "what": f"path-integral importance ({self.estimator} estimator) + dW_nu", "seconds": seconds,
             "bytes": sum(2 * t.numel() * size for t in self.importance.values()), "steps": self.steps,
             "tensors": 2 * len(self.importance)}
         self.metadata = self._describe()
@@ -269,46 +265,48 @@ class HLoRA(Method):
     def before_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.stage != GENERAL:
             return
-        started = _now(self.groups)
-        eta = ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
-        for g in self.groups:
+        with self._timer:
+            eta = ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
+            for g in self.groups:
+                self._estimate_gradient(g, eta)
+
+    def _estimate_gradient(self, g: _Group, eta: float) -> None:
+        """g~ of this step for every module of the group, in the base weight's layout; dW(t) if it is not known."""
+        if g.omega is None:
+            g.scaling = g.scaling.to(g.device, g.dtype)
+            dw = g.delta_weight()
+            g.omega, g.dw_start, g.dw_prev = torch.zeros_like(dw), dw.clone(), dw
+        elif g.versions != g.current_versions():  # someone moved A/B after our last look: recompute dW(t)
+            g.dw_prev = g.delta_weight()
+        if self.estimator == "paper":
             a, b = g.stacked()
-            if g.omega is None:
-                dw = torch.bmm(b, a) * g.scaling.to(a.device, g.dtype)
-                g.scaling = g.scaling.to(a.device, g.dtype)
-                g.omega, g.dw_start, g.dw_prev = torch.zeros_like(dw), dw.clone(), dw
-            elif g.versions != g.current_versions():  # someone moved A/B after our last look: recompute dW(t)
-                g.dw_prev = torch.bmm(b, a) * g.scaling
-            if self.estimator == "paper":
-                ga = torch.stack([_grad(p) for p in g.a_params]).to(g.dtype)
-                gb = torch.stack([_grad(p) for p in g.b_params]).to(g.dtype)
-                # g~ = s (g_B A + B g_A - eta g_B g_A) = s (g_B (A - eta g_A) + B g_A)   (eq 11)
-                g.g_est = torch.baddbmm(torch.bmm(b, ga), gb, a - eta * ga) * g.scaling
-            else:
-                if g.grad_full is None:
-                    g.grad_full = torch.zeros_like(g.dw_prev)
-                _all_reduce_mean(g.grad_full)
-                g.g_est = g.grad_full
-        self._seconds += _now(self.groups) - started
+            ga = torch.stack([_grad(p) for p in g.a_params]).to(g.dtype)
+            gb = torch.stack([_grad(p) for p in g.b_params]).to(g.dtype)
+            # g~ = s (g_B A + B g_A - eta g_B g_A) = s (g_B (A - eta g_A) + B g_A)   (eq 11)
+            g.g_est = g.layout(torch.baddbmm(torch.bmm(b, ga), gb, a - eta * ga) * g.scaling)
+        else:
+            if g.grad_full is None:
+                g.grad_full = torch.zeros_like(g.dw_prev)
+            all_reduce_([g.grad_full])
+            g.g_est = g.grad_full
 
     def after_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.stage != GENERAL:
             return
-        started = _now(self.groups)
-        for g in self.groups:
-            if g.g_est is None:
-                continue
-            dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
-            # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
-            g.omega.add_(g.dw_prev.sub_(dw_next).mul_(g.g_est))
-            if self.clamp:
-                g.omega.clamp_(min=0)
-            g.dw_prev, g.versions = dw_next, g.current_versions()
-            if g.grad_full is not None:
-                g.grad_full.zero_()
-            g.g_est = None
+        with self._timer:
+            for g in self.groups:
+                if g.g_est is None:
+                    continue
+                dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
+                # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
+                g.omega.add_(g.dw_prev.sub_(dw_next).mul_(g.g_est))
+                if self.clamp:
+                    g.omega.clamp_(min=0)
+                g.dw_prev, g.versions = dw_next, g.current_versions()
+                if g.grad_full is not None:
+                    g.grad_full.zero_()
+                g.g_est = None
         self.steps += 1
-        self._seconds += _now(self.groups) - started
 
     def _install_hooks(self) -> None:
         for g in self.groups:
@@ -327,7 +325,7 @@ class HLoRA(Method):
             loaded = load_importance(self._pending)
             self.importance, self.reference, self.metadata = loaded["omega"], loaded["dw_ref"], loaded["metadata"]
             self.steps = int(self.metadata.get("steps", 0))
-            self._pending = None
+            self._source, self._pending = str(self._pending), None
         if not self.importance:
             raise ValueError("HLoRA's domain stage needs importance: run the general stage with HLoRA first, "
                              "or load_state() a folder with " + FILENAME)
@@ -354,21 +352,10 @@ class HLoRA(Method):
         ctx.extras["hlora_reference_snapped"] = snapped
 
     def _validate(self) -> None:
-        have = {n: (tuple(g.b_params[i].shape[:1]) + tuple(g.a_params[i].shape[1:]))
-                for g in self.groups for i, n in enumerate(g.names)}
-        for name, shape in have.items():
-            if name not in self.importance:
-                raise ValueError(f"HLoRA importance has no entry for LoRA module {name!r} of this model")
-            for kind, table in (("omega", self.importance), ("dw_ref", self.reference)):
-                if name not in table:
-                    raise ValueError(f"HLoRA importance lacks {kind} of module {name!r}")
-                if tuple(table[name].shape) != shape:
-                    raise ValueError(f"HLoRA {kind} of module {name!r} has shape {tuple(table[name].shape)}, "
-                                     f"the model's LoRA update there is {shape}")
-        extra = sorted(set(self.importance) - set(have))
-        if extra:
-            raise ValueError(f"HLoRA importance has module {extra[0]!r} that this model has no LoRA layer for "
-                             f"({len(extra)} such modules)")
+        source = self._source or "recorded in this run"
+        have = {n: update_shape(m, self.adapter) for g in self.groups for n, m in zip(g.names, g.modules)}
+        check_modules("HLoRA importance (omega)", source, self.importance, have)
+        check_modules("HLoRA importance (dw_ref)", source, self.reference, have)
 
     def _update_coefficients(self, ctx: StageContext) -> None:
         norms = torch.cat([torch.linalg.vector_norm(g.importance.flatten(1), dim=1).float().cpu() for g in self.groups])
@@ -405,63 +392,33 @@ class HLoRA(Method):
         names = [n for g in self.groups for n in g.names]
         return {"model": self._model_name, "modules": names,
                 "shapes": {n: list(self.importance[n].shape) for n in names}, "steps": self.steps,
-                "estimator": self.estimator, "dtype": self.storage_dtype, "xi": self.xi, "clamp": self.clamp,
-                "adapter": self.adapter}
+                "options": self.options.as_dict(), "estimator": self.estimator, "dtype": self.storage_dtype,
+                "xi": self.xi, "clamp": self.clamp, "adapter": self.adapter}
 
     def save_state(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
         if self._pending is not None and not self.importance:
-            self._copy_pending(Path(directory))
+            STATE.copy(self._pending, directory)
             return
         if not self.importance:
             raise ValueError("HLoRA has no importance to save (the general stage has not run)")
-        dtype = _STORAGE[self.storage_dtype]
         tensors = {}
         for name in self.importance:
-            tensors[f"{name}.omega"] = self.importance[name].detach().to("cpu", dtype).contiguous()
-            tensors[f"{name}.dw_ref"] = self.reference[name].detach().to("cpu", dtype).contiguous()
+            tensors[f"{name}.omega"] = self.importance[name]
+            tensors[f"{name}.dw_ref"] = self.reference[name]
         meta = dict(self.metadata or self._describe())
         meta["dtype"] = self.storage_dtype
-        path = Path(directory) / FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"hlora": json.dumps(meta)})
+        path = STATE.save(directory, tensors, meta, STORAGE_DTYPES[self.storage_dtype])
         print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
               f"{self.storage_dtype})")
 
-    def _copy_pending(self, directory: Path) -> None:
-        import shutil
-
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._pending, directory / FILENAME)
-
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
-        path = Path(directory)
-        path = path / FILENAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no HLoRA importance file at {path}")
-        self._pending = path
+        self._pending = STATE.locate(directory)
         self.importance, self.reference = {}, {}
-
-
-def _now(groups: Sequence[_Group]) -> float:
-    """A wall-clock reading after the device's queued work is done (CUDA runs asynchronously)."""
-    if groups and groups[0].device.type == "cuda":
-        torch.cuda.synchronize(groups[0].device)
-    return time.perf_counter()
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-
-
-def _all_reduce_mean(t: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t.div_(dist.get_world_size())
 
 
 class _ExactGradHook:
@@ -482,31 +439,22 @@ class _ExactGradHook:
             started = time.perf_counter()  # not synchronized: inside backward, approximate on CUDA
             if group.grad_full is None:
                 n, r_in = len(group.names), group.a_params[0].shape[1]
-                group.grad_full = torch.zeros(n, group.b_params[0].shape[0], r_in, dtype=group.dtype,
-                                              device=grad_out.device)
+                shape = group.layout(torch.empty(n, group.b_params[0].shape[0], r_in, device="meta")).shape
+                group.grad_full = torch.zeros(shape, dtype=group.dtype, device=grad_out.device)
             go = grad_out.reshape(-1, grad_out.shape[-1]).to(group.dtype)
-            group.grad_full[index].addmm_(go.T, x.reshape(-1, x.shape[-1]).to(group.dtype))
+            xs = x.reshape(-1, x.shape[-1]).to(group.dtype)
+            if group.fan_in_fan_out:  # y = x W with W [in, out]: dL/dW = x^T g
+                group.grad_full[index].addmm_(xs.T, go)
+            else:  # y = x W^T with W [out, in]: dL/dW = g^T x
+                group.grad_full[index].addmm_(go.T, xs)
             group.hook_seconds += time.perf_counter() - started
 
         out.register_hook(accumulate)
 
 
-def _build(layer_wise: bool):
-    def build(**options: Any) -> HLoRA:
-        if not layer_wise and options.get("layer_wise", False):
-            raise TypeError("hlora-no-layer is uniform by definition; use hlora for layer_wise")
-        options.setdefault("layer_wise", layer_wise)
-        return HLoRA(**options)
-
-    return build
-
-
-_DOMAIN_OPTIONS = frozenset({"phi", "temperature", "norm_scale", "layer_wise", "snap_reference"})
 register(MethodSpec("hlora", "HLoRA: element-wise path-integral importance on nu, layer-weighted quadratic pull on mu",
-                    stages=(GENERAL, DOMAIN), build=_build(True), domain_options=_DOMAIN_OPTIONS,
-                    weight_option=("phi", 1e-3)))
+                    stages=(GENERAL, DOMAIN), plugin=HLoRA))
 register(MethodSpec("hlora-no-layer", "HLoRA with uniform layer coefficients (element-wise regularization only)",
-                    stages=(GENERAL, DOMAIN), build=_build(False), domain_options=_DOMAIN_OPTIONS,
-                    weight_option=("phi", 1e-3), general_as="hlora"))
+                    stages=(GENERAL, DOMAIN), plugin=HLoRA, fixed={"layer_wise": False}, general_as="hlora"))
 
-__all__: Sequence[str] = ["HLoRA", "layer_coefficients", "load_importance", "lora_modules", "FILENAME"]
+__all__: Sequence[str] = ["HLoRA", "HLoRAOptions", "layer_coefficients", "load_importance", "lora_modules", "FILENAME"]

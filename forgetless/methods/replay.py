@@ -18,11 +18,12 @@ is spent on general text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from forgetless.methods import DOMAIN, MethodSpec, register
+from forgetless.methods.common import Options, option
 from forgetless.training.hooks import Method, StageContext
 
 _SEED_OFFSET = 7919  # keeps the replay sample independent of the loader's shuffling stream
@@ -42,17 +43,18 @@ def sample_indices(n_pool: int, k: int, seed: int) -> list[int]:
     return out
 
 
+@dataclass(repr=False)
+class ReplayOptions(Options):
+    fraction: float = option(0.25, "share of the domain stage's training examples that are general text, in [0, 1)")
+
+    def check(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"replay fraction must be in [0, 1), got {self.fraction}")
+
+
 class Replay(Method):
     name = "replay"
-
-    def __init__(self, fraction: float = 0.25) -> None:
-        fraction = float(fraction)
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"replay fraction must be in [0, 1), got {fraction}")
-        self.fraction = fraction
-
-    def __repr__(self) -> str:
-        return f"Replay(fraction={self.fraction})"
+    Options = ReplayOptions
 
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
         if ctx.stage != DOMAIN or self.fraction == 0.0:
@@ -68,11 +70,7 @@ class Replay(Method):
         return list(examples) + replayed
 
 
-def _build(**options: Any) -> Replay:
-    return Replay(**options)
-
-
 register(MethodSpec("replay", "rehearsal: a fraction of general-text examples mixed into the domain stage",
-                    stages=None, build=_build))
+                    stages=None, plugin=Replay))
 
 __all__ = ["Replay", "replay_count", "sample_indices"]

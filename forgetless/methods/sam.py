@@ -60,37 +60,14 @@ micro-batch's mean loss), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
+from forgetless.methods.common import Options, all_reduce_, option, world_size
 from forgetless.training.hooks import Batch, ForwardBackward, Method, StageContext
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` (float32) over processes in one flat all-reduce; no-op for one process."""
-    import torch.distributed as dist
-
-    world = _world_size()
-    if world <= 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    start = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[start:start + n].view_as(t))
-        start += n
 
 
 def sam_perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
@@ -113,30 +90,38 @@ def sam_perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     return eps, norm
 
 
+@dataclass(repr=False)
+class SAMOptions(Options):
+    rho: float = option(0.05, "radius of the worst-case perturbation (eq 2)")
+    adaptive: bool = option(False, "ASAM: perturbation scaled element-wise by |w| (scale-invariant)")
+    every_k: int = option(1, "SAM on one optimizer step in every_k, plain steps otherwise (cheaper)")
+    stages: list[str] = option([DOMAIN], "stages SAM runs on (general, domain)")
+    record_eps: bool = option(False, "keep the last perturbation (tests, diagnostics)")
+
+    def check(self) -> None:
+        if self.rho < 0:
+            raise ValueError(f"SAM rho must be >= 0, got {self.rho}")
+        self.every_k = int(self.every_k)
+        if self.every_k < 1:
+            raise ValueError(f"SAM every_k must be >= 1, got {self.every_k}")
+        self.stages = [self.stages] if isinstance(self.stages, str) else list(self.stages)
+        bad = [s for s in self.stages if s not in (GENERAL, DOMAIN)]
+        if bad:
+            raise ValueError(f"SAM stages must be among {(GENERAL, DOMAIN)}, got {bad}")
+
+
 class SAM(Method):
     """Sharpness-aware minimization as a wrapper of the loop's forward/backward (two passes per micro-batch)."""
 
     name = "sam"
+    Options = SAMOptions
 
-    def __init__(self, rho: float = 0.05, adaptive: bool = False, every_k: int = 1,
-                 stages: Sequence[str] = (DOMAIN,), record_eps: bool = False) -> None:
-        if rho < 0:
-            raise ValueError(f"SAM rho must be >= 0, got {rho}")
-        if int(every_k) < 1:
-            raise ValueError(f"SAM every_k must be >= 1, got {every_k}")
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        bad = [s for s in stages if s not in (GENERAL, DOMAIN)]
-        if bad:
-            raise ValueError(f"SAM stages must be among {(GENERAL, DOMAIN)}, got {bad}")
-        self.rho, self.adaptive, self.every_k, self.stages = float(rho), bool(adaptive), int(every_k), stages
-        self.record_eps = bool(record_eps)
+    def __init__(self, options: SAMOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
         self.last_eps: dict[str, torch.Tensor] | None = None  # filled when record_eps (tests, diagnostics)
         self._norms: list[float] = []
         self._perturbed = 0.0
         self._step_seen: int | None = None
-
-    def __repr__(self) -> str:
-        return f"SAM(rho={self.rho}, adaptive={self.adaptive}, every_k={self.every_k}, stages={self.stages})"
 
     def active(self, ctx: StageContext) -> bool:
         return ctx.stage in self.stages and self.rho > 0 and ctx.step % self.every_k == 0
@@ -166,10 +151,10 @@ class SAM(Method):
         grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float().clone()
                  for p in params]
         stash_present = [i for i, s in enumerate(stash) if s is not None]
-        if _world_size() > 1:
+        if world_size() > 1:
             # One buffer: ascent gradients, then the (possibly unsynchronized) stash of earlier micro-batches.
             stash32 = [stash[i].detach().float() for i in stash_present]
-            _all_reduce_mean_(grads + stash32)
+            all_reduce_(grads + stash32)
             for i, s32 in zip(stash_present, stash32):
                 stash[i] = s32.to(stash[i].dtype)
         eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
@@ -201,11 +186,7 @@ class SAM(Method):
         return loss
 
 
-def _build(**options: Any) -> SAM:
-    return SAM(**options)
-
-
 register(MethodSpec("sam", "SAM / ASAM: gradient at the worst-case perturbation w + rho g/||g|| (domain stage by "
-                           "default); composes with lora-mu, lora-nu-mu, hlora", stages=None, build=_build))
+                           "default); composes with lora-mu, lora-nu-mu, hlora", stages=None, plugin=SAM))
 
 __all__ = ["SAM", "sam_perturbation"]

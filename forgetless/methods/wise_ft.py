@@ -29,16 +29,19 @@ evaluates each one and stores it in ``RunResult.variants``. theta_nu is saved wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from forgetless.lora import DEFAULT_ADAPTER, base_weight, delta_from_factors, fan_in_fan_out, lora_modules, scaling
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
+from forgetless.methods.common import Options, StateFile, option
 from forgetless.training.hooks import Method, StageContext
 
 FILENAME = "wise_ft_theta_nu.safetensors"
+STATE = StateFile(FILENAME, "wise_ft", "wise-ft theta_nu")
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -50,21 +53,28 @@ def interpolate(nu: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tenso
     return (1.0 - alpha) * nu.float() + alpha * mu.float()
 
 
-class WiseFT(Method):
-    name = "wise-ft"
+@dataclass(repr=False)
+class WiseFTOptions(Options):
+    alphas: list[float] = option([0.25, 0.5, 0.75], "interpolation coefficients to evaluate (0: theta_nu, 1: theta_mu)")
+    space: str = option("weights", "interpolate the full-weight updates (eq 1) or the factors A, B (for comparison)",
+                        choices=("weights", "factors"))
+    adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to interpolate")
 
-    def __init__(self, alphas: Sequence[float] | float = (0.25, 0.5, 0.75), space: str = "weights") -> None:
-        alphas = [alphas] if isinstance(alphas, (int, float)) else list(alphas)
+    def check(self) -> None:
+        alphas = [self.alphas] if isinstance(self.alphas, (int, float, str)) else list(self.alphas)
         if not alphas:
             raise ValueError("wise-ft needs at least one alpha")
-        if space not in ("weights", "factors"):
-            raise ValueError(f"wise-ft space must be 'weights' or 'factors', got {space!r}")
         self.alphas = [float(a) for a in alphas]
-        self.space = space
-        self.theta_nu: dict[str, torch.Tensor] | None = None
 
-    def __repr__(self) -> str:
-        return f"WiseFT(alphas={self.alphas}, space={self.space!r})"
+
+class WiseFT(Method):
+    name = "wise-ft"
+    Options = WiseFTOptions
+
+    def __init__(self, options: WiseFTOptions | None = None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        self.theta_nu: dict[str, torch.Tensor] | None = None
+        self._pending: Path | None = None
 
     def _snapshot(self, ctx: StageContext) -> None:
         self.theta_nu = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
@@ -74,7 +84,12 @@ class WiseFT(Method):
             self._snapshot(ctx)
 
     def on_stage_start(self, ctx: StageContext) -> None:
-        if ctx.stage == DOMAIN and self.theta_nu is None:  # no general stage: theta_nu = weights before the domain
+        if ctx.stage != DOMAIN:
+            return
+        if self._pending is not None:
+            self.theta_nu, _ = STATE.load(self._pending)
+            self._pending = None
+        if self.theta_nu is None:  # no general stage: theta_nu = weights before the domain stage
             self._snapshot(ctx)
 
     @contextlib.contextmanager
@@ -90,18 +105,19 @@ class WiseFT(Method):
         in_pairs = {key for _, a_key, b_key in merged for key in (a_key, b_key)}
         direct = [n for n in self.theta_nu if n not in in_pairs]
         kept = {n: params[n].detach().clone() for n in direct}
-        bases = {id(m): m.get_base_layer().weight.detach().clone() for m, _, _ in merged}
+        bases = {id(m): base_weight(m).detach().clone() for m, _, _ in merged}
         try:
             with torch.no_grad():
                 for n in direct:
                     p = params[n]
                     p.copy_(interpolate(self.theta_nu[n].to(p.device), kept[n], alpha).to(p.dtype))
                 for module, a_key, b_key in merged:
-                    weight = module.get_base_layer().weight
-                    scale = float(module.scaling["default"])
+                    weight = base_weight(module)
                     a_nu, b_nu = (self.theta_nu[k].to(weight.device).float() for k in (a_key, b_key))
                     a_mu, b_mu = params[a_key].float(), params[b_key].float()
-                    shift = (1.0 - alpha) * scale * (b_nu @ a_nu - b_mu @ a_mu)
+                    s, fan = scaling(module, self.adapter), fan_in_fan_out(module)
+                    shift = (1.0 - alpha) * s * (delta_from_factors(a_nu, b_nu, 1.0, fan)
+                                                 - delta_from_factors(a_mu, b_mu, 1.0, fan))
                     weight.copy_((weight.float() + shift).to(weight.dtype))
             yield
         finally:
@@ -109,15 +125,13 @@ class WiseFT(Method):
                 for n, w in kept.items():
                     params[n].copy_(w)
                 for module, _, _ in merged:
-                    module.get_base_layer().weight.copy_(bases[id(module)])
+                    base_weight(module).copy_(bases[id(module)])
 
     def _lora_pairs(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str]]:
         """(module, A's name, B's name) of every LoRA layer whose factors theta_nu holds."""
-        from forgetless.methods.hlora import lora_modules
-
         pairs = []
-        for name, module in lora_modules(model):
-            a_key, b_key = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
+        for name, module in lora_modules(model, self.adapter):
+            a_key, b_key = f"{name}.lora_A.{self.adapter}.weight", f"{name}.lora_B.{self.adapter}.weight"
             if a_key in self.theta_nu and b_key in self.theta_nu:
                 pairs.append((module, a_key, b_key))
         return pairs
@@ -129,29 +143,19 @@ class WiseFT(Method):
             yield f"wise-ft(alpha={alpha})", self.interpolated(model, alpha)
 
     def save_state(self, directory: Path) -> None:
-        from safetensors.torch import save_file
-
+        if self.theta_nu is None and self._pending is not None:
+            STATE.copy(self._pending, directory)
+            return
         if self.theta_nu is None:
             raise ValueError("wise-ft has no theta_nu to save (the general stage has not run)")
-        path = Path(directory) / FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in self.theta_nu.items()}, str(path))
+        STATE.save(directory, self.theta_nu, {"options": self.options.as_dict()})
 
     def load_state(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(directory)
-        path = path / FILENAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no wise-ft theta_nu file at {path}")
-        self.theta_nu = load_file(str(path))
-
-
-def _build(**options: Any) -> WiseFT:
-    return WiseFT(**options)
+        """Remember the file; it is read at the domain stage's start."""
+        self._pending, self.theta_nu = STATE.locate(directory), None
 
 
 register(MethodSpec("wise-ft", "WiSE-FT: evaluate interpolations (1-a) theta_nu + a theta_mu after training",
-                    stages=None, build=_build))
+                    stages=None, plugin=WiseFT))
 
 __all__ = ["WiseFT", "interpolate", "FILENAME"]

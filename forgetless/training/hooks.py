@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -78,9 +78,32 @@ class StageContext:
 
 
 class Method:
-    """Base class of an anti-forgetting method. Every hook is a no-op by default."""
+    """Base class of an anti-forgetting method. Every hook is a no-op by default.
+
+    A method's options are one dataclass, ``Options`` (see :mod:`forgetless.methods.common`); the plugin is built
+    from an instance of it, or from keyword arguments for it, and reads them as attributes (``self.phi``).
+    """
 
     name: str = "method"
+    Options: ClassVar[type] = type(None)  # a dataclass; subclasses set theirs
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and (kwargs or not isinstance(options, self.Options)):
+            raise TypeError(f"{type(self).__name__}: give a {self.Options.__name__} or options by keyword")
+        self.options = options if options is not None else self.Options(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in getattr(options, "__dataclass_fields__", {}):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        options = self.__dict__.get("options")
+        if options is not None and name in getattr(options, "__dataclass_fields__", {}):
+            setattr(options, name, value)  # one source of truth: the options object
+        else:
+            object.__setattr__(self, name, value)
 
     def on_stage_start(self, ctx: StageContext) -> None:
         """Called once before the first step of a stage."""
@@ -120,7 +143,8 @@ class Method:
         """Read back what :meth:`save_state` wrote."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        options = self.__dict__.get("options")
+        return f"{type(self).__name__}({'' if options is None else repr(options)})"
 
 
 def call_all(methods: Sequence[Method], hook: str, *args: Any) -> None:

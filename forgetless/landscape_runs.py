@@ -1,0 +1,85 @@
+"""The experiment step that adds flatness metrics to finished runs (the YAML's ``landscape:`` section).
+
+:func:`measure_runs` goes over an experiment's finished runs, loads each run's domain-stage model (its saved
+adapter), measures it with :func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set
+and writes the metrics into the run's JSON; runs that already have metrics for the same settings are skipped, so it
+is resumable. It lives beside the runner, not in :mod:`forgetless.landscape`, which is mathematics only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from forgetless.landscape import LandscapeSettings, measure_flatness, save_surface
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
+                 block_size: int, data_key: Any = None, progress: bool = True) -> int:
+    """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
+
+    The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
+    domain stage); a run without an adapter (``base``) is measured only with ``params: all``. The evaluation set
+    is the first ``settings.blocks`` blocks of ``heldout_texts()`` (loaded only if a run needs measuring).
+    Returns how many runs were measured.
+    """
+    from forgetless.data import lm_examples, pack_blocks
+    from forgetless.models import load_model
+    from forgetless.reporting.landscape_plots import plot_surface
+
+    block = settings.block_size or block_size
+    digest = settings.digest({"data": data_key, "block_size": block, "model": model_name})
+    paths = sorted((Path(output) / "runs").glob("*.json"))
+    todo = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        if (record.get("landscape") or {}).get("digest") != digest:
+            todo.append((path, record))
+    if not todo:
+        return 0
+    print(f"landscape: measuring {len(todo)} run(s) ({len(paths) - len(todo)} already measured)")
+    examples = None
+    measured = 0
+    for path, record in todo:
+        rid = record.get("run_id", path.stem)
+        adapter = Path(output) / "adapters" / rid
+        entry: dict[str, Any] = {"digest": digest, "settings": asdict(settings) | {"block_size": block}}
+        has_adapter = (adapter / "adapter_config.json").is_file()
+        if not has_adapter and settings.params == "trainable":
+            entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
+            _write_json(path, record | {"landscape": entry})
+            continue
+        model, tokenizer = load_model(model_name)
+        if examples is None:
+            blocks = pack_blocks(heldout_texts(), tokenizer, block, max_blocks=settings.blocks)
+            examples = lm_examples(blocks)
+        if has_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        started = time.perf_counter()
+        metrics, surface = measure_flatness(model, examples, settings, progress=progress)
+        entry["metrics"] = metrics
+        entry["tokens"] = int(sum(len(e["input_ids"]) - 1 for e in examples))
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        if surface is not None and settings.save_surfaces:
+            folder = Path(output) / "landscape" / rid
+            save_surface(surface, folder / "surface.npz")
+            plot_surface(surface, folder)
+            entry["surface"] = str(Path("landscape") / rid / "surface.npz")
+        _write_json(path, record | {"landscape": entry})
+        measured += 1
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n_params")
+        print(f"    {rid}: {shown} ({entry['seconds']:.0f} s)")
+        del model
+    return measured

@@ -1,0 +1,268 @@
+"""What the anti-forgetting methods share, kept once (as Avalanche's ``training/utils.py`` does for EWC, SI, MAS).
+
+* **Options**: each method's options are one dataclass of :func:`option` fields (help text, choices, whether the
+  option acts on the domain stage only, the YAML name). The registry, run labels, ``repr``, validation and the
+  stored metadata all read it.
+* **Distributed reductions**: :func:`all_reduce_` averages or sums tensors over processes in one flat buffer.
+* **Storage dtypes** of method state (:data:`STORAGE_DTYPES`).
+* **Timed sections** that wait for the device's queued work (:class:`Timer`).
+* **Method-state files** (:class:`StateFile`): safetensors with JSON metadata, written atomically, read lazily at
+  the domain stage's start, and checked against the model with errors that name the module and the mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------- options
+def option(default: Any, help: str, *, domain: bool = False, choices: Sequence[Any] | None = None,
+           yaml: str | None = None, weight: bool = False) -> Any:
+    """A method option: a dataclass field whose metadata the registry, labels and validation read.
+
+    ``domain``: acts on the domain stage only (runs differing only in such options share a cached general stage).
+    ``yaml``: the name in an experiment file when it differs from the field's (``lambda`` is a Python keyword).
+    ``weight``: the weight of the method's regularizer, which the report sweeps.
+    """
+    meta = {"help": help, "domain": domain, "choices": tuple(choices) if choices else None, "yaml": yaml,
+            "weight": weight}
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Options:
+    """Base of a method's options. Subclasses are dataclasses of :func:`option` fields and may add :meth:`check`."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{self.yaml_name(f.name)} must be one of {list(choices)}, got {value!r}")
+            if f.type in ("float", float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                setattr(self, f.name, _as_float(self.yaml_name(f.name), value))
+        self.check()
+
+    def check(self) -> None:
+        """Range checks across options; raise ValueError naming the option."""
+
+    @classmethod
+    def yaml_name(cls, name: str) -> str:
+        for f in fields(cls):
+            if f.name == name:
+                return f.metadata.get("yaml") or f.name
+        return name
+
+    @classmethod
+    def field_names(cls) -> dict[str, str]:
+        """YAML name -> field name."""
+        return {(f.metadata.get("yaml") or f.name): f.name for f in fields(cls)}
+
+    @classmethod
+    def from_entry(cls, method: str, given: Mapping[str, Any], fixed: Mapping[str, Any] | None = None) -> Options:
+        """Build from an experiment entry's options (YAML names), with errors naming the method and the option.
+
+        ``fixed``: options that the method's name pins (``hlora-no-layer``: ``layer_wise=False``)."""
+        names, fixed = cls.field_names(), dict(fixed or {})
+        unknown = sorted(k for k in given if k not in names and k not in names.values())
+        if unknown:
+            raise ValueError(f"method {method!r} has no option {unknown[0]!r}; options: {cls.help_text()}")
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            if names.get(key, key) in values:
+                raise ValueError(f"bad options for method {method!r}: {key!r} names the same option as another key "
+                                 f"({cls.yaml_name(names.get(key, key))!r}); give it once")
+            values[names.get(key, key)] = value
+        pinned = sorted(k for k in values if k in fixed and values[k] != fixed[k])
+        if pinned:
+            raise ValueError(f"method {method!r} fixes {cls.yaml_name(pinned[0])} to {fixed[pinned[0]]!r}")
+        return cls(**(values | fixed))
+
+    @classmethod
+    def domain_only(cls) -> frozenset[str]:
+        """Names (YAML and field) of the options that act on the domain stage only."""
+        return frozenset(n for yaml, name in cls.field_names().items() if _meta(cls, name).get("domain")
+                         for n in (yaml, name))
+
+    @classmethod
+    def weight_option(cls) -> tuple[str, Any] | None:
+        """(YAML name, default) of the regularizer's weight, if the method has one."""
+        for f in fields(cls):
+            if f.metadata.get("weight"):
+                return f.metadata.get("yaml") or f.name, f.default
+        return None
+
+    @classmethod
+    def help_text(cls) -> str:
+        parts = []
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            scope = ", domain stage" if f.metadata.get("domain") else ""
+            parts.append(f"{f.metadata.get('yaml') or f.name} (default {default!r}{scope}): {f.metadata.get('help', '')}")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options under their YAML names (the run's stored metadata)."""
+        return {self.yaml_name(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def __repr__(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+def _meta(cls: type, name: str) -> Mapping[str, Any]:
+    return next(f.metadata for f in fields(cls) if f.name == name)
+
+
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)  # YAML reads 1e-4 (no dot) as a string
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def all_reduce_(tensors: Sequence[torch.Tensor], op: str = "mean") -> None:
+    """Sum or average ``tensors`` in place over processes, in one flat buffer per dtype; no-op for one process."""
+    import torch.distributed as dist
+
+    world = world_size()
+    if world <= 1 or not tensors:
+        return
+    if op not in ("mean", "sum"):
+        raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        if op == "mean":
+            flat.div_(world)
+        start = 0
+        for t in group:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This process's share of ``items`` (every ``world``-th, from its rank); all of them for one process."""
+    return list(items)[rank()::world_size()]
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class Timer:
+    """Accumulates wall time of ``with timer:`` sections, waiting for queued CUDA work at both ends."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> Timer:
+        self._sync()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._started
+
+
+# ------------------------------------------------------------------------------------------ state files
+class StateFile:
+    """A method's state on disk: ``{key: tensor}`` in safetensors, with JSON metadata under ``kind``."""
+
+    def __init__(self, filename: str, kind: str, what: str) -> None:
+        self.filename, self.kind, self.what = filename, kind, what  # what: "HLoRA importance", for messages
+
+    def locate(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path = path / self.filename if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no {self.what} file at {path}")
+        return path
+
+    def save(self, directory: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+             dtype: torch.dtype | None = None) -> Path:
+        """Write atomically (a temporary file renamed into place): a half-written file is never read."""
+        from safetensors.torch import save_file
+
+        path = Path(directory) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {k: t.detach().to("cpu", dtype or t.dtype).contiguous() for k, t in tensors.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(payload, str(tmp), metadata={self.kind: json.dumps(dict(metadata), default=str)})
+        os.replace(tmp, path)
+        return path
+
+    def copy(self, source: Path, directory: str | Path) -> Path:
+        """Save a state that was loaded lazily and never materialized: the file itself is the state."""
+        path = Path(directory) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != path.resolve():
+            shutil.copyfile(source, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        return path
+
+    def load(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``({key: tensor on the cpu}, metadata)``; a corrupt file is an error naming it."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.locate(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = json.loads((fh.metadata() or {}).get(self.kind, "{}"))
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable {self.what} file ({err}); delete it to recompute") from err
+        return tensors, metadata
+
+
+def check_modules(what: str, source: str | Path, have: Mapping[str, torch.Tensor],
+                  expected: Mapping[str, tuple[int, ...]]) -> None:
+    """State keyed by module must cover exactly the model's LoRA modules, with the update's shapes.
+
+    The error names the state (``what``, ``source``), the first mismatching module and the mismatch.
+    """
+    for name, shape in expected.items():
+        if name not in have:
+            raise ValueError(f"{what} ({source}) has no entry for LoRA module {name!r} of this model")
+        if tuple(have[name].shape) != tuple(shape):
+            raise ValueError(f"{what} ({source}) of module {name!r} has shape {tuple(have[name].shape)}, "
+                             f"the model's LoRA update there is {tuple(shape)}")
+    extra = sorted(set(have) - set(expected))
+    if extra:
+        raise ValueError(f"{what} ({source}) has module {extra[0]!r} that this model has no LoRA layer for "
+                         f"({len(extra)} such modules)")
