@@ -250,6 +250,38 @@ class StateFile:
         return tensors, metadata
 
 
+class PendingState:
+    """One plugin's state file: remembered by ``load_state``, read when the domain stage starts (the model is then
+    on its device, and the state can be checked against it), and saved again by ``save_state``."""
+
+    def __init__(self, file: StateFile) -> None:
+        self.file = file
+        self.path: Path | None = None  # remembered, not read yet
+        self.source = ""  # the file the state came from, for error messages ("" when computed in this run)
+
+    def remember(self, directory: str | Path) -> None:
+        self.path, self.source = self.file.locate(directory), ""
+
+    def take(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The remembered file's ``(tensors, metadata)``, once; None when nothing is remembered."""
+        if self.path is None:
+            return None
+        loaded = self.file.load(self.path)
+        self.source, self.path = str(self.path), None
+        return loaded
+
+    def save(self, directory: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+             dtype: torch.dtype | None = None) -> Path | None:
+        """Write ``tensors``; a remembered file that was never read is the state itself and is copied as is
+        (returns None then)."""
+        if not tensors:
+            if self.path is None:
+                raise ValueError(f"{self.file.what}: nothing to save (the general stage has not run)")
+            self.file.copy(self.path, directory)
+            return None
+        return self.file.save(directory, tensors, metadata, dtype)
+
+
 def check_modules(what: str, source: str | Path, have: Mapping[str, torch.Tensor],
                   expected: Mapping[str, tuple[int, ...]]) -> None:
     """State keyed by module must cover exactly the model's LoRA modules, with the update's shapes.

@@ -58,7 +58,8 @@ import torch
 from forgetless.lm import IGNORE_INDEX
 from forgetless.lora import DEFAULT_ADAPTER, compute_dtype, delta_weight, fan_in_fan_out, factors, lora_modules, update_shape
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import STORAGE_DTYPES, Options, StateFile, Timer, all_reduce_, check_modules, option, shard
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
+                                       option, shard)
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
@@ -232,8 +233,7 @@ class EWC(Method):
         self.fisher: dict[str, torch.Tensor] = {}  # parameter name -> F
         self.metadata: dict[str, Any] = {}
         self._stage_examples: Sequence[dict] | None = None
-        self._pending: Path | None = None
-        self._source = ""  # the Fisher file the domain stage read, for error messages
+        self._state = PendingState(STATE)
         self._terms: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
 
     # ----------------------------------------------------------------------------------------------- stages
@@ -244,11 +244,11 @@ class EWC(Method):
 
     def on_stage_start(self, ctx: StageContext) -> None:
         if ctx.stage == GENERAL:
-            self.fisher, self.metadata, self._pending = {}, {}, None
+            self.fisher, self.metadata, self._state.path = {}, {}, None
         elif ctx.stage == DOMAIN:
-            if self._pending is not None:
-                self.fisher, self.metadata = STATE.load(self._pending)
-                self._source, self._pending = str(self._pending), None
+            loaded = self._state.take()
+            if loaded is not None:
+                self.fisher, self.metadata = loaded
             if not self.fisher:  # no general stage in this run: the Fisher of the base model, anchored at zero
                 if not ctx.general_examples:
                     raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
@@ -293,7 +293,7 @@ class EWC(Method):
         if not modules:
             raise ValueError("EWC found no LoRA modules in the model (attach LoRA first)")
         keys = {f"{name}.base_layer.weight": module for name, module in modules}
-        source = self._source or "computed in this run"
+        source = self._state.source or "computed in this run"
         under_lora = {k: t for k, t in self.fisher.items() if k.endswith(".base_layer.weight")}  # 'all' has more
         check_modules("EWC Fisher", source, under_lora, {k: update_shape(m, self.adapter) for k, m in keys.items()})
         for name, module in modules:
@@ -330,18 +330,15 @@ class EWC(Method):
 
     # ---------------------------------------------------------------------------------------- persistence
     def save_state(self, directory: Path) -> None:
-        if self._pending is not None and not self.fisher:
-            STATE.copy(self._pending, directory)
-            return
-        if not self.fisher:
-            raise ValueError("EWC has no Fisher to save (the general stage has not run)")
-        path = STATE.save(directory, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
-        print(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.fisher)} tensors, "
-              f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
+        path = self._state.save(directory, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
+        if path is not None:
+            print(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.fisher)} tensors, "
+                  f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
-        self._pending, self.fisher = STATE.locate(directory), {}
+        self._state.remember(directory)
+        self.fisher = {}
 
 
 register(MethodSpec("ewc", "EWC-LoRA: diagonal Fisher of general text on the LoRA target weights, "

@@ -66,7 +66,8 @@ import torch
 from forgetless.lora import (DEFAULT_ADAPTER, compute_dtype, delta_from_factors, factors, fan_in_fan_out, lora_modules,
                              scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import STORAGE_DTYPES, Options, StateFile, Timer, all_reduce_, check_modules, option
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
+                                       option)
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
@@ -163,7 +164,11 @@ def load_importance(path: str | Path) -> dict[str, Any]:
     Returns ``{"omega": {module: Tensor}, "dw_ref": {module: Tensor}, "metadata": dict}`` (tensors in the
     stored dtype, on the CPU).
     """
-    tensors, metadata = STATE.load(path)
+    return _split(*STATE.load(path), STATE.locate(path))
+
+
+def _split(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The stored ``{module}.omega`` / ``{module}.dw_ref`` tensors, as two tables."""
     omega: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -171,7 +176,7 @@ def load_importance(path: str | Path) -> dict[str, Any]:
         (omega if kind == "omega" else ref)[name] = tensor
     for name in metadata.get("modules") or sorted(omega):
         if name not in omega or name not in ref:
-            raise ValueError(f"HLoRA importance file {STATE.locate(path)} lacks omega or dw_ref of module {name!r}")
+            raise ValueError(f"HLoRA importance file {path} lacks omega or dw_ref of module {name!r}")
     return {"omega": omega, "dw_ref": ref, "metadata": metadata}
 
 
@@ -212,8 +217,7 @@ class HLoRA(Method):
         self.reference: dict[str, torch.Tensor] = {}
         self.metadata: dict[str, Any] = {}
         self.steps = 0
-        self._pending: Path | None = None
-        self._source = ""  # the importance file the domain stage read, for error messages
+        self._state = PendingState(STATE)
         self._model_name = ""
         self._timer = Timer()  # wall time of recording importance (the report's cost table)
 
@@ -321,11 +325,12 @@ class HLoRA(Method):
 
     # --------------------------------------------------------------------------------- domain: regularizer
     def _start_domain(self, ctx: StageContext) -> None:
-        if self._pending is not None:
-            loaded = load_importance(self._pending)
-            self.importance, self.reference, self.metadata = loaded["omega"], loaded["dw_ref"], loaded["metadata"]
+        path = self._state.path
+        loaded = self._state.take()
+        if loaded is not None:
+            table = _split(*loaded, path)
+            self.importance, self.reference, self.metadata = table["omega"], table["dw_ref"], table["metadata"]
             self.steps = int(self.metadata.get("steps", 0))
-            self._source, self._pending = str(self._pending), None
         if not self.importance:
             raise ValueError("HLoRA's domain stage needs importance: run the general stage with HLoRA first, "
                              "or load_state() a folder with " + FILENAME)
@@ -352,7 +357,7 @@ class HLoRA(Method):
         ctx.extras["hlora_reference_snapped"] = snapped
 
     def _validate(self) -> None:
-        source = self._source or "recorded in this run"
+        source = self._state.source or "recorded in this run"
         have = {n: update_shape(m, self.adapter) for g in self.groups for n, m in zip(g.names, g.modules)}
         check_modules("HLoRA importance (omega)", source, self.importance, have)
         check_modules("HLoRA importance (dw_ref)", source, self.reference, have)
@@ -396,24 +401,20 @@ class HLoRA(Method):
                 "xi": self.xi, "clamp": self.clamp, "adapter": self.adapter}
 
     def save_state(self, directory: Path) -> None:
-        if self._pending is not None and not self.importance:
-            STATE.copy(self._pending, directory)
-            return
-        if not self.importance:
-            raise ValueError("HLoRA has no importance to save (the general stage has not run)")
         tensors = {}
         for name in self.importance:
             tensors[f"{name}.omega"] = self.importance[name]
             tensors[f"{name}.dw_ref"] = self.reference[name]
         meta = dict(self.metadata or self._describe())
         meta["dtype"] = self.storage_dtype
-        path = STATE.save(directory, tensors, meta, STORAGE_DTYPES[self.storage_dtype])
-        print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
-              f"{self.storage_dtype})")
+        path = self._state.save(directory, tensors, meta, STORAGE_DTYPES[self.storage_dtype])
+        if path is not None:
+            print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
+                  f"{self.storage_dtype})")
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
-        self._pending = STATE.locate(directory)
+        self._state.remember(directory)
         self.importance, self.reference = {}, {}
 
 

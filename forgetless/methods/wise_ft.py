@@ -37,7 +37,7 @@ import torch
 
 from forgetless.lora import DEFAULT_ADAPTER, base_weight, delta_from_factors, fan_in_fan_out, lora_modules, scaling
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import Options, StateFile, option
+from forgetless.methods.common import Options, PendingState, StateFile, option
 from forgetless.training.hooks import Method, StageContext
 
 FILENAME = "wise_ft_theta_nu.safetensors"
@@ -74,7 +74,7 @@ class WiseFT(Method):
     def __init__(self, options: WiseFTOptions | None = None, **kwargs) -> None:
         super().__init__(options, **kwargs)
         self.theta_nu: dict[str, torch.Tensor] | None = None
-        self._pending: Path | None = None
+        self._state = PendingState(STATE)
 
     def _snapshot(self, ctx: StageContext) -> None:
         self.theta_nu = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
@@ -86,9 +86,9 @@ class WiseFT(Method):
     def on_stage_start(self, ctx: StageContext) -> None:
         if ctx.stage != DOMAIN:
             return
-        if self._pending is not None:
-            self.theta_nu, _ = STATE.load(self._pending)
-            self._pending = None
+        loaded = self._state.take()
+        if loaded is not None:
+            self.theta_nu = loaded[0]
         if self.theta_nu is None:  # no general stage: theta_nu = weights before the domain stage
             self._snapshot(ctx)
 
@@ -143,16 +143,12 @@ class WiseFT(Method):
             yield f"wise-ft(alpha={alpha})", self.interpolated(model, alpha)
 
     def save_state(self, directory: Path) -> None:
-        if self.theta_nu is None and self._pending is not None:
-            STATE.copy(self._pending, directory)
-            return
-        if self.theta_nu is None:
-            raise ValueError("wise-ft has no theta_nu to save (the general stage has not run)")
-        STATE.save(directory, self.theta_nu, {"options": self.options.as_dict()})
+        self._state.save(directory, self.theta_nu or {}, {"options": self.options.as_dict()})
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read at the domain stage's start."""
-        self._pending, self.theta_nu = STATE.locate(directory), None
+        self._state.remember(directory)
+        self.theta_nu = None
 
 
 register(MethodSpec("wise-ft", "WiSE-FT: evaluate interpolations (1-a) theta_nu + a theta_mu after training",

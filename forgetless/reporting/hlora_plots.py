@@ -47,6 +47,10 @@ def plot_importance_heatmap(importance: Mapping[str, torch.Tensor], path: str | 
     ax.set_xlabel("layer")
     ax.set_title(title or "HLoRA importance: log10 ||Omega_l||_2")
     fig.colorbar(im, ax=ax, label="log10 ||Omega||")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +73,7 @@ def plot_domain_losses(history: Sequence[Mapping[str, float]], path: str | Path,
     ax.set_ylabel("loss")
     ax.set_title(title or "HLoRA domain stage")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def hlora_section(results: Sequence[Mapping], folder: str | Path, top: int = 5) -> str:
