@@ -17,7 +17,7 @@ done exactly by adding ``(1 - alpha) * (dW_nu - dW_mu)`` to each LoRA module's f
 keeps ``theta_mu`` (the base weight is copied and restored bit-exactly). ``space="factors"`` interpolates the
 adapter matrices A and B themselves, whose product ``s * B_alpha @ A_alpha`` is *not* between the two updates
 (it has a term in ``alpha * (1 - alpha)``); it is kept to compare with. Other trainable parameters (a full
-fine-tune, ``modules_to_save``) are interpolated directly, which is the paper's eq 1. Arithmetic is in float32,
+fine-tune, ``modules_to_save``) are interpolated directly, which is the paper's eq 1. Arithmetic is in float32 (or wider),
 then cast to the parameter dtype; alpha = 1 gives theta_mu bit-exactly.
 
 After training, :meth:`WiseFT.evaluation_variants` yields ``("wise-ft(alpha=a)", context manager)`` for every
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from forgetless.lora import DEFAULT_ADAPTER, base_weight, delta_from_factors, fan_in_fan_out, lora_modules, scaling
+from forgetless.lora import (DEFAULT_ADAPTER, base_weight, compute_dtype, delta_from_factors, fan_in_fan_out, lora_modules,
+                             scaling)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import Options, PendingState, StateFile, option
 from forgetless.training.hooks import Method, StageContext
@@ -49,8 +50,9 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def interpolate(nu: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * nu + alpha * mu in float32 (eq 1)."""
-    return (1.0 - alpha) * nu.float() + alpha * mu.float()
+    """(1 - alpha) * nu + alpha * mu in float32 at least (eq 1)."""
+    dtype = compute_dtype(mu.dtype)
+    return (1.0 - alpha) * nu.to(dtype) + alpha * mu.to(dtype)
 
 
 @dataclass(repr=False)
@@ -113,12 +115,13 @@ class WiseFT(Method):
                     p.copy_(interpolate(self.theta_nu[n].to(p.device), kept[n], alpha).to(p.dtype))
                 for module, a_key, b_key in merged:
                     weight = base_weight(module)
-                    a_nu, b_nu = (self.theta_nu[k].to(weight.device).float() for k in (a_key, b_key))
-                    a_mu, b_mu = params[a_key].float(), params[b_key].float()
+                    dtype = compute_dtype(weight.dtype)
+                    a_nu, b_nu = (self.theta_nu[k].to(weight.device, dtype) for k in (a_key, b_key))
+                    a_mu, b_mu = params[a_key].to(dtype), params[b_key].to(dtype)
                     s, fan = scaling(module, self.adapter), fan_in_fan_out(module)
                     shift = (1.0 - alpha) * s * (delta_from_factors(a_nu, b_nu, 1.0, fan)
                                                  - delta_from_factors(a_mu, b_mu, 1.0, fan))
-                    weight.copy_((weight.float() + shift).to(weight.dtype))
+                    weight.copy_((weight.to(dtype) + shift).to(weight.dtype))
             yield
         finally:
             with torch.no_grad():

@@ -1,0 +1,149 @@
+"""The LoRA toolkit (forgetless.lora): dW = s B A with PEFT's semantics, fan_in_fan_out and named adapters included,
+and the methods that consume it (HLoRA, EWC, WiSE-FT) on a GPT-2-style model whose weights are Conv1D [in, out]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from forgetless.lora import delta_weight, lora_modules, update_shape
+from forgetless.methods.ewc import fisher_diagonal
+from forgetless.methods.hlora import HLoRA
+from forgetless.methods.wise_ft import WiseFT
+from forgetless.training.batches import collate
+from forgetless.training.config import TrainConfig
+from forgetless.training.loop import train_stage
+from forgetless.training.loss import causal_lm_loss
+from tests.unit.tiny_model import random_examples, randomize_lora_b
+
+
+def tiny_gpt2(adapter: str = "default", seed: int = 0) -> torch.nn.Module:
+    """A tiny GPT-2 (its attention/MLP weights are Conv1D, stored [in, out]) with LoRA on c_attn and c_fc."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model = get_peft_model(GPT2LMHeadModel(config), lora, adapter_name=adapter).double()
+    randomize_lora_b(model, seed=seed + 1, std=0.1)
+    return model
+
+
+def test_delta_weight_is_peft_get_delta_weight(lora_model):
+    model = lora_model(b_std=0.1)
+    modules = lora_modules(model)
+    assert len(modules) == 4
+    for _, module in modules:
+        ours = delta_weight(module)
+        assert torch.allclose(ours, module.get_delta_weight("default"), rtol=1e-6, atol=1e-7)
+        assert ours.shape == module.get_base_layer().weight.shape == update_shape(module)
+        ours.sum().backward()  # differentiable in A and B
+        assert module.lora_A["default"].weight.grad is not None and module.lora_B["default"].weight.grad is not None
+
+
+def test_fan_in_fan_out_and_a_named_adapter():
+    model = tiny_gpt2(adapter="other")
+    assert lora_modules(model) == []  # no adapter called "default"
+    modules = lora_modules(model, "other")
+    assert len(modules) == 4
+    for _, module in modules:
+        ours = delta_weight(module, "other")
+        base = module.get_base_layer().weight
+        assert module.fan_in_fan_out and ours.shape == base.shape == update_shape(module, "other")
+        assert base.shape[0] != base.shape[1]  # [in, out] differs from [out, in]: the transpose is exercised
+        assert torch.allclose(ours, module.get_delta_weight("other"), rtol=1e-12, atol=1e-14)
+
+
+def _base_weight_gradients(model: torch.nn.Module, batch: dict, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """dL/dW of every LoRA module's frozen base weight, by autograd (the ground truth for hooks)."""
+    modules = lora_modules(model, adapter)
+    weights = [m.get_base_layer().weight for _, m in modules]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        grads = torch.autograd.grad(causal_lm_loss(model, batch), weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    return {name: g for (name, _), g in zip(modules, grads)}
+
+
+def test_hlora_exact_estimator_on_conv1d_is_the_base_weight_gradient(make_ctx):
+    model = tiny_gpt2()
+    batch = collate(random_examples(4, 8, seed=3), pad_token_id=0)
+    truth = _base_weight_gradients(model, batch)
+    plugin = HLoRA(estimator="exact")
+    ctx = make_ctx("general", model=model, lr=0.1)
+    plugin.on_stage_start(ctx)
+    causal_lm_loss(model, batch).backward()
+    plugin.before_optimizer_step(ctx)
+    for g in plugin.groups:
+        for i, name in enumerate(g.names):
+            assert g.g_est[i].shape == truth[name].shape
+            assert torch.allclose(g.g_est[i], truth[name], rtol=1e-9, atol=1e-12)
+
+
+def test_hlora_paper_estimator_on_conv1d_reproduces_the_sgd_step(make_ctx):
+    """Under plain SGD, eq 11's g~ gives dW(t+1) - dW(t) = -eta g~ exactly, in the base weight's layout."""
+    model = tiny_gpt2()
+    batch = collate(random_examples(4, 8, seed=4), pad_token_id=0)
+    plugin = HLoRA(estimator="paper")
+    ctx = make_ctx("general", model=model, lr=0.05)
+    plugin.on_stage_start(ctx)
+    causal_lm_loss(model, batch).backward()
+    before = {n: delta_weight(m).detach() for n, m in lora_modules(model)}
+    plugin.before_optimizer_step(ctx)
+    estimates = {n: g.g_est[i].clone() for g in plugin.groups for i, n in enumerate(g.names)}
+    ctx.optimizer.step()
+    for name, module in lora_modules(model):
+        step = delta_weight(module).detach() - before[name]
+        assert torch.allclose(step, -0.05 * estimates[name], rtol=1e-9, atol=1e-13)
+
+
+def test_ewc_fisher_on_conv1d_is_per_example_squared_gradient():
+    model = tiny_gpt2()
+    examples = random_examples(3, 6, seed=5)
+    fisher, tokens = fisher_diagonal(model, examples, estimator="empirical", batch_size=2)
+    expected: dict[str, torch.Tensor] = {}
+    for example in examples:  # G_n of each example's summed NLL: the mean loss times its token count
+        batch = collate([example], pad_token_id=0)
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        for name, g in _base_weight_gradients(model, batch).items():
+            expected[name] = expected.get(name, 0) + (g * count).square()
+    assert tokens == sum(len(e["input_ids"]) - 1 for e in examples)
+    for name, value in expected.items():
+        got = fisher[f"{name}.base_layer.weight"]
+        assert got.shape == value.shape
+        assert torch.allclose(got, value / tokens, rtol=1e-9, atol=1e-14)
+
+
+def test_wise_ft_on_conv1d_and_a_named_adapter_interpolates_the_weights():
+    model = tiny_gpt2(adapter="other")
+    plugin = WiseFT(alphas=[0.5], adapter="other")
+    theta_nu = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    plugin.theta_nu = theta_nu
+    dw_nu = {n: delta_weight(m, "other").detach() for n, m in lora_modules(model, "other")}
+    randomize_lora_b(model, seed=9, std=0.1)  # the domain stage moved the adapter
+    dw_mu = {n: delta_weight(m, "other").detach() for n, m in lora_modules(model, "other")}
+    bases = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_modules(model, "other")}
+    with plugin.interpolated(model, 0.5):
+        for name, module in lora_modules(model, "other"):
+            effective = module.get_base_layer().weight + delta_weight(module, "other")
+            assert torch.allclose(effective, bases[name] + 0.5 * dw_nu[name] + 0.5 * dw_mu[name], rtol=1e-12,
+                                  atol=1e-14)
+    for name, module in lora_modules(model, "other"):
+        assert torch.equal(module.get_base_layer().weight, bases[name])
+
+
+@pytest.mark.parametrize("method", ["hlora", "ewc"])
+def test_regularized_domain_stage_runs_on_conv1d(method, accelerator):
+    from forgetless.methods import resolve
+
+    model = tiny_gpt2().float()
+    plugins = resolve([method, "sam"]).plugins
+    cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    train_stage(model, random_examples(8, 8), cfg, plugins, stage="general", accelerator=accelerator)
+    result = train_stage(model, random_examples(8, 8, seed=2), cfg, plugins, stage="domain", accelerator=accelerator,
+                         general_examples=random_examples(8, 8))
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
