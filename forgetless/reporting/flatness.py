@@ -1,6 +1,6 @@
 """Flatness beside forgetting: a table per run, Spearman correlations and scatter plots across runs.
 
-Reads run JSON (``record["landscape"]["metrics"]`` written by :func:`forgetless.landscape.measure.measure_runs`).
+Reads run JSON (``record["landscape"]["metrics"]`` written by :func:`forgetless.landscape_runs.measure_runs`).
 Forgetting is the increase in general perplexity, ``dPPL = PPL(run) - PPL(reference)``, the reference being the
 ``base`` run of the same task and seed (else any ``base`` run, else the run of the first method).
 """
