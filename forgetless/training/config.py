@@ -6,7 +6,16 @@ methods can all import it without importing the loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from forgetless.precision import PRECISIONS
+
+
+# Schedules that need no extra arguments (reduce_lr_on_plateau needs a metric, greedy/warmup_stable_decay options).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+ON_NONFINITE = ("stop", "skip_step")
 
 
 @dataclass
@@ -19,17 +28,40 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
-    scheduler: str = "linear"  # any name transformers.get_scheduler knows
+    scheduler: str = "linear"  # one of SCHEDULERS (transformers.get_scheduler)
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     precision: str = "auto"  # "auto": bf16 autocast where the hardware has it, else fp32
     seed: int = 0
     progress: bool = True
+    # A non-finite loss or gradient norm: "stop" the run with an error naming the stage and step (default), or
+    # "skip_step": drop that optimizer step (no update; the schedule still advances), counted in the stage record.
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(self.max_grad_norm, str):
+            self.max_grad_norm = float(self.max_grad_norm)
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.max_steps is None and self.epochs <= 0:
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be >= 1 (or null to train for 'epochs'), got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
             raise ValueError("epochs must be > 0 (or set max_steps)")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
+        for name, allowed in (("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("on_nonfinite", ON_NONFINITE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
