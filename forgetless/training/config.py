@@ -55,7 +55,7 @@ class TrainConfig:
         if self.max_steps is None and not self.epochs > 0:
             raise ValueError("epochs must be > 0 (or set max_steps)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
