@@ -22,3 +22,8 @@ class DataError(ValueError):
         where = f"{origin}, line {line}"
         message = f"{where}: field '{field}': {problem}" if field is not None else f"{where}: {problem}"
         return cls(message, origin=origin, line=line, field=field)
+
+    @classmethod
+    def empty(cls, origin: str, what: str) -> "DataError":
+        """A source with nothing to use in it (an empty file, or only blank rows)."""
+        return cls(f"{origin}: no {what} (the file is empty or has only blank rows)", origin=origin)

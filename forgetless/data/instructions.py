@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import DataError
 from .io import load_records
 
 # The Stanford Alpaca prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -48,6 +49,8 @@ def load_instructions(source: str, split: str = "train", limit: int | None = Non
         pairs.append((alpaca_prompt(values["instruction"], values["input"]), values["output"]))
         if limit is not None and len(pairs) >= limit:
             break
+    if not pairs:
+        raise DataError.empty(source, "instructions")
     return pairs
 
 

@@ -87,6 +87,19 @@ def _read_json_array(text: str, origin: str) -> list[Record]:
         i = _skip_ws(text, i + 1)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a DataError naming the line and column of the first bad
+    byte (a traceback from deep inside the reader otherwise)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError.at(str(path), line, f"not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                                            f"convert the file to UTF-8") from None
+
+
 def read_records(path: str | Path) -> list[Record]:
     """Read ``.jsonl`` (one object per line) or ``.json`` (a list of objects) into Records.
 
@@ -96,7 +109,7 @@ def read_records(path: str | Path) -> list[Record]:
     origin = str(path)
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"{origin}: unsupported file type {path.suffix!r} (expected .jsonl or .json)")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return _read_json_array(text, origin)
     return _read_jsonl(text, origin)

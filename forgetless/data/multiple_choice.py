@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import DataError
 from .io import Record, load_records
 
 
@@ -254,7 +255,6 @@ def detect_schema(record: dict[str, Any]) -> str:
     problem = f"cannot tell the schema from fields {sorted(keys)}; known schemas: {known}"
     if isinstance(record, Record):
         raise record.error(problem)
-    from .errors import DataError
     raise DataError(problem)
 
 
@@ -264,17 +264,24 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
 
     ``schema`` is one of :data:`SCHEMAS`; when None it is detected from the first record's fields (so
     ``allenai/sciq``, ``piqa``, ``openlifescienceai/medmcqa``, ``allenai/ai2_arc``, ``allenai/openbookqa``
-    and ``cais/mmlu`` all map to their schema). Every bad row raises DataError naming file, line and field.
+    and ``cais/mmlu`` all map to their schema). Every bad row raises DataError naming file, line and field, and so
+    does a source without items or an item with fewer than two choices (it would score 100%).
     """
     if schema is not None and schema not in SCHEMAS:
-        raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
+        raise DataError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
     records = load_records(source, split=split, name=name)
     if limit is not None:
         records = records[:limit]
     if not records:
-        return []
+        raise DataError.empty(source, "multiple-choice items")
     adapter = SCHEMAS[schema or detect_schema(records[0])]
-    return [adapter(record) for record in records]
+    items = []
+    for record in records:
+        item = adapter(record)
+        if len(item.choices) < 2:
+            raise record.error(f"needs at least two choices, got {len(item.choices)}", "choices")
+        items.append(item)
+    return items
 
 
 # --- tokenization ----------------------------------------------------------------------------------------

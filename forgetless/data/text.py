@@ -8,14 +8,15 @@ from typing import Any, Sequence
 
 import torch
 
-from .io import load_records, resolve_local
+from .errors import DataError
+from .io import load_records, read_utf8, resolve_local
 
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
 
 def _read_txt(path: Path) -> list[str]:
     """A ``.txt`` file's documents: paragraphs separated by blank lines."""
-    return [doc.strip() for doc in _BLANK_LINES.split(path.read_text(encoding="utf-8"))]
+    return [doc.strip() for doc in _BLANK_LINES.split(read_utf8(path))]
 
 
 def load_texts(source: str, field: str = "text", split: str = "train", limit: int | None = None,
@@ -24,7 +25,7 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
 
     For JSON sources each record must carry a string ``field`` (else DataError). Empty or whitespace-only
     documents are dropped (wikitext has many empty rows); ``limit`` caps the number kept. ``name`` is the hub
-    dataset configuration (e.g. ``wikitext-2-raw-v1``).
+    dataset configuration (e.g. ``wikitext-2-raw-v1``). A source with no text at all is a DataError.
     """
     local = resolve_local(source, split)
     if local is not None and local.suffix == ".txt":
@@ -39,6 +40,8 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
                 raise record.error(f"expected a string, got {type(value).__name__}", field)
             texts.append(value)
     texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError.empty(str(local or source), "text")
     return texts[:limit] if limit is not None else texts
 
 

@@ -211,6 +211,37 @@ def test_empty_choices_and_unknown_answer_string(tmp_path):
     assert str(_error(path)) == f"{path}, line 1: field 'answer': 'c' is neither an index nor one of the choices"
 
 
+def test_one_choice_items_and_empty_sources_are_errors(tmp_path):
+    path = jsonl(tmp_path, "one.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0},
+                                         {"question": "q", "choices": ["a"], "answer": 0}])
+    assert str(_error(path)) == f"{path}, line 2: field 'choices': needs at least two choices, got 1"
+    empty = write(tmp_path, "empty.jsonl", "\n  \n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no multiple-choice items \(the file is empty"):
+        load_mc_task(empty)
+    with pytest.raises(DataError, match=r"empty\.jsonl: no text"):
+        load_texts(empty)
+    with pytest.raises(DataError, match=r"blank\.txt: no text"):
+        load_texts(write(tmp_path, "blank.txt", "\n \n\n"))
+    with pytest.raises(DataError, match=r"empty\.jsonl: no instructions"):
+        load_instructions(empty)
+    with pytest.raises(DataError, match=r"unknown schema 'sicq'; known: \["):
+        load_mc_task(str(FIXTURES / "sciq.jsonl"), schema="sicq")
+
+
+def test_non_utf8_file_names_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    for read in (read_records, load_texts):
+        with pytest.raises(DataError) as info:
+            read(str(path))
+        assert str(info.value) == (f"{path}, line 2: not UTF-8 text (byte 0xe9 at column 14); "
+                                   "convert the file to UTF-8")
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes(b"\xff")
+    with pytest.raises(DataError, match=r"latin1\.txt, line 1: not UTF-8 text \(byte 0xff at column 1\)"):
+        load_texts(str(txt))
+
+
 def test_invalid_json_line(tmp_path):
     path = write(tmp_path, "bad.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n\n{"goal": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 3: invalid JSON \(") as info:
