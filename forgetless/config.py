@@ -39,6 +39,7 @@ Method entries are checked by :func:`forgetless.methods.resolve`, which owns the
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -57,6 +58,22 @@ T = TypeVar("T")
 
 # metadata of fields the loader fills in (not keys of the YAML file)
 _NOT_IN_YAML = {"yaml": False}
+# task names become parts of file names (runs/METHOD__TASK__seedN.json): no '/', no '..', nothing a shell expands
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.=,+-]+")
+
+
+def check_name(name: str, what: str = "name") -> None:
+    """ValueError unless ``name`` is letters, digits and ``-_.=,+`` only, not starting with a dot."""
+    if not SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise ValueError(f"{what} {name!r} may hold only letters, digits and '-_.=,+', and may not start with '.'")
+
+
+def _at_least(owner: object, minimum: int, *names: str) -> None:
+    """ValueError naming the first of ``names`` (optional integer fields of ``owner``) that is below ``minimum``."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class ConfigError(ValueError):
@@ -79,6 +96,11 @@ class TextSource:
     limit: int | None = None  # documents read
     max_blocks: int | None = None  # blocks kept after packing
 
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("source must name a file or a hub dataset")
+        _at_least(self, 1, "limit", "max_blocks")
+
     def cache_key(self) -> dict[str, Any]:
         """The keys set to other than their defaults: what identifies this data in cache keys (the same mapping
         the YAML gave before the schema existed, so cached general stages and landscape measurements stay valid)."""
@@ -98,6 +120,9 @@ class GeneralData:
     heldout: TextSource | None = None
     block_size: int = 128
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "block_size")
+
 
 @dataclass
 class TaskSpec:
@@ -115,8 +140,14 @@ class TaskSpec:
     train_kind: str = "multiple_choice"  # or "instructions": train on Alpaca-style data, test on the MC task
 
     def __post_init__(self) -> None:
+        from forgetless.data import SCHEMAS
+
+        check_name(self.name, "the task name")
         if self.train_kind not in ("multiple_choice", "instructions"):
             raise ValueError(f"train_kind must be 'multiple_choice' or 'instructions', got {self.train_kind!r}")
+        if self.schema is not None and self.schema not in SCHEMAS:
+            raise ValueError(f"schema must be one of {sorted(SCHEMAS)} (or absent: detected), got {self.schema!r}")
+        _at_least(self, 1, "train_limit", "test_limit", "max_length")
 
 
 @dataclass
@@ -162,6 +193,8 @@ class Experiment:
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: must list distinct seeds, got {self.seeds}")
+        if any(not 0 <= s < 2**32 for s in self.seeds):
+            raise ValueError(f"seeds: must be integers in [0, 2**32), got {self.seeds}")
         names = [t.name for t in self.tasks]
         if not names:
             raise ValueError("tasks: must list at least one domain task")

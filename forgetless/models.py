@@ -10,6 +10,11 @@
 A GGUF file is dequantized to float by transformers, which takes half a minute for SmolLM2; the
 result is cached as safetensors under ``$FORGETLESS_CACHE`` (default ``~/.cache/forgetless``) so
 that later loads take a second or two.
+
+Checks that need no model loaded (:func:`check_model_source`, :func:`check_lora_targets`,
+:func:`check_adapter_files`) let the commands refuse bad input before any work. Adapters are read strictly
+(:func:`load_adapter`, :func:`load_adapter_weights`): a missing or unexpected key, a shape or a base model that does
+not fit is an :class:`AdapterError` naming the folder and the first mismatching key, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,6 +60,10 @@ DEFAULT_MODEL = "smollm2-135m"
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+class AdapterError(ValueError):
+    """An adapter folder that is missing, unreadable or does not fit the model; the message names the folder."""
 
 
 def cache_dir() -> Path:
@@ -140,10 +151,17 @@ class LoraSettings:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
-            raise ValueError("LoRA needs at least one target module")
+            raise ValueError("target_modules must name at least one module (e.g. [q_proj, v_proj])")
+        bad = [t for t in self.target_modules if not isinstance(t, str) or not re.fullmatch(r"[\w.]+", t)]
+        if bad:
+            raise ValueError(f"target_modules must be module names (letters, digits, '_', '.'), got {bad[0]!r}")
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
@@ -160,6 +178,176 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def lora_target_names(name: str) -> list[str] | None:
+    """The names of the modules of model ``name`` that LoRA can wrap, read from its configuration alone (the model is
+    built on the meta device: no weights are read); None when that cannot be known without loading it (a hub id not
+    in the local cache, a GGUF file not dequantized yet)."""
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    folder = _config_folder(name)
+    if folder is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 -- an unknown architecture: the attach step reports it
+        return None
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _config_folder(name: str) -> str | None:
+    if name in EMBEDDED_MODELS or name.endswith(".gguf"):
+        try:
+            gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS and not EMBEDDED_MODELS[name].assembled \
+                else Path(name)
+        except ModelNotFoundError:
+            return None
+        folder = _gguf_cache_folder(gguf) if gguf.is_file() else None
+        return str(folder) if folder is not None and (folder / "config.json").is_file() else None
+    return name  # a folder, or a hub id (read from the local cache only)
+
+
+def check_lora_targets(name: str, settings: LoraSettings) -> None:
+    """ValueError naming the first of ``settings.target_modules`` that matches no module of model ``name`` (PEFT
+    matches a target to a module whose name is it or ends with ``.target``); nothing when the names are unknown."""
+    names = lora_target_names(name)
+    if names is None:
+        return
+    for target in settings.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(f"target_modules: {target!r} is not a module of {name} that LoRA can wrap; "
+                             f"its modules: {leaves}")
+
+
+def check_model_source(name: str) -> None:
+    """ModelNotFoundError for a model that cannot load, found without loading it: an embedded model not installed,
+    a missing ``.gguf`` file, a path that is neither a model folder nor a ``.gguf`` file (hub ids are not checked)."""
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        if importlib.util.find_spec(spec.package) is None:
+            raise ModelNotFoundError(f"embedded model {name!r} is not installed; install it with: {spec.install}")
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {name}")
+    elif Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelNotFoundError(f"{name}: not a model folder (no config.json)")
+    elif Path(name).exists() or name.startswith((".", "/")):
+        raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_FILE = "forgetless_base.json"  # which base model an adapter was trained on (written by save_adapter)
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of a base model: its configuration's shape and the first rows of its input embedding (LoRA
+    never changes them), so an adapter trained on another base model, even of the same shape, is told apart."""
+    config = getattr(model, "config", None)
+    shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+    rows = model.get_input_embeddings().weight[:2, :64].detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha1(json.dumps(shape, sort_keys=True).encode() + rows.numpy().tobytes()).hexdigest()[:12]
+
+
+def save_adapter(model, folder: Path, model_name: str) -> None:
+    """PEFT's ``save_pretrained`` (adapter_config.json + adapter_model.safetensors) and the base model's fingerprint."""
+    model.save_pretrained(folder)
+    record = {"model": model_name, "fingerprint": base_fingerprint(model)}
+    (Path(folder) / BASE_FILE).write_text(json.dumps(record))
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """AdapterError for a missing, truncated or corrupt safetensors file (its header is read, not its tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise AdapterError(f"{path.parent}: no {what} ({path.name})")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            list(fh.keys())
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{path}: unreadable {what} ({err}); it is truncated or not a safetensors file") from None
+
+
+def check_adapter_files(folder: str | Path) -> None:
+    """AdapterError unless ``folder`` holds a readable PEFT adapter (configuration and weights); no model needed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: no such adapter folder")
+    config = folder / ADAPTER_CONFIG
+    try:
+        peft_type = json.loads(config.read_text()).get("peft_type")
+    except FileNotFoundError:
+        raise AdapterError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise AdapterError(f"{config}: unreadable adapter configuration ({err})") from None
+    if not peft_type:
+        raise AdapterError(f"{config}: no 'peft_type': not a PEFT adapter configuration")
+    check_safetensors(folder / ADAPTER_WEIGHTS, "adapter weights")
+
+
+def load_adapter_weights(model, folder: str | Path) -> None:
+    """Load the adapter saved in ``folder`` into ``model`` (a PEFT model with the same adapter attached), strictly:
+    every key the model expects present, no other key, the same shapes, and (when recorded) the same base model."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    check_adapter_files(folder)
+    try:
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: unreadable adapter weights ({err})") from None
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    for problem, keys in (("is missing", set(expected) - set(tensors)), ("is unexpected", set(tensors) - set(expected))):
+        if keys:
+            raise AdapterError(f"{folder}: the adapter does not fit the model: key {sorted(keys)[0]!r} {problem} "
+                               f"({len(keys)} key(s) in all); was it trained with other LoRA settings or model?")
+    for key in sorted(expected):
+        if tuple(tensors[key].shape) != expected[key]:
+            raise AdapterError(f"{folder}: the adapter does not fit the model: key {key!r} has shape "
+                               f"{list(tensors[key].shape)} in the adapter, {list(expected[key])} in the model")
+    _check_base(model, folder)
+    set_peft_model_state_dict(model, tensors)
+
+
+def _check_base(model, folder: Path) -> None:
+    path = folder / BASE_FILE
+    if not path.is_file():
+        return  # an adapter from elsewhere: keys and shapes are all there is to check
+    try:
+        recorded = json.loads(path.read_text())
+        fingerprint, trained_on = recorded["fingerprint"], recorded.get("model", "?")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise AdapterError(f"{path}: unreadable ({err})") from None
+    if fingerprint != base_fingerprint(model):
+        raise AdapterError(f"{folder}: the adapter was trained on another base model ({trained_on}, fingerprint "
+                           f"{fingerprint}; this one has {base_fingerprint(model)})")
+
+
+def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = False):
+    """``model`` wrapped in the PEFT adapter saved in ``folder``, loaded strictly (:func:`load_adapter_weights`);
+    ``trainable``: its weights require gradients (the landscape perturbs them)."""
+    from peft import PeftConfig, get_peft_model
+
+    check_adapter_files(folder)
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        config.inference_mode = not trainable
+        peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise AdapterError(f"{folder}: the adapter does not fit the model ({err})") from None
+    load_adapter_weights(peft_model, folder)
+    return peft_model if trainable else peft_model.eval()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
