@@ -42,7 +42,8 @@ Default choices (all options of :class:`HLoRA`):
   ``layer_wise=False`` (method ``hlora-no-layer``) is exactly uniform.
 * ``clamp=False``: the authors' code clamps omega at zero after each step; we offer it as an option.
 * ``estimator="paper"``: eq 11. ``"exact"`` uses the true gradient w.r.t. each module's full weight,
-  accumulated from forward/backward hooks over micro-batches. The loop backpropagates loss / grad_accum, so the
+  accumulated from forward/backward hooks over micro-batches. The loop backpropagates each micro-batch's share of the
+  step's token-mean loss, so the
   hooks already see the gradient of the mean loss. Notes: with LoRA dropout > 0 this is the gradient w.r.t. the
   frozen path's weight (input without dropout); it assumes one backward per micro-batch (no SAM-style second
   pass, no activation checkpointing); under several processes it is averaged across them before use.

@@ -40,7 +40,8 @@ Notes:
   number of processes (every process perturbs by the same eps, as DDP requires for consistent replicas).
 * **Mixed precision.** Forward passes run under the loop's bf16 autocast; the parameters and their ``.grad``
   stay float32 (autocast does not change parameter dtypes), eps is computed in float32 from the float32
-  gradients. Scaling the loss by ``1/grad_accum`` does not change eps (eps is normalized).
+  gradients. Scaling the loss by the micro-batch's share of the step's tokens does not change eps (eps is
+  normalized).
 * **Clipping** happens after: the loop clips the final (SAM) gradient in ``clip_grad_norm_``, as in the
   reference implementations; the ascent step itself is never clipped.
 * **Weight decay.** The base optimizer (AdamW) steps normally on g_SAM, so its decoupled weight decay is kept.
@@ -158,7 +159,8 @@ class SAM(Method):
             for i, s32 in zip(stash_present, stash32):
                 stash[i] = s32.to(stash[i].dtype)
         eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
-        self._norms.append(float(norm) * ctx.grad_accum)  # norm of the micro-batch's mean-loss gradient
+        if ctx.loss_scale > 0:  # the norm of the micro-batch's mean-loss gradient (its loss is scaled by loss_scale)
+            self._norms.append(float(norm) / ctx.loss_scale)
         if self.record_eps:
             self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
 
@@ -174,14 +176,14 @@ class SAM(Method):
             with torch.no_grad():
                 for p, w in zip(params, kept):
                     p.copy_(w)
-        self._perturbed += float(perturbed) / ctx.grad_accum
+        self._perturbed += float(perturbed)  # fb returns the micro-batch's share of the step's loss
         ctx.scalars.update(scalars_after_first)  # keep the losses at w; the perturbed loss is logged apart
 
         for p, s in zip(params, stash):
             if s is not None:
                 p.grad = s if p.grad is None else p.grad.add_(s)
         ctx.log("sam_rho", self.rho)
-        ctx.log("sam_grad_norm", sum(self._norms) / len(self._norms))
+        ctx.log("sam_grad_norm", sum(self._norms) / max(1, len(self._norms)))
         ctx.log("sam_perturbed_loss", self._perturbed)
         return loss
 

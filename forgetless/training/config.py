@@ -37,6 +37,8 @@ class TrainConfig:
     # A non-finite loss or gradient norm: "stop" the run with an error naming the stage and step (default), or
     # "skip_step": drop that optimizer step (no update; the schedule still advances), counted in the stage record.
     on_nonfinite: str = "stop"
+    # Recompute activations in the backward pass instead of keeping them: less memory, about a third more time.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):

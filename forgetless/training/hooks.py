@@ -12,7 +12,7 @@ Order of calls in one stage::
     fb = wrap_forward_backward(ctx, fb)                   # e.g. SAM: two passes per micro-batch
     for each optimizer step:
         for each micro-batch:
-            fb(batch):  loss = task loss + sum(extra_loss(ctx, batch)); backward(loss / accum)
+            fb(batch):  backward(task mean * ctx.loss_scale + sum(extra_loss(ctx, batch)) / accum)
         before_optimizer_step(ctx)                        # gradients final, before clipping
         clip, optimizer.step(), scheduler.step()
         after_optimizer_step(ctx)                         # e.g. HLoRA importance integration
@@ -58,6 +58,9 @@ class StageContext:
     step: int = 0  # optimizer steps taken so far in this stage
     total_steps: int = 0
     grad_accum: int = 1
+    # The weight of the current micro-batch's mean task loss in the step's objective: n_i * processes / N for its n_i
+    # of the step's N labelled tokens (1 for one micro-batch on one process). Its loss is already scaled by it.
+    loss_scale: float = 1.0
     # The general-stage (nu) training examples, when the run has them: rehearsal mixes them in.
     general_examples: Sequence[dict] | None = None
     # Scalars a method wants logged at this step (e.g. {"reg_loss": ...}); the loop records them.

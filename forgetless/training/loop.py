@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from forgetless.lm import IGNORE_INDEX
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training.batches import collate
 from forgetless.training.config import TrainConfig
@@ -46,6 +47,27 @@ def _pad_id(model: torch.nn.Module) -> int:
     return 0
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm in a training stage (``on_nonfinite: stop``)."""
+
+    def __init__(self, stage: str, step: int, what: str, value: float) -> None:
+        super().__init__(f"non-finite {what} ({value}) at step {step} of the {stage} stage: training diverged "
+                         f"(lower the learning rate), or set on_nonfinite: skip_step to drop such steps")
+        self.stage, self.step, self.what, self.value = stage, step, what, value
+
+
+def _labelled_tokens(batch: Batch) -> int:
+    """Positions that carry a loss: next-token targets whose label is not -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _global_sum(accelerator: Accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    total = torch.tensor([value], device=accelerator.device, dtype=torch.long)
+    return int(accelerator.reduce(total, reduction="sum").item())
+
+
 def train_stage(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -55,7 +77,15 @@ def train_stage(
     accelerator: Accelerator | None = None,
     general_examples: Sequence[dict] | None = None,
 ) -> StageResult:
-    """Fine-tune the trainable parameters of ``model`` on ``examples`` (``{input_ids, labels}`` dicts)."""
+    """Fine-tune the trainable parameters of ``model`` on ``examples`` (``{input_ids, labels}`` dicts).
+
+    The loss of one optimizer step is the mean over all its labelled tokens, across its micro-batches and processes
+    (the transformers Trainer's ``num_items_in_batch``): micro-batch ``i`` with ``n_i`` of the step's ``N`` tokens
+    back-propagates ``mean_i * n_i * processes / N`` (DDP averages over processes), so batch ``k*b`` on one process,
+    ``k`` accumulated micro-batches of ``b``, and ``b`` on each of ``k`` processes give the same gradient. Methods'
+    extra terms count once per step. The schedule advances once per optimizer step, and ``epochs`` are epochs of the
+    whole data set whatever the number of processes.
+    """
     import time
 
     started = time.perf_counter()
@@ -68,6 +98,8 @@ def train_stage(
     # The model moves to the run's device before any method looks at it: state a method builds at stage start
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
     model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
                        config=config, grad_accum=config.grad_accum, general_examples=general_examples)
@@ -80,52 +112,83 @@ def train_stage(
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(list(examples), batch_size=config.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, pad_token_id=_pad_id(model)))
+    raw_optimizer = optimizer
+    wrapper, optimizer, loader = accelerator.prepare(CausalLMLoss(model), optimizer, loader)
+    # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
+    # is not handed to accelerate, which would step it once per process at every optimizer step.
     steps_per_epoch = max(1, len(loader) // config.grad_accum)
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total),
+    scheduler = get_scheduler(config.scheduler, raw_optimizer, num_warmup_steps=int(config.warmup_ratio * total),
                               num_training_steps=total)
-    wrapper, optimizer, loader, scheduler = accelerator.prepare(CausalLMLoss(model), optimizer, loader, scheduler)
     ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
+    processes = accelerator.num_processes
+    # id(micro-batch) -> (n_i * processes / N, n_i / N_here): its weight in the step's objective, and in the loss
+    # logged by this process (the token mean over its own micro-batches)
+    weights: dict[int, tuple[float, float]] = {}
 
     def forward_backward(batch: Batch) -> torch.Tensor:
+        weight, logged = weights[id(batch)]
         with autocast(precision, accelerator.device):
             loss = wrapper(**batch)
-            total_loss = loss
+            task = loss * weight if weight > 0 else loss.new_zeros(())  # a micro-batch without labelled tokens
+            extras = None
             for method in methods:
                 extra = method.extra_loss(ctx, batch)
                 if extra is not None:
-                    total_loss = total_loss + extra
-        accelerator.backward(total_loss / ctx.grad_accum)
-        ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + float(loss.detach()) / ctx.grad_accum
-        return total_loss.detach()
+                    extras = extra if extras is None else extras + extra
+        total_loss = task if extras is None else task + extras / ctx.grad_accum
+        accelerator.backward(total_loss)
+        if weight > 0:
+            ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + float(loss.detach()) * logged
+        return (loss.detach() if extras is None else loss.detach() + extras.detach()) * logged
 
     fb = forward_backward
     for method in methods:
         fb = method.wrap_forward_backward(ctx, fb)
 
     result = StageResult(stage=stage, steps=total)
+    skipped: list[int] = []
     wrapper.train()
     batches = _endless(loader)
     bar = tqdm(total=total, desc=f"train {stage}", disable=not config.progress or not accelerator.is_main_process)
     for step in range(total):
         ctx.step, ctx.scalars = step, {}
+        micro_batches = [next(batches) for _ in range(config.grad_accum)]
+        counts = [_labelled_tokens(b) for b in micro_batches]
+        step_tokens = _global_sum(accelerator, sum(counts))
+        here = sum(counts)
+        weights.clear()
+        weights.update({id(b): (n * processes / step_tokens if step_tokens else 0.0, n / here if here else 0.0)
+                        for b, n in zip(micro_batches, counts)})
         loss_sum = 0.0
-        for micro in range(config.grad_accum):
-            batch = next(batches)
+        for micro, batch in enumerate(micro_batches):
+            ctx.loss_scale = weights[id(batch)][0]
             if micro < config.grad_accum - 1:
                 with accelerator.no_sync(wrapper):
                     loss_sum += float(fb(batch))
             else:
                 loss_sum += float(fb(batch))
         call_all(methods, "before_optimizer_step", ctx)
-        if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = _clip(accelerator, params, config.max_grad_norm)
         lr = ctx.lr
+        bad = _nonfinite(loss_sum, grad_norm)
+        if bad is not None:
+            if config.on_nonfinite == "stop":
+                bar.close()
+                raise NonFiniteError(stage, step + 1, *bad)
+            skipped.append(step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            result.history.append({"step": step + 1, "loss": loss_sum, "lr": lr, "skipped": 1.0})
+            bar.update(1)
+            continue
         optimizer.step()
         scheduler.step()
         call_all(methods, "after_optimizer_step", ctx)
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": loss_sum / config.grad_accum, "lr": lr, **ctx.scalars}
+        row = {"step": step + 1, "loss": loss_sum, "lr": lr, **ctx.scalars}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
         result.history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -135,7 +198,37 @@ def train_stage(
     wrapper.eval()
     result.seconds = time.perf_counter() - started
     result.extras = ctx.extras
+    if skipped:
+        result.extras["skipped_steps"] = skipped
     return result
+
+
+def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    """Clip to ``max_norm`` and return the gradient norm before clipping (None without clipping)."""
+    if max_norm is None:
+        return None
+    return float(accelerator.clip_grad_norm_(params, max_norm))
+
+
+def _nonfinite(loss: float, grad_norm: float | None) -> tuple[str, float] | None:
+    if not math.isfinite(loss):
+        return "loss", loss
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return "gradient norm", grad_norm
+    return None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (transformers' non-reentrant checkpointing): memory for time.
+
+    Non-reentrant checkpointing keeps the autograd graph of the first forward, so hooks on module outputs (HLoRA's
+    exact estimator) fire once per backward, and the frozen embeddings need no ``requires_grad`` trick.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
 
 
 def _endless(loader: DataLoader):

@@ -1,0 +1,89 @@
+"""One training run of a tiny LoRA model, as a function of (batch size, accumulation, processes), for the parity
+tests of the loop (tests/unit/test_loop_parity.py). Run as a script under ``accelerate launch --multi_gpu
+--num_processes 2`` (CPU, gloo) it writes, from rank 0, ``<out>/<case>.pt``; the test compares it with the same
+function called in-process with one process.
+
+The examples are multiple-choice-like: prompts of different lengths with a loss on 1 to 11 answer tokens, so that a
+mean of micro-batch means and the mean over the step's tokens differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = {  # name: (method entry, stages)
+    "lora": ("lora-nu-mu", ("domain",)),
+    "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),
+    "hlora": ([{"name": "hlora", "phi": 1e4}], ("general", "domain")),
+    "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 8}], ("general", "domain")),
+}
+
+
+def variable_examples(n: int = 16, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(6, 16, (1,), generator=g))
+        answer = 1 + (i * 5) % min(11, length - 1)
+        ids = torch.randint(3, 64, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (length - answer) + ids[length - answer:]})
+    return out
+
+
+class GradRecorder:
+    """Keeps the trainable gradients of the first optimizer step of each stage (synchronized, before clipping)."""
+
+    def __init__(self) -> None:
+        from forgetless.training.hooks import Method
+
+        recorder = self
+
+        class _Plugin(Method):
+            def before_optimizer_step(self, ctx) -> None:
+                if ctx.step == 0:
+                    recorder.grads[ctx.stage] = {n: p.grad.detach().clone() for n, p in ctx.trainable_parameters()}
+
+        self.grads: dict[str, dict[str, torch.Tensor]] = {}
+        self.plugin = _Plugin()
+
+
+def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: float | None = None) -> dict:
+    from accelerate import Accelerator
+
+    from forgetless.methods import resolve
+    from forgetless.training.config import TrainConfig
+    from forgetless.training.loop import train_stage
+    from tests.unit.tiny_model import make_lora_model
+
+    entry, stages = CASES[case]
+    accelerator = accelerator or Accelerator(cpu=True)
+    model = make_lora_model(0, b_std=0.05)
+    recorder = GradRecorder()
+    plugins = resolve(entry).plugins + [recorder.plugin]
+    cfg = TrainConfig(max_steps=None if epochs else 3, epochs=epochs or 1.0, batch_size=batch_size,
+                      grad_accum=grad_accum, lr=1e-2, scheduler="linear", max_grad_norm=None, precision="fp32",
+                      progress=False)
+    general = variable_examples(16, seed=1)
+    lrs = {}
+    for stage in stages:
+        data = general if stage == "general" else variable_examples(16, seed=2)
+        result = train_stage(model, data, cfg, plugins, stage=stage, accelerator=accelerator, general_examples=general)
+        lrs[stage] = [row["lr"] for row in result.history]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"grads": recorder.grads, "weights": weights, "lrs": lrs}
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    out = Path(sys.argv[1])
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2, "run under accelerate launch with 2 processes"
+    results = {case: run(case, batch_size=2, grad_accum=1, accelerator=accelerator) for case in CASES}
+    results["epochs"] = run("lora", batch_size=2, grad_accum=1, accelerator=accelerator, epochs=1.0)
+    if accelerator.is_main_process:
+        torch.save(results, out / "two_processes.pt")
+    accelerator.wait_for_everyone()

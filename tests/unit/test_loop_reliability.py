@@ -1,0 +1,100 @@
+"""The loop stops on non-finite numbers (or skips such steps when asked), and gradient checkpointing changes
+nothing but memory: the same gradients, the same HLoRA importance, the same EWC Fisher and SAM steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forgetless.methods import resolve
+from forgetless.training.config import TrainConfig
+from forgetless.training.hooks import Method
+from forgetless.training.loop import NonFiniteError, train_stage
+from tests.unit._train_parity import GradRecorder, variable_examples
+from tests.unit.tiny_model import random_examples
+
+
+class PoisonAt(Method):
+    """Makes step ``step`` (1-based) non-finite: its loss (``what="loss"``) or one gradient (``"grad"``)."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step, self.what = step, what
+
+    def extra_loss(self, ctx, batch):
+        if self.what == "loss" and ctx.step + 1 == self.step:
+            return torch.tensor(float("nan"))
+        return None
+
+    def before_optimizer_step(self, ctx):
+        if self.what == "grad" and ctx.step + 1 == self.step:
+            next(p for _, p in ctx.trainable_parameters()).grad.fill_(float("inf"))
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**({"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "progress": False} | kw))
+
+
+@pytest.mark.parametrize(("what", "named"), [("loss", "loss"), ("grad", "gradient norm")])
+def test_nonfinite_stops_the_stage_naming_the_step(what, named, lora_model, accelerator):
+    model = lora_model()
+    with pytest.raises(NonFiniteError, match=f"non-finite {named}.*step 3 of the domain stage") as info:
+        train_stage(model, random_examples(8, 8), _cfg(), [PoisonAt(3, what)], accelerator=accelerator)
+    assert (info.value.stage, info.value.step, info.value.what) == ("domain", 3, named)
+
+
+def test_skip_step_drops_the_update_and_counts_it(lora_model, accelerator):
+    model = lora_model()
+    snapshots = []
+
+    class Snapshot(Method):
+        def before_optimizer_step(self, ctx):
+            snapshots.append({n: p.detach().clone() for n, p in ctx.trainable_parameters()})
+
+    result = train_stage(model, random_examples(8, 8), _cfg(on_nonfinite="skip_step"), [PoisonAt(2, "grad"), Snapshot()],
+                         accelerator=accelerator)
+    assert result.extras["skipped_steps"] == [2]
+    assert [row.get("skipped", 0.0) for row in result.history] == [0.0, 1.0, 0.0, 0.0]
+    for name in snapshots[1]:  # step 2 changed nothing: the weights before step 3 are those before step 2
+        assert torch.equal(snapshots[1][name], snapshots[2][name])
+    assert any(not torch.equal(snapshots[0][n], snapshots[1][n]) for n in snapshots[0])
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-2 * (1 - k / 4) for k in range(4)])
+
+
+def test_nonfinite_policy_is_validated():
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        TrainConfig(on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("entry", ["lora-nu-mu", {"name": "hlora", "estimator": "exact", "phi": 1e3},
+                                   {"name": "ewc", "lambda": 1e3, "samples": 8}, {"name": "sam", "rho": 0.05}])
+def test_gradient_checkpointing_changes_nothing(entry, accelerator):
+    from tests.unit.tiny_model import make_lora_model
+
+    def run(checkpointing: bool):
+        model = make_lora_model(0, b_std=0.05)
+        model.train()
+        recorder = GradRecorder()
+        plugins = resolve(entry).plugins
+        cfg = _cfg(max_steps=2, gradient_checkpointing=checkpointing, max_grad_norm=None)
+        general = variable_examples(8, seed=1)
+        extras = train_stage(model, general, cfg, plugins + [recorder.plugin], stage="general",
+                             accelerator=accelerator).extras
+        train_stage(model, variable_examples(8, seed=2), cfg, plugins + [recorder.plugin], stage="domain",
+                    accelerator=accelerator, general_examples=general)
+        base = model.get_base_model()
+        assert base.is_gradient_checkpointing == checkpointing
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return recorder.grads, weights, plugins, extras
+
+    plain, with_ckpt = run(False), run(True)
+    for stage in plain[0]:
+        for name, grad in plain[0][stage].items():
+            assert torch.allclose(with_ckpt[0][stage][name], grad, rtol=1e-5, atol=1e-8), (stage, name)
+    for name, w in plain[1].items():
+        assert torch.allclose(with_ckpt[1][name], w, rtol=1e-5, atol=1e-8), name
+    for p_plain, p_ckpt in zip(plain[2], with_ckpt[2]):
+        for attr in ("importance", "fisher"):
+            table = getattr(p_plain, attr, None)
+            if table:
+                for name, value in table.items():
+                    assert torch.allclose(getattr(p_ckpt, attr)[name], value, rtol=1e-5, atol=1e-10), (attr, name)
