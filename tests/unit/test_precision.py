@@ -79,19 +79,18 @@ class _AutocastSeen(Method):
         return None
 
 
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)  # the CPU's rule, on a GPU machine too
 @pytest.mark.parametrize("native", [True, False])
-def test_train_stage_auto_follows_the_cpu(monkeypatch, native):
-    from accelerate import Accelerator
-
+def test_train_stage_auto_follows_the_cpu(monkeypatch, native, accelerator):
     monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: native)
     seen = _AutocastSeen()
     train_stage(make_lora_model(), random_examples(4, 6), TrainConfig(max_steps=1, batch_size=4, progress=False),
-                [seen], accelerator=Accelerator(cpu=True))
+                [seen], accelerator=accelerator)
     assert seen.seen == ([(True, torch.bfloat16)] if native else [(False, seen.seen[0][1])])
     seen.seen.clear()
     train_stage(make_lora_model(), random_examples(4, 6), TrainConfig(max_steps=1, batch_size=4, precision="fp32",
                                                                       progress=False), [seen],
-                accelerator=Accelerator(cpu=True))
+                accelerator=accelerator)
     assert not seen.seen[0][0]  # fp32 asked: no autocast, whatever the CPU
 
 
