@@ -3,11 +3,17 @@
 :func:`run_recipe` is the whole data flow of forgetless in one short function; the experiment runner
 (:func:`forgetless.experiment.run_one`) calls it once per (method, domain task, seed), for ``forgetless run`` and
 ``forgetless train`` alike.
+
+Nothing wrong is returned as a result: a non-finite training loss or gradient norm stops the stage
+(:class:`~forgetless.training.loop.NonFiniteError`, unless ``on_nonfinite: skip_step``), a non-finite perplexity or
+accuracy stops the run (:class:`NonFiniteScore`), and the adapter is saved only once every number is finite. A cached
+general stage is loaded strictly (:func:`forgetless.models.load_adapter_weights`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +25,7 @@ from accelerate import PartialState
 
 from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
-from forgetless.models import LoraSettings, attach_lora, load_model
+from forgetless.models import AdapterError, LoraSettings, attach_lora, load_adapter_weights, load_model, save_adapter
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 
 
@@ -58,6 +64,24 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class NonFiniteScore(RuntimeError):
+    """A perplexity or accuracy that is not a finite number: the model is broken (diverged); the run is not kept."""
+
+    def __init__(self, what: str, value: Any) -> None:
+        super().__init__(f"non-finite {what} ({value}) at evaluation: the model diverged; nothing was recorded")
+        self.what, self.value = what, value
+
+
+def check_finite(scores: dict[str, Any], where: str = "") -> None:
+    """:class:`NonFiniteScore` for the first non-finite number of ``evaluate``'s scores (None: not evaluated)."""
+    numbers = {"general PPL": scores["general_ppl"]}
+    for task, values in scores["tasks"].items():
+        numbers |= {f"{task} {k}": v for k, v in values.items() if k in ("acc", "acc_norm")}
+    for what, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise NonFiniteScore(f"{what}{where}", value)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSettings) -> dict[str, Any]:
@@ -101,7 +125,8 @@ def run_recipe(
 ) -> RunResult:
     """Train ``recipe`` and evaluate it (on what ``data`` has to evaluate on; nothing when it has neither held-out
     text nor test items). ``general_cache()`` names a folder where a finished general stage (adapter plus method
-    states) is kept and reused by other runs with the same general stage."""
+    states) is kept and reused by other runs with the same general stage. The adapter is saved to ``adapter_dir``
+    after the evaluation, when every number is finite."""
     started = time.perf_counter()
     model, tokenizer = load_model(settings.model)
     stages: list[dict[str, Any]] = []
@@ -110,43 +135,67 @@ def run_recipe(
         from accelerate.utils import set_seed
 
         set_seed(settings.seed)  # LoRA's A is drawn from the global RNG: seed it, whatever ran before in this process
-        model = attach_lora(model, lora)
+        model = _attach(model, lora)
         if GENERAL in recipe.stages:
             cache = general_cache() if general_cache else None
             if cache is not None and (cache / "adapter_model.safetensors").is_file():
-                _load_adapter(model, cache)
+                load_adapter_weights(model, cache)
                 for plugin in recipe.plugins:
                     plugin.load_state(cache)
-                stages.append(json.loads((cache / "stage.json").read_text()) | {"cached": True})
+                stages.append(read_stage_record(cache) | {"cached": True})
             else:
                 cfg = replace(settings.general, seed=settings.seed, precision=settings.precision,
                               progress=settings.progress)
                 result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL)
                 stages.append(_stage_summary(result))
                 if cache is not None and PartialState().is_main_process:
-                    _save_general(model, recipe, stages[-1], cache)
+                    _save_general(model, recipe, stages[-1], cache, settings.model)
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
             stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN,
                                                       general_examples=data.general_train)))
-        if adapter_dir is not None and PartialState().is_main_process:
-            model.save_pretrained(adapter_dir)  # PEFT's format: adapter_config.json + adapter_model.safetensors
     scores = evaluate(model, tokenizer, data, settings)
+    check_finite(scores)
     variants = {}
     if data.heldout_blocks is not None or data.eval_tasks:  # else there is nothing to evaluate variants on
         for plugin in recipe.plugins:
             for label, setup in plugin.evaluation_variants(model):
                 with setup:
                     variants[label] = evaluate(model, tokenizer, data, settings)
+                check_finite(variants[label], f" of {label}")
+    if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
+        save_adapter(model, adapter_dir, settings.model)  # PEFT's adapter_config.json + adapter_model.safetensors
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started)
 
 
-def _save_general(model, recipe: Recipe, summary: dict[str, Any], cache: Path) -> None:
+def _attach(model, lora: LoraSettings):
+    """LoRA attached; target modules the model does not have are a configuration error, not a traceback."""
+    from forgetless.config import ConfigError
+
+    try:
+        return attach_lora(model, lora)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules {lora.target_modules}: {err}") from err
+
+
+def read_stage_record(cache: Path) -> dict[str, Any]:
+    """The ``stage.json`` of a cached general stage; an unreadable one is an AdapterError naming it."""
+    try:
+        record = json.loads((cache / "stage.json").read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{cache / 'stage.json'}: unreadable cached stage record ({err}); delete {cache} to "
+                           f"recompute the general stage") from None
+    if not isinstance(record, dict):
+        raise AdapterError(f"{cache / 'stage.json'}: not a stage record; delete {cache} to recompute it")
+    return record
+
+
+def _save_general(model, recipe: Recipe, summary: dict[str, Any], cache: Path, model_name: str) -> None:
     tmp = cache.with_name(cache.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    save_adapter(model, tmp, model_name)
     for plugin in recipe.plugins:
         plugin.save_state(tmp)
     (tmp / "stage.json").write_text(json.dumps(summary))
@@ -156,9 +205,3 @@ def _save_general(model, recipe: Recipe, summary: dict[str, Any], cache: Path) -
         shutil.rmtree(cache)
     tmp.rename(cache)  # a half-written cache is never picked up
 
-
-def _load_adapter(model, folder: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
