@@ -25,16 +25,18 @@ from tests.unit.tiny_tokenizer import make_tiny_tokenizer
 REL = 1e-3 if torch.cuda.is_available() else 1e-5
 
 # 5 optimizer steps of the general stage, then 5 of the domain stage, continuing the same adapter (lora-nu-mu).
+# lr 5e-2: large enough that a small change in the update (Adam's eps 1e-8 -> 1e-6 moves step 4 of the domain stage
+# by 4e-3) shows well above the bound.
 PINNED_LOSSES = {
-    "general": [4.18894624710083, 4.185300350189209, 4.171108245849609, 4.15054178237915, 4.20939302444458],
-    "domain": [4.183058261871338, 4.165623188018799, 4.161004066467285, 4.149913787841797, 4.175158977508545],
+    "general": [4.18894624710083, 4.183307647705078, 4.184447288513184, 4.177022933959961, 4.212013244628906],
+    "domain": [4.178275108337402, 4.1511945724487305, 4.1844162940979, 4.131093978881836, 4.177341461181641],
 }
 
 
 def test_lora_nu_mu_loss_sequence_is_pinned():
     torch.manual_seed(0)  # LoRA's A is drawn from the global RNG
     model = attach_lora(make_tiny_model(), LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    cfg = TrainConfig(max_steps=5, batch_size=4, lr=1e-2, precision="fp32", seed=0, progress=False)
+    cfg = TrainConfig(max_steps=5, batch_size=4, lr=5e-2, precision="fp32", seed=0, progress=False)
     general = train_stage(model, random_examples(20, 12, seed=0), cfg, stage="general")
     domain = train_stage(model, random_examples(20, 12, seed=1, prompt=4), cfg, stage="domain")
     assert [r["loss"] for r in general.history] == pytest.approx(PINNED_LOSSES["general"], rel=REL)
