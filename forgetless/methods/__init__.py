@@ -140,6 +140,8 @@ def resolve(entry: Any) -> Recipe:
         if plugin is not None:
             plugins.append(plugin)
     stages = (GENERAL, DOMAIN) if stages is None else stages
+    for plugin in plugins:
+        plugin.check_composition([other for other in plugins if other is not plugin])
     if plugins and not stages:
         raise ValueError(f"{method_label(entry)!r}: a plugin method needs at least one training stage")
     return Recipe(label=method_label(entry), stages=stages, lora=lora, plugins=plugins, entries=items)

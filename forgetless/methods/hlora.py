@@ -413,6 +413,27 @@ class HLoRA(Method):
             print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
                   f"{self.storage_dtype})")
 
+    def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
+        """The running path integral of the general stage (for a mid-stage checkpoint)."""
+        if ctx.stage != GENERAL:
+            return {}
+        state = {"steps": torch.tensor(self.steps)}
+        for i, g in enumerate(self.groups):
+            if g.omega is not None:
+                state[f"{i}.omega"], state[f"{i}.dw_start"] = g.omega, g.dw_start
+        return state
+
+    def load_stage_state(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> None:
+        if ctx.stage != GENERAL or not state:
+            return
+        self.steps = int(state["steps"])
+        for i, g in enumerate(self.groups):
+            if f"{i}.omega" in state:
+                g.scaling = g.scaling.to(g.device, g.dtype)
+                g.omega = state[f"{i}.omega"].to(g.device, g.dtype)
+                g.dw_start = state[f"{i}.dw_start"].to(g.device, g.dtype)
+                g.dw_prev, g.versions = g.delta_weight(), g.current_versions()  # dW(t) of the restored adapter
+
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
         self._state.remember(directory)

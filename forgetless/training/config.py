@@ -39,6 +39,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     # Recompute activations in the backward pass instead of keeping them: less memory, about a third more time.
     gradient_checkpointing: bool = False
+    # Checkpoint the stage every N optimizer steps (adapter, optimizer, scheduler, RNG, data position, method state),
+    # so that an interrupted run goes on from there; finished stages' checkpoints are removed unless kept.
+    save_every: int | None = None
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
+        if self.save_every is not None and (isinstance(self.save_every, bool) or self.save_every < 1):
+            raise ValueError(f"save_every must be >= 1 (or null for no checkpoints), got {self.save_every}")
         for name, allowed in (("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

@@ -19,6 +19,10 @@ Order of calls in one stage::
         optimizer.zero_grad()
     on_stage_end(ctx)                                     # e.g. HLoRA normalizes importance
 
+With ``save_every``, the loop checkpoints after every N-th optimizer step (adapter, optimizer, scheduler, RNG states,
+data position and each method's :meth:`Method.stage_state`); a stage restarted on the same checkpoint folder runs
+``on_stage_start`` and ``prepare_examples`` as before, then restores the checkpoint and goes on from there.
+
 A method that must carry state from the general stage to a later domain stage (importance, Fisher,
 a reference adapter) implements :meth:`Method.save_state` / :meth:`Method.load_state`, so that the
 experiment runner can cache a finished general stage and reuse it.
@@ -108,6 +112,10 @@ class Method:
         else:
             object.__setattr__(self, name, value)
 
+    def check_composition(self, others: Sequence["Method"]) -> None:
+        """Called once when a method list is resolved, with the other methods of the same run; raise ValueError
+        for a combination this method cannot run with (default: composes with anything)."""
+
     def on_stage_start(self, ctx: StageContext) -> None:
         """Called once before the first step of a stage."""
 
@@ -144,6 +152,16 @@ class Method:
 
     def load_state(self, directory: Path) -> None:
         """Read back what :meth:`save_state` wrote."""
+
+    def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
+        """What the method accumulates *during* a stage (HLoRA's running path integral), for a mid-stage checkpoint.
+
+        State built at stage start needs nothing here: a resumed stage runs ``on_stage_start`` again from the same
+        weights and seed before the checkpoint is restored."""
+        return {}
+
+    def load_stage_state(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`stage_state` when a stage resumes from a checkpoint."""
 
     def __repr__(self) -> str:
         options = self.__dict__.get("options")

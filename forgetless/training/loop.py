@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +22,7 @@ from transformers import get_scheduler
 
 from forgetless.lm import IGNORE_INDEX
 from forgetless.precision import autocast, resolve_precision
+from forgetless.training import checkpoint
 from forgetless.training.batches import collate
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all
@@ -76,6 +78,7 @@ def train_stage(
     stage: str = "domain",
     accelerator: Accelerator | None = None,
     general_examples: Sequence[dict] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> StageResult:
     """Fine-tune the trainable parameters of ``model`` on ``examples`` (``{input_ids, labels}`` dicts).
 
@@ -85,6 +88,10 @@ def train_stage(
     ``k`` accumulated micro-batches of ``b``, and ``b`` on each of ``k`` processes give the same gradient. Methods'
     extra terms count once per step. The schedule advances once per optimizer step, and ``epochs`` are epochs of the
     whole data set whatever the number of processes.
+
+    With ``config.save_every`` and a ``checkpoint_dir`` the stage checkpoints every ``save_every`` optimizer steps
+    (:mod:`forgetless.training.checkpoint`) and, called again with the same folder, resumes from the newest
+    checkpoint; the folder is removed when the stage ends unless ``config.keep_checkpoints``.
     """
     import time
 
@@ -151,7 +158,20 @@ def train_stage(
     wrapper.train()
     batches = _endless(loader)
     bar = tqdm(total=total, desc=f"train {stage}", disable=not config.progress or not accelerator.is_main_process)
-    for step in range(total):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    first = 0
+    resume_from = checkpoint.latest(checkpoint_dir)
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, named, optimizer, scheduler)
+        first, result.history = saved["step"], saved["history"]
+        skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
+        for _ in range(first * config.grad_accum):  # the data position: replay the loader (and its RNG)
+            next(batches)
+        for method, state in zip(methods, saved["methods"], strict=True):
+            method.load_stage_state(ctx, state)
+        checkpoint.restore_rng(saved)
+        bar.update(first)
+    for step in range(first, total):
         ctx.step, ctx.scalars = step, {}
         micro_batches = [next(batches) for _ in range(config.grad_accum)]
         counts = [_labelled_tokens(b) for b in micro_batches]
@@ -192,6 +212,10 @@ def train_stage(
         result.history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if (checkpoint_dir is not None and config.save_every and (step + 1) % config.save_every == 0
+                and step + 1 < total and accelerator.is_main_process):
+            checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
+                            [method.stage_state(ctx) for method in methods])
     bar.close()
     ctx.step = total
     call_all(methods, "on_stage_end", ctx)
@@ -200,6 +224,8 @@ def train_stage(
     result.extras = ctx.extras
     if skipped:
         result.extras["skipped_steps"] = skipped
+    if not config.keep_checkpoints and accelerator.is_main_process:
+        checkpoint.remove(checkpoint_dir)
     return result
 
 

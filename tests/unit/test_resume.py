@@ -1,0 +1,62 @@
+"""Resumable stages (issue #12 item 6): a stage killed with SIGKILL after step k and resumed from its checkpoint
+ends with the same adapter (and method state) as an uninterrupted stage, bit for bit on the CPU in float32."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless.training import checkpoint
+from tests.unit._resume_script import CASES, STEPS, run_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_killed_stage_resumes_bit_for_bit(case, tmp_path):
+    folder = tmp_path / "ckpt"
+    k = 3
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "tests.unit._resume_script", case, str(folder), str(k),
+                           str(torch.get_num_threads())], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    saved = checkpoint.latest(folder)
+    assert saved is not None and saved.name == f"step-{k:06d}"
+    assert not list(folder.glob("*.tmp"))  # nothing half-written is left to be read
+
+    resumed_weights, resumed_plugins, resumed = run_stage(case, folder)
+    weights, plugins, uninterrupted = run_stage(case)
+    for name, w in weights.items():
+        assert torch.equal(resumed_weights[name], w), name
+    assert [row["loss"] for row in resumed.history] == [row["loss"] for row in uninterrupted.history]
+    assert len(resumed.history) == STEPS
+    for ours, theirs in zip(resumed_plugins, plugins):
+        for attr in ("importance", "reference", "fisher"):
+            for name, value in (getattr(theirs, attr, None) or {}).items():
+                assert torch.equal(getattr(ours, attr)[name], value), (attr, name)
+    assert not folder.exists()  # a finished stage's checkpoints are removed
+
+
+def test_checkpoints_kept_when_asked_and_only_the_newest(tmp_path):
+    folder = tmp_path / "ckpt"
+    run_stage("sam", folder, keep=True)
+    assert [p.name for p in folder.iterdir()] == [f"step-{STEPS - 1:06d}"]
+
+
+def test_mismatched_checkpoint_is_an_error(tmp_path):
+    folder = tmp_path / "ckpt"
+    run_stage("sam", folder, keep=True)
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint.latest(folder) / "trainable.safetensors"
+    weights = load_file(str(path))
+    weights["renamed"] = weights.pop(next(iter(weights)))
+    save_file(weights, str(path))
+    with pytest.raises(ValueError, match="do not match"):
+        run_stage("sam", folder)
