@@ -116,14 +116,6 @@ def make_ctx() -> Callable[..., object]:
 
 
 @pytest.fixture
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocabulary 400: ``<pad>`` 0, ``</s>`` 1, ``<s>`` 2)."""
-    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
-
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture
 def char_tokenizer():
     """A character-level tokenizer of 49 ids, inside the tiny model's vocabulary of 64."""
     from tests.unit.tiny_eval_helpers import make_char_tokenizer

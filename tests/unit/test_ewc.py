@@ -163,12 +163,12 @@ def test_anchor_zero_pulls_the_whole_update(domain_ready, tol):
     assert plugin.penalty() > 0 and torch.allclose(plugin.penalty(), expected, rtol=tol(1e-12, torch.float64))
 
 
-def test_general_then_domain_with_the_training_loop_records_cost(lora_model, accelerator):
+def test_general_then_domain_with_the_training_loop_records_cost(lora_model, accelerator, examples):
     model = lora_model()
     plugin, = resolve({"name": "ewc", "lambda": 100.0, "samples": 4}).plugins
     assert plugin.lam == 100.0
     cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, precision="fp32", progress=False)
-    general = train_stage(model, random_examples(8, 8), cfg, [plugin], stage="general", accelerator=accelerator)
+    general = train_stage(model, examples, cfg, [plugin], stage="general", accelerator=accelerator)
     cost = general.extras["importance_cost"]["ewc"]
     assert cost["examples"] == 4 and cost["tokens"] == 4 * 7 and cost["seconds"] > 0
     assert cost["bytes"] == sum(t.numel() * 4 for t in plugin.fisher.values())

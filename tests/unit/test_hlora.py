@@ -86,10 +86,10 @@ def test_paper_estimator_path_integral_matches_independent_computation(lora_mode
         assert plugin.importance[name].abs().sum() > 0
 
 
-def test_clamp_keeps_omega_nonnegative_under_adam(lora_model, accelerator):
+def test_clamp_keeps_omega_nonnegative_under_adam(lora_model, accelerator, examples):
     model = lora_model()
     plugin = HLoRA(clamp=True)
-    train_stage(model, random_examples(8, 8), TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
+    train_stage(model, examples, TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
                                                            precision="fp32", progress=False),
                 [plugin], stage="general", accelerator=accelerator)
     assert all((o >= 0).all() for o in plugin.importance.values())
@@ -253,7 +253,7 @@ def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path, lora_model
     assert all(abs(v - 0.25) < 1e-12 for v in ctx.extras["hlora_layer_coefficients"].values())
 
 
-def test_regularizer_zero_at_first_domain_step_and_reference_fixed(lora_model, accelerator):
+def test_regularizer_zero_at_first_domain_step_and_reference_fixed(lora_model, accelerator, examples):
     model = lora_model()
     plugin = HLoRA(phi=1.0)
 
@@ -266,7 +266,7 @@ def test_regularizer_zero_at_first_domain_step_and_reference_fixed(lora_model, a
 
     other = Other()
     cfg = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, precision="fp32", progress=False)
-    train_stage(model, random_examples(8, 8), cfg, [plugin, other], stage="general", accelerator=accelerator)
+    train_stage(model, examples, cfg, [plugin, other], stage="general", accelerator=accelerator)
     ref = {n: t.clone() for n, t in plugin.reference.items()}
     res = train_stage(model, random_examples(8, 8, seed=5), TrainConfig(max_steps=4, batch_size=4, lr=1e-2,
                                                                          precision="fp32", progress=False),
@@ -342,14 +342,14 @@ def test_domain_without_importance_is_a_clear_error(lora_model, make_ctx):
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def test_plots_write_png_files(tmp_path, lora_model, accelerator):
+def test_plots_write_png_files(tmp_path, lora_model, accelerator, examples):
     from forgetless.reporting.hlora_plots import plot_domain_losses, plot_importance_heatmap
 
     model = lora_model()
     plugin = HLoRA()
     cfg = TrainConfig(max_steps=2, batch_size=4, precision="fp32", progress=False)
-    train_stage(model, random_examples(8, 8), cfg, [plugin], stage="general", accelerator=accelerator)
-    res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=3, batch_size=4, precision="fp32", progress=False),
+    train_stage(model, examples, cfg, [plugin], stage="general", accelerator=accelerator)
+    res = train_stage(model, examples, TrainConfig(max_steps=3, batch_size=4, precision="fp32", progress=False),
                       [plugin], stage="domain", accelerator=accelerator)
     heat, losses = tmp_path / "heat.png", tmp_path / "losses.png"
     plot_importance_heatmap(plugin.importance, heat)
@@ -358,11 +358,11 @@ def test_plots_write_png_files(tmp_path, lora_model, accelerator):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_importance_cost_is_recorded(lora_model, accelerator):
+def test_importance_cost_is_recorded(lora_model, accelerator, examples):
     model = lora_model()
     for estimator in ("paper", "exact"):
         plugin = HLoRA(estimator=estimator, storage_dtype="bfloat16")
-        res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=2, batch_size=4, precision="fp32",
+        res = train_stage(model, examples, TrainConfig(max_steps=2, batch_size=4, precision="fp32",
                                                                      progress=False),
                           [plugin], stage="general", accelerator=accelerator)
         cost = res.extras["importance_cost"]["hlora"]

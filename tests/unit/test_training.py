@@ -64,10 +64,10 @@ def test_hooks_called_in_order_with_accumulation(lora_model, accelerator):
     assert rec.calls == ["start", "extra", "extra", "before", "after", "extra", "extra", "before", "after", "end"]
 
 
-def test_same_seed_same_weights_and_training_lowers_loss(lora_model, accelerator):
+def test_same_seed_same_weights_and_training_lowers_loss(lora_model, accelerator, examples):
     def run(seed):
         model = lora_model()
-        res = train_stage(model, random_examples(8, 8), TrainConfig(max_steps=30, batch_size=8, lr=5e-2, seed=seed,
+        res = train_stage(model, examples, TrainConfig(max_steps=30, batch_size=8, lr=5e-2, seed=seed,
                                                                      scheduler="constant", precision="fp32",
                                                                      progress=False), accelerator=accelerator)
         return model, res
