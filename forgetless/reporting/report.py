@@ -14,18 +14,22 @@ one per method x task x seed, with ``general_ppl``, ``tasks[task][acc|acc_norm]`
    in that option) and a Pareto plot of domain accuracy against general perplexity over all methods;
 5. the ablation table (``hlora``, ``hlora-no-layer``, ``lora-nu-mu``).
 
-A section whose data is absent is replaced by a one-line note. Reporting reads results only; it never trains.
+A section whose data is absent is replaced by a one-line note. A run with a non-finite score (training diverged, in a
+record of an older forgetless) is left out of every section, and named. Reporting reads results only; it never
+trains.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from forgetless.config import ConfigError
+from forgetless.reporting.tables import finite_record, nonfinite_note, read_record
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
@@ -38,14 +42,12 @@ def load_runs(folder: str | Path) -> list[dict[str, Any]]:
     """The run records of an experiment folder (``runs/*.json``), or of a folder of such files."""
     folder = Path(folder)
     runs_dir = folder / "runs" if (folder / "runs").is_dir() else folder
-    paths = sorted(runs_dir.glob("*.json"))
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"{folder}: no such results folder")
     runs = []
-    for path in paths:
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: corrupt result file ({err})") from err
-        if isinstance(record, dict) and {"method", "task", "general_ppl", "tasks"} <= set(record):
+    for path in sorted(runs_dir.glob("*.json")):
+        record = read_record(path)
+        if {"method", "task", "general_ppl", "tasks"} <= set(record):
             runs.append(record)
     if not runs:
         raise FileNotFoundError(f"no run records (JSON with method, task, general_ppl, tasks) under {runs_dir}")
@@ -532,13 +534,18 @@ def build_report(results_dir: str | Path, output: str | Path | None = None, refe
     """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path."""
     if metric not in ("acc", "acc_norm"):
         raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
-    res = Results(load_runs(results_dir), metric=metric)
+    runs = load_runs(results_dir)
+    finite = [r for r in runs if finite_record(r)]
+    if not finite:
+        raise ConfigError(f"{results_dir}: every run record has a non-finite score; nothing to report")
+    res = Results(finite, metric=metric)
     folder = Path(output) if output is not None else Path(results_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
     models = sorted({str(r.get("model", "?")) for r in res.runs})
     head = (f"# Report: {Path(results_dir).resolve().name}\n\n"
             f"{len(res.runs)} runs; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
-            f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n")
+            f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
+            + nonfinite_note(runs))
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res)]
     path = folder / "report.md"

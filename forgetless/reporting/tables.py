@@ -2,12 +2,15 @@
 
 They read the run records (``OUTPUT/runs/*.json``) that :func:`forgetless.experiment.run_experiment` writes and
 never touch models or training; ``forgetless report`` (:mod:`forgetless.reporting.report`) builds the fuller report.
+A record with a non-finite number (a run that diverged, recorded by an older forgetless) is never shown as a result:
+it is left out of the tables, with a note naming it (:func:`finite_record`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -15,15 +18,39 @@ from typing import Any
 from forgetless.config import ConfigError
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """One run record; a corrupt one (an interrupted write, a bad edit) is a ConfigError naming it."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: corrupt run record ({err}); delete it to rerun that run") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: not a run record (a JSON object); delete it to rerun that run")
+    return record
+
+
 def load_results(folder: Path) -> list[dict[str, Any]]:
-    """Every run record of an experiment folder; a corrupt one (an interrupted write) is an error naming it."""
-    results = []
-    for path in sorted((Path(folder) / "runs").glob("*.json")):
-        try:
-            results.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: corrupt result file ({err}); delete it to rerun that run") from err
-    return results
+    """Every run record of an experiment folder; a corrupt one is an error naming it."""
+    return [read_record(path) for path in sorted((Path(folder) / "runs").glob("*.json"))]
+
+
+def finite_record(record: dict[str, Any]) -> bool:
+    """True when every score of a run record (general PPL, accuracies, those of its variants) is finite or absent."""
+    values = []
+    for scores in [record, *(record.get("variants") or {}).values()]:
+        values.append(scores.get("general_ppl"))
+        for task in (scores.get("tasks") or {}).values():
+            values += [task.get("acc"), task.get("acc_norm")]
+    return all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values)
+
+
+def nonfinite_note(records: list[dict[str, Any]]) -> str:
+    """A line naming the runs left out for a non-finite number ("" when none is)."""
+    left = [str(r.get("run_id", r.get("method", "?"))) for r in records if not finite_record(r)]
+    if not left:
+        return ""
+    return (f"\nLeft out: {len(left)} run(s) with a non-finite score (training diverged), never ranked: "
+            f"{', '.join(left)}.\n")
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -82,12 +109,14 @@ def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[l
 
 def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,
                  tasks: list[str] | None = None) -> str:
-    """Write ``results.md`` and ``results.csv``; return the Markdown table."""
-    header, rows = summary_table(results, methods, tasks)
+    """Write ``results.md`` and ``results.csv``; return the Markdown table. Runs with a non-finite score are left
+    out, and named in a note."""
+    left_out = nonfinite_note(results)
+    header, rows = summary_table([r for r in results if finite_record(r)], methods, tasks)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
     note = ("\nGeneral PPL: e-based token perplexity on the held-out general text (lower is better). "
-            "acc / acc_norm: multiple-choice accuracy in %, computed as lm-evaluation-harness does.\n")
+            "acc / acc_norm: multiple-choice accuracy in %, computed as lm-evaluation-harness does.\n" + left_out)
     (folder / "results.md").write_text(md + note)
     with open(folder / "results.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
