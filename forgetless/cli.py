@@ -1,4 +1,9 @@
-"""The ``forgetless`` command: demo, run, train, eval, landscape, report."""
+"""The ``forgetless`` command: demo, run, train, eval, landscape, report.
+
+Every user error (a bad flag, file, key or value, a run that diverged, a folder in use) is one line
+``forgetless: error: WHERE: WHAT`` and exit code 2, found before any model loads wherever it can be; ``--debug``
+shows the traceback instead. Ctrl-C exits with 130 and one line saying what was kept.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from forgetless.models import DEFAULT_MODEL
 
@@ -37,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from forgetless.experiment import run_experiment
 
     exp = load_experiment(args.experiment, output=args.output)
-    run_experiment(exp, progress=not args.quiet)
+    run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
     print((exp.output / "results.md").read_text())
     return 0
 
@@ -82,23 +87,23 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
                                    TrainStages, check_methods)
     from forgetless.training.config import TrainConfig
 
-    try:  # the settings' own checks (lr > 0, r >= 1, ...) become errors without a traceback
+    methods, method_tasks = check_methods([_method_entry(args.method)], ["domain"], "--method")
+    try:  # the settings' own checks (lr > 0, r >= 1, seed >= 0, ...) become errors without a traceback
         stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr)
         task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
                         train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
                         train_kind=args.domain_kind)
-        lora, evaluation = _lora_from(args), EvalSettings(batch_size=args.batch_size)
+        general = GeneralData(
+            train=TextSource(args.general, limit=args.general_limit, max_blocks=args.general_max_blocks)
+            if args.general else None,
+            heldout=TextSource(args.heldout, max_blocks=args.heldout_max_blocks) if args.heldout else None,
+            block_size=args.block_size)
+        return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed],
+                          lora=_lora_from(args), general=general, tasks=[task], methods=methods,
+                          train=TrainStages(general=stage, domain=stage), eval=EvalSettings(batch_size=args.batch_size),
+                          precision=args.precision, method_tasks=method_tasks)
     except ValueError as err:
         raise ConfigError(f"train: {err}") from err
-    general = GeneralData(
-        train=TextSource(args.general, limit=args.general_limit, max_blocks=args.general_max_blocks) if args.general
-        else None,
-        heldout=TextSource(args.heldout, max_blocks=args.heldout_max_blocks) if args.heldout else None,
-        block_size=args.block_size)
-    methods, method_tasks = check_methods([_method_entry(args.method)], [task.name], "--method")
-    return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed], lora=lora,
-                      general=general, tasks=[task], methods=methods, train=TrainStages(general=stage, domain=stage),
-                      eval=evaluation, precision=args.precision, method_tasks=method_tasks)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -108,26 +113,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_source(spec: str) -> tuple[str, str | None]:
+    """``FILE`` or ``HUB_NAME[:schema]`` -> (source, schema or None)."""
+    source, _, schema = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    return source, schema or None
+
+
+def _check_model_and_adapter(args: argparse.Namespace) -> None:
+    """Before any model loads: the model's source and the adapter folder's files."""
+    from forgetless.models import check_adapter_files, check_model_source
+
+    check_model_source(args.model)
+    if args.adapter:
+        check_adapter_files(args.adapter)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from forgetless.config import ConfigError
     from forgetless.data import load_mc_task, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
-    from forgetless.models import load_model
+    from forgetless.experiment import data_errors
+    from forgetless.models import load_adapter, load_model
 
+    if not args.ppl and not args.task:
+        raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity) and/or --task "
+                          "FILE[:schema] (multiple-choice accuracy)")
+    _check_model_and_adapter(args)
+    texts = None
+    if args.ppl:  # every file is read before the model loads
+        with data_errors("--ppl"):
+            texts = load_texts(args.ppl, limit=args.limit)
+    tasks = []
+    for spec in args.task or []:
+        source, schema = _task_source(spec)
+        with data_errors("--task"):
+            tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
     model, tokenizer = load_model(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_adapter(model, args.adapter)
     report: dict = {"model": args.model, "adapter": args.adapter}
-    if args.ppl:
-        blocks = pack_blocks(load_texts(args.ppl, limit=args.limit), tokenizer, args.block_size,
-                             max_blocks=args.max_blocks)
+    if texts is not None:
+        with data_errors("--ppl"):
+            blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.max_blocks)
         res = perplexity(model, blocks, batch_size=args.batch_size, precision=args.precision)
         report["perplexity"] = {"source": args.ppl, "ppl": res.ppl, "ppl_base2": res.ppl_base2,
                                 "mean_nll": res.mean_nll, "tokens": res.tokens}
-    for spec in args.task or []:
-        source, _, schema = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        items = load_mc_task(source, schema=schema or None, limit=args.limit)
+    for source, items in tasks:
         res = evaluate_mc(model, tokenizer, items, batch_size=args.batch_size, precision=args.precision)
         report.setdefault("tasks", {})[source] = {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n,
                                                   "acc_stderr": res.acc_stderr}
@@ -136,32 +167,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
+    from forgetless.config import ConfigError
     from forgetless.data import lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
+    from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
-    from forgetless.models import load_model
+    from forgetless.models import load_adapter, load_model
     from forgetless.reporting.landscape_plots import plot_surface
 
     if bool(args.text) == bool(args.task):
-        raise SystemExit("error: give the evaluation data: --text FILE (general text) or --task FILE[:schema]")
+        raise ConfigError("landscape: give the evaluation data: --text FILE (general text) or --task FILE[:schema]")
     if args.dims == 2 and args.grid < 3:
-        raise SystemExit("error: a 2-D surface needs --grid >= 3")
+        raise ConfigError("landscape: --grid: a 2-D surface needs --grid >= 3")
     if args.params == "trainable" and not args.adapter:
-        raise SystemExit("error: a model without --adapter has no trainable weights: pass --adapter or --params all")
+        raise ConfigError("landscape: a model without --adapter has no trainable weights: pass --adapter or "
+                          "--params all")
+    _check_model_and_adapter(args)
+    flag = "--text" if args.text else "--task"
+    with data_errors(flag):  # read before the model loads
+        if args.text:
+            texts = load_texts(args.text, limit=args.limit)
+        else:
+            source, schema = _task_source(args.task)
+            items = load_mc_task(source, schema=schema, limit=args.limit)
     model, tokenizer = load_model(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)  # trainable: the LoRA weights
-    if args.text:
-        texts = load_texts(args.text, limit=args.limit)
-        blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.blocks)
-        examples, data = lm_examples(blocks), {"text": args.text, "blocks": len(blocks), "block_size": args.block_size}
-    else:
-        source, _, schema = args.task.partition(":") if not Path(args.task).exists() else (args.task, "", "")
-        items = load_mc_task(source, schema=schema or None, limit=args.limit)
-        examples = mc_train_examples(items, tokenizer)[: args.blocks]  # loss on the correct answers' tokens
-        data = {"task": source, "examples": len(examples)}
+        model = load_adapter(model, args.adapter, trainable=True)  # trainable: the LoRA weights
+    with data_errors(flag):
+        if args.text:
+            blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.blocks)
+            examples = lm_examples(blocks)
+            data = {"text": args.text, "blocks": len(blocks), "block_size": args.block_size}
+        else:
+            examples = mc_train_examples(items, tokenizer)[: args.blocks]  # loss on the correct answers' tokens
+            data = {"task": source, "examples": len(examples)}
     out = Path(args.output)
     with model_objective(model, examples, args.params, args.batch_size, args.precision) as objective:
         loss = objective.value()
@@ -185,23 +224,47 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error format: ``forgetless: error: WHAT``, exit code 2."""
 
-    p = sub.add_parser("demo", help="offline demo: SmolLM2 learns invented facts; base vs lora-mu vs lora-nu-mu")
+    def error(self, message: str) -> NoReturn:
+        print(f"forgetless: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="forgetless", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("demo", parents=[debug], help="offline demo: SmolLM2 learns invented facts; base vs lora-mu vs lora-nu-mu")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("run", help="run an experiment YAML (methods x tasks x seeds); resumable")
+    p = sub.add_parser("run", parents=[debug], help="run an experiment YAML (methods x tasks x seeds); resumable")
     p.add_argument("experiment")
     p.add_argument("--output", help="results folder (default: the YAML's 'output')")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="redo the finished runs whose settings changed (their old records are kept beside, "
+                        "as runs/RUN_ID.json.DIGEST); without it such runs are an error")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("report", help="Markdown report with figures from an experiment's results folder: main "
+    p = sub.add_parser("report", parents=[debug], help="Markdown report with figures from an experiment's results folder: main "
                                       "table, t-tests, cost, sweeps, Pareto front, ablation")
     p.add_argument("results", help="the experiment's output folder (with runs/*.json)")
     p.add_argument("--output", help="folder for report.md and its figures (default RESULTS/report)")
@@ -210,11 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-base", action="store_true", help="rank 'base' too when marking best and second")
     p.set_defaults(func=_cmd_report)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")
     common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    common.add_argument("--batch-size", type=int, default=8)
-    common.add_argument("--block-size", type=int, default=128)
+    common.add_argument("--batch-size", type=_positive, default=8)
+    common.add_argument("--block-size", type=_positive, default=128)
 
     p = sub.add_parser(
         "train", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -229,24 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "'[lora-mu, {name: ewc, lambda: 100}]'")
     p.add_argument("--general", help="general text (jsonl with 'text', .txt, or hub dataset): stage nu's data and the "
                                      "general text of methods that use it (replay, ewc)")
-    p.add_argument("--general-limit", type=int, help="read at most this many general-text documents")
-    p.add_argument("--general-max-blocks", type=int, help="keep at most this many blocks of general text")
+    p.add_argument("--general-limit", type=_positive, help="read at most this many general-text documents")
+    p.add_argument("--general-max-blocks", type=_positive, help="keep at most this many blocks of general text")
     p.add_argument("--domain", required=True, help="task file or hub dataset for stage mu")
     p.add_argument("--domain-kind", choices=["multiple_choice", "instructions"], default="multiple_choice",
                    help="--domain holds multiple-choice items or Alpaca-style instructions")
     p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu or generic (default: detected)")
-    p.add_argument("--domain-limit", type=int)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per domain training example")
+    p.add_argument("--domain-limit", type=_positive)
+    p.add_argument("--max-length", type=_positive, default=256, help="tokens per domain training example")
     p.add_argument("--heldout", help="held-out general text: evaluate the general perplexity after training")
-    p.add_argument("--heldout-max-blocks", type=int)
+    p.add_argument("--heldout-max-blocks", type=_positive)
     p.add_argument("--test", help="multiple-choice test set of the domain: evaluate the accuracy after training")
-    p.add_argument("--test-limit", type=int)
+    p.add_argument("--test-limit", type=_positive)
     p.add_argument("--output", required=True, help="adapter folder (and OUTPUT/run.json when evaluated)")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=_positive)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=_positive, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -258,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a PEFT adapter folder to apply")
     p.add_argument("--ppl", help="held-out general text for perplexity")
     p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--max-blocks", type=int)
+    p.add_argument("--limit", type=_positive)
+    p.add_argument("--max-blocks", type=_positive)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("landscape", parents=[common],
@@ -269,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="evaluation data: general text (jsonl with 'text', .txt, or hub dataset)")
     p.add_argument("--task", help="evaluation data: multiple-choice task FILE or HUB_NAME[:schema] (loss on the "
                                   "correct answers)")
-    p.add_argument("--blocks", type=int, default=8, help="evaluation blocks of --block-size tokens (or task examples)")
-    p.add_argument("--limit", type=int, help="read at most this many texts / task items")
+    p.add_argument("--blocks", type=_positive, default=8, help="evaluation blocks of --block-size tokens (or task examples)")
+    p.add_argument("--limit", type=_positive, help="read at most this many texts / task items")
     p.add_argument("--dims", type=int, choices=[1, 2], default=2, help="1-D curve or 2-D surface")
-    p.add_argument("--grid", type=int, default=21, help="points per axis")
+    p.add_argument("--grid", type=_positive, default=21, help="points per axis")
     p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
                    help="coordinates a, b run over [LOW, HIGH] (default -1 1)")
     p.add_argument("--params", choices=["trainable", "all"], default="trainable",
@@ -282,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
-    p.add_argument("--hessian-iters", type=int, default=20)
-    p.add_argument("--trace-samples", type=int, default=10)
+    p.add_argument("--hessian-iters", type=_positive, default=20)
+    p.add_argument("--trace-samples", type=_positive, default=10)
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
     p.add_argument("--ascent-steps", type=int, default=5)
     p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json")
@@ -293,14 +356,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from forgetless.data import DataError
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad flag (2, already printed)
+        return stop.code if isinstance(stop.code, int) else 2
     from forgetless.config import ConfigError
-    from forgetless.models import ModelNotFoundError
+    from forgetless.data import DataError
+    from forgetless.experiment import RunFailed
+    from forgetless.models import AdapterError, ModelNotFoundError
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, ModelNotFoundError, FileNotFoundError) as err:
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        kept = str(err) or "the work in progress was not recorded (records and adapters are written only once complete)"
+        print(f"forgetless: interrupted: {kept}", file=sys.stderr)
+        return 130
+    except (DataError, ConfigError, AdapterError, ModelNotFoundError, RunFailed, OSError) as err:
+        if args.debug:
+            raise
         print(f"forgetless: error: {err}", file=sys.stderr)
         return 2
 

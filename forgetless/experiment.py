@@ -5,16 +5,27 @@
 :func:`forgetless.pipeline.run_recipe`. ``forgetless train`` is the same :func:`run_one` on a one-run experiment
 (:func:`train_one`), so both commands train bit-for-bit the same adapter for the same settings.
 
-Each finished run is a JSON file in ``OUTPUT/runs/``; starting the experiment again skips them. Runs that train
-the same general stage share it, cached per seed in ``OUTPUT/stages/`` (:func:`general_stage_key`). Afterwards the
-result tables (:mod:`forgetless.reporting.tables`) and figures are written.
+Each finished run is a JSON file in ``OUTPUT/runs/``, with the settings that made it (:func:`run_settings`) and
+their digest; starting the experiment again skips the runs whose settings are unchanged, and refuses to reuse those
+whose settings changed (``--rerun-changed`` redoes them, keeping the old record as ``RUN_ID.json.DIGEST``). Runs
+that train the same general stage share it, cached per seed in ``OUTPUT/stages/`` (:func:`general_stage_key`).
+Afterwards the result tables (:mod:`forgetless.reporting.tables`) and figures are written.
+
+Everything is checked before a model loads (:func:`validate`): the model's source and LoRA targets, a writable
+output folder with free space (locked against a second ``forgetless run``), the finished records, the cached general
+stages and every data file. A run that diverges (a non-finite loss, gradient norm or score) stops the experiment
+with :class:`RunFailed` naming it; nothing of it is recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +34,22 @@ from accelerate import PartialState
 
 # load_experiment and ConfigError live in forgetless.config; importing them from here still works
 from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
+from forgetless.data import DataError
 from forgetless.methods import GENERAL, Recipe, general_stage_entries, method_label, resolve
-from forgetless.pipeline import RunData, RunSettings, run_recipe
+from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
+from forgetless.training.loop import NonFiniteError
+
+MIN_FREE_BYTES = 256 * 2**20  # an output folder with less free space is refused before any work
+LOCK_FILE = ".forgetless.lock"
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped: a non-finite loss, gradient norm or score. The message names the run; nothing of it is
+    recorded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT during an experiment; the message says what was kept."""
 
 
 def _resolve_path(exp: Experiment, value: str) -> str:
@@ -55,6 +80,65 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
     return load_mc_task(_resolve_path(exp, source), schema=schema, split=split, limit=limit)
 
 
+# flags of `forgetless train` for the keys of its one-run experiment, so that its errors name what the user typed
+_CLI_KEYS = {"general.train": "--general", "general.heldout": "--heldout", "tasks[0].train": "--domain",
+             "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output"}
+
+
+def where(exp: Experiment, key: str) -> str:
+    """The place of ``key`` for an error message: ``FILE: key`` of the YAML, or the flag of ``forgetless train``."""
+    return f"{exp.source}: {key}" if exp.source is not None else _CLI_KEYS.get(key, key)
+
+
+@contextlib.contextmanager
+def data_errors(place: str) -> Iterator[None]:
+    """Data problems (a missing, unreadable, empty, malformed or too short source) as DataErrors that also name
+    ``place``, the key or flag that gave the source."""
+    try:
+        yield
+    except (DataError, OSError, ValueError) as err:
+        raise DataError(f"{place}: {err}") from err
+
+
+def _data_errors(exp: Experiment, key: str) -> contextlib.AbstractContextManager[None]:
+    return data_errors(where(exp, key))
+
+
+@dataclass
+class RawData:
+    """An experiment's data as read from its files, before any tokenizer: reading it checks every file."""
+
+    general: list[str] | None  # documents of the general text (stage nu), None: not given
+    heldout: list[str] | None  # documents of the held-out general text
+    tasks: dict[str, tuple[list, list | None]]  # task name -> (training items or instruction pairs, test items)
+
+
+def read_data(exp: Experiment) -> RawData:
+    """Read every data source of ``exp`` (no model needed): a missing, empty, non-UTF-8 or malformed file, a
+    multiple-choice item with fewer than two choices, is a DataError naming the file, the line and the key."""
+    from forgetless.data import load_instructions
+
+    texts = {}
+    for key in ("train", "heldout"):
+        spec = getattr(exp.general, key)
+        with _data_errors(exp, f"general.{key}"):
+            texts[key] = _texts(exp, spec) if spec is not None else None
+    tasks = {}
+    for i, task in enumerate(exp.tasks):
+        test_items = None
+        if task.test is not None:
+            with _data_errors(exp, f"tasks[{i}].test"):
+                test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
+        with _data_errors(exp, f"tasks[{i}].train"):
+            if task.train_kind == "instructions":
+                train = load_instructions(_resolve_path(exp, task.train), split=task.train_split or "train",
+                                          limit=task.train_limit)
+            else:
+                train = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
+        tasks[task.name] = (train, test_items)
+    return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks)
+
+
 @dataclass
 class ExperimentData:
     """An experiment's data, tokenized once for all its runs."""
@@ -64,31 +148,26 @@ class ExperimentData:
     tasks: dict[str, tuple[list[dict], list | None]]  # task name -> (training examples, test items or None)
 
 
-def load_data(exp: Experiment) -> ExperimentData:
-    """Read and tokenize the general text, the held-out text and every task's training and test data."""
-    from forgetless.data import instruction_examples, lm_examples, load_instructions, mc_train_examples, pack_blocks
+def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
+    """Tokenize the general text, the held-out text and every task's training data (``raw``: already read)."""
+    from forgetless.data import instruction_examples, lm_examples, mc_train_examples, pack_blocks
     from forgetless.models import load_model
 
+    raw = raw or read_data(exp)
     _, tokenizer = load_model(exp.model)
 
-    def blocks(spec: TextSource) -> torch.Tensor:
-        return pack_blocks(_texts(exp, spec), tokenizer, exp.general.block_size, max_blocks=spec.max_blocks)
+    def blocks(key: str, texts: list[str], spec: TextSource) -> torch.Tensor:
+        with _data_errors(exp, f"general.{key}"):
+            return pack_blocks(texts, tokenizer, exp.general.block_size, max_blocks=spec.max_blocks)
 
-    general = lm_examples(blocks(exp.general.train)) if exp.general.train is not None else []
-    heldout = blocks(exp.general.heldout) if exp.general.heldout is not None else None
+    general = lm_examples(blocks("train", raw.general, exp.general.train)) if raw.general is not None else []
+    heldout = blocks("heldout", raw.heldout, exp.general.heldout) if raw.heldout is not None else None
     tasks = {}
-    for task in exp.tasks:
-        test_items = None
-        if task.test is not None:
-            test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
-        if task.train_kind == "instructions":
-            pairs = load_instructions(_resolve_path(exp, task.train), split=task.train_split or "train",
-                                      limit=task.train_limit)
-            train_examples = instruction_examples(pairs, tokenizer, max_length=task.max_length)
-        else:
-            train_items = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
-            train_examples = mc_train_examples(train_items, tokenizer, max_length=task.max_length)
-        tasks[task.name] = (train_examples, test_items)
+    for i, task in enumerate(exp.tasks):
+        train, test_items = raw.tasks[task.name]
+        with _data_errors(exp, f"tasks[{i}].train"):
+            encode = instruction_examples if task.train_kind == "instructions" else mc_train_examples
+            tasks[task.name] = (encode(train, tokenizer, max_length=task.max_length), test_items)
     return ExperimentData(general=general, heldout=heldout, tasks=tasks)
 
 
@@ -112,25 +191,128 @@ def run_id(label: str, task: str, seed: int) -> str:
     return f"{safe}__{task}__seed{seed}"
 
 
+# ------------------------------------------------------------------------------------------------ run identity
+_NOT_SETTINGS = {"progress", "seed", "precision"}  # fields of a section that change no number, or are set per run
+
+
+def _non_default(value: Any) -> Any:
+    """A settings section as data: a dataclass as the mapping of its fields that differ from their defaults (so a
+    field added later, at its default, changes no digest), recursively; paths as strings."""
+    if is_dataclass(value):
+        out = {}
+        for f in fields(value):
+            if f.name in _NOT_SETTINGS or not f.metadata.get("yaml", True):
+                continue
+            default = f.default if f.default_factory is MISSING else f.default_factory()
+            if default is MISSING or getattr(value, f.name) != default:
+                out[f.name] = _non_default(getattr(value, f.name))
+        return out
+    if isinstance(value, dict):
+        return {str(k): _non_default(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_non_default(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> dict[str, Any]:
+    """Everything that changes the numbers of one run: the model, the data sources and limits, LoRA, the training
+    and evaluation settings, the method's options and the seed. ``base`` trains nothing, so its identity has no LoRA,
+    general text or training settings."""
+    settings = {"model": exp.model, "precision": exp.precision, "seed": seed, "method": _non_default(recipe.entries),
+                "task": _non_default(task), "heldout": _non_default(exp.general.heldout),
+                "block_size": exp.general.block_size, "eval": _non_default(exp.eval)}
+    if recipe.stages:
+        settings |= {"lora": _non_default(replace(exp.lora, **recipe.lora)), "general": _non_default(exp.general.train),
+                     "train": _non_default(exp.train)}
+    return settings
+
+
+def _canonical(value: Any) -> Any:
+    """Numbers as floats (``1`` and ``1.0`` are one setting), recursively."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return _digest(_canonical(settings))
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two runs' settings, for a message: ``train.domain.max_steps: 2 -> 50``."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if _canonical(a.get(k)) != _canonical(b.get(k)))
+    shown = [f"{k}: {a.get(k, 'default')} -> {b.get(k, 'default')}" for k in keys[:3]]
+    return ", ".join(shown) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "") or "other settings"
+
+
+@dataclass
+class Job:
+    """One (method entry, task, seed) of an experiment, with its identity."""
+
+    entry: Any
+    task: TaskSpec
+    seed: int
+    recipe: Recipe
+    rid: str
+    settings: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return settings_digest(self.settings)
+
+
+def plan_runs(exp: Experiment) -> list[Job]:
+    """Every run of the experiment, seeds outermost, in the order of the file."""
+    only = exp.method_tasks or [None] * len(exp.methods)
+    jobs = []
+    for seed in exp.seeds:
+        for task in exp.tasks:
+            for entry, tasks in zip(exp.methods, only):
+                if tasks is None or task.name in tasks:
+                    recipe = resolve(entry)
+                    jobs.append(Job(entry, task, seed, recipe, run_id(recipe.label, task.name, seed),
+                                    run_settings(exp, recipe, task, seed)))
+    return jobs
+
+
 def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: ExperimentData, adapter_dir: Path | None,
             stages_dir: Path | None, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate one (method entry, task, seed) of ``exp``; return its record (the run JSON).
+    """Train and evaluate one (method entry, task, seed) of ``exp``; return its record (the run JSON), with the
+    settings that made it and their digest.
 
     The adapter is saved to ``adapter_dir`` (when the method trains); ``stages_dir`` holds cached general stages
     shared between runs (None: no cache). What is evaluated is what ``data`` has: the held-out perplexity if it
-    has held-out blocks, the task's accuracy if it has test items.
+    has held-out blocks, the task's accuracy if it has test items. A run that diverges is :class:`RunFailed`.
     """
     recipe = resolve(entry)
+    rid = run_id(recipe.label, task.name, seed)
     train_examples, test_items = data.tasks[task.name]
     run_data = RunData(general_train=data.general, domain_train=train_examples, heldout_blocks=data.heldout,
                        eval_tasks={task.name: test_items} if test_items is not None else {})
     settings = RunSettings(model=exp.model, lora=exp.lora, general=exp.train.general, domain=exp.train.domain,
                            seed=seed, eval_batch_size=exp.eval.batch_size, precision=exp.precision, progress=progress)
     stage = f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
-    result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
-                        general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None)
-    record = result.to_json() | {"task": task.name, "run_id": run_id(recipe.label, task.name, seed),
-                                 "model": exp.model}
+    try:
+        result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
+                            general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None)
+    except (NonFiniteError, NonFiniteScore) as err:
+        raise RunFailed(f"{rid}: {err}") from err
+    identity = run_settings(exp, recipe, task, seed)
+    record = result.to_json() | {"task": task.name, "run_id": rid, "model": exp.model, "settings": identity,
+                                 "settings_digest": settings_digest(identity)}
     if GENERAL in recipe.stages and stages_dir is not None:
         record["general_stage"] = f"{stages_dir.name}/{stage}"
     return record
@@ -155,49 +337,218 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def run_experiment(exp: Experiment, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every (method, task, seed) not already finished; write tables; return all results."""
+# ------------------------------------------------------------------------------------------------ checks
+def check_output(folder: Path, where_: str) -> None:
+    """ConfigError unless ``folder`` can be created, written and has at least :data:`MIN_FREE_BYTES` free."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".forgetless-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{where_}: the output folder {folder} is not writable ({err.strerror or err})") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"{where_}: only {free / 2**20:.0f} MiB free in {folder}; at least "
+                          f"{MIN_FREE_BYTES // 2**20} MiB are needed")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.forgetless.lock`` (an advisory ``flock``, which the kernel drops when its process dies, with
+    the holder's pid inside for messages): a second ``forgetless run`` on the folder is a ConfigError naming the pid
+    that holds it; the lock of a process that died is taken over."""
+    import fcntl
+
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"{folder} is in use by another forgetless run (pid {holder}); wait for it to end or "
+                              f"stop it, or write to another output folder") from None
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
+            print(f"taking over the lock of {folder} from pid {previous}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
+    """AdapterError / ConfigError for a cached general stage that could not be used (it is read only later, after
+    the model has loaded): unreadable adapter, stage record or method-state files, or a state file missing."""
+    from forgetless.models import check_adapter_files, check_safetensors
+
+    if not (cache / "adapter_model.safetensors").is_file():
+        return  # not cached: the stage is trained
+    check_adapter_files(cache)
+    read_stage_record(cache)
+    for path in sorted(cache.glob("*.safetensors")):
+        check_safetensors(path, "cached general-stage state")
+    for plugin in resolve(recipe.entries).plugins:  # fresh plugins: load_state only remembers where the file is
+        try:
+            plugin.load_state(cache)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{cache}: {err}; delete the folder to recompute the general stage") from None
+
+
+def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawData:
+    """Check what the runs ``jobs`` need before any model loads: the model's source, the LoRA targets (against the
+    model's configuration), the cached general stages they would use, and every data file (read here, returned)."""
+    from forgetless.models import check_lora_targets, check_model_source
+
+    check_model_source(exp.model)
+    for lora in {json.dumps(j.recipe.lora, sort_keys=True): j.recipe.lora for j in jobs if j.recipe.stages}.values():
+        try:
+            check_lora_targets(exp.model, replace(exp.lora, **lora))
+        except ValueError as err:
+            raise ConfigError(f"{where(exp, 'lora')}: {err}") from None
+    if stages_dir is not None:
+        for job in jobs:
+            if GENERAL in job.recipe.stages:
+                _check_cached_stage(stages_dir / f"{GENERAL}-{general_stage_key(exp, job.recipe, job.seed)}",
+                                    job.recipe)
+    return read_data(exp)
+
+
+def _inside(folder: Path, path: Path) -> Path:
+    """``path``, which must lie inside ``folder`` (names are checked; this is the last guard)."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(f"{path}: outside the output folder {folder}; refusing to write there")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+def _sort_finished(exp: Experiment, jobs: list[Job]) -> tuple[list[Job], list[tuple[Job, dict]], int]:
+    """(runs to do, finished runs whose record does not fit with that record, records without settings reused)."""
+    from forgetless.reporting.tables import finite_record, read_record
+
+    pending, stale, unrecorded = [], [], 0
+    for job in jobs:
+        path = exp.output / "runs" / f"{job.rid}.json"
+        if not path.is_file():
+            pending.append(job)
+            continue
+        record = read_record(path)
+        digest = record.get("settings_digest")
+        if not finite_record(record) or (digest is not None and digest != job.digest):
+            stale.append((job, record))
+        unrecorded += digest is None and finite_record(record)
+    return pending, stale, unrecorded
+
+
+def _stale_reason(job: Job, record: dict[str, Any]) -> str:
+    from forgetless.reporting.tables import finite_record
+
+    if not finite_record(record):
+        return "has a non-finite number (it diverged)"
+    return settings_changes(record.get("settings") or {}, job.settings)
+
+
+def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
+    """Rename a stale run's record and adapter with its digest: kept beside the new ones, never overwritten."""
+    suffix = record.get("settings_digest") or "old"
+    for path in (out / "runs" / f"{job.rid}.json", out / "adapters" / job.rid):
+        if path.exists():
+            target, n = path.with_name(f"{path.name}.{suffix}"), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.{suffix}.{n}"), n + 1
+            path.rename(target)
+
+
+def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False) -> list[dict[str, Any]]:
+    """Run every (method, task, seed) not already finished with the same settings; write tables; return all results.
+
+    Finished runs whose settings changed are a ConfigError listing them, unless ``rerun_changed``: then they are
+    redone, their old records kept as ``runs/RUN_ID.json.DIGEST``. The output folder is locked while this runs."""
+    out = exp.output
+    check_output(out, where(exp, "output"))
+    with output_lock(out) if is_main_process() else contextlib.nullcontext():
+        return _run_locked(exp, progress, rerun_changed)
+
+
+def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[dict[str, Any]]:
     out = exp.output
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    only = exp.method_tasks or [None] * len(exp.methods)
-    todo = [(entry, task, seed) for seed in exp.seeds for task in exp.tasks
-            for entry, tasks in zip(exp.methods, only) if tasks is None or task.name in tasks]
-    pending = [t for t in todo if not (out / "runs" / f"{run_id(method_label(t[0]), t[1].name, t[2])}.json").is_file()]
-    print(f"experiment {exp.name}: {len(todo)} runs, {len(todo) - len(pending)} already done, writing to {out}")
-    data = load_data(exp) if pending else None
-    for number, (entry, task, seed) in enumerate(pending, 1):
-        rid = run_id(method_label(entry), task.name, seed)
-        print(f"[{number}/{len(pending)}] {rid}")
-        record = run_one(exp, entry, task, seed, data, adapter_dir=out / "adapters" / rid, stages_dir=out / "stages",
-                         progress=progress)
-        if not is_main_process():
-            continue  # under `accelerate launch`, every process trains; only one writes
-        _write_json(out / "runs" / f"{rid}.json", record)
-        print(f"    {_scores_line(record)}")
-    if exp.landscape is not None and is_main_process():
-        from forgetless.landscape_runs import measure_runs
+    jobs = plan_runs(exp)
+    pending, stale, unrecorded = _sort_finished(exp, jobs)
+    if stale and not rerun_changed:
+        lines = "".join(f"\n  {job.rid}: {_stale_reason(job, record)}" for job, record in stale[:10])
+        more = f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else ""
+        raise ConfigError(f"{where(exp, 'output')}: {len(stale)} finished run(s) in {out} do not fit the experiment "
+                          f"now and are not reused:{lines}{more}\nrun again with --rerun-changed to redo them (each "
+                          f"old record is kept beside, as runs/RUN_ID.json.DIGEST), or write to another output folder")
+    chosen = {id(job) for job in pending} | {id(job) for job, _ in stale}
+    todo = [job for job in jobs if id(job) in chosen]
+    print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
+    if unrecorded:
+        print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as they "
+              f"are; delete a record to redo that run")
+    if stale:
+        print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
+    raw = validate(exp, todo, out / "stages") if todo else None
+    current = None
+    try:
+        data = load_data(exp, raw) if todo else None
+        for number, job in enumerate(todo, 1):
+            current = job.rid
+            print(f"[{number}/{len(todo)}] {job.rid}")
+            if is_main_process():
+                for stale_job, record in stale:
+                    if stale_job is job:
+                        _set_aside(out, job, record)
+            record = run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
+                             adapter_dir=_inside(out, out / "adapters" / job.rid))
+            current = None
+            if not is_main_process():
+                continue  # under `accelerate launch`, every process trains; only one writes
+            _write_json(_inside(out, out / "runs" / f"{job.rid}.json"), record)
+            print(f"    {_scores_line(record)}")
+        if exp.landscape is not None and is_main_process():
+            from forgetless.landscape_runs import measure_runs
 
-        heldout = exp.general.heldout
-        measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
-                     data_key=heldout.cache_key(), progress=progress)
+            heldout = exp.general.heldout
+            measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
+                         data_key=heldout.cache_key(), progress=progress)
+    except KeyboardInterrupt:
+        stopped = f"{current} was stopped and is not recorded; " if current else ""
+        raise Interrupted(f"{stopped}the finished runs' records in {out / 'runs'} are kept; `forgetless run` again "
+                          f"resumes") from None
     from forgetless.reporting.tables import load_results
 
     results = load_results(out)
     if is_main_process():
         _write_report(exp, results)
     return results
-
-
 def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     """``results.md``/``results.csv`` with the sections of HLoRA and flatness, and the figures."""
     from forgetless.reporting.flatness import flatness_section
     from forgetless.reporting.hlora_plots import hlora_section
     from forgetless.reporting.plots import plot_tradeoff, plot_training_curves
-    from forgetless.reporting.tables import write_tables
+    from forgetless.reporting.tables import finite_record, write_tables
 
     out = exp.output
     methods = [method_label(m) for m in exp.methods]
-    write_tables(results, out, methods=methods, tasks=[t.name for t in exp.tasks])
+    write_tables(results, out, methods=methods, tasks=[t.name for t in exp.tasks])  # notes the runs left out
+    results = [r for r in results if finite_record(r)]
     plot_tradeoff(results, out / "tradeoff.png")
     plot_training_curves(results, out / "training_curves.png")
     sections = [hlora_section(results, out)]
@@ -221,7 +572,10 @@ def train_one(exp: Experiment, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"train: method {recipe.label!r} trains nothing, so there is no adapter to save")
     if GENERAL in recipe.stages and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r} has a general stage: give the general text (--general)")
-    record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], load_data(exp), adapter_dir=exp.output,
+    check_output(exp.output, where(exp, "output"))
+    (job,) = plan_runs(exp)
+    raw = validate(exp, [job], stages_dir=None)
+    record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], load_data(exp, raw), adapter_dir=exp.output,
                      stages_dir=None, progress=progress)
     if is_main_process():
         print(f"adapter saved to {exp.output} (PEFT format)")
