@@ -11,14 +11,16 @@ no general stage, at the start of the domain stage: for LoRA that is the untouch
 Under LoRA the weights that eq 1 interpolates are the full weights ``W + dW`` with ``dW = s * B @ A``, so
 (``space="weights"``, the default) the model is evaluated at::
 
-    W_alpha = W + (1 - alpha) * dW_nu + alpha * dW_mu
+    W_alpha = W + (1 - alpha) * dW_nu + alpha * dW_mu = W + s * [(1 - alpha) B_nu, alpha B_mu] @ [A_nu; A_mu]
 
-done exactly by adding ``(1 - alpha) * (dW_nu - dW_mu)`` to each LoRA module's frozen base weight while the adapter
-keeps ``theta_mu`` (the base weight is copied and restored bit-exactly). ``space="factors"`` interpolates the
-adapter matrices A and B themselves, whose product ``s * B_alpha @ A_alpha`` is *not* between the two updates
-(it has a term in ``alpha * (1 - alpha)``); it is kept to compare with. Other trainable parameters (a full
-fine-tune, ``modules_to_save``) are interpolated directly, which is the paper's eq 1. Arithmetic is in float32 (or wider),
-then cast to the parameter dtype; alpha = 1 gives theta_mu bit-exactly.
+i.e. a LoRA update of rank 2r: inside the context each LoRA layer's factors are replaced by the stacked ones (the
+layer's forward ``B(A(x)) * s`` does not depend on the rank) and the original parameters are put back on exit. The
+frozen base weight is never touched, so this is exact whatever the base's dtype (bf16, 4-bit), and costs one rank-2r
+adapter instead of a merged copy. ``space="factors"`` interpolates the adapter matrices A and B themselves, whose
+product ``s * B_alpha @ A_alpha`` is *not* between the two updates (it has a term in ``alpha * (1 - alpha)``); it is
+kept to compare with. Other trainable parameters (a full fine-tune, ``modules_to_save``) are interpolated directly,
+which is the paper's eq 1. Arithmetic is in float32 (or wider), then cast to the parameter dtype; alpha = 1 gives
+theta_mu exactly.
 
 After training, :meth:`WiseFT.evaluation_variants` yields ``("wise-ft(alpha=a)", context manager)`` for every
 alpha; inside the context the model holds theta_alpha and on exit theta_mu is restored bit-exactly. The pipeline
@@ -35,8 +37,7 @@ from pathlib import Path
 
 import torch
 
-from forgetless.lora import (DEFAULT_ADAPTER, base_weight, compute_dtype, delta_from_factors, fan_in_fan_out, lora_modules,
-                             scaling)
+from forgetless.lora import DEFAULT_ADAPTER, compute_dtype, lora_modules
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import Options, PendingState, StateFile, option
 from forgetless.training.hooks import Method, StageContext
@@ -107,28 +108,28 @@ class WiseFT(Method):
         in_pairs = {key for _, a_key, b_key in merged for key in (a_key, b_key)}
         direct = [n for n in self.theta_nu if n not in in_pairs]
         kept = {n: params[n].detach().clone() for n in direct}
-        bases = {id(m): base_weight(m).detach().clone() for m, _, _ in merged}
+        factors_kept = [(module.lora_A[self.adapter], module.lora_B[self.adapter], params[a_key], params[b_key])
+                        for module, a_key, b_key in merged]
         try:
             with torch.no_grad():
                 for n in direct:
                     p = params[n]
                     p.copy_(interpolate(self.theta_nu[n].to(p.device), kept[n], alpha).to(p.dtype))
-                for module, a_key, b_key in merged:
-                    weight = base_weight(module)
-                    dtype = compute_dtype(weight.dtype)
-                    a_nu, b_nu = (self.theta_nu[k].to(weight.device, dtype) for k in (a_key, b_key))
-                    a_mu, b_mu = params[a_key].to(dtype), params[b_key].to(dtype)
-                    s, fan = scaling(module, self.adapter), fan_in_fan_out(module)
-                    shift = (1.0 - alpha) * s * (delta_from_factors(a_nu, b_nu, 1.0, fan)
-                                                 - delta_from_factors(a_mu, b_mu, 1.0, fan))
-                    weight.copy_((weight.to(dtype) + shift).to(weight.dtype))
+                for (layer_a, layer_b, a_mu, b_mu), (_, a_key, b_key) in zip(factors_kept, merged):
+                    dtype = compute_dtype(a_mu.dtype)
+                    a_nu, b_nu = (self.theta_nu[k].to(a_mu.device, dtype) for k in (a_key, b_key))
+                    # s [(1-a) B_nu, a B_mu] [A_nu; A_mu] = (1-a) dW_nu + a dW_mu: a rank-2r update
+                    stacked_a = torch.cat([a_nu, a_mu.to(dtype)], dim=0)
+                    stacked_b = torch.cat([(1.0 - alpha) * b_nu, alpha * b_mu.to(dtype)], dim=1)
+                    layer_a.weight = torch.nn.Parameter(stacked_a, requires_grad=False)
+                    layer_b.weight = torch.nn.Parameter(stacked_b, requires_grad=False)
             yield
         finally:
             with torch.no_grad():
                 for n, w in kept.items():
                     params[n].copy_(w)
-                for module, _, _ in merged:
-                    base_weight(module).copy_(bases[id(module)])
+            for layer_a, layer_b, a_mu, b_mu in factors_kept:
+                layer_a.weight, layer_b.weight = a_mu, b_mu
 
     def _lora_pairs(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str]]:
         """(module, A's name, B's name) of every LoRA layer whose factors theta_nu holds."""

@@ -147,3 +147,25 @@ def test_regularized_domain_stage_runs_on_conv1d(method, accelerator):
     result = train_stage(model, random_examples(8, 8, seed=2), cfg, plugins, stage="domain", accelerator=accelerator,
                          general_examples=random_examples(8, 8))
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+
+
+def test_wise_ft_is_exact_on_a_bf16_base_and_leaves_it_untouched():
+    """The interpolation is a rank-2r LoRA update in float32: nothing is rounded into a bf16 (or quantized) base."""
+    from forgetless.models import LoraSettings, attach_lora
+    from tests.unit.tiny_model import make_tiny_model
+
+    model = attach_lora(make_tiny_model(0).to(torch.bfloat16), LoraSettings(r=4, alpha=8, dropout=0.0))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA stays fp32
+    randomize_lora_b(model, seed=1, std=0.1)
+    plugin = WiseFT(alphas=[0.25])
+    plugin.theta_nu = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dw_nu = {n: delta_weight(m).detach() for n, m in lora_modules(model)}
+    randomize_lora_b(model, seed=2, std=0.1)
+    dw_mu = {n: delta_weight(m).detach() for n, m in lora_modules(model)}
+    bases = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_modules(model)}
+    with plugin.interpolated(model, 0.25):
+        for name, module in lora_modules(model):
+            assert torch.allclose(delta_weight(module), 0.75 * dw_nu[name] + 0.25 * dw_mu[name], rtol=1e-6, atol=1e-8)
+            assert torch.equal(module.get_base_layer().weight, bases[name])
+    for name, module in lora_modules(model):
+        assert torch.equal(delta_weight(module), dw_mu[name])

@@ -128,7 +128,7 @@ def test_wise_ft_interpolates_the_full_weights_of_lora(trained_pair, device, tol
                 assert torch.allclose(w[n], (1 - alpha) * at_nu[n] + alpha * at_mu[n], atol=tol(1e-6)), (label, n)
             if alpha == 0.0:
                 assert torch.allclose(model(input_ids=tokens).logits, logits_nu, atol=tol(1e-5))
-            assert all(torch.equal(current(model)[n], mu[n]) for n in mu)  # the factors stay at theta_mu
+        assert all(torch.equal(current(model)[n], mu[n]) for n in mu)  # the factors are back at theta_mu
         for n, m in lora_modules(model):
             assert torch.equal(m.get_base_layer().weight, base_before[n])  # restored bit-exactly
 
