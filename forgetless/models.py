@@ -96,10 +96,10 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{key}"
 
 
-def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
-        return _load_folder(str(folder))
+        return _load_folder(str(folder), dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF's quantization record is meaningless once dequantized; drop it so the saved copy
@@ -111,30 +111,51 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)  # atomic: a half-written cache is never picked up
-    return model, tokenizer
+    return model.to(dtype), tokenizer
 
 
-def _load_folder(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     return model, tokenizer
 
 
-def load_model(name: str = DEFAULT_MODEL) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM in float32 and its tokenizer (see the module docstring for ``name``)."""
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def resolve_dtype(dtype: str = "auto", precision: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype of the frozen base. ``"auto"``: bf16 when the run computes in bf16 (``precision`` resolved on the
+    device: CUDA, CPUs with native bf16), else fp32, so a run pinned to fp32 keeps an fp32 base; ``"bf16"`` and
+    ``"fp32"`` as given. LoRA weights and optimizer state stay float32 whatever the base (PEFT keeps adapter weights
+    in float32)."""
+    from forgetless.precision import resolve_precision
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_precision(precision, device)
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto",
+               precision: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer (see the module docstring for ``name``), its weights in
+    ``resolve_dtype(dtype, precision)``, on the CPU (the run moves the model to its device)."""
+    torch_dtype = resolve_dtype(dtype, precision)
     if name in EMBEDDED_MODELS:
-        model, tokenizer = _load_gguf(embedded_gguf_path(name))
+        model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path)
+        model, tokenizer = _load_gguf(path, torch_dtype)
     elif Path(name).is_dir():
-        model, tokenizer = _load_folder(name)
+        model, tokenizer = _load_folder(name, torch_dtype)
     elif Path(name).exists() or name.startswith((".", "/")):
         raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
     else:
-        model, tokenizer = _load_folder(name)  # a hub id
+        model, tokenizer = _load_folder(name, torch_dtype)  # a hub id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -348,6 +369,21 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = F
         raise AdapterError(f"{folder}: the adapter does not fit the model ({err})") from None
     load_adapter_weights(peft_model, folder)
     return peft_model if trainable else peft_model.eval()
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (no model weights are read), with the pad token that :func:`load_model` sets."""
+    if name in EMBEDDED_MODELS or name.endswith(".gguf"):
+        gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
+        folder = _gguf_cache_folder(gguf)
+        if not (folder / "config.json").is_file():  # first use: dequantize once, then read the cached copy
+            _load_gguf(gguf, torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
