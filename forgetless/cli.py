@@ -225,7 +225,11 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the command's error format: ``forgetless: error: WHAT``, exit code 2."""
+    """argparse with the command's error format (``forgetless: error: WHAT``, exit code 2) and no abbreviated flags
+    (``--rerun`` is not taken for ``--rerun-changed``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False} | kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"forgetless: error: {message} (see '{self.prog} --help')", file=sys.stderr)

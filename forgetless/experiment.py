@@ -243,7 +243,7 @@ def settings_digest(settings: dict[str, Any]) -> str:
 def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in mapping.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # {} is a section at its defaults: no key of its own
             out |= _flat(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
