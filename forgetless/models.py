@@ -271,10 +271,11 @@ BASE_FILE = "forgetless_base.json"  # which base model an adapter was trained on
 
 def base_fingerprint(model: torch.nn.Module) -> str:
     """A short digest of a base model: its configuration's shape and the first rows of its input embedding (LoRA
-    never changes them), so an adapter trained on another base model, even of the same shape, is told apart."""
+    never changes them), so an adapter trained on another base model, even of the same shape, is told apart. The
+    rows are rounded to bfloat16 first: the same base loaded in float32 or in bfloat16 has one fingerprint."""
     config = getattr(model, "config", None)
     shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
-    rows = model.get_input_embeddings().weight[:2, :64].detach().to("cpu", torch.float32).contiguous()
+    rows = model.get_input_embeddings().weight[:2, :64].detach().to("cpu", torch.bfloat16).float().contiguous()
     return hashlib.sha1(json.dumps(shape, sort_keys=True).encode() + rows.numpy().tobytes()).hexdigest()[:12]
 
 
