@@ -138,11 +138,42 @@ def resolve_dtype(dtype: str = "auto", precision: str = "auto", device: torch.de
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto",
-               precision: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for a 4-bit (NF4, double quantization) or 8-bit base; None for "none".
+
+    bitsandbytes is an optional extra (``pip install forgetless[qlora]``); an error says what to install."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelNotFoundError(f"quantization: {quantization} needs bitsandbytes: pip install 'forgetless[qlora]' "
+                                 "(or pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None))
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", precision: str = "auto",
+               quantization: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (see the module docstring for ``name``), its weights in
-    ``resolve_dtype(dtype, precision)``, on the CPU (the run moves the model to its device)."""
+    ``resolve_dtype(dtype, precision)``, on the CPU (the run moves the model to its device); with ``quantization``
+    (``4bit``: NF4 with double quantization and bf16 compute, QLoRA's setting; ``8bit``) through bitsandbytes, on
+    the GPU when there is one."""
     torch_dtype = resolve_dtype(dtype, precision)
+    if quantization != "none":
+        return _load_quantized(name, quantization, torch.bfloat16)
     if name in EMBEDDED_MODELS:
         model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype)
     elif name.endswith(".gguf"):
@@ -190,6 +221,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
+    if is_quantized(model):  # QLoRA: norms and head in float32, input gradients for checkpointing (PEFT's recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -370,6 +405,30 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = F
         raise AdapterError(f"{folder}: the adapter does not fit the model ({err})") from None
     load_adapter_weights(peft_model, folder)
     return peft_model if trainable else peft_model.eval()
+
+
+def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype):
+    config = quantization_config(quantization, compute_dtype)
+    if name in EMBEDDED_MODELS or name.endswith(".gguf"):  # quantize the dequantized float copy
+        gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
+        _ = load_tokenizer(name)  # makes the cached float folder on first use
+        name = str(_gguf_cache_folder(gguf))
+    device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=config, device_map=device_map,
+                                                     dtype=compute_dtype)
+    except (RuntimeError, ValueError, ImportError) as err:
+        raise ModelNotFoundError(f"cannot load {name} with quantization: {quantization} on this machine ({err}); "
+                                 "it needs bitsandbytes with a backend for this device (pip install "
+                                 "'forgetless[qlora]'; a CUDA GPU for 8bit)") from err
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks a 4-bit weight for its CPU inference kernel at the first eval-mode forward on
+        # CPUs with avx512_bf16; that kernel has no backward, so every later gradient through the layer is silently
+        # None (LoRA layers below it stop learning). Keep the differentiable path.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    tokenizer = load_tokenizer(name)
+    return model, tokenizer
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -130,7 +130,9 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
                 return
             x = args[0].detach()
 
-            def accumulate(grad_out: torch.Tensor) -> None:
+            def accumulate(grad_out: torch.Tensor | None) -> None:
+                if grad_out is None:  # a backend op without a backward (bitsandbytes' 4-bit gemv): no gradient here
+                    return
                 acc = fisher[key]
                 go = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc.dtype)
                 xi = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc.dtype)
@@ -143,9 +145,9 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
 
     grad_inputs = []
     for name, module in modules:
-        weight = module.get_base_layer().weight
-        fisher[f"{name}.base_layer.weight"] = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype),
-                                                          device=weight.device)
+        a_param = factors(module, adapter)[0]  # the update's shape, not the (possibly packed 4-bit) base weight's
+        fisher[f"{name}.base_layer.weight"] = torch.zeros(update_shape(module, adapter),
+                                                          dtype=compute_dtype(a_param.dtype), device=a_param.device)
         grad_inputs.append(factors(module, adapter)[0])
         install(f"{name}.base_layer.weight", module, fan_in_fan_out(module))
     tokens = 0
@@ -169,6 +171,10 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
 
 
 def _fisher_all(model, examples, estimator, generator):
+    from forgetless.models import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("EWC fisher_over: all needs float base weights; this base is quantized (use fisher_over: lora)")
     params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
     saved = [p.requires_grad for _, p in params]
     fisher = {n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for n, p in params}

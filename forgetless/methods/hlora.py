@@ -11,23 +11,78 @@ General stage (nu): element-wise importance by path integral (eqs 6-13)::
     omega_l += -g~_l * (dW_l(t+1) - dW_l(t))                 per optimizer step   (eqs 8-10)
     g~_l     = s_l * (g_B @ A + B @ g_A - eta * g_B @ g_A)   "paper" estimator    (eq 11)
     g~_l     = dL/dW_l = sum_tokens grad_out^T x             "exact" estimator (from hooks)
-    Omega_l  = omega_l / (Delta_l**2 + xi),   Delta_l = dW_l(end) - dW_l(start)   (eqs 12-13)
+    g~_l     = -(dW_l(t+1) - dW_l(t)) / eta_eff_l            "adam" estimator (below)
+    Omega_l  = omega_l / (Delta_l**2 + xi_l),   Delta_l = dW_l(end) - dW_l(start)   (eqs 12-13)
 
 The paper estimator is the full-weight gradient that plain SGD on (A, B) implies: with A' = A - eta g_A and
 B' = B - eta g_B one gets dW' - dW = -eta * g~ exactly, so under SGD ``omega`` is -sum g~.(dW'-dW) = eta |g~|^2.
+
+**The adam estimator.** Under AdamW eq 11 no longer describes the step (the step is -eta m^/(sqrt(v^)+eps) per
+factor element plus weight decay; the issue measured ||dW' - dW + eta g~|| / ||dW' - dW|| = 0.997), so the path
+integral with eq 11 is not the one the derivation claims. The path integral itself is
+``omega_l,i = -sum_t G_l,i(t) (dW_l,i(t+1) - dW_l,i(t))`` with the true full-weight gradient G (the "exact"
+estimator); summed over a module's elements it is, to first order in the step, the loss decrease that the step of
+that module's factors caused::
+
+    -<G_l, dW_l(t+1) - dW_l(t)>  =  -<g_A, A' - A> - <g_B, B' - B>  + O(|step|^2)  =:  dL_l(t)
+
+(dW = s B A, so <G, s (B' - B) A> = <g_B, B' - B> and <G, s B (A' - A)> = <g_A, A' - A>), and dL_l(t) needs only
+the factors' gradients and steps, whatever the optimizer did. The adam estimator keeps eq 11's idea -- g~ is the
+gradient that reproduces the observed step, ``dW(t+1) - dW(t) = -eta_eff g~`` exactly -- and takes for each module
+and step the one learning rate that makes the surrogate's path integral equal that first-order decrease::
+
+    eta_eff_l(t) = ||dW_l(t+1) - dW_l(t)||^2 / dL_l(t),   so   -g~ . (dW(t+1) - dW(t)) = (dW(t+1) - dW(t))^2 / eta_eff
+
+i.e. each step's module decrease dL_l(t) is shared among the module's elements in proportion to their squared
+movement. Under plain SGD it reduces to eq 11's distribution (omega_i proportional to (dW'-dW)_i^2) with the module's
+total being the true first-order decrease eta (|g_A|^2 + |g_B|^2) instead of eta |g~|^2. A step that raised the
+loss (dL_l < 0, e.g. Adam's momentum overshooting) gives eta_eff < 0 and a negative contribution, which the
+non-negativity rule below treats as for the other estimators. Cost: one copy of A, B and their gradients per step.
 
 Domain stage (mu): quadratic pull towards the general-stage adapter ``dW_nu`` (eqs 14-16)::
 
     L_l   = sum_i Omega_l,i (dW_l,i - dW_nu_l,i)**2                                    (eq 14)
     c_l   = softmax_l(||Omega_l||_2 / T)                                               (eq 15)
     L     = L_task + phi * sum_l c_l L_l                                               (eq 16)
+    L     = L_task + phi * sum_l c_l L_l / mean(Omega)          with phi_scale="mean"
 
 Default choices (all options of :class:`HLoRA`):
 
-* ``xi = 1e-3`` — the damping constant of synaptic-intelligence-style path integrals that the paper follows.
-  LoRA updates are small (|Delta| ~ 1e-4..1e-2), so xi mostly dominates Delta**2; that is deliberate: a tiny
-  xi turns elements that barely moved into huge, noisy weights (omega/Delta**2 ~ g/Delta).
-* ``phi = 1e-3`` as in the paper.
+* ``nonnegative="end"``: Omega is non-negative by construction, ``Omega = max(omega, 0) / (Delta^2 + xi)``. Where
+  Omega < 0 the term Omega (dW - dW_nu)^2 *rewards* moving away, so eq 14 is no penalty; the issue measured
+  omega < 0 in 24% of elements with the exact estimator under AdamW (~1% with eq 11). We clamp the *accumulated*
+  omega at the end because the accumulated path integral is the quantity with a meaning: with the exact
+  gradient it is the element's share of the general-loss decrease over the stage (Synaptic Intelligence, Zenke
+  et al. 2017), and an element whose net movement raised the general loss contributed nothing to the general
+  ability the domain stage should protect -- importance 0, no pull. The alternatives are options:
+  ``"step"`` adds only the positive part of each step's contribution (it counts every downhill step of an
+  oscillation and never the uphill ones, so noise becomes importance), ``"running"`` clamps the running sum after
+  each step (path-dependent; what the authors' code is reported to do -- we could not check it here), and
+  ``"none"`` is the paper's formula as printed (Omega may be negative). |omega| is not offered: it would make
+  "moved uphill" as important as "moved downhill". Under SGD with eq 11 every contribution is eta g~^2 >= 0 and
+  all rules coincide.
+* ``xi_mode="relative"``, ``xi=0.1``: ``xi_l = xi * mean_i(Delta_l,i^2)`` per module. The paper's constant
+  (``xi_mode="absolute"``, the SI default xi = 1e-3) is meaningless at LoRA's scale: on SmolLM2 the median Delta^2
+  is ~2e-5, only 0.1% of elements have Delta^2 > 1e-3, so Omega ~ 1000 omega and eq 13 normalises nothing. In
+  units of the module's own mean Delta^2, eq 13 divides every element that moved more than a tenth of the typical
+  squared movement by its own Delta^2 (what eq 13 is for), while an element that barely moved is amplified at most
+  10x more than a typical one (the damping's purpose: omega/Delta^2 ~ g/Delta is noise for Delta -> 0). The value
+  is in units that transfer across models, learning rates and step counts; the measured fractions are in
+  bench/RESULTS.md ("HLoRA xi").
+* ``phi = 1e-3`` as in the paper, ``phi_scale="absolute"`` (eq 16 as printed). ``phi_scale="mean"`` divides the
+  regularizer by the mean of Omega over all elements of all modules: Omega's absolute scale moves with the
+  learning rate, the number of steps, the estimator and xi, so an absolute phi does not transfer between models
+  or settings; relative to mean(Omega), ``phi * sum_l c_l sum_i (Omega_i / mean Omega) (dW_i - dW_nu_i)^2`` weighs
+  squared movement of an average-importance element. Its default phi is to be chosen by the recorded sweep of
+  issue 13 (the regime where forgetting happens), not guessed.
+* ``estimator="paper"`` (eq 11) until that sweep decides; ``"adam"`` (above) is consistent with AdamW, the
+  optimizer the loop uses; ``"exact"`` uses the true gradient w.r.t. each module's full weight, accumulated from
+  forward/backward hooks over micro-batches. The loop backpropagates each micro-batch's share of the step's
+  token-mean loss, so the hooks already see the gradient of the mean loss. Notes: with LoRA dropout > 0 this is
+  the gradient w.r.t. the frozen path's weight (input without dropout); it assumes one backward per micro-batch,
+  so a method that wraps the forward/backward on the general stage (SAM with ``stages: [general]``) is refused
+  when the method list is resolved (:meth:`HLoRA.check_composition`): the hooks would add the gradients of both
+  passes. Under several processes it is averaged across them before use.
 * layer coefficients: eq 15 as written, ``softmax(||Omega_l||)``, depends on the absolute scale of the norms
   (which moves with lr, steps and 1/xi): one-hot once the norms differ by more than a few units, uniform when
   they are all small; the authors' released code multiplies the norms by 1e-8, which is uniform in practice.
@@ -40,13 +95,9 @@ Default choices (all options of :class:`HLoRA`):
   while about half the modules (29.7 effective) keep a say, the largest coefficient being 0.22.
   ``norm_scale="none", temperature=1`` is the formula as printed; ``temperature -> inf`` is uniform;
   ``layer_wise=False`` (method ``hlora-no-layer``) is exactly uniform.
-* ``clamp=False``: the authors' code clamps omega at zero after each step; we offer it as an option.
-* ``estimator="paper"``: eq 11. ``"exact"`` uses the true gradient w.r.t. each module's full weight,
-  accumulated from forward/backward hooks over micro-batches. The loop backpropagates each micro-batch's share of the
-  step's token-mean loss, so the
-  hooks already see the gradient of the mean loss. Notes: with LoRA dropout > 0 this is the gradient w.r.t. the
-  frozen path's weight (input without dropout); it assumes one backward per micro-batch (no SAM-style second
-  pass, no activation checkpointing); under several processes it is averaged across them before use.
+
+The paper's method exactly: ``{estimator: paper, nonnegative: none, xi_mode: absolute, xi: 1e-3, phi_scale:
+absolute, norm_scale: none, temperature: 1}``.
 
 Efficiency: modules with the same shapes are stacked and processed with one ``bmm`` per group; ``dW`` is
 computed once per step per module (the dW after a step is reused as the next step's dW(t) unless the LoRA
@@ -93,6 +144,7 @@ class _Group:
     versions: tuple[int, ...] | None = None
     g_est: torch.Tensor | None = None
     grad_full: torch.Tensor | None = None  # exact estimator: sum of grad_out^T x
+    factors: tuple[torch.Tensor, ...] | None = None  # adam estimator: A, B, g_A, g_B before the step
     # domain stage
     importance: torch.Tensor | None = None
     dw_ref: torch.Tensor | None = None
@@ -140,6 +192,7 @@ def _build_groups(model: torch.nn.Module, adapter: str) -> list[_Group]:
 
 
 DEFAULT_TEMPERATURE = 0.25  # see the module docstring and bench/RESULTS.md
+DEFAULT_XI = 0.1  # relative to each module's mean Delta^2; see the module docstring
 
 
 def layer_coefficients(norms: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, norm_scale: str = "max",
@@ -184,15 +237,25 @@ def _split(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: Pat
 @dataclass(repr=False)
 class HLoRAOptions(Options):
     phi: float = option(1e-3, "weight of the regularizer (eq 16)", domain=True, weight=True)
-    xi: float = option(1e-3, "damping of the importance normalisation Omega = omega / (Delta^2 + xi) (eq 13)")
+    phi_scale: str = option("absolute", "absolute: phi as in eq 16; mean: the regularizer divided by the mean of "
+                                         "Omega over all elements (a weight that transfers across models)",
+                            choices=("absolute", "mean"), domain=True)
+    xi: float = option(DEFAULT_XI, "damping of the importance normalisation Omega = omega / (Delta^2 + xi) (eq 13); "
+                                   "with xi_mode relative, in units of each module's mean Delta^2")
+    xi_mode: str = option("relative", "relative: xi_l = xi * mean(Delta_l^2) per module; absolute: the constant xi "
+                                      "(the paper)", choices=("relative", "absolute"))
+    nonnegative: str = option("end", "how Omega >= 0 holds: end (clamp the accumulated omega at zero), step (add "
+                                     "each step's positive part), running (clamp the running sum after each step), "
+                                     "none (the paper's formula, may be negative)",
+                              choices=("end", "step", "running", "none"))
     temperature: float = option(DEFAULT_TEMPERATURE, "temperature of the layer coefficients' softmax (eq 15)",
                                 domain=True)
     norm_scale: str = option("max", "divide the importance norms by their max, mean or nothing before eq 15",
                              choices=("max", "mean", "none"), domain=True)
     layer_wise: bool = option(True, "layer coefficients by eq 15 (False: uniform)", domain=True)
-    clamp: bool = option(False, "clamp omega at zero after each step (the authors' code)")
-    estimator: str = option("paper", "the full-weight gradient of the path integral: eq 11 or exact (hooks)",
-                            choices=("paper", "exact"))
+    estimator: str = option("paper", "the full-weight gradient of the path integral: paper (eq 11, SGD's), adam "
+                                     "(the step over a per-module effective lr) or exact (hooks)",
+                            choices=("paper", "adam", "exact"))
     storage_dtype: str = option("float32", "dtype of the saved importance", choices=tuple(STORAGE_DTYPES))
     adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to regularize")
     snap_reference: bool = option(True, "use the adapter itself as dW_nu when a reduced-precision reference "
@@ -221,6 +284,21 @@ class HLoRA(Method):
         self._state = PendingState(STATE)
         self._model_name = ""
         self._timer = Timer()  # wall time of recording importance (the report's cost table)
+        self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
+
+    def check_composition(self, others: Sequence[Method]) -> None:
+        """The exact estimator's hooks add the gradient of every backward pass: refuse a method that wraps the
+        general stage's forward/backward (SAM there runs two passes per micro-batch, counting gradients twice)."""
+        if self.estimator != "exact":
+            return
+        for other in others:
+            wraps = type(other).wrap_forward_backward is not Method.wrap_forward_backward
+            if wraps and GENERAL in getattr(other, "stages", (GENERAL, DOMAIN)):
+                raise ValueError(
+                    f"hlora with estimator: exact cannot run with {other.name} on the general stage: {other.name} "
+                    f"replaces the forward/backward there (SAM: two passes per micro-batch) and the exact estimator's "
+                    f"hooks would add the gradients of every pass. Use estimator: paper or adam, or run "
+                    f"{other.name} on the domain stage only (stages: [domain])")
 
     # ----------------------------------------------------------------------------------------------- stages
     def on_stage_start(self, ctx: StageContext) -> None:
@@ -243,20 +321,29 @@ class HLoRA(Method):
         self._remove_hooks()
         if ctx.stage != GENERAL:
             return
-        norms = {}
+        norms, counts = {}, torch.zeros(3, dtype=torch.float64)  # elements; omega < 0; Delta^2 > xi
         self._timer.__enter__()
         for g in self.groups:
             dw_end = g.delta_weight()
             if g.omega is None:  # no step was taken
                 g.omega, g.dw_start = torch.zeros_like(dw_end), dw_end.clone()
-            delta = dw_end - g.dw_start  # Delta_l (eq 13); equals dW(end) when B starts at zero
-            g.importance = g.omega / (delta.square() + self.xi)  # Omega = omega / (Delta^2 + xi)  (eq 13)
+            delta_sq = (dw_end - g.dw_start).square()  # Delta_l^2 (eq 13); Delta = dW(end) when B starts at zero
+            xi = self._xi(delta_sq)
+            omega = g.omega.clamp(min=0) if self.nonnegative == "end" else g.omega
+            denominator = delta_sq + xi
+            # Omega = omega / (Delta^2 + xi)  (eq 13); 0 where nothing moved and xi is 0
+            g.importance = torch.where(denominator > 0, omega / denominator, torch.zeros_like(omega))
+            counts += torch.tensor([g.omega.numel(), int((g.omega < 0).sum()), int((delta_sq > xi).sum())],
+                                   dtype=torch.float64)
             g.dw_ref = dw_end  # dW_nu: a fresh tensor, never a parameter, never moved
             for i, name in enumerate(g.names):
                 self.importance[name], self.reference[name] = g.importance[i], g.dw_ref[i]
                 norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
-            g.omega = g.dw_start = g.dw_prev = g.g_est = g.grad_full = None
+            g.omega = g.dw_start = g.dw_prev = g.g_est = g.grad_full = g.factors = None
         ctx.extras["hlora_importance_norms"] = norms
+        # diagnostics of eq 13: how much of omega was negative (before the rule) and how much eq 13 normalised
+        ctx.extras["hlora_importance_stats"] = {"negative_omega": float(counts[1] / counts[0].clamp(min=1)),
+                                                "delta_sq_above_xi": float(counts[2] / counts[0].clamp(min=1))}
         self._timer.__exit__()
         seconds = self._timer.seconds + sum(g.hook_seconds for g in self.groups)
         size = STORAGE_DTYPES[self.storage_dtype].itemsize
@@ -265,6 +352,12 @@ class HLoRA(Method):
             "bytes": sum(2 * t.numel() * size for t in self.importance.values()), "steps": self.steps,
             "tensors": 2 * len(self.importance)}
         self.metadata = self._describe()
+
+    def _xi(self, delta_sq: torch.Tensor) -> torch.Tensor:
+        """xi of eq 13 per module, [n, 1, 1]: the constant (absolute) or xi times the module's mean Delta^2."""
+        if self.xi_mode == "absolute":
+            return torch.full((delta_sq.shape[0], 1, 1), self.xi, dtype=delta_sq.dtype, device=delta_sq.device)
+        return self.xi * delta_sq.mean(dim=(1, 2), keepdim=True)
 
     # ------------------------------------------------------------------------------ general: importance
     def before_optimizer_step(self, ctx: StageContext) -> None:
@@ -289,6 +382,9 @@ class HLoRA(Method):
             gb = torch.stack([_grad(p) for p in g.b_params]).to(g.dtype)
             # g~ = s (g_B A + B g_A - eta g_B g_A) = s (g_B (A - eta g_A) + B g_A)   (eq 11)
             g.g_est = g.layout(torch.baddbmm(torch.bmm(b, ga), gb, a - eta * ga) * g.scaling)
+        elif self.estimator == "adam":  # g~ needs the step: keep what the first-order decrease needs
+            g.factors = (*g.stacked(), torch.stack([_grad(p) for p in g.a_params]).to(g.dtype),
+                         torch.stack([_grad(p) for p in g.b_params]).to(g.dtype))
         else:
             if g.grad_full is None:
                 g.grad_full = torch.zeros_like(g.dw_prev)
@@ -300,12 +396,18 @@ class HLoRA(Method):
             return
         with self._timer:
             for g in self.groups:
-                if g.g_est is None:
+                if g.g_est is None and g.factors is None:
                     continue
                 dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
+                descent = g.dw_prev.sub_(dw_next)  # dW(t) - dW(t+1), in place
+                if g.factors is not None:
+                    g.g_est = _adam_gradient(g, descent)
                 # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
-                g.omega.add_(g.dw_prev.sub_(dw_next).mul_(g.g_est))
-                if self.clamp:
+                contribution = descent.mul_(g.g_est)
+                if self.nonnegative == "step":
+                    contribution.clamp_(min=0)
+                g.omega.add_(contribution)
+                if self.nonnegative == "running":
                     g.omega.clamp_(min=0)
                 g.dw_prev, g.versions = dw_next, g.current_versions()
                 if g.grad_full is not None:
@@ -372,6 +474,11 @@ class HLoRA(Method):
             start += len(g.names)
         names = [n for g in self.groups for n in g.names]
         ctx.extras["hlora_layer_coefficients"] = {n: float(v) for n, v in zip(names, c)}
+        total = sum(float(g.importance.sum()) for g in self.groups)
+        mean = total / sum(g.importance.numel() for g in self.groups)
+        ctx.extras["hlora_importance_mean"] = mean
+        # phi_scale "mean": phi * L_reg / mean(Omega), mean over all elements of all modules
+        self._phi_unit = 1.0 / mean if self.phi_scale == "mean" and mean > 0 else 1.0
 
     def regularizer(self) -> torch.Tensor:
         """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B."""
@@ -388,7 +495,7 @@ class HLoRA(Method):
         if ctx.stage != DOMAIN or self.phi == 0:
             return None
         reg = self.regularizer()
-        scaled = self.phi * reg  # phi * L_reg (eq 16)
+        scaled = self.phi * self._phi_unit * reg  # phi * L_reg (eq 16); / mean(Omega) with phi_scale "mean"
         ctx.log("reg_loss", reg)
         ctx.log("reg_loss_scaled", scaled)
         return scaled
@@ -399,7 +506,7 @@ class HLoRA(Method):
         return {"model": self._model_name, "modules": names,
                 "shapes": {n: list(self.importance[n].shape) for n in names}, "steps": self.steps,
                 "options": self.options.as_dict(), "estimator": self.estimator, "dtype": self.storage_dtype,
-                "xi": self.xi, "clamp": self.clamp, "adapter": self.adapter}
+                "xi": self.xi, "xi_mode": self.xi_mode, "nonnegative": self.nonnegative, "adapter": self.adapter}
 
     def save_state(self, directory: Path) -> None:
         tensors = {}
@@ -444,6 +551,20 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
+def _adam_gradient(g: _Group, descent: torch.Tensor) -> torch.Tensor:
+    """The adam estimator's g~ = -(dW(t+1) - dW(t)) / eta_eff for every module of the group (module docstring).
+
+    ``descent`` is dW(t) - dW(t+1); eta_eff = ||descent||^2 / dL with dL = -<g_A, A' - A> - <g_B, B' - B>, the
+    first-order loss decrease of the module's step, from the factors and gradients kept before the step."""
+    a, b, ga, gb = g.factors
+    a_next, b_next = g.stacked()
+    decrease = (ga * (a - a_next)).sum(dim=(1, 2)) + (gb * (b - b_next)).sum(dim=(1, 2))  # dL_l
+    moved = descent.square().sum(dim=(1, 2))  # ||dW(t+1) - dW(t)||^2
+    inverse_eta = torch.where(moved > 0, decrease / moved.clamp(min=torch.finfo(moved.dtype).tiny), 0.0)
+    g.factors = None
+    return descent * inverse_eta.view(-1, 1, 1)
+
+
 class _ExactGradHook:
     """Forward hook: ties a tensor hook on the module's output that adds grad_out^T x to the module's slot of
     the group's full-weight gradient (dL/dW for y = x W^T + ...)."""
@@ -458,7 +579,9 @@ class _ExactGradHook:
         x = args[0].detach()
         group, index = self.group, self.index
 
-        def accumulate(grad_out: torch.Tensor) -> None:
+        def accumulate(grad_out: torch.Tensor | None) -> None:
+            if grad_out is None:  # a backend op without a backward (bitsandbytes' 4-bit gemv): no gradient here
+                return
             started = time.perf_counter()  # not synchronized: inside backward, approximate on CUDA
             if group.grad_full is None:
                 n, r_in = len(group.names), group.a_params[0].shape[1]

@@ -1,0 +1,91 @@
+"""A 4-bit (NF4, QLoRA) base through bitsandbytes: every method trains on it, the methods that need dW = s B A never
+read the packed base weight, and what needs float base weights refuses with a clear error (issue #12 item 2).
+Runs where bitsandbytes has a backend for this machine (its CPU backend here); skipped elsewhere."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from forgetless.lora import delta_weight, lora_modules, update_shape
+from forgetless.models import LoraSettings, ModelNotFoundError, attach_lora, is_quantized, load_model
+from forgetless.training.config import TrainConfig
+from forgetless.training.loop import train_stage
+from tests.unit.tiny_model import random_examples
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama whose weights are a multiple of bitsandbytes' 64-element quantization blocks wide."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny64")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def quantized_lora(model_dir):
+    try:
+        model, _ = load_model(str(model_dir), quantization="4bit")
+    except ModelNotFoundError as err:
+        pytest.skip(f"bitsandbytes cannot run here: {err}")
+    assert is_quantized(model)
+    return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+
+
+@pytest.mark.parametrize("entry", ["lora-nu-mu", "hlora", {"name": "hlora", "estimator": "exact"}, "ewc", "sam",
+                                   "replay", "wise-ft", ["hlora", "sam"]])
+def test_every_method_trains_on_a_4bit_base(entry, model_dir):
+    from forgetless.methods import resolve
+
+    model = quantized_lora(model_dir)
+    with torch.no_grad():  # an eval-mode forward first: bitsandbytes' CPU backend would repack (no backward after)
+        model.eval()
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+        model.train()
+    packed = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_modules(model)}
+    assert all(w.shape != update_shape(m) for (n, m), w in zip(lora_modules(model), packed.values()))  # packed 4-bit
+    plugins = resolve(entry).plugins
+    cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    general = random_examples(8, 8, seed=1)
+    train_stage(model, general, cfg, plugins, stage="general")
+    result = train_stage(model, random_examples(8, 8, seed=2), cfg, plugins, stage="domain", general_examples=general)
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    for plugin in plugins:
+        for table in (getattr(plugin, "importance", None), getattr(plugin, "fisher", None)):
+            for name, module in lora_modules(model):
+                key = name if table is getattr(plugin, "importance", None) else f"{name}.base_layer.weight"
+                if table:
+                    assert tuple(table[key].shape) == update_shape(module)
+                    assert float(table[key].abs().sum()) > 0, (key, "no gradient reached this module")
+        for _label, setup in plugin.evaluation_variants(model):
+            with setup:
+                assert all(torch.isfinite(delta_weight(m)).all() for _, m in lora_modules(model))
+    for name, module in lora_modules(model):  # the frozen base is never written
+        assert torch.equal(module.get_base_layer().weight, packed[name])
+
+
+def test_full_fisher_refuses_a_quantized_base(model_dir):
+    from forgetless.methods.ewc import fisher_diagonal
+
+    model = quantized_lora(model_dir)
+    with pytest.raises(ValueError, match="quantized"):
+        fisher_diagonal(model, random_examples(2, 8), fisher_over="all")
+
+
+def test_missing_bitsandbytes_says_what_to_install(monkeypatch, model_dir):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    with pytest.raises(ModelNotFoundError, match=r"forgetless\[qlora\]"):
+        load_model(str(model_dir), quantization="4bit")
