@@ -175,14 +175,38 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+# Fields that change no number: never part of a run's identity or of a general stage's key.
+_NO_NUMBERS = {"progress", "gradient_checkpointing", "save_every", "keep_checkpoints"}
+# The fields whose repr the general-stage key hashed when its format was fixed (issue #11); a field added since enters
+# the key only when set to other than its default, so the caches of unchanged experiments stay valid.
+_KEYED_FIELDS = {
+    "TrainConfig": ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "scheduler",
+                    "warmup_ratio", "max_grad_norm", "precision", "seed", "progress", "on_nonfinite"),
+    "LoraSettings": ("r", "alpha", "dropout", "target_modules", "use_rslora"),
+}
+
+
+def _default(f: Any) -> Any:
+    return f.default if f.default_factory is MISSING else f.default_factory()
+
+
+def _key_repr(section: Any) -> str:
+    """The dataclass repr of ``section`` with the fields of :data:`_KEYED_FIELDS`, and later ones set to other than
+    their default (``TrainConfig(epochs=1.0, ...)``, as ``str()`` gave it when the key was fixed)."""
+    keyed = _KEYED_FIELDS[type(section).__name__]
+    shown = [f"{f.name}={getattr(section, f.name)!r}" for f in fields(section)
+             if f.name in keyed or (f.name not in _NO_NUMBERS and getattr(section, f.name) != _default(f))]
+    return f"{type(section).__name__}({', '.join(shown)})"
+
+
 def general_stage_key(exp: Experiment, recipe: Recipe, seed: int) -> str:
     """What a run's general stage depends on: runs with the same key share one cached general stage.
 
     The mapping hashed is the one used before the configuration became a schema, so existing caches are found.
     """
     data = exp.general.train.cache_key() if exp.general.train is not None else None
-    return _digest({"model": exp.model, "lora": exp.lora, "data": data, "block": exp.general.block_size,
-                    "train": exp.train.general, "seed": seed, "precision": exp.precision,
+    return _digest({"model": exp.model, "lora": _key_repr(exp.lora), "data": data, "block": exp.general.block_size,
+                    "train": _key_repr(exp.train.general), "seed": seed, "precision": exp.precision,
                     "plugins": general_stage_entries(recipe.entries), "lora_over": recipe.lora})
 
 
@@ -192,7 +216,7 @@ def run_id(label: str, task: str, seed: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ run identity
-_NOT_SETTINGS = {"progress", "seed", "precision"}  # fields of a section that change no number, or are set per run
+_NOT_SETTINGS = _NO_NUMBERS | {"seed", "precision"}  # of a section: no number changes, or set per run
 
 
 def _non_default(value: Any) -> Any:
@@ -203,8 +227,7 @@ def _non_default(value: Any) -> Any:
         for f in fields(value):
             if f.name in _NOT_SETTINGS or not f.metadata.get("yaml", True):
                 continue
-            default = f.default if f.default_factory is MISSING else f.default_factory()
-            if default is MISSING or getattr(value, f.name) != default:
+            if _default(f) is MISSING or getattr(value, f.name) != _default(f):
                 out[f.name] = _non_default(getattr(value, f.name))
         return out
     if isinstance(value, dict):
@@ -214,16 +237,23 @@ def _non_default(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+# Experiment keys that are not one run's settings: its name and folder, and the lists a run takes one item of.
+_NOT_RUN_SETTINGS = ("name", "output", "seeds", "tasks", "methods", "landscape")
+
+
 def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> dict[str, Any]:
     """Everything that changes the numbers of one run: the model, the data sources and limits, LoRA, the training
-    and evaluation settings, the method's options and the seed. ``base`` trains nothing, so its identity has no LoRA,
-    general text or training settings."""
-    settings = {"model": exp.model, "precision": exp.precision, "seed": seed, "method": _non_default(recipe.entries),
-                "task": _non_default(task), "heldout": _non_default(exp.general.heldout),
-                "block_size": exp.general.block_size, "eval": _non_default(exp.eval)}
+    and evaluation settings, the method's options and the seed (every key of the experiment but those of
+    :data:`_NOT_RUN_SETTINGS`, set to other than its default, so a key added to the schema later is covered).
+    ``base`` trains nothing: its identity has no LoRA, general training text or training settings."""
+    settings = {k: v for k, v in _non_default(exp).items() if k not in _NOT_RUN_SETTINGS}
+    settings |= {"model": exp.model, "precision": exp.precision, "seed": seed, "task": _non_default(task),
+                 "method": _non_default(recipe.entries)}
     if recipe.stages:
-        settings |= {"lora": _non_default(replace(exp.lora, **recipe.lora)), "general": _non_default(exp.general.train),
-                     "train": _non_default(exp.train)}
+        settings["lora"] = _non_default(replace(exp.lora, **recipe.lora))
+    else:
+        settings = {k: v for k, v in settings.items() if k not in ("lora", "train")}
+        settings["general"] = {k: v for k, v in settings.get("general", {}).items() if k != "train"}
     return settings
 
 
