@@ -221,3 +221,24 @@ def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
     families = sweep_families(Results(results))
     assert sorted(len(v) for v in families.values()) == [2, 2]
     assert "## Ablation" in md and "Skipped: needs" not in md  # hlora and lora-nu-mu are enough
+
+
+def test_a_run_with_a_non_finite_score_is_never_ranked(tmp_path):
+    """An older forgetless recorded diverged runs (PPL NaN or inf, with an accuracy above every other method's): the
+    report and the result tables leave them out and name them."""
+    from forgetless.reporting.tables import write_tables
+
+    data = {"lora-nu-mu": DATA["lora-nu-mu"], "hlora": DATA["hlora"],
+            "diverged": {"t1": [(float("nan"), 99.0), (float("inf"), 99.0)]}}
+    folder = write_runs(tmp_path / "exp", data)
+    md = build_report(folder).read_text()
+    rows = table_rows(md, "## Main results")
+    assert "diverged" not in rows and rows["hlora"][1] == "**56.0 ± 1.0**" and rows["hlora"][0].startswith("**11.03")
+    assert ("Left out: 2 run(s) with a non-finite score (training diverged), never ranked: diverged__t1__seed0, "
+            "diverged__t1__seed1.") in md
+    assert "diverged" not in md.split("Left out")[1].split("\n", 1)[1]  # in no section, no figure
+
+    runs = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
+    table = write_tables(runs, tmp_path)
+    assert "diverged" not in table and "| hlora | 11.033 ± 0.153 | 56.0 ± 1.0 |" in table
+    assert "Left out: 2 run(s)" in (tmp_path / "results.md").read_text()
