@@ -132,8 +132,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
     from forgetless.data import load_mc_task, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
-    from forgetless.experiment import data_errors
+    from forgetless.experiment import RunFailed, data_errors
     from forgetless.models import load_adapter, load_model
+    from forgetless.pipeline import NonFiniteScore, check_finite
 
     if not args.ppl and not args.task:
         raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity) and/or --task "
@@ -162,6 +163,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         res = evaluate_mc(model, tokenizer, items, batch_size=args.batch_size, precision=args.precision)
         report.setdefault("tasks", {})[source] = {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n,
                                                   "acc_stderr": res.acc_stderr}
+    try:  # a broken model (or adapter) gives no numbers, rather than NaN in the JSON
+        check_finite({"general_ppl": report.get("perplexity", {}).get("ppl"), "tasks": report.get("tasks", {})})
+    except NonFiniteScore as err:
+        raise RunFailed(f"eval: {args.adapter or args.model}: {err}") from err
     print(json.dumps(report, indent=2))
     return 0
 

@@ -224,6 +224,10 @@ def test_adapters_load_strictly(tmp_path, tiny_model_dir, capsys):
     code, _, err = _eval(capsys, other, adapter, text)
     assert code == 2 and f"{adapter}: the adapter was trained on another base model ({tiny_model_dir}, fingerprint" in err
 
+    save_file({k: v * float("inf") if "lora_B" in k else v for k, v in tensors.items()}, str(weights))  # broken
+    code, printed, err = _eval(capsys, tiny_model_dir, adapter, text)
+    assert code == 2 and printed == "" and err.startswith(f"forgetless: error: eval: {adapter}: non-finite general PPL")
+
 
 def test_a_cached_general_stage_that_does_not_fit_is_an_error(tmp_path, tiny_model_dir, capsys):
     path = write_experiment(tmp_path, tiny_model_dir, **SMALL | {"methods": ["lora-nu-mu"]})
