@@ -105,3 +105,29 @@ def test_perplexity_auto_follows_the_cpu(monkeypatch, native):
     seen.clear()
     perplexity(model, torch.randint(3, 64, (2, 6)), precision="fp32", progress=False)
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("run_precision, base_dtype", [("fp32", torch.float32), ("auto", torch.bfloat16)])
+def test_a_run_loads_its_frozen_base_in_the_precision_it_computes_in(monkeypatch, tiny_model_dir, run_precision,
+                                                                     base_dtype):
+    """On hardware with bf16 a run on "auto" keeps its base in bf16; a run pinned to fp32 keeps it in float32."""
+    import forgetless.pipeline as pipeline
+    from forgetless.methods import resolve
+    from forgetless.models import LoraSettings
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    real, loaded = pipeline.load_model, []
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loaded.append(model.get_input_embeddings().weight.dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(pipeline, "load_model", spy)
+    data = pipeline.RunData(general_train=[], domain_train=[], eval_tasks={},
+                            heldout_blocks=torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0)))
+    settings = pipeline.RunSettings(model=str(tiny_model_dir), lora=LoraSettings(), general=TrainConfig(),
+                                    domain=TrainConfig(), precision=run_precision, progress=False)
+    pipeline.run_recipe(resolve("base"), data, settings)
+    assert loaded == [base_dtype]
