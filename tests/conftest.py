@@ -9,10 +9,14 @@ that asks for ``lora_model``, ``tiny_model``, ``accelerator`` or ``tol`` is run 
 
 Usage::
 
-    def test_something(lora_model, accelerator, tol):
+    def test_something(lora_model, accelerator, examples, tol):
         model = lora_model(dtype=torch.float64)               # tiny Llama + LoRA on the test's device
-        train_stage(model, random_examples(8, 8), TrainConfig(precision="fp32", ...), accelerator=accelerator)
+        train_stage(model, examples, TrainConfig(precision="fp32", ...), accelerator=accelerator)
         assert x == pytest.approx(y, rel=tol(1e-6))         # 1e-6 on cpu; the device's floor elsewhere
+
+Also: ``make_ctx`` (a StageContext to drive a method's hooks by hand), ``char_tokenizer``, ``tiny_model_dir`` (a
+tiny model saved for ``load_model``), ``tiny_load_model`` (``pipeline.load_model`` patched to a tiny model).
+Numbers are compared in float32: pass ``precision="fp32"`` (``auto`` picks bf16 on CPUs with native bf16).
 """
 
 from __future__ import annotations
