@@ -25,7 +25,8 @@ from accelerate import PartialState
 
 from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
-from forgetless.models import AdapterError, LoraSettings, attach_lora, load_adapter_weights, load_model, save_adapter
+from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
+                               save_adapter)
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 
 
@@ -49,6 +50,8 @@ class RunSettings:
     eval_batch_size: int = 16
     precision: str = "auto"
     progress: bool = True
+    dtype: str = "auto"  # the frozen base's dtype: auto = bf16 where the run computes in bf16 (models.resolve_dtype)
+    quantization: str = "none"  # 4bit / 8bit base through bitsandbytes
 
 
 @dataclass
@@ -128,7 +131,10 @@ def run_recipe(
     states) is kept and reused by other runs with the same general stage. The adapter is saved to ``adapter_dir``
     after the evaluation, when every number is finite."""
     started = time.perf_counter()
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_model(settings.model, dtype=settings.dtype, precision=settings.precision,
+                                  quantization=settings.quantization)
+    if not is_quantized(model):  # evaluation (the base run too) on the run's device; a quantized base is placed
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
     stages: list[dict[str, Any]] = []
     if recipe.stages:
         lora = replace(settings.lora, **recipe.lora)

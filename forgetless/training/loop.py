@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from forgetless.lm import IGNORE_INDEX
+from forgetless.models import is_quantized
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
 from forgetless.training.batches import collate
@@ -104,7 +105,8 @@ def train_stage(
         raise ValueError("the model has no trainable parameters (attach LoRA first)")
     # The model moves to the run's device before any method looks at it: state a method builds at stage start
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
-    model.to(accelerator.device)
+    if not is_quantized(model):  # bitsandbytes places a quantized base itself (and refuses .to)
+        model.to(accelerator.device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
