@@ -1,0 +1,251 @@
+"""forgetless methods inside the transformers ``Trainer`` and TRL's ``SFTTrainer``.
+
+The methods are the same plugins as in forgetless's own loop (:mod:`forgetless.training.loop`), driven through the
+same hooks of :class:`~forgetless.training.hooks.Method`, in the order given, without asking which method they are:
+
+===========================  =====================================================================================
+hook                         where the Trainer runs it
+===========================  =====================================================================================
+``on_stage_start``           ``train()``, before the Trainer builds its data loader (no optimizer exists yet)
+``prepare_examples``         ``train()``, on ``train_dataset`` (a list or a map-style ``datasets.Dataset``)
+``wrap_forward_backward``    ``train()``, once; ``training_step`` (forward + backward of one micro-batch) goes
+                             through the wrapped function, so SAM runs two passes of the Trainer's own step
+``extra_loss``               ``compute_loss``: added to the Trainer's loss, once per optimizer step
+``before_optimizer_step``    before the Trainer clips the gradients (``_clip_grad_norm``), or in
+                             ``on_pre_optimizer_step`` when it does not clip (``max_grad_norm`` 0)
+``after_optimizer_step``     ``on_optimizer_step`` (the gradients are still there; the scheduler has not stepped
+                             yet, unlike the loop: no method reads the learning rate there)
+``on_stage_end``             ``on_train_end``
+===========================  =====================================================================================
+
+The :class:`~forgetless.training.hooks.StageContext` holds the Trainer's model (unwrapped), optimizer, scheduler and
+accelerator, with the loop's meanings: ``ctx.step`` is the number of optimizer steps taken (``state.global_step``),
+``ctx.grad_accum`` the number of micro-batches of the current step, ``ctx.loss_scale`` the weight of the current
+micro-batch's mean task loss in what is back-propagated (``n_i * processes / N`` when the loss is normalized by the
+step's ``N`` labelled tokens, ``1 / grad_accum`` when the Trainer divides each micro-batch's mean), and ``ctx.config``
+a :class:`~forgetless.training.config.TrainConfig` mirroring the ``TrainingArguments`` (seed, learning rate, batch
+size, ...). The scalars methods log (``reg_loss``, ``ewc_penalty``, ``sam_rho``, ...) join the Trainer's logs,
+averaged over the steps since the last log.
+
+A general stage's state (HLoRA's importance, EWC's Fisher, WiSE-FT's theta_nu) carries to a later Trainer run as in
+the runner: :meth:`save_method_state` after the general run, ``state_from=`` in the domain run (fresh plugins from
+``resolve`` read it at the domain stage's start). Checkpoint resumption inside a stage (``Method.stage_state``) is
+not wired to the Trainer's checkpoints.
+
+Usage::
+
+    methods = resolve(["hlora"]).plugins
+    trainer = ForgetlessTrainer(model=model, args=args, train_dataset=general, methods=methods, stage="general")
+    trainer.train()
+    trainer.save_method_state("general-state")
+
+    SFT = with_methods(trl.SFTTrainer)      # any Trainer subclass
+    SFT(model=model, args=sft_args, train_dataset=domain, methods=resolve(["hlora"]).plugins, stage="domain",
+        state_from="general-state").train()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from forgetless.lm import IGNORE_INDEX
+from forgetless.training.config import SCHEDULERS, TrainConfig
+from forgetless.training.hooks import Batch, Method, StageContext, call_all
+
+STAGES = ("general", "domain")
+
+
+def train_config(args: Any) -> TrainConfig:
+    """The :class:`TrainConfig` that ``TrainingArguments`` amount to, for methods that read ``ctx.config`` (seed)."""
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    return TrainConfig(epochs=float(args.num_train_epochs), max_steps=args.max_steps if args.max_steps > 0 else None,
+                       batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
+                       lr=args.learning_rate, weight_decay=args.weight_decay,
+                       scheduler=scheduler if scheduler in SCHEDULERS else TrainConfig.scheduler,
+                       max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+                       precision="bf16" if args.bf16 else "fp32", seed=args.seed, progress=False,
+                       gradient_checkpointing=bool(getattr(args, "activation_checkpointing", None)
+                                                   or getattr(args, "gradient_checkpointing", False)))
+
+
+class MethodsMixin:
+    """Runs forgetless methods inside a ``transformers.Trainer`` (sub)class; see the module docstring.
+
+    Keyword arguments on top of the Trainer's: ``methods`` (plugins, e.g. ``resolve([...]).plugins``), ``stage``
+    (``"general"`` or ``"domain"``), ``general_examples`` (the general-stage examples, for ``replay`` and for EWC
+    without a general stage), ``state_from`` (a folder written by :meth:`save_method_state` in a general run).
+    """
+
+    def __init__(self, *args: Any, methods: Sequence[Method] = (), stage: str = "domain",
+                 general_examples: Sequence[dict] | None = None, state_from: str | Path | None = None,
+                 **kwargs: Any) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+        super().__init__(*args, **kwargs)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0 and not hasattr(Trainer, "_clip_grad_norm"):
+            raise RuntimeError("this transformers version clips gradients inside its loop, before any hook could see "
+                               "them: use transformers >= 5 (Trainer._clip_grad_norm) or max_grad_norm=0")
+        self.methods = list(methods)
+        self.stage, self.general_examples = stage, general_examples
+        if state_from is not None:
+            for method in self.methods:
+                method.load_state(Path(state_from))
+        self.stage_context: StageContext | None = None
+        self._forward_backward = None
+        self._pass: tuple[torch.nn.Module, Any, tuple, dict] | None = None  # the micro-batch's step arguments
+        self._before_done: int | None = None  # the step whose before_optimizer_step hooks have run
+        self._scalars: dict[str, list[float]] = {}
+        self.add_callback(_HookCallback(self))
+
+    def save_method_state(self, directory: str | Path) -> None:
+        """Every method's state for a later stage (HLoRA importance, EWC Fisher, ...), written to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for method in self.methods:
+            method.save_state(directory)
+
+    # ------------------------------------------------------------------------------------------ the stage
+    def train(self, *args: Any, **kwargs: Any):
+        ctx = StageContext(stage=self.stage, model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
+                           accelerator=self.accelerator, config=train_config(self.args),
+                           grad_accum=self.args.gradient_accumulation_steps, general_examples=self.general_examples)
+        self.stage_context, self._before_done, self._scalars = ctx, None, {}
+        call_all(self.methods, "on_stage_start", ctx)
+        examples = self.train_dataset
+        for method in self.methods:
+            examples = method.prepare_examples(ctx, examples)
+        if examples is not self.train_dataset:
+            self.train_dataset = examples
+        fb = self._one_pass
+        for method in self.methods:
+            fb = method.wrap_forward_backward(ctx, fb)
+        self._forward_backward = fb
+        return super().train(*args, **kwargs)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                      *args: Any, **kwargs: Any) -> torch.Tensor:
+        ctx = self.stage_context
+        ctx.grad_accum = int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
+        ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
+        self._pass = (model, num_items_in_batch, args, kwargs)
+        try:
+            return self._forward_backward(inputs)
+        finally:
+            self._pass = None
+
+    def _one_pass(self, batch: Batch) -> torch.Tensor:
+        """The Trainer's own forward and backward of one micro-batch (SAM calls it twice)."""
+        model, num_items_in_batch, args, kwargs = self._pass
+        return super().training_step(model, batch, num_items_in_batch, *args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._pass is None:  # evaluation: the task loss only
+            return out
+        extras = None
+        for method in self.methods:
+            extra = method.extra_loss(self.stage_context, inputs)
+            if extra is not None:
+                extras = extra if extras is None else extras + extra
+        if extras is None:
+            return out
+        # Once per optimizer step, as in the loop: a loss the Trainer divides by the step's micro-batches gets the
+        # whole term, a loss already normalized over the step gets term / micro-batches.
+        share = extras if self._trainer_divides(num_items_in_batch) else extras / self.stage_context.grad_accum
+        if return_outputs:
+            loss, outputs = out
+            return loss + share, outputs
+        return out + share
+
+    def _clip_grad_norm(self, model: torch.nn.Module):
+        # The hooks see the step's gradients before clipping, as in the loop (the Trainer calls
+        # on_pre_optimizer_step only after it has clipped).
+        self._before_optimizer_step()
+        return super()._clip_grad_norm(model)
+
+    def _before_optimizer_step(self) -> None:
+        ctx = self.stage_context
+        if self._before_done != ctx.step:
+            self._before_done = ctx.step
+            call_all(self.methods, "before_optimizer_step", ctx)
+
+    # ---------------------------------------------------------------------------------------- loss scale
+    def _trainer_divides(self, num_items_in_batch: Any) -> bool:
+        """Whether ``Trainer.training_step`` divides the loss by the step's number of micro-batches (its rule)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                      or self.compute_loss_func is not None)
+        return not scaled
+
+    def _loss_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float:
+        """The weight of this micro-batch's mean task loss in the loss the Trainer back-propagates."""
+        if self._trainer_divides(num_items_in_batch) or num_items_in_batch is None:
+            return 1.0 / self.stage_context.grad_accum
+        labels = inputs.get("shift_labels")
+        labels = inputs["labels"][..., 1:] if labels is None else labels
+        here = int((labels != IGNORE_INDEX).sum())
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        total = float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        return here * processes / total if total > 0 else 0.0
+
+    # ------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._scalars:  # a training log: the methods' scalars since the last one
+            logs.update({k: sum(v) / len(v) for k, v in self._scalars.items()})
+            self._scalars = {}
+        super().log(logs, *args, **kwargs)
+
+
+class _HookCallback(TrainerCallback):
+    """The hooks that fall between the Trainer's own steps."""
+
+    def __init__(self, trainer: MethodsMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        ctx, trainer = self.trainer.stage_context, self.trainer
+        ctx.optimizer, ctx.scheduler, ctx.total_steps = trainer.optimizer, trainer.lr_scheduler, state.max_steps
+        ctx.model, ctx.accelerator = trainer.model, trainer.accelerator
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        ctx = self.trainer.stage_context
+        ctx.step, ctx.scalars = state.global_step, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.trainer._before_optimizer_step()  # no-op when the clipping already ran them
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        trainer = self.trainer
+        if trainer.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, as the loop's skip_step
+            return
+        ctx = trainer.stage_context
+        call_all(trainer.methods, "after_optimizer_step", ctx)
+        for name, value in ctx.scalars.items():
+            trainer._scalars.setdefault(name, []).append(value)
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        ctx = self.trainer.stage_context
+        ctx.step = state.global_step
+        call_all(self.trainer.methods, "on_stage_end", ctx)
+
+
+@cache
+def with_methods(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` (``Trainer`` or a subclass such as ``trl.SFTTrainer``) running forgetless methods."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"with_methods needs a transformers.Trainer subclass, got {trainer_class!r}")
+    return type(f"Forgetless{trainer_class.__name__}", (MethodsMixin, trainer_class),
+                {"__doc__": f"{trainer_class.__name__} with forgetless methods (forgetless.integrations)."})
+
+
+ForgetlessTrainer = with_methods(Trainer)
+
+__all__ = ["ForgetlessTrainer", "MethodsMixin", "train_config", "with_methods"]

@@ -1,0 +1,177 @@
+"""forgetless methods inside the transformers Trainer and TRL's SFTTrainer (forgetless/integrations.py, issue #14).
+
+3 optimizer steps of ``[hlora]``, ``[ewc]`` (each after a general stage, its state carried from one Trainer run to
+the next through save_method_state / state_from) and ``[sam]`` under the Trainer give the LoRA weights of
+forgetless's own loop: fp32, the same data order (the Trainer reads, in order, the permutation the loop's seeded
+shuffle draws), AdamW with the same hyperparameters and no weight decay, the same linear schedule, gradients clipped (at every step).
+The examples carry a loss on 1 to 11 tokens each, so a step's token mean and a mean of micro-batch means differ.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from forgetless.methods import resolve
+from forgetless.training.batches import collate
+from forgetless.training.config import TrainConfig
+from forgetless.training.loop import train_stage
+from tests.unit._train_parity import variable_examples
+from tests.unit.tiny_model import make_lora_model
+
+CASES = {  # name: (method entry, stages)
+    "hlora": ([{"name": "hlora", "phi": 1e4}], ("general", "domain")),
+    # every general example in the Fisher: the Trainer sees them in another order, and `samples` picks by position
+    "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 16}], ("general", "domain")),
+    "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),
+}
+STEPS, LR, SEED = 3, 1e-2, 0
+CLIP = 0.2  # below every step's gradient norm here (0.23 to 0.28 without a method): clipping acts
+DATA = {"general": partial(variable_examples, 16, seed=1), "domain": partial(variable_examples, 16, seed=2)}
+
+
+def loop_order(examples: list[dict]) -> list[dict]:
+    """The examples in the order the loop's DataLoader(shuffle=True, generator seeded SEED) reads them (one epoch)."""
+    order = DataLoader(range(len(examples)), batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(SEED))
+    return [examples[int(i)] for i in order]
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_loop(case: str, batch_size: int, grad_accum: int, accelerator) -> dict[str, torch.Tensor]:
+    entry, stages = CASES[case]
+    model = make_lora_model(0, b_std=0.05).to(accelerator.device)
+    plugins = resolve(entry).plugins
+    cfg = TrainConfig(max_steps=STEPS, batch_size=batch_size, grad_accum=grad_accum, lr=LR, weight_decay=0.0,
+                      scheduler="linear", max_grad_norm=CLIP, precision="fp32", seed=SEED, progress=False)
+    for stage in stages:
+        train_stage(model, DATA[stage](), cfg, plugins, stage=stage, accelerator=accelerator,
+                    general_examples=DATA["general"]())
+    return trainable(model)
+
+
+def trainer_args(tmp_path, batch_size: int, grad_accum: int, device: torch.device, **extra):
+    from transformers import TrainingArguments
+
+    return dict(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=grad_accum, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
+                weight_decay=0.0, max_grad_norm=CLIP, optim="adamw_torch", train_sampling_strategy="sequential",
+                seed=SEED, report_to="none", save_strategy="no", use_cpu=device.type == "cpu", bf16=False,
+                disable_tqdm=True, dataloader_num_workers=0, **extra), TrainingArguments
+
+
+def run_trainer(case: str, trainer_class, make_args, tmp_path, device: torch.device, **trainer_kwargs):
+    entry, stages = CASES[case]
+    model = make_lora_model(0, b_std=0.05).to(device)
+    state = tmp_path / "general-state"
+    for stage in stages:
+        # Fresh plugins per run and no general examples: the general stage's state travels through the files only
+        trainer = trainer_class(model=model, args=make_args(), train_dataset=loop_order(DATA[stage]()),
+                                methods=resolve(entry).plugins, stage=stage,
+                                state_from=state if stage == "domain" and "general" in stages else None,
+                                **trainer_kwargs)
+        trainer.train()
+        assert trainer.state.global_step == STEPS
+        if stage == "general":
+            trainer.save_method_state(state)
+    return trainable(model)
+
+
+def assert_close(a: dict, b: dict, rel: float) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        scale = float(b[k].abs().max()) or 1.0
+        assert float((a[k].cpu() - b[k].cpu()).abs().max()) <= rel * scale, k
+
+
+def moved(a: dict, b: dict) -> float:
+    return max(float((a[k].cpu() - b[k].cpu()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("batch_size,grad_accum", [(4, 1), (2, 2)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_equals_loop(case, batch_size, grad_accum, accelerator, device, tol, tmp_path):
+    from forgetless.integrations import ForgetlessTrainer
+
+    initial = trainable(make_lora_model(0, b_std=0.05))
+    ours = run_loop(case, batch_size, grad_accum, accelerator)
+    kwargs, TrainingArguments = trainer_args(tmp_path, batch_size, grad_accum, device)
+    theirs = run_trainer(case, ForgetlessTrainer, lambda: TrainingArguments(**kwargs), tmp_path, device,
+                         data_collator=partial(collate, pad_token_id=0))
+    assert moved(ours, initial) > 1e-3  # the weights did move
+    assert_close(theirs, ours, rel=tol(1e-5))
+
+
+def test_the_methods_matter(accelerator, device, tmp_path):
+    """The comparison above can fail: a plain Trainer (no methods) ends elsewhere than the loop with HLoRA."""
+    from transformers import Trainer
+
+    ours = run_loop("hlora", 4, 1, accelerator)
+    kwargs, TrainingArguments = trainer_args(tmp_path, 4, 1, device)
+    model = make_lora_model(0, b_std=0.05).to(device)
+    for stage in ("general", "domain"):
+        Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=loop_order(DATA[stage]()),
+                data_collator=partial(collate, pad_token_id=0)).train()
+    assert moved(trainable(model), ours) > 1e-4
+
+
+def test_sft_trainer_equals_loop(accelerator, device, tol, tmp_path):
+    """TRL's SFTTrainer with HLoRA (general, then domain) ends where the loop does: pre-tokenized examples with
+    labels, no shuffling or packing of its own."""
+    trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'forgetless[trl]'")
+    from datasets import Dataset
+
+    from forgetless.integrations import with_methods
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer  # <pad> 0, </s> 1: the ids of the tiny model
+
+    ours = run_loop("hlora", 2, 2, accelerator)
+    kwargs, _ = trainer_args(tmp_path, 2, 2, device)
+    kwargs.update(shuffle_dataset=False, packing=False, max_length=None, dataset_num_proc=None)
+
+    def make_args():
+        return trl.SFTConfig(**kwargs)
+
+    entry, stages = CASES["hlora"]
+    model = make_lora_model(0, b_std=0.05).to(device)
+    state = tmp_path / "general-state"
+    for stage in stages:
+        trainer = with_methods(trl.SFTTrainer)(
+            model=model, args=make_args(), train_dataset=Dataset.from_list(loop_order(DATA[stage]())),
+            processing_class=make_tiny_tokenizer(), methods=resolve(entry).plugins, stage=stage,
+            state_from=state if stage == "domain" else None)
+        trainer.train()
+        if stage == "general":
+            trainer.save_method_state(state)
+    assert_close(trainable(model), ours, rel=tol(1e-5))
+
+
+def test_extra_terms_are_logged(device, tmp_path):
+    """The methods' scalars join the Trainer's training logs; evaluation losses carry no extra term."""
+    from forgetless.integrations import ForgetlessTrainer
+
+    kwargs, TrainingArguments = trainer_args(tmp_path, 4, 1, device, logging_steps=1)
+    model = make_lora_model(0, b_std=0.05).to(device)
+    data = loop_order(DATA["domain"]())
+    trainer = ForgetlessTrainer(model=model, args=TrainingArguments(**kwargs), train_dataset=data,
+                                eval_dataset=data[:4], data_collator=partial(collate, pad_token_id=0),
+                                methods=resolve(["sam", {"name": "ewc", "lambda": 1e3}]).plugins, stage="domain",
+                                general_examples=DATA["general"]())
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == STEPS and all({"ewc_penalty", "sam_rho"} <= row.keys() for row in logged)
+    assert logged[-1]["ewc_penalty"] > 0
+    plain = trainer.evaluate()["eval_loss"]
+    trainer.methods[1].lam = 1e9  # an evaluation that added the penalty would explode
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-6)
+
+
+def test_stage_must_be_known(tmp_path):
+    from forgetless.integrations import ForgetlessTrainer
+
+    with pytest.raises(ValueError, match="stage must be one of"):
+        ForgetlessTrainer(model=make_lora_model(0), stage="warmup")
