@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo (--shared)
 SUITE = {"piqa": "piqa", "arc_easy": "arc", "openbookqa": "openbookqa", "medmcqa": "medmcqa"}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -132,7 +132,10 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--plot", type=Path, help="only draw the figure of the runs in --out into this folder")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder (default ../shared/data)")
     args = p.parse_args()
+    global SHARED
+    SHARED = args.shared
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot is None:
         for domain in args.domains:
