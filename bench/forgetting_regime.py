@@ -132,10 +132,10 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--plot", type=Path, help="only draw the figure of the runs in --out into this folder")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder (default ../shared/data)")
+    p.add_argument("--shared", type=Path, help="the shared data folder (default ../shared/data)")
     args = p.parse_args()
     global SHARED
-    SHARED = args.shared
+    SHARED = args.shared or SHARED
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot is None:
         for domain in args.domains:
