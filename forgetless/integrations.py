@@ -131,7 +131,8 @@ class MethodsMixin:
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
                       *args: Any, **kwargs: Any) -> torch.Tensor:
         ctx = self.stage_context
-        ctx.grad_accum = int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
+        # the micro-batches of this step (fewer in an epoch's last step), set by the Trainer before it calls us
+        ctx.grad_accum = int(getattr(self, "current_gradient_accumulation_steps", ctx.config.grad_accum))
         ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
         self._pass = (model, num_items_in_batch, args, kwargs)
         try:

@@ -3,7 +3,8 @@
 3 optimizer steps of ``[hlora]``, ``[ewc]`` (each after a general stage, its state carried from one Trainer run to
 the next through save_method_state / state_from) and ``[sam]`` under the Trainer give the LoRA weights of
 forgetless's own loop: fp32, the same data order (the Trainer reads, in order, the permutation the loop's seeded
-shuffle draws), AdamW with the same hyperparameters and no weight decay, the same linear schedule, gradients clipped (at every step).
+shuffle draws), AdamW with the same hyperparameters and no weight decay, the same linear schedule, and gradients
+clipped at every step (so that a hook seeing clipped gradients would show).
 The examples carry a loss on 1 to 11 tokens each, so a step's token mean and a mean of micro-batch means differ.
 """
 
@@ -14,6 +15,7 @@ from functools import partial
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
 
 from forgetless.methods import resolve
 from forgetless.training.batches import collate
@@ -35,7 +37,8 @@ DATA = {"general": partial(variable_examples, 16, seed=1), "domain": partial(var
 
 def loop_order(examples: list[dict]) -> list[dict]:
     """The examples in the order the loop's DataLoader(shuffle=True, generator seeded SEED) reads them (one epoch)."""
-    order = DataLoader(range(len(examples)), batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(SEED))
+    generator = torch.Generator().manual_seed(SEED)
+    order = DataLoader(range(len(examples)), batch_size=None, shuffle=True, generator=generator)
     return [examples[int(i)] for i in order]
 
 
@@ -55,23 +58,23 @@ def run_loop(case: str, batch_size: int, grad_accum: int, accelerator) -> dict[s
     return trainable(model)
 
 
-def trainer_args(tmp_path, batch_size: int, grad_accum: int, device: torch.device, **extra):
-    from transformers import TrainingArguments
-
+def trainer_args(tmp_path, batch_size: int, grad_accum: int, device: torch.device, **extra) -> dict:
+    """The loop's settings as TrainingArguments keywords; sequential sampling of data given in the loop's order."""
     return dict(output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=grad_accum, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
                 weight_decay=0.0, max_grad_norm=CLIP, optim="adamw_torch", train_sampling_strategy="sequential",
                 seed=SEED, report_to="none", save_strategy="no", use_cpu=device.type == "cpu", bf16=False,
-                disable_tqdm=True, dataloader_num_workers=0, **extra), TrainingArguments
+                disable_tqdm=True, dataloader_num_workers=0, **extra)
 
 
-def run_trainer(case: str, trainer_class, make_args, tmp_path, device: torch.device, **trainer_kwargs):
+def run_trainer(case: str, trainer_class, make_args, tmp_path, device: torch.device, dataset=list,
+                **trainer_kwargs) -> dict[str, torch.Tensor]:
     entry, stages = CASES[case]
     model = make_lora_model(0, b_std=0.05).to(device)
     state = tmp_path / "general-state"
     for stage in stages:
         # Fresh plugins per run and no general examples: the general stage's state travels through the files only
-        trainer = trainer_class(model=model, args=make_args(), train_dataset=loop_order(DATA[stage]()),
+        trainer = trainer_class(model=model, args=make_args(), train_dataset=dataset(loop_order(DATA[stage]())),
                                 methods=resolve(entry).plugins, stage=stage,
                                 state_from=state if stage == "domain" and "general" in stages else None,
                                 **trainer_kwargs)
@@ -100,7 +103,7 @@ def test_trainer_equals_loop(case, batch_size, grad_accum, accelerator, device, 
 
     initial = trainable(make_lora_model(0, b_std=0.05))
     ours = run_loop(case, batch_size, grad_accum, accelerator)
-    kwargs, TrainingArguments = trainer_args(tmp_path, batch_size, grad_accum, device)
+    kwargs = trainer_args(tmp_path, batch_size, grad_accum, device)
     theirs = run_trainer(case, ForgetlessTrainer, lambda: TrainingArguments(**kwargs), tmp_path, device,
                          data_collator=partial(collate, pad_token_id=0))
     assert moved(ours, initial) > 1e-3  # the weights did move
@@ -109,10 +112,8 @@ def test_trainer_equals_loop(case, batch_size, grad_accum, accelerator, device, 
 
 def test_the_methods_matter(accelerator, device, tmp_path):
     """The comparison above can fail: a plain Trainer (no methods) ends elsewhere than the loop with HLoRA."""
-    from transformers import Trainer
-
     ours = run_loop("hlora", 4, 1, accelerator)
-    kwargs, TrainingArguments = trainer_args(tmp_path, 4, 1, device)
+    kwargs = trainer_args(tmp_path, 4, 1, device)
     model = make_lora_model(0, b_std=0.05).to(device)
     for stage in ("general", "domain"):
         Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=loop_order(DATA[stage]()),
@@ -130,31 +131,19 @@ def test_sft_trainer_equals_loop(accelerator, device, tol, tmp_path):
     from tests.unit.tiny_tokenizer import make_tiny_tokenizer  # <pad> 0, </s> 1: the ids of the tiny model
 
     ours = run_loop("hlora", 2, 2, accelerator)
-    kwargs, _ = trainer_args(tmp_path, 2, 2, device)
+    kwargs = trainer_args(tmp_path, 2, 2, device)
     kwargs.update(shuffle_dataset=False, packing=False, max_length=None, dataset_num_proc=None)
 
-    def make_args():
-        return trl.SFTConfig(**kwargs)
-
-    entry, stages = CASES["hlora"]
-    model = make_lora_model(0, b_std=0.05).to(device)
-    state = tmp_path / "general-state"
-    for stage in stages:
-        trainer = with_methods(trl.SFTTrainer)(
-            model=model, args=make_args(), train_dataset=Dataset.from_list(loop_order(DATA[stage]())),
-            processing_class=make_tiny_tokenizer(), methods=resolve(entry).plugins, stage=stage,
-            state_from=state if stage == "domain" else None)
-        trainer.train()
-        if stage == "general":
-            trainer.save_method_state(state)
-    assert_close(trainable(model), ours, rel=tol(1e-5))
+    theirs = run_trainer("hlora", with_methods(trl.SFTTrainer), lambda: trl.SFTConfig(**kwargs), tmp_path, device,
+                         dataset=Dataset.from_list, processing_class=make_tiny_tokenizer())
+    assert_close(theirs, ours, rel=tol(1e-5))
 
 
 def test_extra_terms_are_logged(device, tmp_path):
     """The methods' scalars join the Trainer's training logs; evaluation losses carry no extra term."""
     from forgetless.integrations import ForgetlessTrainer
 
-    kwargs, TrainingArguments = trainer_args(tmp_path, 4, 1, device, logging_steps=1)
+    kwargs = trainer_args(tmp_path, 4, 1, device, logging_steps=1)
     model = make_lora_model(0, b_std=0.05).to(device)
     data = loop_order(DATA["domain"]())
     trainer = ForgetlessTrainer(model=model, args=TrainingArguments(**kwargs), train_dataset=data,

@@ -1,0 +1,149 @@
+"""Export a fine-tune: a merged full model, or a PEFT adapter of a WiSE-FT point.
+
+* :func:`export_merged`: the base with the adapter merged in (PEFT ``merge_and_unload``: ``W + s B A``, computed in
+  float32), saved with its tokenizer in the base's dtype, so it loads with ``AutoModelForCausalLM`` alone.
+* :func:`export_wise_ft`: the exact weight-space blend ``W + (1 - a) dW_nu + a dW_mu`` of WiSE-FT (eq 1 of Wortsman et
+  al. 2022, :mod:`forgetless.methods.wise_ft`) as a PEFT adapter of rank ``r_nu + r_mu``: the stacked factors
+  ``s [(1-a) B_nu, a B_mu] [A_nu; A_mu]`` that :meth:`WiseFT.interpolated` evaluates in memory, with ``s`` folded into
+  B so that the adapter's own scaling is 1 (``lora_alpha = r``), which holds for rsLoRA adapters too. PEFT's
+  ``add_weighted_adapter(combination_type="cat")`` builds the same factors but keeps ``use_rslora``, whose scaling
+  ``alpha / sqrt(r)`` is then not 1.
+
+``theta_nu`` is the general stage's adapter: the ``wise_ft_theta_nu.safetensors`` file the ``wise-ft`` method keeps
+with a cached general stage, a folder holding it, or a general stage's adapter folder (``adapter_model.safetensors``).
+The base is loaded unquantized: an adapter trained on a 4-bit base is merged into the full-precision weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from forgetless.lora import DEFAULT_ADAPTER, lora_modules, scaling
+from forgetless.methods import wise_ft
+from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, AdapterError,
+                               base_fingerprint, load_adapter, load_adapter_weights, load_model)
+
+DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def base_dtype(model_name: str) -> torch.dtype:
+    """The dtype the base's weights are stored in: its configuration's (a folder or a hub id); float32 for a GGUF
+    file, whose quantized blocks forgetless dequantizes to float32."""
+    if model_name in EMBEDDED_MODELS or model_name.endswith(".gguf"):
+        return torch.float32
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_name)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def export_merged(model_name: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "base") -> Path:
+    """Write ``model_name`` with the adapter in ``adapter_dir`` merged in, and its tokenizer, to ``out_dir``.
+
+    ``dtype``: ``base`` (the dtype the base is stored in, :func:`base_dtype`), ``bf16`` or ``fp32``. The merge is
+    computed in float32 and rounded once to that dtype."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    target = DTYPES[dtype] or base_dtype(model_name)
+    model, tokenizer = load_model(model_name, dtype="fp32")
+    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    merged.to(target)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _write_folder(Path(out_dir), write)
+
+
+def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Path, alpha: float,
+                   out_dir: str | Path) -> Path:
+    """Write the WiSE-FT point ``alpha`` between ``theta_nu`` (0) and the adapter in ``adapter_dir`` (1) as a PEFT
+    adapter of rank ``r_nu + r_mu`` to ``out_dir`` (see the module docstring)."""
+    from peft import get_peft_model_state_dict
+
+    alpha = float(alpha)
+    model, _ = load_model(model_name, dtype="fp32")
+    model = load_adapter(model, adapter_dir, trainable=True)  # WiseFT interpolates the trainable parameters
+    model.eval()
+    config = model.peft_config[DEFAULT_ADAPTER]
+    if config.use_dora or config.lora_bias:
+        raise AdapterError(f"{adapter_dir}: a DoRA or LoRA-bias adapter is not a sum of B A updates; "
+                           "WiSE-FT cannot be exported as stacked factors")
+    modules = lora_modules(model)
+    if len(modules) != sum(1 for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_embedding_A." in n):
+        raise AdapterError(f"{adapter_dir}: LoRA on embeddings or convolutions has no stacked-factor export")
+    method = wise_ft.WiseFT(alphas=[alpha])
+    method.theta_nu = _theta_nu(Path(theta_nu), model, Path(adapter_dir))
+    with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
+        tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+        ranks = {name: int(module.lora_A[DEFAULT_ADAPTER].weight.shape[0]) for name, module in modules}
+    for name, module in modules:  # s folded into B: the exported adapter's scaling is 1
+        key = f"{name}.lora_B.weight"
+        tensors[key] = tensors[key] * scaling(module)
+    rank = max(ranks.values())
+    prefix = "base_model.model."
+    pattern = {name.removeprefix(prefix): r for name, r in ranks.items() if r != rank}
+    stacked = replace(config, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern=pattern,
+                      alpha_pattern=dict(pattern), inference_mode=True)
+
+    def write(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        stacked.save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        record = {"model": model_name, "fingerprint": base_fingerprint(model),
+                  "wise_ft": {"alpha": alpha, "theta_nu": str(theta_nu), "theta_mu": str(adapter_dir)}}
+        (folder / BASE_FILE).write_text(json.dumps(record))
+
+    out = _write_folder(Path(out_dir), write)
+    if not (out / ADAPTER_CONFIG).is_file():  # pragma: no cover - PEFT's file name changed
+        raise AdapterError(f"{out}: PEFT wrote no {ADAPTER_CONFIG}")
+    return out
+
+
+def _theta_nu(source: Path, model: torch.nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """theta_nu keyed like the model's trainable parameters: from the wise-ft file, or from a general stage's adapter
+    (loaded strictly into the model, read, then the domain adapter put back)."""
+    if source.is_file() or (source / wise_ft.FILENAME).is_file():
+        return wise_ft.STATE.load(source)[0]
+    if (source / ADAPTER_WEIGHTS).is_file():
+        load_adapter_weights(model, source)
+        nu = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        load_adapter_weights(model, adapter_dir)
+        return nu
+    raise AdapterError(f"{source}: neither a wise-ft theta_nu file ({wise_ft.FILENAME}) nor a folder with it or "
+                       f"with a general stage's adapter ({ADAPTER_WEIGHTS})")
+
+
+def _write_folder(out: Path, write) -> Path:
+    """``write(folder)`` into a temporary folder renamed to ``out``: a half-written export is never left as ``out``.
+    An existing ``out`` must be empty."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: choose another output folder")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = ["export_merged", "export_wise_ft", "base_dtype"]

@@ -1,0 +1,137 @@
+"""Export (forgetless/export.py, issue #14 item 4): the merged model and the WiSE-FT adapter give the logits of the
+in-memory models they were made from (fp32, atol 1e-5), and the WiSE-FT adapter is the exact blend of the updates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forgetless.export import export_merged, export_wise_ft
+from forgetless.lora import delta_weight, lora_modules
+from forgetless.methods import wise_ft
+from forgetless.models import AdapterError, LoraSettings, attach_lora, load_adapter, load_model, save_adapter
+from tests.unit.tiny_model import randomize_lora_b
+
+ATOL = 1e-5
+
+
+def make_adapter(base: str, folder, seed: int, use_rslora: bool = False) -> dict[str, torch.Tensor]:
+    """A LoRA adapter on q/v with random A (seeded) and random B, saved to ``folder``; returns its parameters."""
+    model, _ = load_model(base, dtype="fp32")
+    torch.manual_seed(seed)
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                            use_rslora=use_rslora))
+    randomize_lora_b(model, seed=seed + 100, std=0.2)
+    save_adapter(model, folder, base)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture
+def ids(tiny_model_dir) -> torch.Tensor:
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_merged_model_gives_the_adapters_logits(tiny_model_dir, tmp_path, ids):
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    in_memory = logits(load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu"), ids)
+    plain = logits(load_model(base, dtype="fp32")[0], ids)
+    assert float((in_memory - plain).abs().max()) > 1e-2  # the adapter changes the model
+
+    out = export_merged(base, tmp_path / "mu", tmp_path / "merged")
+    assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
+    merged, tokenizer = load_model(str(out), dtype="fp32")
+    assert len(tokenizer) == len(load_model(base)[1])
+    torch.testing.assert_close(logits(merged, ids), in_memory, atol=ATOL, rtol=0)
+
+
+def test_merged_model_keeps_a_bf16_base_in_bf16(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    base16 = tmp_path / "base-bf16"
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    model.to(torch.bfloat16).save_pretrained(base16)
+    tokenizer.save_pretrained(base16)
+    make_adapter(str(base16), tmp_path / "mu", seed=1)
+    out = export_merged(str(base16), tmp_path / "mu", tmp_path / "merged")
+
+    lora = load_adapter(load_model(str(base16), dtype="fp32")[0], tmp_path / "mu")
+    name, module = lora_modules(lora)[0]
+    expected = (module.base_layer.weight.float() + delta_weight(module, dtype=torch.float32)).to(torch.bfloat16)
+    key = name.removeprefix("base_model.model.") + ".weight"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        saved = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    # rounded once from the float32 merge (one bf16 ulp for a different summation order)
+    assert float((saved[key].float() - expected.float()).abs().max()) <= 2 ** -8 * float(expected.abs().max())
+    assert not torch.equal(saved[key], module.base_layer.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_wise_ft_adapter_gives_the_blend(tiny_model_dir, tmp_path, ids, alpha, use_rslora):
+    base = str(tiny_model_dir)
+    nu = make_adapter(base, tmp_path / "nu", seed=2, use_rslora=use_rslora)
+    make_adapter(base, tmp_path / "mu", seed=1, use_rslora=use_rslora)
+    wise_ft.STATE.save(tmp_path / "general", nu, {})
+
+    model = load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu", trainable=True).eval()
+    method = wise_ft.WiseFT(alphas=[alpha])
+    method.theta_nu = wise_ft.STATE.load(tmp_path / "general")[0]
+    with method.interpolated(model, alpha):  # what the pipeline evaluates as wise-ft(alpha=a)
+        in_memory = logits(model, ids)
+
+    out = export_wise_ft(base, tmp_path / "mu", tmp_path / "general", alpha, tmp_path / "wise")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8 and not config["use_rslora"]
+    exported = load_adapter(load_model(base, dtype="fp32")[0], out)
+    torch.testing.assert_close(logits(exported, ids), in_memory, atol=ATOL, rtol=0)
+
+    # the closed form: W + (1 - a) dW_nu + a dW_mu written into the base weights
+    blend, _ = load_model(base, dtype="fp32")
+    mu_model = load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu")
+    nu_model = load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "nu")
+    with torch.no_grad():
+        for (name, m_mu), (_, m_nu) in zip(lora_modules(mu_model), lora_modules(nu_model), strict=True):
+            weight = blend.get_submodule(name.removeprefix("base_model.model.")).weight
+            nu_update, mu_update = (delta_weight(m, dtype=torch.float32) for m in (m_nu, m_mu))
+            weight += (1 - alpha) * nu_update + alpha * mu_update
+    torch.testing.assert_close(logits(exported, ids), logits(blend, ids), atol=ATOL, rtol=0)
+    if alpha < 1:  # theta_nu matters
+        assert float((logits(exported, ids) - logits(mu_model, ids)).abs().max()) > 1e-2
+
+
+def test_wise_ft_theta_nu_from_a_general_stage_adapter(tiny_model_dir, tmp_path, ids):
+    base = str(tiny_model_dir)
+    nu = make_adapter(base, tmp_path / "nu", seed=2)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    wise_ft.STATE.save(tmp_path / "general", nu, {})
+    from_file = export_wise_ft(base, tmp_path / "mu", tmp_path / "general" / wise_ft.FILENAME, 0.5, tmp_path / "a")
+    from_adapter = export_wise_ft(base, tmp_path / "mu", tmp_path / "nu", 0.5, tmp_path / "b")
+    model = load_model(base, dtype="fp32")[0]
+    a = logits(load_adapter(model, from_file), ids)
+    b = logits(load_adapter(load_model(base, dtype="fp32")[0], from_adapter), ids)
+    assert torch.equal(a, b)
+
+
+def test_export_refuses_a_used_folder_and_a_missing_theta_nu(tiny_model_dir, tmp_path):
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        export_merged(base, tmp_path / "mu", tmp_path / "used")
+    assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+    with pytest.raises(AdapterError, match="neither a wise-ft theta_nu file"):
+        export_wise_ft(base, tmp_path / "mu", tmp_path / "nowhere", 0.5, tmp_path / "wise")
+    assert not (tmp_path / "wise").exists() and not (tmp_path / "wise.tmp").exists()
