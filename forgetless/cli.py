@@ -1,4 +1,4 @@
-"""The ``forgetless`` command: demo, run, train, eval, landscape, report.
+"""The ``forgetless`` command: demo, run, train, eval, landscape, report, export.
 
 Every user error (a bad flag, file, key or value, a run that diverged, a folder in use) is one line
 ``forgetless: error: WHERE: WHAT`` and exit code 2, found before any model loads wherever it can be; ``--debug``
@@ -168,6 +168,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except NonFiniteScore as err:
         raise RunFailed(f"eval: {args.adapter or args.model}: {err}") from err
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from forgetless.config import ConfigError
+    from forgetless.export import check_output, export_merged, export_wise_ft
+
+    if (args.wise_ft is None) != (args.theta_nu is None):
+        raise ConfigError("export: --wise-ft ALPHA and --theta-nu FILE_OR_DIR go together (a WiSE-FT adapter); "
+                          "without them the merged model is written")
+    _check_model_and_adapter(args)
+    check_output(Path(args.output))
+    if args.wise_ft is None:
+        out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
+        print(f"merged model and tokenizer written to {out}")
+    else:
+        out = export_wise_ft(args.model, args.adapter, args.theta_nu, args.wise_ft, args.output)
+        print(f"WiSE-FT adapter (alpha={args.wise_ft}) written to {out}")
     return 0
 
 
@@ -361,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_landscape)
+
+    p = sub.add_parser("export", parents=[debug],
+                       help="a merged full model (base + adapter), or a PEFT adapter of a WiSE-FT point")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base: embedded name, hub id, folder or .gguf")
+    p.add_argument("--adapter", required=True, help="the PEFT adapter folder (the domain stage's, theta_mu)")
+    p.add_argument("--output", required=True, help="a new or empty folder")
+    p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default="base",
+                   help="dtype of the merged model (default: the dtype the base is stored in)")
+    p.add_argument("--wise-ft", type=float, metavar="ALPHA",
+                   help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
+    p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "
+                                      "folder (with that file or with its adapter)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -53,6 +53,7 @@ def export_merged(model_name: str, adapter_dir: str | Path, out_dir: str | Path,
     computed in float32 and rounded once to that dtype."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_output(Path(out_dir))
     target = DTYPES[dtype] or base_dtype(model_name)
     model, tokenizer = load_model(model_name, dtype="fp32")
     merged = load_adapter(model, adapter_dir).merge_and_unload()
@@ -72,6 +73,8 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     from peft import get_peft_model_state_dict
 
     alpha = float(alpha)
+    check_output(Path(out_dir))
+    nu_file = _theta_nu_file(Path(theta_nu))  # checked before the model loads
     model, _ = load_model(model_name, dtype="fp32")
     model = load_adapter(model, adapter_dir, trainable=True)  # WiseFT interpolates the trainable parameters
     model.eval()
@@ -83,7 +86,8 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     if len(modules) != sum(1 for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_embedding_A." in n):
         raise AdapterError(f"{adapter_dir}: LoRA on embeddings or convolutions has no stacked-factor export")
     method = wise_ft.WiseFT(alphas=[alpha])
-    method.theta_nu = _theta_nu(Path(theta_nu), model, Path(adapter_dir))
+    method.theta_nu = (wise_ft.STATE.load(nu_file)[0] if nu_file is not None
+                       else _adapter_theta(model, Path(theta_nu), Path(adapter_dir)))
     with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
         ranks = {name: int(module.lora_A[DEFAULT_ADAPTER].weight.shape[0]) for name, module in modules}
@@ -112,25 +116,34 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     return out
 
 
-def _theta_nu(source: Path, model: torch.nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """theta_nu keyed like the model's trainable parameters: from the wise-ft file, or from a general stage's adapter
-    (loaded strictly into the model, read, then the domain adapter put back)."""
+def _theta_nu_file(source: Path) -> Path | None:
+    """The wise-ft file holding theta_nu, or None when ``source`` is a general stage's adapter folder."""
     if source.is_file() or (source / wise_ft.FILENAME).is_file():
-        return wise_ft.STATE.load(source)[0]
+        return wise_ft.STATE.locate(source)
     if (source / ADAPTER_WEIGHTS).is_file():
-        load_adapter_weights(model, source)
-        nu = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        load_adapter_weights(model, adapter_dir)
-        return nu
+        return None
     raise AdapterError(f"{source}: neither a wise-ft theta_nu file ({wise_ft.FILENAME}) nor a folder with it or "
                        f"with a general stage's adapter ({ADAPTER_WEIGHTS})")
 
 
-def _write_folder(out: Path, write) -> Path:
-    """``write(folder)`` into a temporary folder renamed to ``out``: a half-written export is never left as ``out``.
-    An existing ``out`` must be empty."""
+def _adapter_theta(model: torch.nn.Module, source: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """theta_nu keyed like the model's trainable parameters, from a general stage's adapter: loaded strictly into
+    the model, read, and the domain adapter put back."""
+    load_adapter_weights(model, source)
+    nu = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    load_adapter_weights(model, adapter_dir)
+    return nu
+
+
+def check_output(out: Path) -> None:
+    """An export goes to a new or empty folder; anything else is refused before a model loads."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder: choose another output folder")
+
+
+def _write_folder(out: Path, write) -> Path:
+    """``write(folder)`` into a temporary folder renamed to ``out``: a half-written export is never left as ``out``."""
+    check_output(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -146,4 +159,4 @@ def _write_folder(out: Path, write) -> Path:
     return out
 
 
-__all__ = ["export_merged", "export_wise_ft", "base_dtype"]
+__all__ = ["export_merged", "export_wise_ft", "base_dtype", "check_output"]

@@ -135,3 +135,28 @@ def test_export_refuses_a_used_folder_and_a_missing_theta_nu(tiny_model_dir, tmp
     with pytest.raises(AdapterError, match="neither a wise-ft theta_nu file"):
         export_wise_ft(base, tmp_path / "mu", tmp_path / "nowhere", 0.5, tmp_path / "wise")
     assert not (tmp_path / "wise").exists() and not (tmp_path / "wise.tmp").exists()
+
+
+def test_export_command(tiny_model_dir, tmp_path, ids, capsys):
+    from forgetless.cli import main
+
+    base = str(tiny_model_dir)
+    nu = make_adapter(base, tmp_path / "nu", seed=2)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    wise_ft.STATE.save(tmp_path / "general", nu, {})
+    assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), "--output", str(tmp_path / "m")]) == 0
+    assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), "--output", str(tmp_path / "w"),
+                 "--wise-ft", "0.5", "--theta-nu", str(tmp_path / "general")]) == 0
+    in_memory = logits(load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu"), ids)
+    torch.testing.assert_close(logits(load_model(str(tmp_path / "m"), dtype="fp32")[0], ids), in_memory,
+                               atol=ATOL, rtol=0)
+    assert json.loads((tmp_path / "w" / "adapter_config.json").read_text())["r"] == 8
+    capsys.readouterr()
+
+    for argv, message in (
+            (["--output", str(tmp_path / "x"), "--theta-nu", str(tmp_path / "general")], "go together"),
+            (["--output", str(tmp_path / "m")], "not an empty folder"),
+            (["--output", str(tmp_path / "x"), "--wise-ft", "0.5", "--theta-nu", str(tmp_path / "no")], "neither")):
+        assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("forgetless: error:") and message in err[0], err
