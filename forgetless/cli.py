@@ -133,6 +133,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.data import load_mc_task, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
+    import torch
+
     from forgetless.models import load_adapter, load_model
     from forgetless.pipeline import NonFiniteScore, check_finite
 
@@ -149,7 +151,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         source, schema = _task_source(spec)
         with data_errors("--task"):
             tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, precision=args.precision)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter)
     report: dict = {"model": args.model, "adapter": args.adapter}
@@ -195,6 +198,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
+    import torch
+
     from forgetless.models import load_adapter, load_model
     from forgetless.reporting.landscape_plots import plot_surface
 
@@ -213,7 +218,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         else:
             source, schema = _task_source(args.task)
             items = load_mc_task(source, schema=schema, limit=args.limit)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, precision=args.precision)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter, trainable=True)  # trainable: the LoRA weights
     with data_errors(flag):

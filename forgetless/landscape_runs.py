@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from forgetless.landscape import LandscapeSettings, measure_flatness, save_surface
 
 
@@ -59,7 +61,8 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
             entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
             _write_json(path, record | {"landscape": entry})
             continue
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_model(model_name, precision=settings.precision)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
         if examples is None:
             blocks = pack_blocks(heldout_texts(), tokenizer, block, max_blocks=settings.blocks)
             examples = lm_examples(blocks)
