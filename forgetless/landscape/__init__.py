@@ -9,6 +9,8 @@ from forgetless.landscape.measure import LandscapeSettings, measure_flatness
 from forgetless.landscape.metrics import (
     SURFACE_METRICS,
     eps_sharpness,
+    hessian_dominant_eigenvalue,
+    hessian_eigenvalues,
     hessian_top_eigenvalue,
     hessian_vector_product,
     hutchinson_trace,
@@ -25,6 +27,6 @@ from forgetless.landscape.surfaces import (
 )
 
 __all__ = ["SURFACE_METRICS", "LandscapeSettings", "Objective", "Surface", "compute_surface", "eps_sharpness",
-           "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "load_surface", "loss_surface",
+           "hessian_dominant_eigenvalue", "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "load_surface", "loss_surface",
            "measure_flatness", "model_objective", "random_direction", "save_surface", "select_parameters",
            "surface_metrics"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from forgetless.landscape.metrics import eps_sharpness, hessian_top_eigenvalue, hutchinson_trace, surface_metrics
+from forgetless.landscape.metrics import eps_sharpness, hessian_eigenvalues, hutchinson_trace, surface_metrics
 from forgetless.landscape.objective import model_objective
 from forgetless.landscape.surfaces import Surface, compute_surface
 
@@ -33,7 +33,7 @@ class LandscapeSettings:
     span: float = 1.0  # a, b in [-span, span]
     filter_normalize: bool = True
     seed: int = 0
-    hessian_iters: int = 10
+    hessian_iters: int = 10  # per power iteration: 10 products, up to 20 when the dominant eigenvalue is negative
     trace_samples: int = 8
     rho: float = 0.05
     ascent_steps: int = 3
@@ -60,7 +60,8 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
     """The metrics of ``model`` on ``examples`` (``{input_ids, labels}``), and the 2-D surface if one was swept.
 
     Keys: ``loss`` (at the weights), ``surface_curvature``, ``average_gradient``, ``mean_absolute_gradient``,
-    ``hessian_top_eigenvalue``, ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``.
+    ``hessian_top_eigenvalue`` (largest algebraic), ``hessian_dominant_eigenvalue`` (largest magnitude, sign kept),
+    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``.
     """
     s = settings
     metrics: dict[str, float] = {}
@@ -74,7 +75,9 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
                                       progress=progress)
             metrics.update(surface_metrics(surface.losses, surface.coords))
         if s.hessian_iters:
-            metrics["hessian_top_eigenvalue"] = hessian_top_eigenvalue(objective, iters=s.hessian_iters, seed=s.seed)
+            eigen = hessian_eigenvalues(objective, iters=s.hessian_iters, seed=s.seed)
+            metrics["hessian_top_eigenvalue"] = eigen["top"]  # the largest algebraic eigenvalue
+            metrics["hessian_dominant_eigenvalue"] = eigen["dominant"]  # the largest in magnitude, sign kept
         if s.trace_samples:
             metrics["hessian_trace"] = hutchinson_trace(objective, samples=s.trace_samples, seed=s.seed)
         if s.rho > 0 and s.ascent_steps >= 0:

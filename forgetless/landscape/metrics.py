@@ -19,8 +19,16 @@ runs measured with the same settings only.
 
 Hessian metrics over the selected parameters ``theta`` (Hessian-vector products by double backward):
 
-* top eigenvalue: power iteration ``v <- H v / ||H v||``, ``lambda = v^T H v`` (the eigenvalue of largest
-  magnitude, sign kept; it is the largest one at a minimum, where H is positive semi-definite);
+* top eigenvalue ``lambda_max``, the largest *algebraic* one, by shifted power iteration: power iteration
+  ``v <- H v / ||H v||``, ``lambda = v^T H v`` gives the dominant eigenvalue ``lambda_1`` (largest magnitude, sign
+  kept: :func:`hessian_dominant_eigenvalue`). If ``lambda_1 >= 0`` it is ``lambda_max``. Otherwise ``lambda_1`` is
+  the smallest eigenvalue, the spectrum of ``H - lambda_1 I`` is ``lambda_i - lambda_1 >= 0``, its dominant
+  eigenvalue is ``lambda_max - lambda_1``, and a second power iteration on ``(H - lambda_1 I) v = H v - lambda_1 v``
+  gives ``lambda_max = v^T H v`` (a Rayleigh quotient, so never above the true ``lambda_max``). Away from a minimum
+  the Hessian is indefinite and its dominant eigenvalue is often negative: that is a direction of negative
+  curvature, not sharpness, so flatness is compared with ``lambda_max``. If the first iteration had not converged
+  (``lambda_1`` above the smallest eigenvalue), the shifted one can come out negative; it is then re-shifted by
+  what it found (at most three rounds);
 * trace: Hutchinson's estimator ``tr H ~ 1/m sum_k z_k^T H z_k`` with Rademacher ``z_k`` (entries +-1);
   exact for a diagonal H, unbiased otherwise with variance ``2 sum_{i != j} H_ij^2 / m``.
 
@@ -93,8 +101,9 @@ def _random_vector(objective: Objective, seed: int, rademacher: bool = False) ->
     return out
 
 
-def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
-    """The Hessian's eigenvalue of largest magnitude by power iteration on Hessian-vector products.
+def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
+                     shift: float = 0.0) -> tuple[float, float]:
+    """Dominant eigenvalue of ``H - shift I`` (sign kept) and the Rayleigh quotient ``v^T H v`` of its last vector.
 
     Stops after ``iters`` products or when the Rayleigh quotient changes by less than ``tol`` (relative).
     """
@@ -105,15 +114,40 @@ def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1
     v = [t / n for t in v]
     eigenvalue = 0.0
     for k in range(iters):
-        hv = objective.hvp(v)
+        hv = [h - shift * t for h, t in zip(objective.hvp(v), v)] if shift else objective.hvp(v)
         previous, eigenvalue = eigenvalue, dot(v, hv)
         size = norm(hv)
         if size == 0.0:
-            return 0.0
+            break
         v = [t / size for t in hv]
         if k > 0 and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
             break
-    return eigenvalue
+    return eigenvalue, eigenvalue + shift
+
+
+def hessian_eigenvalues(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict[str, float]:
+    """``{"top": lambda_max, "dominant": lambda_1}``: the largest algebraic eigenvalue of the Hessian and the one of
+    largest magnitude (sign kept), by (shifted) power iteration (module docstring). Costs ``iters`` Hessian-vector
+    products when ``lambda_1 >= 0``, up to ``2 iters`` otherwise (more only if the first iteration had not converged).
+    """
+    dominant, _ = _power_iteration(objective, iters, tol, seed)
+    top = shift = dominant
+    for round_ in range(3 if dominant < 0 else 0):
+        shifted, top = _power_iteration(objective, iters, tol, seed + 1 + round_, shift=shift)
+        if shifted >= 0:  # the dominant eigenvalue of H - shift I is lambda_max - shift; top = v^T H v
+            break
+        shift = top  # the shift was above the smallest eigenvalue: shift again by what was found
+    return {"top": top, "dominant": dominant}
+
+
+def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
+    """The Hessian's largest algebraic eigenvalue ``lambda_max`` (shifted power iteration, module docstring)."""
+    return hessian_eigenvalues(objective, iters, tol, seed)["top"]
+
+
+def hessian_dominant_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
+    """The Hessian's eigenvalue of largest magnitude, sign kept (plain power iteration on Hessian-vector products)."""
+    return _power_iteration(objective, iters, tol, seed)[0]
 
 
 def hutchinson_trace(objective: Objective, samples: int = 10, seed: int = 0) -> float:
@@ -160,5 +194,5 @@ def eps_sharpness(objective: Objective, rho: float = 0.05, steps: int = 5, step_
     return best
 
 
-__all__ = ["SURFACE_METRICS", "eps_sharpness", "hessian_top_eigenvalue", "hessian_vector_product",
-           "hutchinson_trace", "surface_metrics"]
+__all__ = ["SURFACE_METRICS", "eps_sharpness", "hessian_dominant_eigenvalue", "hessian_eigenvalues",
+           "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "surface_metrics"]

@@ -12,6 +12,7 @@ from forgetless.landscape import (
     Objective,
     compute_surface,
     eps_sharpness,
+    hessian_dominant_eigenvalue,
     hessian_top_eigenvalue,
     hutchinson_trace,
     load_surface,
@@ -98,9 +99,10 @@ def test_hessian_top_eigenvalue_matches_h():
     h = symmetric([7.0, 3.0, 1.0, -0.5, 0.2])
     obj = quadratic_objective(h, torch.linspace(-1, 1, 5, dtype=torch.float64))
     assert hessian_top_eigenvalue(obj, iters=200, tol=1e-14) == pytest.approx(7.0, rel=1e-9)
-    # the eigenvalue of largest magnitude keeps its sign
+    # the top eigenvalue is the largest algebraic one; the one of largest magnitude keeps its sign
     neg = quadratic_objective(symmetric([-6.0, 2.0, 1.0]), torch.ones(3, dtype=torch.float64))
-    assert hessian_top_eigenvalue(neg, iters=200, tol=1e-14) == pytest.approx(-6.0, rel=1e-9)
+    assert hessian_top_eigenvalue(neg, iters=200, tol=1e-14) == pytest.approx(2.0, rel=1e-9)
+    assert hessian_dominant_eigenvalue(neg, iters=200, tol=1e-14) == pytest.approx(-6.0, rel=1e-9)
 
 
 def test_hutchinson_trace_matches_h():
@@ -277,7 +279,8 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
     surface = load_surface(out / "surface.npz")
     assert surface.losses.shape == (5, 5) and surface.coords[0][0] == -0.5
     assert report["surface_metrics"] == pytest.approx(surface_metrics(surface.losses, surface.coords))
-    assert set(report["metrics"]) == {"hessian_top_eigenvalue", "hessian_trace", "eps_sharpness"}
+    assert set(report["metrics"]) == {"hessian_top_eigenvalue", "hessian_dominant_eigenvalue", "hessian_trace",
+                                      "eps_sharpness"}
     assert surface.losses[2, 2] == pytest.approx(report["loss"], rel=1e-6)
     for name in ("surface_contour.png", "surface_3d.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,108 @@
+"""The Hessian's top eigenvalue is the largest algebraic one (shifted power iteration), against closed forms; the
+dominant (largest-magnitude) one stays available; the experiment's landscape section over all weights."""
+
+import math
+
+import pytest
+import torch
+
+import forgetless.landscape.metrics as metrics
+from forgetless.landscape import (Objective, hessian_dominant_eigenvalue, hessian_eigenvalues, hessian_top_eigenvalue,
+                                  load_surface)
+from tests.unit.test_experiment import write_experiment
+from tests.unit.test_landscape import quadratic_objective, symmetric
+
+SPECTRA = {  # eigenvalues -> (largest algebraic, largest magnitude)
+    "large negative": ([-6.0, 2.0, 1.0, 0.5, -0.3], (2.0, -6.0)),
+    "all negative": ([-6.0, -2.0, -1.0], (-1.0, -6.0)),
+    "positive dominant": ([7.0, 3.0, 1.0, -0.5, 0.2], (7.0, 7.0)),
+    "negative semi-definite": ([-5.0, -1.0, 0.0, -3.0], (0.0, -5.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_top_and_dominant_eigenvalues_of_a_quadratic(name):
+    spectrum, (top, dominant) = SPECTRA[name]
+    obj = quadratic_objective(symmetric(spectrum), torch.linspace(-1, 1, len(spectrum), dtype=torch.float64))
+    got = hessian_eigenvalues(obj, iters=300, tol=1e-15)
+    assert got["top"] == pytest.approx(top, rel=1e-9, abs=1e-9)
+    assert got["dominant"] == pytest.approx(dominant, rel=1e-9)
+    assert hessian_top_eigenvalue(obj, iters=300, tol=1e-15) == got["top"]
+    assert hessian_dominant_eigenvalue(obj, iters=300, tol=1e-15) == got["dominant"]
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 5, 8])
+def test_top_eigenvalue_is_a_rayleigh_quotient_at_any_iteration_count(iters):
+    for spectrum, _ in SPECTRA.values():
+        obj = quadratic_objective(symmetric(spectrum, seed=iters), torch.ones(len(spectrum), dtype=torch.float64))
+        top = hessian_top_eigenvalue(obj, iters=iters, tol=0.0)
+        assert min(spectrum) - 1e-12 <= top <= max(spectrum) + 1e-12  # a lower bound of lambda_max, never above
+
+
+def test_an_unconverged_shift_is_shifted_again(monkeypatch):
+    """If the first iteration stops above the smallest eigenvalue (here: -3 for a spectrum [-10, 0.5, 1]), H + 3 I
+    has the dominant eigenvalue -7 < 0; shifting again by what it found reaches lambda_max = 1."""
+    obj = quadratic_objective(symmetric([-10.0, 0.5, 1.0]), torch.ones(3, dtype=torch.float64))
+    real = metrics._power_iteration
+    shifts = []
+
+    def first_unconverged(objective, iters, tol, seed, shift=0.0):
+        shifts.append(shift)
+        return (-3.0, -3.0) if shift == 0.0 else real(objective, iters, tol, seed, shift)
+
+    monkeypatch.setattr(metrics, "_power_iteration", first_unconverged)
+    got = hessian_eigenvalues(obj, iters=300, tol=1e-15)
+    assert got["top"] == pytest.approx(1.0, rel=1e-9) and len(shifts) == 3
+    assert shifts[1] == -3.0 and shifts[2] == pytest.approx(-10.0, rel=1e-9)
+
+
+def test_top_eigenvalue_of_a_small_network_matches_its_dense_hessian():
+    """A non-quadratic loss (tanh network) whose Hessian at this point is indefinite with a negative dominant
+    eigenvalue: the shifted power iteration finds the largest algebraic eigenvalue of the dense Hessian."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+    w1 = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+    w2 = torch.nn.Parameter(3 * torch.randn(4, 1, generator=g, dtype=torch.float64))  # far from a minimum
+
+    def loss_of(a, b):
+        return (torch.tanh(x @ a) @ b - y).square().mean()
+
+    obj = Objective(params=[w1, w2], chunks=[(1.0, lambda: loss_of(w1, w2))])
+    dense = torch.autograd.functional.hessian(lambda flat: loss_of(flat[:12].view(3, 4), flat[12:].view(4, 1)),
+                                              torch.cat([w1.detach().flatten(), w2.detach().flatten()]))
+    spectrum = torch.linalg.eigvalsh(dense)
+    assert spectrum[0] < 0 < spectrum[-1] and abs(spectrum[0]) > spectrum[-1]  # the case of the issue
+    got = hessian_eigenvalues(obj, iters=2000, tol=1e-14)
+    assert got["dominant"] == pytest.approx(float(spectrum[0]), rel=1e-6)
+    assert got["top"] == pytest.approx(float(spectrum[-1]), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the experiment's landscape section, all weights
+def test_experiment_landscape_over_all_weights(tmp_path, tiny_model_dir):
+    from forgetless.experiment import load_experiment, run_experiment
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    landscape = {"params": "all", "blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 3, "trace_samples": 1,
+                 "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], landscape=landscape, seeds=[0])
+    results = {r["method"]: r for r in run_experiment(load_experiment(path), progress=False)}
+    n_base = sum(p.numel() for p in make_tiny_model(vocab_size=len(make_tiny_tokenizer())).parameters())
+    for method, r in results.items():  # base is measured too: all weights need no adapter
+        entry = r["landscape"]
+        assert "skipped" not in entry and entry["settings"]["params"] == "all", method
+        m = entry["metrics"]
+        assert all(math.isfinite(v) for v in m.values())
+        assert m["hessian_top_eigenvalue"] >= m["hessian_dominant_eigenvalue"] or m["hessian_dominant_eigenvalue"] >= 0
+        surface = load_surface(tmp_path / "out" / entry["surface"])
+        assert surface.meta["params"] == "all" and surface.losses.shape == (3, 3)
+        assert surface.meta["n_params"] == m["n_params"]
+    assert results["base"]["landscape"]["metrics"]["n_params"] == n_base
+    lora = sum(p.numel() for n, p in _lora_parameters(tmp_path / "out" / "adapters" / results["lora-mu"]["run_id"]))
+    assert results["lora-mu"]["landscape"]["metrics"]["n_params"] == n_base + lora > n_base
+
+
+def _lora_parameters(adapter):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter / "adapter_model.safetensors")).items()
