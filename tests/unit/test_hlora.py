@@ -64,7 +64,7 @@ def general_then_domain(lora_model, make_ctx, device):
 # --------------------------------------------------------------------------------------------- eqs 8-13
 def test_paper_estimator_path_integral_matches_independent_computation(lora_model, make_ctx, device, tol):
     model, lr, xi = lora_model(dtype=torch.float64), 0.05, 1e-3
-    plugin = HLoRA(xi=xi)
+    plugin = HLoRA(xi=xi, xi_mode="absolute")  # eq 13 with the paper's constant xi
     record = []
     sgd_stage(make_ctx("general", model, lr=lr), plugin, 4, batches(device=device), record)
     final = {n: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.scaling["default"]))
@@ -86,9 +86,9 @@ def test_paper_estimator_path_integral_matches_independent_computation(lora_mode
         assert plugin.importance[name].abs().sum() > 0
 
 
-def test_clamp_keeps_omega_nonnegative_under_adam(lora_model, accelerator, examples):
+def test_running_clamp_keeps_omega_nonnegative_under_adam(lora_model, accelerator, examples):
     model = lora_model()
-    plugin = HLoRA(clamp=True)
+    plugin = HLoRA(nonnegative="running")
     train_stage(model, examples, TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2,
                                                            precision="fp32", progress=False),
                 [plugin], stage="general", accelerator=accelerator)
@@ -119,7 +119,7 @@ def test_exact_estimator_path_integral_of_quadratic_loss(make_ctx):
         return w0 + s * b.detach() @ a.detach()
 
     start = full()
-    plugin = HLoRA(estimator="exact", xi=1.0)
+    plugin = HLoRA(estimator="exact", xi=1.0, xi_mode="absolute", nonnegative="none")  # omega as accumulated
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=2e-3)
     ctx = make_ctx("general", model, optimizer=opt)
