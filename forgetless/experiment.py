@@ -151,10 +151,10 @@ class ExperimentData:
 def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     """Tokenize the general text, the held-out text and every task's training data (``raw``: already read)."""
     from forgetless.data import instruction_examples, lm_examples, mc_train_examples, pack_blocks
-    from forgetless.models import load_model
+    from forgetless.models import load_tokenizer
 
     raw = raw or read_data(exp)
-    _, tokenizer = load_model(exp.model)
+    tokenizer = load_tokenizer(exp.model)
 
     def blocks(key: str, texts: list[str], spec: TextSource) -> torch.Tensor:
         with _data_errors(exp, f"general.{key}"):
