@@ -56,7 +56,8 @@ from typing import Any
 import torch
 
 from forgetless.lm import IGNORE_INDEX
-from forgetless.lora import DEFAULT_ADAPTER, compute_dtype, delta_weight, fan_in_fan_out, factors, lora_modules, update_shape
+from forgetless.lora import (DEFAULT_ADAPTER, compute_dtype, delta_from_factors, fan_in_fan_out, factors, lora_modules,
+                             scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
                                        option, shard)
@@ -215,7 +216,11 @@ class EWCOptions(Options):
                               choices=("lora", "all"))
     anchor: str = option("general", "pull towards the adapter the domain stage starts from, or towards zero",
                          choices=("general", "zero"), domain=True)
-    storage_dtype: str = option("float32", "dtype of the saved Fisher", choices=tuple(STORAGE_DTYPES))
+    storage_dtype: str = option("float32", "dtype of the Fisher, saved and held in memory (bfloat16 halves both; the "
+                                           "penalty is computed in float32)", choices=tuple(STORAGE_DTYPES))
+    offload: str = option("none", "keep the Fisher in CPU memory and copy each module's part to the device when the "
+                                  "penalty needs it (GPU memory for PCIe traffic)", choices=("none", "cpu"),
+                          domain=True)
     adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to regularize")
 
     def check(self) -> None:
@@ -302,12 +307,18 @@ class EWC(Method):
         source = self._state.source or "computed in this run"
         under_lora = {k: t for k, t in self.fisher.items() if k.endswith(".base_layer.weight")}  # 'all' has more
         check_modules("EWC Fisher", source, under_lora, {k: update_shape(m, self.adapter) for k, m in keys.items()})
+        held = STORAGE_DTYPES[self.storage_dtype]
         for name, module in modules:
-            key = f"{name}.base_layer.weight"
-            a = factors(module, self.adapter)[0]
-            dtype = compute_dtype(a.dtype)
-            fisher = self.fisher[key].to(a.device, dtype)
-            ref = delta_weight(module, self.adapter, dtype, detach=True) if self.anchor == "general" else None
+            a, b = factors(module, self.adapter)
+            fisher = self.fisher[f"{name}.base_layer.weight"]
+            if self.offload == "cpu":
+                fisher = fisher.to("cpu", held)
+                fisher = fisher.pin_memory() if a.device.type == "cuda" else fisher
+            else:
+                fisher = fisher.to(a.device, held)
+            # The anchor dW_ref is kept as its factors (r (in + out) numbers, not out x in), multiplied out when the
+            # penalty needs it.
+            ref = (a.detach().clone(), b.detach().clone()) if self.anchor == "general" else None
             self._terms.append((name, module, fisher, ref))
         ctx.extras["ewc_anchor"] = self.anchor
 
@@ -315,11 +326,14 @@ class EWC(Method):
         """``sum_l sum_ij F_l,ij (dW_l,ij - dW_ref_l,ij)**2``, differentiable in A and B."""
         total = None
         for _, module, fisher, ref in self._terms:
-            with torch.autocast(device_type=fisher.device.type, enabled=False):
-                diff = delta_weight(module, self.adapter, fisher.dtype)
-                if ref is not None:
-                    diff = diff - ref
-                term = (fisher * diff.square()).sum()
+            a, b = factors(module, self.adapter)
+            dtype = compute_dtype(a.dtype)
+            s, fan = scaling(module, self.adapter), fan_in_fan_out(module)
+            with torch.autocast(device_type=a.device.type, enabled=False):
+                diff = delta_from_factors(a, b, s, fan, dtype)
+                if ref is not None:  # the same computation on the stored factors: exactly 0 at the anchor
+                    diff = diff - delta_from_factors(ref[0], ref[1], s, fan, dtype)
+                term = (fisher.to(a.device, dtype, non_blocking=True) * diff.square()).sum()
             total = term if total is None else total + term
         if total is None:
             raise ValueError("EWC's penalty is used before the domain stage started")
