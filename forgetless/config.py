@@ -50,7 +50,7 @@ import yaml
 
 from forgetless.landscape.measure import LandscapeSettings
 from forgetless.methods import resolve
-from forgetless.models import DEFAULT_MODEL, LoraSettings
+from forgetless.models import DEFAULT_MODEL, DTYPES, QUANTIZATIONS, LoraSettings
 from forgetless.precision import PRECISIONS
 from forgetless.training.config import TrainConfig
 
@@ -185,6 +185,9 @@ class Experiment:
     train: TrainStages = field(default_factory=TrainStages)
     eval: EvalSettings = field(default_factory=EvalSettings)
     precision: str = "auto"
+    # the frozen base: dtype auto = bf16 where the run computes in bf16, else fp32; quantization 4bit/8bit (QLoRA)
+    dtype: str = "auto"
+    quantization: str = "none"
     landscape: LandscapeSettings | None = None  # off when the YAML has no 'landscape:' section
     source: Path | None = field(default=None, metadata=_NOT_IN_YAML)  # the YAML file, for relative paths
     # per entry of ``methods``: the task names it runs on (None: all); from a mapping entry's ``tasks:`` key
@@ -200,6 +203,10 @@ class Experiment:
             raise ValueError("tasks: must list at least one domain task")
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: task names must be unique, got {names}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
 

@@ -37,6 +37,7 @@ from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, loa
 from forgetless.data import DataError
 from forgetless.methods import GENERAL, Recipe, general_stage_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
+from forgetless.training.config import NO_NUMBERS
 from forgetless.training.loop import NonFiniteError
 
 MIN_FREE_BYTES = 256 * 2**20  # an output folder with less free space is refused before any work
@@ -175,8 +176,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-# Fields that change no number: never part of a run's identity or of a general stage's key.
-_NO_NUMBERS = {"progress", "gradient_checkpointing", "save_every", "keep_checkpoints"}
+_NO_NUMBERS = NO_NUMBERS  # TrainConfig fields that change no number: not in a run's identity or a stage's key
 # The fields whose repr the general-stage key hashed when its format was fixed (issue #11); a field added since enters
 # the key only when set to other than its default, so the caches of unchanged experiments stay valid.
 _KEYED_FIELDS = {
@@ -205,9 +205,13 @@ def general_stage_key(exp: Experiment, recipe: Recipe, seed: int) -> str:
     The mapping hashed is the one used before the configuration became a schema, so existing caches are found.
     """
     data = exp.general.train.cache_key() if exp.general.train is not None else None
-    return _digest({"model": exp.model, "lora": _key_repr(exp.lora), "data": data, "block": exp.general.block_size,
-                    "train": _key_repr(exp.train.general), "seed": seed, "precision": exp.precision,
-                    "plugins": general_stage_entries(recipe.entries), "lora_over": recipe.lora})
+    key = {"model": exp.model, "lora": _key_repr(exp.lora), "data": data, "block": exp.general.block_size,
+           "train": _key_repr(exp.train.general), "seed": seed, "precision": exp.precision,
+           "plugins": general_stage_entries(recipe.entries), "lora_over": recipe.lora}
+    for name, default in (("dtype", "auto"), ("quantization", "none")):  # keys added later: only off their default
+        if getattr(exp, name) != default:
+            key[name] = getattr(exp, name)
+    return _digest(key)
 
 
 def run_id(label: str, task: str, seed: int) -> str:
@@ -319,7 +323,7 @@ def plan_runs(exp: Experiment) -> list[Job]:
 
 
 def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: ExperimentData, adapter_dir: Path | None,
-            stages_dir: Path | None, progress: bool = True) -> dict[str, Any]:
+            stages_dir: Path | None, progress: bool = True, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Train and evaluate one (method entry, task, seed) of ``exp``; return its record (the run JSON), with the
     settings that made it and their digest.
 
@@ -333,11 +337,13 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
     run_data = RunData(general_train=data.general, domain_train=train_examples, heldout_blocks=data.heldout,
                        eval_tasks={task.name: test_items} if test_items is not None else {})
     settings = RunSettings(model=exp.model, lora=exp.lora, general=exp.train.general, domain=exp.train.domain,
-                           seed=seed, eval_batch_size=exp.eval.batch_size, precision=exp.precision, progress=progress)
+                           seed=seed, eval_batch_size=exp.eval.batch_size, precision=exp.precision, progress=progress,
+                           dtype=exp.dtype, quantization=exp.quantization)
     stage = f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
-                            general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None)
+                            general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None,
+                            checkpoint_dir=checkpoint_dir)
     except (NonFiniteError, NonFiniteScore) as err:
         raise RunFailed(f"{rid}: {err}") from err
     identity = run_settings(exp, recipe, task, seed)
@@ -546,6 +552,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[di
                     if stale_job is job:
                         _set_aside(out, job, record)
             record = run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
+                             checkpoint_dir=_inside(out, out / "checkpoints" / job.rid),
                              adapter_dir=_inside(out, out / "adapters" / job.rid))
             current = None
             if not is_main_process():

@@ -36,7 +36,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     Returns how many runs were measured.
     """
     from forgetless.data import lm_examples, pack_blocks
-    from forgetless.models import load_model
+    from forgetless.models import load_adapter, load_model
     from forgetless.reporting.landscape_plots import plot_surface
 
     block = settings.block_size or block_size
@@ -67,9 +67,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
             blocks = pack_blocks(heldout_texts(), tokenizer, block, max_blocks=settings.blocks)
             examples = lm_examples(blocks)
         if has_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
         started = time.perf_counter()
         metrics, surface = measure_flatness(model, examples, settings, progress=progress)
         entry["metrics"] = metrics

@@ -125,11 +125,13 @@ def run_recipe(
     settings: RunSettings,
     adapter_dir: Path | None = None,
     general_cache: Callable[[], Path] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> RunResult:
     """Train ``recipe`` and evaluate it (on what ``data`` has to evaluate on; nothing when it has neither held-out
     text nor test items). ``general_cache()`` names a folder where a finished general stage (adapter plus method
     states) is kept and reused by other runs with the same general stage. The adapter is saved to ``adapter_dir``
-    after the evaluation, when every number is finite."""
+    after the evaluation, when every number is finite. With ``save_every`` in a stage's settings, the stage
+    checkpoints into ``checkpoint_dir/<stage>`` and an interrupted run started again resumes from there."""
     started = time.perf_counter()
     model, tokenizer = load_model(settings.model, dtype=settings.dtype, precision=settings.precision,
                                   quantization=settings.quantization)
@@ -152,14 +154,16 @@ def run_recipe(
             else:
                 cfg = replace(settings.general, seed=settings.seed, precision=settings.precision,
                               progress=settings.progress)
-                result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL)
+                result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL,
+                                     checkpoint_dir=checkpoint_dir / GENERAL if checkpoint_dir else None)
                 stages.append(_stage_summary(result))
                 if cache is not None and PartialState().is_main_process:
                     _save_general(model, recipe, stages[-1], cache, settings.model)
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
-            stages.append(_stage_summary(train_stage(model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN,
-                                                      general_examples=data.general_train)))
+            stages.append(_stage_summary(train_stage(
+                model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN, general_examples=data.general_train,
+                checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
     scores = evaluate(model, tokenizer, data, settings)
     check_finite(scores)
     variants = {}

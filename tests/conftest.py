@@ -146,7 +146,7 @@ def tiny_load_model(monkeypatch) -> Callable[..., tuple]:
     import forgetless.pipeline as pipeline
     from tests.unit.tiny_tokenizer import make_tiny_tokenizer
 
-    def load(name: str = "tiny") -> tuple:
+    def load(name: str = "tiny", **options) -> tuple:
         tok = make_tiny_tokenizer()
         return make_tiny_model(vocab_size=len(tok)), tok
 

@@ -7,7 +7,7 @@ methods can all import it without importing the loop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from forgetless.precision import PRECISIONS
 
@@ -33,16 +33,16 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "auto"  # "auto": bf16 autocast where the hardware has it, else fp32
     seed: int = 0
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"numbers": False})
     # A non-finite loss or gradient norm: "stop" the run with an error naming the stage and step (default), or
     # "skip_step": drop that optimizer step (no update; the schedule still advances), counted in the stage record.
     on_nonfinite: str = "stop"
     # Recompute activations in the backward pass instead of keeping them: less memory, about a third more time.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata={"numbers": False})
     # Checkpoint the stage every N optimizer steps (adapter, optimizer, scheduler, RNG, data position, method state),
     # so that an interrupted run goes on from there; finished stages' checkpoints are removed unless kept.
-    save_every: int | None = None
-    keep_checkpoints: bool = False
+    save_every: int | None = field(default=None, metadata={"numbers": False})
+    keep_checkpoints: bool = field(default=False, metadata={"numbers": False})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
@@ -73,3 +73,7 @@ class TrainConfig:
         for name, allowed in (("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+
+# Fields that change no number of a run (metadata {"numbers": False}): never part of its identity or of a cache key.
+NO_NUMBERS = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("numbers") is False)

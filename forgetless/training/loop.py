@@ -201,7 +201,9 @@ def train_stage(
             skipped.append(step + 1)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            result.history.append({"step": step + 1, "loss": loss_sum, "lr": lr, "skipped": 1.0})
+            # the loss is recorded as null when it is not finite: run records stay strict JSON
+            result.history.append({"step": step + 1, "loss": loss_sum if math.isfinite(loss_sum) else None, "lr": lr,
+                                   "skipped": 1.0})
             bar.update(1)
             continue
         optimizer.step()
