@@ -53,7 +53,8 @@ PINNED_EXPERIMENT = {
                 "domain": [6.004610538482666, 5.988832473754883, 5.960885524749756, 5.921134948730469]},
     "lora-nu-mu": {"ppl": 402.4600169922535, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
                    "domain": _NU_MU_DOMAIN},
-    "hlora": {"ppl": 402.46386796235277, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
+    # the paper's HLoRA (eq 13 with the absolute xi, omega as summed) and replay by examples: values from 85a3d96
+    "hlora(nonnegative=none,xi=0.001,xi_mode=absolute)": {"ppl": 402.46386796235277, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
               "domain": [5.980798721313477, 5.929750442504883, 6.023695468902588, 5.95045804977417],
               "scalar": ("reg_loss", [0.0, 0.029038596898317337, 0.06926576048135757, 0.1196284070611])},
     "ewc": {"ppl": 402.29476705791353, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
@@ -63,13 +64,21 @@ PINNED_EXPERIMENT = {
             "domain": [5.980798721313477, 5.92332124710083, 6.014242649078369, 5.936804294586182],
             "scalar": ("sam_grad_norm", [0.18652300536632538, 0.37407103180885315, 0.2239322066307068,
                                          0.1816360056400299])},
-    "replay": {"ppl": 384.2375617754953, "acc": 4 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
+    "replay(by=examples)": {"ppl": 384.2375617754953, "acc": 4 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
                "domain": [6.029429912567139, 6.017865180969238, 5.950084686279297, 5.94231653213501]},
+    # issue #13's defaults (relative xi, omega clamped at the stage's end; replay by labelled tokens), pinned at 05677c2
+    "hlora": {"ppl": 402.4582514435306, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
+              "domain": [5.980798721313477, 5.929816246032715, 6.023900508880615, 5.950806617736816],
+              "scalar": ("reg_loss", [0.0, 0.09485526382923126, 0.27025163173675537, 0.46374067664146423])},
+    "replay": {"ppl": 389.7330497986735, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
+               "domain": [5.9385786056518555, 5.964683532714844, 5.991069316864014, 5.894197940826416]},
     "wise-ft": {"ppl": 402.4600169922535, "acc": 5 / 12, "acc_norm": 0.25, "general": _GENERAL_LOSSES,
                 "domain": _NU_MU_DOMAIN,
                 "variants": {"wise-ft(alpha=0.25)": 390.55630609954375, "wise-ft(alpha=0.5)": 396.3469696574222,
                              "wise-ft(alpha=0.75)": 400.19368258200785}},
 }
+_ENTRIES = {"hlora(nonnegative=none,xi=0.001,xi_mode=absolute)": {"name": "hlora", "nonnegative": "none", "xi": 0.001, "xi_mode": "absolute"},
+            "replay(by=examples)": {"name": "replay", "by": "examples"}}
 _WORDS = ["plants", "light", "sugar", "answer", "water", "air", "carbon", "oxygen"]
 
 
@@ -90,7 +99,7 @@ def _write_experiment(tmp_path) -> "object":
            "precision": "fp32", "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
            "general": {"train": {"source": str(text)}, "heldout": {"source": str(text), "limit": 10}, "block_size": 16},
            "tasks": [{"name": "t", "train": str(task), "test": str(task)}],
-           "methods": list(PINNED_EXPERIMENT),
+           "methods": [_ENTRIES.get(label, label) for label in PINNED_EXPERIMENT],
            "train": {"general": {"max_steps": 3, "batch_size": 4, "lr": 0.05},
                      "domain": {"max_steps": 4, "batch_size": 4, "lr": 0.05}},
            "eval": {"batch_size": 4}}
