@@ -39,12 +39,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from forgetless.config import load_experiment
-    from forgetless.experiment import run_experiment
+    from forgetless.experiment import is_main_process, plan_runs, run_experiment
 
-    exp = load_experiment(args.experiment, output=args.output)
-    run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
+    exp = load_experiment(args.experiment, output=args.output, overrides=args.overrides)
+    if args.dry_run:
+        print(_plan_text(exp))
+        return 0
+    todo = {job.rid for job in _todo(exp, plan_runs(exp))}
+    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
+    report_to = sorted(set(exp.train.general.report_to) | set(exp.train.domain.report_to))
+    if report_to and is_main_process():  # the scores of the runs done now, beside their training scalars
+        from forgetless.training.logging import log_scores
+
+        logs = Path(exp.train.domain.logging_dir or exp.output / "logs")
+        for record in results:
+            if record.get("run_id") in todo:
+                steps = record["stages"][-1]["steps"] if record.get("stages") else 0
+                log_scores(report_to, logs / record["run_id"], record, step=steps)
     print((exp.output / "results.md").read_text())
     return 0
+
+
+def _todo(exp: Experiment, jobs: list) -> list:
+    """The jobs ``forgetless run`` would train: not finished, or finished with other settings."""
+    from forgetless.experiment import _sort_finished
+
+    pending, stale, _ = _sort_finished(exp, jobs)
+    return pending + [job for job, _ in stale]
+
+
+def _plan_text(exp: Experiment) -> str:
+    """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
+    the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
+    from forgetless.experiment import _sort_finished, general_stage_key, plan_runs, read_data
+    from forgetless.methods import DOMAIN, GENERAL
+
+    jobs = plan_runs(exp)
+    pending, stale, _ = _sort_finished(exp, jobs)
+    todo = pending + [job for job, _ in stale]
+    done = [job for job in jobs if all(job is not j for j in todo)]
+    lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
+    lines += [f"  to do    {job.rid}" for job in pending]
+    lines += [f"  changed  {job.rid} (redone with --rerun-changed)" for job, _ in stale]
+    lines += [f"  done     {job.rid}" for job in done]
+    general: dict[str, list[str]] = {}
+    for job in todo:
+        if GENERAL in job.recipe.stages:
+            general.setdefault(f"{GENERAL}-{general_stage_key(exp, job.recipe, job.seed)}", []).append(job.rid)
+    for key, rids in general.items():
+        cached = (exp.output / "stages" / key / "adapter_model.safetensors").is_file()
+        lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
+    raw = read_data(exp)
+    blocks = exp.general.train.max_blocks if exp.general.train is not None else None
+    lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")
+    for task in exp.tasks:
+        lines.append(f"  {DOMAIN} {task.name}: {_steps(exp.train.domain, len(raw.tasks[task.name][0]), 'examples')}")
+    return "\n".join(lines)
+
+
+def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> str:
+    """Optimizer steps of a stage of ``examples`` training examples, as the loop counts them on one process."""
+    import math
+
+    if cfg.max_steps is not None:
+        return f"{cfg.max_steps} (max_steps)"
+    if examples is None:
+        return f"{cfg.epochs:g} epoch(s) of the packed {what} (counted once tokenized)"
+    per_epoch = max(1, math.ceil(examples / cfg.batch_size) // cfg.grad_accum)
+    steps = max(1, math.ceil(per_epoch * cfg.epochs))
+    return f"{'at most ' if bound else ''}{steps} ({cfg.epochs:g} epoch(s) of {examples} {what})"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -290,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[debug], help="run an experiment YAML (methods x tasks x seeds); resumable")
     p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="override the YAML's values (VALUE read as YAML), checked as the file is: "
+                        "train.domain.lr=1e-4 seeds=[0,1] tasks[0].train_limit=100")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (runs to do and done, cached general stages, steps per stage) and stop; "
+                        "no model is loaded")
     p.add_argument("--output", help="results folder (default: the YAML's 'output')")
     p.add_argument("--rerun-changed", action="store_true",
                    help="redo the finished runs whose settings changed (their old records are kept beside, "

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -212,10 +212,11 @@ class Experiment:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_experiment(path: str | Path, output: str | Path | None = None) -> Experiment:
+def load_experiment(path: str | Path, output: str | Path | None = None, overrides: Sequence[str] = ()) -> Experiment:
     """Read and validate an experiment YAML; every problem is a :class:`ConfigError` naming the file and key.
 
     ``output`` overrides the file's ``output:`` (default ``runs/<file stem>``); ``name`` defaults to the stem.
+    ``overrides`` (``KEY.PATH=VALUE``, :func:`apply_overrides`) change the file's values before they are checked.
     """
     path = Path(path)
     try:
@@ -227,6 +228,7 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the experiment must be a mapping")
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # x-...: YAML anchors only
+    apply_overrides(raw, overrides, str(path))
     raw.setdefault("name", path.stem)
     raw["output"] = output or raw.get("output") or str(Path("runs") / path.stem)
     if "landscape" in raw and raw["landscape"] is None:
@@ -240,6 +242,45 @@ def load_experiment(path: str | Path, output: str | Path | None = None) -> Exper
             raise ConfigError(f"{path}: tasks[{i}]: missing key 'test' (the task's test set)")
     exp.methods, exp.method_tasks = check_methods(exp.methods, [t.name for t in exp.tasks], str(path))
     return exp
+
+
+_KEY_PATH = re.compile(r"[^.\[\]=\s]+(?:\.[^.\[\]=\s]+|\[-?\d+\])*")  # train.domain.lr, tasks[0].name
+_KEY_STEP = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], file: str) -> None:
+    """Set ``KEY.PATH=VALUE`` overrides (``train.domain.lr=1e-4``, ``seeds=[0,1]``, ``tasks[0].train_limit=50``) in
+    the mapping read from ``file``, in place. VALUE is read as YAML; mappings missing on the path are created, so the
+    schema then checks the result as it checks the file: an unknown key is an error naming its path."""
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not _KEY_PATH.fullmatch(key):
+            raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.domain.lr=1e-4 or seeds=[0,1]")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {text!r}: invalid YAML value: {err}") from err
+        steps = [(name, int(index)) if index else (name, None) for name, index in _KEY_STEP.findall(key)]
+        node: Any = raw
+        where = ""
+        for i, (name, index) in enumerate(steps):
+            last = i == len(steps) - 1
+            if index is not None:
+                if not isinstance(node, list) or not -len(node) <= index < len(node):
+                    raise _error(file, where, f"override {text!r}: no item [{index}] (the value is {_show(node)})")
+                where += f"[{index}]"
+                if last:
+                    node[index] = parsed
+                node = node[index]
+                continue
+            if not isinstance(node, dict):
+                raise _error(file, where, f"override {text!r}: expected a mapping, got {_show(node)}")
+            where = f"{where}.{name}" if where else name
+            if last:
+                node[name] = parsed
+            elif node.get(name) is None:
+                node[name] = {}
+            node = node[name]
 
 
 def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple[list[Any], list[list[str] | None]]:

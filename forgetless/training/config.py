@@ -6,6 +6,7 @@ methods can all import it without importing the loop.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 
@@ -16,6 +17,7 @@ from forgetless.precision import PRECISIONS
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
 ON_NONFINITE = ("stop", "skip_step")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the trackers of forgetless.training.logging
 
 
 @dataclass
@@ -43,6 +45,13 @@ class TrainConfig:
     # so that an interrupted run goes on from there; finished stages' checkpoints are removed unless kept.
     save_every: int | None = field(default=None, metadata={"numbers": False})
     keep_checkpoints: bool = field(default=False, metadata={"numbers": False})
+    # Trackers that receive the stage's scalars (loss, the methods' terms, lr, gradient norm, tokens/s): any of
+    # REPORT_TO; tensorboard writes to logging_dir (default OUTPUT/logs/RUN_ID/STAGE under `forgetless run`).
+    report_to: list[str] = field(default_factory=list, metadata={"numbers": False})
+    logging_dir: str | None = field(default=None, metadata={"numbers": False})
+    # The step's scalars stay on the device and are read every log_every optimizer steps (and at the stage's end):
+    # the history rows, the trackers and the progress line are written then.
+    log_every: int = field(default=10, metadata={"numbers": False})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
@@ -70,6 +79,16 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
         if self.save_every is not None and (isinstance(self.save_every, bool) or self.save_every < 1):
             raise ValueError(f"save_every must be >= 1 (or null for no checkpoints), got {self.save_every}")
+        if isinstance(self.log_every, bool) or self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise ValueError(f"report_to must list some of {list(REPORT_TO)}, got {name!r}")
+            if importlib.util.find_spec(name) is None:
+                extra = " (pip install forgetless[tensorboard])" if name == "tensorboard" else ""
+                raise ValueError(f"report_to: {name} is not installed{extra}")
         for name, allowed in (("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

@@ -17,7 +17,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from forgetless.lm import IGNORE_INDEX
@@ -27,6 +26,7 @@ from forgetless.training import checkpoint
 from forgetless.training.batches import collate
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all
+from forgetless.training.logging import StageLog, open_trackers
 from forgetless.training.loss import CausalLMLoss
 
 
@@ -59,9 +59,16 @@ class NonFiniteError(RuntimeError):
         self.stage, self.step, self.what, self.value = stage, step, what, value
 
 
-def _labelled_tokens(batch: Batch) -> int:
-    """Positions that carry a loss: next-token targets whose label is not -100."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+# The collate function's counts, carried in the batch and taken out before the model sees it: (positions that carry
+# a loss, i.e. next-token targets whose label is not -100; input tokens). Counted on the CPU while the batch is built,
+# so the step's token weights need no device value.
+_COUNTS = "forgetless_counts"
+
+
+def _collate_counted(examples: Sequence[dict], pad_token_id: int) -> Batch:
+    batch = collate(examples, pad_token_id)
+    batch[_COUNTS] = (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum()))
+    return batch
 
 
 def _global_sum(accelerator: Accelerator, value: int) -> int:
@@ -93,6 +100,12 @@ def train_stage(
     With ``config.save_every`` and a ``checkpoint_dir`` the stage checkpoints every ``save_every`` optimizer steps
     (:mod:`forgetless.training.checkpoint`) and, called again with the same folder, resumes from the newest
     checkpoint; the folder is removed when the stage ends unless ``config.keep_checkpoints``.
+
+    Host syncs: the step's scalars (loss, gradient norm, the methods' terms) stay tensors and are read every
+    ``config.log_every`` steps, at a checkpoint and at the end (the history rows, trackers and progress line are
+    written then, with the same values). The labelled-token counts come from the collate function (CPU). A non-finite
+    step with ``on_nonfinite: stop`` is found at the next read and named (the first such step); the steps after it
+    are lost with the run anyway. ``skip_step`` must know before stepping, so it reads the loss and norm every step.
     """
     import time
 
@@ -120,7 +133,7 @@ def train_stage(
 
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(list(examples), batch_size=config.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(collate, pad_token_id=_pad_id(model)))
+                        collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model)))
     raw_optimizer = optimizer
     wrapper, optimizer, loader = accelerator.prepare(CausalLMLoss(model), optimizer, loader)
     # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
@@ -147,8 +160,8 @@ def train_stage(
                     extras = extra if extras is None else extras + extra
         total_loss = task if extras is None else task + extras / ctx.grad_accum
         accelerator.backward(total_loss)
-        if weight > 0:
-            ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + float(loss.detach()) * logged
+        if weight > 0:  # float64 on the device: the same sums as Python floats, without reading the value now
+            ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + loss.detach().double() * logged
         return (loss.detach() if extras is None else loss.detach() + extras.detach()) * logged
 
     fb = forward_backward
@@ -159,7 +172,6 @@ def train_stage(
     skipped: list[int] = []
     wrapper.train()
     batches = _endless(loader)
-    bar = tqdm(total=total, desc=f"train {stage}", disable=not config.progress or not accelerator.is_main_process)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     first = 0
     resume_from = checkpoint.latest(checkpoint_dir)
@@ -172,55 +184,73 @@ def train_stage(
         for method, state in zip(methods, saved["methods"], strict=True):
             method.load_stage_state(ctx, state)
         checkpoint.restore_rng(saved)
-        bar.update(first)
-    for step in range(first, total):
-        ctx.step, ctx.scalars = step, {}
-        micro_batches = [next(batches) for _ in range(config.grad_accum)]
-        counts = [_labelled_tokens(b) for b in micro_batches]
-        step_tokens = _global_sum(accelerator, sum(counts))
-        here = sum(counts)
-        weights.clear()
-        weights.update({id(b): (n * processes / step_tokens if step_tokens else 0.0, n / here if here else 0.0)
-                        for b, n in zip(micro_batches, counts)})
-        loss_sum = 0.0
-        for micro, batch in enumerate(micro_batches):
-            ctx.loss_scale = weights[id(batch)][0]
-            if micro < config.grad_accum - 1:
-                with accelerator.no_sync(wrapper):
-                    loss_sum += float(fb(batch))
+    main = accelerator.is_main_process
+    trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir)) if main else []
+    log = StageLog(stage, total, first, config.progress and main, trackers)
+    synced = len(result.history)  # rows before this index hold host values
+
+    def sync() -> None:  # read the rows' device values; a non-finite step under "stop" ends the stage here
+        nonlocal synced
+        rows = result.history[synced:]
+        synced = len(result.history)
+        for row in rows:
+            row.update({k: float(v) for k, v in row.items() if isinstance(v, torch.Tensor)})
+            bad = None if row.get("skipped") else _nonfinite(row["loss"], row.get("grad_norm"))
+            if bad is not None:
+                raise NonFiniteError(stage, int(row["step"]), *bad)
+        log.write(rows)
+
+    try:
+        for step in range(first, total):
+            ctx.step, ctx.scalars = step, {}
+            micro_batches = [next(batches) for _ in range(config.grad_accum)]
+            counts = [b.pop(_COUNTS) for b in micro_batches]
+            here = sum(n for n, _ in counts)
+            step_tokens = _global_sum(accelerator, here)
+            weights.clear()
+            weights.update({id(b): (n * processes / step_tokens if step_tokens else 0.0, n / here if here else 0.0)
+                            for b, (n, _) in zip(micro_batches, counts)})
+            # float64: adding the float32 micro-batch losses gives the Python float sum, bit for bit
+            loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for micro, batch in enumerate(micro_batches):
+                ctx.loss_scale = weights[id(batch)][0]
+                if micro < config.grad_accum - 1:
+                    with accelerator.no_sync(wrapper):
+                        loss_sum = loss_sum + fb(batch).double()
+                else:
+                    loss_sum = loss_sum + fb(batch).double()
+            call_all(methods, "before_optimizer_step", ctx)
+            grad_norm = _clip(accelerator, params, config.max_grad_norm)
+            lr = ctx.lr
+            bad = _nonfinite(float(loss_sum), _host(grad_norm)) if config.on_nonfinite == "skip_step" else None
+            if bad is not None:
+                skipped.append(step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                # the loss is recorded as null when it is not finite: run records stay strict JSON
+                loss = float(loss_sum)
+                result.history.append({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
+                                       "skipped": 1.0})
             else:
-                loss_sum += float(fb(batch))
-        call_all(methods, "before_optimizer_step", ctx)
-        grad_norm = _clip(accelerator, params, config.max_grad_norm)
-        lr = ctx.lr
-        bad = _nonfinite(loss_sum, grad_norm)
-        if bad is not None:
-            if config.on_nonfinite == "stop":
-                bar.close()
-                raise NonFiniteError(stage, step + 1, *bad)
-            skipped.append(step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            # the loss is recorded as null when it is not finite: run records stay strict JSON
-            result.history.append({"step": step + 1, "loss": loss_sum if math.isfinite(loss_sum) else None, "lr": lr,
-                                   "skipped": 1.0})
-            bar.update(1)
-            continue
-        optimizer.step()
-        scheduler.step()
-        call_all(methods, "after_optimizer_step", ctx)
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": loss_sum, "lr": lr, **ctx.scalars}
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
-        result.history.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if (checkpoint_dir is not None and config.save_every and (step + 1) % config.save_every == 0
-                and step + 1 < total and accelerator.is_main_process):
-            checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
-                            [method.stage_state(ctx) for method in methods])
-    bar.close()
+                optimizer.step()
+                scheduler.step()
+                call_all(methods, "after_optimizer_step", ctx)
+                optimizer.zero_grad(set_to_none=True)
+                row = {"step": step + 1, "loss": loss_sum, "lr": lr, **ctx.scalars}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                result.history.append(row)
+            log.step(sum(t for _, t in counts))
+            saving = (checkpoint_dir is not None and config.save_every and (step + 1) % config.save_every == 0
+                      and step + 1 < total and main)
+            if saving or (step + 1) % config.log_every == 0 or step + 1 == total:
+                sync()
+            if saving:
+                checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
+                                [method.stage_state(ctx) for method in methods])
+        sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
+    finally:
+        log.close()
     ctx.step = total
     call_all(methods, "on_stage_end", ctx)
     wrapper.eval()
@@ -233,11 +263,24 @@ def train_stage(
     return result
 
 
-def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-    """Clip to ``max_norm`` and return the gradient norm before clipping (None without clipping)."""
+def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter],
+          max_norm: float | None) -> torch.Tensor | float | None:
+    """Clip to ``max_norm`` and return the gradient norm before clipping, unread (None without clipping)."""
     if max_norm is None:
         return None
-    return float(accelerator.clip_grad_norm_(params, max_norm))
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
+def _host(value: torch.Tensor | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _log_dir(config: TrainConfig, checkpoint_dir: str | Path | None) -> Path:
+    """``logging_dir``, else OUTPUT/logs beside OUTPUT/checkpoints; one folder per run (RUN_ID, named by the checkpoint
+    folder OUTPUT/checkpoints/RUN_ID/STAGE that ``forgetless run`` passes)."""
+    run = Path(checkpoint_dir).parent if checkpoint_dir is not None else None
+    base = Path(config.logging_dir) if config.logging_dir else run.parent.parent / "logs" if run else Path("logs")
+    return base / run.name if run else base
 
 
 def _nonfinite(loss: float, grad_norm: float | None) -> tuple[str, float] | None:

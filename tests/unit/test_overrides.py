@@ -1,0 +1,92 @@
+"""``forgetless run exp.yaml KEY.PATH=VALUE ...``: command-line overrides of the YAML, checked as the file is, and
+``--dry-run``: the plan without a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetless.cli import main
+from forgetless.config import ConfigError, load_experiment
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+TASK = str(FIXTURES / "generic.jsonl")
+
+
+def _experiment(tmp_path: Path, **over) -> Path:
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(f'{{"text": "Plants make sugar from light, sentence {i}."}}\n' for i in range(20)))
+    exp = {"name": "tiny", "model": "no-model", "output": str(tmp_path / "out"), "seeds": [0],
+           "general": {"train": str(general), "heldout": str(general), "block_size": 16},
+           "tasks": [{"name": "t", "train": TASK, "test": TASK}], "methods": ["base", "lora-mu", "lora-nu-mu"],
+           "train": {"general": {"max_steps": 2}, "domain": {"epochs": 2, "batch_size": 2}}} | over
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def test_overrides_replace_values_as_yaml(tmp_path):
+    path = _experiment(tmp_path)
+    exp = load_experiment(path, overrides=["train.domain.lr=1e-4", "seeds=[0,1]", "tasks[0].train_limit=3",
+                                           "eval.batch_size=4", "lora.target_modules=[q_proj]", "train.general={}"])
+    assert exp.train.domain.lr == 1e-4 and exp.train.domain.epochs == 2  # the rest of the section is kept
+    assert exp.seeds == [0, 1]
+    assert exp.tasks[0].train_limit == 3
+    assert exp.eval.batch_size == 4  # a section the file does not have
+    assert exp.lora.target_modules == ["q_proj"]
+    assert exp.train.general.max_steps is None  # a whole section replaced
+    assert load_experiment(path).seeds == [0]  # the file is not changed
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.domian.lr=1e-4", "exp.yaml: train: unknown key 'domian'; known: ['domain', 'general']"),
+    ("train.domain.learning_rate=1", "exp.yaml: train.domain: unknown key 'learning_rate'"),
+    ("trian.domain.lr=1", "exp.yaml: unknown key 'trian'"),
+    ("train.domain.lr=-1", "exp.yaml: train.domain: lr must be > 0 and finite, got -1"),
+    ("seeds=3", "exp.yaml: seeds: expected a list, got an integer 3"),
+    ("tasks[1].train_limit=3", "exp.yaml: tasks: override 'tasks[1].train_limit=3': no item [1]"),
+    ("name.x=1", "exp.yaml: name: override 'name.x=1': expected a mapping, got a string 'tiny'"),
+    ("seeds", "override 'seeds': expected KEY.PATH=VALUE"),
+    ("train..lr=1", "override 'train..lr=1': expected KEY.PATH=VALUE"),
+    ("seeds=[0,", "override 'seeds=[0,': invalid YAML value"),
+])
+def test_a_bad_override_is_the_files_error_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_experiment(_experiment(tmp_path), overrides=[override])
+    assert message in str(info.value)
+
+
+def test_run_takes_overrides_and_errors_are_one_line(tmp_path, capsys):
+    path = _experiment(tmp_path)
+    assert main(["run", str(path), "train.domain.batch_size=0", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forgetless: error: ") and "train.domain: batch_size and grad_accum must be >= 1" in err
+
+
+def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
+    import forgetless.models
+    import forgetless.pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("--dry-run loaded a model")
+
+    monkeypatch.setattr(forgetless.models, "load_model", fail)
+    monkeypatch.setattr(forgetless.pipeline, "load_model", fail)
+    path = _experiment(tmp_path)
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "base__t__seed0.json").write_text("{}")  # finished, recorded without settings: reused
+    assert main(["run", str(path), "seeds=[0,1]", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    items = 3  # the items of tests/fixtures/data/generic.jsonl
+    assert "experiment tiny: 6 runs, 1 already done" in text
+    assert "  done     base__t__seed0" in text and "  to do    base__t__seed1" in text
+    assert "  to do    lora-nu-mu__t__seed0" in text
+    general = [line for line in text.splitlines() if line.startswith("general stage ")]
+    assert len(general) == 2 and all("to train, used by lora-nu-mu__t__seed" in line for line in general)
+    assert "general: 2 (max_steps)" in text
+    per_epoch = -(-items // 2)
+    assert f"domain t: {2 * per_epoch} (2 epoch(s) of {items} examples)" in text
+    assert not (out / "stages").exists() and not (out / ".forgetless.lock").exists()  # nothing run, nothing locked
