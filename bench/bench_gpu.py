@@ -1,0 +1,479 @@
+"""Issue #15's table on one GPU in one run: forgetless beside transformers Trainer + PEFT, MFU, and the cost of
+HLoRA, SAM and EWC's Fisher, each as a ratio of things measured side by side.
+
+Models: Llama-shaped, random weights built from a config (speed and memory do not depend on the values):
+``1b`` (TinyLlama-1.1B shape), ``8b`` (Llama-3-8B shape), ``tiny`` (a 4-layer toy, for ``--tiny``). LoRA r=16,
+alpha 32, no dropout, on all seven linear projections. Precision: ``auto`` (bf16 autocast on CUDA) on both sides.
+
+Rows (``--shapes 1b,8b``; the method rows run on the 1B shape only, as in the issue):
+
+* ``step_vs_trainer_fp32base`` (1B, 8x1024, fp32 base): forgetless step / Trainer+PEFT step. The two sides are
+  separate trainings on the very same model object, alternated (F T T F ...) over ``--rounds``; each side keeps
+  the best of its per-round medians, so machine drift hits both alike.
+* ``mfu_fp32base``, ``mfu_bf16base`` (1B at 16x1024, 8B at 4x1024 with a bf16 base, both also beside Trainer+PEFT):
+  model FLOP rate / bf16 matmul rate measured in this run (the best of a measurement at the start and at the end).
+  FLOPs per step (issue #15): tokens x (4 x non-embedding weights + 3 x 4 x seq x hidden x layers), i.e. forward
+  and activation gradients of the frozen base, and attention scores and values forward and backward. LoRA's own
+  FLOPs and the weight gradients of the frozen base (never computed) are not counted.
+* ``hlora_record_vs_plain`` (general stage), ``hlora_regularize_vs_plain`` (domain stage): HLoRA acts on every
+  other step of one stage on one model (bench/bench_hlora_cost.py's ``EveryOtherStep``); median(HLoRA steps) /
+  median(plain steps).
+* ``sam_vs_plain``, ``sam_every4_vs_plain``: one domain stage with ``sam`` ``every_k=4`` (bench/bench_sam_cost.py):
+  SAM step / plain step, and the mean over windows of 4 steps / plain step.
+* ``ewc_fisher``: ``fisher_diagonal`` with EWC's default options over 64 x 1024 tokens, as a ratio to plain training
+  steps over the same number of tokens (plain steps timed just before and after it, same model); the seconds
+  are recorded beside it.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` of each variant (weights included); the interleaved rows (HLoRA,
+SAM) can only give the peak of their whole stage. On the CPU (``--tiny``) the process's max RSS stands in: it
+is not per variant and means nothing beyond "it ran".
+
+``--tiny`` runs the same code on the CPU with the tiny shape and a handful of steps: a smoke test
+(tests/unit/test_bench_gpu.py), not a speed measurement. On the CPU the bf16 "peak" is whatever this CPU does in
+bf16, so its MFU is not meaningful either.
+
+Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import StepTimer, make_examples  # noqa: E402
+from bench_hlora_cost import EveryOtherStep, split_medians  # noqa: E402
+
+from forgetless.methods import resolve  # noqa: E402
+from forgetless.methods.ewc import fisher_diagonal  # noqa: E402
+from forgetless.models import LoraSettings, attach_lora  # noqa: E402
+from forgetless.precision import resolve_precision  # noqa: E402
+from forgetless.training.config import TrainConfig  # noqa: E402
+from forgetless.training.loop import train_stage  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR)
+SHAPES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # TinyLlama-1.1B
+               num_attention_heads=32, num_key_value_heads=4),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # Llama-3-8B
+               num_attention_heads=32, num_key_value_heads=8),
+}
+METHOD_SHAPES = ("tiny", "1b")  # the shapes the HLoRA, SAM and EWC rows run on (the issue's rows are 1B)
+SAM_K = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch shapes and step counts of one model shape (sized so that --shapes 1b,8b runs in < 5 min on an H100)."""
+
+    batch: int  # the fp32-base step comparison, the method rows
+    seq: int
+    bf16_batch: int  # the bf16-base MFU row
+    steps: int  # timed steps per training (after warm-up)
+    warmup: int
+    method_steps: int  # timed steps per HLoRA stage (half HLoRA, half plain)
+    sam_windows: int  # timed windows of SAM_K steps (after one warm-up window)
+    fisher_examples: int
+    fisher_seq: int
+    fp32_base: bool  # also run the fp32-base comparison (8B: bf16 base only, as in the issue)
+
+
+PLANS = {
+    "tiny": Plan(batch=2, seq=32, bf16_batch=4, steps=2, warmup=1, method_steps=4, sam_windows=1,
+                 fisher_examples=8, fisher_seq=32, fp32_base=True),
+    "1b": Plan(batch=8, seq=1024, bf16_batch=16, steps=6, warmup=2, method_steps=10, sam_windows=3,
+               fisher_examples=64, fisher_seq=1024, fp32_base=True),
+    "8b": Plan(batch=4, seq=1024, bf16_batch=4, steps=4, warmup=2, method_steps=0, sam_windows=0,
+               fisher_examples=0, fisher_seq=0, fp32_base=False),
+}
+TARGETS = {  # issue #15, item 2
+    "step_vs_trainer_fp32base": "<= 0.80", "step_vs_trainer_bf16base": "<= 0.80",
+    "mfu_bf16base@1b": ">= 0.45", "mfu_bf16base@8b": ">= 0.55",
+    "hlora_record_vs_plain": "<= 1.05", "hlora_regularize_vs_plain": "<= 1.05",
+    "sam_vs_plain": "<= 2.02", "sam_every4_vs_plain": "<= 1.30",
+    "ewc_fisher": "3x faster than the H200's 11.5 s (same values)",
+}
+
+
+def expected_rows(shapes: list[str]) -> list[str]:
+    """The names of the rows a run over ``shapes`` writes (``name@shape``)."""
+    rows = []
+    for shape in shapes:
+        if PLANS[shape].fp32_base:
+            rows += [f"step_vs_trainer_fp32base@{shape}", f"mfu_fp32base@{shape}"]
+        rows += [f"step_vs_trainer_bf16base@{shape}", f"mfu_bf16base@{shape}"]
+        if shape in METHOD_SHAPES:
+            rows += [f"{name}@{shape}" for name in ("hlora_record_vs_plain", "hlora_regularize_vs_plain",
+                                                   "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher")]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- device
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    """Peak allocated since the last reset_peak (CUDA); on the CPU the process's max RSS (not per variant)."""
+    if on_cuda():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def free() -> None:
+    gc.collect()
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
+def bf16_matmul_rate(tiny: bool) -> float:
+    """FLOP/s of a square bf16 matmul on this device (the MFU denominator)."""
+    n, reps = (256, 3) if tiny else (8192, 50)
+    device = "cuda" if on_cuda() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def build(shape: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A random-weight Llama of ``shape`` in ``dtype``, created on the device, with LoRA attached."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
+                         bos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B float32 copy first would need 32 GiB more
+    try:
+        with torch.device("cuda" if on_cuda() else "cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.use_cache = False
+    return attach_lora(model, LORA)
+
+
+def flops_per_step(model: torch.nn.Module, batch: int, seq: int) -> float:
+    """Issue #15's count: per token 4 x non-embedding base weights (frozen-base LoRA: forward and activation
+    gradients) plus attention scores and values, 4 * seq * hidden per layer forward and three times that in all."""
+    config = model.config
+    weights = sum(p.numel() for name, p in model.named_parameters()
+                  if "embed_tokens" not in name and "lora_" not in name)
+    return batch * seq * (4 * weights + 3 * 4 * seq * config.hidden_size * config.num_hidden_layers)
+
+
+def train_config(steps: int, batch: int, precision: str) -> TrainConfig:
+    return TrainConfig(max_steps=steps, batch_size=batch, lr=1e-4, precision=precision, max_grad_norm=1.0,
+                       progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------- the two sides
+
+
+def forgetless_run(model, plan: Plan, batch: int, seq: int, steps: int, precision: str, methods=(),
+                   stage: str = "general", seed: int = 0) -> tuple[list[float], float]:
+    """One forgetless training stage; (step times, peak GiB)."""
+    timer = StepTimer()
+    free()
+    reset_peak()
+    total = steps + plan.warmup
+    train_stage(model, make_examples(batch * total, model.config.vocab_size, seq, seed),
+                train_config(total, batch, precision), list(methods) + [timer], stage=stage)
+    return timer.step_times(), peak_gib()
+
+
+def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tuple[list[float], float]:
+    """The same training with a plain transformers Trainer on the same PEFT model; (step times, peak GiB)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    total = plan.steps + plan.warmup
+    rows = [r | {"attention_mask": [1] * seq} for r in make_examples(batch * total, model.config.vocab_size, seq)]
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict:
+            return rows[i]
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            sync()
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            sync()
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=total,
+                                 learning_rate=1e-4, lr_scheduler_type="linear", max_grad_norm=1.0,
+                                 bf16=precision == "bf16", use_cpu=not on_cuda(), report_to=[],
+                                 save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                                 dataloader_num_workers=0, remove_unused_columns=False)
+        free()
+        reset_peak()
+        Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
+                callbacks=[Stamp()]).train()
+    return [b - a for a, b in zip(stamps, stamps[1:])], peak_gib()
+
+
+def side_by_side(model, plan: Plan, batch: int, seq: int, precision: str, rounds: int) -> dict:
+    """forgetless and Trainer+PEFT alternated (F T, T F, ...) on one model; the best per-round median of each."""
+    ours, theirs, ours_mem, theirs_mem = [], [], 0.0, 0.0
+    for r in range(rounds):
+        for side in (("forgetless", "trainer") if r % 2 == 0 else ("trainer", "forgetless")):
+            if side == "forgetless":
+                times, mem = forgetless_run(model, plan, batch, seq, plan.steps, precision)
+                ours.append(statistics.median(times[plan.warmup:]))
+                ours_mem = max(ours_mem, mem)
+            else:
+                times, mem = trainer_run(model, plan, batch, seq, precision)
+                theirs.append(statistics.median(times[plan.warmup:]))
+                theirs_mem = max(theirs_mem, mem)
+        print(f"    round {r}: forgetless {ours[-1]:.4f} s, Trainer+PEFT {theirs[-1]:.4f} s", flush=True)
+    return {"forgetless_s": min(ours), "trainer_s": min(theirs), "forgetless_peak_gib": ours_mem,
+            "trainer_peak_gib": theirs_mem, "rounds_forgetless_s": ours, "rounds_trainer_s": theirs}
+
+
+# ---------------------------------------------------------------------------------------------------- the rows
+
+
+class Report:
+    """Rows as they come, written to --json after each one so that a run cut short keeps what it measured."""
+
+    def __init__(self, path: str | None, env: dict) -> None:
+        self.path, self.env, self.rows = path, env, {}
+
+    def add(self, name: str, value: float, **details) -> None:
+        base = name.split("@")[0]
+        target = TARGETS.get(name) or TARGETS.get(base)
+        self.rows[name] = {"value": value, "target": target, **details}
+        print(f"  {name}: {value:.4g}" + (f"  (target {target})" if target else ""), flush=True)
+        self.write()
+
+    def fail(self, names: list[str], error: BaseException) -> None:
+        text = f"{type(error).__name__}: {error}"[:600]
+        for name in names:
+            self.rows[name] = {"error": text, "traceback": traceback.format_exc()[-1500:]}
+        print(f"  FAILED {', '.join(names)}: {text}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(self.path).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"env": self.env, "rows": self.rows}, indent=1))
+            tmp.replace(self.path)
+
+
+def guarded(report: Report, names: list[str], fn) -> None:
+    """Run one section; a failure is recorded on its rows and the run goes on."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - one failure must not lose the other rows
+        report.fail(names, error)
+    finally:
+        free()
+        print(f"  [{', '.join(names)}: {time.perf_counter() - t0:.1f} s]", flush=True)
+
+
+def step_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: int, peak: float,
+              dtype: torch.dtype, batch: int, tag: str) -> None:
+    model = build(shape, dtype)
+    flops = flops_per_step(model, batch, plan.seq)
+    got = side_by_side(model, plan, batch, plan.seq, precision, rounds)
+    lora_dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    common = {"batch": batch, "seq": plan.seq, "base_dtype": str(dtype).removeprefix("torch."),
+              "lora_dtype": str(lora_dtype).removeprefix("torch."), "precision": precision}
+    report.add(f"step_vs_trainer_{tag}@{shape}", got["forgetless_s"] / got["trainer_s"], **common, **got)
+    report.add(f"mfu_{tag}@{shape}", flops / got["forgetless_s"] / peak, **common, flops_per_step=flops,
+               trainer_mfu=flops / got["trainer_s"] / peak, forgetless_tokens_per_s=batch * plan.seq / got["forgetless_s"],
+               forgetless_peak_gib=got["forgetless_peak_gib"], trainer_peak_gib=got["trainer_peak_gib"])
+
+
+def hlora_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
+    model = build(shape, torch.float32)
+    hlora = resolve("hlora").plugins[0]
+    for stage, seed, name in (("general", 0, "hlora_record_vs_plain"), ("domain", 1, "hlora_regularize_vs_plain")):
+        timer, wrapped = StepTimer(), EveryOtherStep(hlora)
+        total = plan.method_steps + plan.warmup
+        free()
+        reset_peak()
+        train_stage(model, make_examples(plan.batch * total, model.config.vocab_size, plan.seq, seed),
+                    train_config(total, plan.batch, precision), [wrapped, timer], stage=stage)
+        plain, ours = split_medians(timer.stamps, plan.warmup)
+        report.add(f"{name}@{shape}", ours / plain, plain_s=plain, hlora_s=ours, stage_peak_gib=peak_gib(),
+                   hook_s_per_hlora_step=wrapped.hook_seconds / max(1, total // 2), batch=plan.batch, seq=plan.seq)
+
+
+def sam_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
+    model = build(shape, torch.float32)
+    sam = resolve({"name": "sam", "every_k": SAM_K}).plugins[0]
+    total = SAM_K * (plan.sam_windows + 1)  # the first window is warm-up
+    timer = StepTimer()
+    free()
+    reset_peak()
+    train_stage(model, make_examples(plan.batch * total, model.config.vocab_size, plan.seq), train_config(
+        total, plan.batch, precision), [sam, timer], stage="domain")
+    mem = peak_gib()
+    times = timer.step_times()[SAM_K:]  # step i is a SAM step when i % SAM_K == 0
+    sam_s = statistics.median(times[0::SAM_K])
+    plain = statistics.median([t for i, t in enumerate(times) if i % SAM_K])
+    windows = [sum(times[i:i + SAM_K]) / SAM_K for i in range(0, len(times), SAM_K)]
+    report.add(f"sam_vs_plain@{shape}", sam_s / plain, sam_s=sam_s, plain_s=plain, stage_peak_gib=mem,
+               batch=plan.batch, seq=plan.seq)
+    report.add(f"sam_every4_vs_plain@{shape}", statistics.median(windows) / plain, window_s=statistics.median(windows),
+               plain_s=plain, stage_peak_gib=mem, every_k=SAM_K)
+
+
+def ewc_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
+    model = build(shape, torch.float32)
+    ewc = resolve("ewc").plugins[0]
+    examples = make_examples(plan.fisher_examples, model.config.vocab_size, plan.fisher_seq, seed=3)
+    plain, plain_mem = [], 0.0
+    fisher_s, tokens, fisher_mem, fisher_gib = 0.0, 0, 0.0, 0.0
+    for part in ("plain", "fisher", "plain"):  # plain steps bracket the Fisher: drift hits both
+        if part == "plain":
+            times, mem = forgetless_run(model, plan, plan.batch, plan.seq, plan.steps, precision)
+            plain.append(statistics.median(times[plan.warmup:]))
+            plain_mem = max(plain_mem, mem)
+            continue
+        free()
+        reset_peak()
+        sync()
+        t0 = time.perf_counter()
+        fisher, tokens = fisher_diagonal(model, examples, ewc.estimator, ewc.fisher_over, ewc.batch_size, 0)
+        sync()
+        fisher_s = time.perf_counter() - t0
+        fisher_mem = peak_gib()
+        fisher_gib = sum(t.numel() * t.element_size() for t in fisher.values()) / 2**30
+        del fisher
+    plain_s = min(plain)
+    # plain training steps over as many predicted tokens as the Fisher's (seq - 1 per example in both)
+    same_tokens = plain_s * tokens / (plan.batch * (plan.seq - 1))
+    report.add(f"ewc_fisher@{shape}", fisher_s / same_tokens, fisher_s=fisher_s, tokens=tokens,
+               plain_step_s=plain_s, plain_steps_same_tokens_s=same_tokens, fisher_peak_gib=fisher_mem,
+               plain_peak_gib=plain_mem, fisher_gib=fisher_gib, estimator=ewc.estimator,
+               fisher_batch_size=ewc.batch_size, examples=plan.fisher_examples, seq=plan.fisher_seq)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="1b,8b", help="comma-separated: 1b, 8b (tiny with --tiny)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of forgetless and Trainer+PEFT")
+    parser.add_argument("--json", help="write the rows to this file (rewritten after each row)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, a handful of steps")
+    args = parser.parse_args(argv)
+    shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in PLANS]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; known: {sorted(PLANS)}")
+    if not args.tiny and not on_cuda():
+        parser.error("the 1b and 8b shapes need a CUDA GPU; --tiny runs the smoke test on the CPU")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.tiny:  # toy matrices: threads only contend (20x slower on a loaded 2-core machine)
+        torch.set_num_threads(1)
+    started = time.perf_counter()
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name() if on_cuda() else "cpu"
+    precision = resolve_precision("auto", "cuda" if on_cuda() else "cpu")
+    peak = bf16_matmul_rate(args.tiny)
+    env = {"command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
+           "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "precision": precision, "threads": torch.get_num_threads(),
+           "smoke_test_only": args.tiny, "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
+           "bf16_matmul_flops_start": peak,
+           "optimizers": {"forgetless": "torch.optim.AdamW (defaults)",
+                          "trainer": str(transformers.TrainingArguments(output_dir=tempfile.gettempdir(),
+                                                                        use_cpu=not on_cuda()).optim.value)}}
+    print(f"command: {env['command']}\ndevice {device}; precision {precision}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, peft {peft.__version__}; bf16 matmul {peak / 1e12:.2f} TFLOP/s",
+          flush=True)
+    report = Report(args.json, env)
+    # The MFU rows divide by the peak; measure it again at the end and use the better one (drift), so the peak
+    # rows are written last: keep the step rows' raw numbers and rescale after.
+    for shape in shapes:
+        plan = PLANS[shape]
+        print(f"shape {shape}: {SHAPES[shape]}", flush=True)
+        if plan.fp32_base:
+            names = [f"step_vs_trainer_fp32base@{shape}", f"mfu_fp32base@{shape}"]
+            guarded(report, names, lambda: step_rows(report, shape, plan, precision, args.rounds, peak,
+                                                     torch.float32, plan.batch, "fp32base"))
+        names = [f"step_vs_trainer_bf16base@{shape}", f"mfu_bf16base@{shape}"]
+        guarded(report, names, lambda: step_rows(report, shape, plan, precision, args.rounds, peak,
+                                                 torch.bfloat16, plan.bf16_batch, "bf16base"))
+        if shape in METHOD_SHAPES:
+            guarded(report, [f"hlora_record_vs_plain@{shape}", f"hlora_regularize_vs_plain@{shape}"],
+                    lambda: hlora_rows(report, shape, plan, precision))
+            guarded(report, [f"sam_vs_plain@{shape}", f"sam_every4_vs_plain@{shape}"],
+                    lambda: sam_rows(report, shape, plan, precision))
+            guarded(report, [f"ewc_fisher@{shape}"], lambda: ewc_rows(report, shape, plan, precision))
+    end_peak = bf16_matmul_rate(args.tiny)
+    best = max(peak, end_peak)
+    for name, row in report.rows.items():  # MFU against the better of the two peak measurements
+        if name.startswith("mfu_") and "value" in row:
+            row["value"] *= peak / best
+            row["trainer_mfu"] *= peak / best
+    env.update(bf16_matmul_flops_end=end_peak, bf16_matmul_flops=best, seconds=time.perf_counter() - started)
+    report.write()
+    missing = [n for n in expected_rows(shapes) if n not in report.rows]
+    failed = [n for n, row in report.rows.items() if "error" in row]
+    print(f"\n{'row':42s} {'value':>8s}  target   (bf16 matmul {best / 1e12:.2f} TFLOP/s; {env['seconds']:.0f} s)")
+    for name, row in report.rows.items():
+        value = f"{row['value']:8.4g}" if "value" in row else "  FAILED"
+        print(f"{name:42s} {value}  {row.get('target') or ''}")
+    if args.tiny:
+        print("(--tiny: a CPU smoke test of the code path; none of these numbers is a speed measurement)")
+    return 1 if missing or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

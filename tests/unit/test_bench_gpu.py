@@ -1,0 +1,51 @@
+"""bench/bench_gpu.py --tiny: the GPU benchmark's code path runs on the CPU and writes every row of issue #15's table.
+
+A smoke test of the code, not of speed: it checks that each row is there and is a finite positive number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = ["step_vs_trainer_fp32base", "mfu_fp32base", "step_vs_trainer_bf16base", "mfu_bf16base",
+        "hlora_record_vs_plain", "hlora_regularize_vs_plain", "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher"]
+
+
+def _numbers(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def test_bench_gpu_tiny_writes_every_row(tmp_path):
+    out = tmp_path / "bench_gpu.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--rounds", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["env"]["smoke_test_only"] is True
+    assert report["env"]["bf16_matmul_flops"] > 0
+    rows = report["rows"]
+    assert sorted(rows) == sorted(f"{name}@tiny" for name in ROWS)
+    for name, row in rows.items():
+        assert "error" not in row, (name, row)
+        numbers = list(_numbers({k: v for k, v in row.items() if k != "target"}))
+        assert numbers, name
+        for number in numbers:
+            assert math.isfinite(number) and number > 0, (name, row)
+    assert rows["step_vs_trainer_fp32base@tiny"]["trainer_s"] > 0
+    assert rows["ewc_fisher@tiny"]["tokens"] == 8 * 31  # 8 examples of 32 tokens: 31 predicted each
