@@ -97,7 +97,7 @@ class Plan:
 PLANS = {
     "tiny": Plan(batch=2, seq=32, bf16_batch=4, steps=2, warmup=1, method_steps=4, sam_windows=1,
                  fisher_examples=8, fisher_seq=32, fp32_base=True),
-    "1b": Plan(batch=8, seq=1024, bf16_batch=16, steps=6, warmup=2, method_steps=10, sam_windows=3,
+    "1b": Plan(batch=8, seq=1024, bf16_batch=16, steps=6, warmup=2, method_steps=12, sam_windows=4,
                fisher_examples=64, fisher_seq=1024, fp32_base=True),
     "8b": Plan(batch=4, seq=1024, bf16_batch=4, steps=4, warmup=2, method_steps=0, sam_windows=0,
                fisher_examples=0, fisher_seq=0, fp32_base=False),
@@ -107,7 +107,8 @@ TARGETS = {  # issue #15, item 2
     "mfu_bf16base@1b": ">= 0.45", "mfu_bf16base@8b": ">= 0.55",
     "hlora_record_vs_plain": "<= 1.05", "hlora_regularize_vs_plain": "<= 1.05",
     "sam_vs_plain": "<= 2.02", "sam_every4_vs_plain": "<= 1.30",
-    "ewc_fisher": "3x faster than the H200's 11.5 s (same values)",
+    # 3x below the H200's 11.5 s, which was 7.0x the 8 plain steps (0.206 s each) over the same 64 x 1024 tokens
+    "ewc_fisher": "<= 2.3",
 }
 
 
