@@ -9,15 +9,19 @@ Rows (``--shapes 1b,8b``; the method rows run on the 1B shape only, as in the is
 
 * ``step_vs_trainer_fp32base`` (1B, 8x1024, fp32 base): forgetless step / Trainer+PEFT step. The two sides are
   separate trainings on the very same model object, alternated (F T T F ...) over ``--rounds``; each side keeps
-  the best of its per-round medians, so machine drift hits both alike.
-* ``mfu_fp32base``, ``mfu_bf16base`` (1B at 16x1024, 8B at 4x1024 with a bf16 base, both also beside Trainer+PEFT):
-  model FLOP rate / bf16 matmul rate measured in this run (the best of a measurement at the start and at the end).
+  the best of its per-round means, so machine drift hits both alike. A round's mean step time is one span over
+  its timed steps, with the device synchronized at the span's ends only (issue #15's table synchronized after
+  every step; that hides what a loop free of host syncs overlaps, for both sides).
+* ``step_vs_trainer_bf16base`` (1B at 16x1024, 8B at 4x1024, bf16 base): as above, with a bf16 base.
+* ``mfu_fp32base`` (1B, 8x1024), ``mfu_bf16base`` (the bf16-base batches above), from the same runs: model FLOP
+  rate / bf16 matmul rate measured in this run (the better of a measurement at the start and at the end);
+  ``trainer_mfu`` beside it.
   FLOPs per step (issue #15): tokens x (4 x non-embedding weights + 3 x 4 x seq x hidden x layers), i.e. forward
   and activation gradients of the frozen base, and attention scores and values forward and backward. LoRA's own
   FLOPs and the weight gradients of the frozen base (never computed) are not counted.
 * ``hlora_record_vs_plain`` (general stage), ``hlora_regularize_vs_plain`` (domain stage): HLoRA acts on every
   other step of one stage on one model (bench/bench_hlora_cost.py's ``EveryOtherStep``); median(HLoRA steps) /
-  median(plain steps).
+  median(plain steps). These rows and SAM's need each step's time, so they synchronize after every step.
 * ``sam_vs_plain``, ``sam_every4_vs_plain``: one domain stage with ``sam`` ``every_k=4`` (bench/bench_sam_cost.py):
   SAM step / plain step, and the mean over windows of 4 steps / plain step.
 * ``ewc_fisher``: ``fisher_diagonal`` with EWC's default options over 64 x 1024 tokens, as a ratio to plain training
@@ -40,8 +44,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import resource
 import statistics
 import sys
@@ -62,6 +64,7 @@ from forgetless.methods.ewc import fisher_diagonal  # noqa: E402
 from forgetless.models import LoraSettings, attach_lora  # noqa: E402
 from forgetless.precision import resolve_precision  # noqa: E402
 from forgetless.training.config import TrainConfig  # noqa: E402
+from forgetless.training.hooks import Method  # noqa: E402
 from forgetless.training.loop import train_stage  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -209,24 +212,58 @@ def train_config(steps: int, batch: int, precision: str) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------------- the two sides
 
 
-def forgetless_run(model, plan: Plan, batch: int, seq: int, steps: int, precision: str, methods=(),
-                   stage: str = "general", seed: int = 0) -> tuple[list[float], float]:
-    """One forgetless training stage; (step times, peak GiB)."""
-    timer = StepTimer()
+class Span:
+    """The mean time of optimizer steps ``warmup + 1 .. total``, timed as one span: the device is synchronized
+    at the span's two ends only. A sync after every step (as issue #15's table was measured) would make the
+    host wait for the device each step and hide what a loop without host syncs overlaps."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        if not 1 <= warmup < total:
+            raise ValueError("the span needs at least one warm-up step and one timed step")
+        self.warmup, self.total, self.done = warmup, total, 0
+        self.start = self.end = None
+
+    def step_done(self) -> None:
+        self.done += 1
+        if self.done in (self.warmup, self.total):
+            sync()
+            if self.done == self.warmup:
+                self.start = time.perf_counter()
+            else:
+                self.end = time.perf_counter()
+
+    def seconds_per_step(self) -> float:
+        if self.start is None or self.end is None:
+            raise RuntimeError(f"the run stopped after {self.done} of {self.total} optimizer steps")
+        return (self.end - self.start) / (self.total - self.warmup)
+
+
+class SpanHook(Method):
+    """:class:`Span` as a forgetless method: put it last in the method list."""
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def after_optimizer_step(self, ctx) -> None:
+        self.span.step_done()
+
+
+def forgetless_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tuple[float, float]:
+    """One forgetless training stage (general, no method); (seconds per step, peak GiB)."""
+    span = Span(plan.warmup, plan.steps + plan.warmup)
     free()
     reset_peak()
-    total = steps + plan.warmup
-    train_stage(model, make_examples(batch * total, model.config.vocab_size, seq, seed),
-                train_config(total, batch, precision), list(methods) + [timer], stage=stage)
-    return timer.step_times(), peak_gib()
+    train_stage(model, make_examples(batch * span.total, model.config.vocab_size, seq),
+                train_config(span.total, batch, precision), [SpanHook(span)], stage="general")
+    return span.seconds_per_step(), peak_gib()
 
 
-def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tuple[list[float], float]:
-    """The same training with a plain transformers Trainer on the same PEFT model; (step times, peak GiB)."""
+def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tuple[float, float]:
+    """The same training with a plain transformers Trainer on the same PEFT model; (seconds per step, peak GiB)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    total = plan.steps + plan.warmup
-    rows = [r | {"attention_mask": [1] * seq} for r in make_examples(batch * total, model.config.vocab_size, seq)]
+    span = Span(plan.warmup, plan.steps + plan.warmup)
+    rows = [r | {"attention_mask": [1] * seq} for r in make_examples(batch * span.total, model.config.vocab_size, seq)]
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -235,19 +272,12 @@ def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tupl
         def __getitem__(self, i: int) -> dict:
             return rows[i]
 
-    stamps: list[float] = []
-
     class Stamp(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            sync()
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, *args, **kwargs):
-            sync()
-            stamps.append(time.perf_counter())
+        def on_step_end(self, *args, **kwargs):  # after the optimizer step, the schedule and zero_grad
+            span.step_done()
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=total,
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=span.total,
                                  learning_rate=1e-4, lr_scheduler_type="linear", max_grad_norm=1.0,
                                  bf16=precision == "bf16", use_cpu=not on_cuda(), report_to=[],
                                  save_strategy="no", logging_strategy="no", disable_tqdm=True,
@@ -256,21 +286,21 @@ def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tupl
         reset_peak()
         Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
                 callbacks=[Stamp()]).train()
-    return [b - a for a, b in zip(stamps, stamps[1:])], peak_gib()
+    return span.seconds_per_step(), peak_gib()
 
 
 def side_by_side(model, plan: Plan, batch: int, seq: int, precision: str, rounds: int) -> dict:
-    """forgetless and Trainer+PEFT alternated (F T, T F, ...) on one model; the best per-round median of each."""
+    """forgetless and Trainer+PEFT alternated (F T, T F, ...) on one model; the best per-round mean of each."""
     ours, theirs, ours_mem, theirs_mem = [], [], 0.0, 0.0
     for r in range(rounds):
         for side in (("forgetless", "trainer") if r % 2 == 0 else ("trainer", "forgetless")):
             if side == "forgetless":
-                times, mem = forgetless_run(model, plan, batch, seq, plan.steps, precision)
-                ours.append(statistics.median(times[plan.warmup:]))
+                seconds, mem = forgetless_run(model, plan, batch, seq, precision)
+                ours.append(seconds)
                 ours_mem = max(ours_mem, mem)
             else:
-                times, mem = trainer_run(model, plan, batch, seq, precision)
-                theirs.append(statistics.median(times[plan.warmup:]))
+                seconds, mem = trainer_run(model, plan, batch, seq, precision)
+                theirs.append(seconds)
                 theirs_mem = max(theirs_mem, mem)
         print(f"    round {r}: forgetless {ours[-1]:.4f} s, Trainer+PEFT {theirs[-1]:.4f} s", flush=True)
     return {"forgetless_s": min(ours), "trainer_s": min(theirs), "forgetless_peak_gib": ours_mem,
@@ -330,7 +360,8 @@ def step_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: in
               "lora_dtype": str(lora_dtype).removeprefix("torch."), "precision": precision}
     report.add(f"step_vs_trainer_{tag}@{shape}", got["forgetless_s"] / got["trainer_s"], **common, **got)
     report.add(f"mfu_{tag}@{shape}", flops / got["forgetless_s"] / peak, **common, flops_per_step=flops,
-               trainer_mfu=flops / got["trainer_s"] / peak, forgetless_tokens_per_s=batch * plan.seq / got["forgetless_s"],
+               trainer_mfu=flops / got["trainer_s"] / peak,
+               forgetless_tokens_per_s=batch * plan.seq / got["forgetless_s"],
                forgetless_peak_gib=got["forgetless_peak_gib"], trainer_peak_gib=got["trainer_peak_gib"])
 
 
@@ -377,8 +408,8 @@ def ewc_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
     fisher_s, tokens, fisher_mem, fisher_gib = 0.0, 0, 0.0, 0.0
     for part in ("plain", "fisher", "plain"):  # plain steps bracket the Fisher: drift hits both
         if part == "plain":
-            times, mem = forgetless_run(model, plan, plan.batch, plan.seq, plan.steps, precision)
-            plain.append(statistics.median(times[plan.warmup:]))
+            seconds, mem = forgetless_run(model, plan, plan.batch, plan.seq, precision)
+            plain.append(seconds)
             plain_mem = max(plain_mem, mem)
             continue
         free()
