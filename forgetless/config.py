@@ -159,14 +159,87 @@ class TrainStages:
 
 
 @dataclass
+class SuiteTask:
+    """``eval.suite[i]``: a general multiple-choice task every run is also scored on (its forgetting probe)."""
+
+    name: str
+    test: str
+    schema: str | None = None
+    limit: int | None = None
+    split: str | None = None  # for hub datasets
+
+    def __post_init__(self) -> None:
+        from forgetless.data import SCHEMAS
+
+        check_name(self.name, "the suite task name")
+        if self.schema is not None and self.schema not in SCHEMAS:
+            raise ValueError(f"schema must be one of {sorted(SCHEMAS)} (or absent: detected), got {self.schema!r}")
+        _at_least(self, 1, "limit")
+
+
+@dataclass
+class SelectSettings:
+    """``eval.select``: keep the domain-stage checkpoint with the best domain score whose general drop (mean suite
+    accuracy at step 0 of the domain stage minus at that step, on the ``eval.every`` subsets) is at most X."""
+
+    max_general_drop: float
+
+    def __post_init__(self) -> None:
+        if not self.max_general_drop >= 0:
+            raise ValueError(f"max_general_drop must be >= 0 (an accuracy drop, 0..1), got {self.max_general_drop}")
+
+
+SUITE_AUTO = "auto"  # the experiment's other tasks' test sets
+
+
+@dataclass
 class EvalSettings:
-    """``eval:``: how the held-out perplexity and the multiple-choice accuracy are computed."""
+    """``eval:``: how the held-out perplexity and the multiple-choice accuracy are computed, the general suite every
+    run is scored on, and the scores taken while the domain stage trains.
+
+    ``suite``: ``auto`` (default) is the test sets of the experiment's tasks other than the run's domain; a list holds
+    :class:`SuiteTask` entries and may hold ``auto`` too (``[auto, {name: arc, test: ...}]``); ``[]`` is off.
+    ``suite_limit`` caps every suite task's items. ``every: K`` scores the domain accuracy, the suite accuracy and the
+    held-out perplexity on fixed subsets (the first ``every_items`` items of each task, ``every_blocks`` blocks) every K
+    optimizer steps of the domain stage; ``select`` keeps the best checkpoint of those (:class:`SelectSettings`).
+    """
 
     batch_size: int = 16
+    suite: str | list[str | SuiteTask] = SUITE_AUTO
+    suite_limit: int | None = None
+    every: int | None = None
+    every_items: int = 32
+    every_blocks: int = 4
+    select: SelectSettings | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _at_least(self, 1, "suite_limit", "every", "every_items", "every_blocks")
+        entries = [self.suite] if isinstance(self.suite, str) else self.suite
+        names = [e.name for e in entries if isinstance(e, SuiteTask)]
+        if any(isinstance(e, str) and e != SUITE_AUTO for e in entries) or entries.count(SUITE_AUTO) > 1:
+            raise ValueError(f"suite: must be '{SUITE_AUTO}' or a list of {{name, test, ...}} entries (with "
+                             f"'{SUITE_AUTO}' at most once), got {self.suite!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite: task names must be unique, got {names}")
+        if self.select is not None and self.every is None:
+            raise ValueError("select: needs 'every' (the checkpoints it chooses from are those eval.every scores)")
+
+    @property
+    def suite_auto(self) -> bool:
+        return self.suite == SUITE_AUTO or (isinstance(self.suite, list) and SUITE_AUTO in self.suite)
+
+    @property
+    def suite_tasks(self) -> list[SuiteTask]:
+        """The suite's listed entries (without ``auto``)."""
+        return [] if isinstance(self.suite, str) else [e for e in self.suite if isinstance(e, SuiteTask)]
+
+    def suite_names(self, domain: str, tasks: list[str]) -> list[str]:
+        """The suite of a run on ``domain`` in an experiment with ``tasks``: the other tasks (``auto``), then the
+        listed entries."""
+        auto = [t for t in tasks if t != domain] if self.suite_auto else []
+        return auto + [e.name for e in self.suite_tasks]
 
 
 @dataclass
@@ -209,6 +282,13 @@ class Experiment:
             raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        clash = sorted(set(names) & {e.name for e in self.eval.suite_tasks})
+        if clash:
+            raise ValueError(f"eval.suite: {clash} are tasks of the experiment already (with 'auto' their test sets "
+                             f"are in the suite of the other tasks' runs); give the entries other names")
+        if self.eval.select is not None and any(not self.eval.suite_names(n, names) for n in names):
+            raise ValueError("eval.select: needs a general suite for every task (eval.suite: 'auto' with two or more "
+                             "tasks, or listed entries): the general drop is measured on it")
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ class RawData:
     general: list[str] | None  # documents of the general text (stage nu), None: not given
     heldout: list[str] | None  # documents of the held-out general text
     tasks: dict[str, tuple[list, list | None]]  # task name -> (training items or instruction pairs, test items)
+    suite: dict[str, list] = field(default_factory=dict)  # eval.suite's listed entries -> test items
 
 
 def read_data(exp: Experiment) -> RawData:
@@ -137,7 +138,13 @@ def read_data(exp: Experiment) -> RawData:
             else:
                 train = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
         tasks[task.name] = (train, test_items)
-    return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks)
+    suite = {}
+    for i, entry in enumerate(exp.eval.suite if isinstance(exp.eval.suite, list) else []):
+        if isinstance(entry, str):
+            continue  # auto: the tasks' test sets, read above
+        with _data_errors(exp, f"eval.suite[{i}].test"):
+            suite[entry.name] = _load_items(exp, entry.test, entry.schema, entry.limit, entry.split)
+    return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks, suite=suite)
 
 
 @dataclass
@@ -147,6 +154,7 @@ class ExperimentData:
     general: list[dict]  # {input_ids, labels} blocks of general text (stage nu; replay's and EWC's general text)
     heldout: torch.Tensor | None  # [n, block] held-out general text for perplexity; None: not evaluated
     tasks: dict[str, tuple[list[dict], list | None]]  # task name -> (training examples, test items or None)
+    suite: dict[str, list] = field(default_factory=dict)  # eval.suite's listed entries -> test items
 
 
 def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
@@ -169,7 +177,15 @@ def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
         with _data_errors(exp, f"tasks[{i}].train"):
             encode = instruction_examples if task.train_kind == "instructions" else mc_train_examples
             tasks[task.name] = (encode(train, tokenizer, max_length=task.max_length), test_items)
-    return ExperimentData(general=general, heldout=heldout, tasks=tasks)
+    return ExperimentData(general=general, heldout=heldout, tasks=tasks, suite=raw.suite)
+
+
+def run_suite(exp: Experiment, task: str, data: ExperimentData) -> dict[str, list]:
+    """The general suite a run on ``task`` is scored on (:meth:`~forgetless.config.EvalSettings.suite_names`): the
+    other tasks' test sets (``auto``) and the listed entries, each cut to ``eval.suite_limit`` items."""
+    items = {name: test for name, (_, test) in data.tasks.items() if test is not None} | data.suite
+    names = exp.eval.suite_names(task, [t.name for t in exp.tasks])
+    return {name: items[name][:exp.eval.suite_limit] for name in names if name in items}
 
 
 def _digest(obj: Any) -> str:
@@ -335,10 +351,14 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
     rid = run_id(recipe.label, task.name, seed)
     train_examples, test_items = data.tasks[task.name]
     run_data = RunData(general_train=data.general, domain_train=train_examples, heldout_blocks=data.heldout,
-                       eval_tasks={task.name: test_items} if test_items is not None else {})
+                       eval_tasks={task.name: test_items} if test_items is not None else {},
+                       suite=run_suite(exp, task.name, data))
+    ev = exp.eval
     settings = RunSettings(model=exp.model, lora=exp.lora, general=exp.train.general, domain=exp.train.domain,
-                           seed=seed, eval_batch_size=exp.eval.batch_size, precision=exp.precision, progress=progress,
-                           dtype=exp.dtype, quantization=exp.quantization)
+                           seed=seed, eval_batch_size=ev.batch_size, precision=exp.precision, progress=progress,
+                           dtype=exp.dtype, quantization=exp.quantization, eval_every=ev.every,
+                           every_items=ev.every_items, every_blocks=ev.every_blocks,
+                           max_general_drop=ev.select.max_general_drop if ev.select is not None else None)
     stage = f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
@@ -360,6 +380,9 @@ def _scores_line(record: dict[str, Any]) -> str:
         parts.append(f"general PPL {record['general_ppl']:.3f}")
     for name, scores in record["tasks"].items():
         parts.append(f"{name} acc {scores['acc']:.3f}  acc_norm {scores['acc_norm']:.3f}")
+    if record.get("suite"):
+        accs = [s["acc"] for s in record["suite"].values()]
+        parts.append(f"suite acc {sum(accs) / len(accs):.3f} ({len(accs)} tasks)")
     return "  ".join(parts + [f"({record['seconds']:.0f} s)"])
 
 
@@ -502,7 +525,8 @@ def _stale_reason(job: Job, record: dict[str, Any]) -> str:
 def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
     """Rename a stale run's record and adapter with its digest: kept beside the new ones, never overwritten."""
     suffix = record.get("settings_digest") or "old"
-    for path in (out / "runs" / f"{job.rid}.json", out / "adapters" / job.rid):
+    adapters = out / "adapters"
+    for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected"):
         if path.exists():
             target, n = path.with_name(f"{path.name}.{suffix}"), 1
             while target.exists():
@@ -578,6 +602,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[di
 def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     """``results.md``/``results.csv`` with the sections of HLoRA and flatness, and the figures."""
     from forgetless.reporting.flatness import flatness_section
+    from forgetless.reporting.forgetting import forgetting_section
     from forgetless.reporting.hlora_plots import hlora_section
     from forgetless.reporting.plots import plot_tradeoff, plot_training_curves
     from forgetless.reporting.tables import finite_record, write_tables
@@ -588,7 +613,7 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     results = [r for r in results if finite_record(r)]
     plot_tradeoff(results, out / "tradeoff.png")
     plot_training_curves(results, out / "training_curves.png")
-    sections = [hlora_section(results, out)]
+    sections = [hlora_section(results, out), "\n" + forgetting_section(results, out, methods)]
     if exp.landscape is not None:
         sections.append(flatness_section(results, out, methods=methods))
     with open(out / "results.md", "a") as fh:

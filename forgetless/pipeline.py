@@ -28,6 +28,7 @@ from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
                                save_adapter)
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
+from forgetless.training.tracking import EvalEvery, best_within_drop
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RunData:
     domain_train: list[dict]  # {input_ids, labels} prompt+answer examples (stage mu)
     heldout_blocks: torch.Tensor | None  # [n, block] held-out general text for perplexity; None: no perplexity
     eval_tasks: dict[str, list]  # task name -> MCItems to score (may be empty)
+    suite: dict[str, list] = field(default_factory=dict)  # general-suite task name -> MCItems (forgetting probes)
 
 
 @dataclass
@@ -52,6 +54,10 @@ class RunSettings:
     progress: bool = True
     dtype: str = "auto"  # the frozen base's dtype: auto = bf16 where the run computes in bf16 (models.resolve_dtype)
     quantization: str = "none"  # 4bit / 8bit base through bitsandbytes
+    eval_every: int | None = None  # score fixed subsets every K domain steps (forgetting over training)
+    every_items: int = 32  # items of each task in those subsets
+    every_blocks: int = 4  # held-out blocks in them
+    max_general_drop: float | None = None  # keep the best domain checkpoint within this general-suite drop
 
 
 @dataclass
@@ -64,6 +70,8 @@ class RunResult:
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: steps, seconds, history
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. weight-interpolation points
     seconds: float = 0.0
+    suite: dict[str, dict[str, float]] = field(default_factory=dict)  # general-suite task -> {acc, acc_norm, n, ...}
+    selected: dict[str, Any] | None = None  # the checkpoint kept by eval.select: {step, scores, adapter, ...}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,26 +88,63 @@ class NonFiniteScore(RuntimeError):
 def check_finite(scores: dict[str, Any], where: str = "") -> None:
     """:class:`NonFiniteScore` for the first non-finite number of ``evaluate``'s scores (None: not evaluated)."""
     numbers = {"general PPL": scores["general_ppl"]}
-    for task, values in scores["tasks"].items():
-        numbers |= {f"{task} {k}": v for k, v in values.items() if k in ("acc", "acc_norm")}
+    for kind in ("tasks", "suite"):
+        for task, values in scores.get(kind, {}).items():
+            numbers |= {f"{task} {k}": v for k, v in values.items() if k in ("acc", "acc_norm")}
     for what, value in numbers.items():
         if value is not None and not math.isfinite(value):
             raise NonFiniteScore(f"{what}{where}", value)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSettings) -> dict[str, Any]:
-    """General perplexity (given held-out text) and multiple-choice accuracy of ``model`` as it is now."""
-    scores: dict[str, Any] = {"general_ppl": None, "general_ppl_base2": None, "tasks": {}}
+    """General perplexity (given held-out text), multiple-choice accuracy on the domain tasks and on the general
+    suite (the lm-eval-identical scorer, :func:`~forgetless.evaluation.evaluate_mc`) of ``model`` as it is now."""
+    scores: dict[str, Any] = {"general_ppl": None, "general_ppl_base2": None, "tasks": {}, "suite": {}}
     if data.heldout_blocks is not None:
         ppl = perplexity(model, data.heldout_blocks, batch_size=settings.eval_batch_size,
                          precision=settings.precision, progress=settings.progress)
         scores |= {"general_ppl": ppl.ppl, "general_ppl_base2": ppl.ppl_base2}
-    for name, items in data.eval_tasks.items():
-        mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
-                         progress=settings.progress)
-        scores["tasks"][name] = {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
-                                 "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
+    for kind in ("tasks", "suite"):
+        for name, items in getattr(data, "eval_tasks" if kind == "tasks" else "suite").items():
+            scores[kind][name] = _mc_scores(model, tokenizer, items, settings, settings.progress)
     return scores
+
+
+def _mc_scores(model, tokenizer, items: list, settings: RunSettings, progress: bool) -> dict[str, float]:
+    mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
+                     progress=progress)
+    return {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
+            "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
+
+
+def _tracker(tokenizer, data: RunData, settings: RunSettings) -> EvalEvery | None:
+    """The ``eval.every`` plugin of the domain stage (None when off): per row the domain accuracy (``domain_acc``,
+    mean over the run's tasks), each suite task's (``suite/TASK``), their mean (``general_acc``) and the held-out
+    perplexity (``general_ppl``), on the first ``every_items`` items and ``every_blocks`` blocks."""
+    if settings.eval_every is None:
+        return None
+    k = settings.every_items
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        row: dict[str, float] = {}
+        for prefix, tasks in (("domain", data.eval_tasks), ("suite/", data.suite)):
+            accs = {n: _mc_scores(model, tokenizer, items[:k], settings, False)["acc"] for n, items in tasks.items()}
+            if accs and prefix == "suite/":
+                row |= {prefix + n: a for n, a in accs.items()} | {"general_acc": sum(accs.values()) / len(accs)}
+            elif accs:
+                row["domain_acc"] = sum(accs.values()) / len(accs)
+        if data.heldout_blocks is not None:
+            row["general_ppl"] = perplexity(model, data.heldout_blocks[:settings.every_blocks],
+                                            batch_size=settings.eval_batch_size, precision=settings.precision,
+                                            progress=False).ppl
+        return row
+
+    choose = None
+    if settings.max_general_drop is not None:
+        if not data.suite or not data.eval_tasks:
+            raise ValueError("select: needs a general suite and a domain test set to choose a checkpoint by")
+        choose = best_within_drop("domain_acc", "general_acc", settings.max_general_drop)
+    return EvalEvery(settings.eval_every, score, stages=(DOMAIN,), choose=choose)
 
 
 def _stage_summary(result: StageResult) -> dict[str, Any]:
@@ -138,6 +183,7 @@ def run_recipe(
     if not is_quantized(model):  # evaluation (the base run too) on the run's device; a quantized base is placed
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     stages: list[dict[str, Any]] = []
+    tracker = None
     if recipe.stages:
         lora = replace(settings.lora, **recipe.lora)
         from accelerate.utils import set_seed
@@ -161,8 +207,10 @@ def run_recipe(
                     _save_general(model, recipe, stages[-1], cache, settings.model)
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
+            tracker = _tracker(tokenizer, data, settings)  # scores over training: a plugin like the methods, last
+            plugins = recipe.plugins + ([tracker] if tracker is not None else [])
             stages.append(_stage_summary(train_stage(
-                model, data.domain_train, cfg, recipe.plugins, stage=DOMAIN, general_examples=data.general_train,
+                model, data.domain_train, cfg, plugins, stage=DOMAIN, general_examples=data.general_train,
                 checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
     scores = evaluate(model, tokenizer, data, settings)
     check_finite(scores)
@@ -173,11 +221,35 @@ def run_recipe(
                 with setup:
                     variants[label] = evaluate(model, tokenizer, data, settings)
                 check_finite(variants[label], f" of {label}")
+    selected = None
+    if tracker is not None and tracker.best_state is not None:
+        row = next(r for r in tracker.history if r["step"] == tracker.best_step)
+        selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
         save_adapter(model, adapter_dir, settings.model)  # PEFT's adapter_config.json + adapter_model.safetensors
+        if selected is not None:
+            selected["adapter"] = _save_selected(model, tracker.best_state, adapter_dir, settings.model)
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
-                     variants=variants, seconds=time.perf_counter() - started)
+                     variants=variants, seconds=time.perf_counter() - started, suite=scores["suite"],
+                     selected=selected)
+
+
+def _save_selected(model, state: dict[str, torch.Tensor], adapter_dir: Path, model_name: str) -> str:
+    """Save the checkpoint ``state`` (trainable weights) as the adapter ``ADAPTER_DIR.selected``; the model keeps its
+    final weights. Returns the folder's name."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    final = {n: p.detach().clone() for n, p in params.items()}
+    folder = adapter_dir.with_name(adapter_dir.name + ".selected")
+    with torch.no_grad():
+        try:
+            for name, value in state.items():
+                params[name].copy_(value)
+            save_adapter(model, folder, model_name)
+        finally:
+            for name, value in final.items():
+                params[name].copy_(value)
+    return folder.name
 
 
 def _attach(model, lora: LoraSettings):

@@ -12,7 +12,10 @@ one per method x task x seed, with ``general_ppl``, ``tasks[task][acc|acc_norm]`
    recorded them in ``extras["importance_cost"]``, and the training time of each method;
 4. the sweep of the regularization weight (``phi`` for HLoRA, ``lambda`` for EWC: runs of one method differing only
    in that option) and a Pareto plot of domain accuracy against general perplexity over all methods;
-5. the ablation table (``hlora``, ``hlora-no-layer``, ``lora-nu-mu``).
+5. the ablation table (``hlora``, ``hlora-no-layer``, ``lora-nu-mu``);
+6. forgetting on the general suite (tuned minus ``base``, per suite task and averaged) with a plot of domain gain
+   against general-suite drop, and the forgetting curves over training (``eval.every``) with the selected checkpoints
+   (:mod:`forgetless.reporting.forgetting`).
 
 A section whose data is absent is replaced by a one-line note. A run with a non-finite score (training diverged, in a
 record of an older forgetless) is left out of every section, and named. Reporting reads results only; it never
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ConfigError
+from forgetless.reporting.forgetting import forgetting_section
 from forgetless.reporting.tables import finite_record, nonfinite_note, read_record
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
@@ -547,7 +551,8 @@ def build_report(results_dir: str | Path, output: str | Path | None = None, refe
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
             + nonfinite_note(runs))
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
-                section_sweep(res, folder), section_pareto(res, folder), section_ablation(res)]
+                section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
+                forgetting_section(res.runs, folder, res.methods, metric)]
     path = folder / "report.md"
     path.write_text(head + "\n" + "\n".join(sections))
     return path

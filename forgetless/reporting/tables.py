@@ -35,11 +35,12 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def finite_record(record: dict[str, Any]) -> bool:
-    """True when every score of a run record (general PPL, accuracies, those of its variants) is finite or absent."""
+    """True when every score of a run record (general PPL, domain and suite accuracies, those of its variants) is
+    finite or absent."""
     values = []
     for scores in [record, *(record.get("variants") or {}).values()]:
         values.append(scores.get("general_ppl"))
-        for task in (scores.get("tasks") or {}).values():
+        for task in [*(scores.get("tasks") or {}).values(), *(scores.get("suite") or {}).values()]:
             values += [task.get("acc"), task.get("acc_norm")]
     return all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values)
 

@@ -4,6 +4,10 @@
 the first, as step 0) it calls ``evaluate(model) -> {name: score}`` with the model in eval mode and records a row
 ``{"step": k, **scores}`` in ``ctx.extras["eval_history"]``. Evaluation draws no random numbers and restores the
 model's mode, so the training that follows is the same as without it (tested).
+
+With ``choose(history) -> index of the row to keep, or None`` (e.g. :func:`best_within_drop`), the trainable weights
+are snapshot (a CPU copy) whenever the newest row is the one chosen: ``best_step`` and ``best_state`` then hold the
+kept checkpoint, and ``ctx.extras["eval_selected_step"]`` its step.
 """
 
 from __future__ import annotations
@@ -15,17 +19,33 @@ import torch
 from forgetless.training.hooks import Method, StageContext
 
 Evaluate = Callable[[torch.nn.Module], dict[str, float]]
+Choose = Callable[[list[dict[str, float]]], "int | None"]
+
+
+def best_within_drop(domain: str, general: str, max_drop: float) -> Choose:
+    """A ``choose`` for :class:`EvalEvery`: the row with the highest ``domain`` score among those whose ``general``
+    score is at most ``max_drop`` below the first row's (step 0); the earliest such row on ties."""
+
+    def choose(history: list[dict[str, float]]) -> int | None:
+        start = history[0][general]
+        allowed = [i for i, row in enumerate(history) if start - row[general] <= max_drop + 1e-12]
+        return max(allowed, key=lambda i: (history[i][domain], -i)) if allowed else None
+
+    return choose
 
 
 class EvalEvery(Method):
     name = "eval-every"
 
     def __init__(self, every: int, evaluate: Evaluate, stages: tuple[str, ...] = ("domain",),
-                 at_start: bool = True) -> None:
+                 at_start: bool = True, choose: Choose | None = None) -> None:
         if int(every) < 1:
             raise ValueError(f"eval_every must be >= 1, got {every}")
         self.every, self.evaluate, self.stages, self.at_start = int(every), evaluate, tuple(stages), at_start
+        self.choose = choose
         self.history: list[dict[str, float]] = []
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def _record(self, ctx: StageContext, step: int) -> None:
         was_training = ctx.model.training
@@ -37,9 +57,13 @@ class EvalEvery(Method):
             ctx.model.train(was_training)
         self.history.append(row)
         ctx.extras["eval_history"] = list(self.history)
+        if self.choose is not None and self.choose(self.history) == len(self.history) - 1:
+            self.best_step = step
+            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in ctx.trainable_parameters()}
+            ctx.extras["eval_selected_step"] = step
 
     def on_stage_start(self, ctx: StageContext) -> None:
-        self.history = []
+        self.history, self.best_step, self.best_state = [], None, None
         if ctx.stage in self.stages and self.at_start:
             self._record(ctx, 0)
 

@@ -27,7 +27,12 @@ DATA = {
 }
 
 
-def run_record(method, task, seed, ppl, acc):
+def suite_acc(method, ppl):
+    """The synthetic general-suite score: base 0.40, a tuned run loses (PPL - 10) points."""
+    return 0.40 if method == "base" else 0.40 - (ppl - 10.0) / 100
+
+
+def run_record(method, task, seed, ppl, acc, suite=True):
     stages = []
     if method != "base":
         general = {"stage": "general", "steps": 4, "seconds": 10.0 + seed, "history": []}
@@ -37,18 +42,28 @@ def run_record(method, task, seed, ppl, acc):
         if method.startswith("ewc"):
             general["extras"] = {"importance_cost": {"ewc": {"what": "Fisher", "seconds": 5.0 + seed,
                                                               "bytes": 8 * 2**20}}}
-        stages = [general, {"stage": "domain", "steps": 6, "seconds": 20.0, "history": []}]
-    return {"method": method, "task": task, "seed": seed, "general_ppl": ppl, "general_ppl_base2": ppl / 2,
-            "tasks": {task: {"acc": acc / 100, "acc_norm": acc / 100 - 0.01, "n": 100}}, "stages": stages,
-            "variants": {}, "seconds": 40.0, "run_id": f"{method}__{task}__seed{seed}", "model": "tiny"}
+        domain = {"stage": "domain", "steps": 6, "seconds": 20.0, "history": []}
+        if suite:  # eval.every rows: linear from the start (0.25, 0.40) to the final scores
+            domain["extras"] = {"eval_history": [
+                {"step": k, "domain_acc": 0.25 + (acc / 100 - 0.25) * k / 6,
+                 "general_acc": 0.40 + (suite_acc(method, ppl) - 0.40) * k / 6} for k in (0, 3, 6)]}
+        stages = [general, domain]
+    record = {"method": method, "task": task, "seed": seed, "general_ppl": ppl, "general_ppl_base2": ppl / 2,
+              "tasks": {task: {"acc": acc / 100, "acc_norm": acc / 100 - 0.01, "n": 100}}, "stages": stages,
+              "variants": {}, "seconds": 40.0, "run_id": f"{method}__{task}__seed{seed}", "model": "tiny"}
+    if suite:
+        other = "t2" if task == "t1" else "t1"
+        score = suite_acc(method, ppl)
+        record["suite"] = {other: {"acc": score, "acc_norm": score, "n": 50}}
+    return record
 
 
-def write_runs(folder, data=DATA):
+def write_runs(folder, data=DATA, suite=True):
     (folder / "runs").mkdir(parents=True)
     for method, tasks in data.items():
         for task, values in tasks.items():
             for seed, (ppl, acc) in enumerate(values):
-                rec = run_record(method, task, seed, ppl, acc)
+                rec = run_record(method, task, seed, ppl, acc, suite)
                 (folder / "runs" / f"{rec['run_id']}.json").write_text(json.dumps(rec))
     return folder
 
@@ -124,7 +139,16 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     ablation = table_rows(md, "## Ablation")
     assert list(ablation) == ["hlora", "hlora-no-layer", "lora-nu-mu"]
     assert ablation["hlora"][1] == "**56.0 ± 1.0**" and ablation["lora-nu-mu"][0] == "13.00 ± 0.50"
-    for figure in ("box_general_ppl.png", "box_domain_acc.png", "sweep.png", "pareto.png"):
+    forgetting = md.split("## Forgetting on the general suite", 1)[1].split("\n\n## ", 1)[0]
+    assert "| method | domain task | t2 | t1 | suite mean | domain gain | runs |" in forgetting
+    # lora-nu-mu on t1: PPL 13, 13.5, 12.5 -> suite t2 falls 3, 3.5, 2.5 points below base's; domain gain 25, 27, 26
+    assert "| lora-nu-mu | t1 | -3.0 ± 0.5 | - | -3.0 ± 0.5 | +26.0 ± 1.0 | 3 |" in forgetting
+    assert "| lora-nu-mu | t2 | - | -4.0 ± 0.2 | -4.0 ± 0.2 | +11.0 ± 1.0 | 3 |" in forgetting
+    assert "| lora-nu-mu | all | -3.0 ± 0.5 | -4.0 ± 0.2 | -3.5 ± 0.6 | +18.5 ± 8.3 | 6 |" in forgetting
+    assert "| base |" not in forgetting
+    assert "![forgetting over training](forgetting_curves.png)" in md
+    for figure in ("box_general_ppl.png", "box_domain_acc.png", "sweep.png", "pareto.png", "gain_vs_drop.png",
+                   "forgetting_curves.png"):
         assert f"]({figure})" in md
         assert (folder / "report" / figure).read_bytes()[:8] == PNG
     assert "Skipped" not in md
@@ -159,6 +183,9 @@ def test_absent_data_gives_one_line_notes(tmp_path):
     assert rows["lora-mu"][:2] == ["**12.00**", "**40.0**"]  # the only ranked method, one seed: no ±
     md = build_report(folder, output=tmp_path / "out2", reference=None).read_text()
     assert "Skipped: no reference method" in md
+    older = write_runs(tmp_path / "older", data, suite=False)  # records from before the general suite still load
+    md = build_report(older).read_text()
+    assert "Skipped: no tuned run has general-suite scores" in md and "Skipped: no run recorded scores during" in md
     only_base = write_runs(tmp_path / "base-only", {"base": {"t1": [(10.0, 25.0)]}})
     assert "Skipped: no run recorded training stages." in build_report(only_base).read_text()
     with pytest.raises(FileNotFoundError):
