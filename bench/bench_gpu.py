@@ -36,7 +36,7 @@ is not per variant and means nothing beyond "it ran".
 (tests/unit/test_bench_gpu.py), not a speed measurement. On the CPU the bf16 "peak" is whatever this CPU does in
 bf16, so its MFU is not meaningful either.
 
-Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--tiny]
+Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ SHAPES = {
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # Llama-3-8B
                num_attention_heads=32, num_key_value_heads=8),
 }
+ATTENTION: dict[str, str | None] = {"implementation": None}  # --attn, read by build()
 METHOD_SHAPES = ("tiny", "1b")  # the shapes the HLoRA, SAM and EWC rows run on (the issue's rows are 1B)
 SAM_K = 4
 
@@ -183,6 +184,8 @@ def build(shape: str, dtype: torch.dtype) -> torch.nn.Module:
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
                          bos_token_id=2, tie_word_embeddings=False)
+    if ATTENTION["implementation"]:  # --attn; else transformers' default (sdpa)
+        config._attn_implementation = ATTENTION["implementation"]
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: an 8B float32 copy first would need 32 GiB more
@@ -440,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of forgetless and Trainer+PEFT")
     parser.add_argument("--json", help="write the rows to this file (rewritten after each row)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, a handful of steps")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="attention implementation of the models (default: transformers' default, sdpa)")
     args = parser.parse_args(argv)
+    ATTENTION["implementation"] = args.attn
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in PLANS]
     if unknown:
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
            "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "precision": precision, "threads": torch.get_num_threads(),
-           "smoke_test_only": args.tiny, "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
+           "smoke_test_only": args.tiny, "attn_implementation": args.attn or "default", "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
            "bf16_matmul_flops_start": peak,
            "optimizers": {"forgetless": "torch.optim.AdamW (defaults)",
                           "trainer": str(transformers.TrainingArguments(output_dir=tempfile.gettempdir(),
