@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"command": "python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
            "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "precision": precision, "threads": torch.get_num_threads(),
-           "smoke_test_only": args.tiny, "attn_implementation": args.attn or "default", "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
+           "smoke_test_only": args.tiny, "attn_implementation": args.attn or "default",
+           "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
            "bf16_matmul_flops_start": peak,
            "optimizers": {"forgetless": "torch.optim.AdamW (defaults)",
                           "trainer": str(transformers.TrainingArguments(output_dir=tempfile.gettempdir(),
@@ -476,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
           f"transformers {transformers.__version__}, peft {peft.__version__}; bf16 matmul {peak / 1e12:.2f} TFLOP/s",
           flush=True)
     report = Report(args.json, env)
-    # The MFU rows divide by the peak; measure it again at the end and use the better one (drift), so the peak
-    # rows are written last: keep the step rows' raw numbers and rescale after.
+    # The MFU rows divide by the start's peak as they come; the peak is measured again at the end and they are
+    # rescaled to the better of the two (drift), so a run cut short keeps start-peak MFUs.
     for shape in shapes:
         plan = PLANS[shape]
         print(f"shape {shape}: {SHAPES[shape]}", flush=True)
