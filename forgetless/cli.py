@@ -45,9 +45,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(_plan_text(exp))
         return 0
-    todo = {job.rid for job in _todo(exp, plan_runs(exp))}
-    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
     report_to = sorted(set(exp.train.general.report_to) | set(exp.train.domain.report_to))
+    todo = {job.rid for job in _todo(exp, plan_runs(exp))} if report_to else set()
+    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
     if report_to and is_main_process():  # the scores of the runs done now, beside their training scalars
         from forgetless.training.logging import log_scores
 

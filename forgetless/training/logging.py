@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,10 +75,11 @@ def open_trackers(names: Iterable[str], log_dir: str | Path) -> list[Tracker]:
 
 
 def log_scores(names: Iterable[str], log_dir: str | Path, scores: Mapping[str, Any], step: int = 0) -> None:
-    """A run's evaluation scores (a run record's ``general_ppl`` and ``tasks``) as ``eval/...`` scalars."""
+    """A run's evaluation scores (a run record's ``general_ppl``, ``tasks`` and ``suite``) as ``eval/...`` scalars."""
     flat = {"eval/general_ppl": scores.get("general_ppl")}
-    for task, values in (scores.get("tasks") or {}).items():
-        flat |= {f"eval/{task}/{k}": v for k, v in values.items() if k != "n"}
+    for section in ("tasks", "suite"):
+        for task, values in (scores.get(section) or {}).items():
+            flat |= {f"eval/{task}/{k}": v for k, v in values.items() if k != "n"}
     flat = {k: float(v) for k, v in flat.items() if isinstance(v, (int, float))}
     for tracker in open_trackers(names, log_dir):
         tracker.log(flat, step)
@@ -106,8 +107,13 @@ class StageLog:
         if self.bar is not None:
             self.bar.update(1)
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        """The rows (host values) of the steps since the last call: to the trackers and the progress display."""
+    def write(self, rows: list[dict[str, Any]], scores: Sequence[Mapping[str, Any]] = ()) -> None:
+        """The rows (host values) of the steps since the last call, and scores taken while training
+        (``{"step": k, name: score}``): to the trackers and the progress display."""
+        for row in scores:
+            for tracker in self.trackers:
+                tracker.log({f"{self.stage}/eval/{k}": float(v) for k, v in row.items()
+                             if k != "step" and isinstance(v, (int, float))}, int(row["step"]))
         if not rows:
             return
         now = time.perf_counter()

@@ -101,9 +101,11 @@ def train_stage(
     (:mod:`forgetless.training.checkpoint`) and, called again with the same folder, resumes from the newest
     checkpoint; the folder is removed when the stage ends unless ``config.keep_checkpoints``.
 
-    Host syncs: the step's scalars (loss, gradient norm, the methods' terms) stay tensors and are read every
+    Host syncs: the step's scalars (loss, task loss, gradient norm, and the ``ctx.scalars`` a method leaves as
+    tensors; ``StageContext.log`` reads its value at once) stay tensors and are read every
     ``config.log_every`` steps, at a checkpoint and at the end (the history rows, trackers and progress line are
-    written then, with the same values). The labelled-token counts come from the collate function (CPU). A non-finite
+    written then, with the same values). The labelled-token counts come from the collate function (CPU); several
+    processes all-reduce the step's count (one integer, needed before the backward pass). A non-finite
     step with ``on_nonfinite: stop`` is found at the next read and named (the first such step); the steps after it
     are lost with the run anyway. ``skip_step`` must know before stepping, so it reads the loss and norm every step.
     """
@@ -188,9 +190,10 @@ def train_stage(
     trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir)) if main else []
     log = StageLog(stage, total, first, config.progress and main, trackers)
     synced = len(result.history)  # rows before this index hold host values
+    scored = 0  # rows of ctx.extras["eval_history"] (scores taken while training, EvalEvery) already logged
 
     def sync() -> None:  # read the rows' device values; a non-finite step under "stop" ends the stage here
-        nonlocal synced
+        nonlocal synced, scored
         rows = result.history[synced:]
         synced = len(result.history)
         for row in rows:
@@ -198,7 +201,9 @@ def train_stage(
             bad = None if row.get("skipped") else _nonfinite(row["loss"], row.get("grad_norm"))
             if bad is not None:
                 raise NonFiniteError(stage, int(row["step"]), *bad)
-        log.write(rows)
+        scores = ctx.extras.get("eval_history", [])
+        log.write(rows, scores[scored:])
+        scored = len(scores)
 
     try:
         for step in range(first, total):
@@ -242,10 +247,10 @@ def train_stage(
                 result.history.append(row)
             log.step(sum(t for _, t in counts))
             saving = (checkpoint_dir is not None and config.save_every and (step + 1) % config.save_every == 0
-                      and step + 1 < total and main)
+                      and step + 1 < total)
             if saving or (step + 1) % config.log_every == 0 or step + 1 == total:
-                sync()
-            if saving:
+                sync()  # on every process alike: a non-finite step stops them all at the same step
+            if saving and main:
                 checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
                                 [method.stage_state(ctx) for method in methods])
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
