@@ -152,7 +152,8 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
 
     methods, method_tasks = check_methods([_method_entry(args.method)], ["domain"], "--method")
     try:  # the settings' own checks (lr > 0, r >= 1, seed >= 0, ...) become errors without a traceback
-        stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr)
+        stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                            report_to=args.report_to or [], logging_dir=str(Path(args.output) / "logs"))
         task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
                         train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
                         train_kind=args.domain_kind)
@@ -416,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
+    p.add_argument("--report-to", action="append", choices=["tensorboard", "wandb", "mlflow"],
+                   help="log the training scalars there too (OUTPUT/logs for tensorboard); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 

@@ -90,3 +90,12 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
     per_epoch = -(-items // 2)
     assert f"domain t: {2 * per_epoch} (2 epoch(s) of {items} examples)" in text
     assert not (out / "stages").exists() and not (out / ".forgetless.lock").exists()  # nothing run, nothing locked
+
+
+def test_train_flag_report_to(tmp_path):
+    from forgetless.cli import _train_experiment, build_parser
+
+    args = build_parser().parse_args(["train", "--domain", TASK, "--output", str(tmp_path / "a"),
+                                      "--report-to", "tensorboard"])
+    stage = _train_experiment(args).train.domain
+    assert stage.report_to == ["tensorboard"] and stage.logging_dir == str(tmp_path / "a" / "logs")
