@@ -12,6 +12,7 @@ kept checkpoint, and ``ctx.extras["eval_selected_step"]`` its step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,27 @@ class EvalEvery(Method):
         self.history, self.best_step, self.best_state = [], None, None
         if ctx.stage in self.stages and self.at_start:
             self._record(ctx, 0)
+
+    def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
+        """The rows and the kept checkpoint so far, for a mid-stage checkpoint (a resumed stage keeps them)."""
+        keys = sorted({k for row in self.history for k in row})
+        state = {f"history/{k}": torch.tensor([float(row.get(k, math.nan)) for row in self.history],
+                                              dtype=torch.float64) for k in keys}
+        if self.best_state is not None:
+            state |= {"best_step": torch.tensor(self.best_step)} | {f"best/{n}": t for n, t in self.best_state.items()}
+        return state
+
+    def load_stage_state(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> None:
+        columns = {k.removeprefix("history/"): v.tolist() for k, v in state.items() if k.startswith("history/")}
+        rows = len(columns.get("step", []))
+        self.history = [{k: (int(v[i]) if k == "step" else v[i]) for k, v in columns.items() if not math.isnan(v[i])}
+                        for i in range(rows)]
+        if self.history:
+            ctx.extras["eval_history"] = list(self.history)
+        if "best_step" in state:
+            self.best_step = int(state["best_step"])
+            self.best_state = {k.removeprefix("best/"): v for k, v in state.items() if k.startswith("best/")}
+            ctx.extras["eval_selected_step"] = self.best_step
 
     def after_optimizer_step(self, ctx: StageContext) -> None:
         done = ctx.step + 1

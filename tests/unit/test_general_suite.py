@@ -154,3 +154,20 @@ def test_eval_every_rows_final_row_and_selected_checkpoint(tmp_path, tiny_model_
 
     report = build_report(tmp_path / "out").read_text()
     assert "![forgetting over training](forgetting_curves.png)" in report and "| lora-mu__gen__seed0 |" in report
+
+
+def test_eval_every_state_survives_a_mid_stage_checkpoint():
+    from types import SimpleNamespace
+
+    import torch
+
+    from forgetless.training.tracking import EvalEvery
+
+    tracker = EvalEvery(2, lambda model: {})
+    tracker.history = [{"step": 0, "domain_acc": 0.5, "general_ppl": 9.0}, {"step": 2, "domain_acc": 0.75}]
+    tracker.best_step, tracker.best_state = 2, {"a.lora_A": torch.arange(4.0)}
+    resumed, ctx = EvalEvery(2, lambda model: {}), SimpleNamespace(extras={})
+    resumed.load_stage_state(ctx, tracker.stage_state(ctx))
+    assert resumed.history == tracker.history and ctx.extras["eval_history"] == tracker.history
+    assert resumed.best_step == 2 == ctx.extras["eval_selected_step"]
+    assert torch.equal(resumed.best_state["a.lora_A"], torch.arange(4.0))
