@@ -18,12 +18,13 @@ Example (``forgetless run experiment.yaml``)::
     train:
       general: {max_steps: 50, batch_size: 8, lr: 2.0e-4}
       domain: {epochs: 1, batch_size: 8, lr: 2.0e-4}
-    eval: {batch_size: 16}
+    eval: {batch_size: 16, suite: auto}  # suite: every run also scored on the other tasks' test sets (forgetting)
     landscape: {blocks: 4, grid: 9}     # optional: flatness metrics per run vs forgetting (off when absent)
 
 Sections and their dataclasses: ``general`` :class:`GeneralData` (``train``/``heldout`` :class:`TextSource`),
 ``tasks[i]`` :class:`TaskSpec`, ``train`` :class:`TrainStages` (``general``/``domain``
-:class:`~forgetless.training.config.TrainConfig`), ``eval`` :class:`EvalSettings`, ``lora``
+:class:`~forgetless.training.config.TrainConfig`), ``eval`` :class:`EvalSettings` (``suite[i]`` :class:`SuiteTask`,
+``select`` :class:`SelectSettings`), ``lora``
 :class:`~forgetless.models.LoraSettings`, ``landscape`` :class:`~forgetless.landscape.measure.LandscapeSettings`,
 the whole file :class:`Experiment`. Top-level keys starting with ``x-`` are ignored: a place to define YAML anchors
 (sizes, paths) that the rest refers to.

@@ -70,6 +70,7 @@ def test_suite_scores_forgetting_and_report(tmp_path, tiny_model_dir):
                 assert delta == 100.0 * (tuned["suite"][task]["acc"] - base["suite"][task]["acc"])
         assert row["forgetting"]["mean"] == pytest.approx(sum(v for k, v in row["forgetting"].items()
                                                               if k != "mean") / 2)
+    assert "## Forgetting on the general suite" in (tmp_path / "out/results.md").read_text()
     report = build_report(tmp_path / "out").read_text()
     assert "## Forgetting on the general suite" in report and "| lora-mu | gen |" in report
     assert (tmp_path / "out/report/gain_vs_drop.png").read_bytes()[:4] == b"\x89PNG"
