@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from forgetless.config import ConfigError, load_experiment
@@ -14,7 +15,12 @@ from forgetless.training.tracking import best_within_drop
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
 
+def exp_tasks(tmp_path):
+    return yaml.safe_load((tmp_path / "exp.yaml").read_text())["tasks"]
+
+
 def write_experiment(tmp_path, model_dir, eval_=None, **over):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     text = tmp_path / "general.jsonl"
     text.write_text("".join(json.dumps({"text": f"Plants make sugar from light, sentence {i}."}) + "\n"
                             for i in range(40)))
@@ -151,6 +157,15 @@ def test_eval_every_rows_final_row_and_selected_checkpoint(tmp_path, tiny_model_
     assert ppl == pytest.approx(rows[best]["general_ppl"], rel=1e-6)  # a continuous check of the weights
     assert len({r["general_ppl"] for r in rows}) == len(rows)  # every step's weights differ: the check can tell
     assert "selected" in results["base__gen__seed0"] and results["base__gen__seed0"]["selected"] is None
+    # scoring while training changes nothing of the training: the same adapter as a run without eval.every
+    from safetensors.torch import load_file
+
+    plain = load_experiment(write_experiment(tmp_path / "plain", tiny_model_dir, methods=["lora-mu"],
+                                             tasks=exp_tasks(tmp_path)[:1]))
+    run_experiment(plain, progress=False)
+    a = load_file(tmp_path / "out/adapters/lora-mu__gen__seed0/adapter_model.safetensors")
+    b = load_file(tmp_path / "plain/out/adapters/lora-mu__gen__seed0/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from forgetless.reporting.report import build_report
 
     report = build_report(tmp_path / "out").read_text()
