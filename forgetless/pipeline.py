@@ -183,7 +183,7 @@ def run_recipe(
     if not is_quantized(model):  # evaluation (the base run too) on the run's device; a quantized base is placed
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     stages: list[dict[str, Any]] = []
-    tracker = None
+    plugins, tracker = list(recipe.plugins), None
     if recipe.stages:
         lora = replace(settings.lora, **recipe.lora)
         from accelerate.utils import set_seed
@@ -208,7 +208,7 @@ def run_recipe(
         if DOMAIN in recipe.stages:
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
             tracker = _tracker(tokenizer, data, settings)  # scores over training: a plugin like the methods, last
-            plugins = recipe.plugins + ([tracker] if tracker is not None else [])
+            plugins += [tracker] if tracker is not None else []
             stages.append(_stage_summary(train_stage(
                 model, data.domain_train, cfg, plugins, stage=DOMAIN, general_examples=data.general_train,
                 checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
@@ -216,7 +216,7 @@ def run_recipe(
     check_finite(scores)
     variants = {}
     if data.heldout_blocks is not None or data.eval_tasks:  # else there is nothing to evaluate variants on
-        for plugin in recipe.plugins:
+        for plugin in plugins:  # the methods', and the checkpoint eval.select kept
             for label, setup in plugin.evaluation_variants(model):
                 with setup:
                     variants[label] = evaluate(model, tokenizer, data, settings)
@@ -228,28 +228,14 @@ def run_recipe(
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
         save_adapter(model, adapter_dir, settings.model)  # PEFT's adapter_config.json + adapter_model.safetensors
         if selected is not None:
-            selected["adapter"] = _save_selected(model, tracker.best_state, adapter_dir, settings.model)
+            folder = adapter_dir.with_name(adapter_dir.name + ".selected")
+            with tracker.selected(model):
+                save_adapter(model, folder, settings.model)
+            selected["adapter"] = folder.name
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started, suite=scores["suite"],
                      selected=selected)
-
-
-def _save_selected(model, state: dict[str, torch.Tensor], adapter_dir: Path, model_name: str) -> str:
-    """Save the checkpoint ``state`` (trainable weights) as the adapter ``ADAPTER_DIR.selected``; the model keeps its
-    final weights. Returns the folder's name."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    final = {n: p.detach().clone() for n, p in params.items()}
-    folder = adapter_dir.with_name(adapter_dir.name + ".selected")
-    with torch.no_grad():
-        try:
-            for name, value in state.items():
-                params[name].copy_(value)
-            save_adapter(model, folder, model_name)
-        finally:
-            for name, value in final.items():
-                params[name].copy_(value)
-    return folder.name
 
 
 def _attach(model, lora: LoraSettings):

@@ -7,13 +7,15 @@ model's mode, so the training that follows is the same as without it (tested).
 
 With ``choose(history) -> index of the row to keep, or None`` (e.g. :func:`best_within_drop`), the trainable weights
 are snapshot (a CPU copy) whenever the newest row is the one chosen: ``best_step`` and ``best_state`` then hold the
-kept checkpoint, and ``ctx.extras["eval_selected_step"]`` its step.
+kept checkpoint, and ``ctx.extras["eval_selected_step"]`` its step. After training, the kept checkpoint is an
+evaluation variant (``selected``), evaluated like WiSE-FT's interpolations; :meth:`EvalEvery.selected` swaps it in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,6 +90,24 @@ class EvalEvery(Method):
             self.best_step = int(state["best_step"])
             self.best_state = {k.removeprefix("best/"): v for k, v in state.items() if k.startswith("best/")}
             ctx.extras["eval_selected_step"] = self.best_step
+
+    @contextlib.contextmanager
+    def selected(self, model: torch.nn.Module) -> Iterator[None]:
+        """``model`` with the kept checkpoint's trainable weights inside the block, its own weights after it."""
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        own = {n: params[n].detach().clone() for n in self.best_state}
+        with torch.no_grad():
+            try:
+                for name, value in self.best_state.items():
+                    params[name].copy_(value)
+                yield
+            finally:
+                for name, value in own.items():
+                    params[name].copy_(value)
+
+    def evaluation_variants(self, model: torch.nn.Module) -> Iterator[tuple[str, contextlib.AbstractContextManager]]:
+        if self.best_state is not None:
+            yield "selected", self.selected(model)
 
     def after_optimizer_step(self, ctx: StageContext) -> None:
         done = ctx.step + 1

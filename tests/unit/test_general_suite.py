@@ -156,6 +156,11 @@ def test_eval_every_rows_final_row_and_selected_checkpoint(tmp_path, tiny_model_
     ppl = perplexity(model, data.heldout, batch_size=4, precision="fp32", progress=False).ppl
     assert ppl == pytest.approx(rows[best]["general_ppl"], rel=1e-6)  # a continuous check of the weights
     assert len({r["general_ppl"] for r in rows}) == len(rows)  # every step's weights differ: the check can tell
+    # the kept checkpoint is also evaluated in full, as an evaluation variant of the run
+    assert run["variants"]["selected"]["general_ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert run["variants"]["selected"]["tasks"]["gen"]["acc"] == pytest.approx(mc.acc, abs=1e-12)
+    assert set(run["variants"]["selected"]["suite"]) == {"sci"}
+    assert "| lora-mu @ selected |" in (tmp_path / "out/results.md").read_text()
     assert "selected" in results["base__gen__seed0"] and results["base__gen__seed0"]["selected"] is None
     # scoring while training changes nothing of the training: the same adapter as a run without eval.every
     from safetensors.torch import load_file
