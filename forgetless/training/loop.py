@@ -227,13 +227,15 @@ def train_stage(
             call_all(methods, "before_optimizer_step", ctx)
             grad_norm = _clip(accelerator, params, config.max_grad_norm)
             lr = ctx.lr
-            bad = _nonfinite(float(loss_sum), _host(grad_norm)) if config.on_nonfinite == "skip_step" else None
+            bad = None
+            if config.on_nonfinite == "skip_step":  # the decision needs the values now: one read
+                loss, norm = _read_now(loss_sum, grad_norm)
+                bad = _nonfinite(loss, norm)
             if bad is not None:
                 skipped.append(step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 # the loss is recorded as null when it is not finite: run records stay strict JSON
-                loss = float(loss_sum)
                 result.history.append({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                                        "skipped": 1.0})
             else:
@@ -276,8 +278,12 @@ def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter],
     return accelerator.clip_grad_norm_(params, max_norm)
 
 
-def _host(value: torch.Tensor | float | None) -> float | None:
-    return None if value is None else float(value)
+def _read_now(loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[float, float | None]:
+    """The step's loss and gradient norm as Python floats, in one device read."""
+    if not isinstance(grad_norm, torch.Tensor):
+        return float(loss), None if grad_norm is None else float(grad_norm)
+    both = torch.stack([loss, grad_norm.detach().to(loss.device, torch.float64)]).tolist()
+    return both[0], both[1]
 
 
 def _log_dir(config: TrainConfig, checkpoint_dir: str | Path | None) -> Path:
