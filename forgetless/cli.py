@@ -171,9 +171,14 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from forgetless.experiment import train_one
+    from forgetless.experiment import is_main_process, train_one
 
-    train_one(_train_experiment(args), progress=not args.quiet)
+    exp = _train_experiment(args)
+    record = train_one(exp, progress=not args.quiet)
+    if args.report_to and (record["general_ppl"] is not None or record["tasks"]) and is_main_process():
+        from forgetless.training.logging import log_scores
+
+        log_scores(args.report_to, exp.train.domain.logging_dir, record, step=record["stages"][-1]["steps"])
     return 0
 
 

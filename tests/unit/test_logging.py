@@ -127,3 +127,17 @@ def test_forgetless_run_logs_training_and_scores(tmp_path, tiny_model_dir):
     assert [e.value for e in scalars["domain/loss"]] == pytest.approx([r["loss"] for r in record["stages"][0]["history"]])
     assert [(e.step, e.value) for e in scalars["eval/t/acc"]] == [(2, pytest.approx(record["tasks"]["t"]["acc"]))]
     assert scalars["eval/general_ppl"][0].value == pytest.approx(record["general_ppl"], rel=1e-6)
+
+
+def test_forgetless_train_report_to(tmp_path, tiny_model_dir):
+    from forgetless.cli import main
+
+    task = str(Path(__file__).resolve().parents[1] / "fixtures" / "data" / "generic.jsonl")
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(tiny_model_dir), "--domain", task, "--test", task, "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--precision", "fp32", "--quiet",
+                 "--report-to", "tensorboard"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    scalars = _scalars(out / "logs")
+    assert [e.step for e in scalars["domain/loss"]] == [1, 2]
+    assert [(e.step, e.value) for e in scalars["eval/domain/acc"]] == [(2, pytest.approx(record["tasks"]["domain"]["acc"]))]
