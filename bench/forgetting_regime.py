@@ -66,7 +66,15 @@ def run(domain: str, lr: float, steps: int, every: int, args) -> dict:
                          args.precision)
     model = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR))
     train = mc_train_examples(_task_items(domain, "train", args.train_items), tokenizer, max_length=256)
-    tracker = EvalEvery(every, evaluate)
+    partial = args.out / f"{domain}__lr{lr:g}.partial.json"
+
+    def evaluate_and_keep(m) -> dict[str, float]:  # a run cut short keeps the points it has measured
+        scores = evaluate(m)
+        done = json.loads(partial.read_text()) if partial.is_file() else []
+        partial.write_text(json.dumps(done + [scores], indent=1))
+        return scores
+
+    tracker = EvalEvery(every, evaluate_and_keep)
     cfg = TrainConfig(max_steps=steps, batch_size=8, lr=lr, warmup_ratio=0.05, precision=args.precision,
                       progress=not args.quiet, seed=0)
     started = time.perf_counter()
