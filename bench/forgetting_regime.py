@@ -67,6 +67,7 @@ def run(domain: str, lr: float, steps: int, every: int, args) -> dict:
     model = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR))
     train = mc_train_examples(_task_items(domain, "train", args.train_items), tokenizer, max_length=256)
     partial = args.out / f"{domain}__lr{lr:g}.partial.json"
+    partial.unlink(missing_ok=True)  # a run starts over (the finished JSON is what makes it skipped)
 
     def evaluate_and_keep(m) -> dict[str, float]:  # a run cut short keeps the points it has measured
         scores = evaluate(m)
