@@ -159,7 +159,7 @@ def main() -> None:
                 tmp.write_text(json.dumps(record, indent=1))
                 tmp.replace(path)
                 print(json.dumps({k: v for k, v in record.items() if k != "curve"}), flush=True)
-    runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json")) if not p.name.endswith(".partial.json")]
     plot(runs, args.plot or args.out)
 
 
