@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -125,14 +126,16 @@ def _tracker(tokenizer, data: RunData, settings: RunSettings) -> EvalEvery | Non
         return None
     k = settings.every_items
 
+    def accs(model: torch.nn.Module, tasks: dict[str, list]) -> dict[str, float]:
+        return {n: _mc_scores(model, tokenizer, items[:k], settings, False)["acc"] for n, items in tasks.items()}
+
     def score(model: torch.nn.Module) -> dict[str, float]:
         row: dict[str, float] = {}
-        for prefix, tasks in (("domain", data.eval_tasks), ("suite/", data.suite)):
-            accs = {n: _mc_scores(model, tokenizer, items[:k], settings, False)["acc"] for n, items in tasks.items()}
-            if accs and prefix == "suite/":
-                row |= {prefix + n: a for n, a in accs.items()} | {"general_acc": sum(accs.values()) / len(accs)}
-            elif accs:
-                row["domain_acc"] = sum(accs.values()) / len(accs)
+        domain, suite = accs(model, data.eval_tasks), accs(model, data.suite)
+        if domain:
+            row["domain_acc"] = statistics.fmean(domain.values())
+        if suite:
+            row |= {f"suite/{n}": a for n, a in suite.items()} | {"general_acc": statistics.fmean(suite.values())}
         if data.heldout_blocks is not None:
             row["general_ppl"] = perplexity(model, data.heldout_blocks[:settings.every_blocks],
                                             batch_size=settings.eval_batch_size, precision=settings.precision,
