@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import DataError
-from .io import load_records
+from .io import iter_records
 
 # The Stanford Alpaca prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_PROMPT_WITH_INPUT = (
@@ -30,7 +30,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 def load_instructions(source: str, split: str = "train", limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, response) pairs from Alpaca-style records (``instruction``, ``input`` optional, ``output``)."""
     pairs = []
-    for record in load_records(source, split=split):
+    for record in iter_records(source, split=split):  # streamed: stops at `limit`
         values = {}
         for field in ("instruction", "input", "output"):
             value = record.get(field)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,21 +141,26 @@ def resolve_local(source: str, split: str | None = None) -> Path | None:
         files = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
         if split is None and len(files) == 1:
             return path / files[0]
+        if not files and (any(path.rglob("*.parquet")) or any(path.rglob("*.arrow"))):
+            return None  # a dataset folder (as saved from the hub): read through datasets, like a hub id
         raise FileNotFoundError(f"{source}: no file for split {split!r} in this folder (found {files})")
     if looks_local(source):
         raise FileNotFoundError(f"{source}: no such file")
     return None
 
 
-def load_records(source: str, split: str | None = None, name: str | None = None) -> list[Record]:
-    """Records from a local file (or a folder of ``{split}.jsonl`` files), else from the hub.
+def iter_records(source: str, split: str | None = None, name: str | None = None) -> Iterator[Record]:
+    """Records from a local file (or a folder of ``{split}.jsonl`` files), else from the hub, one at a time.
 
-    For a hub dataset, ``datasets.load_dataset(source, name, split=split)`` is used; each Record's origin is
-    ``f"{source}[{split}]"`` and its line the 1-based row index.
+    A hub dataset (or a local dataset folder of parquet/arrow files, which goes through the same code) is *streamed*
+    (``datasets.load_dataset(source, name, split=split, streaming=True)``): a caller that stops after ``limit``
+    records reads only those, so ``allenai/c4`` with ``limit: 2000`` downloads a few shards, not hundreds of GB.
+    Each Record's origin is ``f"{source}[{split}]"`` and its line the 1-based row index.
     """
     local = resolve_local(source, split)
     if local is not None:
-        return read_records(local)
+        yield from read_records(local)
+        return
     import datasets  # imported lazily: slow, and not needed for local files
 
     if split is None:
@@ -160,6 +168,13 @@ def load_records(source: str, split: str | None = None, name: str | None = None)
         if len(splits) != 1:
             raise ValueError(f"{source}: choose a split, one of {splits}")
         split = splits[0]
-    rows = datasets.load_dataset(source, name, split=split)
+    rows = datasets.load_dataset(source, name, split=split, streaming=True)
     origin = f"{source}[{split}]"
-    return [Record(dict(row), origin, index + 1) for index, row in enumerate(rows)]
+    for index, row in enumerate(rows):
+        yield Record(dict(row), origin, index + 1)
+
+
+def load_records(source: str, split: str | None = None, name: str | None = None,
+                 limit: int | None = None) -> list[Record]:
+    """The first ``limit`` records (all when None) of :func:`iter_records`."""
+    return list(itertools.islice(iter_records(source, split, name), limit))

@@ -269,9 +269,7 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
     """
     if schema is not None and schema not in SCHEMAS:
         raise DataError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
-    records = load_records(source, split=split, name=name)
-    if limit is not None:
-        records = records[:limit]
+    records = load_records(source, split=split, name=name, limit=limit)  # a hub source is streamed up to limit
     if not records:
         raise DataError.empty(source, "multiple-choice items")
     adapter = SCHEMAS[schema or detect_schema(records[0])]

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import DataError
-from .io import load_records, read_utf8, resolve_local
+from .io import iter_records, read_utf8, resolve_local
 
 _BLANK_LINES = re.compile(r"\n[ \t\r]*\n")
 
@@ -31,14 +31,17 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
     if local is not None and local.suffix == ".txt":
         texts = _read_txt(local)
     else:
-        texts = []
-        for record in load_records(source, split=split, name=name):
+        texts, kept = [], 0
+        for record in iter_records(source, split=split, name=name):  # streamed: stops once `limit` are kept
             if field not in record:
                 raise record.error("missing", field)
             value = record[field]
             if not isinstance(value, str):
                 raise record.error(f"expected a string, got {type(value).__name__}", field)
             texts.append(value)
+            kept += bool(value.strip())
+            if limit is not None and kept >= limit:
+                break
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError.empty(str(local or source), "text")
