@@ -9,18 +9,13 @@ processes, and ``epochs`` counts epochs of the whole data set."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.unit._train_parity import CASES, run, variable_examples
+from tests.unit.tiny_model import launch_two_processes
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def assert_close(a: dict, b: dict, rel: float = 1e-5) -> None:
@@ -61,18 +56,7 @@ def test_mean_of_micro_batch_means_would_differ(accelerator):
 
 
 def test_two_processes_equal_one(tmp_path):
-    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    if not Path(launcher).exists():
-        pytest.skip("the accelerate CLI is not available")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29519", str(ROOT / "tests/unit/_train_parity.py"),
-           str(tmp_path)]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.skip("accelerate launch with 2 CPU processes did not finish in 300 s on this machine")
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes("_train_parity.py", tmp_path, port=29519)
     two = torch.load(tmp_path / "two_processes.pt")
     for case in CASES:
         one = run(case, batch_size=4, grad_accum=1)

@@ -1,10 +1,5 @@
 """SAM / ASAM against closed forms on quadratics, plus integration with the training loop (on every device)."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +9,8 @@ from forgetless.methods.hlora import HLoRA
 from forgetless.methods.sam import SAM, sam_perturbation
 from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
-from tests.unit.tiny_model import random_examples, to_device
+from tests.unit.tiny_model import launch_two_processes, random_examples, to_device
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Quadratic(torch.nn.Module):
@@ -245,19 +239,7 @@ def test_composition_with_hlora_through_train_stage(lora_model, accelerator):
 
 # ------------------------------------------------------------------------------------------ two processes
 def test_two_processes_use_the_same_eps(tmp_path):
-    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    if not Path(launcher).exists():
-        pytest.skip("the accelerate CLI is not available")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    # `--cpu --num_processes 2` starts ONE process in this accelerate version (its CPU launcher expects MPI);
-    # `--multi_gpu` goes through torchrun, and the script's Accelerator(cpu=True) then uses gloo on the CPU.
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", str(ROOT / "tests/unit/_sam_ddp_script.py"), str(tmp_path)]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        pytest.skip("accelerate launch with 2 CPU processes did not finish in 120 s on this machine")
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes("_sam_ddp_script.py", tmp_path, port=29517, timeout=120)
     eps = [torch.load(tmp_path / f"eps_rank{r}.pt") for r in range(2)]
     local = [torch.load(tmp_path / f"local_grad_rank{r}.pt") for r in range(2)]
     assert eps[0].keys() == eps[1].keys() and eps[0]

@@ -51,3 +51,31 @@ def randomize_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def launch_two_processes(script: str, out, port: int, timeout: int = 300) -> None:
+    """Run ``tests/unit/<script> <out>`` under ``accelerate launch`` with 2 CPU processes (gloo); skip the test when
+    the launcher is missing or the machine is too slow, fail it when the script fails.
+
+    ``--cpu --num_processes 2`` starts ONE process in this accelerate version (its CPU launcher expects MPI);
+    ``--multi_gpu`` goes through torchrun, and the script's ``Accelerator(cpu=True)`` then uses gloo on the CPU."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[2]
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    if not Path(launcher).exists():
+        pytest.skip("the accelerate CLI is not available")
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), str(root / "tests/unit" / script), str(out)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"accelerate launch with 2 CPU processes did not finish in {timeout} s on this machine")
+    assert done.returncode == 0, done.stderr[-3000:]
