@@ -90,10 +90,5 @@ def delta_weight(module: torch.nn.Module, adapter: str = DEFAULT_ADAPTER, dtype:
     return delta_from_factors(a, b, scaling(module, adapter), fan_in_fan_out(module), dtype)
 
 
-def base_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The frozen weight the update adds to."""
-    return module.get_base_layer().weight
-
-
-__all__: Sequence[str] = ["DEFAULT_ADAPTER", "base_weight", "compute_dtype", "delta_from_factors", "delta_weight",
+__all__: Sequence[str] = ["DEFAULT_ADAPTER", "compute_dtype", "delta_from_factors", "delta_weight",
                           "factors", "fan_in_fan_out", "lora_modules", "scaling", "update_shape"]
