@@ -131,9 +131,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
                 return
             x = args[0].detach()
 
-            def accumulate(grad_out: torch.Tensor | None) -> None:
-                if grad_out is None:  # a backend op without a backward (bitsandbytes' 4-bit gemv): no gradient here
-                    return
+            def accumulate(grad_out: torch.Tensor) -> None:
                 acc = fisher[key]
                 go = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc.dtype)
                 xi = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc.dtype)

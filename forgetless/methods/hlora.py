@@ -582,9 +582,7 @@ class _ExactGradHook:
         x = args[0].detach()
         group, index = self.group, self.index
 
-        def accumulate(grad_out: torch.Tensor | None) -> None:
-            if grad_out is None:  # a backend op without a backward (bitsandbytes' 4-bit gemv): no gradient here
-                return
+        def accumulate(grad_out: torch.Tensor) -> None:
             started = time.perf_counter()  # not synchronized: inside backward, approximate on CUDA
             if group.grad_full is None:
                 n, r_in = len(group.names), group.a_params[0].shape[1]
