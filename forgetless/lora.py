@@ -9,11 +9,17 @@ PEFT's ``LoraLayer.get_delta_weight`` (``peft/tuners/lora/layer.py``)::
 so ``dW`` has the shape of the base layer's ``weight`` (``[out, in]`` for ``nn.Linear``, ``[in, out]`` for
 GPT-2's ``Conv1D`` with ``fan_in_fan_out=True``). Unlike PEFT's, these functions are differentiable in A and B,
 compute in float32 (or wider) whatever the factor dtype, and never merge anything into the base weight.
+
+Per-step work over many modules: :func:`group_modules` puts modules whose factors have the same shapes, dtype, device
+and layout in one :class:`LoraGroup`, whose updates are one batched matmul (a Llama with LoRA on all seven projections
+has at most four groups, whatever its depth); :func:`by_device` splits groups for ``torch._foreach_*`` ops, which
+take one launch per op for a list of tensors on one device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -90,5 +96,81 @@ def delta_weight(module: torch.nn.Module, adapter: str = DEFAULT_ADAPTER, dtype:
     return delta_from_factors(a, b, scaling(module, adapter), fan_in_fan_out(module), dtype)
 
 
-__all__: Sequence[str] = ["DEFAULT_ADAPTER", "compute_dtype", "delta_from_factors", "delta_weight",
-                          "factors", "fan_in_fan_out", "lora_modules", "scaling", "update_shape"]
+def scaling_tensor(scales: Sequence[float], dtype: torch.dtype,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-module scalings as a ``[n, 1, 1]`` tensor in ``dtype``: each Python float rounded once to ``dtype``, as
+    ``tensor * s`` rounds it, so a stacked ``delta_from_factors`` multiplies by the same numbers as one per module."""
+    return torch.tensor([float(s) for s in scales], dtype=torch.float64).view(-1, 1, 1).to(device, dtype)
+
+
+@dataclass
+class LoraGroup:
+    """LoRA modules whose factors have the same shapes, dtype, device and layout: their updates are one bmm."""
+
+    names: list[str]
+    modules: list[torch.nn.Module]
+    a_params: list[torch.nn.Parameter]
+    b_params: list[torch.nn.Parameter]
+    scaling: torch.Tensor  # [n, 1, 1], in ``dtype`` on the factors' device
+    dtype: torch.dtype  # the compute dtype (at least float32)
+    fan_in_fan_out: bool  # base weights stored [in, out] (GPT-2 Conv1D): dW is (B A)^T
+
+    @property
+    def device(self) -> torch.device:
+        return self.a_params[0].device
+
+    def stacked(self, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [n, r, in], B [n, out, r])`` in the compute dtype (a copy; differentiable unless ``detach``)."""
+        a = [p.detach() if detach else p for p in self.a_params]
+        b = [p.detach() if detach else p for p in self.b_params]
+        return torch.stack(a).to(self.dtype), torch.stack(b).to(self.dtype)
+
+    def delta_weight(self, detach: bool = True) -> torch.Tensor:
+        """dW = s * B @ A for all modules of the group at once: [n, *base weight shape] (one batched matmul)."""
+        a, b = self.stacked(detach)
+        return delta_from_factors(a, b, self.scaling, self.fan_in_fan_out, self.dtype)
+
+    def update_shape(self) -> tuple[int, int]:
+        out, inp = self.b_params[0].shape[0], self.a_params[0].shape[1]
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A [n, out, in] tensor in the base weight's layout."""
+        return t.transpose(1, 2) if self.fan_in_fan_out else t
+
+    def current_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.a_params) + tuple(p._version for p in self.b_params)
+
+
+def group_modules(modules: Iterable[tuple[str, torch.nn.Module]], adapter: str = DEFAULT_ADAPTER,
+                  group_type: type[LoraGroup] = LoraGroup) -> list[LoraGroup]:
+    """``modules`` ((name, LoRA layer), e.g. from :func:`lora_modules`) in groups of equal factor shapes, dtype,
+    device and layout, in order of first appearance (modules keep their order inside a group)."""
+    by_key: dict[tuple, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in modules:
+        a, b = factors(module, adapter)
+        key = (tuple(a.shape), tuple(b.shape), a.dtype, str(a.device), fan_in_fan_out(module))
+        by_key.setdefault(key, []).append((name, module))
+    groups = []
+    for (_, _, dtype, _, fan), items in by_key.items():
+        mods = [m for _, m in items]
+        a_params = [factors(m, adapter)[0] for m in mods]
+        groups.append(group_type(
+            names=[n for n, _ in items], modules=mods, a_params=a_params,
+            b_params=[factors(m, adapter)[1] for m in mods],
+            scaling=scaling_tensor([scaling(m, adapter) for m in mods], compute_dtype(dtype), a_params[0].device),
+            dtype=compute_dtype(dtype), fan_in_fan_out=fan))
+    return groups
+
+
+def by_device(groups: Sequence[LoraGroup]) -> list[list[int]]:
+    """Indices of ``groups`` per device (``torch._foreach_*`` ops need their tensors on one device)."""
+    found: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(groups):
+        found.setdefault(g.device, []).append(i)
+    return list(found.values())
+
+
+__all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "by_device", "compute_dtype", "delta_from_factors",
+                          "delta_weight", "factors", "fan_in_fan_out", "group_modules", "lora_modules", "scaling",
+                          "scaling_tensor", "update_shape"]

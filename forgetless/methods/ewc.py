@@ -41,6 +41,12 @@ Anchor ``dW_ref``: ``anchor="general"`` (default) is the adapter the domain stag
 general-stage update ``dW_nu`` (zero when there is no general stage); ``anchor="zero"`` pulls the whole LoRA
 update towards zero, as the EWCLoRA code does. The anchor is not stored: the cached general stage's adapter is it.
 
+The penalty is computed for groups of modules with equal factor shapes (:func:`forgetless.lora.group_modules`): the
+Fisher of a group is one stacked tensor, ``dW`` and ``dW_ref`` one batched matmul each, and the difference, square and
+weighting one ``torch._foreach_*`` launch per op across the groups of a device (``fused = False`` on the plugin: module
+by module, the same value). ``ewc_penalty`` is left to the loop as a tensor (read at its logging interval, no host
+sync per step).
+
 The wall time and payload size of the Fisher are recorded in the stage's ``extras["importance_cost"]["ewc"]``
 (the report compares them with HLoRA's importance). Under several processes every process takes its share of
 the examples and the sums are all-reduced.
@@ -56,11 +62,11 @@ from typing import Any
 import torch
 
 from forgetless.lm import IGNORE_INDEX
-from forgetless.lora import (DEFAULT_ADAPTER, compute_dtype, delta_from_factors, fan_in_fan_out, factors, lora_modules,
-                             scaling, update_shape)
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, compute_dtype, delta_from_factors, factors,
+                             fan_in_fan_out, group_modules, lora_modules, scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
-                                       option, shard)
+                                       log_scalar, option, shard)
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
@@ -243,7 +249,10 @@ class EWC(Method):
         self.metadata: dict[str, Any] = {}
         self._stage_examples: Sequence[dict] | None = None
         self._state = PendingState(STATE)
-        self._terms: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
+        self._terms: list[_Term] = []  # one per group of equal-shaped modules
+        self._buckets: list[list[int]] = []  # indices of self._terms per device, for the foreach ops
+
+    fused = True  # one foreach launch per op across groups; False: module by module (the same value)
 
     # ----------------------------------------------------------------------------------------------- stages
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
@@ -306,35 +315,55 @@ class EWC(Method):
         under_lora = {k: t for k, t in self.fisher.items() if k.endswith(".base_layer.weight")}  # 'all' has more
         check_modules("EWC Fisher", source, under_lora, {k: update_shape(m, self.adapter) for k, m in keys.items()})
         held = STORAGE_DTYPES[self.storage_dtype]
-        for name, module in modules:
-            a, b = factors(module, self.adapter)
-            fisher = self.fisher[f"{name}.base_layer.weight"]
-            if self.offload == "cpu":
-                fisher = fisher.to("cpu", held)
-                fisher = fisher.pin_memory() if a.device.type == "cuda" else fisher
-            else:
-                fisher = fisher.to(a.device, held)
+        for group in group_modules(modules, self.adapter):
+            names = [f"{name}.base_layer.weight" for name in group.names]
+            device = torch.device("cpu") if self.offload == "cpu" else group.device
+            fisher = torch.stack([self.fisher[k].to(device, held) for k in names])  # [n, *weight shape]
+            if self.offload == "cpu" and group.device.type == "cuda":
+                fisher = fisher.pin_memory()
+            for i, key in enumerate(names):  # the table now views the stack: the Fisher is held once
+                self.fisher[key] = fisher[i]
             # The anchor dW_ref is kept as its factors (r (in + out) numbers, not out x in), multiplied out when the
             # penalty needs it.
-            ref = (a.detach().clone(), b.detach().clone()) if self.anchor == "general" else None
-            self._terms.append((name, module, fisher, ref))
+            ref = group.stacked() if self.anchor == "general" else None
+            self._terms.append(_Term(group, fisher, ref))
+        self._buckets = by_device([t.group for t in self._terms])
         ctx.extras["ewc_anchor"] = self.anchor
 
     def penalty(self) -> torch.Tensor:
         """``sum_l sum_ij F_l,ij (dW_l,ij - dW_ref_l,ij)**2``, differentiable in A and B."""
-        total = None
-        for _, module, fisher, ref in self._terms:
-            a, b = factors(module, self.adapter)
-            dtype = compute_dtype(a.dtype)
-            s, fan = scaling(module, self.adapter), fan_in_fan_out(module)
-            with torch.autocast(device_type=a.device.type, enabled=False):
-                diff = delta_from_factors(a, b, s, fan, dtype)
-                if ref is not None:  # the same computation on the stored factors: exactly 0 at the anchor
-                    diff = diff - delta_from_factors(ref[0], ref[1], s, fan, dtype)
-                term = (fisher.to(a.device, dtype, non_blocking=True) * diff.square()).sum()
-            total = term if total is None else total + term
-        if total is None:
+        if not self._terms:
             raise ValueError("EWC's penalty is used before the domain stage started")
+        if not self.fused:
+            return self._penalty_plain()
+        total = None
+        for bucket in self._buckets:
+            terms = [self._terms[i] for i in bucket]
+            with torch.autocast(device_type=terms[0].group.device.type, enabled=False):
+                diffs = [t.group.delta_weight(detach=False) for t in terms]  # one bmm per group
+                refs = [(i, t.reference_delta()) for i, t in enumerate(terms) if t.ref is not None]
+                if refs:  # the same computation on the stored factors: exactly 0 at the anchor
+                    torch._foreach_sub_([diffs[i] for i, _ in refs], [r for _, r in refs])
+                fishers = [t.fisher.to(t.group.device, t.group.dtype, non_blocking=True) for t in terms]
+                weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), fishers)
+                for w in weighted:
+                    total = w.sum() if total is None else total + w.sum()
+        return total
+
+    def _penalty_plain(self) -> torch.Tensor:
+        """:meth:`penalty` module by module, from each module's own factors."""
+        total = None
+        for term in self._terms:
+            g = term.group
+            for i, module in enumerate(g.modules):
+                a, b = factors(module, self.adapter)
+                s = scaling(module, self.adapter)
+                with torch.autocast(device_type=a.device.type, enabled=False):
+                    diff = delta_from_factors(a, b, s, g.fan_in_fan_out, g.dtype)
+                    if term.ref is not None:
+                        diff = diff - delta_from_factors(term.ref[0][i], term.ref[1][i], s, g.fan_in_fan_out, g.dtype)
+                    t = (term.fisher[i].to(a.device, g.dtype, non_blocking=True) * diff.square()).sum()
+                total = t if total is None else total + t
         return total
 
     def extra_loss(self, ctx: StageContext, batch: Batch) -> torch.Tensor | None:
@@ -342,8 +371,8 @@ class EWC(Method):
             return None
         pen = self.penalty()
         scaled = self.lam * pen
-        ctx.log("ewc_penalty", pen)
-        ctx.log("ewc_penalty_scaled", scaled)
+        log_scalar(ctx, "ewc_penalty", pen)  # read by the loop at its logging interval: no host sync here
+        log_scalar(ctx, "ewc_penalty_scaled", scaled)
         return scaled
 
     # ---------------------------------------------------------------------------------------- persistence
@@ -357,6 +386,18 @@ class EWC(Method):
         """Remember the file; it is read and checked against the model at the domain stage's start."""
         self._state.remember(directory)
         self.fisher = {}
+
+
+class _Term:
+    """The penalty's state for one group of equal-shaped LoRA modules: the stacked Fisher ``[n, *weight shape]`` (on
+    the group's device, or in CPU memory when offloaded) and the anchor's stacked factors (None: anchored at zero)."""
+
+    def __init__(self, group: LoraGroup, fisher: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.group, self.fisher, self.ref = group, fisher, ref
+
+    def reference_delta(self) -> torch.Tensor:
+        g = self.group
+        return delta_from_factors(self.ref[0], self.ref[1], g.scaling, g.fan_in_fan_out, g.dtype)
 
 
 register(MethodSpec("ewc", "EWC-LoRA: diagonal Fisher of general text on the LoRA target weights, "

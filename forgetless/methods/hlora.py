@@ -104,25 +104,38 @@ absolute, norm_scale: none, temperature: 1}``.
 
 Efficiency: modules with the same shapes are stacked and processed with one ``bmm`` per group; ``dW`` is
 computed once per step per module (the dW after a step is reused as the next step's dW(t) unless the LoRA
-parameters were changed in between, detected through the tensors' version counters).
+parameters were changed in between, detected through the tensors' version counters). The element-wise work of a
+step (the path integral's update, the regularizer's difference, square and weighting) is one ``torch._foreach_*``
+launch per op across the groups of a device; ``fused = False`` on the plugin takes the plain path (the path integral
+group by group, the regularizer module by module), which gives the same numbers. No per-step path reads a device
+value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
+
+State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
+module instead of ``out x in``, and multiplied out inside the regularizer with the same batched matmul that gives
+``dW`` (so it is exactly 0 at the anchor). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
+``{module}.ref_A`` / ``{module}.ref_B`` (in the factors' compute dtype: the anchor is exact and needs no snapping),
+with the scalings and layouts in its metadata. Files written before (a dense ``{module}.dw_ref``) are still read: their
+cached general stages stay usable. Where the adapter the domain stage starts from gives that dense ``dW_nu`` exactly
+(the usual case: it is the adapter the general stage ended with), its factors replace the dense tensor (the same
+numbers, without the memory); otherwise the dense tensor is kept and used as before.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgetless.lora import (DEFAULT_ADAPTER, compute_dtype, delta_from_factors, factors, fan_in_fan_out, lora_modules,
-                             scaling, update_shape)
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_factors, delta_weight, group_modules,
+                             lora_modules, scaling, scaling_tensor, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
-                                       option)
+                                       log_scalar, option)
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
@@ -130,19 +143,13 @@ STATE = StateFile(FILENAME, "hlora", "HLoRA importance")
 
 
 @dataclass
-class _Group:
-    """LoRA modules with identical shapes and dtype, stacked so that per-step work is one bmm."""
+class _Group(LoraGroup):
+    """A :class:`LoraGroup` with HLoRA's per-group state (stacked over the group's modules)."""
 
-    names: list[str]
-    modules: list[torch.nn.Module]
-    a_params: list[torch.nn.Parameter]
-    b_params: list[torch.nn.Parameter]
-    scaling: torch.Tensor  # [n, 1, 1]
-    dtype: torch.dtype
-    fan_in_fan_out: bool  # base weights stored [in, out] (GPT-2 Conv1D): dW is (B A)^T
     # general stage
     omega: torch.Tensor | None = None  # [n, out, in]
-    dw_start: torch.Tensor | None = None
+    start: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None  # dW(start) as factors (A, B); dense when
+    # restored from a checkpoint written before factors
     dw_prev: torch.Tensor | None = None
     versions: tuple[int, ...] | None = None
     g_est: torch.Tensor | None = None
@@ -150,48 +157,64 @@ class _Group:
     factors: tuple[torch.Tensor, ...] | None = None  # adam estimator: A, B, g_A, g_B before the step
     # domain stage
     importance: torch.Tensor | None = None
-    dw_ref: torch.Tensor | None = None
+    ref_a: torch.Tensor | None = None  # dW_nu = ref_scaling * ref_b @ ref_a: [n, r, in], [n, out, r]
+    ref_b: torch.Tensor | None = None
+    ref_scaling: torch.Tensor | None = None  # [n, 1, 1]
+    dw_ref: torch.Tensor | None = None  # dense dW_nu, only from a file written before factors (and not matched)
     coeff: torch.Tensor | None = None  # [n]
     hooks: list[Any] = field(default_factory=list)
     hook_seconds: float = 0.0  # time spent in the exact estimator's gradient hooks (importance cost)
 
-    @property
-    def device(self) -> torch.device:
-        return self.a_params[0].device
+    def reference_delta(self) -> torch.Tensor:
+        """dW_nu of every module of the group, [n, *base weight shape] (no gradient)."""
+        if self.dw_ref is not None:
+            return self.dw_ref
+        return delta_from_factors(self.ref_a, self.ref_b, self.ref_scaling, self.fan_in_fan_out, self.dtype)
 
-    def stacked(self, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        a = [p.detach() if detach else p for p in self.a_params]
-        b = [p.detach() if detach else p for p in self.b_params]
-        return torch.stack(a).to(self.dtype), torch.stack(b).to(self.dtype)
-
-    def delta_weight(self, detach: bool = True) -> torch.Tensor:
-        """dW = s * B @ A for all modules of the group at once: [n, *base weight shape] (one batched matmul)."""
-        a, b = self.stacked(detach)
-        return delta_from_factors(a, b, self.scaling, self.fan_in_fan_out, self.dtype)
-
-    def layout(self, t: torch.Tensor) -> torch.Tensor:
-        """A [n, out, in] tensor in the base weight's layout."""
-        return t.transpose(1, 2) if self.fan_in_fan_out else t
-
-    def current_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.a_params) + tuple(p._version for p in self.b_params)
+    def start_delta(self) -> torch.Tensor:
+        """dW at the general stage's first step."""
+        if isinstance(self.start, torch.Tensor):
+            return self.start
+        return delta_from_factors(*self.start, self.scaling, self.fan_in_fan_out, self.dtype)
 
 
 def _build_groups(model: torch.nn.Module, adapter: str) -> list[_Group]:
-    by_key: dict[tuple, list[tuple[str, torch.nn.Module]]] = {}
-    for name, module in lora_modules(model, adapter):
-        a, b = factors(module, adapter)
-        key = (tuple(a.shape), tuple(b.shape), a.dtype, str(a.device), fan_in_fan_out(module))
-        by_key.setdefault(key, []).append((name, module))
-    groups = []
-    for (_, _, dtype, _, fan), items in by_key.items():
-        modules = [m for _, m in items]
-        groups.append(_Group(
-            names=[n for n, _ in items], modules=modules,
-            a_params=[factors(m, adapter)[0] for m in modules], b_params=[factors(m, adapter)[1] for m in modules],
-            scaling=torch.tensor([scaling(m, adapter) for m in modules]).view(-1, 1, 1),
-            dtype=compute_dtype(dtype), fan_in_fan_out=fan))
-    return groups
+    return group_modules(lora_modules(model, adapter), adapter, _Group)  # type: ignore[return-value]
+
+
+class ReferenceUpdates(Mapping):
+    """``dW_nu`` per module, ``{name: tensor}``, held as factors and multiplied out on access (a fresh tensor each time,
+    never a parameter). Modules read from a file written before factors may hold the dense tensor instead."""
+
+    def __init__(self) -> None:
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}  # name: (A, B, s, fan_in_fan_out)
+        self.dense: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.dense:
+            return self.dense[name]
+        a, b, s, fan = self.factors[name]
+        return delta_from_factors(a, b, s, fan)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.factors
+        yield from (n for n in self.dense if n not in self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors.keys() | self.dense.keys())
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """``{name: a meta tensor of dW_nu's shape}``, for checking against a model without multiplying anything."""
+        out = {n: torch.empty(t.shape, device="meta") for n, t in self.dense.items()}
+        for n, (a, b, _, fan) in self.factors.items():
+            shape = (b.shape[-2], a.shape[-1])
+            out[n] = torch.empty(shape[::-1] if fan else shape, device="meta")
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held (views into stacked tensors counted at their size)."""
+        return (sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _, _ in self.factors.values())
+                + sum(t.numel() * t.element_size() for t in self.dense.values()))
 
 
 DEFAULT_TEMPERATURE = 0.25  # see the module docstring and bench/RESULTS.md
@@ -218,23 +241,49 @@ def layer_coefficients(norms: torch.Tensor, temperature: float = DEFAULT_TEMPERA
 def load_importance(path: str | Path) -> dict[str, Any]:
     """Read a file written by :meth:`HLoRA.save_state`.
 
-    Returns ``{"omega": {module: Tensor}, "dw_ref": {module: Tensor}, "metadata": dict}`` (tensors in the
-    stored dtype, on the CPU).
+    Returns ``{"omega": {module: Tensor}, "dw_ref": ReferenceUpdates, "metadata": dict}`` (tensors in the stored
+    dtype, on the CPU). ``dw_ref[module]`` is ``dW_nu``, multiplied out from the stored factors on access (or the
+    dense tensor of a file written before factors); ``dw_ref.factors[module]`` is ``(A_nu, B_nu, s, fan_in_fan_out)``.
     """
     return _split(*STATE.load(path), STATE.locate(path))
 
 
-def _split(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The stored ``{module}.omega`` / ``{module}.dw_ref`` tensors, as two tables."""
+def _split(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """The stored ``{module}.omega`` and ``{module}.ref_A`` / ``.ref_B`` (or, in files written before factors, dense
+    ``{module}.dw_ref``) tensors, as the importance table and the references."""
     omega: dict[str, torch.Tensor] = {}
-    ref: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, kind = key.rsplit(".", 1)
-        (omega if kind == "omega" else ref)[name] = tensor
+        if kind == "omega":
+            omega[name] = tensor
+        elif kind in ("ref_A", "ref_B", "dw_ref"):
+            parts.setdefault(name, {})[kind] = tensor
+        else:
+            raise ValueError(f"HLoRA importance file {path} has an unknown tensor {key!r}")
+    described = metadata.get("reference") or {}
+    refs = ReferenceUpdates()
+    for name, part in parts.items():
+        if "dw_ref" in part:
+            refs.dense[name] = part["dw_ref"]
+            continue
+        if set(part) != {"ref_A", "ref_B"}:
+            raise ValueError(f"HLoRA importance file {path} has only {sorted(part)[0]} of module {name!r}'s dW_nu "
+                             f"factors (needs ref_A and ref_B)")
+        try:
+            s, fan = float(described["scaling"][name]), bool(described["fan_in_fan_out"][name])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"HLoRA importance file {path} lacks the scaling of module {name!r}'s dW_nu factors in "
+                             f"its metadata") from None
+        a, b = part["ref_A"], part["ref_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"HLoRA importance file {path}: module {name!r}'s dW_nu factors have shapes "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}, not [r, in] and [out, r]")
+        refs.factors[name] = (a, b, s, fan)
     for name in metadata.get("modules") or sorted(omega):
-        if name not in omega or name not in ref:
-            raise ValueError(f"HLoRA importance file {path} lacks omega or dw_ref of module {name!r}")
-    return {"omega": omega, "dw_ref": ref, "metadata": metadata}
+        if name not in omega or name not in refs:
+            raise ValueError(f"HLoRA importance file {path} lacks omega or dW_nu of module {name!r}")
+    return {"omega": omega, "dw_ref": refs, "metadata": metadata}
 
 
 @dataclass(repr=False)
@@ -281,13 +330,21 @@ class HLoRA(Method):
         self.groups: list[_Group] = []
         # Per-module results of the general stage (views into the groups' stacked tensors, or loaded ones).
         self.importance: dict[str, torch.Tensor] = {}
-        self.reference: dict[str, torch.Tensor] = {}
+        self._refs = ReferenceUpdates()  # dW_nu per module, as factors
         self.metadata: dict[str, Any] = {}
         self.steps = 0
         self._state = PendingState(STATE)
         self._model_name = ""
         self._timer = Timer()  # wall time of recording importance (the report's cost table)
         self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
+        self._buckets: list[list[int]] = []  # indices of self.groups per device, for the foreach ops
+
+    fused = True  # one foreach launch per op across groups; False: the plain path (same numbers)
+
+    @property
+    def reference(self) -> ReferenceUpdates:
+        """``{module: dW_nu}`` (eq 14's anchor), multiplied out from the held factors on access."""
+        return self._refs
 
     def check_composition(self, others: Sequence[Method]) -> None:
         """The exact estimator's hooks add the gradient of every backward pass: refuse a method that wraps the
@@ -309,10 +366,11 @@ class HLoRA(Method):
         self.groups = _build_groups(ctx.model, self.adapter)
         if not self.groups:
             raise ValueError("HLoRA found no LoRA modules in the model (attach LoRA first)")
+        self._buckets = by_device(self.groups)
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
             self.steps, self._timer = 0, Timer(self.groups[0].device)
-            self.importance, self.reference = {}, {}
+            self.importance, self._refs = {}, ReferenceUpdates()
             if self.estimator == "exact":
                 self._install_hooks()
         elif ctx.stage == DOMAIN:
@@ -329,8 +387,8 @@ class HLoRA(Method):
         for g in self.groups:
             dw_end = g.delta_weight()
             if g.omega is None:  # no step was taken
-                g.omega, g.dw_start = torch.zeros_like(dw_end), dw_end.clone()
-            delta_sq = (dw_end - g.dw_start).square()  # Delta_l^2 (eq 13); Delta = dW(end) when B starts at zero
+                g.omega, g.start = torch.zeros_like(dw_end), dw_end.clone()
+            delta_sq = (dw_end - g.start_delta()).square()  # Delta_l^2 (eq 13); Delta = dW(end) when B starts at zero
             xi = self._xi(delta_sq)
             omega = g.omega.clamp(min=0) if self.nonnegative == "end" else g.omega
             denominator = delta_sq + xi
@@ -338,11 +396,15 @@ class HLoRA(Method):
             g.importance = torch.where(denominator > 0, omega / denominator, torch.zeros_like(omega))
             counts += torch.tensor([g.omega.numel(), int((g.omega < 0).sum()), int((delta_sq > xi).sum())],
                                    dtype=torch.float64)
-            g.dw_ref = dw_end  # dW_nu: a fresh tensor, never a parameter, never moved
+            # dW_nu as its factors (fresh copies, never parameters, never moved): dw_end is this product
+            g.ref_a, g.ref_b = g.stacked()
+            g.ref_scaling, g.dw_ref = g.scaling, None
+            scales = [scaling(m, self.adapter) for m in g.modules]
             for i, name in enumerate(g.names):
-                self.importance[name], self.reference[name] = g.importance[i], g.dw_ref[i]
+                self.importance[name] = g.importance[i]
+                self._refs.factors[name] = (g.ref_a[i], g.ref_b[i], scales[i], g.fan_in_fan_out)
                 norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
-            g.omega = g.dw_start = g.dw_prev = g.g_est = g.grad_full = g.factors = None
+            g.omega = g.start = g.dw_prev = g.g_est = g.grad_full = g.factors = None
         ctx.extras["hlora_importance_norms"] = norms
         # diagnostics of eq 13: how much of omega was negative (before the rule) and how much eq 13 normalised
         ctx.extras["hlora_importance_stats"] = {"negative_omega": float(counts[1] / counts[0].clamp(min=1)),
@@ -351,9 +413,9 @@ class HLoRA(Method):
         seconds = self._timer.seconds + sum(g.hook_seconds for g in self.groups)
         size = STORAGE_DTYPES[self.storage_dtype].itemsize
         ctx.extras.setdefault("importance_cost", {})["hlora"] = {
-            "what": f"path-integral importance ({self.estimator} estimator) + dW_nu", "seconds": seconds,
-            "bytes": sum(2 * t.numel() * size for t in self.importance.values()), "steps": self.steps,
-            "tensors": 2 * len(self.importance)}
+            "what": f"path-integral importance ({self.estimator} estimator) + dW_nu as factors", "seconds": seconds,
+            "bytes": sum(t.numel() * size for t in self.importance.values()) + self._refs.nbytes(),
+            "steps": self.steps, "tensors": 3 * len(self.importance)}
         self.metadata = self._describe()
 
     def _xi(self, delta_sq: torch.Tensor) -> torch.Tensor:
@@ -376,7 +438,7 @@ class HLoRA(Method):
         if g.omega is None:
             g.scaling = g.scaling.to(g.device, g.dtype)
             dw = g.delta_weight()
-            g.omega, g.dw_start, g.dw_prev = torch.zeros_like(dw), dw.clone(), dw
+            g.omega, g.start, g.dw_prev = torch.zeros_like(dw), g.stacked(), dw  # dW(start) kept as factors
         elif g.versions != g.current_versions():  # someone moved A/B after our last look: recompute dW(t)
             g.dw_prev = g.delta_weight()
         if self.estimator == "paper":
@@ -398,25 +460,56 @@ class HLoRA(Method):
         if ctx.stage != GENERAL:
             return
         with self._timer:
-            for g in self.groups:
-                if g.g_est is None and g.factors is None:
-                    continue
-                dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
-                descent = g.dw_prev.sub_(dw_next)  # dW(t) - dW(t+1), in place
-                if g.factors is not None:
-                    g.g_est = _adam_gradient(g, descent)
-                # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
-                contribution = descent.mul_(g.g_est)
-                if self.nonnegative == "step":
-                    contribution.clamp_(min=0)
-                g.omega.add_(contribution)
-                if self.nonnegative == "running":
-                    g.omega.clamp_(min=0)
-                g.dw_prev, g.versions = dw_next, g.current_versions()
-                if g.grad_full is not None:
-                    g.grad_full.zero_()
-                g.g_est = None
+            if self.fused:
+                for bucket in self._buckets:
+                    self._accumulate_fused([self.groups[i] for i in bucket])
+            else:
+                for g in self.groups:
+                    self._accumulate(g)
         self.steps += 1
+
+    def _accumulate(self, g: _Group) -> None:
+        """The path integral's step for one group (the plain path)."""
+        if g.g_est is None and g.factors is None:
+            return
+        dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
+        descent = g.dw_prev.sub_(dw_next)  # dW(t) - dW(t+1), in place
+        if g.factors is not None:
+            g.g_est = _adam_gradient(g, descent)
+        # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
+        contribution = descent.mul_(g.g_est)
+        if self.nonnegative == "step":
+            contribution.clamp_(min=0)
+        g.omega.add_(contribution)
+        if self.nonnegative == "running":
+            g.omega.clamp_(min=0)
+        g.dw_prev, g.versions = dw_next, g.current_versions()
+        if g.grad_full is not None:
+            g.grad_full.zero_()
+        g.g_est = None
+
+    def _accumulate_fused(self, groups: list[_Group]) -> None:
+        """:meth:`_accumulate` for the groups of one device, each element-wise op one foreach launch for all of them
+        (the same ops on the same tensors: the same numbers)."""
+        groups = [g for g in groups if g.g_est is not None or g.factors is not None]
+        if not groups:
+            return
+        nexts = [g.delta_weight() for g in groups]  # dW(t+1): one bmm per group
+        descents = [g.dw_prev for g in groups]
+        torch._foreach_sub_(descents, nexts)  # dW(t) - dW(t+1), in place
+        estimates = [_adam_gradient(g, d) if g.factors is not None else g.g_est for g, d in zip(groups, descents)]
+        torch._foreach_mul_(descents, estimates)  # the contribution g~ * (dW(t) - dW(t+1))   (eqs 8-10)
+        if self.nonnegative == "step":
+            torch._foreach_clamp_min_(descents, 0)
+        omegas = [g.omega for g in groups]
+        torch._foreach_add_(omegas, descents)
+        if self.nonnegative == "running":
+            torch._foreach_clamp_min_(omegas, 0)
+        full = [g.grad_full for g in groups if g.grad_full is not None]
+        if full:
+            torch._foreach_zero_(full)
+        for g, dw_next in zip(groups, nexts):
+            g.dw_prev, g.versions, g.g_est = dw_next, g.current_versions(), None
 
     def _install_hooks(self) -> None:
         for g in self.groups:
@@ -435,7 +528,7 @@ class HLoRA(Method):
         loaded = self._state.take()
         if loaded is not None:
             table = _split(*loaded, path)
-            self.importance, self.reference, self.metadata = table["omega"], table["dw_ref"], table["metadata"]
+            self.importance, self._refs, self.metadata = table["omega"], table["dw_ref"], table["metadata"]
             self.steps = int(self.metadata.get("steps", 0))
         if not self.importance:
             raise ValueError("HLoRA's domain stage needs importance: run the general stage with HLoRA first, "
@@ -445,20 +538,41 @@ class HLoRA(Method):
         if stored and self._model_name and stored != self._model_name:
             warnings.warn(f"HLoRA importance was recorded on {stored!r}, the model now is {self._model_name!r}")
         snapped = False
-        stored_dtype = next(iter(self.reference.values())).dtype
         for g in self.groups:
             dev = g.device
             g.importance = torch.stack([self.importance[n].to(dev, g.dtype) for n in g.names])
-            g.dw_ref = torch.stack([self.reference[n].to(dev, g.dtype) for n in g.names])
             g.scaling = g.scaling.to(dev, g.dtype)
-            if self.snap_reference and stored_dtype != g.dtype:
-                # A reduced-precision reference: the adapter we continue from *is* dW_nu, in full precision.
+            g.ref_a = g.ref_b = g.ref_scaling = g.dw_ref = None
+            if any(n in self._refs.dense for n in g.names):  # a file written before factors: dense dW_nu
+                stored_dtype = next(self._refs.dense[n].dtype for n in g.names if n in self._refs.dense)
+                g.dw_ref = torch.stack([self._refs[n].to(dev, g.dtype) for n in g.names])
                 current = g.delta_weight()
-                tol = 2.0 ** -7 * g.dw_ref.abs() + 1e-12
-                if bool(((current - g.dw_ref).abs() <= tol).all()):
-                    g.dw_ref, snapped = current, True
+                # The adapter we continue from gives this dW_nu exactly: keep its factors instead (the same numbers).
+                adopt = bool(torch.equal(current, g.dw_ref))
+            else:
+                stored_dtype = self._refs.factors[g.names[0]][0].dtype
+                ref_a, ref_b = _stack_padded([self._refs.factors[n][:2] for n in g.names], dev, g.dtype)
+                g.ref_a, g.ref_b = ref_a, ref_b
+                g.ref_scaling = scaling_tensor([self._refs.factors[n][2] for n in g.names], g.dtype, dev)
+                adopt = False
+            if not adopt and self.snap_reference and stored_dtype != g.dtype:
+                # A reduced-precision reference: the adapter we continue from *is* dW_nu, in full precision.
+                current, reference = g.delta_weight(), g.reference_delta()
+                tol = 2.0 ** -7 * reference.abs() + 1e-12
+                adopt = snapped = bool(((current - reference).abs() <= tol).all())
+            if adopt:
+                g.ref_a, g.ref_b = g.stacked()
+                g.ref_scaling, g.dw_ref = g.scaling, None
+            scales = [scaling(m, self.adapter) for m in g.modules] if adopt else \
+                [self._refs.factors[n][2] if n in self._refs.factors else 0.0 for n in g.names]
             for i, n in enumerate(g.names):
-                self.importance[n], self.reference[n] = g.importance[i], g.dw_ref[i]
+                self.importance[n] = g.importance[i]
+                if g.dw_ref is None:
+                    self._refs.dense.pop(n, None)
+                    self._refs.factors[n] = (g.ref_a[i], g.ref_b[i], scales[i], g.fan_in_fan_out)
+                else:
+                    self._refs.factors.pop(n, None)
+                    self._refs.dense[n] = g.dw_ref[i]
         self._update_coefficients(ctx)
         ctx.extras["hlora_reference_snapped"] = snapped
 
@@ -466,7 +580,7 @@ class HLoRA(Method):
         source = self._state.source or "recorded in this run"
         have = {n: update_shape(m, self.adapter) for g in self.groups for n, m in zip(g.names, g.modules)}
         check_modules("HLoRA importance (omega)", source, self.importance, have)
-        check_modules("HLoRA importance (dw_ref)", source, self.reference, have)
+        check_modules("HLoRA importance (dw_ref)", source, self._refs.shapes(), have)
 
     def _update_coefficients(self, ctx: StageContext) -> None:
         norms = torch.cat([torch.linalg.vector_norm(g.importance.flatten(1), dim=1).float().cpu() for g in self.groups])
@@ -484,14 +598,33 @@ class HLoRA(Method):
         self._phi_unit = 1.0 / mean if self.phi_scale == "mean" and mean > 0 else 1.0
 
     def regularizer(self) -> torch.Tensor:
-        """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B."""
+        """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B.
+
+        dW and dW_nu are one batched matmul per group each; the difference, square and weighting are one foreach
+        launch per op across the groups of a device. ``fused = False``: module by module (the same value)."""
+        if not self.fused:
+            return self._regularizer_plain()
+        total = None
+        for bucket in self._buckets:
+            groups = [self.groups[i] for i in bucket]
+            with torch.autocast(device_type=groups[0].device.type, enabled=False):
+                diffs = torch._foreach_sub([g.delta_weight(detach=False) for g in groups],
+                                           [g.reference_delta() for g in groups])
+                weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [g.importance for g in groups])
+                for g, w in zip(groups, weighted):
+                    term = (g.coeff * w.sum(dim=(1, 2))).sum()  # sum_l c_l L_l (eqs 14-15)
+                    total = term if total is None else total + term
+        return total
+
+    def _regularizer_plain(self) -> torch.Tensor:
+        """:meth:`regularizer` module by module: dW_l - dW_nu_l from each module's own factors."""
         total = None
         for g in self.groups:
             with torch.autocast(device_type=g.device.type, enabled=False):
-                diff = g.delta_weight(detach=False) - g.dw_ref
-                per_module = (g.importance * diff.square()).sum(dim=(1, 2))  # L_l (eq 14)
-                term = (g.coeff * per_module).sum()
-            total = term if total is None else total + term
+                for i, (name, module) in enumerate(zip(g.names, g.modules)):
+                    diff = delta_weight(module, self.adapter, g.dtype) - self._refs[name].to(g.dtype)
+                    term = g.coeff[i] * (g.importance[i] * diff.square()).sum()  # c_l L_l
+                    total = term if total is None else total + term
         return total
 
     def extra_loss(self, ctx: StageContext, batch: Batch) -> torch.Tensor | None:
@@ -499,8 +632,8 @@ class HLoRA(Method):
             return None
         reg = self.regularizer()
         scaled = self.phi * self._phi_unit * reg  # phi * L_reg (eq 16); / mean(Omega) with phi_scale "mean"
-        ctx.log("reg_loss", reg)
-        ctx.log("reg_loss_scaled", scaled)
+        log_scalar(ctx, "reg_loss", reg)  # read by the loop at its logging interval: no host sync here
+        log_scalar(ctx, "reg_loss_scaled", scaled)
         return scaled
 
     # ---------------------------------------------------------------------------------------- persistence
@@ -511,17 +644,32 @@ class HLoRA(Method):
                 "options": self.options.as_dict(), "estimator": self.estimator, "dtype": self.storage_dtype,
                 "xi": self.xi, "xi_mode": self.xi_mode, "nonnegative": self.nonnegative, "adapter": self.adapter}
 
+    def _reference_metadata(self) -> dict[str, Any]:
+        factors = self._refs.factors
+        return {"format": "factors" if not self._refs.dense else "mixed",
+                "scaling": {n: f[2] for n, f in factors.items()},
+                "fan_in_fan_out": {n: f[3] for n, f in factors.items()}}
+
     def save_state(self, directory: Path) -> None:
+        """``{module}.omega`` in ``storage_dtype``; dW_nu as ``{module}.ref_A`` / ``.ref_B`` in the factors' dtype
+        (``r (in + out)`` numbers: exact, and small beside omega); a dense dW_nu read from an old file stays dense."""
         tensors = {}
+        dtype = STORAGE_DTYPES[self.storage_dtype]
         for name in self.importance:
-            tensors[f"{name}.omega"] = self.importance[name]
-            tensors[f"{name}.dw_ref"] = self.reference[name]
+            tensors[f"{name}.omega"] = self.importance[name].to(dtype)
+            if name in self._refs.factors:
+                a, b, _, _ = self._refs.factors[name]
+                tensors[f"{name}.ref_A"], tensors[f"{name}.ref_B"] = a, b
+            else:
+                tensors[f"{name}.dw_ref"] = self._refs.dense[name].to(dtype)
         meta = dict(self.metadata or self._describe())
         meta["dtype"] = self.storage_dtype
-        path = self._state.save(directory, tensors, meta, STORAGE_DTYPES[self.storage_dtype])
+        if self.importance:
+            meta["reference"] = self._reference_metadata()
+        path = self._state.save(directory, tensors, meta)
         if path is not None:
             print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
-                  f"{self.storage_dtype})")
+                  f"{self.storage_dtype}; dW_nu as factors)")
 
     def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
         """The running path integral of the general stage (for a mid-stage checkpoint)."""
@@ -530,7 +678,11 @@ class HLoRA(Method):
         state = {"steps": torch.tensor(self.steps)}
         for i, g in enumerate(self.groups):
             if g.omega is not None:
-                state[f"{i}.omega"], state[f"{i}.dw_start"] = g.omega, g.dw_start
+                state[f"{i}.omega"] = g.omega
+                if isinstance(g.start, torch.Tensor):
+                    state[f"{i}.dw_start"] = g.start
+                else:
+                    state[f"{i}.start_A"], state[f"{i}.start_B"] = g.start
         return state
 
     def load_stage_state(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> None:
@@ -541,13 +693,32 @@ class HLoRA(Method):
             if f"{i}.omega" in state:
                 g.scaling = g.scaling.to(g.device, g.dtype)
                 g.omega = state[f"{i}.omega"].to(g.device, g.dtype)
-                g.dw_start = state[f"{i}.dw_start"].to(g.device, g.dtype)
+                if f"{i}.dw_start" in state:  # a checkpoint written before dW(start) was kept as factors
+                    g.start = state[f"{i}.dw_start"].to(g.device, g.dtype)
+                else:
+                    g.start = (state[f"{i}.start_A"].to(g.device, g.dtype), state[f"{i}.start_B"].to(g.device, g.dtype))
                 g.dw_prev, g.versions = g.delta_weight(), g.current_versions()  # dW(t) of the restored adapter
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
         self._state.remember(directory)
-        self.importance, self.reference = {}, {}
+        self.importance, self._refs = {}, ReferenceUpdates()
+
+
+def _stack_padded(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack factors ``(A [r, in], B [out, r])`` of one group; ranks that differ are padded with zeros (B A is the
+    same)."""
+    rank = max(a.shape[0] for a, _ in pairs)
+    a_out, b_out = [], []
+    for a, b in pairs:
+        a, b = a.to(device, dtype), b.to(device, dtype)
+        if a.shape[0] < rank:
+            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+        a_out.append(a)
+        b_out.append(b)
+    return torch.stack(a_out), torch.stack(b_out)
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -153,7 +153,7 @@ def test_penalty_value_anchor_and_gradient_matches_central_differences(domain_re
                 (idx, fd)
     extra = plugin.extra_loss(dctx, {})
     assert torch.allclose(extra, plugin.lam * plugin.penalty())
-    assert dctx.scalars["ewc_penalty"] == pytest.approx(float(pen.detach()))
+    assert float(dctx.scalars["ewc_penalty"]) == pytest.approx(float(pen.detach()))
 
 
 def test_anchor_zero_pulls_the_whole_update(domain_ready, tol):
@@ -258,3 +258,50 @@ def test_options_and_registry():
     c = general_stage_entries(resolve({"name": "ewc", "estimator": "empirical"}).entries)
     assert a == b == [{"name": "ewc", "samples": 8}] and c != a
     assert general_stage_entries(resolve({"name": "hlora", "phi": 0.1}).entries) == [{"name": "hlora"}]
+
+
+# ------------------------------------------------------------------------- fused per-step work (issue #15)
+ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("anchor,offload", [("general", "none"), ("zero", "none"), ("general", "cpu")])
+def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, tol, anchor, offload):
+    """fp32, all seven projections (several groups of equal shapes): the grouped foreach penalty and its gradient
+    are the module-by-module ones."""
+    model = lora_model(targets=ALL_SEVEN, b_std=0.05)
+    plugin = EWC(samples=4, anchor=anchor, offload=offload)
+    general = make_ctx("general", model)
+    plugin.prepare_examples(general, random_examples(4, 8))
+    plugin.on_stage_end(general)
+    plugin.on_stage_start(make_ctx("domain", model))
+    assert len(plugin._terms) >= 3
+    randomize_lora_b(model, seed=7, std=0.05)  # the domain stage moved the adapter away from the anchor
+    params = [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    values = {}
+    for fused in (True, False):
+        plugin.fused = fused
+        pen = plugin.penalty()
+        values[fused] = (pen.detach(), torch.autograd.grad(pen, params))
+    (fused_pen, fused_grads), (plain_pen, plain_grads) = values[True], values[False]
+    assert plain_pen.dtype == torch.float32 and plain_pen > 0
+    assert abs(float(fused_pen - plain_pen)) <= tol(1e-6) * float(plain_pen)
+    for a, b in zip(fused_grads, plain_grads):
+        assert float((a - b).abs().max()) <= tol(1e-6) * float(b.abs().max())
+
+
+def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx):
+    from tests.unit.test_hlora import no_host_reads
+
+    model = lora_model(targets=ALL_SEVEN, b_std=0.05)
+    plugin = EWC(samples=4)
+    general = make_ctx("general", model)
+    plugin.prepare_examples(general, random_examples(4, 8))
+    plugin.on_stage_end(general)
+    ctx = make_ctx("domain", model)
+    plugin.on_stage_start(ctx)
+    with no_host_reads():
+        extra = plugin.extra_loss(ctx, {})
+        plugin.before_optimizer_step(ctx)
+        plugin.after_optimizer_step(ctx)
+    extra.backward()
+    assert isinstance(ctx.scalars["ewc_penalty"], torch.Tensor) and not ctx.scalars["ewc_penalty"].requires_grad

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from forgetless.lora import lora_modules
+from forgetless.lora import delta_weight, lora_modules
 from forgetless.methods import resolve
 from forgetless.methods.hlora import FILENAME, HLoRA, layer_coefficients, load_importance
 from forgetless.training.batches import collate
@@ -291,25 +291,85 @@ def test_save_load_round_trip_float32_and_bfloat16(tmp_path, general_then_domain
     assert loaded["metadata"]["estimator"] == "paper" and loaded["metadata"]["dtype"] == "float32"
     for n in plugin.importance:
         assert torch.equal(loaded["omega"][n], plugin.importance[n].float().cpu())
-        assert torch.equal(loaded["dw_ref"][n], plugin.reference[n].float().cpu())
+        # dW_nu as its factors, at the factors' own precision (float64 here: exact), with their scaling and layout
+        (a, b, s, fan), (la, lb, ls, lfan) = plugin.reference.factors[n], loaded["dw_ref"].factors[n]
+        assert torch.equal(la, a.cpu()) and torch.equal(lb, b.cpu()) and (ls, lfan) == (s, fan)
+        assert la.dtype == torch.float64
+        assert torch.equal(loaded["dw_ref"][n], plugin.reference[n].cpu())
         assert loaded["metadata"]["shapes"][n] == list(plugin.importance[n].shape)
 
     plugin.storage_dtype = "bfloat16"
     plugin.save_state(tmp_path / "bf16")
-    assert (tmp_path / "bf16" / FILENAME).stat().st_size < 0.6 * (tmp_path / "f32" / FILENAME).stat().st_size
+    omega_bytes = sum(t.numel() * 4 for t in plugin.importance.values())  # float32 in the first file
+    assert (tmp_path / "bf16" / FILENAME).stat().st_size < (tmp_path / "f32" / FILENAME).stat().st_size - 0.4 * omega_bytes
     low = load_importance(tmp_path / "bf16")
     for n in plugin.importance:
         assert low["omega"][n].dtype == torch.bfloat16
         assert torch.allclose(low["omega"][n].double(), plugin.importance[n].cpu(), rtol=2**-7, atol=0)
+        assert torch.equal(low["dw_ref"].factors[n][0], plugin.reference.factors[n][0].cpu())  # factors stay exact
 
-    # A fresh plugin reads the file lazily and regularizes exactly like the one that recorded it.
+    # A fresh plugin reads the file lazily and regularizes exactly like the one that recorded it: the stored factors
+    # are the adapter's own, so dW_nu is exact without snapping.
     for folder in ("f32", "bf16"):
         fresh = HLoRA()
         fresh.load_state(tmp_path / folder)
         ctx = make_ctx("domain", model)
         fresh.on_stage_start(ctx)
-        assert fresh.regularizer().item() == 0.0  # bf16 reference snapped to the adapter it continues
-        assert ctx.extras["hlora_reference_snapped"]  # both stored below this float64 model's precision
+        assert fresh.regularizer().item() == 0.0
+        assert not ctx.extras["hlora_reference_snapped"]
+
+
+def _write_dense_file(plugin, model, folder, dtype):
+    """The file HLoRA wrote before dW_nu was kept as factors: dense ``{module}.dw_ref`` (the group's batched product,
+    as it was computed), no reference metadata."""
+    from forgetless.lora import group_modules
+    from forgetless.methods.hlora import STATE
+
+    tensors = {}
+    for g in group_modules(lora_modules(model)):
+        dense = g.delta_weight()
+        for i, n in enumerate(g.names):
+            tensors[f"{n}.omega"], tensors[f"{n}.dw_ref"] = plugin.importance[n], dense[i]
+    meta = {k: v for k, v in plugin.metadata.items() if k != "reference"}
+    STATE.save(folder, tensors, meta, dtype)
+
+
+def test_a_file_with_a_dense_reference_still_loads(tmp_path, general_then_domain, lora_model, make_ctx, device, tol):
+    """Old cached general stages stay usable. Continuing the adapter that gave the dense dW_nu, its factors replace it
+    (the same numbers, without the memory); another adapter keeps the dense tensor and is regularized towards it."""
+    model, plugin = general_then_domain(xi=1e-2)
+    _write_dense_file(plugin, model, tmp_path / "f64", torch.float64)  # this float64 model's precision
+    _write_dense_file(plugin, model, tmp_path / "bf16", torch.bfloat16)
+    old = load_importance(tmp_path / "f64")["dw_ref"]
+    assert set(old.dense) == set(plugin.importance) and not old.factors
+    plugin.on_stage_start(make_ctx("domain", model))
+    fresh = {}
+    for folder in ("f64", "bf16"):
+        fresh[folder] = HLoRA(xi=1e-2)
+        fresh[folder].load_state(tmp_path / folder)
+        ctx = make_ctx("domain", model)
+        fresh[folder].on_stage_start(ctx)
+        assert not fresh[folder].reference.dense and all(g.dw_ref is None for g in fresh[folder].groups)
+        assert ctx.extras["hlora_reference_snapped"] == (folder == "bf16")  # bf16 matched within its precision
+        assert fresh[folder].regularizer().item() == 0.0
+    randomize_lora_b(model, seed=3, std=0.05)  # the domain stage moves the adapter
+    assert plugin.regularizer() > 0
+    assert torch.equal(fresh["f64"].regularizer(), plugin.regularizer())
+
+    other = lora_model(dtype=torch.float64, b_std=0.05, b_seed=11)  # an adapter that is not dW_nu
+    kept = HLoRA(xi=1e-2)
+    kept.load_state(tmp_path / "f64")
+    ctx = make_ctx("domain", other)
+    kept.on_stage_start(ctx)
+    assert kept.reference.dense and all(g.dw_ref is not None for g in kept.groups)
+    c = ctx.extras["hlora_layer_coefficients"]
+    dense = load_importance(tmp_path / "f64")["dw_ref"]
+    expected = sum(c[n] * (kept.importance[n] * (delta_weight(m) - dense[n].to(device)).square()).sum()
+                   for n, m in lora_modules(other))
+    got = kept.regularizer()
+    assert got > 0 and torch.allclose(got, expected, rtol=tol(1e-12, torch.float64))
+    kept.save_state(tmp_path / "again")  # a dense reference that was not matched is saved dense, as it was read
+    assert load_importance(tmp_path / "again")["dw_ref"].dense
 
 
 def test_load_into_mismatched_model_names_the_module(tmp_path, general_then_domain, lora_model, make_ctx):
@@ -321,12 +381,15 @@ def test_load_into_mismatched_model_names_the_module(tmp_path, general_then_doma
     with pytest.raises(ValueError, match=r"k_proj"):
         fresh.on_stage_start(make_ctx("domain", other))
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(tmp_path / FILENAME), framework="pt") as fh:
+        metadata = fh.metadata()
     tensors = load_file(str(tmp_path / FILENAME))
     key = next(k for k in tensors if k.endswith("layers.1.self_attn.v_proj.omega"))
     tensors[key] = torch.zeros(3, 3)
-    save_file(tensors, str(tmp_path / FILENAME))
+    save_file(tensors, str(tmp_path / FILENAME), metadata=metadata)
     model = lora_model(dtype=torch.float64)
     fresh = HLoRA()
     fresh.load_state(tmp_path)
@@ -334,6 +397,11 @@ def test_load_into_mismatched_model_names_the_module(tmp_path, general_then_doma
         fresh.on_stage_start(make_ctx("domain", model))
     with pytest.raises(FileNotFoundError):
         HLoRA().load_state(tmp_path / "nowhere")
+    save_file(tensors, str(tmp_path / FILENAME))  # the factors without their scalings: the error names the file
+    fresh = HLoRA()
+    fresh.load_state(tmp_path)
+    with pytest.raises(ValueError, match=r"hlora_importance\.safetensors lacks the scaling of module"):
+        fresh.on_stage_start(make_ctx("domain", model))
 
 
 def test_domain_without_importance_is_a_clear_error(lora_model, make_ctx):
@@ -366,5 +434,128 @@ def test_importance_cost_is_recorded(lora_model, accelerator, examples):
                                                                      progress=False),
                           [plugin], stage="general", accelerator=accelerator)
         cost = res.extras["importance_cost"]["hlora"]
-        assert cost["seconds"] > 0 and cost["steps"] == 2 and cost["tensors"] == 8
-        assert cost["bytes"] == 2 * 2 * sum(t.numel() for t in plugin.importance.values())  # omega + dW_nu, bf16
+        assert cost["seconds"] > 0 and cost["steps"] == 2 and cost["tensors"] == 12  # omega, A_nu, B_nu per module
+        factors = sum(a.numel() + b.numel() for a, b, _, _ in plugin.reference.factors.values())
+        # omega in bf16 + dW_nu as float32 factors
+        assert cost["bytes"] == 2 * sum(t.numel() for t in plugin.importance.values()) + 4 * factors
+
+
+# ------------------------------------------------------------------------- fused per-step work (issue #15)
+ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _perturb(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for p in (m.lora_A["default"].weight, m.lora_B["default"].weight):
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+
+
+def _lora_params(model):
+    return [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+
+
+def _close(a, b, rel):
+    return bool(((a - b).abs() <= rel * b.abs().max().clamp(min=torch.finfo(b.dtype).tiny)).all())
+
+
+@pytest.mark.parametrize("estimator,nonnegative", [("paper", "end"), ("adam", "step"), ("exact", "running")])
+def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative):
+    """The importance after 3 steps (fp32, all seven projections: several groups) is the group-by-group one."""
+    recorded = {}
+    for fused in (True, False):
+        model = lora_model(targets=ALL_SEVEN, b_std=0.05)
+        plugin = HLoRA(estimator=estimator, nonnegative=nonnegative)
+        plugin.fused = fused
+        sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+        recorded[fused] = plugin
+    assert len(recorded[True].groups) >= 3
+    for name, omega in recorded[False].importance.items():
+        assert omega.dtype == torch.float32 and omega.abs().sum() > 0
+        assert _close(recorded[True].importance[name], omega, tol(1e-6)), name
+
+
+def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol):
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(xi=1e-2)
+    sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+    plugin.on_stage_start(make_ctx("domain", model))
+    _perturb(model)
+    params = _lora_params(model)
+    values = {}
+    for fused in (True, False):
+        plugin.fused = fused
+        reg = plugin.regularizer()
+        values[fused] = (reg.detach(), torch.autograd.grad(reg, params))
+    (fused_reg, fused_grads), (plain_reg, plain_grads) = values[True], values[False]
+    assert plain_reg.dtype == torch.float32 and plain_reg > 0
+    assert _close(fused_reg, plain_reg, tol(1e-6))
+    for a, b in zip(fused_grads, plain_grads):
+        assert _close(a, b, tol(1e-6))
+
+
+def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device):
+    """dW_nu multiplied out inside the regularizer gives, bit for bit, what the dense anchor (held since the general
+    stage's end) gave: the same batched product, so the value and the gradient are unchanged (fp32)."""
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(xi=1e-2)
+    sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+    plugin.on_stage_start(make_ctx("domain", model))
+    dense = [g.delta_weight() for g in plugin.groups]  # what the dense version held: dW at the general stage's end
+    _perturb(model)
+    params = _lora_params(model)
+    old = None
+    for g, ref in zip(plugin.groups, dense):  # the regularizer as computed with a dense anchor
+        diff = g.delta_weight(detach=False) - ref
+        term = (g.coeff * (g.importance * diff.square()).sum(dim=(1, 2))).sum()
+        old = term if old is None else old + term
+    new = plugin.regularizer()
+    assert new > 0 and torch.equal(new, old)
+    for a, b in zip(torch.autograd.grad(new, params), torch.autograd.grad(old, params)):
+        assert torch.equal(a, b)
+
+
+class no_host_reads:
+    """Inside: reading a tensor's value on the host (``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()``)
+    raises. Python-level reads only (a C++ read such as ``torch.equal`` is not caught)."""
+
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+    def __enter__(self):
+        def refuse(*args, **kwargs):
+            raise AssertionError("a per-step path read a tensor's value on the host")
+
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
+def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator):
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(estimator=estimator, phi=1.0)
+    data = batches(device=device)
+    for stage in ("general", "domain"):
+        ctx = make_ctx(stage, model, lr=0.05)
+        plugin.on_stage_start(ctx)
+        for t in range(2):
+            ctx.step, ctx.scalars = t, {}
+            loss = causal_lm_loss(model, data[t])
+            with no_host_reads():
+                extra = plugin.extra_loss(ctx, data[t])
+            (loss if extra is None else loss + extra).backward()
+            with no_host_reads():
+                plugin.before_optimizer_step(ctx)
+            ctx.optimizer.step()
+            with no_host_reads():
+                plugin.after_optimizer_step(ctx)
+            ctx.optimizer.zero_grad(set_to_none=True)
+        plugin.on_stage_end(ctx)
+    # the regularizer is left to the loop as a tensor, read at its logging interval
+    assert isinstance(ctx.scalars["reg_loss"], torch.Tensor) and not ctx.scalars["reg_loss"].requires_grad
