@@ -165,9 +165,13 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
         return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed],
                           lora=_lora_from(args), general=general, tasks=[task], methods=methods,
                           train=TrainStages(general=stage, domain=stage), eval=EvalSettings(batch_size=args.batch_size),
-                          precision=args.precision, method_tasks=method_tasks)
+                          precision=args.precision, method_tasks=method_tasks,
+                          chat_template=_CHAT_FLAG[args.chat_template])
     except ValueError as err:
         raise ConfigError(f"train: {err}") from err
+
+
+_CHAT_FLAG = {"auto": "auto", "true": True, "false": False}  # --chat-template as the YAML's chat_template
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -199,12 +203,13 @@ def _check_model_and_adapter(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
-    from forgetless.data import load_mc_task, load_texts, pack_blocks
+    from forgetless.data import (chat_mc_items, chat_template_on, load_mc_task, load_texts, pack_blocks,
+                                 use_chat_template)
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
     import torch
 
-    from forgetless.models import load_adapter, load_model
+    from forgetless.models import load_adapter, load_model, load_tokenizer
     from forgetless.pipeline import NonFiniteScore, check_finite
 
     if not args.ppl and not args.task:
@@ -220,11 +225,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         source, schema = _task_source(spec)
         with data_errors("--task"):
             tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
+    chat = bool(tasks) and chat_template_on(_CHAT_FLAG[args.chat_template], args.model)
+    if chat:  # checked before the model loads: the tokenizer alone
+        try:
+            use_chat_template(_CHAT_FLAG[args.chat_template], args.model, load_tokenizer(args.model))
+        except ValueError as err:
+            raise ConfigError(f"--chat-template: {err}") from None
     model, tokenizer = load_model(args.model, precision=args.precision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    report: dict = {"model": args.model, "adapter": args.adapter}
+    if chat:  # multiple-choice prompts as lm-eval's --apply_chat_template builds them
+        tasks = [(source, chat_mc_items(items, tokenizer)) for source, items in tasks]
+    report: dict = {"model": args.model, "adapter": args.adapter, "chat_template": chat}
     if texts is not None:
         with data_errors("--ppl"):
             blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.max_blocks)
@@ -344,6 +357,12 @@ def _positive(text: str) -> int:
     return value
 
 
+# --chat-template of `train` and `eval`: the experiment's chat_template (docs/data_formats.md)
+_CHAT_ARG = dict(choices=["auto", "true", "false"], default="auto",
+                 help="multiple-choice prompts through the tokenizer's chat template, as lm-eval's "
+                      "--apply_chat_template (auto: when the model's name says it is instruction-tuned)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="forgetless", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -403,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general-limit", type=_positive, help="read at most this many general-text documents")
     p.add_argument("--general-max-blocks", type=_positive, help="keep at most this many blocks of general text")
     p.add_argument("--domain", required=True, help="task file or hub dataset for stage mu")
-    p.add_argument("--domain-kind", choices=["multiple_choice", "instructions"], default="multiple_choice",
-                   help="--domain holds multiple-choice items or Alpaca-style instructions")
+    p.add_argument("--domain-kind", default="multiple_choice",
+                   choices=["multiple_choice", "instructions", "chat", "prompt_completion", "text", "auto"],
+                   help="what --domain holds: multiple-choice items, Alpaca-style instructions, chat 'messages', "
+                        "'prompt'/'completion' rows, raw 'text' (packed into --max-length blocks), or auto (detected "
+                        "from the first row's fields); docs/data_formats.md")
     p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu or generic (default: detected)")
     p.add_argument("--domain-limit", type=_positive)
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per domain training example")
@@ -425,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-to", action="append", choices=["tensorboard", "wandb", "mlflow"],
                    help="log the training scalars there too (OUTPUT/logs for tensorboard); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--chat-template", **_CHAT_ARG)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")
@@ -433,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
     p.add_argument("--limit", type=_positive)
     p.add_argument("--max-blocks", type=_positive)
+    p.add_argument("--chat-template", **_CHAT_ARG)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("landscape", parents=[common],

@@ -137,15 +137,17 @@ class TaskSpec:
     test_limit: int | None = None
     train_split: str | None = None  # for hub datasets (local files need none)
     test_split: str | None = None
-    max_length: int = 256
-    train_kind: str = "multiple_choice"  # or "instructions": train on Alpaca-style data, test on the MC task
+    max_length: int = 256  # tokens per training example (train_kind text: the block size)
+    # the training data's format (forgetless/data/formats.py): multiple_choice, instructions (Alpaca), chat
+    # (messages), prompt_completion, text (packed blocks) or auto (from the first row's fields); tested on the MC task
+    train_kind: str = "multiple_choice"
 
     def __post_init__(self) -> None:
-        from forgetless.data import SCHEMAS
+        from forgetless.data import SCHEMAS, TRAIN_KINDS
 
         check_name(self.name, "the task name")
-        if self.train_kind not in ("multiple_choice", "instructions"):
-            raise ValueError(f"train_kind must be 'multiple_choice' or 'instructions', got {self.train_kind!r}")
+        if self.train_kind not in TRAIN_KINDS:
+            raise ValueError(f"train_kind must be one of {list(TRAIN_KINDS)}, got {self.train_kind!r}")
         if self.schema is not None and self.schema not in SCHEMAS:
             raise ValueError(f"schema must be one of {sorted(SCHEMAS)} (or absent: detected), got {self.schema!r}")
         _at_least(self, 1, "train_limit", "test_limit", "max_length")
@@ -263,6 +265,9 @@ class Experiment:
     dtype: str = "auto"
     quantization: str = "none"
     landscape: LandscapeSettings | None = None  # off when the YAML has no 'landscape:' section
+    # multiple-choice prompts (training and evaluation) through the tokenizer's chat template, as lm-eval's
+    # --apply_chat_template: auto = when the model's name says it is instruction-tuned (docs/data_formats.md)
+    chat_template: bool | str = "auto"
     source: Path | None = field(default=None, metadata=_NOT_IN_YAML)  # the YAML file, for relative paths
     # per entry of ``methods``: the task names it runs on (None: all); from a mapping entry's ``tasks:`` key
     method_tasks: list[list[str] | None] = field(default_factory=list, metadata=_NOT_IN_YAML)
@@ -283,6 +288,8 @@ class Experiment:
             raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.chat_template not in ("auto", True, False):
+            raise ValueError(f"chat_template: must be auto, true or false, got {self.chat_template!r}")
         clash = sorted(set(names) & {e.name for e in self.eval.suite_tasks})
         if clash:
             raise ValueError(f"eval.suite: {clash} are tasks of the experiment already (with 'auto' their test sets "

@@ -55,6 +55,8 @@ def demo_experiment(output: Path, model: str = DEFAULT_MODEL, seed: int = 0) -> 
     experiment = {
         "name": "demo",
         "model": model,
+        # plain prompts, as the numbers the README reports were measured (auto: SmolLM2-Instruct's chat template)
+        "chat_template": False,
         "output": str(output),
         "seeds": [seed],
         # All linear projections, not the library default (q_proj, v_proj): with attention-only LoRA the

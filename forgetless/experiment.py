@@ -34,7 +34,7 @@ from accelerate import PartialState
 
 # load_experiment and ConfigError live in forgetless.config; importing them from here still works
 from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
-from forgetless.data import DataError
+from forgetless.data import DataError, chat_template_on
 from forgetless.methods import GENERAL, Recipe, general_stage_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
 from forgetless.training.config import NO_NUMBERS
@@ -83,7 +83,8 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
 
 # flags of `forgetless train` for the keys of its one-run experiment, so that its errors name what the user typed
 _CLI_KEYS = {"general.train": "--general", "general.heldout": "--heldout", "tasks[0].train": "--domain",
-             "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output"}
+             "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output",
+             "chat_template": "--chat-template"}
 
 
 def where(exp: Experiment, key: str) -> str:
@@ -111,32 +112,34 @@ class RawData:
 
     general: list[str] | None  # documents of the general text (stage nu), None: not given
     heldout: list[str] | None  # documents of the held-out general text
-    tasks: dict[str, tuple[list, list | None]]  # task name -> (training items or instruction pairs, test items)
+    tasks: dict[str, tuple[list, list | None]]  # task name -> (training rows of its train_kind, test items)
     suite: dict[str, list] = field(default_factory=dict)  # eval.suite's listed entries -> test items
+    kinds: dict[str, str] = field(default_factory=dict)  # task name -> its training data's kind (auto resolved)
 
 
 def read_data(exp: Experiment) -> RawData:
     """Read every data source of ``exp`` (no model needed): a missing, empty, non-UTF-8 or malformed file, a
     multiple-choice item with fewer than two choices, is a DataError naming the file, the line and the key."""
-    from forgetless.data import load_instructions
+    from forgetless.data import load_train, resolve_kind
 
     texts = {}
     for key in ("train", "heldout"):
         spec = getattr(exp.general, key)
         with _data_errors(exp, f"general.{key}"):
             texts[key] = _texts(exp, spec) if spec is not None else None
-    tasks = {}
+    tasks, kinds = {}, {}
     for i, task in enumerate(exp.tasks):
         test_items = None
         if task.test is not None:
             with _data_errors(exp, f"tasks[{i}].test"):
                 test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
         with _data_errors(exp, f"tasks[{i}].train"):
-            if task.train_kind == "instructions":
-                train = load_instructions(_resolve_path(exp, task.train), split=task.train_split or "train",
-                                          limit=task.train_limit)
-            else:
+            source = task.train if task.train.startswith("demo:") else _resolve_path(exp, task.train)
+            kinds[task.name] = kind = resolve_kind(task.train_kind, source, task.train_split or "train")
+            if kind == "multiple_choice":
                 train = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
+            else:
+                train = load_train(kind, source, split=task.train_split, limit=task.train_limit)
         tasks[task.name] = (train, test_items)
     suite = {}
     for i, entry in enumerate(exp.eval.suite if isinstance(exp.eval.suite, list) else []):
@@ -144,7 +147,7 @@ def read_data(exp: Experiment) -> RawData:
             continue  # auto: the tasks' test sets, read above
         with _data_errors(exp, f"eval.suite[{i}].test"):
             suite[entry.name] = _load_items(exp, entry.test, entry.schema, entry.limit, entry.split)
-    return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks, suite=suite)
+    return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks, suite=suite, kinds=kinds)
 
 
 @dataclass
@@ -159,11 +162,18 @@ class ExperimentData:
 
 def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     """Tokenize the general text, the held-out text and every task's training data (``raw``: already read)."""
-    from forgetless.data import instruction_examples, lm_examples, mc_train_examples, pack_blocks
+    from forgetless.data import chat_mc_items, lm_examples, pack_blocks, train_examples, use_chat_template
     from forgetless.models import load_tokenizer
 
     raw = raw or read_data(exp)
     tokenizer = load_tokenizer(exp.model)
+    try:
+        chat = use_chat_template(exp.chat_template, exp.model, tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"{where(exp, 'chat_template')}: {err}") from None
+
+    def prompts(items: Any) -> Any:  # multiple-choice prompts as the model is to see them (not a harness task's)
+        return chat_mc_items(items, tokenizer) if chat and isinstance(items, list) else items
 
     def blocks(key: str, texts: list[str], spec: TextSource) -> torch.Tensor:
         with _data_errors(exp, f"general.{key}"):
@@ -174,10 +184,12 @@ def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     tasks = {}
     for i, task in enumerate(exp.tasks):
         train, test_items = raw.tasks[task.name]
+        kind = raw.kinds.get(task.name, task.train_kind)
         with _data_errors(exp, f"tasks[{i}].train"):
-            encode = instruction_examples if task.train_kind == "instructions" else mc_train_examples
-            tasks[task.name] = (encode(train, tokenizer, max_length=task.max_length), test_items)
-    return ExperimentData(general=general, heldout=heldout, tasks=tasks, suite=raw.suite)
+            train = prompts(train) if kind == "multiple_choice" else train
+            tasks[task.name] = (train_examples(kind, train, tokenizer, task.max_length), prompts(test_items))
+    suite = {name: prompts(items) for name, items in raw.suite.items()}
+    return ExperimentData(general=general, heldout=heldout, tasks=tasks, suite=suite)
 
 
 def run_suite(exp: Experiment, task: str, data: ExperimentData) -> dict[str, list]:
@@ -266,7 +278,9 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> 
     and evaluation settings, the method's options and the seed (every key of the experiment but those of
     :data:`_NOT_RUN_SETTINGS`, set to other than its default, so a key added to the schema later is covered).
     ``base`` trains nothing: its identity has no LoRA, general training text or training settings."""
-    settings = {k: v for k, v in _non_default(exp).items() if k not in _NOT_RUN_SETTINGS}
+    settings = {k: v for k, v in _non_default(exp).items() if k not in _NOT_RUN_SETTINGS + ("chat_template",)}
+    if chat_template_on(exp.chat_template, exp.model):  # off (as every run was before the setting): no key
+        settings["chat_template"] = True
     settings |= {"model": exp.model, "precision": exp.precision, "seed": seed, "task": _non_default(task),
                  "method": _non_default(recipe.entries)}
     if recipe.stages:

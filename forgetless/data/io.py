@@ -1,4 +1,4 @@
-"""Reading records from local JSON / JSON-lines files or from the Hugging Face hub."""
+"""Reading records from local JSON / JSON-lines / Parquet files or from the Hugging Face hub."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .errors import DataError
 
 # Suffixes that make a source look like a local file even when it does not exist, so that a typo
 # gives FileNotFoundError instead of a confusing hub lookup.
-LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
 
 class Record(dict):
@@ -103,15 +103,29 @@ def read_utf8(path: Path) -> str:
                                             f"convert the file to UTF-8") from None
 
 
+def _read_parquet(path: Path) -> list[Record]:
+    """A Parquet file's rows as Records; a row's "line" is its 1-based row number."""
+    import pyarrow.parquet as pq  # a dependency of datasets; imported lazily
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({err})", origin=str(path)) from None
+    return [Record(row, str(path), number) for number, row in enumerate(rows, start=1)]
+
+
 def read_records(path: str | Path) -> list[Record]:
-    """Read ``.jsonl`` (one object per line) or ``.json`` (a list of objects) into Records.
+    """Read ``.jsonl`` (one object per line), ``.json`` (a list of objects) or ``.parquet`` (one row per record) into
+    Records.
 
     A ``.json`` file whose content is not a list is read as JSON lines, as ``datasets``' json loader does.
     """
     path = Path(path)
     origin = str(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     if path.suffix not in (".jsonl", ".json"):
-        raise ValueError(f"{origin}: unsupported file type {path.suffix!r} (expected .jsonl or .json)")
+        raise ValueError(f"{origin}: unsupported file type {path.suffix!r} (expected .jsonl, .json or .parquet)")
     text = read_utf8(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return _read_json_array(text, origin)
@@ -125,7 +139,7 @@ def looks_local(source: str) -> bool:
 
 
 def resolve_local(source: str, split: str | None = None) -> Path | None:
-    """The local file for ``source`` (a file, or a folder holding ``{split}.jsonl``/``.json``), else None.
+    """The local file for ``source`` (a file, or a folder holding ``{split}.jsonl``/``.json``/``.parquet``), else None.
 
     Raises FileNotFoundError for a path that looks local but does not exist.
     """
@@ -134,7 +148,7 @@ def resolve_local(source: str, split: str | None = None) -> Path | None:
         return path
     if path.is_dir():
         # A folder of split files, like ../shared/data/piqa/{train,test}.jsonl.
-        candidates = [path / f"{split}{suffix}" for suffix in (".jsonl", ".json")] if split else []
+        candidates = [path / f"{split}{suffix}" for suffix in (".jsonl", ".json", ".parquet")] if split else []
         for candidate in candidates:
             if candidate.is_file():
                 return candidate

@@ -24,6 +24,9 @@ class MCItem:
     choices: tuple[str, ...]
     answer: int
     target_delimiter: str = " "
+    # the start of ``context`` that the harness's task config calls its ``description`` (MMLU's subject line): under
+    # a chat template it is the system turn, the rest of the context the user turn (forgetless.data.chat)
+    description: str = ""
 
     def continuation(self, j: int) -> str:
         """The text scored for choice ``j`` (as the harness builds it)."""
@@ -197,7 +200,7 @@ def mmlu(record: Record) -> MCItem:
     description = ("The following are multiple choice questions (with answers) about "
                    f"{subject.replace('_', ' ')}.\n\n")
     body = question.strip() + "\n" + "".join(f"{l}. {o}\n" for l, o in zip(MMLU_LETTERS, options)) + "Answer:"
-    return MCItem(description + body, MMLU_LETTERS, _index(record, "answer", 4))
+    return MCItem(description + body, MMLU_LETTERS, _index(record, "answer", 4), description=description)
 
 
 def generic(record: Record) -> MCItem:

@@ -33,7 +33,7 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
     else:
         texts, kept = [], 0
         for record in iter_records(source, split=split, name=name):  # streamed: stops once `limit` are kept
-            if field not in record:
+            if record.get(field) is None:  # absent, or null (as Parquet fills a column a row lacks)
                 raise record.error("missing", field)
             value = record[field]
             if not isinstance(value, str):

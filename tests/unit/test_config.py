@@ -62,7 +62,7 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
     ("name: 2024", "name: expected a string, got an integer 2024"),
     # values the sections' own checks reject
     ("precision: fp16", "precision: must be one of ['auto', 'bf16', 'fp32']"),
-    ("tasks: [{name: t, train: a, test: b, train_kind: chat}]", "tasks[0]: train_kind must be"),
+    ("tasks: [{name: t, train: a, test: b, train_kind: chatml}]", "tasks[0]: train_kind must be"),
     ("landscape: {params: lora}", "landscape: params must be 'trainable' or 'all'"),
     ("train: {general: {lr: -1}}", "train.general: lr must be > 0"),
     ("eval: {batch_size: 0}", "eval: batch_size must be >= 1"),

@@ -218,6 +218,22 @@ CASES: list[Case] = [
      "one.jsonl, line 2: field 'choices': needs at least two choices, got 1", 2),
     ("bad row", lambda ws: ["run", ws.experiment(tasks=ws.task(train=ws.rows("bad.jsonl", [
         {"question": "q", "choices": ["a", "b"], "answer": 5}])))], "bad.jsonl, line 1: field 'answer'", 2),
+    ("unknown train_kind", lambda ws: ["run", ws.experiment(tasks=ws.task(train_kind="chatml"))],
+     "tasks[0]: train_kind must be one of ['multiple_choice', 'instructions', 'chat',", 2),
+    ("bad chat_template", lambda ws: ["run", ws.experiment(chat_template="yes please")],
+     "exp.yaml: chat_template: must be auto, true or false, got 'yes please'", 2),
+    ("chat row with an unknown role", lambda ws: ["run", ws.experiment(tasks=ws.task(train_kind="auto", train=ws.rows(
+        "c.jsonl", [{"messages": [{"role": "human", "content": "hi"}]}])))],
+     "c.jsonl, line 1: field 'messages[0].role': unknown role 'human'", 2),
+    ("chat data for a tokenizer without a template", lambda ws: ["run", ws.experiment(tasks=ws.task(
+        train_kind="chat", train=ws.rows("c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "yo"}]}])))],
+     "tasks[0].train: this data needs the model's chat template, and its tokenizer has none", 2),
+    ("chat_template true without a template", lambda ws: ["run", ws.experiment(chat_template=True)],
+     "exp.yaml: chat_template: chat_template is true, but its tokenizer has no chat template", 2),
+    ("empty completion", lambda ws: ws.train("--domain-kind", "prompt_completion", "--domain", ws.rows(
+        "pc.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ""}])),
+     "pc.jsonl, line 2: field 'completion': empty", 2),
     ("empty general text", lambda ws: ["run", ws.experiment(general={"train": ws.file("e.txt", "\n\n"),
                                                                      "heldout": ws.general})],
      "general.train: ", 2),
@@ -285,6 +301,9 @@ CASES: list[Case] = [
      "--ppl: ", 2),
     ("eval empty --task", lambda ws: ["eval", "--model", str(ws.model), "--task", ws.file("e.jsonl", "")],
      "e.jsonl: no multiple-choice items", 2),
+    ("eval --chat-template true without a template", lambda ws: ["eval", "--model", str(ws.model), "--task", TASK,
+                                                                 "--chat-template", "true"],
+     "--chat-template: chat_template is true, but its tokenizer has no chat template", 2),
     ("eval --batch-size 0", lambda ws: ["eval", "--ppl", ws.general, "--batch-size", "0"],
      "argument --batch-size: must be >= 1", 2),
     ("eval missing model", lambda ws: ["eval", "--model", str(ws.root / "m.gguf"), "--ppl", ws.general],
