@@ -141,17 +141,27 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+class TemplateRefused(ValueError):
+    """The chat template raised on a conversation (roles that do not alternate, a system turn it does not take)."""
+
+
 def render(tokenizer: Any, messages: Conversation, add_generation_prompt: bool = False) -> str:
     """The conversation as text, through the tokenizer's chat template."""
+    import jinja2
+
     if not has_chat_template(tokenizer):
         raise ValueError("this data needs the model's chat template, and its tokenizer has none (a base model?): "
                          "use prompt/completion rows with plain strings, or a model with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as err:
+        roles = [m["role"] for m in messages]
+        raise TemplateRefused(f"the model's chat template refused a conversation with roles {roles}: {err}") from None
 
 
 def _spans(tokenizer: Any, messages: Conversation, trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the turns ``trained`` (indices into ``messages``)."""
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages)  # a template that refuses it: TemplateRefused, a ValueError
     spans = []
     for i in trained:
         start = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
@@ -226,14 +236,20 @@ def prompt_completion_examples(pairs: list[PromptCompletion], tokenizer: Any,
 def chat_mc_items(items: list[MCItem], tokenizer: Any) -> list[MCItem]:
     """The items as lm-evaluation-harness builds them under ``--apply_chat_template`` (``fewshot_context`` and
     ``construct_requests`` in lm_eval/api/task.py, ``HFLM.apply_chat_template``): the context becomes one user turn
-    (a task's ``description`` the system turn) rendered with ``add_generation_prompt=True``, and the target delimiter
-    is ``""`` (the template's generation prompt already separates the answer). Scoring then proceeds as usual."""
+    (a task's ``description`` the system turn; dropped, as the harness drops it, where the template refuses a system
+    turn) rendered with ``add_generation_prompt=True``, and the target delimiter is ``""`` (the template's generation prompt already separates the answer). Scoring then proceeds as usual."""
     out = []
     for item in items:
         messages = [{"role": "user", "content": item.context[len(item.description):]}]
         if item.description:
             messages.insert(0, {"role": "system", "content": item.description})
-        context = render(tokenizer, messages, add_generation_prompt=True)
+        try:
+            context = render(tokenizer, messages, add_generation_prompt=True)
+        except TemplateRefused:
+            if not item.description:
+                raise
+            # HFLM.apply_chat_template: a template without a system role gets the history without its system turns
+            context = render(tokenizer, messages[1:], add_generation_prompt=True)
         out.append(replace(item, context=context, target_delimiter="", description=""))
     return out
 

@@ -373,3 +373,37 @@ def test_an_experiment_trains_on_chat_data_and_scores_with_the_template(tmp_path
     assert by_method["lora-mu"]["stages"][-1]["steps"] == 2
     assert 0 <= by_method["lora-mu"]["tasks"]["gen"]["acc"] <= 1
     assert by_method["base"]["settings"]["chat_template"] is True
+
+
+@pytest.mark.parametrize("rows", [ROWS["text"] * 3, ROWS["prompt_completion"] * 2], ids=["text", "prompt_completion"])
+def test_forgetless_train_reads_the_kind_of_its_domain(rows, tmp_path, tiny_model_dir, capsys):
+    from forgetless.cli import main
+
+    domain = write_jsonl(tmp_path / "domain.jsonl", rows)
+    output = tmp_path / "adapter"
+    code = main(["train", "--model", str(tiny_model_dir), "--precision", "fp32", "--method", "lora-mu", "--domain",
+                 domain, "--domain-kind", "auto", "--max-length", "8", "--test", str(FIXTURES / "generic.jsonl"),
+                 "--batch-size", "2", "--max-steps", "2", "--lora-r", "2", "--lora-dropout", "0", "--quiet",
+                 "--output", str(output)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((output / "run.json").read_text())
+    assert record["stages"][-1]["steps"] == 2 and "gen" not in record["tasks"] and record["tasks"]["domain"]["n"] == 3
+    assert "chat_template" not in record["settings"]  # a model named tiny-model: auto is off
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+             "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n"
+             "{% endif %}")
+
+
+def test_a_template_without_a_system_role(tok):
+    from forgetless.data import load_mc_task
+
+    tok.chat_template = NO_SYSTEM
+    with pytest.raises(ValueError, match=r"refused a conversation with roles \['system', 'user', 'assistant'"):
+        chat_examples([CHAT], tok)
+    # multiple-choice prompts: the description is dropped, as HFLM.apply_chat_template drops system turns then
+    (item,) = load_mc_task(str(FIXTURES / "mmlu.jsonl"), limit=1)
+    (chat,) = chat_mc_items([item], tok)
+    assert chat.context == f"<s>user\n{item.context[len(item.description):]}</s>\n<s>assistant\n"
