@@ -28,6 +28,16 @@ Rows (``--shapes 1b,8b``; the method rows run on the 1B shape only, as in the is
   steps over the same number of tokens (plain steps timed just before and after it, same model); the seconds
   are recorded beside it.
 
+Speed levers (issue #15 item 3, docs/speed.md; ``--levers``, on by default on the GPU, off with ``--tiny`` unless
+given), each a forgetless step with the lever / the same step without it, on the same model, best of ``--rounds``
+alternations, on the method rows' shape (1B) with a bf16 base:
+
+* ``attn_eager_vs_sdpa``, ``attn_flash2_vs_sdpa`` (skipped without flash-attn), ``compile_vs_plain``
+  (``compile: true``, its compilation inside the warm-up steps), ``liger_vs_plain`` (skipped without liger-kernel;
+  measured after its plain side, not alternated: Liger's RoPE patch is process-wide and cannot be undone);
+* ``padding_free_vs_padded``, ``group_by_length_vs_shuffled``: on examples of random lengths (seq/8 to seq), the time
+  of the second of two epochs (every variant sees every example once per epoch; the first epoch is warm-up).
+
 Peak memory: ``torch.cuda.max_memory_allocated`` of each variant (weights included); the interleaved rows (HLoRA,
 SAM) can only give the peak of their whole stage. On the CPU (``--tiny``) the process's max RSS stands in: it
 is not per variant and means nothing beyond "it ran".
@@ -36,7 +46,7 @@ is not per variant and means nothing beyond "it ran".
 (tests/unit/test_bench_gpu.py), not a speed measurement. On the CPU the bf16 "peak" is whatever this CPU does in
 bf16, so its MFU is not meaningful either.
 
-Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny]
+Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny] [--[no-]levers]
 """
 
 from __future__ import annotations
@@ -116,7 +126,11 @@ TARGETS = {  # issue #15, item 2
 }
 
 
-def expected_rows(shapes: list[str]) -> list[str]:
+LEVER_ROWS = ("attn_eager_vs_sdpa", "attn_flash2_vs_sdpa", "compile_vs_plain", "liger_vs_plain",
+              "padding_free_vs_padded", "group_by_length_vs_shuffled")
+
+
+def expected_rows(shapes: list[str], levers: bool = False) -> list[str]:
     """The names of the rows a run over ``shapes`` writes (``name@shape``)."""
     rows = []
     for shape in shapes:
@@ -126,6 +140,8 @@ def expected_rows(shapes: list[str]) -> list[str]:
         if shape in METHOD_SHAPES:
             rows += [f"{name}@{shape}" for name in ("hlora_record_vs_plain", "hlora_regularize_vs_plain",
                                                    "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher")]
+            if levers:
+                rows += [f"{name}@{shape}" for name in LEVER_ROWS]
     return rows
 
 
@@ -207,9 +223,9 @@ def flops_per_step(model: torch.nn.Module, batch: int, seq: int) -> float:
     return batch * seq * (4 * weights + 3 * 4 * seq * config.hidden_size * config.num_hidden_layers)
 
 
-def train_config(steps: int, batch: int, precision: str) -> TrainConfig:
+def train_config(steps: int, batch: int, precision: str, **levers) -> TrainConfig:
     return TrainConfig(max_steps=steps, batch_size=batch, lr=1e-4, precision=precision, max_grad_norm=1.0,
-                       progress=False)
+                       progress=False, **levers)
 
 
 # ---------------------------------------------------------------------------------------------------- the two sides
@@ -318,6 +334,11 @@ class Report:
 
     def __init__(self, path: str | None, env: dict) -> None:
         self.path, self.env, self.rows = path, env, {}
+
+    def skip(self, name: str, reason: str) -> None:
+        self.rows[name] = {"skipped": reason}
+        print(f"  {name}: skipped ({reason})", flush=True)
+        self.write()
 
     def add(self, name: str, value: float, **details) -> None:
         base = name.split("@")[0]
@@ -434,6 +455,86 @@ def ewc_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
                fisher_batch_size=ewc.batch_size, examples=plan.fisher_examples, seq=plan.fisher_seq)
 
 
+def ragged_examples(n: int, vocab: int, seq: int, seed: int = 7) -> list[dict]:
+    """``n`` examples of random lengths from seq/8 to seq (short instructions and multiple-choice items)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(2, seq // 8), seq + 1, (n,), generator=g).tolist()
+    return [{"input_ids": ids, "labels": ids} for ids in
+            (torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths)]
+
+
+def lever_run(model, examples: list[dict], batch: int, warmup: int, total: int, precision: str,
+              **levers) -> tuple[float, float]:
+    """One forgetless stage with ``levers`` (TrainConfig fields); (seconds per timed step, peak GiB)."""
+    span = Span(warmup, total)
+    free()
+    reset_peak()
+    train_stage(model, examples, train_config(total, batch, precision, **levers), [SpanHook(span)], stage="general")
+    return span.seconds_per_step(), peak_gib()
+
+
+def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: int) -> None:
+    """The speed levers, each against the same step without it (see the module docstring)."""
+    import importlib.util
+
+    model = build(shape, torch.bfloat16)
+    total = plan.steps + plan.warmup
+    fixed = make_examples(plan.batch * total, model.config.vocab_size, plan.seq)
+    plain = {"attn_implementation": "sdpa"}  # a stage leaves its attention set: say it on every run
+
+    def alternate(name: str, lever: dict, examples=fixed, warmup=plan.warmup, steps=total, **details) -> None:
+        ours, theirs, mem = [], [], {}
+        for r in range(rounds):
+            for side in (("plain", "lever") if r % 2 == 0 else ("lever", "plain")):
+                seconds, peak = lever_run(model, examples, plan.batch, warmup, steps, precision,
+                                          **(plain | lever if side == "lever" else plain))
+                (ours if side == "lever" else theirs).append(seconds)
+                mem[side] = max(mem.get(side, 0.0), peak)
+        report.add(f"{name}@{shape}", min(ours) / min(theirs), lever_s=min(ours), plain_s=min(theirs),
+                   lever_peak_gib=mem["lever"], plain_peak_gib=mem["plain"], rounds_lever_s=ours,
+                   rounds_plain_s=theirs, batch=plan.batch, seq=plan.seq, base_dtype="bfloat16", **details)
+
+    sections = [("attn_eager_vs_sdpa", lambda: alternate("attn_eager_vs_sdpa", {"attn_implementation": "eager"}))]
+    if importlib.util.find_spec("flash_attn") is not None and on_cuda():
+        sections.append(("attn_flash2_vs_sdpa", lambda: alternate("attn_flash2_vs_sdpa",
+                                                                  {"attn_implementation": "flash_attention_2"})))
+    else:
+        report.skip(f"attn_flash2_vs_sdpa@{shape}", "flash-attn is not installed or no CUDA")
+    sections.append(("compile_vs_plain", lambda: alternate("compile_vs_plain", {"compile": True})))
+
+    # ragged data: two epochs, the first warm-up; every variant sees every example once per epoch
+    ragged = ragged_examples(plan.batch * 4, model.config.vocab_size, plan.seq)
+    epoch = len(ragged) // plan.batch
+    tokens = sum(len(e["input_ids"]) for e in ragged)
+
+    def ragged_row(name: str, lever: dict) -> None:
+        alternate(name, lever, examples=ragged, warmup=epoch, steps=2 * epoch, examples_n=len(ragged),
+                  tokens_per_epoch=tokens)
+
+    sections.append(("padding_free_vs_padded", lambda: ragged_row("padding_free_vs_padded", {"padding_free": True})))
+    sections.append(("group_by_length_vs_shuffled",
+                     lambda: ragged_row("group_by_length_vs_shuffled", {"group_by_length": True})))
+    for name, fn in sections:
+        guarded(report, [f"{name}@{shape}"], fn)
+
+    if importlib.util.find_spec("liger_kernel") is None or not on_cuda():
+        report.skip(f"liger_vs_plain@{shape}", "liger-kernel is not installed or no CUDA")
+        return
+
+    def liger() -> None:  # plain first, then Liger (its patch cannot be undone), on a fresh model
+        fresh = build(shape, torch.bfloat16)
+        theirs = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, **plain)[0]
+                  for _ in range(rounds)]
+        ours = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, liger=True, **plain)[0]
+                for _ in range(rounds)]
+        report.add(f"liger_vs_plain@{shape}", min(ours) / min(theirs), lever_s=min(ours), plain_s=min(theirs),
+                   rounds_lever_s=ours, rounds_plain_s=theirs, batch=plan.batch, seq=plan.seq, base_dtype="bfloat16",
+                   order="plain rounds, then liger rounds")
+
+    del model
+    guarded(report, [f"liger_vs_plain@{shape}"], liger)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -445,7 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, a handful of steps")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"),
                         help="attention implementation of the models (default: transformers' default, sdpa)")
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
+                        help="the speed-lever rows (default: on for the GPU shapes, off with --tiny)")
     args = parser.parse_args(argv)
+    levers = (not args.tiny) if args.levers is None else args.levers
     ATTENTION["implementation"] = args.attn
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in PLANS]
@@ -495,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             guarded(report, [f"sam_vs_plain@{shape}", f"sam_every4_vs_plain@{shape}"],
                     lambda: sam_rows(report, shape, plan, precision))
             guarded(report, [f"ewc_fisher@{shape}"], lambda: ewc_rows(report, shape, plan, precision))
+            if levers:
+                lever_rows(report, shape, plan, precision, args.rounds)
     end_peak = bf16_matmul_rate(args.tiny)
     best = max(peak, end_peak)
     for name, row in report.rows.items():  # MFU against the better of the two peak measurements
@@ -503,11 +609,11 @@ def main(argv: list[str] | None = None) -> int:
             row["trainer_mfu"] *= peak / best
     env.update(bf16_matmul_flops_end=end_peak, bf16_matmul_flops=best, seconds=time.perf_counter() - started)
     report.write()
-    missing = [n for n in expected_rows(shapes) if n not in report.rows]
+    missing = [n for n in expected_rows(shapes, levers) if n not in report.rows]
     failed = [n for n, row in report.rows.items() if "error" in row]
     print(f"\n{'row':42s} {'value':>8s}  target   (bf16 matmul {best / 1e12:.2f} TFLOP/s; {env['seconds']:.0f} s)")
     for name, row in report.rows.items():
-        value = f"{row['value']:8.4g}" if "value" in row else "  FAILED"
+        value = f"{row['value']:8.4g}" if "value" in row else " skipped" if "skipped" in row else "  FAILED"
         print(f"{name:42s} {value}  {row.get('target') or ''}")
     if args.tiny:
         print("(--tiny: a CPU smoke test of the code path; none of these numbers is a speed measurement)")

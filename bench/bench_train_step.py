@@ -8,7 +8,13 @@ from hooks/callbacks at each optimizer step; the sides alternate twice and each 
 Also prints the step's model FLOP rate as a fraction of a dense matmul's rate measured in this run:
 model FLOPs = those counted by torch's FlopCounterMode for one forward+backward of the PEFT model.
 
-Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2]
+With ``--levers`` it also times forgetless alone with each speed lever that runs on the CPU (docs/speed.md), each
+against the same steps without it, alternated twice, best of each: ``attn_implementation: eager`` vs sdpa on the
+batch above; on examples of random lengths (16 to 256 tokens, like multiple-choice items and short instructions)
+``padding_free`` and ``group_by_length`` vs padded shuffled batches, timing the second of two epochs (each variant
+sees every example once per epoch); and ``compile`` (its compilation in the warm-up steps).
+
+Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--levers]
 """
 
 from __future__ import annotations
@@ -45,18 +51,52 @@ class StepTimer(Method):
         self.stamps.append(time.perf_counter())
 
 
-def per_step(stamps: list[float], warmup: int) -> float:
+def per_step(stamps: list[float], warmup: int, mean: bool = False) -> float:
+    """The median step time after ``warmup`` steps; ``mean``: the mean (steps of unequal sizes: an epoch's time)."""
     diffs = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
-    return statistics.median(diffs)
+    return statistics.fmean(diffs) if mean else statistics.median(diffs)
 
 
-def forgetless_step(steps: int, warmup: int, precision: str) -> float:
+def forgetless_step(steps: int, warmup: int, precision: str, examples: list[dict] | None = None, model=None,
+                    ragged: bool = False, **levers) -> float:
+    if model is None:
+        model, _ = load_model("smollm2-135m")
+        model = attach_lora(model, LoraSettings(dropout=0.0))
+    timer = StepTimer()
+    config = TrainConfig(max_steps=steps + warmup, batch_size=BATCH, lr=1e-4, precision=precision, progress=False,
+                         **levers)
+    examples = examples or make_examples(BATCH * (steps + warmup), model.config.vocab_size)
+    train_stage(model, examples, config, [timer], stage="general")
+    return per_step(timer.stamps, warmup, mean=ragged)
+
+
+def ragged_examples(n: int, vocab: int, low: int = 16, high: int = 256) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(low, high + 1, (n,), generator=g).tolist()
+    return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(100, vocab, (k,), generator=g).tolist()
+                                                          for k in lengths)]
+
+
+def levers(steps: int, warmup: int, precision: str) -> None:
+    """Each CPU lever against the same forgetless steps without it (see the module docstring)."""
     model, _ = load_model("smollm2-135m")
     model = attach_lora(model, LoraSettings(dropout=0.0))
-    timer = StepTimer()
-    config = TrainConfig(max_steps=steps + warmup, batch_size=BATCH, lr=1e-4, precision=precision, progress=False)
-    train_stage(model, make_examples(BATCH * (steps + warmup), model.config.vocab_size), config, [timer], stage="general")
-    return per_step(timer.stamps, warmup)
+    plain = {"attn_implementation": "sdpa"}
+    ragged = ragged_examples(BATCH * 4, model.config.vocab_size)
+    epoch = len(ragged) // BATCH
+    rows = [("attn_implementation: eager", {"attn_implementation": "eager"}, None, steps, warmup),
+            ("padding_free (ragged 16-256)", {"padding_free": True}, ragged, epoch, epoch),
+            ("group_by_length (ragged 16-256)", {"group_by_length": True}, ragged, epoch, epoch),
+            ("compile", {"compile": True}, None, steps, warmup + 1)]
+    for name, lever, examples, n, w in rows:
+        ours, theirs = [], []
+        for r in range(2):
+            for side in (("plain", "lever") if r == 0 else ("lever", "plain")):
+                t = forgetless_step(n, w, precision, examples, model, ragged=examples is not None,
+                                    **(plain | lever if side == "lever" else plain))
+                (ours if side == "lever" else theirs).append(t)
+        print(f"  lever {name}: {min(ours):.3f} s vs {min(theirs):.3f} s per step -> {min(ours) / min(theirs):.3f}  "
+              f"(rounds {['%.3f' % t for t in ours]} vs {['%.3f' % t for t in theirs]})", flush=True)
 
 
 def trainer_step(steps: int, warmup: int, precision: str) -> float:
@@ -115,10 +155,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--levers", action="store_true", help="also time the speed levers that run on the CPU")
+    parser.add_argument("--levers-only", action="store_true", help="only the levers (no Trainer comparison)")
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
     precision = resolve_precision("auto", "cpu")
     print(f"precision: {precision} (auto); torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.levers or args.levers_only:
+        levers(args.steps, args.warmup, precision)
+        if args.levers_only:
+            return 0
     ours, theirs = [], []
     for _ in range(2):  # alternate, so that drift in machine load hits both sides
         ours.append(forgetless_step(args.steps, args.warmup, precision))

@@ -153,7 +153,9 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
     methods, method_tasks = check_methods([_method_entry(args.method)], ["domain"], "--method")
     try:  # the settings' own checks (lr > 0, r >= 1, seed >= 0, ...) become errors without a traceback
         stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                            report_to=args.report_to or [], logging_dir=str(Path(args.output) / "logs"))
+                            report_to=args.report_to or [], logging_dir=str(Path(args.output) / "logs"),
+                            attn_implementation=args.attn_implementation, compile=args.compile, liger=args.liger,
+                            padding_free=args.padding_free, group_by_length=args.group_by_length)
         task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
                         train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
                         train_kind=args.domain_kind)
@@ -448,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the training scalars there too (OUTPUT/logs for tensorboard); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--chat-template", **_CHAT_ARG)
+    # speed levers (docs/speed.md): the same numbers up to rounding, except --group-by-length (other batches)
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention of the model while training (default: as loaded, transformers' sdpa)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (slow first steps)")
+    p.add_argument("--liger", action="store_true", help="Liger's Triton kernels (pip install 'forgetless[liger]'; CUDA)")
+    p.add_argument("--padding-free", action="store_true",
+                   help="each batch as one row without padding, position ids restarting per example")
+    p.add_argument("--group-by-length", action="store_true", help="batches of examples of similar length")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")

@@ -96,10 +96,11 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{key}"
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(gguf: Path, dtype: torch.dtype,
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
-        return _load_folder(str(folder), dtype)
+        return _load_folder(str(folder), dtype, attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF's quantization record is meaningless once dequantized; drop it so the saved copy
@@ -111,13 +112,120 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(folder)  # atomic: a half-written cache is never picked up
+    if attn_implementation is not None:  # as every later load: from the cached copy, with the attention asked for
+        return _load_folder(str(folder), dtype, attn_implementation)
     return model.to(dtype), tokenizer
 
 
-def _load_folder(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(name_or_path: str, dtype: torch.dtype,
+                 attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ speed levers
+# transformers' attention implementations that forgetless offers (``attn_implementation``); None: transformers'
+# default (sdpa where the architecture supports it).
+from forgetless.training.config import ATTN_IMPLEMENTATIONS  # noqa: E402  ("sdpa", "eager", "flash_attention_2")
+
+
+class LeverUnavailable(RuntimeError):
+    """A speed lever (flash attention, Liger kernels, torch.compile) that this machine cannot run; says why and what
+    to install."""
+
+
+def check_attn_implementation(name: str | None) -> None:
+    """ValueError for an unknown name; :class:`LeverUnavailable` for ``flash_attention_2`` without the
+    ``flash_attn`` package or without a CUDA GPU. Nothing is loaded."""
+    if name is None:
+        return
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise LeverUnavailable("attn_implementation: flash_attention_2 needs the flash-attn package "
+                                   "(pip install flash-attn --no-build-isolation) and a CUDA GPU; use sdpa or eager")
+        if not torch.cuda.is_available():
+            raise LeverUnavailable("attn_implementation: flash_attention_2 needs a CUDA GPU (none here); "
+                                   "use sdpa or eager")
+
+
+def _attn_kwargs(attn_implementation: str | None) -> dict:
+    check_attn_implementation(attn_implementation)
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
+def attn_implementation_of(model: torch.nn.Module) -> str | None:
+    """The attention implementation the (PEFT) model's configuration names."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+
+
+def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    """Switch a loaded (PEFT) model to attention ``name`` (transformers' ``set_attn_implementation``); the weights are
+    untouched, so sdpa and eager give the same numbers up to rounding."""
+    check_attn_implementation(name)
+    if attn_implementation_of(model) == name:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(name)
+
+
+def liger_available() -> None:
+    """:class:`LeverUnavailable` unless the Liger kernels can run here: the ``liger-kernel`` package (extra
+    ``forgetless[liger]``) and a CUDA GPU (its kernels are Triton, GPU only)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise LeverUnavailable("liger: true needs the Liger kernels: pip install 'forgetless[liger]' "
+                               "(or pip install liger-kernel); they run on CUDA GPUs only")
+    if not torch.cuda.is_available():
+        raise LeverUnavailable("liger: true needs a CUDA GPU (the Liger kernels are Triton kernels, GPU only); "
+                               "leave liger off on the CPU")
+
+
+def apply_liger(model: torch.nn.Module) -> None:
+    """Swap the base model's RMSNorm, SwiGLU MLP and rotary embedding for Liger's Triton kernels, in place
+    (``liger_kernel.transformers._apply_liger_kernel_to_instance``). The cross-entropy patches are off: forgetless
+    computes its loss from the backbone's hidden states at the labelled positions only (its head never sees the
+    other positions), so the model's own loss path that Liger's fused cross-entropy patches is not used."""
+    liger_available()
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would only log it and change nothing
+        raise LeverUnavailable(f"liger: true: the Liger kernels have no patch for model type {model_type!r}; "
+                               f"leave liger off for this model")
+    # switches an architecture's patch function does not take are dropped by Liger
+    _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def compile_model(model: torch.nn.Module, **options) -> list[torch.nn.Module]:
+    """``torch.compile`` the (PEFT) model's decoder layers in place (regional compilation: one compiled graph serves
+    every layer of the same shape, so compiling costs one layer, not the depth). The modules, their parameters, LoRA
+    and every hook stay as they were; only the layers' calls go through the compiled code. Returns the compiled
+    modules (:func:`uncompile` undoes it). Needs a C++ compiler on the CPU (inductor)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = _decoder_layers(base)
+    targets = list(layers) if layers is not None else [base]
+    for module in targets:
+        module.compile(**options)
+    return targets
+
+
+def uncompile(modules: list[torch.nn.Module]) -> None:
+    for module in modules:
+        module._compiled_call_impl = None
+
+
+def _decoder_layers(base: torch.nn.Module):
+    for module in base.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    return None
 
 
 DTYPES = ("auto", "bf16", "fp32")
@@ -166,27 +274,30 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", precision: str = "auto",
-               quantization: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               quantization: str = "none",
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (see the module docstring for ``name``), its weights in
     ``resolve_dtype(dtype, precision)``, on the CPU (the run moves the model to its device); with ``quantization``
     (``4bit``: NF4 with double quantization and bf16 compute, QLoRA's setting; ``8bit``) through bitsandbytes, on
-    the GPU when there is one."""
+    the GPU when there is one. ``attn_implementation`` (one of :data:`ATTN_IMPLEMENTATIONS`; None: transformers'
+    default, sdpa) is passed to ``from_pretrained``, for GGUF files too (their cached float copy is what loads)."""
+    check_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype, precision)
     if quantization != "none":
-        return _load_quantized(name, quantization, torch.bfloat16)
+        return _load_quantized(name, quantization, torch.bfloat16, attn_implementation)
     if name in EMBEDDED_MODELS:
-        model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype)
+        model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype, attn_implementation)
     elif name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
     elif Path(name).is_dir():
-        model, tokenizer = _load_folder(name, torch_dtype)
+        model, tokenizer = _load_folder(name, torch_dtype, attn_implementation)
     elif Path(name).exists() or name.startswith((".", "/")):
         raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
     else:
-        model, tokenizer = _load_folder(name, torch_dtype)  # a hub id
+        model, tokenizer = _load_folder(name, torch_dtype, attn_implementation)  # a hub id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -407,7 +518,7 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = F
     return peft_model if trainable else peft_model.eval()
 
 
-def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype):
+def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype, attn_implementation: str | None = None):
     config = quantization_config(quantization, compute_dtype)
     if name in EMBEDDED_MODELS or name.endswith(".gguf"):  # quantize the dequantized float copy
         gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
@@ -416,7 +527,7 @@ def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype):
     device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(name, quantization_config=config, device_map=device_map,
-                                                     dtype=compute_dtype)
+                                                     dtype=compute_dtype, **_attn_kwargs(attn_implementation))
     except (RuntimeError, ValueError, ImportError) as err:
         raise ModelNotFoundError(f"cannot load {name} with quantization: {quantization} on this machine ({err}); "
                                  "it needs bitsandbytes with a backend for this device (pip install "

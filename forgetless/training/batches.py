@@ -1,27 +1,100 @@
-"""Turn training examples (``{input_ids, labels}`` dicts of token lists) into padded batches."""
+"""Turn training examples (``{input_ids, labels}`` dicts of token lists) into batches.
+
+* :func:`collate`: right-padded rows (padding has attention 0 and label -100).
+* :func:`collate_packed`: padding-free, as TRL's ``padding_free`` / transformers' ``DataCollatorWithFlattening``: the
+  examples concatenated into one row, ``position_ids`` restarting at 0 for each example and no attention mask, so
+  that transformers' attention keeps each example to itself (a block-diagonal causal mask for sdpa and eager, the
+  varlen kernel for flash attention); the first label of every example is -100, so no example predicts the next
+  one's first token. Its loss is the padded batch's token mean: the same labelled positions, the same contexts.
+* :func:`add_loss_index`: the flat positions of the next-token targets (and the targets), computed on the CPU while
+  the batch is built, so the loss picks its rows with ``index_select`` instead of a boolean mask, which would make
+  the host wait for the device to learn how many rows there are.
+* :class:`LengthGroupedSampler`: examples of similar length in the same batch (less padding), as transformers'
+  ``LengthGroupedSampler``: a random permutation cut into mega-batches of ``50 x batch_size``, each sorted by length.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import Sampler
 
 from forgetless.lm import IGNORE_INDEX
 
+LOSS_INDEX, LOSS_TARGETS = "loss_index", "loss_targets"
 
-def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label -100."""
+
+def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    rows = []
     for row, example in enumerate(examples):
         ids, lab = list(example["input_ids"]), list(example["labels"])
         if len(ids) != len(lab):
             raise ValueError(f"example {row}: input_ids and labels differ in length ({len(ids)} vs {len(lab)})")
+        rows.append((ids, lab))
+    return rows
+
+
+def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label -100."""
+    rows = _checked(examples)
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.as_tensor(ids)
         labels[row, : len(lab)] = torch.as_tensor(lab)
         attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The examples as one row without padding: ``input_ids``, ``position_ids`` (0.. per example) and ``labels``
+    (each example's first label -100), all ``[1, total length]``; no ``attention_mask``."""
+    rows = _checked(examples)
+    ids = [t for row, _ in rows for t in row]
+    labels = [IGNORE_INDEX if i == 0 else t for _, lab in rows for i, t in enumerate(lab)]
+    positions = [i for row, _ in rows for i in range(len(row))]
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels])}
+
+
+def add_loss_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``loss_index`` (flat indices into the ``[B * (T - 1)]`` next-token positions whose target is labelled, in
+    row-major order: the rows a boolean mask would pick, in the same order) and ``loss_targets`` (their targets)."""
+    targets = batch["labels"][:, 1:].reshape(-1)
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    batch[LOSS_INDEX], batch[LOSS_TARGETS] = index, targets[index]
+    return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices of ``lengths`` in batches of similar length, deterministic given ``generator``'s seed.
+
+    Each epoch (``__iter__``) draws a permutation from ``generator``, cuts it into mega-batches of
+    ``mega_batch_mult * batch_size`` indices (``mega_batch_mult`` = min(n // (4 * batch_size), 50), at least 1, as
+    transformers' ``get_length_grouped_indices``), sorts each mega-batch by length, longest first, and moves the
+    batch holding the longest example to the front (an out-of-memory shows at the first step). Every index comes once
+    per epoch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                 mega_batch_mult: int | None = None) -> None:
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+        if mega_batch_mult is None:
+            mega_batch_mult = max(1, min(len(self.lengths) // (batch_size * 4), 50))
+        self.mega = mega_batch_mult * batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        megas = [sorted(order[i:i + self.mega], key=lambda k: -self.lengths[k])
+                 for i in range(0, len(order), self.mega)]
+        if megas:
+            longest = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
+            megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
+        return iter([k for mega in megas for k in mega])

@@ -18,6 +18,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 ON_NONFINITE = ("stop", "skip_step")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the trackers of forgetless.training.logging
+# transformers' attention implementations offered (forgetless.models.ATTN_IMPLEMENTATIONS is this tuple)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -52,6 +54,19 @@ class TrainConfig:
     # The step's scalars stay on the device and are read every log_every optimizer steps (and at the stage's end):
     # the history rows, the trackers and the progress line are written then.
     log_every: int = field(default=10, metadata={"numbers": False})
+    # Speed levers (docs/speed.md). They compute the same function, so they change no number beyond rounding and are
+    # not part of a run's identity, except group_by_length, which changes which examples share a step.
+    # attn_implementation: switch the model's attention for the stage (sdpa, eager, flash_attention_2); null: as
+    # loaded (transformers' default, sdpa).
+    attn_implementation: str | None = field(default=None, metadata={"numbers": False})
+    # torch.compile the decoder layers for the stage (inductor; a C++ compiler on the CPU): slow first steps.
+    compile: bool = field(default=False, metadata={"numbers": False})
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the model: pip install 'forgetless[liger]', CUDA only.
+    liger: bool = field(default=False, metadata={"numbers": False})
+    # Each micro-batch as one row without padding, position ids restarting per example (TRL's padding_free).
+    padding_free: bool = field(default=False, metadata={"numbers": False})
+    # Batches of examples of similar length (transformers' LengthGroupedSampler): less padding, other batches.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
@@ -89,6 +104,14 @@ class TrainConfig:
             if importlib.util.find_spec(name) is None:
                 extra = " (pip install forgetless[tensorboard])" if name == "tensorboard" else ""
                 raise ValueError(f"report_to: {name} is not installed{extra}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)} (or null: as loaded), "
+                             f"got {self.attn_implementation!r}")
+        if self.liger and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("liger: true needs the Liger kernels: pip install 'forgetless[liger]' (CUDA GPUs only)")
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation: flash_attention_2 needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation) and a CUDA GPU; use sdpa or eager")
         for name, allowed in (("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("on_nonfinite", ON_NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

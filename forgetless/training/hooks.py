@@ -81,7 +81,9 @@ class StageContext:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def log(self, name: str, value: float | torch.Tensor) -> None:
-        self.scalars[name] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        """Record a scalar of this step. A tensor stays on its device, detached: the loop reads the step's scalars
+        together at its logging interval (``log_every``), so logging costs no host sync in the step."""
+        self.scalars[name] = value.detach() if isinstance(value, torch.Tensor) else float(value)
 
 
 class Method:

@@ -19,11 +19,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from forgetless.lm import IGNORE_INDEX
-from forgetless.models import is_quantized
+from forgetless.models import (apply_liger, attn_implementation_of, check_attn_implementation, compile_model,
+                               is_quantized, liger_available, set_attn_implementation, uncompile)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
-from forgetless.training.batches import collate
+from forgetless.training.batches import LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all
 from forgetless.training.logging import StageLog, open_trackers
@@ -65,10 +65,32 @@ class NonFiniteError(RuntimeError):
 _COUNTS = "forgetless_counts"
 
 
-def _collate_counted(examples: Sequence[dict], pad_token_id: int) -> Batch:
-    batch = collate(examples, pad_token_id)
-    batch[_COUNTS] = (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum()))
+def _collate_counted(examples: Sequence[dict], pad_token_id: int, packed: bool = False) -> Batch:
+    batch = add_loss_index(collate_packed(examples) if packed else collate(examples, pad_token_id))
+    batch[_COUNTS] = (int(batch[LOSS_INDEX].numel()), sum(len(e["input_ids"]) for e in examples))
     return batch
+
+
+def check_levers(model: torch.nn.Module, config: TrainConfig, device: torch.device | str) -> None:
+    """Errors for speed levers this machine or model cannot run, before any work: flash attention or Liger without
+    their package or without CUDA (:class:`forgetless.models.LeverUnavailable`), padding-free batches with an
+    attention that cannot keep packed examples apart."""
+    check_attn_implementation(config.attn_implementation)
+    if config.liger:
+        liger_available()
+        if torch.device(device).type != "cuda":
+            raise ValueError("liger: true needs the run on a CUDA GPU (the Liger kernels are Triton kernels)")
+    if config.padding_free:
+        attn = config.attn_implementation or attn_implementation_of(model)
+        if attn not in PACKED_ATTENTION:
+            raise ValueError(f"padding_free: true needs an attention that keeps packed examples apart by their "
+                             f"position ids ({list(PACKED_ATTENTION)}); this model uses {attn!r}")
+
+
+# Attentions with which transformers (5.x) builds a per-example mask from position_ids when there is no attention mask
+# (masking_utils.find_packed_sequence_indices for sdpa and eager; cu_seqlens for flash attention). Checked equal to the
+# padded batch's loss and gradients in tests/unit/test_speed_levers.py (sdpa, eager, on the CPU).
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def _global_sum(accelerator: Accelerator, value: int) -> int:
@@ -102,7 +124,7 @@ def train_stage(
     checkpoint; the folder is removed when the stage ends unless ``config.keep_checkpoints``.
 
     Host syncs: the step's scalars (loss, task loss, gradient norm, and the ``ctx.scalars`` a method leaves as
-    tensors; ``StageContext.log`` reads its value at once) stay tensors and are read every
+    tensors, as ``StageContext.log`` keeps them) stay tensors and are read every
     ``config.log_every`` steps, at a checkpoint and at the end (the history rows, trackers and progress line are
     written then, with the same values). The labelled-token counts come from the collate function (CPU); several
     processes all-reduce the step's count (one integer, needed before the backward pass). A non-finite
@@ -124,6 +146,12 @@ def train_stage(
         model.to(accelerator.device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    check_levers(model, config, accelerator.device)
+    if config.attn_implementation is not None:
+        set_attn_implementation(model, config.attn_implementation)
+    if config.liger:
+        apply_liger(model)
+    compiled = compile_model(model) if config.compile else []  # undone when the stage ends (evaluation runs eager)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
                        config=config, grad_accum=config.grad_accum, general_examples=general_examples)
@@ -134,8 +162,11 @@ def train_stage(
         raise ValueError(f"stage {stage!r} has no training examples")
 
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(list(examples), batch_size=config.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model)))
+    examples = list(examples)
+    order = dict(shuffle=True, generator=generator) if not config.group_by_length else \
+        dict(sampler=LengthGroupedSampler([len(e["input_ids"]) for e in examples], config.batch_size, generator))
+    loader = DataLoader(examples, batch_size=config.batch_size, **order,
+                        collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model), packed=config.padding_free))
     raw_optimizer = optimizer
     wrapper, optimizer, loader = accelerator.prepare(CausalLMLoss(model), optimizer, loader)
     # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
@@ -258,6 +289,7 @@ def train_stage(
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
     finally:
         log.close()
+        uncompile(compiled)
     ctx.step = total
     call_all(methods, "on_stage_end", ctx)
     wrapper.eval()

@@ -7,8 +7,9 @@ hooks fire).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from forgetless.lm import HeadScorer, next_token_loss
+from forgetless.lm import IGNORE_INDEX, HeadScorer, next_token_loss
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -17,7 +18,12 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 class CausalLMLoss(torch.nn.Module):
-    """``forward(batch) -> loss`` around a (PEFT) causal LM."""
+    """``forward(batch) -> loss`` around a (PEFT) causal LM.
+
+    The training loop's batches (:mod:`forgetless.training.batches`) also carry ``loss_index``/``loss_targets`` (the
+    labelled positions, found on the CPU: picking them with ``index_select`` needs no host sync, a boolean mask does)
+    and, padding-free, ``position_ids`` without an ``attention_mask`` (transformers then keeps each packed example to
+    itself). Without ``loss_index`` the positions are found from ``labels`` here; the loss is the same."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -26,5 +32,21 @@ class CausalLMLoss(torch.nn.Module):
         # architectures transformers ships is exact; an unknown layout falls back to the full logits.
         self._scorer = HeadScorer(model, verify=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(self._scorer, input_ids, labels, attention_mask)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, loss_index: torch.Tensor | None = None,
+                loss_targets: torch.Tensor | None = None) -> torch.Tensor:
+        if loss_index is None and position_ids is None:
+            return next_token_loss(self._scorer, input_ids, labels, attention_mask)
+        if loss_index is None:
+            targets = labels[:, 1:].reshape(-1)
+            loss_index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+            loss_targets = targets[loss_index]
+        scorer = self._scorer
+        inputs = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        hidden = scorer.backbone(**inputs).last_hidden_state if scorer.fast else self.model(**inputs).logits
+        rows = scorer.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index))
+        return F.cross_entropy(rows.to(torch.promote_types(rows.dtype, torch.float32)), loss_targets)
