@@ -163,17 +163,40 @@ class TrainStages:
 
 @dataclass
 class SuiteTask:
-    """``eval.suite[i]``: a general multiple-choice task every run is also scored on (its forgetting probe)."""
+    """``eval.suite[i]``: a general task every run is also scored on (its forgetting probe): a multiple-choice test set
+    scored by forgetless (``{name, test, schema?, limit?, split?}``), or an lm-evaluation-harness task scored by the
+    harness itself (``{lmeval: hellaswag}``, ``{lmeval: tasks/my_task.yaml, limit: 100, metric: acc_norm}``, or the
+    string ``lmeval:gsm8k``; the extra ``forgetless[lmeval]``, :mod:`forgetless.evaluation.lmeval`)."""
 
-    name: str
-    test: str
+    name: str | None = None  # required for a test set; a harness task's default is its task name (or YAML stem)
+    test: str | None = None
     schema: str | None = None
     limit: int | None = None
     split: str | None = None  # for hub datasets
+    lmeval: str | None = None  # a task name the harness registers, or a task YAML file
+    metric: str | None = None  # harness tasks: the metric compared (acc_norm, exact_match,flexible-extract, ...)
 
     def __post_init__(self) -> None:
         from forgetless.data import SCHEMAS
 
+        if self.lmeval is not None:
+            from forgetless.evaluation.lmeval import default_name, lmeval_available, missing_message
+
+            given = [k for k in ("test", "schema", "split") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"an lmeval entry takes no {given} (the harness task has its own data and split)")
+            if not self.lmeval:
+                raise ValueError("lmeval: must name an lm-evaluation-harness task or a task YAML file")
+            if not lmeval_available():
+                raise ValueError(missing_message(f"the lm-evaluation-harness task {self.lmeval!r}"))
+            self.name = self.name or default_name(self.lmeval)
+        elif self.test is None:
+            raise ValueError("missing key 'test' (a multiple-choice test set), or 'lmeval' (an lm-evaluation-harness "
+                             "task)")
+        elif self.metric is not None:
+            raise ValueError("metric: applies to lmeval entries only (a test set is scored by acc and acc_norm)")
+        if self.name is None:
+            raise ValueError("missing key 'name'")
         check_name(self.name, "the suite task name")
         if self.schema is not None and self.schema not in SCHEMAS:
             raise ValueError(f"schema must be one of {sorted(SCHEMAS)} (or absent: detected), got {self.schema!r}")
@@ -193,6 +216,22 @@ class SelectSettings:
 
 
 SUITE_AUTO = "auto"  # the experiment's other tasks' test sets
+LMEVAL_PREFIX = "lmeval:"  # a suite entry "lmeval:TASK" is {lmeval: TASK}
+
+
+def _harness_strings(suite: str | list[str | SuiteTask]) -> str | list[str | SuiteTask]:
+    """``suite`` with its ``lmeval:TASK`` strings as :class:`SuiteTask` entries (a lone one as a list)."""
+    def entry(i: int, value: str | SuiteTask) -> str | SuiteTask:
+        if not isinstance(value, str) or not value.startswith(LMEVAL_PREFIX):
+            return value
+        try:
+            return SuiteTask(lmeval=value.removeprefix(LMEVAL_PREFIX).strip())
+        except ValueError as err:
+            raise ValueError(f"suite[{i}]: {err}") from None
+
+    if isinstance(suite, str):
+        return [entry(0, suite)] if suite.startswith(LMEVAL_PREFIX) else suite
+    return [entry(i, v) for i, v in enumerate(suite)]
 
 
 @dataclass
@@ -201,7 +240,8 @@ class EvalSettings:
     run is scored on, and the scores taken while the domain stage trains.
 
     ``suite``: ``auto`` (default) is the test sets of the experiment's tasks other than the run's domain; a list holds
-    :class:`SuiteTask` entries and may hold ``auto`` too (``[auto, {name: arc, test: ...}]``); ``[]`` is off.
+    :class:`SuiteTask` entries and may hold ``auto`` too (``[auto, {name: arc, test: ...}, lmeval:hellaswag,
+    {lmeval: gsm8k, limit: 100}]``); ``[]`` is off.
     ``suite_limit`` caps every suite task's items. ``every: K`` scores the domain accuracy, the suite accuracy and the
     held-out perplexity on fixed subsets (the first ``every_items`` items of each task, ``every_blocks`` blocks) every K
     optimizer steps of the domain stage; ``select`` keeps the best checkpoint of those (:class:`SelectSettings`).
@@ -219,11 +259,12 @@ class EvalSettings:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _at_least(self, 1, "suite_limit", "every", "every_items", "every_blocks")
+        self.suite = _harness_strings(self.suite)
         entries = [self.suite] if isinstance(self.suite, str) else self.suite
         names = [e.name for e in entries if isinstance(e, SuiteTask)]
         if any(isinstance(e, str) and e != SUITE_AUTO for e in entries) or entries.count(SUITE_AUTO) > 1:
-            raise ValueError(f"suite: must be '{SUITE_AUTO}' or a list of {{name, test, ...}} entries (with "
-                             f"'{SUITE_AUTO}' at most once), got {self.suite!r}")
+            raise ValueError(f"suite: must be '{SUITE_AUTO}' or a list of {{name, test, ...}} / {{lmeval: ...}} / "
+                             f"'{LMEVAL_PREFIX}TASK' entries (with '{SUITE_AUTO}' at most once), got {self.suite!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"suite: task names must be unique, got {names}")
         if self.select is not None and self.every is None:

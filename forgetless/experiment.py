@@ -113,7 +113,8 @@ class RawData:
     general: list[str] | None  # documents of the general text (stage nu), None: not given
     heldout: list[str] | None  # documents of the held-out general text
     tasks: dict[str, tuple[list, list | None]]  # task name -> (training rows of its train_kind, test items)
-    suite: dict[str, list] = field(default_factory=dict)  # eval.suite's listed entries -> test items
+    # eval.suite's listed entries -> test items, or an lm-evaluation-harness task (forgetless.evaluation.lmeval)
+    suite: dict[str, list] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # task name -> its training data's kind (auto resolved)
 
 
@@ -145,9 +146,30 @@ def read_data(exp: Experiment) -> RawData:
     for i, entry in enumerate(exp.eval.suite if isinstance(exp.eval.suite, list) else []):
         if isinstance(entry, str):
             continue  # auto: the tasks' test sets, read above
+        if entry.lmeval is not None:  # an lm-evaluation-harness task: built (its data loaded) here, scored by it
+            suite[entry.name] = _harness_task(exp, i, entry)
+            continue
         with _data_errors(exp, f"eval.suite[{i}].test"):
             suite[entry.name] = _load_items(exp, entry.test, entry.schema, entry.limit, entry.split)
     return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks, suite=suite, kinds=kinds)
+
+
+def _harness_task(exp: Experiment, i: int, entry: Any) -> Any:
+    """``eval.suite[i]``'s lm-evaluation-harness task (:func:`forgetless.evaluation.lmeval.load_harness_task`): an
+    unknown task or a missing extra is a ConfigError, data the harness cannot load a DataError, both naming the key."""
+    from forgetless.evaluation.lmeval import HarnessTaskError, LMEvalUnavailable, load_harness_task
+
+    place = where(exp, f"eval.suite[{i}].lmeval")
+    try:
+        return load_harness_task(entry.lmeval, name=entry.name, limit=entry.limit, metric=entry.metric,
+                                 base_dir=exp.source.parent if exp.source is not None else None)
+    except (HarnessTaskError, LMEvalUnavailable) as err:
+        raise ConfigError(f"{place}: {err}") from None
+    except FileNotFoundError as err:  # the YAML, or a data file it names
+        raise DataError(f"{place}: lm-evaluation-harness task {entry.lmeval!r}: {err}") from err
+    except Exception as err:  # the harness's and datasets' own errors while loading the task's data
+        raise DataError(f"{place}: lm-evaluation-harness task {entry.lmeval!r} could not be loaded: "
+                        f"{type(err).__name__}: {err}") from err
 
 
 @dataclass
@@ -188,7 +210,9 @@ def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
         with _data_errors(exp, f"tasks[{i}].train"):
             train = prompts(train) if kind == "multiple_choice" else train
             tasks[task.name] = (train_examples(kind, train, tokenizer, task.max_length), prompts(test_items))
-    suite = {name: prompts(items) for name, items in raw.suite.items()}
+    # a harness task gets the harness's own apply_chat_template (forgetless.evaluation.lmeval)
+    suite = {name: items.with_chat_template(chat) if hasattr(items, "with_chat_template") else prompts(items)
+             for name, items in raw.suite.items()}
     return ExperimentData(general=general, heldout=heldout, tasks=tasks, suite=suite)
 
 

@@ -112,6 +112,9 @@ def evaluate(model: torch.nn.Module, tokenizer, data: RunData, settings: RunSett
 
 
 def _mc_scores(model, tokenizer, items: list, settings: RunSettings, progress: bool) -> dict[str, float]:
+    if hasattr(items, "score"):  # an lm-evaluation-harness task (forgetless.evaluation.lmeval.HarnessTask)
+        return items.score(model, tokenizer, batch_size=settings.eval_batch_size, precision=settings.precision,
+                           progress=progress)
     mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
                      progress=progress)
     return {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,

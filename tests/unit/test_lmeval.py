@@ -1,0 +1,281 @@
+"""lm-evaluation-harness tasks as general probes (``forgetless[lmeval]``, forgetless/evaluation/lmeval.py), offline.
+
+The tasks are local YAML files of the harness's format over tiny JSONL files (tests/fixtures/lmeval/): an ARC-like
+multiple-choice task (the prompt and metrics of the harness's arc_easy.yaml) and a generative one (generate_until,
+exact_match). The harness scores the in-memory model through its own HFLM; forgetless's scorer must agree with it.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no hub here: everything is local
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from forgetless.config import ConfigError, load_experiment  # noqa: E402
+from forgetless.evaluation.lmeval import lmeval_available  # noqa: E402
+
+LMEVAL = Path(__file__).resolve().parents[1] / "fixtures" / "lmeval"
+ARC_YAML, QA_YAML = LMEVAL / "arc_tiny.yaml", LMEVAL / "qa_tiny.yaml"
+needs_lmeval = pytest.mark.skipif(not lmeval_available(), reason="lm-eval is not installed (pip install "
+                                                                 "'forgetless[lmeval]')")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Offline even where datasets / huggingface_hub were imported before this module set the variables."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def tiny():
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    return make_tiny_model(vocab_size=len(tok)).eval(), tok
+
+
+@needs_lmeval
+def test_harness_mc_equals_evaluate_mc_item_by_item():
+    """(a) The harness's acc / acc_norm through HFLM on a local ARC-like task equal evaluate_mc on the same items: the
+    same choice per item, and every loglikelihood within 1e-5 (fp32)."""
+    import numpy as np
+
+    from forgetless.data import load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness, suite_scores
+
+    model, tok = tiny()
+    task = load_harness_task(str(ARC_YAML))
+    assert task.name == "arc_tiny" and len(task) == 12 and len(task[:5]) == 5
+    results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False, log_samples=True)
+    ours = evaluate_mc(model, tok, load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc"), batch_size=4,
+                       precision="fp32", progress=False)
+    samples = sorted(results["samples"][task.task.task_name], key=lambda s: s["doc_id"])
+    assert len(samples) == ours.n == 12
+    for sample, lls in zip(samples, ours.loglikelihoods, strict=True):
+        harness = [resp[0][0] for resp in sample["resps"]]
+        assert harness == pytest.approx(lls, rel=1e-5)
+        assert len(harness) == len(lls) and int(np.argmax(harness)) == int(np.argmax(lls))  # the same choice
+        ours_acc = float(int(np.argmax(lls)) == sample["target"])
+        assert sample["acc"] == ours_acc
+    scores = suite_scores(results, task.task)
+    assert scores["acc"] == ours.acc and scores["acc_norm"] == ours.acc_norm  # exact
+    assert scores["acc_stderr"] == pytest.approx(ours.acc_stderr, rel=1e-12)
+    assert scores["n"] == 12 and scores["metric"] == "acc,none"
+    assert set(scores["metrics"]) == {"acc,none", "acc_norm,none"}
+    assert 0.0 < ours.acc < 1.0 or 0.0 < ours.acc_norm < 1.0  # not degenerate: a wrong scorer could be told apart
+    # limited, and through the PEFT-wrapped model (LoRA B non-zero: it changes the scores)
+    from forgetless.models import LoraSettings, attach_lora
+    from tests.unit.tiny_model import randomize_lora_b
+
+    lora = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(lora, seed=1, std=0.5)
+    got = task[:7].score(lora, tok, batch_size=3, precision="fp32", progress=False)
+    ref = evaluate_mc(lora, tok, load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc")[:7], batch_size=3,
+                      precision="fp32", progress=False)
+    assert (got["acc"], got["acc_norm"], got["n"]) == (ref.acc, ref.acc_norm, 7)
+    assert ref.loglikelihoods[:7] != ours.loglikelihoods[:7]  # the adapter is in the numbers
+
+
+@needs_lmeval
+def test_chat_template_parity_with_the_harness():
+    """With the experiment's chat_template on, a harness task gets the harness's apply_chat_template, and forgetless's
+    chat prompts (forgetless.data.chat_mc_items) score the same: same prompts, same loglikelihoods."""
+    from forgetless.data import chat_mc_items, load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness, suite_scores
+
+    model, tok = tiny()
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    task = load_harness_task(str(ARC_YAML)).with_chat_template()
+    results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False, log_samples=True,
+                          chat_template=task.chat_template)
+    items = chat_mc_items(load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc"), tok)
+    ours = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
+    samples = sorted(results["samples"][task.task.task_name], key=lambda s: s["doc_id"])
+    assert samples[0]["arguments"][0][0] == items[0].context and samples[0]["arguments"][0][0].startswith("<s>user")
+    for sample, lls in zip(samples, ours.loglikelihoods, strict=True):
+        assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(lls, rel=1e-5)
+    scores = suite_scores(results, task.task)
+    assert (scores["acc"], scores["acc_norm"]) == (ours.acc, ours.acc_norm)
+
+
+def _greedy(model, tok, prompt: str, max_new: int = 8) -> str:
+    """What the harness's generate_until returns for ``prompt`` (greedy; cut at the stop strings; stripped)."""
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    for stop in ("\n", tok.eos_token):
+        text = text.split(stop)[0]
+    return text.strip()
+
+
+@needs_lmeval
+def test_generative_task_scores_the_models_own_generations(tmp_path):
+    """(b) A generate_until task (exact_match) runs on the in-memory model: answers that are the model's own greedy
+    continuations match, the others do not, so exact_match is exactly their share."""
+    from forgetless.evaluation.lmeval import load_harness_task
+
+    model, tok = tiny()
+    docs = [json.loads(line) for line in (LMEVAL / "qa_tiny.jsonl").read_text().splitlines()]
+    for i, doc in enumerate(docs):
+        if i % 2 == 0:
+            doc["answer"] = _greedy(model, tok, f"Question: {doc['question']}\nAnswer:")
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = yaml.safe_load(QA_YAML.read_text())
+    cfg["task"] = "forgetless_qa_own"
+    cfg["dataset_kwargs"]["data_files"]["test"] = "own.jsonl"  # relative to the YAML's folder
+    cfg["metric_list"][0] = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+    (tmp_path / "qa_own.yaml").write_text(yaml.safe_dump(cfg))
+    task = load_harness_task(str(tmp_path / "qa_own.yaml"))
+    scores = task.score(model, tok, batch_size=1, precision="fp32", progress=False)
+    assert scores["metric"] == "exact_match,strip" and scores["n"] == 6
+    assert scores["acc"] == scores["acc_norm"] == 0.5
+    # the fixture task as it is: a score for the suite, limited by slicing
+    fixture = load_harness_task(str(QA_YAML), name="qa")
+    assert fixture[:4].score(model, tok, batch_size=2, precision="fp32", progress=False)["n"] == 4
+
+
+@needs_lmeval
+def test_scoring_leaves_rng_mode_and_tokenizer_as_they_were():
+    """simple_evaluate reseeds every generator; scoring during training (eval.every) must change nothing."""
+    import random
+
+    import numpy as np
+
+    from forgetless.evaluation.lmeval import load_harness_task
+
+    model, tok = tiny()
+    model.train()
+    tok.pad_token = None  # HFLM would set one on the tokenizer it is given
+    task = load_harness_task(str(ARC_YAML), limit=3)  # built before training, as read_data builds it
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    task.score(model, tok, batch_size=2, precision="fp32", progress=False)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
+    assert model.training and tok.pad_token is None
+
+
+def write_experiment(tmp_path, model_dir, suite, **eval_):
+    from tests.unit.test_general_suite import write_experiment as write
+
+    path = write(tmp_path, model_dir, eval_={"suite": suite} | eval_)
+    raw = yaml.safe_load(path.read_text())
+    raw["tasks"] = raw["tasks"][:1]  # one domain task: gen
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@needs_lmeval
+def test_experiment_with_harness_suite_gives_forgetting_rows(tmp_path, tiny_model_dir):
+    """(c) ``suite: [{lmeval: local.yaml}, lmeval:local2.yaml]``: every run is scored by the harness, the record looks
+    like a built-in suite task's, and the forgetting table has the task (tuned - base). The tuned run's harness score
+    equals evaluate_mc of its saved adapter on the same items; eval.every scores the task's first items."""
+    from forgetless.data import load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.experiment import run_experiment
+    from forgetless.models import load_adapter, load_model
+    from forgetless.reporting.forgetting import forgetting_rows
+
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, [{"lmeval": str(ARC_YAML)},
+                                                                      f"lmeval:{QA_YAML}"], every=2, every_items=5))
+    assert [e.name for e in exp.eval.suite_tasks] == ["arc_tiny", "qa_tiny"]
+    results = {r["run_id"]: r for r in run_experiment(exp, progress=False)}
+    base, tuned = results["base__gen__seed0"], results["lora-mu__gen__seed0"]
+    for run in (base, tuned):
+        assert set(run["suite"]) == {"arc_tiny", "qa_tiny"}
+        assert run["suite"]["arc_tiny"]["metric"] == "acc,none" and run["suite"]["arc_tiny"]["n"] == 12
+        assert run["suite"]["qa_tiny"]["metric"] == "exact_match,strip" and run["suite"]["qa_tiny"]["n"] == 6
+    items = load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc")
+    model, tok = load_model(str(tiny_model_dir), precision="fp32")
+    model = load_adapter(model, tmp_path / "out/adapters/lora-mu__gen__seed0").eval()
+    mc = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
+    assert (tuned["suite"]["arc_tiny"]["acc"], tuned["suite"]["arc_tiny"]["acc_norm"]) == (mc.acc, mc.acc_norm)
+    (row,) = forgetting_rows(list(results.values()))
+    assert row["forgetting"]["arc_tiny"] == 100.0 * (tuned["suite"]["arc_tiny"]["acc"] - base["suite"]["arc_tiny"]["acc"])
+    assert row["forgetting"]["qa_tiny"] == 100.0 * (tuned["suite"]["qa_tiny"]["acc"] - base["suite"]["qa_tiny"]["acc"])
+    assert "| lora-mu | gen |" in (tmp_path / "out/results.md").read_text()
+    (domain,) = [s for s in tuned["stages"] if s["stage"] == "domain"]
+    rows = domain["extras"]["eval_history"]
+    assert [r["step"] for r in rows] == [0, 2, 3] and all("suite/arc_tiny" in r and "suite/qa_tiny" in r for r in rows)
+    mc5 = evaluate_mc(model, tok, items[:5], batch_size=4, precision="fp32", progress=False)
+    assert rows[-1]["suite/arc_tiny"] == mc5.acc  # the last row: the final weights on the first 5 items
+
+
+@needs_lmeval
+def test_suite_entry_forms_and_their_errors(tmp_path, tiny_model_dir):
+    from forgetless.experiment import read_data
+
+    def load(suite, **eval_):
+        return load_experiment(write_experiment(tmp_path, tiny_model_dir, suite, **eval_))
+
+    exp = load([{"lmeval": "arc_tiny.yaml", "name": "arc", "limit": 4, "metric": "acc_norm"}, "auto"])
+    assert exp.eval.suite_auto and [(e.name, e.lmeval, e.limit) for e in exp.eval.suite_tasks] == [
+        ("arc", "arc_tiny.yaml", 4)]
+    assert [e.name for e in load("lmeval:gsm8k").eval.suite_tasks] == ["gsm8k"]
+    # the string and the mapping are one entry: the same run identity
+    from forgetless.experiment import plan_runs
+
+    assert ([j.digest for j in plan_runs(load(["lmeval:gsm8k"]))]
+            == [j.digest for j in plan_runs(load([{"lmeval": "gsm8k"}]))])
+    for suite, message in (([{"lmeval": "gsm8k", "test": "x.jsonl"}], r"takes no \['test'\]"),
+                           ([{"name": "arc", "test": "x.jsonl", "metric": "acc"}], "lmeval entries only"),
+                           ([{"name": "arc"}], "missing key 'test'"),
+                           (["lmeval:"], "must name"),
+                           (["lmeval:gsm8k", {"lmeval": "gsm8k"}], "unique")):
+        with pytest.raises(ConfigError, match=message):
+            load(suite)
+    # a YAML relative to the experiment file's folder; a metric the task does not report
+    (tmp_path / "arc_tiny.yaml").write_text(ARC_YAML.read_text().replace("test: arc_tiny.jsonl",
+                                                                         f"test: {LMEVAL / 'arc_tiny.jsonl'}"))
+    raw = read_data(load([{"lmeval": "arc_tiny.yaml", "limit": 4}]))
+    assert len(raw.suite["arc_tiny"]) == 4
+    with pytest.raises(ConfigError, match=r"eval\.suite\[0\]\.lmeval: .*no metric 'f1'.*acc,none"):
+        read_data(load([{"lmeval": "arc_tiny.yaml", "metric": "f1"}]))
+    from forgetless.data import DataError
+
+    with pytest.raises(DataError, match=r"eval\.suite\[0\]\.lmeval: .*'nope\.yaml': task YAML not found"):
+        read_data(load([{"lmeval": "nope.yaml"}]))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(ARC_YAML.read_text().replace("test: arc_tiny.jsonl", "test: missing.jsonl"))
+    with pytest.raises(DataError, match=r"eval\.suite\[0\]\.lmeval: lm-evaluation-harness task .*broken\.yaml.*missing\.jsonl"):
+        read_data(load([{"lmeval": str(broken)}]))
+
+
+@needs_lmeval
+def test_unknown_registered_task_is_a_config_error_with_close_names(tmp_path, tiny_model_dir):
+    from forgetless.experiment import read_data
+
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, ["lmeval:hellaswagg"]))
+    with pytest.raises(ConfigError, match=r"eval\.suite\[0\]\.lmeval: unknown lm-evaluation-harness task "
+                                          r"'hellaswagg'; close: hellaswag"):
+        read_data(exp)
+
+
+def test_missing_extra_names_the_install_command(tmp_path, tiny_model_dir, monkeypatch):
+    """(d) Without lm-eval, a harness entry is a ConfigError naming `pip install 'forgetless[lmeval]'`, before any
+    data or model is read; a run without harness entries does not need it."""
+    from forgetless.evaluation import lmeval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails, as when it is not installed
+    assert not lmeval.lmeval_available()
+    with pytest.raises(lmeval.LMEvalUnavailable, match=r"pip install 'forgetless\[lmeval\]'"):
+        lmeval.require_lmeval()
+    for suite in ([{"lmeval": "hellaswag"}], "lmeval:gsm8k"):
+        with pytest.raises(ConfigError, match=r"exp\.yaml: eval(\.suite\[0\]|: suite\[0\]): the lm-evaluation-harness task '\w+' needs the "
+                                              r"optional extra lmeval .*: pip install 'forgetless\[lmeval\]'$"):
+            load_experiment(write_experiment(tmp_path, tiny_model_dir, suite))
+    load_experiment(write_experiment(tmp_path, tiny_model_dir, "auto"))  # fine without the extra
