@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from forgetless.progress import progress as show_progress
 
 from forgetless.lm import HeadScorer, eval_mode, model_device
 from forgetless.precision import autocast, resolve_precision
@@ -162,7 +162,7 @@ def evaluate_mc(
         device = scorer.device
         resolved = resolve_precision(precision, device)
         batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc="multiple choice", disable=not progress, unit="batch"):
+        for batch in show_progress(batches, "multiple choice", unit="batch", enabled=progress):
             reqs = [requests[k] for k in batch]
             width = max(len(r.inp) for r in reqs)
             ids = torch.zeros((len(reqs), width), dtype=torch.long)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from forgetless.progress import progress as show_progress
 
 from forgetless.lm import HeadScorer, eval_mode
 from forgetless.precision import autocast, resolve_precision
@@ -63,7 +63,7 @@ def perplexity(
         device = scorer.device
         resolved = resolve_precision(precision, device)
         starts = range(0, blocks.shape[0], batch_size)
-        for start in tqdm(starts, desc="perplexity", disable=not progress, unit="batch"):
+        for start in show_progress(starts, "perplexity", unit="batch", enabled=progress):
             batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
             with autocast(resolved, device):
                 # [B, T-1, H] (or [B, T-1, V] logits on the fallback path): position t predicts t+1

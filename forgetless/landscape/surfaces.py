@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from forgetless.progress import progress as show_progress
 
 from forgetless.landscape.objective import select_parameters
 
@@ -78,7 +78,7 @@ def loss_surface(params: Sequence[torch.Tensor], loss_fn: LossFn, directions: Se
     shape = tuple(len(c) for c in coords)
     out = np.empty(shape, dtype=np.float64)
     try:
-        for index in tqdm(list(np.ndindex(*shape)), desc="loss surface", unit="point", disable=not progress):
+        for index in show_progress(list(np.ndindex(*shape)), "loss surface", unit="point", enabled=progress):
             for j, p in enumerate(params):
                 w = base[j]
                 for k, d in enumerate(directions):

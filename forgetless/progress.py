@@ -1,0 +1,55 @@
+"""Progress of long loops (evaluation, loss surfaces): a tqdm bar on a terminal, a plain line at an interval elsewhere.
+
+Outside a terminal (a log file, CI, ``nohup``) tqdm writes one carriage-return update per item, so a log becomes mostly
+progress output. There :func:`progress` prints ``desc: 40/125 batch (32%), 12 s`` at most once per ``interval``
+seconds, and one closing line with the total time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+#: Seconds between two plain progress lines outside a terminal.
+INTERVAL = 30.0
+
+
+def _plain(items: Iterable[T], desc: str, unit: str, total: int | None, interval: float,
+           stream: TextIO) -> Iterator[T]:
+    start = last = time.perf_counter()
+    done = 0
+    of = f"/{total}" if total is not None else ""
+
+    def line(now: float, closing: str = "") -> None:
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        print(f"{desc}: {done}{of} {unit}{share}, {now - start:.0f} s{closing}", file=stream, flush=True)
+
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= interval:
+            line(now)
+            last = now
+    if done and time.perf_counter() - start >= interval:  # short loops stay silent
+        line(time.perf_counter(), ", done")
+
+
+def progress(items: Iterable[T], desc: str, unit: str = "it", enabled: bool = True, total: int | None = None,
+             interval: float = INTERVAL, stream: TextIO | None = None) -> Iterable[T]:
+    """``items``, with their progress shown when ``enabled``: a tqdm bar on a terminal, else a plain line at most every
+    ``interval`` seconds (and a closing line for loops that took longer than that)."""
+    if not enabled:
+        return items
+    stream = sys.stderr if stream is None else stream
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if stream.isatty():
+        return tqdm(items, desc=desc, unit=unit, total=total, file=stream)
+    return _plain(items, desc, unit, total, interval, stream)
