@@ -43,8 +43,8 @@ update towards zero, as the EWCLoRA code does. The anchor is not stored: the cac
 
 The penalty is computed for groups of modules with equal factor shapes (:func:`forgetless.lora.group_modules`): the
 Fisher of a group is one stacked tensor, ``dW`` and ``dW_ref`` one batched matmul each, and the difference, square and
-weighting one ``torch._foreach_*`` launch per op across the groups of a device (``fused = False`` on the plugin: module
-by module, the same value). ``ewc_penalty`` is left to the loop as a tensor (read at its logging interval, no host
+weighting one ``torch._foreach_*`` launch per op across the groups of a CUDA device (the same ops per group on the
+CPU; ``fused = False`` on the plugin: module by module, the same value). ``ewc_penalty`` is left to the loop as a tensor (read at its logging interval, no host
 sync per step).
 
 The wall time and payload size of the Fisher are recorded in the stage's ``extras["importance_cost"]["ewc"]``
@@ -65,8 +65,8 @@ from forgetless.lm import IGNORE_INDEX
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, compute_dtype, delta_from_factors, factors,
                              fan_in_fan_out, group_modules, lora_modules, scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
-                                       log_scalar, option, shard)
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
+                                       check_modules, log_scalar, option, shard)
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
@@ -339,13 +339,19 @@ class EWC(Method):
         total = None
         for bucket in self._buckets:
             terms = [self._terms[i] for i in bucket]
+            ops = TensorLists(terms[0].group.device)
             with torch.autocast(device_type=terms[0].group.device.type, enabled=False):
-                diffs = [t.group.delta_weight(detach=False) for t in terms]  # one bmm per group
-                refs = [(i, t.reference_delta()) for i, t in enumerate(terms) if t.ref is not None]
-                if refs:  # the same computation on the stored factors: exactly 0 at the anchor
-                    torch._foreach_sub_([diffs[i] for i, _ in refs], [r for _, r in refs])
-                fishers = [t.fisher.to(t.group.device, t.group.dtype, non_blocking=True) for t in terms]
-                weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), fishers)
+                if ops.foreach:
+                    diffs = [t.group.delta_weight(detach=False) for t in terms]  # one bmm per group
+                    refs = [i for i, t in enumerate(terms) if t.ref is not None]
+                    if refs:  # the same computation on the stored factors: exactly 0 at the anchor
+                        subtracted = ops.sub([diffs[i] for i in refs], [terms[i].reference_delta() for i in refs])
+                        for i, d in zip(refs, subtracted):
+                            diffs[i] = d
+                    fishers = [t.fisher.to(t.group.device, t.group.dtype, non_blocking=True) for t in terms]
+                    weighted = ops.mul(ops.mul(diffs, diffs), fishers)
+                else:  # lazily, group by group
+                    weighted = (t.weighted_square() for t in terms)
                 for w in weighted:
                     total = w.sum() if total is None else total + w.sum()
         return total
@@ -398,6 +404,14 @@ class _Term:
     def reference_delta(self) -> torch.Tensor:
         g = self.group
         return delta_from_factors(self.ref[0], self.ref[1], g.scaling, g.fan_in_fan_out, g.dtype)
+
+    def weighted_square(self) -> torch.Tensor:
+        """F * (dW - dW_ref)^2 for the group's modules, [n, *weight shape], differentiable in A and B."""
+        g = self.group
+        diff = g.delta_weight(detach=False)
+        if self.ref is not None:
+            diff = diff - self.reference_delta()
+        return diff.square() * self.fisher.to(g.device, g.dtype, non_blocking=True)
 
 
 register(MethodSpec("ewc", "EWC-LoRA: diagonal Fisher of general text on the LoRA target weights, "

@@ -106,8 +106,9 @@ Efficiency: modules with the same shapes are stacked and processed with one ``bm
 computed once per step per module (the dW after a step is reused as the next step's dW(t) unless the LoRA
 parameters were changed in between, detected through the tensors' version counters). The element-wise work of a
 step (the path integral's update, the regularizer's difference, square and weighting) is one ``torch._foreach_*``
-launch per op across the groups of a device; ``fused = False`` on the plugin takes the plain path (the path integral
-group by group, the regularizer module by module), which gives the same numbers. No per-step path reads a device
+launch per op across the groups of a CUDA device (on the CPU, where foreach ops are a loop and measured slower, the
+same ops per group: :class:`forgetless.methods.common.TensorLists`); ``fused = False`` on the plugin takes the plain
+path (the path integral group by group, the regularizer module by module), which gives the same numbers. No per-step path reads a device
 value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
 State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
@@ -134,8 +135,8 @@ import torch
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_factors, delta_weight, group_modules,
                              lora_modules, scaling, scaling_tensor, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_, check_modules,
-                                       log_scalar, option)
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
+                                       check_modules, log_scalar, option)
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
@@ -460,12 +461,13 @@ class HLoRA(Method):
         if ctx.stage != GENERAL:
             return
         with self._timer:
-            if self.fused:
-                for bucket in self._buckets:
-                    self._accumulate_fused([self.groups[i] for i in bucket])
-            else:
-                for g in self.groups:
-                    self._accumulate(g)
+            for bucket in self._buckets:
+                groups = [self.groups[i] for i in bucket]
+                if self.fused and TensorLists(groups[0].device).foreach:
+                    self._accumulate_fused(groups)
+                else:  # the CPU: foreach ops there are a loop, and group by group keeps each group's work together
+                    for g in groups:
+                        self._accumulate(g)
         self.steps += 1
 
     def _accumulate(self, g: _Group) -> None:
@@ -494,20 +496,21 @@ class HLoRA(Method):
         groups = [g for g in groups if g.g_est is not None or g.factors is not None]
         if not groups:
             return
+        ops = TensorLists(groups[0].device)
         nexts = [g.delta_weight() for g in groups]  # dW(t+1): one bmm per group
         descents = [g.dw_prev for g in groups]
-        torch._foreach_sub_(descents, nexts)  # dW(t) - dW(t+1), in place
+        ops.sub_(descents, nexts)  # dW(t) - dW(t+1), in place
         estimates = [_adam_gradient(g, d) if g.factors is not None else g.g_est for g, d in zip(groups, descents)]
-        torch._foreach_mul_(descents, estimates)  # the contribution g~ * (dW(t) - dW(t+1))   (eqs 8-10)
+        ops.mul_(descents, estimates)  # the contribution g~ * (dW(t) - dW(t+1))   (eqs 8-10)
         if self.nonnegative == "step":
-            torch._foreach_clamp_min_(descents, 0)
+            ops.clamp_min_(descents, 0)
         omegas = [g.omega for g in groups]
-        torch._foreach_add_(omegas, descents)
+        ops.add_(omegas, descents)
         if self.nonnegative == "running":
-            torch._foreach_clamp_min_(omegas, 0)
+            ops.clamp_min_(omegas, 0)
         full = [g.grad_full for g in groups if g.grad_full is not None]
         if full:
-            torch._foreach_zero_(full)
+            ops.zero_(full)
         for g, dw_next in zip(groups, nexts):
             g.dw_prev, g.versions, g.g_est = dw_next, g.current_versions(), None
 
@@ -600,17 +603,23 @@ class HLoRA(Method):
     def regularizer(self) -> torch.Tensor:
         """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B.
 
-        dW and dW_nu are one batched matmul per group each; the difference, square and weighting are one foreach
-        launch per op across the groups of a device. ``fused = False``: module by module (the same value)."""
+        dW and dW_nu are one batched matmul per group each; on CUDA the difference, square and weighting are one
+        foreach launch per op across the groups of the device (elsewhere the same ops group by group).
+        ``fused = False``: module by module (the same value)."""
         if not self.fused:
             return self._regularizer_plain()
         total = None
         for bucket in self._buckets:
             groups = [self.groups[i] for i in bucket]
+            ops = TensorLists(groups[0].device)
             with torch.autocast(device_type=groups[0].device.type, enabled=False):
-                diffs = torch._foreach_sub([g.delta_weight(detach=False) for g in groups],
-                                           [g.reference_delta() for g in groups])
-                weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [g.importance for g in groups])
+                if ops.foreach:
+                    diffs = ops.sub([g.delta_weight(detach=False) for g in groups],
+                                    [g.reference_delta() for g in groups])
+                    weighted = ops.mul(ops.mul(diffs, diffs), [g.importance for g in groups])
+                else:  # lazily, group by group
+                    weighted = (g.importance * (g.delta_weight(detach=False) - g.reference_delta()).square()
+                                for g in groups)
                 for g, w in zip(groups, weighted):
                     term = (g.coeff * w.sum(dim=(1, 2))).sum()  # sum_l c_l L_l (eqs 14-15)
                     total = term if total is None else total + term

@@ -11,6 +11,7 @@ from forgetless.methods import REGISTRY, general_stage_entries, resolve
 from forgetless.methods.ewc import EWC, FILENAME, fisher_diagonal, load_fisher
 from forgetless.methods.hlora import HLoRA
 from forgetless.training.loop import TrainConfig, train_stage
+from tests.unit.test_hlora import foreach  # noqa: F401 (a fixture: per-group ops, and torch._foreach_* ops)
 from tests.unit.tiny_model import random_examples, randomize_lora_b
 
 
@@ -265,7 +266,7 @@ ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 
 @pytest.mark.parametrize("anchor,offload", [("general", "none"), ("zero", "none"), ("general", "cpu")])
-def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, tol, anchor, offload):
+def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, tol, anchor, offload, foreach):
     """fp32, all seven projections (several groups of equal shapes): the grouped foreach penalty and its gradient
     are the module-by-module ones."""
     model = lora_model(targets=ALL_SEVEN, b_std=0.05)
@@ -289,7 +290,7 @@ def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, t
         assert float((a - b).abs().max()) <= tol(1e-6) * float(b.abs().max())
 
 
-def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx):
+def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx, foreach):
     from tests.unit.test_hlora import no_host_reads
 
     model = lora_model(targets=ALL_SEVEN, b_std=0.05)

@@ -460,8 +460,19 @@ def _close(a, b, rel):
     return bool(((a - b).abs() <= rel * b.abs().max().clamp(min=torch.finfo(b.dtype).tiny)).all())
 
 
+@pytest.fixture(params=["per-group ops", "foreach"])
+def foreach(request, monkeypatch):
+    """Runs a test with the fused path's element-wise ops as they are on this device, and as torch._foreach_* ops
+    (what CUDA uses) on every device."""
+    from forgetless.methods import common
+
+    if request.param == "foreach":
+        monkeypatch.setattr(common, "FOREACH_DEVICES", {"cuda", "cpu"})
+    return request.param
+
+
 @pytest.mark.parametrize("estimator,nonnegative", [("paper", "end"), ("adam", "step"), ("exact", "running")])
-def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative):
+def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative, foreach):
     """The importance after 3 steps (fp32, all seven projections: several groups) is the group-by-group one."""
     recorded = {}
     for fused in (True, False):
@@ -476,7 +487,7 @@ def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, 
         assert _close(recorded[True].importance[name], omega, tol(1e-6)), name
 
 
-def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol):
+def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol, foreach):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(xi=1e-2)
     sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
@@ -495,7 +506,7 @@ def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ct
         assert _close(a, b, tol(1e-6))
 
 
-def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device):
+def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device, foreach):
     """dW_nu multiplied out inside the regularizer gives, bit for bit, what the dense anchor (held since the general
     stage's end) gave: the same batched product, so the value and the gradient are unchanged (fp32)."""
     model = lora_model(targets=ALL_SEVEN)
@@ -537,7 +548,7 @@ class no_host_reads:
 
 
 @pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
-def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator):
+def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator, foreach):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(estimator=estimator, phi=1.0)
     data = batches(device=device)

@@ -1,0 +1,301 @@
+"""HLoRA's and EWC's per-step work and HLoRA's state, new path vs old, side by side in one run (issues #12 item 8,
+#15 item 3).
+
+Model: a tiny random Llama with many LoRA modules (24 layers, LoRA r=8 on all seven projections: 168 modules;
+hidden 128, intermediate 256, 2 of 4 heads for k/v), fp32, on the CPU unless --device says otherwise.
+
+Timed, each as forward + backward of the term (what a domain step adds) or one path-integral step (general stage):
+
+* ``hlora_regularizer``: new (dW_nu as factors, multiplied out per step; foreach across shape groups) vs old (the
+  code before: a dense dW_nu held per module, per-group ops); also the plain module-by-module loop (``fused=False``).
+* ``hlora_path_integral``: ``before_optimizer_step`` + ``after_optimizer_step`` of the general stage, foreach across
+  groups (new) vs group by group (old, ``fused=False``: the same code as before), with an SGD step between.
+* ``ewc_penalty``: new (modules grouped by shape: stacked Fisher, one bmm per group, foreach ops) vs old (the loop
+  over modules as before, ``fused=False``).
+
+The machine is shared and loaded: the variants are interleaved within each repetition (so a slow minute hits all of
+them) and each ratio is the median over repetitions of the per-repetition ratio of medians. Only ratios are printed
+for times. Also printed: HLoRA's state in bytes (in memory after the general stage, and the saved file) with dW_nu
+dense (before) and as factors (now), on this model and, from its shapes, on SmolLM2-135M with LoRA r=16 on all seven
+projections (the demo's setting).
+
+Usage: python bench/bench_method_state.py [--reps 15] [--inner 5] [--layers 24] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_model(layers: int, device: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgetless.models import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    model = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=ALL_SEVEN))
+    return model.to(device)
+
+
+def lora_params(model):
+    from forgetless.lora import lora_modules
+
+    return [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+
+
+def perturb(model, seed: int, std: float = 0.02) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_params(model):
+            p.add_(std * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+
+
+def ctx_for(stage: str, model, lr: float = 1e-2):
+    from forgetless.training.config import TrainConfig
+    from forgetless.training.hooks import StageContext
+
+    opt = torch.optim.SGD(lora_params(model), lr=lr)
+    return StageContext(stage=stage, model=model, optimizer=opt, scheduler=None, accelerator=None,
+                        config=TrainConfig(precision="fp32", progress=False))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, inner: int, device: str) -> float:
+    """Median of ``inner`` calls' wall times (or of the seconds a call returns: the part it timed itself)."""
+    times = []
+    for _ in range(inner):
+        sync(device)
+        start = time.perf_counter()
+        own = fn()
+        sync(device)
+        times.append(own if own is not None else time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare(variants: dict, reps: int, inner: int, device: str, baseline: str) -> dict[str, float]:
+    """Median over repetitions of (variant time / baseline time), the variants interleaved in each repetition."""
+    for fn in variants.values():  # warm-up
+        fn()
+    ratios: dict[str, list[float]] = {name: [] for name in variants if name != baseline}
+    for rep in range(reps):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        got = {name: timed(variants[name], inner, device) for name in order}
+        for name in ratios:
+            ratios[name].append(got[name] / got[baseline])
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
+# ------------------------------------------------------------------------------------------------- HLoRA
+def old_regularizer(plugin, dense_refs):
+    """The regularizer as it was computed before (commit 0b675e1): a dense dW_nu held per group, per-group ops."""
+    total = None
+    for g, ref in zip(plugin.groups, dense_refs):
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            diff = g.delta_weight(detach=False) - ref
+            per_module = (g.importance * diff.square()).sum(dim=(1, 2))
+            term = (g.coeff * per_module).sum()
+        total = term if total is None else total + term
+    return total
+
+
+def hlora_general(model, plugin, steps: int, lr: float = 1e-2):
+    """Drive HLoRA's general stage with random gradients and an SGD step (no model forward: only HLoRA's work)."""
+    ctx = ctx_for("general", model, lr)
+    plugin.on_stage_start(ctx)
+    params = lora_params(model)
+    g = torch.Generator().manual_seed(1)
+    for p in params:  # fixed gradients: every step moves the adapter
+        p.grad = (1e-2 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype)
+    device = str(params[0].device)
+
+    def step() -> float:
+        """One step; returns the seconds spent in HLoRA's two hooks (not in the optimizer)."""
+        sync(device)
+        start = time.perf_counter()
+        plugin.before_optimizer_step(ctx)
+        sync(device)
+        seconds = time.perf_counter() - start
+        ctx.optimizer.step()
+        sync(device)
+        start = time.perf_counter()
+        plugin.after_optimizer_step(ctx)
+        sync(device)
+        return seconds + time.perf_counter() - start
+
+    for _ in range(steps):
+        step()
+    return ctx, step
+
+
+def bench_hlora(args) -> tuple[dict, dict]:
+    from forgetless.methods.hlora import HLoRA
+
+    model = make_model(args.layers, args.device)
+    plugin = HLoRA()
+    ctx, step = hlora_general(model, plugin, 3)
+    plugin.on_stage_end(ctx)
+    n_modules, n_groups = len(plugin.importance), len(plugin.groups)
+
+    # --- state bytes after the general stage: dW_nu dense (before) vs as factors (now)
+    omega_bytes = sum(t.numel() * t.element_size() for t in plugin.importance.values())
+    dense_ref_bytes = omega_bytes  # one float32 element per weight element, as omega
+    factor_bytes = plugin.reference.nbytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        plugin.save_state(Path(tmp) / "new")
+        new_file = (Path(tmp) / "new" / "hlora_importance.safetensors").stat().st_size
+        from forgetless.lora import group_modules, lora_modules
+        from forgetless.methods.hlora import STATE
+
+        tensors = {}
+        for g in group_modules(lora_modules(model)):  # the file as it was written before: dense dw_ref
+            dense = g.delta_weight()
+            for i, n in enumerate(g.names):
+                tensors[f"{n}.omega"], tensors[f"{n}.dw_ref"] = plugin.importance[n], dense[i]
+        old_path = STATE.save(Path(tmp) / "old", tensors, {k: v for k, v in plugin.metadata.items()
+                                                           if k != "reference"})
+        old_file = old_path.stat().st_size
+    state = {"modules": n_modules, "groups": n_groups, "omega_bytes": omega_bytes,
+             "state_before": omega_bytes + dense_ref_bytes, "state_now": omega_bytes + factor_bytes,
+             "file_before": old_file, "file_now": new_file}
+
+    # --- path-integral step: foreach across groups (new) vs group by group (old)
+    model_b = make_model(args.layers, args.device)
+    fused_plugin, plain_plugin = HLoRA(), HLoRA()
+    plain_plugin.fused = False
+    _, fused_step = hlora_general(model, fused_plugin, 1)
+    _, plain_step = hlora_general(model_b, plain_plugin, 1)
+    path = compare({"old": plain_step, "new": fused_step}, args.reps, args.inner, args.device, "old")
+
+    # --- regularizer forward + backward: new (factors, foreach) vs old (dense dW_nu) vs plain loop (fused=False)
+    plugin.on_stage_start(ctx_for("domain", model))
+    perturb(model, seed=5)
+    dense_refs = [g.reference_delta().clone() for g in plugin.groups]
+    params = lora_params(model)
+
+    def new():
+        plugin.fused = True
+        torch.autograd.grad(plugin.regularizer(), params)
+
+    def plain():
+        plugin.fused = False
+        torch.autograd.grad(plugin.regularizer(), params)
+
+    def old():
+        torch.autograd.grad(old_regularizer(plugin, dense_refs), params)
+
+    ids = torch.randint(3, 256, (4, 128), generator=torch.Generator().manual_seed(6)).to(args.device)
+
+    def model_step():  # the domain step's own work, for scale: forward + backward of a 4 x 128-token batch
+        torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params)
+
+    plugin.fused = True
+    with torch.no_grad():
+        value_new = float(plugin.regularizer())
+        value_old = float(old_regularizer(plugin, dense_refs))
+    reg = compare({"old": old, "new": new, "plain loop": plain, "model step": model_step}, args.reps, args.inner,
+                  args.device, "old")
+    reg["value_rel_diff"] = abs(value_new - value_old) / abs(value_old)
+    return state, {"hlora_regularizer": reg, "hlora_path_integral": path}
+
+
+# --------------------------------------------------------------------------------------------------- EWC
+def bench_ewc(args) -> dict:
+    from forgetless.methods.ewc import EWC
+
+    model = make_model(args.layers, args.device)
+    perturb(model, seed=2)
+    plugin = EWC()
+    # a random positive Fisher of the right shapes (its value does not change the cost of the penalty)
+    from forgetless.lora import lora_modules, update_shape
+
+    g = torch.Generator().manual_seed(3)
+    plugin.fisher = {f"{n}.base_layer.weight": torch.rand(update_shape(m), generator=g).to(args.device)
+                     for n, m in lora_modules(model)}
+    plugin.on_stage_start(ctx_for("domain", model))
+    perturb(model, seed=4)
+    params = lora_params(model)
+
+    def run(fused):
+        def fn():
+            plugin.fused = fused
+            torch.autograd.grad(plugin.penalty(), params)
+        return fn
+
+    with torch.no_grad():
+        plugin.fused = True
+        value_new = float(plugin.penalty())
+        plugin.fused = False
+        value_old = float(plugin.penalty())
+    out = compare({"old": run(False), "new": run(True)}, args.reps, args.inner, args.device, "old")
+    out["value_rel_diff"] = abs(value_new - value_old) / abs(value_old)
+    return {"ewc_penalty": out}
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 shapes
+def smollm2_state(r: int = 16) -> dict:
+    """HLoRA's state on SmolLM2-135M (hidden 576, intermediate 1536, 30 layers, 3 kv heads of 64) with LoRA r on all
+    seven projections, float32: omega + dW_nu dense (before) vs omega + factors (now)."""
+    h, i, kv, layers = 576, 1536, 3 * 64, 30
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
+    dense = layers * sum(o * n for o, n in shapes)
+    factors = layers * sum(r * (o + n) for o, n in shapes)
+    return {"elements": dense, "state_before": 2 * dense * 4, "state_now": (dense + factors) * 4}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=15, help="repetitions (each times every variant)")
+    parser.add_argument("--inner", type=int, default=5, help="calls per variant and repetition (their median)")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0: leave as is)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    state, hlora = bench_hlora(args)
+    ewc = bench_ewc(args)
+    mib = 2 ** 20
+    print(f"device {args.device}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
+          f"{args.reps} reps x {args.inner} calls; tiny Llama, {args.layers} layers, LoRA r=8 on all seven "
+          f"projections: {state['modules']} modules in {state['groups']} shape groups")
+    print("\nper-step time, ratio to the old path (median over repetitions; < 1 is faster)")
+    for name, ratios in {**hlora, **ewc}.items():
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if k not in ("value_rel_diff", "model step"))
+        print(f"  {name:22s} {parts}   (|new - old| / old of the value: {ratios.get('value_rel_diff', 0.0):.1e})"
+              if "value_rel_diff" in ratios else f"  {name:22s} {parts}")
+    reg = hlora["hlora_regularizer"]
+    print(f"  for scale: the old regularizer (forward + backward) is {1 / reg['model step']:.3f} of this model's "
+          f"forward + backward on 4 x 128 tokens; the new one adds {(reg['new'] - 1) / reg['model step']:+.3f} of it")
+    print("\nHLoRA state, dW_nu dense (before) vs as factors (now), float32")
+    print(f"  in memory after the general stage: {state['state_before'] / mib:.2f} -> {state['state_now'] / mib:.2f} MiB "
+          f"(x{state['state_now'] / state['state_before']:.3f})")
+    print(f"  saved file:                        {state['file_before'] / mib:.2f} -> {state['file_now'] / mib:.2f} MiB "
+          f"(x{state['file_now'] / state['file_before']:.3f})")
+    smol = smollm2_state()
+    print(f"  SmolLM2-135M, r=16 on all seven (from its shapes): {smol['state_before'] / mib:.0f} -> "
+          f"{smol['state_now'] / mib:.0f} MiB (x{smol['state_now'] / smol['state_before']:.3f})")
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
