@@ -94,6 +94,9 @@ def load_chat(source: str, split: str | None = "train", limit: int | None = None
     for record in _rows(source, split, name, limit, "conversations"):
         messages = check_messages(record, "messages")
         _assistant_turns(record, "messages", messages)
+        if messages[0]["role"] == "assistant":  # its tokens would start before any generation prompt
+            raise record.error("the conversation opens with the assistant's turn; a user (or system) turn must come "
+                               "first", "messages[0].role")
         conversations.append(messages)
     return conversations
 

@@ -179,6 +179,8 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "expected a string, got int"),
     ("chat", {"messages": [{"role": "human", "content": "hi"}]}, "messages[0].role", "unknown role 'human'"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn"),
+    ("chat", {"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role",
+     "opens with the assistant's turn"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
      "messages[1].content", "empty assistant turn"),
     ("prompt_completion", {"prompt": "hi"}, "completion", "missing"),
