@@ -38,6 +38,22 @@ Message = dict[str, str]
 Conversation = list[Message]
 
 
+class Located(list):
+    """A row's messages that remember the row (file and line), so that a problem found only when the row is
+    tokenized (a chat template that refuses it) still names where it is."""
+
+    def __init__(self, messages: list, record: Record, field: str) -> None:
+        super().__init__(messages)
+        self.origin, self.line, self.field = record.origin, record.line, field
+
+    def error(self, err: Exception) -> DataError:
+        return DataError.at(self.origin, self.line, str(err), self.field)
+
+
+def _located(messages: list, err: ValueError) -> Exception:
+    return messages.error(err) if isinstance(messages, Located) else err
+
+
 # --- reading rows: every problem names file, line and field ---------------------------------------------------
 
 def check_messages(record: Record, field: str) -> Conversation:
@@ -97,7 +113,7 @@ def load_chat(source: str, split: str | None = "train", limit: int | None = None
         if messages[0]["role"] == "assistant":  # its tokens would start before any generation prompt
             raise record.error("the conversation opens with the assistant's turn; a user (or system) turn must come "
                                "first", "messages[0].role")
-        conversations.append(messages)
+        conversations.append(Located(messages, record, "messages"))
     return conversations
 
 
@@ -134,7 +150,7 @@ def load_prompt_completion(source: str, split: str | None = "train", limit: int 
                 raise record.error(f"the completion is the assistant's reply, got role {message['role']!r}",
                                    f"completion[{i}].role")
         _assistant_turns(record, "completion", completion_messages)
-        pairs.append((prompt_messages, completion_messages))
+        pairs.append((Located(prompt_messages, record, "prompt"), Located(completion_messages, record, "completion")))
     return pairs
 
 
@@ -207,7 +223,10 @@ def chat_examples(conversations: list[Conversation], tokenizer: Any,
     examples = []
     for messages in conversations:
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        text, spans = _spans(tokenizer, messages, trained)
+        try:
+            text, spans = _spans(tokenizer, messages, trained)
+        except ValueError as err:
+            raise _located(messages, err) from None
         examples.append(_encode_spans(tokenizer, text, spans, max_length))
     return examples
 
@@ -229,7 +248,10 @@ def prompt_completion_examples(pairs: list[PromptCompletion], tokenizer: Any,
             continue
         messages = list(prompt) + list(completion)
         trained = list(range(len(prompt), len(messages)))
-        text, spans = _spans(tokenizer, messages, trained)
+        try:
+            text, spans = _spans(tokenizer, messages, trained)
+        except ValueError as err:
+            raise _located(prompt, err) from None
         examples.append(_encode_spans(tokenizer, text, spans, max_length))
     return examples
 

@@ -399,12 +399,16 @@ NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exce
              "{% endif %}")
 
 
-def test_a_template_without_a_system_role(tok):
+def test_a_template_without_a_system_role(tok, tmp_path):
     from forgetless.data import load_mc_task
 
     tok.chat_template = NO_SYSTEM
     with pytest.raises(ValueError, match=r"refused a conversation with roles \['system', 'user', 'assistant'"):
         chat_examples([CHAT], tok)
+    # read from a file, the error names the row
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT[1:3]}, {"messages": CHAT}])
+    with pytest.raises(DataError, match=f"^{path}, line 2: field 'messages': the model's chat template refused"):
+        chat_examples(load_train("chat", path), tok)
     # multiple-choice prompts: the description is dropped, as HFLM.apply_chat_template drops system turns then
     (item,) = load_mc_task(str(FIXTURES / "mmlu.jsonl"), limit=1)
     (chat,) = chat_mc_items([item], tok)
