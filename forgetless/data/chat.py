@@ -164,13 +164,16 @@ class TemplateRefused(ValueError):
     """The chat template raised on a conversation (roles that do not alternate, a system turn it does not take)."""
 
 
+NO_TEMPLATE = ("this data needs the model's chat template, and its tokenizer has none (a base model?): use "
+               "prompt/completion rows with plain strings, or a model with a chat template")
+
+
 def render(tokenizer: Any, messages: Conversation, add_generation_prompt: bool = False) -> str:
     """The conversation as text, through the tokenizer's chat template."""
     import jinja2
 
     if not has_chat_template(tokenizer):
-        raise ValueError("this data needs the model's chat template, and its tokenizer has none (a base model?): "
-                         "use prompt/completion rows with plain strings, or a model with a chat template")
+        raise ValueError(NO_TEMPLATE)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as err:
@@ -220,6 +223,8 @@ def chat_examples(conversations: list[Conversation], tokenizer: Any,
     """Tokenized conversations, the loss on the assistant turns only (see the module docstring). Over-long
     conversations keep their first ``max_length`` tokens (or, when the first assistant turn starts beyond them, a
     full window with at most half its budget before that turn)."""
+    if conversations and not has_chat_template(tokenizer):
+        raise ValueError(NO_TEMPLATE)  # the model's problem, not a row's
     examples = []
     for messages in conversations:
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -241,6 +246,8 @@ def prompt_completion_examples(pairs: list[PromptCompletion], tokenizer: Any,
     """
     from .instructions import instruction_examples
 
+    if any(not isinstance(prompt, str) for prompt, _ in pairs) and not has_chat_template(tokenizer):
+        raise ValueError(NO_TEMPLATE)  # the model's problem, not a row's
     examples = []
     for prompt, completion in pairs:
         if isinstance(prompt, str):
