@@ -286,8 +286,8 @@ def main() -> int:
     print(f"  for scale: the old regularizer (forward + backward) is {1 / reg['model step']:.3f} of this model's "
           f"forward + backward on 4 x 128 tokens; the new one adds {(reg['new'] - 1) / reg['model step']:+.3f} of it")
     print("\nHLoRA state, dW_nu dense (before) vs as factors (now), float32")
-    print(f"  in memory after the general stage: {state['state_before'] / mib:.2f} -> {state['state_now'] / mib:.2f} MiB "
-          f"(x{state['state_now'] / state['state_before']:.3f})")
+    print(f"  in memory after the general stage: {state['state_before'] / mib:.2f} -> "
+          f"{state['state_now'] / mib:.2f} MiB (x{state['state_now'] / state['state_before']:.3f})")
     print(f"  saved file:                        {state['file_before'] / mib:.2f} -> {state['file_now'] / mib:.2f} MiB "
           f"(x{state['file_now'] / state['file_before']:.3f})")
     smol = smollm2_state()

@@ -43,9 +43,9 @@ update towards zero, as the EWCLoRA code does. The anchor is not stored: the cac
 
 The penalty is computed for groups of modules with equal factor shapes (:func:`forgetless.lora.group_modules`): the
 Fisher of a group is one stacked tensor, ``dW`` and ``dW_ref`` one batched matmul each, and the difference, square and
-weighting one ``torch._foreach_*`` launch per op across the groups of a CUDA device (the same ops per group on the
-CPU; ``fused = False`` on the plugin: module by module, the same value). ``ewc_penalty`` is left to the loop as a tensor (read at its logging interval, no host
-sync per step).
+weighting one ``torch._foreach_*`` launch per op across the groups of a CUDA device (the same ops group by group on
+the CPU; ``fused = False`` on the plugin: module by module, the same value). ``ewc_penalty`` is left to the loop as a
+tensor (read at its logging interval: no host sync per step).
 
 The wall time and payload size of the Fisher are recorded in the stage's ``extras["importance_cost"]["ewc"]``
 (the report compares them with HLoRA's importance). Under several processes every process takes its share of

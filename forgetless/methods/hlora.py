@@ -108,12 +108,14 @@ parameters were changed in between, detected through the tensors' version counte
 step (the path integral's update, the regularizer's difference, square and weighting) is one ``torch._foreach_*``
 launch per op across the groups of a CUDA device (on the CPU, where foreach ops are a loop and measured slower, the
 same ops per group: :class:`forgetless.methods.common.TensorLists`); ``fused = False`` on the plugin takes the plain
-path (the path integral group by group, the regularizer module by module), which gives the same numbers. No per-step path reads a device
-value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
+path (the path integral group by group, the regularizer module by module), which gives the same numbers. No
+per-step path reads a device value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
 State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
 module instead of ``out x in``, and multiplied out inside the regularizer with the same batched matmul that gives
-``dW`` (so it is exactly 0 at the anchor). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
+``dW`` (so it is exactly 0 at the anchor, and the value and gradient are bit for bit those of a dense anchor); the
+cost is that batched matmul per group and step (the regularizer's forward + backward took 1.14x the dense version's
+on the CPU, bench/RESULTS.md), for about half the state (omega is the rest). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
 ``{module}.ref_A`` / ``{module}.ref_B`` (in the factors' compute dtype: the anchor is exact and needs no snapping),
 with the scalings and layouts in its metadata. Files written before (a dense ``{module}.dw_ref``) are still read: their
 cached general stages stay usable. Where the adapter the domain stage starts from gives that dense ``dW_nu`` exactly
