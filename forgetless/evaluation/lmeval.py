@@ -144,22 +144,28 @@ def build_task(spec: str, base_dir: str | Path | None = None) -> Any:
     from lm_eval.api.group import Group
     from lm_eval.api.task import Task
 
-    if is_task_file(spec):
-        path = Path(spec).expanduser()
-        if not path.is_absolute() and not path.exists() and base_dir is not None and (Path(base_dir) / path).exists():
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise FileNotFoundError(f"task YAML not found: {spec}")
-        manager, what = _task_manager(False), _file_config(path.resolve())
-    else:
-        manager, what = _task_manager(True), spec
-        if spec not in manager.all_tasks:
-            raise _unknown(spec, manager)
-    loaded = manager._load_spec(what)  # one Task, a Group, or the Tasks of a tag
+    try:
+        if is_task_file(spec):
+            path = Path(spec).expanduser()
+            beside = Path(base_dir) / path if base_dir is not None else None
+            if not path.is_absolute() and not path.exists() and beside is not None and beside.exists():
+                path = beside
+            if not path.is_file():
+                raise FileNotFoundError(f"task YAML not found: {spec}")
+            manager, what = _task_manager(False), _file_config(path.resolve())
+        else:
+            manager, what = _task_manager(True), spec
+            if spec not in manager.all_tasks:
+                raise _unknown(spec, manager)
+        loaded = manager._load_spec(what)  # one Task, a Group, or the Tasks of a tag
+    except ModuleNotFoundError as err:  # a task's own helpers (ifeval: langdetect, immutabledict, nltk)
+        raise HarnessTaskError(f"{spec!r} needs the Python package {err.name!r}, which lm-eval installs with its "
+                               f"extra for the task (e.g. pip install 'lm-eval[ifeval]==0.4.13' for ifeval)") from None
     if isinstance(loaded, list):
         names = [t.task_name for t in loaded]
-        raise HarnessTaskError(f"{spec!r} is a tag of {len(names)} tasks with no aggregate score ({', '.join(names[:8])}"
-                               f"{', ...' if len(names) > 8 else ''}); list the tasks as separate suite entries")
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise HarnessTaskError(f"{spec!r} is a tag of {len(names)} tasks with no aggregate score ({shown}); list the "
+                               f"tasks as separate suite entries")
     if not isinstance(loaded, (Task, Group)):
         raise HarnessTaskError(f"{spec!r}: the harness built a {type(loaded).__name__}, not a task or a group")
     return loaded
@@ -216,6 +222,23 @@ def _quiet(progress: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _quiet_hflm() -> type:
+    """``HFLM`` with the progress bars of its requests off (``disable_tqdm``), for ``progress=False``."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 def _unwrap_parallel(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
@@ -244,7 +267,8 @@ def run_harness(model: nn.Module, tokenizer, tasks: list[Any], limit: int | None
     tok = copy.deepcopy(tokenizer) if getattr(tokenizer, "pad_token_id", None) is None else tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with eval_mode(model), torch.no_grad(), _rng_kept(), _quiet(progress), autocast(resolved, device):
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=str(device))
+        lm = (HFLM if progress else _quiet_hflm())(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                                                    device=str(device))
         results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
                                   bootstrap_iters=1000, apply_chat_template=chat_template,
                                   task_manager=_task_manager(False))  # built tasks: no need to index every YAML
