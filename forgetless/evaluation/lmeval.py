@@ -89,16 +89,18 @@ def default_name(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ task loading
-_MANAGERS: dict[bool, Any] = {}
+_MANAGERS: dict[tuple[bool, str | None], Any] = {}
 
 
-def _task_manager(defaults: bool) -> Any:
-    """A cached ``TaskManager`` (indexing the harness's ~15k task YAMLs takes seconds; a local file needs none)."""
-    if defaults not in _MANAGERS:
+def _task_manager(defaults: bool, include: Path | None = None) -> Any:
+    """A cached ``TaskManager`` of the harness's tasks (``defaults``: indexing its ~15k YAMLs takes seconds; a local
+    task file needs none) and those of the folder ``include``."""
+    key = (defaults, str(include) if include is not None else None)
+    if key not in _MANAGERS:
         from lm_eval.tasks import TaskManager
 
-        _MANAGERS[defaults] = TaskManager(include_defaults=defaults)
-    return _MANAGERS[defaults]
+        _MANAGERS[key] = TaskManager(include_defaults=defaults, include_path=key[1])
+    return _MANAGERS[key]
 
 
 def _local_data_files(value: Any, folder: Path) -> Any:
@@ -120,9 +122,8 @@ def _file_config(path: Path) -> dict[str, Any]:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     cfg = load_yaml(path, resolve_func=True)
-    if "task" not in cfg:
-        raise HarnessTaskError(f"{path}: a task YAML needs a 'task:' name (a group file is not supported here; "
-                               f"list its tasks as suite entries)")
+    if not isinstance(cfg.get("task"), str):
+        raise HarnessTaskError(f"{path}: a task YAML needs a 'task:' name (or 'group:' and a 'task:' list)")
     kwargs = cfg.get("dataset_kwargs")
     if isinstance(kwargs, dict) and "data_files" in kwargs:
         cfg["dataset_kwargs"] = dict(kwargs, data_files=_local_data_files(kwargs["data_files"], path.parent))
@@ -143,6 +144,7 @@ def build_task(spec: str, base_dir: str | Path | None = None) -> Any:
     require_lmeval()
     from lm_eval.api.group import Group
     from lm_eval.api.task import Task
+    from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
         if is_task_file(spec):
@@ -152,7 +154,15 @@ def build_task(spec: str, base_dir: str | Path | None = None) -> Any:
                 path = beside
             if not path.is_file():
                 raise FileNotFoundError(f"task YAML not found: {spec}")
-            manager, what = _task_manager(False), _file_config(path.resolve())
+            path = path.resolve()
+            raw = load_yaml(path, resolve_func=False, recursive=False)
+            if "group" in raw:
+                # a group: its tasks are found in its folder and among the harness's (their data_files paths are
+                # read from the working directory, as the harness reads them); loaded by its name, the folder being
+                # indexed (lm-eval 0.4.13 takes a group file's task list for its name when given the path)
+                manager, what = _task_manager(True, path.parent), str(raw["group"])
+            else:
+                manager, what = _task_manager(False), _file_config(path)
         else:
             manager, what = _task_manager(True), spec
             if spec not in manager.all_tasks:

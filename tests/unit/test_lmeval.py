@@ -263,6 +263,35 @@ def test_suite_entry_forms_and_their_errors(tmp_path, tiny_model_dir):
 
 
 @needs_lmeval
+def test_local_group_is_one_entry_scored_by_its_aggregate(tmp_path):
+    """A group YAML (its tasks in its folder, aggregate_metric_list weighted by size) is one suite entry: the
+    harness's aggregate acc equals evaluate_mc over the members' items together; a limit applies per member."""
+    from forgetless.data import load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task
+
+    lines = (LMEVAL / "arc_tiny.jsonl").read_text().splitlines()
+    (tmp_path / "five.jsonl").write_text("\n".join(lines[7:]) + "\n")
+    for task, data in (("grp_a", LMEVAL / "arc_tiny.jsonl"), ("grp_b", tmp_path / "five.jsonl")):
+        (tmp_path / f"{task}.yaml").write_text(ARC_YAML.read_text().replace("forgetless_arc_tiny", task)
+                                               .replace("test: arc_tiny.jsonl", f"test: {data}"))
+    (tmp_path / "grp.yaml").write_text(yaml.safe_dump({
+        "group": "grp_all", "task": ["grp_a", "grp_b"], "metadata": {"version": 1.0},
+        "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": True}
+                                  for m in ("acc", "acc_norm")]}))
+    model, tok = tiny()
+    group = load_harness_task(str(tmp_path / "grp.yaml"))
+    assert group.name == "grp" and len(group) == 17 and len(group[:3]) == 6
+    scores = group.score(model, tok, batch_size=4, precision="fp32", progress=False)
+    items = load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc") + load_mc_task(str(tmp_path / "five.jsonl"),
+                                                                                        schema="arc")
+    ours = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
+    assert scores["n"] == 17 and scores["metric"] == "acc,none"
+    assert scores["acc"] == pytest.approx(ours.acc, abs=1e-12)
+    assert scores["acc_norm"] == pytest.approx(ours.acc_norm, abs=1e-12)
+
+
+@needs_lmeval
 def test_unknown_registered_task_is_a_config_error_with_close_names(tmp_path, tiny_model_dir):
     from forgetless.experiment import read_data
 
