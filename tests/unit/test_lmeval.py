@@ -58,16 +58,18 @@ def test_harness_mc_equals_evaluate_mc_item_by_item():
     task = load_harness_task(str(ARC_YAML))
     assert task.name == "arc_tiny" and len(task) == 12 and len(task[:5]) == 5
     results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False, log_samples=True)
-    ours = evaluate_mc(model, tok, load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc"), batch_size=4,
-                       precision="fp32", progress=False)
+    items = load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc")
+    ours = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
     samples = sorted(results["samples"][task.task.task_name], key=lambda s: s["doc_id"])
     assert len(samples) == ours.n == 12
-    for sample, lls in zip(samples, ours.loglikelihoods, strict=True):
+    for sample, item, lls in zip(samples, items, ours.loglikelihoods, strict=True):
         harness = [resp[0][0] for resp in sample["resps"]]
+        assert sample["target"] == item.answer and [a[1] for a in sample["arguments"]] == [
+            f"{item.target_delimiter}{c}" for c in item.choices]  # the same requests
         assert harness == pytest.approx(lls, rel=1e-5)
-        assert len(harness) == len(lls) and int(np.argmax(harness)) == int(np.argmax(lls))  # the same choice
-        ours_acc = float(int(np.argmax(lls)) == sample["target"])
-        assert sample["acc"] == ours_acc
+        assert int(np.argmax(harness)) == int(np.argmax(lls))  # the same choice
+        norm = int(np.argmax(np.array(lls) / np.array([len(c) for c in item.choices])))
+        assert (sample["acc"], sample["acc_norm"]) == (float(np.argmax(lls) == item.answer), float(norm == item.answer))
     scores = suite_scores(results, task.task)
     assert scores["acc"] == ours.acc and scores["acc_norm"] == ours.acc_norm  # exact
     assert scores["acc_stderr"] == pytest.approx(ours.acc_stderr, rel=1e-12)
