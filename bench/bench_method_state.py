@@ -12,6 +12,9 @@ Timed, each as forward + backward of the term (what a domain step adds) or one p
   groups (new) vs group by group (old, ``fused=False``: the same code as before), with an SGD step between.
 * ``ewc_penalty``: new (modules grouped by shape: stacked Fisher, one bmm per group, foreach ops) vs old (the loop
   over modules as before, ``fused=False``).
+* ``ewc_fisher_sampled`` / ``ewc_fisher_empirical``: ``fisher_diagonal`` (EWC's defaults, a smaller model: 8 layers,
+  vocabulary 2048, 16 x 256 tokens) with the Fisher's NLL in one pass over the batch (new) vs example by example
+  (old); the same Fisher bit for bit (tests/unit/test_ewc.py).
 
 The machine is shared and loaded: the variants are interleaved within each repetition (so a slow minute hits all of
 them) and each ratio is the median over repetitions of the per-repetition ratio of medians. Only ratios are printed
@@ -249,6 +252,54 @@ def bench_ewc(args) -> dict:
     return {"ewc_penalty": out}
 
 
+# ------------------------------------------------------------------------------------------ EWC's Fisher
+def old_batch_nll(logits, labels, keep, estimator, generator):
+    """The Fisher's loss as computed before: EWC's per-example NLL row by row, summed."""
+    from forgetless.methods.ewc import _example_nll
+
+    loss = None
+    for row in range(logits.shape[0]):
+        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
+        loss = nll if loss is None else loss + nll
+    return loss
+
+
+def bench_fisher(args) -> dict:
+    """fisher_diagonal (EWC's defaults: LoRA on q_proj, v_proj; batch 4) over 16 examples of 256 tokens with a vocabulary
+    of 2048, the one-pass NLL (new) vs the per-example loop (old); both give the same Fisher bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgetless.methods import ewc
+    from forgetless.models import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    vocab = 2048
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = attach_lora(LlamaForCausalLM(config), LoraSettings(r=8, alpha=16, dropout=0.0)).to(args.device)
+    g = torch.Generator().manual_seed(3)
+    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in torch.randint(3, vocab, (16, 256),
+                                                                                               generator=g)]
+    new_nll = ewc._batch_nll
+
+    def run(nll, estimator):
+        def fn():
+            ewc._batch_nll = nll
+            try:
+                ewc.fisher_diagonal(model, examples, estimator, "lora", 4, 0)
+            finally:
+                ewc._batch_nll = new_nll
+        return fn
+
+    out = {}
+    for estimator in ("sampled", "empirical"):
+        ratios = compare({"old": run(old_batch_nll, estimator), "new": run(new_nll, estimator)},
+                         max(3, args.reps // 3), 1, args.device, "old")
+        out[f"ewc_fisher_{estimator}"] = ratios
+    return out
+
+
 # ------------------------------------------------------------------------------------------ SmolLM2 shapes
 def smollm2_state(r: int = 16) -> dict:
     """HLoRA's state on SmolLM2-135M (hidden 576, intermediate 1536, 30 layers, 3 kv heads of 64) with LoRA r on all
@@ -273,6 +324,7 @@ def main() -> int:
     started = time.perf_counter()
     state, hlora = bench_hlora(args)
     ewc = bench_ewc(args)
+    ewc.update(bench_fisher(args))
     mib = 2 ** 20
     print(f"device {args.device}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); "
           f"{args.reps} reps x {args.inner} calls; tiny Llama, {args.layers} layers, LoRA r=8 on all seven "

@@ -89,6 +89,33 @@ def _example_nll(logits: torch.Tensor, labels: torch.Tensor, estimator: str,
     return -logp.gather(1, y[:, None]).sum(), int(keep.sum())
 
 
+def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, estimator: str,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The summed NLL of every example of a batch (``logits`` [B, T, V], ``labels`` [B, T] unshifted, ``keep`` [B, T-1]
+    on the CPU: the positions with a loss), as :func:`_example_nll` summed over the rows, in one pass.
+
+    The same numbers: log-softmax is row by row, the labels are drawn example by example in order, each with one
+    ``torch.multinomial`` call on exactly the rows :func:`_example_nll` gives it (so the generator is used as it was),
+    and the gradient with respect to the logits is bit for bit the same (tested); without a copy of the logits and
+    of their gradient per example, and without reading the device (indices come from ``keep``)."""
+    targets = labels[:, 1:]
+    on_device = keep.to(logits.device, non_blocking=True)
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    if estimator == "sampled":  # y_t ~ p_theta(. | observed context), the model's own predictive distribution
+        y = torch.zeros_like(targets)
+        probs = logp.detach()
+        for row in range(logits.shape[0]):
+            if not bool(keep[row].any()):  # (a CPU tensor) nothing to draw
+                continue
+            index = keep[row].nonzero().squeeze(1).to(logits.device, non_blocking=True)
+            drawn = torch.multinomial(probs[row].index_select(0, index).exp(), 1, generator=generator).squeeze(1)
+            y[row].index_copy_(0, index, drawn)
+    else:
+        y = torch.where(on_device, targets, 0)
+    picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return -torch.where(on_device, picked, 0).sum()
+
+
 def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator: str = "sampled",
                     fisher_over: str = "lora", batch_size: int = 4, seed: int = 0,
                     adapter: str = "default") -> tuple[dict[str, torch.Tensor], int]:
@@ -158,14 +185,12 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
     tokens = 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(grad_inputs[0].device) for k, v in
-                     collate(examples[start:start + batch_size], pad_token_id=0).items()}
+            on_cpu = collate(examples[start:start + batch_size], pad_token_id=0)
+            keep = on_cpu["labels"][:, 1:] != IGNORE_INDEX  # on the CPU: counts and indices without a device read
+            tokens += int(keep.sum())
+            batch = {k: v.to(grad_inputs[0].device) for k, v in on_cpu.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = None
-            for row in range(logits.shape[0]):  # per example, in order: the draws do not depend on batch_size
-                nll, count = _example_nll(logits[row], batch["labels"][row], estimator, generator)
-                loss = nll if loss is None else loss + nll
-                tokens += count
+            loss = _batch_nll(logits, batch["labels"], keep, estimator, generator)
             # d(sum_n ell_n)/dy is d ell_n/dy on example n's rows (examples do not interact): hooks see each G_n.
             # Asking for the LoRA A gradients makes autograd pass through every module output; .grad is untouched.
             torch.autograd.grad(loss, grad_inputs, allow_unused=True)

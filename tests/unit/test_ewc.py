@@ -306,3 +306,53 @@ def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx, foreac
         plugin.after_optimizer_step(ctx)
     extra.backward()
     assert isinstance(ctx.scalars["ewc_penalty"], torch.Tensor) and not ctx.scalars["ewc_penalty"].requires_grad
+
+
+# ------------------------------------------------------------------------------- the Fisher's NLL in one pass
+def _old_batch_nll(logits, labels, keep, estimator, generator):
+    """The Fisher's loss as it was computed before: :func:`_example_nll` row by row, summed."""
+    from forgetless.methods.ewc import _example_nll
+
+    loss = None
+    for row in range(logits.shape[0]):
+        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
+        loss = nll if loss is None else loss + nll
+    return loss
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "empirical"])
+def test_batch_nll_is_the_per_example_sum_with_the_same_draws_and_gradient(estimator, lora_model):
+    from forgetless.methods.ewc import _batch_nll
+    from forgetless.training.batches import collate
+
+    model = lora_model(b_std=0.05).eval()  # fp32
+    batch = collate(ragged_examples()[:4], pad_token_id=0)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = logits.detach().requires_grad_(True)
+    labels, keep = batch["labels"].to(device), batch["labels"][:, 1:] != -100
+    old_gen = torch.Generator(device=device).manual_seed(3)
+    new_gen = torch.Generator(device=device).manual_seed(3)
+    old = _old_batch_nll(logits, labels, keep, estimator, old_gen)
+    new = _batch_nll(logits, labels, keep, estimator, new_gen)
+    assert torch.equal(old_gen.get_state(), new_gen.get_state())  # the generator was used as before
+    assert abs(float(new - old)) <= 1e-6 * abs(float(old))  # the same terms, summed in another order
+    old_grad, = torch.autograd.grad(old, logits)
+    new_grad, = torch.autograd.grad(new, logits)
+    assert torch.equal(new_grad, old_grad)  # what the hooks see: the Fisher is the same
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "empirical"])
+def test_fisher_is_the_per_example_loops(estimator, lora_model, monkeypatch):
+    """fp32: the Fisher with the one-pass NLL equals the one computed with the per-example loop, bit for bit."""
+    from forgetless.methods import ewc
+
+    model = lora_model(b_std=0.05, targets=ALL_SEVEN)
+    examples = ragged_examples()
+    new, new_tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
+    monkeypatch.setattr(ewc, "_batch_nll", _old_batch_nll)
+    old, old_tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
+    assert new_tokens == old_tokens
+    for name, f in old.items():
+        assert f.dtype == torch.float32 and f.abs().max() > 0
+        assert torch.equal(new[name], f), name
