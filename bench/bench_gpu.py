@@ -503,7 +503,8 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
     sections.append(("compile_vs_plain", lambda: alternate("compile_vs_plain", {"compile": True})))
 
     # ragged data: two epochs, the first warm-up; every variant sees every example once per epoch
-    ragged = ragged_examples(plan.batch * 4, model.config.vocab_size, plan.seq)
+    # 8 batches: transformers' mega-batches hold min(n // (4 * batch), 50) batches, so fewer leave nothing to group
+    ragged = ragged_examples(plan.batch * 8, model.config.vocab_size, plan.seq)
     epoch = len(ragged) // plan.batch
     tokens = sum(len(e["input_ids"]) for e in ragged)
 

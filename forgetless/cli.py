@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     from forgetless.config import ConfigError
     from forgetless.data import DataError
     from forgetless.experiment import RunFailed
-    from forgetless.models import AdapterError, ModelNotFoundError
+    from forgetless.models import AdapterError, LeverUnavailable, ModelNotFoundError
 
     try:
         return args.func(args)
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = str(err) or "the work in progress was not recorded (records and adapters are written only once complete)"
         print(f"forgetless: interrupted: {kept}", file=sys.stderr)
         return 130
-    except (DataError, ConfigError, AdapterError, ModelNotFoundError, RunFailed, OSError) as err:
+    except (DataError, ConfigError, AdapterError, ModelNotFoundError, LeverUnavailable, RunFailed, OSError) as err:
         if args.debug:
             raise
         print(f"forgetless: error: {err}", file=sys.stderr)

@@ -131,8 +131,8 @@ from forgetless.training.config import ATTN_IMPLEMENTATIONS  # noqa: E402  ("sdp
 
 
 class LeverUnavailable(RuntimeError):
-    """A speed lever (flash attention, Liger kernels, torch.compile) that this machine cannot run; says why and what
-    to install."""
+    """A speed lever (flash attention, Liger kernels, padding-free batches) that this machine or model cannot run; the
+    message says why and what to install (the commands print it as an error, without a traceback)."""
 
 
 def check_attn_implementation(name: str | None) -> None:

@@ -19,8 +19,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from forgetless.models import (apply_liger, attn_implementation_of, check_attn_implementation, compile_model,
-                               is_quantized, liger_available, set_attn_implementation, uncompile)
+from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, check_attn_implementation,
+                               compile_model, is_quantized, liger_available, set_attn_implementation, uncompile)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
 from forgetless.training.batches import LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed
@@ -79,11 +79,11 @@ def check_levers(model: torch.nn.Module, config: TrainConfig, device: torch.devi
     if config.liger:
         liger_available()
         if torch.device(device).type != "cuda":
-            raise ValueError("liger: true needs the run on a CUDA GPU (the Liger kernels are Triton kernels)")
+            raise LeverUnavailable("liger: true needs the run on a CUDA GPU (the Liger kernels are Triton kernels)")
     if config.padding_free:
         attn = config.attn_implementation or attn_implementation_of(model)
         if attn not in PACKED_ATTENTION:
-            raise ValueError(f"padding_free: true needs an attention that keeps packed examples apart by their "
+            raise LeverUnavailable(f"padding_free: true needs an attention that keeps packed examples apart by their "
                              f"position ids ({list(PACKED_ATTENTION)}); this model uses {attn!r}")
 
 

@@ -110,6 +110,19 @@ def test_liger_without_its_package_or_a_gpu_is_a_clear_error():
         assert "CUDA" in str(err.value)
 
 
+def test_forgetless_train_refuses_liger_without_it(tmp_path, capsys):
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed")
+    from pathlib import Path
+
+    from forgetless.cli import main
+
+    task = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "generic.jsonl"
+    code = main(["train", "--domain", str(task), "--output", str(tmp_path / "a"), "--liger", "--max-steps", "1"])
+    assert code == 2
+    assert "pip install 'forgetless[liger]'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ padding-free
 def test_collate_packed_restarts_positions_and_masks_each_boundary():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
@@ -150,7 +163,7 @@ def test_packed_stage_equals_padded_stage():
 def test_padding_free_refuses_an_attention_that_ignores_position_ids(examples):
     model = make_lora_model(0)
     model.get_base_model().config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="padding_free: true needs an attention"):
+    with pytest.raises(LeverUnavailable, match="padding_free: true needs an attention"):
         train_stage(model, examples, _cfg(max_steps=1, padding_free=True))
 
 
