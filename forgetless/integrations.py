@@ -200,7 +200,7 @@ class MethodsMixin:
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._scalars:  # a training log: the methods' scalars since the last one
-            logs.update({k: sum(v) / len(v) for k, v in self._scalars.items()})
+            logs.update({k: float(sum(v) / len(v)) for k, v in self._scalars.items()})  # host floats: log_history is JSON
             self._scalars = {}
         super().log(logs, *args, **kwargs)
 

@@ -6,7 +6,6 @@
 * **Distributed reductions**: :func:`all_reduce_` averages or sums tensors over processes in one flat buffer.
 * **Storage dtypes** of method state (:data:`STORAGE_DTYPES`).
 * **Timed sections** that wait for the device's queued work (:class:`Timer`).
-* **Per-step scalars** left for the loop to read at its logging interval (:func:`log_scalar`).
 * **Element-wise ops over lists of tensors** (:class:`TensorLists`): one ``torch._foreach_*`` launch per op where
   those are fused (CUDA), a plain loop elsewhere.
 * **Method-state files** (:class:`StateFile`): safetensors with JSON metadata, written atomically, read lazily at
@@ -201,14 +200,6 @@ class Timer:
     def __exit__(self, *exc: Any) -> None:
         self._sync()
         self.seconds += time.perf_counter() - self._started
-
-
-# ------------------------------------------------------------------------------------------------ logging
-def log_scalar(ctx: Any, name: str, value: torch.Tensor) -> None:
-    """Leave a per-step scalar for the loop as a detached tensor: it is read with the step's other scalars at the
-    loop's logging interval (``log_every``), so the step itself reads nothing from the device (``ctx.log`` reads the
-    value at once: one host sync per step)."""
-    ctx.scalars[name] = value.detach()
 
 
 # ------------------------------------------------------------------------------------- element-wise lists

@@ -66,7 +66,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, compute_dtyp
                              fan_in_fan_out, group_modules, lora_modules, scaling, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
-                                       check_modules, log_scalar, option, shard)
+                                       check_modules, option, shard)
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
@@ -402,8 +402,8 @@ class EWC(Method):
             return None
         pen = self.penalty()
         scaled = self.lam * pen
-        log_scalar(ctx, "ewc_penalty", pen)  # read by the loop at its logging interval: no host sync here
-        log_scalar(ctx, "ewc_penalty_scaled", scaled)
+        ctx.log("ewc_penalty", pen)  # read by the loop at its logging interval: no host sync here
+        ctx.log("ewc_penalty_scaled", scaled)
         return scaled
 
     # ---------------------------------------------------------------------------------------- persistence

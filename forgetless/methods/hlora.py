@@ -138,7 +138,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_f
                              lora_modules, scaling, scaling_tensor, update_shape)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
-                                       check_modules, log_scalar, option)
+                                       check_modules, option)
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
@@ -643,8 +643,8 @@ class HLoRA(Method):
             return None
         reg = self.regularizer()
         scaled = self.phi * self._phi_unit * reg  # phi * L_reg (eq 16); / mean(Omega) with phi_scale "mean"
-        log_scalar(ctx, "reg_loss", reg)  # read by the loop at its logging interval: no host sync here
-        log_scalar(ctx, "reg_loss_scaled", scaled)
+        ctx.log("reg_loss", reg)  # read by the loop at its logging interval: no host sync here
+        ctx.log("reg_loss_scaled", scaled)
         return scaled
 
     # ---------------------------------------------------------------------------------------- persistence

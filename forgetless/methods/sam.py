@@ -160,7 +160,7 @@ class SAM(Method):
                 stash[i] = s32.to(stash[i].dtype)
         eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
         if ctx.loss_scale > 0:  # the norm of the micro-batch's mean-loss gradient (its loss is scaled by loss_scale)
-            self._norms.append(float(norm) / ctx.loss_scale)
+            self._norms.append(norm.detach() / ctx.loss_scale)  # a tensor: no host sync
         if self.record_eps:
             self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
 
@@ -176,7 +176,7 @@ class SAM(Method):
             with torch.no_grad():
                 for p, w in zip(params, kept):
                     p.copy_(w)
-        self._perturbed += float(perturbed)  # fb returns the micro-batch's share of the step's loss
+        self._perturbed = self._perturbed + perturbed.detach()  # fb returns the micro-batch's share of the step's loss
         ctx.scalars.update(scalars_after_first)  # keep the losses at w; the perturbed loss is logged apart
 
         for p, s in zip(params, stash):

@@ -10,6 +10,7 @@ The examples carry a loss on 1 to 11 tokens each, so a step's token mean and a m
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -154,6 +155,8 @@ def test_extra_terms_are_logged(device, tmp_path):
     logged = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logged) == STEPS and all({"ewc_penalty", "sam_rho"} <= row.keys() for row in logged)
     assert logged[-1]["ewc_penalty"] > 0
+    assert all(type(row["ewc_penalty"]) is float for row in logged)  # host floats: a checkpoint saves log_history
+    json.dumps(trainer.state.log_history)  # as JSON (trainer_state.json)
     plain = trainer.evaluate()["eval_loss"]
     trainer.methods[1].lam = 1e9  # an evaluation that added the penalty would explode
     assert trainer.evaluate()["eval_loss"] == pytest.approx(plain, rel=1e-6)
