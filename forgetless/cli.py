@@ -203,15 +203,30 @@ def _check_model_and_adapter(args: argparse.Namespace) -> None:
         check_adapter_files(args.adapter)
 
 
+def _chat_template_before_load(args: argparse.Namespace, has_items: bool) -> bool:
+    """Whether ``--chat-template`` applies to the multiple-choice items (``eval --task``, ``landscape --task``); when it
+    does, the tokenizer alone is checked for a template before any model loads."""
+    from forgetless.config import ConfigError
+    from forgetless.data import chat_template_on, use_chat_template
+    from forgetless.models import load_tokenizer
+
+    chat = has_items and chat_template_on(_CHAT_FLAG[args.chat_template], args.model)
+    if chat:
+        try:
+            use_chat_template(_CHAT_FLAG[args.chat_template], args.model, load_tokenizer(args.model))
+        except ValueError as err:
+            raise ConfigError(f"--chat-template: {err}") from None
+    return chat
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
-    from forgetless.data import (chat_mc_items, chat_template_on, load_mc_task, load_texts, pack_blocks,
-                                 use_chat_template)
+    from forgetless.data import chat_mc_items, load_mc_task, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
     import torch
 
-    from forgetless.models import load_adapter, load_model, load_tokenizer
+    from forgetless.models import load_adapter, load_model
     from forgetless.pipeline import NonFiniteScore, check_finite
 
     if not args.ppl and not args.task:
@@ -227,12 +242,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         source, schema = _task_source(spec)
         with data_errors("--task"):
             tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
-    chat = bool(tasks) and chat_template_on(_CHAT_FLAG[args.chat_template], args.model)
-    if chat:  # checked before the model loads: the tokenizer alone
-        try:
-            use_chat_template(_CHAT_FLAG[args.chat_template], args.model, load_tokenizer(args.model))
-        except ValueError as err:
-            raise ConfigError(f"--chat-template: {err}") from None
+    chat = _chat_template_before_load(args, bool(tasks))
     model, tokenizer = load_model(args.model, precision=args.precision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
@@ -278,7 +288,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
-    from forgetless.data import lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
+    from forgetless.data import chat_mc_items, lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
     from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
@@ -302,6 +312,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         else:
             source, schema = _task_source(args.task)
             items = load_mc_task(source, schema=schema, limit=args.limit)
+    chat = _chat_template_before_load(args, bool(args.task))
     model, tokenizer = load_model(args.model, precision=args.precision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
@@ -312,8 +323,10 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             examples = lm_examples(blocks)
             data = {"text": args.text, "blocks": len(blocks), "block_size": args.block_size}
         else:
+            if chat:  # the prompts the model is evaluated on (as eval --task and the experiments)
+                items = chat_mc_items(items, tokenizer)
             examples = mc_train_examples(items, tokenizer)[: args.blocks]  # loss on the correct answers' tokens
-            data = {"task": source, "examples": len(examples)}
+            data = {"task": source, "examples": len(examples), "chat_template": chat}
     out = Path(args.output)
     with model_objective(model, examples, args.params, args.batch_size, args.precision) as objective:
         loss = objective.value()
@@ -359,7 +372,7 @@ def _positive(text: str) -> int:
     return value
 
 
-# --chat-template of `train` and `eval`: the experiment's chat_template (docs/data_formats.md)
+# --chat-template of `train`, `eval` and `landscape`: the experiment's chat_template (docs/data_formats.md)
 _CHAT_ARG = dict(choices=["auto", "true", "false"], default="auto",
                  help="multiple-choice prompts through the tokenizer's chat template, as lm-eval's "
                       "--apply_chat_template (auto: when the model's name says it is instruction-tuned)")
@@ -494,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
     p.add_argument("--ascent-steps", type=int, default=5)
     p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json")
+    p.add_argument("--chat-template", **_CHAT_ARG)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_landscape)
 

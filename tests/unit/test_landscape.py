@@ -296,6 +296,7 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
                str(out / "task"), "--quiet"])
     task_report = json.loads((out / "task" / "landscape.json").read_text())
     assert rc == 0 and task_report["data"]["examples"] == 3
+    assert task_report["data"]["chat_template"] is False  # the tiny model's name says nothing of instruction tuning
     capsys.readouterr()
     rc = main(["landscape", "--model", str(tiny_model_dir), "--text", str(text), "--output", str(out / "x")])
     assert rc == 2 and "no trainable weights" in capsys.readouterr().err  # a user error, said in one line
