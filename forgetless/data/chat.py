@@ -228,12 +228,19 @@ def chat_examples(conversations: list[Conversation], tokenizer: Any,
     examples = []
     for messages in conversations:
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        try:
-            text, spans = _spans(tokenizer, messages, trained)
-        except ValueError as err:
-            raise _located(messages, err) from None
-        examples.append(_encode_spans(tokenizer, text, spans, max_length))
+        examples.append(_encode_turns(tokenizer, messages, trained, max_length, located_by=messages))
     return examples
+
+
+def _encode_turns(tokenizer: Any, messages: Conversation, trained: list[int], max_length: int | None,
+                  located_by: Any) -> dict[str, list[int]]:
+    """The conversation through the chat template, the loss on the ``trained`` turns; a template error is located at
+    the row of ``located_by`` (a message list that keeps its row)."""
+    try:
+        text, spans = _spans(tokenizer, messages, trained)
+    except ValueError as err:
+        raise _located(located_by, err) from None
+    return _encode_spans(tokenizer, text, spans, max_length)
 
 
 def prompt_completion_examples(pairs: list[PromptCompletion], tokenizer: Any,
@@ -255,11 +262,7 @@ def prompt_completion_examples(pairs: list[PromptCompletion], tokenizer: Any,
             continue
         messages = list(prompt) + list(completion)
         trained = list(range(len(prompt), len(messages)))
-        try:
-            text, spans = _spans(tokenizer, messages, trained)
-        except ValueError as err:
-            raise _located(prompt, err) from None
-        examples.append(_encode_spans(tokenizer, text, spans, max_length))
+        examples.append(_encode_turns(tokenizer, messages, trained, max_length, located_by=prompt))
     return examples
 
 
