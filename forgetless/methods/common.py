@@ -215,39 +215,31 @@ class TensorLists:
     def __init__(self, device: torch.device | str) -> None:
         self.foreach = torch.device(device).type in FOREACH_DEVICES
 
+    def _map(self, name: str, xs: list[torch.Tensor], other: list[torch.Tensor] | float) -> Any:
+        """``torch._foreach_<name>(xs, other)``, or ``Tensor.<name>`` tensor by tensor; ``other`` is a list (pairwise)
+        or a scalar. In-place names (``sub_``) return nothing useful."""
+        if self.foreach:
+            return getattr(torch, f"_foreach_{name}")(xs, other)
+        others = other if isinstance(other, list) else [other] * len(xs)
+        return [getattr(x, name)(o) for x, o in zip(xs, others)]
+
     def sub(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(torch._foreach_sub(xs, ys)) if self.foreach else [x - y for x, y in zip(xs, ys)]
+        return list(self._map("sub", xs, ys))
 
     def mul(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(torch._foreach_mul(xs, ys)) if self.foreach else [x * y for x, y in zip(xs, ys)]
+        return list(self._map("mul", xs, ys))
 
     def sub_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_sub_(xs, ys)
-        else:
-            for x, y in zip(xs, ys):
-                x.sub_(y)
+        self._map("sub_", xs, ys)
 
     def mul_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_mul_(xs, ys)
-        else:
-            for x, y in zip(xs, ys):
-                x.mul_(y)
+        self._map("mul_", xs, ys)
 
     def add_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_add_(xs, ys)
-        else:
-            for x, y in zip(xs, ys):
-                x.add_(y)
+        self._map("add_", xs, ys)
 
     def clamp_min_(self, xs: list[torch.Tensor], value: float) -> None:
-        if self.foreach:
-            torch._foreach_clamp_min_(xs, value)
-        else:
-            for x in xs:
-                x.clamp_(min=value)
+        self._map("clamp_min_", xs, value)
 
     def zero_(self, xs: list[torch.Tensor]) -> None:
         if self.foreach:
