@@ -11,8 +11,7 @@ from forgetless.methods import REGISTRY, general_stage_entries, resolve
 from forgetless.methods.ewc import EWC, FILENAME, fisher_diagonal, load_fisher
 from forgetless.methods.hlora import HLoRA
 from forgetless.training.loop import TrainConfig, train_stage
-from tests.unit.test_hlora import foreach  # noqa: F401 (a fixture: per-group ops, and torch._foreach_* ops)
-from tests.unit.tiny_model import random_examples, randomize_lora_b
+from tests.unit.tiny_model import fused_and_plain, random_examples, randomize_lora_b
 
 
 def ragged_examples():
@@ -278,12 +277,7 @@ def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, t
     assert len(plugin._terms) >= 3
     randomize_lora_b(model, seed=7, std=0.05)  # the domain stage moved the adapter away from the anchor
     params = [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
-    values = {}
-    for fused in (True, False):
-        plugin.fused = fused
-        pen = plugin.penalty()
-        values[fused] = (pen.detach(), torch.autograd.grad(pen, params))
-    (fused_pen, fused_grads), (plain_pen, plain_grads) = values[True], values[False]
+    (fused_pen, fused_grads), (plain_pen, plain_grads) = fused_and_plain(plugin, plugin.penalty, params)
     assert plain_pen.dtype == torch.float32 and plain_pen > 0
     assert abs(float(fused_pen - plain_pen)) <= tol(1e-6) * float(plain_pen)
     for a, b in zip(fused_grads, plain_grads):

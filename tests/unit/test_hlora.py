@@ -13,7 +13,7 @@ from forgetless.training.batches import collate
 from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
 from forgetless.training.loss import causal_lm_loss
-from tests.unit.tiny_model import random_examples, randomize_lora_b, to_device
+from tests.unit.tiny_model import fused_and_plain, random_examples, randomize_lora_b, to_device
 
 
 def batches(n=3, seed=0, device="cpu"):
@@ -461,17 +461,6 @@ def _close(a, b, rel):
     return bool(((a - b).abs() <= rel * b.abs().max().clamp(min=torch.finfo(b.dtype).tiny)).all())
 
 
-@pytest.fixture(params=["per-group ops", "foreach"])
-def foreach(request, monkeypatch):
-    """Runs a test with the fused path's element-wise ops as they are on this device, and as torch._foreach_* ops
-    (what CUDA uses) on every device."""
-    from forgetless.methods import common
-
-    if request.param == "foreach":
-        monkeypatch.setattr(common, "FOREACH_DEVICES", {"cuda", "cpu"})
-    return request.param
-
-
 @pytest.mark.parametrize("estimator,nonnegative", [("paper", "end"), ("adam", "step"), ("exact", "running")])
 def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative, foreach):
     """The importance after 3 steps (fp32, all seven projections: several groups) is the group-by-group one."""
@@ -495,12 +484,7 @@ def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ct
     plugin.on_stage_start(make_ctx("domain", model))
     _perturb(model)
     params = _lora_params(model)
-    values = {}
-    for fused in (True, False):
-        plugin.fused = fused
-        reg = plugin.regularizer()
-        values[fused] = (reg.detach(), torch.autograd.grad(reg, params))
-    (fused_reg, fused_grads), (plain_reg, plain_grads) = values[True], values[False]
+    (fused_reg, fused_grads), (plain_reg, plain_grads) = fused_and_plain(plugin, plugin.regularizer, params)
     assert plain_reg.dtype == torch.float32 and plain_reg > 0
     assert _close(fused_reg, plain_reg, tol(1e-6))
     for a, b in zip(fused_grads, plain_grads):

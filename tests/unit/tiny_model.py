@@ -49,6 +49,16 @@ def randomize_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.05) -
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
 
+def fused_and_plain(plugin, value, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """``[(value, d value / d params)]`` with the plugin's fused path, then with its plain per-module loop."""
+    out = []
+    for fused in (True, False):
+        plugin.fused = fused
+        v = value()
+        out.append((v.detach(), torch.autograd.grad(v, params)))
+    return out
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
