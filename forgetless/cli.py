@@ -528,7 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse ends a positional list at the first flag: `run x.yaml --output o seeds=[0]` leaves the override
+        # unparsed. KEY=VALUE words after the flags are overrides too (in the order given); anything else is an error.
+        if extra and getattr(args, "overrides", None) is not None and all("=" in w and not w.startswith("-")
+                                                                            for w in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help (0) or a bad flag (2, already printed)
         return stop.code if isinstance(stop.code, int) else 2
     from forgetless.config import ConfigError

@@ -35,7 +35,7 @@ from accelerate import PartialState
 # load_experiment and ConfigError live in forgetless.config; importing them from here still works
 from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
 from forgetless.data import DataError, chat_template_on
-from forgetless.methods import GENERAL, Recipe, general_stage_entries, method_label, resolve
+from forgetless.methods import GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
 from forgetless.training.config import NO_NUMBERS
 from forgetless.training.loop import NonFiniteError
@@ -306,7 +306,7 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> 
     if chat_template_on(exp.chat_template, exp.model):  # off (as every run was before the setting): no key
         settings["chat_template"] = True
     settings |= {"model": exp.model, "precision": exp.precision, "seed": seed, "task": _non_default(task),
-                 "method": _non_default(recipe.entries)}
+                 "method": _non_default(identity_entries(recipe.entries))}
     if recipe.stages:
         settings["lora"] = _non_default(replace(exp.lora, **recipe.lora))
     else:

@@ -108,10 +108,25 @@ def method_label(entry: Any) -> str:
     return "+".join(parts)
 
 
-def general_stage_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The normalized entries without their domain-only options: what a cached general stage depends on."""
+def identity_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The normalized entries as a run's identity sees them: the options written, plus those left out whose default
+    changed since identities were fixed (``option(..., was=...)``), at their current default. A run recorded under
+    an old default is then "changed" (refused or redone), and one that wrote its options keeps its identity."""
     out = []
     for item in entries:
+        spec = REGISTRY.get(item["name"])
+        changed = spec.options.changed_defaults() if spec is not None and spec.options is not None else {}
+        names = spec.options.field_names() if changed else {}
+        given = {names.get(k, k) for k in item if k != "name"}
+        out.append(dict(item) | {k: v for k, v in changed.items() if names.get(k, k) not in given})
+    return out
+
+
+def general_stage_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The normalized entries (as :func:`identity_entries` sees them) without their domain-only options: what a
+    cached general stage depends on."""
+    out = []
+    for item in identity_entries(entries):
         spec = REGISTRY.get(item["name"])
         drop = spec.domain_options if spec is not None else frozenset()
         name = spec.general_as if spec is not None and spec.general_as else item["name"]

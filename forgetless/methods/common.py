@@ -30,16 +30,23 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------------- options
+_UNCHANGED = object()
+
+
 def option(default: Any, help: str, *, domain: bool = False, choices: Sequence[Any] | None = None,
-           yaml: str | None = None, weight: bool = False) -> Any:
+           yaml: str | None = None, weight: bool = False, was: Any = _UNCHANGED) -> Any:
     """A method option: a dataclass field whose metadata the registry, labels and validation read.
 
     ``domain``: acts on the domain stage only (runs differing only in such options share a cached general stage).
     ``yaml``: the name in an experiment file when it differs from the field's (``lambda`` is a Python keyword).
     ``weight``: the weight of the method's regularizer, which the report sweeps.
+    ``was``: the option's default when run identities were fixed, given when the default has changed since. A run
+    identity lists the options written in the experiment only; an option left out whose default changed enters it
+    with its new value (:meth:`Options.changed_defaults`), so a run recorded under the old default is seen as
+    changed, never silently reused, while runs that wrote the option keep their identity.
     """
     meta = {"help": help, "domain": domain, "choices": tuple(choices) if choices else None, "yaml": yaml,
-            "weight": weight}
+            "weight": weight, "was": was}
     if isinstance(default, (list, tuple, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -107,6 +114,17 @@ class Options:
             if f.metadata.get("weight"):
                 return f.metadata.get("yaml") or f.name, f.default
         return None
+
+    @classmethod
+    def changed_defaults(cls) -> dict[str, Any]:
+        """YAML name -> current default, of the options whose default changed since run identities were fixed."""
+        out = {}
+        for f in fields(cls):
+            was = f.metadata.get("was", _UNCHANGED)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if was is not _UNCHANGED and was != default:
+                out[f.metadata.get("yaml") or f.name] = default
+        return out
 
     @classmethod
     def help_text(cls) -> str:

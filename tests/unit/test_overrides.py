@@ -63,6 +63,11 @@ def test_run_takes_overrides_and_errors_are_one_line(tmp_path, capsys):
     assert main(["run", str(path), "train.domain.batch_size=0", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("forgetless: error: ") and "train.domain: batch_size and grad_accum must be >= 1" in err
+    # after the flags too (argparse alone ends the list at the first flag), in the order given
+    assert main(["run", str(path), "--dry-run", "train.domain.batch_size=2", "train.domain.batch_size=0"]) == 2
+    assert "batch_size and grad_accum must be >= 1" in capsys.readouterr().err
+    assert main(["run", str(path), "--dry-run", "stray"]) == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):

@@ -169,6 +169,39 @@ def test_run_ids_and_general_stage_keys_of_unchanged_experiments_are_as_before(t
     assert general_stage_key(loaded, resolve("lora-nu-mu"), 1) == "3c2c07360b"
 
 
+
+def test_a_changed_method_default_changes_the_identity_of_runs_that_relied_on_it(monkeypatch):
+    """A run that left an option out was made with the default of its day: when the default changes (``was=``), the
+    option enters the identity at its new value, so the old record is "changed"; runs that wrote it are as before."""
+    from dataclasses import dataclass
+
+    from forgetless import methods
+    from forgetless.methods.common import Options, option
+    from forgetless.training.hooks import Method
+
+    def spec_with(was):
+        @dataclass(repr=False)
+        class Opts(Options):
+            lam: float = option(10.0, "weight", yaml="lambda", weight=True, **({"was": was} if was else {}))
+            depth: int = option(2, "a general-stage option", was=2)  # default unchanged: never added
+
+        class Plugin(Method):
+            name = "pinned"
+            Options = Opts
+
+            def __init__(self, options):
+                self.options = options
+        return methods.MethodSpec("pinned", "test", plugin=Plugin)
+
+    monkeypatch.setitem(methods.REGISTRY, "pinned", spec_with(None))
+    assert methods.identity_entries([{"name": "pinned"}]) == [{"name": "pinned"}]
+    monkeypatch.setitem(methods.REGISTRY, "pinned", spec_with(1.0))  # the default moved from 1 to 10
+    assert methods.identity_entries([{"name": "pinned"}]) == [{"name": "pinned", "lambda": 10.0}]
+    assert methods.identity_entries([{"name": "pinned", "lambda": 1.0}]) == [{"name": "pinned", "lambda": 1.0}]
+    assert methods.identity_entries([{"name": "pinned", "lam": 3}]) == [{"name": "pinned", "lam": 3}]
+    assert methods.general_stage_entries([{"name": "pinned"}]) == [{"name": "pinned", "lambda": 10.0}]
+    assert methods.identity_entries([{"name": "lora-mu"}, {"name": "pinned"}])[0] == {"name": "lora-mu"}
+
 # ------------------------------------------------------------------------------------------------ adapters
 def _trained_adapter(tmp_path: Path, model_dir: Path, capsys) -> tuple[Path, dict]:
     write_experiment(tmp_path, model_dir)  # writes general.jsonl
