@@ -33,34 +33,47 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
     domain stage); a run without an adapter (``base``) is measured only with ``params: all``. The evaluation set
     is the first ``settings.blocks`` blocks of ``heldout_texts()`` (loaded only if a run needs measuring).
-    Returns how many runs were measured.
+    With ``settings.all_weights_seeds``, the runs of those seeds (``base`` included) also get the surface over
+    all weights, ``record["landscape"]["all_weights"]`` (its own digest: adding it measures only it). Returns how
+    many runs were measured.
     """
     from forgetless.data import lm_examples, pack_blocks
     from forgetless.models import load_adapter, load_model
     from forgetless.reporting.landscape_plots import plot_surface
 
     block = settings.block_size or block_size
-    digest = settings.digest({"data": data_key, "block_size": block, "model": model_name})
+    extra = {"data": data_key, "block_size": block, "model": model_name}
+    digest = settings.digest(extra)
+    every = settings.all_weights()
+    every_digest = every.digest(extra) if every is not None else None
     paths = sorted((Path(output) / "runs").glob("*.json"))
     todo = []
     for path in paths:
         record = json.loads(path.read_text())
-        if (record.get("landscape") or {}).get("digest") != digest:
-            todo.append((path, record))
+        entry = record.get("landscape") or {}
+        main = entry.get("digest") != digest
+        also = (every is not None and record.get("seed", 0) in settings.all_weights_seeds
+                and (main or (entry.get("all_weights") or {}).get("digest") != every_digest))
+        if main or also:
+            todo.append((path, record, main, also))
     if not todo:
         return 0
     print(f"landscape: measuring {len(todo)} run(s) ({len(paths) - len(todo)} already measured)")
     examples = None
     measured = 0
-    for path, record in todo:
+    for path, record, main, also in todo:
         rid = record.get("run_id", path.stem)
         adapter = Path(output) / "adapters" / rid
-        entry: dict[str, Any] = {"digest": digest, "settings": asdict(settings) | {"block_size": block}}
         has_adapter = (adapter / "adapter_config.json").is_file()
-        if not has_adapter and settings.params == "trainable":
+        if main:
+            entry = {"digest": digest, "settings": asdict(settings) | {"block_size": block}}
+        else:
+            entry = dict(record["landscape"])
+        if main and not has_adapter and settings.params == "trainable":
             entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
-            _write_json(path, record | {"landscape": entry})
-            continue
+            if not also:
+                _write_json(path, record | {"landscape": entry})
+                continue
         model, tokenizer = load_model(model_name, precision=settings.precision)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         if examples is None:
@@ -68,19 +81,32 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
             examples = lm_examples(blocks)
         if has_adapter:
             model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
-        started = time.perf_counter()
-        metrics, surface = measure_flatness(model, examples, settings, progress=progress)
-        entry["metrics"] = metrics
-        entry["tokens"] = int(sum(len(e["input_ids"]) - 1 for e in examples))
-        entry["seconds"] = round(time.perf_counter() - started, 2)
-        if surface is not None and settings.save_surfaces:
-            folder = Path(output) / "landscape" / rid
-            save_surface(surface, folder / "surface.npz")
-            plot_surface(surface, folder)
-            entry["surface"] = str(Path("landscape") / rid / "surface.npz")
+        tokens = int(sum(len(e["input_ids"]) - 1 for e in examples))
+        if main and "skipped" not in entry:
+            started = time.perf_counter()
+            metrics, surface = measure_flatness(model, examples, settings, progress=progress)
+            entry |= {"metrics": metrics, "tokens": tokens, "seconds": round(time.perf_counter() - started, 2)}
+            if surface is not None and settings.save_surfaces:
+                folder = Path(output) / "landscape" / rid
+                save_surface(surface, folder / "surface.npz")
+                plot_surface(surface, folder)
+                entry["surface"] = str(Path("landscape") / rid / "surface.npz")
+        if also:
+            started = time.perf_counter()
+            metrics, surface = measure_flatness(model, examples, every, progress=progress)
+            every_entry = {"digest": every_digest, "metrics": metrics, "tokens": tokens,
+                           "seconds": round(time.perf_counter() - started, 2)}
+            if surface is not None and settings.save_surfaces:
+                folder = Path(output) / "landscape" / rid / "all_weights"
+                save_surface(surface, folder / "surface.npz")
+                plot_surface(surface, folder)
+                every_entry["surface"] = str(Path("landscape") / rid / "all_weights" / "surface.npz")
+            entry["all_weights"] = every_entry
         _write_json(path, record | {"landscape": entry})
         measured += 1
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "n_params")
-        print(f"    {rid}: {shown} ({entry['seconds']:.0f} s)")
+        for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):
+            if part and "metrics" in part:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
+                print(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
         del model
     return measured

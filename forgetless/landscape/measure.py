@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +38,9 @@ class LandscapeSettings:
     rho: float = 0.05
     ascent_steps: int = 3
     save_surfaces: bool = True  # OUTPUT/landscape/RUN/surface.npz and its contour / 3-D figures
+    # Runs of these seeds also get the surface over *all* weights (same grid, span and seed; surface metrics only),
+    # to set beside the one over the LoRA directions: OUTPUT/landscape/RUN/all_weights/. None: off.
+    all_weights_seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.params not in ("trainable", "all"):
@@ -50,9 +53,21 @@ class LandscapeSettings:
             raise ValueError("span must be > 0 and rho >= 0")
         if self.hessian_iters < 0 or self.trace_samples < 0 or self.ascent_steps < -1:
             raise ValueError("hessian_iters and trace_samples must be >= 0, ascent_steps >= -1")
+        if self.all_weights_seeds is not None and (self.params != "trainable" or not self.grid):
+            raise ValueError("all_weights_seeds sets a surface over all weights beside the one over the trainable "
+                             "(LoRA) directions: it needs params 'trainable' and a grid")
 
     def digest(self, extra: Any = None) -> str:
-        return hashlib.sha1(json.dumps([asdict(self), extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
+        """Identifies the measurement; not ``all_weights_seeds`` (it adds a measurement with its own digest)."""
+        fields_ = {k: v for k, v in asdict(self).items() if k != "all_weights_seeds"}
+        return hashlib.sha1(json.dumps([fields_, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def all_weights(self) -> LandscapeSettings | None:
+        """The settings of the all-weights surface (``all_weights_seeds``), or None when it is off."""
+        if self.all_weights_seeds is None:
+            return None
+        return replace(self, params="all", hessian_iters=0, trace_samples=0, ascent_steps=-1,
+                       all_weights_seeds=None)
 
 
 def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings: LandscapeSettings,

@@ -2,7 +2,10 @@
 
 Reads run JSON (``record["landscape"]["metrics"]`` written by :func:`forgetless.landscape_runs.measure_runs`).
 Forgetting is the increase in general perplexity, ``dPPL = PPL(run) - PPL(reference)``, the reference being the
-``base`` run of the same task and seed (else any ``base`` run, else the run of the first method).
+``base`` run of the same task and seed (else any ``base`` run, else the run of the first method), and, where the
+runs were scored on a general suite, the suite forgetting (mean over suite tasks of tuned - base accuracy, points;
+negative is forgetting: :func:`forgetless.reporting.forgetting.forgetting_rows`). Runs measured with
+``all_weights_seeds`` are also compared over the two kinds of directions (LoRA-only and all weights).
 """
 
 from __future__ import annotations
@@ -39,26 +42,38 @@ def reference_ppl(results: Sequence[dict[str, Any]], run: dict[str, Any],
     return float(results[0]["general_ppl"])
 
 
+TARGETS = {"ppl_increase": "increase in general perplexity", "suite_forgetting": "general-suite change (points)"}
+
+
 def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per measured run: method, task, seed, general PPL, dPPL and the metrics it has."""
+    """One row per measured run: method, task, seed, general PPL, dPPL, the suite forgetting (when the runs have a
+    suite and a base run) and the metrics it has."""
+    from forgetless.reporting.forgetting import MEAN, forgetting_rows
+
+    suite = {(row["method"], row["task"], row["seed"]): row["forgetting"][MEAN] for row in forgetting_rows(results)}
     rows = []
     for r in results:
         metrics = (r.get("landscape") or {}).get("metrics")
         if not metrics:
             continue
-        rows.append({"method": r["method"], "task": r.get("task"), "seed": r.get("seed"),
-                     "general_ppl": float(r["general_ppl"]),
-                     "ppl_increase": float(r["general_ppl"]) - reference_ppl(results, r, methods),
-                     **{k: metrics[k] for k in METRICS if k in metrics}})
+        row = {"method": r["method"], "task": r.get("task"), "seed": r.get("seed"),
+               "general_ppl": float(r["general_ppl"]),
+               "ppl_increase": float(r["general_ppl"]) - reference_ppl(results, r, methods),
+               **{k: metrics[k] for k in METRICS if k in metrics}}
+        key = (r["method"], r.get("task"), r.get("seed", 0))
+        if key in suite:
+            row["suite_forgetting"] = suite[key]
+        rows.append(row)
     return rows
 
 
-def spearman(rows: Sequence[dict[str, Any]], metric: str) -> tuple[float, float, int]:
-    """(rho, p, n) of ``metric`` against ``ppl_increase`` over the rows that have it; NaN when undefined."""
+def spearman(rows: Sequence[dict[str, Any]], metric: str, target: str = "ppl_increase") -> tuple[float, float, int]:
+    """(rho, p, n) of ``metric`` against ``target`` (a key of :data:`TARGETS`) over the rows that have both; NaN
+    when undefined."""
     from scipy.stats import spearmanr
 
-    pairs = [(row[metric], row["ppl_increase"]) for row in rows
-             if metric in row and math.isfinite(row[metric]) and math.isfinite(row["ppl_increase"])]
+    pairs = [(row[metric], row[target]) for row in rows
+             if metric in row and target in row and math.isfinite(row[metric]) and math.isfinite(row[target])]
     n = len(pairs)
     if n < 3:
         return math.nan, math.nan, n
@@ -68,8 +83,10 @@ def spearman(rows: Sequence[dict[str, Any]], metric: str) -> tuple[float, float,
     return float(result.statistic), float(result.pvalue), n
 
 
-def plot_flatness_scatter(rows: Sequence[dict[str, Any]], metric: str, path: str | Path) -> Path:
-    """``metric`` (x) against the increase in general PPL (y), one colour per method, rho and p in the title."""
+def plot_flatness_scatter(rows: Sequence[dict[str, Any]], metric: str, path: str | Path,
+                          target: str = "ppl_increase") -> Path:
+    """``metric`` (x) against ``target`` (y; the increase in general PPL by default), one colour per method, rho
+    and p in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,13 +96,13 @@ def plot_flatness_scatter(rows: Sequence[dict[str, Any]], metric: str, path: str
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(row["method"] for row in rows))
     for i, method in enumerate(methods):
-        points = [row for row in rows if row["method"] == method and metric in row]
-        ax.scatter([p[metric] for p in points], [p["ppl_increase"] for p in points], label=method,
+        points = [row for row in rows if row["method"] == method and metric in row and target in row]
+        ax.scatter([p[metric] for p in points], [p[target] for p in points], label=method,
                    color=colours[i % len(colours)], s=40)
-    rho, p, n = spearman(rows, metric)
+    rho, p, n = spearman(rows, metric, target)
     ax.set_title(f"{METRICS[metric]}: Spearman rho {_num(rho, 2)}, p {_num(p, 3)} (n={n})", fontsize=9)
     ax.set_xlabel(METRICS[metric])
-    ax.set_ylabel("increase in general perplexity")
+    ax.set_ylabel(TARGETS[target])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -118,12 +135,22 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
         cells = [row["method"], row["task"], row["seed"], f"{row['general_ppl']:.3f}", f"{row['ppl_increase']:+.4g}"]
         cells += [row.get(m, math.nan) for m in metrics]
         md += "| " + " | ".join(_fmt(c) for c in cells) + " |\n"
-    md += "\nSpearman correlation of each metric with the increase in general perplexity, across runs:\n\n"
-    md += "| metric | Spearman rho | p | runs | figure |\n|---|---|---|---|---|\n"
+    targets = [t for t in TARGETS if any(t in row for row in rows)]
+    md += ("\nSpearman correlation of each metric with forgetting, across runs (general-suite change: negative is "
+           "forgetting, so a metric that predicts forgetting correlates *positively* with the PPL increase and "
+           "*negatively* with the suite change):\n\n")
+    md += "| metric | " + " | ".join(f"rho, p vs {TARGETS[t]}" for t in targets) + " | runs | figures |\n"
+    md += "|---|" + "---|" * len(targets) + "---|---|\n"
     for metric in metrics:
-        rho, p, n = spearman(rows, metric)
-        figure = plot_flatness_scatter(rows, metric, Path(folder) / f"flatness_{metric}.png")
-        md += f"| {METRICS[metric]} | {_num(rho, 3)} | {_num(p, 3)} | {n} | {figure.name} |\n"
+        cells, names, n = [], [], 0
+        for target in targets:
+            rho, p, n_t = spearman(rows, metric, target)
+            n = max(n, n_t)
+            cells.append(f"{_num(rho, 3)}, {_num(p, 3)}")
+            suffix = "" if target == "ppl_increase" else f"_{target}"
+            names.append(plot_flatness_scatter(rows, metric, Path(folder) / f"flatness_{metric}{suffix}.png",
+                                               target).name)
+        md += f"| {METRICS[metric]} | " + " | ".join(cells) + f" | {n} | {', '.join(names)} |\n"
     settings = next((r["landscape"].get("settings") for r in results if (r.get("landscape") or {}).get("metrics")), {})
     md += (f"\nMeasured on the domain-stage weights ({settings.get('params', '?')} parameters), on "
            f"{settings.get('blocks', '?')} held-out general-text blocks of {settings.get('block_size', '?')} tokens; "
@@ -132,4 +159,83 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py). PPL increase: general PPL "
            "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
            "p-values mean little.\n")
+    return md + all_weights_section(results, folder)
+
+
+SURFACE_METRICS = ("surface_curvature", "average_gradient", "mean_absolute_gradient")
+
+
+def all_weights_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
+    """The runs measured over both kinds of directions (``all_weights_seeds``): a table of the three surface metrics
+    and the loss range on the grid for each, and one figure with the two contour plots per run; "" if none."""
+    pairs = [(r, r["landscape"]["all_weights"]) for r in results
+             if "metrics" in ((r.get("landscape") or {}).get("all_weights") or {})]
+    if not pairs:
+        return ""
+    header = ["method", "seed", "directions", "weights moved", "loss at 0"] + [METRICS[m] for m in SURFACE_METRICS]
+    header.append("loss range on the grid")
+    md = ("\n## Loss surface over the LoRA directions and over all weights\n\n"
+          "The same runs, the same held-out blocks, grid and span: directions drawn (filter-normalised) over the "
+          "trainable LoRA matrices only, or over every weight of the tuned model.\n\n")
+    md += markdown_header(header)
+    for r, every in pairs:
+        for name, entry in (("LoRA", r["landscape"]), ("all weights", every)):
+            metrics = entry.get("metrics") or {}
+            if not metrics:
+                continue
+            cells = [r["method"], r.get("seed"), name, f"{metrics.get('n_params', 0):,}", metrics.get("loss", math.nan)]
+            cells += [metrics.get(m, math.nan) for m in SURFACE_METRICS]
+            cells.append(_loss_range(folder, entry))
+            md += "| " + " | ".join(_fmt(c) for c in cells) + " |\n"
+    figure = plot_surface_pairs(pairs, folder, Path(folder) / "surfaces_lora_vs_all.png")
+    if figure is not None:
+        md += f"\n![LoRA directions (top) and all weights (bottom)]({figure.name})\n"
     return md
+
+
+def markdown_header(header: Sequence[str]) -> str:
+    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+
+
+def _surface(folder: Path, entry: dict[str, Any]) -> Any:
+    from forgetless.landscape import load_surface
+
+    path = Path(folder) / entry["surface"] if entry.get("surface") else None
+    return load_surface(path) if path is not None and path.is_file() else None
+
+
+def _loss_range(folder: Path, entry: dict[str, Any]) -> Any:
+    surface = _surface(folder, entry)
+    if surface is None:
+        return "n/a"
+    return float(surface.losses.max() - surface.losses.min())
+
+
+def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], folder: Path, path: Path,
+                       most: int = 8) -> Path | None:
+    """Contours of up to ``most`` runs: LoRA directions on top, all weights below, one shared colour scale per
+    column; None when no surface file is there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [(r, _surface(folder, r["landscape"]), _surface(folder, every)) for r, every in pairs[:most]]
+    columns = [c for c in columns if c[1] is not None and c[2] is not None and c[1].dims == c[2].dims == 2]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6), squeeze=False)
+    for j, (r, lora, every) in enumerate(columns):
+        low = min(lora.losses.min(), every.losses.min())
+        high = max(lora.losses.max(), every.losses.max())
+        levels = np.linspace(low, high, 25) if high > low else 25
+        for i, (surface, name) in enumerate(((lora, "LoRA directions"), (every, "all weights"))):
+            a, b = np.meshgrid(surface.coords[0], surface.coords[1], indexing="ij")
+            filled = axes[i][j].contourf(a, b, surface.losses, levels=levels, cmap="viridis")
+            axes[i][j].plot([0], [0], "r+", ms=8)
+            axes[i][j].set_title(f"{r['method']} s{r.get('seed')}: {name}", fontsize=8)
+        fig.colorbar(filled, ax=[axes[0][j], axes[1][j]], shrink=0.8, label="loss")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -3,6 +3,7 @@ dominant (largest-magnitude) one stays available; the experiment's landscape sec
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,8 @@ import forgetless.landscape.metrics as metrics
 from forgetless.landscape import (Objective, hessian_dominant_eigenvalue, hessian_eigenvalues, hessian_top_eigenvalue,
                                   load_surface)
 from tests.unit.test_experiment import write_experiment
+from tests.unit.tiny_model import make_tiny_model
+from tests.unit.tiny_tokenizer import make_tiny_tokenizer
 from tests.unit.test_landscape import quadratic_objective, symmetric
 
 SPECTRA = {  # eigenvalues -> (largest algebraic, largest magnitude)
@@ -101,6 +104,47 @@ def test_experiment_landscape_over_all_weights(tmp_path, tiny_model_dir):
     lora = sum(p.numel() for n, p in _lora_parameters(tmp_path / "out" / "adapters" / results["lora-mu"]["run_id"]))
     assert results["lora-mu"]["landscape"]["metrics"]["n_params"] == n_base + lora > n_base
 
+
+def test_all_weights_surface_beside_the_lora_one_is_added_without_remeasuring(tmp_path, tiny_model_dir, monkeypatch):
+    """``all_weights_seeds``: the runs of those seeds (base too) get a second surface, over every weight, measured on
+    its own: adding it to a measured experiment measures only it, and leaves the LoRA measurement as it was."""
+    import forgetless.landscape_runs as measure
+    from forgetless.experiment import load_experiment, run_experiment
+
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 0, "trace_samples": 0, "ascent_steps": -1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], landscape=landscape, seeds=[0, 1])
+    first = {r["run_id"]: r for r in run_experiment(load_experiment(path), progress=False)}
+    calls = []
+    real = measure.measure_flatness
+    monkeypatch.setattr(measure, "measure_flatness", lambda m, e, s, **k: calls.append(s.params) or real(m, e, s, **k))
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0, 1],
+                            landscape=landscape | {"all_weights_seeds": [0]})
+    results = {r["run_id"]: r for r in run_experiment(load_experiment(path), progress=False)}
+    assert calls == ["all", "all"]  # base and lora-mu of seed 0; the LoRA surfaces were kept
+    out = tmp_path / "out"
+    n_base = sum(p.numel() for p in make_tiny_model(vocab_size=len(make_tiny_tokenizer())).parameters())
+    for rid, r in results.items():
+        entry = r["landscape"]
+        assert entry.get("metrics") == first[rid]["landscape"].get("metrics"), rid
+        if r["seed"] == 1:
+            assert "all_weights" not in entry
+            continue
+        every = entry["all_weights"]
+        assert set(every["metrics"]) == {"loss", "n_params", "surface_curvature", "average_gradient",
+                                         "mean_absolute_gradient"}
+        surface = load_surface(out / every["surface"])
+        assert surface.meta["params"] == "all" and surface.losses.shape == (3, 3)
+        if r["method"] == "lora-mu":  # both surfaces pass through the tuned weights: the same loss at the centre
+            lora = load_surface(out / entry["surface"])
+            assert every["metrics"]["n_params"] > n_base > entry["metrics"]["n_params"]
+            assert surface.losses[1, 1] == pytest.approx(lora.losses[1, 1], rel=1e-5)
+            assert not np.allclose(surface.losses, lora.losses)
+        else:
+            assert every["metrics"]["n_params"] == n_base and "skipped" in entry
+    md = (out / "results.md").read_text()
+    assert "## Loss surface over the LoRA directions and over all weights" in md
+    assert (out / "surfaces_lora_vs_all.png").read_bytes()[:4] == b"\x89PNG"
+    assert sum(line.startswith("| lora-mu | 0 |") for line in md.splitlines()) == 2  # LoRA and all weights rows
 
 def _lora_parameters(adapter):
     from safetensors.torch import load_file
