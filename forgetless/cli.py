@@ -113,7 +113,8 @@ def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> st
 def _cmd_report(args: argparse.Namespace) -> int:
     from forgetless.reporting.report import build_report
 
-    path = build_report(args.results, output=args.output, reference=args.reference or None, metric=args.metric,
+    references = [name.strip() for name in args.reference.split(",") if name.strip()]
+    path = build_report(args.results, output=args.output, reference=references, metric=args.metric,
                         rank_base=args.rank_base)
     print(path.read_text())
     print(f"report: {path} (figures beside it)")
@@ -410,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "table, t-tests, cost, sweeps, Pareto front, ablation")
     p.add_argument("results", help="the experiment's output folder (with runs/*.json)")
     p.add_argument("--output", help="folder for report.md and its figures (default RESULTS/report)")
-    p.add_argument("--reference", default="lora-nu-mu", help="method the t-tests compare against ('' for none)")
+    p.add_argument("--reference", default="lora-mu,lora-nu-mu",
+                   help="methods the t-tests compare against, comma-separated ('' for none)")
     p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc", help="domain accuracy metric")
     p.add_argument("--rank-base", action="store_true", help="rank 'base' too when marking best and second")
     p.set_defaults(func=_cmd_report)

@@ -103,7 +103,13 @@ def forgetting_section(runs: Sequence[dict[str, Any]], folder: Path, methods: Se
                + forgetting_table(rows, methods))
         if any(r["gain"] is not None for r in rows):
             plot_gain_vs_drop(rows, methods, folder / "gain_vs_drop.png")
-            md += "\n![domain gain against general-suite drop](gain_vs_drop.png)\n"
+            fronts = {task: front for task in dict.fromkeys(r["task"] for r in rows)
+                      if (front := gain_drop_front(rows, task))}
+            md += ("\nPareto front of domain gain against general-suite drop (means over seeds; on the front when no "
+                   "other method has both a smaller or equal drop and a larger or equal gain, one strictly; ringed "
+                   "in the figure):\n\n"
+                   + "\n".join(f"- **{task}**: " + ", ".join(f"`{m}`" for m in front) for task, front in fronts.items())
+                   + "\n\n![domain gain against general-suite drop](gain_vs_drop.png)\n")
     md += "\n## Forgetting over training\n\n"
     curves = histories(runs)
     if not curves:
@@ -131,6 +137,24 @@ def _figures():
     return _pyplot(), _save
 
 
+def _gain_drop_points(rows: Sequence[dict[str, Any]], task: str) -> dict[str, tuple[float, float]]:
+    """method -> (mean general-suite drop, mean domain gain) over its seeds on ``task``."""
+    points = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["task"] == task and r["gain"] is not None]
+        if mine:
+            points[method] = (statistics.fmean(-r["forgetting"][MEAN] for r in mine),
+                              statistics.fmean(r["gain"] for r in mine))
+    return points
+
+
+def gain_drop_front(rows: Sequence[dict[str, Any]], task: str) -> list[str]:
+    """The methods on the Pareto front of (general-suite drop lower, domain gain higher) on ``task``, by drop."""
+    from forgetless.reporting.report import pareto_front
+
+    return pareto_front(_gain_drop_points(rows, task))
+
+
 def plot_gain_vs_drop(rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> Path:
     """Per domain task: one point per method at (general-suite drop, domain gain), mean over seeds, error bars the
     std over seeds."""
@@ -146,6 +170,12 @@ def plot_gain_vs_drop(rows: Sequence[dict[str, Any]], methods: Sequence[str], pa
                                                                                              for r in mine])
             ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], marker="o", capsize=3, label=method)
             ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        points, front = _gain_drop_points(rows, task), gain_drop_front(rows, task)
+        if front:
+            ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", lw=0.8, ls="--",
+                    zorder=1)
+            ax.scatter([points[m][0] for m in front], [points[m][1] for m in front], s=180, facecolors="none",
+                       edgecolors="black", zorder=3, label="Pareto front")
         ax.axvline(0, color="grey", lw=0.8)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(task)

@@ -37,8 +37,8 @@ from forgetless.reporting.tables import finite_record, nonfinite_note, read_reco
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
-PPL, ACC = "general_ppl", "domain_acc"
-METRIC_TITLES = {PPL: "general PPL ↓", ACC: "domain acc ↑"}
+PPL, ACC, SUITE = "general_ppl", "domain_acc", "suite_change"
+METRIC_TITLES = {PPL: "general PPL ↓", ACC: "domain acc ↑", SUITE: "general-suite change ↑"}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -132,6 +132,11 @@ class Results:
         self.tasks = list(dict.fromkeys(r["task"] for r in self.runs))
         self.methods = order_methods(dict.fromkeys(r["method"] for r in self.runs))
         self.seeds = sorted({r.get("seed", 0) for r in self.runs})
+        from forgetless.reporting.forgetting import MEAN, forgetting_rows
+
+        # (method, task, seed) -> mean suite change vs base, points (runs with a suite and a base run only)
+        self.suite = {(row["method"], row["task"], row["seed"]): row["forgetting"][MEAN]
+                      for row in forgetting_rows(self.runs, metric)}
 
     def runs_of(self, method: str, task: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.runs if r["method"] == method and (task is None or r["task"] == task)]
@@ -141,6 +146,10 @@ class Results:
         for r in sorted(self.runs_of(method, task), key=lambda r: r.get("seed", 0)):
             if metric == PPL:
                 out.append(float(r["general_ppl"]))
+            elif metric == SUITE:
+                key = (r["method"], r["task"], r.get("seed", 0))
+                if key in self.suite:
+                    out.append(self.suite[key])
             else:
                 scores = r["tasks"].get(task, {})
                 if self.metric in scores:
@@ -210,8 +219,13 @@ def results_table(res: Results, methods: Sequence[str], rank_base: bool = False)
     return markdown_table(header, rows)
 
 
+def tested_metrics(res: Results) -> tuple[str, ...]:
+    """General PPL and domain accuracy, and the general-suite change when the runs were scored on a suite."""
+    return (PPL, ACC, SUITE) if res.suite else (PPL, ACC)
+
+
 def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
-    """Welch's t-test of every method against ``reference``, per task and metric.
+    """Welch's t-test of every method against ``reference``, per task and metric (:func:`tested_metrics`).
 
     Rows: ``{method, task, metric, diff, t, p, n, n_ref}`` with ``diff = mean(method) - mean(reference)``; ``t`` and
     ``p`` are NaN when either side has fewer than two seeds or both have zero variance.
@@ -223,7 +237,7 @@ def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
         if method == reference:
             continue
         for task in res.tasks:
-            for metric in (PPL, ACC):
+            for metric in tested_metrics(res):
                 a, b = res.values(method, task, metric), res.values(reference, task, metric)
                 if not a or not b:
                     continue
@@ -251,23 +265,43 @@ def section_main_table(res: Results, rank_base: bool) -> str:
             + results_table(res, res.methods, rank_base))
 
 
-def section_welch(res: Results, reference: str | None, folder: Path) -> str:
-    title = "## Significance: Welch's t-test against a reference\n\n"
-    if reference is None:
-        return title + "Skipped: no reference method (give `--reference`; the default `lora-nu-mu` is absent).\n"
+def section_welch(res: Results, reference: str | Sequence[str] | None, folder: Path) -> str:
+    references = [reference] if isinstance(reference, str) else list(reference or [])
+    title = f"## Significance: Welch's t-test against {'a reference' if len(references) < 2 else 'references'}\n\n"
+    if not references:
+        return title + "Skipped: no reference method (give `--reference`; the defaults are absent).\n"
+    parts = [_welch_table(res, ref) for ref in references]
+    if not any(table for table, _ in parts):
+        return title + "".join(note for _, note in parts)
+    figures = []
+    for metric in tested_metrics(res):
+        name = f"box_{metric}.png"
+        plot_boxes(res, metric, folder / name)
+        figures.append(f"![{METRIC_TITLES[metric]} per method]({name})")
+    suite = (" General-suite change: the mean over the suite tasks of the run's score minus `base`'s (same items), "
+             "in points; negative is forgetting." if SUITE in tested_metrics(res) else "")
+    return (title + "Δ: mean of the method minus mean of the reference (PPL in perplexity points, accuracy in "
+            "percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
+            f"n/a with fewer than two seeds on a side.{suite}\n\n" + "".join(table or note for table, note in parts)
+            + "\n".join(figures) + "\n")
+
+
+def _welch_table(res: Results, reference: str) -> tuple[str, str]:
+    """(Markdown table of the tests against ``reference``, or "" and a one-line note saying why there is none)."""
     if reference not in res.methods:
-        return title + f"Skipped: the reference method `{reference}` has no runs here.\n"
+        return "", f"Skipped: the reference method `{reference}` has no runs here.\n\n"
     rows = welch_tests(res, reference)
     if not rows:
-        return title + f"Skipped: no method shares a task with `{reference}`.\n"
-    header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ (p)" for task in res.tasks for m in (PPL, ACC)]
+        return "", f"Skipped: no method shares a task with `{reference}`.\n\n"
+    metrics = tested_metrics(res)
+    header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ (p)" for task in res.tasks for m in metrics]
     table = []
     for method in res.methods:
         if method == reference:
             continue
         row, found = [method], False
         for task in res.tasks:
-            for metric in (PPL, ACC):
+            for metric in metrics:
                 hit = [r for r in rows if r["method"] == method and r["task"] == task and r["metric"] == metric]
                 if hit:
                     found = True
@@ -277,15 +311,7 @@ def section_welch(res: Results, reference: str | None, folder: Path) -> str:
                     row.append("-")
         if found:
             table.append(row)
-    figures = []
-    for metric in (PPL, ACC):
-        name = f"box_{metric}.png"
-        plot_boxes(res, metric, folder / name)
-        figures.append(f"![{METRIC_TITLES[metric]} per method]({name})")
-    return (title + f"Δ: mean of the method minus mean of `{reference}` (PPL in perplexity points, accuracy in "
-            f"percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
-            f"n/a with fewer than two seeds on a side.\n\n" + markdown_table(header, table) + "\n"
-            + "\n".join(figures) + "\n")
+    return f"### Against `{reference}`\n\n" + markdown_table(header, table) + "\n", ""
 
 
 def _importance_costs(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -480,8 +506,9 @@ def plot_boxes(res: Results, metric: str, path: Path) -> Path:
                 ax.scatter([i] * len(d), d, s=14, color="black", zorder=3)
             ax.set_xticks(range(1, len(keep) + 1), [m for m, _ in keep], rotation=30, ha="right", fontsize=8)
         ax.set_title(task)
-        ax.set_ylabel("general perplexity (lower is better)" if metric == PPL
-                      else f"domain {res.metric}, % (higher is better)")
+        ax.set_ylabel({PPL: "general perplexity (lower is better)",
+                       SUITE: "general-suite change vs base, points (higher is better)"}.get(
+                           metric, f"domain {res.metric}, % (higher is better)"))
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
@@ -533,7 +560,8 @@ def plot_pareto(res: Results, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- report
-def build_report(results_dir: str | Path, output: str | Path | None = None, reference: str | None = "lora-nu-mu",
+def build_report(results_dir: str | Path, output: str | Path | None = None,
+                 reference: str | Sequence[str] | None = ("lora-mu", "lora-nu-mu"),
                  metric: str = "acc", rank_base: bool = False) -> Path:
     """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path."""
     if metric not in ("acc", "acc_norm"):

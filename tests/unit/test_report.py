@@ -100,20 +100,30 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     tests = welch_tests(res, "lora-nu-mu")
     assert {t["method"] for t in tests} == set(DATA) - {"lora-nu-mu"}
     welch = table_rows(md, "## Significance")
+    def values(method, task, metric):  # suite change: base's suite is 40 points, a tuned run loses (PPL - 10)
+        return [{"general_ppl": ppl, "domain_acc": acc, "suite_change": -(ppl - 10.0)}[metric]
+                for ppl, acc in DATA[method][task]]
+
+    assert {t["metric"] for t in tests} == {"general_ppl", "domain_acc", "suite_change"}
+    assert not [t for t in tests if t["method"] == "base" and t["metric"] == "suite_change"]  # base: no change
     for t in tests:
-        a = [v[0] if t["metric"] == "general_ppl" else v[1] for v in DATA[t["method"]][t["task"]]]
-        b = [v[0] if t["metric"] == "general_ppl" else v[1] for v in DATA["lora-nu-mu"][t["task"]]]
+        a, b = values(t["method"], t["task"], t["metric"]), values("lora-nu-mu", t["task"], t["metric"])
         expected = ttest_ind(a, b, equal_var=False)
         if t["method"] == "base" and t["metric"] == "general_ppl":
             assert math.isfinite(t["p"])  # zero variance on one side only: still defined
         assert t["p"] == pytest.approx(expected.pvalue, rel=1e-12)
         assert t["t"] == pytest.approx(expected.statistic, rel=1e-12)
         assert t["diff"] == pytest.approx(sum(a) / 3 - sum(b) / 3)
-        column = ["t1", "t2"].index(t["task"]) * 2 + (0 if t["metric"] == "general_ppl" else 1)
+        column = ["t1", "t2"].index(t["task"]) * 3 + ["general_ppl", "domain_acc", "suite_change"].index(t["metric"])
         assert f"(p={t['p']:.3g})" in welch[t["method"]][column]
     assert "lora-nu-mu" not in welch
     hl = next(t for t in tests if (t["method"], t["task"], t["metric"]) == ("hlora", "t1", "domain_acc"))
     assert welch["hlora"][1] == f"+5.0 (p={hl['p']:.3g})"
+    assert "Skipped: the reference method `lora-mu` has no runs here." in md  # the other default reference
+    md = build_report(folder, output=folder / "two", reference=["hlora", "lora-nu-mu"]).read_text()
+    first, second = table_rows(md, "### Against `hlora`"), table_rows(md, "### Against `lora-nu-mu`")
+    assert "hlora" not in first and "lora-nu-mu" not in second and "lora-nu-mu" in first
+    assert second["hlora"] == welch["hlora"] and first["lora-nu-mu"][1] == "-5.0 (p=" + welch["hlora"][1].split("=")[1]
 
     # cost: importance of HLoRA vs EWC and training times
     cost = table_rows(md, "## Cost")
@@ -146,6 +156,9 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     assert "| lora-nu-mu | t2 | - | -4.0 ± 0.2 | -4.0 ± 0.2 | +11.0 ± 1.0 | 3 |" in forgetting
     assert "| lora-nu-mu | all | -3.0 ± 0.5 | -4.0 ± 0.2 | -3.5 ± 0.6 | +18.5 ± 8.3 | 6 |" in forgetting
     assert "| base |" not in forgetting
+    # front of (suite drop, domain gain) on t1: hlora(phi=0.01) drops 0.5 for +23, hlora 1.03 for +31; every other
+    # method drops more for less (ewc 2.03 for +28, hlora-no-layer 1.5 for +29.2, lora-nu-mu 3 for +26)
+    assert re.search(r"- \*\*t1\*\*: (.*)", forgetting).group(1) == "`hlora(phi=0.01)`, `hlora`"
     assert "![forgetting over training](forgetting_curves.png)" in md
     for figure in ("box_general_ppl.png", "box_domain_acc.png", "sweep.png", "pareto.png", "gain_vs_drop.png",
                    "forgetting_curves.png"):
@@ -215,7 +228,7 @@ def test_cli_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "report.md" in out
     md = (folder / "report" / "report.md").read_text()
-    assert "multiple-choice `acc_norm`" in md and "against `ewc`" not in md and "minus mean of `ewc`" in md
+    assert "multiple-choice `acc_norm`" in md and "### Against `ewc`" in md and "### Against `lora" not in md
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
