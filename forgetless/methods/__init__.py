@@ -123,15 +123,25 @@ def identity_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def general_stage_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The normalized entries (as :func:`identity_entries` sees them) without their domain-only options: what a
-    cached general stage depends on."""
+    """The normalized entries (as :func:`identity_entries` sees them) without their domain-only options and without
+    the methods that leave the general stage as it is (:meth:`Method.shapes_general_stage`): what a cached general
+    stage depends on. A list left empty by that is ``lora-nu-mu``'s (plain LoRA on general text)."""
     out = []
-    for item in identity_entries(entries):
+    kept = [item for item in identity_entries(entries) if _shapes_general_stage(item)]
+    for item in kept or [{"name": "lora-nu-mu"}]:
         spec = REGISTRY.get(item["name"])
         drop = spec.domain_options if spec is not None else frozenset()
         name = spec.general_as if spec is not None and spec.general_as else item["name"]
         out.append({k: v for k, v in item.items() if k not in drop} | {"name": name})
     return out
+
+
+def _shapes_general_stage(item: dict[str, Any]) -> bool:
+    spec = REGISTRY.get(item["name"])
+    if spec is None or spec.plugin is None:
+        return True  # a name without a plugin stays in the key as it always was
+    plugin = spec.build({k: v for k, v in item.items() if k != "name"})
+    return plugin is None or plugin.shapes_general_stage()
 
 
 def resolve(entry: Any) -> Recipe:

@@ -113,6 +113,9 @@ class Replay(Method):
     name = "replay"
     Options = ReplayOptions
 
+    def shapes_general_stage(self) -> bool:
+        return False  # general text is mixed into the domain stage only
+
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
         if ctx.stage != DOMAIN or self.fraction == 0.0:
             return examples

@@ -124,6 +124,9 @@ class SAM(Method):
         self._perturbed = 0.0
         self._step_seen: int | None = None
 
+    def shapes_general_stage(self) -> bool:
+        return GENERAL in self.stages
+
     def active(self, ctx: StageContext) -> bool:
         return ctx.stage in self.stages and self.rho > 0 and ctx.step % self.every_k == 0
 

@@ -149,10 +149,17 @@ class WiseFT(Method):
     def save_state(self, directory: Path) -> None:
         self._state.save(directory, self.theta_nu or {}, {"options": self.options.as_dict()})
 
+    def shapes_general_stage(self) -> bool:
+        return False  # theta_nu is the general stage's adapter: any plain LoRA general stage serves
+
     def load_state(self, directory: Path) -> None:
-        """Remember the file; it is read at the domain stage's start."""
-        self._state.remember(directory)
+        """Remember the file; it is read at the domain stage's start. A cached general stage trained without
+        wise-ft has none: theta_nu is then its adapter, the weights the domain stage starts from."""
         self.theta_nu = None
+        try:
+            self._state.remember(directory)
+        except FileNotFoundError:
+            self._state.path = None
 
 
 register(MethodSpec("wise-ft", "WiSE-FT: evaluate interpolations (1-a) theta_nu + a theta_mu after training",

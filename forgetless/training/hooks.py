@@ -118,6 +118,12 @@ class Method:
         """Called once when a method list is resolved, with the other methods of the same run; raise ValueError
         for a combination this method cannot run with (default: composes with anything)."""
 
+    def shapes_general_stage(self) -> bool:
+        """Whether this method changes what a general stage trains or saves (its examples, loss, steps or state
+        files). One that acts on the domain stage only says False: a run with it shares the cached general stage of
+        the same recipe without it (``[hlora, sam]`` that of ``hlora``, ``replay`` that of ``lora-nu-mu``)."""
+        return True
+
     def on_stage_start(self, ctx: StageContext) -> None:
         """Called once before the first step of a stage."""
 

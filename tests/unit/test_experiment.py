@@ -72,6 +72,31 @@ def test_experiment_runs_writes_tables_and_resumes(tmp_path, tiny_model_dir, mon
     assert len(again) == 6
 
 
+def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numbers(tmp_path, tiny_model_dir):
+    """sam (domain stage only), replay and wise-ft leave the general stage as lora-nu-mu trains it: one cached stage
+    serves them all, and each run's scores equal those of the same run alone, training its own general stage."""
+    from forgetless.experiment import general_stage_key
+    from forgetless.methods import resolve
+
+    methods = ["lora-nu-mu", "sam", "replay", {"name": "wise-ft", "alphas": [0.5]}, {"name": "sam", "stages":
+                                                                                      ["general", "domain"]}]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    exp = load_experiment(write_experiment(shared, tiny_model_dir, methods=methods, seeds=[0]))
+    keys = [general_stage_key(exp, resolve(m), 0) for m in exp.methods]
+    assert len(set(keys[:4])) == 1 and keys[4] != keys[0]  # SAM on the general stage trains its own
+    results = {r["run_id"]: r for r in run_experiment(exp, progress=False)}
+    assert len(list((shared / "out" / "stages").iterdir())) == 2
+    for entry in methods[1:4]:  # trained alone, in a fresh folder: the general stage is its own, the numbers equal
+        alone = tmp_path / f"alone-{len(list(tmp_path.iterdir()))}"
+        alone.mkdir()
+        (record,) = run_experiment(load_experiment(write_experiment(alone, tiny_model_dir, methods=[entry],
+                                                                    seeds=[0])), progress=False)
+        same = results[record["run_id"]]
+        assert not record["stages"][0].get("cached") and same["stages"][0].get("cached"), entry
+        assert record["general_ppl"] == same["general_ppl"] and record["tasks"] == same["tasks"], entry
+        assert record.get("variants") == same.get("variants"), entry  # wise-ft: the interpolations too
+
 def test_method_entry_restricted_to_some_tasks(tmp_path, tiny_model_dir):
     tasks = [{"name": n, "train": str(FIXTURES / "generic.jsonl"), "test": str(FIXTURES / "generic.jsonl")}
              for n in ("a", "b")]
