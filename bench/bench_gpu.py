@@ -523,14 +523,27 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
         return
 
     def liger() -> None:  # plain first, then Liger (its patch cannot be undone), on a fresh model
+        from forgetless.training.batches import add_loss_index, collate
+        from forgetless.training.loss import CausalLMLoss
+
         fresh = build(shape, torch.bfloat16)
-        theirs = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, **plain)[0]
-                  for _ in range(rounds)]
-        ours = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, liger=True, **plain)[0]
-                for _ in range(rounds)]
+        plain_runs = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, **plain)
+                      for _ in range(rounds)]
+        batch = {k: v.to("cuda") for k, v in add_loss_index(collate(fixed[:plan.batch], pad_token_id=0)).items()}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            plain_loss = float(CausalLMLoss(fresh)(**batch))
+        liger_runs = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, liger=True, **plain)
+                      for _ in range(rounds)]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # kernels patched, fused CE
+            fused = CausalLMLoss(fresh, fused_ce=True)
+            fused_loss = float(fused(**batch))
+        theirs, ours = [r[0] for r in plain_runs], [r[0] for r in liger_runs]
         report.add(f"liger_vs_plain@{shape}", min(ours) / min(theirs), lever_s=min(ours), plain_s=min(theirs),
+                   lever_peak_gib=max(r[1] for r in liger_runs), plain_peak_gib=max(r[1] for r in plain_runs),
                    rounds_lever_s=ours, rounds_plain_s=theirs, batch=plan.batch, seq=plan.seq, base_dtype="bfloat16",
-                   order="plain rounds, then liger rounds")
+                   fused_ce=fused.fused_ce, loss_plain=plain_loss, loss_liger=fused_loss,
+                   loss_rel_diff=abs(fused_loss - plain_loss) / abs(plain_loss),
+                   order="plain rounds, then liger rounds (RMSNorm, SwiGLU, RoPE kernels and the fused linear CE)")
 
     del model
     guarded(report, [f"liger_vs_plain@{shape}"], liger)

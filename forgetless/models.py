@@ -185,9 +185,9 @@ def liger_available() -> None:
 
 def apply_liger(model: torch.nn.Module) -> None:
     """Swap the base model's RMSNorm, SwiGLU MLP and rotary embedding for Liger's Triton kernels, in place
-    (``liger_kernel.transformers._apply_liger_kernel_to_instance``). The cross-entropy patches are off: forgetless
-    computes its loss from the backbone's hidden states at the labelled positions only (its head never sees the
-    other positions), so the model's own loss path that Liger's fused cross-entropy patches is not used."""
+    (``liger_kernel.transformers._apply_liger_kernel_to_instance``). The cross-entropy patches of the model's own
+    loss are off: forgetless computes its loss from the backbone's hidden states at the labelled positions only,
+    and calls Liger's fused linear cross-entropy there itself (:class:`forgetless.training.loss.CausalLMLoss`)."""
     liger_available()
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN

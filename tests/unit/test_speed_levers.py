@@ -115,6 +115,44 @@ def test_liger_without_its_package_or_a_gpu_is_a_clear_error():
         assert "CUDA" in str(err.value)
 
 
+def test_liger_fused_cross_entropy_is_called_with_the_head_and_the_labelled_rows(monkeypatch):
+    """``liger: true`` routes the loss through Liger's fused linear cross-entropy. Liger's kernels need CUDA, so here
+    the function is a stand-in that computes, in plain torch, what Liger documents (mean CE of ``input @ weight.T +
+    bias``, soft-capped): loss and LoRA gradients equal the plain path's, and the call gets the model's own head
+    weight and one row per labelled token. bench/bench_gpu.py compares the real kernel on a GPU."""
+    import types
+
+    calls = []
+
+    def reference(input, weight, target, bias=None, softcap=None, reduction="mean", **kw):
+        calls.append((input.shape, weight, target.clone(), bias, softcap))
+        logits = torch.nn.functional.linear(input, weight, bias)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits.float(), target, reduction=reduction)
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_fused_linear_cross_entropy = reference
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    model = make_lora_model(b_std=0.05)
+    examples = _ragged()
+    for batch in (collate(examples, pad_token_id=0), add_loss_index(collate(examples, pad_token_id=0))):
+        plain_loss, plain = _loss_and_grads(model, batch)
+        model.zero_grad(set_to_none=True)
+        fused = CausalLMLoss(model, fused_ce=True)
+        assert fused.fused_ce
+        loss = fused(**batch)
+        loss.backward()
+        assert float(loss) == pytest.approx(plain_loss, rel=1e-6) and _rel(_grads(model), plain) < 1e-5
+        shape, weight, target, bias, softcap = calls.pop()
+        labelled = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+        assert weight is model.get_base_model().lm_head.weight and bias is None and softcap is None
+        assert shape[0] == labelled == target.numel()
+    wrapped = make_lora_model(targets=("q_proj", "lm_head"))  # a head that LoRA wraps: the plain path
+    assert not CausalLMLoss(wrapped, fused_ce=True).fused_ce
+
 def test_forgetless_train_refuses_liger_without_it(tmp_path, capsys):
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed")
