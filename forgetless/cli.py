@@ -230,9 +230,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.models import load_adapter, load_model
     from forgetless.pipeline import NonFiniteScore, check_finite
 
-    if not args.ppl and not args.task:
-        raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity) and/or --task "
-                          "FILE[:schema] (multiple-choice accuracy)")
+    if not args.ppl and not args.task and not args.lmeval:
+        raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity), --task "
+                          "FILE[:schema] (multiple-choice accuracy) and/or --lmeval TASK (an lm-evaluation-harness "
+                          "task)")
     _check_model_and_adapter(args)
     texts = None
     if args.ppl:  # every file is read before the model loads
@@ -243,7 +244,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         source, schema = _task_source(spec)
         with data_errors("--task"):
             tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
-    chat = _chat_template_before_load(args, bool(tasks))
+    harness = []
+    for spec in args.lmeval or []:  # built (their data read) before the model loads, as the experiment does
+        from forgetless.evaluation.lmeval import HarnessTaskError, LMEvalUnavailable, load_harness_task
+
+        try:
+            harness.append(load_harness_task(spec, limit=args.limit))
+        except LMEvalUnavailable as err:
+            raise ConfigError(f"--lmeval {spec}: {err}") from None
+        except HarnessTaskError as err:
+            raise ConfigError(f"--lmeval {spec}: {err}") from None
+    chat = _chat_template_before_load(args, bool(tasks or harness))
     model, tokenizer = load_model(args.model, precision=args.precision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:
@@ -261,8 +272,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         res = evaluate_mc(model, tokenizer, items, batch_size=args.batch_size, precision=args.precision)
         report.setdefault("tasks", {})[source] = {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n,
                                                   "acc_stderr": res.acc_stderr}
+    for task in harness:
+        scores = task.with_chat_template(chat).score(model, tokenizer, batch_size=args.batch_size,
+                                                     precision=args.precision, progress=False)
+        report.setdefault("lmeval", {})[task.spec] = {k: scores[k] for k in ("acc", "acc_stderr", "n", "metric")} | {
+            "metrics": scores["metrics"]}
     try:  # a broken model (or adapter) gives no numbers, rather than NaN in the JSON
-        check_finite({"general_ppl": report.get("perplexity", {}).get("ppl"), "tasks": report.get("tasks", {})})
+        check_finite({"general_ppl": report.get("perplexity", {}).get("ppl"),
+                      "tasks": report.get("tasks", {}) | {k: {"acc": v["acc"]} for k, v in
+                                                         report.get("lmeval", {}).items()}})
     except NonFiniteScore as err:
         raise RunFailed(f"eval: {args.adapter or args.model}: {err}") from err
     print(json.dumps(report, indent=2))
@@ -479,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a PEFT adapter folder to apply")
     p.add_argument("--ppl", help="held-out general text for perplexity")
     p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
+    p.add_argument("--lmeval", action="append", metavar="TASK",
+                   help="an lm-evaluation-harness task name or task YAML, scored by the harness on the model as "
+                        "loaded (extra forgetless[lmeval]); repeatable; --limit applies per task")
     p.add_argument("--limit", type=_positive)
     p.add_argument("--max-blocks", type=_positive)
     p.add_argument("--chat-template", **_CHAT_ARG)

@@ -347,3 +347,21 @@ def test_smollm2_harness_equals_evaluate_mc():
     scores = suite_scores(results, task.task)
     assert (scores["acc"], scores["acc_norm"]) == (ours.acc, ours.acc_norm)
     assert ours.acc > 0.5  # easy questions: the real model knows most of them
+
+
+@needs_lmeval
+def test_eval_cli_scores_harness_tasks_beside_the_builtin_scorer(tiny_model_dir, capsys):
+    """``forgetless eval --lmeval TASK``: the harness's score of the model as loaded, in the same JSON as the built-in
+    scorer's, which it equals on the same items; a task the harness cannot build is a one-line error."""
+    from forgetless.cli import main
+
+    args = ["eval", "--model", str(tiny_model_dir), "--precision", "fp32", "--batch-size", "4", "--limit", "6",
+            "--chat-template", "false"]
+    assert main(args + ["--lmeval", str(ARC_YAML), "--task", f"{LMEVAL / 'arc_tiny.jsonl'}:arc"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\nreport", 1)[0])
+    ours, harness = report["tasks"][f"{LMEVAL / 'arc_tiny.jsonl'}"], report["lmeval"][str(ARC_YAML)]
+    assert harness["n"] == ours["n"] == 6 and harness["metric"] == "acc,none"
+    assert harness["acc"] == ours["acc"] and harness["acc_stderr"] == pytest.approx(ours["acc_stderr"], rel=1e-12)
+    assert main(args + ["--lmeval", "no_such_task_xyz"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forgetless: error: --lmeval no_such_task_xyz:") and err.count("\n") == 1
