@@ -249,7 +249,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from forgetless.evaluation.lmeval import HarnessTaskError, LMEvalUnavailable, load_harness_task
 
         try:
-            harness.append(load_harness_task(spec, limit=args.limit))
+            harness.append(load_harness_task(spec, limit=args.limit, num_fewshot=args.num_fewshot))
         except LMEvalUnavailable as err:
             raise ConfigError(f"--lmeval {spec}: {err}") from None
         except HarnessTaskError as err:
@@ -500,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmeval", action="append", metavar="TASK",
                    help="an lm-evaluation-harness task name or task YAML, scored by the harness on the model as "
                         "loaded (extra forgetless[lmeval]); repeatable; --limit applies per task")
+    p.add_argument("--num-fewshot", type=int, metavar="N",
+                   help="--lmeval tasks: few-shot examples per prompt (the harness's --num_fewshot)")
     p.add_argument("--limit", type=_positive)
     p.add_argument("--max-blocks", type=_positive)
     p.add_argument("--chat-template", **_CHAT_ARG)

@@ -175,6 +175,7 @@ class SuiteTask:
     split: str | None = None  # for hub datasets
     lmeval: str | None = None  # a task name the harness registers, or a task YAML file
     metric: str | None = None  # harness tasks: the metric compared (acc_norm, exact_match,flexible-extract, ...)
+    num_fewshot: int | None = None  # harness tasks: examples in each prompt (the harness's --num_fewshot)
 
     def __post_init__(self) -> None:
         from forgetless.data import SCHEMAS
@@ -193,8 +194,11 @@ class SuiteTask:
         elif self.test is None:
             raise ValueError("missing key 'test' (a multiple-choice test set), or 'lmeval' (an lm-evaluation-harness "
                              "task)")
-        elif self.metric is not None:
-            raise ValueError("metric: applies to lmeval entries only (a test set is scored by acc and acc_norm)")
+        elif self.metric is not None or self.num_fewshot is not None:
+            raise ValueError("metric and num_fewshot apply to lmeval entries only (a test set is scored zero-shot by "
+                             "acc and acc_norm)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.name is None:
             raise ValueError("missing key 'name'")
         check_name(self.name, "the suite task name")

@@ -162,7 +162,8 @@ def _harness_task(exp: Experiment, i: int, entry: Any) -> Any:
     place = where(exp, f"eval.suite[{i}].lmeval")
     try:
         return load_harness_task(entry.lmeval, name=entry.name, limit=entry.limit, metric=entry.metric,
-                                 base_dir=exp.source.parent if exp.source is not None else None)
+                                 base_dir=exp.source.parent if exp.source is not None else None,
+                                 num_fewshot=entry.num_fewshot)
     except (HarnessTaskError, LMEvalUnavailable) as err:
         raise ConfigError(f"{place}: {err}") from None
     except FileNotFoundError as err:  # the YAML, or a data file it names

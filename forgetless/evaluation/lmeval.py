@@ -257,13 +257,14 @@ def _unwrap_parallel(model: nn.Module) -> nn.Module:
 
 def run_harness(model: nn.Module, tokenizer, tasks: list[Any], limit: int | None = None, batch_size: int = 16,
                 precision: str = "auto", progress: bool = True, log_samples: bool = False,
-                chat_template: bool = False) -> dict[str, Any]:
+                chat_template: bool = False, num_fewshot: int | None = None) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` of ``model`` (a transformers causal LM, PEFT-wrapped or not, as it is in memory)
     on the harness Tasks/Groups ``tasks`` (:func:`build_task`), through ``HFLM(pretrained=model,
     tokenizer=tokenizer, batch_size=batch_size)``: the harness's whole results dict. The model runs under the same
     autocast as :func:`~forgetless.evaluation.evaluate_mc` for ``precision``; its train/eval mode, the tokenizer
     (HFLM may add a pad token: it gets a copy) and the random generators are left as they were. ``chat_template``:
-    the harness's ``apply_chat_template`` (prompts through the tokenizer's chat template)."""
+    the harness's ``apply_chat_template`` (prompts through the tokenizer's chat template). ``num_fewshot``: the
+    harness's ``--num_fewshot`` (examples drawn with its fixed few-shot seed; None: the task's own setting)."""
     require_lmeval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -280,7 +281,7 @@ def run_harness(model: nn.Module, tokenizer, tasks: list[Any], limit: int | None
         lm = (HFLM if progress else _quiet_hflm())(pretrained=model, tokenizer=tok, batch_size=batch_size,
                                                     device=str(device))
         results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
-                                  bootstrap_iters=1000, apply_chat_template=chat_template,
+                                  bootstrap_iters=1000, apply_chat_template=chat_template, num_fewshot=num_fewshot,
                                   task_manager=_task_manager(False))  # built tasks: no need to index every YAML
     if results is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
@@ -340,6 +341,7 @@ class HarnessTask:
     limit: int | None = None
     metric: str | None = None
     chat_template: bool = False  # the harness's apply_chat_template, as the experiment's chat_template setting
+    num_fewshot: int | None = None  # the harness's --num_fewshot (None: the task's own)
 
     def __len__(self) -> int:
         docs = sum(len(t.eval_docs) for t in _leaf_tasks(self.task))
@@ -357,7 +359,8 @@ class HarnessTask:
         """The suite record (:func:`suite_scores`) of ``model`` on this task, through the harness."""
         with _rng_kept():  # reading the results may draw numbers too
             results = run_harness(model, tokenizer, [self.task], limit=self.limit, batch_size=batch_size,
-                                  precision=precision, progress=progress, chat_template=self.chat_template)
+                                  precision=precision, progress=progress, chat_template=self.chat_template,
+                                  num_fewshot=self.num_fewshot)
             return suite_scores(results, self.task, self.metric)
 
     def with_chat_template(self, on: bool = True) -> HarnessTask:
@@ -366,9 +369,10 @@ class HarnessTask:
 
 
 def load_harness_task(spec: str, name: str | None = None, limit: int | None = None, metric: str | None = None,
-                      base_dir: str | Path | None = None) -> HarnessTask:
+                      base_dir: str | Path | None = None, num_fewshot: int | None = None) -> HarnessTask:
     """:func:`build_task` as a :class:`HarnessTask`; ``metric`` is checked against what the task reports."""
     task = build_task(spec, base_dir)
     if metric is not None:
         resolve_metric(metric, _metric_keys(task), spec)
-    return HarnessTask(name=name or default_name(spec), spec=spec, task=task, limit=limit, metric=metric)
+    return HarnessTask(name=name or default_name(spec), spec=spec, task=task, limit=limit, metric=metric,
+                       num_fewshot=num_fewshot)

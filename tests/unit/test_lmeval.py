@@ -235,6 +235,8 @@ def test_suite_entry_forms_and_their_errors(tmp_path, tiny_model_dir):
             == [j.digest for j in plan_runs(load([{"lmeval": "gsm8k"}]))])
     for suite, message in (([{"lmeval": "gsm8k", "test": "x.jsonl"}], r"takes no \['test'\]"),
                            ([{"name": "arc", "test": "x.jsonl", "metric": "acc"}], "lmeval entries only"),
+                           ([{"name": "arc", "test": "x.jsonl", "num_fewshot": 5}], "lmeval entries only"),
+                           ([{"lmeval": "gsm8k", "num_fewshot": -1}], "num_fewshot must be >= 0"),
                            ([{"name": "arc"}], "missing key 'test'"),
                            (["lmeval:"], "must name"),
                            (["lmeval:gsm8k", {"lmeval": "gsm8k"}], "unique")):
@@ -365,3 +367,22 @@ def test_eval_cli_scores_harness_tasks_beside_the_builtin_scorer(tiny_model_dir,
     assert main(args + ["--lmeval", "no_such_task_xyz"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("forgetless: error: --lmeval no_such_task_xyz:") and err.count("\n") == 1
+
+
+@needs_lmeval
+def test_num_fewshot_puts_that_many_solved_examples_before_each_question():
+    """``num_fewshot: 2`` (the harness's --num_fewshot): each request's context is two other solved questions, then
+    the question; 0 is the zero-shot prompt."""
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness
+
+    model, tok = tiny()
+    contexts = {}
+    for shots in (0, 2):
+        task = load_harness_task(str(ARC_YAML), limit=4, num_fewshot=shots)
+        assert task.score(model, tok, batch_size=4, precision="fp32", progress=False)["n"] == 4
+        results = run_harness(model, tok, [task.task], limit=4, batch_size=4, precision="fp32", progress=False,
+                              log_samples=True, num_fewshot=shots)
+        contexts[shots] = [s["arguments"][0][0] for s in results["samples"][task.task.task_name]]
+    assert all(c.count("Question:") == 1 and c.startswith("Question:") for c in contexts[0])
+    for zero, two in zip(contexts[0], contexts[2]):
+        assert two.count("Question:") == 3 and two.endswith(zero) and two != zero
