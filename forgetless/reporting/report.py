@@ -375,14 +375,39 @@ def section_cost(res: Results) -> str:
 
 
 def _weight_options() -> dict[str, tuple[str, float]]:
-    from forgetless.methods import REGISTRY
+    """method -> (weight option, the weight of a run that did not write it). A record's identity lists the options
+    written and those whose default changed since identities were fixed (``option(..., was=...)``), so a run whose
+    record lacks the weight was made at the default of that time, ``was``."""
+    from dataclasses import fields
 
-    return {name: spec.weight_option for name, spec in REGISTRY.items() if spec.weight_option is not None}
+    from forgetless.methods import REGISTRY
+    from forgetless.methods.common import _UNCHANGED
+
+    out = {}
+    for name, spec in REGISTRY.items():
+        if spec.weight_option is None:
+            continue
+        option, default = spec.weight_option
+        was = next((f.metadata.get("was", _UNCHANGED) for f in fields(spec.options)
+                    if (f.metadata.get("yaml") or f.name) == option), _UNCHANGED)
+        out[name] = (option, default if was is _UNCHANGED else was)
+    return out
+
+
+def _recorded_options(res: Results, label: str, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The options of a one-method run as its record's identity has them (the label's plus any default that had
+    changed when it ran); the label's alone for records without settings (an older forgetless)."""
+    for run in res.runs_of(label):
+        entries = (run.get("settings") or {}).get("method")
+        if isinstance(entries, list) and len(entries) == 1 and isinstance(entries[0], dict):
+            return {k: v for k, v in entries[0].items() if k != "name"}
+    return parsed
 
 
 def sweep_families(res: Results) -> dict[tuple[str, tuple], list[tuple[float, str]]]:
     """Runs of one method differing only in its regularization weight: ``{(name, other options): [(weight, label)]}``,
-    only families with at least two distinct weights. A run without the option counts at the default weight."""
+    only families with at least two distinct weights. Options are read from the runs' records where they have them
+    (:func:`_recorded_options`); a run without the weight counts at the default it ran under."""
     weights = _weight_options()
     aliases = {"lam": "lambda"}
     families: dict[tuple[str, tuple], list[tuple[float, str]]] = {}
@@ -392,7 +417,7 @@ def sweep_families(res: Results) -> dict[tuple[str, tuple], list[tuple[float, st
             continue
         name, options = parts[0]
         option, default = weights[name]
-        options = {aliases.get(k, k): v for k, v in options.items()}
+        options = {aliases.get(k, k): v for k, v in _recorded_options(res, label, options).items()}
         try:
             weight = float(options.pop(option, default))
         except (TypeError, ValueError):
@@ -413,7 +438,7 @@ def section_sweep(res: Results, folder: Path) -> str:
     families = sweep_families(res)
     if not families:
         return title + ("Skipped: no method was run at two or more values of its regularization weight "
-                        "(`phi` for hlora / hlora-no-layer, `lambda` for ewc).\n")
+                        "(`phi` for hlora / hlora-no-layer, `lambda` for ewc, `rho` for sam).\n")
     weights = _weight_options()
     tasks = sweep_tasks(res, families)
     header = ["method", "weight"] + [f"{task} {METRIC_TITLES[m]}" for task in tasks for m in (ACC, PPL)]
@@ -426,7 +451,7 @@ def section_sweep(res: Results, folder: Path) -> str:
             rows.append(row)
     plot_sweep(res, families, folder / "sweep.png", tasks)
     return (title + "Runs of one method that differ only in its regularization weight (a run without the option "
-            "counts at the default). Mean ± std over seeds.\n\n" + markdown_table(header, rows)
+            "counts at the default it ran under). Mean ± std over seeds.\n\n" + markdown_table(header, rows)
             + "\n![domain accuracy and general PPL against the regularization weight](sweep.png)\n")
 
 
@@ -515,7 +540,8 @@ def plot_boxes(res: Results, metric: str, path: Path) -> Path:
 
 def plot_sweep(res: Results, families: dict[tuple[str, tuple], list[tuple[float, str]]], path: Path,
                tasks: Sequence[str] | None = None) -> Path:
-    """Rows: domain accuracy and general PPL; columns: tasks; one line per family against its weight (log x)."""
+    """Rows: domain accuracy and general PPL; columns: tasks; one line per family against its weight (log x), and
+    grey lines at ``base``, ``lora-nu-mu`` and ``lora-mu`` where they were run."""
     plt = _pyplot()
     tasks = list(tasks or res.tasks)
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.8 * len(tasks), 7), squeeze=False)
@@ -528,9 +554,13 @@ def plot_sweep(res: Results, families: dict[tuple[str, tuple], list[tuple[float,
                 label = name + (" (" + ", ".join(f"{k}={v}" for k, v in others) + ")" if others else "")
                 ax.errorbar(xs, [c.mean for c in cells], yerr=[0 if math.isnan(c.std) else c.std for c in cells],
                             marker="o", capsize=3, label=label)
+            for reference, style in (("base", ":"), ("lora-nu-mu", "--"), ("lora-mu", "-.")):
+                cell = res.cell(reference, task, metric)
+                if reference in res.methods and not math.isnan(cell.mean):
+                    ax.axhline(cell.mean, color="grey", ls=style, lw=1, label=reference)
             if all(w > 0 for members in families.values() for w, _ in members):
                 ax.set_xscale("log")
-            ax.set_xlabel("regularization weight (phi / lambda)")
+            ax.set_xlabel("regularization weight (phi / lambda / rho)")
             ax.set_ylabel(f"domain {res.metric}, %" if metric == ACC else "general PPL")
             ax.set_title(task)
             ax.grid(alpha=0.3)

@@ -255,7 +255,7 @@ def test_no_layer_variant_shares_the_general_stage_of_hlora(tmp_path, lora_model
 
 def test_regularizer_zero_at_first_domain_step_and_reference_fixed(lora_model, accelerator, examples):
     model = lora_model()
-    plugin = HLoRA(phi=1.0)
+    plugin = HLoRA(phi=1.0, phi_scale="absolute")  # eq 16 as printed: the scaled term is the regularizer itself
 
     class Other(Method):  # composes with another plugin in the same list
         def __init__(self):

@@ -245,7 +245,7 @@ def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
     tok.save_pretrained(model_dir)
     methods = ["lora-nu-mu", "rslora", "hlora", {"name": "hlora", "phi": 0.01},
                {"name": "ewc", "samples": 4, "batch_size": 2},
-               {"name": "ewc", "samples": 4, "batch_size": 2, "lambda": 100.0}]
+               {"name": "ewc", "samples": 4, "batch_size": 2, "lambda": 10.0}]  # the default is 100
     exp = load_experiment(write_experiment(tmp_path, model_dir, methods=methods, **{"x-sizes": {"steps": 2}}))
     results = run_experiment(exp, progress=False)
     assert len(results) == 12
@@ -260,6 +260,9 @@ def test_report_from_a_tiny_experiment_with_sweeps(tmp_path):
     assert "EWC's Fisher" in md
     families = sweep_families(Results(results))
     assert sorted(len(v) for v in families.values()) == [2, 2]
+    # a run that left the weight out sits at the default it ran under (its record's identity says so)
+    weights = {label: w for family in families.values() for w, label in family}
+    assert weights["hlora"] == 10.0 and weights["ewc(batch_size=2,samples=4)"] == 100.0
     assert "## Ablation" in md and "Skipped: needs" not in md  # hlora and lora-nu-mu are enough
 
 
