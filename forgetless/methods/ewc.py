@@ -34,6 +34,9 @@ When the Fisher is computed (and at which weights):
 * the run has a general stage: at its end (``on_stage_end``), at the general-stage weights, over up to
   ``samples`` of that stage's examples (a random subset seeded by the stage seed). It is saved with the cached
   general stage (:data:`FILENAME`, safetensors; its size is printed) and reused by every domain run after it.
+  EWC does not change how the general stage trains (:meth:`EWC.shapes_general_stage` is False), so ewc runs share
+  ``lora-nu-mu``'s cached stage; when that cache has no Fisher of this run's Fisher options (:data:`FISHER_OPTIONS`),
+  it is computed at the domain stage's start from the same examples, seed and weights: the same Fisher.
 * no general stage (``[lora-mu, ewc]``): at the start of the domain stage over the run's general examples, at the
   base model (the adapter is zero there).
 
@@ -79,6 +82,8 @@ from forgetless.training.hooks import Batch, Method, StageContext
 FILENAME = "ewc_fisher.safetensors"
 STATE = StateFile(FILENAME, "ewc", "EWC Fisher")
 ESTIMATORS = ("sampled", "empirical")
+# The options a saved Fisher depends on (the others act on the domain stage or on where it is held).
+FISHER_OPTIONS = ("estimator", "samples", "batch_size", "fisher_over", "storage_dtype", "adapter")
 _SEED_OFFSET = 104729  # keeps the Fisher's subset and draws independent of the loader's shuffling stream
 
 
@@ -296,9 +301,14 @@ class EWC(Method):
             self.fisher, self.metadata, self._state.path = {}, {}, None
         elif ctx.stage == DOMAIN:
             loaded = self._state.take()
-            if loaded is not None:
+            # a Fisher of other Fisher options (a shared cached stage's) is recomputed when the examples are here;
+            # one loaded by hand with nothing to recompute it from is used as it is
+            if loaded is not None and (self._fits(loaded[1]) or not ctx.general_examples):
                 self.fisher, self.metadata = loaded
-            if not self.fisher:  # no general stage in this run: the Fisher of the base model, anchored at zero
+            # No Fisher yet: no general stage in this run (the Fisher of the base model, anchored at zero), or a
+            # cached general stage shared with lora-nu-mu (its adapter is the general-stage weights: computed here
+            # over the same examples with the same seed, it is the Fisher the stage's end would have given).
+            if not self.fisher:
                 if not ctx.general_examples:
                     raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
                                      f"with {FILENAME}, or give the domain stage general-text examples")
@@ -311,6 +321,15 @@ class EWC(Method):
         if ctx.stage == GENERAL:
             examples, self._stage_examples = self._stage_examples, None
             self._compute(ctx, examples or ())
+
+    def shapes_general_stage(self) -> bool:
+        return False  # the Fisher is read off the general stage, which trains as lora-nu-mu's (see on_stage_start)
+
+    def _fits(self, metadata: dict[str, Any]) -> bool:
+        """Whether a saved Fisher was computed as this run's would be (a shared cached stage may hold the one of an
+        ewc run with other Fisher options)."""
+        theirs, mine = metadata.get("options") or {}, self.options.as_dict()
+        return all(theirs.get(k) == mine[k] for k in FISHER_OPTIONS)
 
     def _compute(self, ctx: StageContext, examples: Sequence[dict]) -> None:
         seed = int(getattr(ctx.config, "seed", 0) or 0) if ctx.config is not None else 0
@@ -420,9 +439,13 @@ class EWC(Method):
                   f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
 
     def load_state(self, directory: Path) -> None:
-        """Remember the file; it is read and checked against the model at the domain stage's start."""
-        self._state.remember(directory)
+        """Remember the file; it is read and checked against the model at the domain stage's start. A cached general
+        stage trained without EWC (lora-nu-mu's) has none: the Fisher is then computed when the domain stage starts."""
         self.fisher = {}
+        try:
+            self._state.remember(directory)
+        except FileNotFoundError:
+            self._state.path = None
 
 
 class _Term:

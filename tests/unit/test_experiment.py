@@ -78,16 +78,17 @@ def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numb
     from forgetless.experiment import general_stage_key
     from forgetless.methods import resolve
 
-    methods = ["lora-nu-mu", "sam", "replay", {"name": "wise-ft", "alphas": [0.5]}, {"name": "sam", "stages":
-                                                                                      ["general", "domain"]}]
+    methods = ["lora-nu-mu", "sam", "replay", {"name": "wise-ft", "alphas": [0.5]},
+               {"name": "ewc", "samples": 6}, {"name": "ewc", "samples": 6, "estimator": "empirical"},
+               {"name": "sam", "stages": ["general", "domain"]}]
     shared = tmp_path / "shared"
     shared.mkdir()
     exp = load_experiment(write_experiment(shared, tiny_model_dir, methods=methods, seeds=[0]))
     keys = [general_stage_key(exp, resolve(m), 0) for m in exp.methods]
-    assert len(set(keys[:4])) == 1 and keys[4] != keys[0]  # SAM on the general stage trains its own
+    assert len(set(keys[:6])) == 1 and keys[6] != keys[0]  # SAM on the general stage trains its own
     results = {r["run_id"]: r for r in run_experiment(exp, progress=False)}
     assert len(list((shared / "out" / "stages").iterdir())) == 2
-    for entry in methods[1:4]:  # trained alone, in a fresh folder: the general stage is its own, the numbers equal
+    for entry in methods[1:6]:  # trained alone, in a fresh folder: the general stage is its own, the numbers equal
         alone = tmp_path / f"alone-{len(list(tmp_path.iterdir()))}"
         alone.mkdir()
         (record,) = run_experiment(load_experiment(write_experiment(alone, tiny_model_dir, methods=[entry],
@@ -96,6 +97,9 @@ def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numb
         assert not record["stages"][0].get("cached") and same["stages"][0].get("cached"), entry
         assert record["general_ppl"] == same["general_ppl"] and record["tasks"] == same["tasks"], entry
         assert record.get("variants") == same.get("variants"), entry  # wise-ft: the interpolations too
+        if (entry["name"] if isinstance(entry, dict) else entry) == "ewc":  # the Fisher: at the stage's end alone,
+            penalty = [[row["ewc_penalty"] for row in r["stages"][-1]["history"]] for r in (record, same)]
+            assert penalty[0] == penalty[1] and penalty[0][-1] > 0, entry  # at the domain start when shared
 
 def test_method_entry_restricted_to_some_tasks(tmp_path, tiny_model_dir):
     tasks = [{"name": n, "train": str(FIXTURES / "generic.jsonl"), "test": str(FIXTURES / "generic.jsonl")}
