@@ -26,6 +26,23 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSettings, output: Path, where: Path,
+             progress: bool) -> dict[str, Any]:
+    """``{metrics, tokens, seconds[, surface]}`` of ``model`` under ``settings``; the surface (when swept and kept)
+    goes to ``output / where`` with its figures, and ``surface`` is its path relative to ``output``."""
+    from forgetless.reporting.landscape_plots import plot_surface
+
+    started = time.perf_counter()
+    metrics, surface = measure_flatness(model, examples, settings, progress=progress)
+    out = {"metrics": metrics, "tokens": int(sum(len(e["input_ids"]) - 1 for e in examples)),
+           "seconds": round(time.perf_counter() - started, 2)}
+    if surface is not None and settings.save_surfaces:
+        save_surface(surface, Path(output) / where / "surface.npz")
+        plot_surface(surface, Path(output) / where)
+        out["surface"] = str(where / "surface.npz")
+    return out
+
+
 def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
                  block_size: int, data_key: Any = None, progress: bool = True) -> int:
     """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
@@ -39,7 +56,6 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     """
     from forgetless.data import lm_examples, pack_blocks
     from forgetless.models import load_adapter, load_model
-    from forgetless.reporting.landscape_plots import plot_surface
 
     block = settings.block_size or block_size
     extra = {"data": data_key, "block_size": block, "model": model_name}
@@ -81,27 +97,11 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
             examples = lm_examples(blocks)
         if has_adapter:
             model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
-        tokens = int(sum(len(e["input_ids"]) - 1 for e in examples))
         if main and "skipped" not in entry:
-            started = time.perf_counter()
-            metrics, surface = measure_flatness(model, examples, settings, progress=progress)
-            entry |= {"metrics": metrics, "tokens": tokens, "seconds": round(time.perf_counter() - started, 2)}
-            if surface is not None and settings.save_surfaces:
-                folder = Path(output) / "landscape" / rid
-                save_surface(surface, folder / "surface.npz")
-                plot_surface(surface, folder)
-                entry["surface"] = str(Path("landscape") / rid / "surface.npz")
+            entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
         if also:
-            started = time.perf_counter()
-            metrics, surface = measure_flatness(model, examples, every, progress=progress)
-            every_entry = {"digest": every_digest, "metrics": metrics, "tokens": tokens,
-                           "seconds": round(time.perf_counter() - started, 2)}
-            if surface is not None and settings.save_surfaces:
-                folder = Path(output) / "landscape" / rid / "all_weights"
-                save_surface(surface, folder / "surface.npz")
-                plot_surface(surface, folder)
-                every_entry["surface"] = str(Path("landscape") / rid / "all_weights" / "surface.npz")
-            entry["all_weights"] = every_entry
+            entry["all_weights"] = {"digest": every_digest} | _measure(
+                model, examples, every, output, Path("landscape") / rid / "all_weights", progress)
         _write_json(path, record | {"landscape": entry})
         measured += 1
         for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):

@@ -120,17 +120,24 @@ class Options:
         """YAML name -> current default, of the options whose default changed since run identities were fixed."""
         out = {}
         for f in fields(cls):
-            was = f.metadata.get("was", _UNCHANGED)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            if was is not _UNCHANGED and was != default:
-                out[f.metadata.get("yaml") or f.name] = default
+            name = f.metadata.get("yaml") or f.name
+            if cls.identity_default(name) != _default(f):
+                out[name] = _default(f)
         return out
+
+    @classmethod
+    def identity_default(cls, name: str) -> Any:
+        """The value of option ``name`` (YAML name) in a run whose identity does not list it: its default when run
+        identities were fixed (``was``), else its default."""
+        f = next(f for f in fields(cls) if (f.metadata.get("yaml") or f.name) == name)
+        was = f.metadata.get("was", _UNCHANGED)
+        return _default(f) if was is _UNCHANGED else was
 
     @classmethod
     def help_text(cls) -> str:
         parts = []
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = _default(f)
             scope = ", domain stage" if f.metadata.get("domain") else ""
             parts.append(f"{f.metadata.get('yaml') or f.name} (default {default!r}{scope}): {f.metadata.get('help', '')}")
         return "; ".join(parts)
@@ -141,6 +148,10 @@ class Options:
 
     def __repr__(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def _meta(cls: type, name: str) -> Mapping[str, Any]:
@@ -326,8 +337,16 @@ class PendingState:
         self.path: Path | None = None  # remembered, not read yet
         self.source = ""  # the file the state came from, for error messages ("" when computed in this run)
 
-    def remember(self, directory: str | Path) -> None:
-        self.path, self.source = self.file.locate(directory), ""
+    def remember(self, directory: str | Path, missing_ok: bool = False) -> None:
+        """Remember ``directory``'s state file; ``missing_ok``: a folder without one (a cached general stage trained
+        by a recipe without this method) leaves nothing remembered instead of raising FileNotFoundError."""
+        try:
+            self.path = self.file.locate(directory)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+            self.path = None
+        self.source = ""
 
     def take(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The remembered file's ``(tensors, metadata)``, once; None when nothing is remembered."""

@@ -442,10 +442,7 @@ class EWC(Method):
         """Remember the file; it is read and checked against the model at the domain stage's start. A cached general
         stage trained without EWC (lora-nu-mu's) has none: the Fisher is then computed when the domain stage starts."""
         self.fisher = {}
-        try:
-            self._state.remember(directory)
-        except FileNotFoundError:
-            self._state.path = None
+        self._state.remember(directory, missing_ok=True)
 
 
 class _Term:

@@ -156,10 +156,7 @@ class WiseFT(Method):
         """Remember the file; it is read at the domain stage's start. A cached general stage trained without
         wise-ft has none: theta_nu is then its adapter, the weights the domain stage starts from."""
         self.theta_nu = None
-        try:
-            self._state.remember(directory)
-        except FileNotFoundError:
-            self._state.path = None
+        self._state.remember(directory, missing_ok=True)
 
 
 register(MethodSpec("wise-ft", "WiSE-FT: evaluate interpolations (1-a) theta_nu + a theta_mu after training",

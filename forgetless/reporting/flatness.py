@@ -177,7 +177,9 @@ def all_weights_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
     md = ("\n## Loss surface over the LoRA directions and over all weights\n\n"
           "The same runs, the same held-out blocks, grid and span: directions drawn (filter-normalised) over the "
           "trainable LoRA matrices only, or over every weight of the tuned model.\n\n")
-    md += markdown_header(header)
+    from forgetless.reporting.report import markdown_table
+
+    table = []
     for r, every in pairs:
         for name, entry in (("LoRA", r["landscape"]), ("all weights", every)):
             metrics = entry.get("metrics") or {}
@@ -186,15 +188,12 @@ def all_weights_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
             cells = [r["method"], r.get("seed"), name, f"{metrics.get('n_params', 0):,}", metrics.get("loss", math.nan)]
             cells += [metrics.get(m, math.nan) for m in SURFACE_METRICS]
             cells.append(_loss_range(folder, entry))
-            md += "| " + " | ".join(_fmt(c) for c in cells) + " |\n"
+            table.append([_fmt(c) for c in cells])
+    md += markdown_table(header, table)
     figure = plot_surface_pairs(pairs, folder, Path(folder) / "surfaces_lora_vs_all.png")
     if figure is not None:
         md += f"\n![LoRA directions (top) and all weights (bottom)]({figure.name})\n"
     return md
-
-
-def markdown_header(header: Sequence[str]) -> str:
-    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
 
 
 def _surface(folder: Path, entry: dict[str, Any]) -> Any:

@@ -377,20 +377,14 @@ def section_cost(res: Results) -> str:
 def _weight_options() -> dict[str, tuple[str, float]]:
     """method -> (weight option, the weight of a run that did not write it). A record's identity lists the options
     written and those whose default changed since identities were fixed (``option(..., was=...)``), so a run whose
-    record lacks the weight was made at the default of that time, ``was``."""
-    from dataclasses import fields
-
+    record lacks the weight was made at the default of that time (:meth:`Options.identity_default`)."""
     from forgetless.methods import REGISTRY
-    from forgetless.methods.common import _UNCHANGED
 
     out = {}
     for name, spec in REGISTRY.items():
-        if spec.weight_option is None:
-            continue
-        option, default = spec.weight_option
-        was = next((f.metadata.get("was", _UNCHANGED) for f in fields(spec.options)
-                    if (f.metadata.get("yaml") or f.name) == option), _UNCHANGED)
-        out[name] = (option, default if was is _UNCHANGED else was)
+        if spec.weight_option is not None:
+            option = spec.weight_option[0]
+            out[name] = (option, spec.options.identity_default(option))
     return out
 
 
