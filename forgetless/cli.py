@@ -381,14 +381,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message for an unparsable value
+    return parse
+
+
+_positive = _at_least(1)
+_nonnegative = _at_least(0)
 
 
 # --chat-template of `train`, `eval` and `landscape`: the experiment's chat_template (docs/data_formats.md)
@@ -500,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmeval", action="append", metavar="TASK",
                    help="an lm-evaluation-harness task name or task YAML, scored by the harness on the model as "
                         "loaded (extra forgetless[lmeval]); repeatable; --limit applies per task")
-    p.add_argument("--num-fewshot", type=int, metavar="N",
+    p.add_argument("--num-fewshot", type=_nonnegative, metavar="N",
                    help="--lmeval tasks: few-shot examples per prompt (the harness's --num_fewshot)")
     p.add_argument("--limit", type=_positive)
     p.add_argument("--max-blocks", type=_positive)
