@@ -1,4 +1,4 @@
-"""The ``forgetless`` command: demo, run, train, eval, landscape, report, export.
+"""The ``forgetless`` command: demo, run, train, eval, landscape, report, merge, export.
 
 Every user error (a bad flag, file, key or value, a run that diverged, a folder in use) is one line
 ``forgetless: error: WHERE: WHAT`` and exit code 2, found before any model loads wherever it can be; ``--debug``
@@ -118,6 +118,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
                         rank_base=args.rank_base)
     print(path.read_text())
     print(f"report: {path} (figures beside it)")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from forgetless.merge import merge_results
+
+    summary = merge_results(args.into, args.sources)
+    print("\n".join(summary.lines(Path(args.into))))
+    print(f"next: `forgetless report {args.into}`; `forgetless run EXPERIMENT.yaml --output {args.into}` measures what "
+          f"the landscape lacks and rewrites results.md")
     return 0
 
 
@@ -442,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc", help="domain accuracy metric")
     p.add_argument("--rank-base", action="store_true", help="rank 'base' too when marking best and second")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("merge", parents=[debug],
+                       help="gather the finished runs of results folders (an experiment run in parts) into one")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="results folders (each with runs/*.json)")
+    p.add_argument("--into", required=True, metavar="DEST",
+                   help="the folder to merge into (created if absent); a run it already has with another record "
+                        "is an error, and nothing is copied")
+    p.set_defaults(func=_cmd_merge)
 
     common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")
