@@ -144,7 +144,10 @@ def train_stage(
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
     if not is_quantized(model):  # bitsandbytes places a quantized base itself (and refuses .to)
         model.to(accelerator.device)
-    if config.gradient_checkpointing:
+    # gradient checkpointing is this stage's: turned on here, and off again at its end (unless it was on before)
+    checkpointing = config.gradient_checkpointing and not gradient_checkpointing_on(model)
+    use_cache = getattr(_base(model).config, "use_cache", True)
+    if checkpointing:
         enable_gradient_checkpointing(model)
     check_levers(model, config, accelerator.device)
     if config.attn_implementation is not None:
@@ -291,7 +294,9 @@ def train_stage(
         log.close()
         uncompile(compiled)
     ctx.step = total
-    call_all(methods, "on_stage_end", ctx)
+    call_all(methods, "on_stage_end", ctx)  # a Fisher computed here still recomputes activations
+    if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
+        disable_gradient_checkpointing(model, use_cache)
     wrapper.eval()
     result.seconds = time.perf_counter() - started
     result.extras = ctx.extras
@@ -334,17 +339,42 @@ def _nonfinite(loss: float, grad_norm: float | None) -> tuple[str, float] | None
     return None
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute activations in the backward pass (transformers' non-reentrant checkpointing): memory for time.
 
     Non-reentrant checkpointing keeps the autograd graph of the first forward, so hooks on module outputs (HLoRA's
     exact estimator) fire once per backward, and the frozen embeddings need no ``requires_grad`` trick.
+    transformers 5 calls it activation checkpointing (the old names warn); both are served.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+
+
+def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
+    base = _base(model)
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))
+
+
+def disable_gradient_checkpointing(model: torch.nn.Module, use_cache: bool = True) -> None:
+    """Undo :func:`enable_gradient_checkpointing`, with ``config.use_cache`` set back to ``use_cache``."""
+    base = _base(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+    base.config.use_cache = use_cache
 
 
 def _endless(loader: DataLoader):

@@ -9,7 +9,7 @@ import torch
 from forgetless.methods import resolve
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Method
-from forgetless.training.loop import NonFiniteError, train_stage
+from forgetless.training.loop import NonFiniteError, gradient_checkpointing_on, train_stage
 from tests.unit._train_parity import GradRecorder, variable_examples
 from tests.unit.tiny_model import random_examples
 
@@ -65,6 +65,20 @@ def test_nonfinite_policy_is_validated():
         TrainConfig(on_nonfinite="ignore")
 
 
+class Seen(Method):
+    """Whether activations are recomputed, at the first step and at the end of each stage."""
+
+    def __init__(self):
+        self.on = []
+
+    def before_optimizer_step(self, ctx):
+        if ctx.step == 0:
+            self.on.append(gradient_checkpointing_on(ctx.model))
+
+    def on_stage_end(self, ctx):
+        self.on.append(gradient_checkpointing_on(ctx.model))
+
+
 @pytest.mark.parametrize("entry", ["lora-nu-mu", {"name": "hlora", "estimator": "exact", "phi": 1e3},
                                    {"name": "ewc", "lambda": 1e3, "samples": 8}, {"name": "sam", "rho": 0.05}])
 def test_gradient_checkpointing_changes_nothing(entry, accelerator):
@@ -72,17 +86,20 @@ def test_gradient_checkpointing_changes_nothing(entry, accelerator):
 
     def run(checkpointing: bool):
         model = make_lora_model(0, b_std=0.05)
+        model.get_base_model().config.use_cache = True
         model.train()
         recorder = GradRecorder()
         plugins = resolve(entry).plugins
         cfg = _cfg(max_steps=2, gradient_checkpointing=checkpointing, max_grad_norm=None)
         general = variable_examples(8, seed=1)
-        extras = train_stage(model, general, cfg, plugins + [recorder.plugin], stage="general",
+        seen = Seen()
+        extras = train_stage(model, general, cfg, plugins + [recorder.plugin, seen], stage="general",
                              accelerator=accelerator).extras
-        train_stage(model, variable_examples(8, seed=2), cfg, plugins + [recorder.plugin], stage="domain",
+        train_stage(model, variable_examples(8, seed=2), cfg, plugins + [recorder.plugin, seen], stage="domain",
                     accelerator=accelerator, general_examples=general)
-        base = model.get_base_model()
-        assert base.is_gradient_checkpointing == checkpointing
+        assert seen.on == [checkpointing] * 4  # on during each stage, Fisher at the general stage's end included
+        assert not gradient_checkpointing_on(model)  # and off again afterwards
+        assert model.get_base_model().config.use_cache  # as it was before
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return recorder.grads, weights, plugins, extras
 
