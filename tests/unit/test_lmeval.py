@@ -233,6 +233,12 @@ def test_suite_entry_forms_and_their_errors(tmp_path, tiny_model_dir):
 
     assert ([j.digest for j in plan_runs(load(["lmeval:gsm8k"]))]
             == [j.digest for j in plan_runs(load([{"lmeval": "gsm8k"}]))])
+    # the harness's version is part of a run's identity (its tasks are its code), and only with a harness entry
+    from importlib.metadata import version
+
+    (job, *_) = plan_runs(load(["lmeval:gsm8k"]))
+    assert job.settings["lm_eval"] == version("lm_eval")
+    assert "lm_eval" not in plan_runs(load([{"name": "arc", "test": "x.jsonl"}]))[0].settings
     for suite, message in (([{"lmeval": "gsm8k", "test": "x.jsonl"}], r"takes no \['test'\]"),
                            ([{"name": "arc", "test": "x.jsonl", "metric": "acc"}], "lmeval entries only"),
                            ([{"name": "arc", "test": "x.jsonl", "num_fewshot": 5}], "lmeval entries only"),
