@@ -98,12 +98,47 @@ def test_leftovers_of_an_unrecorded_run_in_the_destination_are_kept_aside(tmp_pa
     assert (leftover / "adapter_model.safetensors").read_bytes() == b"weights of lora-mu__t__seed0 in a"
 
 
-def test_a_source_in_use_or_not_a_results_folder_is_refused(tmp_path):
+def test_a_running_source_gives_its_finished_runs_and_a_busy_destination_is_refused(tmp_path):
+    a, dest = tmp_path / "a", tmp_path / "dest"
+    _run(a, "lora-mu__t__seed0", 10.0, stage="general-1")
+    (a / "adapters" / "sam__t__seed0").mkdir()  # a run in progress: adapter saved, record not yet written
+    (a / "stages" / "general-2.tmp").mkdir()  # a general stage being written
+    with output_lock(a):
+        summary = merge_results(dest, [a])
+    assert summary.copied == {str(a): ["lora-mu__t__seed0"]} and summary.stages == ["general-1"]
+    assert not (dest / "adapters" / "sam__t__seed0").exists() and not (dest / "stages" / "general-2.tmp").exists()
+    before = _tree(dest)
+    with output_lock(dest), pytest.raises(ConfigError, match="in use by another forgetless run"):
+        merge_results(dest, [a])
+    assert _tree(dest) == before
+
+
+def test_flatness_measured_since_the_last_merge_updates_the_run(tmp_path):
     a, dest = tmp_path / "a", tmp_path / "dest"
     _run(a, "lora-mu__t__seed0", 10.0)
-    with output_lock(a), pytest.raises(ConfigError, match="in use by another forgetless run"):
+    merge_results(dest, [a])
+    path = a / "runs" / "lora-mu__t__seed0.json"
+    record = json.loads(path.read_text())
+    for entry, files in (({"digest": "x", "curvature": 1.0}, ["surface.npz"]),
+                         ({"digest": "x", "curvature": 1.0, "all_weights": {"digest": "y"}},
+                          ["surface.npz", "all_weights/surface.npz"])):
+        (a / "landscape" / "lora-mu__t__seed0" / "all_weights").mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (a / "landscape" / "lora-mu__t__seed0" / name).write_bytes(name.encode())
+        path.write_text(json.dumps(record | {"landscape": entry}))
+        summary = merge_results(dest, [a])
+        assert summary.updated == ["lora-mu__t__seed0"] and not summary.copied
+        assert _tree(dest) == {k: v for k, v in _tree(a).items() if not k.startswith("stages")}
+    assert merge_results(dest, [a]).skipped == ["lora-mu__t__seed0"]
+    # flatness that differs (not measured further: measured otherwise) is a conflict like any other number
+    path.write_text(json.dumps(record | {"landscape": {"digest": "z", "curvature": 2.0}}))
+    with pytest.raises(ConfigError, match="recorded differently"):
         merge_results(dest, [a])
-    assert not (dest / "runs").exists()
+
+
+def test_a_source_that_is_not_a_results_folder_is_refused(tmp_path):
+    a, dest = tmp_path / "a", tmp_path / "dest"
+    _run(a, "lora-mu__t__seed0", 10.0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no runs/ folder"):
         merge_results(dest, [tmp_path / "empty"])
