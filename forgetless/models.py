@@ -329,7 +329,7 @@ class LoraSettings:
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
     """Wrap ``model`` in a PEFT LoRA model; only the LoRA matrices are trainable."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     settings = settings or LoraSettings()
     if is_quantized(model):  # QLoRA: norms and head in float32, input gradients for checkpointing (PEFT's recipe)
@@ -344,7 +344,19 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
         use_rslora=settings.use_rslora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return _peft_model(model, config)
+
+
+def _peft_model(model: PreTrainedModel, config: object):
+    """``peft.get_peft_model``, without the FutureWarning that PEFT's own read of transformers 5's deprecated
+    ``is_gradient_checkpointing`` prints once per model (noise in every run's log; nothing the user can act on)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def lora_target_names(name: str) -> list[str] | None:
@@ -505,13 +517,13 @@ def _check_base(model, folder: Path) -> None:
 def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = False):
     """``model`` wrapped in the PEFT adapter saved in ``folder``, loaded strictly (:func:`load_adapter_weights`);
     ``trainable``: its weights require gradients (the landscape perturbs them)."""
-    from peft import PeftConfig, get_peft_model
+    from peft import PeftConfig
 
     check_adapter_files(folder)
     try:
         config = PeftConfig.from_pretrained(str(folder))
         config.inference_mode = not trainable
-        peft_model = get_peft_model(model, config)
+        peft_model = _peft_model(model, config)
     except (ValueError, TypeError, KeyError) as err:
         raise AdapterError(f"{folder}: the adapter does not fit the model ({err})") from None
     load_adapter_weights(peft_model, folder)
