@@ -79,7 +79,8 @@ def _plan_text(exp: Experiment) -> str:
     todo = pending + [job for job, _ in stale]
     done = [job for job in jobs if all(job is not j for j in todo)]
     lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
-    lines += [f"  to do    {job.rid}" for job in pending]
+    took = _seconds_by_method(exp.output)
+    lines += [f"  to do    {job.rid}{_resumes(exp.output, job.rid)}" for job in pending]
     lines += [f"  changed  {job.rid} (redone with --rerun-changed)" for job, _ in stale]
     lines += [f"  done     {job.rid}" for job in done]
     general: dict[str, list[str]] = {}
@@ -89,12 +90,40 @@ def _plan_text(exp: Experiment) -> str:
     for key, rids in general.items():
         cached = (exp.output / "stages" / key / "adapter_model.safetensors").is_file()
         lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
+    known = [took[job.recipe.label] for job in todo if job.recipe.label in took]
+    if known:
+        unknown = len(todo) - len(known)
+        lines.append(f"time to do (from the finished runs of the same methods here): about {sum(known) / 3600:.1f} h "
+                     f"for {len(known)} run(s)" + (f", and {unknown} run(s) of methods not run yet" if unknown else ""))
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
     lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")
     for task in exp.tasks:
         lines.append(f"  {DOMAIN} {task.name}: {_steps(exp.train.domain, len(raw.tasks[task.name][0]), 'examples')}")
     return "\n".join(lines)
+
+
+def _resumes(output: Path, rid: str) -> str:
+    """`` (resumes at the domain stage's step 40)`` when an interrupted run left a checkpoint, else ``""``."""
+    from forgetless.training import checkpoint
+
+    for stage in ("domain", "general"):  # the later stage's checkpoint is the one it resumes from
+        found = checkpoint.latest(output / "checkpoints" / rid / stage)
+        if found is not None:
+            return f" (resumes at the {stage} stage's step {int(found.name.removeprefix('step-'))})"
+    return ""
+
+
+def _seconds_by_method(output: Path) -> dict[str, float]:
+    """Mean wall seconds of the finished runs in ``output``, per method label (no records: empty)."""
+    seconds: dict[str, list[float]] = {}
+    for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            seconds.setdefault(record["method"], []).append(float(record["seconds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a corrupt record is reported where it is read for real
+    return {method: sum(v) / len(v) for method, v in seconds.items()}
 
 
 def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> str:

@@ -308,7 +308,7 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> 
         settings["chat_template"] = True
     settings |= {"model": exp.model, "precision": exp.precision, "seed": seed, "task": _non_default(task),
                  "method": _non_default(identity_entries(recipe.entries))}
-    if any(entry.lmeval is not None for entry in exp.eval.suite):  # a harness task is defined by the harness's code
+    if any(entry.lmeval is not None for entry in exp.eval.suite_tasks):  # a harness task is defined by the harness's code
         from importlib.metadata import version
 
         settings["lm_eval"] = version("lm_eval")

@@ -83,12 +83,18 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "base__t__seed0.json").write_text("{}")  # finished, recorded without settings: reused
+    # an interrupted run leaves a checkpoint: the plan says where it resumes (a half-written one does not count)
+    (out / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000040").mkdir(parents=True)
+    (out / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000040" / "state.pt").write_bytes(b"")
+    (out / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000050.tmp").mkdir()
     assert main(["run", str(path), "seeds=[0,1]", "--dry-run"]) == 0
     text = capsys.readouterr().out
     items = 3  # the items of tests/fixtures/data/generic.jsonl
     assert "experiment tiny: 6 runs, 1 already done" in text
     assert "  done     base__t__seed0" in text and "  to do    base__t__seed1" in text
-    assert "  to do    lora-nu-mu__t__seed0" in text
+    assert "  to do    lora-nu-mu__t__seed0\n" in text
+    assert "  to do    lora-nu-mu__t__seed1 (resumes at the domain stage's step 40)\n" in text
+    assert "time to do" not in text  # no finished run with its time to go by
     general = [line for line in text.splitlines() if line.startswith("general stage ")]
     assert len(general) == 2 and all("to train, used by lora-nu-mu__t__seed" in line for line in general)
     assert "general: 2 (max_steps)" in text
@@ -104,3 +110,17 @@ def test_train_flag_report_to(tmp_path):
                                       "--report-to", "tensorboard"])
     stage = _train_experiment(args).train.domain
     assert stage.report_to == ["tensorboard"] and stage.logging_dir == str(tmp_path / "a" / "logs")
+
+
+def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys):
+    import json
+
+    path = _experiment(tmp_path)
+    runs = tmp_path / "out" / "runs"
+    runs.mkdir(parents=True)
+    for seed, seconds in ((0, 3000.0), (2, 4200.0)):  # lora-mu took 3600 s on average
+        (runs / f"lora-mu__t__seed{seed}.json").write_text(json.dumps({"method": "lora-mu", "seconds": seconds}))
+    assert main(["run", str(path), "seeds=[0,1,2,3]", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    # lora-mu seeds 1 and 3: 2 h; base and lora-nu-mu (8 runs) have no time yet
+    assert "about 2.0 h for 2 run(s), and 8 run(s) of methods not run yet" in text
