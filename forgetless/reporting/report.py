@@ -58,6 +58,21 @@ def load_runs(folder: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
+def with_variants(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` and, for every evaluation variant of a run (WiSE-FT's interpolations), a record of its own: method
+    ``wise-ft(alpha=0.5)`` (its own label where it names the run's method, else ``METHOD @ VARIANT``), the run's task,
+    seed and model, the variant's scores. It has no stages: the training it comes from is its run's, counted once."""
+    out = list(runs)
+    for run in runs:
+        for label, scores in (run.get("variants") or {}).items():
+            name = label if parse_label(label)[0][0] == run["method"] else f"{run['method']} @ {label}"
+            out.append({k: run[k] for k in ("task", "seed", "model", "run_id") if k in run}
+                       | {k: scores[k] for k in ("general_ppl", "general_ppl_base2", "tasks", "suite") if k in scores}
+                       | {"method": name, "variant_of": run["method"],
+                          "run_id": f"{run.get('run_id', run['method'])}@{label}"})
+    return out
+
+
 def _split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets and parentheses."""
     parts, depth, current = [], 0, ""
@@ -164,7 +179,7 @@ def order_methods(methods: Sequence[str]) -> list[str]:
     """The paper's order (base, lora-mu, lora-nu-mu, rslora, ewc, hlora-no-layer, hlora), variants after their
     method, anything else last."""
     def key(label: str) -> tuple[int, int, str]:
-        first = parse_label(label)[0][0]
+        first = parse_label(label.partition(" @ ")[0])[0][0]
         rank = CANONICAL_ORDER.index(first) if first in CANONICAL_ORDER else len(CANONICAL_ORDER)
         return rank, 0 if label == first else 1, label
 
@@ -590,7 +605,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path."""
     if metric not in ("acc", "acc_norm"):
         raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
-    runs = load_runs(results_dir)
+    runs = with_variants(load_runs(results_dir))
     finite = [r for r in runs if finite_record(r)]
     if not finite:
         raise ConfigError(f"{results_dir}: every run record has a non-finite score; nothing to report")
@@ -599,7 +614,10 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     models = sorted({str(r.get("model", "?")) for r in res.runs})
     head = (f"# Report: {Path(results_dir).resolve().name}\n\n"
-            f"{len(res.runs)} runs; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
+            f"{sum('variant_of' not in r for r in res.runs)} runs"
+            + (f" (and {sum('variant_of' in r for r in res.runs)} evaluation variants of them, e.g. WiSE-FT's "
+               f"interpolations, as methods of their own)" if any('variant_of' in r for r in res.runs) else "")
+            + f"; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
             + nonfinite_note(runs))
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
@@ -610,5 +628,5 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     return path
 
 
-__all__ = ["build_report", "load_runs", "parse_label", "welch_tests", "rank_marks", "pareto_front", "sweep_families",
+__all__ = ["build_report", "load_runs", "with_variants", "parse_label", "welch_tests", "rank_marks", "pareto_front", "sweep_families",
            "results_table", "Results"]

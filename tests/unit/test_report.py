@@ -11,7 +11,7 @@ from scipy.stats import ttest_ind
 from forgetless.cli import main
 from forgetless.methods import method_label
 from forgetless.reporting.report import (Results, build_report, pareto_front, parse_label, rank_marks, sweep_families,
-                                         welch_tests)
+                                         welch_tests, with_variants)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -286,3 +286,29 @@ def test_a_run_with_a_non_finite_score_is_never_ranked(tmp_path):
     table = write_tables(runs, tmp_path)
     assert "diverged" not in table and "| hlora | 11.033 ± 0.153 | 56.0 ± 1.0 |" in table
     assert "Left out: 2 run(s)" in (tmp_path / "results.md").read_text()
+
+
+def test_evaluation_variants_are_methods_of_their_own(tmp_path):
+    """WiSE-FT's interpolations (a run's ``variants``) get rows in every table with their own scores, and no training
+    cost of their own."""
+    folder = write_runs(tmp_path / "exp", {k: DATA[k] for k in ("base", "lora-nu-mu")})
+    for seed, (ppl, acc) in enumerate(DATA["lora-nu-mu"]["t1"]):
+        rec = run_record("wise-ft", "t1", seed, ppl, acc)
+        rec["variants"] = {f"wise-ft(alpha={a})": {"general_ppl": 10.0 + 10 * a + seed, "tasks": {"t1": {
+            "acc": (30 + 40 * a) / 100, "acc_norm": 0.3, "n": 100}}, "suite": {"t2": {"acc": 0.40 - a / 10,
+                                                                                   "acc_norm": 0.3, "n": 50}}}
+            for a in (0.25, 0.5)}
+        (folder / "runs" / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    md = build_report(folder).read_text()
+    assert "15 runs (and 6 evaluation variants of them" in md
+    main_rows = table_rows(md, "## Main results")
+    assert list(main_rows)[-3:] == ["wise-ft", "wise-ft(alpha=0.25)", "wise-ft(alpha=0.5)"]
+    assert main_rows["wise-ft(alpha=0.5)"][:2] == ["16.00 ± 1.00", "<u>50.0 ± 0.0</u>"]  # PPL 15, 16, 17; acc 50 (2nd)
+    cost = table_rows(md, "## Cost")
+    assert "wise-ft" in cost and not any(m.startswith("wise-ft(") for m in cost)
+    forgetting = table_rows(md, "## Forgetting on the general suite")
+    assert forgetting["wise-ft(alpha=0.25)"][1] == "-2.5 ± 0.0"  # 0.40 - 0.025 against base's 0.40
+    # a variant whose label does not name its run's method keeps the method in front
+    (run,) = [r for r in with_variants([run_record("sam", "t1", 0, 12.0, 50.0) | {
+        "variants": {"ema": {"general_ppl": 11.0, "tasks": {}}}}]) if "variant_of" in r]
+    assert run["method"] == "sam @ ema" and run["run_id"] == "sam__t1__seed0@ema"
