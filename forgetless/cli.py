@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     report_to = sorted(set(exp.train.general.report_to) | set(exp.train.domain.report_to))
     todo = {job.rid for job in _todo(exp, plan_runs(exp))} if report_to else set()
-    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed)
+    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed, jobs=args.jobs)
     if report_to and is_main_process():  # the scores of the runs done now, beside their training scalars
         from forgetless.training.logging import log_scores
 
@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun-changed", action="store_true",
                    help="redo the finished runs whose settings changed (their old records are kept beside, "
                         "as runs/RUN_ID.json.DIGEST); without it such runs are an error")
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                   help="train N runs side by side, one worker process each (runs that share a general stage stay "
+                        "in one worker; torch threads are shared out; with several GPUs, one GPU per worker)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
 

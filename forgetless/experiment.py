@@ -577,18 +577,102 @@ def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
             path.rename(target)
 
 
-def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False) -> list[dict[str, Any]]:
+def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False,
+                   jobs: int = 1) -> list[dict[str, Any]]:
     """Run every (method, task, seed) not already finished with the same settings; write tables; return all results.
 
     Finished runs whose settings changed are a ConfigError listing them, unless ``rerun_changed``: then they are
-    redone, their old records kept as ``runs/RUN_ID.json.DIGEST``. The output folder is locked while this runs."""
+    redone, their old records kept as ``runs/RUN_ID.json.DIGEST``. The output folder is locked while this runs.
+    ``jobs`` > 1: that many worker processes train the runs side by side (:func:`_run_parallel`)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and PartialState().num_processes > 1:
+        raise ConfigError("--jobs runs several runs side by side in one process each; under `accelerate launch` "
+                          "every run already uses all the processes: use one or the other")
     out = exp.output
     check_output(out, where(exp, "output"))
     with output_lock(out) if is_main_process() else contextlib.nullcontext():
-        return _run_locked(exp, progress, rerun_changed)
+        return _run_locked(exp, progress, rerun_changed, workers=jobs)
 
 
-def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[dict[str, Any]]:
+def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
+    """``jobs`` in groups that share a general stage (each group in plan order; a run without a general stage is a
+    group of its own): one worker trains a group's stage once and reuses it for the rest."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        shared = GENERAL in job.recipe.stages
+        groups.setdefault(general_stage_key(exp, job.recipe, job.seed) if shared else f"run {job.rid}", []).append(job)
+    return list(groups.values())
+
+
+_WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
+
+
+def _worker_start(threads: int, devices: int, counter: Any) -> None:
+    with counter.get_lock():
+        number = counter.value
+        counter.value += 1
+    if devices > 1:  # one GPU per worker (CUDA is not initialised yet in this fresh process)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(number % devices)
+    torch.set_num_threads(threads)
+    _WORKER["number"] = number
+
+
+def _worker_run(exp: Experiment, rids: list[str]) -> list[tuple[str, str]]:
+    """Run the jobs ``rids`` of ``exp`` in this worker process; write each record; return (run id, scores line)."""
+    key = json.dumps(_non_default(exp), sort_keys=True, default=str)  # tokenized once per worker and experiment
+    if _WORKER.get("data_for") != key:
+        _WORKER["data"], _WORKER["data_for"] = load_data(exp, read_data(exp)), key
+    plan = {job.rid: job for job in plan_runs(exp)}
+    out, done = exp.output, []
+    for rid in rids:
+        job = plan[rid]
+        print(f"[worker {_WORKER.get('number', 0)}] {rid}", flush=True)
+        record = run_one(exp, job.entry, job.task, job.seed, _WORKER["data"], stages_dir=out / "stages",
+                         progress=False, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
+                         adapter_dir=_inside(out, out / "adapters" / rid))
+        _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
+        line = _scores_line(record)
+        print(f"    {rid}: {line}", flush=True)
+        done.append((rid, line))
+    return done
+
+
+def _run_parallel(exp: Experiment, todo: list[Job], workers: int) -> None:
+    """Train ``todo`` in ``workers`` fresh processes, each taking the next group of runs that share a general stage
+    (:func:`job_groups`, largest first) when it is free; each writes its runs' records into ``exp.output`` (this
+    process holds the folder's lock). The torch threads are shared out; with several GPUs each worker gets one.
+    A run that fails stops its worker's group; the other groups go on, then the first failure is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    groups = sorted(job_groups(exp, todo), key=len, reverse=True)
+    workers = min(workers, len(groups))
+    devices = torch.cuda.device_count()
+    threads = max(1, torch.get_num_threads() // workers)
+    where_ = f"{devices} GPUs, one per worker" if devices > 1 else (
+        "one GPU, shared" if devices == 1 else f"{threads} torch thread(s) each")
+    print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
+          f"({where_})")
+    context = multiprocessing.get_context("spawn")  # fresh processes: no forked torch / CUDA state
+    counter = context.Value("i", 0)
+    failures: list[BaseException] = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
+                             initargs=(threads, devices, counter)) as pool:
+        futures = [pool.submit(_worker_run, exp, [job.rid for job in group]) for group in groups]
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                failures += [f.exception() for f in finished if f.exception() is not None]
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failures:
+        raise failures[0]
+
+
+def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: int = 1) -> list[dict[str, Any]]:
     out = exp.output
     (out / "runs").mkdir(parents=True, exist_ok=True)
     jobs = plan_runs(exp)
@@ -609,9 +693,14 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[di
         print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
     raw = validate(exp, todo, out / "stages") if todo else None
     current = None
+    parallel = workers > 1 and len(todo) > 1
     try:
-        data = load_data(exp, raw) if todo else None
-        for number, job in enumerate(todo, 1):
+        if parallel:
+            for job, record in stale:
+                _set_aside(out, job, record)
+            _run_parallel(exp, todo, workers)
+        data = load_data(exp, raw) if todo and not parallel else None
+        for number, job in enumerate([] if parallel else todo, 1):
             current = job.rid
             print(f"[{number}/{len(todo)}] {job.rid}")
             if is_main_process():
@@ -633,7 +722,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool) -> list[di
             measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
                          data_key=heldout.cache_key(), progress=progress)
     except KeyboardInterrupt:
-        stopped = f"{current} was stopped and is not recorded; " if current else ""
+        stopped = f"{current} was stopped and is not recorded; " if current else (
+            "the runs in progress were stopped and are not recorded; " if parallel else "")
         raise Interrupted(f"{stopped}the finished runs' records in {out / 'runs'} are kept; `forgetless run` again "
                           f"resumes") from None
     from forgetless.reporting.tables import load_results

@@ -1,0 +1,67 @@
+"""``forgetless run --jobs N``: runs trained side by side in worker processes give the records one process gives."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from forgetless.cli import main
+from forgetless.config import load_experiment
+from forgetless.experiment import job_groups, plan_runs, run_experiment
+from tests.unit.test_experiment import write_experiment
+
+
+def test_job_groups_keep_runs_that_share_a_general_stage_together(tmp_path, tiny_model_dir):
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu", "lora-nu-mu",
+                                                                                "replay", "hlora"]))
+    groups = [[job.rid for job in group] for group in job_groups(exp, plan_runs(exp))]
+    assert sorted(groups) == sorted([["base__gen__seed0"], ["lora-mu__gen__seed0"],
+                                     ["lora-nu-mu__gen__seed0", "replay__gen__seed0"], ["hlora__gen__seed0"],
+                                     ["base__gen__seed1"], ["lora-mu__gen__seed1"],
+                                     ["lora-nu-mu__gen__seed1", "replay__gen__seed1"], ["hlora__gen__seed1"]])
+
+
+def _scores(folder):
+    out = {}
+    for path in sorted((folder / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        out[record["run_id"]] = (record["general_ppl"], record["tasks"], record.get("suite"),
+                                 [s.get("cached", False) for s in record["stages"]])
+    return out
+
+
+def test_two_workers_give_the_records_of_one_process(tmp_path, tiny_model_dir, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get 1 thread each: the same arithmetic as this process
+    try:
+        one, two = tmp_path / "one", tmp_path / "two"
+        for folder in (one, two):
+            folder.mkdir()
+            write_experiment(folder, tiny_model_dir, methods=["base", "lora-mu", "lora-nu-mu", "replay"], seeds=[0])
+        run_experiment(load_experiment(one / "exp.yaml"), progress=False)
+        assert main(["run", str(two / "exp.yaml"), "--jobs", "2", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "4 run(s) in 3 group(s) sharing a general stage, on 2 worker processes (1 torch thread(s) each)" in text
+    one, two = one / "out", two / "out"
+    assert _scores(one) == _scores(two)  # replay reused lora-nu-mu's general stage in its worker too
+    assert _scores(two)["replay__gen__seed0"][3] == [True, False]
+    assert (two / "results.md").is_file() and not (two / ".forgetless.lock").read_text().strip()
+    assert len(list((two / "stages").iterdir())) == 1
+
+
+def test_a_failing_run_is_raised_after_the_other_groups_finish(tmp_path, tiny_model_dir, capsys):
+    from tests.unit.test_reliability import DIVERGING
+
+    write_experiment(tmp_path, tiny_model_dir, **DIVERGING | {"methods": ["lora-mu", "base"], "seeds": [0]})
+    assert main(["run", str(tmp_path / "exp.yaml"), "--jobs", "2", "--quiet"]) == 2
+    assert "forgetless: error: lora-mu__gen__seed0: non-finite loss (nan) at step 2" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out" / "runs").glob("*.json")] == ["base__gen__seed0.json"]
+
+
+def test_jobs_must_be_positive(tmp_path, tiny_model_dir, capsys):
+    write_experiment(tmp_path, tiny_model_dir)
+    assert main(["run", str(tmp_path / "exp.yaml"), "--jobs", "0"]) == 2
+    assert "argument --jobs: must be >= 1" in capsys.readouterr().err
