@@ -435,6 +435,16 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp.replace(path)  # a run counts as done only once its JSON is complete
 
 
+def _drop_empty(folder: Path) -> None:
+    """Remove ``folder`` and then its parent if empty (a finished run's checkpoint folder, whose stages removed
+    their checkpoints); a folder with something left in it (``keep_checkpoints``) stays."""
+    for path in (folder, folder.parent):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 def is_main_process() -> bool:
     return PartialState().is_main_process
 
@@ -632,6 +642,7 @@ def _worker_run(exp: Experiment, rids: list[str]) -> list[tuple[str, str]]:
                          progress=False, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
                          adapter_dir=_inside(out, out / "adapters" / rid))
         _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
+        _drop_empty(out / "checkpoints" / rid)
         line = _scores_line(record)
         print(f"    {rid}: {line}", flush=True)
         done.append((rid, line))
@@ -714,6 +725,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             if not is_main_process():
                 continue  # under `accelerate launch`, every process trains; only one writes
             _write_json(_inside(out, out / "runs" / f"{job.rid}.json"), record)
+            _drop_empty(out / "checkpoints" / job.rid)
             print(f"    {_scores_line(record)}")
         if exp.landscape is not None and is_main_process():
             from forgetless.landscape_runs import measure_runs

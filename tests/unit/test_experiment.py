@@ -185,3 +185,18 @@ def test_same_seed_same_adapter_whatever_ran_before(tmp_path, tiny_model_dir):
         adapters.append(load_file(str(tmp_path / name / "adapters" / "lora-mu__gen__seed0" / "adapter_model.safetensors")))
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])  # LoRA init and training both seeded
+
+
+def test_finished_runs_leave_no_checkpoint_folders(tmp_path, tiny_model_dir):
+    """Checkpoints (save_every) are removed with each stage, and the run's and experiment's emptied folders with
+    them; with keep_checkpoints they stay."""
+    train = {"general": {"max_steps": 2, "batch_size": 4, "save_every": 1},
+             "domain": {"max_steps": 2, "batch_size": 2, "save_every": 1}}
+    run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, seeds=[0], train=train)),
+                   progress=False)
+    assert (tmp_path / "out" / "runs").is_dir() and not (tmp_path / "out" / "checkpoints").exists()
+    train["domain"]["keep_checkpoints"] = True
+    run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, seeds=[0], train=train,
+                                                    output=str(tmp_path / "kept"))), progress=False)
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints" / "lora-mu__gen__seed0" / "domain").iterdir()] == [
+        "step-000001"]  # the newest before the end (none is written at the last step)
