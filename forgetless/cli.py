@@ -93,8 +93,9 @@ def _plan_text(exp: Experiment) -> str:
     known = [took[job.recipe.label] for job in todo if job.recipe.label in took]
     if known:
         unknown = len(todo) - len(known)
-        lines.append(f"time to do (from the finished runs of the same methods here): about {sum(known) / 3600:.1f} h "
-                     f"for {len(known)} run(s)" + (f", and {unknown} run(s) of methods not run yet" if unknown else ""))
+        lines.append(f"run time to do (from the finished runs of the same methods here): about {sum(known) / 3600:.1f} "
+                     f"h for {len(known)} run(s)" + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
+                     + " (with --jobs N, about 1/N of it)")
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
     lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")

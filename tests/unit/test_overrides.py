@@ -94,7 +94,7 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
     assert "  done     base__t__seed0" in text and "  to do    base__t__seed1" in text
     assert "  to do    lora-nu-mu__t__seed0\n" in text
     assert "  to do    lora-nu-mu__t__seed1 (resumes at the domain stage's step 40)\n" in text
-    assert "time to do" not in text  # no finished run with its time to go by
+    assert "run time to do" not in text  # no finished run with its time to go by
     general = [line for line in text.splitlines() if line.startswith("general stage ")]
     assert len(general) == 2 and all("to train, used by lora-nu-mu__t__seed" in line for line in general)
     assert "general: 2 (max_steps)" in text
