@@ -37,6 +37,7 @@ from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, loa
 from forgetless.data import DataError, chat_template_on
 from forgetless.methods import GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
+from forgetless.progress import plain_lines
 from forgetless.training.config import NO_NUMBERS
 from forgetless.training.loop import NonFiniteError
 
@@ -626,9 +627,12 @@ def _worker_start(threads: int, devices: int, counter: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(number % devices)
     torch.set_num_threads(threads)
     _WORKER["number"] = number
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of several workers would garble one terminal
 
 
-def _worker_run(exp: Experiment, rids: list[str]) -> list[tuple[str, str]]:
+def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> list[tuple[str, str]]:
     """Run the jobs ``rids`` of ``exp`` in this worker process; write each record; return (run id, scores line)."""
     key = json.dumps(_non_default(exp), sort_keys=True, default=str)  # tokenized once per worker and experiment
     if _WORKER.get("data_for") != key:
@@ -638,9 +642,10 @@ def _worker_run(exp: Experiment, rids: list[str]) -> list[tuple[str, str]]:
     for rid in rids:
         job = plan[rid]
         print(f"[worker {_WORKER.get('number', 0)}] {rid}", flush=True)
-        record = run_one(exp, job.entry, job.task, job.seed, _WORKER["data"], stages_dir=out / "stages",
-                         progress=False, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
-                         adapter_dir=_inside(out, out / "adapters" / rid))
+        with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
+            record = run_one(exp, job.entry, job.task, job.seed, _WORKER["data"], stages_dir=out / "stages",
+                             progress=progress, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
+                             adapter_dir=_inside(out, out / "adapters" / rid))
         _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
         _drop_empty(out / "checkpoints" / rid)
         line = _scores_line(record)
@@ -649,10 +654,10 @@ def _worker_run(exp: Experiment, rids: list[str]) -> list[tuple[str, str]]:
     return done
 
 
-def _run_parallel(exp: Experiment, todo: list[Job], workers: int) -> None:
+def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True) -> None:
     """Train ``todo`` in ``workers`` fresh processes, each taking the next group of runs that share a general stage
     (:func:`job_groups`, largest first) when it is free; each writes its runs' records into ``exp.output`` (this
-    process holds the folder's lock). The torch threads are shared out; with several GPUs each worker gets one.
+    process holds the folder's lock). Progress is plain lines led by the run id (bars would garble each other). The torch threads are shared out; with several GPUs each worker gets one.
     A run that fails stops its worker's group; the other groups go on, then the first failure is raised."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -670,7 +675,7 @@ def _run_parallel(exp: Experiment, todo: list[Job], workers: int) -> None:
     failures: list[BaseException] = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
                              initargs=(threads, devices, counter)) as pool:
-        futures = [pool.submit(_worker_run, exp, [job.rid for job in group]) for group in groups]
+        futures = [pool.submit(_worker_run, exp, [job.rid for job in group], progress) for group in groups]
         try:
             pending = set(futures)
             while pending:
@@ -709,7 +714,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
         if parallel:
             for job, record in stale:
                 _set_aside(out, job, record)
-            _run_parallel(exp, todo, workers)
+            _run_parallel(exp, todo, workers, progress)
         data = load_data(exp, raw) if todo and not parallel else None
         for number, job in enumerate([] if parallel else todo, 1):
             current = job.rid

@@ -7,6 +7,7 @@ seconds, and one closing line with the total time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,29 @@ T = TypeVar("T")
 #: Seconds between two plain progress lines outside a terminal.
 INTERVAL = 30.0
 
+_LINES = {"on": False, "prefix": ""}  # plain lines even on a terminal, each led by the prefix (see plain_lines)
+
+
+@contextlib.contextmanager
+def plain_lines(prefix: str) -> Iterator[None]:
+    """Inside: progress (evaluation, loss surfaces, training stages) as plain lines led by ``prefix``, terminal or
+    not: what several worker processes sharing one terminal can print without garbling each other's bars."""
+    before = dict(_LINES)
+    _LINES.update(on=True, prefix=prefix)
+    try:
+        yield
+    finally:
+        _LINES.update(before)
+
+
+def plain(stream: TextIO) -> bool:
+    """Whether progress on ``stream`` is plain lines (not a terminal, or :func:`plain_lines`)."""
+    return _LINES["on"] or not stream.isatty()
+
+
+def line_prefix() -> str:
+    return str(_LINES["prefix"])
+
 
 def _plain(items: Iterable[T], desc: str, unit: str, total: int | None, interval: float,
            stream: TextIO) -> Iterator[T]:
@@ -28,7 +52,7 @@ def _plain(items: Iterable[T], desc: str, unit: str, total: int | None, interval
 
     def line(now: float, closing: str = "") -> None:
         share = f" ({100 * done / total:.0f}%)" if total else ""
-        print(f"{desc}: {done}{of} {unit}{share}, {now - start:.0f} s{closing}", file=stream, flush=True)
+        print(f"{line_prefix()}{desc}: {done}{of} {unit}{share}, {now - start:.0f} s{closing}", file=stream, flush=True)
 
     for item in items:
         yield item
@@ -50,6 +74,6 @@ def progress(items: Iterable[T], desc: str, unit: str = "it", enabled: bool = Tr
     stream = sys.stderr if stream is None else stream
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    if stream.isatty():
+    if not plain(stream):
         return tqdm(items, desc=desc, unit=unit, total=total, file=stream)
     return _plain(items, desc, unit, total, interval, stream)

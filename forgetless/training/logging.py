@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from forgetless.progress import line_prefix, plain
+
 
 class Tracker(Protocol):
     def log(self, scalars: Mapping[str, float], step: int) -> None: ...
@@ -96,7 +98,7 @@ class StageLog:
     def __init__(self, stage: str, total: int, first: int, progress: bool, trackers: list[Tracker]) -> None:
         self.stage, self.total, self.trackers = stage, total, trackers
         self.bar = None
-        self.plain = progress and not sys.stderr.isatty()
+        self.plain = progress and plain(sys.stderr)
         if progress and not self.plain:
             self.bar = tqdm(total=total, desc=f"train {stage}", initial=first)
         self.tokens, self.since = 0, time.perf_counter()
@@ -130,7 +132,7 @@ class StageLog:
         if self.bar is not None:
             self.bar.set_postfix(loss=loss, tok_s=f"{rate:.0f}")
         elif self.plain:
-            print(f"train {self.stage}: step {last['step']}/{self.total} loss {loss} lr {last['lr']:.3g} "
+            print(f"{line_prefix()}train {self.stage}: step {last['step']}/{self.total} loss {loss} lr {last['lr']:.3g} "
                   f"{rate:.0f} tokens/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:

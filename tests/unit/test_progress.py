@@ -48,3 +48,31 @@ def test_terminal_gets_a_tqdm_bar():
     out = Tty()
     assert list(progress(range(3), "loss surface", unit="point", stream=out)) == [0, 1, 2]
     assert "loss surface" in out.getvalue() and "3/3" in out.getvalue()
+
+
+def test_plain_lines_on_a_terminal_led_by_a_prefix(monkeypatch, capsys):
+    """Worker processes sharing a terminal (``run --jobs``): plain lines, each naming its run, for evaluation loops
+    and training stages alike; outside the context the terminal gets its bar again."""
+    from forgetless.progress import plain_lines
+    from forgetless.training.logging import StageLog
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(progress_mod.time, "perf_counter", _Clock(1.0))
+    out = Tty()
+    with plain_lines("[lora-mu__t__seed0] "):
+        assert list(progress(range(100), "multiple choice", unit="batch", interval=30, stream=out)) == list(range(100))
+        log = StageLog("domain", total=20, first=0, progress=True, trackers=[])
+        log.step(100)
+        log.write([{"step": 10, "loss": 2.5, "lr": 1e-3}])
+        log.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and lines and all(l.startswith("[lora-mu__t__seed0] multiple choice: ")
+                                                         for l in lines)
+    err = capsys.readouterr().err
+    assert err.startswith("[lora-mu__t__seed0] train domain: step 10/20 loss 2.5000 lr 0.001 ")
+    out = Tty()
+    assert list(progress(range(3), "loss surface", unit="point", stream=out)) == [0, 1, 2]
+    assert "3/3" in out.getvalue()  # a bar again
