@@ -505,6 +505,23 @@ def output_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def folder_in_use(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (:func:`output_lock`); the folder is left as it was."""
+    import fcntl
+
+    path = folder / LOCK_FILE
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if this call took it
+    return False
+
+
 def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
     """AdapterError / ConfigError for a cached general stage that could not be used (it is read only later, after
     the model has loaded): unreadable adapter, stage record or method-state files, or a state file missing."""

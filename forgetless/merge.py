@@ -20,8 +20,11 @@ Nothing is lost:
 * the sources are only read. A source may still be running: a run counts as finished once its record is written,
   after its adapter, so only finished runs are copied; merge again later for the rest (the destination is locked
   against a second merge or run meanwhile);
-* records set aside by ``--rerun-changed`` (``runs/RUN_ID.json.DIGEST``), checkpoints of unfinished runs and the
-  tables and figures (which the destination regenerates) are not copied.
+* the checkpoints of a run that no folder has finished (``checkpoints/RUN_ID``) come along from a source that no
+  ``forgetless run`` holds, when the destination has none for it: the run resumes there. From a source still
+  running they are left (they are being rewritten);
+* records set aside by ``--rerun-changed`` (``runs/RUN_ID.json.DIGEST``) and the tables and figures (which the
+  destination regenerates) are not copied.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class MergeSummary:
     updated: list[str] = field(default_factory=list)  # run ids whose flatness metrics were measured further since
     skipped: list[str] = field(default_factory=list)  # run ids the destination already had, identical
     stages: list[str] = field(default_factory=list)  # general-stage folders copied
+    checkpoints: list[str] = field(default_factory=list)  # unfinished runs whose checkpoints were copied
+    running: list[str] = field(default_factory=list)  # sources a forgetless run held (their checkpoints stayed)
     set_aside: list[str] = field(default_factory=list)  # destination paths renamed NAME.unrecorded
 
     def lines(self, dest: Path) -> list[str]:
@@ -51,6 +56,11 @@ class MergeSummary:
             out.append(f"merge: {len(self.updated)} run(s) with flatness metrics measured since, updated")
         if self.stages:
             out.append(f"merge: {len(self.stages)} cached general stage(s) copied")
+        if self.checkpoints:
+            out.append(f"merge: checkpoints of {len(self.checkpoints)} unfinished run(s) copied (they resume there): "
+                       + ", ".join(self.checkpoints))
+        out += [f"merge: {src} is in use by a forgetless run: only its finished runs were copied, not the checkpoints "
+                f"of its unfinished ones" for src in self.running]
         out += [f"merge: {path} had no record; kept as {path}.unrecorded" for path in self.set_aside]
         return out
 
@@ -102,6 +112,13 @@ def _holds(new: dict, old: dict) -> bool:
     return all(more.get(k) == v for k, v in have.items())
 
 
+def _resumable(folder: Path) -> bool:
+    """A run's checkpoint folder with a complete checkpoint of some stage in it."""
+    from forgetless.training import checkpoint
+
+    return folder.is_dir() and any(checkpoint.latest(stage) is not None for stage in folder.iterdir())
+
+
 def _plan(dest: Path, sources: list[Path]) -> tuple[dict[Path, list[tuple[str, Path, bool]]], list[str]]:
     """(per source: (run id, its record, whether it replaces the destination's), run ids already in the destination);
     ConfigError listing every conflict."""
@@ -140,7 +157,7 @@ def merge_results(dest: Path | str, sources: list[Path | str]) -> MergeSummary:
     """Copy every finished run (record, adapter, landscape, logs) and the cached general stages of ``sources`` into
     ``dest`` (created if absent). Refuses, before copying anything, a run recorded differently in two folders, a
     source that is not a results folder, and a source that is ``dest``."""
-    from forgetless.experiment import check_output, output_lock
+    from forgetless.experiment import check_output, folder_in_use, output_lock
 
     dest = Path(dest)
     sources = [Path(s) for s in sources]
@@ -156,6 +173,7 @@ def merge_results(dest: Path | str, sources: list[Path | str]) -> MergeSummary:
     summary = MergeSummary()
     with output_lock(dest):
         plan, summary.skipped = _plan(dest, sources)
+        finished = {rid for folder in [dest, *sources] if (folder / "runs").is_dir() for rid in _records(folder)}
         for src, runs in plan.items():
             for rid, record, replaces in runs:
                 for part in RUN_PARTS:
@@ -169,6 +187,14 @@ def merge_results(dest: Path | str, sources: list[Path | str]) -> MergeSummary:
                         _copy_in(source, target)
                 _copy_in(record, dest / "runs" / record.name)  # last: the run counts as finished once this is there
                 (summary.updated if replaces else summary.copied.setdefault(str(src), [])).append(rid)
+            if folder_in_use(src):
+                summary.running.append(str(src))
+            else:
+                for folder in sorted((src / "checkpoints").glob("*")) if (src / "checkpoints").is_dir() else []:
+                    target = dest / "checkpoints" / folder.name
+                    if folder.name not in finished and not target.exists() and _resumable(folder):
+                        _copy_in(folder, target)
+                        summary.checkpoints.append(folder.name)
             for stage in sorted((src / "stages").glob("*")) if (src / "stages").is_dir() else []:
                 written = stage.is_dir() and not stage.name.startswith(".") and not stage.name.endswith(".tmp")
                 if written and not (dest / "stages" / stage.name).exists():  # KEY.tmp: a stage being written

@@ -158,3 +158,22 @@ def test_cli_merge(tmp_path, capsys):
     _run(tmp_path / "c", "sam__t__seed0", 8.0)
     assert main(["merge", str(tmp_path / "c"), "--into", str(dest)]) == 2
     assert "forgetless: error: merge: 1 run(s) recorded differently" in capsys.readouterr().err
+
+
+def test_checkpoints_of_unfinished_runs_come_along_from_a_source_no_run_holds(tmp_path):
+    a, dest = tmp_path / "a", tmp_path / "dest"
+    _run(a, "lora-mu__t__seed0", 10.0)
+    step = a / "checkpoints" / "sam__t__seed0" / "domain" / "step-000030"  # an interrupted run: resumes at 30
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"state")
+    (a / "checkpoints" / "hlora__t__seed0" / "domain").mkdir(parents=True)  # nothing complete in it
+    (a / "checkpoints" / "lora-mu__t__seed0" / "domain" / "step-000010").mkdir(parents=True)  # finished since
+    (a / "checkpoints" / "lora-mu__t__seed0" / "domain" / "step-000010" / "state.pt").write_bytes(b"old")
+    with output_lock(a):  # still running: its checkpoints are being rewritten
+        summary = merge_results(dest, [a])
+    assert summary.running == [str(a)] and not summary.checkpoints and not (dest / "checkpoints").exists()
+    summary = merge_results(dest, [a])
+    assert summary.checkpoints == ["sam__t__seed0"] and summary.skipped == ["lora-mu__t__seed0"]
+    assert (dest / "checkpoints" / "sam__t__seed0" / "domain" / "step-000030" / "state.pt").read_bytes() == b"state"
+    assert sorted(p.name for p in (dest / "checkpoints").iterdir()) == ["sam__t__seed0"]
+    assert merge_results(dest, [a]).checkpoints == []  # the destination has them now: never overwritten
