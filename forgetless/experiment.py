@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -674,25 +674,59 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> list
 def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True) -> None:
     """Train ``todo`` in ``workers`` fresh processes, each taking the next group of runs that share a general stage
     (:func:`job_groups`, largest first) when it is free; each writes its runs' records into ``exp.output`` (this
-    process holds the folder's lock). Progress is plain lines led by the run id (bars would garble each other). The torch threads are shared out; with several GPUs each worker gets one.
-    A run that fails stops its worker's group; the other groups go on, then the first failure is raised."""
+    process holds the folder's lock). Progress is plain lines led by the run id (bars would garble each other). A
+    run that fails stops its worker's group; the other groups go on, then the first failure is raised."""
+    groups = sorted(job_groups(exp, todo), key=len, reverse=True)
+    workers = min(workers, len(groups))
+    print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
+          f"({_share_out(workers)[2]})")
+    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups])
+
+
+def _share_out(workers: int) -> tuple[int, int, str]:
+    """(torch threads per worker, GPUs, how the workers share the machine)."""
+    devices = torch.cuda.device_count()
+    threads = max(1, torch.get_num_threads() // workers)
+    return threads, devices, f"{devices} GPUs, one per worker" if devices > 1 else (
+        "one GPU, shared" if devices == 1 else f"{threads} torch thread(s) each")
+
+
+def _worker_landscape(exp: Experiment, rid: str, progress: bool) -> None:
+    from forgetless.landscape_runs import measure_runs
+
+    heldout = exp.general.heldout
+    with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
+        measure_runs(exp.output, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
+                     data_key=heldout.cache_key(), progress=progress, only={rid})
+
+
+def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
+    """The landscape step's runs measured by ``workers`` worker processes, one task per run."""
+    from forgetless.landscape_runs import runs_to_measure
+
+    rids = runs_to_measure(exp.output, exp.model, exp.landscape, exp.general.block_size,
+                           data_key=exp.general.heldout.cache_key())
+    if len(rids) < 2:
+        return
+    workers = min(workers, len(rids))
+    print(f"landscape: measuring {len(rids)} run(s) on {workers} worker processes ({_share_out(workers)[2]})")
+    _in_workers(workers, [(_worker_landscape, (exp, rid, progress)) for rid in rids])
+
+
+def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> None:
+    """Run ``tasks`` (function, arguments) in ``workers`` fresh processes, each taking the next task when free; the
+    torch threads are shared out, and with several GPUs each worker gets one. A failed task does not stop the others;
+    the first failure is raised once all are done."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    groups = sorted(job_groups(exp, todo), key=len, reverse=True)
-    workers = min(workers, len(groups))
-    devices = torch.cuda.device_count()
-    threads = max(1, torch.get_num_threads() // workers)
-    where_ = f"{devices} GPUs, one per worker" if devices > 1 else (
-        "one GPU, shared" if devices == 1 else f"{threads} torch thread(s) each")
-    print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
-          f"({where_})")
+    threads, devices, _ = _share_out(workers)
     context = multiprocessing.get_context("spawn")  # fresh processes: no forked torch / CUDA state
     counter = context.Value("i", 0)
     failures: list[BaseException] = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
                              initargs=(threads, devices, counter)) as pool:
-        futures = [pool.submit(_worker_run, exp, [job.rid for job in group], progress) for group in groups]
+        futures = [pool.submit(function, *args) for function, args in tasks]
         try:
             pending = set(futures)
             while pending:
@@ -752,6 +786,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
         if exp.landscape is not None and is_main_process():
             from forgetless.landscape_runs import measure_runs
 
+            if workers > 1:
+                _landscape_parallel(exp, workers, progress)
             heldout = exp.general.heldout
             measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
                          data_key=heldout.cache_key(), progress=progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,35 @@ def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSe
     return out
 
 
+def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
+          data_key: Any) -> tuple[list[tuple[Path, dict, bool, bool]], int, dict[str, Any]]:
+    """(runs to measure as (path, record, main surface?, all-weights surface?), runs in the folder, digests)."""
+    block = settings.block_size or block_size
+    extra = {"data": data_key, "block_size": block, "model": model_name}
+    every = settings.all_weights()
+    digests = {"block": block, "main": settings.digest(extra), "every": every.digest(extra) if every else None}
+    paths = sorted((Path(output) / "runs").glob("*.json"))
+    todo = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        entry = record.get("landscape") or {}
+        main = entry.get("digest") != digests["main"]
+        also = (every is not None and record.get("seed", 0) in settings.all_weights_seeds
+                and (main or (entry.get("all_weights") or {}).get("digest") != digests["every"]))
+        if main or also:
+            todo.append((path, record, main, also))
+    return todo, len(paths), digests
+
+
+def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
+                    data_key: Any = None) -> list[str]:
+    """The run ids (record file stems) that :func:`measure_runs` would measure."""
+    return [path.stem for path, *_ in _todo(output, model_name, settings, block_size, data_key)[0]]
+
+
 def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
-                 block_size: int, data_key: Any = None, progress: bool = True) -> int:
+                 block_size: int, data_key: Any = None, progress: bool = True,
+                 only: Collection[str] | None = None) -> int:
     """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
 
     The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
@@ -52,29 +79,21 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     is the first ``settings.blocks`` blocks of ``heldout_texts()`` (loaded only if a run needs measuring).
     With ``settings.all_weights_seeds``, the runs of those seeds (``base`` included) also get the surface over
     all weights, ``record["landscape"]["all_weights"]`` (its own digest: adding it measures only it). Returns how
-    many runs were measured.
+    many runs were measured. ``only``: measure only these runs (record file stems), as one of several worker
+    processes does.
     """
     from forgetless.data import lm_examples, pack_blocks
     from forgetless.models import load_adapter, load_model
 
-    block = settings.block_size or block_size
-    extra = {"data": data_key, "block_size": block, "model": model_name}
-    digest = settings.digest(extra)
+    todo, total, digests = _todo(output, model_name, settings, block_size, data_key)
+    if only is not None:
+        todo = [item for item in todo if item[0].stem in only]
+    block, digest, every_digest = digests["block"], digests["main"], digests["every"]
     every = settings.all_weights()
-    every_digest = every.digest(extra) if every is not None else None
-    paths = sorted((Path(output) / "runs").glob("*.json"))
-    todo = []
-    for path in paths:
-        record = json.loads(path.read_text())
-        entry = record.get("landscape") or {}
-        main = entry.get("digest") != digest
-        also = (every is not None and record.get("seed", 0) in settings.all_weights_seeds
-                and (main or (entry.get("all_weights") or {}).get("digest") != every_digest))
-        if main or also:
-            todo.append((path, record, main, also))
     if not todo:
         return 0
-    print(f"landscape: measuring {len(todo)} run(s) ({len(paths) - len(todo)} already measured)")
+    if only is None:
+        print(f"landscape: measuring {len(todo)} run(s) ({total - len(todo)} already measured)")
     examples = None
     measured = 0
     for path, record, main, also in todo:

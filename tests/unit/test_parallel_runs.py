@@ -65,3 +65,33 @@ def test_jobs_must_be_positive(tmp_path, tiny_model_dir, capsys):
     write_experiment(tmp_path, tiny_model_dir)
     assert main(["run", str(tmp_path / "exp.yaml"), "--jobs", "0"]) == 2
     assert "argument --jobs: must be >= 1" in capsys.readouterr().err
+
+
+def test_two_workers_measure_the_landscape_as_one_process(tmp_path, tiny_model_dir, capsys):
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 2, "trace_samples": 1, "ascent_steps": 1,
+                 "all_weights_seeds": [0]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, two = tmp_path / "one", tmp_path / "two"
+        for folder in (one, two):
+            folder.mkdir()
+            write_experiment(folder, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0, 1], landscape=landscape)
+        run_experiment(load_experiment(one / "exp.yaml"), progress=False)
+        run_experiment(load_experiment(two / "exp.yaml"), progress=False, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert "landscape: measuring 4 run(s) on 2 worker processes" in capsys.readouterr().out  # base: "skipped" (seed 1)
+
+    def flatness(folder):  # run time and the digest (it holds the data's path) aside
+        def strip(entry):
+            return {k: strip(v) if isinstance(v, dict) and k == "all_weights" else v for k, v in entry.items()
+                    if k not in ("seconds", "digest")}
+
+        return {p.stem: strip(json.loads(p.read_text())["landscape"]) for p in (folder / "out" / "runs").glob("*.json")}
+
+    measured = flatness(two)
+    assert measured == flatness(one)  # every metric and surface path equal
+    for rid in ("lora-mu__gen__seed0", "lora-mu__gen__seed1"):
+        assert "hessian_top_eigenvalue" in measured[rid]["metrics"]
+    assert "metrics" in measured["base__gen__seed0"]["all_weights"]
