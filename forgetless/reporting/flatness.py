@@ -122,14 +122,45 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: Sequence[str] | None = None) -> str:
-    """Markdown for ``results.md`` (table, correlations) and one scatter plot per metric; "" if nothing was measured."""
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return _num(mean, 4)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{_num(mean, 4)} ± {_num(std, 2)}"
+
+
+def method_means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """Markdown: per method (in the rows' order), the mean ± std over its runs of forgetting and of each metric."""
+    from forgetless.reporting.report import markdown_table
+
+    targets = [t for t in TARGETS if any(t in row for row in rows)]
+    header = ["method", "runs"] + [TARGETS[t] for t in targets] + [METRICS[m] for m in metrics]
+    table = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        table.append([method, str(len(mine))] + [_mean_std([row[k] for row in mine if k in row and
+                                                            math.isfinite(row[k])]) for k in [*targets, *metrics]])
+    return markdown_table(header, table)
+
+
+def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: Sequence[str] | None = None,
+                     root: Path | None = None) -> str:
+    """Markdown (per-method means, a table per run, correlations) and one scatter plot per metric into ``folder``;
+    "" if nothing was measured. ``root``: the results folder the surfaces' paths are relative to (default
+    ``folder``)."""
     rows = flatness_rows(results, methods)
     if not rows:
         return ""
+    if methods:
+        order = {m: i for i, m in enumerate(methods)}
+        rows.sort(key=lambda row: (order.get(row["method"], len(order)), str(row["task"]), row["seed"] or 0))
     metrics = [m for m in METRICS if any(m in row for row in rows)]
     header = ["method", "task", "seed", "general PPL", "PPL increase"] + [METRICS[m] for m in metrics]
     md = "\n## Flatness and forgetting\n\n"
+    md += "Per method, mean ± std over its runs:\n\n" + method_means(rows, metrics) + "\nPer run:\n\n"
     md += "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     for row in rows:
         cells = [row["method"], row["task"], row["seed"], f"{row['general_ppl']:.3f}", f"{row['ppl_increase']:+.4g}"]
@@ -159,19 +190,20 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py). PPL increase: general PPL "
            "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
            "p-values mean little.\n")
-    return md + all_weights_section(results, folder)
+    return md + all_weights_section(results, folder, root)
 
 
 SURFACE_METRICS = ("surface_curvature", "average_gradient", "mean_absolute_gradient")
 
 
-def all_weights_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
+def all_weights_section(results: Sequence[dict[str, Any]], folder: Path, root: Path | None = None) -> str:
     """The runs measured over both kinds of directions (``all_weights_seeds``): a table of the three surface metrics
     and the loss range on the grid for each, and one figure with the two contour plots per run; "" if none."""
     pairs = [(r, r["landscape"]["all_weights"]) for r in results
              if "metrics" in ((r.get("landscape") or {}).get("all_weights") or {})]
     if not pairs:
         return ""
+    root = Path(root) if root is not None else Path(folder)
     header = ["method", "seed", "directions", "weights moved", "loss at 0"] + [METRICS[m] for m in SURFACE_METRICS]
     header.append("loss range on the grid")
     md = ("\n## Loss surface over the LoRA directions and over all weights\n\n"
@@ -187,10 +219,10 @@ def all_weights_section(results: Sequence[dict[str, Any]], folder: Path) -> str:
                 continue
             cells = [r["method"], r.get("seed"), name, f"{metrics.get('n_params', 0):,}", metrics.get("loss", math.nan)]
             cells += [metrics.get(m, math.nan) for m in SURFACE_METRICS]
-            cells.append(_loss_range(folder, entry))
+            cells.append(_loss_range(root, entry))
             table.append([_fmt(c) for c in cells])
     md += markdown_table(header, table)
-    figure = plot_surface_pairs(pairs, folder, Path(folder) / "surfaces_lora_vs_all.png")
+    figure = plot_surface_pairs(pairs, root, Path(folder) / "surfaces_lora_vs_all.png")
     if figure is not None:
         md += f"\n![LoRA directions (top) and all weights (bottom)]({figure.name})\n"
     return md

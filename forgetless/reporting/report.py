@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ConfigError
+from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
 from forgetless.reporting.tables import finite_record, nonfinite_note, read_record
 
@@ -599,6 +600,12 @@ def plot_pareto(res: Results, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- report
+def _experiment_folder(results_dir: str | Path) -> Path:
+    """The folder that a run record's relative paths (``landscape/...``) start from."""
+    folder = Path(results_dir)
+    return folder if (folder / "runs").is_dir() else folder.parent
+
+
 def build_report(results_dir: str | Path, output: str | Path | None = None,
                  reference: str | Sequence[str] | None = ("lora-mu", "lora-nu-mu"),
                  metric: str = "acc", rank_base: bool = False) -> Path:
@@ -622,7 +629,8 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
             + nonfinite_note(runs))
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
-                forgetting_section(res.runs, folder, res.methods, metric)]
+                forgetting_section(res.runs, folder, res.methods, metric),
+                flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir))]
     path = folder / "report.md"
     path.write_text(head + "\n" + "\n".join(sections))
     return path

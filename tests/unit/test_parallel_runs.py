@@ -95,3 +95,13 @@ def test_two_workers_measure_the_landscape_as_one_process(tmp_path, tiny_model_d
     for rid in ("lora-mu__gen__seed0", "lora-mu__gen__seed1"):
         assert "hessian_top_eigenvalue" in measured[rid]["metrics"]
     assert "metrics" in measured["base__gen__seed0"]["all_weights"]
+    # the report has the flatness section, with the surfaces read from the experiment folder
+    from forgetless.reporting.report import build_report
+
+    md = build_report(two / "out").read_text()
+    assert "## Flatness and forgetting" in md and "Per method, mean ± std over its runs:" in md
+    means = md.split("Per method, mean ± std over its runs:", 1)[1].split("Per run:", 1)[0]
+    assert "| lora-mu | 2 |" in means
+    section = md.split("## Loss surface over the LoRA directions and over all weights", 1)[1]
+    assert "| base | 0 | all weights |" in section and "n/a" not in section.split("![", 1)[0]
+    assert (two / "out" / "report" / "surfaces_lora_vs_all.png").read_bytes()[:4] == b"\x89PNG"
