@@ -637,6 +637,9 @@ _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and 
 
 
 def _worker_start(threads: int, devices: int, counter: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers (_in_workers)
     with counter.get_lock():
         number = counter.value
         counter.value += 1
@@ -716,7 +719,8 @@ def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
 def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> None:
     """Run ``tasks`` (function, arguments) in ``workers`` fresh processes, each taking the next task when free; the
     torch threads are shared out, and with several GPUs each worker gets one. A failed task does not stop the others;
-    the first failure is raised once all are done."""
+    the first failure is raised once all are done. Ctrl-C stops every worker at once (they ignore SIGINT themselves,
+    which would otherwise let each finish the tasks already queued to it)."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
@@ -732,8 +736,10 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> 
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 failures += [f.exception() for f in finished if f.exception() is not None]
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except KeyboardInterrupt:  # stop now: the runs in progress are lost (but for their checkpoints)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     if failures:
         raise failures[0]

@@ -105,3 +105,34 @@ def test_two_workers_measure_the_landscape_as_one_process(tmp_path, tiny_model_d
     section = md.split("## Loss surface over the LoRA directions and over all weights", 1)[1]
     assert "| base | 0 | all weights |" in section and "n/a" not in section.split("![", 1)[0]
     assert (two / "out" / "report" / "surfaces_lora_vs_all.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT to the terminal's process group) ends `run --jobs 2` with exit code 130 and its one line, the
+    workers with it: runs far too long to finish show that nothing waits for them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "lora-nu-mu"], seeds=[0, 1],
+                     train={"general": {"max_steps": 100000, "batch_size": 4},
+                            "domain": {"max_steps": 100000, "batch_size": 2}})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "forgetless", "run", str(tmp_path / "exp.yaml"), "--jobs", "2",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        started = 0
+        for line in proc.stdout:  # both workers busy with a run
+            started += line.startswith("[worker ")
+            if started == 2:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a hang guard: it stops within seconds
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "forgetless: interrupted: the runs in progress were stopped and are not recorded" in err
+    assert not list((tmp_path / "out" / "runs").glob("*.json"))
