@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -640,6 +641,11 @@ def _worker_start(threads: int, devices: int, counter: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers (_in_workers)
+    if sys.platform.startswith("linux"):  # a parent killed outright (SIGKILL) takes its workers with it
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     with counter.get_lock():
         number = counter.value
         counter.value += 1

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from forgetless.cli import main
@@ -136,3 +140,41 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
     assert proc.returncode == 130, err[-2000:]
     assert "forgetless: interrupted: the runs in progress were stopped and are not recorded" in err
     assert not list((tmp_path / "out" / "runs").glob("*.json"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_workers_die_with_a_parent_killed_outright(tmp_path, tiny_model_dir):
+    """SIGKILL to `run --jobs 2` itself (no chance to stop its workers): the workers end too, rather than finishing
+    their runs unseen and writing into a folder whose lock is gone."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "lora-nu-mu"], seeds=[0],
+                     train={"general": {"max_steps": 100000, "batch_size": 4},
+                            "domain": {"max_steps": 100000, "batch_size": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "forgetless", "run", str(tmp_path / "exp.yaml"), "--jobs", "2",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        started = 0
+        for line in proc.stdout:
+            started += line.startswith("[worker ")
+            if started == 2:
+                break
+        children = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(timeout=60)
+        for _ in range(120):  # a hang guard: they end within a second or so
+            alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                     and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+            if not alive:
+                break
+            time.sleep(0.5)
+        assert not alive
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
