@@ -9,7 +9,9 @@ Each finished run is a JSON file in ``OUTPUT/runs/``, with the settings that mad
 their digest; starting the experiment again skips the runs whose settings are unchanged, and refuses to reuse those
 whose settings changed (``--rerun-changed`` redoes them, keeping the old record as ``RUN_ID.json.DIGEST``). Runs
 that train the same general stage share it, cached per seed in ``OUTPUT/stages/`` (:func:`general_stage_key`).
-Afterwards the result tables (:mod:`forgetless.reporting.tables`) and figures are written.
+Afterwards the result tables (:mod:`forgetless.reporting.tables`) and figures are written. With ``jobs`` > 1
+(``forgetless run --jobs N``) worker processes train the runs side by side, a group of runs sharing a general stage
+per task (:func:`job_groups`), and measure the landscape one run per task; the records are those one process writes.
 
 Everything is checked before a model loads (:func:`validate`): the model's source and LoRA targets, a writable
 output folder with free space (locked against a second ``forgetless run``), the finished records, the cached general
