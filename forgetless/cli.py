@@ -90,7 +90,7 @@ def _plan_text(exp: Experiment) -> str:
     for key, rids in general.items():
         cached = (exp.output / "stages" / key / "adapter_model.safetensors").is_file()
         lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
-    known = [took[job.recipe.label] for job in todo if job.recipe.label in took]
+    known = [left for left in (_time_left(took, exp.output, job) for job in todo) if left is not None]
     if known:
         unknown = len(todo) - len(known)
         lines.append(f"run time to do (from the finished runs of the same methods here): about {sum(known) / 3600:.1f} "
@@ -104,27 +104,66 @@ def _plan_text(exp: Experiment) -> str:
     return "\n".join(lines)
 
 
-def _resumes(output: Path, rid: str) -> str:
-    """`` (resumes at the domain stage's step 40)`` when an interrupted run left a checkpoint, else ``""``."""
+def _resume_point(output: Path, rid: str) -> tuple[str, int] | None:
+    """(stage, optimizer steps done) of an interrupted run's newest complete checkpoint, else None."""
     from forgetless.training import checkpoint
 
     for stage in ("domain", "general"):  # the later stage's checkpoint is the one it resumes from
         found = checkpoint.latest(output / "checkpoints" / rid / stage)
         if found is not None:
-            return f" (resumes at the {stage} stage's step {int(found.name.removeprefix('step-'))})"
-    return ""
+            return stage, int(found.name.removeprefix("step-"))
+    return None
 
 
-def _seconds_by_method(output: Path) -> dict[str, float]:
-    """Mean wall seconds of the finished runs in ``output``, per method label (no records: empty)."""
-    seconds: dict[str, list[float]] = {}
+def _resumes(output: Path, rid: str) -> str:
+    """`` (resumes at the domain stage's step 40)`` when an interrupted run left a checkpoint, else ``""``."""
+    point = _resume_point(output, rid)
+    return f" (resumes at the {point[0]} stage's step {point[1]})" if point else ""
+
+
+def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
+    """Per method label, the mean wall seconds of its finished runs in ``output`` (``"run"``) and of each stage per
+    optimizer step (``"general"``, ``"domain"``, for a stage it trained); no records: empty."""
+    seconds: dict[str, dict[str, list[float]]] = {}
     for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
         try:
             record = json.loads(path.read_text())
-            seconds.setdefault(record["method"], []).append(float(record["seconds"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            mine = seconds.setdefault(record["method"], {})
+            mine.setdefault("run", []).append(float(record["seconds"]))
+            for stage in record.get("stages") or []:
+                if not stage.get("cached") and stage.get("steps"):
+                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]) / int(stage["steps"]))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # a corrupt record is reported where it is read for real
-    return {method: sum(v) / len(v) for method, v in seconds.items()}
+    return {method: {k: sum(v) / len(v) for k, v in parts.items()} for method, parts in seconds.items()}
+
+
+def _time_left(took: dict[str, dict[str, float]], output: Path, job: Any) -> float | None:
+    """Estimated wall seconds of a run still to do: its method's mean, less the steps an interrupted run's checkpoint
+    has done (at that stage's mean time per step, and the whole general stage when it resumes in the domain one)."""
+    known = took.get(job.recipe.label)
+    if known is None:
+        return None
+    left = known["run"]
+    point = _resume_point(output, job.rid)
+    if point is not None:
+        stage, done = point
+        left -= done * known.get(stage, 0.0)
+        if stage == "domain" and "general" in known:
+            left -= _general_steps(output, job) * known["general"]
+    return max(left, 0.0)
+
+
+def _general_steps(output: Path, job: Any) -> int:
+    """Optimizer steps of the general stage of ``job``'s method, as its finished runs recorded them (0: none)."""
+    for path in sorted((output / "runs").glob(f"{job.recipe.label}__*.json")):
+        try:
+            for stage in json.loads(path.read_text()).get("stages") or []:
+                if stage.get("stage") == "general" and not stage.get("cached"):
+                    return int(stage.get("steps") or 0)
+        except (OSError, ValueError, TypeError):
+            continue
+    return 0
 
 
 def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> str:

@@ -124,3 +124,13 @@ def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys
     text = capsys.readouterr().out
     # lora-mu seeds 1 and 3: 2 h; base and lora-nu-mu (8 runs) have no time yet
     assert "about 2.0 h for 2 run(s), and 8 run(s) of methods not run yet" in text
+    # an interrupted run is credited with the steps its checkpoint holds: lora-nu-mu took 3600 s, 1000 of them in 10
+    # general steps and 2000 in 10 domain steps; resuming at domain step 5 leaves 3600 - 1000 - 5 * 200 = 1600 s
+    stages = [{"stage": "general", "steps": 10, "seconds": 1000.0}, {"stage": "domain", "steps": 10, "seconds": 2000.0}]
+    (runs / "lora-nu-mu__t__seed0.json").write_text(json.dumps({"method": "lora-nu-mu", "seconds": 3600.0,
+                                                                 "stages": stages}))
+    step = tmp_path / "out" / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000005"
+    step.mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    assert main(["run", str(path), "seeds=[0,1]", "methods=[lora-nu-mu]", "--dry-run"]) == 0
+    assert "about 0.4 h for 1 run(s) (with --jobs N" in capsys.readouterr().out  # 1600 s
