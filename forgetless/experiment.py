@@ -40,7 +40,7 @@ from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, loa
 from forgetless.data import DataError, chat_template_on
 from forgetless.methods import GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
-from forgetless.progress import plain_lines
+from forgetless.progress import plain_lines, say
 from forgetless.training.config import NO_NUMBERS
 from forgetless.training.loop import NonFiniteError
 
@@ -669,7 +669,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> list
     out, done = exp.output, []
     for rid in rids:
         job = plan[rid]
-        print(f"[worker {_WORKER.get('number', 0)}] {rid}", flush=True)
+        say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = run_one(exp, job.entry, job.task, job.seed, _WORKER["data"], stages_dir=out / "stages",
                              progress=progress, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
@@ -677,7 +677,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> list
         _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
         _drop_empty(out / "checkpoints" / rid)
         line = _scores_line(record)
-        print(f"    {rid}: {line}", flush=True)
+        say(f"    {rid}: {line}")
         done.append((rid, line))
     return done
 

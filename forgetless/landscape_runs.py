@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from forgetless.landscape import LandscapeSettings, measure_flatness, save_surface
+from forgetless.progress import say
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
@@ -126,6 +127,6 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
         for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):
             if part and "metrics" in part:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
-                print(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
+                say(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
         del model
     return measured

@@ -35,6 +35,14 @@ def plain_lines(prefix: str) -> Iterator[None]:
         _LINES.update(before)
 
 
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Write ``text`` and its newline in one write, then flush: a whole line, which lines written by other processes
+    to the same pipe or terminal cannot cut in two (``print`` writes the text and the newline apart)."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def plain(stream: TextIO) -> bool:
     """Whether progress on ``stream`` is plain lines (not a terminal, or :func:`plain_lines`)."""
     return _LINES["on"] or not stream.isatty()
@@ -52,7 +60,7 @@ def _plain(items: Iterable[T], desc: str, unit: str, total: int | None, interval
 
     def line(now: float, closing: str = "") -> None:
         share = f" ({100 * done / total:.0f}%)" if total else ""
-        print(f"{line_prefix()}{desc}: {done}{of} {unit}{share}, {now - start:.0f} s{closing}", file=stream, flush=True)
+        say(f"{line_prefix()}{desc}: {done}{of} {unit}{share}, {now - start:.0f} s{closing}", stream)
 
     for item in items:
         yield item

@@ -76,6 +76,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, compute_dtyp
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
                                        check_modules, option, shard)
+from forgetless.progress import say
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
 
@@ -435,8 +436,8 @@ class EWC(Method):
     def save_state(self, directory: Path) -> None:
         path = self._state.save(directory, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
         if path is not None:
-            print(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.fisher)} tensors, "
-                  f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
+            say(f"EWC Fisher: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.fisher)} tensors, "
+                f"{self.storage_dtype}, {self.metadata.get('seconds', 0.0):.1f} s to compute)")
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start. A cached general

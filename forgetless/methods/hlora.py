@@ -145,6 +145,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_f
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
                                        check_modules, option)
+from forgetless.progress import say
 from forgetless.training.hooks import Batch, Method, StageContext
 
 FILENAME = "hlora_importance.safetensors"
@@ -686,8 +687,8 @@ class HLoRA(Method):
             meta["reference"] = self._reference_metadata()
         path = self._state.save(directory, tensors, meta)
         if path is not None:
-            print(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
-                  f"{self.storage_dtype}; dW_nu as factors)")
+            say(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
+                f"{self.storage_dtype}; dW_nu as factors)")
 
     def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
         """The running path integral of the general stage (for a mid-stage checkpoint)."""

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from forgetless.progress import line_prefix, plain
+from forgetless.progress import line_prefix, plain, say
 
 
 class Tracker(Protocol):
@@ -132,8 +132,8 @@ class StageLog:
         if self.bar is not None:
             self.bar.set_postfix(loss=loss, tok_s=f"{rate:.0f}")
         elif self.plain:
-            print(f"{line_prefix()}train {self.stage}: step {last['step']}/{self.total} loss {loss} lr {last['lr']:.3g} "
-                  f"{rate:.0f} tokens/s", file=sys.stderr, flush=True)
+            say(f"{line_prefix()}train {self.stage}: step {last['step']}/{self.total} loss {loss} lr {last['lr']:.3g} "
+                f"{rate:.0f} tokens/s", sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -111,6 +111,27 @@ def test_two_workers_measure_the_landscape_as_one_process(tmp_path, tiny_model_d
     assert (two / "out" / "report" / "surfaces_lora_vs_all.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _workers_started(proc, guard: float = 180.0) -> int:
+    """Read ``run --jobs 2``'s stdout until both workers have said which run they took (each says it in one whole
+    line: a line cut by the other worker's would not count); a hang guard kills the process group after ``guard`` s,
+    which ends the read."""
+    import os
+    import signal
+    import threading
+
+    guard_timer = threading.Timer(guard, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    guard_timer.start()
+    try:
+        started = 0
+        for line in proc.stdout:
+            started += line.startswith("[worker ") and line.count("[worker ") == 1
+            if started == 2:
+                break
+        return started
+    finally:
+        guard_timer.cancel()
+
+
 def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
     """Ctrl-C (SIGINT to the terminal's process group) ends `run --jobs 2` with exit code 130 and its one line, the
     workers with it: runs far too long to finish show that nothing waits for them."""
@@ -127,11 +148,7 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        started = 0
-        for line in proc.stdout:  # both workers busy with a run
-            started += line.startswith("[worker ")
-            if started == 2:
-                break
+        assert _workers_started(proc) == 2
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)  # a hang guard: it stops within seconds
     finally:
@@ -158,11 +175,7 @@ def test_workers_die_with_a_parent_killed_outright(tmp_path, tiny_model_dir):
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     try:
-        started = 0
-        for line in proc.stdout:
-            started += line.startswith("[worker ")
-            if started == 2:
-                break
+        assert _workers_started(proc) == 2
         children = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2

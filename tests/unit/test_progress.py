@@ -76,3 +76,25 @@ def test_plain_lines_on_a_terminal_led_by_a_prefix(monkeypatch, capsys):
     out = Tty()
     assert list(progress(range(3), "loss surface", unit="point", stream=out)) == [0, 1, 2]
     assert "3/3" in out.getvalue()  # a bar again
+
+
+def test_say_writes_a_whole_line_at_once():
+    """Lines of several worker processes share a pipe: each must reach it in one write (print writes the newline
+    apart, and two workers' lines then came out as one line and an empty one)."""
+    from forgetless.progress import say
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes, self.flushes = [], 0
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+        def flush(self):
+            self.flushes += 1
+
+    out = Recorder()
+    say("[worker 0] lora-mu__t__seed0", out)
+    assert out.writes == ["[worker 0] lora-mu__t__seed0\n"] and out.flushes == 1
