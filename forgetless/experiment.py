@@ -596,16 +596,22 @@ def _stale_reason(job: Job, record: dict[str, Any]) -> str:
     return settings_changes(record.get("settings") or {}, job.settings)
 
 
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename ``path`` to ``NAME.SUFFIX`` (``NAME.SUFFIX.1``, ... when that is taken): kept, never overwritten."""
+    target, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{suffix}.{n}"), n + 1
+    path.rename(target)
+    return target
+
+
 def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
     """Rename a stale run's record and adapter with its digest: kept beside the new ones, never overwritten."""
     suffix = record.get("settings_digest") or "old"
     adapters = out / "adapters"
     for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected"):
         if path.exists():
-            target, n = path.with_name(f"{path.name}.{suffix}"), 1
-            while target.exists():
-                target, n = path.with_name(f"{path.name}.{suffix}.{n}"), n + 1
-            path.rename(target)
+            set_aside(path, suffix)
 
 
 def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False,

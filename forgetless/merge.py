@@ -72,13 +72,6 @@ def _records(folder: Path) -> dict[str, Path]:
     return {path.stem: path for path in sorted(runs.glob("*.json"))}
 
 
-def _free_name(path: Path, suffix: str) -> Path:
-    target, n = path.with_name(f"{path.name}.{suffix}"), 1
-    while target.exists():
-        target, n = path.with_name(f"{path.name}.{suffix}.{n}"), n + 1
-    return target
-
-
 def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -157,7 +150,7 @@ def merge_results(dest: Path | str, sources: list[Path | str]) -> MergeSummary:
     """Copy every finished run (record, adapter, landscape, logs) and the cached general stages of ``sources`` into
     ``dest`` (created if absent). Refuses, before copying anything, a run recorded differently in two folders, a
     source that is not a results folder, and a source that is ``dest``."""
-    from forgetless.experiment import check_output, folder_in_use, output_lock
+    from forgetless.experiment import check_output, folder_in_use, output_lock, set_aside
 
     dest = Path(dest)
     sources = [Path(s) for s in sources]
@@ -181,7 +174,7 @@ def merge_results(dest: Path | str, sources: list[Path | str]) -> MergeSummary:
                     if replaces and not part.startswith("landscape/"):
                         continue  # the same run: only its flatness is new (the destination's is a subset of it)
                     if not replaces and target.exists():  # no record of this run here: an interrupted run's leftover
-                        target.rename(_free_name(target, "unrecorded"))
+                        set_aside(target, "unrecorded")
                         summary.set_aside.append(str(target))
                     if source.exists():
                         _copy_in(source, target)
