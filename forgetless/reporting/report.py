@@ -34,7 +34,7 @@ from typing import Any
 from forgetless.config import ConfigError
 from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
-from forgetless.reporting.tables import finite_record, nonfinite_note, read_record
+from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, variant_records
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
@@ -60,18 +60,9 @@ def load_runs(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def with_variants(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``runs`` and, for every evaluation variant of a run (WiSE-FT's interpolations), a record of its own: method
-    ``wise-ft(alpha=0.5)`` (its own label where it names the run's method, else ``METHOD @ VARIANT``), the run's task,
-    seed and model, the variant's scores. It has no stages: the training it comes from is its run's, counted once."""
-    out = list(runs)
-    for run in runs:
-        for label, scores in (run.get("variants") or {}).items():
-            name = label if parse_label(label)[0][0] == run["method"] else f"{run['method']} @ {label}"
-            out.append({k: run[k] for k in ("task", "seed", "model", "run_id") if k in run}
-                       | {k: scores[k] for k in ("general_ppl", "general_ppl_base2", "tasks", "suite") if k in scores}
-                       | {"method": name, "variant_of": run["method"],
-                          "run_id": f"{run.get('run_id', run['method'])}@{label}"})
-    return out
+    """``runs`` and a record of its own for every evaluation variant of a run (WiSE-FT's interpolations), as method
+    ``wise-ft(alpha=0.5)`` (:func:`forgetless.reporting.tables.variant_records`)."""
+    return list(runs) + variant_records(runs, own_labels=True)
 
 
 def _split_top(text: str, sep: str) -> list[str]:

@@ -92,19 +92,32 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
     return header, rows
 
 
+def variant_records(runs: list[dict[str, Any]], own_labels: bool = False) -> list[dict[str, Any]]:
+    """For every evaluation variant of a run (WiSE-FT's interpolations), a record of its own: the run's task, seed,
+    model and run id (``RUN_ID@VARIANT``), the variant's scores, ``variant_of`` the run's method, and as method
+    ``METHOD @ VARIANT``, or with ``own_labels`` the variant's label where it names the run's method
+    (``wise-ft(alpha=0.5)``). It has no stages: the training it comes from is its run's, counted once."""
+    from forgetless.reporting.report import parse_label
+
+    out = []
+    for run in runs:
+        for label, scores in (run.get("variants") or {}).items():
+            named = own_labels and parse_label(label)[0][0] == run["method"]
+            out.append({k: run[k] for k in ("task", "seed", "model") if k in run}
+                       | {k: scores[k] for k in ("general_ppl", "general_ppl_base2", "tasks", "suite") if k in scores}
+                       | {"method": label if named else f"{run['method']} @ {label}", "variant_of": run["method"],
+                          "run_id": f"{run.get('run_id', run['method'])}@{label}"})
+    return out
+
+
 def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    extra, order = [], []
+    """``results`` with their variants' records (:func:`variant_records`), and ``methods`` with each method's
+    variants right after it."""
+    extra = variant_records([r for r in results if r["method"] in methods])
+    order = []
     for method in methods:
         order.append(method)
-        for r in results:
-            if r["method"] != method:
-                continue
-            for label, scores in (r.get("variants") or {}).items():
-                name = f"{method} @ {label}"
-                extra.append({"method": name, "task": r["task"], "seed": r["seed"],
-                              "general_ppl": scores["general_ppl"], "tasks": scores["tasks"]})
-                if name not in order:
-                    order.append(name)
+        order += dict.fromkeys(r["method"] for r in extra if r["variant_of"] == method)
     return results + extra, order
 
 
