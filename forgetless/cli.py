@@ -122,8 +122,9 @@ def _resumes(output: Path, rid: str) -> str:
 
 
 def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
-    """Per method label, the mean wall seconds of its finished runs in ``output`` (``"run"``) and of each stage per
-    optimizer step (``"general"``, ``"domain"``, for a stage it trained); no records: empty."""
+    """Per method label, from its finished runs in ``output``: the mean wall seconds of a run (``"run"``), of each
+    stage it trained (``"general"``, ``"domain"``) and of one optimizer step of it (``"general/step"``, ...); no
+    records: empty."""
     seconds: dict[str, dict[str, list[float]]] = {}
     for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
         try:
@@ -132,7 +133,8 @@ def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
             mine.setdefault("run", []).append(float(record["seconds"]))
             for stage in record.get("stages") or []:
                 if not stage.get("cached") and stage.get("steps"):
-                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]) / int(stage["steps"]))
+                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]))
+                    mine.setdefault(f"{stage['stage']}/step", []).append(float(stage["seconds"]) / int(stage["steps"]))
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
             continue  # a corrupt record is reported where it is read for real
     return {method: {k: sum(v) / len(v) for k, v in parts.items()} for method, parts in seconds.items()}
@@ -148,22 +150,10 @@ def _time_left(took: dict[str, dict[str, float]], output: Path, job: Any) -> flo
     point = _resume_point(output, job.rid)
     if point is not None:
         stage, done = point
-        left -= done * known.get(stage, 0.0)
-        if stage == "domain" and "general" in known:
-            left -= _general_steps(output, job) * known["general"]
+        left -= done * known.get(f"{stage}/step", 0.0)
+        if stage == "domain":
+            left -= known.get("general", 0.0)
     return max(left, 0.0)
-
-
-def _general_steps(output: Path, job: Any) -> int:
-    """Optimizer steps of the general stage of ``job``'s method, as its finished runs recorded them (0: none)."""
-    for path in sorted((output / "runs").glob(f"{job.recipe.label}__*.json")):
-        try:
-            for stage in json.loads(path.read_text()).get("stages") or []:
-                if stage.get("stage") == "general" and not stage.get("cached"):
-                    return int(stage.get("steps") or 0)
-        except (OSError, ValueError, TypeError):
-            continue
-    return 0
 
 
 def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> str:
