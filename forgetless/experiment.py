@@ -642,6 +642,32 @@ def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
+def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) -> dict[str, Any]:
+    """:func:`run_one` of ``job`` with its folders in ``exp.output`` (stage cache, checkpoints, adapter)."""
+    out = exp.output
+    return run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
+                   checkpoint_dir=_inside(out, out / "checkpoints" / job.rid),
+                   adapter_dir=_inside(out, out / "adapters" / job.rid))
+
+
+def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
+    """Write a finished run's record (it counts as done from then on), drop its emptied checkpoint folders; return its
+    scores line."""
+    out = exp.output
+    _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
+    _drop_empty(out / "checkpoints" / rid)
+    return _scores_line(record)
+
+
+def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = None) -> None:
+    """The landscape step (:func:`forgetless.landscape_runs.measure_runs`) on ``exp``'s runs, or on ``only``."""
+    from forgetless.landscape_runs import measure_runs
+
+    heldout = exp.general.heldout
+    measure_runs(exp.output, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
+                 data_key=heldout.cache_key(), progress=progress, only=only)
+
+
 _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
 
 
@@ -666,26 +692,17 @@ def _worker_start(threads: int, devices: int, counter: Any) -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars of several workers would garble one terminal
 
 
-def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> list[tuple[str, str]]:
-    """Run the jobs ``rids`` of ``exp`` in this worker process; write each record; return (run id, scores line)."""
+def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None:
+    """Run the jobs ``rids`` of ``exp`` in this worker process and write each record."""
     key = json.dumps(_non_default(exp), sort_keys=True, default=str)  # tokenized once per worker and experiment
     if _WORKER.get("data_for") != key:
         _WORKER["data"], _WORKER["data_for"] = load_data(exp, read_data(exp)), key
     plan = {job.rid: job for job in plan_runs(exp)}
-    out, done = exp.output, []
     for rid in rids:
-        job = plan[rid]
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
-            record = run_one(exp, job.entry, job.task, job.seed, _WORKER["data"], stages_dir=out / "stages",
-                             progress=progress, checkpoint_dir=_inside(out, out / "checkpoints" / rid),
-                             adapter_dir=_inside(out, out / "adapters" / rid))
-        _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
-        _drop_empty(out / "checkpoints" / rid)
-        line = _scores_line(record)
-        say(f"    {rid}: {line}")
-        done.append((rid, line))
-    return done
+            record = _train_job(exp, plan[rid], _WORKER["data"], progress)
+        say(f"    {rid}: {_keep(exp, rid, record)}")
 
 
 def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True) -> None:
@@ -709,12 +726,8 @@ def _share_out(workers: int) -> tuple[int, int, str]:
 
 
 def _worker_landscape(exp: Experiment, rid: str, progress: bool) -> None:
-    from forgetless.landscape_runs import measure_runs
-
-    heldout = exp.general.heldout
     with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
-        measure_runs(exp.output, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
-                     data_key=heldout.cache_key(), progress=progress, only={rid})
+        _measure_landscape(exp, progress, only={rid})
 
 
 def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
@@ -786,31 +799,23 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             for job, record in stale:
                 _set_aside(out, job, record)
             _run_parallel(exp, todo, workers, progress)
-        data = load_data(exp, raw) if todo and not parallel else None
-        for number, job in enumerate([] if parallel else todo, 1):
-            current = job.rid
-            print(f"[{number}/{len(todo)}] {job.rid}")
-            if is_main_process():
-                for stale_job, record in stale:
-                    if stale_job is job:
-                        _set_aside(out, job, record)
-            record = run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
-                             checkpoint_dir=_inside(out, out / "checkpoints" / job.rid),
-                             adapter_dir=_inside(out, out / "adapters" / job.rid))
-            current = None
-            if not is_main_process():
-                continue  # under `accelerate launch`, every process trains; only one writes
-            _write_json(_inside(out, out / "runs" / f"{job.rid}.json"), record)
-            _drop_empty(out / "checkpoints" / job.rid)
-            print(f"    {_scores_line(record)}")
+        elif todo:
+            data = load_data(exp, raw)
+            for number, job in enumerate(todo, 1):
+                current = job.rid
+                print(f"[{number}/{len(todo)}] {job.rid}")
+                if is_main_process():
+                    for stale_job, record in stale:
+                        if stale_job is job:
+                            _set_aside(out, job, record)
+                record = _train_job(exp, job, data, progress)
+                current = None
+                if is_main_process():  # under `accelerate launch`, every process trains; only one writes
+                    print(f"    {_keep(exp, job.rid, record)}")
         if exp.landscape is not None and is_main_process():
-            from forgetless.landscape_runs import measure_runs
-
             if workers > 1:
                 _landscape_parallel(exp, workers, progress)
-            heldout = exp.general.heldout
-            measure_runs(out, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
-                         data_key=heldout.cache_key(), progress=progress)
+            _measure_landscape(exp, progress)  # what is left: everything, with one worker
     except KeyboardInterrupt:
         stopped = f"{current} was stopped and is not recorded; " if current else (
             "the runs in progress were stopped and are not recorded; " if parallel else "")
