@@ -156,9 +156,14 @@ def _attn_kwargs(attn_implementation: str | None) -> dict:
     return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (the model itself when it is not one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attn_implementation_of(model: torch.nn.Module) -> str | None:
     """The attention implementation the (PEFT) model's configuration names."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
 
 
@@ -168,7 +173,7 @@ def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
     check_attn_implementation(name)
     if attn_implementation_of(model) == name:
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.set_attn_implementation(name)
 
 
@@ -192,7 +197,7 @@ def apply_liger(model: torch.nn.Module) -> None:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would only log it and change nothing
         raise LeverUnavailable(f"liger: true: the Liger kernels have no patch for model type {model_type!r}; "
@@ -207,7 +212,7 @@ def compile_model(model: torch.nn.Module, **options) -> list[torch.nn.Module]:
     every layer of the same shape, so compiling costs one layer, not the depth). The modules, their parameters, LoRA
     and every hook stay as they were; only the layers' calls go through the compiled code. Returns the compiled
     modules (:func:`uncompile` undoes it). Needs a C++ compiler on the CPU (inductor)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = _decoder_layers(base)
     targets = list(layers) if layers is not None else [base]
     for module in targets:
@@ -269,7 +274,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return bool(getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None))
 
 

@@ -19,8 +19,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, check_attn_implementation,
-                               compile_model, is_quantized, liger_available, set_attn_implementation, uncompile)
+from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, base_model,
+                               check_attn_implementation, compile_model, is_quantized, liger_available,
+                               set_attn_implementation, uncompile)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
 from forgetless.training.batches import LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed
@@ -146,7 +147,7 @@ def train_stage(
         model.to(accelerator.device)
     # gradient checkpointing is this stage's: turned on here, and off again at its end (unless it was on before)
     checkpointing = config.gradient_checkpointing and not gradient_checkpointing_on(model)
-    use_cache = getattr(_base(model).config, "use_cache", True)
+    use_cache = getattr(base_model(model).config, "use_cache", True)
     if checkpointing:
         enable_gradient_checkpointing(model)
     check_levers(model, config, accelerator.device)
@@ -339,10 +340,6 @@ def _nonfinite(loss: float, grad_norm: float | None) -> tuple[str, float] | None
     return None
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute activations in the backward pass (transformers' non-reentrant checkpointing): memory for time.
 
@@ -350,7 +347,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     exact estimator) fire once per backward, and the frozen embeddings need no ``requires_grad`` trick.
     transformers 5 calls it activation checkpointing (the old names warn); both are served.
     """
-    base = _base(model)
+    base = base_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
     if hasattr(base, "activation_checkpointing_enable"):
@@ -361,7 +358,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
-    base = _base(model)
+    base = base_model(model)
     name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(base, name, False))
@@ -369,7 +366,7 @@ def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
 
 def disable_gradient_checkpointing(model: torch.nn.Module, use_cache: bool = True) -> None:
     """Undo :func:`enable_gradient_checkpointing`, with ``config.use_cache`` set back to ``use_cache``."""
-    base = _base(model)
+    base = base_model(model)
     if hasattr(base, "activation_checkpointing_disable"):
         base.activation_checkpointing_disable()
     else:
