@@ -123,13 +123,12 @@ def _fmt(value: Any) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
+    from forgetless.reporting.forgetting import mean_std
+
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return _num(mean, 4)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{_num(mean, 4)} ± {_num(std, 2)}"
+    mean, std = mean_std(values)
+    return _num(mean, 4) if len(values) == 1 else f"{_num(mean, 4)} ± {_num(std, 2)}"
 
 
 def method_means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:

@@ -53,7 +53,7 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):+.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -166,7 +166,7 @@ def plot_gain_vs_drop(rows: Sequence[dict[str, Any]], methods: Sequence[str], pa
             mine = [r for r in rows if r["method"] == method and r["task"] == task and r["gain"] is not None]
             if not mine:
                 continue
-            (x, xerr), (y, yerr) = _mean_std([-r["forgetting"][MEAN] for r in mine]), _mean_std([r["gain"]
+            (x, xerr), (y, yerr) = mean_std([-r["forgetting"][MEAN] for r in mine]), mean_std([r["gain"]
                                                                                              for r in mine])
             ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], marker="o", capsize=3, label=method)
             ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
