@@ -253,17 +253,6 @@ def bench_ewc(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ EWC's Fisher
-def old_batch_nll(logits, labels, keep, estimator, generator):
-    """The Fisher's loss as computed before: EWC's per-example NLL row by row, summed."""
-    from forgetless.methods.ewc import _example_nll
-
-    loss = None
-    for row in range(logits.shape[0]):
-        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
-        loss = nll if loss is None else loss + nll
-    return loss
-
-
 def bench_fisher(args) -> dict:
     """fisher_diagonal (EWC's defaults: LoRA on q_proj, v_proj; batch 4) over 16 examples of 256 tokens with a vocabulary
     of 2048, the one-pass NLL (new) vs the per-example loop (old); both give the same Fisher bit for bit."""
@@ -294,7 +283,7 @@ def bench_fisher(args) -> dict:
 
     out = {}
     for estimator in ("sampled", "empirical"):
-        ratios = compare({"old": run(old_batch_nll, estimator), "new": run(new_nll, estimator)},
+        ratios = compare({"old": run(ewc.rowwise_batch_nll, estimator), "new": run(new_nll, estimator)},
                          max(3, args.reps // 3), 1, args.device, "old")
         out[f"ewc_fisher_{estimator}"] = ratios
     return out

@@ -26,29 +26,18 @@ import time
 
 import torch
 
+import _common
+from _common import StepTimer
+
 from forgetless.models import LoraSettings, attach_lora, load_model
 from forgetless.precision import autocast, resolve_precision
-from forgetless.training.hooks import Method
 from forgetless.training.loop import TrainConfig, train_stage
 
 BATCH, SEQ = 8, 128
 
 
 def make_examples(n: int, vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, vocab, (n, SEQ), generator=g)
-    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
-
-
-class StepTimer(Method):
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_stage_start(self, ctx) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def after_optimizer_step(self, ctx) -> None:
-        self.stamps.append(time.perf_counter())
+    return _common.make_examples(n, vocab, SEQ, low=100)
 
 
 def per_step(stamps: list[float], warmup: int, mean: bool = False) -> float:

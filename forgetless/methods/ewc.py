@@ -101,6 +101,17 @@ def _example_nll(logits: torch.Tensor, labels: torch.Tensor, estimator: str,
     return -logp.gather(1, y[:, None]).sum(), int(keep.sum())
 
 
+def rowwise_batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, estimator: str,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The definition :func:`_batch_nll` computes in one pass: :func:`_example_nll` row by row, summed (``keep`` is
+    unused; the signature is :func:`_batch_nll`'s). The reference of its test and of ``bench/bench_method_state.py``."""
+    loss = None
+    for row in range(logits.shape[0]):
+        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
+        loss = nll if loss is None else loss + nll
+    return loss
+
+
 def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, estimator: str,
                generator: torch.Generator | None) -> torch.Tensor:
     """The summed NLL of every example of a batch (``logits`` [B, T, V], ``labels`` [B, T] unshifted, ``keep`` [B, T-1]

@@ -11,6 +11,7 @@ from forgetless.methods import REGISTRY, general_stage_entries, resolve
 from forgetless.methods.ewc import EWC, FILENAME, fisher_diagonal, load_fisher
 from forgetless.methods.hlora import HLoRA
 from forgetless.training.loop import TrainConfig, train_stage
+from tests.unit.gradcheck import central_differences
 from tests.unit.tiny_model import fused_and_plain, random_examples, randomize_lora_b
 
 
@@ -136,21 +137,12 @@ def test_penalty_value_anchor_and_gradient_matches_central_differences(domain_re
     assert pen > 0 and torch.allclose(pen, expected, rtol=tol(1e-12, torch.float64))
     params = [p for _, m in lora_modules(model) for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
     grads = torch.autograd.grad(pen, params)
-    g = torch.Generator().manual_seed(0)
-    h = 1e-2  # the penalty is quadratic in any single entry of A or B: central differences are exact for any h
-    for p, grad in zip(params, grads):
-        for _ in range(3):
-            idx = tuple(int(torch.randint(0, d, (1,), generator=g)) for d in p.shape)
-            with torch.no_grad():
-                old = p[idx].item()
-                p[idx] = old + h
-                up = plugin.penalty().item()
-                p[idx] = old - h
-                down = plugin.penalty().item()
-                p[idx] = old
-            fd = (up - down) / (2 * h)
-            assert abs(fd - grad[idx].item()) <= tol(1e-8, torch.float64) * max(abs(fd), 1e-3 * float(grad.abs().max())), \
-                (idx, fd)
+    grad_of = dict(zip(map(id, params), grads))
+    # the penalty is quadratic in any single entry of A or B: central differences are exact for any h
+    for p, idx, fd in central_differences(plugin.penalty, params, h=1e-2):
+        grad = grad_of[id(p)]
+        assert abs(fd - grad[idx].item()) <= tol(1e-8, torch.float64) * max(abs(fd), 1e-3 * float(grad.abs().max())), \
+            (idx, fd)
     extra = plugin.extra_loss(dctx, {})
     assert torch.allclose(extra, plugin.lam * plugin.penalty())
     assert float(dctx.scalars["ewc_penalty"]) == pytest.approx(float(pen.detach()))
@@ -306,20 +298,9 @@ def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx, foreac
 
 
 # ------------------------------------------------------------------------------- the Fisher's NLL in one pass
-def _old_batch_nll(logits, labels, keep, estimator, generator):
-    """The Fisher's loss as it was computed before: :func:`_example_nll` row by row, summed."""
-    from forgetless.methods.ewc import _example_nll
-
-    loss = None
-    for row in range(logits.shape[0]):
-        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
-        loss = nll if loss is None else loss + nll
-    return loss
-
-
 @pytest.mark.parametrize("estimator", ["sampled", "empirical"])
 def test_batch_nll_is_the_per_example_sum_with_the_same_draws_and_gradient(estimator, lora_model):
-    from forgetless.methods.ewc import _batch_nll
+    from forgetless.methods.ewc import _batch_nll, rowwise_batch_nll
     from forgetless.training.batches import collate
 
     model = lora_model(b_std=0.05).eval()  # fp32
@@ -330,7 +311,7 @@ def test_batch_nll_is_the_per_example_sum_with_the_same_draws_and_gradient(estim
     labels, keep = batch["labels"].to(device), batch["labels"][:, 1:] != -100
     old_gen = torch.Generator(device=device).manual_seed(3)
     new_gen = torch.Generator(device=device).manual_seed(3)
-    old = _old_batch_nll(logits, labels, keep, estimator, old_gen)
+    old = rowwise_batch_nll(logits, labels, keep, estimator, old_gen)
     new = _batch_nll(logits, labels, keep, estimator, new_gen)
     assert torch.equal(old_gen.get_state(), new_gen.get_state())  # the generator was used as before
     assert abs(float(new - old)) <= 1e-6 * abs(float(old))  # the same terms, summed in another order
@@ -347,7 +328,7 @@ def test_fisher_is_the_per_example_loops(estimator, lora_model, monkeypatch):
     model = lora_model(b_std=0.05, targets=ALL_SEVEN)
     examples = ragged_examples()
     new, new_tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
-    monkeypatch.setattr(ewc, "_batch_nll", _old_batch_nll)
+    monkeypatch.setattr(ewc, "_batch_nll", ewc.rowwise_batch_nll)
     old, old_tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
     assert new_tokens == old_tokens
     for name, f in old.items():
