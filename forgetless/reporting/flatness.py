@@ -181,7 +181,7 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
             names.append(plot_flatness_scatter(rows, metric, Path(folder) / f"flatness_{metric}{suffix}.png",
                                                target).name)
         md += f"| {METRICS[metric]} | " + " | ".join(cells) + f" | {n} | {', '.join(names)} |\n"
-    settings = next((r["landscape"].get("settings") for r in results if (r.get("landscape") or {}).get("metrics")), {})
+    settings = next((r["landscape"].get("settings") for r in results if (r.get("landscape") or {}).get("metrics")), None) or {}
     md += (f"\nMeasured on the domain-stage weights ({settings.get('params', '?')} parameters), on "
            f"{settings.get('blocks', '?')} held-out general-text blocks of {settings.get('block_size', '?')} tokens; "
            "the three surface metrics on a "
@@ -189,6 +189,12 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py). PPL increase: general PPL "
            "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
            "p-values mean little.\n")
+    variants = sorted({r["method"] for r in results if r.get("variant_of")}
+                      | {label for r in results for label in (r.get("variants") or {})})
+    if variants:
+        md += (f"\nNot measured: {', '.join(f'`{v}`' for v in variants)}. An interpolation's model is a rank-2r "
+               "adapter (the general and domain factors stacked), so its LoRA directions span other parameters than "
+               "a run's rank-r ones and its metrics would not compare; the run itself (alpha 1) is measured.\n")
     return md + all_weights_section(results, folder, root)
 
 

@@ -259,6 +259,21 @@ def test_spearman_and_reference_ppl():
     assert reference_ppl(no_base, no_base[1], methods=["lora-mu"]) == 13.0  # the first method, same seed
 
 
+def test_flatness_section_names_the_interpolations_it_does_not_measure(tmp_path):
+    from forgetless.reporting.flatness import flatness_section
+
+    measured = {"landscape": {"metrics": {"surface_curvature": 2.0}}}
+    results = [{"method": "base", "task": "t", "seed": 0, "general_ppl": 10.0},
+               {"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 12.0, **measured}]
+    plain = flatness_section(results, tmp_path)
+    assert "## Flatness and forgetting" in plain and "Not measured" not in plain
+    results.append({"method": "wise-ft", "task": "t", "seed": 0, "general_ppl": 11.0, **measured,
+                    "variants": {"wise-ft(alpha=0.5)": {"general_ppl": 10.5}}})
+    md = flatness_section(results, tmp_path)
+    assert "Not measured: `wise-ft(alpha=0.5)`." in md
+    assert "| wise-ft | t | 0 |" in md  # the run itself is in the per-run table
+
+
 # ---------------------------------------------------------------- CLI and experiment
 
 
