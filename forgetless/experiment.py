@@ -827,6 +827,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
     if is_main_process():
         _write_report(exp, results)
     return results
+
+
 def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     """``results.md``/``results.csv`` with the sections of HLoRA and flatness, and the figures."""
     from forgetless.reporting.flatness import flatness_section

@@ -170,6 +170,8 @@ def resolve(entry: Any) -> Recipe:
     if plugins and not stages:
         raise ValueError(f"{method_label(entry)!r}: a plugin method needs at least one training stage")
     return Recipe(label=method_label(entry), stages=stages, lora=lora, plugins=plugins, entries=items)
+
+
 from forgetless.methods import hlora as _hlora  # noqa: E402,F401
 from forgetless.methods import sam as _sam  # noqa: E402,F401
 from forgetless.methods import replay as _replay  # noqa: E402,F401

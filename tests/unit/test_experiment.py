@@ -101,6 +101,7 @@ def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numb
             penalty = [[row["ewc_penalty"] for row in r["stages"][-1]["history"]] for r in (record, same)]
             assert penalty[0] == penalty[1] and penalty[0][-1] > 0, entry  # at the domain start when shared
 
+
 def test_method_entry_restricted_to_some_tasks(tmp_path, tiny_model_dir):
     tasks = [{"name": n, "train": str(FIXTURES / "generic.jsonl"), "test": str(FIXTURES / "generic.jsonl")}
              for n in ("a", "b")]

@@ -146,6 +146,7 @@ def test_all_weights_surface_beside_the_lora_one_is_added_without_remeasuring(tm
     assert (out / "surfaces_lora_vs_all.png").read_bytes()[:4] == b"\x89PNG"
     assert sum(line.startswith("| lora-mu | 0 |") for line in md.splitlines()) == 2  # LoRA and all weights rows
 
+
 def _lora_parameters(adapter):
     from safetensors.torch import load_file
 

@@ -17,7 +17,6 @@ from tests.unit._train_parity import CASES, run, variable_examples
 from tests.unit.tiny_model import launch_two_processes
 
 
-
 def assert_close(a: dict, b: dict, rel: float = 1e-5) -> None:
     assert a.keys() == b.keys() and a
     for k in a:

@@ -171,7 +171,6 @@ def test_run_ids_and_general_stage_keys_of_unchanged_experiments_are_as_before(t
     assert general_stage_key(loaded, resolve("lora-nu-mu"), 1) == "3c2c07360b"
 
 
-
 def test_a_changed_method_default_changes_the_identity_of_runs_that_relied_on_it(monkeypatch):
     """A run that left an option out was made with the default of its day: when the default changes (``was=``), the
     option enters the identity at its new value, so the old record is "changed"; runs that wrote it are as before."""
@@ -203,6 +202,7 @@ def test_a_changed_method_default_changes_the_identity_of_runs_that_relied_on_it
     assert methods.identity_entries([{"name": "pinned", "lam": 3}]) == [{"name": "pinned", "lam": 3}]
     assert methods.general_stage_entries([{"name": "pinned"}]) == [{"name": "pinned", "lambda": 10.0}]
     assert methods.identity_entries([{"name": "lora-mu"}, {"name": "pinned"}])[0] == {"name": "lora-mu"}
+
 
 # ------------------------------------------------------------------------------------------------ adapters
 def _trained_adapter(tmp_path: Path, model_dir: Path, capsys) -> tuple[Path, dict]:

@@ -100,6 +100,7 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     tests = welch_tests(res, "lora-nu-mu")
     assert {t["method"] for t in tests} == set(DATA) - {"lora-nu-mu"}
     welch = table_rows(md, "## Significance")
+
     def values(method, task, metric):  # suite change: base's suite is 40 points, a tuned run loses (PPL - 10)
         return [{"general_ppl": ppl, "domain_acc": acc, "suite_change": -(ppl - 10.0)}[metric]
                 for ppl, acc in DATA[method][task]]

@@ -12,7 +12,6 @@ from forgetless.training.loop import TrainConfig, train_stage
 from tests.unit.tiny_model import launch_two_processes, random_examples, to_device
 
 
-
 class Quadratic(torch.nn.Module):
     def __init__(self, x0: torch.Tensor) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Method
 from forgetless.training.loop import train_stage
 from forgetless.training.loss import CausalLMLoss, causal_lm_loss
-from tests.unit.tiny_model import make_lora_model, random_examples
+from tests.unit.tiny_model import make_lora_model
 
 # forgetless's own code: not a library in a virtualenv that a checkout named .../forgetless/.venv holds
 PACKAGE_DIR = os.path.dirname(forgetless.__file__) + os.sep
@@ -152,6 +152,7 @@ def test_liger_fused_cross_entropy_is_called_with_the_head_and_the_labelled_rows
         assert shape[0] == labelled == target.numel()
     wrapped = make_lora_model(targets=("q_proj", "lm_head"))  # a head that LoRA wraps: the plain path
     assert not CausalLMLoss(wrapped, fused_ce=True).fused_ce
+
 
 def test_forgetless_train_refuses_liger_without_it(tmp_path, capsys):
     if importlib.util.find_spec("liger_kernel") is not None:
