@@ -163,6 +163,65 @@ def group_modules(modules: Iterable[tuple[str, torch.nn.Module]], adapter: str =
     return groups
 
 
+def _scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """:func:`delta_from_factors`' values (``a``, ``b``, ``scale`` in one dtype) in a fresh tensor, scaled in place."""
+    out = torch.matmul(b, a)
+    return (out.transpose(-2, -1) if fan_in_fan_out else out).mul_(scale)
+
+
+class _WeightedDistance(torch.autograd.Function):
+    """``sum_n c_n sum_ij W_nij (dW_nij - R_nij)**2`` with ``dW = transpose(B @ A) * s``: see :func:`weighted_distance`."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, weight, coeff, fan_in_fan_out, ref, ref_a, ref_b, ref_scale):  # noqa: D102
+        diff = _scaled_update(a, b, scale, fan_in_fan_out)  # dense 1
+        if ref_a is not None:  # the anchor from its factors, in a buffer that then holds W * (dW - R)
+            weighted = _scaled_update(ref_a, ref_b, ref_scale, fan_in_fan_out)  # dense 2
+            diff.sub_(weighted)
+            torch.mul(diff, weight, out=weighted)
+        else:
+            if ref is not None:
+                diff.sub_(ref)
+            weighted = diff * weight  # dense 2
+        per_module = diff.mul_(weighted).sum(dim=(-2, -1))  # sum_ij W (dW - R)^2; diff is not needed after this
+        ctx.save_for_backward(a, b, scale, weighted, coeff)
+        ctx.fan_in_fan_out = fan_in_fan_out
+        return (per_module * coeff).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        a, b, scale, weighted, coeff = ctx.saved_tensors
+        g = weighted.transpose(-2, -1) if ctx.fan_in_fan_out else weighted  # [n, out, in]
+        factor = (2 * grad) * scale * coeff.view(-1, 1, 1)  # d/d dW = 2 c W (dW - R), and dW = s B A
+        grad_a = torch.matmul(b.transpose(-2, -1), g).mul_(factor) if ctx.needs_input_grad[0] else None
+        grad_b = torch.matmul(g, a.transpose(-2, -1)).mul_(factor) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None, None, None, None, None, None, None
+
+
+def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                      coeff: torch.Tensor | None = None, fan_in_fan_out: bool = False, ref: torch.Tensor | None = None,
+                      ref_factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_n coeff_n sum_ij weight_nij (dW_nij - R_nij)**2`` for a stack of LoRA factors ``A [n, r, in]``,
+    ``B [n, out, r]`` (at least float32) with ``dW = delta_from_factors(A, B, scale, fan_in_fan_out)``, differentiable
+    in ``A`` and ``B``: HLoRA's eqs 14-15 and EWC's penalty. The anchor ``R`` is ``ref`` (``[n, *dW shape]``), or
+    ``delta_from_factors(*ref_factors, fan_in_fan_out)`` for ``ref_factors = (A_ref, B_ref, scale_ref)``, or 0;
+    ``weight`` is ``[n, *dW shape]``; ``coeff`` ``[n]`` (None: 1). No gradient flows to them.
+
+    The number ``(coeff * (weight * (dW - R).square()).sum((1, 2))).sum()`` gives, up to rounding (dW and R are
+    the same values, so the distance at the anchor is exactly 0), in fewer passes over the dense ``[n, out, in]``
+    tensors: autograd would write and keep several per step; this writes two and keeps one, ``weight * (dW - R)``,
+    from which the factors' gradients are two rank-``r`` matmuls. Not twice differentiable."""
+    dtype, device = a.dtype, a.device
+    coeff = torch.ones(a.shape[0], dtype=dtype, device=device) if coeff is None else coeff.to(device, dtype)
+    ref_a = ref_b = ref_scale = None
+    if ref_factors is not None:
+        ref_a, ref_b = (t.to(device, dtype) for t in ref_factors[:2])
+        ref_scale = ref_factors[2].to(device, dtype)
+    return _WeightedDistance.apply(a, b, scale.to(device, dtype), weight, coeff, fan_in_fan_out, ref, ref_a, ref_b,
+                                   ref_scale)
+
+
 def by_device(groups: Sequence[LoraGroup]) -> list[list[int]]:
     """Indices of ``groups`` per device (``torch._foreach_*`` ops need their tensors on one device)."""
     found: dict[torch.device, list[int]] = {}
@@ -173,4 +232,4 @@ def by_device(groups: Sequence[LoraGroup]) -> list[list[int]]:
 
 __all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "by_device", "compute_dtype", "delta_from_factors",
                           "delta_weight", "factors", "fan_in_fan_out", "group_modules", "lora_modules", "scaling",
-                          "scaling_tensor", "update_shape"]
+                          "scaling_tensor", "update_shape", "weighted_distance"]

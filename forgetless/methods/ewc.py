@@ -51,9 +51,9 @@ general-stage update ``dW_nu`` (zero when there is no general stage); ``anchor="
 update towards zero, as the EWCLoRA code does. The anchor is not stored: the cached general stage's adapter is it.
 
 The penalty is computed for groups of modules with equal factor shapes (:func:`forgetless.lora.group_modules`): the
-Fisher of a group is one stacked tensor, ``dW`` and ``dW_ref`` one batched matmul each, and the difference, square and
-weighting one ``torch._foreach_*`` launch per op across the groups of a CUDA device (the same ops group by group on
-the CPU; ``fused = False`` on the plugin: module by module, the same value). ``ewc_penalty`` is left to the loop as a
+Fisher of a group is one stacked tensor, and the group's penalty one :func:`forgetless.lora.weighted_distance`
+(``dW`` and ``dW_ref`` one batched matmul each, a few in-place dense passes, one dense tensor kept for the backward;
+``fused = False`` on the plugin: module by module with autograd, the same value up to rounding). ``ewc_penalty`` is left to the loop as a
 tensor (read at its logging interval: no host sync per step).
 
 The wall time and payload size of the Fisher are recorded in the stage's ``extras["importance_cost"]["ewc"]``
@@ -71,10 +71,10 @@ from typing import Any
 import torch
 
 from forgetless.lm import IGNORE_INDEX
-from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, compute_dtype, delta_from_factors, factors,
-                             fan_in_fan_out, group_modules, lora_modules, scaling, update_shape)
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, factors, fan_in_fan_out,
+                             group_modules, lora_modules, scaling, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option, shard)
 from forgetless.progress import say
 from forgetless.training.batches import collate
@@ -298,9 +298,8 @@ class EWC(Method):
         self._stage_examples: Sequence[dict] | None = None
         self._state = PendingState(STATE)
         self._terms: list[_Term] = []  # one per group of equal-shaped modules
-        self._buckets: list[list[int]] = []  # indices of self._terms per device, for the foreach ops
 
-    fused = True  # one foreach launch per op across groups; False: module by module (the same value)
+    fused = True  # one weighted_distance per group; False: module by module with autograd (the same value)
 
     # ----------------------------------------------------------------------------------------------- stages
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
@@ -389,7 +388,6 @@ class EWC(Method):
             # penalty needs it.
             ref = group.stacked() if self.anchor == "general" else None
             self._terms.append(_Term(group, fisher, ref))
-        self._buckets = by_device([t.group for t in self._terms])
         ctx.extras["ewc_anchor"] = self.anchor
 
     def penalty(self) -> torch.Tensor:
@@ -399,23 +397,14 @@ class EWC(Method):
         if not self.fused:
             return self._penalty_plain()
         total = None
-        for bucket in self._buckets:
-            terms = [self._terms[i] for i in bucket]
-            ops = TensorLists(terms[0].group.device)
-            with torch.autocast(device_type=terms[0].group.device.type, enabled=False):
-                if ops.foreach:
-                    diffs = [t.group.delta_weight(detach=False) for t in terms]  # one bmm per group
-                    refs = [i for i, t in enumerate(terms) if t.ref is not None]
-                    if refs:  # the same computation on the stored factors: exactly 0 at the anchor
-                        subtracted = ops.sub([diffs[i] for i in refs], [terms[i].reference_delta() for i in refs])
-                        for i, d in zip(refs, subtracted):
-                            diffs[i] = d
-                    fishers = [t.fisher.to(t.group.device, t.group.dtype, non_blocking=True) for t in terms]
-                    weighted = ops.mul(ops.mul(diffs, diffs), fishers)
-                else:  # lazily, group by group
-                    weighted = (t.weighted_square() for t in terms)
-                for w in weighted:
-                    total = w.sum() if total is None else total + w.sum()
+        for term in self._terms:  # one weighted_distance per group of equal-shaped modules
+            g = term.group
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                a, b = g.stacked(detach=False)
+                fisher = term.fisher.to(g.device, g.dtype, non_blocking=True)
+                anchor = (*term.ref, g.scaling) if term.ref is not None else None
+                t = weighted_distance(a, b, g.scaling, fisher, fan_in_fan_out=g.fan_in_fan_out, ref_factors=anchor)
+            total = t if total is None else total + t
         return total
 
     def _penalty_plain(self) -> torch.Tensor:
@@ -463,18 +452,6 @@ class _Term:
 
     def __init__(self, group: LoraGroup, fisher: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.group, self.fisher, self.ref = group, fisher, ref
-
-    def reference_delta(self) -> torch.Tensor:
-        g = self.group
-        return delta_from_factors(self.ref[0], self.ref[1], g.scaling, g.fan_in_fan_out, g.dtype)
-
-    def weighted_square(self) -> torch.Tensor:
-        """F * (dW - dW_ref)^2 for the group's modules, [n, *weight shape], differentiable in A and B."""
-        g = self.group
-        diff = g.delta_weight(detach=False)
-        if self.ref is not None:
-            diff = diff - self.reference_delta()
-        return diff.square() * self.fisher.to(g.device, g.dtype, non_blocking=True)
 
 
 register(MethodSpec("ewc", "EWC-LoRA: diagonal Fisher of general text on the LoRA target weights, "

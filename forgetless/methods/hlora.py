@@ -110,18 +110,20 @@ absolute, norm_scale: none, temperature: 1}``.
 
 Efficiency: modules with the same shapes are stacked and processed with one ``bmm`` per group; ``dW`` is
 computed once per step per module (the dW after a step is reused as the next step's dW(t) unless the LoRA
-parameters were changed in between, detected through the tensors' version counters). The element-wise work of a
-step (the path integral's update, the regularizer's difference, square and weighting) is one ``torch._foreach_*``
-launch per op across the groups of a CUDA device (on the CPU, where foreach ops are a loop and measured slower, the
-same ops per group: :class:`forgetless.methods.common.TensorLists`); ``fused = False`` on the plugin takes the plain
-path (the path integral group by group, the regularizer module by module), which gives the same numbers. No
+parameters were changed in between, detected through the tensors' version counters). The path integral's
+element-wise update is one ``torch._foreach_*`` launch per op across the groups of a CUDA device (on the CPU, where
+foreach ops are a loop and measured slower, the same ops per group: :class:`forgetless.methods.common.TensorLists`).
+The regularizer is one :func:`forgetless.lora.weighted_distance` per group: two dense tensors written per step (dW
+and dW_nu, then W (dW - dW_nu) in the second), one kept for the backward, the factors' gradients as two rank-r
+matmuls; autograd over the same formula wrote and kept several more (a third of its time at SmolLM2's widths on
+the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path integral group by group, the
+regularizer module by module with autograd), which gives the same numbers up to rounding. No
 per-step path reads a device value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
 State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
 module instead of ``out x in``, and multiplied out inside the regularizer with the same batched matmul that gives
 ``dW`` (so it is exactly 0 at the anchor, and the value and gradient are bit for bit those of a dense anchor); the
-cost is that batched matmul per group and step (the regularizer's forward + backward took 1.14x the dense version's
-on the CPU, bench/RESULTS.md), for about half the state (omega is the rest). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
+cost is that batched matmul per group and step, for about half the state (omega is the rest). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
 ``{module}.ref_A`` / ``{module}.ref_B`` (in the factors' compute dtype: the anchor is exact and needs no snapping),
 with the scalings and layouts in its metadata. Files written before (a dense ``{module}.dw_ref``) are still read: their
 cached general stages stay usable. Where the adapter the domain stage starts from gives that dense ``dW_nu`` exactly
@@ -141,7 +143,7 @@ from typing import Any
 import torch
 
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_factors, delta_weight, group_modules,
-                             lora_modules, scaling, scaling_tensor, update_shape)
+                             lora_modules, scaling, scaling_tensor, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
                                        check_modules, option)
@@ -350,7 +352,7 @@ class HLoRA(Method):
         self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
         self._buckets: list[list[int]] = []  # indices of self.groups per device, for the foreach ops
 
-    fused = True  # one foreach launch per op across groups; False: the plain path (same numbers)
+    fused = True  # groups at once (foreach path integral, weighted_distance); False: the plain path (same numbers)
 
     @property
     def reference(self) -> ReferenceUpdates:
@@ -613,26 +615,19 @@ class HLoRA(Method):
     def regularizer(self) -> torch.Tensor:
         """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B.
 
-        dW and dW_nu are one batched matmul per group each; on CUDA the difference, square and weighting are one
-        foreach launch per op across the groups of the device (elsewhere the same ops group by group).
-        ``fused = False``: module by module (the same value)."""
+        One :func:`forgetless.lora.weighted_distance` per group of equal-shaped modules: dW and dW_nu are a batched
+        matmul each, and the dense work is a few in-place passes with one tensor kept for the backward.
+        ``fused = False``: module by module with autograd (the same value up to rounding; the reference)."""
         if not self.fused:
             return self._regularizer_plain()
         total = None
-        for bucket in self._buckets:
-            groups = [self.groups[i] for i in bucket]
-            ops = TensorLists(groups[0].device)
-            with torch.autocast(device_type=groups[0].device.type, enabled=False):
-                if ops.foreach:
-                    diffs = ops.sub([g.delta_weight(detach=False) for g in groups],
-                                    [g.reference_delta() for g in groups])
-                    weighted = ops.mul(ops.mul(diffs, diffs), [g.importance for g in groups])
-                else:  # lazily, group by group
-                    weighted = (g.importance * (g.delta_weight(detach=False) - g.reference_delta()).square()
-                                for g in groups)
-                for g, w in zip(groups, weighted):
-                    term = (g.coeff * w.sum(dim=(1, 2))).sum()  # sum_l c_l L_l (eqs 14-15)
-                    total = term if total is None else total + term
+        for g in self.groups:
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                a, b = g.stacked(detach=False)
+                refs = {"ref": g.dw_ref} if g.dw_ref is not None else {
+                    "ref_factors": (g.ref_a, g.ref_b, g.ref_scaling)}
+                term = weighted_distance(a, b, g.scaling, g.importance, g.coeff, g.fan_in_fan_out, **refs)
+            total = term if total is None else total + term  # sum_l c_l L_l (eqs 14-15)
         return total
 
     def _regularizer_plain(self) -> torch.Tensor:

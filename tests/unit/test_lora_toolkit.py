@@ -169,3 +169,63 @@ def test_wise_ft_is_exact_on_a_bf16_base_and_leaves_it_untouched():
             assert torch.equal(module.get_base_layer().weight, bases[name])
     for name, module in lora_modules(model):
         assert torch.equal(delta_weight(module), dw_mu[name])
+
+
+# ------------------------------------------------------------------- weighted_distance (HLoRA's and EWC's term)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("anchor", ["none", "dense", "factors"])
+def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anchor):
+    from forgetless.lora import delta_from_factors, weighted_distance
+
+    g = torch.Generator().manual_seed(0)
+    n, r, out, inp = 3, 2, 5, 4
+    a, b = (torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_() for shape in ((n, r, inp),
+                                                                                                  (n, out, r)))
+    scale = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64).view(-1, 1, 1)
+    shape = (n, inp, out) if fan_in_fan_out else (n, out, inp)
+    weight, coeff = torch.rand(shape, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    ref_a, ref_b = torch.randn(n, 3, inp, generator=g, dtype=torch.float64), torch.randn(n, out, 3, generator=g,
+                                                                                          dtype=torch.float64)
+    ref = delta_from_factors(ref_a, ref_b, scale, fan_in_fan_out)
+    kwargs = {"none": {}, "dense": {"ref": ref}, "factors": {"ref_factors": (ref_a, ref_b, scale)}}[anchor]
+
+    def fn(a, b):
+        return weighted_distance(a, b, scale, weight, coeff, fan_in_fan_out, **kwargs)
+
+    anchor_value = 0 if anchor == "none" else ref
+    formula = (coeff * (weight * (delta_from_factors(a, b, scale, fan_in_fan_out) - anchor_value).square())
+               .sum(dim=(1, 2))).sum()
+    value = fn(a, b)
+    assert value.item() == pytest.approx(formula.item(), rel=1e-13) and value.item() > 0
+    for mine, theirs in zip(torch.autograd.grad(value, (a, b)), torch.autograd.grad(formula, (a, b))):
+        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(fn, (a, b))  # finite differences
+    if anchor == "factors":  # at the anchor (a rank-2 update stacked as rank 3 with a zero row) exactly 0
+        at_a = torch.cat([a.detach(), torch.zeros(n, 1, inp, dtype=torch.float64)], dim=1)
+        at_b = torch.cat([b.detach(), torch.zeros(n, out, 1, dtype=torch.float64)], dim=2)
+        exact = weighted_distance(a.detach().clone().requires_grad_(), b.detach(), scale, weight, coeff,
+                                  fan_in_fan_out, ref_factors=(a.detach(), b.detach(), scale))
+        assert exact.item() == 0.0
+        assert weighted_distance(a, b, scale, weight, coeff, fan_in_fan_out,
+                                 ref_factors=(at_a, at_b, scale)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weighted_distance_keeps_one_dense_tensor_for_the_backward():
+    """What autograd keeps between forward and backward: one [n, out, in] tensor besides the factors (the formula
+    through plain autograd keeps several)."""
+    from forgetless.lora import delta_from_factors, weighted_distance
+
+    n, r, out, inp = 2, 2, 64, 48
+    a, b = torch.randn(n, r, inp, requires_grad=True), torch.randn(n, out, r, requires_grad=True)
+    scale, weight, ref = torch.ones(n, 1, 1), torch.rand(n, out, inp), torch.randn(n, out, inp)
+    dense = n * out * inp
+
+    def kept(fn) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        distinct = {(t.data_ptr(), t.numel()) for t in saved if t.numel() >= dense}
+        return len(distinct)
+
+    assert kept(lambda: weighted_distance(a, b, scale, weight, ref=ref)) == 1
+    assert kept(lambda: (weight * (delta_from_factors(a, b, scale) - ref).square()).sum()) >= 2
