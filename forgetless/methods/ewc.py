@@ -52,7 +52,7 @@ update towards zero, as the EWCLoRA code does. The anchor is not stored: the cac
 
 The penalty is computed for groups of modules with equal factor shapes (:func:`forgetless.lora.group_modules`): the
 Fisher of a group is one stacked tensor, and the group's penalty one :func:`forgetless.lora.weighted_distance`
-(``dW`` and ``dW_ref`` one batched matmul each, a few in-place dense passes, one dense tensor kept for the backward;
+(modules in chunks, ``dW`` and ``dW_ref`` a batched matmul each, in-place dense passes, nothing dense kept for the backward;
 ``fused = False`` on the plugin: module by module with autograd, the same value up to rounding). ``ewc_penalty`` is left to the loop as a
 tensor (read at its logging interval: no host sync per step).
 

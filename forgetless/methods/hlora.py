@@ -113,10 +113,10 @@ computed once per step per module (the dW after a step is reused as the next ste
 parameters were changed in between, detected through the tensors' version counters). The path integral's
 element-wise update is one ``torch._foreach_*`` launch per op across the groups of a CUDA device (on the CPU, where
 foreach ops are a loop and measured slower, the same ops per group: :class:`forgetless.methods.common.TensorLists`).
-The regularizer is one :func:`forgetless.lora.weighted_distance` per group: two dense tensors written per step (dW
-and dW_nu, then W (dW - dW_nu) in the second), one kept for the backward, the factors' gradients as two rank-r
-matmuls; autograd over the same formula wrote and kept several more (a third of its time at SmolLM2's widths on
-the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path integral group by group, the
+The regularizer is one :func:`forgetless.lora.weighted_distance` per group: modules in chunks, each chunk's dW and
+dW_nu a batched matmul, the rest in place, the factors' gradients taken at once as two rank-r matmuls, nothing dense
+kept for the backward; autograd over the same formula wrote and kept several dense tensors of the group's full size
+(the new path takes about a fifth of its time at SmolLM2's widths on the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path integral group by group, the
 regularizer module by module with autograd), which gives the same numbers up to rounding. No
 per-step path reads a device value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
@@ -615,8 +615,8 @@ class HLoRA(Method):
     def regularizer(self) -> torch.Tensor:
         """sum_l c_l sum_i Omega_l,i (dW_l,i - dW_nu_l,i)^2 (eqs 14-15), differentiable in A and B.
 
-        One :func:`forgetless.lora.weighted_distance` per group of equal-shaped modules: dW and dW_nu are a batched
-        matmul each, and the dense work is a few in-place passes with one tensor kept for the backward.
+        One :func:`forgetless.lora.weighted_distance` per group of equal-shaped modules (in chunks of modules; no
+        dense tensor kept for the backward).
         ``fused = False``: module by module with autograd (the same value up to rounding; the reference)."""
         if not self.fused:
             return self._regularizer_plain()

@@ -172,9 +172,10 @@ def test_wise_ft_is_exact_on_a_bf16_base_and_leaves_it_untouched():
 
 
 # ------------------------------------------------------------------- weighted_distance (HLoRA's and EWC's term)
+@pytest.mark.parametrize("chunk", [None, 1, 40])  # default (one chunk here), one module per chunk, two modules
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("anchor", ["none", "dense", "factors"])
-def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anchor):
+def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anchor, chunk):
     from forgetless.lora import delta_from_factors, weighted_distance
 
     g = torch.Generator().manual_seed(0)
@@ -188,6 +189,7 @@ def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anch
                                                                                           dtype=torch.float64)
     ref = delta_from_factors(ref_a, ref_b, scale, fan_in_fan_out)
     kwargs = {"none": {}, "dense": {"ref": ref}, "factors": {"ref_factors": (ref_a, ref_b, scale)}}[anchor]
+    kwargs["chunk_elements"] = chunk
 
     def fn(a, b):
         return weighted_distance(a, b, scale, weight, coeff, fan_in_fan_out, **kwargs)
@@ -210,22 +212,24 @@ def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anch
                                  ref_factors=(at_a, at_b, scale)).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_weighted_distance_keeps_one_dense_tensor_for_the_backward():
-    """What autograd keeps between forward and backward: one [n, out, in] tensor besides the factors (the formula
-    through plain autograd keeps several)."""
+def test_weighted_distance_keeps_no_dense_tensor_for_the_backward():
+    """What autograd keeps between forward and backward: no [n, out, in] tensor, only the factors' gradients (the
+    formula through plain autograd keeps several dense tensors)."""
     from forgetless.lora import delta_from_factors, weighted_distance
 
     n, r, out, inp = 2, 2, 64, 48
     a, b = torch.randn(n, r, inp, requires_grad=True), torch.randn(n, out, r, requires_grad=True)
     scale, weight, ref = torch.ones(n, 1, 1), torch.rand(n, out, inp), torch.randn(n, out, inp)
-    dense = n * out * inp
+    dense = out * inp  # one module's dW
 
     def kept(fn) -> int:
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             fn()
-        distinct = {(t.data_ptr(), t.numel()) for t in saved if t.numel() >= dense}
-        return len(distinct)
+        return len({(t.data_ptr(), t.numel()) for t in saved if t.numel() >= dense})
 
-    assert kept(lambda: weighted_distance(a, b, scale, weight, ref=ref)) == 1
+    assert kept(lambda: weighted_distance(a, b, scale, weight, ref=ref)) == 0
     assert kept(lambda: (weight * (delta_from_factors(a, b, scale) - ref).square()).sum()) >= 2
+    with torch.no_grad():  # no gradient wanted: the value alone, the same number
+        value = weighted_distance(a, b, scale, weight, ref=ref)
+    assert torch.equal(value, weighted_distance(a, b, scale, weight, ref=ref).detach())
