@@ -453,8 +453,9 @@ def _close(a, b, rel):
 
 
 @pytest.mark.parametrize("estimator,nonnegative", [("paper", "end"), ("adam", "step"), ("exact", "running")])
-def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative, foreach):
-    """The importance after 3 steps (fp32, all seven projections: several groups) is the group-by-group one."""
+def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative):
+    """The importance after 3 steps (fp32, all seven projections: several groups) with each group in one chunk is the
+    one computed one module at a time (the plain path)."""
     recorded = {}
     for fused in (True, False):
         model = lora_model(targets=ALL_SEVEN, b_std=0.05)
@@ -468,7 +469,7 @@ def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, 
         assert _close(recorded[True].importance[name], omega, tol(1e-6)), name
 
 
-def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol, foreach):
+def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(xi=1e-2)
     sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
@@ -482,7 +483,7 @@ def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ct
         assert _close(a, b, tol(1e-6))
 
 
-def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device, foreach, tol):
+def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device, tol):
     """dW_nu multiplied out inside the regularizer gives, bit for bit, what a dense anchor (held since the general
     stage's end, as files written before factors hold it) gives: the same product, so the value and the gradient
     are the same (fp32); both are the formula with a dense anchor up to rounding."""
@@ -535,7 +536,7 @@ class no_host_reads:
 
 
 @pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
-def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator, foreach):
+def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(estimator=estimator, phi=1.0)
     data = batches(device=device)
