@@ -558,3 +558,68 @@ def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, devic
         plugin.on_stage_end(ctx)
     # the regularizer is left to the loop as a tensor, read at its logging interval
     assert isinstance(ctx.scalars["reg_loss"], torch.Tensor) and not ctx.scalars["reg_loss"].requires_grad
+
+
+class largest_outputs:
+    """Inside: records the number of elements of every new tensor an aten op returns (a TorchDispatchMode; an output
+    that shares storage with an input, as an in-place op's or a view's does, allocates nothing and is left out), so a
+    test can see the largest tensor a piece of code allocated."""
+
+    def __enter__(self):
+        from torch.utils._pytree import tree_leaves
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sizes = self.sizes = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                        sizes.append(t.numel())
+                return out
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
+def test_per_step_work_writes_one_module_at_a_time_with_a_chunk_of_one_module(lora_model, make_ctx, device, estimator,
+                                                                             monkeypatch):
+    """With chunks of one module, no op of the path integral's step or of the regularizer's forward and backward
+    returns a tensor larger than one module's dW: nothing of a whole group's size is written (the group stacks
+    several modules), so the transient memory is bounded by the chunk, not by the model."""
+    from forgetless import lora
+
+    monkeypatch.setattr(lora, "CHUNK_ELEMENTS", {"cpu": 1, "other": 1})
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(estimator=estimator)
+    ctx = make_ctx("general", model, lr=0.05)
+    plugin.on_stage_start(ctx)
+    data = batches(device=device)
+    causal_lm_loss(model, data[0]).backward()
+    plugin.before_optimizer_step(ctx)
+    ctx.optimizer.step()
+    module = max(g.omega[0].numel() for g in plugin.groups)
+    assert any(len(g.names) > 1 for g in plugin.groups)  # groups are larger than a module
+    with largest_outputs() as general_step:
+        plugin.after_optimizer_step(ctx)
+    plugin.on_stage_end(ctx)
+    domain = make_ctx("domain", model)
+    plugin.on_stage_start(domain)
+    _perturb(model)
+    with largest_outputs() as regularizer:
+        reg = plugin.regularizer()
+        reg.backward()
+    assert reg > 0 and all(p.grad is not None for p in _lora_params(model))
+    assert 0 < max(general_step.sizes) <= module and max(regularizer.sizes) <= module
+    monkeypatch.undo()
+    with largest_outputs() as whole:  # the default chunk holds a whole group of this tiny model
+        plugin.regularizer().backward()
+    assert max(whole.sizes) > module
