@@ -40,14 +40,20 @@ def tiny_model() -> torch.nn.Module:
     return model
 
 
-def make_model(tiny: bool) -> torch.nn.Module:
-    """SmolLM2-135M (or a tiny random Llama) with LoRA r=8 on q_proj, v_proj, no dropout."""
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_model(tiny: bool, all_linear: bool = False) -> torch.nn.Module:
+    """SmolLM2-135M (or a tiny random Llama) with LoRA r=8 on q_proj, v_proj (``all_linear``: r=16 on all seven
+    projections, the forgetting experiment's setting), no dropout."""
     if tiny:
         model = tiny_model()
     else:
         from forgetless.models import load_model
 
         model, _ = load_model("smollm2-135m")
+    if all_linear:
+        return attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_SEVEN))
     return attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
 
 

@@ -10,7 +10,7 @@ makes the recorded omega wrong, not its cost: every HLoRA step does exactly the 
 Targets: HLoRA / plain <= 1.10 on both stages. Also prints the size of the saved importance file (float32
 and bfloat16) and, as a cross-check, the time spent inside HLoRA's hooks per step.
 
-Usage: python bench/bench_hlora_cost.py [--steps 12] [--warmup 2] [--tiny]
+Usage: python bench/bench_hlora_cost.py [--steps 12] [--warmup 2] [--tiny] [--all-linear]
 """
 
 from __future__ import annotations
@@ -79,14 +79,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per stage (half plain, half HLoRA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2-135M")
+    parser.add_argument("--all-linear", action="store_true", help="LoRA r=16 on all seven projections")
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
     batch, seq = (4, 32) if args.tiny else (8, 128)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision("auto", device)
     print(f"model: {'tiny Llama' if args.tiny else 'SmolLM2-135M'}; batch {batch} x {seq}; precision {precision}; "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    model = make_model(args.tiny)
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}; LoRA "
+          f"{'r=16 on all seven projections' if args.all_linear else 'r=8 on q_proj, v_proj'}")
+    model = make_model(args.tiny, args.all_linear)
     vocab = model.config.vocab_size
     total = args.steps + args.warmup
     cfg = TrainConfig(max_steps=total, batch_size=batch, lr=1e-4, precision=precision, progress=False)

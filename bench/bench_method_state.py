@@ -9,8 +9,8 @@ Timed, each as forward + backward of the term (what a domain step adds) or one p
 * ``hlora_regularizer``: new (``forgetless.lora.weighted_distance`` per shape group: dW_nu from its factors, a few
   in-place dense passes, the factors' gradients from one kept tensor) vs old (autograd over the formula per group with
   a dense dW_nu, the code before factors); also the plain module-by-module autograd loop (``fused=False``).
-* ``hlora_path_integral``: ``before_optimizer_step`` + ``after_optimizer_step`` of the general stage, foreach across
-  groups (new) vs group by group (old, ``fused=False``: the same code as before), with an SGD step between.
+* ``hlora_path_integral``: ``before_optimizer_step`` + ``after_optimizer_step`` of the general stage, modules in
+  chunks (new) vs one module at a time (``fused=False``), with an SGD step between.
 * ``ewc_penalty``: new (modules grouped by shape: stacked Fisher, one ``weighted_distance`` per group) vs old (the
   autograd loop over modules, ``fused=False``).
 * ``ewc_fisher_sampled`` / ``ewc_fisher_empirical``: ``fisher_diagonal`` (EWC's defaults, a smaller model: 8 layers,
@@ -189,7 +189,7 @@ def bench_hlora(args) -> tuple[dict, dict]:
              "state_before": omega_bytes + dense_ref_bytes, "state_now": omega_bytes + factor_bytes,
              "file_before": old_file, "file_now": new_file}
 
-    # --- path-integral step: foreach across groups (new) vs group by group (old)
+    # --- path-integral step: chunks of modules (new) vs one module at a time (old: fused=False)
     model_b = make_model(args.layers, args.device, args.widths)
     fused_plugin, plain_plugin = HLoRA(), HLoRA()
     plain_plugin.fused = False
@@ -197,7 +197,7 @@ def bench_hlora(args) -> tuple[dict, dict]:
     _, plain_step = hlora_general(model_b, plain_plugin, 1)
     path = compare({"old": plain_step, "new": fused_step}, args.reps, args.inner, args.device, "old")
 
-    # --- regularizer forward + backward: new (factors, foreach) vs old (dense dW_nu) vs plain loop (fused=False)
+    # --- regularizer forward + backward: new (weighted_distance) vs old (autograd, dense dW_nu) vs plain loop (fused=False)
     plugin.on_stage_start(ctx_for("domain", model))
     perturb(model, seed=5)
     dense_refs = [g.reference_delta().clone() for g in plugin.groups]

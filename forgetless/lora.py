@@ -12,12 +12,13 @@ compute in float32 (or wider) whatever the factor dtype, and never merge anythin
 
 Per-step work over many modules: :func:`group_modules` puts modules whose factors have the same shapes, dtype, device
 and layout in one :class:`LoraGroup`, whose updates are one batched matmul (a Llama with LoRA on all seven projections
-has at most four groups, whatever its depth); :func:`by_device` splits groups for ``torch._foreach_*`` ops, which
-take one launch per op for a list of tensors on one device.
+has at most four groups, whatever its depth). Dense work over a group goes over its modules in chunks
+(:func:`module_chunks`); :func:`weighted_distance` is HLoRA's and EWC's quadratic term with its gradient.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -163,7 +164,7 @@ def group_modules(modules: Iterable[tuple[str, torch.nn.Module]], adapter: str =
     return groups
 
 
-def _scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """:func:`delta_from_factors`' values (``a``, ``b``, ``scale`` in one dtype) in a fresh tensor, scaled in place."""
     out = torch.matmul(b, a)
     return (out.transpose(-2, -1) if fan_in_fan_out else out).mul_(scale)
@@ -176,9 +177,11 @@ def _scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 26}
 
 
-def _chunks(n: int, per_module: int, device: torch.device, budget: int | None) -> list[slice]:
+def module_chunks(n: int, shape: Sequence[int], device: torch.device, budget: int | None = None) -> list[slice]:
+    """Slices of ``n`` stacked modules whose dW (``shape`` each) holds at most ``budget`` elements per slice (default
+    :data:`CHUNK_ELEMENTS` for ``device``), at least one module each."""
     budget = budget or CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
-    size = max(1, budget // max(per_module, 1))
+    size = max(1, budget // max(math.prod(shape), 1))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -191,11 +194,10 @@ class _WeightedDistance(torch.autograd.Function):
         grad_a = torch.empty_like(a) if want_grad else None
         grad_b = torch.empty_like(b) if want_grad else None
         per_module = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-        n, shape = a.shape[0], weight.shape[-2:]
-        for part in _chunks(n, shape[0] * shape[1], a.device, budget):
-            diff = _scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
+        for part in module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
+            diff = scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
             if ref_a is not None:  # the anchor from its factors, in a buffer that then holds W * (dW - R)
-                weighted = _scaled_update(ref_a[part], ref_b[part], ref_scale[part], fan_in_fan_out)
+                weighted = scaled_update(ref_a[part], ref_b[part], ref_scale[part], fan_in_fan_out)
                 diff.sub_(weighted)
                 torch.mul(diff, weight[part], out=weighted)
             else:
@@ -247,14 +249,7 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
                                    ref_scale, chunk_elements)
 
 
-def by_device(groups: Sequence[LoraGroup]) -> list[list[int]]:
-    """Indices of ``groups`` per device (``torch._foreach_*`` ops need their tensors on one device)."""
-    found: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(groups):
-        found.setdefault(g.device, []).append(i)
-    return list(found.values())
-
-
-__all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "by_device", "compute_dtype", "delta_from_factors",
+__all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "compute_dtype", "delta_from_factors",
                           "delta_weight", "factors", "fan_in_fan_out", "group_modules", "lora_modules", "scaling",
-                          "scaling_tensor", "update_shape", "weighted_distance"]
+                          "scaling_tensor", "module_chunks", "scaled_update", "update_shape",
+                          "weighted_distance"]

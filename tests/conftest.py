@@ -152,14 +152,3 @@ def tiny_load_model(monkeypatch) -> Callable[..., tuple]:
 
     monkeypatch.setattr(pipeline, "load_model", load)
     return load
-
-
-@pytest.fixture(params=["per-group ops", "foreach"])
-def foreach(request, monkeypatch):
-    """Runs a test with the fused path's element-wise ops as they are on this device, and as torch._foreach_* ops
-    (what CUDA uses) on every device."""
-    from forgetless.methods import common
-
-    if request.param == "foreach":
-        monkeypatch.setattr(common, "FOREACH_DEVICES", {"cuda", "cpu"})
-    return request.param

@@ -6,8 +6,6 @@
 * **Distributed reductions**: :func:`all_reduce_` averages or sums tensors over processes in one flat buffer.
 * **Storage dtypes** of method state (:data:`STORAGE_DTYPES`).
 * **Timed sections** that wait for the device's queued work (:class:`Timer`).
-* **Element-wise ops over lists of tensors** (:class:`TensorLists`): one ``torch._foreach_*`` launch per op where
-  those are fused (CUDA), a plain loop elsewhere.
 * **Method-state files** (:class:`StateFile`): safetensors with JSON metadata, written atomically, read lazily at
   the domain stage's start, and checked against the model with errors that name the module and the mismatch.
 """
@@ -229,53 +227,6 @@ class Timer:
     def __exit__(self, *exc: Any) -> None:
         self._sync()
         self.seconds += time.perf_counter() - self._started
-
-
-# ------------------------------------------------------------------------------------- element-wise lists
-# Device types where torch._foreach_* ops are fused (one launch per op for a whole list of tensors). On the CPU they
-# loop over the tensors, and measured ~10% slower than the same per-tensor ops (bench/bench_method_state.py).
-FOREACH_DEVICES = {"cuda"}
-
-
-class TensorLists:
-    """Element-wise ops over lists of tensors on one device: ``torch._foreach_*`` where those are fused
-    (:data:`FOREACH_DEVICES`), else the same per-tensor ops in a loop; the numbers are the same either way."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.foreach = torch.device(device).type in FOREACH_DEVICES
-
-    def _map(self, name: str, xs: list[torch.Tensor], other: list[torch.Tensor] | float) -> Any:
-        """``torch._foreach_<name>(xs, other)``, or ``Tensor.<name>`` tensor by tensor; ``other`` is a list (pairwise)
-        or a scalar. In-place names (``sub_``) return nothing useful."""
-        if self.foreach:
-            return getattr(torch, f"_foreach_{name}")(xs, other)
-        others = other if isinstance(other, list) else [other] * len(xs)
-        return [getattr(x, name)(o) for x, o in zip(xs, others)]
-
-    def sub(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self._map("sub", xs, ys))
-
-    def mul(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self._map("mul", xs, ys))
-
-    def sub_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        self._map("sub_", xs, ys)
-
-    def mul_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        self._map("mul_", xs, ys)
-
-    def add_(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        self._map("add_", xs, ys)
-
-    def clamp_min_(self, xs: list[torch.Tensor], value: float) -> None:
-        self._map("clamp_min_", xs, value)
-
-    def zero_(self, xs: list[torch.Tensor]) -> None:
-        if self.foreach:
-            torch._foreach_zero_(xs)
-        else:
-            for x in xs:
-                x.zero_()
 
 
 # ------------------------------------------------------------------------------------------ state files

@@ -108,16 +108,18 @@ Default choices (all options of :class:`HLoRA`):
 The paper's method exactly: ``{estimator: paper, nonnegative: none, xi_mode: absolute, xi: 1e-3, phi_scale:
 absolute, norm_scale: none, temperature: 1}``.
 
-Efficiency: modules with the same shapes are stacked and processed with one ``bmm`` per group; ``dW`` is
-computed once per step per module (the dW after a step is reused as the next step's dW(t) unless the LoRA
-parameters were changed in between, detected through the tensors' version counters). The path integral's
-element-wise update is one ``torch._foreach_*`` launch per op across the groups of a CUDA device (on the CPU, where
-foreach ops are a loop and measured slower, the same ops per group: :class:`forgetless.methods.common.TensorLists`).
-The regularizer is one :func:`forgetless.lora.weighted_distance` per group: modules in chunks, each chunk's dW and
-dW_nu a batched matmul, the rest in place, the factors' gradients taken at once as two rank-r matmuls, nothing dense
-kept for the backward; autograd over the same formula wrote and kept several dense tensors of the group's full size
-(the new path takes about a fifth of its time at SmolLM2's widths on the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path integral group by group, the
-regularizer module by module with autograd), which gives the same numbers up to rounding. No
+Efficiency: modules with the same shapes are stacked, and each group's dense work goes over its modules in chunks
+(:func:`forgetless.lora.module_chunks`: about 2^20 elements of dW per chunk on the CPU, where small tensors stay in
+cache and are reused by the allocator, 2^26 elsewhere, which bounds the transient memory), each chunk's dW a batched
+matmul from the factors. The path integral keeps the factors before each step (not a dense dW(t)) and, per chunk,
+forms dW(t) - dW(t+1) and g~ and adds their product to omega in place: the only dense state of the general stage is
+omega (and the exact estimator's full-weight gradient). The regularizer is one
+:func:`forgetless.lora.weighted_distance` per group: per chunk, dW and dW_nu, the rest in place, the factors'
+gradients taken at once as two rank-r matmuls, nothing dense kept for the backward; autograd over the same formula
+wrote and kept several dense tensors of the group's full size (the new path takes about a seventh of its time at
+SmolLM2's widths on the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path
+integral one module per chunk, the regularizer module by module with autograd), which gives the same numbers up to
+rounding. No
 per-step path reads a device value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
 State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
@@ -142,10 +144,10 @@ from typing import Any
 
 import torch
 
-from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, by_device, delta_from_factors, delta_weight, group_modules,
-                             lora_modules, scaling, scaling_tensor, update_shape, weighted_distance)
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, delta_from_factors, delta_weight, group_modules, lora_modules,
+                             module_chunks, scaled_update, scaling, scaling_tensor, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
-from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, TensorLists, Timer, all_reduce_,
+from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option)
 from forgetless.progress import say
 from forgetless.training.hooks import Batch, Method, StageContext
@@ -162,11 +164,10 @@ class _Group(LoraGroup):
     omega: torch.Tensor | None = None  # [n, out, in]
     start: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None  # dW(start) as factors (A, B); dense when
     # restored from a checkpoint written before factors
-    dw_prev: torch.Tensor | None = None
-    versions: tuple[int, ...] | None = None
-    g_est: torch.Tensor | None = None
+    before: tuple[torch.Tensor, torch.Tensor] | None = None  # A, B before this optimizer step (dW(t) as factors)
+    grads: tuple[torch.Tensor, torch.Tensor] | None = None  # paper and adam estimators: g_A, g_B of this step
+    eta: float = 0.0  # the lr of this step
     grad_full: torch.Tensor | None = None  # exact estimator: sum of grad_out^T x
-    factors: tuple[torch.Tensor, ...] | None = None  # adam estimator: A, B, g_A, g_B before the step
     # domain stage
     importance: torch.Tensor | None = None
     ref_a: torch.Tensor | None = None  # dW_nu = ref_scaling * ref_b @ ref_a: [n, r, in], [n, out, r]
@@ -350,9 +351,8 @@ class HLoRA(Method):
         self._model_name = ""
         self._timer = Timer()  # wall time of recording importance (the report's cost table)
         self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
-        self._buckets: list[list[int]] = []  # indices of self.groups per device, for the foreach ops
 
-    fused = True  # groups at once (foreach path integral, weighted_distance); False: the plain path (same numbers)
+    fused = True  # chunks of modules at once; False: the plain path, module by module (the same numbers)
 
     @property
     def reference(self) -> ReferenceUpdates:
@@ -379,7 +379,6 @@ class HLoRA(Method):
         self.groups = _build_groups(ctx.model, self.adapter)
         if not self.groups:
             raise ValueError("HLoRA found no LoRA modules in the model (attach LoRA first)")
-        self._buckets = by_device(self.groups)
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
             self.steps, self._timer = 0, Timer(self.groups[0].device)
@@ -417,7 +416,7 @@ class HLoRA(Method):
                 self.importance[name] = g.importance[i]
                 self._refs.factors[name] = (g.ref_a[i], g.ref_b[i], scales[i], g.fan_in_fan_out)
                 norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
-            g.omega = g.start = g.dw_prev = g.g_est = g.grad_full = g.factors = None
+            g.omega = g.start = g.before = g.grads = g.grad_full = None
         ctx.extras["hlora_importance_norms"] = norms
         # diagnostics of eq 13: how much of omega was negative (before the rule) and how much eq 13 normalised
         ctx.extras["hlora_importance_stats"] = {"negative_omega": float(counts[1] / counts[0].clamp(min=1)),
@@ -439,92 +438,62 @@ class HLoRA(Method):
 
     # ------------------------------------------------------------------------------ general: importance
     def before_optimizer_step(self, ctx: StageContext) -> None:
+        """Keep what the path integral of this step needs: the factors before the step (dW(t)), the lr, and the
+        factors' gradients (paper, adam) or the all-reduced full-weight gradient (exact). Nothing dense but omega
+        (and the exact estimator's gradient) is held."""
         if ctx.stage != GENERAL:
             return
         with self._timer:
-            eta = ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
             for g in self.groups:
-                self._estimate_gradient(g, eta)
-
-    def _estimate_gradient(self, g: _Group, eta: float) -> None:
-        """g~ of this step for every module of the group, in the base weight's layout; dW(t) if it is not known."""
-        if g.omega is None:
-            g.scaling = g.scaling.to(g.device, g.dtype)
-            dw = g.delta_weight()
-            g.omega, g.start, g.dw_prev = torch.zeros_like(dw), g.stacked(), dw  # dW(start) kept as factors
-        elif g.versions != g.current_versions():  # someone moved A/B after our last look: recompute dW(t)
-            g.dw_prev = g.delta_weight()
-        if self.estimator == "paper":
-            a, b = g.stacked()
-            ga = torch.stack([_grad(p) for p in g.a_params]).to(g.dtype)
-            gb = torch.stack([_grad(p) for p in g.b_params]).to(g.dtype)
-            # g~ = s (g_B A + B g_A - eta g_B g_A) = s (g_B (A - eta g_A) + B g_A)   (eq 11)
-            g.g_est = g.layout(torch.baddbmm(torch.bmm(b, ga), gb, a - eta * ga) * g.scaling)
-        elif self.estimator == "adam":  # g~ needs the step: keep what the first-order decrease needs
-            g.factors = (*g.stacked(), torch.stack([_grad(p) for p in g.a_params]).to(g.dtype),
-                         torch.stack([_grad(p) for p in g.b_params]).to(g.dtype))
-        else:
-            if g.grad_full is None:
-                g.grad_full = torch.zeros_like(g.dw_prev)
-            all_reduce_([g.grad_full])
-            g.g_est = g.grad_full
+                if g.omega is None:
+                    g.scaling = g.scaling.to(g.device, g.dtype)
+                    g.omega = torch.zeros(len(g.names), *g.update_shape(), dtype=g.dtype, device=g.device)
+                    g.start = g.stacked()  # dW(start) kept as factors
+                g.before, g.eta = g.stacked(), ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
+                if self.estimator == "exact":
+                    if g.grad_full is None:
+                        g.grad_full = torch.zeros_like(g.omega)
+                    all_reduce_([g.grad_full])
+                else:
+                    g.grads = (torch.stack([_grad(p) for p in g.a_params]).to(g.dtype),
+                               torch.stack([_grad(p) for p in g.b_params]).to(g.dtype))
 
     def after_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.stage != GENERAL:
             return
         with self._timer:
-            for bucket in self._buckets:
-                groups = [self.groups[i] for i in bucket]
-                if self.fused and TensorLists(groups[0].device).foreach:
-                    self._accumulate_fused(groups)
-                else:  # the CPU: foreach ops there are a loop, and group by group keeps each group's work together
-                    for g in groups:
-                        self._accumulate(g)
+            for g in self.groups:
+                if g.before is not None:
+                    self._accumulate(g, None if self.fused else 1)
         self.steps += 1
 
-    def _accumulate(self, g: _Group) -> None:
-        """The path integral's step for one group (the plain path)."""
-        if g.g_est is None and g.factors is None:
-            return
-        dw_next = g.delta_weight()  # dW(t+1), computed once and reused as the next step's dW(t)
-        descent = g.dw_prev.sub_(dw_next)  # dW(t) - dW(t+1), in place
-        if g.factors is not None:
-            g.g_est = _adam_gradient(g, descent)
-        # omega += -g~ * (dW(t+1) - dW(t)) = g~ * (dW(t) - dW(t+1))   (eqs 8-10), in place
-        contribution = descent.mul_(g.g_est)
-        if self.nonnegative == "step":
-            contribution.clamp_(min=0)
-        g.omega.add_(contribution)
-        if self.nonnegative == "running":
-            g.omega.clamp_(min=0)
-        g.dw_prev, g.versions = dw_next, g.current_versions()
+    def _accumulate(self, g: _Group, chunk_elements: int | None) -> None:
+        """omega += g~ * (dW(t) - dW(t+1)) (eqs 8-10) for every module of the group, in chunks of modules
+        (:func:`forgetless.lora.module_chunks`; ``chunk_elements`` 1: module by module, the plain path): each chunk's
+        dW(t) and dW(t+1) are a batched matmul each from the factors before and after the step, g~ a chunk too."""
+        (a0, b0), (a1, b1), s = g.before, g.stacked(), g.scaling
+        if self.estimator == "adam":  # dL_l = -<g_A, A' - A> - <g_B, B' - B>: the module's first-order decrease
+            ga, gb = g.grads
+            decrease = (ga * (a0 - a1)).sum(dim=(1, 2)) + (gb * (b0 - b1)).sum(dim=(1, 2))
+        for part in module_chunks(len(g.names), g.update_shape(), g.device, chunk_elements):
+            descent = scaled_update(a0[part], b0[part], s[part], g.fan_in_fan_out)  # dW(t) - dW(t+1), in place
+            descent.sub_(scaled_update(a1[part], b1[part], s[part], g.fan_in_fan_out))
+            if self.estimator == "paper":
+                estimate = _paper_gradient(g, part)
+            elif self.estimator == "adam":
+                estimate = _adam_gradient(descent, decrease[part])
+            else:
+                estimate = g.grad_full[part]
+            contribution = descent.mul_(estimate)  # g~ * (dW(t) - dW(t+1))
+            if self.nonnegative == "step":
+                contribution.clamp_(min=0)
+            omega = g.omega[part]
+            omega.add_(contribution)
+            if self.nonnegative == "running":
+                omega.clamp_(min=0)
         if g.grad_full is not None:
             g.grad_full.zero_()
-        g.g_est = None
-
-    def _accumulate_fused(self, groups: list[_Group]) -> None:
-        """:meth:`_accumulate` for the groups of one device, each element-wise op one foreach launch for all of them
-        (the same ops on the same tensors: the same numbers)."""
-        groups = [g for g in groups if g.g_est is not None or g.factors is not None]
-        if not groups:
-            return
-        ops = TensorLists(groups[0].device)
-        nexts = [g.delta_weight() for g in groups]  # dW(t+1): one bmm per group
-        descents = [g.dw_prev for g in groups]
-        ops.sub_(descents, nexts)  # dW(t) - dW(t+1), in place
-        estimates = [_adam_gradient(g, d) if g.factors is not None else g.g_est for g, d in zip(groups, descents)]
-        ops.mul_(descents, estimates)  # the contribution g~ * (dW(t) - dW(t+1))   (eqs 8-10)
-        if self.nonnegative == "step":
-            ops.clamp_min_(descents, 0)
-        omegas = [g.omega for g in groups]
-        ops.add_(omegas, descents)
-        if self.nonnegative == "running":
-            ops.clamp_min_(omegas, 0)
-        full = [g.grad_full for g in groups if g.grad_full is not None]
-        if full:
-            ops.zero_(full)
-        for g, dw_next in zip(groups, nexts):
-            g.dw_prev, g.versions, g.g_est = dw_next, g.current_versions(), None
+        g.before = g.grads = None
 
     def _install_hooks(self) -> None:
         for g in self.groups:
@@ -711,7 +680,6 @@ class HLoRA(Method):
                     g.start = state[f"{i}.dw_start"].to(g.device, g.dtype)
                 else:
                     g.start = (state[f"{i}.start_A"].to(g.device, g.dtype), state[f"{i}.start_B"].to(g.device, g.dtype))
-                g.dw_prev, g.versions = g.delta_weight(), g.current_versions()  # dW(t) of the restored adapter
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start."""
@@ -739,17 +707,20 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _adam_gradient(g: _Group, descent: torch.Tensor) -> torch.Tensor:
-    """The adam estimator's g~ = -(dW(t+1) - dW(t)) / eta_eff for every module of the group (module docstring).
+def _paper_gradient(g: _Group, part: slice = slice(None)) -> torch.Tensor:
+    """Eq 11's g~ = s (g_B (A - eta g_A) + B g_A) of the modules ``part`` of a group, from the factors and gradients
+    kept before the step, in the base weight's layout."""
+    (a, b), (ga, gb) = ((t[part] for t in pair) for pair in (g.before, g.grads))
+    return g.layout(torch.baddbmm(torch.bmm(b, ga), gb, a - g.eta * ga) * g.scaling[part])
 
-    ``descent`` is dW(t) - dW(t+1); eta_eff = ||descent||^2 / dL with dL = -<g_A, A' - A> - <g_B, B' - B>, the
-    first-order loss decrease of the module's step, from the factors and gradients kept before the step."""
-    a, b, ga, gb = g.factors
-    a_next, b_next = g.stacked()
-    decrease = (ga * (a - a_next)).sum(dim=(1, 2)) + (gb * (b - b_next)).sum(dim=(1, 2))  # dL_l
+
+def _adam_gradient(descent: torch.Tensor, decrease: torch.Tensor) -> torch.Tensor:
+    """The adam estimator's g~ = -(dW(t+1) - dW(t)) / eta_eff for every module of a chunk (module docstring).
+
+    ``descent`` is dW(t) - dW(t+1); eta_eff = ||descent||^2 / dL with ``decrease`` dL = -<g_A, A' - A> - <g_B, B' - B>
+    per module, the first-order loss decrease of the module's step, from the factors and gradients before the step."""
     moved = descent.square().sum(dim=(1, 2))  # ||dW(t+1) - dW(t)||^2
     inverse_eta = torch.where(moved > 0, decrease / moved.clamp(min=torch.finfo(moved.dtype).tiny), 0.0)
-    g.factors = None
     return descent * inverse_eta.view(-1, 1, 1)
 
 

@@ -260,8 +260,8 @@ ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 
 @pytest.mark.parametrize("anchor,offload", [("general", "none"), ("zero", "none"), ("general", "cpu")])
-def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, tol, anchor, offload, foreach):
-    """fp32, all seven projections (several groups of equal shapes): the grouped foreach penalty and its gradient
+def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, tol, anchor, offload):
+    """fp32, all seven projections (several groups of equal shapes): the grouped penalty (weighted_distance) and its gradient
     are the module-by-module ones."""
     model = lora_model(targets=ALL_SEVEN, b_std=0.05)
     plugin = EWC(samples=4, anchor=anchor, offload=offload)
@@ -279,7 +279,7 @@ def test_fused_penalty_and_gradient_equal_the_plain_loop(lora_model, make_ctx, t
         assert float((a - b).abs().max()) <= tol(1e-6) * float(b.abs().max())
 
 
-def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx, foreach):
+def test_penalty_step_reads_nothing_from_the_device(lora_model, make_ctx):
     from tests.unit.test_hlora import no_host_reads
 
     model = lora_model(targets=ALL_SEVEN, b_std=0.05)

@@ -453,8 +453,9 @@ def _close(a, b, rel):
 
 
 @pytest.mark.parametrize("estimator,nonnegative", [("paper", "end"), ("adam", "step"), ("exact", "running")])
-def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative, foreach):
-    """The importance after 3 steps (fp32, all seven projections: several groups) is the group-by-group one."""
+def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, tol, estimator, nonnegative):
+    """The importance after 3 steps (fp32, all seven projections: several groups) with each group in one chunk is the
+    one computed one module at a time (the plain path)."""
     recorded = {}
     for fused in (True, False):
         model = lora_model(targets=ALL_SEVEN, b_std=0.05)
@@ -468,7 +469,7 @@ def test_fused_path_integral_equals_the_plain_one(lora_model, make_ctx, device, 
         assert _close(recorded[True].importance[name], omega, tol(1e-6)), name
 
 
-def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol, foreach):
+def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ctx, device, tol):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(xi=1e-2)
     sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
@@ -482,7 +483,7 @@ def test_fused_regularizer_and_gradient_equal_the_plain_loop(lora_model, make_ct
         assert _close(a, b, tol(1e-6))
 
 
-def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device, foreach, tol):
+def test_regularizer_from_factors_is_the_dense_anchors_exactly(lora_model, make_ctx, device, tol):
     """dW_nu multiplied out inside the regularizer gives, bit for bit, what a dense anchor (held since the general
     stage's end, as files written before factors hold it) gives: the same product, so the value and the gradient
     are the same (fp32); both are the formula with a dense anchor up to rounding."""
@@ -535,7 +536,7 @@ class no_host_reads:
 
 
 @pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
-def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator, foreach):
+def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, device, estimator):
     model = lora_model(targets=ALL_SEVEN)
     plugin = HLoRA(estimator=estimator, phi=1.0)
     data = batches(device=device)
@@ -557,3 +558,68 @@ def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, devic
         plugin.on_stage_end(ctx)
     # the regularizer is left to the loop as a tensor, read at its logging interval
     assert isinstance(ctx.scalars["reg_loss"], torch.Tensor) and not ctx.scalars["reg_loss"].requires_grad
+
+
+class largest_outputs:
+    """Inside: records the number of elements of every new tensor an aten op returns (a TorchDispatchMode; an output
+    that shares storage with an input, as an in-place op's or a view's does, allocates nothing and is left out), so a
+    test can see the largest tensor a piece of code allocated."""
+
+    def __enter__(self):
+        from torch.utils._pytree import tree_leaves
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sizes = self.sizes = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                        sizes.append(t.numel())
+                return out
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
+def test_per_step_work_writes_one_module_at_a_time_with_a_chunk_of_one_module(lora_model, make_ctx, device, estimator,
+                                                                             monkeypatch):
+    """With chunks of one module, no op of the path integral's step or of the regularizer's forward and backward
+    returns a tensor larger than one module's dW: nothing of a whole group's size is written (the group stacks
+    several modules), so the transient memory is bounded by the chunk, not by the model."""
+    from forgetless import lora
+
+    monkeypatch.setattr(lora, "CHUNK_ELEMENTS", {"cpu": 1, "other": 1})
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(estimator=estimator)
+    ctx = make_ctx("general", model, lr=0.05)
+    plugin.on_stage_start(ctx)
+    data = batches(device=device)
+    causal_lm_loss(model, data[0]).backward()
+    plugin.before_optimizer_step(ctx)
+    ctx.optimizer.step()
+    module = max(g.omega[0].numel() for g in plugin.groups)
+    assert any(len(g.names) > 1 for g in plugin.groups)  # groups are larger than a module
+    with largest_outputs() as general_step:
+        plugin.after_optimizer_step(ctx)
+    plugin.on_stage_end(ctx)
+    domain = make_ctx("domain", model)
+    plugin.on_stage_start(domain)
+    _perturb(model)
+    with largest_outputs() as regularizer:
+        reg = plugin.regularizer()
+        reg.backward()
+    assert reg > 0 and all(p.grad is not None for p in _lora_params(model))
+    assert 0 < max(general_step.sizes) <= module and max(regularizer.sizes) <= module
+    monkeypatch.undo()
+    with largest_outputs() as whole:  # the default chunk holds a whole group of this tiny model
+        plugin.regularizer().backward()
+    assert max(whole.sizes) > module
