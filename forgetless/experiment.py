@@ -659,6 +659,31 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     return _scores_line(record)
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
+
+
+def left_line(exp: Experiment, workers: int = 1) -> str:
+    """``"K/N runs recorded; about T left"``: the experiment's progress, the time left estimated as ``forgetless run
+    --dry-run`` does (each run still to do at its method's mean time here, less what its checkpoint has done), over
+    ``workers``; runs of methods with no finished run yet are counted, not timed."""
+    from forgetless.cli import _seconds_by_method, _time_left
+
+    jobs = plan_runs(exp)
+    pending, stale, _ = _sort_finished(exp, jobs)
+    todo = pending + [job for job, _ in stale]
+    line = f"{len(jobs) - len(todo)}/{len(jobs)} runs recorded"
+    took = _seconds_by_method(exp.output)
+    known = [left for left in (_time_left(took, exp.output, job) for job in todo) if left is not None]
+    if known:
+        line += f"; about {_hours(sum(known) / max(1, min(workers, len(todo))))} left"
+        if len(known) < len(todo):
+            line += f" besides {len(todo) - len(known)} run(s) of methods not timed yet"
+    elif todo:
+        line += "; the time left is estimated once a run of each method has finished"
+    return line
+
+
 def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = None) -> None:
     """The landscape step (:func:`forgetless.landscape_runs.measure_runs`) on ``exp``'s runs, or on ``only``."""
     from forgetless.landscape_runs import measure_runs
@@ -671,7 +696,7 @@ def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = 
 _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
 
 
-def _worker_start(threads: int, devices: int, counter: Any) -> None:
+def _worker_start(threads: int, devices: int, counter: Any, workers: int = 1) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers (_in_workers)
@@ -686,7 +711,7 @@ def _worker_start(threads: int, devices: int, counter: Any) -> None:
     if devices > 1:  # one GPU per worker (CUDA is not initialised yet in this fresh process)
         os.environ["CUDA_VISIBLE_DEVICES"] = str(number % devices)
     torch.set_num_threads(threads)
-    _WORKER["number"] = number
+    _WORKER["number"], _WORKER["workers"] = number, workers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of several workers would garble one terminal
@@ -703,6 +728,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = _train_job(exp, plan[rid], _WORKER["data"], progress)
         say(f"    {rid}: {_keep(exp, rid, record)}")
+        say(f"    [{left_line(exp, _WORKER.get('workers', 1))}]")
 
 
 def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True) -> None:
@@ -756,7 +782,7 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> 
     counter = context.Value("i", 0)
     failures: list[BaseException] = []
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
-                             initargs=(threads, devices, counter)) as pool:
+                             initargs=(threads, devices, counter, workers)) as pool:
         futures = [pool.submit(function, *args) for function, args in tasks]
         try:
             pending = set(futures)
@@ -812,6 +838,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes
                     print(f"    {_keep(exp, job.rid, record)}")
+                    print(f"    [{left_line(exp)}]")
         if exp.landscape is not None and is_main_process():
             if workers > 1:
                 _landscape_parallel(exp, workers, progress)

@@ -195,15 +195,16 @@ class _WeightedDistance(torch.autograd.Function):
         grad_b = torch.empty_like(b) if want_grad else None
         per_module = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
         for part in module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
+            w = weight[part].to(a.device, non_blocking=True)  # a chunk of a weight held in CPU memory: copied now
             diff = scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
             if ref_a is not None:  # the anchor from its factors, in a buffer that then holds W * (dW - R)
                 weighted = scaled_update(ref_a[part], ref_b[part], ref_scale[part], fan_in_fan_out)
                 diff.sub_(weighted)
-                torch.mul(diff, weight[part], out=weighted)
+                torch.mul(diff, w, out=weighted)
             else:
                 if ref is not None:
                     diff.sub_(ref[part])
-                weighted = diff * weight[part]
+                weighted = diff * w
             if want_grad:  # d/d dW = 2 c W (dW - R) and dW = s B A: the factors' gradients, for a loss gradient of 1
                 g = weighted.transpose(-2, -1) if fan_in_fan_out else weighted  # [k, out, in]
                 factor = 2 * scale[part] * coeff[part].view(-1, 1, 1)
@@ -230,7 +231,9 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
     ``B [n, out, r]`` (at least float32) with ``dW = delta_from_factors(A, B, scale, fan_in_fan_out)``, differentiable
     in ``A`` and ``B``: HLoRA's eqs 14-15 and EWC's penalty. The anchor ``R`` is ``ref`` (``[n, *dW shape]``), or
     ``delta_from_factors(*ref_factors, fan_in_fan_out)`` for ``ref_factors = (A_ref, B_ref, scale_ref)``, or 0;
-    ``weight`` is ``[n, *dW shape]``; ``coeff`` ``[n]`` (None: 1). No gradient flows to them.
+    ``weight`` is ``[n, *dW shape]``, in any dtype (a reduced storage dtype is promoted chunk by chunk) and on A's
+    device or in CPU memory (offloaded: each chunk is copied when it is needed; pin it for asynchronous copies);
+    ``coeff`` ``[n]`` (None: 1). No gradient flows to them.
 
     The number ``(coeff * (weight * (dW - R).square()).sum((1, 2))).sum()`` gives, up to rounding (dW and R are
     the same values, so the distance at the anchor is exactly 0), with far less memory traffic and memory: the

@@ -401,9 +401,8 @@ class EWC(Method):
             g = term.group
             with torch.autocast(device_type=g.device.type, enabled=False):
                 a, b = g.stacked(detach=False)
-                fisher = term.fisher.to(g.device, g.dtype, non_blocking=True)
-                anchor = (*term.ref, g.scaling) if term.ref is not None else None
-                t = weighted_distance(a, b, g.scaling, fisher, fan_in_fan_out=g.fan_in_fan_out, ref_factors=anchor)
+                anchor = (*term.ref, g.scaling) if term.ref is not None else None  # the Fisher moves chunk by chunk
+                t = weighted_distance(a, b, g.scaling, term.fisher, fan_in_fan_out=g.fan_in_fan_out, ref_factors=anchor)
             total = t if total is None else total + t
         return total
 

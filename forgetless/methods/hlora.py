@@ -144,7 +144,7 @@ from typing import Any
 
 import torch
 
-from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, delta_from_factors, delta_weight, group_modules, lora_modules,
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, delta_weight, group_modules, lora_modules,
                              module_chunks, scaled_update, scaling, scaling_tensor, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
@@ -184,11 +184,12 @@ class _Group(LoraGroup):
             return self.dw_ref
         return delta_from_factors(self.ref_a, self.ref_b, self.ref_scaling, self.fan_in_fan_out, self.dtype)
 
-    def start_delta(self) -> torch.Tensor:
-        """dW at the general stage's first step."""
+    def start_delta(self, part: slice = slice(None)) -> torch.Tensor:
+        """dW at the general stage's first step (of the modules ``part``)."""
         if isinstance(self.start, torch.Tensor):
-            return self.start
-        return delta_from_factors(*self.start, self.scaling, self.fan_in_fan_out, self.dtype)
+            return self.start[part].to(self.device)
+        a, b = self.start
+        return scaled_update(a[part], b[part], self.scaling[part], self.fan_in_fan_out)
 
 
 def _build_groups(model: torch.nn.Module, adapter: str) -> list[_Group]:
@@ -322,7 +323,13 @@ class HLoRAOptions(Options):
     estimator: str = option("paper", "the full-weight gradient of the path integral: paper (eq 11, SGD's), adam "
                                      "(the step over a per-module effective lr) or exact (hooks)",
                             choices=("paper", "adam", "exact"))
-    storage_dtype: str = option("float32", "dtype of the saved importance", choices=tuple(STORAGE_DTYPES))
+    storage_dtype: str = option("float32", "dtype of the importance, saved and held during the domain stage "
+                                           "(bfloat16 halves both; the regularizer computes in float32)",
+                                choices=tuple(STORAGE_DTYPES))
+    # domain=True: where omega and Omega live changes no number, so a cached general stage serves either way
+    offload: str = option("none", "keep omega (general stage) and Omega (domain stage) in CPU memory and copy each "
+                                  "chunk of modules to the device when a step needs it (GPU memory for PCIe traffic)",
+                          choices=("none", "cpu"), domain=True)
     adapter: str = option(DEFAULT_ADAPTER, "the PEFT adapter to regularize")
     snap_reference: bool = option(True, "use the adapter itself as dW_nu when a reduced-precision reference "
                                         "matches it", domain=True)
@@ -390,6 +397,28 @@ class HLoRA(Method):
         else:
             raise ValueError(f"HLoRA does not know stage {ctx.stage!r}")
 
+    def _held(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``t`` where this plugin keeps its dense state: on ``device``, or with ``offload: cpu`` in CPU memory
+        (pinned when the device is a GPU, so the per-chunk copies are asynchronous)."""
+        if self.offload != "cpu":
+            return t.to(device)
+        t = t.cpu()
+        return t.pin_memory() if device.type == "cuda" else t
+
+    def _new_held(self, g: _Group, fill: float | None = None) -> torch.Tensor:
+        """A ``[n, *dW shape]`` tensor in the group's compute dtype where :meth:`_held` keeps state (zeros with
+        ``fill`` 0), allocated there directly."""
+        offloaded = self.offload == "cpu"
+        kwargs = {"dtype": g.dtype, "device": "cpu" if offloaded else g.device,
+                  "pin_memory": offloaded and g.device.type == "cuda"}
+        shape = (len(g.names), *g.update_shape())
+        return torch.zeros(shape, **kwargs) if fill == 0 else torch.empty(shape, **kwargs)
+
+    def _sync_offloaded(self, device: torch.device) -> None:
+        """Wait for the asynchronous copies into offloaded (pinned) state before the host reads it."""
+        if self.offload == "cpu" and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def on_stage_end(self, ctx: StageContext) -> None:
         self._remove_hooks()
         if ctx.stage != GENERAL:
@@ -397,25 +426,35 @@ class HLoRA(Method):
         norms, counts = {}, torch.zeros(3, dtype=torch.float64)  # elements; omega < 0; Delta^2 > xi
         self._timer.__enter__()
         for g in self.groups:
-            dw_end = g.delta_weight()
             if g.omega is None:  # no step was taken
-                g.omega, g.start = torch.zeros_like(dw_end), dw_end.clone()
-            delta_sq = (dw_end - g.start_delta()).square()  # Delta_l^2 (eq 13); Delta = dW(end) when B starts at zero
-            xi = self._xi(delta_sq)
-            omega = g.omega.clamp(min=0) if self.nonnegative == "end" else g.omega
-            denominator = delta_sq + xi
-            # Omega = omega / (Delta^2 + xi)  (eq 13); 0 where nothing moved and xi is 0
-            g.importance = torch.where(denominator > 0, omega / denominator, torch.zeros_like(omega))
-            counts += torch.tensor([g.omega.numel(), int((g.omega < 0).sum()), int((delta_sq > xi).sum())],
-                                   dtype=torch.float64)
-            # dW_nu as its factors (fresh copies, never parameters, never moved): dw_end is this product
-            g.ref_a, g.ref_b = g.stacked()
+                g.scaling = g.scaling.to(g.device, g.dtype)
+                g.omega, g.start = self._new_held(g, fill=0), g.stacked()
+            g.importance = self._new_held(g)  # where omega is held
+            (a_end, b_end), stats = g.stacked(), torch.zeros(3, dtype=torch.float64, device=g.device)
+            for part in module_chunks(len(g.names), g.update_shape(), g.device):  # eq 13, a chunk of modules at once
+                delta_sq = scaled_update(a_end[part], b_end[part], g.scaling[part], g.fan_in_fan_out)
+                delta_sq.sub_(g.start_delta(part)).square_()  # Delta_l^2; Delta = dW(end) when B starts at zero
+                xi = self._xi(delta_sq)
+                omega = g.omega[part].to(g.device, non_blocking=True)
+                stats += torch.stack([torch.tensor(omega.numel(), dtype=torch.float64, device=g.device),
+                                      (omega < 0).sum().double(), (delta_sq > xi).sum().double()])
+                if self.nonnegative == "end":
+                    omega = omega.clamp(min=0)
+                denominator = delta_sq.add_(xi)
+                # Omega = omega / (Delta^2 + xi)  (eq 13); 0 where nothing moved and xi is 0
+                importance = torch.where(denominator > 0, omega / denominator, torch.zeros_like(omega))
+                g.importance[part].copy_(importance, non_blocking=True)
+            self._sync_offloaded(g.device)
+            counts += stats.cpu()
+            # dW_nu as its factors (fresh copies, never parameters, never moved): dW(end) is this product
+            g.ref_a, g.ref_b = a_end, b_end
             g.ref_scaling, g.dw_ref = g.scaling, None
             scales = [scaling(m, self.adapter) for m in g.modules]
+            importance_norms = torch.linalg.vector_norm(g.importance.flatten(1), dim=1).tolist()
             for i, name in enumerate(g.names):
                 self.importance[name] = g.importance[i]
                 self._refs.factors[name] = (g.ref_a[i], g.ref_b[i], scales[i], g.fan_in_fan_out)
-                norms[name] = float(torch.linalg.vector_norm(g.importance[i]))
+                norms[name] = float(importance_norms[i])
             g.omega = g.start = g.before = g.grads = g.grad_full = None
         ctx.extras["hlora_importance_norms"] = norms
         # diagnostics of eq 13: how much of omega was negative (before the rule) and how much eq 13 normalised
@@ -447,12 +486,11 @@ class HLoRA(Method):
             for g in self.groups:
                 if g.omega is None:
                     g.scaling = g.scaling.to(g.device, g.dtype)
-                    g.omega = torch.zeros(len(g.names), *g.update_shape(), dtype=g.dtype, device=g.device)
-                    g.start = g.stacked()  # dW(start) kept as factors
+                    g.omega, g.start = self._new_held(g, fill=0), g.stacked()  # dW(start) kept as factors
                 g.before, g.eta = g.stacked(), ctx.lr  # the lr of this step (the scheduler steps after the optimizer)
                 if self.estimator == "exact":
                     if g.grad_full is None:
-                        g.grad_full = torch.zeros_like(g.omega)
+                        g.grad_full = torch.zeros_like(g.omega, device=g.device)
                     all_reduce_([g.grad_full])
                 else:
                     g.grads = (torch.stack([_grad(p) for p in g.a_params]).to(g.dtype),
@@ -487,10 +525,13 @@ class HLoRA(Method):
             contribution = descent.mul_(estimate)  # g~ * (dW(t) - dW(t+1))
             if self.nonnegative == "step":
                 contribution.clamp_(min=0)
-            omega = g.omega[part]
+            held = g.omega[part]
+            omega = held.to(g.device, non_blocking=True)  # itself, unless offloaded (then a copy, written back)
             omega.add_(contribution)
             if self.nonnegative == "running":
                 omega.clamp_(min=0)
+            if omega is not held:
+                held.copy_(omega, non_blocking=True)  # stream-ordered: read on the host only after the stage
         if g.grad_full is not None:
             g.grad_full.zero_()
         g.before = g.grads = None
@@ -524,7 +565,9 @@ class HLoRA(Method):
         snapped = False
         for g in self.groups:
             dev = g.device
-            g.importance = torch.stack([self.importance[n].to(dev, g.dtype) for n in g.names])
+            held = STORAGE_DTYPES[self.storage_dtype]  # a reduced dtype is held as it is saved: a cached stage
+            held = held if held.itemsize < 4 else g.dtype  # gives the same run; else the compute dtype
+            g.importance = self._held(torch.stack([self.importance[n].to(held) for n in g.names]), dev)
             g.scaling = g.scaling.to(dev, g.dtype)
             g.ref_a = g.ref_b = g.ref_scaling = g.dw_ref = None
             if any(n in self._refs.dense for n in g.names):  # a file written before factors: dense dW_nu
@@ -567,7 +610,9 @@ class HLoRA(Method):
         check_modules("HLoRA importance (dw_ref)", source, self._refs.shapes(), have)
 
     def _update_coefficients(self, ctx: StageContext) -> None:
-        norms = torch.cat([torch.linalg.vector_norm(g.importance.flatten(1), dim=1).float().cpu() for g in self.groups])
+        wide = [compute_dtype(g.importance.dtype) for g in self.groups]  # at least float32 (bfloat16 storage)
+        norms = torch.cat([torch.linalg.vector_norm(g.importance.flatten(1), dim=1, dtype=d).float().cpu()
+                           for g, d in zip(self.groups, wide)])
         c = layer_coefficients(norms, self.temperature, self.norm_scale, self.layer_wise)  # eq 15
         start = 0
         for g in self.groups:
@@ -575,7 +620,7 @@ class HLoRA(Method):
             start += len(g.names)
         names = [n for g in self.groups for n in g.names]
         ctx.extras["hlora_layer_coefficients"] = {n: float(v) for n, v in zip(names, c)}
-        total = sum(float(g.importance.sum()) for g in self.groups)
+        total = sum(float(g.importance.sum(dtype=d)) for g, d in zip(self.groups, wide))
         mean = total / sum(g.importance.numel() for g in self.groups)
         ctx.extras["hlora_importance_mean"] = mean
         # phi_scale "mean": phi * L_reg / mean(Omega), mean over all elements of all modules
@@ -606,7 +651,7 @@ class HLoRA(Method):
             with torch.autocast(device_type=g.device.type, enabled=False):
                 for i, (name, module) in enumerate(zip(g.names, g.modules)):
                     diff = delta_weight(module, self.adapter, g.dtype) - self._refs[name].to(g.dtype)
-                    term = g.coeff[i] * (g.importance[i] * diff.square()).sum()  # c_l L_l
+                    term = g.coeff[i] * (g.importance[i].to(diff.device) * diff.square()).sum()  # c_l L_l
                     total = term if total is None else total + term
         return total
 
@@ -658,6 +703,8 @@ class HLoRA(Method):
         """The running path integral of the general stage (for a mid-stage checkpoint)."""
         if ctx.stage != GENERAL:
             return {}
+        if self.groups:
+            self._sync_offloaded(self.groups[0].device)
         state = {"steps": torch.tensor(self.steps)}
         for i, g in enumerate(self.groups):
             if g.omega is not None:
@@ -675,7 +722,7 @@ class HLoRA(Method):
         for i, g in enumerate(self.groups):
             if f"{i}.omega" in state:
                 g.scaling = g.scaling.to(g.device, g.dtype)
-                g.omega = state[f"{i}.omega"].to(g.device, g.dtype)
+                g.omega = self._held(state[f"{i}.omega"].to(g.dtype), g.device)
                 if f"{i}.dw_start" in state:  # a checkpoint written before dW(start) was kept as factors
                     g.start = state[f"{i}.dw_start"].to(g.device, g.dtype)
                 else:

@@ -49,3 +49,30 @@ def test_bench_gpu_tiny_writes_every_row(tmp_path):
             assert math.isfinite(number) and number > 0, (name, row)
     assert rows["step_vs_trainer_fp32base@tiny"]["trainer_s"] > 0
     assert rows["ewc_fisher@tiny"]["tokens"] == 8 * 31  # 8 examples of 32 tokens: 31 predicted each
+
+
+def test_bench_gpu_memory_tiny_writes_every_row(tmp_path):
+    """bench/bench_gpu_memory.py --tiny (issue #12 items 8-9's script): every row runs on the CPU, among them HLoRA and
+    EWC with storage_dtype bfloat16 and offload cpu, and the 4-bit base where bitsandbytes is installed."""
+    import importlib.util
+
+    out = tmp_path / "memory.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu_memory.py"), "--tiny", "--steps", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    expected = {"bf16_nockpt", "bf16_ckpt", "nf4_ckpt"}
+    for targets in ("qv", "all"):
+        expected |= {f"lora-nu-mu_{targets}_{stage}" for stage in ("general", "domain")}
+        expected |= {f"{method}_{targets}{variant}_{stage}" for method in ("hlora", "ewc")
+                     for variant in ("", "_bf16", "_offload") for stage in ("general", "domain")}
+    assert sorted(rows) == sorted(f"{name}@tiny" for name in expected)
+    for name, row in rows.items():
+        if name == "nf4_ckpt@tiny" and importlib.util.find_spec("bitsandbytes") is None:
+            assert "bitsandbytes" in row["skipped"]
+            continue
+        assert "error" not in row and math.isfinite(row["value"]) and row["value"] > 0, (name, row)
+        if name.startswith(("hlora", "ewc")):
+            assert math.isfinite(row["extra_gib"]), (name, row)
+    assert rows["hlora_qv_offload_domain@tiny"]["options"] == {"offload": "cpu"}

@@ -201,3 +201,24 @@ def test_finished_runs_leave_no_checkpoint_folders(tmp_path, tiny_model_dir):
                                                     output=str(tmp_path / "kept"))), progress=False)
     assert [p.name for p in (tmp_path / "kept" / "checkpoints" / "lora-mu__gen__seed0" / "domain").iterdir()] == [
         "step-000001"]  # the newest before the end (none is written at the last step)
+
+
+def test_each_finished_run_says_how_many_are_recorded_and_the_time_left(tmp_path, tiny_model_dir, capsys):
+    """After each run: K/N runs recorded, and from the second run of a method on, the time left estimated from the
+    finished runs' seconds (as --dry-run does)."""
+    from forgetless.experiment import left_line
+
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0, 1, 2])
+    exp = load_experiment(path)
+    assert left_line(exp) == "0/3 runs recorded; the time left is estimated once a run of each method has finished"
+    run_experiment(exp, progress=False)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "runs recorded" in line]
+    assert [line.split(";")[0] for line in lines] == ["[1/3 runs recorded", "[2/3 runs recorded", "[3/3 runs recorded]"]
+    assert "left" in lines[0] and "left" in lines[1] and "not timed" not in lines[0]
+    record = json.loads((tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json").read_text())
+    record["seconds"] = 7200.0  # two runs left at two hours each: 4 h, and 2 h on two workers
+    for rid in ("lora-mu__gen__seed1", "lora-mu__gen__seed2"):
+        (tmp_path / "out" / "runs" / f"{rid}.json").unlink()
+    (tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json").write_text(json.dumps(record))
+    assert left_line(exp) == "1/3 runs recorded; about 4.0 h left"
+    assert left_line(exp, workers=2) == "1/3 runs recorded; about 2.0 h left"

@@ -623,3 +623,48 @@ def test_per_step_work_writes_one_module_at_a_time_with_a_chunk_of_one_module(lo
     with largest_outputs() as whole:  # the default chunk holds a whole group of this tiny model
         plugin.regularizer().backward()
     assert max(whole.sizes) > module
+
+
+def test_offload_to_cpu_gives_the_same_importance_and_regularizer(lora_model, make_ctx, device):
+    """``offload: cpu`` keeps omega and Omega in CPU memory (pinned on CUDA) and copies chunks to the device: the
+    same numbers, bit for bit, as keeping them on the device (fp32, all seven projections, chunks of one module)."""
+    from forgetless import lora
+
+    results = {}
+    for offload in ("none", "cpu"):
+        model = lora_model(targets=ALL_SEVEN, b_std=0.05)
+        plugin = HLoRA(offload=offload, estimator="adam")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lora, "CHUNK_ELEMENTS", {"cpu": 1, "other": 1})
+            sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+            plugin.on_stage_start(make_ctx("domain", model))
+            _perturb(model)
+            reg = plugin.regularizer()
+            grads = torch.autograd.grad(reg, _lora_params(model))
+        held = {g.importance.device.type for g in plugin.groups}
+        assert held == ({"cpu"} if offload == "cpu" else {torch.device(device).type})
+        results[offload] = ({n: t.cpu() for n, t in plugin.importance.items()}, reg.detach().cpu(), grads)
+    (imp_a, reg_a, grads_a), (imp_b, reg_b, grads_b) = results["none"], results["cpu"]
+    assert reg_a > 0 and torch.equal(reg_a, reg_b)
+    assert all(torch.equal(imp_a[n], imp_b[n]) for n in imp_a)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_reduced_storage_dtype_is_held_as_saved_so_a_cached_stage_gives_the_same_regularizer(tmp_path, lora_model,
+                                                                                           make_ctx, device):
+    """``storage_dtype: bfloat16``: the domain stage holds Omega in bfloat16 whether it continues from the general stage
+    it just recorded or loads the saved file (a cached stage), so both give the same regularizer, bit for bit."""
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA(storage_dtype="bfloat16")
+    sgd_stage(make_ctx("general", model, lr=0.05), plugin, 3, batches(device=device))
+    plugin.save_state(tmp_path)
+    plugin.on_stage_start(make_ctx("domain", model))
+    assert {g.importance.dtype for g in plugin.groups} == {torch.bfloat16}
+    cached = HLoRA(storage_dtype="bfloat16")
+    cached.load_state(tmp_path)
+    cached.on_stage_start(make_ctx("domain", model))
+    _perturb(model)
+    params = _lora_params(model)
+    mine, theirs = plugin.regularizer(), cached.regularizer()
+    assert mine > 0 and torch.equal(mine, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(mine, params), torch.autograd.grad(theirs, params)))
