@@ -173,8 +173,9 @@ def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in_
 #: Modules per chunk of :func:`weighted_distance`: as many as fit this many elements of dW (at least one). On the CPU
 #: small chunks stay in cache and are reused by the C allocator instead of being mapped (and page-faulted) anew each
 #: step (SmolLM2's widths: 0.18x autograd's time with 2**20, 0.27x with 2**23, 0.33x unchunked; bench/RESULTS.md);
-#: on a GPU a chunk bounds the transient memory (two fp32 tensors of 256 MiB at most).
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 26}
+#: on a GPU a chunk bounds the transient memory (two or three chunk-sized tensors, 64 MiB each in fp32: ~0.2 GiB
+#: beside issue #12's 1.5 GiB budget for HLoRA at the 8B shape) for a few hundred launches per step there.
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 24}
 
 
 def module_chunks(n: int, shape: Sequence[int], device: torch.device, budget: int | None = None) -> list[slice]:

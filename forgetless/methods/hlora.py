@@ -110,7 +110,7 @@ absolute, norm_scale: none, temperature: 1}``.
 
 Efficiency: modules with the same shapes are stacked, and each group's dense work goes over its modules in chunks
 (:func:`forgetless.lora.module_chunks`: about 2^20 elements of dW per chunk on the CPU, where small tensors stay in
-cache and are reused by the allocator, 2^26 elsewhere, which bounds the transient memory), each chunk's dW a batched
+cache and are reused by the allocator, 2^24 elsewhere, which bounds the transient memory), each chunk's dW a batched
 matmul from the factors. The path integral keeps the factors before each step (not a dense dW(t)) and, per chunk,
 forms dW(t) - dW(t+1) and g~ and adds their product to omega in place: the only dense state of the general stage is
 omega (and the exact estimator's full-weight gradient). The regularizer is one
