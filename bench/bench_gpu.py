@@ -545,7 +545,7 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
                    loss_rel_diff=abs(fused_loss - plain_loss) / abs(plain_loss),
                    order="plain rounds, then liger rounds (RMSNorm, SwiGLU, RoPE kernels and the fused linear CE)")
 
-    del model
+    model = None  # frees the model before Liger's fresh one (the closures above are done with it)
     guarded(report, [f"liger_vs_plain@{shape}"], liger)
 
 
