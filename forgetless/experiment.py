@@ -38,7 +38,7 @@ from accelerate import PartialState
 # load_experiment and ConfigError live in forgetless.config; importing them from here still works
 from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
 from forgetless.data import DataError, chat_template_on
-from forgetless.methods import GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
+from forgetless.methods import DOMAIN, GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
 from forgetless.progress import plain_lines, say
 from forgetless.training.config import NO_NUMBERS
@@ -655,6 +655,10 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     scores line."""
     out = exp.output
     _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
+    if not exp.train.domain.keep_checkpoints:  # the domain stage's, kept until now (pipeline.run_recipe)
+        from forgetless.training import checkpoint
+
+        checkpoint.remove(out / "checkpoints" / rid / DOMAIN)
     _drop_empty(out / "checkpoints" / rid)
     return _scores_line(record)
 

@@ -212,7 +212,10 @@ def run_recipe(
                 if cache is not None and PartialState().is_main_process:
                     _save_general(model, recipe, stages[-1], cache, settings.model)
         if DOMAIN in recipe.stages:
-            cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress)
+            # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
+            # a run stopped while it evaluates resumes from them instead of training its domain stage again
+            cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress,
+                          keep_checkpoints=settings.domain.keep_checkpoints or checkpoint_dir is not None)
             tracker = _tracker(tokenizer, data, settings)  # scores over training: a plugin like the methods, last
             plugins += [tracker] if tracker is not None else []
             stages.append(_stage_summary(train_stage(

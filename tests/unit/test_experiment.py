@@ -222,3 +222,39 @@ def test_each_finished_run_says_how_many_are_recorded_and_the_time_left(tmp_path
     (tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json").write_text(json.dumps(record))
     assert left_line(exp) == "1/3 runs recorded; about 4.0 h left"
     assert left_line(exp, workers=2) == "1/3 runs recorded; about 2.0 h left"
+
+
+def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """The domain stage's checkpoints stay until the run is recorded: a run interrupted during its evaluation
+    resumes its domain stage from the last checkpoint (not from step 0), gives the record of an uninterrupted run, and
+    its checkpoint folder is gone once it is recorded."""
+    import forgetless.pipeline as pipeline
+    from forgetless.experiment import Interrupted
+    from forgetless.training import checkpoint
+
+    train = {"general": {"max_steps": 2, "batch_size": 4}, "domain": {"max_steps": 3, "batch_size": 2, "save_every": 1}}
+    write = dict(seeds=[0], methods=["lora-mu"], train=train)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    reference = run_experiment(load_experiment(write_experiment(tmp_path / "a", tiny_model_dir, **write)),
+                               progress=False)[0]
+    real = pipeline.evaluate
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", stop)
+    path = write_experiment(tmp_path / "b", tiny_model_dir, **write)
+    with pytest.raises(Interrupted):
+        run_experiment(load_experiment(path), progress=False)
+    kept = tmp_path / "b" / "out" / "checkpoints" / "lora-mu__gen__seed0" / "domain"
+    assert [p.name for p in kept.iterdir()] == ["step-000002"]  # the newest before the end
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    loads = []
+    original = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda folder, *a, **k: loads.append(Path(folder).name) or original(
+        folder, *a, **k))
+    record = run_experiment(load_experiment(path), progress=False)[0]
+    assert loads == ["step-000002"]  # resumed there: only the last domain step was trained again
+    assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
+    assert not (tmp_path / "b" / "out" / "checkpoints").exists()
