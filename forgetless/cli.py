@@ -39,14 +39,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from forgetless.config import load_experiment
-    from forgetless.experiment import is_main_process, plan_runs, run_experiment
+    from forgetless.experiment import is_main_process, jobs_to_do, plan_runs, run_experiment
 
     exp = load_experiment(args.experiment, output=args.output, overrides=args.overrides)
     if args.dry_run:
         print(_plan_text(exp))
         return 0
     report_to = sorted(set(exp.train.general.report_to) | set(exp.train.domain.report_to))
-    todo = {job.rid for job in _todo(exp, plan_runs(exp))} if report_to else set()
+    todo = {job.rid for job in jobs_to_do(exp, plan_runs(exp))} if report_to else set()
     results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed, jobs=args.jobs)
     if report_to and is_main_process():  # the scores of the runs done now, beside their training scalars
         from forgetless.training.logging import log_scores
@@ -60,18 +60,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _todo(exp: Experiment, jobs: list) -> list:
-    """The jobs ``forgetless run`` would train: not finished, or finished with other settings."""
-    from forgetless.experiment import _sort_finished
-
-    pending, stale, _ = _sort_finished(exp, jobs)
-    return pending + [job for job, _ in stale]
-
-
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
-    from forgetless.experiment import _sort_finished, general_stage_key, plan_runs, read_data
+    from forgetless.experiment import _sort_finished, general_stage_key, plan_runs, read_data, time_to_do
     from forgetless.methods import DOMAIN, GENERAL
 
     jobs = plan_runs(exp)
@@ -79,7 +71,6 @@ def _plan_text(exp: Experiment) -> str:
     todo = pending + [job for job, _ in stale]
     done = [job for job in jobs if all(job is not j for j in todo)]
     lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
-    took = _seconds_by_method(exp.output)
     lines += [f"  to do    {job.rid}{_resumes(exp.output, job.rid)}" for job in pending]
     lines += [f"  changed  {job.rid} (redone with --rerun-changed)" for job, _ in stale]
     lines += [f"  done     {job.rid}" for job in done]
@@ -90,11 +81,11 @@ def _plan_text(exp: Experiment) -> str:
     for key, rids in general.items():
         cached = (exp.output / "stages" / key / "adapter_model.safetensors").is_file()
         lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
-    known = [left for left in (_time_left(took, exp.output, job) for job in todo) if left is not None]
-    if known:
-        unknown = len(todo) - len(known)
-        lines.append(f"run time to do (from the finished runs of the same methods here): about {sum(known) / 3600:.1f} "
-                     f"h for {len(known)} run(s)" + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
+    seconds, unknown = time_to_do(exp, todo)
+    if unknown < len(todo):
+        lines.append(f"run time to do (from the finished runs of the same methods here): about {seconds / 3600:.1f} "
+                     f"h for {len(todo) - unknown} run(s)"
+                     + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
                      + " (with --jobs N, about 1/N of it)")
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
@@ -104,56 +95,12 @@ def _plan_text(exp: Experiment) -> str:
     return "\n".join(lines)
 
 
-def _resume_point(output: Path, rid: str) -> tuple[str, int] | None:
-    """(stage, optimizer steps done) of an interrupted run's newest complete checkpoint, else None."""
-    from forgetless.training import checkpoint
-
-    for stage in ("domain", "general"):  # the later stage's checkpoint is the one it resumes from
-        found = checkpoint.latest(output / "checkpoints" / rid / stage)
-        if found is not None:
-            return stage, int(found.name.removeprefix("step-"))
-    return None
-
-
 def _resumes(output: Path, rid: str) -> str:
     """`` (resumes at the domain stage's step 40)`` when an interrupted run left a checkpoint, else ``""``."""
-    point = _resume_point(output, rid)
+    from forgetless.experiment import resume_point
+
+    point = resume_point(output, rid)
     return f" (resumes at the {point[0]} stage's step {point[1]})" if point else ""
-
-
-def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
-    """Per method label, from its finished runs in ``output``: the mean wall seconds of a run (``"run"``), of each
-    stage it trained (``"general"``, ``"domain"``) and of one optimizer step of it (``"general/step"``, ...); no
-    records: empty."""
-    seconds: dict[str, dict[str, list[float]]] = {}
-    for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
-        try:
-            record = json.loads(path.read_text())
-            mine = seconds.setdefault(record["method"], {})
-            mine.setdefault("run", []).append(float(record["seconds"]))
-            for stage in record.get("stages") or []:
-                if not stage.get("cached") and stage.get("steps"):
-                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]))
-                    mine.setdefault(f"{stage['stage']}/step", []).append(float(stage["seconds"]) / int(stage["steps"]))
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-            continue  # a corrupt record is reported where it is read for real
-    return {method: {k: sum(v) / len(v) for k, v in parts.items()} for method, parts in seconds.items()}
-
-
-def _time_left(took: dict[str, dict[str, float]], output: Path, job: Any) -> float | None:
-    """Estimated wall seconds of a run still to do: its method's mean, less the steps an interrupted run's checkpoint
-    has done (at that stage's mean time per step, and the whole general stage when it resumes in the domain one)."""
-    known = took.get(job.recipe.label)
-    if known is None:
-        return None
-    left = known["run"]
-    point = _resume_point(output, job.rid)
-    if point is not None:
-        stage, done = point
-        left -= done * known.get(f"{stage}/step", 0.0)
-        if stage == "domain":
-            left -= known.get("general", 0.0)
-    return max(left, 0.0)
 
 
 def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> str:

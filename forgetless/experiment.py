@@ -41,6 +41,7 @@ from forgetless.data import DataError, chat_template_on
 from forgetless.methods import DOMAIN, GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
 from forgetless.progress import plain_lines, say
+from forgetless.training import checkpoint
 from forgetless.training.config import NO_NUMBERS
 from forgetless.training.loop import NonFiniteError
 
@@ -656,8 +657,6 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     out = exp.output
     _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
     if not exp.train.domain.keep_checkpoints:  # the domain stage's, kept until now (pipeline.run_recipe)
-        from forgetless.training import checkpoint
-
         checkpoint.remove(out / "checkpoints" / rid / DOMAIN)
     _drop_empty(out / "checkpoints" / rid)
     return _scores_line(record)
@@ -667,22 +666,75 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
 
 
-def left_line(exp: Experiment, workers: int = 1) -> str:
-    """``"K/N runs recorded; about T left"``: the experiment's progress, the time left estimated as ``forgetless run
-    --dry-run`` does (each run still to do at its method's mean time here, less what its checkpoint has done), over
-    ``workers``; runs of methods with no finished run yet are counted, not timed."""
-    from forgetless.cli import _seconds_by_method, _time_left
-
-    jobs = plan_runs(exp)
+def jobs_to_do(exp: Experiment, jobs: list[Job]) -> list[Job]:
+    """The jobs ``forgetless run`` would train: not finished, or finished with other settings."""
     pending, stale, _ = _sort_finished(exp, jobs)
-    todo = pending + [job for job, _ in stale]
-    line = f"{len(jobs) - len(todo)}/{len(jobs)} runs recorded"
+    return pending + [job for job, _ in stale]
+
+
+def resume_point(output: Path, rid: str) -> tuple[str, int] | None:
+    """(stage, optimizer steps done) of an interrupted run's newest complete checkpoint, else None."""
+    for stage in (DOMAIN, GENERAL):  # the later stage's checkpoint is the one it resumes from
+        found = checkpoint.latest(output / "checkpoints" / rid / stage)
+        if found is not None:
+            return stage, int(found.name.removeprefix("step-"))
+    return None
+
+
+def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
+    """Per method label, from its finished runs in ``output``: the mean wall seconds of a run (``"run"``), of each
+    stage it trained (``"general"``, ``"domain"``) and of one optimizer step of it (``"general/step"``, ...); no
+    records: empty."""
+    seconds: dict[str, dict[str, list[float]]] = {}
+    for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            mine = seconds.setdefault(record["method"], {})
+            mine.setdefault("run", []).append(float(record["seconds"]))
+            for stage in record.get("stages") or []:
+                if not stage.get("cached") and stage.get("steps"):
+                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]))
+                    mine.setdefault(f"{stage['stage']}/step", []).append(float(stage["seconds"]) / int(stage["steps"]))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue  # a corrupt record is reported where it is read for real
+    return {method: {k: sum(v) / len(v) for k, v in parts.items()} for method, parts in seconds.items()}
+
+
+def _time_left(took: dict[str, dict[str, float]], output: Path, job: Job) -> float | None:
+    """Estimated wall seconds of a run still to do: its method's mean, less the steps an interrupted run's checkpoint
+    has done (at that stage's mean time per step, and the whole general stage when it resumes in the domain one)."""
+    known = took.get(job.recipe.label)
+    if known is None:
+        return None
+    left = known["run"]
+    point = resume_point(output, job.rid)
+    if point is not None:
+        stage, done = point
+        left -= done * known.get(f"{stage}/step", 0.0)
+        if stage == DOMAIN:
+            left -= known.get(GENERAL, 0.0)
+    return max(left, 0.0)
+
+
+def time_to_do(exp: Experiment, todo: list[Job]) -> tuple[float, int]:
+    """(estimated wall seconds of the runs ``todo`` whose method has a finished run here, how many runs have none)."""
     took = _seconds_by_method(exp.output)
     known = [left for left in (_time_left(took, exp.output, job) for job in todo) if left is not None]
-    if known:
-        line += f"; about {_hours(sum(known) / max(1, min(workers, len(todo))))} left"
-        if len(known) < len(todo):
-            line += f" besides {len(todo) - len(known)} run(s) of methods not timed yet"
+    return sum(known), len(todo) - len(known)
+
+
+def left_line(exp: Experiment, workers: int = 1) -> str:
+    """``"K/N runs recorded; about T left"``: the experiment's progress, the time left estimated as ``forgetless run
+    --dry-run`` does (:func:`time_to_do`), over ``workers``; runs of methods with no finished run yet are counted,
+    not timed."""
+    jobs = plan_runs(exp)
+    todo = jobs_to_do(exp, jobs)
+    line = f"{len(jobs) - len(todo)}/{len(jobs)} runs recorded"
+    seconds, unknown = time_to_do(exp, todo)
+    if unknown < len(todo):
+        line += f"; about {_hours(seconds / max(1, min(workers, len(todo))))} left"
+        if unknown:
+            line += f" besides {unknown} run(s) of methods not timed yet"
     elif todo:
         line += "; the time left is estimated once a run of each method has finished"
     return line

@@ -72,6 +72,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``transpose(B @ A, fan_in_fan_out) * scale`` with ``a``, ``b`` (and a tensor ``scale``) already in one dtype and
+    on one device: a fresh tensor, scaled in place (no second dense tensor; autograd is fine with it, as the matmul's
+    backward needs only its inputs). :func:`delta_from_factors` casts, then calls it."""
+    out = torch.matmul(b, a)
+    return (out.transpose(-2, -1) if fan_in_fan_out else out).mul_(scale)
+
+
 def delta_from_factors(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, fan_in_fan_out: bool = False,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """``transpose(B @ A, fan_in_fan_out) * scale`` for factors ``A`` ``[..., r, in]`` and ``B`` ``[..., out, r]``.
@@ -80,12 +88,9 @@ def delta_from_factors(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Te
     broadcastable to the result (one factor per stacked module). Computed in ``dtype`` (default: at least float32).
     """
     dtype = dtype or compute_dtype(a.dtype)
-    out = torch.matmul(b.to(dtype), a.to(dtype))
-    if fan_in_fan_out:
-        out = out.transpose(-2, -1)
     if isinstance(scale, torch.Tensor):
-        scale = scale.to(device=out.device, dtype=dtype)
-    return out * scale
+        scale = scale.to(device=a.device, dtype=dtype)
+    return scaled_update(a.to(dtype), b.to(dtype), scale, fan_in_fan_out)
 
 
 def delta_weight(module: torch.nn.Module, adapter: str = DEFAULT_ADAPTER, dtype: torch.dtype | None = None,
@@ -162,12 +167,6 @@ def group_modules(modules: Iterable[tuple[str, torch.nn.Module]], adapter: str =
             scaling=scaling_tensor([scaling(m, adapter) for m in mods], compute_dtype(dtype), a_params[0].device),
             dtype=compute_dtype(dtype), fan_in_fan_out=fan))
     return groups
-
-
-def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """:func:`delta_from_factors`' values (``a``, ``b``, ``scale`` in one dtype) in a fresh tensor, scaled in place."""
-    out = torch.matmul(b, a)
-    return (out.transpose(-2, -1) if fan_in_fan_out else out).mul_(scale)
 
 
 #: Modules per chunk of :func:`weighted_distance`: as many as fit this many elements of dW (at least one). On the CPU
