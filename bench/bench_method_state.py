@@ -27,8 +27,12 @@ With ``--smollm2-widths`` the tiny Llama has SmolLM2-135M's widths and depth (hi
 of which 3 for k/v, 30 layers; vocabulary 256): the dense tensors of the regularizer and penalty are then SmolLM2's
 (119M elements with LoRA on all seven projections), where memory traffic, not launches, sets their cost.
 
+``--chunk-sweep`` times only ``forgetless.lora.weighted_distance`` (forward + backward) at chunk sizes 2^18 to
+2^26 elements of dW and unchunked, each against autograd over the formula, on random factors of SmolLM2's shape
+groups (r=16 on all seven projections): how ``CHUNK_ELEMENTS`` was chosen.
+
 Usage: python bench/bench_method_state.py [--reps 15] [--inner 5] [--layers 24] [--threads 1] [--device cpu]
-       [--smollm2-widths] [--skip-fisher]
+       [--smollm2-widths] [--skip-fisher] [--chunk-sweep]
 """
 
 from __future__ import annotations
@@ -310,6 +314,36 @@ def smollm2_state(r: int = 16) -> dict:
     return {"elements": dense, "state_before": 2 * dense * 4, "state_now": (dense + factors) * 4}
 
 
+# ------------------------------------------------------------------------------------- weighted_distance chunks
+def chunk_sweep(args) -> dict[str, float]:
+    """``weighted_distance`` (forward + backward) at several chunk sizes against autograd over the formula, on
+    random factors of SmolLM2-135M's shape groups with LoRA r=16 on all seven projections (119M elements of dW)."""
+    from forgetless.lora import delta_from_factors, weighted_distance
+
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for n, out, inp in ((60, 576, 576), (60, 192, 576), (60, 1536, 576), (30, 576, 1536)):  # q/o, k/v, gate/up, down
+        a = torch.randn(n, 16, inp, generator=g).requires_grad_()
+        b = torch.randn(n, out, 16, generator=g).requires_grad_()
+        groups.append((a, b, torch.randn(n, 16, inp, generator=g), torch.randn(n, out, 16, generator=g),
+                       torch.full((n, 1, 1), 2.0), torch.rand(n, out, inp, generator=g), torch.rand(n, generator=g)))
+
+    def old():
+        total = sum((c * (w * (delta_from_factors(a, b, s) - delta_from_factors(ra, rb, s)).square()).sum((1, 2))).sum()
+                    for a, b, ra, rb, s, w, c in groups)
+        torch.autograd.grad(total, [t for group in groups for t in group[:2]])
+
+    def new(chunk):
+        def fn():
+            total = sum(weighted_distance(a, b, s, w, c, ref_factors=(ra, rb, s), chunk_elements=chunk)
+                        for a, b, ra, rb, s, w, c in groups)
+            torch.autograd.grad(total, [t for group in groups for t in group[:2]])
+        return fn
+
+    variants = {"old": old} | {f"2^{k}": new(1 << k) for k in (18, 20, 22, 23, 24, 26)} | {"unchunked": new(1 << 40)}
+    return compare(variants, args.reps, args.inner, "cpu", "old")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="repetitions (each times every variant)")
@@ -319,7 +353,16 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smollm2-widths", action="store_true", help="SmolLM2-135M's widths and 30 layers")
     parser.add_argument("--skip-fisher", action="store_true", help="leave out the Fisher's timing")
+    parser.add_argument("--chunk-sweep", action="store_true", help="only weighted_distance's chunk sizes (CPU)")
     args = parser.parse_args()
+    if args.chunk_sweep:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        ratios = chunk_sweep(args)
+        print(f"weighted_distance forward + backward / autograd over the formula, SmolLM2's groups, r=16, "
+              f"{torch.get_num_threads()} thread(s), median over {args.reps} reps of {args.inner} call(s):")
+        print("  " + ", ".join(f"{name} {ratio:.3f}" for name, ratio in ratios.items()))
+        return 0
     args.widths = "smollm2" if args.smollm2_widths else "tiny"
     if args.smollm2_widths:
         args.layers = 30

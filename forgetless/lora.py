@@ -171,7 +171,8 @@ def group_modules(modules: Iterable[tuple[str, torch.nn.Module]], adapter: str =
 
 #: Modules per chunk of :func:`weighted_distance`: as many as fit this many elements of dW (at least one). On the CPU
 #: small chunks stay in cache and are reused by the C allocator instead of being mapped (and page-faulted) anew each
-#: step (SmolLM2's widths: 0.18x autograd's time with 2**20, 0.27x with 2**23, 0.33x unchunked; bench/RESULTS.md);
+#: step (SmolLM2's widths: 0.12x autograd's time with 2**20, 0.22x with 2**23, 0.31x unchunked;
+#: ``bench/bench_method_state.py --chunk-sweep``, bench/RESULTS.md);
 #: on a GPU a chunk bounds the transient memory (two or three chunk-sized tensors, 64 MiB each in fp32: ~0.2 GiB
 #: beside issue #12's 1.5 GiB budget for HLoRA at the 8B shape) for a few hundred launches per step there.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 24}
