@@ -34,6 +34,7 @@ from typing import Any
 from forgetless.config import ConfigError
 from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
+from forgetless.reporting.plots import label_points
 from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, variant_records
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
@@ -578,7 +579,8 @@ def plot_pareto(res: Results, path: Path) -> Path:
         front = pareto_front(points)
         for m, (ppl, acc) in points.items():
             ax.scatter([ppl], [acc], s=30, color="tab:red" if m in front else "tab:blue", zorder=3)
-            ax.annotate(m, (ppl, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.margins(0.12)
+        label_points(ax, points)
         if front:
             ax.step([points[m][0] for m in front], [points[m][1] for m in front], where="post", color="tab:red",
                     lw=1, label="Pareto front")
