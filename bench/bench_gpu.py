@@ -26,7 +26,9 @@ Rows (``--shapes 1b,8b``; the method rows run on the 1B shape only, as in the is
   SAM step / plain step, and the mean over windows of 4 steps / plain step.
 * ``ewc_fisher``: ``fisher_diagonal`` with EWC's default options over 64 x 1024 tokens, as a ratio to plain training
   steps over the same number of tokens (plain steps timed just before and after it, same model); the seconds
-  are recorded beside it.
+  are recorded beside it. ``ewc_fisher_run_precision``: the same with ``fisher_precision: run`` (the Fisher's passes
+  under the run's bf16 autocast rather than float32; values rounded to bf16, so it is not the "same values" target's
+  row: it says what the float32 default costs).
 
 Speed levers (issue #15 item 3, docs/speed.md; ``--levers``, on by default on the GPU, off with ``--tiny`` unless
 given), each a forgetless step with the lever / the same step without it, on the same model, best of ``--rounds``
@@ -139,7 +141,8 @@ def expected_rows(shapes: list[str], levers: bool = False) -> list[str]:
         rows += [f"step_vs_trainer_bf16base@{shape}", f"mfu_bf16base@{shape}"]
         if shape in METHOD_SHAPES:
             rows += [f"{name}@{shape}" for name in ("hlora_record_vs_plain", "hlora_regularize_vs_plain",
-                                                   "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher")]
+                                                   "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher",
+                                                   "ewc_fisher_run_precision")]
             if levers:
                 rows += [f"{name}@{shape}" for name in LEVER_ROWS]
     return rows
@@ -429,8 +432,9 @@ def ewc_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
     ewc = resolve("ewc").plugins[0]
     examples = make_examples(plan.fisher_examples, model.config.vocab_size, plan.fisher_seq, seed=3)
     plain, plain_mem = [], 0.0
-    fisher_s, tokens, fisher_mem, fisher_gib = 0.0, 0, 0.0, 0.0
-    for part in ("plain", "fisher", "plain"):  # plain steps bracket the Fisher: drift hits both
+    measured: dict[str, tuple[float, int, float, float]] = {}  # row -> (seconds, tokens, peak GiB, Fisher GiB)
+    # plain steps bracket the Fishers (float32, the default; under the run's precision): drift hits all
+    for part in ("plain", "ewc_fisher", "ewc_fisher_run_precision", "plain"):
         if part == "plain":
             seconds, mem = forgetless_run(model, plan, plan.batch, plan.seq, precision)
             plain.append(seconds)
@@ -440,19 +444,21 @@ def ewc_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
         reset_peak()
         sync()
         t0 = time.perf_counter()
-        fisher, tokens = fisher_diagonal(model, examples, ewc.estimator, ewc.fisher_over, ewc.batch_size, 0)
+        fisher, tokens = fisher_diagonal(model, examples, ewc.estimator, ewc.fisher_over, ewc.batch_size, 0,
+                                         precision="fp32" if part == "ewc_fisher" else precision)
         sync()
-        fisher_s = time.perf_counter() - t0
-        fisher_mem = peak_gib()
-        fisher_gib = sum(t.numel() * t.element_size() for t in fisher.values()) / 2**30
+        measured[part] = (time.perf_counter() - t0, tokens, peak_gib(),
+                          sum(t.numel() * t.element_size() for t in fisher.values()) / 2**30)
         del fisher
     plain_s = min(plain)
-    # plain training steps over as many predicted tokens as the Fisher's (seq - 1 per example in both)
-    same_tokens = plain_s * tokens / (plan.batch * (plan.seq - 1))
-    report.add(f"ewc_fisher@{shape}", fisher_s / same_tokens, fisher_s=fisher_s, tokens=tokens,
-               plain_step_s=plain_s, plain_steps_same_tokens_s=same_tokens, fisher_peak_gib=fisher_mem,
-               plain_peak_gib=plain_mem, fisher_gib=fisher_gib, estimator=ewc.estimator,
-               fisher_batch_size=ewc.batch_size, examples=plan.fisher_examples, seq=plan.fisher_seq)
+    for row, (fisher_s, tokens, fisher_mem, fisher_gib) in measured.items():
+        # plain training steps over as many predicted tokens as the Fisher's (seq - 1 per example in both)
+        same_tokens = plain_s * tokens / (plan.batch * (plan.seq - 1))
+        report.add(f"{row}@{shape}", fisher_s / same_tokens, fisher_s=fisher_s, tokens=tokens,
+                   plain_step_s=plain_s, plain_steps_same_tokens_s=same_tokens, fisher_peak_gib=fisher_mem,
+                   plain_peak_gib=plain_mem, fisher_gib=fisher_gib, estimator=ewc.estimator,
+                   fisher_batch_size=ewc.batch_size, examples=plan.fisher_examples, seq=plan.fisher_seq,
+                   fisher_precision="float32" if row == "ewc_fisher" else precision)
 
 
 def ragged_examples(n: int, vocab: int, seq: int, seed: int = 7) -> list[dict]:

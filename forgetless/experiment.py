@@ -807,9 +807,14 @@ def _share_out(workers: int) -> tuple[int, int, str]:
         "one GPU, shared" if devices == 1 else f"{threads} torch thread(s) each")
 
 
-def _worker_landscape(exp: Experiment, rid: str, progress: bool) -> None:
+def _worker_landscape(exp: Experiment, rid: str, progress: bool, workers: int = 1) -> None:
+    from forgetless.landscape_runs import left_line as landscape_left
+
     with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
         _measure_landscape(exp, progress, only={rid})
+    left = landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
+                          exp.general.heldout.cache_key(), workers)
+    print(f"    [{left}]")
 
 
 def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
@@ -822,7 +827,7 @@ def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
         return
     workers = min(workers, len(rids))
     print(f"landscape: measuring {len(rids)} run(s) on {workers} worker processes ({_share_out(workers)[2]})")
-    _in_workers(workers, [(_worker_landscape, (exp, rid, progress)) for rid in rids])
+    _in_workers(workers, [(_worker_landscape, (exp, rid, progress, workers)) for rid in rids])
 
 
 def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> None:

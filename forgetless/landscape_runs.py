@@ -64,6 +64,45 @@ def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size
     return todo, len(paths), digests
 
 
+def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_size: int, data_key: Any = None,
+              workers: int = 1) -> str:
+    """``"K/N runs' flatness measured; about T left"``: the landscape step's progress, the time left estimated from
+    the measurements already in the records (mean seconds of a LoRA-direction measurement and of an all-weights one,
+    times what is left of each, over ``workers``)."""
+    from forgetless.experiment import _hours
+
+    todo, total, digests = _todo(output, model_name, settings, block_size, data_key)
+    line = f"{total - len(todo)}/{total} runs' flatness measured"
+    if not todo:
+        return line
+    spent: dict[str, list[float]] = {"main": [], "every": []}
+    for path in sorted((Path(output) / "runs").glob("*.json")):
+        entry = json.loads(path.read_text()).get("landscape") or {}
+        if entry.get("digest") == digests["main"] and "seconds" in entry:
+            spent["main"].append(float(entry["seconds"]))
+        every = entry.get("all_weights") or {}
+        if every.get("digest") == digests["every"] and "seconds" in every:
+            spent["every"].append(float(every["seconds"]))
+    seconds, timed, untimed = 0.0, 0, 0
+    for path, record, main, also in todo:
+        adapter = Path(output) / "adapters" / record.get("run_id", path.stem) / "adapter_config.json"
+        # a run without trained weights is skipped at once when only the trainable directions are asked for
+        for kind, wanted in (("main", main and (adapter.is_file() or settings.params != "trainable")),
+                             ("every", also)):
+            if wanted and spent[kind]:
+                seconds, timed = seconds + sum(spent[kind]) / len(spent[kind]), timed + 1
+            elif wanted:
+                untimed += 1
+    if timed:
+        line += f"; about {_hours(seconds / max(1, min(workers, len(todo))))} left"
+        if untimed:
+            line += f" besides {untimed} measurement(s) of a kind not timed yet"
+    elif untimed:
+        line += "; the time left is estimated once a measurement of each kind has finished"
+    return line
+
+
+
 def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
                     data_key: Any = None) -> list[str]:
     """The run ids (record file stems) that :func:`measure_runs` would measure."""
@@ -129,4 +168,6 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
                 say(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
         del model
+        if only is None:
+            say(f"    [{left_line(output, model_name, settings, block_size, data_key)}]")
     return measured

@@ -28,6 +28,11 @@ Fisher (diagonal), per example ``n``, never the square of a batch-mean gradient:
   every weight of the model (embeddings, norms, all linear layers), as EWCLoRA does; computed example by example
   with autograd (tied weights handled by autograd). Only the entries under LoRA modules enter the penalty
   (nothing else trains); ``all`` is there to measure what a full Fisher costs to compute and store.
+* ``fisher_precision="float32"`` (default): the Fisher's passes run with autocast off, so ``G_n`` is the exact
+  per-example gradient whatever the run's precision. ``"run"``: under the run's precision (bf16 autocast on a GPU
+  and on CPUs with native bf16), as training steps run; on a GPU the passes then use bf16 matmuls, which is where
+  the float32 Fisher's cost against training steps comes from (issue #15; not measured on a GPU yet), and the values
+  carry bf16 rounding. Float32 stays the default until a GPU measurement shows the gain is worth the rounding.
 
 When the Fisher is computed (and at which weights):
 
@@ -63,6 +68,7 @@ the examples and the sums are all-reduced.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +82,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_fr
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option, shard)
+from forgetless.precision import resolve_precision
 from forgetless.progress import say
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
@@ -84,7 +91,8 @@ FILENAME = "ewc_fisher.safetensors"
 STATE = StateFile(FILENAME, "ewc", "EWC Fisher")
 ESTIMATORS = ("sampled", "empirical")
 # The options a saved Fisher depends on (the others act on the domain stage or on where it is held).
-FISHER_OPTIONS = ("estimator", "samples", "batch_size", "fisher_over", "storage_dtype", "adapter")
+FISHER_OPTIONS = ("estimator", "samples", "batch_size", "fisher_over", "storage_dtype", "adapter", "fisher_precision")
+FISHER_PRECISIONS = ("float32", "run")
 _SEED_OFFSET = 104729  # keeps the Fisher's subset and draws independent of the loader's shuffling stream
 
 
@@ -141,12 +149,15 @@ def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, e
 
 def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator: str = "sampled",
                     fisher_over: str = "lora", batch_size: int = 4, seed: int = 0,
-                    adapter: str = "default") -> tuple[dict[str, torch.Tensor], int]:
+                    adapter: str = "default", precision: str = "fp32") -> tuple[dict[str, torch.Tensor], int]:
     """The diagonal Fisher ``F = sum_n G_n**2 / sum_n T_n`` over ``examples`` (``{input_ids, labels}``) in order.
 
     Returns ``({parameter name: F}, tokens)``; names are the model's parameter names (for a LoRA module
     ``<module>.base_layer.weight``). The model is put in eval mode (no dropout) and restored; no ``.grad`` is touched.
     Sampled labels: ``torch.Generator(device).manual_seed(seed)``, one ``torch.multinomial`` call per example.
+    ``precision`` (:data:`forgetless.precision.PRECISIONS`): the forward, the backward and the per-example ``G_n``
+    run in float32 with ``"fp32"`` (autocast off: the exact Fisher, the default), under bf16 autocast where it
+    resolves to ``"bf16"`` (the training loop's matmul precision; ``G_n`` is squared and summed in float32 either way).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -157,7 +168,7 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device_type=device.type, enabled=False):
+        with _fisher_autocast(precision, device):
             if fisher_over == "lora":
                 fisher, tokens = _fisher_lora(model, examples, estimator, batch_size, generator, adapter)
             elif fisher_over == "all":
@@ -171,6 +182,12 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     for t in fisher.values():
         t.div_(max(float(count), 1.0))
     return fisher, int(count)
+
+
+def _fisher_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
@@ -191,7 +208,8 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter):
                 acc = fisher[key]
                 go = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc.dtype)
                 xi = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc.dtype)
-                g = torch.bmm(go.transpose(1, 2), xi)  # G_n = sum_t g_t x_t^T, one per example: [B, out, in]
+                # G_n = sum_t g_t x_t^T, one per example: [B, out, in] (a bf16 matmul under autocast; squared in fp32)
+                g = torch.bmm(go.transpose(1, 2), xi).to(acc.dtype)
                 acc.add_((g.transpose(1, 2) if transpose else g).square().sum(0))  # in the base weight's layout
 
             out.register_hook(accumulate)
@@ -268,6 +286,9 @@ class EWCOptions(Options):
                               choices=("lora", "all"))
     anchor: str = option("general", "pull towards the adapter the domain stage starts from, or towards zero",
                          choices=("general", "zero"), domain=True)
+    fisher_precision: str = option("float32", "precision of the Fisher's passes: float32 (autocast off: the exact "
+                                              "per-example gradients) or run (the run's precision, bf16 autocast on "
+                                              "GPUs: faster there, values rounded)", choices=FISHER_PRECISIONS)
     storage_dtype: str = option("float32", "dtype of the Fisher, saved and held in memory (bfloat16 halves both; the "
                                            "penalty is computed in float32)", choices=tuple(STORAGE_DTYPES))
     offload: str = option("none", "keep the Fisher in CPU memory and copy each module's part to the device when the "
@@ -340,7 +361,8 @@ class EWC(Method):
         """Whether a saved Fisher was computed as this run's would be (a shared cached stage may hold the one of an
         ewc run with other Fisher options)."""
         theirs, mine = metadata.get("options") or {}, self.options.as_dict()
-        return all(theirs.get(k) == mine[k] for k in FISHER_OPTIONS)
+        defaults = type(self.options)().as_dict()  # a key a Fisher saved before it existed had its default
+        return all(theirs.get(k, defaults[k]) == mine[k] for k in FISHER_OPTIONS)
 
     def _compute(self, ctx: StageContext, examples: Sequence[dict]) -> None:
         seed = int(getattr(ctx.config, "seed", 0) or 0) if ctx.config is not None else 0
@@ -350,8 +372,9 @@ class EWC(Method):
             chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=g)[: self.samples].tolist()]
         model = ctx.model
         with Timer(next(model.parameters()).device) as timer:
+            precision = "fp32" if self.fisher_precision == "float32" else getattr(ctx.config, "precision", "auto")
             fisher, tokens = fisher_diagonal(model, shard(chosen), self.estimator, self.fisher_over, self.batch_size,
-                                             seed + _SEED_OFFSET, self.adapter)
+                                             seed + _SEED_OFFSET, self.adapter, precision)
         seconds = timer.seconds
         self.fisher = fisher
         size = STORAGE_DTYPES[self.storage_dtype].itemsize

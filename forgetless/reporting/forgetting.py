@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from forgetless.reporting.plots import label_points
+
 MEAN = "mean"  # the column of the per-run average over suite tasks
 
 
@@ -160,8 +162,9 @@ def plot_gain_vs_drop(rows: Sequence[dict[str, Any]], methods: Sequence[str], pa
     std over seeds."""
     plt, save = _figures()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        placed: dict[str, tuple[float, float]] = {}
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["task"] == task and r["gain"] is not None]
             if not mine:
@@ -169,7 +172,9 @@ def plot_gain_vs_drop(rows: Sequence[dict[str, Any]], methods: Sequence[str], pa
             (x, xerr), (y, yerr) = mean_std([-r["forgetting"][MEAN] for r in mine]), mean_std([r["gain"]
                                                                                              for r in mine])
             ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], marker="o", capsize=3, label=method)
-            ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            placed[method] = (x, y)
+        ax.margins(0.12)
+        label_points(ax, placed)
         points, front = _gain_drop_points(rows, task), gain_drop_front(rows, task)
         if front:
             ax.plot([points[m][0] for m in front], [points[m][1] for m in front], color="black", lw=0.8, ls="--",

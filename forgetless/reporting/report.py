@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 from forgetless.config import ConfigError
 from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
+from forgetless.reporting.plots import label_points
 from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, variant_records
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
@@ -250,7 +252,9 @@ def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
                     continue
                 t = p = math.nan
                 if len(a) >= 2 and len(b) >= 2:
-                    test = ttest_ind(a, b, equal_var=False)
+                    with warnings.catch_warnings():  # equal samples (WiSE-FT's alpha 1 is lora-nu-mu): t 0, p 1,
+                        warnings.simplefilter("ignore", RuntimeWarning)  # with scipy's "precision loss" warning
+                        test = ttest_ind(a, b, equal_var=False)
                     t, p = float(test.statistic), float(test.pvalue)
                 rows.append({"method": method, "task": task, "metric": metric,
                              "diff": statistics.fmean(a) - statistics.fmean(b), "t": t, "p": p,
@@ -578,7 +582,8 @@ def plot_pareto(res: Results, path: Path) -> Path:
         front = pareto_front(points)
         for m, (ppl, acc) in points.items():
             ax.scatter([ppl], [acc], s=30, color="tab:red" if m in front else "tab:blue", zorder=3)
-            ax.annotate(m, (ppl, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.margins(0.12)
+        label_points(ax, points)
         if front:
             ax.step([points[m][0] for m in front], [points[m][1] for m in front], where="post", color="tab:red",
                     lw=1, label="Pareto front")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = ["step_vs_trainer_fp32base", "mfu_fp32base", "step_vs_trainer_bf16base", "mfu_bf16base",
-        "hlora_record_vs_plain", "hlora_regularize_vs_plain", "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher"]
+        "hlora_record_vs_plain", "hlora_regularize_vs_plain", "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher",
+        "ewc_fisher_run_precision"]
 
 
 def _numbers(value):
@@ -49,6 +50,8 @@ def test_bench_gpu_tiny_writes_every_row(tmp_path):
             assert math.isfinite(number) and number > 0, (name, row)
     assert rows["step_vs_trainer_fp32base@tiny"]["trainer_s"] > 0
     assert rows["ewc_fisher@tiny"]["tokens"] == 8 * 31  # 8 examples of 32 tokens: 31 predicted each
+    assert rows["ewc_fisher_run_precision@tiny"]["tokens"] == 8 * 31
+    assert rows["ewc_fisher@tiny"]["fisher_precision"] == "float32"
 
 
 def test_bench_gpu_memory_tiny_writes_every_row(tmp_path):

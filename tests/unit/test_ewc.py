@@ -334,3 +334,33 @@ def test_fisher_is_the_per_example_loops(estimator, lora_model, monkeypatch):
     for name, f in old.items():
         assert f.dtype == torch.float32 and f.abs().max() > 0
         assert torch.equal(new[name], f), name
+
+
+def test_fisher_precision_run_takes_the_runs_autocast(lora_model, make_ctx):
+    """``fisher_precision: run`` computes the Fisher under the run's precision: under bf16 it is the float32 Fisher up
+    to bf16 rounding (close, not equal); the default stays float32 whatever the run's precision."""
+    model = lora_model(b_std=0.05, targets=ALL_SEVEN)
+    examples = ragged_examples()
+    exact, _ = fisher_diagonal(model, examples, "empirical", "lora", batch_size=3)
+    rounded, _ = fisher_diagonal(model, examples, "empirical", "lora", batch_size=3, precision="bf16")
+    for name, f in exact.items():
+        assert rounded[name].dtype == torch.float32 and not torch.equal(rounded[name], f), name  # autocast acted
+        assert float((rounded[name] - f).norm() / f.norm()) < 0.05, name  # ... and only rounded
+    # through the method: the run's precision is bf16; the default Fisher ignores it, ``run`` takes it
+    for choice, want in (("float32", exact), ("run", rounded)):
+        plugin = EWC(estimator="empirical", batch_size=3, fisher_precision=choice)
+        ctx = make_ctx("general", model)
+        ctx.config.precision = "bf16"
+        plugin._compute(ctx, examples)
+        assert plugin.metadata["options"]["fisher_precision"] == choice
+        for name in want:
+            assert torch.equal(plugin.fisher[name], want[name]), (choice, name)
+    with pytest.raises(ValueError, match="fisher_precision"):
+        EWC(fisher_precision="bf16")
+
+
+def test_a_saved_fisher_without_fisher_precision_counts_as_float32():
+    plugin = EWC()
+    saved = {"options": {k: v for k, v in plugin.options.as_dict().items() if k != "fisher_precision"}}
+    assert plugin._fits(saved)
+    assert not EWC(fisher_precision="run")._fits(saved)

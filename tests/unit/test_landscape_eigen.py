@@ -151,3 +151,36 @@ def _lora_parameters(adapter):
     from safetensors.torch import load_file
 
     return load_file(str(adapter / "adapter_model.safetensors")).items()
+
+
+def test_landscape_left_line_estimates_from_the_measured_runs(tmp_path):
+    """The landscape step's progress line: runs measured out of all, and the time left as the mean seconds of each
+    kind of measurement (LoRA directions, all weights) times what is left of it, over the workers; a run without
+    trained weights costs nothing when only the trainable directions are measured."""
+    import json
+
+    from forgetless.landscape import LandscapeSettings
+    from forgetless.landscape_runs import _todo, left_line
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    settings = LandscapeSettings(all_weights_seeds=[0])
+    records = {"a": 0, "b": 0, "c": 1, "base": 1}  # run -> seed
+    for rid, seed in records.items():
+        (out / "runs" / f"{rid}.json").write_text(json.dumps({"run_id": rid, "seed": seed}))
+        if rid != "base":
+            (out / "adapters" / rid).mkdir(parents=True)
+            (out / "adapters" / rid / "adapter_config.json").write_text("{}")
+    assert left_line(out, "m", settings, 128) == (
+        "0/4 runs' flatness measured; the time left is estimated once a measurement of each kind has finished")
+    digests = _todo(out, "m", settings, 128, None)[2]
+    measured = {"run_id": "a", "seed": 0, "landscape": {"digest": digests["main"], "seconds": 100.0,
+                                                         "all_weights": {"digest": digests["every"], "seconds": 40.0}}}
+    (out / "runs" / "a.json").write_text(json.dumps(measured))
+    # left: b (LoRA 100 s + all weights 40 s), c (LoRA 100 s), base (seed 1: skipped at once) = 240 s
+    assert left_line(out, "m", settings, 128) == "1/4 runs' flatness measured; about 4 min left"
+    assert left_line(out, "m", settings, 128, workers=2) == "1/4 runs' flatness measured; about 2 min left"
+    measured["landscape"].pop("all_weights")
+    (out / "runs" / "a.json").write_text(json.dumps(measured))  # a needs its all-weights surface again
+    assert left_line(out, "m", settings, 128) == (
+        "0/4 runs' flatness measured; about 3 min left besides 2 measurement(s) of a kind not timed yet")
