@@ -248,9 +248,10 @@ def _loss_range(folder: Path, entry: dict[str, Any]) -> Any:
 
 
 def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], folder: Path, path: Path,
-                       most: int = 8) -> Path | None:
-    """Contours of up to ``most`` runs: LoRA directions on top, all weights below, one shared colour scale per
-    column; None when no surface file is there."""
+                       most: int = 12, per_row: int = 4) -> Path | None:
+    """Contours of up to ``most`` runs, ``per_row`` runs a band: LoRA directions above, all weights below. Each panel
+    has its own colour scale (the two differ by orders of magnitude: on one scale the LoRA surface is one colour), and
+    its title gives the loss range on the grid; None when no surface file is there."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,17 +262,25 @@ def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], f
     columns = [c for c in columns if c[1] is not None and c[2] is not None and c[1].dims == c[2].dims == 2]
     if not columns:
         return None
-    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6), squeeze=False)
-    for j, (r, lora, every) in enumerate(columns):
-        low = min(lora.losses.min(), every.losses.min())
-        high = max(lora.losses.max(), every.losses.max())
-        levels = np.linspace(low, high, 25) if high > low else 25
+    width = min(per_row, len(columns))
+    bands = math.ceil(len(columns) / width)
+    fig, axes = plt.subplots(2 * bands, width, figsize=(3.4 * width, 5.6 * bands), squeeze=False,
+                             layout="constrained")
+    for k, (r, lora, every) in enumerate(columns):
+        band, j = divmod(k, width)
         for i, (surface, name) in enumerate(((lora, "LoRA directions"), (every, "all weights"))):
+            ax = axes[2 * band + i][j]
             a, b = np.meshgrid(surface.coords[0], surface.coords[1], indexing="ij")
-            filled = axes[i][j].contourf(a, b, surface.losses, levels=levels, cmap="viridis")
-            axes[i][j].plot([0], [0], "r+", ms=8)
-            axes[i][j].set_title(f"{r['method']} s{r.get('seed')}: {name}", fontsize=8)
-        fig.colorbar(filled, ax=[axes[0][j], axes[1][j]], shrink=0.8, label="loss")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+            filled = ax.contourf(a, b, surface.losses, levels=20, cmap="viridis")
+            ax.plot([0], [0], "r+", ms=8)
+            spread = float(surface.losses.max() - surface.losses.min())
+            ax.set_title(f"{r['method']} s{r.get('seed')}: {name}\nloss range {spread:.3g}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            fig.colorbar(filled, ax=ax, shrink=0.85).ax.tick_params(labelsize=6)
+    for k in range(len(columns), bands * width):  # empty places of the last band
+        band, j = divmod(k, width)
+        axes[2 * band][j].set_axis_off()
+        axes[2 * band + 1][j].set_axis_off()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
