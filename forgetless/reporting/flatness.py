@@ -67,6 +67,22 @@ def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | No
     return rows
 
 
+def distinct_models(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``rows`` with each model counted once, and the (dropped, kept) method pairs. Two runs of one task and seed whose
+    general PPL and every flatness metric are equal are one model (WiSE-FT's alpha-1 run is ``lora-nu-mu``'s when
+    they share the general stage): counting it twice would weigh it double in a correlation. The first row is kept."""
+    kept: dict[tuple, dict[str, Any]] = {}
+    dropped = []
+    for row in rows:
+        key = (row.get("task"), row.get("seed"), row["general_ppl"],
+               tuple((k, row[k]) for k in METRICS if k in row))
+        if key in kept:
+            dropped.append((row["method"], kept[key]["method"]))
+        else:
+            kept[key] = row
+    return list(kept.values()), dropped
+
+
 def spearman(rows: Sequence[dict[str, Any]], metric: str, target: str = "ppl_increase") -> tuple[float, float, int]:
     """(rho, p, n) of ``metric`` against ``target`` (a key of :data:`TARGETS`) over the rows that have both; NaN
     when undefined."""
@@ -166,9 +182,16 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
         cells += [row.get(m, math.nan) for m in metrics]
         md += "| " + " | ".join(_fmt(c) for c in cells) + " |\n"
     targets = [t for t in TARGETS if any(t in row for row in rows)]
+    distinct, dropped = distinct_models(rows)
     md += ("\nSpearman correlation of each metric with forgetting, across runs (general-suite change: negative is "
            "forgetting, so a metric that predicts forgetting correlates *positively* with the PPL increase and "
-           "*negatively* with the suite change):\n\n")
+           "*negatively* with the suite change)")
+    if dropped:
+        pairs = sorted({f"`{a}` (the model of `{b}`)" for a, b in dropped})
+        md += (f"; each model counted once: {len(dropped)} run(s) of {', '.join(pairs)} have the same measurements as "
+               "another run and are left out of the correlations and plots")
+    md += ":\n\n"
+    rows = distinct
     md += "| metric | " + " | ".join(f"rho, p vs {TARGETS[t]}" for t in targets) + " | runs | figures |\n"
     md += "|---|" + "---|" * len(targets) + "---|---|\n"
     for metric in metrics:

@@ -274,6 +274,29 @@ def test_flatness_section_names_the_interpolations_it_does_not_measure(tmp_path)
     assert "| wise-ft | t | 0 |" in md  # the run itself is in the per-run table
 
 
+def test_flatness_correlations_count_one_model_once(tmp_path):
+    """WiSE-FT's alpha-1 run is lora-nu-mu's model: the same PPL and metrics. The per-run table keeps both; the
+    Spearman correlations count the model once (a duplicate would weigh it double)."""
+    from forgetless.reporting.flatness import distinct_models, flatness_rows, flatness_section
+
+    results = [{"method": "base", "task": "t", "seed": 0, "general_ppl": 10.0}]
+    for seed, (ppl, x) in enumerate([(12.0, 1.0), (15.0, 3.0), (11.0, 2.0), (14.0, 5.0)]):
+        results.append({"method": "lora-nu-mu", "task": "t", "seed": seed, "general_ppl": ppl,
+                        "landscape": {"metrics": {"surface_curvature": x}}})
+        results.append({"method": "base", "task": "t", "seed": seed, "general_ppl": 10.0})
+    results += [dict(r, method="wise-ft") for r in results if r["method"] == "lora-nu-mu"][:2]
+    rows = flatness_rows(results)
+    distinct, dropped = distinct_models(rows)
+    assert len(rows) == 6 and len(distinct) == 4
+    assert dropped == [("wise-ft", "lora-nu-mu")] * 2
+    md = flatness_section(results, tmp_path)
+    assert "2 run(s) of `wise-ft` (the model of `lora-nu-mu`) have the same measurements" in md
+    spearman_row = next(line for line in md.splitlines() if line.startswith("| Surface Curvature | "))
+    # increases 2, 5, 1, 4 against curvatures 1, 3, 2, 5: rho = 1 - 6 * (1 + 1 + 1 + 1) / (4 * 15) = 0.6, n = 4
+    assert spearman_row.startswith("| Surface Curvature | 0.600, ") and "| 4 |" in spearman_row
+    assert sum(line.startswith("| wise-ft | t |") for line in md.splitlines()) == 2  # the per-run table keeps them
+
+
 # ---------------------------------------------------------------- CLI and experiment
 
 
