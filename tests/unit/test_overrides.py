@@ -134,3 +134,23 @@ def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys
     (step / "state.pt").write_bytes(b"")
     assert main(["run", str(path), "seeds=[0,1]", "methods=[lora-nu-mu]", "--dry-run"]) == 0
     assert "about 0.4 h for 1 run(s) (with --jobs N" in capsys.readouterr().out  # 1600 s
+
+
+def test_dry_run_names_the_landscape_step_once_runs_are_recorded(tmp_path, capsys):
+    import json
+
+    path = _experiment(tmp_path)
+    with_landscape = {"landscape": "{grid: 3}", "seeds": "[0]", "methods": "[lora-mu]"}
+    overrides = [f"{k}={v}" for k, v in with_landscape.items()]
+    assert main(["run", str(path), *overrides, "--dry-run"]) == 0
+    assert "landscape step" not in capsys.readouterr().out  # nothing recorded: nothing to measure yet
+    runs = tmp_path / "out" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "lora-mu__t__seed0.json").write_text(json.dumps({"method": "lora-mu", "seed": 0, "seconds": 60.0}))
+    adapter = tmp_path / "out" / "adapters" / "lora-mu__t__seed0"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")  # trained weights: its LoRA directions are to measure
+    assert main(["run", str(path), *overrides, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert ("landscape step (once every run is recorded): 0/1 runs' flatness measured; the time left is estimated "
+            "once a measurement of each kind has finished") in text
