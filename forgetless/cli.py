@@ -90,10 +90,9 @@ def _plan_text(exp: Experiment) -> str:
     if exp.landscape is not None and done:  # the landscape step measures recorded runs
         from forgetless.landscape_runs import left_line as landscape_left
 
-        left = landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
-                              exp.general.heldout.cache_key())
-        lines.append("landscape step (once every run is recorded): " + left
-                     + (" (with --jobs N, about 1/N of it)" if "left" in left.split(";", 1)[-1] else ""))
+        lines.append("landscape step (once every run is recorded): "
+                     + landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
+                                      exp.general.heldout.cache_key(), jobs_hint=True))
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
     lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")

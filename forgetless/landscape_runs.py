@@ -45,39 +45,41 @@ def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSe
 
 
 def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
-          data_key: Any) -> tuple[list[tuple[Path, dict, bool, bool]], int, dict[str, Any]]:
-    """(runs to measure as (path, record, main surface?, all-weights surface?), runs in the folder, digests)."""
+          data_key: Any) -> tuple[list[tuple[Path, dict, bool, bool]], list[dict[str, Any]], dict[str, Any]]:
+    """(runs to measure as (path, record, main surface?, all-weights surface?), every record in the folder,
+    digests)."""
     block = settings.block_size or block_size
     extra = {"data": data_key, "block_size": block, "model": model_name}
     every = settings.all_weights()
     digests = {"block": block, "main": settings.digest(extra), "every": every.digest(extra) if every else None}
-    paths = sorted((Path(output) / "runs").glob("*.json"))
-    todo = []
-    for path in paths:
+    todo, records = [], []
+    for path in sorted((Path(output) / "runs").glob("*.json")):
         record = json.loads(path.read_text())
+        records.append(record)
         entry = record.get("landscape") or {}
         main = entry.get("digest") != digests["main"]
         also = (every is not None and record.get("seed", 0) in settings.all_weights_seeds
                 and (main or (entry.get("all_weights") or {}).get("digest") != digests["every"]))
         if main or also:
             todo.append((path, record, main, also))
-    return todo, len(paths), digests
+    return todo, records, digests
 
 
 def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_size: int, data_key: Any = None,
-              workers: int = 1) -> str:
+              workers: int = 1, jobs_hint: bool = False) -> str:
     """``"K/N runs' flatness measured; about T left"``: the landscape step's progress, the time left estimated from
     the measurements already in the records (mean seconds of a LoRA-direction measurement and of an all-weights one,
-    times what is left of each, over ``workers``)."""
+    times what is left of each, over ``workers``). ``jobs_hint``: say after an estimate that ``--jobs N`` divides it
+    (``run --dry-run``)."""
     from forgetless.experiment import _hours
 
-    todo, total, digests = _todo(output, model_name, settings, block_size, data_key)
-    line = f"{total - len(todo)}/{total} runs' flatness measured"
+    todo, records, digests = _todo(output, model_name, settings, block_size, data_key)
+    line = f"{len(records) - len(todo)}/{len(records)} runs' flatness measured"
     if not todo:
         return line
     spent: dict[str, list[float]] = {"main": [], "every": []}
-    for path in sorted((Path(output) / "runs").glob("*.json")):
-        entry = json.loads(path.read_text()).get("landscape") or {}
+    for record in records:
+        entry = record.get("landscape") or {}
         if entry.get("digest") == digests["main"] and "seconds" in entry:
             spent["main"].append(float(entry["seconds"]))
         every = entry.get("all_weights") or {}
@@ -97,11 +99,11 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
         line += f"; about {_hours(seconds / max(1, min(workers, len(todo))))} left"
         if untimed:
             line += f" besides {untimed} measurement(s) of a kind not timed yet"
+        if jobs_hint:
+            line += " (with --jobs N, about 1/N of it)"
     elif untimed:
         line += "; the time left is estimated once a measurement of each kind has finished"
     return line
-
-
 
 def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
                     data_key: Any = None) -> list[str]:
@@ -125,7 +127,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     from forgetless.data import lm_examples, pack_blocks
     from forgetless.models import load_adapter, load_model
 
-    todo, total, digests = _todo(output, model_name, settings, block_size, data_key)
+    todo, records, digests = _todo(output, model_name, settings, block_size, data_key)
     if only is not None:
         todo = [item for item in todo if item[0].stem in only]
     block, digest, every_digest = digests["block"], digests["main"], digests["every"]
@@ -133,7 +135,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     if not todo:
         return 0
     if only is None:
-        print(f"landscape: measuring {len(todo)} run(s) ({total - len(todo)} already measured)")
+        print(f"landscape: measuring {len(todo)} run(s) ({len(records) - len(todo)} already measured)")
     examples = None
     measured = 0
     for path, record, main, also in todo:

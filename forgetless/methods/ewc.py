@@ -82,7 +82,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_fr
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option, shard)
-from forgetless.precision import resolve_precision
+from forgetless.precision import autocast, resolve_precision
 from forgetless.progress import say
 from forgetless.training.batches import collate
 from forgetless.training.hooks import Batch, Method, StageContext
@@ -185,8 +185,10 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
 
 
 def _fisher_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The training loop's autocast for a bf16 ``precision``; for fp32, autocast switched off (not merely not
+    entered: a caller's own autocast must not reach the Fisher's passes)."""
     if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return autocast(precision, device)
     return torch.autocast(device_type=device.type, enabled=False)
 
 

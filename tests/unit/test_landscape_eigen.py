@@ -180,6 +180,8 @@ def test_landscape_left_line_estimates_from_the_measured_runs(tmp_path):
     # left: b (LoRA 100 s + all weights 40 s), c (LoRA 100 s), base (seed 1: skipped at once) = 240 s
     assert left_line(out, "m", settings, 128) == "1/4 runs' flatness measured; about 4 min left"
     assert left_line(out, "m", settings, 128, workers=2) == "1/4 runs' flatness measured; about 2 min left"
+    assert left_line(out, "m", settings, 128, jobs_hint=True) == (
+        "1/4 runs' flatness measured; about 4 min left (with --jobs N, about 1/N of it)")
     measured["landscape"].pop("all_weights")
     (out / "runs" / "a.json").write_text(json.dumps(measured))  # a needs its all-weights surface again
     assert left_line(out, "m", settings, 128) == (
