@@ -105,6 +105,7 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
         line += "; the time left is estimated once a measurement of each kind has finished"
     return line
 
+
 def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
                     data_key: Any = None) -> list[str]:
     """The run ids (record file stems) that :func:`measure_runs` would measure."""
