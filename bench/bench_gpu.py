@@ -49,6 +49,7 @@ is not per variant and means nothing beyond "it ran".
 bf16, so its MFU is not meaningful either.
 
 Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny] [--[no-]levers]
+       [--only ROW,ROW] (the sections with a row name containing one of these: a partial rerun)
 """
 
 from __future__ import annotations
@@ -365,8 +366,17 @@ class Report:
             tmp.replace(self.path)
 
 
+ONLY: list[str] = []  # --only: run the sections with a row name containing one of these (all when empty)
+
+
+def selected(names: list[str]) -> bool:
+    return not ONLY or any(part in name for name in names for part in ONLY)
+
+
 def guarded(report: Report, names: list[str], fn) -> None:
-    """Run one section; a failure is recorded on its rows and the run goes on."""
+    """Run one section (if ``--only`` selects it); a failure is recorded on its rows and the run goes on."""
+    if not selected(names):
+        return
     t0 = time.perf_counter()
     try:
         fn()
@@ -568,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="attention implementation of the models (default: transformers' default, sdpa)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
                         help="the speed-lever rows (default: on for the GPU shapes, off with --tiny)")
+    parser.add_argument("--only", default="", help="comma-separated parts of row names: run only the sections with "
+                                                   "such a row (e.g. ewc_fisher,hlora), to remeasure a few rows")
     args = parser.parse_args(argv)
+    ONLY[:] = [part.strip() for part in args.only.split(",") if part.strip()]
     levers = (not args.tiny) if args.levers is None else args.levers
     ATTENTION["implementation"] = args.attn
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -629,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             row["trainer_mfu"] *= peak / best
     env.update(bf16_matmul_flops_end=end_peak, bf16_matmul_flops=best, seconds=time.perf_counter() - started)
     report.write()
-    missing = [n for n in expected_rows(shapes, levers) if n not in report.rows]
+    missing = [n for n in expected_rows(shapes, levers) if n not in report.rows and selected([n])]
     failed = [n for n, row in report.rows.items() if "error" in row]
     print(f"\n{'row':42s} {'value':>8s}  target   (bf16 matmul {best / 1e12:.2f} TFLOP/s; {env['seconds']:.0f} s)")
     for name, row in report.rows.items():

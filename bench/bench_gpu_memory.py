@@ -22,6 +22,7 @@ on the CPU "peak" is the process's max RSS, not per row, and means only "it ran"
 row; a failing row records its error and the run goes on.
 
 Usage: python bench/bench_gpu_memory.py [--json PATH] [--steps 3] [--fisher-examples 8] [--tiny] [--skip-4bit]
+       [--methods hlora,ewc] [--targets qv,all]
 """
 
 from __future__ import annotations
@@ -78,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fisher-examples", type=int, default=8, help="examples of EWC's Fisher")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape")
     parser.add_argument("--skip-4bit", action="store_true", help="leave out the 4-bit base row")
+    parser.add_argument("--methods", default="hlora,ewc", help="comma-separated methods of the method rows "
+                                                               "(lora-nu-mu, their baseline, always runs)")
+    parser.add_argument("--targets", default="qv,all", help=f"comma-separated LoRA target sets of the method rows "
+                                                            f"({', '.join(TARGET_SETS)})")
     args = parser.parse_args(argv)
+    methods = ["lora-nu-mu"] + [m.strip() for m in args.methods.split(",") if m.strip() not in ("", "lora-nu-mu")]
+    target_sets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := [m for m in methods if m not in ("lora-nu-mu", "hlora", "ewc")] + \
+            [t for t in target_sets if t not in TARGET_SETS]:
+        parser.error(f"unknown method(s) or target set(s): {unknown}")
     if not args.tiny and not on_cuda():
         parser.error("this benchmark measures GPU memory: run it on a GPU, or with --tiny on the CPU")
     shape = "tiny" if args.tiny else "8b"
@@ -101,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             target="<= 24" if ckpt and shape == "8b" else None, base_gib=base))
 
     plain: dict[tuple[str, str], float] = {}
-    for key, targets in TARGET_SETS.items():
-        for method in ("lora-nu-mu", "hlora", "ewc"):
+    for key in target_sets:
+        targets = TARGET_SETS[key]
+        for method in methods:
             for variant, options in (VARIANTS.items() if method != "lora-nu-mu" else [("", {})]):
                 label = "_".join(part for part in (method, key, variant) if part)
                 names = [f"{label}_{part}@{shape}" for part in ("general", "domain")]

@@ -178,8 +178,15 @@ def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
 
 
+_REDUCE_BUCKET = 1 << 26  # elements per all-reduce buffer (256 MiB in float32): a bounded copy, not the whole state
+
+
 def all_reduce_(tensors: Sequence[torch.Tensor], op: str = "mean") -> None:
-    """Sum or average ``tensors`` in place over processes, in one flat buffer per dtype; no-op for one process."""
+    """Sum or average ``tensors`` in place over processes; no-op for one process.
+
+    Tensors of one dtype and device go through flat buffers of up to ``_REDUCE_BUCKET`` elements (a few calls, and
+    never a second copy of a whole method state). Tensors in CPU memory (offloaded state) are reduced through the
+    GPU, a bucket at a time, when the process group's backend is NCCL (which reduces CUDA tensors only)."""
     import torch.distributed as dist
 
     world = world_size()
@@ -187,18 +194,36 @@ def all_reduce_(tensors: Sequence[torch.Tensor], op: str = "mean") -> None:
         return
     if op not in ("mean", "sum"):
         raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    through_gpu = dist.get_backend() == "nccl" and torch.cuda.is_available()
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        if op == "mean":
-            flat.div_(world)
-        start = 0
-        for t in group:
-            t.copy_(flat[start:start + t.numel()].view_as(t))
-            start += t.numel()
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (_, device), group in groups.items():
+        for bucket in _buckets(group, _REDUCE_BUCKET):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            if device.type == "cpu" and through_gpu:
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flat)
+            if op == "mean":
+                flat.div_(world)
+            start = 0
+            for t in bucket:
+                t.copy_(flat[start:start + t.numel()].view_as(t))
+                start += t.numel()
+
+
+def _buckets(tensors: Sequence[torch.Tensor], limit: int):
+    """``tensors`` in order, in runs of at most ``limit`` elements (a larger tensor is a run of its own)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and size + t.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
 
 
 def shard(items: Sequence[Any]) -> list[Any]:

@@ -115,3 +115,46 @@ def test_gradient_checkpointing_changes_nothing(entry, accelerator):
             if table:
                 for name, value in table.items():
                     assert torch.allclose(getattr(p_ckpt, attr)[name], value, rtol=1e-5, atol=1e-10), (attr, name)
+
+
+def test_the_fisher_recomputes_activations_under_checkpointing_with_the_same_values():
+    """EWC's Fisher runs in eval mode (no dropout); the checkpointed layers must still recompute (transformers only
+    recomputes a layer whose ``training`` flag is set), with the same Fisher, and the mode is restored."""
+    from forgetless.methods.ewc import fisher_diagonal
+    from forgetless.training.loop import disable_gradient_checkpointing, enable_gradient_checkpointing
+    from tests.unit.tiny_model import make_lora_model
+
+    examples = variable_examples(6, seed=3)
+    results = {}
+    for checkpointing in (False, True):
+        model = make_lora_model(0, b_std=0.05, targets=("q_proj", "v_proj", "down_proj"))
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        calls = []
+        layers = model.get_base_model().model.layers
+        # attention: the recomputation stops early, once the backward has all it needs (inside the MLP, whose
+        # forward then never returns), so attention's forward is what counts the passes
+        handles = [layer.self_attn.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+        fisher, tokens = fisher_diagonal(model, examples, "sampled", batch_size=4, seed=5)
+        for h in handles:
+            h.remove()
+        batches = 2  # 6 examples, 4 per pass
+        assert len(calls) == len(layers) * batches * (2 if checkpointing else 1), checkpointing
+        assert model.training and all(m.training for m in model.modules())  # the mode came back
+        if checkpointing:
+            disable_gradient_checkpointing(model)
+        results[checkpointing] = fisher, tokens
+    assert results[True][1] == results[False][1]
+    assert set(results[True][0]) == set(results[False][0])
+    for name, value in results[False][0].items():
+        assert value.abs().sum() > 0, name
+        assert torch.allclose(results[True][0][name], value, rtol=1e-5, atol=1e-12), name
+
+
+def test_reduction_buckets_keep_order_and_bound_size():
+    from forgetless.methods.common import _buckets
+
+    sizes = [3, 4, 10, 1, 2, 2]
+    runs = list(_buckets([torch.zeros(n) for n in sizes], 6))
+    assert [[t.numel() for t in run] for run in runs] == [[3], [4], [10], [1, 2, 2]]
