@@ -8,6 +8,16 @@ Liger kernel, ``liger_kernel.transformers.functional.liger_fused_linear_cross_en
 ``[rows, vocab]`` logits, which for packed text (every token labelled) are the largest activation of a step. It
 is used only where it computes what the plain path does: a plain ``nn.Linear`` head (not one LoRA wraps) found
 by the backbone/head split; the logit soft-capping of Gemma-2-style models is passed on.
+
+Without Liger, when the labelled rows' logits would be large (``rows x vocab`` above :data:`CHUNK_ELEMENTS`, e.g.
+4 x 1024 tokens of a 128k vocabulary: 2 GiB in float32, held three or four times over by the cross-entropy and its
+backward), the head and the cross-entropy run in chunks of rows (:class:`ChunkedLinearCrossEntropy`, plain torch):
+each chunk's logits, loss and gradient with respect to its hidden states are computed in the forward and dropped,
+so only ``[rows, hidden]`` is kept for the backward. The same function: each row's gradient is computed as the plain
+path's backward computes it (float32 softmax minus one-hot, divided by the rows, the head matmul in the logits'
+dtype); only the order in which the rows' losses are summed differs. Below the threshold (every model and batch
+of the test suite and the demo) the plain path runs. It applies to a frozen plain ``nn.Linear`` head (the LoRA
+case); a trainable or LoRA-wrapped head keeps the plain path.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from forgetless.lm import IGNORE_INDEX, HeadScorer, next_token_loss
+
+CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk (256 MiB in float32); larger [rows, vocab] go chunked
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -31,7 +43,7 @@ class CausalLMLoss(torch.nn.Module):
     and, padding-free, ``position_ids`` without an ``attention_mask`` (transformers then keeps each packed example to
     itself). Without ``loss_index`` the positions are found from ``labels`` here; the loss is the same."""
 
-    def __init__(self, model: torch.nn.Module, fused_ce: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None = CHUNK_ELEMENTS) -> None:
         super().__init__()
         self.model = model
         # Not verified on a probe: the model may be in train mode (dropout), and the backbone/head split of the
@@ -39,11 +51,25 @@ class CausalLMLoss(torch.nn.Module):
         self._scorer = HeadScorer(model, verify=False)
         head = self._scorer.head
         self.fused_ce = bool(fused_ce and self._scorer.fast and type(head) is torch.nn.Linear)
+        # chunked cross-entropy above this many logits elements (None: never); a frozen plain nn.Linear head only
+        self.chunk_elements = chunk_elements
+        self._chunkable = bool(self._scorer.fast and type(head) is torch.nn.Linear
+                               and not any(p.requires_grad for p in head.parameters()))
+
+    def _chunk_rows(self, rows: int) -> int | None:
+        """Rows per chunk of the chunked cross-entropy, or None for the plain path."""
+        if not self._chunkable or self.chunk_elements is None:
+            return None
+        vocab = self._scorer.head.out_features
+        if rows * vocab <= self.chunk_elements:
+            return None
+        return max(1, self.chunk_elements // vocab)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, loss_index: torch.Tensor | None = None,
                 loss_targets: torch.Tensor | None = None) -> torch.Tensor:
-        if loss_index is None and position_ids is None and not self.fused_ce:
+        if (loss_index is None and position_ids is None and not self.fused_ce
+                and self._chunk_rows(labels.shape[0] * (labels.shape[1] - 1)) is None):
             return next_token_loss(self._scorer, input_ids, labels, attention_mask)
         if loss_index is None:
             targets = labels[:, 1:].reshape(-1)
@@ -63,5 +89,52 @@ class CausalLMLoss(torch.nn.Module):
             head = scorer.head
             return liger_fused_linear_cross_entropy(picked, head.weight, loss_targets, head.bias,
                                                     softcap=scorer.softcap or None)
+        chunk = self._chunk_rows(picked.shape[0])
+        if chunk is not None:
+            head = scorer.head
+            return ChunkedLinearCrossEntropy.apply(picked, head.weight, head.bias, loss_targets, scorer.softcap, chunk)
         rows = scorer.logits(picked)
         return F.cross_entropy(rows.to(torch.promote_types(rows.dtype, torch.float32)), loss_targets)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``mean_i CE(head(hidden_i), target_i)`` over chunks of ``chunk`` rows, never holding ``[rows, vocab]``.
+
+    The forward computes, chunk by chunk, the logits (``F.linear`` under the caller's autocast, so in the dtype the
+    plain path's would have), their optional soft-capping, the float32 log-sum-exp and loss, and the gradient with
+    respect to the chunk's hidden states: ``(softmax - onehot) / rows`` (times the soft-cap's derivative), cast to
+    the logits' dtype and multiplied by the head weight, as the plain path's backward does. Only that ``[rows,
+    hidden]`` gradient is saved; the backward scales it by the incoming gradient. The head is frozen (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                softcap: float | None, chunk: int) -> torch.Tensor:
+        rows = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, rows, chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            raw = F.linear(h, weight, bias)
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            logits32 = logits.float()
+            lse = torch.logsumexp(logits32, dim=-1)
+            total += (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None:
+                continue
+            grad = torch.exp(logits32 - lse[:, None])  # softmax
+            grad[torch.arange(grad.shape[0], device=grad.device), t] -= 1.0
+            grad /= rows
+            grad = grad.to(logits.dtype)
+            if softcap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, in the logits' dtype as autograd's would be
+                grad = grad * (1 - torch.tanh(raw / softcap) ** 2)
+            grad_hidden[start:start + chunk] = (grad @ weight.to(grad.dtype)).to(hidden.dtype)
+        if grad_hidden is not None:
+            ctx.save_for_backward(grad_hidden)
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None

@@ -1,0 +1,98 @@
+"""The chunked head + cross-entropy (forgetless.training.loss.ChunkedLinearCrossEntropy): the loss and the gradients of
+the plain path (head, float32 cross-entropy, autograd), without ever holding the [rows, vocab] logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forgetless.training.batches import add_loss_index, collate
+from forgetless.training.loss import ChunkedLinearCrossEntropy, CausalLMLoss
+from tests.unit.tiny_model import make_lora_model, random_examples
+
+
+def _plain(hidden, weight, bias, targets, softcap):
+    logits = F.linear(hidden, weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), targets)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_chunked_loss_and_hidden_gradient_equal_autograd_of_the_plain_path(softcap, chunk):
+    g = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab = 13, 8, 11
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    hidden = torch.randn(rows, hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = 0.7  # a scaled loss (as accumulation and SAM scale it) must scale the gradient
+
+    expected = _plain(hidden, weight, bias, targets, softcap)
+    (want,) = torch.autograd.grad(expected * upstream, hidden)
+    got = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk)
+    (have,) = torch.autograd.grad(got * upstream, hidden)
+    # float32 log-sum-exp in both (the plain path upcasts to float32, not float64)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(have, want, rtol=1e-5, atol=1e-7)
+    # and the closed form: d mean CE / d h_i = W^T (softmax(W h_i + b) - onehot(t_i)) / rows (no soft-cap)
+    if softcap is None:
+        p = torch.softmax(hidden.detach() @ weight.T + bias, dim=-1)
+        p[torch.arange(rows), targets] -= 1
+        assert torch.allclose(have, upstream * (p @ weight) / rows, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loss_module_chunks_above_the_threshold_with_the_plain_numbers(monkeypatch):
+    batch = add_loss_index(collate(random_examples(6, 9, prompt=3), pad_token_id=0))
+    results = {}
+    original = ChunkedLinearCrossEntropy.apply
+    for name, elements in (("plain", None), ("chunked", 64 * 5)):  # vocab 64: chunks of 5 of the 36 rows
+        model = make_lora_model(0, b_std=0.05)
+        loss_module = CausalLMLoss(model, chunk_elements=elements)
+        calls = []
+        monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", lambda *a: calls.append(a[-1]) or original(*a))
+        loss = loss_module(**batch)
+        loss.backward()
+        assert calls == ([] if elements is None else [5])
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = loss.detach(), grads
+    assert torch.allclose(results["chunked"][0], results["plain"][0], rtol=1e-6)
+    for name, grad in results["plain"][1].items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(results["chunked"][1][name], grad, rtol=1e-5, atol=1e-8), name
+
+
+def test_small_logits_and_trainable_heads_keep_the_plain_path():
+    model = make_lora_model(0)
+    loss_module = CausalLMLoss(model)  # the default threshold: 64 M logits elements
+    assert loss_module._chunk_rows(1000) is None  # 1000 x 64: far below
+    assert loss_module._chunk_rows(2_000_000) == (1 << 26) // 64
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    assert CausalLMLoss(model)._chunk_rows(2_000_000) is None  # a trained head needs its own gradient
+
+
+def test_under_bf16_autocast_the_chunks_round_as_the_plain_path():
+    """The chunks' head matmuls run in the autocast dtype, as the plain path's forward and backward do."""
+    g = torch.Generator().manual_seed(1)
+    rows, hidden_size, vocab = 10, 16, 32
+    weight = torch.randn(vocab, hidden_size, generator=g)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    hidden = torch.randn(rows, hidden_size, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _plain(hidden, weight, None, targets, None)
+        got = ChunkedLinearCrossEntropy.apply(hidden, weight, None, targets, None, 3)
+    (want,) = torch.autograd.grad(expected, hidden)
+    (have,) = torch.autograd.grad(got, hidden)
+    assert got.dtype == expected.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)  # the same bf16 logits, summed in another order
+    assert torch.allclose(have, want, rtol=1e-2, atol=1e-3)  # bf16 rounding of the gradient, in either order
+    assert not torch.allclose(have, _fp32_grad(hidden, weight, targets), rtol=1e-4, atol=1e-6)  # it is bf16 work
+
+
+def _fp32_grad(hidden, weight, targets):
+    h = hidden.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_plain(h, weight, None, targets, None), h)
+    return grad
