@@ -43,7 +43,7 @@ class CausalLMLoss(torch.nn.Module):
     and, padding-free, ``position_ids`` without an ``attention_mask`` (transformers then keeps each packed example to
     itself). Without ``loss_index`` the positions are found from ``labels`` here; the loss is the same."""
 
-    def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None = CHUNK_ELEMENTS) -> None:
+    def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None | str = "auto") -> None:
         super().__init__()
         self.model = model
         # Not verified on a probe: the model may be in train mode (dropout), and the backbone/head split of the
@@ -51,19 +51,21 @@ class CausalLMLoss(torch.nn.Module):
         self._scorer = HeadScorer(model, verify=False)
         head = self._scorer.head
         self.fused_ce = bool(fused_ce and self._scorer.fast and type(head) is torch.nn.Linear)
-        # chunked cross-entropy above this many logits elements (None: never); a frozen plain nn.Linear head only
+        # chunked cross-entropy above this many logits elements (None: never; "auto": CHUNK_ELEMENTS when called);
+        # a frozen plain nn.Linear head only
         self.chunk_elements = chunk_elements
         self._chunkable = bool(self._scorer.fast and type(head) is torch.nn.Linear
                                and not any(p.requires_grad for p in head.parameters()))
 
     def _chunk_rows(self, rows: int) -> int | None:
         """Rows per chunk of the chunked cross-entropy, or None for the plain path."""
-        if not self._chunkable or self.chunk_elements is None:
+        limit = CHUNK_ELEMENTS if self.chunk_elements == "auto" else self.chunk_elements
+        if not self._chunkable or limit is None:
             return None
         vocab = self._scorer.head.out_features
-        if rows * vocab <= self.chunk_elements:
+        if rows * vocab <= limit:
             return None
-        return max(1, self.chunk_elements // vocab)
+        return max(1, limit // vocab)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, loss_index: torch.Tensor | None = None,

@@ -19,7 +19,9 @@ CASES = {  # name: (method entry, stages)
     "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),
     "hlora": ([{"name": "hlora", "phi": 1e4}], ("general", "domain")),
     "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 8}], ("general", "domain")),
+    "lora-chunked-ce": ("lora-nu-mu", ("domain",)),  # the loss's head + cross-entropy in chunks of 3 rows
 }
+CHUNKED_CE = {"lora-chunked-ce": 64 * 3}  # case -> CHUNK_ELEMENTS (the tiny vocabulary is 64)
 
 
 def variable_examples(n: int = 16, seed: int = 0) -> list[dict]:
@@ -58,8 +60,11 @@ def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: f
     from forgetless.training.loop import train_stage
     from tests.unit.tiny_model import make_lora_model
 
+    from forgetless.training import loss
+
     entry, stages = CASES[case]
     accelerator = accelerator or Accelerator(cpu=True)
+    chunk_elements, loss.CHUNK_ELEMENTS = loss.CHUNK_ELEMENTS, CHUNKED_CE.get(case, loss.CHUNK_ELEMENTS)
     model = make_lora_model(0, b_std=0.05)
     recorder = GradRecorder()
     plugins = resolve(entry).plugins + [recorder.plugin]
@@ -68,10 +73,14 @@ def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: f
                       progress=False)
     general = variable_examples(16, seed=1)
     lrs = {}
-    for stage in stages:
-        data = general if stage == "general" else variable_examples(16, seed=2)
-        result = train_stage(model, data, cfg, plugins, stage=stage, accelerator=accelerator, general_examples=general)
-        lrs[stage] = [row["lr"] for row in result.history]
+    try:
+        for stage in stages:
+            data = general if stage == "general" else variable_examples(16, seed=2)
+            result = train_stage(model, data, cfg, plugins, stage=stage, accelerator=accelerator,
+                                 general_examples=general)
+            lrs[stage] = [row["lr"] for row in result.history]
+    finally:
+        loss.CHUNK_ELEMENTS = chunk_elements
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return {"grads": recorder.grads, "weights": weights, "lrs": lrs}
 
