@@ -50,6 +50,7 @@ bf16, so its MFU is not meaningful either.
 
 Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny] [--[no-]levers]
        [--only ROW,ROW] (the sections with a row name containing one of these: a partial rerun)
+       [--compile] [--trainer-compile] (torch.compile on forgetless's / the Trainer's side of the step and method rows)
 """
 
 from __future__ import annotations
@@ -227,9 +228,13 @@ def flops_per_step(model: torch.nn.Module, batch: int, seq: int) -> float:
     return batch * seq * (4 * weights + 3 * 4 * seq * config.hidden_size * config.num_hidden_layers)
 
 
+SIDE_LEVERS: dict = {}  # --compile: levers of every forgetless stage of the step and method rows
+TRAINER_COMPILE = {"on": False}  # --trainer-compile: TrainingArguments(torch_compile=True) on the Trainer side
+
+
 def train_config(steps: int, batch: int, precision: str, **levers) -> TrainConfig:
     return TrainConfig(max_steps=steps, batch_size=batch, lr=1e-4, precision=precision, max_grad_norm=1.0,
-                       progress=False, **levers)
+                       progress=False, **(SIDE_LEVERS | levers))
 
 
 # ---------------------------------------------------------------------------------------------------- the two sides
@@ -304,7 +309,8 @@ def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tupl
                                  learning_rate=1e-4, lr_scheduler_type="linear", max_grad_norm=1.0,
                                  bf16=precision == "bf16", use_cpu=not on_cuda(), report_to=[],
                                  save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                                 dataloader_num_workers=0, remove_unused_columns=False)
+                                 dataloader_num_workers=0, remove_unused_columns=False,
+                                 torch_compile=TRAINER_COMPILE["on"])
         free()
         reset_peak()
         Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
@@ -578,10 +584,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="attention implementation of the models (default: transformers' default, sdpa)")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
                         help="the speed-lever rows (default: on for the GPU shapes, off with --tiny)")
+    parser.add_argument("--compile", action="store_true", help="compile: true on forgetless's side of the step and "
+                                                                  "method rows (its compilation in the warm-up steps); use with "
+                                                                  "--no-levers: it would compile both sides of those")
+    parser.add_argument("--trainer-compile", action="store_true", help="torch_compile=True on the Trainer's side")
     parser.add_argument("--only", default="", help="comma-separated parts of row names: run only the sections with "
                                                    "such a row (e.g. ewc_fisher,hlora), to remeasure a few rows")
     args = parser.parse_args(argv)
     ONLY[:] = [part.strip() for part in args.only.split(",") if part.strip()]
+    SIDE_LEVERS.clear()
+    SIDE_LEVERS.update({"compile": True} if args.compile else {})
+    TRAINER_COMPILE["on"] = args.trainer_compile
     levers = (not args.tiny) if args.levers is None else args.levers
     ATTENTION["implementation"] = args.attn
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -605,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
            "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "precision": precision, "threads": torch.get_num_threads(),
            "smoke_test_only": args.tiny, "attn_implementation": args.attn or "default",
+           "forgetless_compile": args.compile, "trainer_compile": args.trainer_compile,
            "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
            "bf16_matmul_flops_start": peak,
            "optimizers": {"forgetless": "torch.optim.AdamW (defaults)",
