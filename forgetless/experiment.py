@@ -851,12 +851,30 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> 
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 failures += [f.exception() for f in finished if f.exception() is not None]
         except KeyboardInterrupt:  # stop now: the runs in progress are lost (but for their checkpoints)
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop_workers(pool)
             raise
     if failures:
         raise failures[0]
+
+
+def _stop_workers(pool: Any, grace: float = 10.0) -> None:
+    """End ``pool``'s worker processes now, whatever they are doing, without waiting on anything they could block.
+
+    SIGTERM, then SIGKILL for a worker still alive after ``grace`` seconds; the queued tasks are cancelled and the
+    call queue's feeder thread is not waited for (with its workers gone, a task still being written into the pipe
+    would never be read). ``shutdown`` then only joins the executor's own thread."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(grace)
+        if process.is_alive():
+            process.kill()
+            process.join(grace)
+    call_queue = getattr(pool, "_call_queue", None)
+    if call_queue is not None:
+        call_queue.cancel_join_thread()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: int = 1) -> list[dict[str, Any]]:
