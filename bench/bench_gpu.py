@@ -19,6 +19,8 @@ Rows (``--shapes 1b,8b``; the method rows run on the 1B shape only, as in the is
   FLOPs per step (issue #15): tokens x (4 x non-embedding weights + 3 x 4 x seq x hidden x layers), i.e. forward
   and activation gradients of the frozen base, and attention scores and values forward and backward. LoRA's own
   FLOPs and the weight gradients of the frozen base (never computed) are not counted.
+* ``hlora_record_offload_vs_plain``, ``hlora_regularize_offload_vs_plain``: the same with ``offload: cpu`` (omega and
+  Omega in CPU memory, chunks copied to the GPU each step): what the memory option of issue #12 item 8 costs.
 * ``hlora_record_vs_plain`` (general stage), ``hlora_regularize_vs_plain`` (domain stage): HLoRA acts on every
   other step of one stage on one model (bench/bench_hlora_cost.py's ``EveryOtherStep``); median(HLoRA steps) /
   median(plain steps). These rows and SAM's need each step's time, so they synchronize after every step.
@@ -143,6 +145,8 @@ def expected_rows(shapes: list[str], levers: bool = False) -> list[str]:
         rows += [f"step_vs_trainer_bf16base@{shape}", f"mfu_bf16base@{shape}"]
         if shape in METHOD_SHAPES:
             rows += [f"{name}@{shape}" for name in ("hlora_record_vs_plain", "hlora_regularize_vs_plain",
+                                                   "hlora_record_offload_vs_plain",
+                                                   "hlora_regularize_offload_vs_plain",
                                                    "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher",
                                                    "ewc_fisher_run_precision")]
             if levers:
@@ -408,10 +412,13 @@ def step_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: in
                forgetless_peak_gib=got["forgetless_peak_gib"], trainer_peak_gib=got["trainer_peak_gib"])
 
 
-def hlora_rows(report: Report, shape: str, plan: Plan, precision: str) -> None:
+def hlora_rows(report: Report, shape: str, plan: Plan, precision: str, variant: str = "") -> None:
+    """HLoRA's recording and regularizer against plain steps; ``variant="offload"``: with ``offload: cpu``."""
     model = build(shape, torch.float32)
-    hlora = resolve("hlora").plugins[0]
-    for stage, seed, name in (("general", 0, "hlora_record_vs_plain"), ("domain", 1, "hlora_regularize_vs_plain")):
+    hlora = resolve({"name": "hlora", **({"offload": "cpu"} if variant == "offload" else {})}).plugins[0]
+    tag = f"_{variant}" if variant else ""
+    for stage, seed, name in (("general", 0, f"hlora_record{tag}_vs_plain"),
+                              ("domain", 1, f"hlora_regularize{tag}_vs_plain")):
         timer, wrapped = StepTimer(), EveryOtherStep(hlora)
         total = plan.method_steps + plan.warmup
         free()
@@ -643,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         if shape in METHOD_SHAPES:
             guarded(report, [f"hlora_record_vs_plain@{shape}", f"hlora_regularize_vs_plain@{shape}"],
                     lambda: hlora_rows(report, shape, plan, precision))
+            guarded(report, [f"hlora_record_offload_vs_plain@{shape}", f"hlora_regularize_offload_vs_plain@{shape}"],
+                    lambda: hlora_rows(report, shape, plan, precision, "offload"))
             guarded(report, [f"sam_vs_plain@{shape}", f"sam_every4_vs_plain@{shape}"],
                     lambda: sam_rows(report, shape, plan, precision))
             guarded(report, [f"ewc_fisher@{shape}"], lambda: ewc_rows(report, shape, plan, precision))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = ["step_vs_trainer_fp32base", "mfu_fp32base", "step_vs_trainer_bf16base", "mfu_bf16base",
-        "hlora_record_vs_plain", "hlora_regularize_vs_plain", "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher",
+        "hlora_record_vs_plain", "hlora_regularize_vs_plain", "hlora_record_offload_vs_plain",
+        "hlora_regularize_offload_vs_plain", "sam_vs_plain", "sam_every4_vs_plain", "ewc_fisher",
         "ewc_fisher_run_precision"]
 
 
