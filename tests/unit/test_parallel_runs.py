@@ -143,14 +143,21 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
     write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "lora-nu-mu"], seeds=[0, 1],
                      train={"general": {"max_steps": 100000, "batch_size": 4},
                             "domain": {"max_steps": 100000, "batch_size": 2}})
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # SIGABRT dumps every thread's stack
     proc = subprocess.Popen([sys.executable, "-m", "forgetless", "run", str(tmp_path / "exp.yaml"), "--jobs", "2",
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
         assert _workers_started(proc) == 2
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)  # a hang guard: it stops within seconds
+        try:
+            out, err = proc.communicate(timeout=120)  # a hang guard: it stops within seconds
+        except subprocess.TimeoutExpired:  # say where it hangs: the parent's threads, then its process tree
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "-g", str(proc.pid)], capture_output=True,
+                                  text=True).stdout
+            os.kill(proc.pid, signal.SIGABRT)
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"run --jobs 2 did not stop within 120 s of SIGINT\nprocesses:\n{tree}\nstderr:\n{err[-6000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
