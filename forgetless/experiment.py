@@ -847,8 +847,9 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> 
         futures = [pool.submit(function, *args) for function, args in tasks]
         try:
             pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            while pending:  # a timeout: Ctrl-C must reach this thread even when the kernel hands the signal to
+                # another one (the executor's threads), which leaves a wait without timeout blocked until a run ends
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
                 failures += [f.exception() for f in finished if f.exception() is not None]
         except KeyboardInterrupt:  # stop now: the runs in progress are lost (but for their checkpoints)
             _stop_workers(pool)

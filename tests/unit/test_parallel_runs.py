@@ -144,9 +144,11 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
                      train={"general": {"max_steps": 100000, "batch_size": 4},
                             "domain": {"max_steps": 100000, "batch_size": 2}})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # SIGABRT dumps every thread's stack
+    # SIGINT at its default in the child, as in a terminal: a shell starts background jobs (`make test &`, nohup ...
+    # &) with SIGINT ignored, the child would inherit that, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "forgetless", "run", str(tmp_path / "exp.yaml"), "--jobs", "2",
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _workers_started(proc) == 2
         os.killpg(proc.pid, signal.SIGINT)
@@ -198,3 +200,24 @@ def test_workers_die_with_a_parent_killed_outright(tmp_path, tiny_model_dir):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_taken_by_another_thread_still_stops_the_workers():
+    """SIGINT handled by a thread other than the main one (the kernel picks any thread of the process; the process
+    pool has two of its own): the main thread, waiting for the workers, must still raise KeyboardInterrupt at once,
+    not when a run ends (a wait without timeout only looks at signals when it returns)."""
+    import signal
+    import threading
+    import time
+
+    from forgetless.experiment import _in_workers
+
+    def fire() -> None:
+        time.sleep(10)  # the two workers have started (spawned: seconds)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this helper thread, not the main one
+
+    threading.Thread(target=fire, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _in_workers(2, [(time.sleep, (60,)), (time.sleep, (60,))])
+    assert time.monotonic() - start < 40  # the runs would have ended after 60 s
