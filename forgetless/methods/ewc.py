@@ -77,7 +77,7 @@ from typing import Any
 
 import torch
 
-from forgetless.lm import IGNORE_INDEX
+from forgetless.lm import IGNORE_INDEX, eval_mode
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, factors, fan_in_fan_out,
                              group_modules, lora_modules, scaling, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
@@ -201,18 +201,13 @@ def _eval_keeping_checkpointing(model: torch.nn.Module):
     their activations: transformers recomputes a layer only when it is training (``gradient_checkpointing and
     training``), so a plain ``model.eval()`` would hold every activation of the batch, as a training step without
     checkpointing does (48 GiB at the 8B shape against 22 GiB with it). The flag of those layers themselves is all
-    that is set: their children (attention and LoRA dropout) stay in eval mode. Everything is restored on exit."""
-    was_training = model.training
-    model.eval()
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for layer in layers:
-        layer.training = True
-    try:
+    that is set: their children (attention and LoRA dropout) stay in eval mode. :func:`forgetless.lm.eval_mode`
+    restores every module's mode on exit, those layers' included."""
+    with eval_mode(model):
+        for layer in model.modules():
+            if getattr(layer, "gradient_checkpointing", False) is True:
+                layer.training = True
         yield
-    finally:
-        for layer in layers:
-            layer.training = False
-        model.train(was_training)
 
 
 class _SquaredExampleGradients(torch.autograd.Function):
@@ -252,7 +247,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
             # G_n = sum_t g_t x_t^T, one per example: [B, out, in] (a bf16 matmul under autocast; squared in fp32)
             g = torch.bmm(go.transpose(1, 2), xi).to(dtype)
             squares = (g.transpose(1, 2) if transpose else g).square().sum(0)  # in the base weight's layout
-            acc.add_(squares.to(acc.device) if squares.device != acc.device else squares)
+            acc.add_(squares.to(acc.device))  # a copy to CPU memory when offloaded, else nothing
 
         def forward_hook(mod, args, output):
             out = output[0] if isinstance(output, tuple) else output

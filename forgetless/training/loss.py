@@ -118,8 +118,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
-            raw = F.linear(h, weight, bias)
-            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            logits = F.linear(h, weight, bias)
+            if softcap:
+                capped = torch.tanh(logits / softcap)  # kept for the derivative, as autograd keeps tanh's output
+                logits = capped * softcap
             logits32 = logits.float()
             lse = torch.logsumexp(logits32, dim=-1)
             total += (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
@@ -130,7 +132,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad /= rows
             grad = grad.to(logits.dtype)
             if softcap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, in the logits' dtype as autograd's would be
-                grad = grad * (1 - torch.tanh(raw / softcap) ** 2)
+                grad = grad * (1 - capped * capped)
             grad_hidden[start:start + chunk] = (grad @ weight.to(grad.dtype)).to(hidden.dtype)
         if grad_hidden is not None:
             ctx.save_for_backward(grad_hidden)
