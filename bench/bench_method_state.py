@@ -31,8 +31,12 @@ of which 3 for k/v, 30 layers; vocabulary 256): the dense tensors of the regular
 2^26 elements of dW and unchunked, each against autograd over the formula, on random factors of SmolLM2's shape
 groups (r=16 on all seven projections): how ``CHUNK_ELEMENTS`` was chosen.
 
+``--rank-2r`` times only the dense differences dW - dW' (HLoRA's path-integral step and ``weighted_distance``)
+as one rank-2r matmul (:func:`forgetless.lora.update_difference`, new) against two rank-r products and a
+subtraction (old), on SmolLM2's shape groups, and prints the fp32 accuracy of both.
+
 Usage: python bench/bench_method_state.py [--reps 15] [--inner 5] [--layers 24] [--threads 1] [--device cpu]
-       [--smollm2-widths] [--skip-fisher] [--chunk-sweep]
+       [--smollm2-widths] [--skip-fisher] [--chunk-sweep] [--rank-2r]
 """
 
 from __future__ import annotations
@@ -344,6 +348,90 @@ def chunk_sweep(args) -> dict[str, float]:
     return compare(variants, args.reps, args.inner, "cpu", "old")
 
 
+# ------------------------------------------------------------------------------ rank-2r differences (issue 15)
+def smollm2_groups(device: str, r: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Random factors of SmolLM2-135M's shape groups, LoRA r on all seven projections (119M elements of dW at r=16):
+    ``(A, B, A', B', s, W, c)`` per group, A' and B' one small step (1e-3 relative) away from A and B."""
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for n, out, inp in ((60, 576, 576), (60, 192, 576), (60, 1536, 576), (30, 576, 1536)):  # q/o, k/v, gate/up, down
+        a, b = torch.randn(n, r, inp, generator=g), torch.randn(n, out, r, generator=g)
+        a2, b2 = a + 1e-3 * torch.randn(a.shape, generator=g), b + 1e-3 * torch.randn(b.shape, generator=g)
+        groups.append(tuple(t.to(device) for t in (a, b, a2, b2, torch.full((n, 1, 1), 2.0),
+                                                    torch.rand(n, out, inp, generator=g), torch.rand(n, generator=g))))
+    return groups
+
+
+def rank_2r(args) -> dict[str, float]:
+    """The two per-step dense passes that changed, new (one rank-2r matmul per difference, ``addcmul_``) against old
+    (two rank-r products and a subtraction; the code before), chunk by chunk as the methods run them
+    (``CHUNK_ELEMENTS`` of the device), on SmolLM2's shape groups:
+
+    * ``path_integral``: HLoRA's general-stage step, eq 11's estimator: omega += g~ * (dW(t) - dW(t+1));
+    * ``weighted_distance``: HLoRA's regularizer / EWC's penalty, forward and the factors' gradients, anchor as
+      factors with the same scaling.
+
+    Also the accuracy of dW(t) - dW(t+1) in fp32 for a step of 1e-3 relative size, new and old, against float64 of
+    the same fp32 inputs."""
+    from forgetless.lora import module_chunks, scaled_update, update_difference, weighted_distance
+
+    device = args.device
+    groups = smollm2_groups(device)
+    omegas = [torch.zeros_like(w) for *_, w, _ in groups]
+    eta = 1e-3
+
+    def old_path():
+        for (a0, b0, a1, b1, s, _, _), omega in zip(groups, omegas):
+            ga, gb = a1 - a0, b1 - b0  # stand-ins for the gradients (the cost does not depend on their values)
+            for part in module_chunks(a0.shape[0], omega.shape[-2:], a0.device):
+                descent = scaled_update(a0[part], b0[part], s[part], False)
+                descent.sub_(scaled_update(a1[part], b1[part], s[part], False))
+                estimate = torch.baddbmm(torch.bmm(b0[part], ga[part]), gb[part], a0[part] - eta * ga[part]) * s[part]
+                omega[part].add_(descent.mul_(estimate))
+
+    def new_path():
+        for (a0, b0, a1, b1, s, _, _), omega in zip(groups, omegas):
+            ga, gb = a1 - a0, b1 - b0
+            for part in module_chunks(a0.shape[0], omega.shape[-2:], a0.device):
+                descent = update_difference(a0[part], b0[part], s[part], a1[part], b1[part])
+                left = torch.cat([gb[part], b0[part]], dim=-1) * s[part]
+                estimate = torch.matmul(left, torch.cat([a0[part] - eta * ga[part], ga[part]], dim=-2))
+                omega[part].addcmul_(descent, estimate)
+
+    def old_distance():
+        for a, b, ra, rb, s, w, c in groups:
+            per_module = torch.empty(a.shape[0], device=a.device)
+            grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+            for part in module_chunks(a.shape[0], w.shape[-2:], a.device):
+                diff = scaled_update(a[part], b[part], s[part], False)
+                weighted = scaled_update(ra[part], rb[part], s[part], False)
+                diff.sub_(weighted)
+                torch.mul(diff, w[part], out=weighted)
+                factor = 2 * s[part] * c[part].view(-1, 1, 1)
+                torch.matmul(b[part].transpose(-2, -1), weighted, out=grad_a[part]).mul_(factor)
+                torch.matmul(weighted, a[part].transpose(-2, -1), out=grad_b[part]).mul_(factor)
+                per_module[part] = diff.mul_(weighted).sum(dim=(-2, -1))
+            (per_module * c).sum()
+
+    leaves = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b, *_ in groups]
+
+    def new_distance():
+        total = sum(weighted_distance(la, lb, s, w, c, ref_factors=(ra, rb, s))
+                    for (la, lb), (_, _, ra, rb, s, w, c) in zip(leaves, groups))
+        torch.autograd.grad(total, [t for pair in leaves for t in pair])
+
+    out = {"path_integral": compare({"old": old_path, "new": new_path}, args.reps, args.inner, device, "old")["new"],
+           "weighted_distance": compare({"old": old_distance, "new": new_distance}, args.reps, args.inner, device,
+                                        "old")["new"]}
+    a0, b0, a1, b1, s = (t[:4].float() for t in groups[0][:5])
+    truth = (scaled_update(a0.double(), b0.double(), s.double(), False)
+             - scaled_update(a1.double(), b1.double(), s.double(), False))
+    for name, value in (("new", update_difference(a0, b0, s, a1, b1)),
+                        ("old", scaled_update(a0, b0, s, False) - scaled_update(a1, b1, s, False))):
+        out[f"descent_error_{name}"] = float((value.double() - truth).norm() / truth.norm())
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="repetitions (each times every variant)")
@@ -354,7 +442,20 @@ def main() -> int:
     parser.add_argument("--smollm2-widths", action="store_true", help="SmolLM2-135M's widths and 30 layers")
     parser.add_argument("--skip-fisher", action="store_true", help="leave out the Fisher's timing")
     parser.add_argument("--chunk-sweep", action="store_true", help="only weighted_distance's chunk sizes (CPU)")
+    parser.add_argument("--rank-2r", action="store_true",
+                        help="only the dense differences as one rank-2r matmul vs two products (new vs old)")
     args = parser.parse_args()
+    if args.rank_2r:
+        if args.threads and args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        got = rank_2r(args)
+        print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); SmolLM2's shape "
+              f"groups, r=16 on all seven projections; new / old time, median over {args.reps} reps of {args.inner}:")
+        print(f"  path_integral (eq 11 step)            {got['path_integral']:.3f}")
+        print(f"  weighted_distance (forward + grads)   {got['weighted_distance']:.3f}")
+        print(f"  |dW(t) - dW(t+1)| fp32 relative error vs float64, step 1e-3: new {got['descent_error_new']:.1e}, "
+              f"old {got['descent_error_old']:.1e}")
+        return 0
     if args.chunk_sweep:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -80,6 +80,33 @@ def scaled_update(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor,
     return (out.transpose(-2, -1) if fan_in_fan_out else out).mul_(scale)
 
 
+def update_difference(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, a_ref: torch.Tensor,
+                      b_ref: torch.Tensor, scale_ref: float | torch.Tensor | None = None,
+                      fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``dW - dW_ref`` for two stacks of factors of one shape (``dW = scaled_update(a, b, scale, ...)``, the reference
+    likewise with ``scale_ref``; None: the same scaling), all in one dtype on one device, as **one** batched matmul of
+    rank ``2r``::
+
+        s B A - s B' A'   =  [s (B - B'),     s B']  @  [A ; A - A']      (one scaling)
+        s B A - s' B' A'  =  [s B - s' B',  s' B']  @  [A ; A - A']
+
+    One dense tensor is written, where two products and a subtraction wrote three and read four. With one scaling the
+    difference is formed from the factors' own differences, so it is exactly 0 where the factors are equal and keeps
+    its relative accuracy when dW and dW_ref are close (two rounded products lose it to cancellation: an optimizer
+    step's dW(t) - dW(t+1)). Ranks that differ fall back to the two products."""
+    if a.shape[-2] != a_ref.shape[-2]:
+        ref = scaled_update(a_ref, b_ref, scale if scale_ref is None else scale_ref, fan_in_fan_out)
+        return scaled_update(a, b, scale, fan_in_fan_out).sub_(ref)
+    if scale_ref is None:
+        scaled_ref = b_ref * scale
+        left = torch.cat([(b - b_ref).mul_(scale), scaled_ref], dim=-1)  # [..., out, 2r]
+    else:
+        scaled_ref = b_ref * scale_ref
+        left = torch.cat([b * scale - scaled_ref, scaled_ref], dim=-1)
+    out = torch.matmul(left, torch.cat([a, a - a_ref], dim=-2))  # [..., 2r, in] -> [..., out, in]
+    return out.transpose(-2, -1) if fan_in_fan_out else out
+
+
 def delta_from_factors(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, fan_in_fan_out: bool = False,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """``transpose(B @ A, fan_in_fan_out) * scale`` for factors ``A`` ``[..., r, in]`` and ``B`` ``[..., out, r]``.
@@ -195,17 +222,17 @@ class _WeightedDistance(torch.autograd.Function):
         grad_a = torch.empty_like(a) if want_grad else None
         grad_b = torch.empty_like(b) if want_grad else None
         per_module = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+        same_scale = ref_scale is scale  # one scaling tensor (HLoRA, EWC): the difference from the factors' differences
         for part in module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
             w = weight[part].to(a.device, non_blocking=True)  # a chunk of a weight held in CPU memory: copied now
-            diff = scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
-            if ref_a is not None:  # the anchor from its factors, in a buffer that then holds W * (dW - R)
-                weighted = scaled_update(ref_a[part], ref_b[part], ref_scale[part], fan_in_fan_out)
-                diff.sub_(weighted)
-                torch.mul(diff, w, out=weighted)
+            if ref_a is not None:  # dW - R from both factor pairs at once: one rank-2r matmul, one dense write
+                diff = update_difference(a[part], b[part], scale[part], ref_a[part], ref_b[part],
+                                         None if same_scale else ref_scale[part], fan_in_fan_out)
             else:
+                diff = scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
                 if ref is not None:
                     diff.sub_(ref[part])
-                weighted = diff * w
+            weighted = diff * w
             if want_grad:  # d/d dW = 2 c W (dW - R) and dW = s B A: the factors' gradients, for a loss gradient of 1
                 g = weighted.transpose(-2, -1) if fan_in_fan_out else weighted  # [k, out, in]
                 factor = 2 * scale[part] * coeff[part].view(-1, 1, 1)
@@ -236,24 +263,26 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
     device or in CPU memory (offloaded: each chunk is copied when it is needed; pin it for asynchronous copies);
     ``coeff`` ``[n]`` (None: 1). No gradient flows to them.
 
-    The number ``(coeff * (weight * (dW - R).square()).sum((1, 2))).sum()`` gives, up to rounding (dW and R are
-    the same values, so the distance at the anchor is exactly 0), with far less memory traffic and memory: the
+    The number ``(coeff * (weight * (dW - R).square()).sum((1, 2))).sum()`` gives, up to rounding (the distance at
+    the anchor is exactly 0: with ``ref_factors`` dW - R is formed from the factors' differences by
+    :func:`update_difference`, with ``ref`` both are the same values), with far less memory traffic and memory: the
     modules go in chunks of about ``chunk_elements`` elements of dW (:data:`CHUNK_ELEMENTS`); a chunk writes two dense
-    tensors (dW, then R and W (dW - R) in one buffer), subtracts, weights and squares in place, and when A or B needs
+    tensors (dW - R, one rank-2r matmul from both factor pairs; then W (dW - R)), and when A or B needs
     a gradient takes the factors' gradients from W (dW - R) right away with two rank-``r`` matmuls. Nothing dense is
     kept for the backward (autograd over the formula would keep several tensors of the full size), which only scales
     those gradients. Not twice differentiable."""
     dtype, device = a.dtype, a.device
     coeff = torch.ones(a.shape[0], dtype=dtype, device=device) if coeff is None else coeff.to(device, dtype)
     ref_a = ref_b = ref_scale = None
+    scale = scale.to(device, dtype)
     if ref_factors is not None:
         ref_a, ref_b = (t.to(device, dtype) for t in ref_factors[:2])
-        ref_scale = ref_factors[2].to(device, dtype)
-    return _WeightedDistance.apply(a, b, scale.to(device, dtype), weight, coeff, fan_in_fan_out, ref, ref_a, ref_b,
+        ref_scale = scale if ref_factors[2] is scale else ref_factors[2].to(device, dtype)
+    return _WeightedDistance.apply(a, b, scale, weight, coeff, fan_in_fan_out, ref, ref_a, ref_b,
                                    ref_scale, chunk_elements)
 
 
 __all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "compute_dtype", "delta_from_factors",
                           "delta_weight", "factors", "fan_in_fan_out", "group_modules", "lora_modules", "scaling",
-                          "scaling_tensor", "module_chunks", "scaled_update", "update_shape",
+                          "scaling_tensor", "module_chunks", "scaled_update", "update_difference", "update_shape",
                           "weighted_distance"]

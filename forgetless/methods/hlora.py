@@ -145,7 +145,8 @@ from typing import Any
 import torch
 
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, delta_weight, group_modules, lora_modules,
-                             module_chunks, scaled_update, scaling, scaling_tensor, update_shape, weighted_distance)
+                             module_chunks, scaled_update, scaling, scaling_tensor, update_difference, update_shape,
+                             weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option)
@@ -432,8 +433,13 @@ class HLoRA(Method):
             g.importance = self._new_held(g)  # where omega is held
             (a_end, b_end), stats = g.stacked(), torch.zeros(3, dtype=torch.float64, device=g.device)
             for part in module_chunks(len(g.names), g.update_shape(), g.device):  # eq 13, a chunk of modules at once
-                delta_sq = scaled_update(a_end[part], b_end[part], g.scaling[part], g.fan_in_fan_out)
-                delta_sq.sub_(g.start_delta(part)).square_()  # Delta_l^2; Delta = dW(end) when B starts at zero
+                if isinstance(g.start, torch.Tensor):  # dense dW(start), from a checkpoint written before factors
+                    delta_sq = scaled_update(a_end[part], b_end[part], g.scaling[part], g.fan_in_fan_out)
+                    delta_sq.sub_(g.start_delta(part))
+                else:
+                    delta_sq = update_difference(a_end[part], b_end[part], g.scaling[part], g.start[0][part],
+                                                 g.start[1][part], fan_in_fan_out=g.fan_in_fan_out)
+                delta_sq.square_()  # Delta_l^2; Delta = dW(end) when B starts at zero
                 xi = self._xi(delta_sq)
                 omega = g.omega[part].to(g.device, non_blocking=True)
                 stats += torch.stack([torch.tensor(omega.numel(), dtype=torch.float64, device=g.device),
@@ -508,26 +514,27 @@ class HLoRA(Method):
     def _accumulate(self, g: _Group, chunk_elements: int | None) -> None:
         """omega += g~ * (dW(t) - dW(t+1)) (eqs 8-10) for every module of the group, in chunks of modules
         (:func:`forgetless.lora.module_chunks`; ``chunk_elements`` 1: module by module, the plain path): each chunk's
-        dW(t) and dW(t+1) are a batched matmul each from the factors before and after the step, g~ a chunk too."""
+        dW(t) - dW(t+1) is one rank-2r batched matmul from the factors before and after the step
+        (:func:`forgetless.lora.update_difference`), g~ (paper) another, and omega takes their product in one pass."""
         (a0, b0), (a1, b1), s = g.before, g.stacked(), g.scaling
         if self.estimator == "adam":  # dL_l = -<g_A, A' - A> - <g_B, B' - B>: the module's first-order decrease
             ga, gb = g.grads
             decrease = (ga * (a0 - a1)).sum(dim=(1, 2)) + (gb * (b0 - b1)).sum(dim=(1, 2))
         for part in module_chunks(len(g.names), g.update_shape(), g.device, chunk_elements):
-            descent = scaled_update(a0[part], b0[part], s[part], g.fan_in_fan_out)  # dW(t) - dW(t+1), in place
-            descent.sub_(scaled_update(a1[part], b1[part], s[part], g.fan_in_fan_out))
+            # dW(t) - dW(t+1): one rank-2r matmul from both factor pairs (update_difference)
+            descent = update_difference(a0[part], b0[part], s[part], a1[part], b1[part], fan_in_fan_out=g.fan_in_fan_out)
             if self.estimator == "paper":
                 estimate = _paper_gradient(g, part)
             elif self.estimator == "adam":
                 estimate = _adam_gradient(descent, decrease[part])
             else:
                 estimate = g.grad_full[part]
-            contribution = descent.mul_(estimate)  # g~ * (dW(t) - dW(t+1))
-            if self.nonnegative == "step":
-                contribution.clamp_(min=0)
             held = g.omega[part]
             omega = held.to(g.device, non_blocking=True)  # itself, unless offloaded (then a copy, written back)
-            omega.add_(contribution)
+            if self.nonnegative == "step":  # only each step's positive part of g~ * (dW(t) - dW(t+1))
+                omega.add_(descent.mul_(estimate).clamp_(min=0))
+            else:
+                omega.addcmul_(descent, estimate)  # omega += g~ * (dW(t) - dW(t+1)): one pass
             if self.nonnegative == "running":
                 omega.clamp_(min=0)
             if omega is not held:
@@ -756,9 +763,11 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
 
 def _paper_gradient(g: _Group, part: slice = slice(None)) -> torch.Tensor:
     """Eq 11's g~ = s (g_B (A - eta g_A) + B g_A) of the modules ``part`` of a group, from the factors and gradients
-    kept before the step, in the base weight's layout."""
+    kept before the step, in the base weight's layout: one rank-2r matmul ``[s g_B, s B] @ [A - eta g_A ; g_A]`` (a
+    single dense write)."""
     (a, b), (ga, gb) = ((t[part] for t in pair) for pair in (g.before, g.grads))
-    return g.layout(torch.baddbmm(torch.bmm(b, ga), gb, a - g.eta * ga) * g.scaling[part])
+    left = torch.cat([gb, b], dim=-1) * g.scaling[part]
+    return g.layout(torch.matmul(left, torch.cat([a - g.eta * ga, ga], dim=-2)))
 
 
 def _adam_gradient(descent: torch.Tensor, decrease: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,42 @@ def test_wise_ft_is_exact_on_a_bf16_base_and_leaves_it_untouched():
 
 
 # ------------------------------------------------------------------- weighted_distance (HLoRA's and EWC's term)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_update_difference_is_the_two_products_exactly_zero_and_accurate_when_close(fan_in_fan_out):
+    """update_difference (one rank-2r matmul) is s B A - s' B' A' (fp64, closed form by two products, with scalings
+    that differ), exactly 0 when the factors are equal, and in fp32 keeps the accuracy of a small difference that two
+    rounded products lose to cancellation (both against the fp64 truth of the fp32 inputs)."""
+    from forgetless.lora import scaled_update, update_difference
+
+    g = torch.Generator().manual_seed(1)
+    n, r, out, inp = 3, 4, 24, 16
+    a, a2 = torch.randn(2, n, r, inp, generator=g, dtype=torch.float64)
+    b, b2 = torch.randn(2, n, out, r, generator=g, dtype=torch.float64)
+    s, s2 = (torch.tensor(v, dtype=torch.float64).view(-1, 1, 1) for v in ([0.5, 2.0, 1.5], [1.0, 2.0, 0.25]))
+    two = scaled_update(a, b, s, fan_in_fan_out) - scaled_update(a2, b2, s2, fan_in_fan_out)
+    assert torch.allclose(update_difference(a, b, s, a2, b2, s2, fan_in_fan_out), two, rtol=1e-12, atol=1e-13)
+    one_scale = scaled_update(a, b, s, fan_in_fan_out) - scaled_update(a2, b2, s, fan_in_fan_out)
+    assert torch.allclose(update_difference(a, b, s, a2, b2, None, fan_in_fan_out), one_scale, rtol=1e-12, atol=1e-13)
+    for other_scale in (None, s.clone()):  # exactly 0 at equal factors
+        assert not update_difference(a, b, s, a.clone(), b.clone(), other_scale, fan_in_fan_out).any()
+    wider = update_difference(a, b, s, torch.cat([a2, a2[:, :1]], 1), torch.cat([b2, 0 * b2[..., :1]], 2), s2,
+                              fan_in_fan_out)  # ranks that differ: the two products
+    assert torch.allclose(wider, two, rtol=1e-12, atol=1e-13)
+    # a step of relative size 1e-4 (one optimizer step): the fp32 difference against the fp64 one
+    a_step, b_step = a + 1e-4 * torch.randn_like(a), b + 1e-4 * torch.randn_like(b)
+    f32 = [t.float() for t in (a, b, s, a_step, b_step)]
+    a, b, s, a_step, b_step = (t.double() for t in f32)  # the truth of the fp32 inputs
+    truth = scaled_update(a, b, s, fan_in_fan_out) - scaled_update(a_step, b_step, s, fan_in_fan_out)
+    mine = update_difference(f32[0], f32[1], f32[2], f32[3], f32[4], None, fan_in_fan_out).double()  # one scaling
+    products = (scaled_update(f32[0], f32[1], f32[2], fan_in_fan_out)
+                - scaled_update(f32[3], f32[4], f32[2], fan_in_fan_out)).double()
+    error = ((mine - truth).norm() / truth.norm()).item()
+    assert error < 1e-5 and error < 0.05 * ((products - truth).norm() / truth.norm()).item()
+
+
 @pytest.mark.parametrize("chunk", [None, 1, 40])  # default (one chunk here), one module per chunk, two modules
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("anchor", ["none", "dense", "factors"])
+@pytest.mark.parametrize("anchor", ["none", "dense", "factors", "factors-same-rank"])
 def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anchor, chunk):
     from forgetless.lora import delta_from_factors, weighted_distance
 
@@ -185,10 +218,13 @@ def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anch
     scale = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64).view(-1, 1, 1)
     shape = (n, inp, out) if fan_in_fan_out else (n, out, inp)
     weight, coeff = torch.rand(shape, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
-    ref_a, ref_b = torch.randn(n, 3, inp, generator=g, dtype=torch.float64), torch.randn(n, out, 3, generator=g,
-                                                                                          dtype=torch.float64)
-    ref = delta_from_factors(ref_a, ref_b, scale, fan_in_fan_out)
-    kwargs = {"none": {}, "dense": {"ref": ref}, "factors": {"ref_factors": (ref_a, ref_b, scale)}}[anchor]
+    ref_rank = r if anchor == "factors-same-rank" else 3  # the same rank: one rank-2r matmul; else two products
+    ref_a, ref_b = (torch.randn(ref_rank, inp, generator=g, dtype=torch.float64).expand(n, -1, -1).clone(),
+                    torch.randn(n, out, ref_rank, generator=g, dtype=torch.float64))
+    ref_scale = torch.tensor([1.0, 0.25, 1.5], dtype=torch.float64).view(-1, 1, 1)  # not the current scalings
+    ref = delta_from_factors(ref_a, ref_b, ref_scale, fan_in_fan_out)
+    kwargs = {"none": {}, "dense": {"ref": ref}, "factors": {"ref_factors": (ref_a, ref_b, ref_scale)},
+              "factors-same-rank": {"ref_factors": (ref_a, ref_b, ref_scale)}}[anchor]
     kwargs["chunk_elements"] = chunk
 
     def fn(a, b):
@@ -202,7 +238,7 @@ def test_weighted_distance_is_the_formula_with_its_gradient(fan_in_fan_out, anch
     for mine, theirs in zip(torch.autograd.grad(value, (a, b)), torch.autograd.grad(formula, (a, b))):
         assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(fn, (a, b))  # finite differences
-    if anchor == "factors":  # at the anchor (a rank-2 update stacked as rank 3 with a zero row) exactly 0
+    if anchor.startswith("factors"):  # at the anchor exactly 0 (a rank-2 update stacked as rank 3 with a zero row: ~0)
         at_a = torch.cat([a.detach(), torch.zeros(n, 1, inp, dtype=torch.float64)], dim=1)
         at_b = torch.cat([b.detach(), torch.zeros(n, out, 1, dtype=torch.float64)], dim=2)
         exact = weighted_distance(a.detach().clone().requires_grad_(), b.detach(), scale, weight, coeff,
