@@ -117,6 +117,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, rows, chunk):
             h = hidden[start:start + chunk]
+            if h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
+                h = h.to(weight.dtype)  # a reduced head outside autocast computes in its dtype (models.prepare_quantized)
             t = targets[start:start + chunk]
             logits = F.linear(h, weight, bias)
             if softcap:
