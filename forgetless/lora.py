@@ -94,17 +94,28 @@ def update_difference(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Ten
     difference is formed from the factors' own differences, so it is exactly 0 where the factors are equal and keeps
     its relative accuracy when dW and dW_ref are close (two rounded products lose it to cancellation: an optimizer
     step's dW(t) - dW(t+1)). Ranks that differ fall back to the two products."""
-    if a.shape[-2] != a_ref.shape[-2]:
+    pair = difference_factors(a, b, scale, a_ref, b_ref, scale_ref)
+    if pair is None:
         ref = scaled_update(a_ref, b_ref, scale if scale_ref is None else scale_ref, fan_in_fan_out)
         return scaled_update(a, b, scale, fan_in_fan_out).sub_(ref)
+    out = torch.matmul(*pair)  # [..., out, 2r] @ [..., 2r, in]
+    return out.transpose(-2, -1) if fan_in_fan_out else out
+
+
+def difference_factors(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, a_ref: torch.Tensor,
+                       b_ref: torch.Tensor, scale_ref: float | torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(L [..., out, 2r], R [..., 2r, in])`` with ``L @ R = s B A - s' B' A'`` as in :func:`update_difference`
+    (``R = [A ; A - A']``: its first ``r`` rows are ``A``); None when the ranks differ."""
+    if a.shape[-2] != a_ref.shape[-2]:
+        return None
     if scale_ref is None:
         scaled_ref = b_ref * scale
-        left = torch.cat([(b - b_ref).mul_(scale), scaled_ref], dim=-1)  # [..., out, 2r]
+        left = torch.cat([(b - b_ref).mul_(scale), scaled_ref], dim=-1)
     else:
         scaled_ref = b_ref * scale_ref
         left = torch.cat([b * scale - scaled_ref, scaled_ref], dim=-1)
-    out = torch.matmul(left, torch.cat([a, a - a_ref], dim=-2))  # [..., 2r, in] -> [..., out, in]
-    return out.transpose(-2, -1) if fan_in_fan_out else out
+    return left, torch.cat([a, a - a_ref], dim=-2)
 
 
 def delta_from_factors(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor, fan_in_fan_out: bool = False,
@@ -223,23 +234,39 @@ class _WeightedDistance(torch.autograd.Function):
         grad_b = torch.empty_like(b) if want_grad else None
         per_module = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
         same_scale = ref_scale is scale  # one scaling tensor (HLoRA, EWC): the difference from the factors' differences
+        rank = a.shape[-2]
         for part in module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
             w = weight[part].to(a.device, non_blocking=True)  # a chunk of a weight held in CPU memory: copied now
-            if ref_a is not None:  # dW - R from both factor pairs at once: one rank-2r matmul, one dense write
-                diff = update_difference(a[part], b[part], scale[part], ref_a[part], ref_b[part],
-                                         None if same_scale else ref_scale[part], fan_in_fan_out)
+            if ref_a is not None:  # dW - R = L @ Rt from both factor pairs: one rank-2r matmul (update_difference)
+                pair = difference_factors(a[part], b[part], scale[part], ref_a[part], ref_b[part],
+                                          None if same_scale else ref_scale[part])
             else:
-                diff = scaled_update(a[part], b[part], scale[part], fan_in_fan_out)  # dense, one chunk
-                if ref is not None:
-                    diff.sub_(ref[part])
-            weighted = diff * w
+                pair = (b[part] * scale[part], a[part]) if ref is None else None  # dW = (s B) @ A
+            if pair is not None:  # dW - R low rank: W (dW - R) in place of it, the value from the factors below
+                left, right = pair
+                diff = torch.matmul(left, right)
+                weighted = (diff.transpose(-2, -1) if fan_in_fan_out else diff).mul_(w)
+            else:  # a dense anchor, or factors of another rank: two products
+                diff = update_difference(a[part], b[part], scale[part], ref_a[part], ref_b[part], ref_scale[part],
+                                         fan_in_fan_out) if ref_a is not None else \
+                    scaled_update(a[part], b[part], scale[part], fan_in_fan_out).sub_(ref[part])
+                weighted = diff * w
+            g = weighted.transpose(-2, -1) if fan_in_fan_out else weighted  # W (dW - R) as [k, out, in]
+            factor = 2 * scale[part] * coeff[part].view(-1, 1, 1)
+            if pair is not None:
+                # sum_ij W (dW - R)^2 = <L @ Rt, G> = sum (L * (G @ Rt^T)): G read once for the value and, as Rt's
+                # first r rows are A, for B's gradient 2 c s G A^T too
+                projected = torch.matmul(g, right.transpose(-2, -1))  # [k, out, 2r]
+                per_module[part] = (left * projected).sum(dim=(-2, -1))
+                if want_grad:
+                    torch.mul(projected[..., :rank], factor, out=grad_b[part])
+            else:
+                per_module[part] = diff.mul_(weighted).sum(dim=(-2, -1))  # sum_ij W (dW - R)^2
+                if want_grad:
+                    torch.matmul(g, a[part].transpose(-2, -1), out=grad_b[part]).mul_(factor)
             if want_grad:  # d/d dW = 2 c W (dW - R) and dW = s B A: the factors' gradients, for a loss gradient of 1
-                g = weighted.transpose(-2, -1) if fan_in_fan_out else weighted  # [k, out, in]
-                factor = 2 * scale[part] * coeff[part].view(-1, 1, 1)
                 torch.matmul(b[part].transpose(-2, -1), g, out=grad_a[part]).mul_(factor)
-                torch.matmul(g, a[part].transpose(-2, -1), out=grad_b[part]).mul_(factor)
-            per_module[part] = diff.mul_(weighted).sum(dim=(-2, -1))  # sum_ij W (dW - R)^2
-            del diff, weighted
+            del diff, weighted, g
         ctx.save_for_backward(grad_a, grad_b)
         return (per_module * coeff).sum()
 
@@ -266,9 +293,10 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
     The number ``(coeff * (weight * (dW - R).square()).sum((1, 2))).sum()`` gives, up to rounding (the distance at
     the anchor is exactly 0: with ``ref_factors`` dW - R is formed from the factors' differences by
     :func:`update_difference`, with ``ref`` both are the same values), with far less memory traffic and memory: the
-    modules go in chunks of about ``chunk_elements`` elements of dW (:data:`CHUNK_ELEMENTS`); a chunk writes two dense
-    tensors (dW - R, one rank-2r matmul from both factor pairs; then W (dW - R)), and when A or B needs
-    a gradient takes the factors' gradients from W (dW - R) right away with two rank-``r`` matmuls. Nothing dense is
+    modules go in chunks of about ``chunk_elements`` elements of dW (:data:`CHUNK_ELEMENTS`); a chunk writes one dense
+    tensor (dW - R = L @ Rt, one rank-2r matmul from both factor pairs, weighted in place to G = W (dW - R)) and reads
+    it twice: ``G @ Rt^T`` gives the value ``sum(L * G Rt^T)`` and B's gradient, ``B^T G`` A's, right away. With a
+    dense ``ref`` (or factors of another rank) the difference and the value are formed densely. Nothing dense is
     kept for the backward (autograd over the formula would keep several tensors of the full size), which only scales
     those gradients. Not twice differentiable."""
     dtype, device = a.dtype, a.device
@@ -284,5 +312,6 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
 
 __all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "compute_dtype", "delta_from_factors",
                           "delta_weight", "factors", "fan_in_fan_out", "group_modules", "lora_modules", "scaling",
-                          "scaling_tensor", "module_chunks", "scaled_update", "update_difference", "update_shape",
+                          "scaling_tensor", "module_chunks", "scaled_update", "difference_factors", "update_difference",
+                          "update_shape",
                           "weighted_distance"]

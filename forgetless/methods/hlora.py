@@ -112,10 +112,12 @@ Efficiency: modules with the same shapes are stacked, and each group's dense wor
 (:func:`forgetless.lora.module_chunks`: about 2^20 elements of dW per chunk on the CPU, where small tensors stay in
 cache and are reused by the allocator, 2^24 elsewhere, which bounds the transient memory), each chunk's dW a batched
 matmul from the factors. The path integral keeps the factors before each step (not a dense dW(t)) and, per chunk,
-forms dW(t) - dW(t+1) and g~ and adds their product to omega in place: the only dense state of the general stage is
-omega (and the exact estimator's full-weight gradient). The regularizer is one
-:func:`forgetless.lora.weighted_distance` per group: per chunk, dW and dW_nu, the rest in place, the factors'
-gradients taken at once as two rank-r matmuls, nothing dense kept for the backward; autograd over the same formula
+forms dW(t) - dW(t+1) (one rank-2r matmul from both factor pairs, :func:`forgetless.lora.update_difference`: exact
+differences, no cancellation) and g~ (one rank-2r matmul) and adds their product to omega in one pass: the only dense
+state of the general stage is omega (and the exact estimator's full-weight gradient). The regularizer is one
+:func:`forgetless.lora.weighted_distance` per group: per chunk, dW - dW_nu as one rank-2r matmul, weighted in place,
+the value and the factors' gradients taken at once from it by two matmuls, nothing dense kept for the backward;
+autograd over the same formula
 wrote and kept several dense tensors of the group's full size (the new path takes about a seventh of its time at
 SmolLM2's widths on the CPU, bench/RESULTS.md). ``fused = False`` on the plugin takes the plain path (the path
 integral one module per chunk, the regularizer module by module with autograd), which gives the same numbers up to
@@ -123,9 +125,9 @@ rounding. No
 per-step path reads a device value: ``reg_loss`` is left to the loop as a tensor and read at its logging interval.
 
 State: ``dW_nu`` (eq 14's anchor) is kept as its factors ``(A_nu, B_nu)`` and scaling, ``r (in + out)`` numbers per
-module instead of ``out x in``, and multiplied out inside the regularizer with the same batched matmul that gives
-``dW`` (so it is exactly 0 at the anchor, and the value and gradient are bit for bit those of a dense anchor); the
-cost is that batched matmul per group and step, for about half the state (omega is the rest). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
+module instead of ``out x in``, and enters the regularizer through ``dW - dW_nu`` formed from both factor pairs (so it
+is exactly 0 at the anchor, and the value and gradient are those of a dense anchor up to rounding); that costs
+nothing over a dense anchor, for about half the state (omega is the rest). The saved file holds ``{module}.omega`` (in ``storage_dtype``) and
 ``{module}.ref_A`` / ``{module}.ref_B`` (in the factors' compute dtype: the anchor is exact and needs no snapping),
 with the scalings and layouts in its metadata. Files written before (a dense ``{module}.dw_ref``) are still read: their
 cached general stages stay usable. Where the adapter the domain stage starts from gives that dense ``dW_nu`` exactly
@@ -357,7 +359,7 @@ class HLoRA(Method):
         self.steps = 0
         self._state = PendingState(STATE)
         self._model_name = ""
-        self._timer = Timer()  # wall time of recording importance (the report's cost table)
+        self._timer = Timer()  # time of recording importance (device time on a GPU; the report's cost table)
         self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
 
     fused = True  # chunks of modules at once; False: the plain path, module by module (the same numbers)
