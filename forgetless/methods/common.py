@@ -5,7 +5,7 @@
   stored metadata all read it.
 * **Distributed reductions**: :func:`all_reduce_` averages or sums tensors over processes in one flat buffer.
 * **Storage dtypes** of method state (:data:`STORAGE_DTYPES`).
-* **Timed sections** that wait for the device's queued work (:class:`Timer`).
+* **Timed sections** that do not stop the device's queue (:class:`Timer`: CUDA events on a GPU).
 * **Method-state files** (:class:`StateFile`): safetensors with JSON metadata, written atomically, read lazily at
   the domain stage's start, and checked against the model with errors that name the module and the mismatch.
 """
@@ -232,26 +232,62 @@ def shard(items: Sequence[Any]) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
+def _cuda_event() -> Any:
+    return torch.cuda.Event(enable_timing=True)
+
+
 class Timer:
-    """Accumulates wall time of ``with timer:`` sections, waiting for queued CUDA work at both ends."""
+    """Accumulates the time of ``with timer:`` sections without stopping the device's queue.
+
+    On the CPU: wall time. On CUDA: the device time between two events recorded on the current stream at the
+    section's ends, which is what the section's kernels (and any wait for their launches) took where they ran. No
+    section waits for the device: a timed section in every optimizer step (HLoRA's importance recording) would
+    otherwise drain the queue four times a step. Finished events are folded in as later sections end; reading
+    :attr:`seconds` waits for the last one (once, at a stage's end)."""
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else None
-        self.seconds = 0.0
-        self._started = 0.0
+        self._seconds = 0.0
+        self._started: Any = 0.0
+        self._pending: list[tuple[Any, Any]] = []  # CUDA (start, end) events not read yet
 
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    @property
+    def _events(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+    @property
+    def seconds(self) -> float:
+        self._fold(wait=True)
+        return self._seconds
+
+    def _fold(self, wait: bool) -> None:
+        waiting = []
+        for start, end in self._pending:
+            if wait:
+                end.synchronize()
+            elif not end.query():  # not reached by the device yet: read later
+                waiting.append((start, end))
+                continue
+            self._seconds += start.elapsed_time(end) / 1000.0
+        self._pending = waiting
 
     def __enter__(self) -> Timer:
-        self._sync()
-        self._started = time.perf_counter()
+        if self._events:
+            self._started = _cuda_event()
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._sync()
-        self.seconds += time.perf_counter() - self._started
+        if self._events:
+            end = _cuda_event()
+            end.record()
+            self._pending.append((self._started, end))
+            if len(self._pending) >= 64:
+                self._fold(wait=False)
+        else:
+            self._seconds += time.perf_counter() - self._started
 
 
 # ------------------------------------------------------------------------------------------ state files

@@ -570,6 +570,71 @@ def test_per_step_paths_read_nothing_from_the_device(lora_model, make_ctx, devic
     assert isinstance(ctx.scalars["reg_loss"], torch.Tensor) and not ctx.scalars["reg_loss"].requires_grad
 
 
+class _FakeEvent:
+    """A CUDA event stand-in: ``elapsed_time`` 2 ms; ``done`` says whether the device has reached it."""
+
+    waits = 0
+
+    def __init__(self, enable_timing=False):
+        self.done = False
+
+    def record(self):
+        pass
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        type(self).waits += 1
+        self.done = True
+
+    def elapsed_time(self, end):
+        return 2.0
+
+
+def test_timed_sections_on_cuda_never_wait_for_the_device(lora_model, make_ctx, monkeypatch):
+    """HLoRA times its recording in every optimizer step. On CUDA the timer records events instead of synchronizing:
+    no per-step section waits (torch.cuda.synchronize raises here), and the seconds are the events' device time,
+    read once at the end (finished events are folded in as they come)."""
+    from forgetless.methods import common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a timed section synchronized the device")
+
+    made = []
+
+    def event(*args, **kwargs):
+        made.append(_FakeEvent())
+        return made[-1]
+
+    monkeypatch.setattr(common, "_cuda_event", event)
+    monkeypatch.setattr(torch.cuda, "synchronize", refuse)
+    _FakeEvent.waits = 0
+    timer = common.Timer(torch.device("cuda"))
+    for i in range(70):
+        with timer:
+            pass
+        if i == 9:
+            for e in made:
+                e.done = True  # the device reached the first ten sections: folded at the 64th
+    assert _FakeEvent.waits == 0 and len(timer._pending) == 60  # the 64th section folded the ten finished ones
+    assert timer.seconds == pytest.approx(70 * 0.002) and _FakeEvent.waits == 60 and not timer._pending
+    # HLoRA's per-step recording with a CUDA timer (the model stays on the CPU): events only, no wait
+    model = lora_model(targets=ALL_SEVEN)
+    plugin = HLoRA()
+    ctx = make_ctx("general", model, lr=0.05)
+    plugin.on_stage_start(ctx)
+    plugin._timer, _FakeEvent.waits = common.Timer(torch.device("cuda")), 0
+    for t, batch in enumerate(batches()[:3]):
+        causal_lm_loss(model, batch).backward()
+        plugin.before_optimizer_step(ctx)
+        ctx.optimizer.step()
+        plugin.after_optimizer_step(ctx)
+        ctx.optimizer.zero_grad(set_to_none=True)
+    assert _FakeEvent.waits == 0 and len(plugin._timer._pending) == 6
+    assert plugin._timer.seconds == pytest.approx(6 * 0.002)
+
+
 class largest_outputs:
     """Inside: records the number of elements of every new tensor an aten op returns (a TorchDispatchMode; an output
     that shares storage with an input, as an in-place op's or a view's does, allocates nothing and is left out), so a
