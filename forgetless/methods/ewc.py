@@ -42,7 +42,9 @@ When the Fisher is computed (and at which weights):
   general stage (:data:`FILENAME`, safetensors; its size is printed) and reused by every domain run after it.
   EWC does not change how the general stage trains (:meth:`EWC.shapes_general_stage` is False), so ewc runs share
   ``lora-nu-mu``'s cached stage; when that cache has no Fisher of this run's Fisher options (:data:`FISHER_OPTIONS`),
-  it is computed at the domain stage's start from the same examples, seed and weights: the same Fisher.
+  it is computed at the domain stage's start from the same examples, seed and weights: the same Fisher. That Fisher
+  is kept in the stage's folder (``ewc_fisher-<digest of the Fisher options>.safetensors``), so the next run with
+  those options (another lambda or anchor, a rerun) reads it instead of computing it again.
 * no general stage (``[lora-mu, ewc]``): at the start of the domain stage over the run's general examples, at the
   base model (the adapter is zero there).
 
@@ -70,6 +72,8 @@ the examples and the sums are all-reduced.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +368,7 @@ class EWC(Method):
         self._stage_examples: Sequence[dict] | None = None
         self._state = PendingState(STATE)
         self._terms: list[_Term] = []  # one per group of equal-shaped modules
+        self._stage_cache: Path | None = None  # the cached general stage load_state was given, if it is one
 
     fused = True  # one weighted_distance per group; False: module by module with autograd (the same value)
 
@@ -382,6 +387,17 @@ class EWC(Method):
             # one loaded by hand with nothing to recompute it from is used as it is
             if loaded is not None and (self._fits(loaded[1]) or not ctx.general_examples):
                 self.fisher, self.metadata = loaded
+            kept = self._kept_file()
+            if not self.fisher and kept is not None and ctx.general_examples:  # computed here by an earlier run
+                try:
+                    tensors, metadata = kept.load(self._stage_cache)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if self._fits(metadata):
+                        self.fisher, self.metadata = tensors, metadata
+                        self._state.source = str(kept.locate(self._stage_cache))
+                        self._report_cost(ctx, kept=True)
             # No Fisher yet: no general stage in this run (the Fisher of the base model, anchored at zero), or a
             # cached general stage shared with lora-nu-mu (its adapter is the general-stage weights: computed here
             # over the same examples with the same seed, it is the Fisher the stage's end would have given).
@@ -390,6 +406,8 @@ class EWC(Method):
                     raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
                                      f"with {FILENAME}, or give the domain stage general-text examples")
                 self._compute(ctx, ctx.general_examples)
+                if kept is not None and _is_main_process():  # beside the cached stage, for the next run of these
+                    kept.save(self._stage_cache, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
             self._start_domain(ctx)
         else:
             raise ValueError(f"EWC does not know stage {ctx.stage!r}")
@@ -422,16 +440,23 @@ class EWC(Method):
                                              seed + _SEED_OFFSET, self.adapter, precision, self.offload == "cpu")
         seconds = timer.seconds
         self.fisher = fisher
-        size = STORAGE_DTYPES[self.storage_dtype].itemsize
-        payload = sum(t.numel() * size for t in fisher.values())
         self.metadata = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
                          "options": self.options.as_dict(),
                          "estimator": self.estimator, "fisher_over": self.fisher_over, "examples": len(chosen),
                          "tokens": tokens, "stage": ctx.stage, "seconds": seconds, "dtype": self.storage_dtype,
                          "shapes": {n: list(t.shape) for n, t in fisher.items()}}
+        self._report_cost(ctx)
+
+    def _report_cost(self, ctx: StageContext, kept: bool = False) -> None:
+        """The report's cost table entry for this Fisher (``kept``: read from a file an earlier run computed; the
+        seconds are that computation's)."""
+        size = STORAGE_DTYPES[self.storage_dtype].itemsize
+        meta = self.metadata
         ctx.extras.setdefault("importance_cost", {})["ewc"] = {
-            "what": f"diagonal Fisher ({self.estimator}, over {self.fisher_over} weights)", "seconds": seconds,
-            "bytes": payload, "examples": len(chosen), "tokens": tokens, "tensors": len(fisher)}
+            "what": f"diagonal Fisher ({self.estimator}, over {self.fisher_over} weights)",
+            "seconds": float(meta.get("seconds", 0.0)), "bytes": sum(t.numel() * size for t in self.fisher.values()),
+            "examples": meta.get("examples"), "tokens": meta.get("tokens"), "tensors": len(self.fisher)} | (
+            {"kept": True} if kept else {})
 
     # --------------------------------------------------------------------------------- domain: the penalty
     def _start_domain(self, ctx: StageContext) -> None:
@@ -508,9 +533,29 @@ class EWC(Method):
 
     def load_state(self, directory: Path) -> None:
         """Remember the file; it is read and checked against the model at the domain stage's start. A cached general
-        stage trained without EWC (lora-nu-mu's) has none: the Fisher is then computed when the domain stage starts."""
+        stage trained without EWC (lora-nu-mu's) has none: the Fisher is then computed when the domain stage starts,
+        and kept beside the stage (:meth:`_kept_file`) for the next run with the same Fisher options."""
         self.fisher = {}
         self._state.remember(directory, missing_ok=True)
+        stage = Path(directory)
+        self._stage_cache = stage if (stage / "stage.json").is_file() else None  # a forgetless stage cache only
+
+    def _kept_file(self) -> StateFile | None:
+        """Where a Fisher computed at the domain start of a cached general stage is kept, in that stage's folder: one
+        file per Fisher options (``ewc_fisher-<digest>.safetensors``), so runs that differ in lambda or the anchor
+        (a sweep; a rerun) read it instead of recomputing (minutes at SmolLM2's size), and runs of other Fisher options
+        keep their own. The stage's own ``ewc_fisher.safetensors`` (a stage an ewc run trained) is not touched."""
+        if getattr(self, "_stage_cache", None) is None:
+            return None
+        options = self.options.as_dict()
+        key = json.dumps({k: options[k] for k in FISHER_OPTIONS}, sort_keys=True, default=str)
+        return StateFile(f"ewc_fisher-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors", STATE.kind,
+                         STATE.what)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
 
 class _Term:

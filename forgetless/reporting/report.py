@@ -375,7 +375,8 @@ def section_cost(res: Results) -> str:
     text = (title + "Mean ± std over runs. Importance: what the method computes on the general stage to regularize "
             "the domain stage, its wall time and the size of what it keeps (tensor payload in the storage dtype; the "
             "file on disk adds a small header). Stage times include that computation. A general stage reused from "
-            "the cache reports the time it took when it was computed.\n\n" + markdown_table(header, rows))
+            "the cache, and an EWC Fisher kept beside it by an earlier run, report the time they took when they were "
+            "computed (the stage time of a run that read a kept Fisher does not include it).\n\n" + markdown_table(header, rows))
     if "hlora" in totals and "ewc" in totals and totals["hlora"]["seconds"] and totals["ewc"]["seconds"]:
         h_s, e_s = statistics.fmean(totals["hlora"]["seconds"]), statistics.fmean(totals["ewc"]["seconds"])
         h_b, e_b = statistics.fmean(totals["hlora"]["mib"]), statistics.fmean(totals["ewc"]["mib"])

@@ -229,3 +229,34 @@ def test_the_cache_check_catches_a_method_that_forgets_its_state(tmp_path, tiny_
     trained, loaded = run_twice(recipe, tmp_path)
     with pytest.raises(AssertionError):
         assert_same_domain_stage(trained, loaded)
+
+
+def test_a_fisher_computed_at_a_shared_cached_stage_is_kept_beside_it(tmp_path, tiny_load_model, monkeypatch):
+    """ewc shares lora-nu-mu's cached general stage, which has no Fisher: the first ewc run computes it when its domain
+    stage starts and keeps it in the stage's folder (one file per Fisher options); the next run with those options
+    reads it (no recomputation) and trains the same domain stage; other Fisher options compute and keep their own."""
+    from forgetless.methods import ewc
+    from forgetless.pipeline import RunData, RunSettings, run_recipe
+
+    data = RunData(general_train=GENERAL_DATA, domain_train=DOMAIN_DATA, heldout_blocks=None, eval_tasks={})
+    settings = RunSettings(model="tiny", lora=LoraSettings(r=4, alpha=8, dropout=0.0), general=config(3),
+                           domain=config(3), seed=0, eval_batch_size=4, precision="fp32", progress=False)
+    cache = tmp_path / "stages" / "general"
+    run_recipe(resolve("lora-nu-mu"), data, settings, general_cache=lambda: cache)
+    assert not list(cache.glob("ewc_fisher*"))
+    computed = []
+    real = ewc.fisher_diagonal
+    monkeypatch.setattr(ewc, "fisher_diagonal", lambda *a, **k: computed.append(1) or real(*a, **k))
+    first = run_recipe(resolve({"name": "ewc", "lambda": 5.0}), data, settings, general_cache=lambda: cache)
+    kept = list(cache.glob("ewc_fisher-*.safetensors"))
+    assert len(computed) == 1 and len(kept) == 1 and not (cache / ewc.FILENAME).exists()
+    again = run_recipe(resolve({"name": "ewc", "lambda": 5.0}), data, settings, general_cache=lambda: cache)
+    assert len(computed) == 1  # read, not recomputed
+    assert_same_history(again.stages[1]["history"], first.stages[1]["history"])
+    assert again.stages[1]["extras"]["importance_cost"]["ewc"]["kept"]
+    assert again.stages[1]["extras"]["importance_cost"]["ewc"]["seconds"] == pytest.approx(
+        first.stages[1]["extras"]["importance_cost"]["ewc"]["seconds"])
+    run_recipe(resolve({"name": "ewc", "lambda": 1.0}), data, settings, general_cache=lambda: cache)  # lambda: same
+    assert len(computed) == 1
+    run_recipe(resolve({"name": "ewc", "samples": 2}), data, settings, general_cache=lambda: cache)  # other Fisher
+    assert len(computed) == 2 and len(list(cache.glob("ewc_fisher-*.safetensors"))) == 2
