@@ -80,3 +80,18 @@ def test_bench_gpu_memory_tiny_writes_every_row(tmp_path):
         if name.startswith(("hlora", "ewc")):
             assert math.isfinite(row["extra_gib"]), (name, row)
     assert rows["hlora_qv_offload_domain@tiny"]["options"] == {"offload": "cpu"}
+
+
+def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
+    """bench/gpu_session.sh, the next GPU session's one command, with SMOKE=1: every part runs on the CPU with its tiny
+    shape and exits 0, and the JSON files the session is for are written under $OUT."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SMOKE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
+                          timeout=1200, cwd=ROOT, env=env)  # a hang guard only
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("memory", "compile", "rank2r", "liger"):
+        assert f"== {name}: exit 0 " in proc.stdout, proc.stdout[-3000:]
+    for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers"):
+        assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"], name
+    assert "path_integral" in (tmp_path / "out" / "rank2r.log").read_text()

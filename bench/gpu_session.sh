@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The next GPU session's measurements, in order of value (bench/RESULTS.md lists why), as one prepared command.
+#
+# On the device (run tool), from the checkout's root, with .gpu/site carried (bitsandbytes, liger-kernel: see
+# bench/RESULTS.md, "GPU measurements") and $OUT set by the tool:
+#   run(command="bash bench/gpu_session.sh", carry=[".gpu"], timeout_s=590)
+# Each part has its own timeout, so one that hangs or runs long leaves the others their time; every part writes its
+# JSON and log under $OUT as it goes (what finished comes back even if the call is cut off). PARTS picks parts, e.g.
+# PARTS="rank2r liger" for a second, short call. SMOKE=1 runs every part on the CPU with its tiny shape (seconds):
+# a check of this script before spending device time (tests/unit/test_bench_gpu.py runs it).
+set -u
+OUT=${OUT:-results/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+PARTS=${PARTS:-"memory compile rank2r liger"}
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output in $OUT/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+    local started=$SECONDS
+    echo "== $name (limit ${seconds}s): $*"
+    timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - started))s"
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
+
+if [ "$SMOKE" = 1 ]; then
+    part memory 300 $PY bench/bench_gpu_memory.py --tiny --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
+    part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
+    part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
+    part liger 300 $PY bench/bench_gpu.py --tiny --levers --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
+    exit 0
+fi
+# 1. #12: the 4-bit and bf16 rows after the chunked cross-entropy and the bf16 embedding/head of a 4-bit base, and the
+#    HLoRA/EWC rows at the paper's q/v targets
+part memory 200 $PY bench/bench_gpu_memory.py --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
+# 2. #15: the step, MFU and method rows with compile: true on both sides; the HLoRA rows after the rank-2r
+#    differences and the event timer; the offload rows
+part compile 230 $PY bench/bench_gpu.py --shapes 8b,1b --no-levers --compile --trainer-compile --json "$OUT/bench_gpu_compile.json"
+# 3. the rank-2r differences against the two products, on the GPU
+part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
+# 4. Liger's kernels and flash-attn (skipped inside when not importable)
+part liger 100 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
