@@ -635,11 +635,14 @@ def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool =
 
 def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
     """``jobs`` in groups that share a general stage (each group in plan order; a run without a general stage is a
-    group of its own): one worker trains a group's stage once and reuses it for the rest."""
+    group of its own): one worker trains a group's stage once and reuses it for the rest. A stage already in the
+    cache (``output/stages``) needs no training: its runs are groups of their own, so workers take them side by side
+    (reading a cached stage together is safe; what a run adds beside it is written atomically)."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
-        shared = GENERAL in job.recipe.stages
-        groups.setdefault(general_stage_key(exp, job.recipe, job.seed) if shared else f"run {job.rid}", []).append(job)
+        key = general_stage_key(exp, job.recipe, job.seed) if GENERAL in job.recipe.stages else None
+        cached = key is not None and (exp.output / "stages" / f"{GENERAL}-{key}" / "adapter_model.safetensors").is_file()
+        groups.setdefault(key if key is not None and not cached else f"run {job.rid}", []).append(job)
     return list(groups.values())
 
 

@@ -24,6 +24,16 @@ def test_job_groups_keep_runs_that_share_a_general_stage_together(tmp_path, tiny
                                      ["lora-nu-mu__gen__seed0", "replay__gen__seed0"], ["hlora__gen__seed0"],
                                      ["base__gen__seed1"], ["lora-mu__gen__seed1"],
                                      ["lora-nu-mu__gen__seed1", "replay__gen__seed1"], ["hlora__gen__seed1"]])
+    # seed 0's shared stage in the cache: nothing to train once, so its runs go to workers separately
+    from forgetless.experiment import general_stage_key
+
+    job = next(j for j in plan_runs(exp) if j.rid == "lora-nu-mu__gen__seed0")
+    cached = exp.output / "stages" / f"general-{general_stage_key(exp, job.recipe, 0)}"
+    cached.mkdir(parents=True)
+    (cached / "adapter_model.safetensors").touch()
+    groups = [[job.rid for job in group] for group in job_groups(exp, plan_runs(exp))]
+    assert ["lora-nu-mu__gen__seed0"] in groups and ["replay__gen__seed0"] in groups
+    assert ["lora-nu-mu__gen__seed1", "replay__gen__seed1"] in groups and len(groups) == 9
 
 
 def _scores(folder):
