@@ -59,6 +59,8 @@ on all seven projections, the regime where plain LoRA forgets) with the rule use
 the smallest weight that removes at least 90 % of ``lora-nu-mu``'s general-perplexity increase with the domain gain
 within one standard error, else the one with the lowest increase. No rho of 0.05, 0.2, 1.0 reached 90 %: 0.05 and 0.2
 left +21.7 % and +23.2 % of +28.6 % (noise-level), 1.0 left +6.9 % at +10.8 domain points against +11.0 (one seed).
+Above it (closing the bracket): 2.0 removes 91 % but costs 3.4 domain points (+7.6, more than one standard error), and
+4.0 breaks training (+146 % perplexity, no domain gain), so the rule keeps 1.0.
 The radius is over the LoRA matrices together, whose norm is far larger than a single step, so the 0.05 that SAM
 papers use on full weights perturbs them very little. ``{sam: {rho: 0.05}}`` is the papers' setting.
 
