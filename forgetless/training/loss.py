@@ -89,6 +89,8 @@ class CausalLMLoss(torch.nn.Module):
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             head = scorer.head
+            if picked.dtype != head.weight.dtype:  # a reduced head after float32 norms (a k-bit base): its dtype, as
+                picked = picked.to(head.weight.dtype)  # autocast or the head's pre-hook give the plain path
             return liger_fused_linear_cross_entropy(picked, head.weight, loss_targets, head.bias,
                                                     softcap=scorer.softcap or None)
         chunk = self._chunk_rows(picked.shape[0])

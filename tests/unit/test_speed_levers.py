@@ -125,7 +125,7 @@ def test_liger_fused_cross_entropy_is_called_with_the_head_and_the_labelled_rows
     calls = []
 
     def reference(input, weight, target, bias=None, softcap=None, reduction="mean", **kw):
-        calls.append((input.shape, weight, target.clone(), bias, softcap))
+        calls.append((input, weight, target.clone(), bias, softcap))
         logits = torch.nn.functional.linear(input, weight, bias)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -146,12 +146,18 @@ def test_liger_fused_cross_entropy_is_called_with_the_head_and_the_labelled_rows
         loss = fused(**batch)
         loss.backward()
         assert float(loss) == pytest.approx(plain_loss, rel=1e-6) and _rel(_grads(model), plain) < 1e-5
-        shape, weight, target, bias, softcap = calls.pop()
+        rows, weight, target, bias, softcap = calls.pop()
         labelled = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
         assert weight is model.get_base_model().lm_head.weight and bias is None and softcap is None
-        assert shape[0] == labelled == target.numel()
+        assert rows.shape[0] == labelled == target.numel()
     wrapped = make_lora_model(targets=("q_proj", "lm_head"))  # a head that LoRA wraps: the plain path
     assert not CausalLMLoss(wrapped, fused_ce=True).fused_ce
+    # a bf16 head after float32 norms (a 4-bit base keeps its head in the base's dtype): the kernel gets one dtype
+    head = model.get_base_model().lm_head
+    head.weight.data = head.weight.data.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        CausalLMLoss(model, fused_ce=True)(**add_loss_index(collate(examples, pad_token_id=0)))
+    assert calls[-1][0].dtype == calls[-1][1].dtype == torch.bfloat16
 
 
 def test_forgetless_train_refuses_liger_without_it(tmp_path, capsys):
