@@ -94,11 +94,33 @@ def check_levers(model: torch.nn.Module, config: TrainConfig, device: torch.devi
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
+_CPU_GROUPS: dict[tuple[int, int], object] = {}  # (world size, default group id): a gloo group for host-side numbers
+
+
+def _cpu_group() -> object | None:
+    """A gloo process group over all processes, for numbers the host already has (None: the default group is gloo).
+    Created once per process (a collective call: every process creates it at the same point, its first stage)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    key = (dist.get_world_size(), id(dist.group.WORLD))
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
 def _global_sum(accelerator: Accelerator, value: int) -> int:
+    """``value`` summed over processes. The labelled-token counts are known on the host (the collate function), so
+    they are reduced over a CPU (gloo) group: no device work, and no wait for the device's queue each step (an NCCL
+    reduce read back with ``.item()`` would drain it at every optimizer step)."""
     if accelerator.num_processes == 1:
         return value
-    total = torch.tensor([value], device=accelerator.device, dtype=torch.long)
-    return int(accelerator.reduce(total, reduction="sum").item())
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=_cpu_group())
+    return int(total[0])
 
 
 def train_stage(

@@ -96,6 +96,17 @@ if __name__ == "__main__":
     assert accelerator.num_processes == 2, "run under accelerate launch with 2 processes"
     results = {case: run(case, batch_size=2, grad_accum=1, accelerator=accelerator) for case in CASES}
     results["epochs"] = run("lora", batch_size=2, grad_accum=1, accelerator=accelerator, epochs=1.0)
+    # the token counts over a gloo group of their own, as under NCCL (here the default group is gloo already)
+    import torch.distributed as dist
+
+    from forgetless.training import loop
+
+    backend, dist.get_backend = dist.get_backend, lambda *a, **k: "nccl"
+    try:
+        results["lora-cpu-group"] = run("lora", batch_size=2, grad_accum=1, accelerator=accelerator)
+    finally:
+        dist.get_backend = backend
+    results["cpu_groups"] = len(loop._CPU_GROUPS)
     if accelerator.is_main_process:
         torch.save(results, out / "two_processes.pt")
     accelerator.wait_for_everyone()

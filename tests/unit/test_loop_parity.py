@@ -63,6 +63,11 @@ def test_two_processes_equal_one(tmp_path):
             assert_close(one["grads"][stage], two[case]["grads"][stage])
         assert_close(one["weights"], two[case]["weights"])
         assert one["lrs"] == two[case]["lrs"], case
+    # the labelled-token counts reduced over a gloo group of their own (what an NCCL run does): the same run
+    assert two["cpu_groups"] == 1
+    lora = run("lora", batch_size=4, grad_accum=1)
+    assert_close(lora["weights"], two["lora-cpu-group"]["weights"])
+    assert lora["lrs"] == two["lora-cpu-group"]["lrs"]
     # epochs: 16 examples, a global batch of 4 -> 4 optimizer steps, with 1 process as with 2
     one_epoch = run("lora", batch_size=4, grad_accum=1, epochs=1.0)
     assert len(one_epoch["lrs"]["domain"]) == len(two["epochs"]["lrs"]["domain"]) == 4
