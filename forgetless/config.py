@@ -249,6 +249,9 @@ class EvalSettings:
     ``suite_limit`` caps every suite task's items. ``every: K`` scores the domain accuracy, the suite accuracy and the
     held-out perplexity on fixed subsets (the first ``every_items`` items of each task, ``every_blocks`` blocks) every K
     optimizer steps of the domain stage; ``select`` keeps the best checkpoint of those (:class:`SelectSettings`).
+    ``share_prefix``: score each multiple-choice item as one sequence, its context once
+    (:func:`forgetless.evaluation.evaluate_mc`): 1.4-4x fewer tokens, equal to rounding; off by default because in
+    bf16 the rounding differs from the one-row-per-choice scores of runs recorded before (a run's identity holds it).
     """
 
     batch_size: int = 16
@@ -258,6 +261,7 @@ class EvalSettings:
     every_items: int = 32
     every_blocks: int = 4
     select: SelectSettings | None = None
+    share_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

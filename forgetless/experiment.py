@@ -406,7 +406,8 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                            seed=seed, eval_batch_size=ev.batch_size, precision=exp.precision, progress=progress,
                            dtype=exp.dtype, quantization=exp.quantization, eval_every=ev.every,
                            every_items=ev.every_items, every_blocks=ev.every_blocks,
-                           max_general_drop=ev.select.max_general_drop if ev.select is not None else None)
+                           max_general_drop=ev.select.max_general_drop if ev.select is not None else None,
+                           share_prefix=ev.share_prefix)
     stage = f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,

@@ -103,9 +103,12 @@ class HeadScorer:
             return False
         return bool(torch.allclose(fast.float(), full.float(), atol=1e-4, rtol=1e-4))
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, H]`` hidden states (or ``[B, T, V]`` full logits when not ``fast``)."""
         mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        if position_ids is not None:
+            mask["position_ids"] = position_ids
         if self.fast:
             return self.backbone(input_ids=input_ids, use_cache=False, **mask).last_hidden_state
         return self.model(input_ids=input_ids, use_cache=False, **mask).logits

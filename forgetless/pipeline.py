@@ -59,6 +59,7 @@ class RunSettings:
     every_items: int = 32  # items of each task in those subsets
     every_blocks: int = 4  # held-out blocks in them
     max_general_drop: float | None = None  # keep the best domain checkpoint within this general-suite drop
+    share_prefix: bool = False  # multiple choice: each item one sequence, its context once (evaluate_mc)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _mc_scores(model, tokenizer, items: list, settings: RunSettings, progress: b
         return items.score(model, tokenizer, batch_size=settings.eval_batch_size, precision=settings.precision,
                            progress=progress)
     mc = evaluate_mc(model, tokenizer, items, batch_size=settings.eval_batch_size, precision=settings.precision,
-                     progress=progress)
+                     progress=progress, share_prefix=settings.share_prefix)
     return {"acc": mc.acc, "acc_norm": mc.acc_norm, "acc_stderr": mc.acc_stderr,
             "acc_norm_stderr": mc.acc_norm_stderr, "n": mc.n}
 

@@ -35,7 +35,7 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
      "general.train: unknown key 'limt'; known: ['field', 'limit', 'max_blocks', 'name', 'source', 'split']"),
     ("general: {train: g.jsonl, heldout: {source: h.txt, max_block: 3}}", "general.heldout: unknown key 'max_block'"),
     ("general: {train: g.jsonl, heldout: h.txt, blocksize: 64}", "general: unknown key 'blocksize'"),
-    ("eval: {batchsize: 4}", "eval: unknown key 'batchsize'; known: ['batch_size', 'every', 'every_blocks', 'every_items', 'select', 'suite', 'suite_limit']"),
+    ("eval: {batchsize: 4}", "eval: unknown key 'batchsize'; known: ['batch_size', 'every', 'every_blocks', 'every_items', 'select', 'share_prefix', 'suite', 'suite_limit']"),
     ("train: {generall: {max_steps: 2}}", "train: unknown key 'generall'; known: ['domain', 'general']"),
     ("train: {general: {max_stepz: 2}}", "train.general: unknown key 'max_stepz'"),
     ("train: {domain: {learning_rate: 0.1}}", "train.domain: unknown key 'learning_rate'"),

@@ -240,6 +240,85 @@ def test_batched_equals_reference_with_lora(batch_size, adapted, char_tokenizer,
     assert not np.allclose(np.concatenate(base.loglikelihoods), np.concatenate(fast.loglikelihoods), atol=1e-3)
 
 
+# ------------------------------------------------------------------ shared-prefix scoring (one sequence per item)
+def test_packed_item_mask_and_positions_are_each_requests_own(char_tokenizer):
+    """Closed form on a hand-made item: prefix [5, 6], choice 0's own tokens [7], choice 1's [8, 9]. Each token sees
+    the prefix before it and its own choice's tokens before it, at the positions it has in its own request; padding
+    sees itself only. Scored rows: the continuation positions of each request, mapped into the packed row."""
+    from forgetless.evaluation.multiple_choice import _pack, _packed_batch, _Request
+
+    reqs = [_Request(0, 0, [5, 6, 7], [7, 3]), _Request(0, 1, [5, 6, 8, 9], [8, 9, 4])]
+    pack = _pack(reqs)
+    assert pack.ids == [5, 6, 7, 8, 9] and pack.positions == [0, 1, 2, 2, 3] and pack.owner == [-1, -1, 0, 1, 1]
+    assert pack.rows == [[1, 2], [1, 3, 4]]  # request 0: input positions 1-2; request 1: 1-3 (1 is in the prefix)
+    small = _pack([_Request(1, 0, [5], [6]), _Request(1, 1, [5], [7])])  # inputs equal: all prefix
+    ids, positions, mask = _packed_batch([pack, small])
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 0, 0, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 2, 3], [0, 0, 0, 0, 0]]
+    want = [[1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],   # choice 0's token: the prefix and itself
+            [1, 1, 0, 1, 0],   # choice 1's first token: not choice 0's
+            [1, 1, 0, 1, 1]]
+    assert mask.shape == (2, 1, 5, 5) and mask[0, 0].int().tolist() == want
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0]] + [[0] * k + [1] + [0] * (4 - k) for k in range(1, 5)]
+    assert small.rows == [[0], [0]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_prefix_equals_reference(batch_size, tiny_model, adapted, char_tokenizer, tol, monkeypatch):
+    """Items packed one per row (the choices' common prefix once) score as the reference's one forward per request,
+    with and without LoRA (varied items: a choice that is a prefix of another's tokens, an input truncated from the
+    left), after the probe on the first item; off (the default) every request is its own padded row."""
+    from forgetless.evaluation import multiple_choice
+
+    MCItem = _mcitem()
+    items = _varied_items(MCItem) + [MCItem("say", ("ab", "abc", "b"), 1)]
+    calls = {"packed": 0, "padded": 0}
+    real = {name: getattr(multiple_choice, f"_score_{name}") for name in calls}
+
+    def counted(name):
+        def fn(*args):
+            calls[name] += 1
+            return real[name](*args)
+        return fn
+
+    for name in calls:
+        monkeypatch.setattr(multiple_choice, f"_score_{name}", counted(name))
+    for model in (tiny_model(4).eval(), adapted(5)):
+        ref = evaluate_mc_reference(model, char_tokenizer, items, precision="fp32")
+        for share in (True, False):
+            calls.update(packed=0, padded=0)
+            got = evaluate_mc(model, char_tokenizer, items, batch_size=batch_size, precision="fp32", progress=False,
+                              share_prefix=share)
+            if share:  # the probe scores one item both ways; then every batch goes packed
+                assert calls["padded"] == 1 and calls["packed"] > 1
+            else:
+                assert calls["packed"] == 0
+            assert got.acc == ref.acc and got.acc_norm == ref.acc_norm
+            for mine, want in zip(got.loglikelihoods, ref.loglikelihoods, strict=True):
+                assert mine == pytest.approx(want, abs=tol(1e-4))
+
+
+def test_shared_prefix_falls_back_where_the_attention_takes_no_custom_mask(tiny_model, char_tokenizer, monkeypatch):
+    """eager attention (and flash-attention) or a sliding window shorter than the inputs: the padded path."""
+    from forgetless.evaluation import multiple_choice
+
+    MCItem = _mcitem()
+    items = _varied_items(MCItem)
+    model = tiny_model(4).eval()
+    requests = multiple_choice._build_requests(model, char_tokenizer, items)
+    assert multiple_choice._sharing_possible(model, requests)
+    model.config.sliding_window = 16
+    assert not multiple_choice._sharing_possible(model, requests)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "eager"
+    assert not multiple_choice._sharing_possible(model, requests)
+    monkeypatch.setattr(multiple_choice, "_score_packed", lambda *a: pytest.fail("packed on eager attention"))
+    with pytest.warns(UserWarning, match="share_prefix"):
+        evaluate_mc(model, char_tokenizer, items, precision="fp32", progress=False, share_prefix=True)
+
+
 def test_evaluate_mc_rejects_empty_and_bad_answer(char_tokenizer):
     MCItem = _mcitem()
     model = make_tiny_model(0)

@@ -258,3 +258,25 @@ def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp
     assert loads == ["step-000002"]  # resumed there: only the last domain step was trained again
     assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
     assert not (tmp_path / "b" / "out" / "checkpoints").exists()
+
+
+def test_eval_share_prefix_is_part_of_a_runs_identity_and_scores_packed(tmp_path, tiny_model_dir, monkeypatch):
+    """``eval: {share_prefix: true}`` scores the runs' multiple choice one packed sequence per item, and is in the
+    run's identity (its scores may differ from the default's by rounding, so a recorded run is never reused for it)."""
+    from forgetless.evaluation import multiple_choice
+    from forgetless.experiment import plan_runs, run_settings, settings_digest
+
+    calls = []
+    real = multiple_choice._score_packed
+    monkeypatch.setattr(multiple_choice, "_score_packed", lambda *a: calls.append(1) or real(*a))
+    shared = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["base"], seeds=[0],
+                                              eval={"batch_size": 4, "share_prefix": True}))
+    (tmp_path / "plain").mkdir()
+    plain = load_experiment(write_experiment(tmp_path / "plain", tiny_model_dir, methods=["base"], seeds=[0]))
+    job, plain_job = plan_runs(shared)[0], plan_runs(plain)[0]
+    mine = run_settings(shared, job.recipe, job.task, job.seed)
+    assert mine["eval"]["share_prefix"] is True
+    assert "share_prefix" not in run_settings(plain, plain_job.recipe, plain_job.task, plain_job.seed).get("eval", {})
+    assert settings_digest(mine) != settings_digest(run_settings(plain, plain_job.recipe, plain_job.task, 0))
+    record = run_experiment(shared, progress=False)[0]
+    assert calls and 0 <= record["tasks"]["gen"]["acc"] <= 1
