@@ -220,6 +220,26 @@ def _eval(capsys, model_dir: Path, adapter: Path, text: Path) -> tuple[int, str,
                "--block-size", "16", "--batch-size", "4", "--precision", "fp32")
 
 
+def test_eval_share_prefix_gives_the_same_accuracy(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """``forgetless eval --task ... --share-prefix`` (fp32): the items go packed, with the same acc and acc_norm as
+    one row per choice."""
+    from forgetless.evaluation import multiple_choice
+
+    adapter, _ = _trained_adapter(tmp_path, tiny_model_dir, capsys)
+    packed = []
+    real = multiple_choice._score_packed
+    monkeypatch.setattr(multiple_choice, "_score_packed", lambda *a: packed.append(1) or real(*a))
+    scores = []
+    for extra in ((), ("--share-prefix",)):
+        code, printed, _ = run(capsys, "eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--task",
+                               TASK, "--batch-size", "4", "--precision", "fp32", *extra)
+        assert code == 0 and bool(packed) == bool(extra)
+        scores.append(json.loads(printed)["tasks"][TASK])
+    assert len(packed) > 1  # the probe and the batches
+    assert scores[0]["n"] == scores[1]["n"] > 0
+    assert scores[0]["acc"] == scores[1]["acc"] and scores[0]["acc_norm"] == scores[1]["acc_norm"]
+
+
 def test_adapters_load_strictly(tmp_path, tiny_model_dir, capsys):
     adapter, record = _trained_adapter(tmp_path, tiny_model_dir, capsys)
     text = tmp_path / "general.jsonl"
