@@ -300,6 +300,43 @@ def test_shared_prefix_equals_reference(batch_size, tiny_model, adapted, char_to
                 assert mine == pytest.approx(want, abs=tol(1e-4))
 
 
+@pytest.mark.parametrize("broken", ["mask", "positions"])
+def test_the_probe_refuses_a_model_that_ignores_the_mask_or_the_positions(broken, tiny_model, char_tokenizer,
+                                                                         monkeypatch):
+    """An attention that applied a plain causal mask instead of the custom one, or counted positions along the packed
+    row: the probe sees it (bit-for-bit invariance of a choice's score to the other choices' tokens; agreement with the
+    padded path) and the items go one row per choice, with a warning."""
+    from forgetless.evaluation import multiple_choice
+    from forgetless.lm import HeadScorer
+
+    MCItem = _mcitem()
+    # first (the probed item): a long first choice, so that positions counted along the row shift choice 1 far
+    items = [MCItem("pick:", ("the first and much longer choice of all", "no"), 0)] + _varied_items(MCItem)
+    model = tiny_model(4).eval()
+    by_item = {}
+    for r in multiple_choice._build_requests(model, char_tokenizer, items):
+        by_item.setdefault(r.item, []).append(r)
+    scorer = HeadScorer(model)
+    with torch.no_grad():
+        assert multiple_choice._probe_sharing(scorer, scorer.device, "fp32", by_item)
+    real = multiple_choice._packed_batch
+
+    def broken_batch(packs):
+        ids, positions, mask = real(packs)
+        if broken == "mask":
+            width = ids.shape[1]
+            return ids, positions, torch.tril(torch.ones(width, width, dtype=torch.bool)).expand_as(mask).clone()
+        return ids, torch.arange(ids.shape[1]).expand_as(positions).clone(), mask
+
+    monkeypatch.setattr(multiple_choice, "_packed_batch", broken_batch)
+    with torch.no_grad():
+        assert not multiple_choice._probe_sharing(scorer, scorer.device, "fp32", by_item)
+    with pytest.warns(UserWarning, match="share_prefix"):
+        got = evaluate_mc(model, char_tokenizer, items, precision="fp32", progress=False, share_prefix=True)
+    ref = evaluate_mc_reference(model, char_tokenizer, items, precision="fp32")
+    assert got.acc == ref.acc and got.acc_norm == ref.acc_norm
+
+
 def test_shared_prefix_falls_back_where_the_attention_takes_no_custom_mask(tiny_model, char_tokenizer, monkeypatch):
     """eager attention (and flash-attention) or a sliding window shorter than the inputs: the padded path."""
     from forgetless.evaluation import multiple_choice
