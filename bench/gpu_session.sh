@@ -12,7 +12,7 @@ set -u
 OUT=${OUT:-results/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
-PARTS=${PARTS:-"memory compile rank2r liger"}
+PARTS=${PARTS:-"memory compile rank2r liger cudatests"}
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 
@@ -36,6 +36,7 @@ if [ "$SMOKE" = 1 ]; then
     part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
     part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
     part liger 300 $PY bench/bench_gpu.py --tiny --levers --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
+    part cudatests 300 $PY -m pytest -q -p no:cacheprovider tests/unit/test_hlora.py -k timed_sections
     exit 0
 fi
 # 1. #12: the 4-bit and bf16 rows after the chunked cross-entropy and the bf16 embedding/head of a 4-bit base, and the
@@ -48,3 +49,7 @@ part compile 230 $PY bench/bench_gpu.py --shapes 8b,1b --no-levers --compile --t
 part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
 # 4. Liger's kernels and flash-attn (skipped inside when not importable)
 part liger 100 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
+# 5. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): HLoRA, EWC, the LoRA
+#    toolkit, devices, training; whatever fits the time left
+part cudatests 120 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_hlora.py tests/unit/test_ewc.py \
+    tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py

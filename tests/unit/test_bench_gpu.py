@@ -90,7 +90,7 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
                           timeout=1200, cwd=ROOT, env=env)  # a hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("memory", "compile", "rank2r", "liger"):
+    for name in ("memory", "compile", "rank2r", "liger", "cudatests"):
         assert f"== {name}: exit 0 " in proc.stdout, proc.stdout[-3000:]
     for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers"):
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"], name
