@@ -363,9 +363,12 @@ def prepare_quantized(model: PreTrainedModel) -> PreTrainedModel:
     computes it unquantized."""
     keep = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
             for p in m.parameters()}
+    # PEFT casts nothing for these methods (their kernels expect their own dtypes); neither do we
+    method = getattr(model, "quantization_method", None)  # transformers' QuantizationMethod, a str enum
+    cast = method not in ("gptq", "aqlm", "eetq", "hqq", "torchao") and not getattr(model, "hqq_quantized", False)
     for param in model.parameters():
         param.requires_grad_(False)
-        if (param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"
+        if (cast and param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"
                 and id(param) not in keep):
             param.data = param.data.to(torch.float32)
     head = model.get_output_embeddings()

@@ -149,3 +149,20 @@ def test_a_bf16_base_trains_with_fp32_precision_and_a_chunked_loss(model_dir):
     cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, precision="fp32", progress=False)
     result = train_stage(model, random_examples(8, 8, seed=2), cfg, [], stage="domain")
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+
+
+def test_prepare_quantized_casts_nothing_for_methods_peft_leaves_alone():
+    """As PEFT's recipe: a GPTQ (or AQLM, EETQ, HQQ, torchao) model keeps its 16-bit weights' dtypes (their kernels
+    expect them); only the base is frozen. A bitsandbytes model gets float32 norms."""
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    from forgetless.models import prepare_quantized
+    from tests.unit.tiny_model import make_tiny_model
+
+    for method, norms in ((QuantizationMethod.GPTQ, torch.bfloat16), (QuantizationMethod.BITS_AND_BYTES, torch.float32)):
+        model = make_tiny_model(0).to(torch.bfloat16)
+        model.quantization_method = method
+        prepare_quantized(model)
+        assert all(p.dtype == norms for n, p in model.named_parameters() if "norm" in n)
+        assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+        assert not any(p.requires_grad for p in model.parameters())
