@@ -337,6 +337,32 @@ def test_the_probe_refuses_a_model_that_ignores_the_mask_or_the_positions(broken
     assert got.acc == ref.acc and got.acc_norm == ref.acc_norm
 
 
+def test_shared_prefix_on_a_sliding_window_architecture(char_tokenizer, tol):
+    """A tiny Gemma-3 (a sliding-window layer and a global one): inputs within the window score packed as the
+    reference does; inputs longer than the window go one row per choice (the custom mask would drop the window)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from forgetless.evaluation import multiple_choice
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=96,
+                              max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"],
+                              pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = Gemma3ForCausalLM(config).eval()
+    MCItem = _mcitem()
+    items = _varied_items(MCItem)[:5]  # within the window of 96
+    requests = multiple_choice._build_requests(model, char_tokenizer, items)
+    assert max(len(r.inp) for r in requests) <= 96 and multiple_choice._sharing_possible(model, requests)
+    ref = evaluate_mc_reference(model, char_tokenizer, items, precision="fp32")
+    got = evaluate_mc(model, char_tokenizer, items, precision="fp32", progress=False, share_prefix=True)
+    assert got.acc == ref.acc and got.acc_norm == ref.acc_norm
+    for mine, want in zip(got.loglikelihoods, ref.loglikelihoods, strict=True):
+        assert mine == pytest.approx(want, abs=tol(1e-4))
+    longer = multiple_choice._build_requests(model, char_tokenizer, _varied_items(MCItem))  # one input of 128
+    assert not multiple_choice._sharing_possible(model, longer)
+
+
 def test_shared_prefix_falls_back_where_the_attention_takes_no_custom_mask(tiny_model, char_tokenizer, monkeypatch):
     """eager attention (and flash-attention) or a sliding window shorter than the inputs: the padded path."""
     from forgetless.evaluation import multiple_choice
