@@ -14,6 +14,7 @@ from forgetless.landscape.metrics import (
     hessian_top_eigenvalue,
     hessian_vector_product,
     hutchinson_trace,
+    hutchinson_trace_estimate,
     surface_metrics,
 )
 from forgetless.landscape.objective import Objective, model_objective, select_parameters
@@ -27,6 +28,6 @@ from forgetless.landscape.surfaces import (
 )
 
 __all__ = ["SURFACE_METRICS", "LandscapeSettings", "Objective", "Surface", "compute_surface", "eps_sharpness",
-           "hessian_dominant_eigenvalue", "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "load_surface", "loss_surface",
+           "hessian_dominant_eigenvalue", "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "hutchinson_trace_estimate", "load_surface", "loss_surface",
            "measure_flatness", "model_objective", "random_direction", "save_surface", "select_parameters",
            "surface_metrics"]

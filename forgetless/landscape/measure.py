@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from forgetless.landscape.metrics import eps_sharpness, hessian_eigenvalues, hutchinson_trace, surface_metrics
+from forgetless.landscape.metrics import eps_sharpness, hessian_eigenvalues, hutchinson_trace_estimate, surface_metrics
 from forgetless.landscape.objective import model_objective
 from forgetless.landscape.surfaces import Surface, compute_surface
 
@@ -76,7 +76,9 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
 
     Keys: ``loss`` (at the weights), ``surface_curvature``, ``average_gradient``, ``mean_absolute_gradient``,
     ``hessian_top_eigenvalue`` (largest algebraic), ``hessian_dominant_eigenvalue`` (largest magnitude, sign kept),
-    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``.
+    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``, and how far to trust two of them:
+    ``hessian_dominant_residual`` (relative residual of the dominant eigenpair: near 0 an eigenpair, of order 1 not)
+    and ``hessian_trace_stderr`` (standard error of the trace over its probes; with at least two).
     """
     s = settings
     metrics: dict[str, float] = {}
@@ -93,8 +95,12 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
             eigen = hessian_eigenvalues(objective, iters=s.hessian_iters, seed=s.seed)
             metrics["hessian_top_eigenvalue"] = eigen["top"]  # the largest algebraic eigenvalue
             metrics["hessian_dominant_eigenvalue"] = eigen["dominant"]  # the largest in magnitude, sign kept
+            metrics["hessian_dominant_residual"] = eigen["dominant_residual"]  # ~0: converged; ~1: too few iters
         if s.trace_samples:
-            metrics["hessian_trace"] = hutchinson_trace(objective, samples=s.trace_samples, seed=s.seed)
+            trace, stderr = hutchinson_trace_estimate(objective, samples=s.trace_samples, seed=s.seed)
+            metrics["hessian_trace"] = trace
+            if s.trace_samples > 1:  # one probe has no spread to estimate it from
+                metrics["hessian_trace_stderr"] = stderr
         if s.rho > 0 and s.ascent_steps >= 0:
             metrics["eps_sharpness"] = eps_sharpness(objective, rho=s.rho, steps=s.ascent_steps, seed=s.seed)
     return metrics, surface

@@ -318,7 +318,7 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
     assert surface.losses.shape == (5, 5) and surface.coords[0][0] == -0.5
     assert report["surface_metrics"] == pytest.approx(surface_metrics(surface.losses, surface.coords))
     assert set(report["metrics"]) == {"hessian_top_eigenvalue", "hessian_dominant_eigenvalue", "hessian_trace",
-                                      "eps_sharpness"}
+                                      "eps_sharpness", "hessian_dominant_residual", "hessian_trace_stderr"}
     assert surface.losses[2, 2] == pytest.approx(report["loss"], rel=1e-6)
     for name in ("surface_contour.png", "surface_3d.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,37 @@ def test_top_and_dominant_eigenvalues_of_a_quadratic(name):
     assert hessian_dominant_eigenvalue(obj, iters=300, tol=1e-15) == got["dominant"]
 
 
+def test_the_residual_says_whether_the_dominant_pair_is_an_eigenpair():
+    """A spectrum with close dominant eigenvalues (-6 and 5.5) from a start nearly orthogonal to the -6 eigenvector:
+    after 300 products the pair is the dominant one (residual ~0); after 1 it is no eigenpair (residual of order 1);
+    in between the iteration passes near 5.5 (a small residual, the wrong sign): the residual tells an eigenpair from a
+    mixture, not the dominant eigenvalue from another one."""
+    obj = quadratic_objective(symmetric([-6.0, 5.5, 1.0, 0.5, -0.3]), torch.ones(5, dtype=torch.float64))
+    done = hessian_eigenvalues(obj, iters=300, tol=1e-15)
+    assert done["dominant"] == pytest.approx(-6.0, rel=1e-6) and done["dominant_residual"] < 1e-4
+    assert hessian_eigenvalues(obj, iters=1, tol=0.0)["dominant_residual"] > 0.5
+    passing = hessian_eigenvalues(obj, iters=5, tol=0.0)
+    assert passing["dominant"] == pytest.approx(5.5, rel=1e-2) and passing["dominant_residual"] < 0.1
+
+
+def test_the_trace_estimate_has_the_standard_error_of_its_probes():
+    """hutchinson_trace_estimate: the mean is hutchinson_trace's; the error is the sample std of z^T H z over the
+    probes / sqrt(n), recomputed here from the probes themselves (0 for a diagonal H, where every probe is exact)."""
+    from forgetless.landscape import hutchinson_trace, hutchinson_trace_estimate
+
+    diag = quadratic_objective(torch.diag(torch.tensor([4.0, -1.0, 2.5], dtype=torch.float64)),
+                               torch.ones(3, dtype=torch.float64))
+    assert hutchinson_trace_estimate(diag, samples=5) == (pytest.approx(5.5, rel=1e-12), pytest.approx(0.0, abs=1e-12))
+    h = symmetric([7.0, 3.0, 1.0, -0.5, 0.2], seed=1)
+    obj = quadratic_objective(h, torch.zeros(5, dtype=torch.float64))
+    mean, stderr = hutchinson_trace_estimate(obj, samples=40, seed=3)
+    probes = [float(torch.cat(z) @ torch.cat(obj.hvp(z))) for z in
+              (metrics._random_vector(obj, 3 + 1000 + k, rademacher=True) for k in range(40))]
+    assert mean == pytest.approx(np.mean(probes), rel=1e-12) == hutchinson_trace(obj, samples=40, seed=3)
+    assert stderr == pytest.approx(np.std(probes, ddof=1) / math.sqrt(40), rel=1e-9) and stderr > 0
+    assert math.isnan(hutchinson_trace_estimate(obj, samples=1)[1])
+
+
 @pytest.mark.parametrize("iters", [1, 2, 3, 5, 8])
 def test_top_eigenvalue_is_a_rayleigh_quotient_at_any_iteration_count(iters):
     for spectrum, _ in SPECTRA.values():
@@ -49,9 +80,9 @@ def test_an_unconverged_shift_is_shifted_again(monkeypatch):
     real = metrics._power_iteration
     shifts = []
 
-    def first_unconverged(objective, iters, tol, seed, shift=0.0):
+    def first_unconverged(objective, iters, tol, seed, shift=0.0, info=None):
         shifts.append(shift)
-        return (-3.0, -3.0) if shift == 0.0 else real(objective, iters, tol, seed, shift)
+        return (-3.0, -3.0) if shift == 0.0 else real(objective, iters, tol, seed, shift, info)
 
     monkeypatch.setattr(metrics, "_power_iteration", first_unconverged)
     got = hessian_eigenvalues(obj, iters=300, tol=1e-15)
