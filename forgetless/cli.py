@@ -63,8 +63,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
-    from forgetless.experiment import _sort_finished, general_stage_key, plan_runs, read_data, time_to_do
+    from forgetless.experiment import _sort_finished, general_stage_name, plan_runs, read_data, time_to_do
     from forgetless.methods import DOMAIN, GENERAL
+    from forgetless.pipeline import is_cached_stage
 
     jobs = plan_runs(exp)
     pending, stale, _ = _sort_finished(exp, jobs)
@@ -77,9 +78,9 @@ def _plan_text(exp: Experiment) -> str:
     general: dict[str, list[str]] = {}
     for job in todo:
         if GENERAL in job.recipe.stages:
-            general.setdefault(f"{GENERAL}-{general_stage_key(exp, job.recipe, job.seed)}", []).append(job.rid)
+            general.setdefault(general_stage_name(exp, job.recipe, job.seed), []).append(job.rid)
     for key, rids in general.items():
-        cached = (exp.output / "stages" / key / "adapter_model.safetensors").is_file()
+        cached = is_cached_stage(exp.output / "stages" / key)
         lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
     seconds, unknown = time_to_do(exp, todo)
     if unknown < len(todo):

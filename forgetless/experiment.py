@@ -39,7 +39,7 @@ from accelerate import PartialState
 from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
 from forgetless.data import DataError, chat_template_on
 from forgetless.methods import DOMAIN, GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
-from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, read_stage_record, run_recipe
+from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, is_cached_stage, read_stage_record, run_recipe
 from forgetless.progress import plain_lines, say
 from forgetless.training import checkpoint
 from forgetless.training.config import NO_NUMBERS
@@ -272,6 +272,11 @@ def general_stage_key(exp: Experiment, recipe: Recipe, seed: int) -> str:
     return _digest(key)
 
 
+def general_stage_name(exp: Experiment, recipe: Recipe, seed: int) -> str:
+    """The folder of a run's cached general stage under ``output/stages``."""
+    return f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
+
+
 def run_id(label: str, task: str, seed: int) -> str:
     safe = "".join(c if c.isalnum() or c in "-_.+=," else "_" for c in label)
     return f"{safe}__{task}__seed{seed}"
@@ -408,7 +413,7 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                            every_items=ev.every_items, every_blocks=ev.every_blocks,
                            max_general_drop=ev.select.max_general_drop if ev.select is not None else None,
                            share_prefix=ev.share_prefix)
-    stage = f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
+    stage = general_stage_name(exp, recipe, seed)
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
                             general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None,
@@ -532,7 +537,7 @@ def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
     the model has loaded): unreadable adapter, stage record or method-state files, or a state file missing."""
     from forgetless.models import check_adapter_files, check_safetensors
 
-    if not (cache / "adapter_model.safetensors").is_file():
+    if not is_cached_stage(cache):
         return  # not cached: the stage is trained
     check_adapter_files(cache)
     read_stage_record(cache)
@@ -559,8 +564,7 @@ def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawDa
     if stages_dir is not None:
         for job in jobs:
             if GENERAL in job.recipe.stages:
-                _check_cached_stage(stages_dir / f"{GENERAL}-{general_stage_key(exp, job.recipe, job.seed)}",
-                                    job.recipe)
+                _check_cached_stage(stages_dir / general_stage_name(exp, job.recipe, job.seed), job.recipe)
     return read_data(exp)
 
 
@@ -641,9 +645,9 @@ def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
     (reading a cached stage together is safe; what a run adds beside it is written atomically)."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
-        key = general_stage_key(exp, job.recipe, job.seed) if GENERAL in job.recipe.stages else None
-        cached = key is not None and (exp.output / "stages" / f"{GENERAL}-{key}" / "adapter_model.safetensors").is_file()
-        groups.setdefault(key if key is not None and not cached else f"run {job.rid}", []).append(job)
+        stage = general_stage_name(exp, job.recipe, job.seed) if GENERAL in job.recipe.stages else None
+        shared = stage is not None and not is_cached_stage(exp.output / "stages" / stage)
+        groups.setdefault(stage if shared else f"run {job.rid}", []).append(job)
     return list(groups.values())
 
 

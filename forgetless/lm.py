@@ -106,12 +106,10 @@ class HeadScorer:
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, H]`` hidden states (or ``[B, T, V]`` full logits when not ``fast``)."""
-        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
-        if position_ids is not None:
-            mask["position_ids"] = position_ids
+        extra = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
         if self.fast:
-            return self.backbone(input_ids=input_ids, use_cache=False, **mask).last_hidden_state
-        return self.model(input_ids=input_ids, use_cache=False, **mask).logits
+            return self.backbone(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
+        return self.model(input_ids=input_ids, use_cache=False, **extra).logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for hidden states taken from ``hidden`` (identity when not ``fast``)."""

@@ -199,7 +199,7 @@ def run_recipe(
         model = _attach(model, lora)
         if GENERAL in recipe.stages:
             cache = general_cache() if general_cache else None
-            if cache is not None and (cache / "adapter_model.safetensors").is_file():
+            if cache is not None and is_cached_stage(cache):
                 load_adapter_weights(model, cache)
                 for plugin in recipe.plugins:
                     plugin.load_state(cache)
@@ -246,6 +246,11 @@ def run_recipe(
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started, suite=scores["suite"],
                      selected=selected)
+
+
+def is_cached_stage(folder: Path) -> bool:
+    """Whether ``folder`` holds a cached general stage (:func:`_save_general` renames it into place whole)."""
+    return (folder / "adapter_model.safetensors").is_file()
 
 
 def _attach(model, lora: LoraSettings):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from forgetless.progress import progress as show_progress
 
-from forgetless.lm import HeadScorer, eval_mode, model_device
+from forgetless.lm import HeadScorer, _unwrap, eval_mode, model_device
 from forgetless.precision import autocast, resolve_precision
 
 if TYPE_CHECKING:
@@ -194,8 +194,6 @@ def _packed_batch(packs: Sequence[_Packed]) -> tuple[torch.Tensor, torch.Tensor,
 def _sharing_possible(model: nn.Module, requests: Sequence[_Request]) -> bool:
     """Shared-prefix scoring needs an attention that takes a custom 4D mask (sdpa; flash-attention takes none) and no
     sliding window the inputs could exceed (the custom mask replaces the window's)."""
-    from forgetless.lm import _unwrap
-
     config = getattr(_unwrap(model), "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False

@@ -117,20 +117,20 @@ def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
     v = _random_vector(objective, seed)
     n = norm(v)
     v = [t / n for t in v]
-    eigenvalue, residual = 0.0, float("inf")
+    eigenvalue = 0.0
     for k in range(iters):
         hv = [h - shift * t for h, t in zip(objective.hvp(v), v)] if shift else objective.hvp(v)
         previous, eigenvalue = eigenvalue, dot(v, hv)
         size = norm(hv)
-        residual = norm([h - eigenvalue * t for h, t in zip(hv, v)]) / max(abs(eigenvalue), 1e-300)
         if size == 0.0:
-            residual = 0.0
             break
+        last = (v, hv)  # the pair the returned Rayleigh quotient belongs to
         v = [t / size for t in hv]
         if k > 0 and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
             break
-    if info is not None:
-        info["residual"] = residual
+    if info is not None:  # A v = 0 exactly (size 0) is an eigenpair
+        info["residual"] = 0.0 if size == 0.0 else \
+            norm([h - eigenvalue * t for t, h in zip(*last)]) / max(abs(eigenvalue), 1e-300)
     return eigenvalue, eigenvalue + shift
 
 

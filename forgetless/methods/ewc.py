@@ -86,7 +86,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_fr
                              group_modules, lora_modules, scaling, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
-                                       check_modules, option, shard)
+                                       check_modules, option, rank, shard)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.progress import say
 from forgetless.training.batches import collate
@@ -406,7 +406,7 @@ class EWC(Method):
                     raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
                                      f"with {FILENAME}, or give the domain stage general-text examples")
                 self._compute(ctx, ctx.general_examples)
-                if kept is not None and _is_main_process():  # beside the cached stage, for the next run of these
+                if kept is not None and rank() == 0:  # beside the cached stage, for the next run of these
                     kept.save(self._stage_cache, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
             self._start_domain(ctx)
         else:
@@ -545,17 +545,12 @@ class EWC(Method):
         file per Fisher options (``ewc_fisher-<digest>.safetensors``), so runs that differ in lambda or the anchor
         (a sweep; a rerun) read it instead of recomputing (minutes at SmolLM2's size), and runs of other Fisher options
         keep their own. The stage's own ``ewc_fisher.safetensors`` (a stage an ewc run trained) is not touched."""
-        if getattr(self, "_stage_cache", None) is None:
+        if self._stage_cache is None:
             return None
         options = self.options.as_dict()
         key = json.dumps({k: options[k] for k in FISHER_OPTIONS}, sort_keys=True, default=str)
         return StateFile(f"ewc_fisher-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors", STATE.kind,
                          STATE.what)
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 class _Term:

@@ -187,12 +187,16 @@ class _Group(LoraGroup):
             return self.dw_ref
         return delta_from_factors(self.ref_a, self.ref_b, self.ref_scaling, self.fan_in_fan_out, self.dtype)
 
-    def start_delta(self, part: slice = slice(None)) -> torch.Tensor:
-        """dW at the general stage's first step (of the modules ``part``)."""
+    def moved_since_start(self, a: torch.Tensor, b: torch.Tensor, part: slice) -> torch.Tensor:
+        """dW(a, b) - dW at the general stage's first step, of the modules ``part``: one rank-2r matmul from both
+        factor pairs (:func:`forgetless.lora.update_difference`), or the two products when dW(start) is dense (a
+        checkpoint written before factors)."""
         if isinstance(self.start, torch.Tensor):
-            return self.start[part].to(self.device)
-        a, b = self.start
-        return scaled_update(a[part], b[part], self.scaling[part], self.fan_in_fan_out)
+            moved = scaled_update(a[part], b[part], self.scaling[part], self.fan_in_fan_out)
+            return moved.sub_(self.start[part].to(self.device))
+        a0, b0 = self.start
+        return update_difference(a[part], b[part], self.scaling[part], a0[part], b0[part],
+                                 fan_in_fan_out=self.fan_in_fan_out)
 
 
 def _build_groups(model: torch.nn.Module, adapter: str) -> list[_Group]:
@@ -435,13 +439,7 @@ class HLoRA(Method):
             g.importance = self._new_held(g)  # where omega is held
             (a_end, b_end), stats = g.stacked(), torch.zeros(3, dtype=torch.float64, device=g.device)
             for part in module_chunks(len(g.names), g.update_shape(), g.device):  # eq 13, a chunk of modules at once
-                if isinstance(g.start, torch.Tensor):  # dense dW(start), from a checkpoint written before factors
-                    delta_sq = scaled_update(a_end[part], b_end[part], g.scaling[part], g.fan_in_fan_out)
-                    delta_sq.sub_(g.start_delta(part))
-                else:
-                    delta_sq = update_difference(a_end[part], b_end[part], g.scaling[part], g.start[0][part],
-                                                 g.start[1][part], fan_in_fan_out=g.fan_in_fan_out)
-                delta_sq.square_()  # Delta_l^2; Delta = dW(end) when B starts at zero
+                delta_sq = g.moved_since_start(a_end, b_end, part).square_()  # Delta_l^2 (Delta = dW(end): B0 = 0)
                 xi = self._xi(delta_sq)
                 omega = g.omega[part].to(g.device, non_blocking=True)
                 stats += torch.stack([torch.tensor(omega.numel(), dtype=torch.float64, device=g.device),
