@@ -8,6 +8,7 @@ hooks of :class:`forgetless.training.hooks.Method`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -94,6 +95,30 @@ def check_levers(model: torch.nn.Module, config: TrainConfig, device: torch.devi
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
+def stage_accelerator() -> Accelerator:
+    """The ``Accelerator`` a stage makes for itself: on the GPU when there is one, with accelerate's own mixed
+    precision and compile off. forgetless casts (``precision``) and compiles (``compile``) itself; accelerate's
+    would wrap the model in a second autocast, so ``precision: fp32`` would run in bf16, and compile the whole model
+    on top of ``compile``. Both can come from outside the run: ``accelerate launch --mixed_precision bf16`` and
+    ``ACCELERATE_*`` variables (explicit arguments win over those), or a transformers ``Trainer`` that ran earlier in
+    the process, whose settings accelerate keeps in a process-wide state that a new ``Accelerator`` inherits. That
+    state is dropped (the processes and their group, accelerate's ``PartialState``, are kept) and a warning says so.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DynamoBackend
+
+    state = AcceleratorState._shared_state
+    if state:
+        precision = state.get("_mixed_precision", "no")
+        backend = getattr(state.get("dynamo_plugin"), "backend", DynamoBackend.NO)
+        if precision != "no" or backend != DynamoBackend.NO:
+            warnings.warn(f"accelerate's process-wide state holds mixed precision {precision!r} and compile backend "
+                          f"{str(backend)!r} from an earlier Accelerator or Trainer; forgetless casts and compiles "
+                          f"itself (precision, compile), so they are dropped for this stage")
+            AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no")
+
+
 _CPU_GROUPS: dict[tuple[int, int], object] = {}  # (world size, default group id): a gloo group for host-side numbers
 
 
@@ -157,7 +182,7 @@ def train_stage(
     import time
 
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or stage_accelerator()
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -116,3 +116,33 @@ def test_no_trainable_parameters_is_a_clear_error():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_stage(model, random_examples(2, 5), TrainConfig(max_steps=1, precision="fp32", progress=False))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="train_stage's own Accelerator picks the GPU; this compares CPU runs")
+def test_precision_fp32_stays_fp32_whatever_accelerate_was_left_with(monkeypatch):
+    """accelerate keeps its settings process-wide: after a bf16 Trainer (here its Accelerator) ran in the process, or
+    under ``accelerate launch --mixed_precision bf16`` (the variable it sets), a stage's own Accelerator would wrap
+    the model in bf16 autocast. The stage drops those (with a warning) and trains exactly as in a clean process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from tests.unit.tiny_model import make_lora_model
+
+    examples = random_examples(8, 8)
+    config = TrainConfig(max_steps=2, batch_size=4, lr=5e-2, precision="fp32", progress=False)
+
+    def trained() -> list[torch.Tensor]:
+        model = make_lora_model(0)
+        train_stage(model, examples, config)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    clean = trained()
+    Accelerator(cpu=True, mixed_precision="bf16")  # what Trainer(bf16=True) leaves behind
+    with pytest.warns(UserWarning, match="mixed precision 'bf16'"):
+        after_trainer = trained()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    launched = trained()
+    for a, b, c in zip(clean, after_trainer, launched, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
