@@ -317,8 +317,13 @@ def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tupl
                                  torch_compile=TRAINER_COMPILE["on"])
         free()
         reset_peak()
-        Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
-                callbacks=[Stamp()]).train()
+        try:
+            Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
+                    callbacks=[Stamp()]).train()
+        finally:  # accelerate keeps the Trainer's bf16 and compile settings process-wide: not for the next side
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
     return span.seconds_per_step(), peak_gib()
 
 

@@ -4,8 +4,9 @@
 # On the device (run tool), from the checkout's root, with .gpu/site carried (bitsandbytes, liger-kernel: see
 # bench/RESULTS.md, "GPU measurements") and $OUT set by the tool:
 #   run(command="bash bench/gpu_session.sh", carry=[".gpu"], timeout_s=590)
-# Each part has its own timeout, so one that hangs or runs long leaves the others their time; every part writes its
-# JSON and log under $OUT as it goes (what finished comes back even if the call is cut off). PARTS picks parts, e.g.
+# Each part has its own timeout, and none runs past DEADLINE seconds from the start (570: the call's 590 less a
+# margin), so a part that hangs or runs long costs the later ones only what is left; every part writes its JSON and
+# log under $OUT as it goes (what finished comes back even if the call is cut off). PARTS picks parts, e.g.
 # PARTS="rank2r liger" for a second, short call. SMOKE=1 runs every part on the CPU with its tiny shape (seconds):
 # a check of this script before spending device time (tests/unit/test_bench_gpu.py runs it).
 set -u
@@ -15,14 +16,17 @@ export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 PARTS=${PARTS:-"memory compile rank2r liger cudatests"}
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
+DEADLINE=${DEADLINE:-570}
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output in $OUT/NAME.log
     local name=$1 seconds=$2
     shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
-    local started=$SECONDS
+    local started=$SECONDS left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt "$seconds" ]; then seconds=$left; fi
+    if [ "$seconds" -lt 10 ]; then echo "== $name: skipped, ${left}s left before the deadline"; return 0; fi
     echo "== $name (limit ${seconds}s): $*"
-    timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$seconds" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - started))s"
     tail -n 25 "$OUT/$name.log"
@@ -30,6 +34,8 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
+# what the parts need from .gpu/site: a part whose package is missing records "skipped" rows, not an error
+$PY -c "import importlib.util as u; print('carried:', *(f'{m}={bool(u.find_spec(m))}' for m in ('bitsandbytes', 'liger_kernel', 'flash_attn', 'pytest')))"
 
 if [ "$SMOKE" = 1 ]; then
     part memory 300 $PY bench/bench_gpu_memory.py --tiny --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
@@ -44,7 +50,8 @@ fi
 part memory 200 $PY bench/bench_gpu_memory.py --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
 # 2. #15: the step, MFU and method rows with compile: true on both sides; the HLoRA rows after the rank-2r
 #    differences and the event timer; the offload rows
-part compile 230 $PY bench/bench_gpu.py --shapes 8b,1b --no-levers --compile --trainer-compile --json "$OUT/bench_gpu_compile.json"
+#    (1b first: its method rows, the offload ones included, are the part's reason; the 8B compile is the longest)
+part compile 230 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --json "$OUT/bench_gpu_compile.json"
 # 3. the rank-2r differences against the two products, on the GPU
 part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
 # 4. Liger's kernels and flash-attn (skipped inside when not importable)

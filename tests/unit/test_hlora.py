@@ -669,7 +669,7 @@ def test_timed_sections_on_cuda_never_wait_for_the_device(lora_model, make_ctx, 
     ctx = make_ctx("general", model, lr=0.05)
     plugin.on_stage_start(ctx)
     plugin._timer, _FakeEvent.waits = common.Timer(torch.device("cuda")), 0
-    for t, batch in enumerate(batches()[:3]):
+    for t, batch in enumerate(batches(device=next(model.parameters()).device)):
         causal_lm_loss(model, batch).backward()
         plugin.before_optimizer_step(ctx)
         ctx.optimizer.step()
