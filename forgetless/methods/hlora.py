@@ -105,8 +105,8 @@ Default choices (all options of :class:`HLoRA`):
   ``norm_scale="none", temperature=1`` is the formula as printed; ``temperature -> inf`` is uniform;
   ``layer_wise=False`` (method ``hlora-no-layer``) is exactly uniform.
 
-The paper's method exactly: ``{estimator: paper, nonnegative: none, xi_mode: absolute, xi: 1e-3, phi_scale:
-absolute, norm_scale: none, temperature: 1}``.
+The paper's method exactly: ``{phi: 1e-3, phi_scale: absolute, estimator: paper, nonnegative: none, xi_mode:
+absolute, xi: 1e-3, norm_scale: none, temperature: 1}``.
 
 Efficiency: modules with the same shapes are stacked, and each group's dense work goes over its modules in chunks
 (:func:`forgetless.lora.module_chunks`: about 2^20 elements of dW per chunk on the CPU, where small tensors stay in

@@ -48,7 +48,7 @@ class TrainConfig:
     save_every: int | None = field(default=None, metadata={"numbers": False})
     keep_checkpoints: bool = field(default=False, metadata={"numbers": False})
     # Trackers that receive the stage's scalars (loss, the methods' terms, lr, gradient norm, tokens/s): any of
-    # REPORT_TO; tensorboard writes to logging_dir (default OUTPUT/logs/RUN_ID/STAGE under `forgetless run`).
+    # REPORT_TO; tensorboard writes to logging_dir (default OUTPUT/logs/RUN_ID under `forgetless run`).
     report_to: list[str] = field(default_factory=list, metadata={"numbers": False})
     logging_dir: str | None = field(default=None, metadata={"numbers": False})
     # The step's scalars stay on the device and are read every log_every optimizer steps (and at the stage's end):
