@@ -432,6 +432,62 @@ def rank_2r(args) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------------- SAM's work between its passes (issue 15)
+def sam_work(args) -> dict[str, float]:
+    """SAM's own work per micro-batch, everything but its two forward/backward passes (the norm of the ascent
+    gradient, eps, keeping, perturbing and restoring the weights, adding back the earlier micro-batches'
+    gradients): grouped ``_foreach`` operations (new, ``forgetless.methods.sam``) against one operation per LoRA
+    matrix (old, the code before, copied here), over the LoRA matrices of SmolLM2-135M (``--smollm2-widths``-like:
+    30 layers) or of the 1B shape (``--shape 1b``: 22 layers, TinyLlama's widths), r=16 on all seven projections."""
+    from forgetless.methods.sam import add_back_, perturb_, restore_, sam_perturbation
+
+    layers, hidden, kv, inter = (22, 2048, 256, 5632) if args.sam_shape == "1b" else (30, 576, 192, 1536)
+    shapes = [(o, i) for _ in range(layers) for o, i in ((hidden, hidden), (kv, hidden), (kv, hidden),
+                                                         (hidden, hidden), (inter, hidden), (inter, hidden),
+                                                         (hidden, inter))]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(args.device))
+              for o, i in shapes for s in ((16, i), (o, 16))]
+    grads = [torch.randn(p.shape, generator=g).to(args.device) for p in params]
+    stash = [torch.randn(p.shape, generator=g).to(args.device) for p in params]
+
+    def old():
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        g32 = [p.grad.detach().float().clone() for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g32]))
+        scale = 1.0 / (norm + 1e-12)
+        eps = [x * scale for x in g32]
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in params]
+            for p, e in zip(params, eps):
+                p.add_(e.to(p.dtype))
+            for p, gr in zip(params, grads):  # the second pass's gradients (stand-ins)
+                p.grad = gr.clone()
+            for p, w in zip(params, kept):
+                p.copy_(w)
+        for p, s in zip(params, stash):
+            p.grad = s if p.grad is None else p.grad.add_(s)
+
+    def new():
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        eps, _ = sam_perturbation(params, [p.grad.detach().float() for p in params], 1.0)
+        kept = perturb_(params, eps)
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        restore_(params, kept)
+        add_back_(params, stash)
+
+    def baseline():  # the gradient stand-ins' copies alone, which both include
+        for _ in range(2):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+
+    ratios = compare({"old": old, "new": new, "copies": baseline}, args.reps, args.inner, args.device, "old")
+    return {"tensors": len(params), "elements": sum(p.numel() for p in params), **ratios}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="repetitions (each times every variant)")
@@ -444,7 +500,21 @@ def main() -> int:
     parser.add_argument("--chunk-sweep", action="store_true", help="only weighted_distance's chunk sizes (CPU)")
     parser.add_argument("--rank-2r", action="store_true",
                         help="only the dense differences as one rank-2r matmul vs two products (new vs old)")
+    parser.add_argument("--sam", action="store_true",
+                        help="only SAM's work between its passes, grouped (_foreach) vs one op per matrix (new vs old)")
+    parser.add_argument("--sam-shape", choices=("smollm2", "1b"), default="smollm2",
+                        help="with --sam: the LoRA matrices of SmolLM2-135M or of the 1B shape")
     args = parser.parse_args()
+    if args.sam:
+        if args.threads and args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        got = sam_work(args)
+        print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); SAM's work between "
+              f"its passes on {got['tensors']} LoRA matrices ({args.sam_shape}, r=16, all seven projections, "
+              f"{got['elements'] / 1e6:.1f}M elements); time / old, median over {args.reps} reps of {args.inner}:")
+        print(f"  new (grouped _foreach)                      {got['new']:.3f}")
+        print(f"  the gradient stand-ins' copies both include {got['copies']:.3f}")
+        return 0
     if args.rank_2r:
         if args.threads and args.device == "cpu":
             torch.set_num_threads(args.threads)

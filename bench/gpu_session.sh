@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-results/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
-PARTS=${PARTS:-"memory compile rank2r liger cudatests"}
+PARTS=${PARTS:-"memory compile rank2r samwork liger cudatests"}
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 DEADLINE=${DEADLINE:-570}
@@ -41,6 +41,7 @@ if [ "$SMOKE" = 1 ]; then
     part memory 300 $PY bench/bench_gpu_memory.py --tiny --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
     part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
     part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
+    part samwork 300 $PY bench/bench_method_state.py --sam --reps 1 --inner 1
     part liger 300 $PY bench/bench_gpu.py --tiny --levers --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
     part cudatests 300 $PY -m pytest -q -p no:cacheprovider tests/unit/test_hlora.py -k timed_sections
     exit 0
@@ -54,9 +55,11 @@ part memory 200 $PY bench/bench_gpu_memory.py --methods hlora,ewc --targets qv -
 part compile 230 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --json "$OUT/bench_gpu_compile.json"
 # 3. the rank-2r differences against the two products, on the GPU
 part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
+# 3b. SAM's work between its passes, grouped (_foreach) against one operation per LoRA matrix, at the 1B shape
+part samwork 30 $PY bench/bench_method_state.py --sam --sam-shape 1b --device cuda --reps 9 --inner 3
 # 4. Liger's kernels and flash-attn (skipped inside when not importable)
 part liger 100 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
 # 5. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): HLoRA, EWC, the LoRA
 #    toolkit, devices, training; whatever fits the time left
-part cudatests 120 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_hlora.py tests/unit/test_ewc.py \
+part cudatests 120 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
     tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py
