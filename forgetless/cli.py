@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -63,7 +65,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
-    from forgetless.experiment import _sort_finished, general_stage_name, plan_runs, read_data, time_to_do
+    from forgetless.experiment import (_sort_finished, general_stage_name, plan_runs, read_data, stale_checkpoints,
+                                       time_to_do)
     from forgetless.methods import DOMAIN, GENERAL
     from forgetless.pipeline import is_cached_stage
 
@@ -72,7 +75,10 @@ def _plan_text(exp: Experiment) -> str:
     todo = pending + [job for job, _ in stale]
     done = [job for job in jobs if all(job is not j for j in todo)]
     lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
-    lines += [f"  to do    {job.rid}{_resumes(exp.output, job.rid)}" for job in pending]
+    interrupted = {id(job): why for job, why in stale_checkpoints(exp, pending)}
+    lines += [f"  changed  {job.rid} (interrupted under other settings: {interrupted[id(job)]}; started over with "
+              f"--rerun-changed)" if id(job) in interrupted else f"  to do    {job.rid}{_resumes(exp.output, job.rid)}"
+              for job in pending]
     lines += [f"  changed  {job.rid} (redone with --rerun-changed)" for job, _ in stale]
     lines += [f"  done     {job.rid}" for job in done]
     general: dict[str, list[str]] = {}
@@ -204,7 +210,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from forgetless.experiment import is_main_process, train_one
 
     exp = _train_experiment(args)
-    record = train_one(exp, progress=not args.quiet)
+    record = train_one(exp, progress=not args.quiet, overwrite=args.overwrite)
     if args.report_to and (record["general_ppl"] is not None or record["tasks"]) and is_main_process():
         from forgetless.training.logging import log_scores
 
@@ -513,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="multiple-choice test set of the domain: evaluate the accuracy after training")
     p.add_argument("--test-limit", type=_positive)
     p.add_argument("--output", required=True, help="adapter folder (and OUTPUT/run.json when evaluated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the adapter and record an earlier run left in --output (refused otherwise)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=_positive)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -616,20 +624,33 @@ def main(argv: list[str] | None = None) -> int:
     from forgetless.data import DataError
     from forgetless.experiment import RunFailed
     from forgetless.models import AdapterError, LeverUnavailable, ModelNotFoundError
+    from forgetless.training.checkpoint import CheckpointMismatch
 
+    terminated = []
+
+    def terminate(signum, frame) -> None:  # `kill`, a scheduler's time limit: stopped as Ctrl-C stops a run
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    installed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, terminate) if installed else None
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
         if args.debug:
             raise
         kept = str(err) or "the work in progress was not recorded (records and adapters are written only once complete)"
-        print(f"forgetless: interrupted: {kept}", file=sys.stderr)
-        return 130
-    except (DataError, ConfigError, AdapterError, ModelNotFoundError, LeverUnavailable, RunFailed, OSError) as err:
+        print(f"forgetless: {'terminated (SIGTERM)' if terminated else 'interrupted'}: {kept}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    except (DataError, ConfigError, AdapterError, ModelNotFoundError, LeverUnavailable, RunFailed, CheckpointMismatch,
+            OSError) as err:
         if args.debug:
             raise
         print(f"forgetless: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

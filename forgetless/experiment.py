@@ -654,6 +654,10 @@ def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
 def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) -> dict[str, Any]:
     """:func:`run_one` of ``job`` with its folders in ``exp.output`` (stage cache, checkpoints, adapter)."""
     out = exp.output
+    if is_main_process():  # what its checkpoints, if it writes any, are written under
+        folder = _inside(out, out / "checkpoints" / job.rid)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings})
     return run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
                    checkpoint_dir=_inside(out, out / "checkpoints" / job.rid),
                    adapter_dir=_inside(out, out / "adapters" / job.rid))
@@ -666,6 +670,7 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
     if not exp.train.domain.keep_checkpoints:  # the domain stage's, kept until now (pipeline.run_recipe)
         checkpoint.remove(out / "checkpoints" / rid / DOMAIN)
+        _checkpoint_settings(out, rid).unlink(missing_ok=True)
     _drop_empty(out / "checkpoints" / rid)
     return _scores_line(record)
 
@@ -678,6 +683,28 @@ def jobs_to_do(exp: Experiment, jobs: list[Job]) -> list[Job]:
     """The jobs ``forgetless run`` would train: not finished, or finished with other settings."""
     pending, stale, _ = _sort_finished(exp, jobs)
     return pending + [job for job, _ in stale]
+
+
+def _checkpoint_settings(output: Path, rid: str) -> Path:
+    """The settings an interrupted run's checkpoints were written under (its digest and settings, as a record has)."""
+    return output / "checkpoints" / rid / "settings.json"
+
+
+def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str]]:
+    """The interrupted runs among ``jobs`` whose checkpoint was written under other settings, with what differs.
+    Going on from one would train neither the old run nor the new one. A checkpoint from before the settings were
+    kept beside it is left to the stage's own check (:func:`forgetless.training.checkpoint.load`)."""
+    found = []
+    for job in jobs:
+        if resume_point(exp.output, job.rid) is None:
+            continue
+        try:
+            saved = json.loads(_checkpoint_settings(exp.output, job.rid).read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("settings_digest") != job.digest:
+            found.append((job, settings_changes(saved.get("settings") or {}, job.settings)))
+    return found
 
 
 def resume_point(output: Path, rid: str) -> tuple[str, int] | None:
@@ -897,6 +924,21 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
         raise ConfigError(f"{where(exp, 'output')}: {len(stale)} finished run(s) in {out} do not fit the experiment "
                           f"now and are not reused:{lines}{more}\nrun again with --rerun-changed to redo them (each "
                           f"old record is kept beside, as runs/RUN_ID.json.DIGEST), or write to another output folder")
+    interrupted = stale_checkpoints(exp, pending)
+    if interrupted and not rerun_changed:
+        lines = "".join(f"\n  {job.rid}: {why}" for job, why in interrupted[:10])
+        more = f"\n  ... and {len(interrupted) - 10} more" if len(interrupted) > 10 else ""
+        raise ConfigError(f"{where(exp, 'output')}: {len(interrupted)} interrupted run(s) in {out} were checkpointed "
+                          f"under other settings, and going on from there would train neither:{lines}{more}\nrun "
+                          f"again with --rerun-changed to start them over (each old checkpoint folder is kept beside, "
+                          f"as checkpoints/RUN_ID.DIGEST), or restore the settings")
+    if interrupted and is_main_process():
+        for job, _ in interrupted:
+            old = json.loads(_checkpoint_settings(out, job.rid).read_text()).get("settings_digest") or "old"
+            set_aside(out / "checkpoints" / job.rid, old)
+        print(f"    starting over {len(interrupted)} interrupted run(s) whose settings changed; their checkpoints are "
+              f"kept as checkpoints/RUN_ID.DIGEST")
+    PartialState().wait_for_everyone()  # every process sees the checkpoints as the main one left them
     chosen = {id(job) for job in pending} | {id(job) for job, _ in stale}
     todo = [job for job in jobs if id(job) in chosen]
     print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
@@ -966,11 +1008,17 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     print(f"tables: {out / 'results.md'}, {out / 'results.csv'}; figures: tradeoff.png, training_curves.png")
 
 
-def train_one(exp: Experiment, progress: bool = True) -> dict[str, Any]:
+# What `forgetless train` writes into its output folder: an adapter (PEFT's files) and, when evaluated, its record.
+TRAIN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run.json")
+
+
+def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """``forgetless train``: the single (method, task, seed) of ``exp`` through :func:`run_one`, as ``run`` does.
 
     The adapter is saved to ``exp.output``. When the experiment has held-out text or a test set, the run is
-    evaluated (WiSE-FT's interpolations too) and its record written to ``exp.output / "run.json"``.
+    evaluated (WiSE-FT's interpolations too) and its record written to ``exp.output / "run.json"``. A folder that
+    already holds an adapter or a record is refused unless ``overwrite``; then the old record goes first, so a record
+    never sits beside an adapter it does not describe.
     """
     if len(exp.methods) != 1 or len(exp.tasks) != 1 or len(exp.seeds) != 1:
         raise ConfigError("train: needs exactly one method, one task and one seed")
@@ -979,9 +1027,15 @@ def train_one(exp: Experiment, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"train: method {recipe.label!r} trains nothing, so there is no adapter to save")
     if GENERAL in recipe.stages and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r} has a general stage: give the general text (--general)")
+    held = [name for name in TRAIN_OUTPUTS if (exp.output / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "
+                          f"give a new folder, or --overwrite to replace them")
     check_output(exp.output, where(exp, "output"))
     (job,) = plan_runs(exp)
     raw = validate(exp, [job], stages_dir=None)
+    if held and is_main_process():
+        (exp.output / "run.json").unlink(missing_ok=True)
     record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], load_data(exp, raw), adapter_dir=exp.output,
                      stages_dir=None, progress=progress)
     if is_main_process():

@@ -5,8 +5,10 @@ renamed when complete (a half-written checkpoint is never read), holding:
 
 * ``trainable.safetensors``: the trainable parameters (the adapter);
 * ``state.pt``: optimizer and scheduler state dicts, the RNG states (torch CPU and CUDA, Python, NumPy), the number of
-  optimizer steps taken (the data position: the loader is replayed up to it), the stage's history so far, and each
-  method's :meth:`~forgetless.training.hooks.Method.stage_state`.
+  optimizer steps taken (the data position: the loader is replayed up to it), the stage's history so far, each
+  method's :meth:`~forgetless.training.hooks.Method.stage_state`, and the stage's ``settings`` (what changes its
+  numbers: the training settings, the methods, the trainable parameters' shapes). A checkpoint of other settings is
+  refused, naming what differs: going on from it would train neither the old stage nor the new one.
 
 Only the newest complete checkpoint is kept. Resuming gives the same weights as an uninterrupted stage, bit for bit
 on a CPU in float32 (tested with a stage killed by SIGKILL).
@@ -52,7 +54,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
-         history: list[dict[str, float]], methods_state: list[dict[str, torch.Tensor]]) -> Path:
+         history: list[dict[str, float]], methods_state: list[dict[str, torch.Tensor]],
+         settings: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint after ``step`` optimizer steps; remove older ones."""
     from safetensors.torch import save_file
 
@@ -64,7 +67,8 @@ def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.
     tmp.mkdir(parents=True)
     save_file({n: p.detach().to("cpu").contiguous() for n, p in named_params}, str(tmp / "trainable.safetensors"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "history": history, "methods": methods_state}, tmp / "state.pt")
+                "rng": _rng_state(), "history": history, "methods": methods_state, "settings": settings},
+               tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -74,20 +78,45 @@ def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.
     return final
 
 
-def load(path: Path, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer and scheduler from ``path``; return the rest (step, history, RNG, methods)."""
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by a stage with other settings or other trainable parameters."""
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys]
+
+
+def load(path: Path, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
+         settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer and scheduler from ``path``; return the rest (step, history, RNG, methods).
+
+    :class:`CheckpointMismatch` (nothing restored) when the checkpoint's trainable parameters differ from the model's
+    in name or shape, or when both it and the caller give ``settings`` and they differ (a checkpoint written before
+    settings were stored is taken as it is)."""
     from safetensors.torch import load_file
 
+    again = f"delete {path.parent} to start the stage again"
     weights = load_file(str(path / "trainable.safetensors"))
     names = [n for n, _ in named_params]
     if sorted(weights) != sorted(names):
         missing = sorted(set(names) - set(weights)) or sorted(set(weights) - set(names))
-        raise ValueError(f"{path}: the checkpoint's trainable parameters do not match the model's "
-                         f"(first mismatch: {missing[0]!r}); delete the checkpoint folder to start the stage again")
+        raise CheckpointMismatch(f"{path}: the checkpoint's trainable parameters do not match the model's "
+                                 f"(first mismatch: {missing[0]!r}); {again}")
+    for name, param in named_params:
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointMismatch(f"{path}: the checkpoint's {name} has shape {tuple(weights[name].shape)}, the "
+                                     f"model's {tuple(param.shape)} (another LoRA rank or target?); {again}")
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file, written above
+    saved = state.get("settings")
+    if saved is not None and settings is not None and saved != settings:
+        changed = _differences(saved, settings)
+        raise CheckpointMismatch(f"{path}: the checkpoint was written by a stage with other settings "
+                                 f"({'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): going on from it "
+                                 f"would train neither; {again}")
     with torch.no_grad():
         for name, param in named_params:
             param.copy_(weights[name].to(param.device, param.dtype))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file, written above
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state

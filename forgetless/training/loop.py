@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -258,9 +259,10 @@ def train_stage(
     batches = _endless(loader)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     first = 0
+    stage_settings = _stage_settings(stage, config, methods)
     resume_from = checkpoint.latest(checkpoint_dir)
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, named, optimizer, scheduler)
+        saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
         first, result.history = saved["step"], saved["history"]
         skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
         for _ in range(first * config.grad_accum):  # the data position: replay the loader (and its RNG)
@@ -336,7 +338,7 @@ def train_stage(
                 sync()  # on every process alike: a non-finite step stops them all at the same step
             if saving and main:
                 checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
-                                [method.stage_state(ctx) for method in methods])
+                                [method.stage_state(ctx) for method in methods], stage_settings)
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
     finally:
         log.close()
@@ -353,6 +355,23 @@ def train_stage(
     if not config.keep_checkpoints and accelerator.is_main_process:
         checkpoint.remove(checkpoint_dir)
     return result
+
+
+def _stage_settings(stage: str, config: TrainConfig, methods: Sequence[Method]) -> dict[str, Any]:
+    """What a checkpoint must share with the stage that resumes from it: the stage, the training settings that change
+    its numbers (not progress, logging or speed levers: ``NO_NUMBERS``) and the methods with their options."""
+    from dataclasses import fields, is_dataclass
+
+    from forgetless.training.config import NO_NUMBERS
+
+    out: dict[str, Any] = {"stage": stage}
+    out |= {f"train.{f.name}": getattr(config, f.name) for f in fields(config) if f.name not in NO_NUMBERS}
+    for i, method in enumerate(methods):
+        options = getattr(method, "options", None)
+        described = ({f.name: getattr(options, f.name) for f in fields(options)} if is_dataclass(options)
+                     else repr(options) if options is not None else None)
+        out[f"method{i}"] = f"{type(method).__name__} {described}" if described is not None else type(method).__name__
+    return out
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter],

@@ -18,7 +18,8 @@ CASES = {  # name: (method entry, stage)
 STEPS = 6
 
 
-def run_stage(case: str, checkpoint_dir=None, kill_after: int | None = None, keep: bool = False):
+def run_stage(case: str, checkpoint_dir=None, kill_after: int | None = None, keep: bool = False, lr: float = 1e-2,
+              r: int = 4, entry: list | None = None):
     from accelerate import Accelerator
 
     from forgetless.methods import resolve
@@ -33,12 +34,12 @@ def run_stage(case: str, checkpoint_dir=None, kill_after: int | None = None, kee
             if kill_after is not None and ctx.step == kill_after:  # step kill_after's checkpoint is written
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    entry, stage = CASES[case]
+    entry, stage = (entry, CASES[case][1]) if entry is not None else CASES[case]
     torch.manual_seed(0)
-    model = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    model = attach_lora(make_tiny_model(0), LoraSettings(r=r, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     randomize_lora_b(model, seed=1, std=0.05)
     plugins = resolve(entry).plugins
-    cfg = TrainConfig(max_steps=STEPS, batch_size=2, grad_accum=2, lr=1e-2, precision="fp32", progress=False,
+    cfg = TrainConfig(max_steps=STEPS, batch_size=2, grad_accum=2, lr=lr, precision="fp32", progress=False,
                       save_every=1, keep_checkpoints=keep)
     result = train_stage(model, random_examples(12, 8, seed=3, prompt=2), cfg, plugins + [Killer()], stage=stage,
                          accelerator=Accelerator(cpu=True), general_examples=random_examples(8, 8, seed=4),

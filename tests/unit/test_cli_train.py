@@ -88,3 +88,22 @@ def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir):
 def test_train_errors_before_loading_anything(tmp_path, capsys, method, args, message):
     rc = main(train_args(tmp_path, tmp_path / "no-model", method, tmp_path / "x", *args))
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_train_keeps_an_earlier_runs_adapter_and_record_unless_told_to_replace_them(tmp_path, model_dir, capsys):
+    """A second ``train`` into the same folder would replace the adapter and leave the first run's record beside it,
+    describing an adapter that is gone. It is refused before anything is written; with --overwrite the old record goes
+    first, and a run that is not evaluated leaves none."""
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "adapter"
+    general = str(tmp_path / "general.jsonl")
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--heldout", general)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"adapter_model.safetensors", "run.json"} <= set(before)
+    again = train_args(tmp_path, model_dir, "lora-mu", out, "--lora-r", "4")
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert f"--output: {out} already holds adapter_config.json, adapter_model.safetensors, run.json" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(again + ["--overwrite"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4 and not (out / "run.json").exists()

@@ -260,6 +260,43 @@ def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp
     assert not (tmp_path / "b" / "out" / "checkpoints").exists()
 
 
+def test_an_interrupted_run_with_changed_settings_is_refused_then_started_over(tmp_path, tiny_model_dir, monkeypatch,
+                                                                                 capsys):
+    """A run interrupted with a checkpoint, then run again with another learning rate: going on from the checkpoint
+    would train the old schedule under the new settings' record. The dry run shows it as changed, ``run`` refuses it
+    naming the change, and ``--rerun-changed`` starts it over (the old checkpoint folder kept beside) and gives the
+    record of an uninterrupted run at the new rate."""
+    import forgetless.pipeline as pipeline
+    from forgetless.cli import _plan_text
+    from forgetless.experiment import Interrupted
+
+    train = {"general": {"max_steps": 2, "batch_size": 4}, "domain": {"max_steps": 3, "batch_size": 2, "save_every": 1}}
+    faster = {"general": train["general"], "domain": dict(train["domain"], lr=1e-3)}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    reference = run_experiment(load_experiment(write_experiment(tmp_path / "a", tiny_model_dir, seeds=[0],
+                                                                methods=["lora-mu"], train=faster)), progress=False)[0]
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(Interrupted):
+        run_experiment(load_experiment(write_experiment(tmp_path / "b", tiny_model_dir, seeds=[0],
+                                                        methods=["lora-mu"], train=train)), progress=False)
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    changed = load_experiment(write_experiment(tmp_path / "b", tiny_model_dir, seeds=[0], methods=["lora-mu"],
+                                               train=faster))
+    assert "changed  lora-mu__gen__seed0 (interrupted under other settings: train.domain.lr: default -> 0.001" in \
+        _plan_text(changed)
+    with pytest.raises(ConfigError, match="lora-mu__gen__seed0: train.domain.lr: default -> 0.001"):
+        run_experiment(changed, progress=False)
+    out = tmp_path / "b" / "out"
+    assert (out / "checkpoints" / "lora-mu__gen__seed0" / "domain" / "step-000002").is_dir()  # untouched
+    record = run_experiment(changed, progress=False, rerun_changed=True)[0]
+    assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
+    kept = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(kept) == 1 and kept[0].startswith("lora-mu__gen__seed0.")  # the old one, set aside
+    assert (out / "checkpoints" / kept[0] / "domain" / "step-000002").is_dir()
+
+
 def test_eval_share_prefix_is_part_of_a_runs_identity_and_scores_packed(tmp_path, tiny_model_dir, monkeypatch):
     """``eval: {share_prefix: true}`` scores the runs' multiple choice one packed sequence per item, and is in the
     run's identity (its scores may differ from the default's by rounding, so a recorded run is never reused for it)."""

@@ -142,9 +142,11 @@ def _workers_started(proc, guard: float = 180.0) -> int:
         guard_timer.cancel()
 
 
-def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir, stop):
     """Ctrl-C (SIGINT to the terminal's process group) ends `run --jobs 2` with exit code 130 and its one line, the
-    workers with it: runs far too long to finish show that nothing waits for them."""
+    workers with it: runs far too long to finish show that nothing waits for them. SIGTERM to the main process
+    alone (`kill PID`) does the same, with exit code 143: the workers, which it does not reach, are stopped too."""
     import os
     import signal
     import subprocess
@@ -161,7 +163,10 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _workers_started(proc) == 2
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "sigterm":
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=120)  # a hang guard: it stops within seconds
         except subprocess.TimeoutExpired:  # say where it hangs: the parent's threads, then its process tree
@@ -173,8 +178,12 @@ def test_ctrl_c_stops_every_worker_at_once(tmp_path, tiny_model_dir):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
-    assert "forgetless: interrupted: the runs in progress were stopped and are not recorded" in err
+    assert proc.returncode == (143 if stop == "sigterm" else 130), err[-2000:]
+    said = "terminated (SIGTERM)" if stop == "sigterm" else "interrupted"
+    assert f"forgetless: {said}: the runs in progress were stopped and are not recorded" in err
+    group = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    alive = [line for line in group.splitlines() if line.split()[1][0] != "Z"]  # a zombie has ended (reaped or not)
+    assert not alive, group  # no worker left behind
     assert not list((tmp_path / "out" / "runs").glob("*.json"))
 
 

@@ -328,7 +328,13 @@ def test_the_output_folder_is_locked_and_a_stale_lock_is_taken_over(tmp_path, ti
         assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
-def test_ctrl_c_exits_130_saying_what_was_kept(tmp_path, tiny_model_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("stop, code, said", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_exits_saying_what_was_kept(tmp_path, tiny_model_dir, capsys, monkeypatch, stop, code, said):
+    """Ctrl-C, and SIGTERM (`kill`, a scheduler's time limit) the same way: the run in progress is named as not
+    recorded, the finished ones as kept; exit 130, or 128 + 15."""
+    import os
+    import signal
+
     import forgetless.experiment as experiment
 
     path = write_experiment(tmp_path, tiny_model_dir, **SMALL)
@@ -336,16 +342,21 @@ def test_ctrl_c_exits_130_saying_what_was_kept(tmp_path, tiny_model_dir, capsys,
 
     def interrupted_second(exp, entry, *args, **kwargs):
         if entry == "lora-mu":
+            if stop == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise AssertionError("SIGTERM did not stop the run")
             raise KeyboardInterrupt
         return real(exp, entry, *args, **kwargs)
 
     monkeypatch.setattr(experiment, "run_one", interrupted_second)
-    code, _, err = run(capsys, "run", str(path))
+    before = signal.getsignal(signal.SIGTERM)
+    got, _, err = run(capsys, "run", str(path))
     out = tmp_path / "out"
-    assert code == 130
-    assert err == (f"forgetless: interrupted: lora-mu__gen__seed0 was stopped and is not recorded; the finished "
+    assert got == code
+    assert err == (f"forgetless: {said}: lora-mu__gen__seed0 was stopped and is not recorded; the finished "
                    f"runs' records in {out / 'runs'} are kept; `forgetless run` again resumes\n")
     assert list(records(out)) == ["base__gen__seed0"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
 
 
 @pytest.mark.parametrize("label", ["x(adapter=../../../../etc)", "/abs/path", "..", "a;rm -rf ~", "$(id)`id`",
