@@ -349,6 +349,31 @@ class Experiment:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last value silently:
+    ``seeds: [0]`` then ``seeds: [1]`` further down would run seed 1 only). Keys merged in with ``<<: *anchor`` may
+    be given again: that is how an entry overrides part of an anchor."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"the key {key!r} is given twice (lines {first + 1} and {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_experiment(path: str | Path, output: str | Path | None = None, overrides: Sequence[str] = ()) -> Experiment:
     """Read and validate an experiment YAML; every problem is a :class:`ConfigError` naming the file and key.
 
@@ -357,9 +382,11 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"experiment file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder: give the experiment's YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(raw, dict):

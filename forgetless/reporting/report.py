@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from forgetless.config import ConfigError
 from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
 from forgetless.reporting.plots import label_points
-from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, variant_records
+from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, scoring_note, variant_records
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
@@ -46,16 +47,35 @@ METRIC_TITLES = {PPL: "general PPL ↓", ACC: "domain acc ↑", SUITE: "general-
 
 # ------------------------------------------------------------------------------------------------ reading
 def load_runs(folder: str | Path) -> list[dict[str, Any]]:
-    """The run records of an experiment folder (``runs/*.json``), or of a folder of such files."""
+    """The run records of an experiment folder (``runs/*.json``: each must be one, else a ConfigError names it), or of
+    a folder of such files (other JSON files there are skipped, and a line says which)."""
+    import json
+
+    from forgetless.reporting.tables import record_problem
+
     folder = Path(folder)
-    runs_dir = folder / "runs" if (folder / "runs").is_dir() else folder
+    experiment = (folder / "runs").is_dir()
+    runs_dir = folder / "runs" if experiment else folder
     if not runs_dir.is_dir():
-        raise FileNotFoundError(f"{folder}: no such results folder")
-    runs = []
+        raise FileNotFoundError(f"{folder}: no such results folder" + (" (this is a file: give the experiment's "
+                                                                      "output folder)" if folder.is_file() else ""))
+    runs, skipped = [], []
     for path in sorted(runs_dir.glob("*.json")):
-        record = read_record(path)
-        if {"method", "task", "general_ppl", "tasks"} <= set(record):
+        if experiment:
+            runs.append(read_record(path))
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            record = None
+        problem = record_problem(record)
+        if problem is None:
             runs.append(record)
+        else:
+            skipped.append(f"{path.name} ({problem})")
+    if skipped and runs:
+        print(f"report: skipped {len(skipped)} JSON file(s) of {runs_dir} that are not run records: "
+              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
     if not runs:
         raise FileNotFoundError(f"no run records (JSON with method, task, general_ppl, tasks) under {runs_dir}")
     return runs
@@ -623,7 +643,10 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
                f"interpolations, as methods of their own)" if any('variant_of' in r for r in res.runs) else "")
             + f"; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
-            + nonfinite_note(runs))
+            + nonfinite_note(runs) + scoring_note(runs))
+    if scoring_note(runs):
+        print(f"report: the runs were not scored alike (held-out text, test items, suite or model differ); "
+              f"report.md says how", file=sys.stderr)
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),

@@ -18,14 +18,32 @@ from typing import Any
 from forgetless.config import ConfigError
 
 
+# The fields every run record has, and their types (general_ppl is None for a run without held-out text).
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {"method": (str,), "task": (str,), "seed": (int,),
+                                              "general_ppl": (int, float, type(None)), "tasks": (dict,)}
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes ``record`` not a run record (None: it is one)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for name, kinds in RECORD_FIELDS.items():
+        if name not in record:
+            return f"lacks the field {name!r}"
+        if not isinstance(record[name], kinds) or isinstance(record[name], bool):
+            return f"its field {name!r} is {type(record[name]).__name__}, not {' or '.join(k.__name__ for k in kinds)}"
+    return None
+
+
 def read_record(path: Path) -> dict[str, Any]:
-    """One run record; a corrupt one (an interrupted write, a bad edit) is a ConfigError naming it."""
+    """One run record; a corrupt one (an interrupted write, a bad edit, a field missing) is a ConfigError naming it."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: corrupt run record ({err}); delete it to rerun that run") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path}: not a run record (a JSON object); delete it to rerun that run")
+    problem = record_problem(record)
+    if problem is not None:
+        raise ConfigError(f"{path}: not a run record ({problem}); delete it to rerun that run")
     return record
 
 
@@ -52,6 +70,47 @@ def nonfinite_note(records: list[dict[str, Any]]) -> str:
         return ""
     return (f"\nLeft out: {len(left)} run(s) with a non-finite score (training diverged), never ranked: "
             f"{', '.join(left)}.\n")
+
+
+def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of a run record that decide what its scores are measured on and how: the model and precision,
+    the held-out text and block size, the test set, the general suite and the scoring's own options. None for a
+    record without settings (an older forgetless)."""
+    settings = record.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    general, task, ev = (settings.get(k) if isinstance(settings.get(k), dict) else {} for k in ("general", "task", "eval"))
+    return {"model": settings.get("model"), "precision": settings.get("precision"),
+            "chat_template": settings.get("chat_template"), "general.heldout": general.get("heldout"),
+            "general.block_size": general.get("block_size"),
+            **{f"task.{k}": task.get(k) for k in ("test", "test_limit", "schema", "max_length")},
+            **{f"eval.{k}": ev.get(k) for k in ("suite", "suite_limit", "share_prefix")}}
+
+
+def scoring_note(records: list[dict[str, Any]]) -> str:
+    """A paragraph naming what differs, task by task, in how the runs were scored ("" when they were scored alike):
+    a report that sets side by side runs scored on other items (a `base` run on fewer held-out blocks, say) shows
+    differences that training did not make."""
+    by_task: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for record in records:
+        scored = None if "variant_of" in record else _scored_on(record)
+        if scored is None:
+            continue
+        rid = str(record.get("run_id", record.get("method", "?")))
+        for key, value in scored.items():
+            shown = json.dumps(value, sort_keys=True) if value is not None else "default"
+            by_task.setdefault(str(record.get("task")), {}).setdefault(key, {}).setdefault(shown, []).append(rid)
+    lines = []
+    for task, keys in by_task.items():
+        for key, values in keys.items():
+            if len(values) > 1:
+                parts = [f"{value} ({rids[0]}{f' and {len(rids) - 1} more' if len(rids) > 1 else ''})"
+                         for value, rids in sorted(values.items(), key=lambda kv: len(kv[1]))]
+                lines.append(f"- task {task}, {key}: {'; '.join(parts)}")
+    if not lines:
+        return ""
+    return ("\n**Not scored alike.** These runs were evaluated with different settings, so part of the differences "
+            "below comes from what was scored, not from training:\n" + "\n".join(lines) + "\n")
 
 
 def _cell(values: list[float], digits: int) -> str:

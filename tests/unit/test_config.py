@@ -146,3 +146,23 @@ def test_file_level_errors(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match=r"exp\.yaml: the experiment must be a mapping"):
         load_experiment(path)
+    with pytest.raises(ConfigError, match=r"is a folder: give the experiment's YAML file"):
+        load_experiment(tmp_path)
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (a second `seeds:` further down would replace the first);
+    here it is an error naming the key and both lines, in nested and flow mappings too. Keys merged from an anchor
+    (`<<: *x`) may be given again: that is how an entry overrides part of one."""
+    text = yaml.safe_dump(BASE, sort_keys=False)
+    path = tmp_path / "exp.yaml"
+    path.write_text(text + "seeds: [1]\n")
+    line = len(text.splitlines()) + 1
+    first = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("seeds:"))
+    with pytest.raises(ConfigError, match=rf"the key 'seeds' is given twice \(lines {first} and {line}\)"):
+        load_experiment(path)
+    path.write_text(text.replace("methods:", "methods: [{name: ewc, lambda: 1, lambda: 2}]\nx-old:", 1))
+    with pytest.raises(ConfigError, match=r"the key 'lambda' is given twice"):
+        load_experiment(path)
+    path.write_text(text.replace("methods:", "x-w: &w {name: ewc, lambda: 1}\nmethods: [{<<: *w, lambda: 5}]\nx-old:", 1))
+    assert load_experiment(path).methods == [{"name": "ewc", "lambda": 5}]

@@ -313,3 +313,52 @@ def test_evaluation_variants_are_methods_of_their_own(tmp_path):
     (run,) = [r for r in with_variants([run_record("sam", "t1", 0, 12.0, 50.0) | {
         "variants": {"ema": {"general_ppl": 11.0, "tasks": {}}}}]) if "variant_of" in r]
     assert run["method"] == "sam @ ema" and run["run_id"] == "sam__t1__seed0@ema"
+
+
+def test_a_folder_of_json_files_keeps_the_run_records_and_says_what_it_skipped(tmp_path, capsys):
+    """`forgetless report FOLDER` on a plain folder (not an experiment's output): JSON files that are not run records
+    are skipped, and one line says which and why, where before they vanished silently."""
+    import json
+
+    from forgetless.reporting.report import load_runs
+
+    record = {"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 3.5, "tasks": {"t": {"acc": 0.5}}}
+    (tmp_path / "a.json").write_text(json.dumps(record))
+    (tmp_path / "b.json").write_text(json.dumps({k: v for k, v in record.items() if k != "tasks"}))
+    (tmp_path / "c.json").write_text("{not json")
+    assert load_runs(tmp_path) == [record]
+    err = capsys.readouterr().err
+    assert "skipped 2 JSON file(s)" in err and "b.json (lacks the field 'tasks')" in err and "c.json (not a JSON" in err
+
+
+def test_runs_scored_on_different_items_are_named_in_the_report(tmp_path, capsys):
+    """A `base` run scored on 1 held-out block and 4 test items beside tuned runs scored on 2 and 8: the report would
+    read as if tuning halved the perplexity. It says, task by task, which setting differs and for which runs; runs
+    scored alike (whatever their training) get no such note."""
+    from forgetless.reporting.report import build_report
+    from forgetless.reporting.tables import scoring_note
+
+    def record(method, seed, heldout, test_limit, lr=None):
+        settings = {"model": "m", "precision": "fp32", "general": {"heldout": heldout, "block_size": 64},
+                    "task": {"name": "t", "test": "t.jsonl", "test_limit": test_limit}, "seed": seed}
+        if lr is not None:
+            settings["train"] = {"domain": {"lr": lr}}
+        return {"run_id": f"{method}__t__seed{seed}", "method": method, "task": "t", "seed": seed, "model": "m",
+                "general_ppl": 50.0 + seed, "tasks": {"t": {"acc": 0.5, "acc_norm": 0.5}}, "settings": settings}
+
+    alike = [record("lora-mu", s, {"source": "h.jsonl", "max_blocks": 2}, 8, lr=1e-3) for s in (0, 1)]
+    alike.append(record("base", 0, {"source": "h.jsonl", "max_blocks": 2}, 8))
+    assert scoring_note(alike) == ""
+    odd = record("base", 1, {"source": "h.jsonl", "max_blocks": 1}, 4)
+    note = scoring_note(alike + [odd])
+    assert note.startswith("\n**Not scored alike.**")
+    assert ('- task t, general.heldout: {"max_blocks": 1, "source": "h.jsonl"} (base__t__seed1); '
+            '{"max_blocks": 2, "source": "h.jsonl"} (lora-mu__t__seed0 and 2 more)') in note
+    assert "- task t, task.test_limit: 4 (base__t__seed1); 8 (lora-mu__t__seed0 and 2 more)" in note
+    assert len(note.splitlines()) == 4  # the two differences only: training settings and seeds are not scoring
+    (tmp_path / "runs").mkdir()
+    for r in alike + [odd]:
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    text = build_report(tmp_path).read_text()
+    assert "**Not scored alike.**" in text and "- task t, task.test_limit: 4 (base__t__seed1); 8 (" in text
+    assert "not scored alike" in capsys.readouterr().err

@@ -120,6 +120,13 @@ def _corrupt_record(ws: Workspace, command: str) -> list[str]:
     return ["run", ws.experiment()] if command == "run" else ["report", str(ws.output)]
 
 
+def _record_without(ws: Workspace, command: str) -> list[str]:
+    """``run`` or ``report`` on a folder with a run record that parses but lacks a field (an edit gone wrong)."""
+    (ws.output / "runs").mkdir(parents=True)
+    ws.file("out/runs/base__t__seed0.json", '{"method": "base", "task": "t", "seed": 0, "general_ppl": 3.5}')
+    return ["run", ws.experiment()] if command == "run" else ["report", str(ws.output)]
+
+
 def _diverged_report(ws: Workspace) -> list[str]:
     _finished(ws, general_ppl=float("nan"))
     return ["report", str(ws.output)]
@@ -245,6 +252,8 @@ CASES: list[Case] = [
     ("output folder full", _full_disk, "MiB free in", 2),
     ("output folder in use", _locked, f"is in use by another forgetless run (pid {os.getpid()})", 2),
     ("corrupt run record", lambda ws: _corrupt_record(ws, "run"), "base__t__seed0.json: corrupt run record", 2),
+    ("run record without a field", lambda ws: _record_without(ws, "run"),
+     "base__t__seed0.json: not a run record (lacks the field 'tasks'); delete it to rerun that run", 2),
     ("changed settings", lambda ws: _finished(ws, settings={"model": "other-model", "seed": 3}),
      "base__t__seed0: model: other-model -> ", 2),
     ("old diverged record", lambda ws: _finished(ws, general_ppl=float("nan")),
@@ -325,6 +334,10 @@ CASES: list[Case] = [
     ("report on a missing folder", lambda ws: ["report", str(ws.root / "nope")], "no such results folder", 2),
     ("report on a corrupt record", lambda ws: _corrupt_record(ws, "report"), "base__t__seed0.json: corrupt run record",
      2),
+    ("report on a record without a field", lambda ws: _record_without(ws, "report"),
+     "base__t__seed0.json: not a run record (lacks the field 'tasks')", 2),
+    ("report on a file", lambda ws: ["report", ws.file("exp.yaml", "name: x\n")],
+     "no such results folder (this is a file: give the experiment's output folder)", 2),
     ("report with only diverged runs", lambda ws: _diverged_report(ws), "every run record has a non-finite score", 2),
     # the command line itself
     ("unknown command", lambda ws: ["trian"], "argument command: invalid choice: 'trian'", 2),
