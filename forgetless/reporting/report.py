@@ -645,8 +645,8 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
             + nonfinite_note(runs) + scoring_note(runs))
     if scoring_note(runs):
-        print(f"report: the runs were not scored alike (held-out text, test items, suite or model differ); "
-              f"report.md says how", file=sys.stderr)
+        print("report: the runs were not scored alike (held-out text, test items, suite or model differ); "
+              "report.md says how", file=sys.stderr)
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),
