@@ -89,7 +89,7 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
 # flags of `forgetless train` for the keys of its one-run experiment, so that its errors name what the user typed
 _CLI_KEYS = {"general.train": "--general", "general.heldout": "--heldout", "tasks[0].train": "--domain",
              "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output",
-             "chat_template": "--chat-template"}
+             "chat_template": "--chat-template", "model": "--model"}
 
 
 def where(exp: Experiment, key: str) -> str:
@@ -553,9 +553,12 @@ def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
 def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawData:
     """Check what the runs ``jobs`` need before any model loads: the model's source, the LoRA targets (against the
     model's configuration), the cached general stages they would use, and every data file (read here, returned)."""
-    from forgetless.models import check_lora_targets, check_model_source
+    from forgetless.models import ModelNotFoundError, check_lora_targets, check_model_source
 
-    check_model_source(exp.model)
+    try:
+        check_model_source(exp.model)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{where(exp, 'model')}: {err}") from None
     for lora in {json.dumps(j.recipe.lora, sort_keys=True): j.recipe.lora for j in jobs if j.recipe.stages}.values():
         try:
             check_lora_targets(exp.model, replace(exp.lora, **lora))

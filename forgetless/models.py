@@ -460,6 +460,14 @@ def check_model_source(name: str) -> None:
             raise ModelNotFoundError(f"{name}: not a model folder (no config.json)")
     elif Path(name).exists() or name.startswith((".", "/")):
         raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
+    elif "/" not in name:  # a hub id without an organisation is rare (gpt2); a misspelt embedded name is not
+        import difflib
+
+        close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1, cutoff=0.8)
+        if close:
+            raise ModelNotFoundError(f"unknown model {name!r}: did you mean {close[0]!r}? (the embedded models: "
+                                     f"{', '.join(EMBEDDED_MODELS)}; else a model folder, a .gguf file or a hub id "
+                                     f"ORG/NAME)")
 
 
 # ------------------------------------------------------------------------------------------------ adapters
