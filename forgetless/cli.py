@@ -65,14 +65,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
-    from forgetless.experiment import (_sort_finished, general_stage_name, plan_runs, read_data, stale_checkpoints,
-                                       time_to_do)
+    from forgetless.experiment import (_sort_finished, check_model, check_output_possible, general_stage_name,
+                                       plan_runs, read_data, stale_checkpoints, time_to_do, where)
     from forgetless.methods import DOMAIN, GENERAL
     from forgetless.pipeline import is_cached_stage
 
     jobs = plan_runs(exp)
     pending, stale, _ = _sort_finished(exp, jobs)
     todo = pending + [job for job, _ in stale]
+    check_output_possible(exp.output, where(exp, "output"))
+    check_model(exp, todo)
     done = [job for job in jobs if all(job is not j for j in todo)]
     lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
     interrupted = {id(job): why for job, why in stale_checkpoints(exp, pending)}

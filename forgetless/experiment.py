@@ -550,9 +550,9 @@ def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
             raise ConfigError(f"{cache}: {err}; delete the folder to recompute the general stage") from None
 
 
-def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawData:
-    """Check what the runs ``jobs`` need before any model loads: the model's source, the LoRA targets (against the
-    model's configuration), the cached general stages they would use, and every data file (read here, returned)."""
+def check_model(exp: Experiment, jobs: list[Job]) -> None:
+    """The model's source and the LoRA targets of ``jobs`` (against the model's configuration, where it is on this
+    machine), without loading the model or asking the hub: errors naming the key."""
     from forgetless.models import ModelNotFoundError, check_lora_targets, check_model_source
 
     try:
@@ -564,6 +564,23 @@ def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawDa
             check_lora_targets(exp.model, replace(exp.lora, **lora))
         except ValueError as err:
             raise ConfigError(f"{where(exp, 'lora')}: {err}") from None
+
+
+def check_output_possible(folder: Path, where_: str) -> None:
+    """What :func:`check_output` checks, without creating or writing anything (``run --dry-run``): the folder, or
+    the nearest folder above it that exists, must be writable."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where_}: the output folder {folder} is not writable "
+                          f"({existing} {'is not a folder' if not existing.is_dir() else 'is read-only'})")
+
+
+def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawData:
+    """Check what the runs ``jobs`` need before any model loads: the model's source, the LoRA targets (against the
+    model's configuration), the cached general stages they would use, and every data file (read here, returned)."""
+    check_model(exp, jobs)
     if stages_dir is not None:
         for job in jobs:
             if GENERAL in job.recipe.stages:
@@ -725,16 +742,18 @@ def _seconds_by_method(output: Path) -> dict[str, dict[str, float]]:
     records: empty."""
     seconds: dict[str, dict[str, list[float]]] = {}
     for path in sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []:
-        try:
+        try:  # the record's times first, then added: a record missing one adds nothing (no empty list)
             record = json.loads(path.read_text())
-            mine = seconds.setdefault(record["method"], {})
-            mine.setdefault("run", []).append(float(record["seconds"]))
+            times = {"run": float(record["seconds"])}
             for stage in record.get("stages") or []:
                 if not stage.get("cached") and stage.get("steps"):
-                    mine.setdefault(stage["stage"], []).append(float(stage["seconds"]))
-                    mine.setdefault(f"{stage['stage']}/step", []).append(float(stage["seconds"]) / int(stage["steps"]))
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                    times[stage["stage"]] = float(stage["seconds"])
+                    times[f"{stage['stage']}/step"] = float(stage["seconds"]) / int(stage["steps"])
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
             continue  # a corrupt record is reported where it is read for real
+        mine = seconds.setdefault(record["method"], {})
+        for key, value in times.items():
+            mine.setdefault(key, []).append(value)
     return {method: {k: sum(v) / len(v) for k, v in parts.items()} for method, parts in seconds.items()}
 
 

@@ -17,7 +17,8 @@ from forgetless.reporting.tables import load_results
 def _run(folder: Path, rid: str, ppl: float, landscape: bool = False, stage: str | None = None) -> None:
     """A finished run as `forgetless run` leaves it: record, adapter folder, optionally landscape and a stage."""
     (folder / "runs").mkdir(parents=True, exist_ok=True)
-    record = {"run_id": rid, "method": rid.split("__")[0], "seed": 0, "general_ppl": ppl, "settings_digest": "d"}
+    record = {"run_id": rid, "method": rid.split("__")[0], "task": rid.split("__")[1], "seed": 0, "general_ppl": ppl,
+              "tasks": {}, "settings_digest": "d"}
     (folder / "runs" / f"{rid}.json").write_text(json.dumps(record))
     adapter = folder / "adapters" / rid
     adapter.mkdir(parents=True)

@@ -82,7 +82,8 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
     path = _experiment(tmp_path)
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
-    (out / "runs" / "base__t__seed0.json").write_text("{}")  # finished, recorded without settings: reused
+    (out / "runs" / "base__t__seed0.json").write_text(  # finished, recorded without settings: reused
+        '{"method": "base", "task": "t", "seed": 0, "general_ppl": 9.5, "tasks": {"t": {"acc": 0.5}}}')
     # an interrupted run leaves a checkpoint: the plan says where it resumes (a half-written one does not count)
     (out / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000040").mkdir(parents=True)
     (out / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000040" / "state.pt").write_bytes(b"")
@@ -118,8 +119,12 @@ def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys
     path = _experiment(tmp_path)
     runs = tmp_path / "out" / "runs"
     runs.mkdir(parents=True)
+
+    def record(method, seed, **more):  # a finished run's record, the fields that every record has and the times
+        return json.dumps({"method": method, "task": "t", "seed": seed, "general_ppl": 9.5, "tasks": {}, **more})
+
     for seed, seconds in ((0, 3000.0), (2, 4200.0)):  # lora-mu took 3600 s on average
-        (runs / f"lora-mu__t__seed{seed}.json").write_text(json.dumps({"method": "lora-mu", "seconds": seconds}))
+        (runs / f"lora-mu__t__seed{seed}.json").write_text(record("lora-mu", seed, seconds=seconds))
     assert main(["run", str(path), "seeds=[0,1,2,3]", "--dry-run"]) == 0
     text = capsys.readouterr().out
     # lora-mu seeds 1 and 3: 2 h; base and lora-nu-mu (8 runs) have no time yet
@@ -127,8 +132,7 @@ def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys
     # an interrupted run is credited with the steps its checkpoint holds: lora-nu-mu took 3600 s, 1000 of them in 10
     # general steps and 2000 in 10 domain steps; resuming at domain step 5 leaves 3600 - 1000 - 5 * 200 = 1600 s
     stages = [{"stage": "general", "steps": 10, "seconds": 1000.0}, {"stage": "domain", "steps": 10, "seconds": 2000.0}]
-    (runs / "lora-nu-mu__t__seed0.json").write_text(json.dumps({"method": "lora-nu-mu", "seconds": 3600.0,
-                                                                 "stages": stages}))
+    (runs / "lora-nu-mu__t__seed0.json").write_text(record("lora-nu-mu", 0, seconds=3600.0, stages=stages))
     step = tmp_path / "out" / "checkpoints" / "lora-nu-mu__t__seed1" / "domain" / "step-000005"
     step.mkdir(parents=True)
     (step / "state.pt").write_bytes(b"")
@@ -146,7 +150,8 @@ def test_dry_run_names_the_landscape_step_once_runs_are_recorded(tmp_path, capsy
     assert "landscape step" not in capsys.readouterr().out  # nothing recorded: nothing to measure yet
     runs = tmp_path / "out" / "runs"
     runs.mkdir(parents=True)
-    (runs / "lora-mu__t__seed0.json").write_text(json.dumps({"method": "lora-mu", "seed": 0, "seconds": 60.0}))
+    (runs / "lora-mu__t__seed0.json").write_text(json.dumps({"method": "lora-mu", "task": "t", "seed": 0,
+                                                             "general_ppl": 9.5, "tasks": {}, "seconds": 60.0}))
     adapter = tmp_path / "out" / "adapters" / "lora-mu__t__seed0"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")  # trained weights: its LoRA directions are to measure
