@@ -65,8 +65,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
-    from forgetless.experiment import (_sort_finished, check_model, check_output_possible, general_stage_name,
-                                       plan_runs, read_data, stale_checkpoints, time_to_do, where)
+    from forgetless.experiment import (_hours, _sort_finished, check_model, check_output_possible,
+                                       general_stage_name, plan_runs, read_data, stale_checkpoints, time_to_do, where)
     from forgetless.methods import DOMAIN, GENERAL
     from forgetless.pipeline import is_cached_stage
 
@@ -92,8 +92,8 @@ def _plan_text(exp: Experiment) -> str:
         lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
     seconds, unknown = time_to_do(exp, todo)
     if unknown < len(todo):
-        lines.append(f"run time to do (from the finished runs of the same methods here): about {seconds / 3600:.1f} "
-                     f"h for {len(todo) - unknown} run(s)"
+        lines.append(f"run time to do (from the finished runs of the same methods here): about {_hours(seconds)} "
+                     f"for {len(todo) - unknown} run(s)"
                      + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
                      + " (with --jobs N, about 1/N of it)")
     if exp.landscape is not None and done:  # the landscape step measures recorded runs
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=_positive)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--lora-r", type=_positive, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perturb the trainable (LoRA) weights or all weights")
     p.add_argument("--filter-normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="rescale each row of a direction to the norm of the weights' row (Li et al. 2018)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of the random directions")
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
     p.add_argument("--hessian-iters", type=_positive, default=20,

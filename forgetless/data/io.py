@@ -157,7 +157,10 @@ def resolve_local(source: str, split: str | None = None) -> Path | None:
             return path / files[0]
         if not files and (any(path.rglob("*.parquet")) or any(path.rglob("*.arrow"))):
             return None  # a dataset folder (as saved from the hub): read through datasets, like a hub id
-        raise FileNotFoundError(f"{source}: no file for split {split!r} in this folder (found {files})")
+        if split is None:
+            raise FileNotFoundError(f"{source} is a folder of {len(files)} data files ({', '.join(files) or 'none'}): "
+                                    f"name the file")
+        raise FileNotFoundError(f"{source}: no {split}.jsonl, .json or .parquet in this folder (found {files})")
     if looks_local(source):
         raise FileNotFoundError(f"{source}: no such file")
     return None

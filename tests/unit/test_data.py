@@ -161,7 +161,7 @@ def test_load_mc_task_limit_and_folder_split(tmp_path):
     (folder / "test.jsonl").write_text((FIXTURES / "piqa.jsonl").read_text())
     assert load_mc_task(str(folder), split="test") == load_mc_task(str(FIXTURES / "piqa.jsonl"))
     assert load_mc_task(str(folder)) == load_mc_task(str(folder), split="test")  # the only file
-    with pytest.raises(FileNotFoundError, match="split 'train'"):
+    with pytest.raises(FileNotFoundError, match=r"no train.jsonl, .json or .parquet in this folder"):
         load_mc_task(str(folder), split="train")
 
 
@@ -441,3 +441,17 @@ def test_instruction_examples_long_response_keeps_prompt_tail(tok):
     # Half the budget stays with the prompt's tail ("### Response:" marker); the response is cut at the right.
     assert ex["input_ids"] == prompt[-5:] + response[:5]
     assert ex["labels"] == [-100] * 5 + response[:5]
+
+
+def test_a_folder_of_several_files_given_as_one_source_says_to_name_the_file(tmp_path):
+    """A folder such as ../shared/data/piqa (train.jsonl, test.jsonl) where one file is meant: the error lists the
+    files and asks for one (it said "no file for split None"); with a split, it names the files it looked for."""
+    from forgetless.data.io import resolve_local
+
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match=r"is a folder of 2 data files \(test.jsonl, train.jsonl\): name the file"):
+        resolve_local(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no validation.jsonl, .json or .parquet in this folder"):
+        resolve_local(str(tmp_path), split="validation")
+    assert resolve_local(str(tmp_path), split="test") == tmp_path / "test.jsonl"

@@ -137,7 +137,7 @@ def test_dry_run_estimates_the_time_left_from_the_finished_runs(tmp_path, capsys
     step.mkdir(parents=True)
     (step / "state.pt").write_bytes(b"")
     assert main(["run", str(path), "seeds=[0,1]", "methods=[lora-nu-mu]", "--dry-run"]) == 0
-    assert "about 0.4 h for 1 run(s) (with --jobs N" in capsys.readouterr().out  # 1600 s
+    assert "about 27 min for 1 run(s) (with --jobs N" in capsys.readouterr().out  # 1600 s
 
 
 def test_dry_run_names_the_landscape_step_once_runs_are_recorded(tmp_path, capsys):

@@ -291,7 +291,7 @@ CASES: list[Case] = [
     ("train --max-steps -1", lambda ws: ws.train("--max-steps", "-1"), "argument --max-steps: must be >= 1", 2),
     ("train --epochs 0", lambda ws: ws.train("--epochs", "0"), "train: epochs must be > 0", 2),
     ("train --lr 0", lambda ws: ws.train("--lr", "0"), "train: lr must be > 0", 2),
-    ("train --seed -1", lambda ws: ws.train("--seed", "-1"), "train: seeds: must be integers", 2),
+    ("train --seed -1", lambda ws: ws.train("--seed", "-1"), "argument --seed: must be >= 0, got -1", 2),
     ("train --schema", lambda ws: ws.train("--schema", "sicq"), "train: schema must be one of", 2),
     ("train --precision", lambda ws: ws.train("--precision", "fp16"), "argument --precision: invalid choice", 2),
     ("train --test-limit -1", lambda ws: ws.train("--test-limit", "-1"), "argument --test-limit: must be >= 1", 2),
