@@ -220,6 +220,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None) -> str:
+    """A note when ``eval --adapter`` scores differently from the run that trained the adapter (its record:
+    ``OUTPUT/runs/RUN_ID.json`` beside ``OUTPUT/adapters/RUN_ID``, or ``run.json`` in a ``train`` folder): another
+    chat-template setting or block size gives other numbers than the run's record ("" when alike or unknown)."""
+    for path in (adapter.parent.parent / "runs" / f"{adapter.name}.json", adapter / "run.json"):
+        try:
+            settings = json.loads(path.read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(settings, dict):
+            return ""
+        theirs_chat = bool(settings.get("chat_template", False))  # in a run's settings only when on
+        theirs_block = (settings.get("general") or {}).get("block_size", 128)
+        flags = []
+        if chat is not None and chat != theirs_chat:
+            flags.append(f"--chat-template {'true' if theirs_chat else 'false'}")
+        if block_size is not None and block_size != theirs_block:
+            flags.append(f"--block-size {theirs_block}")
+        if flags:
+            return (f"note: the run that trained this adapter ({path}) was scored with other settings; to reproduce "
+                    f"its scores, add {' '.join(flags)}")
+        return ""
+    return ""
+
+
 def _task_source(spec: str) -> tuple[str, str | None]:
     """``FILE`` or ``HUB_NAME[:schema]`` -> (source, schema or None)."""
     source, _, schema = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
@@ -286,6 +311,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except HarnessTaskError as err:
             raise ConfigError(f"--lmeval {spec}: {err}") from None
     chat = _chat_template_before_load(args, bool(tasks or harness))
+    if args.adapter:
+        note = _unlike_its_run(Path(args.adapter), chat if tasks or harness else None,
+                               args.block_size if texts is not None else None)
+        if note:
+            print(note, file=sys.stderr)
     model, tokenizer = load_model(args.model, precision=args.precision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
     if args.adapter:

@@ -107,3 +107,19 @@ def test_train_keeps_an_earlier_runs_adapter_and_record_unless_told_to_replace_t
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main(again + ["--overwrite"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4 and not (out / "run.json").exists()
+
+
+def test_eval_of_a_runs_adapter_says_which_flags_reproduce_the_runs_scores(tmp_path, model_dir, capsys):
+    """`eval --adapter` with its own defaults (block size 128) scores a run trained and recorded with block size 16
+    differently; it says so, naming the flag, and says nothing when the flags match the run's record."""
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "adapter"
+    general = str(tmp_path / "general.jsonl")
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--heldout", general)) == 0
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(model_dir), "--adapter", str(out), "--ppl", general, "--precision", "fp32"]
+    assert main(evaluate) == 0
+    assert f"note: the run that trained this adapter ({out / 'run.json'}) was scored with other settings; to " \
+           f"reproduce its scores, add --block-size 16" in capsys.readouterr().err
+    assert main(evaluate + ["--block-size", "16"]) == 0
+    assert "note:" not in capsys.readouterr().err
