@@ -117,7 +117,17 @@ def stage_accelerator() -> Accelerator:
                           f"{str(backend)!r} from an earlier Accelerator or Trainer; forgetless casts and compiles "
                           f"itself (precision, compile), so they are dropped for this stage")
             AcceleratorState._reset_state()
+    import os
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no" and not _SAID_ENV:
+        _SAID_ENV.append(launched)
+        warnings.warn(f"ACCELERATE_MIXED_PRECISION={launched} (accelerate launch --mixed_precision) is not used: "
+                      f"forgetless's own precision setting decides (precision: auto | bf16 | fp32)")
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no")
+
+
+_SAID_ENV: list[str] = []  # the environment's mixed precision is named once per process
 
 
 _CPU_GROUPS: dict[tuple[int, int], object] = {}  # (world size, default group id): a gloo group for host-side numbers
