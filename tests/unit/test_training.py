@@ -64,7 +64,8 @@ def test_hooks_called_in_order_with_accumulation(lora_model, accelerator):
     assert rec.calls == ["start", "extra", "extra", "before", "after", "extra", "extra", "before", "after", "end"]
 
 
-def test_same_seed_same_weights_and_training_lowers_loss(lora_model, accelerator, examples):
+def test_same_seed_same_weights_and_training_lowers_loss(lora_model, accelerator, examples, tol):
+    """Bit for bit on the CPU; on CUDA to the device's floor (its attention backward may add in any order)."""
     def run(seed):
         model = lora_model()
         res = train_stage(model, examples, TrainConfig(max_steps=30, batch_size=8, lr=5e-2, seed=seed,
@@ -75,7 +76,7 @@ def test_same_seed_same_weights_and_training_lowers_loss(lora_model, accelerator
     m1, r1 = run(0)
     m2, _ = run(0)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
-        assert torch.equal(a, b), n
+        assert torch.allclose(a, b, rtol=0.0, atol=tol(0.0)), n
     assert r1.history[-1]["loss"] < r1.history[0]["loss"] - 0.1
 
 
