@@ -653,9 +653,26 @@ def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool =
         raise ConfigError("--jobs runs several runs side by side in one process each; under `accelerate launch` "
                           "every run already uses all the processes: use one or the other")
     out = exp.output
-    check_output(out, where(exp, "output"))
-    with output_lock(out) if is_main_process() else contextlib.nullcontext():
-        return _run_locked(exp, progress, rerun_changed, workers=jobs)
+    with _removed_if_untouched(out):
+        check_output(out, where(exp, "output"))
+        with output_lock(out) if is_main_process() else contextlib.nullcontext():
+            return _run_locked(exp, progress, rerun_changed, workers=jobs)
+
+
+@contextlib.contextmanager
+def _removed_if_untouched(folder: Path) -> Iterator[None]:
+    """A command that creates its output folder and then stops on an error before writing anything (a bad LoRA
+    target, a data file that does not parse) removes the folder again: only what it made itself, only while that is
+    nothing but an empty lock file and empty folders."""
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and is_main_process() and folder.is_dir():
+            made = [p for p in folder.rglob("*") if not p.is_dir()]
+            if all(p.name == LOCK_FILE and p.stat().st_size == 0 for p in made):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
@@ -1053,9 +1070,10 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     if held and not overwrite:
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "
                           f"give a new folder, or --overwrite to replace them")
-    check_output(exp.output, where(exp, "output"))
     (job,) = plan_runs(exp)
-    raw = validate(exp, [job], stages_dir=None)
+    with _removed_if_untouched(exp.output):
+        check_output(exp.output, where(exp, "output"))
+        raw = validate(exp, [job], stages_dir=None)
     if held and is_main_process():
         (exp.output / "run.json").unlink(missing_ok=True)
     record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], load_data(exp, raw), adapter_dir=exp.output,

@@ -375,8 +375,12 @@ def test_malformed_input_is_one_clear_line(case: Case, tmp_path, tiny_model_dir,
     with ws.held:
         argv = build(ws)
         capsys.readouterr()
+        existed = ws.output.exists()
         assert main(argv) == code
     err = capsys.readouterr().err
+    if not existed and ws.output.exists():  # a folder the command made stays only with something written in it
+        assert [p for p in ws.output.rglob("*") if p.is_file() and p.name != ".forgetless.lock"], \
+            "an error before anything was written left the output folder behind"
     assert err.startswith("forgetless: error: ") and "Traceback" not in err, err
     assert fragment in err, err
     assert not (ws.output / "runs").is_dir() or not [p for p in (ws.output / "runs").iterdir()
