@@ -40,6 +40,7 @@ Method entries are checked by :func:`forgetless.methods.resolve`, which owns the
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -453,16 +454,33 @@ def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple
         raise ConfigError(f"{file}: methods: must list at least one method")
     methods, only = _split_method_tasks(entries, task_names, f"{file}: methods")
     seen: dict[str, int] = {}
+    trains: dict[str, tuple[int, str]] = {}  # what an entry trains, once its options are read (1e5 is 1.0e+5)
     for i, entry in enumerate(methods):
         try:
-            label = resolve(entry).label
+            recipe = resolve(entry)
         except ValueError as err:
             raise ConfigError(f"{file}: methods[{i}]: {err}") from err
+        label = recipe.label
         if label in seen:
             raise ConfigError(f"{file}: methods[{i}]: duplicate of methods[{seen[label]}] ({label!r}); one entry "
                               f"can run on several tasks with 'tasks: [...]'")
-        seen[label] = i
+        key = _what_it_trains(recipe)
+        if key in trains:
+            j, other = trains[key]
+            raise ConfigError(f"{file}: methods[{i}]: {label!r} trains what methods[{j}] ({other!r}) trains: the same "
+                              f"method with the same option values, written differently; keep one")
+        seen[label], trains[key] = i, (i, label)
     return methods, only
+
+
+def _what_it_trains(recipe: Any) -> str:
+    """A method entry once resolved: its stages, LoRA overrides and each plugin's class and option values (typed),
+    so that entries written differently for the same values (``phi: 1e5`` and ``phi: 1.0e+5``) compare equal."""
+    from dataclasses import asdict
+
+    plugins = [[type(p).__name__, asdict(p.options) if is_dataclass(getattr(p, "options", None)) else None]
+               for p in recipe.plugins]
+    return json.dumps([list(recipe.stages), recipe.lora, plugins], sort_keys=True, default=str)
 
 
 def _split_method_tasks(entries: list[Any], names: list[str], where: str) -> tuple[list[Any], list[list[str] | None]]:

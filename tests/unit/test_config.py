@@ -97,6 +97,10 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
     ("methods: [lora-mu, lora-nu-mu, lora-mu]", "methods[2]: duplicate of methods[0] ('lora-mu')"),
     ("methods: [lora-mu, {name: lora-mu}]", "methods[1]: duplicate of methods[0] ('lora-mu')"),
     ("methods: [lora-mu, no-such-method]", "methods[1]: unknown method 'no-such-method'"),
+    ("methods: [{name: hlora, phi: 1e5}, {name: hlora, phi: 1.0e+5}]",
+     "methods[1]: 'hlora(phi=100000.0)' trains what methods[0] ('hlora(phi=1e5)') trains: the same method with the same "
+     "option values, written differently; keep one"),
+    ("methods: [hlora, {name: hlora, phi: 10}]", "methods[1]: 'hlora(phi=10)' trains what methods[0] ('hlora') trains"),
     ("methods: [{name: lora-mu, tasks: [c]}]", "methods[0]: 'tasks' must list task names from ['t']"),
 ]
 
