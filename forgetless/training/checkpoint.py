@@ -127,6 +127,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def remove(folder: str | Path | None) -> None:
-    """Delete a finished stage's checkpoints."""
-    if folder is not None and Path(folder).is_dir():
-        shutil.rmtree(folder)
+    """Delete a finished stage's checkpoints: the ``step-*`` folders this module wrote (complete or half-written), then
+    ``folder`` itself if that left it empty. Anything else in it is the caller's and stays."""
+    if folder is None or not Path(folder).is_dir():
+        return
+    for path in Path(folder).glob(f"{_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+    try:
+        Path(folder).rmdir()
+    except OSError:
+        pass  # not empty: the caller's files

@@ -77,3 +77,17 @@ def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, change, me
     with pytest.raises(checkpoint.CheckpointMismatch, match=message):
         run_stage("sam", folder, **change)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_a_finished_stage_removes_only_its_own_checkpoints(tmp_path):
+    """checkpoint_dir may be a folder of the caller's with other files in it: a finished stage removes the step-*
+    folders it wrote and the folder only if that left it empty (it removed the whole folder, the caller's files too)."""
+    folder = tmp_path / "my_run"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes" / "plan.txt").write_text("keep me")
+    (folder / "readme.txt").write_text("keep me too")
+    run_stage("sam", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes", "readme.txt"]
+    assert (folder / "notes" / "plan.txt").read_text() == "keep me"
+    run_stage("sam", tmp_path / "only_checkpoints")
+    assert not (tmp_path / "only_checkpoints").exists()
