@@ -247,7 +247,11 @@ def train_stage(
         weight, logged = weights[id(batch)]
         with autocast(precision, accelerator.device):
             loss = wrapper(**batch)
-            task = loss * weight if weight > 0 else loss.new_zeros(())  # a micro-batch without labelled tokens
+            if weight == 0:  # no labelled tokens (a truncated answer): its loss is a mean over nothing, NaN. Zero
+                # instead, through the graph, so that the backward still reaches every weight (it had no grad_fn,
+                # an error; several processes also need every one's backward to reach every weight)
+                loss = loss.nan_to_num(0.0) * 0.0
+            task = loss * weight
             extras = None
             for method in methods:
                 extra = method.extra_loss(ctx, batch)

@@ -72,3 +72,26 @@ def test_two_processes_equal_one(tmp_path):
     one_epoch = run("lora", batch_size=4, grad_accum=1, epochs=1.0)
     assert len(one_epoch["lrs"]["domain"]) == len(two["epochs"]["lrs"]["domain"]) == 4
     assert one_epoch["lrs"] == two["epochs"]["lrs"]
+
+
+def test_a_micro_batch_without_labelled_tokens_adds_nothing(accelerator):
+    """An example whose answer was cut off has no labelled token. As a micro-batch of its own it crashed the step (its
+    zero loss had no grad_fn); now it adds nothing: one step over [a, empty, b, c] one example at a time equals one
+    step over the batch [a, b, c], and the logged loss is theirs (finite)."""
+    from forgetless.training.loop import TrainConfig, train_stage
+    from tests.unit.tiny_model import make_lora_model
+
+    labelled = variable_examples()[:3]
+    empty = dict(labelled[1], labels=[-100] * len(labelled[1]["labels"]))
+
+    def weights_after(examples, batch_size, grad_accum):
+        model = make_lora_model(0, b_std=0.05)
+        result = train_stage(model, examples, TrainConfig(max_steps=1, batch_size=batch_size, grad_accum=grad_accum,
+                                                          lr=1e-2, precision="fp32", progress=False),
+                             accelerator=accelerator)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, result
+
+    split, result = weights_after([labelled[0], empty, *labelled[1:]], 1, 4)
+    whole, reference = weights_after(labelled, 3, 1)
+    assert_close(whole, split)
+    assert result.history[0]["loss"] == pytest.approx(reference.history[0]["loss"], rel=1e-5)
