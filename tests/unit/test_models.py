@@ -47,3 +47,35 @@ def test_missing_paths_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "model.gguf"))
     with pytest.raises(ModelNotFoundError, match="neither a model folder"):
         load_model(str(tmp_path / "nothing-here"))
+
+
+def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, monkeypatch):
+    """The first load converts the GGUF and caches a float copy; later loads read the copy. Both must give the same
+    model, buffers included: the first returned the converted model cast to bf16, rotary inv_freq too, while
+    from_pretrained keeps that buffer in float32, so a machine's first run scored differently from its later ones.
+    (The conversion itself is stood in for by a tiny Llama: what is checked is what happens after it.)"""
+    import forgetless.models as models
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
+
+    def model_from(path, *args, gguf_file=None, **kwargs):
+        return make_tiny_model(vocab_size=len(make_tiny_tokenizer())) if gguf_file else real_model(path, *args, **kwargs)
+
+    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
+        return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    first, _ = models._load_gguf(gguf, torch.bfloat16)
+    later, _ = models._load_gguf(gguf, torch.bfloat16)
+    for (name, a), (_, b) in zip(first.named_buffers(), later.named_buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    inv_freq = [b for n, b in later.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
+    for (name, a), (_, b) in zip(first.state_dict().items(), later.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
