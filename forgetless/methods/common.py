@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from forgetless.training.config import as_bool, as_float, as_int
+
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -60,8 +62,13 @@ class Options:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"{self.yaml_name(f.name)} must be one of {list(choices)}, got {value!r}")
-            if f.type in ("float", float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-                setattr(self, f.name, _as_float(self.yaml_name(f.name), value))
+            name = self.yaml_name(f.name)
+            if f.type in ("float", float):
+                setattr(self, f.name, as_float(name, value))
+            elif f.type in ("bool", bool):
+                setattr(self, f.name, as_bool(name, value))
+            elif f.type in ("int", int) or (f.type == "int | None" and value is not None):
+                setattr(self, f.name, as_int(name, value))
         self.check()
 
     def check(self) -> None:
@@ -154,13 +161,6 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _meta(cls: type, name: str) -> Mapping[str, Any]:
     return next(f.metadata for f in fields(cls) if f.name == name)
-
-
-def _as_float(name: str, value: Any) -> float:
-    try:
-        return float(value)  # YAML reads 1e-4 (no dot) as a string
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 # --------------------------------------------------------------------------------------------- distributed

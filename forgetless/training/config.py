@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from forgetless.precision import PRECISIONS
 
@@ -20,6 +21,43 @@ ON_NONFINITE = ("stop", "skip_step")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the trackers of forgetless.training.logging
 # transformers' attention implementations offered (forgetless.models.ATTN_IMPLEMENTATIONS is this tuple)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+# ---- values given in Python or as strings (YAML reads 1e-4, with no dot, as a string), checked as the schema would
+def as_float(name: str, value: Any) -> float:
+    """A float option's value: a number, or a string of one (YAML reads 1e-4, with no dot, as a string); not NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return number
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """A yes/no option's value: a bool, or the strings true/false (from Python or a command line); bool('false') is
+    True, so a string is never taken as it is."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def as_int(name: str, value: Any) -> int:
+    """An integer option's value: an int, or a float or string holding a whole number."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, (float, str)) else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 @dataclass
@@ -69,15 +107,24 @@ class TrainConfig:
     group_by_length: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr", "weight_decay", "warmup_ratio"):
+        # the types, as the experiment schema checks them, for a TrainConfig built in Python too (a string '8', a
+        # float 2.0 for an integer, 'false' for a bool: bool('false') is True)
+        for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
             value = getattr(self, name)
-            if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if isinstance(self.max_grad_norm, str):
-            self.max_grad_norm = float(self.max_grad_norm)
+            if value is not None or name != "max_grad_norm":
+                number = as_float(name, value)  # checked; an int stays an int (epochs: 1 is in cache keys as 1)
+                if isinstance(value, str):
+                    setattr(self, name, number)
+        for name in ("batch_size", "grad_accum", "seed", "max_steps", "save_every", "log_every"):
+            if getattr(self, name) is not None or name not in ("max_steps", "save_every"):
+                setattr(self, name, as_int(name, getattr(self, name)))
+        for name in ("progress", "gradient_checkpointing", "keep_checkpoints", "compile", "liger", "padding_free",
+                     "group_by_length"):
+            setattr(self, name, as_bool(name, getattr(self, name)))
+        if self.max_steps is None and not math.isfinite(self.epochs):
+            raise ValueError(f"epochs must be finite, got {self.epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):

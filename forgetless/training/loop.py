@@ -193,6 +193,8 @@ def train_stage(
     import time
 
     started = time.perf_counter()
+    if stage not in ("general", "domain"):  # a method acts on the stages it names: any other would silently do nothing
+        raise ValueError(f"stage must be 'general' (nu) or 'domain' (mu), got {stage!r}")
     accelerator = accelerator or stage_accelerator()
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)

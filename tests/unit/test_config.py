@@ -5,6 +5,8 @@ No model is loaded: the files name models and data that need not exist, since re
 
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
@@ -170,3 +172,49 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
         load_experiment(path)
     path.write_text(text.replace("methods:", "x-w: &w {name: ewc, lambda: 1}\nmethods: [{<<: *w, lambda: 5}]\nx-old:", 1))
     assert load_experiment(path).methods == [{"name": "ewc", "lambda": 5}]
+
+
+@pytest.mark.parametrize("entry, option, expected", [
+    ({"name": "hlora", "layer_wise": "false"}, "layer_wise", False),  # bool('false') is True: never taken as is
+    ({"name": "sam", "adaptive": "False"}, "adaptive", False),
+    ({"name": "sam", "adaptive": "true"}, "adaptive", True),
+    ({"name": "ewc", "samples": "32"}, "samples", 32),
+    ({"name": "sam", "every_k": 2.0}, "every_k", 2),
+    ({"name": "hlora", "phi": "1e5"}, "phi", 1e5),
+])
+def test_method_options_given_as_strings_or_floats_are_read_as_their_type(entry, option, expected):
+    from forgetless.methods import resolve
+
+    value = getattr(resolve(entry).plugins[-1].options, option)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "hlora", "layer_wise": "no way"}, "layer_wise must be true or false, got 'no way'"),
+    ({"name": "hlora", "phi": None}, "phi must be a number, got None"),
+    ({"name": "sam", "rho": float("nan")}, "rho must be a number, got nan"),
+    ({"name": "ewc", "samples": "all"}, "samples must be an integer, got 'all'"),
+    ({"name": "sam", "every_k": 2.5}, "every_k must be an integer, got 2.5"),
+])
+def test_method_options_of_the_wrong_type_name_the_option(entry, message):
+    from forgetless.methods import resolve
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve(entry)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": "eight"}, "batch_size must be an integer"), ({"max_steps": 2.5}, "max_steps must be an integer"),
+    ({"keep_checkpoints": "maybe"}, "keep_checkpoints must be true or false"), ({"lr": None}, "lr must be a number"),
+    ({"epochs": float("inf")}, "epochs must be finite"), ({"seed": -1}, "seed must be in [0, 2**32)"),
+])
+def test_train_config_built_in_python_checks_its_types(kwargs, message):
+    """The experiment schema checks a YAML's types; a TrainConfig built in Python gets the same checks (a string '8'
+    is read as 8, 'false' as False; it raised a raw TypeError, or kept 'false', which counts as true)."""
+    from forgetless.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**kwargs)
+    read = TrainConfig(batch_size="8", grad_accum=2.0, keep_checkpoints="false", epochs=1)
+    assert (read.batch_size, read.grad_accum, read.keep_checkpoints) == (8, 2, False)
+    assert read.epochs == 1 and type(read.epochs) is int  # an int stays an int: it is in cache keys as written

@@ -149,3 +149,9 @@ def test_precision_fp32_stays_fp32_whatever_accelerate_was_left_with(monkeypatch
         launched = trained()
     for a, b, c in zip(clean, after_trainer, launched, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_stage_name_other_than_general_or_domain_is_an_error(lora_model, examples):
+    """Methods act on the stages they name: with stage='mu' or 'Domain', sam, replay and wise-ft did nothing, silently."""
+    with pytest.raises(ValueError, match="stage must be 'general' \\(nu\\) or 'domain' \\(mu\\), got 'mu'"):
+        train_stage(lora_model(), examples, TrainConfig(max_steps=1, precision="fp32", progress=False), stage="mu")
