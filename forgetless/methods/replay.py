@@ -41,6 +41,7 @@ import torch
 from forgetless.lm import IGNORE_INDEX
 from forgetless.methods import DOMAIN, MethodSpec, register
 from forgetless.methods.common import Options, option
+from forgetless.training.batches import example_labels
 from forgetless.training.hooks import Method, StageContext
 
 _SEED_OFFSET = 7919  # keeps the replay sample independent of the loader's shuffling stream
@@ -53,7 +54,7 @@ def replay_count(n_domain: int, fraction: float) -> int:
 
 def labelled_tokens(example: dict) -> int:
     """Tokens that carry a loss: labels after the first position that are not -100."""
-    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
+    return sum(1 for label in example_labels(example)[1:] if label != IGNORE_INDEX)
 
 
 def _index_stream(n_pool: int, seed: int) -> Iterator[int]:
@@ -71,7 +72,7 @@ def sample_indices(n_pool: int, k: int, seed: int) -> list[int]:
 def _prefix(example: dict, tokens: int) -> dict:
     """The example cut right after its ``tokens``-th labelled token (lists as long as ``input_ids`` are cut)."""
     seen, end = 0, len(example["input_ids"])
-    for position, label in enumerate(example["labels"]):
+    for position, label in enumerate(example_labels(example)):
         if position > 0 and label != IGNORE_INDEX:
             seen += 1
             if seen == tokens:

@@ -25,12 +25,28 @@ from forgetless.lm import IGNORE_INDEX
 LOSS_INDEX, LOSS_TARGETS = "loss_index", "loss_targets"
 
 
+def example_labels(example: dict) -> list[int]:
+    """An example's labels. One without them (a tokenized dataset for a causal LM, as transformers'
+    DataCollatorForLanguageModeling takes it) has its input ids as labels, its padding (attention_mask 0) masked."""
+    if "labels" in example:
+        return list(example["labels"])
+    if "input_ids" not in example:
+        raise ValueError(f"an example needs input_ids (and labels, else its input ids are its labels); this one has "
+                         f"{sorted(example)} (raw text must be tokenized first)")
+    ids, mask = list(example["input_ids"]), example.get("attention_mask")
+    return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
 def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
     if not examples:
         raise ValueError("cannot collate an empty batch")
     rows = []
     for row, example in enumerate(examples):
-        ids, lab = list(example["input_ids"]), list(example["labels"])
+        try:
+            lab = example_labels(example)
+        except ValueError as err:
+            raise ValueError(f"example {row}: {err}") from None
+        ids = list(example["input_ids"])
         if len(ids) != len(lab):
             raise ValueError(f"example {row}: input_ids and labels differ in length ({len(ids)} vs {len(lab)})")
         rows.append((ids, lab))

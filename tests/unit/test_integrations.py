@@ -167,3 +167,30 @@ def test_stage_must_be_known(tmp_path):
 
     with pytest.raises(ValueError, match="stage must be one of"):
         ForgetlessTrainer(model=make_lora_model(0), stage="warmup")
+
+
+def test_a_dataset_without_labels_works_as_transformers_collator_reads_it(tmp_path):
+    """The usual Trainer setup for a causal LM: a tokenized dataset of input_ids and attention_mask, and
+    DataCollatorForLanguageModeling(mlm=False), which makes the labels. EWC's Fisher, computed from the dataset's rows
+    at the end of the general run, read 'labels' and failed after training (KeyError); rows without labels now have
+    their input ids as labels (padding masked), as that collator does: the same Fisher as with the labels given."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from forgetless.integrations import ForgetlessTrainer
+    from tests.unit.tiny_model import random_examples
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"])} for e in random_examples(8, 8)]
+    fishers = []
+    for labelled in (False, True):
+        model = make_lora_model(0, b_std=0.05)
+        data = [dict(r, labels=list(r["input_ids"])) for r in rows] if labelled else rows
+        collator = partial(collate, pad_token_id=0) if labelled else DataCollatorForLanguageModeling(
+            make_tiny_tokenizer(), mlm=False)
+        plugin, = resolve({"name": "ewc", "estimator": "empirical", "samples": 8}).plugins
+        ForgetlessTrainer(model=model, args=TrainingArguments(**trainer_args(tmp_path, 4, 1, torch.device("cpu"))),
+                          train_dataset=data, data_collator=collator, methods=[plugin], stage="general").train()
+        fishers.append({k: v.clone() for k, v in plugin.fisher.items()})
+    assert fishers[0].keys() == fishers[1].keys() and fishers[0]
+    for name, value in fishers[0].items():
+        assert torch.equal(value, fishers[1][name]), name
