@@ -571,6 +571,9 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = F
     from peft import PeftConfig
 
     check_adapter_files(folder)
+    if hasattr(model, "peft_config"):
+        raise AdapterError(f"{folder}: the model already has LoRA adapters (a PEFT model); load the adapter into the "
+                           f"base model as loaded (load_model), or its weights into this one (load_adapter_weights)")
     try:
         config = PeftConfig.from_pretrained(str(folder))
         config.inference_mode = not trainable

@@ -52,8 +52,8 @@ def perplexity(
     Works for a plain transformers causal LM or a PEFT-wrapped one; the model's train/eval mode
     is restored afterwards.
     """
-    if blocks.dim() != 2 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks must be [n, T] with T >= 2, got shape {tuple(blocks.shape)}")
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] < 1:
+        raise ValueError(f"blocks must be [n, T] with n >= 1 and T >= 2, got shape {tuple(blocks.shape)}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     total_nll = 0.0

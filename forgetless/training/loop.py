@@ -200,7 +200,8 @@ def train_stage(
     precision = resolve_precision(config.precision, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (attach LoRA first)")
+        raise ValueError("the model has no trainable parameters: attach LoRA first (models.attach_lora), or load a saved "
+                         "adapter to train on with models.load_adapter(model, folder, trainable=True)")
     # The model moves to the run's device before any method looks at it: state a method builds at stage start
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
     if not is_quantized(model):  # bitsandbytes places a quantized base itself (and refuses .to)

@@ -155,3 +155,22 @@ def test_a_stage_name_other_than_general_or_domain_is_an_error(lora_model, examp
     """Methods act on the stages they name: with stage='mu' or 'Domain', sam, replay and wise-ft did nothing, silently."""
     with pytest.raises(ValueError, match="stage must be 'general' \\(nu\\) or 'domain' \\(mu\\), got 'mu'"):
         train_stage(lora_model(), examples, TrainConfig(max_steps=1, precision="fp32", progress=False), stage="mu")
+
+
+def test_library_misuse_gets_a_message_that_says_what_to_do(tmp_path):
+    """An adapter loaded for evaluation (frozen) given to train_stage; an adapter loaded into a model that already
+    has LoRA; perplexity on no blocks (it divided by zero)."""
+    from forgetless.evaluation.perplexity import perplexity
+    from forgetless.models import AdapterError, LoraSettings, attach_lora, load_adapter, save_adapter
+    from tests.unit.tiny_model import make_tiny_model
+
+    folder = tmp_path / "adapter"
+    save_adapter(attach_lora(make_tiny_model(), LoraSettings(r=2, dropout=0.0)), folder, "tiny")
+    frozen = load_adapter(make_tiny_model(), folder)
+    with pytest.raises(ValueError, match=r"load_adapter\(model, folder, trainable=True\)"):
+        train_stage(frozen, random_examples(4, 6), TrainConfig(max_steps=1, precision="fp32", progress=False))
+    with pytest.raises(AdapterError, match="the model already has LoRA adapters"):
+        load_adapter(attach_lora(make_tiny_model(), LoraSettings(r=2, dropout=0.0)), folder)
+    assert load_adapter(make_tiny_model(), folder, trainable=True) is not None
+    with pytest.raises(ValueError, match="n >= 1"):
+        perplexity(make_tiny_model(), torch.zeros((0, 8), dtype=torch.long), progress=False)
