@@ -276,8 +276,11 @@ def train_stage(
     batches = _endless(loader)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     first = 0
-    stage_settings = _stage_settings(stage, config, methods)
     resume_from = checkpoint.latest(checkpoint_dir)
+    stage_settings = None  # what a checkpoint must share with this stage; computed only where one is written or read
+    if checkpoint_dir is not None and (config.save_every or resume_from is not None):
+        stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
+                                                                    "start_weights": _weights_digest(named)}
     if resume_from is not None:
         saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
         first, result.history = saved["step"], saved["history"]
@@ -372,6 +375,33 @@ def train_stage(
     if not config.keep_checkpoints and accelerator.is_main_process:
         checkpoint.remove(checkpoint_dir)
     return result
+
+
+def _examples_digest(examples: Sequence[dict]) -> str:
+    """The stage's examples (as the methods prepared them), token ids and labels, as a digest."""
+    import hashlib
+    from array import array
+
+    from forgetless.training.batches import example_labels
+
+    h = hashlib.sha1()
+    for example in examples:
+        ids, labels = example["input_ids"], example_labels(example)
+        h.update(array("q", ids.tolist() if isinstance(ids, torch.Tensor) else ids).tobytes())
+        h.update(array("q", labels.tolist() if isinstance(labels, torch.Tensor) else labels).tobytes())
+        h.update(b"|")
+    return f"{len(examples)} examples, {h.hexdigest()[:16]}"
+
+
+def _weights_digest(named: Sequence[tuple[str, torch.nn.Parameter]]) -> str:
+    """The trainable weights the stage starts from, as a digest (their bytes, on the host)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, param in named:
+        h.update(name.encode())
+        h.update(param.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _stage_settings(stage: str, config: TrainConfig, methods: Sequence[Method]) -> dict[str, Any]:

@@ -91,3 +91,30 @@ def test_a_finished_stage_removes_only_its_own_checkpoints(tmp_path):
     assert (folder / "notes" / "plan.txt").read_text() == "keep me"
     run_stage("sam", tmp_path / "only_checkpoints")
     assert not (tmp_path / "only_checkpoints").exists()
+
+
+def test_a_checkpoint_of_other_data_or_other_start_weights_is_refused(tmp_path):
+    """A kept checkpoint folder used again: by the same model once trained (it rolled the model back to the
+    checkpoint and trained the same steps again) or on other examples with the same settings (it went on with the
+    other data's state). Both are refused, naming what differs."""
+    from accelerate import Accelerator
+
+    from forgetless.models import LoraSettings, attach_lora
+    from forgetless.training.config import TrainConfig
+    from forgetless.training.loop import train_stage
+    from tests.unit.tiny_model import make_tiny_model, random_examples
+
+    folder = tmp_path / "ckpt"
+    model = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, precision="fp32", progress=False, save_every=1,
+                      keep_checkpoints=True)
+    data = random_examples(6, 8, seed=3)
+    train_stage(model, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(start_weights: "):
+        train_stage(model, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    fresh = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(examples: 6 examples, "):
+        train_stage(fresh, random_examples(6, 8, seed=4), cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    again = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
+    result = train_stage(again, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    assert len(result.history) == 3  # the same model, data and settings: resumed at its last checkpoint
