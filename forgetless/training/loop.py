@@ -220,6 +220,7 @@ def train_stage(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
                        config=config, grad_accum=config.grad_accum, general_examples=general_examples)
+    _note_model(methods, model)
     call_all(methods, "on_stage_start", ctx)
     for method in methods:
         examples = method.prepare_examples(ctx, examples)
@@ -375,6 +376,24 @@ def train_stage(
     if not config.keep_checkpoints and accelerator.is_main_process:
         checkpoint.remove(checkpoint_dir)
     return result
+
+
+def _note_model(methods: Sequence[Method], model: torch.nn.Module) -> None:
+    """Methods carry state from one stage to the next of the same model (HLoRA's importance and dW_nu, EWC's Fisher,
+    WiSE-FT's theta_nu): a method object used before on another model would bring that model's state to this one,
+    silently. Say so (a model loaded again between the stages is a new object too: then the warning is moot)."""
+    import weakref
+
+    for method in methods:
+        last = getattr(method, "_forgetless_model", None)
+        if last is not None and last() is not model:
+            warnings.warn(f"this {type(method).__name__} plugin was used with another model object before: any state "
+                          f"it kept from that model (importance, Fisher, a weight snapshot) is used for this one; "
+                          f"resolve() fresh plugins for a run on another model", stacklevel=3)
+        try:
+            method._forgetless_model = weakref.ref(model)
+        except (AttributeError, TypeError):  # a method object that takes no attributes: nothing to compare
+            pass
 
 
 def _examples_digest(examples: Sequence[dict]) -> str:

@@ -174,3 +174,18 @@ def test_library_misuse_gets_a_message_that_says_what_to_do(tmp_path):
     assert load_adapter(make_tiny_model(), folder, trainable=True) is not None
     with pytest.raises(ValueError, match="n >= 1"):
         perplexity(make_tiny_model(), torch.zeros((0, 8), dtype=torch.long), progress=False)
+
+
+def test_a_plugin_reused_on_another_model_is_named(lora_model, examples, recwarn):
+    """A general stage then a domain stage of one model reuse the plugin objects (their state is the point); the same
+    objects on another model would carry the first model's importance to it, silently: a warning says so."""
+    from forgetless.methods import resolve
+
+    cfg = TrainConfig(max_steps=1, batch_size=4, precision="fp32", progress=False)
+    plugins = resolve({"name": "hlora", "phi": 1.0}).plugins
+    first = lora_model()
+    train_stage(first, examples, cfg, plugins, stage="general")
+    train_stage(first, examples, cfg, plugins, stage="domain")
+    assert not [w for w in recwarn if "used with another model" in str(w.message)]
+    with pytest.warns(UserWarning, match="HLoRA plugin was used with another model object before"):
+        train_stage(lora_model(seed=1), examples, cfg, plugins, stage="domain")
