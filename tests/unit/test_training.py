@@ -189,3 +189,25 @@ def test_a_plugin_reused_on_another_model_is_named(lora_model, examples, recwarn
     assert not [w for w in recwarn if "used with another model" in str(w.message)]
     with pytest.warns(UserWarning, match="HLoRA plugin was used with another model object before"):
         train_stage(lora_model(seed=1), examples, cfg, plugins, stage="domain")
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    """README's "From Python" example, on a tiny model: general then domain with [hlora, sam], the adapter saved; and
+    rslora's LoRA settings come through recipe.lora."""
+    from forgetless.methods import resolve
+    from forgetless.models import LoraSettings, attach_lora, save_adapter
+    from tests.unit.tiny_model import make_tiny_model
+
+    general_examples, domain_examples = random_examples(8, 8, seed=1), random_examples(8, 8, seed=2)
+    model = make_tiny_model()
+    recipe = resolve(["hlora", "sam"])
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, **recipe.lora))
+    plugins = recipe.plugins
+    train_stage(model, general_examples, TrainConfig(max_steps=2, lr=2e-4, progress=False), plugins, stage="general")
+    result = train_stage(model, domain_examples, TrainConfig(epochs=1, lr=3e-3, progress=False), plugins,
+                         stage="domain", general_examples=general_examples)
+    assert result.history and "reg_loss" in result.history[-1]  # HLoRA acted on the domain stage
+    save_adapter(model, tmp_path / "adapters" / "mine", "tiny")
+    assert (tmp_path / "adapters" / "mine" / "adapter_model.safetensors").is_file()
+    rs = attach_lora(make_tiny_model(), LoraSettings(r=4, alpha=8, **resolve("rslora").lora))
+    assert rs.peft_config["default"].use_rslora
