@@ -45,12 +45,14 @@ def reference_ppl(results: Sequence[dict[str, Any]], run: dict[str, Any],
 TARGETS = {"ppl_increase": "increase in general perplexity", "suite_forgetting": "general-suite change (points)"}
 
 
-def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per measured run: method, task, seed, general PPL, dPPL, the suite forgetting (when the runs have a
-    suite and a base run) and the metrics it has."""
+def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | None = None,
+                  metric: str = "acc") -> list[dict[str, Any]]:
+    """One row per measured run: method, task, seed, general PPL, dPPL, the suite forgetting by ``metric`` (acc or
+    acc_norm; when the runs have a suite and a base run) and the metrics it has."""
     from forgetless.reporting.forgetting import MEAN, forgetting_rows
 
-    suite = {(row["method"], row["task"], row["seed"]): row["forgetting"][MEAN] for row in forgetting_rows(results)}
+    suite = {(row["method"], row["task"], row["seed"]): row["forgetting"][MEAN]
+             for row in forgetting_rows(results, metric)}
     rows = []
     for r in results:
         metrics = (r.get("landscape") or {}).get("metrics")
@@ -162,11 +164,11 @@ def method_means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 
 def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: Sequence[str] | None = None,
-                     root: Path | None = None) -> str:
+                     root: Path | None = None, metric: str = "acc") -> str:
     """Markdown (per-method means, a table per run, correlations) and one scatter plot per metric into ``folder``;
     "" if nothing was measured. ``root``: the results folder the surfaces' paths are relative to (default
-    ``folder``)."""
-    rows = flatness_rows(results, methods)
+    ``folder``). ``metric``: the accuracy the general-suite change is counted in (the report's own)."""
+    rows = flatness_rows(results, methods, metric)
     if not rows:
         return ""
     if methods:
@@ -175,6 +177,8 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
     metrics = [m for m in METRICS if any(m in row for row in rows)]
     header = ["method", "task", "seed", "general PPL", "PPL increase"] + [METRICS[m] for m in metrics]
     md = "\n## Flatness and forgetting\n\n"
+    if any("suite_forgetting" in row for row in rows):
+        md += f"The general-suite change is counted in `{metric}`.\n\n"
     md += "Per method, mean ± std over its runs:\n\n" + method_means(rows, metrics) + "\nPer run:\n\n"
     md += "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     for row in rows:

@@ -21,6 +21,13 @@ from forgetless.reporting.plots import label_points
 MEAN = "mean"  # the column of the per-run average over suite tasks
 
 
+def exact(points: float) -> float:
+    """A score difference in points rounded to 1e-9: accuracies are item counts over a few hundred items, so equal
+    differences computed in another order (summation noise of ~1e-15) compare equal. Ties stay ties: in a Pareto
+    front (one method dominating another at an equal drop) and in Spearman's ranks."""
+    return round(points, 9)
+
+
 def _base_of(runs: Sequence[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any] | None:
     return next((r for r in runs if r["method"] == "base" and r["task"] == run["task"]
                  and r.get("seed", 0) == run.get("seed", 0)), None)
@@ -38,10 +45,10 @@ def forgetting_rows(runs: Sequence[dict[str, Any]], metric: str = "acc") -> list
         common = [t for t in run["suite"] if t in base["suite"]]
         if not common:
             continue
-        deltas = {t: 100.0 * (run["suite"][t][metric] - base["suite"][t][metric]) for t in common}
-        deltas[MEAN] = statistics.fmean(deltas.values())
+        deltas = {t: exact(100.0 * (run["suite"][t][metric] - base["suite"][t][metric])) for t in common}
+        deltas[MEAN] = exact(statistics.fmean(deltas.values()))
         ours, theirs = run["tasks"].get(run["task"], {}), base["tasks"].get(run["task"], {})
-        gain = 100.0 * (ours[metric] - theirs[metric]) if metric in ours and metric in theirs else None
+        gain = exact(100.0 * (ours[metric] - theirs[metric])) if metric in ours and metric in theirs else None
         rows.append({"method": run["method"], "task": run["task"], "seed": run.get("seed", 0), "gain": gain,
                      "forgetting": deltas})
     return rows
@@ -145,8 +152,8 @@ def _gain_drop_points(rows: Sequence[dict[str, Any]], task: str) -> dict[str, tu
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method and r["task"] == task and r["gain"] is not None]
         if mine:
-            points[method] = (statistics.fmean(-r["forgetting"][MEAN] for r in mine),
-                              statistics.fmean(r["gain"] for r in mine))
+            points[method] = (exact(statistics.fmean(-r["forgetting"][MEAN] for r in mine)),
+                              exact(statistics.fmean(r["gain"] for r in mine)))
     return points
 
 

@@ -650,7 +650,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),
-                flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir))]
+                flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir), metric=metric)]
     path = folder / "report.md"
     path.write_text(head + "\n" + "\n".join(sections))
     return path
