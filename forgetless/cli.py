@@ -199,7 +199,7 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
         return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed],
                           lora=_lora_from(args), general=general, tasks=[task], methods=methods,
                           train=TrainStages(general=stage, domain=stage), eval=EvalSettings(batch_size=args.batch_size),
-                          precision=args.precision, method_tasks=method_tasks,
+                          precision=args.precision or "auto", method_tasks=method_tasks,
                           chat_template=_CHAT_FLAG[args.chat_template])
     except ValueError as err:
         raise ConfigError(f"train: {err}") from err
@@ -518,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False, parents=[debug])
     common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")
-    common.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    common.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                        help="default auto (bf16 where the hardware computes in it); landscape: fp32, as an "
+                             "experiment's landscape section measures (near a minimum a bf16 gradient is mostly "
+                             "rounding: eps-sharpness 1.5-2x the fp32 value on a trained tiny model)")
     common.add_argument("--batch-size", type=_positive, default=8)
     common.add_argument("--block-size", type=_positive, default=128)
 
@@ -639,17 +642,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as ``main`` reads it (SystemExit for --help or a bad flag, as argparse does)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first flag: `run x.yaml --output o seeds=[0]` leaves the override
+    # unparsed. KEY=VALUE words after the flags are overrides too (in the order given); anything else is an error.
+    if extra and getattr(args, "overrides", None) is not None and all("=" in w and not w.startswith("-")
+                                                                        for w in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "precision", "given") is None:  # not given: the command's own default
+        args.precision = "fp32" if args.func is _cmd_landscape else "auto"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        # argparse ends a positional list at the first flag: `run x.yaml --output o seeds=[0]` leaves the override
-        # unparsed. KEY=VALUE words after the flags are overrides too (in the order given); anything else is an error.
-        if extra and getattr(args, "overrides", None) is not None and all("=" in w and not w.startswith("-")
-                                                                            for w in extra):
-            args.overrides = list(args.overrides) + extra
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parse_command_line(argv)
     except SystemExit as stop:  # --help (0) or a bad flag (2, already printed)
         return stop.code if isinstance(stop.code, int) else 2
     from forgetless.config import ConfigError

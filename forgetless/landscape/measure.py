@@ -77,7 +77,8 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
     Keys: ``loss`` (at the weights), ``surface_curvature``, ``average_gradient``, ``mean_absolute_gradient``,
     ``hessian_top_eigenvalue`` (largest algebraic), ``hessian_dominant_eigenvalue`` (largest magnitude, sign kept),
     ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``, and how far to trust two of them:
-    ``hessian_dominant_residual`` (relative residual of the dominant eigenpair: near 0 an eigenpair, of order 1 not)
+    ``hessian_dominant_residual`` and ``hessian_top_residual`` (relative residuals of the dominant and the top
+    eigenpairs: near 0 an eigenpair, of order 1 not; one pair when the dominant eigenvalue is positive)
     and ``hessian_trace_stderr`` (standard error of the trace over its probes; with at least two).
     """
     s = settings
@@ -96,6 +97,7 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
             metrics["hessian_top_eigenvalue"] = eigen["top"]  # the largest algebraic eigenvalue
             metrics["hessian_dominant_eigenvalue"] = eigen["dominant"]  # the largest in magnitude, sign kept
             metrics["hessian_dominant_residual"] = eigen["dominant_residual"]  # ~0: converged; ~1: too few iters
+            metrics["hessian_top_residual"] = eigen["top_residual"]  # the same for the top (largest algebraic) pair
         if s.trace_samples:
             trace, stderr = hutchinson_trace_estimate(objective, samples=s.trace_samples, seed=s.seed)
             metrics["hessian_trace"] = trace

@@ -106,10 +106,14 @@ def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
                      shift: float = 0.0, info: dict | None = None) -> tuple[float, float]:
     """Dominant eigenvalue of ``H - shift I`` (sign kept) and the Rayleigh quotient ``v^T H v`` of its last vector.
 
-    Stops after ``iters`` products or when the Rayleigh quotient changes by less than ``tol`` (relative). With
-    ``info``, ``info["residual"]`` is the last pair's relative residual ``||A v - lambda v|| / |lambda|`` (``A = H -
-    shift I``): near 0 when the pair is an eigenpair, of order 1 when it is a mixture (a power iteration stopped
-    early returns a Rayleigh quotient). It cannot tell the dominant eigenpair from another one the iteration is
+    Stops after ``iters`` products or once the pair's relative residual ``||H v - mu v|| / |mu|`` (``mu = lambda +
+    shift``, the eigenvalue of ``H`` estimated) is at most ``sqrt(tol)``, which puts the Rayleigh quotient within
+    about ``tol`` (relative, times |mu| / gap) of the eigenvalue. Stopping when the Rayleigh quotient changed by less
+    than ``tol`` from one product to the next, as this did before, stops early where the iteration is slow: after a
+    shift by a large negative ``lambda_1`` it returned 4.62 for a true top eigenvalue of 5.0 (shift -100, 1000
+    products allowed). With ``info``, ``info["residual"]`` is the last pair's relative residual: near 0 when the
+    pair is an eigenpair of ``H``, of order 1 when it is a mixture (a power iteration stopped early returns a
+    Rayleigh quotient). It cannot tell the dominant eigenpair from another one the iteration is
     passing near, from a start nearly orthogonal to the dominant eigenvector (tests/unit/test_landscape_eigen.py).
     """
     if iters < 1:
@@ -117,39 +121,41 @@ def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
     v = _random_vector(objective, seed)
     n = norm(v)
     v = [t / n for t in v]
-    eigenvalue = 0.0
-    for k in range(iters):
+    eigenvalue, residual = 0.0, float("nan")
+    for _ in range(iters):
         hv = [h - shift * t for h, t in zip(objective.hvp(v), v)] if shift else objective.hvp(v)
-        previous, eigenvalue = eigenvalue, dot(v, hv)
+        eigenvalue = dot(v, hv)
         size = norm(hv)
-        if size == 0.0:
+        if size == 0.0:  # A v = 0 exactly: an eigenpair
+            residual = 0.0
             break
-        last = (v, hv)  # the pair the returned Rayleigh quotient belongs to
+        residual = norm([h - eigenvalue * t for t, h in zip(v, hv)]) / max(abs(eigenvalue + shift), 1e-300)
         v = [t / size for t in hv]
-        if k > 0 and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
+        if residual <= math.sqrt(tol):
             break
-    if info is not None:  # A v = 0 exactly (size 0) is an eigenpair
-        info["residual"] = 0.0 if size == 0.0 else \
-            norm([h - eigenvalue * t for t, h in zip(*last)]) / max(abs(eigenvalue), 1e-300)
+    if info is not None:
+        info["residual"] = residual
     return eigenvalue, eigenvalue + shift
 
 
 def hessian_eigenvalues(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict[str, float]:
-    """``{"top": lambda_max, "dominant": lambda_1, "dominant_residual": r}``: the largest algebraic eigenvalue of the
-    Hessian and the one of largest magnitude (sign kept), by (shifted) power iteration (module docstring), and the
-    relative residual of the dominant pair (near 0: an eigenpair; of order 1: ``iters`` was too few, and both numbers
-    are Rayleigh quotients, not eigenvalues). Costs ``iters`` Hessian-vector products when ``lambda_1 >= 0``, up to
+    """``{"top": lambda_max, "dominant": lambda_1, "dominant_residual": r1, "top_residual": r}``: the largest
+    algebraic eigenvalue of the Hessian and the one of largest magnitude (sign kept), by (shifted) power iteration
+    (module docstring), and the relative residuals of the two pairs (near 0: an eigenpair; of order 1: ``iters`` was
+    too few, and the number is a Rayleigh quotient, not an eigenvalue). When ``lambda_1 >= 0`` the two are one pair. Costs ``iters`` Hessian-vector products when ``lambda_1 >= 0``, up to
     ``2 iters`` otherwise (more only if the first iteration had not converged).
     """
     info: dict = {}
     dominant, _ = _power_iteration(objective, iters, tol, seed, info=info)
-    top = shift = dominant
+    top, shift, top_info = dominant, dominant, info
     for round_ in range(3 if dominant < 0 else 0):
-        shifted, top = _power_iteration(objective, iters, tol, seed + 1 + round_, shift=shift)
+        top_info = {}
+        shifted, top = _power_iteration(objective, iters, tol, seed + 1 + round_, shift=shift, info=top_info)
         if shifted >= 0:  # the dominant eigenvalue of H - shift I is lambda_max - shift; top = v^T H v
             break
         shift = top  # the shift was above the smallest eigenvalue: shift again by what was found
-    return {"top": top, "dominant": dominant, "dominant_residual": info.get("residual", float("nan"))}
+    return {"top": top, "dominant": dominant, "dominant_residual": info.get("residual", float("nan")),
+            "top_residual": top_info.get("residual", float("nan"))}
 
 
 def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
@@ -160,6 +166,12 @@ def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1
 def hessian_dominant_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:
     """The Hessian's eigenvalue of largest magnitude, sign kept (plain power iteration on Hessian-vector products)."""
     return _power_iteration(objective, iters, tol, seed)[0]
+
+
+def probe_seed(seed: int, k: int) -> int:
+    """The seed of Hutchinson probe ``k`` of a measurement seeded ``seed``: measurements of different seeds share no
+    probe (``seed + 1000 + k`` made seeds s and s + 1 share all but one), so each is an independent repeat."""
+    return (seed + 1) * 1_000_003 + k
 
 
 def hutchinson_trace(objective: Objective, samples: int = 10, seed: int = 0) -> float:
@@ -176,7 +188,7 @@ def hutchinson_trace_estimate(objective: Objective, samples: int = 10, seed: int
         raise ValueError("samples must be >= 1")
     values = []
     for k in range(samples):
-        z = _random_vector(objective, seed + 1000 + k, rademacher=True)
+        z = _random_vector(objective, probe_seed(seed, k), rademacher=True)
         values.append(dot(z, objective.hvp(z)))
     mean = sum(values) / samples
     if samples < 2:

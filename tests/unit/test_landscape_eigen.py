@@ -59,7 +59,7 @@ def test_the_trace_estimate_has_the_standard_error_of_its_probes():
     obj = quadratic_objective(h, torch.zeros(5, dtype=torch.float64))
     mean, stderr = hutchinson_trace_estimate(obj, samples=40, seed=3)
     probes = [float(torch.cat(z) @ torch.cat(obj.hvp(z))) for z in
-              (metrics._random_vector(obj, 3 + 1000 + k, rademacher=True) for k in range(40))]
+              (metrics._random_vector(obj, metrics.probe_seed(3, k), rademacher=True) for k in range(40))]
     assert mean == pytest.approx(np.mean(probes), rel=1e-12) == hutchinson_trace(obj, samples=40, seed=3)
     assert stderr == pytest.approx(np.std(probes, ddof=1) / math.sqrt(40), rel=1e-9) and stderr > 0
     assert math.isnan(hutchinson_trace_estimate(obj, samples=1)[1])
@@ -217,3 +217,27 @@ def test_landscape_left_line_estimates_from_the_measured_runs(tmp_path):
     (out / "runs" / "a.json").write_text(json.dumps(measured))  # a needs its all-weights surface again
     assert left_line(out, "m", settings, 128) == (
         "0/4 runs' flatness measured; about 3 min left besides 2 measurement(s) of a kind not timed yet")
+
+
+def test_the_shifted_iteration_runs_until_the_top_eigenvalue_itself_has_converged():
+    """After a shift by a large negative dominant eigenvalue (-100), convergence was judged against the shifted value
+    (|lambda_1| + lambda_max ~ 105), so the iteration stopped at 4.62 for a true top of 5.0, at the default tolerance
+    and with 1000 iterations allowed. Judged against the top eigenvalue itself it gets there, and its own residual
+    says it is an eigenpair; with too few iterations that residual says it is not."""
+    spectrum = [-100.0, 5.0, 4.5, 4.0] + list(np.linspace(-3.0, 3.0, 36))
+    obj = quadratic_objective(symmetric(spectrum, seed=2), torch.zeros(len(spectrum), dtype=torch.float64))
+    found = metrics.hessian_eigenvalues(obj, iters=1000)
+    assert found["dominant"] == pytest.approx(-100.0, rel=1e-4)
+    assert found["top"] == pytest.approx(5.0, rel=2e-3) and found["top_residual"] <= 0.01  # sqrt(tol)
+    early = metrics.hessian_eigenvalues(obj, iters=10)
+    assert early["top"] < 4.0 and early["top_residual"] > 0.1  # not converged, and it says so
+
+
+def test_trace_probes_of_different_seeds_are_different():
+    """Seeds s and s + 1 shared all probes but one (seed + 1000 + k): their trace estimates were not independent."""
+    obj = quadratic_objective(symmetric([3.0, 1.0, -2.0, 0.5], seed=1), torch.zeros(4, dtype=torch.float64))
+    seeds = {s: {tuple(torch.cat(metrics._random_vector(obj, metrics.probe_seed(s, k), rademacher=True)).tolist())
+                 for k in range(24)} for s in (0, 1)}
+    seeds_2d = {s: [metrics.probe_seed(s, k) for k in range(24)] for s in (0, 1)}
+    assert not set(seeds_2d[0]) & set(seeds_2d[1])
+    assert len(seeds[0]) > 1 and seeds[0] != seeds[1]
