@@ -28,13 +28,16 @@ LOSS_INDEX, LOSS_TARGETS = "loss_index", "loss_targets"
 def example_labels(example: dict) -> list[int]:
     """An example's labels. One without them (a tokenized dataset for a causal LM, as transformers'
     DataCollatorForLanguageModeling takes it) has its input ids as labels, its padding (attention_mask 0) masked."""
+    def ints(values) -> list[int]:  # lists, or tensors / arrays as a dataset may hand them
+        return values.tolist() if hasattr(values, "tolist") else list(values)
+
     if "labels" in example:
-        return list(example["labels"])
+        return ints(example["labels"])
     if "input_ids" not in example:
         raise ValueError(f"an example needs input_ids (and labels, else its input ids are its labels); this one has "
                          f"{sorted(example)} (raw text must be tokenized first)")
-    ids, mask = list(example["input_ids"]), example.get("attention_mask")
-    return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    ids, mask = ints(example["input_ids"]), example.get("attention_mask")
+    return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, ints(mask))]
 
 
 def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
