@@ -77,7 +77,7 @@ def _plan_text(exp: Experiment) -> str:
     check_model(exp, todo)
     done = [job for job in jobs if all(job is not j for j in todo)]
     lines = [f"experiment {exp.name}: {len(jobs)} runs, {len(done)} already done, writing to {exp.output}"]
-    interrupted = {id(job): why for job, why in stale_checkpoints(exp, pending)}
+    interrupted = {id(job): why for job, why, _ in stale_checkpoints(exp, pending)}
     lines += [f"  changed  {job.rid} (interrupted under other settings: {interrupted[id(job)]}; started over with "
               f"--rerun-changed)" if id(job) in interrupted else f"  to do    {job.rid}{_resumes(exp.output, job.rid)}"
               for job in pending]
@@ -224,6 +224,8 @@ def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None) ->
     """A note when ``eval --adapter`` scores differently from the run that trained the adapter (its record:
     ``OUTPUT/runs/RUN_ID.json`` beside ``OUTPUT/adapters/RUN_ID``, or ``run.json`` in a ``train`` folder): another
     chat-template setting or block size gives other numbers than the run's record ("" when alike or unknown)."""
+    from forgetless.config import GeneralData
+
     for path in (adapter.parent.parent / "runs" / f"{adapter.name}.json", adapter / "run.json"):
         try:
             settings = json.loads(path.read_text()).get("settings")
@@ -232,7 +234,7 @@ def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None) ->
         if not isinstance(settings, dict):
             return ""
         theirs_chat = bool(settings.get("chat_template", False))  # in a run's settings only when on
-        theirs_block = (settings.get("general") or {}).get("block_size", 128)
+        theirs_block = (settings.get("general") or {}).get("block_size", GeneralData.block_size)  # default: not kept
         flags = []
         if chat is not None and chat != theirs_chat:
             flags.append(f"--chat-template {'true' if theirs_chat else 'false'}")

@@ -476,10 +476,9 @@ def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple
 def _what_it_trains(recipe: Any) -> str:
     """A method entry once resolved: its stages, LoRA overrides and each plugin's class and option values (typed),
     so that entries written differently for the same values (``phi: 1e5`` and ``phi: 1.0e+5``) compare equal."""
-    from dataclasses import asdict
+    from forgetless.training.hooks import options_of
 
-    plugins = [[type(p).__name__, asdict(p.options) if is_dataclass(getattr(p, "options", None)) else None]
-               for p in recipe.plugins]
+    plugins = [[type(p).__name__, options_of(p)] for p in recipe.plugins]
     return json.dumps([list(recipe.stages), recipe.lora, plugins], sort_keys=True, default=str)
 
 

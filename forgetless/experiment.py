@@ -691,12 +691,12 @@ def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
 def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) -> dict[str, Any]:
     """:func:`run_one` of ``job`` with its folders in ``exp.output`` (stage cache, checkpoints, adapter)."""
     out = exp.output
+    checkpoints = _inside(out, out / "checkpoints" / job.rid)
     if is_main_process():  # what its checkpoints, if it writes any, are written under
-        folder = _inside(out, out / "checkpoints" / job.rid)
-        folder.mkdir(parents=True, exist_ok=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
         _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings})
     return run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
-                   checkpoint_dir=_inside(out, out / "checkpoints" / job.rid),
+                   checkpoint_dir=checkpoints,
                    adapter_dir=_inside(out, out / "adapters" / job.rid))
 
 
@@ -727,10 +727,11 @@ def _checkpoint_settings(output: Path, rid: str) -> Path:
     return output / "checkpoints" / rid / "settings.json"
 
 
-def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str]]:
-    """The interrupted runs among ``jobs`` whose checkpoint was written under other settings, with what differs.
-    Going on from one would train neither the old run nor the new one. A checkpoint from before the settings were
-    kept beside it is left to the stage's own check (:func:`forgetless.training.checkpoint.load`)."""
+def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str, str]]:
+    """The interrupted runs among ``jobs`` whose checkpoint was written under other settings: (job, what differs,
+    the old settings' digest). Going on from one would train neither the old run nor the new one. A checkpoint from
+    before the settings were kept beside it is left to the stage's own check
+    (:func:`forgetless.training.checkpoint.load`)."""
     found = []
     for job in jobs:
         if resume_point(exp.output, job.rid) is None:
@@ -740,8 +741,15 @@ def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str]]
         except (OSError, ValueError):
             continue
         if saved.get("settings_digest") != job.digest:
-            found.append((job, settings_changes(saved.get("settings") or {}, job.settings)))
+            found.append((job, settings_changes(saved.get("settings") or {}, job.settings),
+                          saved.get("settings_digest") or "old"))
     return found
+
+
+def _listed(reasons: list[tuple[str, str]]) -> str:
+    """``RUN_ID: why`` lines for an error message, the first ten and how many more."""
+    lines = "".join(f"\n  {rid}: {why}" for rid, why in reasons[:10])
+    return lines + (f"\n  ... and {len(reasons) - 10} more" if len(reasons) > 10 else "")
 
 
 def resume_point(output: Path, rid: str) -> tuple[str, int] | None:
@@ -958,22 +966,19 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
     jobs = plan_runs(exp)
     pending, stale, unrecorded = _sort_finished(exp, jobs)
     if stale and not rerun_changed:
-        lines = "".join(f"\n  {job.rid}: {_stale_reason(job, record)}" for job, record in stale[:10])
-        more = f"\n  ... and {len(stale) - 10} more" if len(stale) > 10 else ""
+        listed = _listed([(job.rid, _stale_reason(job, record)) for job, record in stale])
         raise ConfigError(f"{where(exp, 'output')}: {len(stale)} finished run(s) in {out} do not fit the experiment "
-                          f"now and are not reused:{lines}{more}\nrun again with --rerun-changed to redo them (each "
+                          f"now and are not reused:{listed}\nrun again with --rerun-changed to redo them (each "
                           f"old record is kept beside, as runs/RUN_ID.json.DIGEST), or write to another output folder")
     interrupted = stale_checkpoints(exp, pending)
     if interrupted and not rerun_changed:
-        lines = "".join(f"\n  {job.rid}: {why}" for job, why in interrupted[:10])
-        more = f"\n  ... and {len(interrupted) - 10} more" if len(interrupted) > 10 else ""
+        listed = _listed([(job.rid, why) for job, why, _ in interrupted])
         raise ConfigError(f"{where(exp, 'output')}: {len(interrupted)} interrupted run(s) in {out} were checkpointed "
-                          f"under other settings, and going on from there would train neither:{lines}{more}\nrun "
+                          f"under other settings, and going on from there would train neither:{listed}\nrun "
                           f"again with --rerun-changed to start them over (each old checkpoint folder is kept beside, "
                           f"as checkpoints/RUN_ID.DIGEST), or restore the settings")
     if interrupted and is_main_process():
-        for job, _ in interrupted:
-            old = json.loads(_checkpoint_settings(out, job.rid).read_text()).get("settings_digest") or "old"
+        for job, _, old in interrupted:
             set_aside(out / "checkpoints" / job.rid, old)
         print(f"    starting over {len(interrupted)} interrupted run(s) whose settings changed; their checkpoints are "
               f"kept as checkpoints/RUN_ID.DIGEST")

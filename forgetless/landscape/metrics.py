@@ -103,17 +103,17 @@ def _random_vector(objective: Objective, seed: int, rademacher: bool = False) ->
 
 
 def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
-                     shift: float = 0.0, info: dict | None = None) -> tuple[float, float]:
-    """Dominant eigenvalue of ``H - shift I`` (sign kept) and the Rayleigh quotient ``v^T H v`` of its last vector.
+                     shift: float = 0.0) -> tuple[float, float, float]:
+    """Dominant eigenvalue of ``H - shift I`` (sign kept), the Rayleigh quotient ``v^T H v`` of its last vector, and
+    that pair's relative residual.
 
     Stops after ``iters`` products or once the pair's relative residual ``||H v - mu v|| / |mu|`` (``mu = lambda +
     shift``, the eigenvalue of ``H`` estimated) is at most ``sqrt(tol)``, which puts the Rayleigh quotient within
     about ``tol`` (relative, times |mu| / gap) of the eigenvalue. Stopping when the Rayleigh quotient changed by less
     than ``tol`` from one product to the next, as this did before, stops early where the iteration is slow: after a
     shift by a large negative ``lambda_1`` it returned 4.62 for a true top eigenvalue of 5.0 (shift -100, 1000
-    products allowed). With ``info``, ``info["residual"]`` is the last pair's relative residual: near 0 when the
-    pair is an eigenpair of ``H``, of order 1 when it is a mixture (a power iteration stopped early returns a
-    Rayleigh quotient). It cannot tell the dominant eigenpair from another one the iteration is
+    products allowed). The residual is near 0 when the pair is an eigenpair of ``H``, of order 1 when it is a mixture
+    (a power iteration stopped early returns a Rayleigh quotient). It cannot tell the dominant eigenpair from another one the iteration is
     passing near, from a start nearly orthogonal to the dominant eigenvector (tests/unit/test_landscape_eigen.py).
     """
     if iters < 1:
@@ -133,29 +133,25 @@ def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
         v = [t / size for t in hv]
         if residual <= math.sqrt(tol):
             break
-    if info is not None:
-        info["residual"] = residual
-    return eigenvalue, eigenvalue + shift
+    return eigenvalue, eigenvalue + shift, residual
 
 
 def hessian_eigenvalues(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> dict[str, float]:
     """``{"top": lambda_max, "dominant": lambda_1, "dominant_residual": r1, "top_residual": r}``: the largest
     algebraic eigenvalue of the Hessian and the one of largest magnitude (sign kept), by (shifted) power iteration
     (module docstring), and the relative residuals of the two pairs (near 0: an eigenpair; of order 1: ``iters`` was
-    too few, and the number is a Rayleigh quotient, not an eigenvalue). When ``lambda_1 >= 0`` the two are one pair. Costs ``iters`` Hessian-vector products when ``lambda_1 >= 0``, up to
-    ``2 iters`` otherwise (more only if the first iteration had not converged).
+    too few, and the number is a Rayleigh quotient, not an eigenvalue). When ``lambda_1 >= 0`` the two are one pair.
+    Costs ``iters`` Hessian-vector products when ``lambda_1 >= 0``, up to ``2 iters`` otherwise (more only if the
+    first iteration had not converged).
     """
-    info: dict = {}
-    dominant, _ = _power_iteration(objective, iters, tol, seed, info=info)
-    top, shift, top_info = dominant, dominant, info
+    dominant, _, dominant_residual = _power_iteration(objective, iters, tol, seed)
+    top, shift, top_residual = dominant, dominant, dominant_residual
     for round_ in range(3 if dominant < 0 else 0):
-        top_info = {}
-        shifted, top = _power_iteration(objective, iters, tol, seed + 1 + round_, shift=shift, info=top_info)
+        shifted, top, top_residual = _power_iteration(objective, iters, tol, seed + 1 + round_, shift=shift)
         if shifted >= 0:  # the dominant eigenvalue of H - shift I is lambda_max - shift; top = v^T H v
             break
         shift = top  # the shift was above the smallest eigenvalue: shift again by what was found
-    return {"top": top, "dominant": dominant, "dominant_residual": info.get("residual", float("nan")),
-            "top_residual": top_info.get("residual", float("nan"))}
+    return {"top": top, "dominant": dominant, "dominant_residual": dominant_residual, "top_residual": top_residual}
 
 
 def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:

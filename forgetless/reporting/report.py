@@ -637,14 +637,15 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     folder = Path(output) if output is not None else Path(results_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
     models = sorted({str(r.get("model", "?")) for r in res.runs})
+    scoring = scoring_note(runs)
     head = (f"# Report: {Path(results_dir).resolve().name}\n\n"
             f"{sum('variant_of' not in r for r in res.runs)} runs"
             + (f" (and {sum('variant_of' in r for r in res.runs)} evaluation variants of them, e.g. WiSE-FT's "
                f"interpolations, as methods of their own)" if any('variant_of' in r for r in res.runs) else "")
             + f"; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
-            + nonfinite_note(runs) + scoring_note(runs))
-    if scoring_note(runs):
+            + nonfinite_note(runs) + scoring)
+    if scoring:
         print("report: the runs were not scored alike (held-out text, test items, suite or model differ); "
               "report.md says how", file=sys.stderr)
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),

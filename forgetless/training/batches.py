@@ -25,19 +25,21 @@ from forgetless.lm import IGNORE_INDEX
 LOSS_INDEX, LOSS_TARGETS = "loss_index", "loss_targets"
 
 
+def token_list(values) -> list[int]:
+    """Token ids (or labels, or a mask) as a list of ints: lists, or tensors and arrays as a dataset may hand them."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 def example_labels(example: dict) -> list[int]:
     """An example's labels. One without them (a tokenized dataset for a causal LM, as transformers'
     DataCollatorForLanguageModeling takes it) has its input ids as labels, its padding (attention_mask 0) masked."""
-    def ints(values) -> list[int]:  # lists, or tensors / arrays as a dataset may hand them
-        return values.tolist() if hasattr(values, "tolist") else list(values)
-
     if "labels" in example:
-        return ints(example["labels"])
+        return token_list(example["labels"])
     if "input_ids" not in example:
         raise ValueError(f"an example needs input_ids (and labels, else its input ids are its labels); this one has "
                          f"{sorted(example)} (raw text must be tokenized first)")
-    ids, mask = ints(example["input_ids"]), example.get("attention_mask")
-    return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, ints(mask))]
+    ids, mask = token_list(example["input_ids"]), example.get("attention_mask")
+    return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, token_list(mask))]
 
 
 def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
@@ -49,7 +51,7 @@ def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
             lab = example_labels(example)
         except ValueError as err:
             raise ValueError(f"example {row}: {err}") from None
-        ids = list(example["input_ids"])
+        ids = token_list(example["input_ids"])
         if len(ids) != len(lab):
             raise ValueError(f"example {row}: input_ids and labels differ in length ({len(ids)} vs {len(lab)})")
         rows.append((ids, lab))

@@ -127,7 +127,7 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
+        if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or null to train for 'epochs'), got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise ValueError("epochs must be > 0 (or set max_steps)")
@@ -139,9 +139,9 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
-        if self.save_every is not None and (isinstance(self.save_every, bool) or self.save_every < 1):
+        if self.save_every is not None and self.save_every < 1:
             raise ValueError(f"save_every must be >= 1 (or null for no checkpoints), got {self.save_every}")
-        if isinstance(self.log_every, bool) or self.log_every < 1:
+        if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]

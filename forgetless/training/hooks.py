@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -84,6 +84,13 @@ class StageContext:
         """Record a scalar of this step. A tensor stays on its device, detached: the loop reads the step's scalars
         together at its logging interval (``log_every``), so logging costs no host sync in the step."""
         self.scalars[name] = value.detach() if isinstance(value, torch.Tensor) else float(value)
+
+
+def options_of(method: Any) -> dict[str, Any] | None:
+    """A method's option values (its ``Options`` dataclass as a dict), None for a method without options: what, with
+    its class, says what the method does (a checkpoint's stage settings; two method entries that train the same)."""
+    options = getattr(method, "options", None)
+    return asdict(options) if is_dataclass(options) else None
 
 
 class Method:

@@ -8,6 +8,7 @@ hooks of :class:`forgetless.training.hooks.Method`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from forgetless.models import (LeverUnavailable, apply_liger, attn_implementatio
                                set_attn_implementation, uncompile)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
-from forgetless.training.batches import LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed
+from forgetless.training.batches import (LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed,
+                                        example_labels, token_list)
 from forgetless.training.config import TrainConfig
-from forgetless.training.hooks import Batch, Method, StageContext, call_all
+from forgetless.training.hooks import Batch, Method, StageContext, call_all, options_of
 from forgetless.training.logging import StageLog, open_trackers
 from forgetless.training.loss import CausalLMLoss
 
@@ -117,8 +119,6 @@ def stage_accelerator() -> Accelerator:
                           f"{str(backend)!r} from an earlier Accelerator or Trainer; forgetless casts and compiles "
                           f"itself (precision, compile), so they are dropped for this stage")
             AcceleratorState._reset_state()
-    import os
-
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched != "no" and not _SAID_ENV:
         _SAID_ENV.append(launched)
@@ -401,13 +401,10 @@ def _examples_digest(examples: Sequence[dict]) -> str:
     import hashlib
     from array import array
 
-    from forgetless.training.batches import example_labels
-
     h = hashlib.sha1()
     for example in examples:
-        ids, labels = example["input_ids"], example_labels(example)
-        h.update(array("q", ids.tolist() if isinstance(ids, torch.Tensor) else ids).tobytes())
-        h.update(array("q", labels.tolist() if isinstance(labels, torch.Tensor) else labels).tobytes())
+        h.update(array("q", token_list(example["input_ids"])).tobytes())
+        h.update(array("q", example_labels(example)).tobytes())
         h.update(b"|")
     return f"{len(examples)} examples, {h.hexdigest()[:16]}"
 
@@ -426,17 +423,15 @@ def _weights_digest(named: Sequence[tuple[str, torch.nn.Parameter]]) -> str:
 def _stage_settings(stage: str, config: TrainConfig, methods: Sequence[Method]) -> dict[str, Any]:
     """What a checkpoint must share with the stage that resumes from it: the stage, the training settings that change
     its numbers (not progress, logging or speed levers: ``NO_NUMBERS``) and the methods with their options."""
-    from dataclasses import fields, is_dataclass
+    from dataclasses import fields
 
     from forgetless.training.config import NO_NUMBERS
 
     out: dict[str, Any] = {"stage": stage}
     out |= {f"train.{f.name}": getattr(config, f.name) for f in fields(config) if f.name not in NO_NUMBERS}
     for i, method in enumerate(methods):
-        options = getattr(method, "options", None)
-        described = ({f.name: getattr(options, f.name) for f in fields(options)} if is_dataclass(options)
-                     else repr(options) if options is not None else None)
-        out[f"method{i}"] = f"{type(method).__name__} {described}" if described is not None else type(method).__name__
+        options = options_of(method)
+        out[f"method{i}"] = type(method).__name__ + (f" {options}" if options is not None else "")
     return out
 
 

@@ -80,9 +80,9 @@ def test_an_unconverged_shift_is_shifted_again(monkeypatch):
     real = metrics._power_iteration
     shifts = []
 
-    def first_unconverged(objective, iters, tol, seed, shift=0.0, info=None):
+    def first_unconverged(objective, iters, tol, seed, shift=0.0):
         shifts.append(shift)
-        return (-3.0, -3.0) if shift == 0.0 else real(objective, iters, tol, seed, shift, info)
+        return (-3.0, -3.0, 1.0) if shift == 0.0 else real(objective, iters, tol, seed, shift)
 
     monkeypatch.setattr(metrics, "_power_iteration", first_unconverged)
     got = hessian_eigenvalues(obj, iters=300, tol=1e-15)
