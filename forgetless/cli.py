@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                         help="default auto (bf16 where the hardware computes in it); landscape: fp32, as an "
                              "experiment's landscape section measures (near a minimum a bf16 gradient is mostly "
-                             "rounding: eps-sharpness 1.5-2x the fp32 value on a trained tiny model)")
+                             "rounding)")
     common.add_argument("--batch-size", type=_positive, default=8)
     common.add_argument("--block-size", type=_positive, default=128)
 

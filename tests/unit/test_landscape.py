@@ -388,9 +388,9 @@ def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_di
 
 
 def test_the_landscape_command_measures_in_fp32_unless_told():
-    """As an experiment's landscape: section does: in bf16, near a minimum, the gradient is mostly rounding (on a
-    trained tiny model eps-sharpness came out 1.5-2x the fp32 value), and the curvature of a fine grid grows with
-    the rounding divided by h^2. The other commands keep precision auto."""
+    """As an experiment's landscape: section does: in bf16, near a minimum, the gradient is mostly rounding (which
+    moves eps-sharpness), and the curvature of a fine grid grows with the rounding divided by h^2. The other commands
+    keep precision auto."""
     from forgetless.cli import parse_command_line
 
     assert parse_command_line(["landscape", "--text", "t.jsonl"]).precision == "fp32"
