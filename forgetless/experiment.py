@@ -11,7 +11,9 @@ whose settings changed (``--rerun-changed`` redoes them, keeping the old record 
 that train the same general stage share it, cached per seed in ``OUTPUT/stages/`` (:func:`general_stage_key`).
 Afterwards the result tables (:mod:`forgetless.reporting.tables`) and figures are written. With ``jobs`` > 1
 (``forgetless run --jobs N``) worker processes train the runs side by side, a group of runs sharing a general stage
-per task (:func:`job_groups`), and measure the landscape one run per task; the records are those one process writes.
+per task (:func:`job_groups`); the records are those one process writes. With a ``landscape:`` section, a run's
+flatness is measured as soon as its record is written, and the landscape step at the end measures whatever is still
+missing (runs recorded before the section was added, a measurement that failed), one run per task with ``jobs`` > 1.
 
 Everything is checked before a model loads (:func:`validate`): the model's source and LoRA targets, a writable
 output folder with free space (locked against a second ``forgetless run``), the finished records, the cached general
@@ -831,6 +833,19 @@ def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = 
                  data_key=heldout.cache_key(), progress=progress, only=only)
 
 
+def _landscape_now(exp: Experiment, rid: str, progress: bool) -> None:
+    """The flatness of run ``rid``, measured as soon as its record is written (while its adapter is surely there):
+    an experiment stopped later has it in the record already. A measurement that fails is left to the landscape step
+    at the end, which measures what is missing and raises what fails again; the runs go on."""
+    if exp.landscape is None:
+        return
+    try:
+        _measure_landscape(exp, progress, only={rid})
+    except Exception as error:  # noqa: BLE001 - the landscape step retries it and raises
+        say(f"    {rid}: landscape not measured now ({type(error).__name__}: {error}); the landscape step at the "
+            f"end tries again")
+
+
 _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
 
 
@@ -866,6 +881,8 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = _train_job(exp, plan[rid], _WORKER["data"], progress)
         say(f"    {rid}: {_keep(exp, rid, record)}")
+        with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
+            _landscape_now(exp, rid, progress)
         say(f"    [{left_line(exp, _WORKER.get('workers', 1))}]")
 
 
@@ -1012,6 +1029,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes
                     print(f"    {_keep(exp, job.rid, record)}")
+                    _landscape_now(exp, job.rid, progress)
                     print(f"    [{left_line(exp)}]")
         if exp.landscape is not None and is_main_process():
             if workers > 1:

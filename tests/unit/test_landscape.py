@@ -387,6 +387,53 @@ def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_di
         load_experiment(path)
 
 
+def test_a_runs_flatness_is_recorded_before_the_next_run_trains(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """An experiment stopped between runs (a session's end) has the finished runs' flatness already: each run is
+    measured as soon as its record is written, while its adapter is there. A measurement that fails does not stop
+    the runs: the landscape step at the end measures it."""
+    import forgetless.experiment as experiment
+    import forgetless.landscape_runs as measure
+    from forgetless.experiment import load_experiment, run_experiment
+
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 2, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "lora-nu-mu"], seeds=[0], landscape=landscape)
+    runs = tmp_path / "out" / "runs"
+    seen = {}
+    real_train = experiment._train_job
+
+    def train(exp, job, data, progress):  # what the records hold when each run starts
+        seen[job.rid] = {p.stem: "landscape" in json.loads(p.read_text()) for p in runs.glob("*.json")}
+        return real_train(exp, job, data, progress)
+
+    monkeypatch.setattr(experiment, "_train_job", train)
+    real_measure, calls = measure.measure_flatness, []
+
+    def flaky(*a, **k):  # the first measurement fails, as a full disk or a non-finite loss would
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no space left on device")
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(measure, "measure_flatness", flaky)
+    run_experiment(load_experiment(path), progress=False)
+    out = capsys.readouterr().out
+    assert seen == {"lora-mu__gen__seed0": {}, "lora-nu-mu__gen__seed0": {"lora-mu__gen__seed0": False}}
+    assert ("lora-mu__gen__seed0: landscape not measured now (RuntimeError: no space left on device); the landscape "
+            "step at the end tries again") in out
+    assert out.index("lora-nu-mu__gen__seed0: loss ") < out.index("landscape: measuring 1 run(s)")
+    assert len(calls) == 3  # the failed one, lora-nu-mu at once, lora-mu again at the end
+    for p in runs.glob("*.json"):
+        assert "hessian_trace" in json.loads(p.read_text())["landscape"]["metrics"]
+
+    seen.clear()
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu", "lora-nu-mu"], seeds=[0, 1],
+                            landscape=landscape)
+    run_experiment(load_experiment(path), progress=False)  # working measurements: each right after its run
+    assert seen == {"lora-mu__gen__seed1": {"lora-mu__gen__seed0": True, "lora-nu-mu__gen__seed0": True},
+                    "lora-nu-mu__gen__seed1": {"lora-mu__gen__seed0": True, "lora-nu-mu__gen__seed0": True,
+                                               "lora-mu__gen__seed1": True}}
+
+
 def test_the_landscape_command_measures_in_fp32_unless_told():
     """As an experiment's landscape: section does: in bf16, near a minimum, the gradient is mostly rounding (which
     moves eps-sharpness), and the curvature of a fine grid grows with the rounding divided by h^2. The other commands
