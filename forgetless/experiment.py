@@ -824,6 +824,29 @@ def left_line(exp: Experiment, workers: int = 1) -> str:
     return line
 
 
+def computed_elsewhere(exp: Experiment) -> str:
+    """A warning ("" when there is none) when finished runs of ``exp`` were computed in another precision than this
+    machine gives ``exp.precision``: ``auto`` is bf16 on a CPU with native bf16 (and on CUDA) and fp32 on an
+    AVX2-only CPU, so an experiment resumed on another machine would set side by side runs computed differently."""
+    from forgetless.precision import resolve_precision
+
+    here = resolve_precision(exp.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    other: dict[str, list[str]] = {}
+    for path in sorted((exp.output / "runs").glob("*.json")):
+        try:
+            computed = json.loads(path.read_text()).get("computed") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable record is reported where records are read
+        if computed.get("precision") not in (None, here):
+            other.setdefault(str(computed["precision"]), []).append(path.stem)
+    if not other:
+        return ""
+    said = "; ".join(f"{len(rids)} in {p} ({rids[0]}{' and more' if len(rids) > 1 else ''})" for p, rids in other.items())
+    return (f"    warning: finished runs were computed in another precision than this machine gives precision "
+            f"{exp.precision!r} ({here}): {said}. The runs left will not be computed alike; pin `precision:` to the "
+            f"finished runs' to keep them alike (bf16 on a CPU without native bf16 is slower)")
+
+
 def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = None) -> None:
     """The landscape step (:func:`forgetless.landscape_runs.measure_runs`) on ``exp``'s runs, or on ``only``."""
     from forgetless.landscape_runs import measure_runs
@@ -1008,6 +1031,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
               f"are; delete a record to redo that run")
     if stale:
         print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
+    if todo and (elsewhere := computed_elsewhere(exp)):
+        print(elsewhere)
     raw = validate(exp, todo, out / "stages") if todo else None
     current = None
     parallel = workers > 1 and len(todo) > 1

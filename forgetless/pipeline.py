@@ -74,6 +74,7 @@ class RunResult:
     seconds: float = 0.0
     suite: dict[str, dict[str, float]] = field(default_factory=dict)  # general-suite task -> {acc, acc_norm, n, ...}
     selected: dict[str, Any] | None = None  # the checkpoint kept by eval.select: {step, scores, adapter, ...}
+    computed: dict[str, str] = field(default_factory=dict)  # what "auto" became here: device, precision, base dtype
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,7 +246,20 @@ def run_recipe(
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started, suite=scores["suite"],
-                     selected=selected)
+                     selected=selected, computed=computed_in(model, settings))
+
+
+def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, str]:
+    """How the run computed: its device, its precision and the frozen base's dtype as ``auto`` resolved them on this
+    machine. Two machines resolve ``auto`` differently (bf16 on a CPU with native bf16, fp32 on an AVX2-only one), so
+    a record says which it got; the report names runs computed differently (``tables.scoring_note``)."""
+    from forgetless.precision import resolve_precision
+
+    device = next(model.parameters()).device.type
+    base = settings.quantization if is_quantized(model) else {
+        torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(
+        model.get_input_embeddings().weight.dtype, str(model.get_input_embeddings().weight.dtype))
+    return {"device": device, "precision": resolve_precision(settings.precision, device), "base_dtype": base}
 
 
 def is_cached_stage(folder: Path) -> bool:

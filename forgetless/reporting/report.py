@@ -646,7 +646,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
             + nonfinite_note(runs) + scoring)
     if scoring:
-        print("report: the runs were not scored alike (held-out text, test items, suite or model differ); "
+        print("report: the runs were not scored alike (held-out text, test items, suite, model or precision differ); "
               "report.md says how", file=sys.stderr)
     sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),

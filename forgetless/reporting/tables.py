@@ -73,14 +73,17 @@ def nonfinite_note(records: list[dict[str, Any]]) -> str:
 
 
 def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The settings of a run record that decide what its scores are measured on and how: the model and precision,
+    """The settings of a run record that decide what its scores are measured on and how: the model and precision
+    (as the run resolved them, when its record says: ``auto`` is bf16 on one machine and fp32 on another),
     the held-out text and block size, the test set, the general suite and the scoring's own options. None for a
     record without settings (an older forgetless)."""
     settings = record.get("settings")
     if not isinstance(settings, dict):
         return None
     general, task, ev = (settings.get(k) if isinstance(settings.get(k), dict) else {} for k in ("general", "task", "eval"))
-    return {"model": settings.get("model"), "precision": settings.get("precision"),
+    computed = record.get("computed") if isinstance(record.get("computed"), dict) else {}
+    return {"model": settings.get("model"), "precision": computed.get("precision", settings.get("precision")),
+            "base dtype": computed.get("base_dtype"),
             "chat_template": settings.get("chat_template"), "general.heldout": general.get("heldout"),
             "general.block_size": general.get("block_size"),
             **{f"task.{k}": task.get(k) for k in ("test", "test_limit", "schema", "max_length")},
@@ -183,8 +186,8 @@ def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[l
 def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,
                  tasks: list[str] | None = None) -> str:
     """Write ``results.md`` and ``results.csv``; return the Markdown table. Runs with a non-finite score are left
-    out, and named in a note."""
-    left_out = nonfinite_note(results)
+    out, and named in a note; runs scored differently (:func:`scoring_note`) are named in another."""
+    left_out = nonfinite_note(results) + scoring_note(results)
     header, rows = summary_table([r for r in results if finite_record(r)], methods, tasks)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from forgetless.config import ConfigError, load_experiment
-from forgetless.experiment import run_experiment
+from forgetless.experiment import computed_elsewhere, run_experiment
 from forgetless.methods import method_label, resolve
 from forgetless.reporting.tables import summary_table
 from tests.unit.tiny_model import make_tiny_model
@@ -317,3 +317,34 @@ def test_eval_share_prefix_is_part_of_a_runs_identity_and_scores_packed(tmp_path
     assert settings_digest(mine) != settings_digest(run_settings(plain, plain_job.recipe, plain_job.task, 0))
     record = run_experiment(shared, progress=False)[0]
     assert calls and 0 <= record["tasks"]["gen"]["acc"] <= 1
+
+
+def test_a_record_says_how_auto_was_computed_and_a_resumed_experiment_warns(tmp_path, tiny_model_dir, capsys):
+    """``precision: auto`` is bf16 on a CPU with native bf16 and fp32 on an AVX2-only one: each record says what it
+    got, an experiment resumed on a machine that resolves it otherwise warns, and the report names the runs."""
+    from forgetless.precision import resolve_precision
+
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0])
+    results = run_experiment(load_experiment(path), progress=False)
+    here = resolve_precision("auto", "cpu")
+    assert [r["computed"] for r in results] == [{"device": "cpu", "precision": here, "base_dtype": here}] * 2
+    other = "fp32" if here == "bf16" else "bf16"
+    record_path = tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(record | {"computed": record["computed"] | {"precision": other}}))
+    capsys.readouterr()
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0, 1])
+    run_experiment(load_experiment(path), progress=False)
+    out = capsys.readouterr().out
+    assert (f"warning: finished runs were computed in another precision than this machine gives precision 'auto' "
+            f"({here}): 1 in {other} (lora-mu__gen__seed0). The runs left will not be computed alike") in out
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "**Not scored alike.**" in md and f"- task gen, precision: {json.dumps(other)} (lora-mu__gen__seed0); " in md
+    assert computed_elsewhere(load_experiment(path)) != ""  # and the seed-0 run alone: nothing to warn about
+    record_path.write_text(json.dumps(record))
+    assert computed_elsewhere(load_experiment(path)) == ""
+
+    (tmp_path / "pinned").mkdir()
+    pinned = write_experiment(tmp_path / "pinned", tiny_model_dir, methods=["lora-mu"], seeds=[0], precision="fp32")
+    (result,) = run_experiment(load_experiment(pinned), progress=False)
+    assert result["computed"] == {"device": "cpu", "precision": "fp32", "base_dtype": "fp32"}
