@@ -859,7 +859,8 @@ def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = 
 def _landscape_now(exp: Experiment, rid: str, progress: bool) -> None:
     """The flatness of run ``rid``, measured as soon as its record is written (while its adapter is surely there):
     an experiment stopped later has it in the record already. A measurement that fails is left to the landscape step
-    at the end, which measures what is missing and raises what fails again; the runs go on."""
+    at the end, which measures what is missing and raises what fails again; the runs go on. Not under
+    ``accelerate launch`` with several processes: the main one measures, so the landscape step does it at the end."""
     if exp.landscape is None:
         return
     try:
@@ -1054,7 +1055,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes
                     print(f"    {_keep(exp, job.rid, record)}")
-                    _landscape_now(exp, job.rid, progress)
+                    if PartialState().num_processes == 1:  # else the others would wait on it in the next run's
+                        _landscape_now(exp, job.rid, progress)  # first collective, past a timeout on a large model
                     print(f"    [{left_line(exp)}]")
         if exp.landscape is not None and is_main_process():
             if workers > 1:

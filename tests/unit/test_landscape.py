@@ -434,6 +434,26 @@ def test_a_runs_flatness_is_recorded_before_the_next_run_trains(tmp_path, tiny_m
                                                "lora-mu__gen__seed1": True}}
 
 
+def test_under_several_processes_the_landscape_waits_for_the_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Under ``accelerate launch`` only the main process measures; measuring after each run would keep the others
+    waiting in the next run's first collective (past its timeout on a large model), so it is all done at the end."""
+    import forgetless.experiment as experiment
+    from forgetless.experiment import load_experiment, run_experiment
+
+    class TwoProcesses:  # what the main process of two sees; the training itself runs in this one process
+        num_processes, is_main_process = 2, True
+
+        def wait_for_everyone(self):
+            pass
+
+    monkeypatch.setattr(experiment, "PartialState", TwoProcesses)
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0, 1], landscape=landscape)
+    run_experiment(load_experiment(path), progress=False)
+    out = capsys.readouterr().out
+    assert out.index("[2/2] lora-mu__gen__seed1") < out.index("landscape: measuring 2 run(s) (0 already measured)")
+
+
 def test_the_landscape_command_measures_in_fp32_unless_told():
     """As an experiment's landscape: section does: in bf16, near a minimum, the gradient is mostly rounding (which
     moves eps-sharpness), and the curvature of a fine grid grows with the rounding divided by h^2. The other commands
