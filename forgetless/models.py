@@ -285,13 +285,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", precision: str = 
                attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (see the module docstring for ``name``), its weights in
     ``resolve_dtype(dtype, precision)``, on the CPU (the run moves the model to its device); with ``quantization``
-    (``4bit``: NF4 with double quantization and bf16 compute, QLoRA's setting; ``8bit``) through bitsandbytes, on
-    the GPU when there is one. ``attn_implementation`` (one of :data:`ATTN_IMPLEMENTATIONS`; None: transformers'
+    (``4bit``: NF4 with double quantization, QLoRA's setting, computing in bf16 where the run's ``precision``
+    resolves to bf16 and in float32 where it resolves to fp32; ``8bit``) through bitsandbytes, on the process's GPU
+    when there is one. ``attn_implementation`` (one of :data:`ATTN_IMPLEMENTATIONS`; None: transformers'
     default, sdpa) is passed to ``from_pretrained``, for GGUF files too (their cached float copy is what loads)."""
     check_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype, precision)
-    if quantization != "none":  # bf16 compute; the weights bitsandbytes leaves alone in torch_dtype
-        return _load_quantized(name, quantization, torch.bfloat16, attn_implementation, torch_dtype)
+    if quantization != "none":  # compute in the run's precision; the weights bitsandbytes leaves alone in torch_dtype
+        return _load_quantized(name, quantization, resolve_dtype("auto", precision), attn_implementation, torch_dtype)
     if name in EMBEDDED_MODELS:
         model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype, attn_implementation)
     elif name.endswith(".gguf"):
@@ -592,7 +593,13 @@ def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype, at
         gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
         _ = load_tokenizer(name)  # makes the cached float folder on first use
         name = str(_gguf_cache_folder(gguf))
-    device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():  # this process's GPU: accelerate's PartialState sets it to the local rank
+        from accelerate import PartialState
+
+        PartialState()
+        device_map = {"": torch.cuda.current_device()}
+    else:
+        device_map = "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(name, quantization_config=config, device_map=device_map,
                                                      dtype=dtype or compute_dtype, **_attn_kwargs(attn_implementation))

@@ -29,11 +29,15 @@ Fisher (diagonal), per example ``n``, never the square of a batch-mean gradient:
   with autograd (tied weights handled by autograd). Only the entries under LoRA modules enter the penalty
   (nothing else trains); ``all`` is there to measure what a full Fisher costs to compute and store.
 * ``fisher_precision="float32"`` (default): the Fisher's passes run with autocast off, so ``G_n`` is the exact
-  per-example gradient whatever the run's precision. ``"run"``: under the run's precision (bf16 autocast on a GPU
+  per-example gradient on a float32 base (``dtype: fp32``, or ``auto`` where the run computes in float32). Where
+  ``dtype: auto`` loaded the frozen base in bf16 (a GPU with bf16, a CPU with native bf16) its weights, and so the
+  activations and gradients through it, are bf16 in these passes too: ``G_n`` then carries bf16 rounding (it is
+  still squared and summed in float32). ``"run"``: under the run's precision (bf16 autocast on a GPU
   and on CPUs with native bf16), as training steps run; on a GPU the passes then use bf16 matmuls, and the values
   carry bf16 rounding. Measured on an H200 (bench/RESULTS.md, 1B shape, 64 x 1024 tokens): 11.5 s in float32,
-  3.4-3.6 s under the run's bf16. Float32 stays the default because it is the exact one; ``run`` is the choice for
-  large models on a GPU, where a Fisher of a few hundred examples is worth the bf16 rounding of G_n.
+  3.4-3.6 s under the run's bf16. Float32 stays the default because on a float32 base it is the exact one; ``run``
+  is the choice for large models on a GPU, where a Fisher of a few hundred examples is worth the bf16 rounding of
+  G_n.
 
 When the Fisher is computed (and at which weights):
 
@@ -162,8 +166,9 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     ``<module>.base_layer.weight``). The model is put in eval mode (no dropout) and restored; no ``.grad`` is touched.
     Sampled labels: ``torch.Generator(device).manual_seed(seed)``, one ``torch.multinomial`` call per example.
     ``precision`` (:data:`forgetless.precision.PRECISIONS`): the forward, the backward and the per-example ``G_n``
-    run in float32 with ``"fp32"`` (autocast off: the exact Fisher, the default), under bf16 autocast where it
-    resolves to ``"bf16"`` (the training loop's matmul precision; ``G_n`` is squared and summed in float32 either way).
+    run with autocast off with ``"fp32"`` (the default: the exact Fisher on a float32 base; a bf16 base still
+    computes in bf16), under bf16 autocast where it resolves to ``"bf16"`` (the training loop's matmul precision;
+    ``G_n`` is squared and summed in float32 either way).
 
     Gradient checkpointing, when the model has it on, stays on: dropout is off (eval mode) but the checkpointed
     layers keep recomputing their activations (:func:`_eval_keeping_checkpointing`), and each module's input is held
@@ -334,9 +339,10 @@ class EWCOptions(Options):
                               choices=("lora", "all"))
     anchor: str = option("general", "pull towards the adapter the domain stage starts from, or towards zero",
                          choices=("general", "zero"), domain=True)
-    fisher_precision: str = option("float32", "precision of the Fisher's passes: float32 (autocast off: the exact "
-                                              "per-example gradients) or run (the run's precision, bf16 autocast on "
-                                              "GPUs: faster there, values rounded)", choices=FISHER_PRECISIONS)
+    fisher_precision: str = option("float32", "precision of the Fisher's passes: float32 (autocast off: exact "
+                                              "per-example gradients on a float32 base) or run (the run's precision, "
+                                              "bf16 autocast on GPUs: faster there, values rounded)",
+                                   choices=FISHER_PRECISIONS)
     storage_dtype: str = option("float32", "dtype of the Fisher, saved and held in memory (bfloat16 halves both; the "
                                            "penalty is computed in float32)", choices=tuple(STORAGE_DTYPES))
     offload: str = option("none", "keep the Fisher in CPU memory, while it is computed and afterwards, and copy each "

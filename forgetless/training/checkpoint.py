@@ -4,14 +4,20 @@ A checkpoint is a folder ``step-000040`` inside the stage's checkpoint folder, w
 renamed when complete (a half-written checkpoint is never read), holding:
 
 * ``trainable.safetensors``: the trainable parameters (the adapter);
-* ``state.pt``: optimizer and scheduler state dicts, the RNG states (torch CPU and CUDA, Python, NumPy), the number of
-  optimizer steps taken (the data position: the loader is replayed up to it), the stage's history so far, each
-  method's :meth:`~forgetless.training.hooks.Method.stage_state`, and the stage's ``settings`` (what changes its
-  numbers: the training settings, the methods, the trainable parameters' shapes). A checkpoint of other settings is
-  refused, naming what differs: going on from it would train neither the old stage nor the new one.
+* ``state.pt``: optimizer and scheduler state dicts, the RNG states (torch CPU, the current CUDA device's, Python,
+  NumPy), the number of optimizer steps taken (the data position: the loader is replayed up to it), the stage's
+  history so far, each method's :meth:`~forgetless.training.hooks.Method.stage_state`, and the stage's ``settings``
+  (what changes its numbers: the training settings, the methods, the trainable parameters' shapes). A checkpoint of
+  other settings is refused, naming what differs: going on from it would train neither the old stage nor the new one.
 
 Only the newest complete checkpoint is kept. Resuming gives the same weights as an uninterrupted stage, bit for bit
 on a CPU in float32 (tested with a stage killed by SIGKILL).
+
+Only the current CUDA device's RNG state is saved, so a checkpoint resumes on a machine with fewer GPUs (one written
+by an older version, holding every visible GPU's state, restores the current device's entry when it has one). Under
+several processes only process 0 writes the checkpoint, so the RNG states saved are process 0's (its CUDA RNG state
+is its own GPU's) and every process restores those: the other processes' RNG, their CUDA RNG included, is not
+restored exactly.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ def latest(folder: str | Path | None) -> Path | None:
 
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # the current device's only: a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -49,8 +55,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # written by an older version: every visible GPU's state
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler,

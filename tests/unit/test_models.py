@@ -79,3 +79,64 @@ def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, 
     assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
     for (name, a), (_, b) in zip(first.state_dict().items(), later.state_dict().items(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def _fake_quantized_load(monkeypatch, cuda: bool):
+    """Stand-ins for bitsandbytes' config and transformers' loader: what ``load_model(quantization=...)`` asks for."""
+    import accelerate
+
+    import forgetless.models as models
+
+    asked = {"order": []}
+
+    def config(quantization, compute_dtype):
+        asked["compute_dtype"] = compute_dtype
+        return f"config:{quantization}"
+
+    def from_pretrained(name, **kwargs):
+        asked.update(kwargs)
+        return torch.nn.Linear(2, 2)
+
+    def current_device():
+        asked["order"].append("current_device")
+        return 1
+
+    monkeypatch.setattr(models, "quantization_config", config)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: "tokenizer")
+    monkeypatch.setattr(accelerate, "PartialState", lambda: asked["order"].append("PartialState"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", current_device)
+    return asked
+
+
+def test_a_quantized_base_goes_to_this_processs_gpu(monkeypatch):
+    """Under ``accelerate launch`` on several GPUs each process loads its k-bit base onto its own GPU (the one
+    accelerate's PartialState made current: the local rank), not every copy onto GPU 0."""
+    asked = _fake_quantized_load(monkeypatch, cuda=True)
+    load_model("some-org/some-model", precision="fp32", quantization="4bit")
+    assert asked["device_map"] == {"": 1}
+    assert asked["order"] == ["PartialState", "current_device"]  # the device is read after accelerate has set it
+    assert asked["quantization_config"] == "config:4bit"
+
+
+def test_a_quantized_base_without_a_gpu_stays_on_the_cpu(monkeypatch):
+    asked = _fake_quantized_load(monkeypatch, cuda=False)
+    load_model("some-org/some-model", precision="fp32", quantization="4bit")
+    assert asked["device_map"] == "cpu" and asked["order"] == []
+
+
+@pytest.mark.parametrize("precision, native, compute", [("fp32", True, torch.float32), ("bf16", False, torch.bfloat16),
+                                                        ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
+@pytest.mark.parametrize("cuda", [True, False])
+def test_a_4bit_base_computes_in_the_runs_precision(monkeypatch, precision, native, compute, cuda):
+    """bf16 compute where the run computes in bf16; float32 where its precision resolves to fp32 (an AVX2 CPU or a
+    T4 would emulate bf16, ~100x slower on the CPU)."""
+    from forgetless import precision as precision_module
+
+    asked = _fake_quantized_load(monkeypatch, cuda=cuda)
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
+    load_model("some-org/some-model", precision=precision, quantization="4bit")
+    assert asked["compute_dtype"] == compute
+    assert asked["dtype"] == compute  # dtype: auto, the base's other weights follow the run's precision too

@@ -33,6 +33,25 @@ def test_auto_on_cuda_is_bf16_exactly_when_the_gpu_supports_it(monkeypatch, supp
     assert resolve_precision("auto", torch.device("cuda", 0)) == ("bf16" if supported else "fp32")
 
 
+def test_auto_on_cuda_ignores_emulated_bf16(monkeypatch):
+    """A T4/V100 (sm 7.x): torch emulates bf16 there and counts it unless asked for native bf16 only; auto is fp32."""
+    seen = []
+
+    def emulating(including_emulation=True):
+        seen.append(including_emulation)
+        return including_emulation is not False
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulating)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_cuda_with_a_torch_whose_check_has_no_emulation_argument(monkeypatch, supported):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+    assert resolve_precision("auto", "cuda") == ("bf16" if supported else "fp32")
+
+
 def test_explicit_choices_are_kept_and_others_rejected(monkeypatch):
     monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -118,3 +118,37 @@ def test_a_checkpoint_of_other_data_or_other_start_weights_is_refused(tmp_path):
     again = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
     result = train_stage(again, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
     assert len(result.history) == 3  # the same model, data and settings: resumed at its last checkpoint
+
+
+def test_only_the_current_gpus_cuda_rng_state_is_saved_and_restored(monkeypatch):
+    """The checkpoint holds the current CUDA device's RNG state alone (a resume on a machine with fewer GPUs would fail
+    to restore every GPU's); a checkpoint of the older format (every visible GPU's states, a list) restores the
+    current device's entry when it has one. torch.cuda is stood in for, so this runs on a CPU."""
+    restored = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("every GPU's RNG state touched")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    def get_rng_state(device="cuda"):
+        return torch.tensor([10 + device], dtype=torch.uint8)
+
+    def set_rng_state(state, device="cuda"):
+        restored.append((int(state[0]), device))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    state = checkpoint._rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([11], dtype=torch.uint8))
+    checkpoint._set_rng_state(state)
+    assert restored == [(11, 1)]
+    restored.clear()
+    old = [torch.tensor([20 + i], dtype=torch.uint8) for i in range(3)]  # written on a machine with 3 GPUs
+    checkpoint._set_rng_state(state | {"cuda": old})
+    assert restored == [(21, 1)]
+    restored.clear()
+    checkpoint._set_rng_state(state | {"cuda": old[:1]})  # no entry for this device: left as it is
+    assert restored == []
