@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     from forgetless.config import ConfigError
     from forgetless.data import DataError
     from forgetless.experiment import RunFailed
+    from forgetless.landscape_runs import LandscapeFailed
     from forgetless.models import AdapterError, LeverUnavailable, ModelNotFoundError
     from forgetless.training.checkpoint import CheckpointMismatch
 
@@ -688,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forgetless: {'terminated (SIGTERM)' if terminated else 'interrupted'}: {kept}", file=sys.stderr)
         return 128 + signal.SIGTERM if terminated else 130
     except (DataError, ConfigError, AdapterError, ModelNotFoundError, LeverUnavailable, RunFailed, CheckpointMismatch,
-            OSError) as err:
+            LandscapeFailed, OSError) as err:
         if args.debug:
             raise
         print(f"forgetless: error: {err}", file=sys.stderr)

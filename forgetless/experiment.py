@@ -634,10 +634,12 @@ def set_aside(path: Path, suffix: str) -> Path:
 
 
 def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
-    """Rename a stale run's record and adapter with its digest: kept beside the new ones, never overwritten."""
+    """Rename a stale run's record, adapter, surfaces and logs with its digest: kept beside the new ones, never
+    overwritten (the old record's surface path then names a file the new run does not replace)."""
     suffix = record.get("settings_digest") or "old"
     adapters = out / "adapters"
-    for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected"):
+    for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected",
+                 out / "landscape" / job.rid, out / "logs" / job.rid):
         if path.exists():
             set_aside(path, suffix)
 
@@ -861,13 +863,16 @@ def _landscape_now(exp: Experiment, rid: str, progress: bool) -> None:
     an experiment stopped later has it in the record already. A measurement that fails is left to the landscape step
     at the end, which measures what is missing and raises what fails again; the runs go on. Not under
     ``accelerate launch`` with several processes: the main one measures, so the landscape step does it at the end."""
+    from forgetless.landscape_runs import LandscapeFailed
+
     if exp.landscape is None:
         return
     try:
         _measure_landscape(exp, progress, only={rid})
     except Exception as error:  # noqa: BLE001 - the landscape step retries it and raises
-        say(f"    {rid}: landscape not measured now ({type(error).__name__}: {error}); the landscape step at the "
-            f"end tries again")
+        problems = error.problems if isinstance(error, LandscapeFailed) else [f"{type(error).__name__}: {error}"]
+        for problem in problems:
+            say(f"    landscape not measured now: {problem}; the landscape step at the end tries again")
 
 
 _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
@@ -919,7 +924,8 @@ def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool
     workers = min(workers, len(groups))
     print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
           f"({_share_out(workers)[2]})")
-    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups])
+    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups],
+                names=[", ".join(job.rid for job in group) for group in groups])
 
 
 def _share_out(workers: int) -> tuple[int, int, str]:
@@ -950,16 +956,20 @@ def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
         return
     workers = min(workers, len(rids))
     print(f"landscape: measuring {len(rids)} run(s) on {workers} worker processes ({_share_out(workers)[2]})")
-    _in_workers(workers, [(_worker_landscape, (exp, rid, progress, workers)) for rid in rids])
+    _in_workers(workers, [(_worker_landscape, (exp, rid, progress, workers)) for rid in rids],
+                names=[f"the flatness of {rid}" for rid in rids])
 
 
-def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> None:
+def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]], names: list[str] | None = None) -> None:
     """Run ``tasks`` (function, arguments) in ``workers`` fresh processes, each taking the next task when free; the
     torch threads are shared out, and with several GPUs each worker gets one. A failed task does not stop the others;
     the first failure is raised once all are done. Ctrl-C stops every worker at once (they ignore SIGINT themselves,
-    which would otherwise let each finish the tasks already queued to it)."""
+    which would otherwise let each finish the tasks already queued to it). A worker that dies (the out-of-memory
+    killer, a signal) takes the pool's other work with it: that is a :class:`RunFailed` naming the tasks
+    (``names``) left unfinished."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     threads, devices, _ = _share_out(workers)
     context = multiprocessing.get_context("spawn")  # fresh processes: no forked torch / CUDA state
@@ -977,8 +987,15 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]]) -> 
         except KeyboardInterrupt:  # stop now: the runs in progress are lost (but for their checkpoints)
             _stop_workers(pool)
             raise
+    broken = [i for i, f in enumerate(futures) if not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)]
+    failures = [f for f in failures if not isinstance(f, BrokenProcessPool)]
     if failures:
         raise failures[0]
+    if broken:
+        left = "; ".join((names or [])[i] if names else str(i) for i in broken)
+        raise RunFailed(f"a worker process ended abruptly (killed: out of memory, or a signal), and the work of the "
+                        f"others stopped with it; not finished: {left}. The finished runs' records are kept; "
+                        f"`forgetless run` again resumes (each run from its last checkpoint)")
 
 
 def _stop_workers(pool: Any, grace: float = 10.0) -> None:
@@ -1035,7 +1052,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
     if todo and (elsewhere := computed_elsewhere(exp)):
         print(elsewhere)
     raw = validate(exp, todo, out / "stages") if todo else None
-    current = None
+    current, failed, landscape_step = None, None, False
     parallel = workers > 1 and len(todo) > 1
     try:
         if parallel:
@@ -1059,12 +1076,12 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                         _landscape_now(exp, job.rid, progress)  # first collective, past a timeout on a large model
                     print(f"    [{left_line(exp)}]")
         if exp.landscape is not None and is_main_process():
-            if workers > 1:
-                _landscape_parallel(exp, workers, progress)
-            _measure_landscape(exp, progress)  # what is left: everything, with one worker
+            landscape_step = True
+            failed = _landscape_step(exp, workers, progress)
     except KeyboardInterrupt:
         stopped = f"{current} was stopped and is not recorded; " if current else (
-            "the runs in progress were stopped and are not recorded; " if parallel else "")
+            "the landscape step was stopped (every run is recorded; the flatness measured so far is too); "
+            if landscape_step else "the runs in progress were stopped and are not recorded; " if parallel else "")
         raise Interrupted(f"{stopped}the finished runs' records in {out / 'runs'} are kept; `forgetless run` again "
                           f"resumes") from None
     from forgetless.reporting.tables import load_results
@@ -1072,7 +1089,26 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
     results = load_results(out)
     if is_main_process():
         _write_report(exp, results)
+    if failed is not None:  # the tables first: a run that cannot be measured does not keep them from the others
+        raise failed
     return results
+
+
+def _landscape_step(exp: Experiment, workers: int, progress: bool) -> Exception | None:
+    """Measure the flatness the records still lack (with ``workers`` processes, then what is left with one, which
+    names every run it cannot measure); return that failure rather than raise it."""
+    from forgetless.landscape_runs import LandscapeFailed
+
+    try:
+        if workers > 1:
+            try:
+                _landscape_parallel(exp, workers, progress)
+            except LandscapeFailed:
+                pass  # measured again below, with one worker, which names every run left
+        _measure_landscape(exp, progress)  # what is left: everything, with one worker
+    except LandscapeFailed as error:
+        return error
+    return None
 
 
 def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:

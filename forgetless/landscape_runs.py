@@ -21,6 +21,16 @@ from forgetless.landscape import LandscapeSettings, measure_flatness, save_surfa
 from forgetless.progress import say
 
 
+class LandscapeFailed(RuntimeError):
+    """Runs whose flatness could not be measured, each named with why (``problems``); what could be measured was
+    written."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"landscape: {len(problems)} run(s) not measured (the others are):\n  - "
+                         + "\n  - ".join(problems))
+        self.problems = problems
+
+
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -52,9 +62,11 @@ def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size
     extra = {"data": data_key, "block_size": block, "model": model_name}
     every = settings.all_weights()
     digests = {"block": block, "main": settings.digest(extra), "every": every.digest(extra) if every else None}
+    from forgetless.reporting.tables import read_record
+
     todo, records = [], []
     for path in sorted((Path(output) / "runs").glob("*.json")):
-        record = json.loads(path.read_text())
+        record = read_record(path)  # a corrupt record: an error naming it
         records.append(record)
         entry = record.get("landscape") or {}
         main = entry.get("digest") != digests["main"]
@@ -118,59 +130,82 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
 
     The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
-    domain stage); a run without an adapter (``base``) is measured only with ``params: all``. The evaluation set
+    domain stage); a run that trained nothing (``base``) is measured only with ``params: all``. The evaluation set
     is the first ``settings.blocks`` blocks of ``heldout_texts()`` (loaded only if a run needs measuring).
     With ``settings.all_weights_seeds``, the runs of those seeds (``base`` included) also get the surface over
     all weights, ``record["landscape"]["all_weights"]`` (its own digest: adding it measures only it). Returns how
     many runs were measured. ``only``: measure only these runs (record file stems), as one of several worker
     processes does.
-    """
-    from forgetless.data import lm_examples, pack_blocks
-    from forgetless.models import load_adapter, load_model
 
+    A trained run whose adapter is not here (records moved to another machine without their weights) and a run whose
+    measurement fails are left as they are, and the others measured; then :class:`LandscapeFailed` names each.
+    """
     todo, records, digests = _todo(output, model_name, settings, block_size, data_key)
     if only is not None:
         todo = [item for item in todo if item[0].stem in only]
-    block, digest, every_digest = digests["block"], digests["main"], digests["every"]
-    every = settings.all_weights()
     if not todo:
         return 0
     if only is None:
         print(f"landscape: measuring {len(todo)} run(s) ({len(records) - len(todo)} already measured)")
-    examples = None
-    measured = 0
+    cache: dict[str, Any] = {}  # the evaluation examples, tokenized once
+    measured, problems = 0, []
     for path, record, main, also in todo:
         rid = record.get("run_id", path.stem)
         adapter = Path(output) / "adapters" / rid
-        has_adapter = (adapter / "adapter_config.json").is_file()
-        if main:
-            entry = {"digest": digest, "settings": asdict(settings) | {"block_size": block}}
-        else:
-            entry = dict(record["landscape"])
-        if main and not has_adapter and settings.params == "trainable":
-            entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
-            if not also:
-                _write_json(path, record | {"landscape": entry})
-                continue
-        model, tokenizer = load_model(model_name, precision=settings.precision)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-        if examples is None:
-            blocks = pack_blocks(heldout_texts(), tokenizer, block, max_blocks=settings.blocks)
-            examples = lm_examples(blocks)
-        if has_adapter:
-            model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
-        if main and "skipped" not in entry:
-            entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
-        if also:
-            entry["all_weights"] = {"digest": every_digest} | _measure(
-                model, examples, every, output, Path("landscape") / rid / "all_weights", progress)
-        _write_json(path, record | {"landscape": entry})
-        measured += 1
-        for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):
-            if part and "metrics" in part:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
-                say(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
-        del model
+        if record.get("stages") and not (adapter / "adapter_config.json").is_file():
+            problems.append(f"{rid}: its adapter {adapter} is missing (adapters stay on the machine that trained "
+                            f"them): restore it there, or delete {path} to train the run again")
+            continue
+        try:
+            measured += _measure_run(output, model_name, settings, heldout_texts, digests, cache, progress, path,
+                                     record, main, also)
+        except Exception as error:  # noqa: BLE001 - the others are measured, then every failure is raised
+            problems.append(f"{rid}: {type(error).__name__}: {error}")
+            continue
         if only is None:
             say(f"    [{left_line(output, model_name, settings, block_size, data_key)}]")
+    if problems:
+        raise LandscapeFailed(problems)
     return measured
+
+
+def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
+                 digests: dict[str, Any], cache: dict[str, Any], progress: bool, path: Path, record: dict[str, Any],
+                 main: bool, also: bool) -> int:
+    """Measure one run of :func:`measure_runs` and write its record; 1 when a model was measured, 0 when the run
+    was only marked skipped (it trained nothing and only the trainable directions are asked for)."""
+    from forgetless.data import lm_examples, pack_blocks
+    from forgetless.models import load_adapter, load_model
+
+    rid = record.get("run_id", path.stem)
+    adapter = Path(output) / "adapters" / rid
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    if main:
+        entry = {"digest": digests["main"], "settings": asdict(settings) | {"block_size": digests["block"]}}
+    else:
+        entry = dict(record["landscape"])
+    if main and not has_adapter and settings.params == "trainable":
+        entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
+        if not also:
+            _write_json(path, record | {"landscape": entry})
+            return 0
+    model, tokenizer = load_model(model_name, precision=settings.precision)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if "examples" not in cache:
+        blocks = pack_blocks(heldout_texts(), tokenizer, digests["block"], max_blocks=settings.blocks)
+        cache["examples"] = lm_examples(blocks)
+    examples = cache["examples"]
+    if has_adapter:
+        model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
+    if main and "skipped" not in entry:
+        entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
+    if also:
+        entry["all_weights"] = {"digest": digests["every"]} | _measure(
+            model, examples, settings.all_weights(), output, Path("landscape") / rid / "all_weights", progress)
+    _write_json(path, record | {"landscape": entry})
+    for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):
+        if part and "metrics" in part:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
+            say(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
+    del model
+    return 1

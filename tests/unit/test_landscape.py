@@ -418,7 +418,7 @@ def test_a_runs_flatness_is_recorded_before_the_next_run_trains(tmp_path, tiny_m
     run_experiment(load_experiment(path), progress=False)
     out = capsys.readouterr().out
     assert seen == {"lora-mu__gen__seed0": {}, "lora-nu-mu__gen__seed0": {"lora-mu__gen__seed0": False}}
-    assert ("lora-mu__gen__seed0: landscape not measured now (RuntimeError: no space left on device); the landscape "
+    assert ("landscape not measured now: lora-mu__gen__seed0: RuntimeError: no space left on device; the landscape "
             "step at the end tries again") in out
     assert out.index("lora-nu-mu__gen__seed0: loss ") < out.index("landscape: measuring 1 run(s)")
     assert len(calls) == 3  # the failed one, lora-nu-mu at once, lora-mu again at the end
@@ -452,6 +452,37 @@ def test_under_several_processes_the_landscape_waits_for_the_end(tmp_path, tiny_
     run_experiment(load_experiment(path), progress=False)
     out = capsys.readouterr().out
     assert out.index("[2/2] lora-mu__gen__seed1") < out.index("landscape: measuring 2 run(s) (0 already measured)")
+
+
+def test_a_trained_run_without_its_adapter_is_named_not_marked_skipped(tmp_path, tiny_model_dir, capsys):
+    """Records restored on another machine without their (uncommitted) adapters: a trained run cannot be measured
+    there. It is named, with what to do, and its record is left as it was (an older measurement kept, never a
+    "skipped" that would stick); the others are measured and the tables written before the error."""
+    import shutil
+
+    from forgetless.cli import main
+    from forgetless.experiment import load_experiment, run_experiment
+
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0])
+    run_experiment(load_experiment(path), progress=False)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "adapters" / "lora-mu__gen__seed0")
+    (out / "results.md").unlink()
+    tuned = out / "runs" / "lora-mu__gen__seed0.json"
+    older = {"digest": "0123456789", "metrics": {"surface_curvature": 0.5}}
+    tuned.write_text(json.dumps(json.loads(tuned.read_text()) | {"landscape": older}))
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1,
+                 "all_weights_seeds": [0]}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0], landscape=landscape)
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ("forgetless: error: landscape: 1 run(s) not measured (the others are):\n  - lora-mu__gen__seed0: its "
+            f"adapter {out / 'adapters' / 'lora-mu__gen__seed0'} is missing (adapters stay on the machine that trained "
+            f"them): restore it there, or delete {tuned} to train the run again") in err
+    assert json.loads(tuned.read_text())["landscape"] == older
+    base = json.loads((out / "runs" / "base__gen__seed0.json").read_text())["landscape"]
+    assert "skipped" in base and "metrics" in base["all_weights"]  # base: nothing trainable, all weights measured
+    assert (out / "results.md").is_file()
 
 
 def test_the_landscape_command_measures_in_fp32_unless_told():

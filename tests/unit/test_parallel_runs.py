@@ -247,3 +247,27 @@ def test_ctrl_c_taken_by_another_thread_still_stops_the_workers():
         assert time.monotonic() - start < 40  # the runs would have ended after 60 s
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _killed():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer ends a worker
+
+
+def _waits():
+    import time
+
+    time.sleep(3)
+
+
+def test_a_worker_killed_outright_is_an_error_naming_what_was_left():
+    """A worker that dies takes the pool's other work with it (concurrent.futures' broken pool): the error names the
+    tasks left unfinished and says that `forgetless run` resumes, rather than a traceback naming nothing."""
+    from forgetless.experiment import RunFailed, _in_workers
+
+    with pytest.raises(RunFailed, match=r"a worker process ended abruptly .*not finished: (lora-mu__t__seed0|.*); .*"
+                                        r"`forgetless run` again resumes") as caught:
+        _in_workers(2, [(_killed, ()), (_waits, ())], names=["lora-mu__t__seed0", "replay__t__seed0"])
+    assert "lora-mu__t__seed0" in str(caught.value)

@@ -116,6 +116,9 @@ def test_changed_settings_are_not_reused_and_rerun_keeps_the_old_record(tmp_path
                           "now and are not reused:\n  lora-mu__gen__seed0: train.domain.max_steps: 2 -> 3\n")
     assert "--rerun-changed" in err and records(out) == first
 
+    surface = out / "landscape" / "lora-mu__gen__seed0" / "surface.npz"  # what an old landscape: section measured
+    surface.parent.mkdir(parents=True)
+    surface.write_bytes(b"old surface")
     code, printed, _ = run(capsys, "run", str(path), "--rerun-changed")
     assert code == 0 and "redoing 1 run(s) whose settings changed" in printed
     now = records(out)
@@ -126,6 +129,8 @@ def test_changed_settings_are_not_reused_and_rerun_keeps_the_old_record(tmp_path
     kept = out / "runs" / f"lora-mu__gen__seed0.json.{old_digest}"
     assert json.loads(kept.read_text()) == first["lora-mu__gen__seed0"]  # beside the new one, not overwritten
     assert (out / "adapters" / f"lora-mu__gen__seed0.{old_digest}" / "adapter_model.safetensors").is_file()
+    assert (out / "landscape" / f"lora-mu__gen__seed0.{old_digest}" / "surface.npz").read_bytes() == b"old surface"
+    assert not surface.exists()  # the old record's surface path names a folder the new run will not write into
     assert "| lora-mu |" in (out / "results.md").read_text()
 
 
