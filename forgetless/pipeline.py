@@ -245,8 +245,14 @@ def run_recipe(
             selected["adapter"] = folder.name
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
-                     variants=variants, seconds=time.perf_counter() - started, suite=scores["suite"],
+                     variants=variants, seconds=time.perf_counter() - started + _before_resume(stages),
+                     suite=scores["suite"],
                      selected=selected, computed=computed_in(model, settings))
+
+
+def _before_resume(stages: list[dict[str, Any]]) -> float:
+    """The seconds that stages resumed from a checkpoint spent in earlier sessions (not in this call's wall time)."""
+    return sum(float((s.get("extras") or {}).get("seconds_before_resume", 0.0)) for s in stages if not s.get("cached"))
 
 
 def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, str]:

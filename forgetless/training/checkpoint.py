@@ -66,8 +66,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
          history: list[dict[str, float]], methods_state: list[dict[str, torch.Tensor]],
-         settings: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint after ``step`` optimizer steps; remove older ones."""
+         settings: dict[str, Any] | None = None, seconds: float | None = None) -> Path:
+    """Write the checkpoint after ``step`` optimizer steps; remove older ones. ``seconds``: the stage's wall time so
+    far, its earlier sessions included (a resumed stage reports its whole time)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -78,7 +79,8 @@ def save(folder: str | Path, step: int, named_params: Sequence[tuple[str, torch.
     tmp.mkdir(parents=True)
     save_file({n: p.detach().to("cpu").contiguous() for n, p in named_params}, str(tmp / "trainable.safetensors"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "history": history, "methods": methods_state, "settings": settings},
+                "rng": _rng_state(), "history": history, "methods": methods_state, "settings": settings,
+                "seconds": seconds},
                tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -100,7 +102,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def load(path: Path, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
          settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Restore weights, optimizer and scheduler from ``path``; return the rest (step, history, RNG, methods).
+    """Restore weights, optimizer and scheduler from ``path``; return the rest (step, history, RNG, methods, the
+    stage's seconds until then: None in a checkpoint of an older version).
 
     :class:`CheckpointMismatch` (nothing restored) when the checkpoint's trainable parameters differ from the model's
     in name or shape, or when both it and the caller give ``settings`` and they differ (a checkpoint written before

@@ -276,7 +276,7 @@ def train_stage(
     wrapper.train()
     batches = _endless(loader)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    first = 0
+    first, earlier = 0, 0.0  # steps and seconds of a checkpoint this stage resumes from
     resume_from = checkpoint.latest(checkpoint_dir)
     stage_settings = None  # what a checkpoint must share with this stage; computed only where one is written or read
     if checkpoint_dir is not None and (config.save_every or resume_from is not None):
@@ -285,6 +285,7 @@ def train_stage(
     if resume_from is not None:
         saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
         first, result.history = saved["step"], saved["history"]
+        earlier = float(saved.get("seconds") or 0.0)  # the stage's time until that checkpoint, earlier sessions'
         skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
         for _ in range(first * config.grad_accum):  # the data position: replay the loader (and its RNG)
             next(batches)
@@ -359,7 +360,8 @@ def train_stage(
                 sync()  # on every process alike: a non-finite step stops them all at the same step
             if saving and main:
                 checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
-                                [method.stage_state(ctx) for method in methods], stage_settings)
+                                [method.stage_state(ctx) for method in methods], stage_settings,
+                                seconds=earlier + time.perf_counter() - started)
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
     finally:
         log.close()
@@ -369,8 +371,10 @@ def train_stage(
     if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
         disable_gradient_checkpointing(model, use_cache)
     wrapper.eval()
-    result.seconds = time.perf_counter() - started
+    result.seconds = earlier + time.perf_counter() - started  # a resumed stage: its earlier sessions' time too
     result.extras = ctx.extras
+    if resume_from is not None:  # where it went on from, and the time before that (in result.seconds too)
+        result.extras |= {"resumed_from_step": first, "seconds_before_resume": round(earlier, 3)}
     if skipped:
         result.extras["skipped_steps"] = skipped
     if not config.keep_checkpoints and accelerator.is_main_process:

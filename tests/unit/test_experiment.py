@@ -1,9 +1,11 @@
 """End-to-end experiment runs on a tiny random model saved to a folder: runs, tables, resumption."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from forgetless.config import ConfigError, load_experiment
@@ -250,12 +252,19 @@ def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp
     kept = tmp_path / "b" / "out" / "checkpoints" / "lora-mu__gen__seed0" / "domain"
     assert [p.name for p in kept.iterdir()] == ["step-000002"]  # the newest before the end
     monkeypatch.setattr(pipeline, "evaluate", real)
+    before = torch.load(kept / "step-000002" / "state.pt", weights_only=False)["seconds"]
     loads = []
     original = checkpoint.load
     monkeypatch.setattr(checkpoint, "load", lambda folder, *a, **k: loads.append(Path(folder).name) or original(
         folder, *a, **k))
+    started = time.perf_counter()
     record = run_experiment(load_experiment(path), progress=False)[0]
+    this_call = time.perf_counter() - started
     assert loads == ["step-000002"]  # resumed there: only the last domain step was trained again
+    # its time counts the interrupted session's domain steps too, and the record says where it resumed
+    domain = record["stages"][-1]
+    assert domain["extras"]["resumed_from_step"] == 2 and domain["extras"]["seconds_before_resume"] == round(before, 3)
+    assert before < record["seconds"] <= this_call + before + 1e-3  # added once, to this call's time
     assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
     assert not (tmp_path / "b" / "out" / "checkpoints").exists()
 

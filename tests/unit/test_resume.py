@@ -29,8 +29,12 @@ def test_killed_stage_resumes_bit_for_bit(case, tmp_path):
     saved = checkpoint.latest(folder)
     assert saved is not None and saved.name == f"step-{k:06d}"
     assert not list(folder.glob("*.tmp"))  # nothing half-written is left to be read
+    before = torch.load(saved / "state.pt", weights_only=False)["seconds"]  # the killed session's time until step k
 
     resumed_weights, resumed_plugins, resumed = run_stage(case, folder)
+    # the resumed stage reports its whole time, the killed session's included, and says where it resumed
+    assert resumed.extras["resumed_from_step"] == k and resumed.extras["seconds_before_resume"] == round(before, 3)
+    assert before > 0 and resumed.seconds > before
     weights, plugins, uninterrupted = run_stage(case)
     for name, w in weights.items():
         assert torch.equal(resumed_weights[name], w), name

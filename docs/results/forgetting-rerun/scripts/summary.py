@@ -45,21 +45,25 @@ def rows(recs: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
 
 
 def timing(recs: dict[str, dict]) -> None:
+    """A general stage is counted once, from whichever record holds it (a run that resumed after the stage was
+    cached shows it as cached); a run's own seconds are the rest of its record's, earlier sessions included."""
     parts = defaultdict(float)
     stages = {}
     for rid, rec in recs.items():
-        parts["runs (records' seconds)"] += rec["seconds"]
+        own = rec["seconds"]
         for stage in rec["stages"]:
-            if stage["stage"] == "general" and not stage.get("cached"):
+            if stage["stage"] == "general":
                 stages[rec.get("general_stage", rid)] = stage["seconds"]
+                own -= 0.0 if stage.get("cached") else stage["seconds"]
             if stage["stage"] == "domain":
                 parts["  of which domain stages"] += stage["seconds"]
+        parts["runs: domain stages and evaluations"] += own
         land = rec.get("landscape") or {}
         parts["landscape, LoRA directions"] += land.get("seconds", 0.0)
         parts["landscape, all weights"] += (land.get("all_weights") or {}).get("seconds", 0.0)
-    parts["  of which general stages trained"] = sum(stages.values())
-    total = parts["runs (records' seconds)"] + parts["landscape, LoRA directions"] + parts["landscape, all weights"]
-    print(f"{len(recs)} records; {len(stages)} general stages trained in them")
+    parts["general stages"] = sum(stages.values())
+    total = sum(v for k, v in parts.items() if not k.startswith("  "))
+    print(f"{len(recs)} records; {len(stages)} general stages in them")
     for name, seconds in parts.items():
         print(f"  {name:38s} {seconds / 3600:6.2f} worker-h")
     print(f"  {'total':38s} {total / 3600:6.2f} worker-h = {total / 7200:.2f} h on two workers")
