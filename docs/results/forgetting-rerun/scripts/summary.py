@@ -75,7 +75,7 @@ def main() -> None:
         sys.exit(f"no records in {NEW}")
     timing(new)
     a, b = rows(new), rows(old)
-    base_new, base_old = a.get("base"), b.get("base")
+    base_new = a.get("base")
     print("\nmethod: rerun mean (seeds) | lr 3e-3 mean, per measure; suite in points")
     for label in a:
         cells = []
