@@ -96,10 +96,11 @@ def _plan_text(exp: Experiment) -> str:
                      f"for {len(todo) - unknown} run(s)"
                      + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
                      + " (with --jobs N, about 1/N of it)")
-    if exp.landscape is not None and done:  # the landscape step measures recorded runs
+    if exp.landscape is not None and done:  # recorded runs without their flatness (each run's is measured after it)
         from forgetless.landscape_runs import left_line as landscape_left
 
-        lines.append("landscape step (once every run is recorded): "
+        lines.append("flatness of the recorded runs (the runs to do are measured as each finishes, in the time "
+                     "above): "
                      + landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
                                       exp.general.heldout.cache_key(), jobs_hint=True))
     raw = read_data(exp)

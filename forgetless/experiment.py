@@ -803,10 +803,26 @@ def _time_left(took: dict[str, dict[str, float]], output: Path, job: Job) -> flo
 
 
 def time_to_do(exp: Experiment, todo: list[Job]) -> tuple[float, int]:
-    """(estimated wall seconds of the runs ``todo`` whose method has a finished run here, how many runs have none)."""
+    """(estimated wall seconds of the runs ``todo`` whose method has a finished run here, how many runs have none).
+    With a ``landscape:`` section a run's estimate includes its flatness, measured right after it (once a
+    measurement of that kind is recorded)."""
     took = _seconds_by_method(exp.output)
-    known = [left for left in (_time_left(took, exp.output, job) for job in todo) if left is not None]
+    flatness = _landscape_estimate(exp)
+    known = [left + flatness(bool(job.recipe.stages), job.seed)
+             for left, job in ((_time_left(took, exp.output, job), job) for job in todo) if left is not None]
     return sum(known), len(todo) - len(known)
+
+
+def _landscape_estimate(exp: Experiment) -> Callable[[bool, int], float]:
+    if exp.landscape is None or not (exp.output / "runs").is_dir():
+        return lambda trains, seed: 0.0
+    from forgetless.landscape_runs import seconds_per_run
+
+    try:
+        return seconds_per_run(exp.output, exp.model, exp.landscape, exp.general.block_size,
+                               exp.general.heldout.cache_key())
+    except ConfigError:  # a corrupt record: no estimate here; it is reported where records are read for real
+        return lambda trains, seed: 0.0
 
 
 def left_line(exp: Experiment, workers: int = 1) -> str:

@@ -89,22 +89,15 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
     line = f"{len(records) - len(todo)}/{len(records)} runs' flatness measured"
     if not todo:
         return line
-    spent: dict[str, list[float]] = {"main": [], "every": []}
-    for record in records:
-        entry = record.get("landscape") or {}
-        if entry.get("digest") == digests["main"] and "seconds" in entry:
-            spent["main"].append(float(entry["seconds"]))
-        every = entry.get("all_weights") or {}
-        if every.get("digest") == digests["every"] and "seconds" in every:
-            spent["every"].append(float(every["seconds"]))
+    spent = _mean_seconds(records, digests)
     seconds, timed, untimed = 0.0, 0, 0
     for path, record, main, also in todo:
         adapter = Path(output) / "adapters" / record.get("run_id", path.stem) / "adapter_config.json"
         # a run without trained weights is skipped at once when only the trainable directions are asked for
         for kind, wanted in (("main", main and (adapter.is_file() or settings.params != "trainable")),
                              ("every", also)):
-            if wanted and spent[kind]:
-                seconds, timed = seconds + sum(spent[kind]) / len(spent[kind]), timed + 1
+            if wanted and spent[kind] is not None:
+                seconds, timed = seconds + spent[kind], timed + 1
             elif wanted:
                 untimed += 1
     if timed:
@@ -116,6 +109,36 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
     elif untimed:
         line += "; the time left is estimated once a measurement of each kind has finished"
     return line
+
+
+def _mean_seconds(records: list[dict[str, Any]], digests: dict[str, Any]) -> dict[str, float | None]:
+    """Mean seconds of a measurement over the LoRA directions (``"main"``) and over all weights (``"every"``) among
+    ``records`` measured with these settings; None for a kind not measured yet."""
+    spent: dict[str, list[float]] = {"main": [], "every": []}
+    for record in records:
+        entry = record.get("landscape") or {}
+        if entry.get("digest") == digests["main"] and "seconds" in entry:
+            spent["main"].append(float(entry["seconds"]))
+        every = entry.get("all_weights") or {}
+        if every.get("digest") == digests["every"] and "seconds" in every:
+            spent["every"].append(float(every["seconds"]))
+    return {kind: sum(values) / len(values) if values else None for kind, values in spent.items()}
+
+
+def seconds_per_run(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
+                    data_key: Any = None) -> Callable[[bool, int], float]:
+    """``estimate(trains, seed)``: the seconds of measuring one run still to train (``trains``: it will have an
+    adapter; ``seed``: whether it gets the all-weights surface), from the measurements already recorded (read once);
+    a kind not measured yet counts 0."""
+    _, records, digests = _todo(output, model_name, settings, block_size, data_key)
+    spent = _mean_seconds(records, digests)
+
+    def estimate(trains: bool, seed: int) -> float:
+        main = spent["main"] if trains or settings.params != "trainable" else None
+        every = spent["every"] if settings.all_weights_seeds and seed in settings.all_weights_seeds else None
+        return (main or 0.0) + (every or 0.0)
+
+    return estimate
 
 
 def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,

@@ -157,5 +157,25 @@ def test_dry_run_names_the_landscape_step_once_runs_are_recorded(tmp_path, capsy
     (adapter / "adapter_config.json").write_text("{}")  # trained weights: its LoRA directions are to measure
     assert main(["run", str(path), *overrides, "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert ("landscape step (once every run is recorded): 0/1 runs' flatness measured; the time left is estimated "
-            "once a measurement of each kind has finished") in text
+    assert ("flatness of the recorded runs (the runs to do are measured as each finishes, in the time above): 0/1 "
+            "runs' flatness measured; the time left is estimated once a measurement of each kind has finished") in text
+
+
+def test_the_time_left_counts_the_flatness_measured_after_each_run(tmp_path, tiny_model_dir, capsys):
+    """Each run's flatness is measured right after it, so a run still to do is estimated at its method's mean time
+    plus the mean time of a measurement (here 600 s + 1200 s)."""
+    import json
+
+    from tests.unit.test_experiment import write_experiment
+
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1,
+                 "all_weights_seeds": [0]}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[1], landscape=landscape)
+    assert main(["run", str(path), "--quiet"]) == 0
+    record_path = tmp_path / "out" / "runs" / "lora-mu__gen__seed1.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(record | {"seconds": 600.0, "landscape": record["landscape"] | {"seconds": 1200.0}}))
+    capsys.readouterr()
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[1, 2], landscape=landscape)
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "about 30 min for 1 run(s)" in capsys.readouterr().out  # 600 + 1200 s
