@@ -161,6 +161,16 @@ class TrainStages:
     general: TrainConfig = field(default_factory=TrainConfig)
     domain: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # TrainConfig's precision and seed serve the library's train_stage; an experiment sets them once for every
+        # stage (the top-level precision: and seeds:), so a stage's own value would be silently replaced
+        for stage in ("general", "domain"):
+            config = getattr(self, stage)
+            for key, top in (("precision", "precision: at the top of the experiment"),
+                             ("seed", "seeds: at the top, one run per seed")):
+                if isinstance(config, TrainConfig) and getattr(config, key) != getattr(TrainConfig, key):
+                    raise ValueError(f"{stage}.{key}: a stage has no {key} of its own in an experiment; set {top}")
+
 
 @dataclass
 class SuiteTask:

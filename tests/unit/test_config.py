@@ -37,6 +37,12 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
      "general.train: unknown key 'limt'; known: ['field', 'limit', 'max_blocks', 'name', 'source', 'split']"),
     ("general: {train: g.jsonl, heldout: {source: h.txt, max_block: 3}}", "general.heldout: unknown key 'max_block'"),
     ("general: {train: g.jsonl, heldout: h.txt, blocksize: 64}", "general: unknown key 'blocksize'"),
+    # a stage's own precision or seed would be replaced by the experiment's (run_recipe): refused, saying where
+    ("train: {general: {max_steps: 2}, domain: {max_steps: 2, precision: fp32}}",
+     "train: domain.precision: a stage has no precision of its own in an experiment; set precision: at the top of "
+     "the experiment"),
+    ("train: {general: {seed: 3}}", "train: general.seed: a stage has no seed of its own in an experiment; set seeds: "
+     "at the top, one run per seed"),
     ("eval: {batchsize: 4}", "eval: unknown key 'batchsize'; known: ['batch_size', 'every', 'every_blocks', 'every_items', 'select', 'share_prefix', 'suite', 'suite_limit']"),
     ("train: {generall: {max_steps: 2}}", "train: unknown key 'generall'; known: ['domain', 'general']"),
     ("train: {general: {max_stepz: 2}}", "train.general: unknown key 'max_stepz'"),
