@@ -698,7 +698,8 @@ def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) 
     checkpoints = _inside(out, out / "checkpoints" / job.rid)
     if is_main_process():  # what its checkpoints, if it writes any, are written under
         checkpoints.mkdir(parents=True, exist_ok=True)
-        _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings})
+        _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings,
+                                                         "computed": {"precision": _precision_here(exp)}})
     return run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
                    checkpoint_dir=checkpoints,
                    adapter_dir=_inside(out, out / "adapters" / job.rid))
@@ -842,27 +843,38 @@ def left_line(exp: Experiment, workers: int = 1) -> str:
     return line
 
 
-def computed_elsewhere(exp: Experiment) -> str:
-    """A warning ("" when there is none) when finished runs of ``exp`` were computed in another precision than this
-    machine gives ``exp.precision``: ``auto`` is bf16 on a CPU with native bf16 (and on CUDA) and fp32 on an
-    AVX2-only CPU, so an experiment resumed on another machine would set side by side runs computed differently."""
+def _precision_here(exp: Experiment) -> str:
     from forgetless.precision import resolve_precision
 
-    here = resolve_precision(exp.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(exp.precision, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def computed_elsewhere(exp: Experiment) -> str:
+    """A warning ("" when there is none) when finished runs, cached general stages or checkpoints of ``exp`` were
+    computed in another precision than this machine gives ``exp.precision``: ``auto`` is bf16 on a CPU with native
+    bf16 (and on a GPU with it) and fp32 on an AVX2-only CPU, so an experiment resumed on another machine would set
+    side by side runs computed differently, or go on from a stage computed differently."""
+    here = _precision_here(exp)
+    out = exp.output
     other: dict[str, list[str]] = {}
-    for path in sorted((exp.output / "runs").glob("*.json")):
-        try:
-            computed = json.loads(path.read_text()).get("computed") or {}
-        except (OSError, ValueError, AttributeError):
-            continue  # an unreadable record is reported where records are read
-        if computed.get("precision") not in (None, here):
-            other.setdefault(str(computed["precision"]), []).append(path.stem)
+    for kind, paths in (("run", out.glob("runs/*.json")), ("general stage", out.glob("stages/*/stage.json")),
+                        ("checkpoint", out.glob("checkpoints/*/settings.json"))):
+        for path in sorted(paths):
+            try:
+                computed = json.loads(path.read_text()).get("computed") or {}
+            except (OSError, ValueError, AttributeError):
+                continue  # an unreadable record is reported where records are read
+            if computed.get("precision") not in (None, here):
+                name = path.stem if kind == "run" else path.parent.name
+                other.setdefault(str(computed["precision"]), []).append(f"{kind} {name}")
     if not other:
         return ""
-    said = "; ".join(f"{len(rids)} in {p} ({rids[0]}{' and more' if len(rids) > 1 else ''})" for p, rids in other.items())
-    return (f"    warning: finished runs were computed in another precision than this machine gives precision "
-            f"{exp.precision!r} ({here}): {said}. The runs left will not be computed alike; pin `precision:` to the "
-            f"finished runs' to keep them alike (bf16 on a CPU without native bf16 is slower)")
+    said = "; ".join(f"{len(names)} in {p} ({names[0]}{' and more' if len(names) > 1 else ''})"
+                     for p, names in other.items())
+    return (f"    warning: finished runs, cached general stages or checkpoints here were computed in another precision "
+            f"than this machine gives precision {exp.precision!r} ({here}): {said}. The runs left will not be "
+            f"computed alike; pin `precision:` to theirs to keep them alike (bf16 on a CPU without native bf16 is "
+            f"slower)")
 
 
 def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = None) -> None:
@@ -894,6 +906,13 @@ def _landscape_now(exp: Experiment, rid: str, progress: bool) -> None:
 _WORKER: dict[str, Any] = {}  # a worker process's state: its torch threads and device, the experiment's data
 
 
+def worker_gpu(number: int, devices: int, visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of worker ``number``: one of the GPUs this process sees, taken from its own list
+    when it has one (a scheduler's ``2,3`` stays on GPUs 2 and 3), else an index."""
+    listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    return listed[number % len(listed)] if listed else str(number % devices)
+
+
 def _worker_start(threads: int, devices: int, counter: Any, workers: int = 1) -> None:
     import signal
 
@@ -907,7 +926,7 @@ def _worker_start(threads: int, devices: int, counter: Any, workers: int = 1) ->
         number = counter.value
         counter.value += 1
     if devices > 1:  # one GPU per worker (CUDA is not initialised yet in this fresh process)
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(number % devices)
+        os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(number, devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
     torch.set_num_threads(threads)
     _WORKER["number"], _WORKER["workers"] = number, workers
     from transformers.utils import logging as hf_logging

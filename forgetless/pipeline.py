@@ -74,7 +74,7 @@ class RunResult:
     seconds: float = 0.0
     suite: dict[str, dict[str, float]] = field(default_factory=dict)  # general-suite task -> {acc, acc_norm, n, ...}
     selected: dict[str, Any] | None = None  # the checkpoint kept by eval.select: {step, scores, adapter, ...}
-    computed: dict[str, str] = field(default_factory=dict)  # what "auto" became here: device, precision, base dtype
+    computed: dict[str, Any] = field(default_factory=dict)  # how it ran: device, precision, base dtype (threads)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,8 +211,10 @@ def run_recipe(
                 result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL,
                                      checkpoint_dir=checkpoint_dir / GENERAL if checkpoint_dir else None)
                 stages.append(_stage_summary(result))
-                if cache is not None and PartialState().is_main_process:
-                    _save_general(model, recipe, stages[-1], cache, settings.model)
+                if cache is not None and PartialState().is_main_process:  # with how it computed: another
+                    # machine resolves auto otherwise, and forgetless run warns before reusing it there
+                    _save_general(model, recipe, stages[-1] | {"computed": computed_in(model, settings)}, cache,
+                                  settings.model)
         if DOMAIN in recipe.stages:
             # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
             # a run stopped while it evaluates resumes from them instead of training its domain stage again
@@ -255,7 +257,7 @@ def _before_resume(stages: list[dict[str, Any]]) -> float:
     return sum(float((s.get("extras") or {}).get("seconds_before_resume", 0.0)) for s in stages if not s.get("cached"))
 
 
-def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, str]:
+def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, Any]:
     """How the run computed: its device, its precision and the frozen base's dtype as ``auto`` resolved them on this
     machine. Two machines resolve ``auto`` differently (bf16 on a CPU with native bf16, fp32 on an AVX2-only one), so
     a record says which it got; the report names runs computed differently (``tables.scoring_note``)."""
@@ -265,7 +267,10 @@ def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, str]
     base = settings.quantization if is_quantized(model) else {
         torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(
         model.get_input_embeddings().weight.dtype, str(model.get_input_embeddings().weight.dtype))
-    return {"device": device, "precision": resolve_precision(settings.precision, device), "base_dtype": base}
+    computed = {"device": device, "precision": resolve_precision(settings.precision, device), "base_dtype": base}
+    if device == "cpu":  # bf16 reductions may split differently with another thread count (docs/results/regime)
+        computed["threads"] = torch.get_num_threads()
+    return computed
 
 
 def is_cached_stage(folder: Path) -> bool:

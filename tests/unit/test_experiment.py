@@ -335,8 +335,10 @@ def test_a_record_says_how_auto_was_computed_and_a_resumed_experiment_warns(tmp_
 
     path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0])
     results = run_experiment(load_experiment(path), progress=False)
-    here = resolve_precision("auto", "cpu")
-    assert [r["computed"] for r in results] == [{"device": "cpu", "precision": here, "base_dtype": here}] * 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where run_recipe puts the model
+    here = resolve_precision("auto", device)
+    threads = {"threads": torch.get_num_threads()} if device == "cpu" else {}
+    assert [r["computed"] for r in results] == [{"device": device, "precision": here, "base_dtype": here} | threads] * 2
     other = "fp32" if here == "bf16" else "bf16"
     record_path = tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json"
     record = json.loads(record_path.read_text())
@@ -345,8 +347,9 @@ def test_a_record_says_how_auto_was_computed_and_a_resumed_experiment_warns(tmp_
     path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0, 1])
     run_experiment(load_experiment(path), progress=False)
     out = capsys.readouterr().out
-    assert (f"warning: finished runs were computed in another precision than this machine gives precision 'auto' "
-            f"({here}): 1 in {other} (lora-mu__gen__seed0). The runs left will not be computed alike") in out
+    assert (f"warning: finished runs, cached general stages or checkpoints here were computed in another precision "
+            f"than this machine gives precision 'auto' ({here}): 1 in {other} (run lora-mu__gen__seed0). The runs "
+            f"left will not be computed alike") in out
     md = (tmp_path / "out" / "results.md").read_text()
     assert "**Not scored alike.**" in md and f"- task gen, precision: {json.dumps(other)} (lora-mu__gen__seed0); " in md
     assert computed_elsewhere(load_experiment(path)) != ""  # and the seed-0 run alone: nothing to warn about
@@ -356,4 +359,26 @@ def test_a_record_says_how_auto_was_computed_and_a_resumed_experiment_warns(tmp_
     (tmp_path / "pinned").mkdir()
     pinned = write_experiment(tmp_path / "pinned", tiny_model_dir, methods=["lora-mu"], seeds=[0], precision="fp32")
     (result,) = run_experiment(load_experiment(pinned), progress=False)
-    assert result["computed"] == {"device": "cpu", "precision": "fp32", "base_dtype": "fp32"}
+    assert result["computed"] == {"device": device, "precision": "fp32", "base_dtype": "fp32"} | threads
+
+
+def test_a_cached_stage_or_checkpoint_computed_in_another_precision_is_named(tmp_path, tiny_model_dir):
+    """What a resumed experiment goes on from, not only its finished runs: a cached general stage and an interrupted
+    run's checkpoint say how they computed, and one computed otherwise than here is named before training."""
+    from forgetless.precision import resolve_precision
+
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-nu-mu"], seeds=[0])
+    exp = load_experiment(path)
+    (record,) = run_experiment(exp, progress=False)
+    here = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    other = "fp32" if here == "bf16" else "bf16"
+    stage = tmp_path / "out" / record["general_stage"] / "stage.json"
+    saved = json.loads(stage.read_text())
+    assert saved["computed"]["precision"] == here and computed_elsewhere(exp) == ""
+    stage.write_text(json.dumps(saved | {"computed": saved["computed"] | {"precision": other}}))
+    assert f"1 in {other} (general stage {stage.parent.name})" in computed_elsewhere(exp)
+    stage.write_text(json.dumps(saved))
+    settings = tmp_path / "out" / "checkpoints" / "lora-nu-mu__gen__seed1" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"settings_digest": "x", "settings": {}, "computed": {"precision": other}}))
+    assert f"1 in {other} (checkpoint lora-nu-mu__gen__seed1)" in computed_elsewhere(exp)

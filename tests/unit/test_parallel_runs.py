@@ -12,7 +12,7 @@ import torch
 
 from forgetless.cli import main
 from forgetless.config import load_experiment
-from forgetless.experiment import job_groups, plan_runs, run_experiment
+from forgetless.experiment import _share_out, job_groups, plan_runs, run_experiment
 from tests.unit.test_experiment import write_experiment
 
 
@@ -58,7 +58,8 @@ def test_two_workers_give_the_records_of_one_process(tmp_path, tiny_model_dir, c
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
-    assert "4 run(s) in 3 group(s) sharing a general stage, on 2 worker processes (1 torch thread(s) each)" in text
+    shared = "1 torch thread(s) each" if not torch.cuda.is_available() else _share_out(2)[2]  # a GPU: its own words
+    assert f"4 run(s) in 3 group(s) sharing a general stage, on 2 worker processes ({shared})" in text
     one, two = one / "out", two / "out"
     assert _scores(one) == _scores(two)  # replay reused lora-nu-mu's general stage in its worker too
     assert _scores(two)["replay__gen__seed0"][3] == [True, False]
@@ -271,3 +272,14 @@ def test_a_worker_killed_outright_is_an_error_naming_what_was_left():
                                         r"`forgetless run` again resumes") as caught:
         _in_workers(2, [(_killed, ()), (_waits, ())], names=["lora-mu__t__seed0", "replay__t__seed0"])
     assert "lora-mu__t__seed0" in str(caught.value)
+
+
+def test_workers_take_their_gpus_from_the_visible_list():
+    """With several GPUs each worker gets one: from the list the parent was given (a scheduler's CUDA_VISIBLE_DEVICES
+    of 2,3 stays on physical GPUs 2 and 3), else by index."""
+    from forgetless.experiment import worker_gpu
+
+    assert [worker_gpu(n, 2, "2,3") for n in range(3)] == ["2", "3", "2"]
+    assert [worker_gpu(n, 2, "GPU-a1, GPU-b2") for n in range(2)] == ["GPU-a1", "GPU-b2"]
+    assert [worker_gpu(n, 4, None) for n in range(5)] == ["0", "1", "2", "3", "0"]
+    assert worker_gpu(1, 2, "") == "1"
