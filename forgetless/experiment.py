@@ -52,8 +52,23 @@ LOCK_FILE = ".forgetless.lock"
 
 
 class RunFailed(RuntimeError):
-    """A run that stopped: a non-finite loss, gradient norm or score. The message names the run; nothing of it is
-    recorded."""
+    """A run that stopped: a non-finite loss, gradient norm or score, a full disk, the device's memory. The message
+    names the run; nothing of it is recorded."""
+
+
+def _named(rid: str, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``train()``, with a full disk or an out-of-memory device turned into a :class:`RunFailed` naming run ``rid``
+    (a bare "[Errno 28] No space left on device" says neither which run nor what was kept)."""
+    from forgetless.models import ModelNotFoundError
+
+    try:
+        return train()
+    except ModelNotFoundError:  # says itself what to do; no run of this model can go on
+        raise
+    except (OSError, torch.OutOfMemoryError) as err:
+        raise RunFailed(f"{rid}: {type(err).__name__}: {err}; nothing of this run is recorded, the finished runs' "
+                        f"records are kept (`forgetless run` again resumes, from its last checkpoint if it wrote one)"
+                        ) from err
 
 
 class Interrupted(KeyboardInterrupt):
@@ -943,7 +958,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None
     for rid in rids:
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
-            record = _train_job(exp, plan[rid], _WORKER["data"], progress)
+            record = _named(rid, lambda: _train_job(exp, plan[rid], _WORKER["data"], progress))
         say(f"    {rid}: {_keep(exp, rid, record)}")
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
             _landscape_now(exp, rid, progress)
@@ -1103,7 +1118,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                     for stale_job, record in stale:
                         if stale_job is job:
                             _set_aside(out, job, record)
-                record = _train_job(exp, job, data, progress)
+                record = _named(job.rid, lambda: _train_job(exp, job, data, progress))
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes
                     print(f"    {_keep(exp, job.rid, record)}")

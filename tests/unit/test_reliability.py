@@ -375,3 +375,23 @@ def test_no_method_label_leaves_the_output_folder(tmp_path, label):
     assert _inside(tmp_path, tmp_path / "runs" / f"{rid}.json").resolve().parent == (tmp_path / "runs").resolve()
     with pytest.raises(ConfigError, match="outside the output folder"):
         _inside(tmp_path / "out", tmp_path / "out" / ".." / "escaped")
+
+
+def test_a_full_disk_during_a_run_is_an_error_naming_the_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A bare "[Errno 28] No space left on device" says neither which run failed nor what was kept."""
+    import forgetless.pipeline as pipeline
+
+    path = write_experiment(tmp_path, tiny_model_dir, **SMALL | {"methods": ["base", "lora-mu"]})
+    real = pipeline.save_adapter
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_adapter", full)
+    code, _, err = run(capsys, "run", str(path))
+    assert code == 2
+    assert err.startswith("forgetless: error: lora-mu__gen__seed0: OSError: [Errno 28] No space left on device; "
+                          "nothing of this run is recorded, the finished runs' records are kept")
+    assert [p.name for p in (tmp_path / "out" / "runs").glob("*.json")] == ["base__gen__seed0.json"]
+    monkeypatch.setattr(pipeline, "save_adapter", real)
+    assert run(capsys, "run", str(path))[0] == 0  # space again: it goes on
