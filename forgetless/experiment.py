@@ -56,19 +56,22 @@ class RunFailed(RuntimeError):
     names the run; nothing of it is recorded."""
 
 
-def _named(rid: str, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``train()``, with a full disk or an out-of-memory device turned into a :class:`RunFailed` naming run ``rid``
-    (a bare "[Errno 28] No space left on device" says neither which run nor what was kept)."""
+def _named(rid: str, work: Callable[[], Any]) -> Any:
+    """``work()`` (a run, or writing its record), with a full disk or an out-of-memory device turned into a
+    :class:`RunFailed` naming run ``rid`` (a bare "[Errno 28] No space left on device" says neither which run nor
+    what was kept)."""
     from forgetless.models import ModelNotFoundError
 
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: 2.5+
     try:
-        return train()
+        return work()
     except ModelNotFoundError:  # says itself what to do; no run of this model can go on
         raise
-    except (OSError, torch.OutOfMemoryError) as err:
+    except (OSError, out_of_memory) as err:
+        again = ("less memory (a smaller batch_size with grad_accum, gradient_checkpointing, a 4-bit base) is needed "
+                 "before `forgetless run` again" if isinstance(err, out_of_memory) else "`forgetless run` again resumes")
         raise RunFailed(f"{rid}: {type(err).__name__}: {err}; nothing of this run is recorded, the finished runs' "
-                        f"records are kept (`forgetless run` again resumes, from its last checkpoint if it wrote one)"
-                        ) from err
+                        f"records are kept ({again}, from the run's last checkpoint if it wrote one)") from err
 
 
 class Interrupted(KeyboardInterrupt):
@@ -650,13 +653,23 @@ def set_aside(path: Path, suffix: str) -> Path:
 
 def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
     """Rename a stale run's record, adapter, surfaces and logs with its digest: kept beside the new ones, never
-    overwritten (the old record's surface path then names a file the new run does not replace)."""
+    overwritten. The set-aside record's surface paths are rewritten to the surfaces' new folder, so that it does not
+    point at the files the new run writes."""
     suffix = record.get("settings_digest") or "old"
     adapters = out / "adapters"
+    moved = {}
     for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected",
                  out / "landscape" / job.rid, out / "logs" / job.rid):
         if path.exists():
-            set_aside(path, suffix)
+            moved[path] = set_aside(path, suffix)
+    kept, surfaces = moved.get(out / "runs" / f"{job.rid}.json"), moved.get(out / "landscape" / job.rid)
+    if kept is not None and surfaces is not None:
+        old, new = f"landscape/{job.rid}/", f"landscape/{surfaces.name}/"
+        entry = record.get("landscape") or {}
+        for part in (entry, entry.get("all_weights") or {}):
+            if isinstance(part.get("surface"), str) and part["surface"].startswith(old):
+                part["surface"] = new + part["surface"][len(old):]
+        _write_json(kept, record)
 
 
 def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False,
@@ -711,13 +724,31 @@ def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) 
     """:func:`run_one` of ``job`` with its folders in ``exp.output`` (stage cache, checkpoints, adapter)."""
     out = exp.output
     checkpoints = _inside(out, out / "checkpoints" / job.rid)
+    earlier = _checkpoint_precision(out, job)  # an interrupted session's, kept: it computed the steps before
     if is_main_process():  # what its checkpoints, if it writes any, are written under
         checkpoints.mkdir(parents=True, exist_ok=True)
         _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings,
-                                                         "computed": {"precision": _precision_here(exp)}})
-    return run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
-                   checkpoint_dir=checkpoints,
-                   adapter_dir=_inside(out, out / "adapters" / job.rid))
+                                                         "computed": {"precision": earlier or _precision_here(exp)}})
+    record = run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
+                     checkpoint_dir=checkpoints,
+                     adapter_dir=_inside(out, out / "adapters" / job.rid))
+    resumed = any("resumed_from_step" in (stage.get("extras") or {}) for stage in record["stages"]
+                  if not stage.get("cached"))
+    now = record.get("computed", {}).get("precision")
+    if resumed and earlier not in (None, now):  # trained partly on another machine: the record says both
+        record["computed"]["precision"] = f"{earlier}, then {now}"
+    return record
+
+
+def _checkpoint_precision(out: Path, job: Job) -> str | None:
+    """The precision an interrupted session of ``job`` computed in, from its checkpoint settings (None: none)."""
+    try:
+        saved = json.loads(_checkpoint_settings(out, job.rid).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("settings_digest") != job.digest:
+        return None
+    return (saved.get("computed") or {}).get("precision")
 
 
 def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
@@ -868,20 +899,33 @@ def computed_elsewhere(exp: Experiment) -> str:
     """A warning ("" when there is none) when finished runs, cached general stages or checkpoints of ``exp`` were
     computed in another precision than this machine gives ``exp.precision``: ``auto`` is bf16 on a CPU with native
     bf16 (and on a GPU with it) and fp32 on an AVX2-only CPU, so an experiment resumed on another machine would set
-    side by side runs computed differently, or go on from a stage computed differently."""
-    here = _precision_here(exp)
+    side by side runs computed differently, or go on from a stage computed differently. Only this experiment's runs
+    and stages count (not records set aside); this machine's precision is looked up only when one of them says how it
+    computed (on a GPU that opens a CUDA context in this process)."""
     out = exp.output
-    other: dict[str, list[str]] = {}
-    for kind, paths in (("run", out.glob("runs/*.json")), ("general stage", out.glob("stages/*/stage.json")),
-                        ("checkpoint", out.glob("checkpoints/*/settings.json"))):
+    jobs = plan_runs(exp)
+    rids = {job.rid for job in jobs}
+    stages = {general_stage_name(exp, job.recipe, job.seed) for job in jobs if GENERAL in job.recipe.stages}
+    found: list[tuple[str, str]] = []  # (precision, what)
+    for kind, paths, name in (("run", out.glob("runs/*.json"), lambda p: p.stem),
+                              ("general stage", out.glob("stages/*/stage.json"), lambda p: p.parent.name),
+                              ("checkpoint", out.glob("checkpoints/*/settings.json"), lambda p: p.parent.name)):
         for path in sorted(paths):
+            if name(path) not in (stages if kind == "general stage" else rids):
+                continue
             try:
                 computed = json.loads(path.read_text()).get("computed") or {}
             except (OSError, ValueError, AttributeError):
                 continue  # an unreadable record is reported where records are read
-            if computed.get("precision") not in (None, here):
-                name = path.stem if kind == "run" else path.parent.name
-                other.setdefault(str(computed["precision"]), []).append(f"{kind} {name}")
+            if computed.get("precision") is not None:
+                found.append((str(computed["precision"]), f"{kind} {name(path)}"))
+    if not found:
+        return ""
+    here = _precision_here(exp)
+    other: dict[str, list[str]] = {}
+    for precision, what in found:
+        if precision != here:
+            other.setdefault(precision, []).append(what)
     if not other:
         return ""
     said = "; ".join(f"{len(names)} in {p} ({names[0]}{' and more' if len(names) > 1 else ''})"
@@ -925,6 +969,7 @@ def worker_gpu(number: int, devices: int, visible: str | None) -> str:
     """The ``CUDA_VISIBLE_DEVICES`` of worker ``number``: one of the GPUs this process sees, taken from its own list
     when it has one (a scheduler's ``2,3`` stays on GPUs 2 and 3), else an index."""
     listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    listed = listed[:devices]  # as many as torch counts (a list with a bad entry is longer)
     return listed[number % len(listed)] if listed else str(number % devices)
 
 
@@ -959,7 +1004,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = _named(rid, lambda: _train_job(exp, plan[rid], _WORKER["data"], progress))
-        say(f"    {rid}: {_keep(exp, rid, record)}")
+        say(f"    {rid}: {_named(rid, lambda: _keep(exp, rid, record))}")
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
             _landscape_now(exp, rid, progress)
         say(f"    [{left_line(exp, _WORKER.get('workers', 1))}]")
@@ -974,8 +1019,10 @@ def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool
     workers = min(workers, len(groups))
     print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
           f"({_share_out(workers)[2]})")
-    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups],
-                names=[", ".join(job.rid for job in group) for group in groups])
+    def left(i: int) -> str:  # the group's runs not recorded when the pool broke
+        return ", ".join(job.rid for job in groups[i] if not (exp.output / "runs" / f"{job.rid}.json").is_file())
+
+    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups], names=left)
 
 
 def _share_out(workers: int) -> tuple[int, int, str]:
@@ -1007,10 +1054,11 @@ def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
     workers = min(workers, len(rids))
     print(f"landscape: measuring {len(rids)} run(s) on {workers} worker processes ({_share_out(workers)[2]})")
     _in_workers(workers, [(_worker_landscape, (exp, rid, progress, workers)) for rid in rids],
-                names=[f"the flatness of {rid}" for rid in rids])
+                names=lambda i: f"the flatness of {rids[i]}")
 
 
-def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]], names: list[str] | None = None) -> None:
+def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]],
+                names: Callable[[int], str] | None = None) -> None:
     """Run ``tasks`` (function, arguments) in ``workers`` fresh processes, each taking the next task when free; the
     torch threads are shared out, and with several GPUs each worker gets one. A failed task does not stop the others;
     the first failure is raised once all are done. Ctrl-C stops every worker at once (they ignore SIGINT themselves,
@@ -1042,10 +1090,10 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]], nam
     if failures:
         raise failures[0]
     if broken:
-        left = "; ".join((names or [])[i] if names else str(i) for i in broken)
+        left = "; ".join(said for said in (names(i) if names else f"task {i}" for i in broken) if said)
         raise RunFailed(f"a worker process ended abruptly (killed: out of memory, or a signal), and the work of the "
-                        f"others stopped with it; not finished: {left}. The finished runs' records are kept; "
-                        f"`forgetless run` again resumes (each run from its last checkpoint)")
+                        f"others stopped with it; not finished: {left or 'nothing left'}. The finished runs' records "
+                        f"are kept; `forgetless run` again resumes")
 
 
 def _stop_workers(pool: Any, grace: float = 10.0) -> None:
@@ -1121,7 +1169,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 record = _named(job.rid, lambda: _train_job(exp, job, data, progress))
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes
-                    print(f"    {_keep(exp, job.rid, record)}")
+                    print(f"    {_named(job.rid, lambda: _keep(exp, job.rid, record))}")
                     if PartialState().num_processes == 1:  # else the others would wait on it in the next run's
                         _landscape_now(exp, job.rid, progress)  # first collective, past a timeout on a large model
                     print(f"    [{left_line(exp)}]")
@@ -1153,7 +1201,7 @@ def _landscape_step(exp: Experiment, workers: int, progress: bool) -> Exception 
         if workers > 1:
             try:
                 _landscape_parallel(exp, workers, progress)
-            except LandscapeFailed:
+            except (LandscapeFailed, RunFailed):  # a failure, or a worker killed (out of memory with two at once)
                 pass  # measured again below, with one worker, which names every run left
         _measure_landscape(exp, progress)  # what is left: everything, with one worker
     except LandscapeFailed as error:

@@ -30,6 +30,9 @@ class LandscapeFailed(RuntimeError):
                          + "\n  - ".join(problems))
         self.problems = problems
 
+    def __reduce__(self):  # from a worker process, as it was raised
+        return type(self), (self.problems,)
+
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
@@ -171,7 +174,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     if only is None:
         print(f"landscape: measuring {len(todo)} run(s) ({len(records) - len(todo)} already measured)")
     cache: dict[str, Any] = {}  # the evaluation examples, tokenized once
-    measured, problems = 0, []
+    measured, problems, first = 0, [], None
     for path, record, main, also in todo:
         rid = record.get("run_id", path.stem)
         adapter = Path(output) / "adapters" / rid
@@ -184,11 +187,12 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
                                      record, main, also)
         except Exception as error:  # noqa: BLE001 - the others are measured, then every failure is raised
             problems.append(f"{rid}: {type(error).__name__}: {error}")
+            first = first or error  # its traceback, as the failure's cause (forgetless --debug shows it)
             continue
         if only is None:
             say(f"    [{left_line(output, model_name, settings, block_size, data_key)}]")
     if problems:
-        raise LandscapeFailed(problems)
+        raise LandscapeFailed(problems) from first
     return measured
 
 

@@ -254,7 +254,8 @@ def run_recipe(
 
 def _before_resume(stages: list[dict[str, Any]]) -> float:
     """The seconds that stages resumed from a checkpoint spent in earlier sessions (not in this call's wall time)."""
-    return sum(float((s.get("extras") or {}).get("seconds_before_resume", 0.0)) for s in stages if not s.get("cached"))
+    return sum(float((s.get("extras") or {}).get("seconds_before_resume") or 0.0) for s in stages
+               if not s.get("cached"))  # None: a checkpoint of an older version, its time unknown (not counted)
 
 
 def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def nonfinite_note(records: list[dict[str, Any]]) -> str:
             f"{', '.join(left)}.\n")
 
 
+_UNKNOWN = object()  # a value an older record does not give: matches any (scoring_note leaves it out)
+
+
 def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
     """The settings of a run record that decide what its scores are measured on and how: the model and precision
     (as the run resolved them, when its record says: ``auto`` is bf16 on one machine and fp32 on another),
@@ -82,8 +85,11 @@ def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
         return None
     general, task, ev = (settings.get(k) if isinstance(settings.get(k), dict) else {} for k in ("general", "task", "eval"))
     computed = record.get("computed") if isinstance(record.get("computed"), dict) else {}
-    return {"model": settings.get("model"), "precision": computed.get("precision", settings.get("precision")),
-            "base dtype": computed.get("base_dtype"),
+    # an older record (no `computed`) says only what was asked: a pinned precision, or "auto", which is unknown here
+    asked = settings.get("precision")
+    return {"model": settings.get("model"),
+            "precision": computed.get("precision", asked if asked not in (None, "auto") else _UNKNOWN),
+            "base dtype": computed.get("base_dtype", _UNKNOWN),
             "chat_template": settings.get("chat_template"), "general.heldout": general.get("heldout"),
             "general.block_size": general.get("block_size"),
             **{f"task.{k}": task.get(k) for k in ("test", "test_limit", "schema", "max_length")},
@@ -101,6 +107,8 @@ def scoring_note(records: list[dict[str, Any]]) -> str:
             continue
         rid = str(record.get("run_id", record.get("method", "?")))
         for key, value in scored.items():
+            if value is _UNKNOWN:
+                continue
             shown = json.dumps(value, sort_keys=True) if value is not None else "default"
             by_task.setdefault(str(record.get("task")), {}).setdefault(key, {}).setdefault(shown, []).append(rid)
     lines = []

@@ -285,7 +285,8 @@ def train_stage(
     if resume_from is not None:
         saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
         first, result.history = saved["step"], saved["history"]
-        earlier = float(saved.get("seconds") or 0.0)  # the stage's time until that checkpoint, earlier sessions'
+        known = saved.get("seconds")  # the stage's time until that checkpoint (None: written by an older version)
+        earlier = float(known or 0.0)
         skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
         for _ in range(first * config.grad_accum):  # the data position: replay the loader (and its RNG)
             next(batches)
@@ -374,7 +375,8 @@ def train_stage(
     result.seconds = earlier + time.perf_counter() - started  # a resumed stage: its earlier sessions' time too
     result.extras = ctx.extras
     if resume_from is not None:  # where it went on from, and the time before that (in result.seconds too)
-        result.extras |= {"resumed_from_step": first, "seconds_before_resume": round(earlier, 3)}
+        result.extras |= {"resumed_from_step": first,
+                          "seconds_before_resume": round(earlier, 3) if known is not None else None}
     if skipped:
         result.extras["skipped_steps"] = skipped
     if not config.keep_checkpoints and accelerator.is_main_process:

@@ -253,6 +253,14 @@ def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp
     assert [p.name for p in kept.iterdir()] == ["step-000002"]  # the newest before the end
     monkeypatch.setattr(pipeline, "evaluate", real)
     before = torch.load(kept / "step-000002" / "state.pt", weights_only=False)["seconds"]
+    from forgetless.precision import resolve_precision
+
+    here = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")  # write_experiment's: auto
+    other = "fp32" if here == "bf16" else "bf16"
+    settings = kept.parent / "settings.json"  # as if the interrupted session had computed in the other precision
+    saved = json.loads(settings.read_text())
+    assert saved["computed"] == {"precision": here}
+    settings.write_text(json.dumps(saved | {"computed": {"precision": other}}))
     loads = []
     original = checkpoint.load
     monkeypatch.setattr(checkpoint, "load", lambda folder, *a, **k: loads.append(Path(folder).name) or original(
@@ -265,6 +273,7 @@ def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp
     domain = record["stages"][-1]
     assert domain["extras"]["resumed_from_step"] == 2 and domain["extras"]["seconds_before_resume"] == round(before, 3)
     assert before < record["seconds"] <= this_call + before + 1e-3  # added once, to this call's time
+    assert record["computed"]["precision"] == f"{other}, then {here}"  # trained on two machines: the record says so
     assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
     assert not (tmp_path / "b" / "out" / "checkpoints").exists()
 
@@ -378,7 +387,12 @@ def test_a_cached_stage_or_checkpoint_computed_in_another_precision_is_named(tmp
     stage.write_text(json.dumps(saved | {"computed": saved["computed"] | {"precision": other}}))
     assert f"1 in {other} (general stage {stage.parent.name})" in computed_elsewhere(exp)
     stage.write_text(json.dumps(saved))
-    settings = tmp_path / "out" / "checkpoints" / "lora-nu-mu__gen__seed1" / "settings.json"
+    settings = tmp_path / "out" / "checkpoints" / "lora-nu-mu__gen__seed0" / "settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"settings_digest": "x", "settings": {}, "computed": {"precision": other}}))
-    assert f"1 in {other} (checkpoint lora-nu-mu__gen__seed1)" in computed_elsewhere(exp)
+    assert f"1 in {other} (checkpoint lora-nu-mu__gen__seed0)" in computed_elsewhere(exp)
+    settings.rename(settings.parent.parent / "elsewhere.json")  # not this experiment's (set aside, say): not counted
+    (settings.parent.parent / "lora-nu-mu__gen__seed0.0123abcd").mkdir()
+    (settings.parent.parent / "elsewhere.json").rename(settings.parent.parent / "lora-nu-mu__gen__seed0.0123abcd" /
+                                                       "settings.json")
+    assert computed_elsewhere(exp) == ""

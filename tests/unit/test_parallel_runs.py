@@ -270,7 +270,7 @@ def test_a_worker_killed_outright_is_an_error_naming_what_was_left():
 
     with pytest.raises(RunFailed, match=r"a worker process ended abruptly .*not finished: (lora-mu__t__seed0|.*); .*"
                                         r"`forgetless run` again resumes") as caught:
-        _in_workers(2, [(_killed, ()), (_waits, ())], names=["lora-mu__t__seed0", "replay__t__seed0"])
+        _in_workers(2, [(_killed, ()), (_waits, ())], names=["lora-mu__t__seed0", "replay__t__seed0"].__getitem__)
     assert "lora-mu__t__seed0" in str(caught.value)
 
 
@@ -283,3 +283,16 @@ def test_workers_take_their_gpus_from_the_visible_list():
     assert [worker_gpu(n, 2, "GPU-a1, GPU-b2") for n in range(2)] == ["GPU-a1", "GPU-b2"]
     assert [worker_gpu(n, 4, None) for n in range(5)] == ["0", "1", "2", "3", "0"]
     assert worker_gpu(1, 2, "") == "1"
+    assert [worker_gpu(n, 2, "2,3,7") for n in range(3)] == ["2", "3", "2"]  # torch counts 2: a bad third entry
+
+
+def test_the_landscape_step_measures_recorded_runs_on_two_workers(tmp_path, tiny_model_dir, capsys):
+    """Runs recorded before a landscape: section was added are measured by the step at the end, one run per worker."""
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0, 1])
+    run_experiment(load_experiment(path), progress=False)
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0, 1], landscape=landscape)
+    run_experiment(load_experiment(path), progress=False, jobs=2)
+    assert "landscape: measuring 2 run(s) on 2 worker processes" in capsys.readouterr().out
+    for record in (tmp_path / "out" / "runs").glob("*.json"):
+        assert "hessian_trace" in json.loads(record.read_text())["landscape"]["metrics"]

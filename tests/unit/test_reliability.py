@@ -119,6 +119,9 @@ def test_changed_settings_are_not_reused_and_rerun_keeps_the_old_record(tmp_path
     surface = out / "landscape" / "lora-mu__gen__seed0" / "surface.npz"  # what an old landscape: section measured
     surface.parent.mkdir(parents=True)
     surface.write_bytes(b"old surface")
+    finished = out / "runs" / "lora-mu__gen__seed0.json"
+    first["lora-mu__gen__seed0"]["landscape"] = {"digest": "d", "surface": "landscape/lora-mu__gen__seed0/surface.npz"}
+    finished.write_text(json.dumps(first["lora-mu__gen__seed0"]))
     code, printed, _ = run(capsys, "run", str(path), "--rerun-changed")
     assert code == 0 and "redoing 1 run(s) whose settings changed" in printed
     now = records(out)
@@ -127,10 +130,13 @@ def test_changed_settings_are_not_reused_and_rerun_keeps_the_old_record(tmp_path
     assert now["lora-mu__gen__seed0"]["settings_digest"] != old_digest
     assert len(now["lora-mu__gen__seed0"]["stages"][0]["history"]) == 3
     kept = out / "runs" / f"lora-mu__gen__seed0.json.{old_digest}"
-    assert json.loads(kept.read_text()) == first["lora-mu__gen__seed0"]  # beside the new one, not overwritten
+    old_record = json.loads(kept.read_text())  # beside the new one, not overwritten, its surface where it went
+    assert old_record.pop("landscape") == {"digest": "d", "surface": f"landscape/lora-mu__gen__seed0.{old_digest}/"
+                                                                     f"surface.npz"}
+    assert old_record == {k: v for k, v in first["lora-mu__gen__seed0"].items() if k != "landscape"}
     assert (out / "adapters" / f"lora-mu__gen__seed0.{old_digest}" / "adapter_model.safetensors").is_file()
     assert (out / "landscape" / f"lora-mu__gen__seed0.{old_digest}" / "surface.npz").read_bytes() == b"old surface"
-    assert not surface.exists()  # the old record's surface path names a folder the new run will not write into
+    assert not surface.exists()  # moved with the old record, which names its new place
     assert "| lora-mu |" in (out / "results.md").read_text()
 
 

@@ -363,6 +363,14 @@ def test_runs_scored_on_different_items_are_named_in_the_report(tmp_path, capsys
     assert "**Not scored alike.**" in text and "- task t, task.test_limit: 4 (base__t__seed1); 8 (" in text
     assert "not scored alike" in capsys.readouterr().err
 
+    # precision as the run resolved it (`computed`); an older record asked for "auto" says nothing about it
+    older = [dict(r, settings=dict(r["settings"], precision="auto")) for r in alike]
+    newer = dict(record("base", 2, {"source": "h.jsonl", "max_blocks": 2}, 8),
+                 computed={"device": "cpu", "precision": "bf16", "base_dtype": "bf16"})
+    assert scoring_note(older + [newer]) == ""
+    assert ('- task t, precision: "bf16" (base__t__seed2); "fp32" (lora-mu__t__seed0 and 2 more)'
+            in scoring_note(alike + [newer]))  # pinned fp32 against a run computed in bf16
+
 
 def test_equal_suite_changes_stay_equal_whatever_the_summation_order():
     """Two methods with the same suite change in exact arithmetic (+32/27 points: item counts over 300 items), computed
