@@ -197,16 +197,20 @@ def test_landscape_left_line_estimates_from_the_measured_runs(tmp_path):
     (out / "runs").mkdir(parents=True)
     settings = LandscapeSettings(all_weights_seeds=[0])
     records = {"a": 0, "b": 0, "c": 1, "base": 1}  # run -> seed
+    def record(rid, seed, **more):  # the fields every run record has (read_record checks them)
+        return json.dumps({"run_id": rid, "method": rid, "task": "t", "seed": seed, "general_ppl": 10.0, "tasks": {},
+                           **more})
+
     for rid, seed in records.items():
-        (out / "runs" / f"{rid}.json").write_text(json.dumps({"run_id": rid, "seed": seed}))
+        (out / "runs" / f"{rid}.json").write_text(record(rid, seed))
         if rid != "base":
             (out / "adapters" / rid).mkdir(parents=True)
             (out / "adapters" / rid / "adapter_config.json").write_text("{}")
     assert left_line(out, "m", settings, 128) == (
         "0/4 runs' flatness measured; the time left is estimated once a measurement of each kind has finished")
     digests = _todo(out, "m", settings, 128, None)[2]
-    measured = {"run_id": "a", "seed": 0, "landscape": {"digest": digests["main"], "seconds": 100.0,
-                                                         "all_weights": {"digest": digests["every"], "seconds": 40.0}}}
+    measured = json.loads(record("a", 0, landscape={"digest": digests["main"], "seconds": 100.0,
+                                                     "all_weights": {"digest": digests["every"], "seconds": 40.0}}))
     (out / "runs" / "a.json").write_text(json.dumps(measured))
     # left: b (LoRA 100 s + all weights 40 s), c (LoRA 100 s), base (seed 1: skipped at once) = 240 s
     assert left_line(out, "m", settings, 128) == "1/4 runs' flatness measured; about 4 min left"
