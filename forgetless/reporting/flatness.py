@@ -26,6 +26,12 @@ METRICS = {  # key in the run record -> label
 }
 
 
+# how far to trust a metric, shown beside it in the per-run table: the trace's standard error over its probes, and
+# the residual |H v - lambda v| / |lambda| of the power iteration's top eigenpair (small: an eigenpair; it does not
+# prove it is the largest)
+PRECISION_OF = {"hessian_trace_stderr": "hessian_trace", "hessian_top_residual": "hessian_top_eigenvalue"}
+
+
 def reference_ppl(results: Sequence[dict[str, Any]], run: dict[str, Any],
                   methods: Sequence[str] | None = None) -> float:
     """General PPL of the run that ``run``'s forgetting is measured against (see the module doc)."""
@@ -61,7 +67,8 @@ def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | No
         row = {"method": r["method"], "task": r.get("task"), "seed": r.get("seed"),
                "general_ppl": float(r["general_ppl"]),
                "ppl_increase": float(r["general_ppl"]) - reference_ppl(results, r, methods),
-               **{k: metrics[k] for k in METRICS if k in metrics}}
+               **{k: metrics[k] for k in METRICS if k in metrics},
+               **{k: metrics[k] for k in PRECISION_OF if k in metrics}}
         key = (r["method"], r.get("task"), r.get("seed", 0))
         if key in suite:
             row["suite_forgetting"] = suite[key]
@@ -175,7 +182,10 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
         order = {m: i for i, m in enumerate(methods)}
         rows.sort(key=lambda row: (order.get(row["method"], len(order)), str(row["task"]), row["seed"] or 0))
     metrics = [m for m in METRICS if any(m in row for row in rows)]
-    header = ["method", "task", "seed", "general PPL", "PPL increase"] + [METRICS[m] for m in metrics]
+    shown = {PRECISION_OF[k]: k for k in PRECISION_OF if any(k in row for row in rows)}  # metric -> its precision
+    labels = {"hessian_trace": "Hessian trace (± s.e.)", "hessian_top_eigenvalue": "Hessian top eigenvalue (residual)"}
+    header = ["method", "task", "seed", "general PPL", "PPL increase"] + [
+        labels[m] if m in shown else METRICS[m] for m in metrics]
     md = "\n## Flatness and forgetting\n\n"
     if any("suite_forgetting" in row for row in rows):
         md += f"The general-suite change is counted in `{metric}`.\n\n"
@@ -183,8 +193,13 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
     md += "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     for row in rows:
         cells = [row["method"], row["task"], row["seed"], f"{row['general_ppl']:.3f}", f"{row['ppl_increase']:+.4g}"]
-        cells += [row.get(m, math.nan) for m in metrics]
-        md += "| " + " | ".join(_fmt(c) for c in cells) + " |\n"
+        cells = [_fmt(c) for c in cells]
+        for m in metrics:
+            cell = _fmt(row.get(m, math.nan))
+            if m in shown and shown[m] in row:
+                cell += (f" ± {row[shown[m]]:.2g}" if m == "hessian_trace" else f" ({row[shown[m]]:.2g})")
+            cells.append(cell)
+        md += "| " + " | ".join(cells) + " |\n"
     targets = [t for t in TARGETS if any(t in row for row in rows)]
     distinct, dropped = distinct_models(rows)
     md += ("\nSpearman correlation of each metric with forgetting, across runs (general-suite change: negative is "
@@ -213,7 +228,11 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            f"{settings.get('blocks', '?')} held-out general-text blocks of {settings.get('block_size', '?')} tokens; "
            "the three surface metrics on a "
            f"{settings.get('grid', '?')}x{settings.get('grid', '?')} grid over [-{settings.get('span', '?')}, "
-           f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py). PPL increase: general PPL "
+           f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py); the Hessian's top "
+           f"eigenvalue (the largest algebraic one) by power iteration of up to {settings.get('hessian_iters', '?')} "
+           f"products (twice that when the dominant eigenvalue is negative), its trace from "
+           f"{settings.get('trace_samples', '?')} Hutchinson probes; in {settings.get('precision', '?')}. PPL increase: "
+           "general PPL "
            "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
            "p-values mean little.\n")
     variants = sorted({r["method"] for r in results if r.get("variant_of")}

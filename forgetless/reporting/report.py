@@ -397,6 +397,15 @@ def section_cost(res: Results) -> str:
             "file on disk adds a small header). Stage times include that computation. A general stage reused from "
             "the cache, and an EWC Fisher kept beside it by an earlier run, report the time they took when they were "
             "computed (the stage time of a run that read a kept Fisher does not include it).\n\n" + markdown_table(header, rows))
+    resumed = {str(r.get("run_id", r["method"])): (s.get("extras") or {}).get("seconds_before_resume")
+               for method in trained for r in res.runs_of(method) for s in r.get("stages", [])
+               if "resumed_from_step" in (s.get("extras") or {}) and not s.get("cached")}
+    if resumed:
+        unknown = sorted(rid for rid, seconds in resumed.items() if seconds is None)
+        text += (f"\nResumed from a checkpoint: {', '.join(f'`{rid}`' for rid in sorted(resumed))}; their stage times "
+                 "include the sessions before the resume"
+                 + (f", except for {', '.join(f'`{rid}`' for rid in unknown)}, whose checkpoint (an older version's) did "
+                    "not keep its time: theirs are lower bounds" if unknown else "") + ".\n")
     if "hlora" in totals and "ewc" in totals and totals["hlora"]["seconds"] and totals["ewc"]["seconds"]:
         h_s, e_s = statistics.fmean(totals["hlora"]["seconds"]), statistics.fmean(totals["ewc"]["seconds"])
         h_b, e_b = statistics.fmean(totals["hlora"]["mib"]), statistics.fmean(totals["ewc"]["mib"])

@@ -274,6 +274,29 @@ def test_flatness_section_names_the_interpolations_it_does_not_measure(tmp_path)
     assert "| wise-ft | t | 0 |" in md  # the run itself is in the per-run table
 
 
+def test_flatness_table_shows_how_far_to_trust_the_hessian_numbers(tmp_path):
+    """A 6-probe trace had a standard error about as large as the trace, and a residual says whether the power
+    iteration ended on an eigenpair: the per-run table shows both beside the numbers (the Spearman rows use the
+    numbers alone), and the footnote says how they were measured."""
+    from forgetless.reporting.flatness import flatness_section
+
+    settings = {"params": "trainable", "blocks": 4, "block_size": 128, "grid": 9, "span": 1.0, "hessian_iters": 10,
+                "trace_samples": 12, "precision": "fp32"}
+    metrics = {"hessian_top_eigenvalue": 14.17, "hessian_top_residual": 0.006173, "hessian_trace": 149.2,
+               "hessian_trace_stderr": 28.97}
+    results = [{"method": "base", "task": "t", "seed": 0, "general_ppl": 10.0},
+               {"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 12.0,
+                "landscape": {"settings": settings, "metrics": metrics}}]
+    md = flatness_section(results, tmp_path)
+    assert "| Hessian top eigenvalue (residual) | Hessian trace (± s.e.) |" in md
+    assert "| lora-mu | t | 0 | 12.000 | +2 | 14.17 (0.0062) | 149.2 ± 29 |" in md
+    assert ("the Hessian's top eigenvalue (the largest algebraic one) by power iteration of up to 10 products (twice "
+            "that when the dominant eigenvalue is negative), its trace from 12 Hutchinson probes; in fp32.") in md
+    assert "| Hessian trace | " in md.split("Spearman", 1)[1]  # the correlation rows keep the plain names
+    older = [results[0], dict(results[1], landscape={"metrics": {"hessian_trace": 86.0}})]  # no precision recorded
+    assert "| lora-mu | t | 0 | 12.000 | +2 | 86 |" in flatness_section(older, tmp_path)
+
+
 def test_flatness_correlations_count_one_model_once(tmp_path):
     """WiSE-FT's alpha-1 run is lora-nu-mu's model: the same PPL and metrics. The per-run table keeps both; the
     Spearman correlations count the model once (a duplicate would weigh it double)."""

@@ -396,3 +396,22 @@ def test_the_flatness_section_counts_the_suite_change_in_the_reports_metric(tmp_
     by = {m: next(r for r in flatness_rows(runs, metric=m) if r["method"] == "lora-mu")["suite_forgetting"]
           for m in ("acc", "acc_norm")}
     assert by == {"acc": pytest.approx(2.0), "acc_norm": pytest.approx(-5.0)}
+
+
+def test_the_cost_section_names_runs_resumed_from_a_checkpoint():
+    """A resumed stage's time includes the sessions before the resume when its checkpoint kept it; one written by an
+    older version did not, so that run's times are lower bounds, and the section says which runs those are."""
+    from forgetless.reporting.report import section_cost
+
+    def run(seed, extras=None):
+        stage = {"stage": "domain", "steps": 10, "seconds": 100.0 + seed, **({"extras": extras} if extras else {})}
+        return {"run_id": f"lora-mu__t__seed{seed}", "method": "lora-mu", "task": "t", "seed": seed,
+                "general_ppl": 10.0, "tasks": {"t": {"acc": 0.5}}, "stages": [stage]}
+
+    plain = section_cost(Results([run(0), run(1)]))
+    assert "| lora-mu | - | - | - | - | 100.5 ± 0.7 | 100.5 ± 0.7 | 2 |" in plain and "Resumed" not in plain
+    text = section_cost(Results([run(0), run(1, {"resumed_from_step": 4, "seconds_before_resume": 40.0}),
+                                 run(2, {"resumed_from_step": 8, "seconds_before_resume": None})]))
+    assert ("Resumed from a checkpoint: `lora-mu__t__seed1`, `lora-mu__t__seed2`; their stage times include the "
+            "sessions before the resume, except for `lora-mu__t__seed2`, whose checkpoint (an older version's) did not "
+            "keep its time: theirs are lower bounds.") in text
