@@ -756,11 +756,18 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     scores line."""
     out = exp.output
     _write_json(_inside(out, out / "runs" / f"{rid}.json"), record)
-    if not exp.train.domain.keep_checkpoints:  # the domain stage's, kept until now (pipeline.run_recipe)
+    _drop_checkpoints(exp, rid)
+    return _scores_line(record)
+
+
+def _drop_checkpoints(exp: Experiment, rid: str) -> None:
+    """A recorded run's checkpoint folder: its domain stage's checkpoints, kept until the record was written
+    (pipeline.run_recipe), and their settings, unless ``keep_checkpoints``; then the folder if that emptied it."""
+    out = exp.output
+    if not exp.train.domain.keep_checkpoints:
         checkpoint.remove(out / "checkpoints" / rid / DOMAIN)
         _checkpoint_settings(out, rid).unlink(missing_ok=True)
     _drop_empty(out / "checkpoints" / rid)
-    return _scores_line(record)
 
 
 def _hours(seconds: float) -> str:
@@ -1138,9 +1145,13 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             set_aside(out / "checkpoints" / job.rid, old)
         print(f"    starting over {len(interrupted)} interrupted run(s) whose settings changed; their checkpoints are "
               f"kept as checkpoints/RUN_ID.DIGEST")
-    PartialState().wait_for_everyone()  # every process sees the checkpoints as the main one left them
     chosen = {id(job) for job in pending} | {id(job) for job, _ in stale}
     todo = [job for job in jobs if id(job) in chosen]
+    if is_main_process():  # a run killed between its record and its checkpoints' removal left them behind
+        for job in jobs:
+            if id(job) not in chosen and (out / "checkpoints" / job.rid).is_dir():
+                _drop_checkpoints(exp, job.rid)
+    PartialState().wait_for_everyone()  # every process sees the checkpoints as the main one left them
     print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
     if unrecorded:
         print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as they "

@@ -396,3 +396,23 @@ def test_a_cached_stage_or_checkpoint_computed_in_another_precision_is_named(tmp
     (settings.parent.parent / "elsewhere.json").rename(settings.parent.parent / "lora-nu-mu__gen__seed0.0123abcd" /
                                                        "settings.json")
     assert computed_elsewhere(exp) == ""
+
+
+def test_a_recorded_runs_leftover_checkpoints_are_removed_at_the_next_start(tmp_path, tiny_model_dir):
+    """Killed between writing its record and removing its checkpoints, a run left them behind for good (it counts as
+    done): the next start removes them, unless the stage keeps its checkpoints."""
+    train = {"general": {"max_steps": 2, "batch_size": 4}, "domain": {"max_steps": 2, "batch_size": 2}}
+    path = write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu"], train=train)
+    run_experiment(load_experiment(path), progress=False)
+    folder = tmp_path / "out" / "checkpoints" / "lora-mu__gen__seed0"
+    (folder / "domain" / "step-000001").mkdir(parents=True)
+    (folder / "settings.json").write_text("{}")
+    aside = tmp_path / "out" / "checkpoints" / "lora-mu__gen__seed0.0123abcd"  # set aside by --rerun-changed: kept
+    aside.mkdir()
+    run_experiment(load_experiment(path), progress=False)
+    assert not folder.exists() and aside.is_dir()
+    (folder / "domain" / "step-000001").mkdir(parents=True)
+    kept = {"general": train["general"], "domain": dict(train["domain"], keep_checkpoints=True)}
+    run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu"],
+                                                    train=kept)), progress=False)
+    assert (folder / "domain" / "step-000001").is_dir()
