@@ -742,11 +742,8 @@ def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) 
 
 def _checkpoint_precision(out: Path, job: Job) -> str | None:
     """The precision an interrupted session of ``job`` computed in, from its checkpoint settings (None: none)."""
-    try:
-        saved = json.loads(_checkpoint_settings(out, job.rid).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("settings_digest") != job.digest:
+    saved = _saved_settings(out, job.rid)
+    if saved is None or saved.get("settings_digest") != job.digest:
         return None
     return (saved.get("computed") or {}).get("precision")
 
@@ -785,6 +782,16 @@ def _checkpoint_settings(output: Path, rid: str) -> Path:
     return output / "checkpoints" / rid / "settings.json"
 
 
+def _saved_settings(output: Path, rid: str) -> dict[str, Any] | None:
+    """What :func:`_train_job` wrote beside run ``rid``'s checkpoints (its settings, their digest, how it computed);
+    None when there is none or it does not parse."""
+    try:
+        saved = json.loads(_checkpoint_settings(output, rid).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str, str]]:
     """The interrupted runs among ``jobs`` whose checkpoint was written under other settings: (job, what differs,
     the old settings' digest). Going on from one would train neither the old run nor the new one. A checkpoint from
@@ -794,9 +801,8 @@ def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str, 
     for job in jobs:
         if resume_point(exp.output, job.rid) is None:
             continue
-        try:
-            saved = json.loads(_checkpoint_settings(exp.output, job.rid).read_text())
-        except (OSError, ValueError):
+        saved = _saved_settings(exp.output, job.rid)
+        if saved is None:
             continue
         if saved.get("settings_digest") != job.digest:
             found.append((job, settings_changes(saved.get("settings") or {}, job.settings),
@@ -862,8 +868,11 @@ def time_to_do(exp: Experiment, todo: list[Job]) -> tuple[float, int]:
     measurement of that kind is recorded)."""
     took = _seconds_by_method(exp.output)
     flatness = _landscape_estimate(exp)
-    known = [left + flatness(bool(job.recipe.stages), job.seed)
-             for left, job in ((_time_left(took, exp.output, job), job) for job in todo) if left is not None]
+    known = []
+    for job in todo:
+        left = _time_left(took, exp.output, job)
+        if left is not None:
+            known.append(left + flatness(bool(job.recipe.stages), job.seed))
     return sum(known), len(todo) - len(known)
 
 
@@ -914,11 +923,12 @@ def computed_elsewhere(exp: Experiment) -> str:
     rids = {job.rid for job in jobs}
     stages = {general_stage_name(exp, job.recipe, job.seed) for job in jobs if GENERAL in job.recipe.stages}
     found: list[tuple[str, str]] = []  # (precision, what)
-    for kind, paths, name in (("run", out.glob("runs/*.json"), lambda p: p.stem),
-                              ("general stage", out.glob("stages/*/stage.json"), lambda p: p.parent.name),
-                              ("checkpoint", out.glob("checkpoints/*/settings.json"), lambda p: p.parent.name)):
+    for kind, paths, name, ours in (("run", out.glob("runs/*.json"), lambda p: p.stem, rids),
+                                    ("general stage", out.glob("stages/*/stage.json"), lambda p: p.parent.name, stages),
+                                    ("checkpoint", out.glob("checkpoints/*/settings.json"), lambda p: p.parent.name,
+                                     rids)):
         for path in sorted(paths):
-            if name(path) not in (stages if kind == "general stage" else rids):
+            if name(path) not in ours:
                 continue
             try:
                 computed = json.loads(path.read_text()).get("computed") or {}

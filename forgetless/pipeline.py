@@ -190,6 +190,7 @@ def run_recipe(
                                   quantization=settings.quantization)
     if not is_quantized(model):  # evaluation (the base run too) on the run's device; a quantized base is placed
         model.to("cuda" if torch.cuda.is_available() else "cpu")
+    computed = computed_in(model, settings)  # the base's device and dtype: LoRA and training change neither
     stages: list[dict[str, Any]] = []
     plugins, tracker = list(recipe.plugins), None
     if recipe.stages:
@@ -213,8 +214,7 @@ def run_recipe(
                 stages.append(_stage_summary(result))
                 if cache is not None and PartialState().is_main_process:  # with how it computed: another
                     # machine resolves auto otherwise, and forgetless run warns before reusing it there
-                    _save_general(model, recipe, stages[-1] | {"computed": computed_in(model, settings)}, cache,
-                                  settings.model)
+                    _save_general(model, recipe, stages[-1] | {"computed": computed}, cache, settings.model)
         if DOMAIN in recipe.stages:
             # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
             # a run stopped while it evaluates resumes from them instead of training its domain stage again
@@ -249,7 +249,7 @@ def run_recipe(
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
                      variants=variants, seconds=time.perf_counter() - started + _before_resume(stages),
                      suite=scores["suite"],
-                     selected=selected, computed=computed_in(model, settings))
+                     selected=selected, computed=computed)
 
 
 def _before_resume(stages: list[dict[str, Any]]) -> float:
