@@ -746,7 +746,8 @@ def test_per_step_work_writes_one_module_at_a_time_with_a_chunk_of_one_module(lo
 
 def test_offload_to_cpu_gives_the_same_importance_and_regularizer(lora_model, make_ctx, device):
     """``offload: cpu`` keeps omega and Omega in CPU memory (pinned on CUDA) and copies chunks to the device: the
-    same numbers, bit for bit, as keeping them on the device (fp32, all seven projections, chunks of one module)."""
+    same importance, bit for bit, as keeping them on the device, and the same regularizer (bit for bit on the CPU)
+    (fp32, all seven projections, chunks of one module)."""
     from forgetless import lora
 
     results = {}
@@ -764,9 +765,12 @@ def test_offload_to_cpu_gives_the_same_importance_and_regularizer(lora_model, ma
         assert held == ({"cpu"} if offload == "cpu" else {torch.device(device).type})
         results[offload] = ({n: t.cpu() for n, t in plugin.importance.items()}, reg.detach().cpu(), grads)
     (imp_a, reg_a, grads_a), (imp_b, reg_b, grads_b) = results["none"], results["cpu"]
-    assert reg_a > 0 and torch.equal(reg_a, reg_b)
-    assert all(torch.equal(imp_a[n], imp_b[n]) for n in imp_a)
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(torch.equal(imp_a[n], imp_b[n]) for n in imp_a)  # computed on the device either way
+    # eq 15's layer norms (and phi's mean) are reduced where Omega is held: on a GPU that is the CPU for one and the
+    # GPU for the other, the same sums in another order (measured on an H200: 36.0454 both, not bit for bit)
+    rtol = 0.0 if torch.device(device).type == "cpu" else 1e-5
+    assert reg_a > 0 and torch.allclose(reg_a, reg_b, rtol=rtol, atol=0.0)
+    assert all(torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max())) for a, b in zip(grads_a, grads_b))
 
 
 def test_a_reduced_storage_dtype_is_held_as_saved_so_a_cached_stage_gives_the_same_regularizer(tmp_path, lora_model,
