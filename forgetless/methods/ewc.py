@@ -85,7 +85,7 @@ from typing import Any
 
 import torch
 
-from forgetless.lm import IGNORE_INDEX, eval_mode
+from forgetless.lm import IGNORE_INDEX, HeadScorer, eval_mode
 from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, factors, fan_in_fan_out,
                              group_modules, lora_modules, scaling, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
@@ -156,6 +156,37 @@ def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, e
     return -torch.where(on_device, picked, 0).sum()
 
 
+def _chunk_examples(scorer: HeadScorer, rows: int, length: int) -> int | None:
+    """Examples per chunk of the head and the NLL when a batch's ``[rows, length, vocab]`` logits would exceed
+    :data:`forgetless.training.loss.CHUNK_ELEMENTS` (the training loss's threshold), or None: the whole batch at once.
+    A frozen plain ``nn.Linear`` head only, as the chunked cross-entropy of training."""
+    from forgetless.training.loss import CHUNK_ELEMENTS
+
+    head = scorer.head
+    if not (scorer.fast and type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())):
+        return None
+    per_example = length * head.out_features
+    if rows * per_example <= CHUNK_ELEMENTS:
+        return None
+    return max(1, CHUNK_ELEMENTS // per_example)
+
+
+def _nll_grad_by_chunks(scorer: HeadScorer, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                        estimator: str, generator: torch.Generator | None, chunk: int) -> torch.Tensor:
+    """The gradient of :func:`_batch_nll` summed over the batch with respect to the backbone's ``hidden`` [B, T, H],
+    computed ``chunk`` whole examples at a time: the head, the NLL and their backward for one chunk, whose logits are
+    then dropped. The labels are drawn as :func:`_batch_nll` draws them (example by example, in order), and examples
+    do not interact, so each example's gradient is the one the whole batch's logits give (to rounding)."""
+    grad = torch.empty_like(hidden)
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = hidden[rows].detach().requires_grad_()
+        with torch.enable_grad():
+            loss = _batch_nll(scorer.logits(part), labels[rows], keep[rows], estimator, generator)
+        grad[rows] = torch.autograd.grad(loss, part)[0]
+    return grad
+
+
 def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator: str = "sampled",
                     fisher_over: str = "lora", batch_size: int = 4, seed: int = 0,
                     adapter: str = "default", precision: str = "fp32",
@@ -174,7 +205,10 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     layers keep recomputing their activations (:func:`_eval_keeping_checkpointing`), and each module's input is held
     as a saved tensor of the backward (recomputed with the layer, not kept alive by a hook). ``offload``: the
     ``fisher_over="lora"`` sums are kept in CPU memory (each batch's ``sum_n G_n**2`` is copied there), so the device
-    holds no Fisher-sized tensor while it is computed; the same numbers.
+    holds no Fisher-sized tensor while it is computed; the same numbers. When a batch's logits would be large (above
+    the training loss's :data:`forgetless.training.loss.CHUNK_ELEMENTS`, e.g. 4 x 1024 tokens of a 128k vocabulary)
+    the head and the NLL run a chunk of whole examples at a time (:func:`_nll_grad_by_chunks`): the same draws and,
+    to rounding, the same Fisher, without the batch's ``[B, T, vocab]`` logits and their gradient.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -277,17 +311,26 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
         grad_inputs.append(factors(module, adapter)[0])
         install(f"{name}.base_layer.weight", module, fan_in_fan_out(module))
     tokens = 0
+    scorer = HeadScorer(model, verify=False)  # the split of the architectures transformers ships is exact
     try:
         for start in range(0, len(examples), batch_size):
             on_cpu = collate(examples[start:start + batch_size], pad_token_id=0)
             keep = on_cpu["labels"][:, 1:] != IGNORE_INDEX  # on the CPU: counts and indices without a device read
             tokens += int(keep.sum())
             batch = {k: v.to(grad_inputs[0].device) for k, v in on_cpu.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = _batch_nll(logits, batch["labels"], keep, estimator, generator)
             # d(sum_n ell_n)/dy is d ell_n/dy on example n's rows (examples do not interact): hooks see each G_n.
             # Asking for the LoRA A gradients makes autograd pass through every module output; .grad is untouched.
-            torch.autograd.grad(loss, grad_inputs, allow_unused=True)
+            chunk = _chunk_examples(scorer, *on_cpu["input_ids"].shape)
+            if chunk is None:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = _batch_nll(logits, batch["labels"], keep, estimator, generator)
+                torch.autograd.grad(loss, grad_inputs, allow_unused=True)
+                continue
+            # large logits (e.g. 4 x 1024 x 128k): the backbone once, the head and the NLL a chunk of examples at a
+            # time, then one backward through the backbone with the chunks' gradients
+            hidden = scorer.hidden(batch["input_ids"], batch["attention_mask"])
+            grad = _nll_grad_by_chunks(scorer, hidden, batch["labels"], keep, estimator, generator, chunk)
+            torch.autograd.grad(hidden, grad_inputs, grad_outputs=grad, allow_unused=True)
     finally:
         for h in hooks:
             h.remove()

@@ -339,6 +339,35 @@ def test_fisher_is_the_per_example_loops(estimator, lora_model, monkeypatch):
         assert torch.equal(new[name], f), name
 
 
+@pytest.mark.parametrize("estimator", ["sampled", "empirical"])
+def test_large_logits_go_a_chunk_of_examples_at_a_time_with_the_same_fisher(estimator, lora_model, monkeypatch, tol):
+    """Above the training loss's logits threshold (4 x 1024 x 128k at 8B) the head and the NLL run one chunk of whole
+    examples at a time: the same draws and the same Fisher as the whole batch's logits (float64, against the
+    independent per-example computation too), and no logits tensor larger than one chunk's."""
+    from forgetless.training import loss
+
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    examples = ragged_examples()
+    whole, tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
+    head = model.get_output_embeddings()
+    shapes = []
+    hook = head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    vocab, longest = head.out_features, max(len(e["input_ids"]) for e in examples)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 2 * longest * vocab)  # two examples per chunk, batches of three
+    try:
+        chunked, chunked_tokens = fisher_diagonal(model, examples, estimator, "lora", batch_size=3, seed=5)
+    finally:
+        hook.remove()
+    assert chunked_tokens == tokens
+    assert shapes and max(s[0] for s in shapes) == 2 and any(s[0] == 1 for s in shapes)  # chunks of 2, then the rest
+    want, _ = reference_fisher(model, examples, estimator, seed=5)
+    for name, f in whole.items():
+        assert f.abs().max() > 0
+        assert torch.allclose(chunked[name], f, rtol=tol(1e-10, torch.float64), atol=0), name
+        assert torch.allclose(chunked[name], want[name], rtol=tol(1e-9, torch.float64), atol=1e-18), name
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_fisher_precision_run_takes_the_runs_autocast(lora_model, make_ctx):
     """``fisher_precision: run`` computes the Fisher under the run's precision: under bf16 it is the float32 Fisher up
     to bf16 rounding (close, not equal); the default stays float32 whatever the run's precision."""
