@@ -46,20 +46,18 @@ if [ "$SMOKE" = 1 ]; then
     part cudatests 300 $PY -m pytest -q -p no:cacheprovider tests/unit/test_hlora.py -k timed_sections
     exit 0
 fi
-# 1. #12: the 4-bit and bf16 rows after the chunked cross-entropy and the bf16 embedding/head of a 4-bit base, and the
-#    HLoRA/EWC rows at the paper's q/v targets
-part memory 200 $PY bench/bench_gpu_memory.py --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
-# 2. #15: the step, MFU and method rows with compile: true on both sides; the HLoRA rows after the rank-2r
-#    differences and the event timer; the offload rows
-#    (1b first: its method rows, the offload ones included, are the part's reason; the 8B compile is the longest)
-part compile 230 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --json "$OUT/bench_gpu_compile.json"
-# 3. the rank-2r differences against the two products, on the GPU
-part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
-# 3b. SAM's work between its passes, grouped (_foreach) against one operation per LoRA matrix, at the 1B shape
-part samwork 30 $PY bench/bench_method_state.py --sam --sam-shape 1b --device cuda --reps 9 --inner 3
-# 4. Liger's kernels and flash-attn (skipped inside when not importable)
-part liger 100 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
-# 5. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): HLoRA, EWC, the LoRA
-#    toolkit, devices, training; whatever fits the time left
-part cudatests 120 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
+# What the second GPU session (27) left (bench/RESULTS.md, "Measured on an H200, 2026-11-27, second GPU session"):
+# 1. #12 item 8: EWC's general-stage peak at q/v after the chunked Fisher (was +5.74 GiB over lora-nu-mu with offload)
+part memory 180 $PY bench/bench_gpu_memory.py --methods ewc --targets qv --json "$OUT/bench_gpu_memory.json"
+# 2. #15: the bf16-base step and MFU rows with compile: true on both sides (1B first; the Trainer's compilation alone
+#    took 97 s at 1B, so the 8B row may not fit); the fp32-base 1B row was measured (0.746)
+part compile 260 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --only bf16base --json "$OUT/bench_gpu_compile.json"
+# 3. Liger's loss against the plain one at the same adapter weights (the first measurement compared different ones)
+part liger 60 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
+# 4. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): all passed in session 27
+#    after two tolerance fixes; rerun what fits
+part cudatests 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
     tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py
+# 5. measured in session 27 (rank-2r 0.864 / 1.466, SAM's grouped work 0.412); kept last, seconds each
+part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
+part samwork 30 $PY bench/bench_method_state.py --sam --sam-shape 1b --device cuda --reps 9 --inner 3
