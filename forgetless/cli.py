@@ -284,10 +284,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.data import chat_mc_items, load_mc_task, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
-    import torch
 
     from forgetless.models import load_adapter, load_model
     from forgetless.pipeline import NonFiniteScore, check_finite
+    from forgetless.precision import default_device
 
     if not args.ppl and not args.task and not args.lmeval:
         raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity), --task "
@@ -320,7 +320,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if note:
             print(note, file=sys.stderr)
     model, tokenizer = load_model(args.model, precision=args.precision)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
+    model.to(default_device())  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter)
     if chat:  # multiple-choice prompts as lm-eval's --apply_chat_template builds them
@@ -376,9 +376,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
-    import torch
 
     from forgetless.models import load_adapter, load_model
+    from forgetless.precision import default_device
     from forgetless.reporting.landscape_plots import plot_surface
 
     if bool(args.text) == bool(args.task):
@@ -398,7 +398,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             items = load_mc_task(source, schema=schema, limit=args.limit)
     chat = _chat_template_before_load(args, bool(args.task))
     model, tokenizer = load_model(args.model, precision=args.precision)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")  # evaluate on the GPU when there is one
+    model.to(default_device())  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter, trainable=True)  # trainable: the LoRA weights
     with data_errors(flag):

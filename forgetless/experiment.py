@@ -906,9 +906,9 @@ def left_line(exp: Experiment, workers: int = 1) -> str:
 
 
 def _precision_here(exp: Experiment) -> str:
-    from forgetless.precision import resolve_precision
+    from forgetless.precision import default_device, resolve_precision
 
-    return resolve_precision(exp.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(exp.precision, default_device())
 
 
 def computed_elsewhere(exp: Experiment) -> str:

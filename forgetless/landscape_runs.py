@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from forgetless.landscape import LandscapeSettings, measure_flatness, save_surface
+from forgetless.precision import default_device
 from forgetless.progress import say
 
 
@@ -217,7 +218,7 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
             _write_json(path, record | {"landscape": entry})
             return 0
     model, tokenizer = load_model(model_name, precision=settings.precision)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(default_device())
     if "examples" not in cache:
         blocks = pack_blocks(heldout_texts(), tokenizer, digests["block"], max_blocks=settings.blocks)
         cache["examples"] = lm_examples(blocks)

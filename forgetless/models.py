@@ -243,12 +243,12 @@ def resolve_dtype(dtype: str = "auto", precision: str = "auto", device: torch.de
     device: CUDA, CPUs with native bf16), else fp32, so a run pinned to fp32 keeps an fp32 base; ``"bf16"`` and
     ``"fp32"`` as given. LoRA weights and optimizer state stay float32 whatever the base (PEFT keeps adapter weights
     in float32)."""
-    from forgetless.precision import resolve_precision
+    from forgetless.precision import default_device, resolve_precision
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         dtype = resolve_precision(precision, device)
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 

@@ -28,6 +28,7 @@ from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
                                save_adapter)
+from forgetless.precision import default_device
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 from forgetless.training.tracking import EvalEvery, best_within_drop
 
@@ -189,7 +190,7 @@ def run_recipe(
     model, tokenizer = load_model(settings.model, dtype=settings.dtype, precision=settings.precision,
                                   quantization=settings.quantization)
     if not is_quantized(model):  # evaluation (the base run too) on the run's device; a quantized base is placed
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(default_device())
     computed = computed_in(model, settings)  # the base's device and dtype: LoRA and training change neither
     stages: list[dict[str, Any]] = []
     plugins, tracker = list(recipe.plugins), None

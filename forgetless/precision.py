@@ -37,6 +37,12 @@ def cuda_supports_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
+def default_device() -> str:
+    """Where a run computes when nothing says otherwise: ``"cuda"`` (this process's current GPU, which accelerate sets
+    to its local rank) when there is one, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """Turn "auto" into "bf16" or "fp32" for ``device``; check explicit choices."""
     if precision not in PRECISIONS:
