@@ -1,7 +1,7 @@
 """The experiment step that adds flatness metrics to finished runs (the YAML's ``landscape:`` section).
 
 :func:`measure_runs` goes over an experiment's finished runs, loads each run's domain-stage model (its saved
-adapter), measures it with :func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set
+adapter on the base as the run loaded it: its ``dtype`` and ``quantization``), measures it with :func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set
 and writes the metrics into the run's JSON; runs that already have metrics for the same settings are skipped, so it
 is resumable. It lives beside the runner, not in :mod:`forgetless.landscape`, which is mathematics only.
 """
@@ -203,7 +203,7 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
     """Measure one run of :func:`measure_runs` and write its record; 1 when a model was measured, 0 when the run
     was only marked skipped (it trained nothing and only the trainable directions are asked for)."""
     from forgetless.data import lm_examples, pack_blocks
-    from forgetless.models import load_adapter, load_model
+    from forgetless.models import is_quantized, load_adapter, load_model
 
     rid = record.get("run_id", path.stem)
     adapter = Path(output) / "adapters" / rid
@@ -217,8 +217,16 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
         if not also:
             _write_json(path, record | {"landscape": entry})
             return 0
-    model, tokenizer = load_model(model_name, precision=settings.precision)
-    model.to(default_device())
+    # the base as the run loaded it: its dtype and quantization (in its settings when not the default)
+    run = record.get("settings") or {}
+    quantization = run.get("quantization", "none")
+    if quantization != "none" and main and "skipped" not in entry and settings.params == "all":
+        raise ValueError(f"landscape params: all perturbs every weight, and this run's base is {quantization}-quantized "
+                         f"(packed integers): use params: trainable")
+    model, tokenizer = load_model(model_name, dtype=run.get("dtype", "auto"), precision=settings.precision,
+                                  quantization=quantization)
+    if not is_quantized(model):  # a quantized base is placed on the process's GPU as it loads
+        model.to(default_device())
     if "examples" not in cache:
         blocks = pack_blocks(heldout_texts(), tokenizer, digests["block"], max_blocks=settings.blocks)
         cache["examples"] = lm_examples(blocks)
@@ -227,7 +235,10 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
         model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
     if main and "skipped" not in entry:
         entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
-    if also:
+    if also and quantization != "none":
+        entry["all_weights"] = {"digest": digests["every"], "skipped": f"the base is {quantization}-quantized: its "
+                                f"weights are packed integers, not directions to move along"}
+    elif also:
         entry["all_weights"] = {"digest": digests["every"]} | _measure(
             model, examples, settings.all_weights(), output, Path("landscape") / rid / "all_weights", progress)
     _write_json(path, record | {"landscape": entry})

@@ -518,3 +518,53 @@ def test_the_landscape_command_measures_in_fp32_unless_told():
     assert parse_command_line(["landscape", "--text", "t.jsonl", "--precision", "bf16"]).precision == "bf16"
     assert parse_command_line(["eval", "--ppl", "t.jsonl"]).precision == "auto"
     assert parse_command_line(["train", "--domain", "d.jsonl", "--output", "o"]).precision == "auto"
+
+
+def test_the_landscape_loads_the_base_as_the_run_did(tmp_path, tiny_model_dir, monkeypatch):
+    """A run's flatness is measured on the base it trained on: its dtype (bf16 here, in the run's settings) and its
+    quantization. A quantized base gets no surface over all weights (they are packed integers; marked skipped, with
+    why) and ``params: all`` on it is refused by name."""
+    from dataclasses import replace
+
+    import forgetless.models as models
+    from forgetless.experiment import load_experiment, run_experiment
+    from forgetless.landscape import LandscapeSettings
+    from forgetless.landscape_runs import LandscapeFailed, measure_runs
+
+    seen, real = [], models.load_model
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        seen.append((kwargs.get("dtype"), kwargs.get("quantization"), model.get_input_embeddings().weight.dtype))
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "load_model", spy)  # the landscape step imports it when it measures
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0], dtype="bf16",
+                            landscape=landscape)
+    run_experiment(load_experiment(path), progress=False)
+    assert seen == [("bf16", "none", torch.bfloat16)]
+
+    # the same run as if its base had been 4-bit (bitsandbytes stand-in: the float base, reported as quantized)
+    record = tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json"
+    data = json.loads(record.read_text())
+    data["settings"]["quantization"] = "4bit"
+    del data["landscape"]
+    record.write_text(json.dumps(data))
+    seen.clear()
+
+    def as_if_quantized(*args, **kwargs):
+        seen.append(("asked", kwargs.get("quantization")))
+        return spy(*args, **(kwargs | {"quantization": "none"}))
+
+    monkeypatch.setattr(models, "load_model", as_if_quantized)
+    monkeypatch.setattr(models, "is_quantized", lambda model: True)
+    settings = LandscapeSettings(**landscape, all_weights_seeds=[0])
+    texts = [f"Plants make sugar from light, sentence {i}." for i in range(40)]
+    assert measure_runs(tmp_path / "out", str(tiny_model_dir), settings, lambda: texts, 16, progress=False) == 1
+    assert ("asked", "4bit") in seen
+    entry = json.loads(record.read_text())["landscape"]
+    assert "metrics" in entry and "4bit-quantized" in entry["all_weights"]["skipped"]
+    with pytest.raises(LandscapeFailed, match=r"lora-mu__gen__seed0: ValueError: landscape params: all .* 4bit"):
+        measure_runs(tmp_path / "out", str(tiny_model_dir), replace(settings, params="all", all_weights_seeds=None),
+                     lambda: texts, 16, progress=False)
