@@ -29,13 +29,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """``model.eval()`` inside, the previous train/eval mode restored afterwards."""
-    was_training = model.training
+    """``model.eval()`` inside; afterwards every module's own train/eval flag as it was (not ``model.train(mode)``,
+    which would set them all alike: e.g. the Fisher keeps its checkpointed layers in training mode inside eval)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -91,12 +93,16 @@ class HeadScorer:
 
     @torch.no_grad()
     def _verify(self) -> bool:
+        """One 7-token probe through both paths, in eval mode (no dropout; the mode is restored). It catches models
+        that rescale their logits after the head (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Falcon-H1's
+        ``lm_head_multiplier``, ...), which ``logits`` does not know: they take the full-logits path."""
         vocab = getattr(self.head, "out_features", None) or 2
         probe = (torch.arange(7, device=self.device) * 3 + 1) % vocab
         probe = probe.unsqueeze(0)
         try:
-            fast = self.logits(self.backbone(input_ids=probe, use_cache=False).last_hidden_state)
-            full = self.model(input_ids=probe, use_cache=False).logits
+            with eval_mode(self.model):
+                fast = self.logits(self.backbone(input_ids=probe, use_cache=False).last_hidden_state)
+                full = self.model(input_ids=probe, use_cache=False).logits
         except Exception:  # noqa: BLE001 - any failure: use the plain path
             return False
         if fast.shape != full.shape:

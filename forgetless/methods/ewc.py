@@ -278,6 +278,8 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
     modules = lora_modules(model, adapter)
     if not modules:
         raise ValueError("EWC found no LoRA modules in the model (attach LoRA first)")
+    # verified on a probe before the hooks go in (a model that rescales its logits after the head: the full logits)
+    scorer = HeadScorer(model)
     fisher: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -311,7 +313,6 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
         grad_inputs.append(factors(module, adapter)[0])
         install(f"{name}.base_layer.weight", module, fan_in_fan_out(module))
     tokens = 0
-    scorer = HeadScorer(model, verify=False)  # the split of the architectures transformers ships is exact
     try:
         for start in range(0, len(examples), batch_size):
             on_cpu = collate(examples[start:start + batch_size], pad_token_id=0)

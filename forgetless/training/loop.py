@@ -214,6 +214,7 @@ def train_stage(
     check_levers(model, config, accelerator.device)
     if config.attn_implementation is not None:
         set_attn_implementation(model, config.attn_implementation)
+    task_loss = CausalLMLoss(model, fused_ce=config.liger)  # its head split is verified on the model as loaded
     if config.liger:
         apply_liger(model)
     compiled = compile_model(model) if config.compile else []  # undone when the stage ends (evaluation runs eager)
@@ -234,7 +235,7 @@ def train_stage(
     loader = DataLoader(examples, batch_size=config.batch_size, **order,
                         collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model), packed=config.padding_free))
     raw_optimizer = optimizer
-    wrapper, optimizer, loader = accelerator.prepare(CausalLMLoss(model, fused_ce=config.liger), optimizer, loader)
+    wrapper, optimizer, loader = accelerator.prepare(task_loss, optimizer, loader)
     # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
     # is not handed to accelerate, which would step it once per process at every optimizer step.
     steps_per_epoch = max(1, len(loader) // config.grad_accum)

@@ -46,9 +46,9 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None | str = "auto") -> None:
         super().__init__()
         self.model = model
-        # Not verified on a probe: the model may be in train mode (dropout), and the backbone/head split of the
-        # architectures transformers ships is exact; an unknown layout falls back to the full logits.
-        self._scorer = HeadScorer(model, verify=False)
+        # Verified on a probe (in eval mode): a model that rescales its logits after the head (Granite, Cohere, ...)
+        # or an unknown layout takes the full logits.
+        self._scorer = HeadScorer(model)
         head = self._scorer.head
         self.fused_ce = bool(fused_ce and self._scorer.fast and type(head) is torch.nn.Linear)
         # chunked cross-entropy above this many logits elements (None: never; "auto": CHUNK_ELEMENTS when called);

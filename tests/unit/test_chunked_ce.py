@@ -109,3 +109,35 @@ def test_training_steps_with_the_chunked_loss_equal_the_plain_ones(accelerator):
         assert torch.allclose(chunked["grads"]["domain"][name], grad, rtol=1e-5, atol=1e-8), name
     for name, weight in plain["weights"].items():
         assert torch.allclose(chunked["weights"][name], weight, rtol=1e-5, atol=1e-7), name
+
+
+def _tiny_granite(logits_scaling: float = 4.0):
+    """A model that rescales its logits after the head (Granite divides them by ``logits_scaling``)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           logits_scaling=logits_scaling, pad_token_id=0, use_cache=False)
+    return GraniteForCausalLM(config)
+
+
+@pytest.mark.parametrize("chunk_elements", ["auto", 64])
+def test_a_model_that_rescales_its_logits_gets_the_loss_of_its_own_logits(chunk_elements):
+    """Granite's logits are the head's divided by logits_scaling: the head split is found wrong on the probe (in eval
+    mode, the model's train mode kept), so the loss is the cross-entropy of the model's own logits, never of the bare
+    head's (more than 10 % off here), chunked threshold or not."""
+    model = _tiny_granite(0.05).train()  # logits 20x the head's
+    examples = random_examples(3, 12, vocab_size=64, seed=1, prompt=4)
+    batch = add_loss_index(collate(examples, pad_token_id=0))
+    module = CausalLMLoss(model, chunk_elements=chunk_elements)
+    assert model.training and not module._scorer.fast
+    model.eval()  # no dropout in either loss below
+    got = module(**batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 64).float(), labels.reshape(-1), ignore_index=-100)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    bare = F.cross_entropy(model.lm_head(hidden)[:, :-1].reshape(-1, 64).float(), labels.reshape(-1), ignore_index=-100)
+    assert abs(bare.item() - want.item()) > 0.1 * want.item()  # what an unverified split would have trained on

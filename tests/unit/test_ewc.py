@@ -396,3 +396,21 @@ def test_a_saved_fisher_without_fisher_precision_counts_as_float32():
     saved = {"options": {k: v for k, v in plugin.options.as_dict().items() if k != "fisher_precision"}}
     assert plugin._fits(saved)
     assert not EWC(fisher_precision="run")._fits(saved)
+
+
+def test_a_model_that_rescales_its_logits_keeps_the_whole_logits_fisher(monkeypatch):
+    """Granite divides its logits by logits_scaling after the head: the chunked path (backbone + bare head) would draw
+    from and differentiate the wrong distribution, so the probe sends it to the whole-logits path, whatever the
+    threshold says: the same Fisher as without chunking."""
+    from forgetless.models import LoraSettings, attach_lora
+    from forgetless.training import loss
+    from tests.unit.test_chunked_ce import _tiny_granite
+
+    model = attach_lora(_tiny_granite(0.05), LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(model)
+    examples = random_examples(6, 10, vocab_size=64, seed=2)
+    want, _ = fisher_diagonal(model, examples, "sampled", "lora", batch_size=3, seed=5)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 1)
+    got, _ = fisher_diagonal(model, examples, "sampled", "lora", batch_size=3, seed=5)
+    for name, f in want.items():
+        assert f.abs().max() > 0 and torch.equal(got[name], f), name
