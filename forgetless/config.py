@@ -348,6 +348,10 @@ class Experiment:
             raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.quantization != "none" and self.landscape is not None and (
+                self.landscape.params == "all" or self.landscape.all_weights_seeds):
+            raise ValueError(f"landscape: params: all and all_weights_seeds move every weight, and a {self.quantization} "
+                             f"base's are packed integers: keep params: trainable without all_weights_seeds")
         if self.chat_template not in ("auto", True, False):
             raise ValueError(f"chat_template: must be auto, true or false, got {self.chat_template!r}")
         clash = sorted(set(names) & {e.name for e in self.eval.suite_tasks})

@@ -58,6 +58,12 @@ def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSe
     return out
 
 
+def run_base(record: dict[str, Any]) -> dict[str, str]:
+    """The run's base as its settings say it was loaded: ``dtype`` and ``quantization`` where not the defaults."""
+    run = record.get("settings") or {}
+    return {k: run[k] for k, default in (("dtype", "auto"), ("quantization", "none")) if run.get(k, default) != default}
+
+
 def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
           data_key: Any) -> tuple[list[tuple[Path, dict, bool, bool]], list[dict[str, Any]], dict[str, Any]]:
     """(runs to measure as (path, record, main surface?, all-weights surface?), every record in the folder,
@@ -73,7 +79,8 @@ def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size
         record = read_record(path)  # a corrupt record: an error naming it
         records.append(record)
         entry = record.get("landscape") or {}
-        main = entry.get("digest") != digests["main"]
+        # measured on another base than the run's (a QLoRA run measured before the landscape loaded it quantized)
+        main = entry.get("digest") != digests["main"] or entry.get("base", {}) != run_base(record)
         also = (every is not None and record.get("seed", 0) in settings.all_weights_seeds
                 and (main or (entry.get("all_weights") or {}).get("digest") != digests["every"]))
         if main or also:
@@ -208,22 +215,29 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
     rid = record.get("run_id", path.stem)
     adapter = Path(output) / "adapters" / rid
     has_adapter = (adapter / "adapter_config.json").is_file()
+    base = run_base(record)  # the base as the run loaded it: its dtype and quantization when not the defaults
+    quantization = base.get("quantization", "none")
     if main:
         entry = {"digest": digests["main"], "settings": asdict(settings) | {"block_size": digests["block"]}}
+        if base:
+            entry["base"] = base
     else:
         entry = dict(record["landscape"])
     if main and not has_adapter and settings.params == "trainable":
         entry["skipped"] = "no trained weights (a run without an adapter has no trainable parameters)"
-        if not also:
-            _write_json(path, record | {"landscape": entry})
-            return 0
-    # the base as the run loaded it: its dtype and quantization (in its settings when not the default)
-    run = record.get("settings") or {}
-    quantization = run.get("quantization", "none")
-    if quantization != "none" and main and "skipped" not in entry and settings.params == "all":
+    if also and quantization != "none":
+        entry["all_weights"] = {"digest": digests["every"], "skipped": f"the base is {quantization}-quantized: its "
+                                f"weights are packed integers, not directions to move along"}
+        also = False
+    if main and "skipped" not in entry and settings.params == "all" and quantization != "none":
         raise ValueError(f"landscape params: all perturbs every weight, and this run's base is {quantization}-quantized "
                          f"(packed integers): use params: trainable")
-    model, tokenizer = load_model(model_name, dtype=run.get("dtype", "auto"), precision=settings.precision,
+    if not also and (not main or "skipped" in entry):  # nothing to measure: no model is loaded
+        _write_json(path, record | {"landscape": entry})
+        return 0
+    # dtype auto resolves with the landscape's precision (fp32 by default: the metrics are computed in fp32, on the
+    # base's own weights rather than their bf16 rounding); an explicit dtype and a quantization are the run's
+    model, tokenizer = load_model(model_name, dtype=base.get("dtype", "auto"), precision=settings.precision,
                                   quantization=quantization)
     if not is_quantized(model):  # a quantized base is placed on the process's GPU as it loads
         model.to(default_device())
@@ -235,10 +249,7 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
         model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
     if main and "skipped" not in entry:
         entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
-    if also and quantization != "none":
-        entry["all_weights"] = {"digest": digests["every"], "skipped": f"the base is {quantization}-quantized: its "
-                                f"weights are packed integers, not directions to move along"}
-    elif also:
+    if also:
         entry["all_weights"] = {"digest": digests["every"]} | _measure(
             model, examples, settings.all_weights(), output, Path("landscape") / rid / "all_weights", progress)
     _write_json(path, record | {"landscape": entry})

@@ -565,6 +565,12 @@ def test_the_landscape_loads_the_base_as_the_run_did(tmp_path, tiny_model_dir, m
     assert ("asked", "4bit") in seen
     entry = json.loads(record.read_text())["landscape"]
     assert "metrics" in entry and "4bit-quantized" in entry["all_weights"]["skipped"]
+    assert entry["base"] == {"dtype": "bf16", "quantization": "4bit"}  # a later base change measures it again
+    # only the all-weights entry missing: marked skipped without loading a model
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"landscape": entry | {"all_weights": None}}))
+    seen.clear()
+    assert measure_runs(tmp_path / "out", str(tiny_model_dir), settings, lambda: texts, 16, progress=False) == 0
+    assert seen == [] and "skipped" in json.loads(record.read_text())["landscape"]["all_weights"]
     with pytest.raises(LandscapeFailed, match=r"lora-mu__gen__seed0: ValueError: landscape params: all .* 4bit"):
         measure_runs(tmp_path / "out", str(tiny_model_dir), replace(settings, params="all", all_weights_seeds=None),
                      lambda: texts, 16, progress=False)
