@@ -567,7 +567,7 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             plain_loss = float(CausalLMLoss(fresh)(**batch))
         # the Liger rounds train the adapter further: its loss is compared at the weights the plain loss saw
-        trained = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+        trained = {n: p.detach().to("cpu", copy=True) for n, p in fresh.named_parameters() if p.requires_grad}
         liger_runs = [lever_run(fresh, fixed, plan.batch, plan.warmup, total, precision, liger=True, **plain)
                       for _ in range(rounds)]
         with torch.no_grad():
