@@ -134,8 +134,10 @@ def test_the_fisher_recomputes_activations_under_checkpointing_with_the_same_val
         calls = []
         layers = model.get_base_model().model.layers
         # attention: the recomputation stops early, once the backward has all it needs (inside the MLP, whose
-        # forward then never returns), so attention's forward is what counts the passes
-        handles = [layer.self_attn.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+        # forward then never returns), so attention's forward is what counts the passes (with gradients: the head
+        # split's probe runs without)
+        handles = [layer.self_attn.register_forward_hook(lambda *a: torch.is_grad_enabled() and calls.append(1))
+                   for layer in layers]
         fisher, tokens = fisher_diagonal(model, examples, "sampled", batch_size=4, seed=5)
         for h in handles:
             h.remove()
