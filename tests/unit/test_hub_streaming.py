@@ -46,3 +46,27 @@ def test_a_dataset_folder_is_read_through_datasets(parquet_folder):
     assert io.resolve_local(str(parquet_folder), "train") is None  # not a folder of split .jsonl files
     records = io.load_records(str(parquet_folder), split="train", limit=3)
     assert [r.origin for r in records] == [f"{parquet_folder}[train]"] * 3 and [r.line for r in records] == [1, 2, 3]
+
+
+def test_a_hub_source_is_opened_as_a_stream_and_read_only_as_far_as_the_limit(parquet_folder, monkeypatch):
+    """``datasets.load_dataset(..., streaming=True)``: an IterableDataset (nothing downloaded or prepared whole, as
+    ``allenai/c4`` would be), pulled one row at a time until ``limit`` documents are kept."""
+    import datasets
+
+    real, opened, pulled = datasets.load_dataset, [], []
+
+    def spy(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        opened.append((kwargs.get("streaming"), isinstance(rows, datasets.IterableDataset)))
+
+        def counted():
+            for row in rows:
+                pulled.append(row["text"])
+                yield row
+
+        return counted()
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert load_texts(str(parquet_folder), split="train", limit=3) == [f"Document number {i}." for i in (1, 2, 3)]
+    assert opened == [(True, True)]
+    assert len(pulled) == 4  # row 0 (empty, dropped), then 1, 2, 3: not one row more
