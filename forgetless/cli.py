@@ -188,7 +188,8 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
         stage = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                             report_to=args.report_to or [], logging_dir=str(Path(args.output) / "logs"),
                             attn_implementation=args.attn_implementation, compile=args.compile, liger=args.liger,
-                            padding_free=args.padding_free, group_by_length=args.group_by_length)
+                            padding_free=args.padding_free, group_by_length=args.group_by_length,
+                            gradient_checkpointing=args.gradient_checkpointing)
         task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
                         train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
                         train_kind=args.domain_kind)
@@ -200,7 +201,8 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
         return Experiment(name="train", output=Path(args.output), model=args.model, seeds=[args.seed],
                           lora=_lora_from(args), general=general, tasks=[task], methods=methods,
                           train=TrainStages(general=stage, domain=stage), eval=EvalSettings(batch_size=args.batch_size),
-                          precision=args.precision or "auto", method_tasks=method_tasks,
+                          precision=args.precision or "auto", dtype=args.dtype, quantization=args.quantization,
+                          method_tasks=method_tasks,
                           chat_template=_CHAT_FLAG[args.chat_template])
     except ValueError as err:
         raise ConfigError(f"train: {err}") from err
@@ -576,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention of the model while training (default: as loaded, transformers' sdpa)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (slow first steps)")
+    # the frozen base (issue #12): as the YAML's dtype, quantization and train.*.gradient_checkpointing
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the frozen base's weights (default auto: bf16 where the run computes in bf16, else fp32)")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none",
+                   help="a 4-bit (NF4, QLoRA) or 8-bit base through bitsandbytes (pip install 'forgetless[qlora]')")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the layers' activations in the backward: less memory, about a third more time")
     p.add_argument("--liger", action="store_true", help="Liger's Triton kernels (pip install 'forgetless[liger]'; CUDA)")
     p.add_argument("--padding-free", action="store_true",
                    help="each batch as one row without padding, position ids restarting per example")

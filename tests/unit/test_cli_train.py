@@ -59,6 +59,33 @@ def test_train_and_run_give_the_same_adapter(tmp_path, model_dir, entry, method)
     assert [s["history"] for s in trained["stages"]] == [s["history"] for s in ran["stages"]]
 
 
+def test_train_takes_the_bases_dtype_quantization_and_checkpointing_as_the_yaml_does(tmp_path, model_dir):
+    """``--dtype bf16``: the adapter of ``run`` with ``dtype: bf16``, bit for bit, and the record says the base (with
+    ``--gradient-checkpointing`` too, which changes no number); ``--quantization`` and ``--gradient-checkpointing``
+    reach the experiment as the YAML's keys would (4-bit itself is tested in test_quantized.py)."""
+    from forgetless.cli import _train_experiment, parse_command_line
+
+    general = str(tmp_path / "general.jsonl")
+    path = write_experiment(tmp_path, model_dir, methods=["lora-nu-mu"], **EXPERIMENT | {"dtype": "bf16"},
+                            general={"train": general, "heldout": general, "block_size": 16})
+    assert main(["run", str(path)]) == 0
+    (ran,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
+    assert ran["settings"]["dtype"] == "bf16"
+    adapter = tmp_path / "trained"
+    assert main(train_args(tmp_path, model_dir, "lora-nu-mu", adapter, "--heldout", general, "--dtype", "bf16",
+                           "--gradient-checkpointing")) == 0
+    a = load_file(str(tmp_path / "out" / "adapters" / ran["run_id"] / "adapter_model.safetensors"))
+    b = load_file(str(adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = json.loads((adapter / "run.json").read_text())
+    assert trained["settings"]["dtype"] == "bf16" and trained["computed"]["base_dtype"] == "bf16"
+    assert trained["general_ppl"] == ran["general_ppl"]
+    exp = _train_experiment(parse_command_line(train_args(tmp_path, model_dir, "lora-mu", tmp_path / "q",
+                                                          "--quantization", "4bit", "--gradient-checkpointing")))
+    assert exp.quantization == "4bit" and exp.dtype == "auto"
+    assert exp.train.general.gradient_checkpointing and exp.train.domain.gradient_checkpointing
+
+
 def test_train_wise_ft_records_its_variants(tmp_path, model_dir):
     write_experiment(tmp_path, model_dir)  # writes general.jsonl
     out = tmp_path / "wise"
