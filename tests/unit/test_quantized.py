@@ -1,4 +1,4 @@
-"""A 4-bit (NF4, QLoRA) base through bitsandbytes: every method trains on it, the methods that need dW = s B A never
+"""A 4-bit (NF4, QLoRA) base through bitsandbytes, and an 8-bit one: every method trains on it, the methods that need dW = s B A never
 read the packed base weight, and what needs float base weights refuses with a clear error (issue #12 item 2).
 Runs where bitsandbytes has a backend for this machine (its CPU backend here); skipped elsewhere."""
 
@@ -36,27 +36,34 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def quantized_lora(model_dir):
+def quantized_lora(model_dir, quantization: str = "4bit"):
     try:
-        model, _ = load_model(str(model_dir), quantization="4bit")
+        model, _ = load_model(str(model_dir), quantization=quantization)
     except ModelNotFoundError as err:
         pytest.skip(f"bitsandbytes cannot run here: {err}")
     assert is_quantized(model)
     return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
 
 
-@pytest.mark.parametrize("entry", ["lora-nu-mu", "hlora", {"name": "hlora", "estimator": "exact"}, "ewc", "sam",
-                                   "replay", "wise-ft", ["hlora", "sam"]])
-def test_every_method_trains_on_a_4bit_base(entry, model_dir):
+ENTRIES = ["lora-nu-mu", "hlora", {"name": "hlora", "estimator": "exact"}, "ewc", "sam", "replay", "wise-ft",
+           ["hlora", "sam"]]
+
+
+@pytest.mark.parametrize("quantization, entry", [("4bit", e) for e in ENTRIES]
+                         + [("8bit", e) for e in ("hlora", "ewc", "sam", "wise-ft")])
+def test_every_method_trains_on_a_quantized_base(quantization, entry, model_dir):
     from forgetless.methods import resolve
 
-    model = quantized_lora(model_dir)
+    model = quantized_lora(model_dir, quantization)
     with torch.no_grad():  # an eval-mode forward first: bitsandbytes' CPU backend would repack (no backward after)
         model.eval()
         model(input_ids=torch.tensor([[3, 4, 5]]))
         model.train()
     packed = {n: m.get_base_layer().weight.detach().clone() for n, m in lora_modules(model)}
-    assert all(w.shape != update_shape(m) for (n, m), w in zip(lora_modules(model), packed.values()))  # packed 4-bit
+    if quantization == "4bit":  # packed two to a byte
+        assert all(w.shape != update_shape(m) for (n, m), w in zip(lora_modules(model), packed.values()))
+    else:  # int8, one per element
+        assert all(w.dtype == torch.int8 for w in packed.values())
     plugins = resolve(entry).plugins
     cfg = TrainConfig(max_steps=2, batch_size=4, lr=1e-2, precision="fp32", progress=False)
     general = random_examples(8, 8, seed=1)
