@@ -18,7 +18,23 @@ element-wise operator ``T_w = |w|``)::
 (the ASAM paper adds a small constant, ``T_w = |w| + eta``; we use ``T_w = |w|`` exactly, so a weight that is
 exactly zero -- LoRA's B at initialisation -- is not perturbed by ASAM).
 
-How it runs here, for every micro-batch (in :meth:`SAM.wrap_forward_backward`)::
+Two ways to take eps under gradient accumulation (``perturb``):
+
+* ``step`` (the default): pass 1 of every micro-batch of the optimizer step accumulates the step's gradient, as a
+  plain step does; at the step's last micro-batch eps is taken from that gradient (all-reduced, so the same on every
+  process), and pass 2 replays the step's micro-batches at w + eps. The SAM gradient of the step's whole objective:
+  a batch of 2b, b x 2 accumulated micro-batches and b on each of 2 processes give the same gradient
+  (tests/unit/test_loop_parity.py), so the method does not change when memory forces a user to split the batch.
+  The micro-batches are held until the step's end (token ids: small); under several processes the replayed passes
+  synchronize their gradients (a mean of already-averaged values plus the new ones: the same result, more traffic).
+* ``micro``: as below, eps from each micro-batch's own gradient (the SAM paper's m-sharpness, m = the micro-batch).
+  With one micro-batch per step (``grad_accum: 1``, every recorded experiment of this repository) the two compute
+  the same thing, bit for bit. ``step`` became the default in session 27 without entering run identities (which
+  would have marked every recorded SAM run as changed although none changes): a SAM run with ``grad_accum`` > 1
+  recorded before then computed ``micro``, and a results folder holding one reuses it; delete its record to
+  recompute it.
+
+How ``micro`` runs, for every micro-batch (in :meth:`SAM.wrap_forward_backward`)::
 
     stash the gradients accumulated so far (earlier micro-batches) and clear .grad
     fb(batch)                        -> g at w        (pass 1)
@@ -33,9 +49,9 @@ Exactly two forward/backward passes per micro-batch (one when SAM is off for tha
 
 Notes:
 
-* **m-sharpness.** The perturbation is computed per micro-batch, from that micro-batch's gradient only (the
-  paper's m-sharpness, section 4.1 / appendix, with m = the micro-batch size), not from the gradient of the
-  whole accumulated batch. With ``grad_accum = k`` the final gradient is the mean of the k per-micro-batch SAM
+* **m-sharpness** (``perturb: micro``). The perturbation is computed per micro-batch, from that micro-batch's
+  gradient only (the paper's m-sharpness, section 4.1 / appendix, with m = the micro-batch size), not from the
+  gradient of the whole accumulated batch. With ``grad_accum = k`` the final gradient is the mean of the k per-micro-batch SAM
   gradients. Under several processes the ascent gradient is averaged over processes, so m = micro-batch size x
   number of processes (every process perturbs by the same eps, as DDP requires for consistent replicas).
 * **Mixed precision.** Forward passes run under the loop's bf16 autocast; the parameters and their ``.grad``
@@ -137,6 +153,9 @@ class SAMOptions(Options):
                         weight=True, was=0.05)
     adaptive: bool = option(False, "ASAM: perturbation scaled element-wise by |w| (scale-invariant)")
     every_k: int = option(1, "SAM on one optimizer step in every_k, plain steps otherwise (cheaper)")
+    perturb: str = option("step", "eps from the whole optimizer step's gradient (step: the same SAM gradient for "
+                                  "any split of the step into micro-batches and processes) or from each micro-batch's "
+                                  "own (micro: m-sharpness with m = the micro-batch)", choices=("step", "micro"))
     stages: list[str] = option([DOMAIN], "stages SAM runs on (general, domain)")
     record_eps: bool = option(False, "keep the last perturbation (tests, diagnostics)")
 
@@ -146,6 +165,8 @@ class SAMOptions(Options):
         self.every_k = int(self.every_k)
         if self.every_k < 1:
             raise ValueError(f"SAM every_k must be >= 1, got {self.every_k}")
+        if self.perturb not in ("micro", "step"):
+            raise ValueError(f"SAM perturb must be 'micro' or 'step', got {self.perturb!r}")
         self.stages = [self.stages] if isinstance(self.stages, str) else list(self.stages)
         bad = [s for s in self.stages if s not in (GENERAL, DOMAIN)]
         if bad:
@@ -164,6 +185,7 @@ class SAM(Method):
         self._norms: list[float] = []
         self._perturbed = 0.0
         self._step_seen: int | None = None
+        self._held: list[tuple[Batch, float]] = []  # perturb: step: the step's micro-batches so far, with their scale
 
     def shapes_general_stage(self) -> bool:
         return GENERAL in self.stages
@@ -178,6 +200,8 @@ class SAM(Method):
         def sam_forward_backward(batch: Batch) -> torch.Tensor:
             if not self.active(ctx):
                 return forward_backward(batch)
+            if self.perturb == "step":
+                return self._sam_whole_step(ctx, forward_backward, batch)
             return self._sam_step(ctx, forward_backward, batch)
 
         return sam_forward_backward
@@ -223,6 +247,45 @@ class SAM(Method):
         add_back_(params, stash)
         ctx.log("sam_rho", self.rho)
         ctx.log("sam_grad_norm", sum(self._norms) / max(1, len(self._norms)))
+        ctx.log("sam_perturbed_loss", self._perturbed)
+        return loss
+
+
+    def _sam_whole_step(self, ctx: StageContext, fb: ForwardBackward, batch: Batch) -> torch.Tensor:
+        """``perturb: step``: pass 1 of every micro-batch accumulates the step's gradient as a plain step does; at the
+        step's last micro-batch eps is taken from it (all-reduced: the same on every process), and pass 2 replays the
+        step's micro-batches at w + eps, each with its own loss scale. The result is the SAM gradient of the step's
+        whole objective, the same for a batch of 2b, b x 2 accumulated and b on each of 2 processes."""
+        if self._step_seen != ctx.step:  # first micro-batch of a new optimizer step
+            self._step_seen, self._norms, self._perturbed, self._held = ctx.step, [], 0.0, []
+        loss = fb(batch)  # pass 1: accumulates into .grad as a plain micro-batch does
+        self._held.append((batch, ctx.loss_scale))
+        if ctx.micro < ctx.grad_accum - 1:
+            return loss
+        named = ctx.trainable_parameters()
+        params = [p for _, p in named]
+        grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float()
+                 for p in params]
+        if world_size() > 1:  # the last pass synchronized them; a mean of equal values changes nothing
+            all_reduce_(grads)
+        eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
+        self._norms.append(norm.detach())  # the norm of the step's (token-mean) loss gradient: no host sync
+        if self.record_eps:
+            self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
+        scalars_after_first, scale = dict(ctx.scalars), ctx.loss_scale
+        kept = perturb_(params, eps)
+        for p in params:
+            p.grad = None
+        try:
+            for held, held_scale in self._held:  # pass 2 of every micro-batch of the step, at w + eps
+                ctx.loss_scale = held_scale
+                self._perturbed = self._perturbed + fb(held).detach()
+        finally:
+            restore_(params, kept)
+            ctx.loss_scale, self._held = scale, []
+        ctx.scalars.update(scalars_after_first)  # the losses at w; the perturbed loss is logged apart
+        ctx.log("sam_rho", self.rho)
+        ctx.log("sam_grad_norm", self._norms[-1])
         ctx.log("sam_perturbed_loss", self._perturbed)
         return loss
 

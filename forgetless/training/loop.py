@@ -326,7 +326,7 @@ def train_stage(
             # float64: adding the float32 micro-batch losses gives the Python float sum, bit for bit
             loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             for micro, batch in enumerate(micro_batches):
-                ctx.loss_scale = weights[id(batch)][0]
+                ctx.micro, ctx.loss_scale = micro, weights[id(batch)][0]
                 if micro < config.grad_accum - 1:
                     with accelerator.no_sync(wrapper):
                         loss_sum = loss_sum + fb(batch).double()

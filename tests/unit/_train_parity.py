@@ -16,7 +16,8 @@ import torch
 
 CASES = {  # name: (method entry, stages)
     "lora": ("lora-nu-mu", ("domain",)),
-    "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),
+    "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),  # perturb: step, the default: eps from the whole step
+    "sam-micro": ([{"name": "sam", "rho": 0.05, "perturb": "micro"}], ("domain",)),  # eps per micro-batch
     "hlora": ([{"name": "hlora", "phi": 1e4}], ("general", "domain")),
     "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 8}], ("general", "domain")),
     "lora-chunked-ce": ("lora-nu-mu", ("domain",)),  # the loss's head + cross-entropy in chunks of 3 rows
@@ -96,6 +97,8 @@ if __name__ == "__main__":
     assert accelerator.num_processes == 2, "run under accelerate launch with 2 processes"
     results = {case: run(case, batch_size=2, grad_accum=1, accelerator=accelerator) for case in CASES}
     results["epochs"] = run("lora", batch_size=2, grad_accum=1, accelerator=accelerator, epochs=1.0)
+    # SAM's whole-step eps under accumulation and processes together: 1 example x 2 micro-batches x 2 processes
+    results["sam-accum"] = run("sam", batch_size=1, grad_accum=2, accelerator=accelerator)
     # the token counts over a gloo group of their own, as under NCCL (here the default group is gloo already)
     import torch.distributed as dist
 

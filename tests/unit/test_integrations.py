@@ -30,6 +30,7 @@ CASES = {  # name: (method entry, stages)
     # every general example in the Fisher: the Trainer sees them in another order, and `samples` picks by position
     "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 16}], ("general", "domain")),
     "sam": ([{"name": "sam", "rho": 0.05}], ("domain",)),
+    "sam-micro": ([{"name": "sam", "rho": 0.05, "perturb": "micro"}], ("domain",)),  # eps per micro-batch
 }
 STEPS, LR, SEED = 3, 1e-2, 0
 CLIP = 0.2  # below every step's gradient norm here (0.23 to 0.28 without a method): clipping acts

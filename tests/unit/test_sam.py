@@ -98,11 +98,29 @@ def test_norm_is_over_all_parameters_together():
     assert torch.allclose(eps[0], torch.tensor([0.6, 0.0])) and torch.allclose(eps[1], torch.tensor([0.8]))
 
 
-def test_grad_accumulation_is_mean_of_per_micro_batch_sam_gradients(quadratic):
+def test_perturb_step_under_accumulation_is_the_sam_gradient_of_the_whole_step(quadratic):
+    """The default: pass 1 of both micro-batches at w, eps from the step's gradient, both replayed at w + eps: the
+    closed-form SAM gradient of the step's objective (the mean of the two quadratics)."""
     model, _, ctx, fb, calls = quadratic(grad_accum=2)
     h1, h2, rho = spd(seed=3), spd(seed=4), 0.1
     x0 = model.x.detach().clone()
     wrapped = SAM(rho=rho).wrap_forward_backward(ctx, fb)
+    for micro, h in enumerate((h1, h2)):
+        ctx.micro = micro
+        wrapped({"H": h})
+    assert len(calls) == 4 and torch.equal(calls[0], x0) and torch.equal(calls[1], x0)
+    h = 0.5 * (h1 + h2)
+    assert torch.allclose(model.x.grad, sam_grad(h, x0, rho), atol=1e-12)
+    assert torch.allclose(calls[2], x0 + rho * h @ x0 / (h @ x0).norm(), atol=1e-12) and torch.equal(calls[2], calls[3])
+    assert torch.equal(model.x.detach(), x0)  # restored exactly
+
+
+def test_grad_accumulation_is_mean_of_per_micro_batch_sam_gradients(quadratic):
+    """``perturb: micro``: each micro-batch perturbed by its own gradient (m-sharpness)."""
+    model, _, ctx, fb, calls = quadratic(grad_accum=2)
+    h1, h2, rho = spd(seed=3), spd(seed=4), 0.1
+    x0 = model.x.detach().clone()
+    wrapped = SAM(rho=rho, perturb="micro").wrap_forward_backward(ctx, fb)
     wrapped({"H": h1})
     wrapped({"H": h2})
     assert len(calls) == 4
