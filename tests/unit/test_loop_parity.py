@@ -100,3 +100,11 @@ def test_a_micro_batch_without_labelled_tokens_adds_nothing(accelerator):
     whole, reference = weights_after(labelled, 3, 1)
     assert_close(whole, split)
     assert result.history[0]["loss"] == pytest.approx(reference.history[0]["loss"], rel=1e-5)
+
+
+def test_sams_two_ways_are_one_computation_with_one_micro_batch_per_step(accelerator):
+    """``perturb: step`` (the default since session 27) and ``micro`` (before) give the same weights, bit for bit,
+    when a step is one micro-batch: every recorded SAM run stands."""
+    step = run("sam", batch_size=4, grad_accum=1, accelerator=accelerator)
+    micro = run("sam-micro", batch_size=4, grad_accum=1, accelerator=accelerator)
+    assert all(torch.equal(step["weights"][k], micro["weights"][k]) for k in step["weights"])
