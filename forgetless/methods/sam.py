@@ -86,7 +86,7 @@ micro-batch's mean loss), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,8 +207,8 @@ class SAM(Method):
         return sam_forward_backward
 
     def _sam_step(self, ctx: StageContext, fb: ForwardBackward, batch: Batch) -> torch.Tensor:
-        if self._step_seen != ctx.step:  # first micro-batch of a new optimizer step
-            self._step_seen, self._norms, self._perturbed = ctx.step, [], 0.0
+        """``perturb: micro``: both passes of this micro-batch, eps from its own gradient."""
+        self._start_step(ctx)
         named = ctx.trainable_parameters()
         params = [p for _, p in named]
         stash = [p.grad for p in params]
@@ -216,11 +216,7 @@ class SAM(Method):
             p.grad = None
 
         loss = fb(batch)  # pass 1: gradient at w
-        scalars_after_first = dict(ctx.scalars)
-        # the first pass's gradients, as they are: p.grad is set to None before the second pass, which then
-        # allocates new ones, so nothing writes to these (the all-reduce below, in place, is ours)
-        grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float()
-                 for p in params]
+        grads = _first_pass_gradients(params)
         stash_present = [i for i, s in enumerate(stash) if s is not None]
         if world_size() > 1:
             # One buffer: ascent gradients, then the (possibly unsynchronized) stash of earlier micro-batches.
@@ -228,66 +224,83 @@ class SAM(Method):
             all_reduce_(grads + stash32)
             for i, s32 in zip(stash_present, stash32):
                 stash[i] = s32.to(stash[i].dtype)
-        eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
-        if ctx.loss_scale > 0:  # the norm of the micro-batch's mean-loss gradient (its loss is scaled by loss_scale)
-            self._norms.append(norm.detach() / ctx.loss_scale)  # a tensor: no host sync
-        if self.record_eps:
-            self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
-
-        kept = perturb_(params, eps)
-        for p in params:
-            p.grad = None
-        try:
-            perturbed = fb(batch)  # pass 2: gradient at w + eps
-        finally:
-            restore_(params, kept)
-        self._perturbed = self._perturbed + perturbed.detach()  # fb returns the micro-batch's share of the step's loss
-        ctx.scalars.update(scalars_after_first)  # keep the losses at w; the perturbed loss is logged apart
-
+        eps = self._ascent(named, grads, ctx.loss_scale)
+        self._at_perturbed(ctx, params, eps, lambda: fb(batch).detach())  # pass 2: gradient at w + eps
         add_back_(params, stash)
-        ctx.log("sam_rho", self.rho)
-        ctx.log("sam_grad_norm", sum(self._norms) / max(1, len(self._norms)))
-        ctx.log("sam_perturbed_loss", self._perturbed)
+        self._log(ctx)
         return loss
-
 
     def _sam_whole_step(self, ctx: StageContext, fb: ForwardBackward, batch: Batch) -> torch.Tensor:
         """``perturb: step``: pass 1 of every micro-batch accumulates the step's gradient as a plain step does; at the
         step's last micro-batch eps is taken from it (all-reduced: the same on every process), and pass 2 replays the
         step's micro-batches at w + eps, each with its own loss scale. The result is the SAM gradient of the step's
         whole objective, the same for a batch of 2b, b x 2 accumulated and b on each of 2 processes."""
-        if self._step_seen != ctx.step:  # first micro-batch of a new optimizer step
-            self._step_seen, self._norms, self._perturbed, self._held = ctx.step, [], 0.0, []
+        self._start_step(ctx)
         loss = fb(batch)  # pass 1: accumulates into .grad as a plain micro-batch does
         self._held.append((batch, ctx.loss_scale))
         if ctx.micro < ctx.grad_accum - 1:
             return loss
         named = ctx.trainable_parameters()
         params = [p for _, p in named]
-        grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float()
-                 for p in params]
+        grads = _first_pass_gradients(params)
         if world_size() > 1:  # the last pass synchronized them; a mean of equal values changes nothing
             all_reduce_(grads)
-        eps, norm = sam_perturbation(params, grads, self.rho, self.adaptive)
-        self._norms.append(norm.detach())  # the norm of the step's (token-mean) loss gradient: no host sync
+        eps = self._ascent(named, grads, 1.0)  # the step's (token-mean) loss: its gradient's norm as it is
+
+        def replay() -> torch.Tensor:  # pass 2 of every micro-batch of the step, at w + eps
+            scale, total = ctx.loss_scale, 0.0
+            try:
+                for held, held_scale in self._held:
+                    ctx.loss_scale = held_scale
+                    total = total + fb(held).detach()
+            finally:
+                ctx.loss_scale, self._held = scale, []
+            return total
+
+        self._at_perturbed(ctx, params, eps, replay)
+        self._log(ctx)
+        return loss
+
+    def _start_step(self, ctx: StageContext) -> None:
+        if self._step_seen != ctx.step:  # first micro-batch of a new optimizer step
+            self._step_seen, self._norms, self._perturbed, self._held = ctx.step, [], 0.0, []
+
+    def _ascent(self, named: list[tuple[str, torch.nn.Parameter]], grads: list[torch.Tensor],
+                loss_scale: float) -> list[torch.Tensor]:
+        """eps from the first pass's gradients; notes the norm of the mean-loss gradient (the loss it came from is
+        scaled by ``loss_scale``) and, with ``record_eps``, eps."""
+        eps, norm = sam_perturbation([p for _, p in named], grads, self.rho, self.adaptive)
+        if loss_scale > 0:
+            self._norms.append(norm.detach() / loss_scale)  # a tensor: no host sync
         if self.record_eps:
             self.last_eps = {n: e.detach().clone() for (n, _), e in zip(named, eps)}
-        scalars_after_first, scale = dict(ctx.scalars), ctx.loss_scale
+        return eps
+
+    def _at_perturbed(self, ctx: StageContext, params: list[torch.nn.Parameter], eps: list[torch.Tensor],
+                      second_pass: Callable[[], torch.Tensor]) -> None:
+        """``second_pass()`` at w + eps with fresh gradients, then w restored bit for bit; the losses it adds to the
+        step's scalars are dropped (the losses at w stay; the perturbed loss is logged apart)."""
+        scalars_after_first = dict(ctx.scalars)
         kept = perturb_(params, eps)
         for p in params:
             p.grad = None
         try:
-            for held, held_scale in self._held:  # pass 2 of every micro-batch of the step, at w + eps
-                ctx.loss_scale = held_scale
-                self._perturbed = self._perturbed + fb(held).detach()
+            perturbed = second_pass()
         finally:
             restore_(params, kept)
-            ctx.loss_scale, self._held = scale, []
-        ctx.scalars.update(scalars_after_first)  # the losses at w; the perturbed loss is logged apart
+        self._perturbed = self._perturbed + perturbed  # fb returns the micro-batch's share of the step's loss
+        ctx.scalars.update(scalars_after_first)
+
+    def _log(self, ctx: StageContext) -> None:
         ctx.log("sam_rho", self.rho)
-        ctx.log("sam_grad_norm", self._norms[-1])
+        ctx.log("sam_grad_norm", sum(self._norms) / max(1, len(self._norms)))
         ctx.log("sam_perturbed_loss", self._perturbed)
-        return loss
+
+
+def _first_pass_gradients(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The first pass's gradients in float32, as they are (zeros where none). p.grad is set to None before the second
+    pass, which then allocates new ones, so nothing writes to these (an all-reduce of them, in place, is ours)."""
+    return [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float() for p in params]
 
 
 register(MethodSpec("sam", "SAM / ASAM: gradient at the worst-case perturbation w + rho g/||g|| (domain stage by "
