@@ -160,15 +160,11 @@ def _chunk_examples(scorer: HeadScorer, rows: int, length: int) -> int | None:
     """Examples per chunk of the head and the NLL when a batch's ``[rows, length, vocab]`` logits would exceed
     :data:`forgetless.training.loss.CHUNK_ELEMENTS` (the training loss's threshold), or None: the whole batch at once.
     A frozen plain ``nn.Linear`` head only, as the chunked cross-entropy of training."""
-    from forgetless.training.loss import CHUNK_ELEMENTS
+    from forgetless.training import loss
 
-    head = scorer.head
-    if not (scorer.fast and type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())):
+    if not loss.chunkable_head(scorer):
         return None
-    per_example = length * head.out_features
-    if rows * per_example <= CHUNK_ELEMENTS:
-        return None
-    return max(1, CHUNK_ELEMENTS // per_example)
+    return loss.rows_per_chunk(rows, length * scorer.head.out_features, loss.CHUNK_ELEMENTS)
 
 
 def _nll_grad_by_chunks(scorer: HeadScorer, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,

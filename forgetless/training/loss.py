@@ -30,6 +30,21 @@ from forgetless.lm import IGNORE_INDEX, HeadScorer, next_token_loss
 CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk (256 MiB in float32); larger [rows, vocab] go chunked
 
 
+def chunkable_head(scorer: HeadScorer) -> bool:
+    """Whether the head may run on chunks of rows, its gradient reaching the hidden states only: a verified split
+    and a frozen plain ``nn.Linear`` head (the LoRA case; a trainable or LoRA-wrapped head needs its own gradient)."""
+    head = scorer.head
+    return bool(scorer.fast and type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()))
+
+
+def rows_per_chunk(rows: int, row_elements: int, limit: int | None) -> int | None:
+    """Rows per chunk when ``rows`` rows of ``row_elements`` logits each exceed ``limit`` elements, else None (the
+    whole at once; also when ``limit`` is None)."""
+    if limit is None or rows * row_elements <= limit:
+        return None
+    return max(1, limit // row_elements)
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over tokens whose label is not -100 (labels are shifted here)."""
     return CausalLMLoss(model)(**batch)
@@ -54,18 +69,14 @@ class CausalLMLoss(torch.nn.Module):
         # chunked cross-entropy above this many logits elements (None: never; "auto": CHUNK_ELEMENTS when called);
         # a frozen plain nn.Linear head only
         self.chunk_elements = chunk_elements
-        self._chunkable = bool(self._scorer.fast and type(head) is torch.nn.Linear
-                               and not any(p.requires_grad for p in head.parameters()))
+        self._chunkable = chunkable_head(self._scorer)
 
     def _chunk_rows(self, rows: int) -> int | None:
         """Rows per chunk of the chunked cross-entropy, or None for the plain path."""
+        if not self._chunkable:
+            return None
         limit = CHUNK_ELEMENTS if self.chunk_elements == "auto" else self.chunk_elements
-        if not self._chunkable or limit is None:
-            return None
-        vocab = self._scorer.head.out_features
-        if rows * vocab <= limit:
-            return None
-        return max(1, limit // vocab)
+        return rows_per_chunk(rows, self._scorer.head.out_features, limit)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, loss_index: torch.Tensor | None = None,
