@@ -305,6 +305,11 @@ class EvalSettings:
         return auto + [e.name for e in self.suite_tasks]
 
 
+# The keys of an experiment that say how its frozen base loads, with their defaults: added after run identities and
+# general-stage keys were fixed, so those name them only when set off these defaults.
+BASE_DEFAULTS = {"dtype": "auto", "quantization": "none"}
+
+
 @dataclass
 class Experiment:
     """The whole file: methods x domain tasks x seeds, and everything they share."""

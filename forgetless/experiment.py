@@ -38,7 +38,8 @@ import torch
 from accelerate import PartialState
 
 # load_experiment and ConfigError live in forgetless.config; importing them from here still works
-from forgetless.config import ConfigError, Experiment, TaskSpec, TextSource, load_experiment  # noqa: F401
+from forgetless.config import (BASE_DEFAULTS, ConfigError, Experiment, TaskSpec, TextSource,  # noqa: F401
+                               load_experiment)
 from forgetless.data import DataError, chat_template_on
 from forgetless.methods import DOMAIN, GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, is_cached_stage, read_stage_record, run_recipe
@@ -286,7 +287,7 @@ def general_stage_key(exp: Experiment, recipe: Recipe, seed: int) -> str:
     key = {"model": exp.model, "lora": _key_repr(exp.lora), "data": data, "block": exp.general.block_size,
            "train": _key_repr(exp.train.general), "seed": seed, "precision": exp.precision,
            "plugins": general_stage_entries(recipe.entries), "lora_over": recipe.lora}
-    for name, default in (("dtype", "auto"), ("quantization", "none")):  # keys added later: only off their default
+    for name, default in BASE_DEFAULTS.items():  # keys added later: only off their default
         if getattr(exp, name) != default:
             key[name] = getattr(exp, name)
     return _digest(key)

@@ -116,7 +116,7 @@ class MethodsMixin:
                            accelerator=self.accelerator, config=train_config(self.args),
                            grad_accum=self.args.gradient_accumulation_steps, general_examples=self.general_examples)
         self.stage_context, self._before_done, self._scalars = ctx, None, {}
-        self._micro_of, self._micro = None, 0  # which micro-batch of its step training_step is on (ctx.micro)
+        self._micro_of = None  # the step whose micro-batches ctx.micro counts
         call_all(self.methods, "on_stage_start", ctx)
         examples = self.train_dataset
         for method in self.methods:
@@ -134,8 +134,8 @@ class MethodsMixin:
         ctx = self.stage_context
         # the micro-batches of this step (fewer in an epoch's last step), set by the Trainer before it calls us
         ctx.grad_accum = int(getattr(self, "current_gradient_accumulation_steps", ctx.config.grad_accum))
-        ctx.micro = self._micro + 1 if self._micro_of == ctx.step else 0  # ctx.step is set as each step begins
-        self._micro_of, self._micro = ctx.step, ctx.micro
+        ctx.micro = ctx.micro + 1 if self._micro_of == ctx.step else 0  # ctx.step is set as each step begins
+        self._micro_of = ctx.step
         ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
         self._pass = (model, num_items_in_batch, args, kwargs)
         try:

@@ -1,9 +1,10 @@
 """The experiment step that adds flatness metrics to finished runs (the YAML's ``landscape:`` section).
 
 :func:`measure_runs` goes over an experiment's finished runs, loads each run's domain-stage model (its saved
-adapter on the base as the run loaded it: its ``dtype`` and ``quantization``), measures it with :func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set
-and writes the metrics into the run's JSON; runs that already have metrics for the same settings are skipped, so it
-is resumable. It lives beside the runner, not in :mod:`forgetless.landscape`, which is mathematics only.
+adapter on the base as the run loaded it: its ``dtype`` and ``quantization``), measures it with
+:func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set and writes the metrics
+into the run's JSON; runs that already have metrics for the same settings are skipped, so it is resumable. It lives
+beside the runner, not in :mod:`forgetless.landscape`, which is mathematics only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from forgetless.config import BASE_DEFAULTS
 from forgetless.landscape import LandscapeSettings, measure_flatness, save_surface
 from forgetless.precision import default_device
 from forgetless.progress import say
@@ -61,7 +63,7 @@ def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSe
 def run_base(record: dict[str, Any]) -> dict[str, str]:
     """The run's base as its settings say it was loaded: ``dtype`` and ``quantization`` where not the defaults."""
     run = record.get("settings") or {}
-    return {k: run[k] for k, default in (("dtype", "auto"), ("quantization", "none")) if run.get(k, default) != default}
+    return {k: run[k] for k, default in BASE_DEFAULTS.items() if run.get(k, default) != default}
 
 
 def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
@@ -230,8 +232,8 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
                                 f"weights are packed integers, not directions to move along"}
         also = False
     if main and "skipped" not in entry and settings.params == "all" and quantization != "none":
-        raise ValueError(f"landscape params: all perturbs every weight, and this run's base is {quantization}-quantized "
-                         f"(packed integers): use params: trainable")
+        raise ValueError(f"landscape params: all perturbs every weight, and this run's base is "
+                         f"{quantization}-quantized (packed integers): use params: trainable")
     if not also and (not main or "skipped" in entry):  # nothing to measure: no model is loaded
         _write_json(path, record | {"landscape": entry})
         return 0

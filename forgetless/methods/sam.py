@@ -51,8 +51,8 @@ Notes:
 
 * **m-sharpness** (``perturb: micro``). The perturbation is computed per micro-batch, from that micro-batch's
   gradient only (the paper's m-sharpness, section 4.1 / appendix, with m = the micro-batch size), not from the
-  gradient of the whole accumulated batch. With ``grad_accum = k`` the final gradient is the mean of the k per-micro-batch SAM
-  gradients. Under several processes the ascent gradient is averaged over processes, so m = micro-batch size x
+  gradient of the whole accumulated batch. With ``grad_accum = k`` the final gradient is the mean of the k
+  per-micro-batch SAM gradients. Under several processes the ascent gradient is averaged over processes, so m = micro-batch size x
   number of processes (every process perturbs by the same eps, as DDP requires for consistent replicas).
 * **Mixed precision.** Forward passes run under the loop's bf16 autocast; the parameters and their ``.grad``
   stay float32 (autocast does not change parameter dtypes), eps is computed in float32 from the float32
