@@ -3,12 +3,15 @@
 :func:`measure_runs` goes over an experiment's finished runs, loads each run's domain-stage model (its saved
 adapter on the base as the run loaded it: its ``dtype`` and ``quantization``), measures it with
 :func:`forgetless.landscape.measure_flatness` on a small fixed held-out general-text set and writes the metrics
-into the run's JSON; runs that already have metrics for the same settings are skipped, so it is resumable. It lives
-beside the runner, not in :mod:`forgetless.landscape`, which is mathematics only.
+into the run's JSON; runs that already have metrics for the same settings are skipped, so it is resumable. A run
+whose adapter files are byte for byte another measured run's (WiSE-FT trains ``lora-nu-mu``'s model) gets that run's
+measurement copied, marked ``same_model_as``, instead of measuring the same model twice. It lives beside the runner,
+not in :mod:`forgetless.landscape`, which is mathematics only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Collection
@@ -41,6 +44,56 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
+
+
+# the files of an adapter folder that load_adapter reads (adapter_model.bin: a PEFT adapter saved without safetensors)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.bin", "adapter_model.safetensors", "forgetless_base.json")
+_HASHES: dict[tuple, str] = {}  # adapter_sha256 by folder and its files' (name, size, mtime): read once
+
+
+def adapter_sha256(folder: Path) -> str | None:
+    """sha256 over the sorted names and bytes of the adapter files in ``folder`` (:data:`ADAPTER_FILES`): two runs
+    with the same one are the same model on the same base; None when the folder has none of them."""
+    folder = Path(folder)
+    files = [(name, folder / name) for name in sorted(ADAPTER_FILES) if (folder / name).is_file()]
+    if not files:
+        return None
+    key = (str(folder.resolve()), *((name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in files))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for name, path in files:
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def _same_model(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict[str, str],
+                every: bool) -> tuple[str, dict[str, Any]] | None:
+    """(run id, landscape entry) of another run under ``output`` whose LoRA-direction measurement has these settings
+    (``digests["main"]``) and this base, on an adapter with hash ``sha`` (recorded, or of its adapter folder when an
+    older entry has none); one that also has the all-weights measurement first when ``every``. None when there is
+    none. Records are read afresh (another worker may have measured one since); one that cannot be read (corrupt,
+    or being replaced) is passed over: the run is measured rather than matched."""
+    found = None
+    for path in sorted((Path(output) / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            other, entry = record.get("run_id", path.stem), record.get("landscape") or {}
+            if (other == rid or entry.get("digest") != digests["main"] or entry.get("base", {}) != base
+                    or "metrics" not in entry or "skipped" in entry):
+                continue
+            known = entry.get("adapter_sha256") or adapter_sha256(Path(output) / "adapters" / str(other))
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if known != sha:
+            continue
+        if not every or (entry.get("all_weights") or {}).get("digest") == digests["every"]:
+            return other, entry
+        found = found or (other, entry)
+    return found
 
 
 def _measure(model: torch.nn.Module, examples: list[dict], settings: LandscapeSettings, output: Path, where: Path,
@@ -129,11 +182,11 @@ def _mean_seconds(records: list[dict[str, Any]], digests: dict[str, Any]) -> dic
     ``records`` measured with these settings; None for a kind not measured yet."""
     spent: dict[str, list[float]] = {"main": [], "every": []}
     for record in records:
-        entry = record.get("landscape") or {}
-        if entry.get("digest") == digests["main"] and "seconds" in entry:
+        entry = record.get("landscape") or {}  # a copy of another run's measurement (same_model_as) took no time
+        if entry.get("digest") == digests["main"] and "seconds" in entry and "same_model_as" not in entry:
             spent["main"].append(float(entry["seconds"]))
         every = entry.get("all_weights") or {}
-        if every.get("digest") == digests["every"] and "seconds" in every:
+        if every.get("digest") == digests["every"] and "seconds" in every and "same_model_as" not in every:
             spent["every"].append(float(every["seconds"]))
     return {kind: sum(values) / len(values) if values else None for kind, values in spent.items()}
 
@@ -172,6 +225,11 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     all weights, ``record["landscape"]["all_weights"]`` (its own digest: adding it measures only it). Returns how
     many runs were measured. ``only``: measure only these runs (record file stems), as one of several worker
     processes does.
+
+    Each measurement records its adapter's hash (``adapter_sha256``); a run whose adapter has the hash of another
+    run measured with these settings on the same base is not measured: that run's entry is copied (its metrics and
+    surface files), with ``same_model_as`` naming it and ``seconds`` 0 (so too its all-weights entry, when both need
+    one; what the other run lacks is measured). Such a run is not counted as measured.
 
     A trained run whose adapter is not here (records moved to another machine without their weights) and a run whose
     measurement fails are left as they are, and the others measured; then :class:`LandscapeFailed` names each.
@@ -234,7 +292,14 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
     if main and "skipped" not in entry and settings.params == "all" and quantization != "none":
         raise ValueError(f"landscape params: all perturbs every weight, and this run's base is "
                          f"{quantization}-quantized (packed integers): use params: trainable")
-    if not also and (not main or "skipped" in entry):  # nothing to measure: no model is loaded
+    lora = main and "skipped" not in entry  # the LoRA directions still to measure
+    sha = adapter_sha256(adapter) if has_adapter and (lora or also) else None
+    if sha is not None:
+        if main:  # the adapter measured (or copied for): a later run with the same one copies this entry
+            entry["adapter_sha256"] = sha
+        reused = _reuse(output, rid, sha, digests, base, entry, lora, also)
+        lora, also = lora and "main" not in reused, also and "every" not in reused
+    if not also and not lora:  # nothing (left) to measure: no model is loaded
         _write_json(path, record | {"landscape": entry})
         return 0
     # dtype auto resolves with the landscape's precision (fp32 by default: the metrics are computed in fp32, on the
@@ -249,15 +314,42 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
     examples = cache["examples"]
     if has_adapter:
         model = load_adapter(model, adapter, trainable=True)  # strict: keys, shapes, base model
-    if main and "skipped" not in entry:
+    if lora:
         entry |= _measure(model, examples, settings, output, Path("landscape") / rid, progress)
     if also:
         entry["all_weights"] = {"digest": digests["every"]} | _measure(
             model, examples, settings.all_weights(), output, Path("landscape") / rid / "all_weights", progress)
     _write_json(path, record | {"landscape": entry})
-    for name, part in (("", entry), (" (all weights)", entry.get("all_weights") if also else None)):
+    shown_main = entry if "same_model_as" not in entry else None  # a copy was said as it was made
+    for name, part in (("", shown_main), (" (all weights)", entry.get("all_weights") if also else None)):
         if part and "metrics" in part:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in part["metrics"].items() if k != "n_params")
             say(f"    {rid}{name}: {shown} ({part['seconds']:.0f} s)")
     del model
     return 1
+
+
+def _reuse(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict[str, str], entry: dict[str, Any],
+           lora: bool, also: bool) -> set[str]:
+    """Copy into ``entry`` what another run with the same adapter (hash ``sha``) and base has measured with these
+    settings: its LoRA-direction measurement when ``lora``, its all-weights one when ``also``; the kinds copied
+    (``"main"``, ``"every"``)."""
+    found = _same_model(output, rid, sha, digests, base, also) if lora or also else None
+    if found is None:
+        return set()
+    other, done = found
+    source = done.get("same_model_as", other)  # the run that was measured
+    reused = set()
+    if lora:
+        own = ("digest", "settings", "base", "all_weights", "seconds", "same_model_as", "adapter_sha256")
+        entry |= {k: v for k, v in done.items() if k not in own} | {"seconds": 0.0, "same_model_as": source}
+        reused.add("main")
+    every = done.get("all_weights") or {}
+    if also and every.get("digest") == digests["every"] and ("metrics" in every or "skipped" in every):
+        entry["all_weights"] = every | {"seconds": 0.0, "same_model_as": every.get("same_model_as", source)}
+        reused.add("every")
+    if reused:
+        what = " and ".join(name for kind, name in (("main", "LoRA directions"), ("every", "all weights"))
+                            if kind in reused)
+        say(f"    {rid}: the same adapter as {source} (identical files): its flatness ({what}) copied, not measured")
+    return reused
