@@ -426,6 +426,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     if args.metrics:
         settings = LandscapeSettings(params=args.params, batch_size=args.batch_size, precision=args.precision, grid=0,
                                      seed=args.seed, hessian_iters=args.hessian_iters,
+                                     hessian_method=args.hessian_method,
                                      trace_samples=args.trace_samples, rho=args.rho, ascent_steps=args.ascent_steps)
         metrics, _ = measure_flatness(model, examples, settings)
         report["metrics"] = {k: v for k, v in metrics.items() if k not in ("loss", "n_params")}
@@ -629,7 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
     p.add_argument("--hessian-iters", type=_positive, default=20,
-                   help="power iterations for the top eigenvalue (fewer did not converge on SmolLM2's LoRA weights)")
+                   help="power iterations (or Lanczos steps) for the top eigenvalue (fewer did not converge on "
+                        "SmolLM2's LoRA weights)")
+    p.add_argument("--hessian-method", choices=("power", "lanczos"), default="power",
+                   help="the top eigenvalue by (shifted) power iteration, or by Lanczos steps, which also converge "
+                        "where the spectrum clusters or both ends are large (SAM-trained models)")
     p.add_argument("--trace-samples", type=_positive, default=24,
                    help="Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")

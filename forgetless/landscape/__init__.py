@@ -11,6 +11,7 @@ from forgetless.landscape.metrics import (
     eps_sharpness,
     hessian_dominant_eigenvalue,
     hessian_eigenvalues,
+    hessian_lanczos,
     hessian_top_eigenvalue,
     hessian_vector_product,
     hutchinson_trace,
@@ -28,6 +29,7 @@ from forgetless.landscape.surfaces import (
 )
 
 __all__ = ["SURFACE_METRICS", "LandscapeSettings", "Objective", "Surface", "compute_surface", "eps_sharpness",
-           "hessian_dominant_eigenvalue", "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "hutchinson_trace_estimate", "load_surface", "loss_surface",
+           "hessian_dominant_eigenvalue", "hessian_eigenvalues", "hessian_lanczos", "hessian_top_eigenvalue",
+           "hessian_vector_product", "hutchinson_trace", "hutchinson_trace_estimate", "load_surface", "loss_surface",
            "measure_flatness", "model_objective", "random_direction", "save_surface", "select_parameters",
            "surface_metrics"]

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from forgetless.landscape.metrics import eps_sharpness, hessian_eigenvalues, hutchinson_trace_estimate, surface_metrics
+from forgetless.landscape.metrics import (eps_sharpness, hessian_eigenvalues, hessian_lanczos,
+                                         hutchinson_trace_estimate, surface_metrics)
 from forgetless.landscape.objective import model_objective
 from forgetless.landscape.surfaces import Surface, compute_surface
 
@@ -34,6 +35,9 @@ class LandscapeSettings:
     filter_normalize: bool = True
     seed: int = 0
     hessian_iters: int = 10  # per power iteration: 10 products, up to 20 when the dominant eigenvalue is negative
+    # "power": (shifted) power iteration; "lanczos": hessian_iters Lanczos steps, both ends of the spectrum at once
+    # (converges where the power iteration does not: clustered or two-sided spectra; keeps hessian_iters vectors)
+    hessian_method: str = "power"
     trace_samples: int = 8
     rho: float = 0.05
     ascent_steps: int = 3
@@ -51,6 +55,8 @@ class LandscapeSettings:
             raise ValueError(f"grid must be 0 (no surface) or >= 3, got {self.grid}")
         if self.span <= 0 or self.rho < 0:
             raise ValueError("span must be > 0 and rho >= 0")
+        if self.hessian_method not in ("power", "lanczos"):
+            raise ValueError(f"hessian_method must be 'power' or 'lanczos', got {self.hessian_method!r}")
         if self.hessian_iters < 0 or self.trace_samples < 0 or self.ascent_steps < -1:
             raise ValueError("hessian_iters and trace_samples must be >= 0, ascent_steps >= -1")
         if self.all_weights_seeds is not None and (self.params != "trainable" or not self.grid):
@@ -58,8 +64,10 @@ class LandscapeSettings:
                              "(LoRA) directions: it needs params 'trainable' and a grid")
 
     def digest(self, extra: Any = None) -> str:
-        """Identifies the measurement; not ``all_weights_seeds`` (it adds a measurement with its own digest)."""
-        fields_ = {k: v for k, v in asdict(self).items() if k != "all_weights_seeds"}
+        """Identifies the measurement; not ``all_weights_seeds`` (it adds a measurement with its own digest), nor
+        ``hessian_method`` at its default, so that measurements recorded before the option keep their digest."""
+        fields_ = {k: v for k, v in asdict(self).items()
+                   if k != "all_weights_seeds" and not (k == "hessian_method" and v == "power")}
         return hashlib.sha1(json.dumps([fields_, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def all_weights(self) -> LandscapeSettings | None:
@@ -76,7 +84,8 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
 
     Keys: ``loss`` (at the weights), ``surface_curvature``, ``average_gradient``, ``mean_absolute_gradient``,
     ``hessian_top_eigenvalue`` (largest algebraic), ``hessian_dominant_eigenvalue`` (largest magnitude, sign kept),
-    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``n_params``, and how far to trust two of them:
+    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``hessian_bottom_eigenvalue`` (``hessian_method:
+    lanczos`` only), ``n_params``, and how far to trust two of them:
     ``hessian_dominant_residual`` and ``hessian_top_residual`` (relative residuals of the dominant and the top
     eigenpairs: near 0 an eigenpair, of order 1 not; one pair when the dominant eigenvalue is positive)
     and ``hessian_trace_stderr`` (standard error of the trace over its probes; with at least two).
@@ -93,7 +102,11 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
                                       progress=progress)
             metrics.update(surface_metrics(surface.losses, surface.coords))
         if s.hessian_iters:
-            eigen = hessian_eigenvalues(objective, iters=s.hessian_iters, seed=s.seed)
+            if s.hessian_method == "lanczos":
+                eigen = hessian_lanczos(objective, steps=s.hessian_iters, seed=s.seed)
+                metrics["hessian_bottom_eigenvalue"] = eigen["bottom"]  # the smallest algebraic eigenvalue
+            else:
+                eigen = hessian_eigenvalues(objective, iters=s.hessian_iters, seed=s.seed)
             metrics["hessian_top_eigenvalue"] = eigen["top"]  # the largest algebraic eigenvalue
             metrics["hessian_dominant_eigenvalue"] = eigen["dominant"]  # the largest in magnitude, sign kept
             metrics["hessian_dominant_residual"] = eigen["dominant_residual"]  # ~0: converged; ~1: too few iters

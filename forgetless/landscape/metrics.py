@@ -29,6 +29,13 @@ Hessian metrics over the selected parameters ``theta`` (Hessian-vector products 
   curvature, not sharpness, so flatness is compared with ``lambda_max``. If the first iteration had not converged
   (``lambda_1`` above the smallest eigenvalue), the shifted one can come out negative; it is then re-shifted by
   what it found (at most three rounds);
+* or, with ``hessian_method: lanczos``, both ends of the spectrum at once by the Lanczos process with full
+  reorthogonalisation (:func:`hessian_lanczos`): ``m`` products build an orthonormal basis ``V`` of the Krylov space
+  and the tridiagonal ``T = V^T H V``; the extreme eigenvalues of ``T`` (Ritz values) approach ``lambda_max`` and
+  ``lambda_min`` from inside, far faster than a power iteration of the same ``m`` products when eigenvalues cluster
+  or both ends are of similar size (the SAM-trained models of docs/results/forgetting-rerun, where 10-20 power
+  products left residuals of 0.5-3). A Ritz pair's residual ``||H y - theta y|| = beta_m |s_m|`` (``s`` its
+  eigenvector of ``T``) costs nothing more. It keeps ``m`` vectors the size of the parameters;
 * trace: Hutchinson's estimator ``tr H ~ 1/m sum_k z_k^T H z_k`` with Rademacher ``z_k`` (entries +-1);
   exact for a diagonal H, unbiased otherwise with variance ``2 sum_{i != j} H_ij^2 / m``.
 
@@ -153,6 +160,44 @@ def hessian_eigenvalues(objective: Objective, iters: int = 20, tol: float = 1e-4
             break
         shift = top  # the shift was above the smallest eigenvalue: shift again by what was found
     return {"top": top, "dominant": dominant, "dominant_residual": dominant_residual, "top_residual": top_residual}
+
+
+def hessian_lanczos(objective: Objective, steps: int = 20, seed: int = 0) -> dict[str, float]:
+    """:func:`hessian_eigenvalues`' keys (and ``"bottom"``, the smallest algebraic eigenvalue, with
+    ``"bottom_residual"``) by ``steps`` Lanczos steps (``steps`` Hessian-vector products) with full
+    reorthogonalisation, from the same start as the power iteration. The residuals are those of the Ritz pairs,
+    relative to the eigenvalue: near 0 an eigenpair, of order 1 when ``steps`` was too few. Stops early when the
+    Krylov space is invariant (then the Ritz values are eigenvalues and the residuals 0)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    v = _random_vector(objective, seed)
+    n = norm(v)
+    basis = [[t / n for t in v]]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = objective.hvp(basis[j])
+        alphas.append(dot(basis[j], w))
+        for _ in range(2):  # Gram-Schmidt twice against the whole basis: the Ritz values stay free of ghost copies
+            for q in basis:
+                c = dot(q, w)
+                w = [a - c * b for a, b in zip(w, q)]
+        beta = norm(w)
+        betas.append(beta)
+        if j + 1 == steps or beta <= 1e-12 * max(abs(a) for a in alphas):  # done, or an invariant subspace
+            break
+        basis.append([t / beta for t in w])
+    m = len(alphas)
+    t = np.diag(np.array(alphas)) + np.diag(np.array(betas[:m - 1]), 1) + np.diag(np.array(betas[:m - 1]), -1)
+    theta, s = np.linalg.eigh(t)
+    last = betas[m - 1] if m == steps else 0.0  # an invariant space: the Ritz pairs are eigenpairs
+
+    def residual(i: int) -> float:
+        return float(abs(last * s[m - 1, i]) / max(abs(theta[i]), 1e-300))
+
+    dom = int(np.argmax(np.abs(theta)))
+    return {"top": float(theta[-1]), "dominant": float(theta[dom]), "dominant_residual": residual(dom),
+            "top_residual": residual(m - 1), "bottom": float(theta[0]), "bottom_residual": residual(0)}
 
 
 def hessian_top_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-4, seed: int = 0) -> float:

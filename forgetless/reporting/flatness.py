@@ -229,8 +229,7 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            "the three surface metrics on a "
            f"{settings.get('grid', '?')}x{settings.get('grid', '?')} grid over [-{settings.get('span', '?')}, "
            f"{settings.get('span', '?')}]^2 (formulas: forgetless/landscape/metrics.py); the Hessian's top "
-           f"eigenvalue (the largest algebraic one) by power iteration of up to {settings.get('hessian_iters', '?')} "
-           f"products (twice that when the dominant eigenvalue is negative), its trace from "
+           f"eigenvalue (the largest algebraic one) by {_eigen_method(settings)}, its trace from "
            f"{settings.get('trace_samples', '?')} Hutchinson probes; in {settings.get('precision', '?')}. PPL increase: "
            "general PPL "
            "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
@@ -245,6 +244,14 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
 
 
 SURFACE_METRICS = ("surface_curvature", "average_gradient", "mean_absolute_gradient")
+
+
+def _eigen_method(settings: dict) -> str:
+    """How the recorded top eigenvalue was found (a landscape ``settings`` entry; before ``hessian_method``: power)."""
+    iters = settings.get("hessian_iters", "?")
+    if settings.get("hessian_method", "power") == "lanczos":
+        return f"{iters} Lanczos steps (full reorthogonalisation)"
+    return f"power iteration of up to {iters} products (twice that when the dominant eigenvalue is negative)"
 
 
 def all_weights_section(results: Sequence[dict[str, Any]], folder: Path, root: Path | None = None) -> str:

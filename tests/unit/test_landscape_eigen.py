@@ -245,3 +245,77 @@ def test_trace_probes_of_different_seeds_are_different():
     seeds_2d = {s: [metrics.probe_seed(s, k) for k in range(24)] for s in (0, 1)}
     assert not set(seeds_2d[0]) & set(seeds_2d[1])
     assert len(seeds[0]) > 1 and seeds[0] != seeds[1]
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_lanczos_is_exact_once_it_has_spanned_the_space(name):
+    """n Lanczos steps on an n-dimensional quadratic span the whole space: the Ritz values are the eigenvalues and
+    the residuals 0; the smallest algebraic eigenvalue comes with them."""
+    spectrum, (top, dominant) = SPECTRA[name]
+    obj = quadratic_objective(symmetric(spectrum), torch.linspace(-1, 1, len(spectrum), dtype=torch.float64))
+    got = metrics.hessian_lanczos(obj, steps=len(spectrum) + 3)
+    assert got["top"] == pytest.approx(top, rel=1e-9, abs=1e-9)
+    assert got["dominant"] == pytest.approx(dominant, rel=1e-9)
+    assert got["bottom"] == pytest.approx(min(spectrum), rel=1e-9)
+    assert max(got["top_residual"], got["dominant_residual"], got["bottom_residual"]) < 1e-8
+
+
+def _two_sided_clustered(n=300):
+    """A spectrum like the SAM-trained models': the smallest eigenvalue -3.8, larger in magnitude than the top 1.6,
+    which sits in a cluster (1.6, 1.59, 1.58, 1.57), above a bulk in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    spectrum = [-3.8, 1.6, 1.59, 1.58, 1.57] + list(rng.uniform(-1.0, 1.0, n - 5))
+    return spectrum, quadratic_objective(symmetric(spectrum, seed=2), torch.zeros(n, dtype=torch.float64))
+
+
+def test_lanczos_finds_the_top_of_a_two_sided_clustered_spectrum_where_the_power_iteration_does_not():
+    """The same products (20 for Lanczos; 10 + 10 for the shifted power iteration, the experiment's setting):
+    Lanczos has both ends to 1e-3 and says so with small residuals; the power iteration's top is off and its
+    residual says that too."""
+    spectrum, obj = _two_sided_clustered()
+    lanczos = metrics.hessian_lanczos(obj, steps=20)
+    assert lanczos["bottom"] == pytest.approx(-3.8, rel=1e-6) and lanczos["dominant"] == lanczos["bottom"]
+    assert lanczos["top"] == pytest.approx(1.6, abs=1e-2) and lanczos["top"] <= 1.6 + 1e-12  # a Ritz value: inside
+    assert lanczos["bottom_residual"] < 1e-4
+    power = hessian_eigenvalues(obj, iters=10)
+    assert abs(power["top"] - 1.6) > 5 * abs(lanczos["top"] - 1.6)
+    assert power["top_residual"] > 10 * lanczos["top_residual"]
+
+
+def test_the_lanczos_residuals_shrink_with_steps():
+    spectrum, obj = _two_sided_clustered()
+    few, more = metrics.hessian_lanczos(obj, steps=4), metrics.hessian_lanczos(obj, steps=40)
+    assert more["top_residual"] < few["top_residual"] and more["bottom_residual"] < few["bottom_residual"]
+    assert abs(more["top"] - 1.6) < abs(few["top"] - 1.6)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        metrics.hessian_lanczos(obj, steps=0)
+
+
+def test_hessian_method_keeps_the_digests_recorded_before_it_and_is_validated():
+    """The power iteration (the default) leaves the settings' digest as it was before the option existed (the value
+    below was computed by the code before it), so recorded measurements are not measured again; lanczos is another
+    measurement; an unknown method is refused."""
+    from forgetless.landscape import LandscapeSettings
+
+    assert LandscapeSettings().digest() == "4e181bc209"
+    assert LandscapeSettings(hessian_method="lanczos").digest() != LandscapeSettings().digest()
+    with pytest.raises(ValueError, match="hessian_method must be 'power' or 'lanczos'"):
+        LandscapeSettings(hessian_method="arnoldi")
+
+
+def test_measure_flatness_with_lanczos_on_a_tiny_model():
+    """Lanczos on a real (tiny) model's LoRA-free weights: top >= bottom, the top agrees with a long power iteration,
+    and the smallest eigenvalue is recorded."""
+    from forgetless.landscape import LandscapeSettings, measure_flatness
+    from forgetless.landscape.objective import model_objective
+
+    torch.manual_seed(0)
+    model = make_tiny_model()
+    examples = [{"input_ids": torch.randint(0, 50, (12,)), "labels": torch.randint(0, 50, (12,))} for _ in range(3)]
+    settings = LandscapeSettings(params="all", grid=0, hessian_iters=60, hessian_method="lanczos", trace_samples=0,
+                                 rho=0.0, precision="fp32")
+    got, _ = measure_flatness(model, examples, settings)
+    assert got["hessian_top_eigenvalue"] >= got["hessian_bottom_eigenvalue"]
+    with model_objective(model, examples, "all", 4, "fp32") as objective:
+        long = hessian_eigenvalues(objective, iters=400, tol=1e-12)
+    assert got["hessian_top_eigenvalue"] == pytest.approx(long["top"], rel=1e-3)
