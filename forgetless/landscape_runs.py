@@ -346,7 +346,7 @@ def _reuse(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict
         reused.add("main")
     every = done.get("all_weights") or {}
     if also and every.get("digest") == digests["every"] and ("metrics" in every or "skipped" in every):
-        entry["all_weights"] = every | {"seconds": 0.0, "same_model_as": every.get("same_model_as", source)}
+        entry["all_weights"] = every | {"seconds": 0.0, "same_model_as": every.get("same_model_as", other)}
         reused.add("every")
     if reused:
         what = " and ".join(name for kind, name in (("main", "LoRA directions"), ("every", "all weights"))

@@ -74,7 +74,7 @@ class LandscapeSettings:
         """The settings of the all-weights surface (``all_weights_seeds``), or None when it is off."""
         if self.all_weights_seeds is None:
             return None
-        return replace(self, params="all", hessian_iters=0, trace_samples=0, ascent_steps=-1,
+        return replace(self, params="all", hessian_iters=0, trace_samples=0, ascent_steps=-1, hessian_method="power",
                        all_weights_seeds=None)
 
 
@@ -84,8 +84,8 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
 
     Keys: ``loss`` (at the weights), ``surface_curvature``, ``average_gradient``, ``mean_absolute_gradient``,
     ``hessian_top_eigenvalue`` (largest algebraic), ``hessian_dominant_eigenvalue`` (largest magnitude, sign kept),
-    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``hessian_bottom_eigenvalue`` (``hessian_method:
-    lanczos`` only), ``n_params``, and how far to trust two of them:
+    ``hessian_trace``, ``eps_sharpness`` (those not skipped), ``hessian_bottom_eigenvalue`` and its residual
+    ``hessian_bottom_residual`` (``hessian_method: lanczos`` only), ``n_params``, and how far to trust two of them:
     ``hessian_dominant_residual`` and ``hessian_top_residual`` (relative residuals of the dominant and the top
     eigenpairs: near 0 an eigenpair, of order 1 not; one pair when the dominant eigenvalue is positive)
     and ``hessian_trace_stderr`` (standard error of the trace over its probes; with at least two).
@@ -105,6 +105,7 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
             if s.hessian_method == "lanczos":
                 eigen = hessian_lanczos(objective, steps=s.hessian_iters, seed=s.seed)
                 metrics["hessian_bottom_eigenvalue"] = eigen["bottom"]  # the smallest algebraic eigenvalue
+                metrics["hessian_bottom_residual"] = eigen["bottom_residual"]
             else:
                 eigen = hessian_eigenvalues(objective, iters=s.hessian_iters, seed=s.seed)
             metrics["hessian_top_eigenvalue"] = eigen["top"]  # the largest algebraic eigenvalue

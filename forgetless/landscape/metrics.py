@@ -188,6 +188,10 @@ def hessian_lanczos(objective: Objective, steps: int = 20, seed: int = 0) -> dic
             break
         basis.append([t / beta for t in w])
     m = len(alphas)
+    if not all(math.isfinite(x) for x in alphas + betas):  # a diverged loss: no spectrum to speak of
+        nan = float("nan")
+        return dict.fromkeys(("top", "dominant", "dominant_residual", "top_residual", "bottom", "bottom_residual"),
+                             nan)
     t = np.diag(np.array(alphas)) + np.diag(np.array(betas[:m - 1]), 1) + np.diag(np.array(betas[:m - 1]), -1)
     theta, s = np.linalg.eigh(t)
     last = betas[m - 1] if m == steps else 0.0  # an invariant space: the Ritz pairs are eigenpairs

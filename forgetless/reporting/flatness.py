@@ -27,8 +27,8 @@ METRICS = {  # key in the run record -> label
 
 
 # how far to trust a metric, shown beside it in the per-run table: the trace's standard error over its probes, and
-# the residual |H v - lambda v| / |lambda| of the power iteration's top eigenpair (small: an eigenpair; it does not
-# prove it is the largest)
+# the residual |H v - lambda v| / |lambda| of the top eigenpair (power iteration or Lanczos; small: an eigenpair; for
+# the power iteration it does not prove it is the largest)
 PRECISION_OF = {"hessian_trace_stderr": "hessian_trace", "hessian_top_residual": "hessian_top_eigenvalue"}
 
 

@@ -319,3 +319,46 @@ def test_measure_flatness_with_lanczos_on_a_tiny_model():
     with model_objective(model, examples, "all", 4, "fp32") as objective:
         long = hessian_eigenvalues(objective, iters=400, tol=1e-12)
     assert got["hessian_top_eigenvalue"] == pytest.approx(long["top"], rel=1e-3)
+
+
+def test_lanczos_ritz_values_and_residuals_equal_an_independent_krylov_projection():
+    """Fewer steps than dimensions: the Ritz values and the relative residuals ||H y - theta y|| / |theta| of the top,
+    bottom and dominant pairs equal those computed from scratch: an orthonormal basis Q of the Krylov space
+    [v, Hv, ..., H^(m-1) v] (the same start v), T = Q^T H Q, y = Q s."""
+    spectrum = [-4.0, 3.0, 2.5, 1.0, 0.5, -0.2, -1.5, 0.1, 2.0, -3.0, 0.7, 1.7]
+    h = symmetric(spectrum, seed=4)
+    obj = quadratic_objective(h, torch.zeros(len(spectrum), dtype=torch.float64))
+    m = 5
+    got = metrics.hessian_lanczos(obj, steps=m)
+    v = torch.cat(metrics._random_vector(obj, 0))
+    krylov = torch.stack([torch.linalg.matrix_power(h, k) @ v for k in range(m)], dim=1)
+    q, _ = torch.linalg.qr(krylov)
+    theta, s = torch.linalg.eigh(q.T @ h @ q)
+    y = q @ s
+    residual = [float(torch.linalg.vector_norm(h @ y[:, i] - theta[i] * y[:, i]) / abs(theta[i])) for i in range(m)]
+    dom = int(torch.argmax(theta.abs()))
+    assert got["top"] == pytest.approx(float(theta[-1]), rel=1e-9)
+    assert got["bottom"] == pytest.approx(float(theta[0]), rel=1e-9)
+    assert got["dominant"] == pytest.approx(float(theta[dom]), rel=1e-9)
+    assert got["top_residual"] == pytest.approx(residual[-1], rel=1e-6)
+    assert got["bottom_residual"] == pytest.approx(residual[0], rel=1e-6)
+    assert got["dominant_residual"] == pytest.approx(residual[dom], rel=1e-6)
+    assert min(residual) > 1e-3  # not converged at 5 steps: the residuals are tested, not a stop that zeroes them
+
+
+def test_lanczos_on_a_diverged_loss_gives_nan_not_a_spectrum():
+    h = symmetric([3.0, 1.0, -2.0])
+    h[0, 0] = float("nan")
+    obj = quadratic_objective(h, torch.zeros(3, dtype=torch.float64))
+    got = metrics.hessian_lanczos(obj, steps=3)
+    assert all(math.isnan(value) for value in got.values())
+
+
+def test_the_all_weights_surface_keeps_its_digest_under_either_hessian_method():
+    """The all-weights measurement computes no Hessian: switching to lanczos must not measure it again."""
+    from forgetless.landscape import LandscapeSettings
+
+    power = LandscapeSettings(all_weights_seeds=[0])
+    lanczos = LandscapeSettings(all_weights_seeds=[0], hessian_method="lanczos")
+    assert power.all_weights().digest() == lanczos.all_weights().digest()
+    assert power.digest() != lanczos.digest()
