@@ -62,12 +62,35 @@ def adapter_sha256(folder: Path) -> str | None:
     if key not in _HASHES:
         digest = hashlib.sha256()
         for name, path in files:
+            if name == "adapter_config.json":  # PEFT writes its sets (target_modules) in the process's hash order
+                content = _canonical_config(path)
+                digest.update(f"{name}\0{len(content)}\0".encode() + content)
+                continue
             digest.update(f"{name}\0{path.stat().st_size}\0".encode())
             with path.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     digest.update(chunk)
         _HASHES[key] = digest.hexdigest()
     return _HASHES[key]
+
+
+def _canonical_config(path: Path) -> bytes:
+    """``adapter_config.json`` with sorted keys and its lists of names sorted: the same adapter saved by two processes
+    can list ``target_modules`` (a set in PEFT) in two orders; unreadable JSON is taken as it is."""
+    raw = path.read_bytes()
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(config, dict):
+        return raw
+
+    def canonical(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return {k: canonical(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return json.dumps(canonical(config), sort_keys=True).encode()
 
 
 def _same_model(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict[str, str],

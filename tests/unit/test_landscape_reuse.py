@@ -152,6 +152,13 @@ def test_adapter_hash_and_an_unreadable_record(tmp_path):
     changed = adapter_sha256(folder)
     (folder / "adapter_model.safetensors").write_bytes(b"weights")
     assert changed != adapter_sha256(folder) != sha
+    # PEFT writes target_modules (a set) in the saving process's hash order: two orders are one adapter
+    (folder / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj", "v_proj"]}')
+    ordered = adapter_sha256(folder)
+    (folder / "adapter_config.json").write_text('{"target_modules": ["v_proj", "q_proj"],  "r": 4}')
+    assert adapter_sha256(folder) == ordered
+    (folder / "adapter_config.json").write_text('{"target_modules": ["v_proj", "q_proj"], "r": 8}')
+    assert adapter_sha256(folder) != ordered
 
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
