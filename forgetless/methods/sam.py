@@ -165,8 +165,6 @@ class SAMOptions(Options):
         self.every_k = int(self.every_k)
         if self.every_k < 1:
             raise ValueError(f"SAM every_k must be >= 1, got {self.every_k}")
-        if self.perturb not in ("micro", "step"):
-            raise ValueError(f"SAM perturb must be 'micro' or 'step', got {self.perturb!r}")
         self.stages = [self.stages] if isinstance(self.stages, str) else list(self.stages)
         bad = [s for s in self.stages if s not in (GENERAL, DOMAIN)]
         if bad:
