@@ -109,6 +109,13 @@ def _random_vector(objective: Objective, seed: int, rademacher: bool = False) ->
     return out
 
 
+def _unit_start(objective: Objective, seed: int) -> Vector:
+    """The start of the power iteration and of Lanczos: a Gaussian vector of unit norm, drawn from ``seed``."""
+    v = _random_vector(objective, seed)
+    n = norm(v)
+    return [t / n for t in v]
+
+
 def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
                      shift: float = 0.0) -> tuple[float, float, float]:
     """Dominant eigenvalue of ``H - shift I`` (sign kept), the Rayleigh quotient ``v^T H v`` of its last vector, and
@@ -126,9 +133,7 @@ def _power_iteration(objective: Objective, iters: int, tol: float, seed: int,
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
-    v = _random_vector(objective, seed)
-    n = norm(v)
-    v = [t / n for t in v]
+    v = _unit_start(objective, seed)
     eigenvalue, residual = 0.0, float("nan")
     for _ in range(iters):
         hv = [h - shift * t for h, t in zip(objective.hvp(v), v)] if shift else objective.hvp(v)
@@ -170,9 +175,7 @@ def hessian_lanczos(objective: Objective, steps: int = 20, seed: int = 0) -> dic
     Krylov space is invariant (then the Ritz values are eigenvalues and the residuals 0)."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    v = _random_vector(objective, seed)
-    n = norm(v)
-    basis = [[t / n for t in v]]
+    basis = [_unit_start(objective, seed)]
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(steps):
