@@ -630,11 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
     p.add_argument("--hessian-iters", type=_positive, default=20,
-                   help="power iterations (or Lanczos steps) for the top eigenvalue (fewer did not converge on "
-                        "SmolLM2's LoRA weights)")
-    p.add_argument("--hessian-method", choices=("power", "lanczos"), default="power",
-                   help="the top eigenvalue by (shifted) power iteration, or by Lanczos steps, which also converge "
-                        "where the spectrum clusters or both ends are large (SAM-trained models)")
+                   help="Lanczos steps (or power iterations) for the top eigenvalue (fewer power iterations did "
+                        "not converge on SmolLM2's LoRA weights)")
+    p.add_argument("--hessian-method", choices=("power", "lanczos"), default="lanczos",
+                   help="the top eigenvalue by Lanczos steps (default; they converge where the spectrum clusters or "
+                        "both ends are large, as in SAM-trained models, and keep --hessian-iters parameter-sized "
+                        "vectors) or by the (shifted) power iteration (two vectors)")
     p.add_argument("--trace-samples", type=_positive, default=24,
                    help="Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")

@@ -34,10 +34,12 @@ class LandscapeSettings:
     span: float = 1.0  # a, b in [-span, span]
     filter_normalize: bool = True
     seed: int = 0
-    hessian_iters: int = 10  # per power iteration: 10 products, up to 20 when the dominant eigenvalue is negative
-    # "power": (shifted) power iteration; "lanczos": hessian_iters Lanczos steps, both ends of the spectrum at once
-    # (converges where the power iteration does not: clustered or two-sided spectra; keeps hessian_iters vectors)
-    hessian_method: str = "power"
+    hessian_iters: int = 10  # Lanczos steps; per power iteration: 10 products, up to 20 when the dominant is negative
+    # "lanczos" (default since session 29): hessian_iters Lanczos steps, both ends of the spectrum at once (converges
+    # where the power iteration does not: clustered or two-sided spectra; keeps hessian_iters parameter-sized vectors,
+    # refused when they do not fit); "power": the (shifted) power iteration, two vectors, what experiments recorded
+    # before session 29 measured (their YAMLs pin it)
+    hessian_method: str = "lanczos"
     trace_samples: int = 8
     rho: float = 0.05
     ascent_steps: int = 3
@@ -65,7 +67,7 @@ class LandscapeSettings:
 
     def digest(self, extra: Any = None) -> str:
         """Identifies the measurement; not ``all_weights_seeds`` (it adds a measurement with its own digest), nor
-        ``hessian_method`` at its default, so that measurements recorded before the option keep their digest."""
+        ``hessian_method: power``, so that measurements recorded before the option (all power) keep their digest."""
         fields_ = {k: v for k, v in asdict(self).items()
                    if k != "all_weights_seeds" and not (k == "hessian_method" and v == "power")}
         return hashlib.sha1(json.dumps([fields_, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -103,6 +105,7 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
             metrics.update(surface_metrics(surface.losses, surface.coords))
         if s.hessian_iters:
             if s.hessian_method == "lanczos":
+                _check_lanczos_fits(objective.params, s.hessian_iters)
                 eigen = hessian_lanczos(objective, steps=s.hessian_iters, seed=s.seed)
                 metrics["hessian_bottom_eigenvalue"] = eigen["bottom"]  # the smallest algebraic eigenvalue
                 metrics["hessian_bottom_residual"] = eigen["bottom_residual"]
@@ -120,3 +123,36 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
         if s.rho > 0 and s.ascent_steps >= 0:
             metrics["eps_sharpness"] = eps_sharpness(objective, rho=s.rho, steps=s.ascent_steps, seed=s.seed)
     return metrics, surface
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where ``device``'s tensors live: the GPU's free memory, or the host's available memory (Linux's
+    MemAvailable); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_lanczos_fits(params: Sequence[torch.Tensor], steps: int) -> None:
+    """ValueError, before any work, when the Lanczos basis (``steps`` vectors the size of ``params``, in their work
+    dtype, plus two in flight) would take more than half of the free memory: ``params: all`` on a billion-parameter
+    model. The power iteration keeps two vectors."""
+    from forgetless.landscape.objective import _work_dtype
+
+    if not params:
+        return
+    size = sum(p.numel() * torch.empty((), dtype=_work_dtype(p)).element_size() for p in params)
+    need, free = (steps + 2) * size, available_bytes(params[0].device)
+    if free is not None and need > free // 2:
+        raise ValueError(f"hessian_method lanczos keeps {steps} vectors of {sum(p.numel() for p in params):,} "
+                         f"parameters: {need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free on "
+                         f"{params[0].device}; use hessian_method: power (two vectors), fewer hessian_iters, or "
+                         f"params: trainable")

@@ -342,14 +342,15 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
     assert report["surface_metrics"] == pytest.approx(surface_metrics(surface.losses, surface.coords))
     assert set(report["metrics"]) == {"hessian_top_eigenvalue", "hessian_dominant_eigenvalue", "hessian_trace",
                                       "eps_sharpness", "hessian_dominant_residual", "hessian_top_residual",
-                                      "hessian_trace_stderr"}
+                                      "hessian_trace_stderr", "hessian_bottom_eigenvalue", "hessian_bottom_residual"}
     assert surface.losses[2, 2] == pytest.approx(report["loss"], rel=1e-6)
     rc = main(["landscape", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--text", str(text),
-               "--blocks", "2", "--block-size", "16", "--grid", "3", "--metrics", "--hessian-method", "lanczos",
+               "--blocks", "2", "--block-size", "16", "--grid", "3", "--metrics", "--hessian-method", "power",
                "--hessian-iters", "6", "--trace-samples", "1", "--ascent-steps", "-1", "--output", str(out / "lz"),
                "--quiet"])
-    lanczos = json.loads((out / "lz" / "landscape.json").read_text())["metrics"]
-    assert rc == 0 and lanczos["hessian_top_eigenvalue"] >= lanczos["hessian_bottom_eigenvalue"]
+    power = json.loads((out / "lz" / "landscape.json").read_text())["metrics"]  # the default is lanczos
+    assert rc == 0 and "hessian_bottom_eigenvalue" not in power
+    assert report["metrics"]["hessian_top_eigenvalue"] >= report["metrics"]["hessian_bottom_eigenvalue"]
     for name in ("surface_contour.png", "surface_3d.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["landscape", "--model", str(tiny_model_dir), "--params", "all", "--no-filter-normalize",

@@ -2,6 +2,8 @@
 dominant (largest-magnitude) one stays available; the experiment's landscape section over all weights."""
 
 import math
+import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -292,13 +294,15 @@ def test_the_lanczos_residuals_shrink_with_steps():
 
 
 def test_hessian_method_keeps_the_digests_recorded_before_it_and_is_validated():
-    """The power iteration (the default) leaves the settings' digest as it was before the option existed (the value
-    below was computed by the code before it), so recorded measurements are not measured again; lanczos is another
-    measurement; an unknown method is refused."""
+    """The power iteration (the default until session 29, pinned by the recorded experiments' YAMLs) leaves the
+    settings' digest as it was before the option existed (the value below was computed by the code before it), so
+    recorded measurements are not measured again; lanczos, now the default, is another measurement; an unknown method
+    is refused."""
     from forgetless.landscape import LandscapeSettings
 
-    assert LandscapeSettings().digest() == "4e181bc209"
-    assert LandscapeSettings(hessian_method="lanczos").digest() != LandscapeSettings().digest()
+    assert LandscapeSettings(hessian_method="power").digest() == "4e181bc209"
+    assert LandscapeSettings().hessian_method == "lanczos"
+    assert LandscapeSettings().digest() != LandscapeSettings(hessian_method="power").digest()
     with pytest.raises(ValueError, match="hessian_method must be 'power' or 'lanczos'"):
         LandscapeSettings(hessian_method="arnoldi")
 
@@ -358,7 +362,40 @@ def test_the_all_weights_surface_keeps_its_digest_under_either_hessian_method():
     """The all-weights measurement computes no Hessian: switching to lanczos must not measure it again."""
     from forgetless.landscape import LandscapeSettings
 
-    power = LandscapeSettings(all_weights_seeds=[0])
+    power = LandscapeSettings(all_weights_seeds=[0], hessian_method="power")
     lanczos = LandscapeSettings(all_weights_seeds=[0], hessian_method="lanczos")
     assert power.all_weights().digest() == lanczos.all_weights().digest()
     assert power.digest() != lanczos.digest()
+
+
+def test_lanczos_that_would_not_fit_is_refused_before_any_work(monkeypatch):
+    """The Lanczos basis is hessian_iters parameter-sized vectors: when that is more than half of the free memory
+    (params: all on a large model) the measurement is refused with the numbers and the remedy, before a product is
+    computed; the power iteration (two vectors) still runs."""
+    from forgetless.landscape import LandscapeSettings, measure, measure_flatness
+
+    torch.manual_seed(0)
+    model = make_tiny_model()
+    examples = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.randint(0, 50, (8,))}]
+    n = sum(p.numel() for p in model.parameters())
+    need = 12 * n * 4  # 10 steps + 2 in flight, float32
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 2 * need - 2)  # half of it is need - 1 bytes
+    calls = []
+    monkeypatch.setattr(measure, "hessian_lanczos", lambda *a, **k: calls.append(1))
+    settings = LandscapeSettings(params="all", grid=0, hessian_iters=10, trace_samples=0, rho=0.0)
+    with pytest.raises(ValueError, match=rf"keeps 10 vectors of {n:,} parameters.*hessian_method: power"):
+        measure_flatness(model, examples, settings)
+    assert calls == []
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 2 * need)  # exactly fits
+    with pytest.raises(TypeError):  # reached the (stubbed) Lanczos, which returned None
+        measure_flatness(model, examples, settings)
+    assert calls == [1]
+    power, _ = measure_flatness(model, examples, replace(settings, hessian_method="power", hessian_iters=3))
+    assert math.isfinite(power["hessian_top_eigenvalue"])
+
+
+def test_available_bytes_reads_the_host_memory():
+    from forgetless.landscape.measure import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is None or 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
