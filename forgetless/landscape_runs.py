@@ -179,18 +179,27 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
     if not todo:
         return line
     spent = _mean_seconds(records, digests)
-    seconds, timed, untimed = 0.0, 0, 0
+    seconds, timed, untimed, runs = 0.0, 0, 0, 0
+    counted = _measured_adapters(records, digests)  # per kind, the adapters measured or counted: later ones are copied
     for path, record, main, also in todo:
-        adapter = Path(output) / "adapters" / record.get("run_id", path.stem) / "adapter_config.json"
+        folder = Path(output) / "adapters" / record.get("run_id", path.stem)
+        adapter = folder / "adapter_config.json"
+        sha = adapter_sha256(folder) if adapter.is_file() else None
+        measures = False
         # a run without trained weights is skipped at once when only the trainable directions are asked for
         for kind, wanted in (("main", main and (adapter.is_file() or settings.params != "trainable")),
                              ("every", also)):
+            if wanted and sha is not None:
+                wanted = sha not in counted[kind]  # the same model as one measured or counted: copied, no time
+                counted[kind].add(sha)
             if wanted and spent[kind] is not None:
                 seconds, timed = seconds + spent[kind], timed + 1
             elif wanted:
                 untimed += 1
+            measures = measures or wanted
+        runs += measures  # the runs with a measurement to make: what the workers share
     if timed:
-        line += f"; about {_hours(seconds / max(1, min(workers, len(todo))))} left"
+        line += f"; about {_hours(seconds / max(1, min(workers, runs)))} left"
         if untimed:
             line += f" besides {untimed} measurement(s) of a kind not timed yet"
         if jobs_hint:
@@ -198,6 +207,21 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
     elif untimed:
         line += "; the time left is estimated once a measurement of each kind has finished"
     return line
+
+
+def _measured_adapters(records: list[dict[str, Any]], digests: dict[str, Any]) -> dict[str, set[str]]:
+    """The adapter hashes (``adapter_sha256``) of the LoRA-direction (``"main"``) and all-weights (``"every"``)
+    measurements ``records`` hold with these settings: a run still to measure with one of them is copied."""
+    found: dict[str, set[str]] = {"main": set(), "every": set()}
+    for record in records:
+        entry = record.get("landscape") or {}
+        sha = entry.get("adapter_sha256")
+        if sha is None or entry.get("digest") != digests["main"] or "metrics" not in entry:
+            continue
+        found["main"].add(sha)
+        if (entry.get("all_weights") or {}).get("digest") == digests["every"]:
+            found["every"].add(sha)
+    return found
 
 
 def _mean_seconds(records: list[dict[str, Any]], digests: dict[str, Any]) -> dict[str, float | None]:

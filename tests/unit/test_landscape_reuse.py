@@ -186,3 +186,28 @@ def test_wise_ft_in_an_experiment_copies_lora_nu_mus_flatness(tmp_path, tiny_mod
     measured, copy = sorted((r["landscape"] for r in results.values()), key=lambda e: "same_model_as" in e)
     assert copy["same_model_as"] in {r["run_id"] for r in results.values()} and copy["metrics"] == measured["metrics"]
     assert "same_model_as" not in measured and copy["adapter_sha256"] == measured["adapter_sha256"]
+
+
+def test_the_time_left_counts_each_distinct_adapter_once(tmp_path, tiny_model_dir):
+    """The progress line's estimate: a run whose adapter equals one already measured, or one counted before it in
+    this estimate, will be copied and costs nothing; distinct adapters each cost the mean measurement."""
+    from forgetless.landscape_runs import left_line
+
+    out = tmp_path / "out"
+    sam, replay, other = "sam__t__seed0", "replay__t__seed0", "ewc__t__seed0"
+    _runs(out, {LORA: 7, WISE: 7, sam: 9, replay: 9, other: 11})
+    assert _measure_runs(out, tiny_model_dir, only={sam}) == 1
+    path = out / "runs" / f"{sam}.json"
+    record = json.loads(path.read_text())
+    record["landscape"]["seconds"] = 1800.0  # the mean of the measurements recorded: half an hour each
+    path.write_text(json.dumps(record))
+    line = left_line(out, str(tiny_model_dir), SETTINGS, 16)
+    # to do: LORA and WISE (one model), replay (sam's, measured), other: two measurements of half an hour
+    assert line == "1/5 runs' flatness measured; about 1.0 h left"
+    assert left_line(out, str(tiny_model_dir), SETTINGS, 16, workers=2) == (
+        "1/5 runs' flatness measured; about 30 min left")
+    # one distinct model left: two workers do not halve it
+    (out / "adapters" / other).rename(out / "adapters" / "gone")
+    (out / "runs" / f"{other}.json").unlink()
+    assert left_line(out, str(tiny_model_dir), SETTINGS, 16, workers=2) == (
+        "1/4 runs' flatness measured; about 30 min left")
