@@ -66,7 +66,8 @@ def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
     the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
     from forgetless.experiment import (_hours, _sort_finished, check_model, check_output_possible,
-                                       general_stage_name, plan_runs, read_data, stale_checkpoints, time_to_do, where)
+                                       general_stage_name, plan_runs, read_data, shared_domain_stage,
+                                       shared_domain_stages, stale_checkpoints, time_to_do, where)
     from forgetless.methods import DOMAIN, GENERAL
     from forgetless.pipeline import is_cached_stage
 
@@ -87,9 +88,14 @@ def _plan_text(exp: Experiment) -> str:
     for job in todo:
         if GENERAL in job.recipe.stages:
             general.setdefault(general_stage_name(exp, job.recipe, job.seed), []).append(job.rid)
+    shared = shared_domain_stages(exp)
+    for job in todo:
+        if (name := shared_domain_stage(exp, job.recipe, job.task, job.seed, shared)) is not None:
+            general.setdefault(name, []).append(job.rid)
     for key, rids in general.items():
         cached = is_cached_stage(exp.output / "stages" / key)
-        lines.append(f"general stage {key}: {'cached' if cached else 'to train'}, used by {', '.join(rids)}")
+        lines.append(f"{key.split('-')[0]} stage {key}: {'cached' if cached else 'to train'}, used by "
+                     f"{', '.join(rids)}")
     seconds, unknown = time_to_do(exp, todo)
     if unknown < len(todo):
         lines.append(f"run time to do (from the finished runs of the same methods here): about {_hours(seconds)} "

@@ -298,6 +298,36 @@ def general_stage_name(exp: Experiment, recipe: Recipe, seed: int) -> str:
     return f"{GENERAL}-{general_stage_key(exp, recipe, seed)}"
 
 
+def domain_stage_name(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> str | None:
+    """The folder under ``output/stages`` of a run's domain stage when it can be cached, else None: when no method
+    of the run shapes that stage (``wise-ft`` trains it as ``lora-nu-mu`` does) and there is no ``eval.select``.
+    Keyed by the run's identity (:func:`run_settings`: model, data, LoRA, training, evaluation, seed) with its methods
+    replaced by what its general stage is (:func:`general_stage_entries`). It is cached only when another run of the
+    experiment has the same one (:func:`shared_domain_stage`)."""
+    if (DOMAIN not in recipe.stages or exp.eval.select is not None
+            or any(plugin.shapes_domain_stage() for plugin in recipe.plugins)):
+        return None  # names without a plugin (lora-nu-mu, rslora) act through the stages and LoRA, both in the key
+    settings = run_settings(exp, recipe, task, seed)
+    settings["method"] = {"stages": list(recipe.stages),
+                          "general": general_stage_entries(recipe.entries) if GENERAL in recipe.stages else None}
+    return f"{DOMAIN}-{settings_digest(settings)}"
+
+
+def shared_domain_stage(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int,
+                        shared: set[str] | None = None) -> str | None:
+    """:func:`domain_stage_name` of the run when another run of ``exp`` has the same (it is then cached, and the
+    second takes it from there), else None: a domain stage no other run would take is not kept. ``shared``: the
+    names :func:`shared_domain_stages` gave, when the caller has them."""
+    name = domain_stage_name(exp, recipe, task, seed)
+    return name if name is not None and name in (shared_domain_stages(exp) if shared is None else shared) else None
+
+
+def shared_domain_stages(exp: Experiment) -> set[str]:
+    """The domain-stage names (:func:`domain_stage_name`) that two or more runs of ``exp`` have."""
+    names = [domain_stage_name(exp, job.recipe, job.task, job.seed) for job in plan_runs(exp)]
+    return {name for name in names if name is not None and names.count(name) > 1}
+
+
 def run_id(label: str, task: str, seed: int) -> str:
     safe = "".join(c if c.isalnum() or c in "-_.+=," else "_" for c in label)
     return f"{safe}__{task}__seed{seed}"
@@ -434,11 +464,12 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                            every_items=ev.every_items, every_blocks=ev.every_blocks,
                            max_general_drop=ev.select.max_general_drop if ev.select is not None else None,
                            share_prefix=ev.share_prefix)
-    stage = general_stage_name(exp, recipe, seed)
+    stage, domain = general_stage_name(exp, recipe, seed), shared_domain_stage(exp, recipe, task, seed)
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
                             general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None,
-                            checkpoint_dir=checkpoint_dir)
+                            checkpoint_dir=checkpoint_dir,
+                            domain_cache=(lambda: stages_dir / domain) if stages_dir and domain else None)
     except (NonFiniteError, NonFiniteScore) as err:
         raise RunFailed(f"{rid}: {err}") from err
     identity = run_settings(exp, recipe, task, seed)
@@ -446,6 +477,8 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                                  "settings_digest": settings_digest(identity)}
     if GENERAL in recipe.stages and stages_dir is not None:
         record["general_stage"] = f"{stages_dir.name}/{stage}"
+    if domain and stages_dir is not None:
+        record["domain_stage"] = f"{stages_dir.name}/{domain}"
     return record
 
 
@@ -712,12 +745,21 @@ def job_groups(exp: Experiment, jobs: list[Job]) -> list[list[Job]]:
     """``jobs`` in groups that share a general stage (each group in plan order; a run without a general stage is a
     group of its own): one worker trains a group's stage once and reuses it for the rest. A stage already in the
     cache (``output/stages``) needs no training: its runs are groups of their own, so workers take them side by side
-    (reading a cached stage together is safe; what a run adds beside it is written atomically)."""
+    (reading a cached stage together is safe; what a run adds beside it is written atomically). Runs that would share
+    a domain stage not cached yet (``wise-ft`` and ``lora-nu-mu``) stay in one group too, so the second takes it from
+    the cache instead of training it beside the first."""
     groups: dict[str, list[Job]] = {}
+    shared = shared_domain_stages(exp)
     for job in jobs:
         stage = general_stage_name(exp, job.recipe, job.seed) if GENERAL in job.recipe.stages else None
-        shared = stage is not None and not is_cached_stage(exp.output / "stages" / stage)
-        groups.setdefault(stage if shared else f"run {job.rid}", []).append(job)
+        domain = shared_domain_stage(exp, job.recipe, job.task, job.seed, shared)
+        if stage is not None and not is_cached_stage(exp.output / "stages" / stage):
+            key = stage  # the same domain stage implies the same general stage: such runs are in here together
+        elif domain is not None and not is_cached_stage(exp.output / "stages" / domain):
+            key = domain
+        else:
+            key = f"run {job.rid}"
+        groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 

@@ -180,10 +180,14 @@ def run_recipe(
     adapter_dir: Path | None = None,
     general_cache: Callable[[], Path] | None = None,
     checkpoint_dir: Path | None = None,
+    domain_cache: Callable[[], Path] | None = None,
 ) -> RunResult:
     """Train ``recipe`` and evaluate it (on what ``data`` has to evaluate on; nothing when it has neither held-out
     text nor test items). ``general_cache()`` names a folder where a finished general stage (adapter plus method
-    states) is kept and reused by other runs with the same general stage. The adapter is saved to ``adapter_dir``
+    states) is kept and reused by other runs with the same general stage; ``domain_cache()`` the same for the domain
+    stage (adapter and stage record), for a recipe whose methods do not shape it
+    (:meth:`~forgetless.training.hooks.Method.shapes_domain_stage`): the caller keys it by everything that stage's
+    training and its ``eval.every`` scores depend on. The adapter is saved to ``adapter_dir``
     after the evaluation, when every number is finite. With ``save_every`` in a stage's settings, the stage
     checkpoints into ``checkpoint_dir/<stage>`` and an interrupted run started again resumes from there."""
     started = time.perf_counter()
@@ -215,7 +219,7 @@ def run_recipe(
                 stages.append(_stage_summary(result))
                 if cache is not None and PartialState().is_main_process:  # with how it computed: another
                     # machine resolves auto otherwise, and forgetless run warns before reusing it there
-                    _save_general(model, recipe, stages[-1] | {"computed": computed}, cache, settings.model)
+                    _save_stage(model, recipe.plugins, stages[-1] | {"computed": computed}, cache, settings.model)
         if DOMAIN in recipe.stages:
             # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
             # a run stopped while it evaluates resumes from them instead of training its domain stage again
@@ -223,9 +227,25 @@ def run_recipe(
                           keep_checkpoints=settings.domain.keep_checkpoints or checkpoint_dir is not None)
             tracker = _tracker(tokenizer, data, settings)  # scores over training: a plugin like the methods, last
             plugins += [tracker] if tracker is not None else []
-            stages.append(_stage_summary(train_stage(
-                model, data.domain_train, cfg, plugins, stage=DOMAIN, general_examples=data.general_train,
-                checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
+            cache = domain_cache() if domain_cache else None
+            if cache is not None and (tracker is not None and tracker.choose is not None
+                                      or any(p.shapes_domain_stage() for p in recipe.plugins)):
+                raise ValueError("a domain stage is cached only for methods that do not shape it, without "
+                                 "eval.select (its chosen checkpoint is not cached)")
+            if cache is not None and is_cached_stage(cache):
+                for plugin in plugins:
+                    plugin.on_stage_skipped(DOMAIN, model)
+                load_adapter_weights(model, cache)
+                stages.append(read_stage_record(cache) | {"cached": True})  # its eval.every rows in its extras
+            else:
+                stages.append(_stage_summary(train_stage(
+                    model, data.domain_train, cfg, plugins, stage=DOMAIN, general_examples=data.general_train,
+                    checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
+                if cache is not None:
+                    if PartialState().is_main_process:
+                        _save_stage(model, [], stages[-1] | {"computed": computed}, cache, settings.model)
+                    # every process finds it from the next run on (no training collective follows to wait on)
+                    PartialState().wait_for_everyone()
     scores = evaluate(model, tokenizer, data, settings)
     check_finite(scores)
     variants = {}
@@ -276,7 +296,7 @@ def computed_in(model: torch.nn.Module, settings: RunSettings) -> dict[str, Any]
 
 
 def is_cached_stage(folder: Path) -> bool:
-    """Whether ``folder`` holds a cached general stage (:func:`_save_general` renames it into place whole)."""
+    """Whether ``folder`` holds a cached stage (:func:`_save_stage` renames it into place whole)."""
     return (folder / "adapter_model.safetensors").is_file()
 
 
@@ -302,11 +322,13 @@ def read_stage_record(cache: Path) -> dict[str, Any]:
     return record
 
 
-def _save_general(model, recipe: Recipe, summary: dict[str, Any], cache: Path, model_name: str) -> None:
+def _save_stage(model, plugins: list, summary: dict[str, Any], cache: Path, model_name: str) -> None:
+    """A finished stage into the cache folder ``cache``: the adapter, ``plugins``' states and the stage record, written
+    beside it and renamed into place whole."""
     tmp = cache.with_name(cache.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_adapter(model, tmp, model_name)
-    for plugin in recipe.plugins:
+    for plugin in plugins:
         plugin.save_state(tmp)
     (tmp / "stage.json").write_text(json.dumps(summary))
     if cache.exists():

@@ -79,21 +79,30 @@ class WiseFT(Method):
         self.theta_nu: dict[str, torch.Tensor] | None = None
         self._state = PendingState(STATE)
 
-    def _snapshot(self, ctx: StageContext) -> None:
-        self.theta_nu = {n: p.detach().clone() for n, p in ctx.trainable_parameters()}
+    def _snapshot(self, model: torch.nn.Module) -> None:
+        self.theta_nu = {n: p.detach().clone() for n, p in _trainable(model).items()}
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if ctx.stage == GENERAL:
-            self._snapshot(ctx)
+            self._snapshot(ctx.model)
 
     def on_stage_start(self, ctx: StageContext) -> None:
-        if ctx.stage != DOMAIN:
-            return
+        if ctx.stage == DOMAIN:
+            self._domain_start(ctx.model)
+
+    def on_stage_skipped(self, stage: str, model: torch.nn.Module) -> None:
+        if stage == DOMAIN:  # the domain stage comes from the cache: theta_nu is still what it starts from
+            self._domain_start(model)
+
+    def _domain_start(self, model: torch.nn.Module) -> None:
         loaded = self._state.take()
         if loaded is not None:
             self.theta_nu = loaded[0]
         if self.theta_nu is None:  # no general stage: theta_nu = weights before the domain stage
-            self._snapshot(ctx)
+            self._snapshot(model)
+
+    def shapes_domain_stage(self) -> bool:
+        return False  # it evaluates interpolations after the domain stage and trains it as lora-nu-mu does
 
     @contextlib.contextmanager
     def interpolated(self, model: torch.nn.Module, alpha: float) -> Iterator[None]:

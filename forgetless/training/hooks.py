@@ -132,6 +132,16 @@ class Method:
         the same recipe without it (``[hlora, sam]`` that of ``hlora``, ``replay`` that of ``lora-nu-mu``)."""
         return True
 
+    def shapes_domain_stage(self) -> bool:
+        """Whether this method changes what a domain stage trains (its examples, loss, steps or updates). One that
+        only reads the result (WiSE-FT evaluates interpolations of it) says False: a run with it may take the domain
+        stage of the same recipe without it from the cache (``wise-ft`` that of ``lora-nu-mu``)."""
+        return True
+
+    def on_stage_skipped(self, stage: str, model: torch.nn.Module) -> None:
+        """Called instead of the stage's hooks when its result comes from a cache rather than training: ``model`` is
+        at the stage's start (the cached weights are loaded after this call)."""
+
     def on_stage_start(self, ctx: StageContext) -> None:
         """Called once before the first step of a stage."""
 
