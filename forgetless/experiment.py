@@ -465,6 +465,8 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                            max_general_drop=ev.select.max_general_drop if ev.select is not None else None,
                            share_prefix=ev.share_prefix)
     stage, domain = general_stage_name(exp, recipe, seed), shared_domain_stage(exp, recipe, task, seed)
+    if domain and checkpoint_dir is not None and any((checkpoint_dir / DOMAIN).glob("step-*[0-9]")):
+        domain = None  # this run trained the stage and was stopped before its record: it goes on from its checkpoint
     try:
         result = run_recipe(recipe, run_data, settings, adapter_dir=adapter_dir if recipe.stages else None,
                             general_cache=(lambda: stages_dir / stage) if stages_dir is not None else None,
@@ -965,6 +967,7 @@ def computed_elsewhere(exp: Experiment) -> str:
     jobs = plan_runs(exp)
     rids = {job.rid for job in jobs}
     stages = {general_stage_name(exp, job.recipe, job.seed) for job in jobs if GENERAL in job.recipe.stages}
+    stages |= shared_domain_stages(exp)
     found: list[tuple[str, str]] = []  # (precision, what)
     for kind, paths, name, ours in (("run", out.glob("runs/*.json"), lambda p: p.stem, rids),
                                     ("general stage", out.glob("stages/*/stage.json"), lambda p: p.parent.name, stages),

@@ -185,6 +185,7 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
         folder = Path(output) / "adapters" / record.get("run_id", path.stem)
         adapter = folder / "adapter_config.json"
         sha = adapter_sha256(folder) if adapter.is_file() else None
+        sha = (sha, json.dumps(run_base(record), sort_keys=True)) if sha is not None else None  # same model and base
         measures = False
         # a run without trained weights is skipped at once when only the trainable directions are asked for
         for kind, wanted in (("main", main and (adapter.is_file() or settings.params != "trainable")),
@@ -209,15 +210,17 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
     return line
 
 
-def _measured_adapters(records: list[dict[str, Any]], digests: dict[str, Any]) -> dict[str, set[str]]:
-    """The adapter hashes (``adapter_sha256``) of the LoRA-direction (``"main"``) and all-weights (``"every"``)
-    measurements ``records`` hold with these settings: a run still to measure with one of them is copied."""
-    found: dict[str, set[str]] = {"main": set(), "every": set()}
+def _measured_adapters(records: list[dict[str, Any]], digests: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
+    """The (adapter hash, base) pairs of the LoRA-direction (``"main"``) and all-weights (``"every"``) measurements
+    ``records`` hold with these settings: a run still to measure with one of them is copied."""
+    found: dict[str, set[tuple[str, str]]] = {"main": set(), "every": set()}
     for record in records:
         entry = record.get("landscape") or {}
-        sha = entry.get("adapter_sha256")
-        if sha is None or entry.get("digest") != digests["main"] or "metrics" not in entry:
+        sha, base = entry.get("adapter_sha256"), entry.get("base", {})
+        if (sha is None or entry.get("digest") != digests["main"] or "metrics" not in entry
+                or base != run_base(record)):  # measured on another base than its run's: measured again
             continue
+        sha = (sha, json.dumps(base, sort_keys=True))
         found["main"].add(sha)
         if (entry.get("all_weights") or {}).get("digest") == digests["every"]:
             found["every"].add(sha)

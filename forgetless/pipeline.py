@@ -241,11 +241,10 @@ def run_recipe(
                 stages.append(_stage_summary(train_stage(
                     model, data.domain_train, cfg, plugins, stage=DOMAIN, general_examples=data.general_train,
                     checkpoint_dir=checkpoint_dir / DOMAIN if checkpoint_dir else None)))
-                if cache is not None:
-                    if PartialState().is_main_process:
-                        _save_stage(model, [], stages[-1] | {"computed": computed}, cache, settings.model)
-                    # every process finds it from the next run on (no training collective follows to wait on)
-                    PartialState().wait_for_everyone()
+                if cache is not None and PartialState().is_main_process:
+                    _save_stage(model, [], stages[-1] | {"computed": computed}, cache, settings.model)
+            if cache is not None:  # every process finds what the main one cached (this general stage, this domain
+                PartialState().wait_for_everyone()  # stage) from the next run on: no training collective follows
     scores = evaluate(model, tokenizer, data, settings)
     check_finite(scores)
     variants = {}
@@ -316,9 +315,9 @@ def read_stage_record(cache: Path) -> dict[str, Any]:
         record = json.loads((cache / "stage.json").read_text())
     except (OSError, ValueError) as err:
         raise AdapterError(f"{cache / 'stage.json'}: unreadable cached stage record ({err}); delete {cache} to "
-                           f"recompute the general stage") from None
+                           f"compute the stage again") from None
     if not isinstance(record, dict):
-        raise AdapterError(f"{cache / 'stage.json'}: not a stage record; delete {cache} to recompute it")
+        raise AdapterError(f"{cache / 'stage.json'}: not a stage record; delete {cache} to compute it again")
     return record
 
 

@@ -96,6 +96,8 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
     metrics: dict[str, float] = {}
     surface = None
     with model_objective(model, examples, s.params, s.batch_size, s.precision) as objective:
+        if s.hessian_iters and s.hessian_method == "lanczos":
+            _check_lanczos_fits(objective.params, s.hessian_iters)  # before the surface: refused, nothing is lost
         metrics["loss"] = objective.value()
         metrics["n_params"] = int(sum(p.numel() for p in objective.params))
         if s.grid:
@@ -105,7 +107,6 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
             metrics.update(surface_metrics(surface.losses, surface.coords))
         if s.hessian_iters:
             if s.hessian_method == "lanczos":
-                _check_lanczos_fits(objective.params, s.hessian_iters)
                 eigen = hessian_lanczos(objective, steps=s.hessian_iters, seed=s.seed)
                 metrics["hessian_bottom_eigenvalue"] = eigen["bottom"]  # the smallest algebraic eigenvalue
                 metrics["hessian_bottom_residual"] = eigen["bottom_residual"]
@@ -128,8 +129,9 @@ def measure_flatness(model: torch.nn.Module, examples: Sequence[dict], settings:
 def available_bytes(device: torch.device) -> int | None:
     """Free memory where ``device``'s tensors live: the GPU's free memory, or the host's available memory (Linux's
     MemAvailable); None where it cannot be told."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the card, plus what PyTorch's allocator holds unused (the sweep's)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, cached)
     if device.type != "cpu":
         return None
     try:

@@ -394,8 +394,9 @@ def section_cost(res: Results) -> str:
                      _mean_text(general), _mean_text(domain), _mean_text(total), str(len(runs))])
     text = (title + "Mean ± std over runs. Importance: what the method computes on the general stage to regularize "
             "the domain stage, its wall time and the size of what it keeps (tensor payload in the storage dtype; the "
-            "file on disk adds a small header). Stage times include that computation. A general stage reused from "
-            "the cache, and an EWC Fisher kept beside it by an earlier run, report the time they took when they were "
+            "file on disk adds a small header). Stage times include that computation. A general or domain stage "
+            "reused from the cache (wise-ft's domain stage is lora-nu-mu's), and an EWC Fisher kept beside it by an "
+            "earlier run, report the time they took when they were "
             "computed (the stage time of a run that read a kept Fisher does not include it).\n\n" + markdown_table(header, rows))
     resumed = {str(r.get("run_id", r["method"])): (s.get("extras") or {}).get("seconds_before_resume")
                for method in trained for r in res.runs_of(method) for s in r.get("stages", [])

@@ -4,6 +4,7 @@ both trains it once."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,7 +34,8 @@ def domain_stages(monkeypatch):
 
 
 def _records(out: Path) -> dict[str, dict]:
-    return {p.stem.split("__")[0]: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    return {record["method"]: record for record in records}
 
 
 def test_wise_ft_takes_lora_nu_mus_domain_stage_from_the_cache(tmp_path, tiny_model_dir, domain_stages):
@@ -63,24 +65,30 @@ def test_wise_ft_takes_lora_nu_mus_domain_stage_from_the_cache(tmp_path, tiny_mo
     trained = _records(alone / "out")["wise-ft"]
     assert "cached" not in trained["stages"][-1]
     assert trained["variants"] == wise["variants"] and trained["general_ppl"] == wise["general_ppl"]
+    assert trained["tasks"] == wise["tasks"]
+    assert trained["stages"][-1]["extras"]["eval_history"] == wise["stages"][-1]["extras"]["eval_history"]
+    assert adapter_sha256(alone / "out" / "adapters" / trained["run_id"]) == adapter_sha256(
+        out / "adapters" / wise["run_id"])
 
 
 def test_without_a_general_stage_theta_nu_is_the_domain_start_on_the_cached_path(tmp_path, tiny_model_dir,
                                                                                    domain_stages):
     """[lora-mu, wise-ft] (no general stage: theta_nu is the LoRA at the domain stage's start) takes lora-mu's
-    domain stage from the cache, and its interpolations equal those of the same run trained without a cache."""
-    methods = ["lora-mu", ["lora-mu", "wise-ft"]]
+    domain stage from the cache, and its interpolations equal those of the same run trained without a cache. In
+    factor space, so that A_nu counts (in weight space B_nu = 0 hides it)."""
+    wise = {"name": "wise-ft", "space": "factors"}
+    methods = ["lora-mu", ["lora-mu", wise]]
     path = write_experiment(tmp_path, tiny_model_dir, methods=methods, seeds=[0], eval={"batch_size": 4})
     run_experiment(load_experiment(path), progress=False)
     assert len(domain_stages) == 1
-    cached = _records(tmp_path / "out")["lora-mu+wise-ft"]
+    label = "lora-mu+wise-ft(space=factors)"
+    cached = _records(tmp_path / "out")[label]
     assert cached["stages"][-1]["cached"] is True
     alone = tmp_path / "alone"
     alone.mkdir()
-    path = write_experiment(alone, tiny_model_dir, methods=[["lora-mu", "wise-ft"]], seeds=[0],
-                            eval={"batch_size": 4})
+    path = write_experiment(alone, tiny_model_dir, methods=[["lora-mu", wise]], seeds=[0], eval={"batch_size": 4})
     run_experiment(load_experiment(path), progress=False)
-    trained = _records(alone / "out")["lora-mu+wise-ft"]
+    trained = _records(alone / "out")[label]
     assert "cached" not in trained["stages"][-1] and trained["variants"] == cached["variants"]
 
 
@@ -149,3 +157,26 @@ def test_the_dry_run_lists_the_shared_domain_stage(tmp_path, tiny_model_dir, cap
     name = domain_stage_name(exp, resolve("wise-ft"), exp.tasks[0], 0)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("domain stage ")]
     assert lines == [f"domain stage {name}: to train, used by lora-nu-mu__gen__seed0, wise-ft__gen__seed0"]
+
+
+def test_a_run_that_trained_the_stage_and_was_stopped_goes_on_from_its_own_checkpoint(tmp_path, tiny_model_dir,
+                                                                                        monkeypatch):
+    """The stage is cached as soon as it is trained, before the run is evaluated and recorded: a run stopped then
+    keeps its domain checkpoints, and on resume trains on from them (its record keeps its own time) rather than
+    taking the stage from the cache as another run would."""
+    import forgetless.experiment as experiment
+
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["lora-nu-mu", "wise-ft"], seeds=[0]))
+    job = plan_runs(exp)[0]
+    given = []
+    monkeypatch.setattr(experiment, "run_recipe", lambda *a, **k: given.append(k["domain_cache"]) or 1 / 0)
+    checkpoints = tmp_path / "checkpoints"
+    data = SimpleNamespace(tasks={job.task.name: ([], None)}, suite={}, general=None, heldout=None)
+    for step in (None, "step-000002.tmp", "step-000002"):  # none, a half-written one, a checkpoint
+        if step is not None:
+            (checkpoints / DOMAIN / step).mkdir(parents=True)
+        with pytest.raises(ZeroDivisionError):
+            experiment.run_one(exp, job.entry, job.task, 0, data, adapter_dir=None, stages_dir=tmp_path / "stages",
+                               checkpoint_dir=checkpoints)
+    name = domain_stage_name(exp, job.recipe, job.task, 0)
+    assert [None if f is None else f().name for f in given] == [name, name, None]

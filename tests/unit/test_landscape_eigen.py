@@ -207,7 +207,7 @@ def test_landscape_left_line_estimates_from_the_measured_runs(tmp_path):
         (out / "runs" / f"{rid}.json").write_text(record(rid, seed))
         if rid != "base":
             (out / "adapters" / rid).mkdir(parents=True)
-            (out / "adapters" / rid / "adapter_config.json").write_text("{}")
+            (out / "adapters" / rid / "adapter_config.json").write_text(json.dumps({"run": rid}))  # distinct models
     assert left_line(out, "m", settings, 128) == (
         "0/4 runs' flatness measured; the time left is estimated once a measurement of each kind has finished")
     digests = _todo(out, "m", settings, 128, None)[2]
@@ -380,16 +380,18 @@ def test_lanczos_that_would_not_fit_is_refused_before_any_work(monkeypatch):
     n = sum(p.numel() for p in model.parameters())
     need = 12 * n * 4  # 10 steps + 2 in flight, float32
     monkeypatch.setattr(measure, "available_bytes", lambda device: 2 * need - 2)  # half of it is need - 1 bytes
-    calls = []
+    calls, swept = [], []
     monkeypatch.setattr(measure, "hessian_lanczos", lambda *a, **k: calls.append(1))
-    settings = LandscapeSettings(params="all", grid=0, hessian_iters=10, trace_samples=0, rho=0.0)
+    real_surface = measure.compute_surface
+    monkeypatch.setattr(measure, "compute_surface", lambda *a, **k: swept.append(1) or real_surface(*a, **k))
+    settings = LandscapeSettings(params="all", grid=3, hessian_iters=10, trace_samples=0, rho=0.0)
     with pytest.raises(ValueError, match=rf"keeps 10 vectors of {n:,} parameters.*hessian_method: power"):
         measure_flatness(model, examples, settings)
-    assert calls == []
+    assert calls == [] and swept == []  # refused before the surface is swept
     monkeypatch.setattr(measure, "available_bytes", lambda device: 2 * need)  # exactly fits
     with pytest.raises(TypeError):  # reached the (stubbed) Lanczos, which returned None
         measure_flatness(model, examples, settings)
-    assert calls == [1]
+    assert calls == [1] and swept == [1]
     power, _ = measure_flatness(model, examples, replace(settings, hessian_method="power", hessian_iters=3))
     assert math.isfinite(power["hessian_top_eigenvalue"])
 
