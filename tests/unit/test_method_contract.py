@@ -260,3 +260,28 @@ def test_a_fisher_computed_at_a_shared_cached_stage_is_kept_beside_it(tmp_path, 
     assert len(computed) == 1
     run_recipe(resolve({"name": "ewc", "samples": 2}), data, settings, general_cache=lambda: cache)  # other Fisher
     assert len(computed) == 2 and len(list(cache.glob("ewc_fisher-*.safetensors"))) == 2
+
+
+def _domain_stage_weights(plugins: list) -> torch.Tensor:
+    """The LoRA weights after a plain general stage and then a domain stage with ``plugins``."""
+    model = model_for(resolve("lora-nu-mu"))
+    train_stage(model, GENERAL_DATA, config(2), [], stage=GENERAL)
+    train_stage(model, DOMAIN_DATA, config(3), plugins, stage=DOMAIN, general_examples=GENERAL_DATA)
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def _leaves_domain_stage(case: Case) -> bool:
+    return case.plugin and DOMAIN in case.stages and not any(p.shapes_domain_stage() for p in resolve(case.name).plugins)
+
+
+@pytest.mark.parametrize("case", cases(_leaves_domain_stage))
+def test_a_method_that_says_it_leaves_the_domain_stage_alone_does(case):
+    """shapes_domain_stage() False lets an experiment hand the run another run's cached domain stage
+    (experiment.domain_stage_name): the stage it trains must then be the plain one, bit for bit."""
+    assert torch.equal(_domain_stage_weights(resolve(case.name).plugins), _domain_stage_weights([]))
+
+
+def test_the_domain_stage_check_catches_a_method_that_shapes_it():
+    """The control: sam's domain stage is not the plain one, so the check above would fail for a method that
+    wrongly said it leaves the stage alone."""
+    assert not torch.equal(_domain_stage_weights(resolve("sam").plugins), _domain_stage_weights([]))
