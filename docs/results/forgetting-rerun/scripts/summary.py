@@ -55,7 +55,7 @@ def timing(recs: dict[str, dict]) -> None:
             if stage["stage"] == "general":
                 stages[rec.get("general_stage", rid)] = stage["seconds"]
                 own -= 0.0 if stage.get("cached") else stage["seconds"]
-            if stage["stage"] == "domain":
+            if stage["stage"] == "domain" and not stage.get("cached"):  # a cached one is another run's time
                 parts["  of which domain stages"] += stage["seconds"]
         parts["runs: domain stages and evaluations"] += own
         land = rec.get("landscape") or {}
@@ -69,11 +69,52 @@ def timing(recs: dict[str, dict]) -> None:
     print(f"  {'total':38s} {total / 3600:6.2f} worker-h = {total / 7200:.2f} h on two workers")
 
 
+def quiet_estimate(recs: dict[str, dict]) -> None:
+    """The experiment as ``experiment.yaml`` now sets it, on a quiet machine: for each method, its fastest seed
+    (the least contended) times its number of seeds, for the runs (training and evaluations), the general stages
+    (per kind) and the two landscape measurements. WiSE-FT's domain stage is left out of its runs' time: since
+    session 29 it takes lora-nu-mu's from the cache (it trained its own when these records were made); so is the
+    measurement of a model already measured (``same_model_as``)."""
+    own, general, lora, every, wise_domain = (defaultdict(list) for _ in range(5))
+    for rec in recs.values():
+        method, seconds = rec["method"], rec["seconds"]
+        for stage in rec["stages"]:
+            if stage["stage"] == "general" and not stage.get("cached"):
+                seconds -= stage["seconds"]
+                general[rec.get("general_stage", "?")].append(stage["seconds"])  # one per kind and seed
+            if method == "wise-ft" and stage["stage"] == "domain" and not stage.get("cached"):
+                seconds -= stage["seconds"]
+                wise_domain[method].append(stage["seconds"])
+        own[method].append(seconds)
+        land = rec.get("landscape") or {}
+        if "metrics" in land and "same_model_as" not in land:
+            lora[method].append(land["seconds"])
+        if "metrics" in (land.get("all_weights") or {}) and "same_model_as" not in land["all_weights"]:
+            every[method].append(land["all_weights"]["seconds"])
+    parts = {
+        "runs (fastest seed x seeds)": sum(min(v) * len(v) for v in own.values()),
+        "general stages (each as recorded)": sum(v[0] for v in general.values()),
+        "landscape, LoRA directions": sum(min(v) * len(v) for v in lora.values()),
+        "landscape, all weights": sum(min(v) * len(v) for v in every.values()),
+    }
+    total = sum(parts.values())
+    print("\nquiet estimate of experiment.yaml as it stands (fastest seed per method):")
+    for name, seconds in parts.items():
+        print(f"  {name:38s} {seconds / 3600:6.2f} worker-h")
+    print(f"  {'total':38s} {total / 3600:6.2f} worker-h = {total / 7200:.2f} h on two workers "
+          f"(WiSE-FT's {len(wise_domain['wise-ft'])} domain stages, {sum(wise_domain['wise-ft']) / 3600:.2f} "
+          f"worker-h as recorded, left out: cached since session 29)")
+    print("  per method, fastest seed (s): "
+          + ", ".join(f"{m} {min(v):.0f}" for m, v in own.items())
+          + "; LoRA landscape " + ", ".join(f"{m} {min(v):.0f}" for m, v in lora.items()))
+
+
 def main() -> None:
     new, old = records(NEW), records(OLD)
     if not new:
         sys.exit(f"no records in {NEW}")
     timing(new)
+    quiet_estimate(new)
     a, b = rows(new), rows(old)
     base_new = a.get("base")
     print("\nmethod: rerun mean (seeds) | lr 3e-3 mean, per measure; suite in points")
