@@ -1096,28 +1096,44 @@ def _share_out(workers: int) -> tuple[int, int, str]:
         "one GPU, shared" if devices == 1 else f"{threads} torch thread(s) each")
 
 
-def _worker_landscape(exp: Experiment, rid: str, progress: bool, workers: int = 1) -> None:
+def _worker_landscape(exp: Experiment, rids: list[str], progress: bool, workers: int = 1) -> None:
+    """Measure ``rids`` (runs with one adapter: the first is measured, the others copy it) in this worker."""
     from forgetless.landscape_runs import left_line as landscape_left
 
-    with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():
-        _measure_landscape(exp, progress, only={rid})
+    with plain_lines(f"[{rids[0]}] ") if progress else contextlib.nullcontext():
+        _measure_landscape(exp, progress, only=set(rids))
     left = landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
                           exp.general.heldout.cache_key(), workers)
     print(f"    [{left}]")
 
 
 def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
-    """The landscape step's runs measured by ``workers`` worker processes, one task per run."""
+    """The landscape step's runs measured by ``workers`` worker processes, one task per distinct adapter
+    (:func:`landscape_groups`)."""
     from forgetless.landscape_runs import runs_to_measure
 
     rids = runs_to_measure(exp.output, exp.model, exp.landscape, exp.general.block_size,
                            data_key=exp.general.heldout.cache_key())
-    if len(rids) < 2:
+    groups = landscape_groups(exp.output, rids)
+    if len(groups) < 2:
         return
-    workers = min(workers, len(rids))
+    workers = min(workers, len(groups))
     print(f"landscape: measuring {len(rids)} run(s) on {workers} worker processes ({_share_out(workers)[2]})")
-    _in_workers(workers, [(_worker_landscape, (exp, rid, progress, workers)) for rid in rids],
-                names=lambda i: f"the flatness of {rids[i]}")
+    _in_workers(workers, [(_worker_landscape, (exp, group, progress, workers)) for group in groups],
+                names=lambda i: f"the flatness of {', '.join(groups[i])}")
+
+
+def landscape_groups(output: Path, rids: list[str]) -> list[list[str]]:
+    """``rids`` grouped by their adapter's hash (``adapter_sha256``; a run without one is a group of its own), in
+    order: one worker measures a group's first run and copies it for the others, where two workers would measure
+    the same model at once (WiSE-FT beside lora-nu-mu, neither recorded yet)."""
+    from forgetless.landscape_runs import adapter_sha256
+
+    groups: dict[str, list[str]] = {}
+    for rid in rids:
+        sha = adapter_sha256(output / "adapters" / rid)
+        groups.setdefault(sha if sha is not None else f"run {rid}", []).append(rid)
+    return list(groups.values())
 
 
 def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]],

@@ -219,3 +219,14 @@ def test_the_time_left_counts_each_distinct_adapter_once(tmp_path, tiny_model_di
     # to do: sam again, with replay (its model: copied), and LORA with WISE: two measurements (before the fix, sam's
     # stale entry made both sam and replay count as copies: half an hour)
     assert left_line(out, str(tiny_model_dir), SETTINGS, 16) == "0/4 runs' flatness measured; about 1.0 h left"
+
+
+def test_landscape_workers_get_one_task_per_distinct_adapter(tmp_path):
+    """Runs with byte-identical adapters go to one worker (it measures the first and copies for the rest); a run
+    without an adapter is a task of its own."""
+    from forgetless.experiment import landscape_groups
+
+    out = tmp_path / "out"
+    sam = "sam__t__seed0"
+    _runs(out, {LORA: 7, sam: 9, WISE: 7})
+    assert landscape_groups(out, [LORA, sam, WISE, "base__t__seed0"]) == [[LORA, WISE], [sam], ["base__t__seed0"]]
