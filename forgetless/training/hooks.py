@@ -139,8 +139,9 @@ class Method:
         return True
 
     def on_stage_skipped(self, stage: str, model: torch.nn.Module) -> None:
-        """Called instead of the stage's hooks when its result comes from a cache rather than training: ``model`` is
-        at the stage's start (the cached weights are loaded after this call)."""
+        """Called instead of the domain stage's hooks when that stage comes from the cache rather than training
+        (:func:`forgetless.experiment.domain_stage_name`): ``model`` is at the stage's start (the cached weights are
+        loaded after this call). A cached general stage brings the methods' state through :meth:`load_state`."""
 
     def on_stage_start(self, ctx: StageContext) -> None:
         """Called once before the first step of a stage."""
