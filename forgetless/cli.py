@@ -84,15 +84,15 @@ def _plan_text(exp: Experiment) -> str:
               for job in pending]
     lines += [f"  changed  {job.rid} (redone with --rerun-changed)" for job, _ in stale]
     lines += [f"  done     {job.rid}" for job in done]
-    general: dict[str, list[str]] = {}
+    stages: dict[str, list[str]] = {}  # cached stage folder (general-KEY, domain-KEY) -> the runs that use it
     for job in todo:
         if GENERAL in job.recipe.stages:
-            general.setdefault(general_stage_name(exp, job.recipe, job.seed), []).append(job.rid)
+            stages.setdefault(general_stage_name(exp, job.recipe, job.seed), []).append(job.rid)
     shared = shared_domain_stages(exp)
     for job in todo:
         if (name := shared_domain_stage(exp, job.recipe, job.task, job.seed, shared)) is not None:
-            general.setdefault(name, []).append(job.rid)
-    for key, rids in general.items():
+            stages.setdefault(name, []).append(job.rid)
+    for key, rids in stages.items():
         cached = is_cached_stage(exp.output / "stages" / key)
         lines.append(f"{key.split('-')[0]} stage {key}: {'cached' if cached else 'to train'}, used by "
                      f"{', '.join(rids)}")

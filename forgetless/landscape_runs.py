@@ -185,14 +185,14 @@ def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_
         folder = Path(output) / "adapters" / record.get("run_id", path.stem)
         adapter = folder / "adapter_config.json"
         sha = adapter_sha256(folder) if adapter.is_file() else None
-        sha = (sha, json.dumps(run_base(record), sort_keys=True)) if sha is not None else None  # same model and base
+        model = (sha, json.dumps(run_base(record), sort_keys=True)) if sha is not None else None  # adapter and base
         measures = False
         # a run without trained weights is skipped at once when only the trainable directions are asked for
         for kind, wanted in (("main", main and (adapter.is_file() or settings.params != "trainable")),
                              ("every", also)):
-            if wanted and sha is not None:
-                wanted = sha not in counted[kind]  # the same model as one measured or counted: copied, no time
-                counted[kind].add(sha)
+            if wanted and model is not None:
+                wanted = model not in counted[kind]  # the same model as one measured or counted: copied, no time
+                counted[kind].add(model)
             if wanted and spent[kind] is not None:
                 seconds, timed = seconds + spent[kind], timed + 1
             elif wanted:
@@ -220,10 +220,10 @@ def _measured_adapters(records: list[dict[str, Any]], digests: dict[str, Any]) -
         if (sha is None or entry.get("digest") != digests["main"] or "metrics" not in entry
                 or base != run_base(record)):  # measured on another base than its run's: measured again
             continue
-        sha = (sha, json.dumps(base, sort_keys=True))
-        found["main"].add(sha)
+        model = (sha, json.dumps(base, sort_keys=True))
+        found["main"].add(model)
         if (entry.get("all_weights") or {}).get("digest") == digests["every"]:
-            found["every"].add(sha)
+            found["every"].add(model)
     return found
 
 

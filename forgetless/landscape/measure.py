@@ -135,9 +135,10 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
@@ -151,7 +152,7 @@ def _check_lanczos_fits(params: Sequence[torch.Tensor], steps: int) -> None:
 
     if not params:
         return
-    size = sum(p.numel() * torch.empty((), dtype=_work_dtype(p)).element_size() for p in params)
+    size = sum(p.numel() * _work_dtype(p).itemsize for p in params)
     need, free = (steps + 2) * size, available_bytes(params[0].device)
     if free is not None and need > free // 2:
         raise ValueError(f"hessian_method lanczos keeps {steps} vectors of {sum(p.numel() for p in params):,} "
