@@ -588,9 +588,10 @@ def folder_in_use(folder: Path) -> bool:
     return False
 
 
-def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
-    """AdapterError / ConfigError for a cached general stage that could not be used (it is read only later, after
-    the model has loaded): unreadable adapter, stage record or method-state files, or a state file missing."""
+def _check_cached_stage(cache: Path, recipe: Recipe | None) -> None:
+    """AdapterError / ConfigError for a cached stage that could not be used (it is read only later, after the model
+    has loaded): unreadable adapter, stage record or method-state files, or a state file missing. ``recipe`` None: a
+    cached domain stage, which holds no method state."""
     from forgetless.models import check_adapter_files, check_safetensors
 
     if not is_cached_stage(cache):
@@ -598,7 +599,9 @@ def _check_cached_stage(cache: Path, recipe: Recipe) -> None:
     check_adapter_files(cache)
     read_stage_record(cache)
     for path in sorted(cache.glob("*.safetensors")):
-        check_safetensors(path, "cached general-stage state")
+        check_safetensors(path, f"cached {'domain' if recipe is None else 'general'}-stage state")
+    if recipe is None:
+        return
     for plugin in resolve(recipe.entries).plugins:  # fresh plugins: load_state only remembers where the file is
         try:
             plugin.load_state(cache)
@@ -635,12 +638,17 @@ def check_output_possible(folder: Path, where_: str) -> None:
 
 def validate(exp: Experiment, jobs: list[Job], stages_dir: Path | None) -> RawData:
     """Check what the runs ``jobs`` need before any model loads: the model's source, the LoRA targets (against the
-    model's configuration), the cached general stages they would use, and every data file (read here, returned)."""
+    model's configuration), the cached general and domain stages they would use, and every data file (read here,
+    returned)."""
     check_model(exp, jobs)
     if stages_dir is not None:
+        shared = shared_domain_stages(exp) if any(DOMAIN in job.recipe.stages for job in jobs) else set()
         for job in jobs:
             if GENERAL in job.recipe.stages:
                 _check_cached_stage(stages_dir / general_stage_name(exp, job.recipe, job.seed), job.recipe)
+            domain = shared_domain_stage(exp, job.recipe, job.task, job.seed, shared)
+            if domain is not None:
+                _check_cached_stage(stages_dir / domain, None)
     return read_data(exp)
 
 

@@ -96,6 +96,23 @@ def _cached_stage(ws: Workspace, method: str, damage: Callable[[Path], None]) ->
     return ["run", path]
 
 
+def _cached_domain_stage(ws: Workspace, damage: Callable[[Path], None]) -> list[str]:
+    """``run`` on an experiment whose cached domain stage (shared by lora-nu-mu and wise-ft; a real adapter, made
+    without the loader) is damaged."""
+    from forgetless.config import load_experiment
+    from forgetless.experiment import plan_runs, shared_domain_stage
+
+    path = ws.experiment(methods=["lora-nu-mu", "wise-ft"])
+    exp = load_experiment(path)
+    job = plan_runs(exp)[0]
+    cache = ws.output / "stages" / shared_domain_stage(exp, job.recipe, job.task, job.seed)
+    cache.parent.mkdir(parents=True)
+    Path(ws.adapter()).rename(cache)
+    (cache / "stage.json").write_text(json.dumps({"stage": "domain", "steps": 2, "seconds": 1.0, "history": []}))
+    damage(cache)
+    return ["run", path]
+
+
 def _finished(ws: Workspace, **record) -> list[str]:
     """``run`` on an experiment that finds ``runs/base__t__seed0.json`` already there (its settings: the
     experiment's, updated with ``record["settings"]``)."""
@@ -279,6 +296,12 @@ CASES: list[Case] = [
     ("corrupt cached stage record",
      lambda ws: _cached_stage(ws, "lora-nu-mu", lambda c: (c / "stage.json").write_text("{")),
      "stage.json: unreadable cached stage record", 2),
+    ("truncated cached domain stage",
+     lambda ws: _cached_domain_stage(ws, lambda c: _truncate(c / "adapter_model.safetensors")),
+     "adapter_model.safetensors: unreadable adapter weights", 2),
+    ("corrupt cached domain stage record",
+     lambda ws: _cached_domain_stage(ws, lambda c: (c / "stage.json").write_text("[]")),
+     "stage.json: not a stage record", 2),
     # forgetless train
     ("train --method base", lambda ws: ws.train("--method", "base"), "method 'base' trains nothing", 2),
     ("train --method foo", lambda ws: ws.train("--method", "foo"), "--method: methods[0]: unknown method 'foo'", 2),
