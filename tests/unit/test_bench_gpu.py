@@ -90,12 +90,16 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
                           timeout=1200, cwd=ROOT, env=env)  # a hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("memory", "compile", "rank2r", "samwork", "liger", "cudatests"):
+    for name in ("memory", "profile", "compile", "rank2r", "samwork", "liger", "cudatests"):
         assert f"== {name}: exit 0 " in proc.stdout, proc.stdout[-3000:]
     for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers"):
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"], name
     assert "path_integral" in (tmp_path / "out" / "rank2r.log").read_text()
     assert "new (grouped _foreach)" in (tmp_path / "out" / "samwork.log").read_text()
+    for stage in ("general", "domain"):  # the profile marks HLoRA's hooks as regions
+        table = (tmp_path / "out" / "profile" / f"hlora_{stage}_tiny.txt").read_text()
+        assert ("hlora.after_optimizer_step" if stage == "general" else "hlora.extra_loss") in table
+    assert "2 passed" in (tmp_path / "out" / "cudatests.log").read_text()  # test_on_accelerator's and a timer test
 
 
 def test_the_gpu_session_gives_no_part_more_than_the_time_left(tmp_path):
