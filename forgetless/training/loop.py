@@ -304,11 +304,18 @@ def train_stage(
         nonlocal synced, scored
         rows = result.history[synced:]
         synced = len(result.history)
+        first_bad = None
         for row in rows:
             row.update({k: float(v) for k, v in row.items() if isinstance(v, torch.Tensor)})
             bad = None if row.get("skipped") else _nonfinite(row["loss"], row.get("grad_norm"))
-            if bad is not None:
-                raise NonFiniteError(stage, int(row["step"]), *bad)
+            if bad is not None and first_bad is None:
+                first_bad = (int(row["step"]), *bad)
+        # the loss is each process's own: all stop when one saw a non-finite value (else the others would wait for it
+        # in their next collective)
+        if processes > 1 and _global_sum(accelerator, int(first_bad is not None)) and first_bad is None:
+            first_bad = (int(rows[-1]["step"]) if rows else ctx.step, "loss on another process", math.nan)
+        if first_bad is not None:
+            raise NonFiniteError(stage, *first_bad)
         scores = ctx.extras.get("eval_history", [])
         log.write(rows, scores[scored:])
         scored = len(scores)
@@ -339,6 +346,9 @@ def train_stage(
             if config.on_nonfinite == "skip_step":  # the decision needs the values now: one read
                 loss, norm = _read_now(loss_sum, grad_norm)
                 bad = _nonfinite(loss, norm)
+                # the loss is this process's own: every process skips when one of them saw a non-finite value
+                if processes > 1 and _global_sum(accelerator, int(bad is not None)) and bad is None:
+                    bad = ("loss on another process", math.nan)
             if bad is not None:
                 skipped.append(step + 1)
                 optimizer.zero_grad(set_to_none=True)
@@ -444,10 +454,16 @@ def _stage_settings(stage: str, config: TrainConfig, methods: Sequence[Method]) 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter],
           max_norm: float | None) -> torch.Tensor | float | None:
-    """Clip to ``max_norm`` and return the gradient norm before clipping, unread (None without clipping)."""
-    if max_norm is None:
+    """Clip to ``max_norm`` and return the gradient norm before clipping, unread. Without clipping the norm is still
+    taken (not clipped): the non-finite check needs it, as the loss alone misses a gradient that is not finite
+    where the loss is (SAM's gradient comes from the perturbed weights); None only when no weight has a gradient."""
+    if max_norm is not None:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return None
-    return accelerator.clip_grad_norm_(params, max_norm)
+    norms = torch._foreach_norm(grads)  # the step's whole gradient (all-reduced already under several processes)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def _read_now(loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[float, float | None]:

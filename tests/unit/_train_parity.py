@@ -86,6 +86,33 @@ def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: f
     return {"grads": recorder.grads, "weights": weights, "lrs": lrs}
 
 
+def nonfinite_on_one_process(accelerator, policy: str) -> dict:
+    """A loss that is NaN on process 1 only, at step 2 (a constant term: the gradients, all-reduced, stay finite):
+    what each process did. Both must skip that step (``skip_step``) or stop at it (``stop``)."""
+    import torch
+
+    from forgetless.training.config import TrainConfig
+    from forgetless.training.hooks import Method
+    from forgetless.training.loop import NonFiniteError, train_stage
+    from tests.unit.tiny_model import make_lora_model
+
+    class Poison(Method):
+        def extra_loss(self, ctx, batch):
+            if ctx.step == 1 and accelerator.process_index == 1:
+                return torch.tensor(float("nan"))
+            return None
+
+    model = make_lora_model(0, b_std=0.05)
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, max_grad_norm=None, precision="fp32", progress=False,
+                      on_nonfinite=policy, log_every=1)
+    try:
+        result = train_stage(model, variable_examples(16, seed=2), cfg, [Poison()], accelerator=accelerator)
+    except NonFiniteError as err:
+        return {"stopped": (err.step, err.what)}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"skipped": result.extras["skipped_steps"], "weights": weights}
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
@@ -110,6 +137,9 @@ if __name__ == "__main__":
     finally:
         dist.get_backend = backend
     results["cpu_groups"] = len(loop._CPU_GROUPS)
+    for policy in ("skip_step", "stop"):  # each process's own outcome, saved by each
+        torch.save(nonfinite_on_one_process(accelerator, policy),
+                   out / f"nonfinite_{policy}_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(results, out / "two_processes.pt")
     accelerator.wait_for_everyone()

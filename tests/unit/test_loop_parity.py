@@ -77,6 +77,13 @@ def test_two_processes_equal_one(tmp_path):
     one_epoch = run("lora", batch_size=4, grad_accum=1, epochs=1.0)
     assert len(one_epoch["lrs"]["domain"]) == len(two["epochs"]["lrs"]["domain"]) == 4
     assert one_epoch["lrs"] == two["epochs"]["lrs"]
+    # a loss that is not finite on one process only: both skip that step and stay equal, or both stop at it
+    skip = [torch.load(tmp_path / f"nonfinite_skip_step_{rank}.pt") for rank in (0, 1)]
+    assert skip[0]["skipped"] == skip[1]["skipped"] == [2]
+    for name, w in skip[0]["weights"].items():
+        assert torch.equal(w, skip[1]["weights"][name]), name
+    stop = [torch.load(tmp_path / f"nonfinite_stop_{rank}.pt") for rank in (0, 1)]
+    assert stop[0]["stopped"] == (2, "loss on another process") and stop[1]["stopped"] == (2, "loss")
 
 
 def test_a_micro_batch_without_labelled_tokens_adds_nothing(accelerator):

@@ -35,14 +35,19 @@ def _cfg(**kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize(("what", "named"), [("loss", "loss"), ("grad", "gradient norm")])
-def test_nonfinite_stops_the_stage_naming_the_step(what, named, lora_model, accelerator):
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_nonfinite_stops_the_stage_naming_the_step(what, named, clip, lora_model, accelerator):
+    """Without clipping too: the gradient norm is then taken for the check only (a gradient that is not finite where
+    the loss is, e.g. SAM's from the perturbed weights, was stepped with)."""
     model = lora_model()
     with pytest.raises(NonFiniteError, match=f"non-finite {named}.*step 3 of the domain stage") as info:
-        train_stage(model, random_examples(8, 8), _cfg(), [PoisonAt(3, what)], accelerator=accelerator)
+        train_stage(model, random_examples(8, 8), _cfg(max_grad_norm=clip), [PoisonAt(3, what)],
+                    accelerator=accelerator)
     assert (info.value.stage, info.value.step, info.value.what) == ("domain", 3, named)
 
 
-def test_skip_step_drops_the_update_and_counts_it(lora_model, accelerator):
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_skip_step_drops_the_update_and_counts_it(clip, lora_model, accelerator):
     model = lora_model()
     snapshots = []
 
@@ -50,8 +55,8 @@ def test_skip_step_drops_the_update_and_counts_it(lora_model, accelerator):
         def before_optimizer_step(self, ctx):
             snapshots.append({n: p.detach().clone() for n, p in ctx.trainable_parameters()})
 
-    result = train_stage(model, random_examples(8, 8), _cfg(on_nonfinite="skip_step"), [PoisonAt(2, "grad"), Snapshot()],
-                         accelerator=accelerator)
+    result = train_stage(model, random_examples(8, 8), _cfg(on_nonfinite="skip_step", max_grad_norm=clip),
+                         [PoisonAt(2, "grad"), Snapshot()], accelerator=accelerator)
     assert result.extras["skipped_steps"] == [2]
     assert [row.get("skipped", 0.0) for row in result.history] == [0.0, 1.0, 0.0, 0.0]
     for name in snapshots[1]:  # step 2 changed nothing: the weights before step 3 are those before step 2
