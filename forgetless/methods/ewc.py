@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,13 +279,28 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
     scorer = HeadScorer(model)
     fisher: dict[str, torch.Tensor] = {}
     hooks = []
+    batch_shape = [0, 0]  # (examples, positions) of the batch in the model now
+
+    def by_example(t: torch.Tensor, name: str) -> torch.Tensor:
+        """A module's input or output gradient as [examples, positions, features]: as the module saw it, or, where
+        the model flattened the tokens before calling it ([examples x positions, features]: Qwen2-MoE's shared
+        expert), unflattened; a module that sees only some tokens (a routed expert) has no per-example gradient."""
+        examples_now, positions = batch_shape
+        lead = t.shape[:-1]
+        if lead and lead[0] == examples_now:
+            return t.reshape(examples_now, -1, t.shape[-1])
+        if math.prod(lead) == examples_now * positions:
+            return t.reshape(examples_now, positions, t.shape[-1])
+        raise ValueError(f"EWC's Fisher needs the examples of a batch apart in each LoRA module's input; {name} gets "
+                         f"{list(t.shape)} for {examples_now} examples of {positions} positions (a routed expert?): "
+                         f"leave it out of lora.target_modules")
 
     def install(key: str, module: torch.nn.Module, transpose: bool) -> None:
         def sink(grad_out: torch.Tensor, x: torch.Tensor) -> None:
             acc = fisher[key]
             dtype = acc.dtype
-            go = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(dtype)
-            xi = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+            go = by_example(grad_out, key.removesuffix(".base_layer.weight")).to(dtype)
+            xi = by_example(x, key.removesuffix(".base_layer.weight")).to(dtype)
             # G_n = sum_t g_t x_t^T, one per example: [B, out, in] (a bf16 matmul under autocast; squared in fp32)
             g = torch.bmm(go.transpose(1, 2), xi).to(dtype)
             squares = (g.transpose(1, 2) if transpose else g).square().sum(0)  # in the base weight's layout
@@ -312,6 +328,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
     try:
         for start in range(0, len(examples), batch_size):
             on_cpu = collate(examples[start:start + batch_size], pad_token_id=0)
+            batch_shape[:] = on_cpu["input_ids"].shape
             keep = on_cpu["labels"][:, 1:] != IGNORE_INDEX  # on the CPU: counts and indices without a device read
             tokens += int(keep.sum())
             batch = {k: v.to(grad_inputs[0].device) for k, v in on_cpu.items()}

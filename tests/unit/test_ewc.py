@@ -419,3 +419,27 @@ def test_a_model_that_rescales_its_logits_keeps_the_whole_logits_fisher(monkeypa
     got, _ = fisher_diagonal(model, examples, "sampled", "lora", batch_size=3, seed=5)
     for name, f in want.items():
         assert f.abs().max() > 0 and torch.equal(got[name], f), name
+
+
+def test_a_module_called_on_flattened_tokens_gets_per_example_gradients():
+    """Qwen2-MoE calls its shared expert on ``hidden.view(-1, H)``: the hooks see [examples x positions, features],
+    and taking each row for an example gave sum_t (g_t x_t^T)^2 instead of (sum_t g_t x_t^T)^2 (rel. error 0.52
+    against the per-example reference). They are unflattened to the batch's examples now."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                            pad_token_id=0, tie_word_embeddings=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "shared_expert.up_proj"],
+                      init_lora_weights=False)  # B != 0: a non-trivial adapter
+    model = get_peft_model(Qwen2MoeForCausalLM(config), lora)  # float32: the routed experts' grouped matmul
+    examples = ragged_examples()
+    fisher, tokens = fisher_diagonal(model, examples, "empirical", "lora", batch_size=3)
+    want, want_tokens = reference_fisher(model, examples, "empirical", seed=0)
+    assert tokens == want_tokens and any("shared_expert.up_proj" in name for name in fisher)
+    for name, f in want.items():
+        assert f.abs().max() > 0
+        assert torch.allclose(fisher[name], f, rtol=1e-4, atol=1e-6 * float(f.abs().max())), name
