@@ -781,7 +781,8 @@ def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) 
     if is_main_process():  # what its checkpoints, if it writes any, are written under
         checkpoints.mkdir(parents=True, exist_ok=True)
         _write_json(_checkpoint_settings(out, job.rid), {"settings_digest": job.digest, "settings": job.settings,
-                                                         "computed": {"precision": earlier or _precision_here(exp)}})
+                                                         "computed": {"precision": earlier or _precision_here(exp)},
+                                                         "keep_checkpoints": exp.train.domain.keep_checkpoints})
     record = run_one(exp, job.entry, job.task, job.seed, data, stages_dir=out / "stages", progress=progress,
                      checkpoint_dir=checkpoints,
                      adapter_dir=_inside(out, out / "adapters" / job.rid))
@@ -810,11 +811,14 @@ def _keep(exp: Experiment, rid: str, record: dict[str, Any]) -> str:
     return _scores_line(record)
 
 
-def _drop_checkpoints(exp: Experiment, rid: str) -> None:
+def _drop_checkpoints(exp: Experiment, rid: str, left_behind: bool = False) -> None:
     """A recorded run's checkpoint folder: its domain stage's checkpoints, kept until the record was written
-    (pipeline.run_recipe), and their settings, unless ``keep_checkpoints``; then the folder if that emptied it."""
+    (pipeline.run_recipe), and their settings, unless ``keep_checkpoints``; then the folder if that emptied it.
+    ``left_behind``: a folder found by a later ``forgetless run``; kept when the run was trained with
+    ``keep_checkpoints`` (its checkpoint settings say so), whatever the YAML says now."""
     out = exp.output
-    if not exp.train.domain.keep_checkpoints:
+    kept = (_saved_settings(out, rid) or {}).get("keep_checkpoints") if left_behind else None
+    if not (exp.train.domain.keep_checkpoints or kept):
         checkpoint.remove(out / "checkpoints" / rid / DOMAIN)
         _checkpoint_settings(out, rid).unlink(missing_ok=True)
     _drop_empty(out / "checkpoints" / rid)
@@ -1065,14 +1069,19 @@ def _worker_start(threads: int, devices: int, counter: Any, workers: int = 1) ->
     hf_logging.disable_progress_bar()  # "Loading weights" bars of several workers would garble one terminal
 
 
-def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None:
-    """Run the jobs ``rids`` of ``exp`` in this worker process and write each record."""
+def _worker_run(exp: Experiment, rids: list[str], progress: bool = True, stale: frozenset[str] = frozenset()) -> None:
+    """Run the jobs ``rids`` of ``exp`` in this worker process and write each record. A run of ``stale`` (finished
+    under other settings, ``--rerun-changed``) has its record, adapter and surfaces set aside when it starts, after
+    the data loaded: a data error leaves them in place."""
     key = json.dumps(_non_default(exp), sort_keys=True, default=str)  # tokenized once per worker and experiment
     if _WORKER.get("data_for") != key:
         _WORKER["data"], _WORKER["data_for"] = load_data(exp, read_data(exp)), key
     plan = {job.rid: job for job in plan_runs(exp)}
     for rid in rids:
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
+        recorded = exp.output / "runs" / f"{rid}.json"
+        if rid in stale and recorded.is_file():
+            _set_aside(exp.output, plan[rid], json.loads(recorded.read_text()))
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = _named(rid, lambda: _train_job(exp, plan[rid], _WORKER["data"], progress))
         say(f"    {rid}: {_named(rid, lambda: _keep(exp, rid, record))}")
@@ -1081,7 +1090,8 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True) -> None
         say(f"    [{left_line(exp, _WORKER.get('workers', 1))}]")
 
 
-def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True) -> None:
+def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool = True,
+                  stale: set[str] | None = None) -> None:
     """Train ``todo`` in ``workers`` fresh processes, each taking the next group of runs that share a general stage
     (:func:`job_groups`, largest first) when it is free; each writes its runs' records into ``exp.output`` (this
     process holds the folder's lock). Progress is plain lines led by the run id (bars would garble each other). A
@@ -1093,7 +1103,9 @@ def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool
     def left(i: int) -> str:  # the group's runs not recorded when the pool broke
         return ", ".join(job.rid for job in groups[i] if not (exp.output / "runs" / f"{job.rid}.json").is_file())
 
-    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress)) for group in groups], names=left)
+    stale = frozenset(stale or ())
+    _in_workers(workers, [(_worker_run, (exp, [job.rid for job in group], progress, stale & {job.rid for job in group}))
+                          for group in groups], names=left)
 
 
 def _share_out(workers: int) -> tuple[int, int, str]:
@@ -1227,11 +1239,6 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
               f"kept as checkpoints/RUN_ID.DIGEST")
     chosen = {id(job) for job in pending} | {id(job) for job, _ in stale}
     todo = [job for job in jobs if id(job) in chosen]
-    if is_main_process():  # a run killed between its record and its checkpoints' removal left them behind
-        for job in jobs:
-            if id(job) not in chosen and (out / "checkpoints" / job.rid).is_dir():
-                _drop_checkpoints(exp, job.rid)
-    PartialState().wait_for_everyone()  # every process sees the checkpoints as the main one left them
     print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
     if unrecorded:
         print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as they "
@@ -1241,13 +1248,16 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
     if todo and (elsewhere := computed_elsewhere(exp)):
         print(elsewhere)
     raw = validate(exp, todo, out / "stages") if todo else None
+    if is_main_process():  # a run killed between its record and its checkpoints' removal left them behind (after
+        for job in jobs:  # the checks: a run that stops on an error changes nothing)
+            if id(job) not in chosen and (out / "checkpoints" / job.rid).is_dir():
+                _drop_checkpoints(exp, job.rid, left_behind=True)
+    PartialState().wait_for_everyone()  # every process sees the checkpoints as the main one left them
     current, failed, landscape_step = None, None, False
     parallel = workers > 1 and len(todo) > 1
     try:
-        if parallel:
-            for job, record in stale:
-                _set_aside(out, job, record)
-            _run_parallel(exp, todo, workers, progress)
+        if parallel:  # each worker sets its stale runs aside once its data is tokenized (as below)
+            _run_parallel(exp, todo, workers, progress, stale={job.rid for job, _ in stale})
         elif todo:
             data = load_data(exp, raw)
             for number, job in enumerate(todo, 1):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from forgetless.data import DataError
 from forgetless.config import ConfigError, load_experiment
 from forgetless.experiment import computed_elsewhere, run_experiment
 from forgetless.methods import method_label, resolve
@@ -417,3 +418,28 @@ def test_a_recorded_runs_leftover_checkpoints_are_removed_at_the_next_start(tmp_
     run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu"],
                                                     train=kept)), progress=False)
     assert (folder / "domain" / "step-000001").is_dir()
+
+
+def test_a_run_that_stops_on_an_error_removes_no_kept_checkpoints(tmp_path, tiny_model_dir):
+    """Checkpoints a finished run kept (``keep_checkpoints: true`` when it trained) stay when the YAML later says
+    false: neither a run that stops on a data error nor one that goes through removes them."""
+    train = {"general": {"max_steps": 2, "batch_size": 4}, "domain": {"max_steps": 3, "batch_size": 2,
+                                                                      "save_every": 1, "keep_checkpoints": True}}
+    run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu"],
+                                                    train=train)), progress=False)
+    kept = tmp_path / "out" / "checkpoints" / "lora-mu__gen__seed0"
+    listing = sorted(str(p.relative_to(kept)) for p in kept.rglob("*"))
+    assert "domain/step-000002" in listing
+    train["domain"]["keep_checkpoints"] = False
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((FIXTURES / "generic.jsonl").read_text() + '{"question": "q", "choices": ["a"], "answer": 3}\n')
+    generic = str(FIXTURES / "generic.jsonl")
+    path = write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu", "lora-nu-mu"], train=train,
+                            tasks=[{"name": "gen", "train": generic, "test": generic},
+                                   {"name": "other", "train": generic, "test": str(bad)}])
+    with pytest.raises(DataError, match="bad.jsonl, line"):
+        run_experiment(load_experiment(path), progress=False)
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == listing
+    path = write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu", "lora-nu-mu"], train=train)
+    run_experiment(load_experiment(path), progress=False)
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == listing

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from forgetless.cli import main
 from forgetless.config import load_experiment
@@ -304,3 +305,22 @@ def test_the_landscape_step_measures_recorded_runs_on_two_workers(tmp_path, tiny
     assert "landscape: measuring 2 run(s) on 2 worker processes" in capsys.readouterr().out
     for record in (tmp_path / "out" / "runs").glob("*.json"):
         assert "hessian_trace" in json.loads(record.read_text())["landscape"]["metrics"]
+
+
+def test_rerun_changed_on_workers_keeps_the_old_runs_in_place_when_the_data_fails(tmp_path, tiny_model_dir):
+    """``--rerun-changed --jobs 2`` sets a changed run's record and adapter aside only when its worker has tokenized
+    the data (as one process does): a data error found there leaves the finished runs where they were."""
+    from forgetless.config import ConfigError
+    from forgetless.data import DataError
+
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0])
+    run_experiment(load_experiment(path), progress=False)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in (out / "runs").iterdir()) + sorted(p.name for p in (out / "adapters").iterdir())
+    exp = yaml.safe_load(path.read_text())
+    exp["tasks"][0]["max_length"] = 1  # the runs change, and the answers no longer fit: an error at tokenization
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises((ConfigError, DataError, RuntimeError), match="exceeds max_length=1"):
+        run_experiment(load_experiment(path), progress=False, rerun_changed=True, jobs=2)
+    after = sorted(p.name for p in (out / "runs").iterdir()) + sorted(p.name for p in (out / "adapters").iterdir())
+    assert after == before == ["base__gen__seed0.json", "lora-mu__gen__seed0.json", "lora-mu__gen__seed0"]
