@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -397,6 +399,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         raise ConfigError("landscape: a model without --adapter has no trainable weights: pass --adapter or "
                           "--params all")
     _check_model_and_adapter(args)
+    out = _landscape_output(Path(args.output), args.overwrite)
     flag = "--text" if args.text else "--task"
     with data_errors(flag):  # read before the model loads
         if args.text:
@@ -419,7 +422,6 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
                 items = chat_mc_items(items, tokenizer)
             examples = mc_train_examples(items, tokenizer)[: args.blocks]  # loss on the correct answers' tokens
             data = {"task": source, "examples": len(examples), "chat_template": chat}
-    out = Path(args.output)
     with model_objective(model, examples, args.params, args.batch_size, args.precision) as objective:
         loss = objective.value()
         surface = compute_surface(model, objective.value, dims=args.dims, params=args.params, steps=args.grid,
@@ -436,11 +438,39 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
                                      trace_samples=args.trace_samples, rho=args.rho, ascent_steps=args.ascent_steps)
         metrics, _ = measure_flatness(model, examples, settings)
         report["metrics"] = {k: v for k, v in metrics.items() if k not in ("loss", "n_params")}
-    files = {"grid": save_surface(surface, out / "surface.npz"), **plot_surface(surface, out)}
-    report["files"] = {k: str(v) for k, v in files.items()}
-    (out / "landscape.json").write_text(json.dumps(report, indent=2))
+    # written into a folder beside it and moved in file by file, landscape.json last: an error while writing leaves
+    # the folder as it was (a landscape.json always with its own surface and figures)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = {"grid": save_surface(surface, tmp / "surface.npz"), **plot_surface(surface, tmp)}
+        report["files"] = {k: str(out / Path(v).name) for k, v in files.items()}
+        (tmp / "landscape.json").write_text(json.dumps(report, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "landscape.json").unlink(missing_ok=True)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "landscape.json"):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _landscape_output(out: Path, overwrite: bool) -> Path:
+    """``landscape --output``, checked before any work: a new or empty folder where one can be made, or, with
+    ``--overwrite``, one that holds an earlier measurement (its files are replaced)."""
+    from forgetless.config import ConfigError
+    from forgetless.experiment import check_output_possible
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"landscape: --output {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = "an earlier measurement (landscape.json)" if (out / "landscape.json").exists() else "other files"
+        raise ConfigError(f"landscape: --output {out} holds {held}: give a new or empty folder, or --overwrite to "
+                          f"replace its files")
+    check_output_possible(out, "landscape: --output")
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -646,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
     p.add_argument("--ascent-steps", type=int, default=5, help="projected gradient-ascent steps of eps-sharpness")
-    p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json")
+    p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json (new or "
+                                                          "empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier measurement in --output")
     p.add_argument("--chat-template", **_CHAT_ARG)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_landscape)

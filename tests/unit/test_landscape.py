@@ -371,6 +371,41 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
     assert rc == 2 and "no trainable weights" in capsys.readouterr().err  # a user error, said in one line
 
 
+def test_landscape_output_is_checked_before_the_model_loads_and_not_overwritten(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch, capsys):
+    """``landscape --output`` must be a new or empty folder (or --overwrite an earlier measurement), said before the
+    model loads: a file given as the folder, or a folder holding a measurement, was found only after the surface."""
+    import forgetless.models as models
+    from forgetless.cli import main
+
+    adapter = tmp_path / "adapter"
+    lora_model().save_pretrained(adapter)
+    text = tmp_path / "text.txt"
+    text.write_text("Plants make sugar from light and absorb carbon dioxide from the air.\n" * 20)
+    out = tmp_path / "land"
+
+    def measure(*extra: str) -> int:
+        return main(["landscape", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--text", str(text),
+                     "--blocks", "1", "--block-size", "16", "--dims", "1", "--grid", "3", "--output", str(out),
+                     "--quiet", *extra])
+
+    assert measure("--seed", "0") == 0
+    first = json.loads((out / "landscape.json").read_text())
+    assert first["files"]["grid"] == str(out / "surface.npz") and not (tmp_path / "land.tmp").exists()
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    capsys.readouterr()
+    assert measure("--seed", "7") == 2 and not loads  # refused before the model loads
+    assert "--output " + str(out) + " holds an earlier measurement (landscape.json)" in capsys.readouterr().err
+    assert json.loads((out / "landscape.json").read_text()) == first
+    assert measure("--seed", "7", "--overwrite") == 0 and loads
+    assert json.loads((out / "landscape.json").read_text())["seed"] == 7
+    out = tmp_path / "text.txt" / "sub"
+    assert measure() == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
 def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_dir, monkeypatch):
     from forgetless.experiment import ConfigError, load_experiment, run_experiment
 
