@@ -80,11 +80,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _resolve_path(exp: Experiment, value: str) -> str:
-    """Relative paths are read relative to the YAML file's folder when they exist there."""
-    if exp.source is not None and not Path(value).is_absolute():
+    """Relative paths are read relative to the YAML file's folder when they exist there (and not in the current
+    folder). A file name found in neither is a FileNotFoundError naming both."""
+    from forgetless.data.io import looks_local
+
+    if exp.source is not None and not Path(value).expanduser().is_absolute():
         candidate = exp.source.parent / value
         if candidate.exists() and not Path(value).exists():
             return str(candidate)
+        if looks_local(value) and not Path(value).exists():
+            raise FileNotFoundError(f"{value}: no such file (looked in the current folder, {Path.cwd()}, and beside "
+                                    f"the YAML, {exp.source.parent.resolve()})")
     return value
 
 

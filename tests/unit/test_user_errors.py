@@ -228,6 +228,13 @@ CASES: list[Case] = [
      "the task name 'x;rm -rf ~'", 2),
     ("task name ..", lambda ws: ["run", ws.experiment(tasks=ws.task(name=".."))], "the task name '..'", 2),
     # data files, read before any model loads
+    ("misspelt bare task file", lambda ws: ["run", ws.experiment(tasks=ws.task(train="taks.jsonl"))],
+     "exp.yaml: tasks[0].train: taks.jsonl: no such file (looked in the current folder, ", 2),
+    ("misspelt bare general file",
+     lambda ws: ["run", ws.experiment(general={"train": "genral.txt", "heldout": ws.general, "block_size": 16})],
+     "exp.yaml: general.train: genral.txt: no such file (looked in the current folder, ", 2),
+    ("train: misspelt bare file", lambda ws: ws.train("--domain", "taks.jsonl"), "--domain: taks.jsonl: no such file",
+     2),
     ("missing test file", lambda ws: ["run", ws.experiment(tasks=ws.task(test=str(ws.root / "nope.jsonl")))],
      "tasks[0].test: ", 2),
     ("empty test file", lambda ws: ["run", ws.experiment(tasks=ws.task(test=ws.file("empty.jsonl", "")))],
