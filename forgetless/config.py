@@ -51,6 +51,7 @@ from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type
 import yaml
 
 from forgetless.landscape.measure import LandscapeSettings
+from forgetless.lora import DEFAULT_ADAPTER
 from forgetless.methods import resolve
 from forgetless.models import DEFAULT_MODEL, DTYPES, QUANTIZATIONS, LoraSettings
 from forgetless.precision import PRECISIONS
@@ -477,8 +478,13 @@ def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple
     for i, entry in enumerate(methods):
         try:
             recipe = resolve(entry)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ConfigError(f"{file}: methods[{i}]: {err}") from err
+        for plugin in recipe.plugins:  # an experiment attaches one LoRA adapter, PEFT's "default"
+            adapter = getattr(getattr(plugin, "options", None), "adapter", DEFAULT_ADAPTER)
+            if adapter != DEFAULT_ADAPTER:
+                raise ConfigError(f"{file}: methods[{i}]: adapter: {adapter!r}: an experiment attaches LoRA as "
+                                  f"{DEFAULT_ADAPTER!r} (the option is for library use with several adapters)")
         label = recipe.label
         if label in seen:
             raise ConfigError(f"{file}: methods[{i}]: duplicate of methods[{seen[label]}] ({label!r}); one entry "

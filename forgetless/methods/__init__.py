@@ -92,6 +92,9 @@ def _normalize(entry: Any) -> list[dict[str, Any]]:
             return [dict(entry)]
         if len(entry) == 1:  # {hlora: {phi: 1e-3}}
             (name, options), = entry.items()
+            if options is not None and not isinstance(options, dict):
+                raise ValueError(f"cannot read method entry {entry!r}: the options of {name!r} must be a mapping "
+                                 f"({{{name}: {{option: value}}}})")
             return [{"name": name, **(options or {})}]
     if isinstance(entry, (list, tuple)) and entry:
         return [item for part in entry for item in _normalize(part)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -64,11 +65,18 @@ class Options:
                 raise ValueError(f"{self.yaml_name(f.name)} must be one of {list(choices)}, got {value!r}")
             name = self.yaml_name(f.name)
             if f.type in ("float", float):
-                setattr(self, f.name, as_float(name, value))
+                number = as_float(name, value)
+                if not math.isfinite(number):  # an infinite weight or radius makes every number non-finite
+                    raise ValueError(f"{name} must be a finite number, got {value!r}")
+                setattr(self, f.name, number)
             elif f.type in ("bool", bool):
                 setattr(self, f.name, as_bool(name, value))
             elif f.type in ("int", int) or (f.type == "int | None" and value is not None):
                 setattr(self, f.name, as_int(name, value))
+            elif f.type in ("str", str) and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+            elif str(f.type).startswith("list[") and not isinstance(value, (list, tuple, str, int, float)):
+                raise ValueError(f"{name} must be a list, got {value!r}")  # one value stands for a list of it
         self.check()
 
     def check(self) -> None:

@@ -274,7 +274,7 @@ class _SquaredExampleGradients(torch.autograd.Function):
 def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, offload=False):
     modules = lora_modules(model, adapter)
     if not modules:
-        raise ValueError("EWC found no LoRA modules in the model (attach LoRA first)")
+        raise ValueError(f"EWC found no LoRA modules of adapter {adapter!r} in the model (attach LoRA first)")
     # verified on a probe before the hooks go in (a model that rescales its logits after the head: the full logits)
     scorer = HeadScorer(model)
     fisher: dict[str, torch.Tensor] = {}
@@ -526,7 +526,7 @@ class EWC(Method):
         self._terms = []
         modules = lora_modules(ctx.model, self.adapter)
         if not modules:
-            raise ValueError("EWC found no LoRA modules in the model (attach LoRA first)")
+            raise ValueError(f"EWC found no LoRA modules of adapter {self.adapter!r} in the model (attach LoRA first)")
         keys = {f"{name}.base_layer.weight": module for name, module in modules}
         source = self._state.source or "computed in this run"
         under_lora = {k: t for k, t in self.fisher.items() if k.endswith(".base_layer.weight")}  # 'all' has more

@@ -392,7 +392,8 @@ class HLoRA(Method):
         self._remove_hooks()
         self.groups = _build_groups(ctx.model, self.adapter)
         if not self.groups:
-            raise ValueError("HLoRA found no LoRA modules in the model (attach LoRA first)")
+            raise ValueError(f"HLoRA found no LoRA modules of adapter {self.adapter!r} in the model (attach LoRA "
+                             f"first)")
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
             self.steps, self._timer = 0, Timer(self.groups[0].device)

@@ -165,6 +165,8 @@ class SAMOptions(Options):
         self.every_k = int(self.every_k)
         if self.every_k < 1:
             raise ValueError(f"SAM every_k must be >= 1, got {self.every_k}")
+        if not isinstance(self.stages, (str, list, tuple)):
+            raise ValueError(f"SAM stages must be a stage or a list of them ({GENERAL}, {DOMAIN}), got {self.stages!r}")
         self.stages = [self.stages] if isinstance(self.stages, str) else list(self.stages)
         bad = [s for s in self.stages if s not in (GENERAL, DOMAIN)]
         if bad:

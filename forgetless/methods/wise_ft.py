@@ -31,6 +31,7 @@ evaluates each one and stores it in ``RunResult.variants``. theta_nu is saved wi
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 from forgetless.lora import DEFAULT_ADAPTER, compute_dtype, lora_modules
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import Options, PendingState, StateFile, option
+from forgetless.training.config import as_float
 from forgetless.training.hooks import Method, StageContext
 
 FILENAME = "wise_ft_theta_nu.safetensors"
@@ -67,7 +69,10 @@ class WiseFTOptions(Options):
         alphas = [self.alphas] if isinstance(self.alphas, (int, float, str)) else list(self.alphas)
         if not alphas:
             raise ValueError("wise-ft needs at least one alpha")
-        self.alphas = [float(a) for a in alphas]
+        self.alphas = [as_float(f"alphas[{i}]", a) for i, a in enumerate(alphas)]
+        bad = [a for a in self.alphas if not math.isfinite(a)]
+        if bad:
+            raise ValueError(f"alphas must be finite numbers, got {bad[0]}")
 
 
 class WiseFT(Method):
@@ -114,6 +119,9 @@ class WiseFT(Method):
         if missing:
             raise ValueError(f"wise-ft: the model has no trainable parameter {missing[0]!r} ({len(missing)} missing)")
         merged = self._lora_pairs(model) if self.space == "weights" else []
+        if self.space == "weights" and not merged and any(".lora_A." in n for n in self.theta_nu):
+            raise ValueError(f"wise-ft: the model has no LoRA adapter {self.adapter!r} to interpolate in weight space "
+                             f"(its LoRA weights are of another adapter; set the option adapter to it)")
         in_pairs = {key for _, a_key, b_key in merged for key in (a_key, b_key)}
         direct = [n for n in self.theta_nu if n not in in_pairs]
         kept = {n: params[n].detach().clone() for n in direct}

@@ -133,8 +133,8 @@ class TrainConfig:
             raise ValueError("epochs must be > 0 (or set max_steps)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

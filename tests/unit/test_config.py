@@ -113,6 +113,21 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
      "option values, written differently; keep one"),
     ("methods: [hlora, {name: hlora, phi: 10}]", "methods[1]: 'hlora(phi=10)' trains what methods[0] ('hlora') trains"),
     ("methods: [{name: lora-mu, tasks: [c]}]", "methods[0]: 'tasks' must list task names from ['t']"),
+    # option values (they raised a TypeError, or were taken: an unknown adapter, infinite weights)
+    ("methods: [{hlora: [1]}]", "methods[0]: cannot read method entry {'hlora': [1]}: the options of 'hlora' must be a "
+                                "mapping"),
+    ("methods: [{name: sam, stages: 5}]", "methods[0]: SAM stages must be a stage or a list of them"),
+    ("methods: [{name: wise-ft, adapter: defualt}]", "methods[0]: adapter: 'defualt': an experiment attaches LoRA as "
+                                                     "'default'"),
+    ("methods: [{name: hlora, adapter: 3}]", "methods[0]: adapter must be a string, got 3"),
+    ("methods: [{name: wise-ft, alphas: [abc]}]", "methods[0]: alphas[0] must be a number, got 'abc'"),
+    ("methods: [{name: wise-ft, alphas: [.nan]}]", "methods[0]: alphas[0] must be a number, got nan"),
+    ("methods: [{name: wise-ft, alphas: [true]}]", "methods[0]: alphas[0] must be a number, got True"),
+    ("methods: [{name: wise-ft, alphas: [.inf]}]", "methods[0]: alphas must be finite numbers, got inf"),
+    ("methods: [{name: hlora, phi: .inf}]", "methods[0]: phi must be a finite number, got inf"),
+    ("methods: [{name: ewc, lambda: .inf}]", "methods[0]: lambda must be a finite number, got inf"),
+    ("methods: [{name: sam, rho: .inf}]", "methods[0]: rho must be a finite number, got inf"),
+    ("train: {domain: {weight_decay: .inf}}", "train.domain: weight_decay must be >= 0 and finite, got inf"),
 ]
 
 

@@ -153,6 +153,18 @@ def test_wise_ft_factor_space_interpolation_exact_and_restored(trained_pair, tol
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def test_wise_ft_of_an_adapter_the_model_lacks_is_an_error_not_factor_interpolation(trained_pair):
+    """``adapter`` naming no adapter of the model left weight space with no LoRA pair, so every LoRA factor was
+    interpolated directly (factor space, other numbers) without a word."""
+    plugin = WiseFT(alphas=[0.3], adapter="defualt")
+    model, _, mu = trained_pair(plugin)
+    (_, setup), = plugin.evaluation_variants(model)
+    with pytest.raises(ValueError, match="no LoRA adapter 'defualt' to interpolate in weight space"):
+        with setup:
+            pass
+    assert all(torch.equal(current(model)[n], mu[n]) for n in mu)
+
+
 def test_wise_ft_restores_on_error(trained_pair):
     plugin = WiseFT(alphas=[0.3])
     model, _, mu = trained_pair(plugin)
