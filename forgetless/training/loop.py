@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -124,7 +124,11 @@ def stage_accelerator() -> Accelerator:
         _SAID_ENV.append(launched)
         warnings.warn(f"ACCELERATE_MIXED_PRECISION={launched} (accelerate launch --mixed_precision) is not used: "
                       f"forgetless's own precision setting decides (precision: auto | bf16 | fp32)")
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no")
+    # one step per step: forgetless accumulates itself (grad_accum); accelerate's own would divide every loss once more.
+    # A plugin, because accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (DeepSpeed's launcher sets it) over
+    # the plain argument
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", dynamo_backend="no",
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
 
 
 _SAID_ENV: list[str] = []  # the environment's mixed precision is named once per process

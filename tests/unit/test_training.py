@@ -149,6 +149,11 @@ def test_precision_fp32_stays_fp32_whatever_accelerate_was_left_with(monkeypatch
         launched = trained()
     for a, b, c in zip(clean, after_trainer, launched, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+    # accelerate's own accumulation (DeepSpeed's launcher sets it) would divide every loss by it once more
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    for a, b in zip(clean, trained(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_stage_name_other_than_general_or_domain_is_an_error(lora_model, examples):
