@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import torch
 
@@ -79,7 +80,17 @@ def _prefix(example: dict, tokens: int) -> dict:
                 end = position + 1
                 break
     length = len(example["input_ids"])
-    return {k: v[:end] if isinstance(v, list) and len(v) == length else v for k, v in example.items()}
+    return {k: v[:end] if _per_position(v, length) else v for k, v in example.items()}
+
+
+def _per_position(value: Any, length: int) -> bool:
+    """Whether ``value`` holds one entry per token: a list, tensor or array as long as the input ids."""
+    if isinstance(value, (str, bytes, dict)):
+        return False
+    try:
+        return len(value) == length
+    except TypeError:  # a number, a 0-d tensor
+        return False
 
 
 def sample_by_tokens(pool: Sequence[dict], tokens: int, seed: int) -> list[dict]:

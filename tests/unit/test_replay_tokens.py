@@ -64,6 +64,20 @@ def test_by_tokens_is_seeded_and_repeats_a_small_pool(make_ctx):
     assert sample_by_tokens(blocks(2), 0, seed=0) == []
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array"])
+def test_by_tokens_cuts_tensor_and_array_examples_too(kind):
+    """A dataset may hand examples as tensors or arrays (batches.token_list reads them): the last example is cut to the
+    tokens left as a list's is (it was left whole: 15 labelled tokens where 10 were asked)."""
+    import numpy as np
+    import torch
+
+    make = torch.tensor if kind == "tensor" else np.array
+    pool = [{k: make(v) if k != "tag" else v for k, v in e.items()} for e in blocks(3)]
+    got = sample_by_tokens(pool, 10, seed=0)
+    assert len(got) == 1 and labelled_tokens(got[0]) == 10 and len(got[0]["input_ids"]) == 11
+    assert got[0]["tag"] == pool[int(got[0]["tag"][1:])]["tag"]
+
+
 def test_by_is_a_domain_option_and_runs_in_train_stage(lora_model, accelerator):
     from forgetless.methods import general_stage_entries
 
