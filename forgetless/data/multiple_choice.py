@@ -9,7 +9,7 @@ published zero-shot numbers use. The continuation scored for choice ``j`` is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .errors import DataError
@@ -27,6 +27,15 @@ class MCItem:
     # the start of ``context`` that the harness's task config calls its ``description`` (MMLU's subject line): under
     # a chat template it is the system turn, the rest of the context the user turn (forgetless.data.chat)
     description: str = ""
+    # where the item was read (file and line), for an error found only when it is tokenized; not part of the item
+    origin: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)
+
+    def error(self, problem: str, field_name: str) -> Exception:
+        """A DataError at the item's row when it was read from a file, else a ValueError."""
+        if self.origin is None or self.line is None:
+            return ValueError(problem)
+        return DataError.at(self.origin, self.line, problem, field_name)
 
     def continuation(self, j: int) -> str:
         """The text scored for choice ``j`` (as the harness builds it)."""
@@ -281,7 +290,7 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
         item = adapter(record)
         if len(item.choices) < 2:
             raise record.error(f"needs at least two choices, got {len(item.choices)}", "choices")
-        items.append(item)
+        items.append(replace(item, origin=record.origin, line=record.line) if isinstance(record, Record) else item)
     return items
 
 
@@ -324,8 +333,8 @@ def mc_train_examples(items: list[MCItem], tokenizer: Any,
         context, continuation = encode_pair(tokenizer, item.context, item.continuation(item.answer))
         if max_length is not None and len(context) + len(continuation) > max_length:
             if len(continuation) > max_length:
-                raise ValueError(f"answer of {len(continuation)} tokens exceeds max_length={max_length}: "
-                                 f"{item.continuation(item.answer)!r}")
+                raise item.error(f"answer of {len(continuation)} tokens exceeds max_length={max_length}: "
+                                 f"{item.continuation(item.answer)!r}", "answer")
             context = context[len(context) + len(continuation) - max_length:]
         examples.append({"input_ids": context + continuation, "labels": [-100] * len(context) + continuation})
     return examples

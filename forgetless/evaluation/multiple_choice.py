@@ -98,9 +98,10 @@ def _build_requests(model: nn.Module, tokenizer, items: Sequence[MCItem]) -> lis
             ctx_ids, cont_ids = encode_pair(tokenizer, item.context, continuation)
             ctx, cont = list(ctx_ids), list(cont_ids)
             if not cont:
-                raise ValueError(f"item {i}, choice {j}: the continuation {continuation!r} has no tokens")
+                raise item.error(f"item {i}, choice {j}: the continuation {continuation!r} has no tokens", "choices")
             if len(cont) > max_length:
-                raise ValueError(f"item {i}, choice {j}: continuation longer than max_length {max_length}")
+                raise item.error(f"item {i}, choice {j}: continuation of {len(cont)} tokens is longer than the model's "
+                                 f"max_length {max_length}", "choices")
             requests.append(_Request(i, j, (ctx + cont)[-(max_length + 1) :][:-1], cont))
     return requests
 

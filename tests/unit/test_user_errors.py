@@ -235,6 +235,8 @@ CASES: list[Case] = [
      "exp.yaml: general.train: genral.txt: no such file (looked in the current folder, ", 2),
     ("train: misspelt bare file", lambda ws: ws.train("--domain", "taks.jsonl"), "--domain: taks.jsonl: no such file",
      2),
+    ("answer longer than max_length", lambda ws: ["run", ws.experiment(tasks=ws.task(max_length=1))],
+     "exp.yaml: tasks[0].train: " + TASK + ", line 1: field 'answer': answer of ", 2),
     ("missing test file", lambda ws: ["run", ws.experiment(tasks=ws.task(test=str(ws.root / "nope.jsonl")))],
      "tasks[0].test: ", 2),
     ("empty test file", lambda ws: ["run", ws.experiment(tasks=ws.task(test=ws.file("empty.jsonl", "")))],
