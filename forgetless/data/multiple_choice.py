@@ -227,6 +227,9 @@ def generic(record: Record) -> MCItem:
     raw = _field(record, "answer")
     if isinstance(raw, str) and raw in choices:
         answer = choices.index(raw)
+        if raw.strip().isdigit() and int(raw) < len(choices) and int(raw) != answer:  # "1" of ["4", "3", "2", "1"]
+            raise record.error(f"{raw!r} is both choice {answer}'s text and the index of choice {int(raw)} "
+                               f"({choices[int(raw)]!r}): give the index as a number", "answer")
     elif isinstance(raw, str) and not raw.strip().lstrip("-").isdigit():
         raise record.error(f"{raw!r} is neither an index nor one of the choices", "answer")
     else:

@@ -209,6 +209,13 @@ def test_empty_choices_and_unknown_answer_string(tmp_path):
     assert str(_error(path)) == f"{path}, line 1: field 'choices': empty choices"
     path = jsonl(tmp_path, "s.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "c"}])
     assert str(_error(path)) == f"{path}, line 1: field 'answer': 'c' is neither an index nor one of the choices"
+    # a digit string that is one choice's text and another's index: which one is meant cannot be told
+    path = jsonl(tmp_path, "d.jsonl", [{"question": "2+2-3?", "choices": ["4", "3", "2", "1"], "answer": "1"}])
+    assert str(_error(path)) == (f"{path}, line 1: field 'answer': '1' is both choice 3's text and the index of choice "
+                                 f"1 ('3'): give the index as a number")
+    items = load_mc_task(jsonl(tmp_path, "ok.jsonl", [{"question": "q", "choices": ["4", "3"], "answer": "4"},
+                                                      {"question": "q", "choices": ["0", "1"], "answer": "1"}]))
+    assert [item.answer for item in items] == [0, 1]  # no other reading: the text, or its own index
 
 
 def test_one_choice_items_and_empty_sources_are_errors(tmp_path):
