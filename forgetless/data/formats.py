@@ -50,7 +50,7 @@ def resolve_kind(kind: str, source: str, split: str | None = None, name: str | N
     if source.startswith("demo:"):
         return "multiple_choice"
     local = resolve_local(source, split)
-    if local is not None and local.suffix == ".txt":
+    if local is not None and local.suffix.lower() == ".txt":
         return "text"
     for record in iter_records(source, split=split, name=name):
         return detect_kind(record)

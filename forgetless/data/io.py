@@ -95,8 +95,9 @@ def read_utf8(path: Path) -> str:
     byte (a traceback from deep inside the reader otherwise)."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is not text
     except UnicodeDecodeError as err:
+        data = err.object  # without the byte-order mark, which err.start does not count
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError.at(str(path), line, f"not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
@@ -121,13 +122,13 @@ def read_records(path: str | Path) -> list[Record]:
     A ``.json`` file whose content is not a list is read as JSON lines, as ``datasets``' json loader does.
     """
     path = Path(path)
-    origin = str(path)
-    if path.suffix == ".parquet":
+    origin, suffix = str(path), path.suffix.lower()  # up.JSONL is a JSON-lines file too
+    if suffix == ".parquet":
         return _read_parquet(path)
-    if path.suffix not in (".jsonl", ".json"):
+    if suffix not in (".jsonl", ".json"):
         raise ValueError(f"{origin}: unsupported file type {path.suffix!r} (expected .jsonl, .json or .parquet)")
     text = read_utf8(path)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if suffix == ".json" and text.lstrip().startswith("["):
         return _read_json_array(text, origin)
     return _read_jsonl(text, origin)
 

@@ -28,7 +28,7 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
     dataset configuration (e.g. ``wikitext-2-raw-v1``). A source with no text at all is a DataError.
     """
     local = resolve_local(source, split)
-    if local is not None and local.suffix == ".txt":
+    if local is not None and local.suffix.lower() == ".txt":
         texts = _read_txt(local)
     else:
         texts, kept = [], 0

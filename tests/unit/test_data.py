@@ -247,6 +247,23 @@ def test_non_utf8_file_names_line_and_column(tmp_path):
     txt.write_bytes(b"\xff")
     with pytest.raises(DataError, match=r"latin1\.txt, line 1: not UTF-8 text \(byte 0xff at column 1\)"):
         load_texts(str(txt))
+    bom = tmp_path / "bom.jsonl"  # after a byte-order mark, the same place
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bom\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_records(str(bom))
+
+
+def test_a_byte_order_mark_and_an_upper_case_ending_are_read(tmp_path):
+    """Windows editors write a UTF-8 byte-order mark; it was refused as invalid JSON, with Python's advice to decode
+    with utf-8-sig. ``UP.JSONL`` and ``.TXT`` are the same formats as their lower-case endings."""
+    rows = b'{"question": "q", "choices": ["a", "b"], "answer": 1}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rows)
+    (tmp_path / "UP.JSONL").write_bytes(rows)
+    for name in ("bom.jsonl", "UP.JSONL"):
+        (item,) = load_mc_task(str(tmp_path / name))
+        assert item.choices == ("a", "b") and item.answer == 1
+    (tmp_path / "notes.TXT").write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\nSecond one.\n")
+    assert load_texts(str(tmp_path / "notes.TXT")) == ["First paragraph.", "Second one."]
 
 
 def test_invalid_json_line(tmp_path):
