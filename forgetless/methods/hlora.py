@@ -146,9 +146,10 @@ from typing import Any
 
 import torch
 
-from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, delta_weight, group_modules, lora_modules,
-                             module_chunks, scaled_update, scaling, scaling_tensor, update_difference, update_shape,
-                             weighted_distance)
+from forgetless.kernels import lowrank_product_accumulate_, triton_enabled
+from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_from_factors, delta_weight,
+                             difference_factors, group_modules, lora_modules, module_chunks, scaled_update, scaling,
+                             scaling_tensor, update_difference, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
                                        check_modules, option)
@@ -521,7 +522,21 @@ class HLoRA(Method):
         if self.estimator == "adam":  # dL_l = -<g_A, A' - A> - <g_B, B' - B>: the module's first-order decrease
             ga, gb = g.grads
             decrease = (ga * (a0 - a1)).sum(dim=(1, 2)) + (gb * (b0 - b1)).sum(dim=(1, 2))
-        for part in module_chunks(len(g.names), g.update_shape(), g.device, chunk_elements):
+        # one fused kernel per chunk where Triton runs (CUDA): both rank-2r products formed tile by tile, omega read
+        # and written once (forgetless.kernels); the same numbers up to float32 rounding
+        kernel = (chunk_elements is None and self.estimator == "paper" and g.dtype == torch.float32
+                  and a0.shape[-2] == a1.shape[-2] and triton_enabled(g.device))
+        whole = kernel and self.offload != "cpu"  # nothing dense is formed: no chunks needed for memory
+        for part in [slice(None)] if whole else module_chunks(len(g.names), g.update_shape(), g.device, chunk_elements):
+            if kernel:
+                held = g.omega[part]
+                omega = held.to(g.device, non_blocking=True)
+                lowrank_product_accumulate_(omega, *difference_factors(a0[part], b0[part], s[part], a1[part], b1[part]),
+                                            *_paper_factors(g, part), mode=_KERNEL_MODES[self.nonnegative],
+                                            transposed=g.fan_in_fan_out)
+                if omega is not held:
+                    held.copy_(omega, non_blocking=True)
+                continue
             # dW(t) - dW(t+1): one rank-2r matmul from both factor pairs (update_difference)
             descent = update_difference(a0[part], b0[part], s[part], a1[part], b1[part], fan_in_fan_out=g.fan_in_fan_out)
             if self.estimator == "paper":
@@ -762,13 +777,21 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _paper_gradient(g: _Group, part: slice = slice(None)) -> torch.Tensor:
-    """Eq 11's g~ = s (g_B (A - eta g_A) + B g_A) of the modules ``part`` of a group, from the factors and gradients
-    kept before the step, in the base weight's layout: one rank-2r matmul ``[s g_B, s B] @ [A - eta g_A ; g_A]`` (a
-    single dense write)."""
+def _paper_factors(g: _Group, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq 11's g~ = s (g_B (A - eta g_A) + B g_A) of the modules ``part`` of a group as a rank-2r product
+    ``[s g_B, s B] @ [A - eta g_A ; g_A]`` (``[n, out, 2r]``, ``[n, 2r, in]``), from the factors and gradients kept
+    before the step."""
     (a, b), (ga, gb) = ((t[part] for t in pair) for pair in (g.before, g.grads))
-    left = torch.cat([gb, b], dim=-1) * g.scaling[part]
-    return g.layout(torch.matmul(left, torch.cat([a - g.eta * ga, ga], dim=-2)))
+    return torch.cat([gb, b], dim=-1) * g.scaling[part], torch.cat([a - g.eta * ga, ga], dim=-2)
+
+
+def _paper_gradient(g: _Group, part: slice = slice(None)) -> torch.Tensor:
+    """:func:`_paper_factors` multiplied out, in the base weight's layout (a single dense write)."""
+    return g.layout(torch.matmul(*_paper_factors(g, part)))
+
+
+#: HLoRA's ``nonnegative`` rule as the fused kernel's accumulation mode (forgetless.kernels.MODES)
+_KERNEL_MODES = {"none": "add", "end": "add", "step": "add_positive", "running": "add_then_clamp"}
 
 
 def _adam_gradient(descent: torch.Tensor, decrease: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""forgetless.kernels: the fused Triton kernel gives the torch formula's numbers, alone and inside HLoRA's path integral.
+
+Triton runs on CUDA; on a machine without a GPU the same kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``,
+set before Triton is imported, hence a subprocess) where Triton is installed, and the tests skip where it is not
+(the CPU install does not need it: HLoRA then takes the torch formula, which the other HLoRA tests cover). On a GPU
+(``bench/gpu_session.sh``'s ``cudatests``, ``-k cuda``) they run in-process on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+WHERE = ["cuda"] if torch.cuda.is_available() and HAVE_TRITON else ["interpreted"]
+
+
+def check_formula(device: str) -> None:
+    """Every mode, a transposed accumulator, ranks below tl.dot's 16 and sizes that are no multiple of a tile."""
+    from forgetless import kernels
+
+    assert kernels.triton_enabled(device)
+    g = torch.Generator().manual_seed(0)
+    for n, rows, cols, k1, k2, transposed in [(2, 70, 90, 8, 8, False), (3, 33, 130, 32, 32, True),
+                                              (1, 64, 64, 4, 32, False)]:
+        for mode in kernels.MODES:
+            l1, r1, l2, r2 = (torch.randn(shape, generator=g).to(device) for shape in
+                              [(n, rows, k1), (n, k1, cols), (n, rows, k2), (n, k2, cols)])
+            out = torch.randn((n, cols, rows) if transposed else (n, rows, cols), generator=g).to(device)
+            want = kernels._torch_formula(out.clone(), l1, r1, l2, r2, mode, transposed)
+            got = kernels.lowrank_product_accumulate_(out.clone(), l1, r1, l2, r2, mode, transposed)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), (mode, transposed)
+            if mode != "add":
+                assert (got >= 0).all() if mode == "add_then_clamp" else True
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kernels.lowrank_product_accumulate_(torch.zeros(1, 3, 4), torch.zeros(1, 4, 2), torch.zeros(1, 2, 3),
+                                            torch.zeros(1, 4, 2), torch.zeros(1, 2, 3))
+
+
+def check_hlora(device: str) -> None:
+    """A general stage's importance with the kernel equals the torch path's, for every nonnegative rule, and for a
+    GPT-2 model (fan_in_fan_out: weights stored [in, out])."""
+    import forgetless.methods.hlora as hlora
+    from forgetless.methods.hlora import HLoRA
+    from forgetless.training.loop import TrainConfig, train_stage
+    from tests.unit.test_lora_toolkit import tiny_gpt2
+    from tests.unit.tiny_model import make_lora_model, random_examples
+
+    config = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    for nonnegative, build in [("end", lambda: make_lora_model(0, targets=("q_proj", "v_proj", "up_proj"))),
+                               ("step", lambda: make_lora_model(0)), ("running", lambda: make_lora_model(0)),
+                               ("none", lambda: tiny_gpt2().float())]:
+        importance, calls = [], []
+        real = hlora.lowrank_product_accumulate_
+        hlora.lowrank_product_accumulate_ = lambda *a, **k: calls.append(1) or real(*a, **k)
+        for use in ("1", "0"):
+            os.environ["FORGETLESS_TRITON"] = use
+            plugin = HLoRA(nonnegative=nonnegative)
+            model = build().to(device)
+            train_stage(model, random_examples(12, 8), config, [plugin], stage="general")
+            importance.append({k: v.detach().cpu() for k, v in plugin.importance.items()})
+            if use == "1":
+                assert len(calls) == 3 * len(plugin.groups), (len(calls), nonnegative)  # one per group and step
+        os.environ.pop("FORGETLESS_TRITON")
+        hlora.lowrank_product_accumulate_ = real
+        kernel, plain = importance
+        assert kernel.keys() == plain.keys() and kernel
+        for name, want in plain.items():
+            assert want.abs().max() > 0, (nonnegative, name)
+            assert torch.allclose(kernel[name], want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (nonnegative,
+                                                                                                         name)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (the CPU install does not need it)")
+@pytest.mark.parametrize("where", WHERE)
+@pytest.mark.parametrize("check", ["check_formula", "check_hlora"])
+def test_the_kernel_gives_the_torch_formulas_numbers(where, check):
+    if where == "cuda":
+        globals()[check]("cuda")
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = f"from tests.unit.test_kernels import {check}; {check}('cpu')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_without_triton_or_when_switched_off_the_torch_formula_runs(monkeypatch):
+    """The CPU path (no interpreter) and ``FORGETLESS_TRITON=0`` take the torch formula: the same function."""
+    from forgetless import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.triton_enabled("cpu")
+    monkeypatch.setenv("FORGETLESS_TRITON", "0")
+    assert not kernels.triton_enabled("cuda")
+    out = torch.ones(1, 2, 3)
+    kernels.lowrank_product_accumulate_(out, torch.ones(1, 2, 1), torch.ones(1, 1, 3), torch.full((1, 2, 1), -2.0),
+                                        torch.ones(1, 1, 3), mode="add_then_clamp")
+    assert torch.equal(out, torch.zeros(1, 2, 3))  # max(1 + 1 * -2, 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        kernels.lowrank_product_accumulate_(out, torch.ones(1, 2, 1), torch.ones(1, 1, 3), torch.ones(1, 2, 1),
+                                            torch.ones(1, 1, 3), mode="sum")
