@@ -8,6 +8,12 @@ six passes over the update's elements. :func:`lowrank_product_accumulate_` compu
 registers and reads and writes omega once: two passes. At the 1B shape, all-linear (968 M elements of dW in float32)
 that is about 15 GB less memory traffic per step (issue #15: HLoRA's recording at most 1.05x a plain step).
 
+HLoRA's regularizer and EWC's penalty (:func:`forgetless.lora.weighted_distance`) need, per module, ``G = W * (dW -
+dW_ref)`` only through ``G @ Rt^T`` (the value and B's gradient) and ``B^T @ G`` (A's gradient), where ``dW - dW_ref
+= L @ Rt`` is again rank 2r. :func:`weighted_products` gives both with two kernels that form their tiles of ``L @ Rt``
+in registers and read ``W`` once each, without atomics (each output block is summed by one program in a fixed order,
+so runs repeat bit for bit): about 2 passes over the module's elements where torch made about 6.
+
 The kernel runs where Triton does (CUDA; on the CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``, which
 the tests use); elsewhere, and with ``FORGETLESS_TRITON=0``, the torch formula runs. Products are taken in IEEE
 float32 (``input_precision="ieee"``: no TF32), so the two agree to float32 rounding (the order of the rank-2r sums).
@@ -81,7 +87,56 @@ def _build(triton, tl):
             total = tl.maximum(total, 0.0)
         tl.store(where, total, mask=inside)
 
-    return lowrank_product_accumulate
+    @triton.jit
+    def weighted_projection(l, rt, w, out, n_rows, n_cols, k, s_lm, s_li, s_lk, s_rm, s_rk, s_rj, s_wm, s_wi, s_wj,
+                            s_om, s_oi, s_ok, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # out[m, rows, :] = sum over columns of (W * (L @ Rt))[rows, cols] @ Rt[:, cols]^T: a block of rows per program
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ks = tl.arange(0, BK)
+        in_rows, in_k = rows < n_rows, ks < k
+        left = tl.load(l + m * s_lm + rows[:, None] * s_li + ks[None, :] * s_lk, mask=in_rows[:, None] & in_k[None, :],
+                       other=0.0)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        for start in range(0, n_cols, BN):
+            cols = start + tl.arange(0, BN)
+            in_cols = cols < n_cols
+            right = tl.load(rt + m * s_rm + ks[:, None] * s_rk + cols[None, :] * s_rj,
+                            mask=in_k[:, None] & in_cols[None, :], other=0.0)
+            weight = tl.load(w + m * s_wm + rows[:, None] * s_wi + cols[None, :] * s_wj,
+                             mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+            g = tl.dot(left, right, input_precision="ieee") * weight
+            acc += tl.dot(g, tl.trans(right), input_precision="ieee")
+        tl.store(out + m * s_om + rows[:, None] * s_oi + ks[None, :] * s_ok, acc,
+                 mask=in_rows[:, None] & in_k[None, :])
+
+    @triton.jit
+    def weighted_left_product(b, l, rt, w, out, n_rows, n_cols, k, r, s_bm, s_bi, s_br, s_lm, s_li, s_lk,
+                              s_rm, s_rk, s_rj, s_wm, s_wi, s_wj, s_om, s_or, s_oj,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        # out[m, :, cols] = sum over rows of B[rows, :]^T @ (W * (L @ Rt))[rows, cols]: a block of columns per program
+        m = tl.program_id(1).to(tl.int64)
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        ks, rs = tl.arange(0, BK), tl.arange(0, BR)
+        in_cols, in_k, in_r = cols < n_cols, ks < k, rs < r
+        right = tl.load(rt + m * s_rm + ks[:, None] * s_rk + cols[None, :] * s_rj,
+                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        for start in range(0, n_rows, BM):
+            rows = start + tl.arange(0, BM)
+            in_rows = rows < n_rows
+            left = tl.load(l + m * s_lm + rows[:, None] * s_li + ks[None, :] * s_lk,
+                           mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            weight = tl.load(w + m * s_wm + rows[:, None] * s_wi + cols[None, :] * s_wj,
+                             mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+            g = tl.dot(left, right, input_precision="ieee") * weight
+            bt = tl.load(b + m * s_bm + rs[:, None] * s_br + rows[None, :] * s_bi,
+                         mask=in_r[:, None] & in_rows[None, :], other=0.0)
+            acc += tl.dot(bt, g, input_precision="ieee")
+        tl.store(out + m * s_om + rs[:, None] * s_or + cols[None, :] * s_oj, acc, mask=in_r[:, None] & in_cols[None, :])
+
+    return {"accumulate": lowrank_product_accumulate, "projection": weighted_projection,
+            "left_product": weighted_left_product}
 
 
 def _block(k: int) -> int:
@@ -104,7 +159,8 @@ def lowrank_product_accumulate_(out: torch.Tensor, l1: torch.Tensor, r1: torch.T
                          f"(transposed={transposed})")
     if not triton_enabled(out.device) or out.dtype != torch.float32:
         return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
-    triton, _, kernel = _triton()
+    triton, _, kernels = _triton()
+    kernel = kernels["accumulate"]
     s_o = out.stride()
     s_oi, s_oj = (s_o[2], s_o[1]) if transposed else (s_o[1], s_o[2])
     bm = bn = 64
@@ -113,6 +169,42 @@ def lowrank_product_accumulate_(out: torch.Tensor, l1: torch.Tensor, r1: torch.T
                  *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
                  MODE=MODES[mode], BM=bm, BN=bn, BK1=_block(l1.shape[-1]), BK2=_block(l2.shape[-1]))
     return out
+
+
+def weighted_products(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor, b: torch.Tensor | None,
+                      transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With ``G = weight * (left @ right)`` (``left [n, rows, k]``, ``right [n, k, cols]``, float32; ``weight``
+    ``[n, rows, cols]``, or ``[n, cols, rows]`` with ``transposed``, in any float dtype): ``(G @ right^T [n, rows, k],
+    b^T @ G [n, r, cols])`` for ``b [n, rows, r]`` (None: the second is not computed). ``G`` is never held: two fused
+    kernels where :func:`triton_enabled` (one over blocks of rows, one over blocks of columns, each forming its tiles
+    of ``left @ right`` and reading ``weight`` once: deterministic, no atomics), else the torch formula. HLoRA's
+    regularizer and EWC's penalty: :func:`forgetless.lora.weighted_distance`."""
+    n, rows, k = left.shape
+    cols = right.shape[-1]
+    want = (n, cols, rows) if transposed else (n, rows, cols)
+    if tuple(weight.shape) != want or right.shape[-2] != k or (b is not None and b.shape[-2] != rows):
+        raise ValueError(f"shapes do not fit: left {tuple(left.shape)}, right {tuple(right.shape)}, weight "
+                         f"{tuple(weight.shape)} (transposed={transposed})")
+    if not triton_enabled(left.device) or left.dtype != torch.float32:
+        g = torch.matmul(left, right).mul_(weight.transpose(-2, -1) if transposed else weight)
+        return torch.matmul(g, right.transpose(-2, -1)), None if b is None else torch.matmul(b.transpose(-2, -1), g)
+    triton, _, kernels = _triton()
+    s_w = weight.stride()
+    s_wi, s_wj = (s_w[2], s_w[1]) if transposed else (s_w[1], s_w[2])
+    bm = bn = 64
+    block_k = _block(k)
+    projected = torch.empty(n, rows, k, dtype=left.dtype, device=left.device)
+    kernels["projection"][(triton.cdiv(rows, bm), n)](
+        left, right, weight, projected, rows, cols, k, *left.stride(), *right.stride(), s_w[0], s_wi, s_wj,
+        *projected.stride(), BM=bm, BN=bn, BK=block_k)
+    if b is None:
+        return projected, None
+    r = b.shape[-1]
+    product = torch.empty(n, r, cols, dtype=left.dtype, device=left.device)
+    kernels["left_product"][(triton.cdiv(cols, bn), n)](
+        b, left, right, weight, product, rows, cols, k, r, *b.stride(), *left.stride(), *right.stride(), s_w[0], s_wi,
+        s_wj, *product.stride(), BM=bm, BN=bn, BK=block_k, BR=_block(r))
+    return projected, product
 
 
 def _torch_formula(out, l1, r1, l2, r2, mode, transposed):
@@ -128,4 +220,4 @@ def _torch_formula(out, l1, r1, l2, r2, mode, transposed):
     return out
 
 
-__all__ = ["MODES", "lowrank_product_accumulate_", "triton_enabled"]
+__all__ = ["MODES", "lowrank_product_accumulate_", "triton_enabled", "weighted_products"]

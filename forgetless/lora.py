@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.kernels import triton_enabled, weighted_products
+
 DEFAULT_ADAPTER = "default"
 
 
@@ -235,13 +237,27 @@ class _WeightedDistance(torch.autograd.Function):
         per_module = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
         same_scale = ref_scale is scale  # one scaling tensor (HLoRA, EWC): the difference from the factors' differences
         rank = a.shape[-2]
-        for part in module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
+        # where Triton runs (CUDA): W (dW - R) is never formed, two fused kernels read W once each
+        # (forgetless.kernels.weighted_products); nothing dense is formed, so a weight on the device is one chunk
+        kernel = a.dtype == torch.float32 and ref is None and triton_enabled(a.device)
+        whole = kernel and budget is None and weight.device == a.device
+        for part in [slice(None)] if whole else module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
             w = weight[part].to(a.device, non_blocking=True)  # a chunk of a weight held in CPU memory: copied now
             if ref_a is not None:  # dW - R = L @ Rt from both factor pairs: one rank-2r matmul (update_difference)
                 pair = difference_factors(a[part], b[part], scale[part], ref_a[part], ref_b[part],
                                           None if same_scale else ref_scale[part])
             else:
                 pair = (b[part] * scale[part], a[part]) if ref is None else None  # dW = (s B) @ A
+            if kernel and pair is not None:  # sum W (dW - R)^2 = sum L * (G Rt^T), B's gradient from G Rt^T too
+                left, right = pair
+                projected, left_product = weighted_products(left, right, w, b[part] if want_grad else None,
+                                                            fan_in_fan_out)
+                per_module[part] = (left * projected).sum(dim=(-2, -1))
+                if want_grad:
+                    factor = 2 * scale[part] * coeff[part].view(-1, 1, 1)
+                    torch.mul(projected[..., :rank], factor, out=grad_b[part])
+                    torch.mul(left_product, factor, out=grad_a[part])
+                continue
             if pair is not None:  # dW - R low rank: W (dW - R) in place of it, the value from the factors below
                 left, right = pair
                 diff = torch.matmul(left, right)

@@ -78,9 +78,68 @@ def check_hlora(device: str) -> None:
                                                                                                          name)
 
 
+def check_weighted_distance(device: str) -> None:
+    """weighted_distance's value and factor gradients through the two kernels = through the torch formula: factor
+    anchors with one scaling and with another, no anchor, fan_in_fan_out, a bfloat16 weight, coefficients."""
+    from forgetless.lora import weighted_distance
+
+    g = torch.Generator().manual_seed(1)
+    for n, out, inp, r, fan, wdtype, anchor in [(3, 70, 90, 4, False, torch.float32, "same"),
+                                               (2, 33, 130, 16, True, torch.float32, "other"),
+                                               (2, 64, 40, 8, False, torch.bfloat16, None)]:
+        a = torch.randn(n, r, inp, generator=g).to(device).requires_grad_()
+        b = torch.randn(n, out, r, generator=g).to(device).requires_grad_()
+        scale = torch.rand(n, 1, 1, generator=g).to(device) + 0.5
+        weight = torch.rand((n, inp, out) if fan else (n, out, inp), generator=g).to(device, wdtype)
+        coeff = torch.rand(n, generator=g).to(device)
+        refs = {}
+        if anchor is not None:
+            ref_scale = scale if anchor == "same" else torch.rand(n, 1, 1, generator=g).to(device) + 0.5
+            refs["ref_factors"] = (torch.randn(n, r, inp, generator=g).to(device),
+                                   torch.randn(n, out, r, generator=g).to(device), ref_scale)
+        results = []
+        for use in ("1", "0"):
+            os.environ["FORGETLESS_TRITON"] = use
+            value = weighted_distance(a, b, scale, weight, coeff, fan, **refs)
+            results.append((value.detach(), *torch.autograd.grad(value, [a, b])))
+        os.environ.pop("FORGETLESS_TRITON")
+        for got, want in zip(*results):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (n, out, inp, fan)
+
+
+def check_penalties(device: str) -> None:
+    """HLoRA's and EWC's domain stages train to the same adapter with the kernels as without (to rounding)."""
+    from forgetless.methods import resolve
+    from forgetless.training.loop import TrainConfig, train_stage
+    from tests.unit.tiny_model import make_lora_model, random_examples
+
+    import forgetless.lora as lora
+
+    config = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, precision="fp32", progress=False)
+    real = lora.weighted_products
+    for entry in ({"name": "hlora", "phi": 1e3}, {"name": "ewc", "lambda": 1e3, "samples": 8}):
+        adapters, calls = [], []
+        lora.weighted_products = lambda *a, **k: calls.append(1) or real(*a, **k)
+        for use in ("1", "0"):
+            os.environ["FORGETLESS_TRITON"] = use
+            plugins = resolve(entry).plugins
+            model = make_lora_model(0, targets=("q_proj", "v_proj", "up_proj")).to(device)
+            general = random_examples(12, 8, seed=1)
+            train_stage(model, general, config, plugins, stage="general")
+            train_stage(model, random_examples(12, 8, seed=2), config, plugins, stage="domain",
+                        general_examples=general)
+            adapters.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+            if use == "1":
+                assert len(calls) == 3 * 3, (entry["name"], len(calls))  # every step, 3 groups (q, v, up differ)
+        os.environ.pop("FORGETLESS_TRITON")
+        lora.weighted_products = real
+        for name, want in adapters[1].items():
+            assert torch.allclose(adapters[0][name], want, rtol=1e-4, atol=1e-6), (entry["name"], name)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (the CPU install does not need it)")
 @pytest.mark.parametrize("where", WHERE)
-@pytest.mark.parametrize("check", ["check_formula", "check_hlora"])
+@pytest.mark.parametrize("check", ["check_formula", "check_hlora", "check_weighted_distance", "check_penalties"])
 def test_the_kernel_gives_the_torch_formulas_numbers(where, check):
     if where == "cuda":
         globals()[check]("cuda")
