@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -41,10 +42,19 @@ def _triton():
     return triton, tl, _build(triton, tl)
 
 
+_FAILED: list[str] = []  # why the kernels could not be compiled here, once they failed: the torch formula from then on
+
+
+def _failed(err: Exception) -> None:
+    _FAILED.append(f"{type(err).__name__}: {err}")
+    warnings.warn(f"forgetless's fused Triton kernels failed to compile or launch ({_FAILED[0][:300]}); the methods "
+                  f"use the torch formula instead (same numbers, slower on a GPU). FORGETLESS_TRITON=0 silences this")
+
+
 def triton_enabled(device: torch.device | str) -> bool:
     """Whether the fused kernels run for tensors on ``device``: Triton importable, the device CUDA (or the CPU under
-    Triton's interpreter), and not switched off with ``FORGETLESS_TRITON=0``."""
-    if os.environ.get("FORGETLESS_TRITON", "1") == "0":
+    Triton's interpreter), not switched off with ``FORGETLESS_TRITON=0``, and they did not fail here before."""
+    if os.environ.get("FORGETLESS_TRITON", "1") == "0" or _FAILED:
         return False
     device = torch.device(device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -165,9 +175,13 @@ def lowrank_product_accumulate_(out: torch.Tensor, l1: torch.Tensor, r1: torch.T
     s_oi, s_oj = (s_o[2], s_o[1]) if transposed else (s_o[1], s_o[2])
     bm = bn = 64
     grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn), n)
-    kernel[grid](l1, r1, l2, r2, out, rows, cols, l1.shape[-1], l2.shape[-1],
-                 *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
-                 MODE=MODES[mode], BM=bm, BN=bn, BK1=_block(l1.shape[-1]), BK2=_block(l2.shape[-1]))
+    try:
+        kernel[grid](l1, r1, l2, r2, out, rows, cols, l1.shape[-1], l2.shape[-1],
+                     *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
+                     MODE=MODES[mode], BM=bm, BN=bn, BK1=_block(l1.shape[-1]), BK2=_block(l2.shape[-1]))
+    except Exception as err:  # noqa: BLE001 - a Triton that cannot compile it (its version, the GPU): said once
+        _failed(err)
+        return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
     return out
 
 
@@ -186,8 +200,22 @@ def weighted_products(left: torch.Tensor, right: torch.Tensor, weight: torch.Ten
         raise ValueError(f"shapes do not fit: left {tuple(left.shape)}, right {tuple(right.shape)}, weight "
                          f"{tuple(weight.shape)} (transposed={transposed})")
     if not triton_enabled(left.device) or left.dtype != torch.float32:
-        g = torch.matmul(left, right).mul_(weight.transpose(-2, -1) if transposed else weight)
-        return torch.matmul(g, right.transpose(-2, -1)), None if b is None else torch.matmul(b.transpose(-2, -1), g)
+        return _weighted_formula(left, right, weight, b, transposed)
+    try:
+        return _weighted_kernels(left, right, weight, b, transposed)
+    except Exception as err:  # noqa: BLE001 - as in lowrank_product_accumulate_
+        _failed(err)
+        return _weighted_formula(left, right, weight, b, transposed)
+
+
+def _weighted_formula(left, right, weight, b, transposed):
+    g = torch.matmul(left, right).mul_(weight.transpose(-2, -1) if transposed else weight)
+    return torch.matmul(g, right.transpose(-2, -1)), None if b is None else torch.matmul(b.transpose(-2, -1), g)
+
+
+def _weighted_kernels(left, right, weight, b, transposed):
+    n, rows, k = left.shape
+    cols = right.shape[-1]
     triton, _, kernels = _triton()
     s_w = weight.stride()
     s_wi, s_wj = (s_w[2], s_w[1]) if transposed else (s_w[1], s_w[2])

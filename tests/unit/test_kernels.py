@@ -166,3 +166,32 @@ def test_without_triton_or_when_switched_off_the_torch_formula_runs(monkeypatch)
     with pytest.raises(ValueError, match="mode must be one of"):
         kernels.lowrank_product_accumulate_(out, torch.ones(1, 2, 1), torch.ones(1, 1, 3), torch.ones(1, 2, 1),
                                             torch.ones(1, 1, 3), mode="sum")
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_formula_once_said(monkeypatch):
+    """A Triton that cannot compile the kernels (another version, another GPU) must not stop a run: one warning, the
+    torch formula's numbers, and the formula from then on."""
+    from forgetless import kernels
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("cannot compile")
+            return launch
+
+    fake_triton = type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b))})
+    monkeypatch.setattr(kernels, "_triton", lambda: (fake_triton, None, {name: Broken() for name in
+                                                                          ("accumulate", "projection", "left_product")}))
+    monkeypatch.setattr(kernels, "_FAILED", [])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.triton_enabled("cpu")
+    g = torch.Generator().manual_seed(0)
+    l1, r1 = torch.randn(1, 5, 2, generator=g), torch.randn(1, 2, 7, generator=g)
+    out = torch.randn(1, 5, 7, generator=g)
+    want = kernels._torch_formula(out.clone(), l1, r1, l1, r1, "add", False)
+    with pytest.warns(UserWarning, match="failed to compile or launch .*RuntimeError: cannot compile"):
+        got = kernels.lowrank_product_accumulate_(out.clone(), l1, r1, l1, r1)
+    assert torch.equal(got, want) and not kernels.triton_enabled("cpu")
+    weight, b = torch.rand(1, 5, 7, generator=g), torch.randn(1, 5, 3, generator=g)
+    assert all(torch.equal(x, y) for x, y in zip(kernels.weighted_products(l1, r1, weight, b),
+                                                 kernels._weighted_formula(l1, r1, weight, b, False)))
