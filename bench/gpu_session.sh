@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-results/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
-PARTS=${PARTS:-"memory cudatests profile compile liger rank2r samwork"}
+PARTS=${PARTS:-"memory cudatests kernels kernels_off profile compile liger rank2r samwork"}
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 DEADLINE=${DEADLINE:-570}
@@ -39,6 +39,10 @@ $PY -c "import importlib.util as u; print('carried:', *(f'{m}={bool(u.find_spec(
 
 if [ "$SMOKE" = 1 ]; then
     part memory 300 $PY bench/bench_gpu_memory.py --tiny --methods hlora,ewc --targets qv --json "$OUT/bench_gpu_memory.json"
+    part kernels 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora_record_vs,hlora_regularize_vs \
+        --json "$OUT/bench_gpu_kernels.json"
+    part kernels_off 300 env FORGETLESS_TRITON=0 $PY bench/bench_gpu.py --tiny --no-levers \
+        --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
     part profile 300 $PY bench/profile_methods.py --tiny --methods hlora --out "$OUT/profile"
     part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
     part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
@@ -54,17 +58,23 @@ part memory 150 $PY bench/bench_gpu_memory.py --methods ewc --targets qv --json 
 # 2. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): all passed in session 27
 #    after two tolerance fixes; test_on_accelerator.py (#12 item 4: every module call of an experiment and of
 #    forgetless eval on the GPU) first, as it never ran on one; with part 1, what #12 still needs
-part cudatests 90 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \
-    tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py tests/unit/test_lora_toolkit.py tests/unit/test_devices.py \
+part cudatests 100 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \
+    tests/unit/test_kernels.py tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py tests/unit/test_lora_toolkit.py tests/unit/test_devices.py \
     tests/unit/test_training.py
-# 3. #15: where HLoRA's extra time per step goes at 1B all-linear (1.066 / 1.137 of a plain step against <= 1.05, ~5 ms
+# 3. #15: HLoRA's recording and regularizer with the fused Triton kernels (forgetless/kernels.py, the default where
+#    Triton runs) and without them (FORGETLESS_TRITON=0), at 1B all-linear: 1.066 / 1.137 before, target <= 1.05
+part kernels 60 $PY bench/bench_gpu.py --shapes 1b --no-levers --only hlora_record_vs,hlora_regularize_vs \
+    --json "$OUT/bench_gpu_kernels.json"
+part kernels_off 60 env FORGETLESS_TRITON=0 $PY bench/bench_gpu.py --shapes 1b --no-levers \
+    --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
+# 4. #15: where HLoRA's extra time per step goes at 1B all-linear (1.066 / 1.137 of a plain step against <= 1.05, ~5 ms
 #    of memory traffic by the arithmetic): torch.profiler over 3 steps of each stage, the hooks as regions
 part profile 90 $PY bench/profile_methods.py --shape 1b --methods hlora --out "$OUT/profile"
-# 4. #15: the bf16-base step and MFU rows with compile: true on both sides (1B first; the Trainer's compilation alone
+# 5. #15: the bf16-base step and MFU rows with compile: true on both sides (1B first; the Trainer's compilation alone
 #    took 97 s at 1B, so the 8B row may not fit); the fp32-base 1B row was measured (0.746)
 part compile 260 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --only bf16base --json "$OUT/bench_gpu_compile.json"
-# 5. Liger's loss against the plain one at the same adapter weights (the first measurement compared different ones)
+# 6. Liger's loss against the plain one at the same adapter weights (the first measurement compared different ones)
 part liger 60 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
-# 6. measured in session 27 (rank-2r 0.864 / 1.466, SAM's grouped work 0.412); kept last, seconds each
+# 7. measured in session 27 (rank-2r 0.864 / 1.466, SAM's grouped work 0.412); kept last, seconds each
 part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
 part samwork 30 $PY bench/bench_method_state.py --sam --sam-shape 1b --device cuda --reps 9 --inner 3

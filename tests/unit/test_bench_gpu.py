@@ -90,9 +90,10 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
                           timeout=1200, cwd=ROOT, env=env)  # a hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("memory", "profile", "compile", "rank2r", "samwork", "liger", "cudatests"):
+    for name in ("memory", "kernels", "kernels_off", "profile", "compile", "rank2r", "samwork", "liger", "cudatests"):
         assert f"== {name}: exit 0 " in proc.stdout, proc.stdout[-3000:]
-    for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers"):
+    for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers", "bench_gpu_kernels",
+                 "bench_gpu_kernels_off"):
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"], name
     assert "path_integral" in (tmp_path / "out" / "rank2r.log").read_text()
     assert "new (grouped _foreach)" in (tmp_path / "out" / "samwork.log").read_text()
