@@ -59,8 +59,8 @@ part memory 150 $PY bench/bench_gpu_memory.py --methods ewc --targets qv --json 
 #    after two tolerance fixes; test_on_accelerator.py (#12 item 4: every module call of an experiment and of
 #    forgetless eval on the GPU) first, as it never ran on one; with part 1, what #12 still needs
 part cudatests 100 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \
-    tests/unit/test_kernels.py tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py tests/unit/test_lora_toolkit.py tests/unit/test_devices.py \
-    tests/unit/test_training.py
+    tests/unit/test_kernels.py tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
+    tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py
 # 3. #15: HLoRA's recording and regularizer with the fused Triton kernels (forgetless/kernels.py, the default where
 #    Triton runs) and without them (FORGETLESS_TRITON=0), at 1B all-linear: 1.066 / 1.137 before, target <= 1.05
 part kernels 60 $PY bench/bench_gpu.py --shapes 1b --no-levers --only hlora_record_vs,hlora_regularize_vs \
