@@ -297,8 +297,10 @@ def _number(value: Any) -> float | None:
 
 def suite_scores(results: dict[str, Any], obj: Any, metric: str | None = None) -> dict[str, Any]:
     """The suite record of harness task ``obj`` from ``results`` (:func:`run_harness`): ``acc`` = the main metric
-    (``metric`` or the task's first), ``acc_norm`` = the harness's acc_norm (else the main metric), stderrs, ``n``,
-    ``metric`` and every number reported (``metrics``)."""
+    (``metric``, or the task's first metric where higher is better, else its first), ``acc_norm`` = the harness's
+    acc_norm (else the main metric), stderrs, ``n``, ``metric``, ``higher_is_better`` (the main metric's direction,
+    as the harness reports it: a perplexity is not an accuracy, and the forgetting tables leave it out) and every
+    number reported (``metrics``)."""
     name = _result_name(obj)
     row = results["results"].get(name)
     if row is None:
@@ -308,12 +310,17 @@ def suite_scores(results: dict[str, Any], obj: Any, metric: str | None = None) -
     if not metrics:
         raise HarnessTaskError(f"{name}: the harness reported no metric (a group without an aggregate score?)")
     order = [k for k in _metric_keys(obj) if k in metrics] + [k for k in metrics if k not in _metric_keys(obj)]
+    better = results.get("higher_is_better", {}).get(name, {})  # metric name -> whether higher is better
+    if metric is None:  # the task's first metric where higher is better (lambada_openai: acc, not its perplexity)
+        order = [k for k in order if better.get(k.split(",")[0], True)] + \
+            [k for k in order if not better.get(k.split(",")[0], True)]
     main = resolve_metric(metric, order, name)
     norm = next((k for k in metrics if k.split(",")[0] == "acc_norm"), main)
     n = sum(int(results.get("n-samples", {}).get(t.task_name, {}).get("effective", 0)) for t in _leaf_tasks(obj))
     err, err_norm = stderrs.get(main), stderrs.get(norm)
     return {"acc": metrics[main], "acc_norm": metrics[norm], "acc_stderr": math.nan if err is None else err,
-            "acc_norm_stderr": math.nan if err_norm is None else err_norm, "n": n, "metric": main, "metrics": metrics}
+            "acc_norm_stderr": math.nan if err_norm is None else err_norm, "n": n, "metric": main, "metrics": metrics,
+            "higher_is_better": bool(better.get(main.split(",")[0], True))}
 
 
 def resolve_metric(metric: str | None, keys: list[str], name: str = "") -> str:

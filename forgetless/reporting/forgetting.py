@@ -42,7 +42,10 @@ def forgetting_rows(runs: Sequence[dict[str, Any]], metric: str = "acc") -> list
         base = _base_of(runs, run)
         if run["method"] == "base" or base is None or not run.get("suite") or not base.get("suite"):
             continue
-        common = [t for t in run["suite"] if t in base["suite"]]
+        # a harness task whose main metric is lower-is-better (wikitext's perplexity) is no accuracy: its difference
+        # would read as a gain in points where the model got worse, so it stays out of these rows
+        common = [t for t in run["suite"] if t in base["suite"]
+                  and run["suite"][t].get("higher_is_better", True) and base["suite"][t].get("higher_is_better", True)]
         if not common:
             continue
         deltas = {t: exact(100.0 * (run["suite"][t][metric] - base["suite"][t][metric])) for t in common}

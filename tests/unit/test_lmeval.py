@@ -392,3 +392,40 @@ def test_num_fewshot_puts_that_many_solved_examples_before_each_question():
     assert all(c.count("Question:") == 1 and c.startswith("Question:") for c in contexts[0])
     for zero, two in zip(contexts[0], contexts[2]):
         assert two.count("Question:") == 3 and two.endswith(zero) and two != zero
+
+
+@needs_lmeval
+def test_a_lower_is_better_metric_is_never_the_main_score_by_default_nor_forgetting():
+    """lambada_openai reports perplexity first, then acc; wikitext only perplexities. The main score is the first
+    metric where higher is better (the harness says which), and a task with none is left out of the forgetting rows:
+    a perplexity that rose from 20 to 35 read as +1500 points of "gain" in the suite mean."""
+    from types import SimpleNamespace
+
+    from forgetless.evaluation.lmeval import suite_scores
+    from forgetless.reporting.forgetting import forgetting_rows
+
+    def task(name, metrics):
+        return SimpleNamespace(task_name=name, config=SimpleNamespace(filter_list=None),
+                               aggregation=lambda: dict.fromkeys(metrics))
+
+    def results(perplexity, acc, words):
+        return {"results": {"lambada_openai": {"perplexity,none": perplexity, "acc,none": acc},
+                            "wikitext": {"word_perplexity,none": words}},
+                "higher_is_better": {"lambada_openai": {"perplexity": False, "acc": True},
+                                     "wikitext": {"word_perplexity": False}}}
+
+    lambada, wikitext = task("lambada_openai", ["perplexity", "acc"]), task("wikitext", ["word_perplexity"])
+    scores = {}
+    for label, numbers in (("base", (20.0, 0.40, 30.0)), ("tuned", (35.0, 0.30, 45.0))):
+        got = results(*numbers)
+        scores[label] = {"lambada_openai": suite_scores(got, lambada), "wikitext": suite_scores(got, wikitext)}
+    assert scores["tuned"]["lambada_openai"]["metric"] == "acc,none" and scores["tuned"]["lambada_openai"]["acc"] == 0.30
+    assert scores["tuned"]["lambada_openai"]["higher_is_better"] is True
+    assert scores["tuned"]["wikitext"]["metric"] == "word_perplexity,none"
+    assert scores["tuned"]["wikitext"]["higher_is_better"] is False
+    asked = suite_scores(results(35.0, 0.3, 45.0), lambada, metric="perplexity")  # named: taken, and marked
+    assert asked["acc"] == 35.0 and asked["higher_is_better"] is False
+    runs = [{"method": m, "task": "t", "seed": 0, "suite": scores[m], "tasks": {"t": {"acc": 0.5}}}
+            for m in ("base", "tuned")]
+    (row,) = forgetting_rows(runs)
+    assert row["forgetting"] == {"lambada_openai": pytest.approx(-10.0), "mean": pytest.approx(-10.0)}
