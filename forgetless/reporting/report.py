@@ -271,7 +271,9 @@ def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
                 if not a or not b:
                     continue
                 t = p = math.nan
-                if len(a) >= 2 and len(b) >= 2:
+                # both without variance (seeds that tie on a small test set): scipy says t = +-inf, p = 0, which no
+                # test of two such samples supports; NaN as documented
+                if len(a) >= 2 and len(b) >= 2 and (statistics.variance(a) > 0 or statistics.variance(b) > 0):
                     with warnings.catch_warnings():  # equal samples (WiSE-FT's alpha 1 is lora-nu-mu): t 0, p 1,
                         warnings.simplefilter("ignore", RuntimeWarning)  # with scipy's "precision loss" warning
                         test = ttest_ind(a, b, equal_var=False)

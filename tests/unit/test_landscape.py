@@ -247,7 +247,15 @@ def test_spearman_and_reference_ppl():
     rows = [{"method": "m", "ppl_increase": y, "x": x} for x, y in zip([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])]
     rho, p, n = spearman(rows, "x")
     assert (rho, n) == (pytest.approx(0.8), 5)  # 1 - 6 * 4 / (5 * 24)
-    assert 0 < p < 1
+    import itertools
+
+    def rho_of(perm):  # no ties: 1 - 6 sum d^2 / (n (n^2 - 1))
+        return 1 - 6 * sum((i - j) ** 2 for i, j in enumerate(perm)) / (5 * 24)
+
+    exact = [abs(rho_of(perm)) >= 0.8 - 1e-12 for perm in itertools.permutations(range(5))]
+    assert p == pytest.approx(sum(exact) / 120, abs=1e-12)  # the exact two-sided p, not the t approximation
+    three = [{"method": "m", "ppl_increase": float(i), "x": float(i)} for i in range(3)]
+    assert spearman(three, "x")[:2] == (pytest.approx(1.0), pytest.approx(1 / 3))  # scipy's approximation: p = 0
     assert math.isnan(spearman(rows[:2], "x")[0])
     results = [{"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 12.0},
                {"method": "base", "task": "t", "seed": 0, "general_ppl": 10.0},

@@ -118,6 +118,10 @@ def test_report_sections_ranks_and_ttests(tmp_path):
         column = ["t1", "t2"].index(t["task"]) * 3 + ["general_ppl", "domain_acc", "suite_change"].index(t["metric"])
         assert f"(p={t['p']:.3g})" in welch[t["method"]][column]
     assert "lora-nu-mu" not in welch
+    tied = Results([{"method": m, "task": "t1", "seed": k, "general_ppl": 10.0, "tasks": {"t1": {"acc": acc}}}
+                    for m, acc in (("a", 0.5), ("b", 0.6)) for k in range(2)])
+    (row,) = [t for t in welch_tests(tied, "b") if t["metric"] == "domain_acc"]
+    assert math.isnan(row["p"]) and math.isnan(row["t"])  # no variance on either side: scipy's p = 0 is not a test
     hl = next(t for t in tests if (t["method"], t["task"], t["metric"]) == ("hlora", "t1", "domain_acc"))
     assert welch["hlora"][1] == f"+5.0 (p={hl['p']:.3g})"
     assert "Skipped: the reference method `lora-mu` has no runs here." in md  # the other default reference
