@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def export_merged(model_name: str, adapter_dir: str | Path, out_dir: str | Path,
     check_output(Path(out_dir))
     target = DTYPES[dtype] or base_dtype(model_name)
     model, tokenizer = load_model(model_name, dtype="fp32")
-    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    peft_model = load_adapter(model, adapter_dir)
+    _untie_adapted_embeddings(peft_model)
+    merged = peft_model.merge_and_unload()
     merged.to(target)
 
     def write(folder: Path) -> None:
@@ -64,6 +67,26 @@ def export_merged(model_name: str, adapter_dir: str | Path, out_dir: str | Path,
         tokenizer.save_pretrained(folder)
 
     return _write_folder(Path(out_dir), write)
+
+
+def _untie_adapted_embeddings(peft_model: torch.nn.Module) -> None:
+    """A base whose head shares the input embeddings' weight (tied, as SmolLM2's and Gemma's) and an adapter on one of
+    them: merging would add the update to the shared weight, so to both (the exported model then differs from the
+    adapter's). The adapted side gets its own copy, and the configuration says the two are no longer tied."""
+    base = peft_model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or embeddings is None:
+        return
+    shared = head.weight.data_ptr() == embeddings.weight.data_ptr()
+    adapted = [m for m in (head, embeddings) if hasattr(m, "base_layer")]
+    if not (shared and adapted):
+        return
+    for layer in adapted:
+        inner = layer.get_base_layer()
+        inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for config in (base.config, getattr(base.config, "get_text_config", lambda: None)()):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
 
 
 def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Path, alpha: float,
@@ -144,10 +167,9 @@ def check_output(out: Path) -> None:
 def _write_folder(out: Path, write) -> Path:
     """``write(folder)`` into a temporary folder renamed to ``out``: a half-written export is never left as ``out``."""
     check_output(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"  # a new name: nothing of the user's is ever
+    tmp.mkdir()  # removed (a fixed OUT.tmp was, whatever it held); mkdir, not mkdtemp: the folder keeps the umask's mode
     try:
         write(tmp)
     except BaseException:

@@ -160,3 +160,42 @@ def test_export_command(tiny_model_dir, tmp_path, ids, capsys):
         assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("forgetless: error:") and message in err[0], err
+
+
+def test_an_adapter_on_a_tied_head_is_merged_into_the_head_only(tiny_model_dir, tmp_path, ids):
+    """SmolLM2's and Gemma's heads share the input embeddings' weight. Merging an adapter on ``lm_head`` added its
+    update to the shared weight, so to the embeddings too: the exported model's logits were off by more than their
+    own scale. The adapted head gets its own weight, and the export says the two are no longer tied."""
+    base = tmp_path / "tied"
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    model.config.tie_word_embeddings = True
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    reloaded = load_model(str(base), dtype="fp32")[0]
+    assert reloaded.get_output_embeddings().weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
+    torch.manual_seed(1)
+    lora = attach_lora(reloaded, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"]))
+    randomize_lora_b(lora, seed=2, std=0.2)
+    save_adapter(lora, tmp_path / "mu", str(base))
+    in_memory = logits(load_adapter(load_model(str(base), dtype="fp32")[0], tmp_path / "mu"), ids)
+
+    out = export_merged(str(base), tmp_path / "mu", tmp_path / "merged")
+    merged = load_model(str(out), dtype="fp32")[0]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    torch.testing.assert_close(logits(merged, ids), in_memory, atol=ATOL, rtol=0)
+    plain = load_model(str(base), dtype="fp32")[0]
+    torch.testing.assert_close(merged.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+
+
+def test_an_export_leaves_a_folder_named_like_its_old_temporary_alone(tiny_model_dir, tmp_path):
+    """It wrote into OUT.tmp and removed whatever a folder of that name held first."""
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    mine = tmp_path / "merged.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    export_merged(base, tmp_path / "mu", tmp_path / "merged")
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.")]  # its own temporary is gone
