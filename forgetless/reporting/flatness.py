@@ -62,7 +62,7 @@ def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | No
     rows = []
     for r in results:
         metrics = (r.get("landscape") or {}).get("metrics")
-        if not metrics:
+        if not metrics or r.get("general_ppl") is None:  # no held-out text: no increase to relate flatness to
             continue
         row = {"method": r["method"], "task": r.get("task"), "seed": r.get("seed"),
                "general_ppl": float(r["general_ppl"]),

@@ -86,7 +86,8 @@ def plot_tradeoff(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, task in zip(axes[0], tasks):
         for i, method in enumerate(methods):
-            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            runs = [r for r in results if r["task"] == task and r["method"] == method
+                    and r.get("general_ppl") is not None]  # without held-out text a run has no point here
             if runs:
                 ax.scatter([r["general_ppl"] for r in runs], [100 * r["tasks"][task]["acc"] for r in runs],
                            label=method, color=colours[i % len(colours)], s=40)

@@ -174,7 +174,8 @@ class Results:
         out = []
         for r in sorted(self.runs_of(method, task), key=lambda r: r.get("seed", 0)):
             if metric == PPL:
-                out.append(float(r["general_ppl"]))
+                if r.get("general_ppl") is not None:  # a run without held-out text (forgetless train) has none
+                    out.append(float(r["general_ppl"]))
             elif metric == SUITE:
                 key = (r["method"], r["task"], r.get("seed", 0))
                 if key in self.suite:

@@ -92,8 +92,9 @@ def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
             "base dtype": computed.get("base_dtype", _UNKNOWN),
             "chat_template": settings.get("chat_template"), "general.heldout": general.get("heldout"),
             "general.block_size": general.get("block_size"),
-            **{f"task.{k}": task.get(k) for k in ("test", "test_limit", "schema", "max_length")},
-            **{f"eval.{k}": ev.get(k) for k in ("suite", "suite_limit", "share_prefix")}}
+            **{f"task.{k}": task.get(k) for k in ("test", "test_split", "test_limit", "schema", "max_length")},
+            **{f"eval.{k}": ev.get(k) for k in ("suite", "suite_limit", "share_prefix")},
+            "lm_eval": settings.get("lm_eval")}  # the harness's version defines its suite tasks
 
 
 def scoring_note(records: list[dict[str, Any]]) -> str:
@@ -154,7 +155,7 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
         for task in tasks:
             runs = [r for r in results if r["method"] == method and r["task"] == task]
             seeds |= {r["seed"] for r in runs}
-            row += [_cell([r["general_ppl"] for r in runs], 3),
+            row += [_cell([r["general_ppl"] for r in runs if r.get("general_ppl") is not None], 3),
                     _cell([100 * r["tasks"][task]["acc"] for r in runs], 1),
                     _cell([100 * r["tasks"][task]["acc_norm"] for r in runs], 1)]
         row.append(str(len(seeds)))

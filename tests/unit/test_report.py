@@ -374,6 +374,13 @@ def test_runs_scored_on_different_items_are_named_in_the_report(tmp_path, capsys
     assert scoring_note(older + [newer]) == ""
     assert ('- task t, precision: "bf16" (base__t__seed2); "fp32" (lora-mu__t__seed0 and 2 more)'
             in scoring_note(alike + [newer]))  # pinned fp32 against a run computed in bf16
+    # which split of a hub dataset was scored, and the harness version that defines the suite's harness tasks
+    split = record("base", 3, {"source": "h.jsonl", "max_blocks": 2}, 8)
+    split["settings"]["task"]["test_split"] = "validation"
+    assert "- task t, task.test_split: \"validation\" (base__t__seed3); default (" in scoring_note(alike + [split])
+    harness = [dict(r, settings=dict(r["settings"], lm_eval=v)) for r, v in zip(alike, ("0.4.13", "0.4.13", "0.4.9"))]
+    assert '- task t, lm_eval: "0.4.9" (base__t__seed0); "0.4.13" (lora-mu__t__seed0 and 1 more)' in \
+        scoring_note(harness)
 
 
 def test_equal_suite_changes_stay_equal_whatever_the_summation_order():
@@ -419,3 +426,20 @@ def test_the_cost_section_names_runs_resumed_from_a_checkpoint():
     assert ("Resumed from a checkpoint: `lora-mu__t__seed1`, `lora-mu__t__seed2`; their stage times include the "
             "sessions before the resume, except for `lora-mu__t__seed2`, whose checkpoint (an older version's) did not "
             "keep its time: theirs are lower bounds.") in text
+
+
+def test_records_without_a_general_perplexity_make_a_report(tmp_path):
+    """``forgetless train`` without held-out text records ``general_ppl: null`` (the schema allows it): the report
+    and the tables leave the perplexity empty instead of failing on float(None)."""
+    from forgetless.reporting.report import build_report
+    from forgetless.reporting.tables import write_tables
+
+    (tmp_path / "runs").mkdir()
+    records = [{"run_id": f"{m}__A__seed{s}", "method": m, "task": "A", "seed": s, "general_ppl": None,
+                "tasks": {"A": {"acc": 0.5 + 0.1 * s, "acc_norm": 0.5}}} for m in ("base", "lora-mu") for s in (0, 1)]
+    for r in records:
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    md = build_report(tmp_path).read_text()
+    assert "## Main results" in md
+    write_tables(records, tmp_path)
+    assert "| lora-mu |" in (tmp_path / "results.md").read_text()
