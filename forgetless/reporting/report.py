@@ -232,17 +232,22 @@ def results_table(res: Results, methods: Sequence[str], rank_base: bool = False)
     """Per method and task: general PPL and domain accuracy, mean ± std; best bold, second underlined (per column,
     over the methods shown; ``base`` is shown but not ranked unless ``rank_base``)."""
     header = ["method"] + [f"{task} {METRIC_TITLES[m]}" for task in res.tasks for m in (PPL, ACC)] + ["seeds"]
+    full = len(res.seeds)  # a cell over fewer seeds says so and is not ranked: its mean is not the others' kind
     marks: dict[tuple[str, str], dict[str, str]] = {}
     for task in res.tasks:
         for metric in (PPL, ACC):
-            ranked = {m: res.cell(m, task, metric).mean for m in methods if rank_base or m != "base"}
+            ranked = {m: res.cell(m, task, metric).mean for m in methods
+                      if (rank_base or m != "base") and len(res.cell(m, task, metric).values) == full}
             marks[(task, metric)] = rank_marks(ranked, lower_is_better=metric == PPL)
     rows = []
     for method in methods:
         row = [method]
         for task in res.tasks:
             for metric in (PPL, ACC):
-                text = res.cell(method, task, metric).text(2 if metric == PPL else 1)
+                cell = res.cell(method, task, metric)
+                text = cell.text(2 if metric == PPL else 1)
+                if 0 < len(cell.values) < full:
+                    text += f" (n={len(cell.values)})"
                 row.append(_decorate(text, marks[(task, metric)].get(method)))
         row.append(str(len({r.get("seed", 0) for r in res.runs_of(method)})))
         rows.append(row)
@@ -295,7 +300,8 @@ def section_main_table(res: Results, rank_base: bool) -> str:
     return ("## Main results (Table 1 analogue)\n\n"
             f"General PPL: perplexity of the held-out general text after tuning (lower is better). Domain acc: "
             f"multiple-choice `{res.metric}` on the task's test set, in % (higher is better). Mean ± std over seeds "
-            f"({', '.join(map(str, res.seeds))}); **best** in bold, <u>second</u> underlined per column.{note}\n\n"
+            f"({', '.join(map(str, res.seeds))}); **best** in bold, <u>second</u> underlined per column; a cell over "
+            f"fewer seeds says n= and is not ranked.{note}\n\n"
             + results_table(res, res.methods, rank_base))
 
 

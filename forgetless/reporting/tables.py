@@ -125,13 +125,13 @@ def scoring_note(records: list[dict[str, Any]]) -> str:
             "below comes from what was scored, not from training:\n" + "\n".join(lines) + "\n")
 
 
-def _cell(values: list[float], digits: int) -> str:
+def _cell(values: list[float], digits: int, full: int = 0) -> str:
+    """mean ± std (the value alone for one), with ``(n=K)`` when there are fewer values than ``full`` seeds."""
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    text = f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return text + (f" (n={len(values)})" if len(values) < full else "")
 
 
 def summary_table(results: list[dict[str, Any]], methods: list[str] | None = None,
@@ -148,6 +148,7 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
     for task in tasks:
         header += [f"{task} general PPL ↓", f"{task} acc ↑", f"{task} acc_norm ↑"]
     header.append("seeds")
+    full = len({r["seed"] for r in results})  # a cell over fewer seeds than the experiment's says how many
     rows = []
     for method in methods:
         row = [method]
@@ -155,9 +156,9 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
         for task in tasks:
             runs = [r for r in results if r["method"] == method and r["task"] == task]
             seeds |= {r["seed"] for r in runs}
-            row += [_cell([r["general_ppl"] for r in runs if r.get("general_ppl") is not None], 3),
-                    _cell([100 * r["tasks"][task]["acc"] for r in runs], 1),
-                    _cell([100 * r["tasks"][task]["acc_norm"] for r in runs], 1)]
+            row += [_cell([r["general_ppl"] for r in runs if r.get("general_ppl") is not None], 3, full),
+                    _cell([100 * r["tasks"][task]["acc"] for r in runs], 1, full),
+                    _cell([100 * r["tasks"][task]["acc_norm"] for r in runs], 1, full)]
         row.append(str(len(seeds)))
         rows.append(row)
     return header, rows

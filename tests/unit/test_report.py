@@ -443,3 +443,26 @@ def test_records_without_a_general_perplexity_make_a_report(tmp_path):
     assert "## Main results" in md
     write_tables(records, tmp_path)
     assert "| lora-mu |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_cell_over_fewer_seeds_says_so_and_is_not_ranked(tmp_path):
+    """hlora with seed 0 only beside lora-mu's three seeds: its single number was marked best among 3-seed means,
+    and the seeds column (the union over tasks) hid that it had one."""
+    from forgetless.reporting.report import build_report
+
+    (tmp_path / "runs").mkdir()
+    records = [{"run_id": f"lora-mu__A__seed{s}", "method": "lora-mu", "task": "A", "seed": s, "general_ppl": 10.0 + s,
+                "tasks": {"A": {"acc": 0.5 + 0.01 * s, "acc_norm": 0.5}}} for s in range(3)]
+    records += [{"run_id": "lora-nu-mu__A__seed" + str(s), "method": "lora-nu-mu", "task": "A", "seed": s,
+                 "general_ppl": 11.0, "tasks": {"A": {"acc": 0.45, "acc_norm": 0.5}}} for s in range(3)]
+    records.append({"run_id": "hlora__A__seed0", "method": "hlora", "task": "A", "seed": 0, "general_ppl": 9.0,
+                    "tasks": {"A": {"acc": 0.9, "acc_norm": 0.5}}})
+    for r in records:
+        (tmp_path / "runs" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    rows = table_rows(build_report(tmp_path).read_text(), "## Main results")
+    assert rows["hlora"][:2] == ["9.00 (n=1)", "90.0 (n=1)"]  # shown with its n, neither bold nor underlined
+    assert rows["lora-mu"][:2] == ["**11.00 ± 1.00**", "**51.0 ± 1.0**"]
+    from forgetless.reporting.tables import summary_table
+
+    _, plain = summary_table(records)
+    assert plain[2] == ["hlora", "9.000 (n=1)", "90.0 (n=1)", "50.0 (n=1)", "1"] and "(n=" not in plain[0][1]
