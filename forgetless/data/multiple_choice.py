@@ -106,6 +106,9 @@ def _labelled_choices(record: Record) -> tuple[tuple[str, ...], list[str]]:
     labels = list(_str_list(record, "choices.label", choices["label"]))
     if len(texts) != len(labels):
         raise record.error(f"{len(texts)} texts but {len(labels)} labels", "choices")
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # the answer key would name either choice
+        raise record.error(f"label {twice[0]!r} is given to more than one choice", "choices.label")
     return texts, labels
 
 

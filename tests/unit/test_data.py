@@ -89,6 +89,9 @@ def test_arc_numeric_labels(tmp_path):
     path = jsonl(tmp_path, "arc.jsonl", [{"id": "x", "question": "Q?", "answerKey": "3",
                                           "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}}])
     assert load_mc_task(path)[0] == MCItem("Question: Q?\nAnswer:", ("a", "b", "c"), 2)
+    twice = jsonl(tmp_path, "twice.jsonl", [{"id": "x", "question": "Q?", "answerKey": "A",
+                                             "choices": {"text": ["a", "b"], "label": ["A", "A"]}}])
+    assert str(_error(twice)) == f"{twice}, line 1: field 'choices.label': label 'A' is given to more than one choice"
 
 
 def test_openbookqa():
