@@ -134,7 +134,8 @@ def _warn_reduced_weights(params: Sequence[torch.Tensor], settings: LandscapeSet
     """eps-sharpness moves every weight by about rho / sqrt(N): over all weights of a 16-bit base that is mostly
     below the weights' own resolution (SmolLM2-135M at rho 0.05: 4e-6 against half a bf16 step of 6e-5 at |w| 0.03),
     so most of the shift rounds away; the Hessian products are 16-bit too."""
-    reduced = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    reduced = sorted({str(p.dtype).removeprefix("torch.") for p in params
+                      if p.dtype in (torch.bfloat16, torch.float16)})
     wants = (settings.rho > 0 and settings.ascent_steps >= 0) or settings.hessian_iters or settings.trace_samples
     if reduced and wants:
         warnings.warn(f"flatness over {settings.params} weights held in {', '.join(reduced)}: eps-sharpness's shift of "
