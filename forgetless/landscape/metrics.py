@@ -288,5 +288,5 @@ def eps_sharpness_parts(objective: Objective, rho: float = 0.05, steps: int = 5,
 
 
 __all__ = ["SURFACE_METRICS", "eps_sharpness", "eps_sharpness_parts", "hessian_dominant_eigenvalue",
-           "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace", "hutchinson_trace_estimate",
-           "surface_metrics"]
+           "hessian_eigenvalues", "hessian_top_eigenvalue", "hessian_vector_product", "hutchinson_trace",
+           "hutchinson_trace_estimate", "surface_metrics"]
