@@ -379,6 +379,25 @@ def _measure_run(output: Path, model_name: str, settings: LandscapeSettings, hel
     return 1
 
 
+def _own_surface(output: Path, rid: str, part: dict[str, Any]) -> None:
+    """A copied measurement's ``surface`` (``landscape/OTHER/.../surface.npz``) copied, with the figures beside it,
+    to ``landscape/RID/...``, and the path rewritten to there."""
+    import shutil
+
+    surface = part.get("surface")
+    if not isinstance(surface, str) or not surface.startswith("landscape/"):
+        return
+    source = Path(surface).parent
+    own = Path("landscape") / rid / Path(*source.parts[2:])  # the same place under this run's folder
+    if source == own or not (output / source).is_dir():
+        return
+    (output / own).mkdir(parents=True, exist_ok=True)
+    for path in (output / source).iterdir():
+        if path.is_file():
+            shutil.copy2(path, output / own / path.name)
+    part["surface"] = str(own / Path(surface).name)
+
+
 def _reuse(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict[str, str], entry: dict[str, Any],
            lora: bool, also: bool) -> set[str]:
     """Copy into ``entry`` what another run with the same adapter (hash ``sha``) and base has measured with these
@@ -398,6 +417,8 @@ def _reuse(output: Path, rid: str, sha: str, digests: dict[str, Any], base: dict
     if also and every.get("digest") == digests["every"] and ("metrics" in every or "skipped" in every):
         entry["all_weights"] = every | {"seconds": 0.0, "same_model_as": every.get("same_model_as", other)}
         reused.add("every")
+    for part in (entry, entry.get("all_weights") or {}):  # its own copies of the surface files: the record keeps
+        _own_surface(output, rid, part)  # pointing at them if the measured run is later set aside and measured again
     if reused:
         what = " and ".join(name for kind, name in (("main", "LoRA directions"), ("every", "all weights"))
                             if kind in reused)

@@ -74,11 +74,16 @@ def test_a_run_with_the_same_adapter_copies_the_measurement(tmp_path, tiny_model
     assert first["adapter_sha256"] == copy["adapter_sha256"] == sha == adapter_sha256(out / "adapters" / LORA)
     assert "same_model_as" not in first and first["seconds"] > 0
     assert copy["same_model_as"] == LORA and copy["seconds"] == 0.0
-    assert {k: v for k, v in copy.items() if k not in ("same_model_as", "seconds", "all_weights")} == {
-        k: v for k, v in first.items() if k not in ("seconds", "all_weights")}  # metrics, tokens, surface, digest
-    assert (out / copy["surface"]).is_file()
+    assert {k: v for k, v in copy.items() if k not in ("same_model_as", "seconds", "all_weights", "surface")} == {
+        k: v for k, v in first.items() if k not in ("seconds", "all_weights", "surface")}  # metrics, tokens, digest
+    # the surface files are its own copies: the record keeps its surface if LORA is set aside and measured again
+    assert copy["surface"] == f"landscape/{WISE}/surface.npz" != first["surface"]
+    assert (out / copy["surface"]).read_bytes() == (out / first["surface"]).read_bytes()
+    assert (out / "landscape" / WISE / "surface_contour.png").is_file()
     every = copy["all_weights"]
-    assert every["metrics"] == first["all_weights"]["metrics"] and every["surface"] == first["all_weights"]["surface"]
+    assert every["metrics"] == first["all_weights"]["metrics"]
+    assert every["surface"] == f"landscape/{WISE}/all_weights/surface.npz"
+    assert (out / every["surface"]).read_bytes() == (out / first["all_weights"]["surface"]).read_bytes()
     assert every["same_model_as"] == LORA and every["seconds"] == 0.0
     _, records, digests = _todo(out, str(tiny_model_dir), settings, 16, None)
     assert _mean_seconds(records, digests) == {"main": first["seconds"], "every": first["all_weights"]["seconds"]}
