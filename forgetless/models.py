@@ -26,6 +26,8 @@ import json
 import math
 import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,10 +92,21 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
+_SAMPLED = 1 << 22  # bytes of a GGUF's start and of its end that its cache key hashes
+
+
 def _gguf_cache_folder(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{key}"
+    """The converted float copy of ``gguf``, keyed by its content (its size, and the sha256 of its first and last 4
+    MiB: a few ms): the same file from another install, virtualenv or checkout shares one copy. (A key by path and
+    modification time made a ~0.5 GB copy per virtualenv: 23 of them on one machine.)"""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with gguf.open("rb") as fh:
+        digest.update(fh.read(_SAMPLED))
+        if size > _SAMPLED:
+            fh.seek(max(size - _SAMPLED, _SAMPLED))
+            digest.update(fh.read())
+    return cache_dir() / "models" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{digest.hexdigest()[:12]}"
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype,
@@ -101,17 +114,27 @@ def _load_gguf(gguf: Path, dtype: torch.dtype,
     folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
         return _load_folder(str(folder), dtype, attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # not a GGUF, cut short, unknown arch
+        raise ModelNotFoundError(f"cannot read {gguf} as a GGUF model ({type(err).__name__}: {err})") from err
     # The GGUF's quantization record is meaningless once dequantized; drop it so the saved copy
     # loads as a plain float model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = folder.with_name(folder.name + ".tmp")
+    # a folder of this process's own (several workers convert at once on a new machine), renamed into place whole: a
+    # half-written cache is never picked up, and a process that finds another's copy there already takes that one
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)  # atomic: a half-written cache is never picked up
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
     # Every load, this first one too, comes from the cached copy: the same model each time. Casting this one instead
     # (model.to(dtype)) also cast its float32 rotary buffers, which from_pretrained keeps: the first run on a machine
     # scored other numbers than every later one (SmolLM2 in bf16: base perplexity 110.43 against 110.88).
@@ -121,8 +144,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype,
 
 def _load_folder(name_or_path: str, dtype: torch.dtype,
                  attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
+    except (OSError, ValueError, KeyError) as err:  # a folder without weights or tokenizer, an unknown architecture
+        raise ModelNotFoundError(f"cannot load the model {name_or_path} ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''})") from err
     return model, tokenizer
 
 

@@ -140,3 +140,42 @@ def test_a_4bit_base_computes_in_the_runs_precision(monkeypatch, precision, nati
     load_model("some-org/some-model", precision=precision, quantization="4bit")
     assert asked["compute_dtype"] == compute
     assert asked["dtype"] == compute  # dtype: auto, the base's other weights follow the run's precision too
+
+
+def test_two_processes_converting_one_gguf_both_get_the_model(tmp_path, monkeypatch):
+    """Workers of `run --jobs 2` on a new machine convert the same GGUF at once. They wrote through one fixed
+    `FOLDER.tmp` and the second crashed; now each writes its own and the one that finds the other's copy in place
+    takes it. The cache is keyed by the file's content, so a copy of the file elsewhere shares it."""
+    import forgetless.models as models
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    folder = models._gguf_cache_folder(gguf)
+    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
+
+    def model_from(path, *args, gguf_file=None, **kwargs):
+        if not gguf_file:
+            return real_model(path, *args, **kwargs)
+        winner = make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))  # the other process finishes first
+        winner.save_pretrained(folder)
+        make_tiny_tokenizer().save_pretrained(folder)
+        return make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))
+
+    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
+        return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    model, _ = models._load_gguf(gguf, torch.float32)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary left behind
+    assert torch.equal(model.get_input_embeddings().weight,
+                       make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer())).get_input_embeddings().weight)
+    copy = tmp_path / "elsewhere" / "tiny.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(gguf.read_bytes())
+    assert models._gguf_cache_folder(copy) == folder  # by content, not by path
+    copy.write_bytes(b"GGUF other content")
+    assert models._gguf_cache_folder(copy) != folder

@@ -113,6 +113,14 @@ def _cached_domain_stage(ws: Workspace, damage: Callable[[Path], None]) -> list[
     return ["run", path]
 
 
+def _config_only(ws: Workspace) -> Path:
+    """A model folder holding only the configuration: no weights, no tokenizer."""
+    folder = ws.root / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((ws.model / "config.json").read_text())
+    return folder
+
+
 def _finished(ws: Workspace, **record) -> list[str]:
     """``run`` on an experiment that finds ``runs/base__t__seed0.json`` already there (its settings: the
     experiment's, updated with ``record["settings"]``)."""
@@ -280,6 +288,7 @@ CASES: list[Case] = [
     ("missing model folder", lambda ws: ["run", ws.experiment(model=str(ws.root / "no-model"))],
      "neither a model folder nor a .gguf file", 2),
     ("missing gguf", lambda ws: ["run", ws.experiment(model=str(ws.root / "m.gguf"))], "GGUF file not found", 2),
+
     ("misspelt embedded model", lambda ws: ["run", ws.experiment(model="smollm2-136m")],
      "exp.yaml: model: unknown model 'smollm2-136m': did you mean 'smollm2-135m'?", 2),
     ("misspelt embedded model (eval)", lambda ws: ["eval", "--model", "smolm2-135m", "--ppl", ws.general],
@@ -427,3 +436,20 @@ def test_debug_shows_the_traceback(tmp_path, no_model):
         main(["--debug", "eval"])
     with pytest.raises(ConfigError, match="seeds: expected a list"):
         main(["run", Workspace(tmp_path, tmp_path).experiment(seeds="x"), "--debug"])
+
+
+@pytest.mark.parametrize("model, said", [
+    (lambda ws: ws.file("bad.gguf", b"not a gguf at all"), "bad.gguf as a GGUF model"),
+    (lambda ws: str(_config_only(ws)), "cannot load the model "),
+])
+def test_a_model_that_fails_to_load_is_one_line_too(tmp_path, capsys, model, said):
+    """Found only when loading (not a GGUF, a folder without weights): one line and exit code 2, not a traceback."""
+    ws = Workspace(tmp_path, tmp_path / "tiny")
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    make_tiny_model(vocab_size=len(make_tiny_tokenizer())).save_pretrained(ws.model)
+    capsys.readouterr()
+    rc = main(["eval", "--model", model(ws), "--ppl", ws.general, "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
