@@ -139,6 +139,16 @@ def test_schema_errors_name_file_and_key(tmp_path, snippet, message):
     assert f"{path}: {message}" in str(info.value)
 
 
+def test_a_quantized_base_without_bitsandbytes_is_said_when_the_yaml_is_read(tmp_path, monkeypatch):
+    """As tensorboard, liger and lm-eval are: a dry run passed, and the run stopped at its first model load."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"quantization: 4bit needs bitsandbytes: pip install 'forgetless\[qlora\]'"):
+        load_experiment(write(tmp_path, "{quantization: 4bit}"))
+
+
 def test_unquoted_exponent_is_a_float(tmp_path):
     path = tmp_path / "exp.yaml"
     text = yaml.safe_dump({k: v for k, v in BASE.items() if k != "train"})
