@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -503,6 +504,19 @@ _positive = _at_least(1)
 _nonnegative = _at_least(0)
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_finite.__name__ = "number"
+
+
 # --chat-template of `train`, `eval` and `landscape`: the experiment's chat_template (docs/data_formats.md)
 _CHAT_ARG = dict(choices=["auto", "true", "false"], default="auto",
                  help="multiple-choice prompts through the tokenizer's chat template, as lm-eval's "
@@ -690,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default="base",
                    help="dtype of the merged model (default: the dtype the base is stored in)")
-    p.add_argument("--wise-ft", type=float, metavar="ALPHA",
+    p.add_argument("--wise-ft", type=_finite, metavar="ALPHA",
                    help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
     p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "
                                       "folder (with that file or with its adapter)")

@@ -1361,6 +1361,10 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     if held and not overwrite:
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "
                           f"give a new folder, or --overwrite to replace them")
+    if not held and exp.output.is_dir() and (others := sorted(p.name for p in exp.output.iterdir())):
+        # a folder of the user's (PEFT's save_pretrained would rewrite a README.md there as its model card)
+        raise ConfigError(f"{where(exp, 'output')}: {exp.output} holds files of its own ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}): give a new or empty folder for the adapter")
     (job,) = plan_runs(exp)
     with _removed_if_untouched(exp.output):
         check_output(exp.output, where(exp, "output"))

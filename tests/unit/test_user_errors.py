@@ -321,6 +321,11 @@ CASES: list[Case] = [
      lambda ws: _cached_domain_stage(ws, lambda c: (c / "stage.json").write_text("[]")),
      "stage.json: not a stage record", 2),
     # forgetless train
+    ("train into a folder of the user's", lambda ws: (ws.file("README.md", "# My project") and ws.train())[:-3] +
+     ["--output", str(ws.root), "--quiet"], "holds files of its own (README.md, ", 2),
+    ("export --wise-ft nan", lambda ws: ["export", "--model", str(ws.model), "--adapter", ws.adapter(), "--wise-ft",
+                                         "nan", "--theta-nu", ws.adapter(), "--output", str(ws.root / "x")],
+     "argument --wise-ft: must be a finite number, got 'nan'", 2),
     ("train --method base", lambda ws: ws.train("--method", "base"), "method 'base' trains nothing", 2),
     ("train --method foo", lambda ws: ws.train("--method", "foo"), "--method: methods[0]: unknown method 'foo'", 2),
     ("train --method bad YAML", lambda ws: ws.train("--method", "[lora-mu"), "--method: invalid YAML", 2),
