@@ -30,7 +30,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.experiment import run_experiment
 
     path = demo_experiment(Path(args.output), model=args.model)
-    results = run_experiment(load_experiment(path), progress=not args.quiet)
+    results = run_experiment(load_experiment(path), progress=not args.quiet, rerun_changed=args.rerun_changed)
     print()
     print((Path(args.output) / "results.md").read_text())
     base = next(r for r in results if r["method"] == "base")
@@ -534,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="redo the runs of --output whose settings changed (another --model, a newer forgetless)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run", parents=[debug], help="run an experiment YAML (methods x tasks x seeds); resumable")

@@ -127,3 +127,33 @@ def test_general_text():
     words = DEMO_HELDOUT_TEXT.split()
     assert 300 <= len(words) <= 600
     assert "Corvath" not in DEMO_HELDOUT_TEXT
+
+
+def test_the_demo_samples_its_general_text_again_for_another_model_and_can_redo_changed_runs(tmp_path, monkeypatch):
+    """`demo --model other` into the same folder kept the first model's sampled text, and refused to go on ("run
+    again with --rerun-changed") with no such flag to give."""
+    import forgetless.demo as demo
+    import forgetless.experiment as experiment
+    from forgetless.cli import main
+
+    sampled = []
+    monkeypatch.setattr(demo, "sample_general_text", lambda model, seed=0: sampled.append(model) or [f"by {model}"])
+    demo.demo_experiment(tmp_path, model="a")
+    demo.demo_experiment(tmp_path, model="a")
+    assert sampled == ["a"]  # kept while the model is the same
+    demo.demo_experiment(tmp_path, model="b")
+    assert sampled == ["a", "b"] and "by b" in (tmp_path / "general_sampled.jsonl").read_text()
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    def run_experiment(exp, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(experiment, "run_experiment", run_experiment)
+    with pytest.raises(Stop):
+        main(["demo", "--model", "b", "--output", str(tmp_path), "--rerun-changed", "--quiet"])
+    assert asked["rerun_changed"] is True
