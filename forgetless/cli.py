@@ -232,30 +232,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None) -> str:
-    """A note when ``eval --adapter`` scores differently from the run that trained the adapter (its record:
-    ``OUTPUT/runs/RUN_ID.json`` beside ``OUTPUT/adapters/RUN_ID``, or ``run.json`` in a ``train`` folder): another
-    chat-template setting or block size gives other numbers than the run's record ("" when alike or unknown)."""
-    from forgetless.config import GeneralData
-
+def _its_run(adapter: Path) -> tuple[Path, dict] | None:
+    """The record of the run that trained ``adapter`` (``OUTPUT/runs/RUN_ID.json`` beside ``OUTPUT/adapters/RUN_ID``,
+    or ``run.json`` in a ``train`` folder) and its path; None when there is none or it cannot be read."""
     for path in (adapter.parent.parent / "runs" / f"{adapter.name}.json", adapter / "run.json"):
         try:
-            settings = json.loads(path.read_text()).get("settings")
-        except (OSError, ValueError, AttributeError):
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
             continue
-        if not isinstance(settings, dict):
-            return ""
-        theirs_chat = bool(settings.get("chat_template", False))  # in a run's settings only when on
-        theirs_block = (settings.get("general") or {}).get("block_size", GeneralData.block_size)  # default: not kept
-        flags = []
-        if chat is not None and chat != theirs_chat:
-            flags.append(f"--chat-template {'true' if theirs_chat else 'false'}")
-        if block_size is not None and block_size != theirs_block:
-            flags.append(f"--block-size {theirs_block}")
-        if flags:
-            return (f"note: the run that trained this adapter ({path}) was scored with other settings; to reproduce "
-                    f"its scores, add {' '.join(flags)}")
+        return (path, record) if isinstance(record, dict) else None
+    return None
+
+
+def _base_as_its_run(args: argparse.Namespace) -> None:
+    """``eval --adapter``'s base loaded as the run that trained the adapter loaded it (its ``dtype`` and
+    ``quantization``) unless the flags say otherwise: a QLoRA adapter scored on a float base gave other numbers."""
+    found = _its_run(Path(args.adapter)) if args.adapter else None
+    settings = found[1].get("settings") if found else None
+    settings = settings if isinstance(settings, dict) else {}
+    for key, default in (("dtype", "auto"), ("quantization", "none")):
+        if getattr(args, key) is None:
+            theirs = settings.get(key, default)  # a run's settings keep only what is not the default
+            setattr(args, key, theirs)
+            if theirs != default:
+                print(f"note: the base is loaded with {key} {theirs}, as the run that trained this adapter did "
+                      f"({found[0]}); --{key} {default} to change that", file=sys.stderr)
+
+
+def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None, precision: str = "auto") -> str:
+    """A note when ``eval --adapter`` scores differently from the run that trained the adapter (:func:`_its_run`):
+    another chat-template setting, block size or precision gives other numbers than the run's record ("" when
+    alike or unknown)."""
+    from forgetless.config import GeneralData
+    from forgetless.precision import default_device, resolve_precision
+
+    found = _its_run(adapter)
+    settings = found[1].get("settings") if found else None
+    if not isinstance(settings, dict):
         return ""
+    path, record = found
+    theirs_chat = bool(settings.get("chat_template", False))  # in a run's settings only when on
+    theirs_block = (settings.get("general") or {}).get("block_size", GeneralData.block_size)  # default: not kept
+    computed = record.get("computed") if isinstance(record.get("computed"), dict) else {}
+    theirs_precision = computed.get("precision")  # how the run computed (auto resolved on its machine)
+    flags = []
+    if chat is not None and chat != theirs_chat:
+        flags.append(f"--chat-template {'true' if theirs_chat else 'false'}")
+    if block_size is not None and block_size != theirs_block:
+        flags.append(f"--block-size {theirs_block}")
+    if theirs_precision in ("bf16", "fp32") and theirs_precision != resolve_precision(precision, default_device()):
+        flags.append(f"--precision {theirs_precision}")
+    if flags:
+        return (f"note: the run that trained this adapter ({path}) was scored with other settings; to reproduce "
+                f"its scores, add {' '.join(flags)}")
     return ""
 
 
@@ -296,7 +325,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
 
-    from forgetless.models import load_adapter, load_model
+    from forgetless.models import is_quantized, load_adapter, load_model
     from forgetless.pipeline import NonFiniteScore, check_finite
     from forgetless.precision import default_device
 
@@ -325,18 +354,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except HarnessTaskError as err:
             raise ConfigError(f"--lmeval {spec}: {err}") from None
     chat = _chat_template_before_load(args, bool(tasks or harness))
+    _base_as_its_run(args)
     if args.adapter:
         note = _unlike_its_run(Path(args.adapter), chat if tasks or harness else None,
-                               args.block_size if texts is not None else None)
+                               args.block_size if texts is not None else None, args.precision)
         if note:
             print(note, file=sys.stderr)
-    model, tokenizer = load_model(args.model, precision=args.precision)
-    model.to(default_device())  # evaluate on the GPU when there is one
+    model, tokenizer = load_model(args.model, dtype=args.dtype, precision=args.precision,
+                                  quantization=args.quantization)
+    if not is_quantized(model):  # a quantized base is placed by its loader
+        model.to(default_device())  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter)
     if chat:  # multiple-choice prompts as lm-eval's --apply_chat_template builds them
         tasks = [(source, chat_mc_items(items, tokenizer)) for source, items in tasks]
-    report: dict = {"model": args.model, "adapter": args.adapter, "chat_template": chat}
+    report: dict = {"model": args.model, "adapter": args.adapter, "chat_template": chat, "dtype": args.dtype,
+                    "quantization": args.quantization}
     if texts is not None:
         with data_errors("--ppl"):
             blocks = pack_blocks(texts, tokenizer, args.block_size, max_blocks=args.max_blocks)
@@ -646,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
+                   help="the base's weights (default: as the run that trained --adapter loaded them, else auto)")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"],
+                   help="a 4-bit or 8-bit base (default: as the run that trained --adapter had it, else none)")
     p.add_argument("--ppl", help="held-out general text for perplexity")
     p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
     p.add_argument("--lmeval", action="append", metavar="TASK",

@@ -1,5 +1,6 @@
 """``forgetless train`` goes through the experiment runner: the same adapter, bit for bit, as ``forgetless run``."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -150,3 +151,30 @@ def test_eval_of_a_runs_adapter_says_which_flags_reproduce_the_runs_scores(tmp_p
            f"reproduce its scores, add --block-size 16" in capsys.readouterr().err
     assert main(evaluate + ["--block-size", "16"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_eval_of_a_qlora_adapter_loads_the_base_as_its_run_did(tmp_path, model_dir, capsys):
+    """An adapter trained on a 4-bit base was scored on a float base by `eval --adapter` (no flag could say
+    otherwise): other numbers than its record, without a word. The base now loads as the run's record says, and the
+    scores are the record's; --quantization none scores the float base on purpose."""
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "adapter"
+    general = str(tmp_path / "general.jsonl")
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--heldout", general, "--quantization", "4bit")) == 0
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["settings"]["quantization"] == "4bit"
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(model_dir), "--adapter", str(out), "--ppl", general, "--precision", "fp32",
+                "--block-size", "16"]
+    assert main(evaluate) == 0
+    captured = capsys.readouterr()
+    assert "note: the base is loaded with quantization 4bit, as the run that trained this adapter did" in captured.err
+    scored = json.loads(captured.out[captured.out.index("{"):])
+    assert scored["quantization"] == "4bit"
+    assert scored["perplexity"]["ppl"] == pytest.approx(recorded["general_ppl"], rel=1e-5)
+    assert main(evaluate + ["--quantization", "none"]) == 0
+    printed = capsys.readouterr().out
+    plain = json.loads(printed[printed.index("{"):])
+    assert plain["quantization"] == "none" and plain["perplexity"]["ppl"] != pytest.approx(scored["perplexity"]["ppl"],
+                                                                                          rel=1e-5)
