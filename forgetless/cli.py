@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -474,8 +475,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         report["metrics"] = {k: v for k, v in metrics.items() if k not in ("loss", "n_params")}
     # written into a folder beside it and moved in file by file, landscape.json last: an error while writing leaves
     # the folder as it was (a landscape.json always with its own surface and figures)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"  # a new name: nothing of the user's is removed
     tmp.mkdir(parents=True)
     try:
         files = {"grid": save_surface(surface, tmp / "surface.npz"), **plot_surface(surface, tmp)}
@@ -497,6 +497,7 @@ def _landscape_output(out: Path, overwrite: bool) -> Path:
     from forgetless.config import ConfigError
     from forgetless.experiment import check_output_possible
 
+    out = out.resolve()  # `--output .` has a name and a parent (the files are written beside it, then moved in)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"landscape: --output {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -504,6 +505,7 @@ def _landscape_output(out: Path, overwrite: bool) -> Path:
         raise ConfigError(f"landscape: --output {out} holds {held}: give a new or empty folder, or --overwrite to "
                           f"replace its files")
     check_output_possible(out, "landscape: --output")
+    check_output_possible(out.parent, "landscape: --output's parent folder")  # where the files are written first
     return out
 
 

@@ -40,7 +40,6 @@ Method entries are checked by :func:`forgetless.methods.resolve`, which owns the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import types
@@ -353,8 +352,6 @@ class Experiment:
             raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:  # said before any run
-            raise ValueError(f"quantization: {self.quantization} needs bitsandbytes: pip install 'forgetless[qlora]'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.quantization != "none" and self.landscape is not None and (

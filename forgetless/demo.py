@@ -46,12 +46,13 @@ def demo_experiment(output: Path, model: str = DEFAULT_MODEL, seed: int = 0) -> 
     output.mkdir(parents=True, exist_ok=True)
     general = output / "general_sampled.jsonl"
     sampled_by = output / "general_sampled.model"  # which model and seed sampled it: another --model samples anew
-    if not general.is_file() or (sampled_by.is_file() and sampled_by.read_text() != f"{model} {seed}"):
+    by = sampled_by.read_text() if sampled_by.is_file() else f"{DEFAULT_MODEL} {seed}"  # before the note: the default's
+    if not general.is_file() or by != f"{model} {seed}":
         texts = sample_general_text(model, seed=seed)
         tmp = general.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         tmp.replace(general)
-    sampled_by.write_text(f"{model} {seed}")  # a file from before this note: taken as the default model's
+    sampled_by.write_text(f"{model} {seed}")
     heldout = output / "heldout.txt"
     heldout.write_text(DEMO_HELDOUT_TEXT)
     experiment = {

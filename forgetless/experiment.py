@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -624,6 +625,10 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
         check_model_source(exp.model)
     except ModelNotFoundError as err:
         raise ModelNotFoundError(f"{where(exp, 'model')}: {err}") from None
+    if jobs and exp.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:  # before any run (a
+        # folder whose runs are all recorded rebuilds its tables without it)
+        raise ConfigError(f"{where(exp, 'quantization')}: {exp.quantization} needs bitsandbytes: pip install "
+                          f"'forgetless[qlora]'")
     for lora in {json.dumps(j.recipe.lora, sort_keys=True): j.recipe.lora for j in jobs if j.recipe.stages}.values():
         try:
             check_lora_targets(exp.model, replace(exp.lora, **lora))
@@ -1361,7 +1366,9 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     if held and not overwrite:
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "
                           f"give a new folder, or --overwrite to replace them")
-    if not held and exp.output.is_dir() and (others := sorted(p.name for p in exp.output.iterdir())):
+    others = sorted(p.name for p in exp.output.iterdir() if not p.name.startswith(".forgetless-")) \
+        if exp.output.is_dir() else []  # not another process's write probe (check_output)
+    if not held and others:
         # a folder of the user's (PEFT's save_pretrained would rewrite a README.md there as its model card)
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} holds files of its own ({', '.join(others[:3])}"
                           f"{', ...' if len(others) > 3 else ''}): give a new or empty folder for the adapter")

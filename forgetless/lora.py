@@ -239,7 +239,8 @@ class _WeightedDistance(torch.autograd.Function):
         rank = a.shape[-2]
         # where Triton runs (CUDA): W (dW - R) is never formed, two fused kernels read W once each
         # (forgetless.kernels.weighted_products); nothing dense is formed, so a weight on the device is one chunk
-        kernel = a.dtype == torch.float32 and ref is None and triton_enabled(a.device)
+        kernel = (a.dtype == torch.float32 and ref is None and (ref_a is None or ref_a.shape[-2] == rank)
+                  and triton_enabled(a.device))  # factors of another rank: the dense path, in chunks
         whole = kernel and budget is None and weight.device == a.device
         for part in [slice(None)] if whole else module_chunks(a.shape[0], weight.shape[-2:], a.device, budget):
             w = weight[part].to(a.device, non_blocking=True)  # a chunk of a weight held in CPU memory: copied now

@@ -137,6 +137,7 @@ numbers, without the memory); otherwise the dense tensor is kept and used as bef
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -583,7 +584,7 @@ class HLoRA(Method):
                              "or load_state() a folder with " + FILENAME)
         self._validate()
         stored = self.metadata.get("model") or ""
-        if stored and self._model_name and stored != self._model_name:
+        if stored and self._model_name and _model_id(stored) != _model_id(self._model_name):
             warnings.warn(f"HLoRA importance was recorded on {stored!r}, the model now is {self._model_name!r}")
         snapped = False
         for g in self.groups:
@@ -755,6 +756,16 @@ class HLoRA(Method):
         """Remember the file; it is read and checked against the model at the domain stage's start."""
         self._state.remember(directory)
         self.importance, self._refs = {}, ReferenceUpdates()
+
+
+def _model_id(name: str) -> str:
+    """A model's name for comparing where importance was recorded: a GGUF's converted copy
+    (``.../forgetless/models/STEM-KEY``) by its stem, as the copy's key changed with forgetless's version (by path
+    and mtime, then by content) while the model did not."""
+    path = Path(name)
+    if path.parent.name == "models" and re.search(r"-[0-9a-f]{12}$", path.name):
+        return re.sub(r"-[0-9a-f]{12}$", "", path.name)
+    return name
 
 
 def _stack_padded(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device,

@@ -139,14 +139,18 @@ def test_schema_errors_name_file_and_key(tmp_path, snippet, message):
     assert f"{path}: {message}" in str(info.value)
 
 
-def test_a_quantized_base_without_bitsandbytes_is_said_when_the_yaml_is_read(tmp_path, monkeypatch):
-    """As tensorboard, liger and lm-eval are: a dry run passed, and the run stopped at its first model load."""
+def test_a_quantized_base_without_bitsandbytes_is_said_before_any_run(tmp_path, monkeypatch):
+    """A dry run passed, and the run stopped at its first model load."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    from forgetless.experiment import check_model, plan_runs
+
+    exp = load_experiment(write(tmp_path, "{quantization: 4bit}"))  # read: its tables can be rebuilt without it
     with pytest.raises(ConfigError, match=r"quantization: 4bit needs bitsandbytes: pip install 'forgetless\[qlora\]'"):
-        load_experiment(write(tmp_path, "{quantization: 4bit}"))
+        check_model(exp, plan_runs(exp))  # what run and --dry-run check before any model loads, when runs are left
+    check_model(exp, [])
 
 
 def test_unquoted_exponent_is_a_float(tmp_path):

@@ -157,3 +157,16 @@ def test_the_demo_samples_its_general_text_again_for_another_model_and_can_redo_
     with pytest.raises(Stop):
         main(["demo", "--model", "b", "--output", str(tmp_path), "--rerun-changed", "--quiet"])
     assert asked["rerun_changed"] is True
+
+
+def test_a_sample_from_before_the_note_counts_as_the_default_models(tmp_path, monkeypatch):
+    import forgetless.demo as demo
+
+    sampled = []
+    monkeypatch.setattr(demo, "sample_general_text", lambda model, seed=0: sampled.append(model) or [f"by {model}"])
+    (tmp_path / "general_sampled.jsonl").write_text('{"text": "old"}\n')  # no general_sampled.model beside it
+    demo.demo_experiment(tmp_path, model=demo.DEFAULT_MODEL)
+    assert sampled == [] and "old" in (tmp_path / "general_sampled.jsonl").read_text()
+    (tmp_path / "general_sampled.model").unlink()
+    demo.demo_experiment(tmp_path, model="other")
+    assert sampled == ["other"]

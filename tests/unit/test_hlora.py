@@ -791,3 +791,15 @@ def test_a_reduced_storage_dtype_is_held_as_saved_so_a_cached_stage_gives_the_sa
     mine, theirs = plugin.regularizer(), cached.regularizer()
     assert mine > 0 and torch.equal(mine, theirs)
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(mine, params), torch.autograd.grad(theirs, params)))
+
+
+def test_importance_recorded_on_an_older_converted_copy_of_the_same_gguf_is_the_same_model():
+    """The converted GGUF's cache key changed (path and mtime, then content): a cached general stage's importance names
+    the older copy's folder, which is the same model, so no 'recorded on another model' warning."""
+    from forgetless.methods.hlora import _model_id
+
+    old, new = ("/root/.cache/forgetless/models/SmolLM2-135M-Instruct.Q4_1-1502ae3c691d",
+                "/home/u/.cache/forgetless/models/SmolLM2-135M-Instruct.Q4_1-0a1b2c3d4e5f")
+    assert _model_id(old) == _model_id(new) == "SmolLM2-135M-Instruct.Q4_1"
+    assert _model_id("/data/models/my-model") == "/data/models/my-model" != _model_id("/data/models/other")
+    assert _model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,6 +419,15 @@ def test_landscape_output_is_checked_before_the_model_loads_and_not_overwritten(
     out = tmp_path / "text.txt" / "sub"
     assert measure() == 2
     assert "is not writable" in capsys.readouterr().err
+    mine = tmp_path / "here.tmp"  # a folder named like the old fixed temporary: left alone
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = Path(".")  # an empty current folder: the files land in it
+    assert measure() == 0 and (here / "landscape.json").is_file() and (mine / "notes.txt").read_text() == "mine"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".here.")]
 
 
 def test_experiment_landscape_section_measures_runs_once(tmp_path, tiny_model_dir, monkeypatch):
