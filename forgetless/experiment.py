@@ -117,7 +117,8 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
 # flags of `forgetless train` for the keys of its one-run experiment, so that its errors name what the user typed
 _CLI_KEYS = {"general.train": "--general", "general.heldout": "--heldout", "tasks[0].train": "--domain",
              "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output",
-             "chat_template": "--chat-template", "model": "--model"}
+             "chat_template": "--chat-template", "model": "--model", "general.block_size": "--block-size",
+             "quantization": "--quantization"}
 
 
 def where(exp: Experiment, key: str) -> str:
@@ -625,6 +626,7 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
         check_model_source(exp.model)
     except ModelNotFoundError as err:
         raise ModelNotFoundError(f"{where(exp, 'model')}: {err}") from None
+    check_context(exp)
     if jobs and exp.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:  # before any run (a
         # folder whose runs are all recorded rebuilds its tables without it)
         raise ConfigError(f"{where(exp, 'quantization')}: {exp.quantization} needs bitsandbytes: pip install "
@@ -634,6 +636,19 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
             check_lora_targets(exp.model, replace(exp.lora, **lora))
         except ValueError as err:
             raise ConfigError(f"{where(exp, 'lora')}: {err}") from None
+
+
+def check_context(exp: Experiment) -> None:
+    """The general text's blocks (always ``block_size`` tokens) within the model's context, where its configuration
+    says it without loading it (a block of 100000 tokens on a 128-position model ran a minute before it was
+    stopped). A task's ``max_length`` only bounds its examples, so it is not checked."""
+    from forgetless.models import context_length
+
+    longest = context_length(exp.model)
+    size = exp.general.block_size
+    if longest is not None and size > longest:
+        raise ConfigError(f"{where(exp, 'general.block_size')}: {size} tokens is longer than the model's context "
+                          f"({longest} positions, its max_position_embeddings)")
 
 
 def check_output_possible(folder: Path, where_: str) -> None:

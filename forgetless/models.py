@@ -450,6 +450,26 @@ def lora_target_names(name: str) -> list[str] | None:
     return [n for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def context_length(name: str) -> int | None:
+    """The longest sequence model ``name`` was built for (``max_position_embeddings``, or GPT-2's ``n_positions``),
+    read from its configuration alone; None when that cannot be known without loading it."""
+    from transformers import AutoConfig
+
+    folder = _config_folder(name)
+    if folder is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 -- unknown here: the load reports what is wrong
+        return None
+    config = getattr(config, "get_text_config", lambda: config)()
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _config_folder(name: str) -> str | None:
     if name in EMBEDDED_MODELS or name.endswith(".gguf"):
         try:
