@@ -337,6 +337,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_model_and_adapter(args)
     texts = None
     if args.ppl:  # every file is read before the model loads
+        from forgetless.models import context_length
+
+        longest = context_length(args.model)
+        if longest is not None and args.block_size > longest:
+            raise ConfigError(f"eval: --block-size {args.block_size} is longer than the model's context ({longest} "
+                              f"positions)")
         with data_errors("--ppl"):
             texts = load_texts(args.ppl, limit=args.limit)
     tasks = []
