@@ -227,6 +227,9 @@ def generic(record: Record) -> MCItem:
     if context is not None:
         context = _str(record, "context")
     choices = _str_list(record, "choices")
+    empty = [j for j, choice in enumerate(choices) if not choice.strip()]
+    if empty:  # it would train and score a lone delimiter
+        raise record.error(f"choice {empty[0]} is empty", "choices")
     raw = _field(record, "answer")
     if isinstance(raw, str) and raw in choices:
         answer = choices.index(raw)

@@ -210,6 +210,8 @@ def test_wrong_type(tmp_path):
 def test_empty_choices_and_unknown_answer_string(tmp_path):
     path = jsonl(tmp_path, "e.jsonl", [{"question": "q", "choices": [], "answer": 0}])
     assert str(_error(path)) == f"{path}, line 1: field 'choices': empty choices"
+    path = jsonl(tmp_path, "blank.jsonl", [{"question": "q", "choices": ["a", " "], "answer": 0}])
+    assert str(_error(path)) == f"{path}, line 1: field 'choices': choice 1 is empty"
     path = jsonl(tmp_path, "s.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "c"}])
     assert str(_error(path)) == f"{path}, line 1: field 'answer': 'c' is neither an index nor one of the choices"
     # a digit string that is one choice's text and another's index: which one is meant cannot be told
