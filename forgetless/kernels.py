@@ -15,7 +15,8 @@ in registers and read ``W`` once each, without atomics (each output block is sum
 so runs repeat bit for bit): about 2 passes over the module's elements where torch made about 6.
 
 The kernel runs where Triton does (CUDA; on the CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``, which
-the tests use); elsewhere, and with ``FORGETLESS_TRITON=0``, the torch formula runs. Products are taken in IEEE
+the tests use; the kernels themselves are in :mod:`forgetless._triton_kernels`); elsewhere, and with
+``FORGETLESS_TRITON=0``, the torch formula runs. Products are taken in IEEE
 float32 (``input_precision="ieee"``: no TF32), so the two agree to float32 rounding (the order of the rank-2r sums).
 """
 
@@ -34,12 +35,16 @@ MODES = {"add": 0, "add_positive": 1, "add_then_clamp": 2}
 
 @functools.lru_cache(maxsize=1)
 def _triton():
+    """(triton, tl, the kernels by name) where Triton is installed, else None. Imported on first use only: no Triton
+    import when the CPU or ``FORGETLESS_TRITON=0`` never asks."""
     try:
         import triton
         import triton.language as tl
+
+        from forgetless._triton_kernels import KERNELS
     except ImportError:
         return None
-    return triton, tl, _build(triton, tl)
+    return triton, tl, KERNELS
 
 
 _FAILED: list[str] = []  # why the kernels could not be compiled here, once they failed: the torch formula from then on
@@ -61,92 +66,6 @@ def triton_enabled(device: torch.device | str) -> bool:
     if device.type != "cuda" and not (interpreted and device.type == "cpu"):
         return False
     return _triton() is not None
-
-
-def _build(triton, tl):
-    @triton.jit
-    def lowrank_product_accumulate(l1, r1, l2, r2, out, n_rows, n_cols, k1, k2,
-                                   s_l1m, s_l1i, s_l1k, s_r1m, s_r1k, s_r1j,
-                                   s_l2m, s_l2i, s_l2k, s_r2m, s_r2k, s_r2j,
-                                   s_om, s_oi, s_oj,
-                                   MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK1: tl.constexpr,
-                                   BK2: tl.constexpr):
-        tile = tl.program_id(0)
-        m = tl.program_id(1).to(tl.int64)
-        tiles_j = tl.cdiv(n_cols, BN)
-        rows = (tile // tiles_j) * BM + tl.arange(0, BM)
-        cols = (tile % tiles_j) * BN + tl.arange(0, BN)
-        in_rows, in_cols = rows < n_rows, cols < n_cols
-        k_1, k_2 = tl.arange(0, BK1), tl.arange(0, BK2)
-        a = tl.load(l1 + m * s_l1m + rows[:, None] * s_l1i + k_1[None, :] * s_l1k,
-                    mask=in_rows[:, None] & (k_1[None, :] < k1), other=0.0)
-        b = tl.load(r1 + m * s_r1m + k_1[:, None] * s_r1k + cols[None, :] * s_r1j,
-                    mask=(k_1[:, None] < k1) & in_cols[None, :], other=0.0)
-        p1 = tl.dot(a, b, input_precision="ieee")
-        a = tl.load(l2 + m * s_l2m + rows[:, None] * s_l2i + k_2[None, :] * s_l2k,
-                    mask=in_rows[:, None] & (k_2[None, :] < k2), other=0.0)
-        b = tl.load(r2 + m * s_r2m + k_2[:, None] * s_r2k + cols[None, :] * s_r2j,
-                    mask=(k_2[:, None] < k2) & in_cols[None, :], other=0.0)
-        product = p1 * tl.dot(a, b, input_precision="ieee")
-        if MODE == 1:
-            product = tl.maximum(product, 0.0)
-        where = out + m * s_om + rows[:, None] * s_oi + cols[None, :] * s_oj
-        inside = in_rows[:, None] & in_cols[None, :]
-        total = tl.load(where, mask=inside, other=0.0) + product
-        if MODE == 2:
-            total = tl.maximum(total, 0.0)
-        tl.store(where, total, mask=inside)
-
-    @triton.jit
-    def weighted_projection(l, rt, w, out, n_rows, n_cols, k, s_lm, s_li, s_lk, s_rm, s_rk, s_rj, s_wm, s_wi, s_wj,
-                            s_om, s_oi, s_ok, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # out[m, rows, :] = sum over columns of (W * (L @ Rt))[rows, cols] @ Rt[:, cols]^T: a block of rows per program
-        m = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        ks = tl.arange(0, BK)
-        in_rows, in_k = rows < n_rows, ks < k
-        left = tl.load(l + m * s_lm + rows[:, None] * s_li + ks[None, :] * s_lk, mask=in_rows[:, None] & in_k[None, :],
-                       other=0.0)
-        acc = tl.zeros((BM, BK), dtype=tl.float32)
-        for start in range(0, n_cols, BN):
-            cols = start + tl.arange(0, BN)
-            in_cols = cols < n_cols
-            right = tl.load(rt + m * s_rm + ks[:, None] * s_rk + cols[None, :] * s_rj,
-                            mask=in_k[:, None] & in_cols[None, :], other=0.0)
-            weight = tl.load(w + m * s_wm + rows[:, None] * s_wi + cols[None, :] * s_wj,
-                             mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
-            g = tl.dot(left, right, input_precision="ieee") * weight
-            acc += tl.dot(g, tl.trans(right), input_precision="ieee")
-        tl.store(out + m * s_om + rows[:, None] * s_oi + ks[None, :] * s_ok, acc,
-                 mask=in_rows[:, None] & in_k[None, :])
-
-    @triton.jit
-    def weighted_left_product(b, l, rt, w, out, n_rows, n_cols, k, r, s_bm, s_bi, s_br, s_lm, s_li, s_lk,
-                              s_rm, s_rk, s_rj, s_wm, s_wi, s_wj, s_om, s_or, s_oj,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        # out[m, :, cols] = sum over rows of B[rows, :]^T @ (W * (L @ Rt))[rows, cols]: a block of columns per program
-        m = tl.program_id(1).to(tl.int64)
-        cols = tl.program_id(0) * BN + tl.arange(0, BN)
-        ks, rs = tl.arange(0, BK), tl.arange(0, BR)
-        in_cols, in_k, in_r = cols < n_cols, ks < k, rs < r
-        right = tl.load(rt + m * s_rm + ks[:, None] * s_rk + cols[None, :] * s_rj,
-                        mask=in_k[:, None] & in_cols[None, :], other=0.0)
-        acc = tl.zeros((BR, BN), dtype=tl.float32)
-        for start in range(0, n_rows, BM):
-            rows = start + tl.arange(0, BM)
-            in_rows = rows < n_rows
-            left = tl.load(l + m * s_lm + rows[:, None] * s_li + ks[None, :] * s_lk,
-                           mask=in_rows[:, None] & in_k[None, :], other=0.0)
-            weight = tl.load(w + m * s_wm + rows[:, None] * s_wi + cols[None, :] * s_wj,
-                             mask=in_rows[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
-            g = tl.dot(left, right, input_precision="ieee") * weight
-            bt = tl.load(b + m * s_bm + rs[:, None] * s_br + rows[None, :] * s_bi,
-                         mask=in_r[:, None] & in_rows[None, :], other=0.0)
-            acc += tl.dot(bt, g, input_precision="ieee")
-        tl.store(out + m * s_om + rs[:, None] * s_or + cols[None, :] * s_oj, acc, mask=in_r[:, None] & in_cols[None, :])
-
-    return {"accumulate": lowrank_product_accumulate, "projection": weighted_projection,
-            "left_product": weighted_left_product}
 
 
 def _block(k: int) -> int:
