@@ -529,31 +529,28 @@ class HLoRA(Method):
                   and a0.shape[-2] == a1.shape[-2] and triton_enabled(g.device))
         whole = kernel and self.offload != "cpu"  # nothing dense is formed: no chunks needed for memory
         for part in [slice(None)] if whole else module_chunks(len(g.names), g.update_shape(), g.device, chunk_elements):
+            held = g.omega[part]
+            omega = held.to(g.device, non_blocking=True)  # itself, unless offloaded (then a copy, written back)
             if kernel:
-                held = g.omega[part]
-                omega = held.to(g.device, non_blocking=True)
                 lowrank_product_accumulate_(omega, *difference_factors(a0[part], b0[part], s[part], a1[part], b1[part]),
                                             *_paper_factors(g, part), mode=_KERNEL_MODES[self.nonnegative],
                                             transposed=g.fan_in_fan_out)
-                if omega is not held:
-                    held.copy_(omega, non_blocking=True)
-                continue
-            # dW(t) - dW(t+1): one rank-2r matmul from both factor pairs (update_difference)
-            descent = update_difference(a0[part], b0[part], s[part], a1[part], b1[part], fan_in_fan_out=g.fan_in_fan_out)
-            if self.estimator == "paper":
-                estimate = _paper_gradient(g, part)
-            elif self.estimator == "adam":
-                estimate = _adam_gradient(descent, decrease[part])
             else:
-                estimate = g.grad_full[part]
-            held = g.omega[part]
-            omega = held.to(g.device, non_blocking=True)  # itself, unless offloaded (then a copy, written back)
-            if self.nonnegative == "step":  # only each step's positive part of g~ * (dW(t) - dW(t+1))
-                omega.add_(descent.mul_(estimate).clamp_(min=0))
-            else:
-                omega.addcmul_(descent, estimate)  # omega += g~ * (dW(t) - dW(t+1)): one pass
-            if self.nonnegative == "running":
-                omega.clamp_(min=0)
+                # dW(t) - dW(t+1): one rank-2r matmul from both factor pairs (update_difference)
+                descent = update_difference(a0[part], b0[part], s[part], a1[part], b1[part],
+                                            fan_in_fan_out=g.fan_in_fan_out)
+                if self.estimator == "paper":
+                    estimate = _paper_gradient(g, part)
+                elif self.estimator == "adam":
+                    estimate = _adam_gradient(descent, decrease[part])
+                else:
+                    estimate = g.grad_full[part]
+                if self.nonnegative == "step":  # only each step's positive part of g~ * (dW(t) - dW(t+1))
+                    omega.add_(descent.mul_(estimate).clamp_(min=0))
+                else:
+                    omega.addcmul_(descent, estimate)  # omega += g~ * (dW(t) - dW(t+1)): one pass
+                if self.nonnegative == "running":
+                    omega.clamp_(min=0)
             if omega is not held:
                 held.copy_(omega, non_blocking=True)  # stream-ordered: read on the host only after the stage
         if g.grad_full is not None:
