@@ -3,7 +3,8 @@
 #
 # On the device (run tool), from the checkout's root, with .gpu/site carried (bitsandbytes, liger-kernel: see
 # bench/RESULTS.md, "GPU measurements") and $OUT set by the tool:
-#   run(command="bash bench/gpu_session.sh", carry=[".gpu"], timeout_s=590)
+#   run(command='OUT0=$OUT; OUT=/tmp/gs PACK_TO=$OUT0/session.tgz bash bench/gpu_session.sh', carry=[".gpu"],
+#       timeout_s=590)
 # Each part has its own timeout, and none runs past DEADLINE seconds from the start (570: the call's 590 less a
 # margin), so a part that hangs or runs long costs the later ones only what is left; every part writes its JSON and
 # log under $OUT as it goes (what finished comes back even if the call is cut off). PARTS picks parts, e.g.
@@ -30,6 +31,12 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     local rc=$?
     echo "== $name: exit $rc after $((SECONDS - started))s"
     tail -n 25 "$OUT/$name.log"
+    pack
+}
+
+pack() {  # PACK_TO=FILE: everything under $OUT as one archive, rewritten after each part (the device tool brings
+    # back at most 8 files, and this script writes more; what finished is in the archive even if the call is cut off)
+    if [ -n "${PACK_TO:-}" ]; then tar czf "$PACK_TO.part" -C "$OUT" . && mv "$PACK_TO.part" "$PACK_TO"; fi
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -67,12 +74,12 @@ part kernels 60 $PY bench/bench_gpu.py --shapes 1b --no-levers --only hlora_reco
     --json "$OUT/bench_gpu_kernels.json"
 part kernels_off 60 env FORGETLESS_TRITON=0 $PY bench/bench_gpu.py --shapes 1b --no-levers \
     --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
-# 4. #15: where HLoRA's extra time per step goes at 1B all-linear (1.066 / 1.137 of a plain step against <= 1.05, ~5 ms
+# 4. #15: the bf16-base step and MFU rows with compile: true on both sides (1B only: the Trainer's compilation alone
+#    took 97 s at 1B, so an 8B row does not fit in one call); the fp32-base 1B row was measured (0.746)
+part compile 260 $PY bench/bench_gpu.py --shapes 1b --no-levers --compile --trainer-compile --only bf16base --json "$OUT/bench_gpu_compile.json"
+# 5. #15: where HLoRA's extra time per step goes at 1B all-linear (1.066 / 1.137 of a plain step against <= 1.05, ~5 ms
 #    of memory traffic by the arithmetic): torch.profiler over 3 steps of each stage, the hooks as regions
 part profile 90 $PY bench/profile_methods.py --shape 1b --methods hlora --out "$OUT/profile"
-# 5. #15: the bf16-base step and MFU rows with compile: true on both sides (1B first; the Trainer's compilation alone
-#    took 97 s at 1B, so the 8B row may not fit); the fp32-base 1B row was measured (0.746)
-part compile 260 $PY bench/bench_gpu.py --shapes 1b,8b --no-levers --compile --trainer-compile --only bf16base --json "$OUT/bench_gpu_compile.json"
 # 6. Liger's loss against the plain one at the same adapter weights (the first measurement compared different ones)
 part liger 60 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
 # 7. measured in session 27 (rank-2r 0.864 / 1.466, SAM's grouped work 0.412); kept last, seconds each

@@ -16,10 +16,10 @@ def _tile(ptr, i, j, s_i, s_j, in_i, in_j):
 
 
 @triton.jit
-def _weighted(left, right, w, rows, cols, s_wi, s_wj, in_rows, in_cols):
+def _weighted(left, right, w, rows, cols, s_wi, s_wj, in_rows, in_cols, PRECISION: tl.constexpr):
     """``W * (left @ right)`` on one tile: the rank-2r difference formed in registers, the weight read in float32."""
     weight = _tile(w, rows, cols, s_wi, s_wj, in_rows, in_cols).to(tl.float32)
-    return tl.dot(left, right, input_precision="ieee") * weight
+    return tl.dot(left, right, input_precision=PRECISION) * weight
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def lowrank_product_accumulate(l1, r1, l2, r2, out, n_rows, n_cols, k1, k2,
 
 @triton.jit
 def weighted_projection(l, rt, w, out, n_rows, n_cols, k, s_lm, s_li, s_lk, s_rm, s_rk, s_rj, s_wm, s_wi, s_wj,
-                        s_om, s_oi, s_ok, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        s_om, s_oi, s_ok, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr):
     # out[m, rows, :] = sum over columns of (W * (L @ Rt))[rows, cols] @ Rt[:, cols]^T: a block of rows per program
     m = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -66,15 +67,16 @@ def weighted_projection(l, rt, w, out, n_rows, n_cols, k, s_lm, s_li, s_lk, s_rm
         cols = start + tl.arange(0, BN)
         in_cols = cols < n_cols
         right = _tile(rt + m * s_rm, ks, cols, s_rk, s_rj, in_k, in_cols)
-        g = _weighted(left, right, w + m * s_wm, rows, cols, s_wi, s_wj, in_rows, in_cols)
-        acc += tl.dot(g, tl.trans(right), input_precision="ieee")
+        g = _weighted(left, right, w + m * s_wm, rows, cols, s_wi, s_wj, in_rows, in_cols, PRECISION)
+        acc += tl.dot(g, tl.trans(right), input_precision=PRECISION)
     tl.store(out + m * s_om + rows[:, None] * s_oi + ks[None, :] * s_ok, acc, mask=in_rows[:, None] & in_k[None, :])
 
 
 @triton.jit
 def weighted_left_product(b, l, rt, w, out, n_rows, n_cols, k, r, s_bm, s_bi, s_br, s_lm, s_li, s_lk,
                           s_rm, s_rk, s_rj, s_wm, s_wi, s_wj, s_om, s_or, s_oj,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                          PRECISION: tl.constexpr):
     # out[m, :, cols] = sum over rows of B[rows, :]^T @ (W * (L @ Rt))[rows, cols]: a block of columns per program
     m = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -86,9 +88,9 @@ def weighted_left_product(b, l, rt, w, out, n_rows, n_cols, k, r, s_bm, s_bi, s_
         rows = start + tl.arange(0, BM)
         in_rows = rows < n_rows
         left = _tile(l + m * s_lm, rows, ks, s_li, s_lk, in_rows, in_k)
-        g = _weighted(left, right, w + m * s_wm, rows, cols, s_wi, s_wj, in_rows, in_cols)
+        g = _weighted(left, right, w + m * s_wm, rows, cols, s_wi, s_wj, in_rows, in_cols, PRECISION)
         bt = _tile(b + m * s_bm, rs, rows, s_br, s_bi, in_r, in_rows)  # B^T's tile
-        acc += tl.dot(bt, g, input_precision="ieee")
+        acc += tl.dot(bt, g, input_precision=PRECISION)
     tl.store(out + m * s_om + rs[:, None] * s_or + cols[None, :] * s_oj, acc, mask=in_r[:, None] & in_cols[None, :])
 
 

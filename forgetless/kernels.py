@@ -16,8 +16,9 @@ so runs repeat bit for bit): about 2 passes over the module's elements where tor
 
 The kernel runs where Triton does (CUDA; on the CPU only under Triton's interpreter, ``TRITON_INTERPRET=1``, which
 the tests use; the kernels themselves are in :mod:`forgetless._triton_kernels`); elsewhere, and with
-``FORGETLESS_TRITON=0``, the torch formula runs. Products are taken in IEEE
-float32 (``input_precision="ieee"``: no TF32), so the two agree to float32 rounding (the order of the rank-2r sums).
+``FORGETLESS_TRITON=0``, the torch formula runs. The path integral's products are taken in IEEE float32
+(``input_precision="ieee"``: no TF32), the weighted products' in three TF32 parts (:data:`WEIGHTED_PRECISION`), so
+the kernels agree with the formula to float32 rounding (the order of the rank-2r sums, a few units more for tf32x3).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ import torch
 #: How the product enters the accumulator: ``add`` (omega += P1 P2), ``add_positive`` (omega += max(P1 P2, 0): HLoRA's
 #: ``nonnegative="step"``), ``add_then_clamp`` (omega = max(omega + P1 P2, 0): ``nonnegative="running"``).
 MODES = {"add": 0, "add_positive": 1, "add_then_clamp": 2}
+
+#: tl.dot's precision in :func:`weighted_products`' kernels. With "ieee" (float32 multiply-adds on the CUDA cores)
+#: they were compute-bound: about 110 multiply-adds per element of W, 3.7 ms per group and step at the 1B shape on an
+#: H100, several times the time to read W. "tf32x3" (three TF32 tensor-core products, each operand split into a high
+#: and a low part) keeps float32's accuracy to a few units of its rounding (each product's error about 2^-22
+#: relative, against 2^-24) at the tensor cores' rate. The path integral's kernel stays "ieee": its dW(t) - dW(t+1) is
+#: a difference of nearly equal updates, whose value is float32's last bits.
+WEIGHTED_PRECISION = "tf32x3"
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,14 +152,14 @@ def _weighted_kernels(left, right, weight, b, transposed):
     projected = torch.empty(n, rows, k, dtype=left.dtype, device=left.device)
     kernels["projection"][(triton.cdiv(rows, bm), n)](
         left, right, weight, projected, rows, cols, k, *left.stride(), *right.stride(), s_w[0], s_wi, s_wj,
-        *projected.stride(), BM=bm, BN=bn, BK=block_k)
+        *projected.stride(), BM=bm, BN=bn, BK=block_k, PRECISION=WEIGHTED_PRECISION)
     if b is None:
         return projected, None
     r = b.shape[-1]
     product = torch.empty(n, r, cols, dtype=left.dtype, device=left.device)
     kernels["left_product"][(triton.cdiv(cols, bn), n)](
         b, left, right, weight, product, rows, cols, k, r, *b.stride(), *left.stride(), *right.stride(), s_w[0], s_wi,
-        s_wj, *product.stride(), BM=bm, BN=bn, BK=block_k, BR=_block(r))
+        s_wj, *product.stride(), BM=bm, BN=bn, BK=block_k, BR=_block(r), PRECISION=WEIGHTED_PRECISION)
     return projected, product
 
 

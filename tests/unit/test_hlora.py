@@ -739,6 +739,7 @@ def test_per_step_work_writes_one_module_at_a_time_with_a_chunk_of_one_module(lo
     assert reg > 0 and all(p.grad is not None for p in _lora_params(model))
     assert 0 < max(general_step.sizes) <= module and max(regularizer.sizes) <= module
     monkeypatch.undo()
+    monkeypatch.setenv("FORGETLESS_TRITON", "0")  # the torch formula (the fused kernels form no dense tile at all)
     with largest_outputs() as whole:  # the default chunk holds a whole group of this tiny model
         plugin.regularizer().backward()
     assert max(whole.sizes) > module

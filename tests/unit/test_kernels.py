@@ -107,6 +107,34 @@ def check_weighted_distance(device: str) -> None:
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (n, out, inp, fan)
 
 
+def check_near_the_anchor(device: str) -> None:
+    """Near its anchor, dW - dW_ref is a difference of nearly equal products, where rounding shows most: the kernels'
+    value and gradients (tf32x3 products) are as close to float64's as the float32 torch formula's, within a small
+    factor (tf32x3's products are a few units of float32's rounding less exact)."""
+    from forgetless.lora import weighted_distance
+
+    g = torch.Generator().manual_seed(2)
+    n, out, inp, r = 2, 96, 80, 16
+    a, b = torch.randn(n, r, inp, generator=g, dtype=torch.float64), torch.randn(n, out, r, generator=g,
+                                                                                  dtype=torch.float64)
+    ref = (a + 1e-3 * torch.randn(a.shape, generator=g, dtype=torch.float64),
+           b + 1e-3 * torch.randn(b.shape, generator=g, dtype=torch.float64))
+    scale = torch.full((n, 1, 1), 2.0, dtype=torch.float64)
+    weight = torch.rand(n, out, inp, generator=g, dtype=torch.float64)
+    results = []
+    for use, dtype in (("0", torch.float64), ("1", torch.float32), ("0", torch.float32)):
+        os.environ["FORGETLESS_TRITON"] = use
+        x, y = (t.to(device, dtype).requires_grad_() for t in (a, b))
+        value = weighted_distance(x, y, scale.to(device, dtype), weight.to(device, dtype), None, False,
+                                  ref_factors=(ref[0].to(device, dtype), ref[1].to(device, dtype), scale.to(device)))
+        results.append([t.detach().double().cpu() for t in (value, *torch.autograd.grad(value, [x, y]))])
+    os.environ.pop("FORGETLESS_TRITON")
+    exact, kernel, formula = results
+    for want, got, plain in zip(exact, kernel, formula):
+        err, plain_err = (float((t - want).abs().max() / want.abs().max()) for t in (got, plain))
+        assert err <= 8 * max(plain_err, 1e-7), (err, plain_err)
+
+
 def check_penalties(device: str) -> None:
     """HLoRA's and EWC's domain stages train to the same adapter with the kernels as without (to rounding)."""
     from forgetless.methods import resolve
@@ -139,7 +167,8 @@ def check_penalties(device: str) -> None:
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (the CPU install does not need it)")
 @pytest.mark.parametrize("where", WHERE)
-@pytest.mark.parametrize("check", ["check_formula", "check_hlora", "check_weighted_distance", "check_penalties"])
+@pytest.mark.parametrize("check", ["check_formula", "check_hlora", "check_weighted_distance", "check_near_the_anchor",
+                                   "check_penalties"])
 def test_the_kernel_gives_the_torch_formulas_numbers(where, check):
     if where == "cuda":
         globals()[check]("cuda")
