@@ -14,9 +14,12 @@ set -u
 OUT=${OUT:-results/gpu_session}
 mkdir -p "$OUT"
 export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
-PARTS=${PARTS:-"memory cudatests kernels kernels_off profile compile liger rank2r samwork"}
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
+# the next GPU session's parts by default; every part in smoke mode
+if [ "$SMOKE" = 1 ]; then DEFAULT_PARTS="memory kernels kernels_off profile profile_step compile rank2r samwork liger cudatests"
+else DEFAULT_PARTS="profile_step compile8b cudatests kernels kernels_off"; fi
+PARTS=${PARTS:-$DEFAULT_PARTS}
 DEADLINE=${DEADLINE:-570}
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output in $OUT/NAME.log
@@ -51,6 +54,8 @@ if [ "$SMOKE" = 1 ]; then
     part kernels_off 300 env FORGETLESS_TRITON=0 $PY bench/bench_gpu.py --tiny --no-levers \
         --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
     part profile 300 $PY bench/profile_methods.py --tiny --methods hlora --out "$OUT/profile"
+    part profile_step 300 $PY bench/profile_methods.py --tiny --methods plain --base bf16 --batch 4 --compile \
+        --out "$OUT/profile"
     part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
     part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
     part samwork 300 $PY bench/bench_method_state.py --sam --reps 1 --inner 1
@@ -59,29 +64,28 @@ if [ "$SMOKE" = 1 ]; then
         -k "timed_sections or forgetless_eval"
     exit 0
 fi
-# What the second GPU session (27) left (bench/RESULTS.md, "Measured on an H200, 2026-11-27, second GPU session"):
-# 1. #12 item 8: EWC's general-stage peak at q/v after the chunked Fisher (was +5.74 GiB over lora-nu-mu with offload)
-part memory 150 $PY bench/bench_gpu_memory.py --methods ewc --targets qv --json "$OUT/bench_gpu_memory.json"
-# 2. the unit tests' cuda parameters (pytest carried in .gpu/site if the machine lacks it): all passed in session 27
-#    after two tolerance fixes; test_on_accelerator.py (#12 item 4: every module call of an experiment and of
-#    forgetless eval on the GPU) first, as it never ran on one; with part 1, what #12 still needs
+# What session 31 (H100, bench/RESULTS.md "Measured on an H100, 2026-11-28") left for issue #15; #12's parts ran there.
+# 1. where the compiled bf16-base step's time goes (step / Trainer 0.838 against <= 0.80, MFU 0.431 against >= 0.45
+#    at 1B, 16x1024): torch.profiler over 3 steps, kernels by kind and how busy the device was
+part profile_step 150 $PY bench/profile_methods.py --shape 1b --methods plain --base bf16 --batch 16 --compile \
+    --out "$OUT/profile"
+# 2. the 8B bf16-base step and MFU rows, both sides compiled (never measured with compile; MFU >= 0.55 there)
+part compile8b 240 $PY bench/bench_gpu.py --shapes 8b --no-levers --compile --trainer-compile --only bf16base \
+    --json "$OUT/bench_gpu_compile_8b.json"
+# 3. the unit tests' cuda parameters (all passed in session 31 after one test's fix, which passed there too)
 part cudatests 100 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \
     tests/unit/test_kernels.py tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
     tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py
-# 3. #15: HLoRA's recording and regularizer with the fused Triton kernels (forgetless/kernels.py, the default where
-#    Triton runs) and without them (FORGETLESS_TRITON=0), at 1B all-linear: 1.066 / 1.137 before, target <= 1.05
+# 4. what was measured before, each kept for a rerun after a change (PARTS=...): HLoRA's rows with and without the
+#    kernels (1.023 / 1.031 in session 31), the 1B compiled step rows, EWC's memory at q/v, HLoRA's profile, Liger
 part kernels 60 $PY bench/bench_gpu.py --shapes 1b --no-levers --only hlora_record_vs,hlora_regularize_vs \
     --json "$OUT/bench_gpu_kernels.json"
 part kernels_off 60 env FORGETLESS_TRITON=0 $PY bench/bench_gpu.py --shapes 1b --no-levers \
     --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
-# 4. #15: the bf16-base step and MFU rows with compile: true on both sides (1B only: the Trainer's compilation alone
-#    took 97 s at 1B, so an 8B row does not fit in one call); the fp32-base 1B row was measured (0.746)
-part compile 260 $PY bench/bench_gpu.py --shapes 1b --no-levers --compile --trainer-compile --only bf16base --json "$OUT/bench_gpu_compile.json"
-# 5. #15: where HLoRA's extra time per step goes at 1B all-linear (1.066 / 1.137 of a plain step against <= 1.05, ~5 ms
-#    of memory traffic by the arithmetic): torch.profiler over 3 steps of each stage, the hooks as regions
+part compile 260 $PY bench/bench_gpu.py --shapes 1b --no-levers --compile --trainer-compile --only bf16base \
+    --json "$OUT/bench_gpu_compile.json"
+part memory 150 $PY bench/bench_gpu_memory.py --methods ewc --targets qv --json "$OUT/bench_gpu_memory.json"
 part profile 90 $PY bench/profile_methods.py --shape 1b --methods hlora --out "$OUT/profile"
-# 6. Liger's loss against the plain one at the same adapter weights (the first measurement compared different ones)
 part liger 60 $PY bench/bench_gpu.py --shapes 1b --only liger,flash2 --json "$OUT/bench_gpu_levers.json"
-# 7. measured in session 27 (rank-2r 0.864 / 1.466, SAM's grouped work 0.412); kept last, seconds each
 part rank2r 40 $PY bench/bench_method_state.py --rank-2r --device cuda --reps 5 --inner 2
 part samwork 30 $PY bench/bench_method_state.py --sam --sam-shape 1b --device cuda --reps 9 --inner 3

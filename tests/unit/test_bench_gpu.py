@@ -90,7 +90,8 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh")], capture_output=True, text=True,
                           timeout=1200, cwd=ROOT, env=env)  # a hang guard only
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("memory", "kernels", "kernels_off", "profile", "compile", "rank2r", "samwork", "liger", "cudatests"):
+    for name in ("memory", "kernels", "kernels_off", "profile", "profile_step", "compile", "rank2r", "samwork", "liger",
+                 "cudatests"):
         assert f"== {name}: exit 0 " in proc.stdout, proc.stdout[-3000:]
     for name in ("bench_gpu_memory", "bench_gpu_compile", "bench_gpu_levers", "bench_gpu_kernels",
                  "bench_gpu_kernels_off"):
@@ -100,6 +101,8 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
     for stage in ("general", "domain"):  # the profile marks HLoRA's hooks as regions
         table = (tmp_path / "out" / "profile" / f"hlora_{stage}_tiny.txt").read_text()
         assert ("hlora.after_optimizer_step" if stage == "general" else "hlora.extra_loss") in table
+    step = (tmp_path / "out" / "profile" / "plain_general_tiny.txt").read_text()  # the plain step, compiled
+    assert "batch 4 x 32, {'compile': True}" in step and "whole step (host)" in step
     assert "2 passed" in (tmp_path / "out" / "cudatests.log").read_text()  # test_on_accelerator's and a timer test
 
 
@@ -122,3 +125,19 @@ def test_the_gpu_session_gives_no_part_more_than_the_time_left(tmp_path):
     assert first.startswith("== memory (limit ") and int(first.split("limit ")[1].split("s)")[0]) <= 40, lines
     assert any(line.startswith(("== compile: exit", "== compile: skipped")) for line in lines), lines
     assert took < 40 + 10 + 5, (took, lines)  # the deadline, timeout's kill margin, bash's own exit
+
+
+def test_the_profile_sorts_kernels_by_kind_from_their_names():
+    """profile_methods.kind: names of the kernels seen in session 31's H100 profile and of common matmul and
+    attention kernels go to their kind; element-wise and copy kernels to ``other``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_methods import kind
+
+    assert kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_32x5_tn") == "matmul"
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3") == "attention"  # not matmul
+    assert kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>") == "attention"
+    assert kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"  # memory-efficient sdpa, a CUTLASS kernel
+    assert kind("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>") == "other"
+    assert kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "other"
