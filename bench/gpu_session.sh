@@ -17,8 +17,11 @@ export PYTHONPATH=".:.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 # the next GPU session's parts by default; every part in smoke mode
-if [ "$SMOKE" = 1 ]; then DEFAULT_PARTS="memory kernels kernels_off profile profile_step compile rank2r samwork liger cudatests"
-else DEFAULT_PARTS="profile_step compile8b cudatests kernels kernels_off"; fi
+if [ "$SMOKE" = 1 ]; then
+    DEFAULT_PARTS="memory kernels kernels_off profile profile_step compile rank2r samwork liger cudatests"
+else
+    DEFAULT_PARTS="profile_step compile8b cudatests kernels kernels_off"
+fi
 PARTS=${PARTS:-$DEFAULT_PARTS}
 DEADLINE=${DEADLINE:-570}
 
