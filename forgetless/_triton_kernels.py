@@ -42,13 +42,13 @@ def lowrank_product_accumulate(l1, r1, l2, r2, out, n_rows, n_cols, k1, k2,
     p2 = tl.dot(_tile(l2 + m * s_l2m, rows, k_2, s_l2i, s_l2k, in_rows, k_2 < k2),
                 _tile(r2 + m * s_r2m, k_2, cols, s_r2k, s_r2j, k_2 < k2, in_cols), input_precision="ieee")
     product = p1 * p2
-    if MODE == 1:
-        product = tl.maximum(product, 0.0)
+    if MODE == 1:  # NaN stays NaN, as torch's clamp keeps it (a diverged step must not read as finite importance)
+        product = tl.maximum(product, 0.0, propagate_nan=tl.PropagateNan.ALL)
     where = out + m * s_om + rows[:, None] * s_oi + cols[None, :] * s_oj
     inside = in_rows[:, None] & in_cols[None, :]
     total = tl.load(where, mask=inside, other=0.0) + product
     if MODE == 2:
-        total = tl.maximum(total, 0.0)
+        total = tl.maximum(total, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(where, total, mask=inside)
 
 

@@ -56,25 +56,42 @@ def _triton():
     return triton, tl, KERNELS
 
 
-_FAILED: list[str] = []  # why the kernels could not be compiled here, once they failed: the torch formula from then on
+_FAILED: dict[tuple, str] = {}  # the launches that failed here, by kernel and block sizes: the torch formula for those
 
 
-def _failed(err: Exception) -> None:
-    _FAILED.append(f"{type(err).__name__}: {err}")
-    warnings.warn(f"forgetless's fused Triton kernels failed to compile or launch ({_FAILED[0][:300]}); the methods "
-                  f"use the torch formula instead (same numbers, slower on a GPU). FORGETLESS_TRITON=0 silences this")
+def _failed(key: tuple, err: Exception) -> None:
+    _FAILED[key] = f"{type(err).__name__}: {err}"
+    warnings.warn(f"forgetless's fused Triton kernel {key[0]} (blocks {key[1:]}) failed to compile or launch "
+                  f"({_FAILED[key][:300]}); that kernel uses the torch formula instead from now on (same numbers, "
+                  f"slower on a GPU). FORGETLESS_TRITON=0 silences this")
 
 
 def triton_enabled(device: torch.device | str) -> bool:
     """Whether the fused kernels run for tensors on ``device``: Triton importable, the device CUDA (or the CPU under
-    Triton's interpreter), not switched off with ``FORGETLESS_TRITON=0``, and they did not fail here before."""
-    if os.environ.get("FORGETLESS_TRITON", "1") == "0" or _FAILED:
+    Triton's interpreter), and not switched off with ``FORGETLESS_TRITON=0``. A kernel whose launch failed here for
+    some block sizes (an old Triton, a large rank's tiles beyond the GPU's shared memory) takes the torch formula for
+    those from then on (:data:`_FAILED`)."""
+    if os.environ.get("FORGETLESS_TRITON", "1") == "0":
         return False
     device = torch.device(device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (interpreted and device.type == "cpu"):
         return False
     return _triton() is not None
+
+
+def _check_stacks(what: str, *named: tuple[str, torch.Tensor, tuple]) -> None:
+    """Each ``(name, tensor, shape)``: the tensor is 3-D of ``shape`` (None: any size there), and all are on one
+    device. A kernel trusts its arguments' shapes (a mismatch reads out of bounds), so they are checked here."""
+    for name, tensor, shape in named:
+        if tensor.dim() != 3 or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+            expected = ", ".join("*" if w is None else str(w) for w in shape)
+            raise ValueError(f"{what}: shapes do not fit: {name} is {tuple(tensor.shape)}, expected ({expected}) ("
+                             + ", ".join(f"{n} {tuple(t.shape)}" for n, t, _ in named) + ")")
+    devices = {t.device for _, t, _ in named}
+    if len(devices) > 1:
+        raise ValueError(f"{what}: tensors on several devices ({', '.join(f'{n} on {t.device}' for n, t, _ in named)})"
+                         f"; move them to one")
 
 
 def _block(k: int) -> int:
@@ -90,25 +107,28 @@ def lowrank_product_accumulate_(out: torch.Tensor, l1: torch.Tensor, r1: torch.T
     :func:`triton_enabled`, else the torch formula. Returns ``out``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    n, rows, cols = l1.shape[0], l1.shape[-2], r1.shape[-1]
-    want = (n, cols, rows) if transposed else (n, rows, cols)
-    if tuple(out.shape) != want or l2.shape[-2] != rows or r2.shape[-1] != cols:
-        raise ValueError(f"shapes do not fit: out {tuple(out.shape)}, products [{n}, {rows}, {cols}] "
-                         f"(transposed={transposed})")
-    if not triton_enabled(out.device) or out.dtype != torch.float32:
+    n, rows, k1 = l1.shape if l1.dim() == 3 else (None, None, None)
+    cols, k2 = r1.shape[-1], l2.shape[-1]
+    _check_stacks("lowrank_product_accumulate_", ("l1", l1, (None, None, None)), ("r1", r1, (n, k1, None)),
+                  ("l2", l2, (n, rows, None)), ("r2", r2, (n, k2, cols)),
+                  ("out", out, (n, cols, rows) if transposed else (n, rows, cols)))
+    dtypes = {t.dtype for t in (out, l1, r1, l2, r2)}
+    if not triton_enabled(out.device) or dtypes != {torch.float32}:
         return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
     triton, _, kernels = _triton()
-    kernel = kernels["accumulate"]
     s_o = out.stride()
     s_oi, s_oj = (s_o[2], s_o[1]) if transposed else (s_o[1], s_o[2])
     bm = bn = 64
+    key = ("accumulate", bm, bn, _block(k1), _block(k2))
+    if key in _FAILED:
+        return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
     grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn), n)
     try:
-        kernel[grid](l1, r1, l2, r2, out, rows, cols, l1.shape[-1], l2.shape[-1],
-                     *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
-                     MODE=MODES[mode], BM=bm, BN=bn, BK1=_block(l1.shape[-1]), BK2=_block(l2.shape[-1]))
+        kernels["accumulate"][grid](l1, r1, l2, r2, out, rows, cols, k1, k2,
+                                    *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
+                                    MODE=MODES[mode], BM=bm, BN=bn, BK1=key[3], BK2=key[4])
     except Exception as err:  # noqa: BLE001 - a Triton that cannot compile it (its version, the GPU): said once
-        _failed(err)
+        _failed(key, err)
         return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
     return out
 
@@ -121,18 +141,21 @@ def weighted_products(left: torch.Tensor, right: torch.Tensor, weight: torch.Ten
     kernels where :func:`triton_enabled` (one over blocks of rows, one over blocks of columns, each forming its tiles
     of ``left @ right`` and reading ``weight`` once: deterministic, no atomics), else the torch formula. HLoRA's
     regularizer and EWC's penalty: :func:`forgetless.lora.weighted_distance`."""
-    n, rows, k = left.shape
+    n, rows, k = left.shape if left.dim() == 3 else (None, None, None)
     cols = right.shape[-1]
-    want = (n, cols, rows) if transposed else (n, rows, cols)
-    if tuple(weight.shape) != want or right.shape[-2] != k or (b is not None and b.shape[-2] != rows):
-        raise ValueError(f"shapes do not fit: left {tuple(left.shape)}, right {tuple(right.shape)}, weight "
-                         f"{tuple(weight.shape)} (transposed={transposed})")
-    if not triton_enabled(left.device) or left.dtype != torch.float32:
+    named = [("left", left, (None, None, None)), ("right", right, (n, k, None)),
+             ("weight", weight, (n, cols, rows) if transposed else (n, rows, cols))]
+    _check_stacks("weighted_products", *named, *([("b", b, (n, rows, None))] if b is not None else []))
+    dtypes = {left.dtype, right.dtype} | ({b.dtype} if b is not None else set())
+    if not triton_enabled(left.device) or dtypes != {torch.float32} or not weight.dtype.is_floating_point:
+        return _weighted_formula(left, right, weight, b, transposed)
+    blocks = (64, 64, _block(k), _block(b.shape[-1]) if b is not None else 0)
+    if ("weighted", *blocks) in _FAILED:
         return _weighted_formula(left, right, weight, b, transposed)
     try:
-        return _weighted_kernels(left, right, weight, b, transposed)
+        return _weighted_kernels(left, right, weight, b, transposed, blocks)
     except Exception as err:  # noqa: BLE001 - as in lowrank_product_accumulate_
-        _failed(err)
+        _failed(("weighted", *blocks), err)
         return _weighted_formula(left, right, weight, b, transposed)
 
 
@@ -141,14 +164,13 @@ def _weighted_formula(left, right, weight, b, transposed):
     return torch.matmul(g, right.transpose(-2, -1)), None if b is None else torch.matmul(b.transpose(-2, -1), g)
 
 
-def _weighted_kernels(left, right, weight, b, transposed):
+def _weighted_kernels(left, right, weight, b, transposed, blocks):
     n, rows, k = left.shape
     cols = right.shape[-1]
     triton, _, kernels = _triton()
     s_w = weight.stride()
     s_wi, s_wj = (s_w[2], s_w[1]) if transposed else (s_w[1], s_w[2])
-    bm = bn = 64
-    block_k = _block(k)
+    bm, bn, block_k, block_r = blocks
     projected = torch.empty(n, rows, k, dtype=left.dtype, device=left.device)
     kernels["projection"][(triton.cdiv(rows, bm), n)](
         left, right, weight, projected, rows, cols, k, *left.stride(), *right.stride(), s_w[0], s_wi, s_wj,
@@ -159,7 +181,7 @@ def _weighted_kernels(left, right, weight, b, transposed):
     product = torch.empty(n, r, cols, dtype=left.dtype, device=left.device)
     kernels["left_product"][(triton.cdiv(cols, bn), n)](
         b, left, right, weight, product, rows, cols, k, r, *b.stride(), *left.stride(), *right.stride(), s_w[0], s_wi,
-        s_wj, *product.stride(), BM=bm, BN=bn, BK=block_k, BR=_block(r), PRECISION=WEIGHTED_PRECISION)
+        s_wj, *product.stride(), BM=bm, BN=bn, BK=block_k, BR=block_r, PRECISION=WEIGHTED_PRECISION)
     return projected, product
 
 

@@ -323,8 +323,9 @@ def weighted_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, wei
     if ref_factors is not None:
         ref_a, ref_b = (t.to(device, dtype) for t in ref_factors[:2])
         ref_scale = scale if ref_factors[2] is scale else ref_factors[2].to(device, dtype)
-    return _WeightedDistance.apply(a, b, scale, weight, coeff, fan_in_fan_out, ref, ref_a, ref_b,
-                                   ref_scale, chunk_elements)
+    with torch.autocast(device.type, enabled=False):  # its products in the factors' dtype (they write float32 buffers)
+        return _WeightedDistance.apply(a, b, scale, weight, coeff, fan_in_fan_out, ref, ref_a, ref_b,
+                                       ref_scale, chunk_elements)
 
 
 __all__: Sequence[str] = ["DEFAULT_ADAPTER", "LoraGroup", "compute_dtype", "delta_from_factors",

@@ -22,6 +22,14 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 WHERE = ["cuda"] if torch.cuda.is_available() and HAVE_TRITON else ["interpreted"]
 
 
+def hlora_kernels_failed() -> dict:
+    """The kernels whose launch failed in this process: a failure falls back to the torch formula with a warning
+    only, so a check that compares the two must also see that the kernels ran."""
+    from forgetless import kernels
+
+    return dict(kernels._FAILED)
+
+
 def check_formula(device: str) -> None:
     """Every mode, a transposed accumulator, ranks below tl.dot's 16 and sizes that are no multiple of a tile."""
     from forgetless import kernels
@@ -39,9 +47,17 @@ def check_formula(device: str) -> None:
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), (mode, transposed)
             if mode != "add":
                 assert (got >= 0).all() if mode == "add_then_clamp" else True
+    # a non-finite product stays non-finite in every mode, as in torch (max(NaN, 0) is NaN, not 0)
+    ones, r1 = torch.ones(1, 2, 1, device=device), torch.tensor([[[float("nan"), 1.0, float("inf")]]], device=device)
+    r2 = torch.tensor([[[1.0, 1.0, 0.0]]], device=device)
+    for mode in kernels.MODES:
+        want = kernels._torch_formula(torch.zeros(1, 2, 3, device=device), ones, r1, ones, r2, mode, False)
+        got = kernels.lowrank_product_accumulate_(torch.zeros(1, 2, 3, device=device), ones, r1, ones, r2, mode)
+        assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any(), (mode, got, want)
     with pytest.raises(ValueError, match="shapes do not fit"):
         kernels.lowrank_product_accumulate_(torch.zeros(1, 3, 4), torch.zeros(1, 4, 2), torch.zeros(1, 2, 3),
                                             torch.zeros(1, 4, 2), torch.zeros(1, 2, 3))
+    assert not hlora_kernels_failed(), hlora_kernels_failed()  # the kernel ran each time
 
 
 def check_hlora(device: str) -> None:
@@ -70,6 +86,7 @@ def check_hlora(device: str) -> None:
                 assert len(calls) == 3 * len(plugin.groups), (len(calls), nonnegative)  # one per group and step
         os.environ.pop("FORGETLESS_TRITON")
         hlora.lowrank_product_accumulate_ = real
+        assert not hlora_kernels_failed(), hlora_kernels_failed()
         kernel, plain = importance
         assert kernel.keys() == plain.keys() and kernel
         for name, want in plain.items():
@@ -103,6 +120,7 @@ def check_weighted_distance(device: str) -> None:
             value = weighted_distance(a, b, scale, weight, coeff, fan, **refs)
             results.append((value.detach(), *torch.autograd.grad(value, [a, b])))
         os.environ.pop("FORGETLESS_TRITON")
+        assert not hlora_kernels_failed(), hlora_kernels_failed()
         for got, want in zip(*results):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (n, out, inp, fan)
 
@@ -129,6 +147,7 @@ def check_near_the_anchor(device: str) -> None:
                                   ref_factors=(ref[0].to(device, dtype), ref[1].to(device, dtype), scale.to(device)))
         results.append([t.detach().double().cpu() for t in (value, *torch.autograd.grad(value, [x, y]))])
     os.environ.pop("FORGETLESS_TRITON")
+    assert not hlora_kernels_failed(), hlora_kernels_failed()
     exact, kernel, formula = results
     for want, got, plain in zip(exact, kernel, formula):
         err, plain_err = (float((t - want).abs().max() / want.abs().max()) for t in (got, plain))
@@ -161,6 +180,7 @@ def check_penalties(device: str) -> None:
                 assert len(calls) == 3 * 3, (entry["name"], len(calls))  # every step, 3 groups (q, v, up differ)
         os.environ.pop("FORGETLESS_TRITON")
         lora.weighted_products = real
+        assert not hlora_kernels_failed(), hlora_kernels_failed()
         for name, want in adapters[1].items():
             assert torch.allclose(adapters[0][name], want, rtol=1e-4, atol=1e-6), (entry["name"], name)
 
@@ -198,29 +218,81 @@ def test_without_triton_or_when_switched_off_the_torch_formula_runs(monkeypatch)
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_the_formula_once_said(monkeypatch):
-    """A Triton that cannot compile the kernels (another version, another GPU) must not stop a run: one warning, the
-    torch formula's numbers, and the formula from then on."""
+    """A Triton that cannot compile a kernel (another version, another GPU, a large rank's tiles) must not stop a run:
+    one warning per kernel and block sizes, the torch formula's numbers, and the formula from then on for those."""
+    import warnings
+
     from forgetless import kernels
 
     class Broken:
+        launches = 0
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
+                Broken.launches += 1
                 raise RuntimeError("cannot compile")
             return launch
 
     fake_triton = type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b))})
     monkeypatch.setattr(kernels, "_triton", lambda: (fake_triton, None, {name: Broken() for name in
                                                                           ("accumulate", "projection", "left_product")}))
-    monkeypatch.setattr(kernels, "_FAILED", [])
+    monkeypatch.setattr(kernels, "_FAILED", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert kernels.triton_enabled("cpu")
     g = torch.Generator().manual_seed(0)
     l1, r1 = torch.randn(1, 5, 2, generator=g), torch.randn(1, 2, 7, generator=g)
     out = torch.randn(1, 5, 7, generator=g)
     want = kernels._torch_formula(out.clone(), l1, r1, l1, r1, "add", False)
-    with pytest.warns(UserWarning, match="failed to compile or launch .*RuntimeError: cannot compile"):
+    with pytest.warns(UserWarning, match="accumulate .*failed to compile or launch .*RuntimeError: cannot compile"):
         got = kernels.lowrank_product_accumulate_(out.clone(), l1, r1, l1, r1)
-    assert torch.equal(got, want) and not kernels.triton_enabled("cpu")
+    assert torch.equal(got, want) and list(kernels._FAILED) == [("accumulate", 64, 64, 16, 16)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the second call takes the formula without trying again
+        assert torch.equal(kernels.lowrank_product_accumulate_(out.clone(), l1, r1, l1, r1), want)
+    assert Broken.launches == 1
     weight, b = torch.rand(1, 5, 7, generator=g), torch.randn(1, 5, 3, generator=g)
-    assert all(torch.equal(x, y) for x, y in zip(kernels.weighted_products(l1, r1, weight, b),
-                                                 kernels._weighted_formula(l1, r1, weight, b, False)))
+    with pytest.warns(UserWarning, match="weighted"):  # another kernel: its own failure, its own warning
+        got = kernels.weighted_products(l1, r1, weight, b)
+    assert all(torch.equal(x, y) for x, y in zip(got, kernels._weighted_formula(l1, r1, weight, b, False)))
+    assert len(kernels._FAILED) == 2 and Broken.launches == 2
+
+
+def test_the_kernels_entry_points_check_every_shape_and_device():
+    """A kernel trusts its arguments' shapes (a mismatch would read out of bounds, on a GPU an illegal access the
+    fallback cannot catch), so each entry point checks every stack's dimensions and that all share one device,
+    before choosing the kernel or the formula."""
+    from forgetless import kernels
+
+    z = torch.zeros
+    with pytest.raises(ValueError, match="r1 is \\(1, 2, 7\\), expected \\(1, 4, \\*\\)"):  # inner sizes differ
+        kernels.lowrank_product_accumulate_(z(1, 5, 7), z(1, 5, 4), z(1, 2, 7), z(1, 5, 4), z(1, 4, 7))
+    with pytest.raises(ValueError, match="l2 is \\(2, 5, 4\\)"):  # another number of modules
+        kernels.lowrank_product_accumulate_(z(1, 5, 7), z(1, 5, 4), z(1, 4, 7), z(2, 5, 4), z(2, 4, 7))
+    with pytest.raises(ValueError, match="right is \\(1, 4, 6\\), expected \\(3, 4, \\*\\)"):  # no broadcasting
+        kernels.weighted_products(z(3, 8, 4), z(1, 4, 6), z(3, 8, 6), None)
+    with pytest.raises(ValueError, match="b is \\(3, 7, 2\\)"):
+        kernels.weighted_products(z(3, 8, 4), z(3, 4, 6), z(3, 8, 6), z(3, 7, 2))
+    with pytest.raises(ValueError, match="right is \\(4, 6\\)"):  # 2-D: not a stack
+        kernels.weighted_products(z(3, 8, 4), z(4, 6), z(3, 8, 6), None)
+    with pytest.raises(ValueError, match="several devices .*weight on meta"):
+        kernels.weighted_products(z(3, 8, 4), z(3, 4, 6), z(3, 8, 6, device="meta"), None)
+    projected, product = kernels.weighted_products(z(3, 8, 4), z(3, 4, 6), z(3, 6, 8), z(3, 8, 2), transposed=True)
+    assert projected.shape == (3, 8, 4) and product.shape == (3, 2, 6)
+
+
+def test_weighted_distance_under_autocast_is_the_distance_without_it():
+    """weighted_distance computes in its factors' dtype whatever autocast is on around it (its products wrote
+    float32 buffers, and under bf16 autocast the torch path raised a dtype error)."""
+    from forgetless.lora import weighted_distance
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 4, 12, generator=g).requires_grad_(), torch.randn(2, 10, 4, generator=g).requires_grad_()
+    scale, weight = torch.full((2, 1, 1), 0.5), torch.rand(2, 10, 12, generator=g)
+    ref = (torch.randn(2, 4, 12, generator=g), torch.randn(2, 10, 4, generator=g), scale)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            value = weighted_distance(a, b, scale, weight, None, False, ref_factors=ref)
+        results.append((value, *torch.autograd.grad(value, [a, b])))
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == torch.float32 and torch.equal(plain, autocast)
