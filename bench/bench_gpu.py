@@ -37,7 +37,8 @@ given), each a forgetless step with the lever / the same step without it, on the
 alternations, on the method rows' shape (1B) with a bf16 base:
 
 * ``attn_eager_vs_sdpa``, ``attn_flash2_vs_sdpa`` (skipped without flash-attn), ``compile_vs_plain``
-  (``compile: true``, its compilation inside the warm-up steps), ``liger_vs_plain`` (skipped without liger-kernel;
+  (``compile: true``, its compilation inside the warm-up steps), ``fused_lora_vs_plain`` (``fused_lora: true``) and
+  ``fused_lora_compiled_vs_compiled`` (both sides compiled), ``liger_vs_plain`` (skipped without liger-kernel;
   measured after its plain side, not alternated: Liger's RoPE patch is process-wide and cannot be undone);
 * ``padding_free_vs_padded``, ``group_by_length_vs_shuffled``: on examples of random lengths (seq/8 to seq), the time
   of the second of two epochs (every variant sees every example once per epoch; the first epoch is warm-up).
@@ -53,6 +54,7 @@ bf16, so its MFU is not meaningful either.
 Usage: python bench/bench_gpu.py [--shapes 1b,8b] [--rounds 2] [--json PATH] [--attn sdpa] [--tiny] [--[no-]levers]
        [--only ROW,ROW] (the sections with a row name containing one of these: a partial rerun)
        [--compile] [--trainer-compile] (torch.compile on forgetless's / the Trainer's side of the step and method rows)
+       [--fused-lora] (fused_lora: true on forgetless's side of the step and method rows)
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ TARGETS = {  # issue #15, item 2
 }
 
 
-LEVER_ROWS = ("attn_eager_vs_sdpa", "attn_flash2_vs_sdpa", "compile_vs_plain", "liger_vs_plain",
-              "padding_free_vs_padded", "group_by_length_vs_shuffled")
+LEVER_ROWS = ("attn_eager_vs_sdpa", "attn_flash2_vs_sdpa", "compile_vs_plain", "fused_lora_vs_plain",
+              "fused_lora_compiled_vs_compiled", "liger_vs_plain", "padding_free_vs_padded",
+              "group_by_length_vs_shuffled")
 
 
 def expected_rows(shapes: list[str], levers: bool = False) -> list[str]:
@@ -516,12 +519,13 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
     fixed = make_examples(plan.batch * total, model.config.vocab_size, plan.seq)
     plain = {"attn_implementation": "sdpa"}  # a stage leaves its attention set: say it on every run
 
-    def alternate(name: str, lever: dict, examples=fixed, warmup=plan.warmup, steps=total, **details) -> None:
+    def alternate(name: str, lever: dict, examples=fixed, warmup=plan.warmup, steps=total, baseline=None,
+                  **details) -> None:
         ours, theirs, mem = [], [], {}
         for r in range(rounds):
             for side in (("plain", "lever") if r % 2 == 0 else ("lever", "plain")):
                 seconds, peak = lever_run(model, examples, plan.batch, warmup, steps, precision,
-                                          **(plain | lever if side == "lever" else plain))
+                                          **(plain | lever if side == "lever" else plain | (baseline or {})))
                 (ours if side == "lever" else theirs).append(seconds)
                 mem[side] = max(mem.get(side, 0.0), peak)
         report.add(f"{name}@{shape}", min(ours) / min(theirs), lever_s=min(ours), plain_s=min(theirs),
@@ -535,6 +539,10 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
     else:
         report.skip(f"attn_flash2_vs_sdpa@{shape}", "flash-attn is not installed or no CUDA")
     sections.append(("compile_vs_plain", lambda: alternate("compile_vs_plain", {"compile": True})))
+    sections.append(("fused_lora_vs_plain", lambda: alternate("fused_lora_vs_plain", {"fused_lora": True})))
+    sections.append(("fused_lora_compiled_vs_compiled",  # both sides compiled: what the fusion adds to compile
+                     lambda: alternate("fused_lora_compiled_vs_compiled", {"fused_lora": True, "compile": True},
+                                       baseline={"compile": True})))
 
     # ragged data: two epochs, the first warm-up; every variant sees every example once per epoch
     # 8 batches: transformers' mega-batches hold min(n // (4 * batch), 50) batches, so fewer leave nothing to group
@@ -606,12 +614,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "method rows (its compilation in the warm-up steps); use with "
                                                                   "--no-levers: it would compile both sides of those")
     parser.add_argument("--trainer-compile", action="store_true", help="torch_compile=True on the Trainer's side")
+    parser.add_argument("--fused-lora", action="store_true", help="fused_lora: true on forgetless's side of the step "
+                                                                     "and method rows (use with --no-levers)")
     parser.add_argument("--only", default="", help="comma-separated parts of row names: run only the sections with "
                                                    "such a row (e.g. ewc_fisher,hlora), to remeasure a few rows")
     args = parser.parse_args(argv)
     ONLY[:] = [part.strip() for part in args.only.split(",") if part.strip()]
     SIDE_LEVERS.clear()
     SIDE_LEVERS.update({"compile": True} if args.compile else {})
+    SIDE_LEVERS.update({"fused_lora": True} if args.fused_lora else {})
     TRAINER_COMPILE["on"] = args.trainer_compile
     levers = (not args.tiny) if args.levers is None else args.levers
     ATTENTION["implementation"] = args.attn
@@ -636,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
            "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "precision": precision, "threads": torch.get_num_threads(),
            "smoke_test_only": args.tiny, "attn_implementation": args.attn or "default",
-           "forgetless_compile": args.compile, "trainer_compile": args.trainer_compile,
+           "forgetless_compile": args.compile, "forgetless_fused_lora": args.fused_lora,
+           "trainer_compile": args.trainer_compile,
            "lora": "r=16 alpha=32 dropout=0 on " + ",".join(ALL_LINEAR),
            "bf16_matmul_flops_start": peak,
            "optimizers": {"forgetless": "torch.optim.AdamW (defaults)",

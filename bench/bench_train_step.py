@@ -12,9 +12,10 @@ With ``--levers`` it also times forgetless alone with each speed lever that runs
 against the same steps without it, alternated twice, best of each: ``attn_implementation: eager`` vs sdpa on the
 batch above; on examples of random lengths (16 to 160 tokens, like multiple-choice items and short instructions)
 ``padding_free`` and ``group_by_length`` vs padded shuffled batches, timing one epoch of 64 examples (each variant
-sees every example once); and ``compile`` (its compilation in the warm-up steps).
+sees every example once); ``compile`` (its compilation in the warm-up steps); and ``fused_lora`` on the q/v model
+and on a second one with LoRA r=16 on all seven projections. ``--only fused_lora`` picks levers by name.
 
-Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--levers]
+Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--levers | --levers-only [--only NAME,NAME]]
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def ragged_examples(n: int, vocab: int, low: int = 16, high: int = 160) -> list[
                                                           for k in lengths)]
 
 
-def levers(steps: int, warmup: int, precision: str) -> None:
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def levers(steps: int, warmup: int, precision: str, only: list[str] | None = None) -> None:
     """Each CPU lever against the same forgetless steps without it (see the module docstring)."""
     model, _ = load_model("smollm2-135m")
     model = attach_lora(model, LoraSettings(dropout=0.0))
@@ -78,12 +82,20 @@ def levers(steps: int, warmup: int, precision: str) -> None:
     rows = [("attn_implementation: eager", {"attn_implementation": "eager"}, None, steps, warmup),
             ("padding_free (ragged 16-160)", {"padding_free": True}, ragged, epoch, 0),
             ("group_by_length (ragged 16-160)", {"group_by_length": True}, ragged, epoch, 0),
-            ("compile", {"compile": True}, None, steps, warmup + 1)]
-    for name, lever, examples, n, w in rows:
+            ("compile", {"compile": True}, None, steps, warmup + 1),
+            ("fused_lora (q/v, r=8)", {"fused_lora": True}, None, steps, warmup)]
+    rows = [row + (model,) for row in rows]
+    if only:
+        rows = [row for row in rows if any(part in row[0] for part in only)]
+    if not only or any("all-linear" in part for part in only):
+        every, _ = load_model("smollm2-135m")
+        every = attach_lora(every, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR))
+        rows.append(("fused_lora (all-linear, r=16)", {"fused_lora": True}, None, steps, warmup, every))
+    for name, lever, examples, n, w, row_model in rows:
         ours, theirs = [], []
         for r in range(2):
             for side in (("plain", "lever") if r == 0 else ("lever", "plain")):
-                t = forgetless_step(n, w, precision, examples, model, ragged=examples is not None,
+                t = forgetless_step(n, w, precision, examples, row_model, ragged=examples is not None,
                                     **(plain | lever if side == "lever" else plain))
                 (ours if side == "lever" else theirs).append(t)
         print(f"  lever {name}: {min(ours):.3f} s vs {min(theirs):.3f} s per step -> {min(ours) / min(theirs):.3f}  "
@@ -148,12 +160,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--levers", action="store_true", help="also time the speed levers that run on the CPU")
     parser.add_argument("--levers-only", action="store_true", help="only the levers (no Trainer comparison)")
+    parser.add_argument("--only", default="", help="comma-separated parts of lever names: only those levers "
+                                                   "(e.g. fused_lora)")
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
     precision = resolve_precision("auto", "cpu")
     print(f"precision: {precision} (auto); torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.levers or args.levers_only:
-        levers(args.steps, args.warmup, precision)
+        levers(args.steps, args.warmup, precision, [p.strip() for p in args.only.split(",") if p.strip()])
         if args.levers_only:
             return 0
     ours, theirs = [], []

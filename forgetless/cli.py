@@ -199,7 +199,7 @@ def _train_experiment(args: argparse.Namespace) -> Experiment:
                             report_to=args.report_to or [], logging_dir=str(Path(args.output) / "logs"),
                             attn_implementation=args.attn_implementation, compile=args.compile, liger=args.liger,
                             padding_free=args.padding_free, group_by_length=args.group_by_length,
-                            gradient_checkpointing=args.gradient_checkpointing)
+                            fused_lora=args.fused_lora, gradient_checkpointing=args.gradient_checkpointing)
         task = TaskSpec(name="domain", train=args.domain, test=args.test, schema=args.schema,
                         train_limit=args.domain_limit, test_limit=args.test_limit, max_length=args.max_length,
                         train_kind=args.domain_kind)
@@ -683,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding-free", action="store_true",
                    help="each batch as one row without padding, position ids restarting per example")
     p.add_argument("--group-by-length", action="store_true", help="batches of examples of similar length")
+    p.add_argument("--fused-lora", action="store_true",
+                   help="add each LoRA update inside one matmul (addmm): fewer passes over the layers' outputs")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")

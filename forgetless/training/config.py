@@ -105,6 +105,9 @@ class TrainConfig:
     padding_free: bool = field(default=False, metadata={"numbers": False})
     # Batches of examples of similar length (transformers' LengthGroupedSampler): less padding, other batches.
     group_by_length: bool = False
+    # Each LoRA layer adds its update inside one matmul (addmm) instead of PEFT's three passes over the layer's output
+    # (forgetless.fused_lora): the same function, rounded once instead of three times.
+    fused_lora: bool = field(default=False, metadata={"numbers": False})
 
     def __post_init__(self) -> None:
         # the types, as the experiment schema checks them, for a TrainConfig built in Python too (a string '8', a
@@ -119,7 +122,7 @@ class TrainConfig:
             if getattr(self, name) is not None or name not in ("max_steps", "save_every"):
                 setattr(self, name, as_int(name, getattr(self, name)))
         for name in ("progress", "gradient_checkpointing", "keep_checkpoints", "compile", "liger", "padding_free",
-                     "group_by_length"):
+                     "group_by_length", "fused_lora"):
             setattr(self, name, as_bool(name, getattr(self, name)))
         if self.max_steps is None and not math.isfinite(self.epochs):
             raise ValueError(f"epochs must be finite, got {self.epochs}")

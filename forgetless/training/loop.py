@@ -22,6 +22,7 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from forgetless.fused_lora import fuse_lora, unfuse_lora
 from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, base_model,
                                check_attn_implementation, compile_model, is_quantized, liger_available,
                                set_attn_implementation, uncompile)
@@ -221,6 +222,7 @@ def train_stage(
     task_loss = CausalLMLoss(model, fused_ce=config.liger)  # its head split is verified on the model as loaded
     if config.liger:
         apply_liger(model)
+    fused = fuse_lora(model) if config.fused_lora else []  # before compile, which traces it; undone at the end
     compiled = compile_model(model) if config.compile else []  # undone when the stage ends (evaluation runs eager)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
@@ -382,6 +384,7 @@ def train_stage(
     finally:
         log.close()
         uncompile(compiled)
+        unfuse_lora(fused)
     ctx.step = total
     call_all(methods, "on_stage_end", ctx)  # a Fisher computed here still recomputes activations
     if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
