@@ -20,7 +20,7 @@ SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
     DEFAULT_PARTS="memory kernels kernels_off profile profile_step compile rank2r samwork liger cudatests"
 else
-    DEFAULT_PARTS="profile_step compile8b cudatests kernels kernels_off"
+    DEFAULT_PARTS="fused compile_fused profile_step compile8b cudatests kernels kernels_off"
 fi
 PARTS=${PARTS:-$DEFAULT_PARTS}
 DEADLINE=${DEADLINE:-570}
@@ -58,7 +58,7 @@ if [ "$SMOKE" = 1 ]; then
         --only hlora_record_vs,hlora_regularize_vs --json "$OUT/bench_gpu_kernels_off.json"
     part profile 300 $PY bench/profile_methods.py --tiny --methods hlora --out "$OUT/profile"
     part profile_step 300 $PY bench/profile_methods.py --tiny --methods plain --base bf16 --batch 4 --compile \
-        --out "$OUT/profile"
+        --fused-lora --out "$OUT/profile"
     part compile 300 $PY bench/bench_gpu.py --tiny --no-levers --only hlora,step --json "$OUT/bench_gpu_compile.json"
     part rank2r 300 $PY bench/bench_method_state.py --rank-2r --reps 1 --inner 1
     part samwork 300 $PY bench/bench_method_state.py --sam --reps 1 --inner 1
@@ -68,18 +68,25 @@ if [ "$SMOKE" = 1 ]; then
     exit 0
 fi
 # What session 31 (H100, bench/RESULTS.md "Measured on an H100, 2026-11-28") left for issue #15; #12's parts ran there.
-# 1. where the compiled bf16-base step's time goes (step / Trainer 0.838 against <= 0.80, MFU 0.431 against >= 0.45
-#    at 1B, 16x1024): torch.profiler over 3 steps, kernels by kind and how busy the device was
-part profile_step 150 $PY bench/profile_methods.py --shape 1b --methods plain --base bf16 --batch 16 --compile \
-    --out "$OUT/profile"
-# 2. the 8B bf16-base step and MFU rows, both sides compiled (never measured with compile; MFU >= 0.55 there)
-part compile8b 240 $PY bench/bench_gpu.py --shapes 8b --no-levers --compile --trainer-compile --only bf16base \
-    --json "$OUT/bench_gpu_compile_8b.json"
-# 3. the unit tests' cuda parameters (all passed in session 31 after one test's fix, which passed there too)
+# 1. fused_lora (session 31, after the H100 calls): the lever against the same step without it at 1B, bf16 base,
+#    eager and with both sides compiled
+part fused 120 $PY bench/bench_gpu.py --shapes 1b --levers --only fused_lora --json "$OUT/bench_gpu_fused.json"
+# 2. the step / Trainer and MFU rows at 1B with the bf16 base, compile on both sides and fused_lora on forgetless's
+#    (0.838 and 0.431 with compile alone in session 31; targets <= 0.80 and >= 0.45)
+part compile_fused 220 $PY bench/bench_gpu.py --shapes 1b --no-levers --compile --fused-lora --trainer-compile \
+    --only bf16base --json "$OUT/bench_gpu_compile_fused.json"
+# 3. where the compiled bf16-base step's time goes: torch.profiler over 3 steps, kernels by kind, how busy the device
+#    was (with fused_lora, as the step rows above)
+part profile_step 120 $PY bench/profile_methods.py --shape 1b --methods plain --base bf16 --batch 16 --compile \
+    --fused-lora --out "$OUT/profile"
+# 4. the 8B bf16-base step and MFU rows, both sides compiled (never measured with compile; MFU >= 0.55 there)
+part compile8b 240 $PY bench/bench_gpu.py --shapes 8b --no-levers --compile --fused-lora --trainer-compile \
+    --only bf16base --json "$OUT/bench_gpu_compile_8b.json"
+# 5. the unit tests' cuda parameters (all passed in session 31 after one test's fix, which passed there too)
 part cudatests 100 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \
     tests/unit/test_kernels.py tests/unit/test_sam.py tests/unit/test_hlora.py tests/unit/test_ewc.py \
     tests/unit/test_lora_toolkit.py tests/unit/test_devices.py tests/unit/test_training.py
-# 4. what was measured before, each kept for a rerun after a change (PARTS=...): HLoRA's rows with and without the
+# 6. what was measured before, each kept for a rerun after a change (PARTS=...): HLoRA's rows with and without the
 #    kernels (1.023 / 1.031 in session 31), the 1B compiled step rows, EWC's memory at q/v, HLoRA's profile, Liger
 part kernels 60 $PY bench/bench_gpu.py --shapes 1b --no-levers --only hlora_record_vs,hlora_regularize_vs \
     --json "$OUT/bench_gpu_kernels.json"

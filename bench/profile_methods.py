@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="examples per step (default: the shape's method-row batch)")
     parser.add_argument("--compile", action="store_true", help="compile: true (its compilation in the unprofiled "
                                                                "first step)")
+    parser.add_argument("--fused-lora", action="store_true", help="fused_lora: true")
     parser.add_argument("--active", type=int, default=3, help="profiled optimizer steps per stage")
     parser.add_argument("--out", help="write each stage's table to this folder")
     args = parser.parse_args(argv)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             model = build(shape, torch.bfloat16 if args.base == "bf16" else torch.float32)
             print(profile_stage(model, method, stage, shape, precision, args.active,
                                 Path(args.out) if args.out else None, args.batch,
-                                {"compile": True} if args.compile else {}), flush=True)
+                                ({"compile": True} if args.compile else {})
+                                | ({"fused_lora": True} if args.fused_lora else {})), flush=True)
             del model
             if on_cuda():
                 torch.cuda.empty_cache()
