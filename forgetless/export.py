@@ -28,7 +28,7 @@ import torch
 from forgetless.lora import DEFAULT_ADAPTER, lora_modules, scaling
 from forgetless.methods import wise_ft
 from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, AdapterError,
-                               base_fingerprint, load_adapter, load_adapter_weights, load_model)
+                               base_fingerprint, load_adapter, load_adapter_weights, load_model, weights_digest)
 
 DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -111,6 +111,7 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     method = wise_ft.WiseFT(alphas=[alpha])
     method.theta_nu = (wise_ft.STATE.load(nu_file)[0] if nu_file is not None
                        else _adapter_theta(model, Path(theta_nu), Path(adapter_dir)))
+    _check_theta_nu(Path(adapter_dir), Path(theta_nu), method.theta_nu)
     with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
         ranks = {name: int(module.lora_A[DEFAULT_ADAPTER].weight.shape[0]) for name, module in modules}
@@ -137,6 +138,24 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     if not (out / ADAPTER_CONFIG).is_file():  # pragma: no cover - PEFT's file name changed
         raise AdapterError(f"{out}: PEFT wrote no {ADAPTER_CONFIG}")
     return out
+
+
+def _check_theta_nu(adapter_dir: Path, source: Path, theta_nu: dict[str, torch.Tensor]) -> None:
+    """AdapterError when the adapter's record names the weights its domain stage started from (``domain_start``,
+    written by ``forgetless run`` since session 31) and ``theta_nu`` is not them: another seed's or another run's
+    general stage would give a WiSE-FT point of no run, silently."""
+    record_file = adapter_dir / BASE_FILE
+    try:
+        recorded = json.loads(record_file.read_text()).get("domain_start") if record_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:  # an adapter saved without it (older runs, forgetless train's own folders): nothing to check
+        return
+    got = weights_digest(theta_nu)
+    if got != recorded:
+        raise AdapterError(f"{source}: not the theta_nu that {adapter_dir}'s domain stage started from (weights "
+                           f"digest {got}, the adapter records {recorded}); pass that run's general stage: the "
+                           f"folder OUTPUT/stages/<general_stage> named in OUTPUT/runs/<run id>.json")
 
 
 def _theta_nu_file(source: Path) -> Path | None:

@@ -536,11 +536,23 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha1(json.dumps(shape, sort_keys=True).encode() + rows.numpy().tobytes()).hexdigest()[:12]
 
 
-def save_adapter(model, folder: Path, model_name: str) -> None:
-    """PEFT's ``save_pretrained`` (adapter_config.json + adapter_model.safetensors) and the base model's fingerprint."""
+def save_adapter(model, folder: Path, model_name: str, **extra) -> None:
+    """PEFT's ``save_pretrained`` (adapter_config.json + adapter_model.safetensors) and the base model's fingerprint,
+    with ``extra`` entries (the pipeline's ``domain_start``: :func:`weights_digest` of the adapter its domain stage
+    started from, theta_nu, which ``forgetless export --wise-ft`` checks its ``--theta-nu`` against)."""
     model.save_pretrained(folder)
-    record = {"model": model_name, "fingerprint": base_fingerprint(model)}
+    record = {"model": model_name, "fingerprint": base_fingerprint(model)} | extra
     (Path(folder) / BASE_FILE).write_text(json.dumps(record))
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors (names sorted, values as float32 on the host): the same adapter weights give the
+    same digest whether they come from a model, a saved adapter or a wise-ft theta_nu file."""
+    h = hashlib.sha1()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_safetensors(path: Path, what: str) -> None:

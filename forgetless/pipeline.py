@@ -27,7 +27,7 @@ from accelerate import PartialState
 from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
-                               save_adapter)
+                               save_adapter, weights_digest)
 from forgetless.precision import default_device
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 from forgetless.training.tracking import EvalEvery, best_within_drop
@@ -221,6 +221,9 @@ def run_recipe(
                     # machine resolves auto otherwise, and forgetless run warns before reusing it there
                     _save_stage(model, recipe.plugins, stages[-1] | {"computed": computed}, cache, settings.model)
         if DOMAIN in recipe.stages:
+            # theta_nu, the adapter the domain stage starts from: recorded with the saved adapter, so that
+            # forgetless export --wise-ft can refuse another run's general stage
+            domain_start = weights_digest({n: p for n, p in model.named_parameters() if p.requires_grad})
             # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
             # a run stopped while it evaluates resumes from them instead of training its domain stage again
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress,
@@ -259,11 +262,12 @@ def run_recipe(
         row = next(r for r in tracker.history if r["step"] == tracker.best_step)
         selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
-        save_adapter(model, adapter_dir, settings.model)  # PEFT's adapter_config.json + adapter_model.safetensors
+        start = {"domain_start": domain_start} if DOMAIN in recipe.stages else {}
+        save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
         if selected is not None:
             folder = adapter_dir.with_name(adapter_dir.name + ".selected")
             with tracker.selected(model):
-                save_adapter(model, folder, settings.model)
+                save_adapter(model, folder, settings.model, **start)
             selected["adapter"] = folder.name
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,

@@ -92,6 +92,20 @@ def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numb
     results = {r["run_id"]: r for r in run_experiment(exp, progress=False)}
     stages = sorted(path.name.split("-")[0] for path in (shared / "out" / "stages").iterdir())
     assert stages == ["domain", "general", "general"]  # wise-ft's domain stage is lora-nu-mu's (test_domain_cache)
+    # the adapter records the theta_nu its domain stage started from: export --wise-ft takes that run's general
+    # stage and refuses the other one (SAM's), which it would otherwise blend in silently
+    from forgetless.export import export_wise_ft
+    from forgetless.models import AdapterError
+
+    wise = next(r for r in results.values() if r["method"].startswith("wise-ft"))
+    (adapter,) = (shared / "out" / "adapters").glob("wise-ft*")
+    assert "domain_start" in json.loads((adapter / "forgetless_base.json").read_text())
+    own = shared / "out" / wise["general_stage"]
+    other = next(p for p in (shared / "out" / "stages").iterdir() if p.name.startswith("general") and p != own)
+    assert export_wise_ft(str(tiny_model_dir), adapter, own, 0.5, tmp_path / "wise").is_dir()
+    with pytest.raises(AdapterError, match="not the theta_nu that .* domain stage started from"):
+        export_wise_ft(str(tiny_model_dir), adapter, other, 0.5, tmp_path / "wise2")
+    assert not (tmp_path / "wise2").exists()
     for entry in methods[1:6]:  # trained alone, in a fresh folder: the general stage is its own, the numbers equal
         alone = tmp_path / f"alone-{len(list(tmp_path.iterdir()))}"
         alone.mkdir()
