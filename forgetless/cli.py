@@ -439,6 +439,18 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     if args.params == "trainable" and not args.adapter:
         raise ConfigError("landscape: a model without --adapter has no trainable weights: pass --adapter or "
                           "--params all")
+    low, high = args.range
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(f"landscape: --range LOW HIGH needs finite numbers with LOW < HIGH, got {low} {high}")
+    settings = None
+    if args.metrics:  # checked before any work (--rho, --ascent-steps, ...), not after the surface
+        try:
+            settings = LandscapeSettings(params=args.params, batch_size=args.batch_size, precision=args.precision,
+                                         grid=0, seed=args.seed, hessian_iters=args.hessian_iters,
+                                         hessian_method=args.hessian_method, trace_samples=args.trace_samples,
+                                         rho=args.rho, ascent_steps=args.ascent_steps)
+        except ValueError as err:
+            raise ConfigError(f"landscape: {err}") from None
     _check_model_and_adapter(args)
     out = _landscape_output(Path(args.output), args.overwrite)
     flag = "--text" if args.text else "--task"
@@ -472,11 +484,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     report: dict = {"model": args.model, "adapter": args.adapter, "data": data, "loss": loss, **surface.meta}
     if args.dims == 2:
         report["surface_metrics"] = surface_metrics(surface.losses, surface.coords)
-    if args.metrics:
-        settings = LandscapeSettings(params=args.params, batch_size=args.batch_size, precision=args.precision, grid=0,
-                                     seed=args.seed, hessian_iters=args.hessian_iters,
-                                     hessian_method=args.hessian_method,
-                                     trace_samples=args.trace_samples, rho=args.rho, ascent_steps=args.ascent_steps)
+    if settings is not None:
         metrics, _ = measure_flatness(model, examples, settings)
         report["metrics"] = {k: v for k, v in metrics.items() if k not in ("loss", "n_params")}
     # written into a folder beside it and moved in file by file, landscape.json last: an error while writing leaves

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -15,6 +16,7 @@ import torch
 from forgetless.landscape.metrics import (eps_sharpness_parts, hessian_eigenvalues, hessian_lanczos,
                                          hutchinson_trace_estimate, surface_metrics)
 from forgetless.landscape.objective import model_objective
+from forgetless.precision import PRECISIONS
 from forgetless.landscape.surfaces import Surface, compute_surface
 
 
@@ -56,8 +58,11 @@ class LandscapeSettings:
             raise ValueError("blocks and batch_size must be >= 1")
         if self.grid != 0 and self.grid < 3:
             raise ValueError(f"grid must be 0 (no surface) or >= 3, got {self.grid}")
-        if self.span <= 0 or self.rho < 0:
-            raise ValueError("span must be > 0 and rho >= 0")
+        if not (math.isfinite(self.span) and self.span > 0) or not (math.isfinite(self.rho) and self.rho >= 0):
+            raise ValueError(f"span must be finite and > 0 and rho finite and >= 0, got span {self.span}, "
+                             f"rho {self.rho}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.hessian_method not in ("power", "lanczos"):
             raise ValueError(f"hessian_method must be 'power' or 'lanczos', got {self.hessian_method!r}")
         if self.hessian_iters < 0 or self.trace_samples < 0 or self.ascent_steps < -1:

@@ -386,6 +386,28 @@ def test_landscape_cli_writes_grid_figures_and_metrics(tmp_path, tiny_model_dir,
     assert rc == 2 and "no trainable weights" in capsys.readouterr().err  # a user error, said in one line
 
 
+def test_landscape_flags_are_checked_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """--rho, --ascent-steps and --range are said wrong in one line (exit 2) before the model loads: they were
+    checked only after the whole surface sweep, with a traceback."""
+    import forgetless.models as models
+    from forgetless.cli import main
+
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "a b c d e f g h"}\n')
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    common = ["landscape", "--model", str(tiny_model_dir), "--params", "all", "--text", str(text), "--dims", "1",
+              "--grid", "3", "--quiet"]
+    for extra, said in ((["--metrics", "--rho", "-1"], "rho finite and >= 0"),
+                        (["--metrics", "--rho", "nan"], "rho finite and >= 0"),
+                        (["--metrics", "--ascent-steps", "-2"], "ascent_steps >= -1"),
+                        (["--range", "0", "0"], "LOW < HIGH"), (["--range", "1", "-1"], "LOW < HIGH"),
+                        (["--range", "0", "inf"], "finite numbers")):
+        rc = main(common + extra + ["--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "out").exists()
+
+
 def test_landscape_output_is_checked_before_the_model_loads_and_not_overwritten(tmp_path, tiny_model_dir,
                                                                                  monkeypatch, capsys):
     """``landscape --output`` must be a new or empty folder (or --overwrite an earlier measurement), said before the
