@@ -42,7 +42,9 @@ def sample_general_text(model_name: str, n_per_prompt: int = 2, max_new_tokens: 
 
 
 def demo_experiment(output: Path, model: str = DEFAULT_MODEL, seed: int = 0) -> Path:
-    """Write the demo's data and experiment YAML into ``output``; return the YAML's path."""
+    """Write the demo's data and experiment YAML into ``output``; return the YAML's path. ``output`` must be new,
+    empty, or an earlier demo's folder (its files are the demo's own): files of anything else are not overwritten."""
+    _check_demo_folder(output)
     output.mkdir(parents=True, exist_ok=True)
     general = output / "general_sampled.jsonl"
     sampled_by = output / "general_sampled.model"  # which model and seed sampled it: another --model samples anew
@@ -77,3 +79,23 @@ def demo_experiment(output: Path, model: str = DEFAULT_MODEL, seed: int = 0) -> 
     path = output / "experiment.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
     return path
+
+
+def _check_demo_folder(output: Path) -> None:
+    """ConfigError when ``output`` holds files and is not an earlier demo's folder (its sampled text or note, or an
+    experiment.yaml named demo): the demo writes experiment.yaml, heldout.txt and the sampled text there."""
+    from forgetless.config import ConfigError
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"demo --output {output}: a file, not a folder")
+    marks = ("general_sampled.model", "general_sampled.jsonl")  # the demo's own sample (and, since session 30, note)
+    if not output.is_dir() or not any(output.iterdir()) or any((output / m).is_file() for m in marks):
+        return
+    try:
+        named = yaml.safe_load((output / "experiment.yaml").read_text()).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        named = None
+    if named != "demo":
+        raise ConfigError(f"demo --output {output}: the folder holds files that are not a forgetless demo's; the demo "
+                          f"writes experiment.yaml, heldout.txt and its data there. Choose a new or empty folder")
+

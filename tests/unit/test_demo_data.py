@@ -170,3 +170,26 @@ def test_a_sample_from_before_the_note_counts_as_the_default_models(tmp_path, mo
     (tmp_path / "general_sampled.model").unlink()
     demo.demo_experiment(tmp_path, model="other")
     assert sampled == ["other"]
+
+
+def test_the_demo_writes_only_into_a_new_empty_or_demo_folder(tmp_path, monkeypatch, capsys):
+    """demo --output on a folder of the user's (an experiment.yaml of theirs, a heldout.txt) is refused in one line
+    and nothing there changes; a new folder, an empty one and an earlier demo's are written."""
+    import forgetless.demo as demo
+    from forgetless.cli import main
+
+    monkeypatch.setattr(demo, "sample_general_text", lambda model, seed=0: ["sampled"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "experiment.yaml").write_text("name: my-study\n")
+    (mine / "heldout.txt").write_text("my text")
+    assert main(["demo", "--output", str(mine), "--quiet"]) == 2
+    assert "not a forgetless demo's" in capsys.readouterr().err
+    assert (mine / "experiment.yaml").read_text() == "name: my-study\n" and (mine / "heldout.txt").read_text() == \
+        "my text" and sorted(p.name for p in mine.iterdir()) == ["experiment.yaml", "heldout.txt"]
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "new", tmp_path / "empty", tmp_path / "new"):  # the last: an earlier demo's
+        assert demo.demo_experiment(folder).is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match="a file, not a folder"):
+        demo.demo_experiment(tmp_path / "file")
