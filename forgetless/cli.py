@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_merge)
 
     common = argparse.ArgumentParser(add_help=False, parents=[debug])
-    common.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id, model folder or .gguf file")
+    common.add_argument("--model", default=None, help="embedded name, hub id, model folder or .gguf file (default: the "
+                                                     f"base an --adapter's record names, else {DEFAULT_MODEL})")
     common.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                         help="default auto (bf16 where the hardware computes in it); landscape: fp32, as an "
                              "experiment's landscape section measures (near a minimum a bf16 gradient is mostly "
@@ -756,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[debug],
                        help="a merged full model (base + adapter), or a PEFT adapter of a WiSE-FT point")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base: embedded name, hub id, folder or .gguf")
+    p.add_argument("--model", default=None, help="the adapter's base: embedded name, hub id, folder or .gguf (default: "
+                                                 f"the base the adapter's record names, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", required=True, help="the PEFT adapter folder (the domain stage's, theta_mu)")
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default="base",
@@ -782,7 +784,26 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "precision", "given") is None:  # not given: the command's own default
         args.precision = "fp32" if args.func is _cmd_landscape else "auto"
+    if getattr(args, "model", "given") is None:  # not given: the base an --adapter records, else the default
+        args.model = _recorded_base(getattr(args, "adapter", None)) or DEFAULT_MODEL
     return args
+
+
+def _recorded_base(adapter: str | None) -> str | None:
+    """The base model an adapter folder's record names (forgetless_base.json, written by forgetless's runs), or None.
+    Said on stderr when it is taken, since no --model was given."""
+    from forgetless.models import BASE_FILE
+
+    if not adapter:
+        return None
+    try:
+        model = json.loads((Path(adapter) / BASE_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(model, str) and model:
+        print(f"forgetless: --model: {model}, the base {Path(adapter) / BASE_FILE} records", file=sys.stderr)
+        return model
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

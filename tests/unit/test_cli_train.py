@@ -178,3 +178,27 @@ def test_eval_of_a_qlora_adapter_loads_the_base_as_its_run_did(tmp_path, model_d
     plain = json.loads(printed[printed.index("{"):])
     assert plain["quantization"] == "none" and plain["perplexity"]["ppl"] != pytest.approx(scored["perplexity"]["ppl"],
                                                                                           rel=1e-5)
+
+
+def test_without_model_an_adapter_s_recorded_base_is_used(tmp_path, capsys):
+    """eval / landscape / export --adapter without --model take the base the adapter's forgetless_base.json names
+    (said on stderr), instead of loading the default model and failing after that on missing keys; --model given
+    wins; an adapter without a record, or no adapter, keeps the default."""
+    import json
+
+    from forgetless.cli import parse_command_line
+    from forgetless.models import BASE_FILE, DEFAULT_MODEL
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / BASE_FILE).write_text(json.dumps({"model": "/models/tiny", "fingerprint": "x"}))
+    for argv in (["eval", "--adapter", str(adapter), "--ppl", "t.jsonl"],
+                 ["landscape", "--adapter", str(adapter), "--text", "t.jsonl"],
+                 ["export", "--adapter", str(adapter), "--output", str(tmp_path / "o")]):
+        assert parse_command_line(argv).model == "/models/tiny", argv
+        assert "/models/tiny, the base" in capsys.readouterr().err
+        assert parse_command_line(argv + ["--model", "other"]).model == "other"
+    (adapter / BASE_FILE).unlink()
+    assert parse_command_line(["eval", "--adapter", str(adapter), "--ppl", "t.jsonl"]).model == DEFAULT_MODEL
+    assert parse_command_line(["eval", "--ppl", "t.jsonl"]).model == DEFAULT_MODEL
+    assert parse_command_line(["train", "--domain", "d.jsonl", "--output", str(tmp_path / "t")]).model == DEFAULT_MODEL
