@@ -1342,7 +1342,7 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     from forgetless.reporting.forgetting import forgetting_section
     from forgetless.reporting.hlora_plots import hlora_section
     from forgetless.reporting.plots import plot_tradeoff, plot_training_curves
-    from forgetless.reporting.tables import finite_record, write_tables
+    from forgetless.reporting.tables import finite_record, with_variant_records, write_tables
 
     out = exp.output
     methods = [method_label(m) for m in exp.methods]
@@ -1350,7 +1350,9 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
     results = [r for r in results if finite_record(r)]
     plot_tradeoff(results, out / "tradeoff.png")
     plot_training_curves(results, out / "training_curves.png")
-    sections = [hlora_section(results, out), "\n" + forgetting_section(results, out, methods)]
+    # the evaluation variants (WiSE-FT's interpolations) as the main table lists them, each after its method
+    expanded, order = with_variant_records(results, methods)
+    sections = [hlora_section(results, out), "\n" + forgetting_section(expanded, out, order)]
     if exp.landscape is not None:
         sections.append(flatness_section(results, out, methods=methods))
     with open(out / "results.md", "a") as fh:

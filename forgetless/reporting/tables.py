@@ -142,7 +142,7 @@ def summary_table(results: list[dict[str, Any]], methods: list[str] | None = Non
     right after their method's row.
     """
     methods = methods or list(dict.fromkeys(r["method"] for r in results))
-    results, methods = _with_variants(results, methods)
+    results, methods = with_variant_records(results, methods)
     tasks = tasks or list(dict.fromkeys(r["task"] for r in results))
     header = ["method"]
     for task in tasks:
@@ -182,7 +182,8 @@ def variant_records(runs: list[dict[str, Any]], own_labels: bool = False) -> lis
     return out
 
 
-def _with_variants(results: list[dict[str, Any]], methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+def with_variant_records(results: list[dict[str, Any]],
+                         methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """``results`` with their variants' records (:func:`variant_records`), and ``methods`` with each method's
     variants right after it."""
     extra = variant_records([r for r in results if r["method"] in methods])

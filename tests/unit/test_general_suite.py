@@ -192,3 +192,28 @@ def test_eval_every_state_survives_a_mid_stage_checkpoint():
     assert resumed.history == tracker.history and ctx.extras["eval_history"] == tracker.history
     assert resumed.best_step == 2 == ctx.extras["eval_selected_step"]
     assert torch.equal(resumed.best_state["a.lora_A"], torch.arange(4.0))
+
+
+def test_results_md_s_forgetting_table_lists_the_wise_ft_interpolations(tmp_path):
+    """results.md's forgetting table has a row per WiSE-FT interpolation, as its main table and `forgetless report`
+    have (it was given the records without their variants, so it had only `wise-ft`); the drop is the variant's own
+    suite score minus base's."""
+    from types import SimpleNamespace
+
+    from forgetless.experiment import _write_report
+
+    def run(method, suite, variants=None):
+        return {"method": method, "task": "t", "seed": 0, "run_id": f"{method}__t__seed0", "general_ppl": 10.0,
+                "general_ppl_base2": 3.3, "tasks": {"t": {"acc": 0.5, "acc_norm": 0.5}},
+                "suite": {"s": {"acc": suite}}} | ({"variants": variants} if variants else {})
+
+    variant = {"general_ppl": 9.0, "general_ppl_base2": 3.1, "tasks": {"t": {"acc": 0.6, "acc_norm": 0.6}},
+               "suite": {"s": {"acc": 0.55}}}
+    results = [run("base", 0.7), run("wise-ft", 0.4, {"wise-ft(alpha=0.5)": variant})]
+    exp = SimpleNamespace(output=tmp_path, methods=["base", "wise-ft"], tasks=[SimpleNamespace(name="t")],
+                          landscape=None)
+    _write_report(exp, results)
+    text = (tmp_path / "results.md").read_text()
+    forgetting = text[text.index("## Forgetting on the general suite"):text.index("## Forgetting over training")]
+    assert "wise-ft @ wise-ft(alpha=0.5)" in forgetting and "-15.0" in forgetting  # 0.55 - 0.70, in points
+    assert "-30.0" in forgetting  # the run itself: 0.40 - 0.70
