@@ -87,10 +87,11 @@ def levers(steps: int, warmup: int, precision: str, only: list[str] | None = Non
     rows = [row + (model,) for row in rows]
     if only:
         rows = [row for row in rows if any(part in row[0] for part in only)]
-    if not only or any("all-linear" in part for part in only):
+    every_name = "fused_lora (all-linear, r=16)"
+    if not only or any(part in every_name for part in only):
         every, _ = load_model("smollm2-135m")
         every = attach_lora(every, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR))
-        rows.append(("fused_lora (all-linear, r=16)", {"fused_lora": True}, None, steps, warmup, every))
+        rows.append((every_name, {"fused_lora": True}, None, steps, warmup, every))
     for name, lever, examples, n, w, row_model in rows:
         ours, theirs = [], []
         for r in range(2):
