@@ -22,11 +22,11 @@ still called as a module, and so is ``lora_A``; only ``lora_B``'s call is folded
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 
-_ORIGINAL = "_forgetless_unfused_forward"
+_MARK = "_forgetless_fused"  # set on a layer whose forward fuse_lora replaced
 
 
 def _lora_linear_type():
@@ -56,7 +56,7 @@ def _fusable(module, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _fusable(self, x, args, kwargs)
     if name is None:
-        return getattr(self, _ORIGINAL)(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own
     result = self.base_layer(x)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
@@ -70,14 +70,15 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def fuse_lora(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Route every PEFT ``lora.Linear`` of ``model`` through the fused sum (:func:`_fused_forward`, per instance;
-    calls it does not apply to take PEFT's forward). Returns the modules changed; :func:`unfuse_lora` undoes it."""
+    """Route every PEFT ``lora.Linear`` of ``model`` through the fused sum (:func:`_fused_forward`, per instance, as
+    a ``functools.partial``, so that a deep copy of the model keeps working; calls it does not apply to take PEFT's
+    forward). Returns the modules changed; :func:`unfuse_lora` undoes it."""
     linear = _lora_linear_type()
     changed = []
     for module in model.modules():
-        if type(module) is linear and _ORIGINAL not in module.__dict__:
-            setattr(module, _ORIGINAL, module.forward)
-            module.forward = types.MethodType(_fused_forward, module)
+        if type(module) is linear and not module.__dict__.get(_MARK) and "forward" not in module.__dict__:
+            module.forward = functools.partial(_fused_forward, module)
+            module.__dict__[_MARK] = True
             changed.append(module)
     return changed
 
@@ -85,8 +86,7 @@ def fuse_lora(model: torch.nn.Module) -> list[torch.nn.Module]:
 def unfuse_lora(modules: list[torch.nn.Module]) -> None:
     """Undo :func:`fuse_lora` for ``modules``: their forward is PEFT's again."""
     for module in modules:
-        original = module.__dict__.pop(_ORIGINAL, None)
-        if original is not None:
+        if module.__dict__.pop(_MARK, False):
             module.__dict__.pop("forward", None)
 
 

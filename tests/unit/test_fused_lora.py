@@ -134,6 +134,14 @@ def test_hooks_on_the_lora_layer_fire_and_unfuse_restores_peft_s_forward():
         got = layer(x)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], got) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    import copy
+
+    twin = copy.deepcopy(model)  # a copy made while fused is fused too, and independent of the original
+    twin_layer = twin.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        assert torch.equal(twin_layer(x), got)
+        twin_layer.lora_B["default"].weight.zero_()
+        assert torch.equal(layer(x), got) and torch.allclose(twin_layer(x), layer.base_layer(x))
     unfuse_lora(fused)
     assert "forward" not in layer.__dict__
     with torch.no_grad():
