@@ -102,7 +102,7 @@ def test_the_prepared_gpu_session_runs_every_part_in_smoke_mode(tmp_path):
         table = (tmp_path / "out" / "profile" / f"hlora_{stage}_tiny.txt").read_text()
         assert ("hlora.after_optimizer_step" if stage == "general" else "hlora.extra_loss") in table
     step = (tmp_path / "out" / "profile" / "plain_general_tiny.txt").read_text()  # the plain step, compiled
-    assert "batch 4 x 32, {'compile': True}" in step and "whole step (host)" in step
+    assert "batch 4 x 32, {'compile': True, 'fused_lora': True}" in step and "whole step (host)" in step
     assert "2 passed" in (tmp_path / "out" / "cudatests.log").read_text()  # test_on_accelerator's and a timer test
 
 
