@@ -76,7 +76,7 @@ def fuse_lora(model: torch.nn.Module) -> list[torch.nn.Module]:
     linear = _lora_linear_type()
     changed = []
     for module in model.modules():
-        if type(module) is linear and not module.__dict__.get(_MARK) and "forward" not in module.__dict__:
+        if type(module) is linear and "forward" not in module.__dict__:  # not fused already, nor patched by others
             module.forward = functools.partial(_fused_forward, module)
             module.__dict__[_MARK] = True
             changed.append(module)

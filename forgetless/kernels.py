@@ -94,6 +94,17 @@ def _check_stacks(what: str, *named: tuple[str, torch.Tensor, tuple]) -> None:
                          f"; move them to one")
 
 
+def _kernel_or_formula(key: tuple, launch, formula):
+    """``launch()`` unless the kernel failed here before for these block sizes (``key``); a launch that fails is
+    remembered and said once (:func:`_failed`); else, and then, ``formula()``."""
+    if key not in _FAILED:
+        try:
+            return launch()
+        except Exception as err:  # noqa: BLE001 - a Triton that cannot compile it (its version, the GPU, the tiles)
+            _failed(key, err)
+    return formula()
+
+
 def _block(k: int) -> int:
     """tl.dot's inner size: a power of two, at least 16 (the columns past ``k`` are loaded as 0)."""
     return max(16, 1 << (k - 1).bit_length())
@@ -120,17 +131,15 @@ def lowrank_product_accumulate_(out: torch.Tensor, l1: torch.Tensor, r1: torch.T
     s_oi, s_oj = (s_o[2], s_o[1]) if transposed else (s_o[1], s_o[2])
     bm = bn = 64
     key = ("accumulate", bm, bn, _block(k1), _block(k2))
-    if key in _FAILED:
-        return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
     grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn), n)
-    try:
+
+    def launch() -> torch.Tensor:
         kernels["accumulate"][grid](l1, r1, l2, r2, out, rows, cols, k1, k2,
                                     *l1.stride(), *r1.stride(), *l2.stride(), *r2.stride(), s_o[0], s_oi, s_oj,
                                     MODE=MODES[mode], BM=bm, BN=bn, BK1=key[3], BK2=key[4])
-    except Exception as err:  # noqa: BLE001 - a Triton that cannot compile it (its version, the GPU): said once
-        _failed(key, err)
-        return _torch_formula(out, l1, r1, l2, r2, mode, transposed)
-    return out
+        return out
+
+    return _kernel_or_formula(key, launch, lambda: _torch_formula(out, l1, r1, l2, r2, mode, transposed))
 
 
 def weighted_products(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor, b: torch.Tensor | None,
@@ -150,13 +159,9 @@ def weighted_products(left: torch.Tensor, right: torch.Tensor, weight: torch.Ten
     if not triton_enabled(left.device) or dtypes != {torch.float32} or not weight.dtype.is_floating_point:
         return _weighted_formula(left, right, weight, b, transposed)
     blocks = (64, 64, _block(k), _block(b.shape[-1]) if b is not None else 0)
-    if ("weighted", *blocks) in _FAILED:
-        return _weighted_formula(left, right, weight, b, transposed)
-    try:
-        return _weighted_kernels(left, right, weight, b, transposed, blocks)
-    except Exception as err:  # noqa: BLE001 - as in lowrank_product_accumulate_
-        _failed(("weighted", *blocks), err)
-        return _weighted_formula(left, right, weight, b, transposed)
+    return _kernel_or_formula(("weighted", *blocks),
+                              lambda: _weighted_kernels(left, right, weight, b, transposed, blocks),
+                              lambda: _weighted_formula(left, right, weight, b, transposed))
 
 
 def _weighted_formula(left, right, weight, b, transposed):
