@@ -792,14 +792,9 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 def _recorded_base(adapter: str | None) -> str | None:
     """The base model an adapter folder's record names (forgetless_base.json, written by forgetless's runs), or None.
     Said on stderr when it is taken, since no --model was given."""
-    from forgetless.models import BASE_FILE
+    from forgetless.models import BASE_FILE, adapter_record
 
-    if not adapter:
-        return None
-    try:
-        model = json.loads((Path(adapter) / BASE_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
+    model = adapter_record(adapter).get("model") if adapter else None
     if isinstance(model, str) and model:
         print(f"forgetless: --model: {model}, the base {Path(adapter) / BASE_FILE} records", file=sys.stderr)
         return model

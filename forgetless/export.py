@@ -28,7 +28,8 @@ import torch
 from forgetless.lora import DEFAULT_ADAPTER, lora_modules, scaling
 from forgetless.methods import wise_ft
 from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, AdapterError,
-                               base_fingerprint, load_adapter, load_adapter_weights, load_model, weights_digest)
+                               adapter_record, base_fingerprint, load_adapter, load_adapter_weights, load_model,
+                               weights_digest)
 
 DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -144,11 +145,7 @@ def _check_theta_nu(adapter_dir: Path, source: Path, theta_nu: dict[str, torch.T
     """AdapterError when the adapter's record names the weights its domain stage started from (``domain_start``,
     written by ``forgetless run`` since session 31) and ``theta_nu`` is not them: another seed's or another run's
     general stage would give a WiSE-FT point of no run, silently."""
-    record_file = adapter_dir / BASE_FILE
-    try:
-        recorded = json.loads(record_file.read_text()).get("domain_start") if record_file.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = adapter_record(adapter_dir).get("domain_start")
     if recorded is None:  # an adapter saved without it (older runs, forgetless train's own folders): nothing to check
         return
     got = weights_digest(theta_nu)

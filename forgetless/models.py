@@ -545,6 +545,16 @@ def save_adapter(model, folder: Path, model_name: str, **extra) -> None:
     (Path(folder) / BASE_FILE).write_text(json.dumps(record))
 
 
+def adapter_record(folder: str | Path) -> dict:
+    """An adapter folder's record (:data:`BASE_FILE`: the base model's name and fingerprint, and what
+    :func:`save_adapter` added), or ``{}`` where it has none or it cannot be read (an adapter from elsewhere)."""
+    try:
+        record = json.loads((Path(folder) / BASE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     """A digest of named tensors (names sorted, values as float32 on the host): the same adapter weights give the
     same digest whether they come from a model, a saved adapter or a wise-ft theta_nu file."""

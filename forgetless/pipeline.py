@@ -222,8 +222,9 @@ def run_recipe(
                     _save_stage(model, recipe.plugins, stages[-1] | {"computed": computed}, cache, settings.model)
         if DOMAIN in recipe.stages:
             # theta_nu, the adapter the domain stage starts from: recorded with the saved adapter, so that
-            # forgetless export --wise-ft can refuse another run's general stage
-            domain_start = weights_digest({n: p for n, p in model.named_parameters() if p.requires_grad})
+            # forgetless export --wise-ft can refuse another run's general stage (no adapter saved: not needed)
+            domain_start = None if adapter_dir is None else weights_digest(
+                {n: p for n, p in model.named_parameters() if p.requires_grad})
             # the last stage keeps its checkpoints until the run is evaluated and recorded (the caller removes them):
             # a run stopped while it evaluates resumes from them instead of training its domain stage again
             cfg = replace(settings.domain, seed=settings.seed, precision=settings.precision, progress=settings.progress,
@@ -262,7 +263,7 @@ def run_recipe(
         row = next(r for r in tracker.history if r["step"] == tracker.best_step)
         selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
-        start = {"domain_start": domain_start} if DOMAIN in recipe.stages else {}
+        start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
         save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
         if selected is not None:
             folder = adapter_dir.with_name(adapter_dir.name + ".selected")
