@@ -38,6 +38,30 @@ def _as_record(obj: Any, origin: str, line: int) -> Record:
     return Record(obj, origin, line)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook``: the object as a dict, or :class:`_DuplicateKey` when a key repeats (json keeps only the
+    last value of a repeated key, so a row with ``"answer"`` twice would silently lose one)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _duplicate(origin: str, line: int, err: _DuplicateKey) -> DataError:
+    return DataError.at(origin, line, "appears twice in one object (JSON would keep only the last value); remove or "
+                                      "rename one", field=err.key)
+
+
 def _read_jsonl(text: str, origin: str) -> list[Record]:
     records = []
     # Split on "\n" only: str.splitlines() also breaks on U+2028, U+0085 and others, which JSON allows raw
@@ -46,9 +70,11 @@ def _read_jsonl(text: str, origin: str) -> list[Record]:
         if not raw.strip():
             continue  # blank lines are skipped but still counted, so numbers match an editor's
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise DataError.at(origin, number, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
+        except _DuplicateKey as exc:
+            raise _duplicate(origin, number, exc) from None
         records.append(_as_record(obj, origin, number))
     return records
 
@@ -61,7 +87,7 @@ def _skip_ws(text: str, i: int) -> int:
 
 def _read_json_array(text: str, origin: str) -> list[Record]:
     """Parse a top-level JSON list element by element, recording the line where each element starts."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
     records: list[Record] = []
 
     def fail(pos: int, msg: str) -> DataError:
@@ -77,6 +103,8 @@ def _read_json_array(text: str, origin: str) -> list[Record]:
             obj, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as exc:
             raise DataError.at(origin, exc.lineno, f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
+        except _DuplicateKey as exc:
+            raise _duplicate(origin, line, exc) from None
         records.append(_as_record(obj, origin, line))
         i = _skip_ws(text, i)
         if i >= len(text):

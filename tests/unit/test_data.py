@@ -284,6 +284,20 @@ def test_non_object_line(tmp_path):
         read_records(path)
 
 
+def test_a_repeated_field_is_an_error_naming_the_file_row_and_field(tmp_path):
+    """json keeps the last of two equal keys: a row with "label" twice would silently train on one of them."""
+    lines = write(tmp_path, "dup.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n'
+                                         '{"goal": "g", "sol1": "a", "sol2": "b", "label": 0, "label": 1}\n')
+    with pytest.raises(DataError, match=r"dup\.jsonl, line 2: field 'label': appears twice") as info:
+        load_mc_task(lines)
+    assert info.value.line == 2 and info.value.field == "label"
+    listed = write(tmp_path, "dup.json", '[\n  {"a": 1},\n  {"a": 2,\n   "meta": {"k": 1, "k": 2}}\n]\n')
+    with pytest.raises(DataError, match=r"dup\.json, line 3: field 'k': appears twice"):
+        read_records(listed)
+    # equal values under different keys, and the same key in two rows, are fine
+    assert read_records(write(tmp_path, "ok.jsonl", '{"a": 1, "b": 1}\n{"a": 1, "b": 1}\n')) == [{"a": 1, "b": 1}] * 2
+
+
 # --- reading records ----------------------------------------------------------------------------------------
 
 def test_read_jsonl_counts_blank_lines(tmp_path):
