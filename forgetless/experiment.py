@@ -118,7 +118,7 @@ def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | N
 _CLI_KEYS = {"general.train": "--general", "general.heldout": "--heldout", "tasks[0].train": "--domain",
              "tasks[0].test": "--test", "lora": "--lora-*/--target-modules", "output": "--output",
              "chat_template": "--chat-template", "model": "--model", "general.block_size": "--block-size",
-             "quantization": "--quantization"}
+             "tasks[0].max_length": "--max-length", "quantization": "--quantization"}
 
 
 def where(exp: Experiment, key: str) -> str:
@@ -220,7 +220,7 @@ class ExperimentData:
 def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     """Tokenize the general text, the held-out text and every task's training data (``raw``: already read)."""
     from forgetless.data import chat_mc_items, lm_examples, pack_blocks, train_examples, use_chat_template
-    from forgetless.models import load_tokenizer
+    from forgetless.models import context_length, load_tokenizer
 
     raw = raw or read_data(exp)
     tokenizer = load_tokenizer(exp.model)
@@ -239,12 +239,20 @@ def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     general = lm_examples(blocks("train", raw.general, exp.general.train)) if raw.general is not None else []
     heldout = blocks("heldout", raw.heldout, exp.general.heldout) if raw.heldout is not None else None
     tasks = {}
+    context = context_length(exp.model)
     for i, task in enumerate(exp.tasks):
         train, test_items = raw.tasks[task.name]
         kind = raw.kinds.get(task.name, task.train_kind)
         with _data_errors(exp, f"tasks[{i}].train"):
             train = prompts(train) if kind == "multiple_choice" else train
-            tasks[task.name] = (train_examples(kind, train, tokenizer, task.max_length), prompts(test_items))
+            examples = train_examples(kind, train, tokenizer, task.max_length)
+        longest = max((len(e["input_ids"]) for e in examples), default=0)
+        if context is not None and longest > context:  # positions the model never saw, or an index error in its
+            # position embedding; max_length may exceed the context as long as no example does (short items)
+            raise ConfigError(f"{where(exp, f'tasks[{i}].max_length')}: {task.max_length} lets this task's training "
+                              f"examples reach {longest} tokens, longer than the model's context ({context} "
+                              f"positions, its max_position_embeddings); set it to at most {context}")
+        tasks[task.name] = (examples, prompts(test_items))
     # a harness task gets the harness's own apply_chat_template (forgetless.evaluation.lmeval)
     suite = {name: items.with_chat_template(chat) if hasattr(items, "with_chat_template") else prompts(items)
              for name, items in raw.suite.items()}
@@ -641,7 +649,7 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
 def check_context(exp: Experiment) -> None:
     """The general text's blocks (always ``block_size`` tokens) within the model's context, where its configuration
     says it without loading it (a block of 100000 tokens on a 128-position model ran a minute before it was
-    stopped). A task's ``max_length`` only bounds its examples, so it is not checked."""
+    stopped). A task's ``max_length`` only bounds its examples, so :func:`load_data` checks the examples themselves."""
     from forgetless.models import context_length
 
     longest = context_length(exp.model)
@@ -1393,9 +1401,10 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     with _removed_if_untouched(exp.output):
         check_output(exp.output, where(exp, "output"))
         raw = validate(exp, [job], stages_dir=None)
+        data = load_data(exp, raw)  # its checks (an example past the context) also leave no folder behind
     if held and is_main_process():
         (exp.output / "run.json").unlink(missing_ok=True)
-    record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], load_data(exp, raw), adapter_dir=exp.output,
+    record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], data, adapter_dir=exp.output,
                      stages_dir=None, progress=progress)
     if is_main_process():
         print(f"adapter saved to {exp.output} (PEFT format)")
