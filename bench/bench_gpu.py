@@ -37,7 +37,9 @@ given), each a forgetless step with the lever / the same step without it, on the
 alternations, on the method rows' shape (1B) with a bf16 base:
 
 * ``attn_eager_vs_sdpa``, ``attn_flash2_vs_sdpa`` (skipped without flash-attn), ``compile_vs_plain``
-  (``compile: true``, its compilation inside the warm-up steps), ``fused_lora_vs_plain`` (``fused_lora: true``) and
+  (``compile: true``, its compilation inside the warm-up steps), ``compiled_ce_vs_eager_ce`` (both sides compiled,
+  the chunked cross-entropy's chunks compiled on one side only: ``FORGETLESS_COMPILE_CE=0`` on the other; at 1B the
+  8 x 1024 rows' logits go chunked), ``fused_lora_vs_plain`` (``fused_lora: true``) and
   ``fused_lora_compiled_vs_compiled`` (both sides compiled), ``liger_vs_plain`` (skipped without liger-kernel;
   measured after its plain side, not alternated: Liger's RoPE patch is process-wide and cannot be undone);
 * ``padding_free_vs_padded``, ``group_by_length_vs_shuffled``: on examples of random lengths (seq/8 to seq), the time
@@ -62,6 +64,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import sys
@@ -134,8 +137,8 @@ TARGETS = {  # issue #15, item 2
 }
 
 
-LEVER_ROWS = ("attn_eager_vs_sdpa", "attn_flash2_vs_sdpa", "compile_vs_plain", "fused_lora_vs_plain",
-              "fused_lora_compiled_vs_compiled", "liger_vs_plain", "padding_free_vs_padded",
+LEVER_ROWS = ("attn_eager_vs_sdpa", "attn_flash2_vs_sdpa", "compile_vs_plain", "compiled_ce_vs_eager_ce",
+              "fused_lora_vs_plain", "fused_lora_compiled_vs_compiled", "liger_vs_plain", "padding_free_vs_padded",
               "group_by_length_vs_shuffled")
 
 
@@ -502,11 +505,22 @@ def ragged_examples(n: int, vocab: int, seq: int, seed: int = 7) -> list[dict]:
 
 def lever_run(model, examples: list[dict], batch: int, warmup: int, total: int, precision: str,
               **levers) -> tuple[float, float]:
-    """One forgetless stage with ``levers`` (TrainConfig fields); (seconds per timed step, peak GiB)."""
+    """One forgetless stage with ``levers`` (TrainConfig fields, and ``compile_ce``: False keeps the chunked
+    cross-entropy's chunks eager under ``compile``); (seconds per timed step, peak GiB)."""
     span = Span(warmup, total)
     free()
     reset_peak()
-    train_stage(model, examples, train_config(total, batch, precision, **levers), [SpanHook(span)], stage="general")
+    compile_ce = levers.pop("compile_ce", True)
+    saved = os.environ.get("FORGETLESS_COMPILE_CE")
+    os.environ["FORGETLESS_COMPILE_CE"] = "1" if compile_ce else "0"
+    try:
+        train_stage(model, examples, train_config(total, batch, precision, **levers), [SpanHook(span)],
+                    stage="general")
+    finally:
+        if saved is None:
+            os.environ.pop("FORGETLESS_COMPILE_CE")
+        else:
+            os.environ["FORGETLESS_COMPILE_CE"] = saved
     return span.seconds_per_step(), peak_gib()
 
 
@@ -539,6 +553,9 @@ def lever_rows(report: Report, shape: str, plan: Plan, precision: str, rounds: i
     else:
         report.skip(f"attn_flash2_vs_sdpa@{shape}", "flash-attn is not installed or no CUDA")
     sections.append(("compile_vs_plain", lambda: alternate("compile_vs_plain", {"compile": True})))
+    sections.append(("compiled_ce_vs_eager_ce",  # both sides compiled; the chunked cross-entropy's chunks too on one
+                     lambda: alternate("compiled_ce_vs_eager_ce", {"compile": True},
+                                       baseline={"compile": True, "compile_ce": False})))
     sections.append(("fused_lora_vs_plain", lambda: alternate("fused_lora_vs_plain", {"fused_lora": True})))
     sections.append(("fused_lora_compiled_vs_compiled",  # both sides compiled: what the fusion adds to compile
                      lambda: alternate("fused_lora_compiled_vs_compiled", {"fused_lora": True, "compile": True},

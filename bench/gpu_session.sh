@@ -68,13 +68,15 @@ if [ "$SMOKE" = 1 ]; then
     exit 0
 fi
 # What session 31 (H100, bench/RESULTS.md "Measured on an H100, 2026-11-28") left for issue #15; #12's parts ran there.
-# 1. fused_lora (session 31, after the H100 calls): the lever against the same step without it at 1B, bf16 base,
-#    eager and with both sides compiled
-part fused 120 $PY bench/bench_gpu.py --shapes 1b --levers --only fused_lora --json "$OUT/bench_gpu_fused.json"
-# 2. the step / Trainer and MFU rows at 1B with the bf16 base, compile on both sides and fused_lora on forgetless's
-#    (0.838 and 0.431 with compile alone in session 31; targets <= 0.80 and >= 0.45)
+# 1. the step / Trainer and MFU rows at 1B with the bf16 base, compile on both sides and fused_lora on forgetless's
+#    (0.838 and 0.431 with compile alone in session 31; targets <= 0.80 and >= 0.45). Since session 32 compile also
+#    compiles the chunked cross-entropy's chunks (the 1B rows' 8 x 1024 logits go chunked)
 part compile_fused 220 $PY bench/bench_gpu.py --shapes 1b --no-levers --compile --fused-lora --trainer-compile \
     --only bf16base --json "$OUT/bench_gpu_compile_fused.json"
+# 2. each of those levers alone against the same step without it at 1B, bf16 base: fused_lora (session 31) eager
+#    and with both sides compiled, and the compiled cross-entropy chunks (session 32) with both sides compiled
+part fused 200 $PY bench/bench_gpu.py --shapes 1b --levers --only fused_lora,compiled_ce \
+    --json "$OUT/bench_gpu_fused.json"
 # 3. the unit tests' cuda parameters (all passed in session 31 after one test's fix; the kernels changed after that:
 #    NaN kept in the clamping modes, shapes checked, a failure kept per kernel)
 part cudatests 100 $PY -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_on_accelerator.py \

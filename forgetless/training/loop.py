@@ -219,7 +219,8 @@ def train_stage(
     check_levers(model, config, accelerator.device)
     if config.attn_implementation is not None:
         set_attn_implementation(model, config.attn_implementation)
-    task_loss = CausalLMLoss(model, fused_ce=config.liger)  # its head split is verified on the model as loaded
+    # its head split is verified on the model as loaded; compile: the chunked cross-entropy's chunks compiled too
+    task_loss = CausalLMLoss(model, fused_ce=config.liger, compile_chunks=config.compile)
     if config.liger:
         apply_liger(model)
     fused = fuse_lora(model) if config.fused_lora else []  # before compile, which traces it; undone at the end

@@ -22,6 +22,8 @@ case); a trainable or LoRA-wrapped head keeps the plain path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -58,9 +60,13 @@ class CausalLMLoss(torch.nn.Module):
     and, padding-free, ``position_ids`` without an ``attention_mask`` (transformers then keeps each packed example to
     itself). Without ``loss_index`` the positions are found from ``labels`` here; the loss is the same."""
 
-    def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None | str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, fused_ce: bool = False, chunk_elements: int | None | str = "auto",
+                 compile_chunks: bool = False) -> None:
         super().__init__()
         self.model = model
+        # the chunked cross-entropy's per-chunk work through torch.compile (the ``compile: true`` lever;
+        # FORGETLESS_COMPILE_CE=0 keeps the chunks eager, as bench_gpu.py's compiled_ce row does on one side)
+        self.compile_chunks = bool(compile_chunks) and os.environ.get("FORGETLESS_COMPILE_CE", "1") != "0"
         # Verified on a probe (in eval mode): a model that rescales its logits after the head (Granite, Cohere, ...)
         # or an unknown layout takes the full logits.
         self._scorer = HeadScorer(model)
@@ -107,9 +113,46 @@ class CausalLMLoss(torch.nn.Module):
         chunk = self._chunk_rows(picked.shape[0])
         if chunk is not None:
             head = scorer.head
-            return ChunkedLinearCrossEntropy.apply(picked, head.weight, head.bias, loss_targets, scorer.softcap, chunk)
+            return ChunkedLinearCrossEntropy.apply(picked, head.weight, head.bias, loss_targets, scorer.softcap, chunk,
+                                                   self.compile_chunks)
         rows = scorer.logits(picked)
         return F.cross_entropy(rows.to(torch.promote_types(rows.dtype, torch.float32)), loss_targets)
+
+
+def _chunk_loss_and_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                         softcap: float | None, rows: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of :class:`ChunkedLinearCrossEntropy`: the sum of its rows' losses and, with ``need_grad``, the
+    gradient of ``sum / rows`` with respect to ``h`` (the plain path's backward, row by row)."""
+    logits = F.linear(h, weight, bias)
+    if softcap:
+        capped = torch.tanh(logits / softcap)  # kept for the derivative, as autograd keeps tanh's output
+        logits = capped * softcap
+    logits32 = logits.float()
+    lse = torch.logsumexp(logits32, dim=-1)
+    loss = (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss, None
+    grad = torch.exp(logits32 - lse[:, None])  # softmax
+    grad[torch.arange(grad.shape[0], device=grad.device), t] -= 1.0
+    grad /= rows
+    grad = grad.to(logits.dtype)
+    if softcap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, in the logits' dtype as autograd's would be
+        grad = grad * (1 - capped * capped)
+    return loss, (grad @ weight.to(grad.dtype)).to(h.dtype)
+
+
+_compiled_chunk = None
+
+
+def compiled_chunk_loss_and_grad():
+    """:func:`_chunk_loss_and_grad` through ``torch.compile``, built once per process: inductor fuses the float32
+    log-sum-exp, the softmax, the one-hot subtraction, the scaling and the cast into few passes over the chunk's
+    ``[rows, vocab]`` logits, where eager makes about eight. Shapes go dynamic on their first change (the last,
+    shorter chunk; another batch's number of labelled rows), so it compiles twice, not per step."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad)
+    return _compiled_chunk
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -124,31 +167,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                softcap: float | None, chunk: int) -> torch.Tensor:
+                softcap: float | None, chunk: int, compiled: bool = False) -> torch.Tensor:
         rows = hidden.shape[0]
+        step = compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, rows, chunk):
             h = hidden[start:start + chunk]
             if h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
                 h = h.to(weight.dtype)  # a reduced head outside autocast computes in its dtype (models.prepare_quantized)
-            t = targets[start:start + chunk]
-            logits = F.linear(h, weight, bias)
-            if softcap:
-                capped = torch.tanh(logits / softcap)  # kept for the derivative, as autograd keeps tanh's output
-                logits = capped * softcap
-            logits32 = logits.float()
-            lse = torch.logsumexp(logits32, dim=-1)
-            total += (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad_hidden is None:
-                continue
-            grad = torch.exp(logits32 - lse[:, None])  # softmax
-            grad[torch.arange(grad.shape[0], device=grad.device), t] -= 1.0
-            grad /= rows
-            grad = grad.to(logits.dtype)
-            if softcap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, in the logits' dtype as autograd's would be
-                grad = grad * (1 - capped * capped)
-            grad_hidden[start:start + chunk] = (grad @ weight.to(grad.dtype)).to(hidden.dtype)
+            loss, grad = step(h, weight, bias, targets[start:start + chunk], softcap, rows, grad_hidden is not None)
+            total += loss
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad
         if grad_hidden is not None:
             ctx.save_for_backward(grad_hidden)
         return total / rows
@@ -156,4 +187,4 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, None

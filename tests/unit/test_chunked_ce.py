@@ -3,6 +3,9 @@ the plain path (head, float32 cross-entropy, autograd), without ever holding the
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,7 +55,7 @@ def test_the_loss_module_chunks_above_the_threshold_with_the_plain_numbers(monke
         model = make_lora_model(0, b_std=0.05)
         loss_module = CausalLMLoss(model, chunk_elements=elements)
         calls = []
-        monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", lambda *a: calls.append(a[-1]) or original(*a))
+        monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", lambda *a: calls.append(a[5]) or original(*a))
         loss = loss_module(**batch)
         loss.backward()
         assert calls == ([] if elements is None else [5])
@@ -141,3 +144,58 @@ def test_a_model_that_rescales_its_logits_gets_the_loss_of_its_own_logits(chunk_
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     bare = F.cross_entropy(model.lm_head(hidden)[:, :-1].reshape(-1, 64).float(), labels.reshape(-1), ignore_index=-100)
     assert abs(bare.item() - want.item()) > 0.1 * want.item()  # what an unverified split would have trained on
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="torch.compile does not support this Python")
+def test_compiled_chunks_give_the_eager_loss_and_gradient_for_every_chunk_shape(monkeypatch):
+    """``compile: true`` sends each chunk through torch.compile: the same loss and hidden gradient as the eager chunks
+    (float32, rel 1e-6 of the loss and of the gradient's norm), for the full chunks, the shorter last one and a batch
+    with another number of rows, with and without soft-capping; the compiled function is what ran (its calls are
+    counted)."""
+    import forgetless.training.loss as loss_mod
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(loss_mod, "_compiled_chunk", None)
+    compiled = loss_mod.compiled_chunk_loss_and_grad()
+    calls = []
+    monkeypatch.setattr(loss_mod, "compiled_chunk_loss_and_grad", lambda: lambda *a: calls.append(a[0].shape[0]) or
+                        compiled(*a))
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(37, 16, generator=g)
+    for rows, softcap in ((23, None), (17, None), (23, 2.5)):
+        targets = torch.randint(0, 37, (rows,), generator=g)
+        hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
+        got, want = [], []
+        for flag, out in ((True, got), (False, want)):
+            value = ChunkedLinearCrossEntropy.apply(hidden, weight, None, targets, softcap, 8, flag)
+            out.extend([value.detach(), torch.autograd.grad(value * 0.5, hidden)[0]])
+        assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+        # as a whole (an element that cancels to ~1e-5 of the others differs by float32 rounding of its terms)
+        assert (got[1] - want[1]).norm() <= 1e-6 * want[1].norm() and want[1].norm() > 0
+    assert calls == [8, 8, 7, 8, 8, 1, 8, 8, 7]
+
+
+def test_the_stage_passes_compile_on_to_the_loss(monkeypatch):
+    """``compile: true`` reaches the loss module (its chunks compiled); off, the chunks stay eager."""
+    import forgetless.training.loop as loop_mod
+
+    seen = []
+    original = loop_mod.CausalLMLoss
+
+    def recording(*args, **kwargs):
+        module = original(*args, **kwargs)
+        seen.append(module.compile_chunks)
+        return module
+
+    monkeypatch.setattr(loop_mod, "CausalLMLoss", recording)
+    monkeypatch.setattr(loop_mod, "compile_model", lambda model: [])
+    from forgetless.training.config import TrainConfig
+
+    for flag in (True, False):
+        model = make_lora_model(0)
+        loop_mod.train_stage(model, random_examples(4, 8), TrainConfig(max_steps=1, batch_size=2, compile=flag,
+                                                                        progress=False, precision="fp32"), [],
+                             stage="general")
+    assert seen == [True, False]
