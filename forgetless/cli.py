@@ -407,8 +407,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
     from forgetless.export import check_output, export_merged, export_wise_ft
 
+    from forgetless.methods import wise_ft
+
+    if args.wise_ft is not None and args.theta_nu is None and args.adapter \
+            and (Path(args.adapter) / wise_ft.FILENAME).is_file():
+        args.theta_nu = args.adapter  # a wise-ft run's adapter folder keeps its own theta_nu
     if (args.wise_ft is None) != (args.theta_nu is None):
-        raise ConfigError("export: --wise-ft ALPHA and --theta-nu FILE_OR_DIR go together (a WiSE-FT adapter); "
+        raise ConfigError("export: --wise-ft ALPHA and --theta-nu FILE_OR_DIR go together (a WiSE-FT adapter; "
+                          f"--theta-nu may be left out when the adapter folder holds {wise_ft.FILENAME}); "
                           "without them the merged model is written")
     _check_model_and_adapter(args)
     check_output(Path(args.output))
@@ -766,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wise-ft", type=_finite, metavar="ALPHA",
                    help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
     p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "
-                                      "folder (with that file or with its adapter)")
+                                      "folder (with that file or with its adapter); default: the one a wise-ft "
+                                      "run saved beside its adapter")
     p.set_defaults(func=_cmd_export)
     return parser
 

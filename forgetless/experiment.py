@@ -43,6 +43,7 @@ from forgetless.config import (BASE_DEFAULTS, ConfigError, Experiment, TaskSpec,
                                load_experiment)
 from forgetless.data import DataError, chat_template_on
 from forgetless.methods import DOMAIN, GENERAL, Recipe, general_stage_entries, identity_entries, method_label, resolve
+from forgetless.methods import wise_ft
 from forgetless.pipeline import NonFiniteScore, RunData, RunSettings, is_cached_stage, read_stage_record, run_recipe
 from forgetless.progress import plain_lines, say
 from forgetless.training import checkpoint
@@ -1369,7 +1370,8 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
 
 
 # What `forgetless train` writes into its output folder: an adapter (PEFT's files) and, when evaluated, its record.
-TRAIN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run.json")
+TRAIN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run.json",
+                 wise_ft.FILENAME)
 
 
 def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:

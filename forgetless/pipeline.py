@@ -16,7 +16,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
                                save_adapter, weights_digest)
 from forgetless.precision import default_device
+from forgetless.training.hooks import Method
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 from forgetless.training.tracking import EvalEvery, best_within_drop
 
@@ -265,10 +266,12 @@ def run_recipe(
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
         start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
         save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
+        _save_beside_adapter(recipe.plugins, adapter_dir)
         if selected is not None:
             folder = adapter_dir.with_name(adapter_dir.name + ".selected")
             with tracker.selected(model):
                 save_adapter(model, folder, settings.model, **start)
+            _save_beside_adapter(recipe.plugins, folder)
             selected["adapter"] = folder.name
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,
@@ -324,6 +327,14 @@ def read_stage_record(cache: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise AdapterError(f"{cache / 'stage.json'}: not a stage record; delete {cache} to compute it again")
     return record
+
+
+def _save_beside_adapter(plugins: Sequence[Method], folder: Path) -> None:
+    """The state of the methods that an adapter is used with (``saves_with_adapter``: wise-ft's theta_nu) into the
+    adapter's folder."""
+    for plugin in plugins:
+        if plugin.saves_with_adapter:
+            plugin.save_state(folder)
 
 
 def _save_stage(model, plugins: list, summary: dict[str, Any], cache: Path, model_name: str) -> None:

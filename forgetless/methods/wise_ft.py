@@ -25,7 +25,9 @@ theta_mu exactly.
 After training, :meth:`WiseFT.evaluation_variants` yields ``("wise-ft(alpha=a)", context manager)`` for every
 alpha; inside the context the model holds theta_alpha and on exit theta_mu is restored bit-exactly. The pipeline
 evaluates each one and stores it in ``RunResult.variants``. theta_nu is saved with the general stage
-(safetensors, :data:`FILENAME`) so a cached general stage works.
+(safetensors, :data:`FILENAME`) so a cached general stage works, and beside the run's adapter (``forgetless train``'s
+folder, ``forgetless run``'s ``adapters/<run>``), so ``forgetless export --wise-ft`` blends the adapter with its own
+theta_nu.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class WiseFTOptions(Options):
 class WiseFT(Method):
     name = "wise-ft"
     Options = WiseFTOptions
+    saves_with_adapter = True  # theta_nu beside the run's adapter: export --wise-ft needs no cached general stage
 
     def __init__(self, options: WiseFTOptions | None = None, **kwargs) -> None:
         super().__init__(options, **kwargs)

@@ -103,6 +103,10 @@ class Method:
 
     name: str = "method"
     Options: ClassVar[type] = type(None)  # a dataclass; subclasses set theirs
+    # whether the run saves this method's state (save_state) beside the adapter it saves, because using the adapter
+    # needs it (wise-ft's theta_nu: `forgetless export --wise-ft` blends with it); other state stays with the
+    # cached general stage only (HLoRA's importance is as large as the model's targeted weights)
+    saves_with_adapter: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and (kwargs or not isinstance(options, self.Options)):

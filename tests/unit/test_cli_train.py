@@ -87,7 +87,7 @@ def test_train_takes_the_bases_dtype_quantization_and_checkpointing_as_the_yaml_
     assert exp.train.general.gradient_checkpointing and exp.train.domain.gradient_checkpointing
 
 
-def test_train_wise_ft_records_its_variants(tmp_path, model_dir):
+def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     write_experiment(tmp_path, model_dir)  # writes general.jsonl
     out = tmp_path / "wise"
     args = train_args(tmp_path, model_dir, "{name: wise-ft, alphas: [0.5]}", out, "--heldout",
@@ -98,6 +98,31 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir):
     variant = record["variants"]["wise-ft(alpha=0.5)"]
     assert variant["general_ppl"] > 1 and set(variant["tasks"]) == {"domain"}
     assert (out / "adapter_model.safetensors").is_file()
+    # train's folder records the theta_nu its domain stage started from, as run's adapters do: export --wise-ft
+    # takes the folder's own general stage and refuses another one
+    from forgetless.export import export_wise_ft
+    from forgetless.methods import wise_ft
+    from forgetless.models import AdapterError
+
+    assert "domain_start" in json.loads((out / "forgetless_base.json").read_text())
+    assert (out / wise_ft.FILENAME).is_file()
+    assert main(["export", "--model", str(model_dir), "--adapter", str(out), "--wise-ft", "0.5", "--output",
+                 str(tmp_path / "blend")]) == 0  # --theta-nu: the folder's own
+    own = export_wise_ft(str(model_dir), out, out, 0.5, tmp_path / "blend1")
+    assert (own / "adapter_model.safetensors").read_bytes() == (tmp_path / "blend" / "adapter_model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    theta = load_file(out / wise_ft.FILENAME)
+    wise_ft.STATE.save(tmp_path / "other", {k: v + 1e-3 for k, v in theta.items()}, {})  # another general stage
+    with pytest.raises(AdapterError, match="not the theta_nu that .* domain stage started from"):
+        export_wise_ft(str(model_dir), out, tmp_path / "other", 0.5, tmp_path / "blend2")
+    # the blend's numbers: the run's own wise-ft(alpha=0.5) variant, evaluated from the exported adapter
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "blend"), "--ppl",
+                 str(tmp_path / "general.jsonl"), "--precision", "fp32", "--block-size", "16", "--max-blocks", "4"]) == 0
+    printed = capsys.readouterr().out
+    scored = json.loads(printed[printed.index("{"):])
+    assert scored["perplexity"]["ppl"] == pytest.approx(variant["general_ppl"], rel=1e-5)
 
 
 def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir):
