@@ -109,7 +109,8 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     assert main(["export", "--model", str(model_dir), "--adapter", str(out), "--wise-ft", "0.5", "--output",
                  str(tmp_path / "blend")]) == 0  # --theta-nu: the folder's own
     own = export_wise_ft(str(model_dir), out, out, 0.5, tmp_path / "blend1")
-    assert (own / "adapter_model.safetensors").read_bytes() == (tmp_path / "blend" / "adapter_model.safetensors").read_bytes()
+    weights = "adapter_model.safetensors"
+    assert (own / weights).read_bytes() == (tmp_path / "blend" / weights).read_bytes()
     from safetensors.torch import load_file
 
     theta = load_file(out / wise_ft.FILENAME)
@@ -119,7 +120,8 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     # the blend's numbers: the run's own wise-ft(alpha=0.5) variant, evaluated from the exported adapter
     capsys.readouterr()
     assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "blend"), "--ppl",
-                 str(tmp_path / "general.jsonl"), "--precision", "fp32", "--block-size", "16", "--max-blocks", "4"]) == 0
+                 str(tmp_path / "general.jsonl"), "--precision", "fp32", "--block-size", "16",
+                 "--max-blocks", "4"]) == 0
     printed = capsys.readouterr().out
     scored = json.loads(printed[printed.index("{"):])
     assert scored["perplexity"]["ppl"] == pytest.approx(variant["general_ppl"], rel=1e-5)
