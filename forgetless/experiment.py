@@ -1404,8 +1404,9 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
         check_output(exp.output, where(exp, "output"))
         raw = validate(exp, [job], stages_dir=None)
         data = load_data(exp, raw)  # its checks (an example past the context) also leave no folder behind
-    if held and is_main_process():
-        (exp.output / "run.json").unlink(missing_ok=True)
+    if held and is_main_process():  # what the new run may not write again (no test data, another method)
+        for name in ("run.json", wise_ft.FILENAME):
+            (exp.output / name).unlink(missing_ok=True)
     record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], data, adapter_dir=exp.output,
                      stages_dir=None, progress=progress)
     if is_main_process():

@@ -125,6 +125,13 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     printed = capsys.readouterr().out
     scored = json.loads(printed[printed.index("{"):])
     assert scored["perplexity"]["ppl"] == pytest.approx(variant["general_ppl"], rel=1e-5)
+    # another method trained over it (--overwrite) leaves no theta_nu of the old run behind for export to take
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--overwrite")) == 0
+    assert not (out / wise_ft.FILENAME).exists()
+    capsys.readouterr()
+    assert main(["export", "--model", str(model_dir), "--adapter", str(out), "--wise-ft", "0.5", "--output",
+                 str(tmp_path / "blend3")]) == 2
+    assert "go together" in capsys.readouterr().err
 
 
 def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir):
