@@ -279,12 +279,16 @@ def chat_mc_items(items: list[MCItem], tokenizer: Any) -> list[MCItem]:
         if item.description:
             messages.insert(0, {"role": "system", "content": item.description})
         try:
-            context = render(tokenizer, messages, add_generation_prompt=True)
-        except TemplateRefused:
-            if not item.description:
-                raise
-            # HFLM.apply_chat_template: a template without a system role gets the history without its system turns
-            context = render(tokenizer, messages[1:], add_generation_prompt=True)
+            try:
+                context = render(tokenizer, messages, add_generation_prompt=True)
+            except TemplateRefused:
+                if not item.description:
+                    raise
+                # HFLM.apply_chat_template: a template without a system role gets the history without its system
+                # turns
+                context = render(tokenizer, messages[1:], add_generation_prompt=True)
+        except TemplateRefused as err:  # at the item's row where it was read from a file
+            raise item.error(str(err), "context") from None
         out.append(replace(item, context=context, target_delimiter="", description=""))
     return out
 

@@ -9,6 +9,7 @@ published zero-shot numbers use. The continuation scored for choice ``j`` is
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -64,11 +65,15 @@ def _str(record: Record, name: str, value: Any = None, allow_empty: bool = True)
     return value
 
 
+# an index written as a string: ASCII digits only (str.isdigit() also takes "²", which int() refuses)
+_INDEX = re.compile(r"-?[0-9]+")
+
+
 def _int(record: Record, name: str) -> int:
     value = _field(record, name)
     # bool is an int subclass; a JSON true/false here is a schema mix-up, not an index.
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and _INDEX.fullmatch(value.strip()):
             return int(value)  # some exports store indices as strings ("2")
         raise record.error(f"expected an integer, got {type(value).__name__} {value!r}", name)
     return value
@@ -233,10 +238,11 @@ def generic(record: Record) -> MCItem:
     raw = _field(record, "answer")
     if isinstance(raw, str) and raw in choices:
         answer = choices.index(raw)
-        if raw.strip().isdigit() and int(raw) < len(choices) and int(raw) != answer:  # "1" of ["4", "3", "2", "1"]
+        if _INDEX.fullmatch(raw.strip()) and 0 <= int(raw) < len(choices) and int(raw) != answer:  # "1" of ["4", "3",
+            # "2", "1"]
             raise record.error(f"{raw!r} is both choice {answer}'s text and the index of choice {int(raw)} "
                                f"({choices[int(raw)]!r}): give the index as a number", "answer")
-    elif isinstance(raw, str) and not raw.strip().lstrip("-").isdigit():
+    elif isinstance(raw, str) and not _INDEX.fullmatch(raw.strip()):
         raise record.error(f"{raw!r} is neither an index nor one of the choices", "answer")
     else:
         answer = _index(record, "answer", len(choices))
@@ -305,22 +311,36 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
 
 # --- tokenization ----------------------------------------------------------------------------------------
 
-def _tok(tokenizer: Any, text: str) -> list[int]:
-    # HFLM.tok_encode adds no special tokens for causal models (except gemma): match it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _prefix_token(tokenizer: Any) -> int | None:
+    """HFLM's ``prefix_token_id``: BOS if the tokenizer has one, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _tok(tokenizer: Any, text: str, special: bool | None = None) -> list[int]:
+    """``HFLM.tok_encode`` of lm-evaluation-harness 0.4.13 (the ``lmeval`` extra's pin): the tokenizer's own default
+    for special tokens (a BOS where it adds one: Llama, Gemma; SmolLM2's adds none), except none when the text
+    already starts with the prefix token's text (a chat template wrote the BOS). ``special``: say it instead."""
+    if special is None:
+        prefix = _prefix_token(tokenizer)
+        special = not (prefix is not None and text.startswith(tokenizer.decode(prefix)))
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation), exactly as lm-evaluation-harness's ``HFLM._encode_pair``.
+    """Token ids of (context, continuation), exactly as lm-evaluation-harness's ``HFLM._encode_pair`` (0.4.13).
 
     Trailing whitespace of the context moves onto the continuation; the continuation ids are the tail of
     ``tok(context + continuation)`` after ``len(tok(context))`` tokens, so merges across the boundary are
-    the ones the model sees at evaluation. An empty context becomes ``[prefix_token_id]`` (BOS if the
-    tokenizer has one, else EOS, as HFLM's ``prefix_token_id``) with ``tok(continuation)``.
+    the ones the model sees at evaluation. Both are encoded as :func:`_tok` says (with a BOS where the tokenizer
+    adds one). An empty context becomes ``[prefix_token_id]`` (BOS if the tokenizer has one, else EOS) with
+    ``tok(continuation)`` without special tokens, or, when the continuation's first token is that prefix, its
+    first token (``HFLM.loglikelihood``). A context of whitespace only takes that path too, with the whitespace on
+    the continuation (the harness asserts there; its context would be empty and score from no position).
     """
-    if context == "":
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], _tok(tokenizer, continuation)
+    if context.strip() == "":
+        cont = _tok(tokenizer, context + continuation, special=False)
+        prefix = _prefix_token(tokenizer)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
@@ -341,9 +361,9 @@ def mc_train_examples(items: list[MCItem], tokenizer: Any,
     for item in items:
         context, continuation = encode_pair(tokenizer, item.context, item.continuation(item.answer))
         if max_length is not None and len(context) + len(continuation) > max_length:
-            if len(continuation) > max_length:
-                raise item.error(f"answer of {len(continuation)} tokens exceeds max_length={max_length}: "
-                                 f"{item.continuation(item.answer)!r}", "answer")
+            if len(continuation) >= max_length:  # at least one context token: the first answer token's loss
+                raise item.error(f"answer of {len(continuation)} tokens leaves no room for the question in "
+                                 f"max_length={max_length}: {item.continuation(item.answer)!r}", "answer")
             context = context[len(context) + len(continuation) - max_length:]
         examples.append({"input_ids": context + continuation, "labels": [-100] * len(context) + continuation})
     return examples

@@ -278,6 +278,17 @@ def test_invalid_json_line(tmp_path):
     assert info.value.line == 3
 
 
+def test_an_index_of_other_digits_than_ascii_is_an_error_naming_the_row(tmp_path):
+    """str.isdigit() takes "²", which int() refuses with a bare ValueError naming no file."""
+    path = write(tmp_path, "sup.jsonl", '{"goal": "g", "sol1": "a", "sol2": "b", "label": "1"}\n'
+                                        '{"goal": "g", "sol1": "a", "sol2": "b", "label": "\u00b2"}\n')
+    with pytest.raises(DataError, match=r"sup\.jsonl, line 2: field 'label': expected an integer"):
+        load_mc_task(path)
+    generic = write(tmp_path, "gen.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": "\u00b2"}\n')
+    with pytest.raises(DataError, match=r"gen\.jsonl, line 1: field 'answer': .* neither an index nor one of"):
+        load_mc_task(generic)
+
+
 def test_non_object_line(tmp_path):
     path = write(tmp_path, "list.jsonl", "[1, 2]\n")
     with pytest.raises(DataError, match=r"list\.jsonl, line 1: expected a JSON object, got list"):
@@ -415,6 +426,36 @@ def test_encode_pair_continuation_is_tail_of_whole(tok):
 def test_encode_pair_empty_context_uses_prefix_token(tok):
     # HFLM.prefix_token_id: BOS when the tokenizer has one, else EOS.
     assert encode_pair(tok, "", " A") == ([tok.bos_token_id], ids(tok, " A"))
+    # a continuation that starts with the prefix token gives it as the context (HFLM.loglikelihood)
+    assert encode_pair(tok, "", "<s> A") == ([tok.bos_token_id], ids(tok, " A"))
+    # whitespace only: the same path, the whitespace on the continuation (it used to leave an empty context, scored
+    # from no position)
+    assert encode_pair(tok, "  ", "A") == ([tok.bos_token_id], ids(tok, "  A"))
+
+
+def _bos_adding():
+    """A tiny tokenizer made to add a BOS by default, as Llama's and Gemma's tokenizers do."""
+    from tokenizers import processors
+
+    tok = make_tiny_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    assert tok("Answer:")["input_ids"][0] == 2 and tok("Answer:", add_special_tokens=False)["input_ids"][0] != 2
+    return tok
+
+
+def test_encode_pair_adds_the_bos_a_tokenizer_adds_by_default_once():
+    """lm-eval 0.4.13's HFLM.tok_encode takes the tokenizer's default (a BOS for Llama and Gemma tokenizers), and
+    none when the text already starts with it (a chat template wrote it); encode_pair did neither, so a Gemma model
+    was scored and trained without its BOS."""
+    bos = _bos_adding()
+    ctx, cont = encode_pair(bos, "Question: What is the answer?\nAnswer:", " the answer")
+    assert ctx == [2] + ids(bos, "Question: What is the answer?\nAnswer:") and cont == ids(bos, " the answer")
+    ctx, cont = encode_pair(bos, "<s>Answer:", " A")  # rendered by a template that writes the BOS: not twice
+    assert ctx == ids(bos, "<s>Answer:") and ctx.count(2) == 1 and cont == ids(bos, " A")
+    assert encode_pair(bos, "", " A") == ([2], ids(bos, " A"))  # the empty context: no BOS in the continuation
+    item = MCItem("Question: What is the answer?\nAnswer:", ("yes", "no"), 1)
+    (example,) = mc_train_examples([item], bos)
+    assert example["input_ids"][0] == 2 and example["input_ids"].count(2) == 1
 
 
 def test_mc_train_examples_masks_prompt(tok):
@@ -435,9 +476,11 @@ def test_mc_train_examples_left_truncates_context(tok):
     short = mc_train_examples([item], tok, max_length=len(cont) + 2)[0]
     assert short["input_ids"] == full["input_ids"][-(len(cont) + 2):]
     assert short["labels"] == [-100, -100] + cont
-    assert mc_train_examples([item], tok, max_length=len(cont))[0]["labels"] == cont
-    with pytest.raises(ValueError, match="exceeds max_length"):
-        mc_train_examples([item], tok, max_length=len(cont) - 1)
+    assert mc_train_examples([item], tok, max_length=len(cont) + 1)[0]["labels"] == [-100] + cont
+    # an answer of max_length tokens would leave no question, and its first token no loss (labels shift by one)
+    for short in (len(cont), len(cont) - 1):
+        with pytest.raises(ValueError, match="leaves no room for the question"):
+            mc_train_examples([item], tok, max_length=short)
 
 
 # --- instructions -------------------------------------------------------------------------------------------

@@ -413,3 +413,7 @@ def test_a_template_without_a_system_role(tok, tmp_path):
     (item,) = load_mc_task(str(FIXTURES / "mmlu.jsonl"), limit=1)
     (chat,) = chat_mc_items([item], tok)
     assert chat.context == f"<s>user\n{item.context[len(item.description):]}</s>\n<s>assistant\n"
+    # a template that refuses the item's own turn: the error names the item's file and row
+    tok.chat_template = "{{ raise_exception('too long') }}"
+    with pytest.raises(DataError, match=r"mmlu\.jsonl, line 1: field 'context': the model's chat template refused"):
+        chat_mc_items([item], tok)

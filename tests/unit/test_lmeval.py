@@ -90,6 +90,35 @@ def test_harness_mc_equals_evaluate_mc_item_by_item():
 
 
 @needs_lmeval
+def test_a_tokenizer_that_adds_a_bos_is_scored_as_the_harness_scores_it():
+    """lm-eval 0.4.13 encodes with the tokenizer's default special tokens: a Llama or Gemma tokenizer's BOS starts
+    every context. forgetless's scorer left it out (a loglikelihood off by 0.04 nats on this task); now every
+    request's tokens and loglikelihood equal the harness's."""
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import processors
+
+    from forgetless.data import encode_pair, load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness
+
+    model, tok = tiny()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    task = load_harness_task(str(ARC_YAML))
+    results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False, log_samples=True)
+    items = load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc")
+    harness_lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    for item in items:
+        for j in range(len(item.choices)):
+            ours = encode_pair(tok, item.context, item.continuation(j))
+            assert ours == tuple(harness_lm._encode_pair(item.context, item.continuation(j)))
+            assert ours[0][0] == tok.bos_token_id
+    scored = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
+    samples = sorted(results["samples"][task.task.task_name], key=lambda s: s["doc_id"])
+    for sample, lls in zip(samples, scored.loglikelihoods, strict=True):
+        assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(lls, rel=1e-5)
+
+
+@needs_lmeval
 def test_chat_template_parity_with_the_harness():
     """With the experiment's chat_template on, a harness task gets the harness's apply_chat_template, and forgetless's
     chat prompts (forgetless.data.chat_mc_items) score the same: same prompts, same loglikelihoods."""

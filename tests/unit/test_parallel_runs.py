@@ -320,7 +320,7 @@ def test_rerun_changed_on_workers_keeps_the_old_runs_in_place_when_the_data_fail
     exp = yaml.safe_load(path.read_text())
     exp["tasks"][0]["max_length"] = 1  # the runs change, and the answers no longer fit: an error at tokenization
     path.write_text(yaml.safe_dump(exp))
-    with pytest.raises((ConfigError, DataError, RuntimeError), match="exceeds max_length=1"):
+    with pytest.raises((ConfigError, DataError, RuntimeError), match="no room for the question in max_length=1"):
         run_experiment(load_experiment(path), progress=False, rerun_changed=True, jobs=2)
     after = sorted(p.name for p in (out / "runs").iterdir()) + sorted(p.name for p in (out / "adapters").iterdir())
     assert after == before == ["base__gen__seed0.json", "lora-mu__gen__seed0.json", "lora-mu__gen__seed0"]
