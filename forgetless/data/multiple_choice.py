@@ -220,6 +220,29 @@ def mmlu(record: Record) -> MCItem:
     return MCItem(description + body, MMLU_LETTERS, _index(record, "answer", 4), description=description)
 
 
+BOOLQ_CHOICES = ("no", "yes")
+
+
+def boolq(record: Record) -> MCItem:
+    """BoolQ (``google/boolq``: ``answer`` a JSON boolean; SuperGLUE's ``aps/super_glue`` boolq: ``label`` 0/1),
+    harness ``super_glue/boolq/default.yaml``::
+
+        doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"
+        doc_to_choice: ["no", "yes"]
+        doc_to_target: label
+    """
+    passage = _str(record, "passage")
+    question = _str(record, "question")
+    if "answer" in record:
+        answer = record["answer"]
+        if not isinstance(answer, bool):  # 0/1 or "true" would be a schema mix-up: say so rather than guess
+            raise record.error(f"expected true or false, got {type(answer).__name__} {answer!r}", "answer")
+        label = int(answer)
+    else:
+        label = _index(record, "label", 2)
+    return MCItem(f"{passage}\nQuestion: {question}?\nAnswer:", BOOLQ_CHOICES, label)
+
+
 def generic(record: Record) -> MCItem:
     """Generic JSON-lines schema ``{question, choices, answer, context?}`` (this project's own)::
 
@@ -257,6 +280,7 @@ SCHEMAS: dict[str, Callable[[Record], MCItem]] = {
     "arc": arc,
     "openbookqa": openbookqa,
     "mmlu": mmlu,
+    "boolq": boolq,
     "generic": generic,
 }
 
@@ -269,6 +293,7 @@ _SIGNATURES: list[tuple[str, frozenset[str]]] = [
     ("arc", frozenset({"question", "choices", "answerKey"})),
     ("mmlu", frozenset({"question", "subject", "choices", "answer"})),
     ("generic", frozenset({"question", "choices", "answer"})),
+    ("boolq", frozenset({"question", "passage"})),  # after generic: a generic row may carry a passage
 ]
 
 
@@ -290,8 +315,8 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
     """Load a multiple-choice task as MCItems from a local file or hub dataset.
 
     ``schema`` is one of :data:`SCHEMAS`; when None it is detected from the first record's fields (so
-    ``allenai/sciq``, ``piqa``, ``openlifescienceai/medmcqa``, ``allenai/ai2_arc``, ``allenai/openbookqa``
-    and ``cais/mmlu`` all map to their schema). Every bad row raises DataError naming file, line and field, and so
+    ``allenai/sciq``, ``piqa``, ``openlifescienceai/medmcqa``, ``allenai/ai2_arc``, ``allenai/openbookqa``,
+    ``cais/mmlu`` and ``google/boolq`` all map to their schema). Every bad row raises DataError naming file, line and field, and so
     does a source without items or an item with fewer than two choices (it would score 100%).
     """
     if schema is not None and schema not in SCHEMAS:

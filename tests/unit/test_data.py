@@ -141,12 +141,12 @@ def test_generic():
 
 @pytest.mark.parametrize("fixture, schema", [
     ("sciq", "sciq"), ("piqa", "piqa"), ("medmcqa", "medmcqa"), ("arc_easy", "arc"),
-    ("openbookqa", "openbookqa"), ("mmlu", "mmlu"), ("generic", "generic")])
+    ("openbookqa", "openbookqa"), ("mmlu", "mmlu"), ("generic", "generic"), ("boolq", "boolq")])
 def test_detect_schema_and_explicit_schema(fixture, schema):
     path = str(FIXTURES / f"{fixture}.jsonl")
     assert detect_schema(read_records(path)[0]) == schema
     assert load_mc_task(path, schema=schema) == load_mc_task(path)
-    assert set(SCHEMAS) == {"sciq", "piqa", "medmcqa", "arc", "openbookqa", "mmlu", "generic"}
+    assert set(SCHEMAS) == {"sciq", "piqa", "medmcqa", "arc", "openbookqa", "mmlu", "generic", "boolq"}
 
 
 def test_detect_schema_unknown_lists_known(tmp_path):
@@ -287,6 +287,22 @@ def test_an_index_of_other_digits_than_ascii_is_an_error_naming_the_row(tmp_path
     generic = write(tmp_path, "gen.jsonl", '{"question": "q", "choices": ["a", "b"], "answer": "\u00b2"}\n')
     with pytest.raises(DataError, match=r"gen\.jsonl, line 1: field 'answer': .* neither an index nor one of"):
         load_mc_task(generic)
+
+
+def test_boolq_rows_are_the_harness_prompt_with_no_and_yes(tmp_path):
+    """BoolQ (../shared/data's google/boolq schema: answer a JSON boolean; SuperGLUE's: label 0/1): the harness's
+    super_glue/boolq prompt, choices ["no", "yes"], target the answer; detected from its fields."""
+    path = write(tmp_path, "b.jsonl", '{"question": "is it wet", "passage": "Rain falls.", "answer": true}\n'
+                                      '{"question": "is it dry", "passage": "Rain falls.", "label": 0, "idx": 3}\n')
+    first, second = load_mc_task(path)
+    assert first.context == "Rain falls.\nQuestion: is it wet?\nAnswer:" and first.choices == ("no", "yes")
+    assert (first.answer, second.answer) == (1, 0) and first.continuation(1) == " yes"
+    bad = write(tmp_path, "bad.jsonl", '{"question": "q", "passage": "p", "answer": "true"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 1: field 'answer': expected true or false, got str"):
+        load_mc_task(bad)
+    # a generic row that carries a passage stays generic
+    generic = write(tmp_path, "g.jsonl", '{"question": "q", "passage": "p", "choices": ["a", "b"], "answer": 1}\n')
+    assert load_mc_task(generic)[0].choices == ("a", "b")
 
 
 def test_non_object_line(tmp_path):

@@ -119,6 +119,28 @@ def test_a_tokenizer_that_adds_a_bos_is_scored_as_the_harness_scores_it():
 
 
 @needs_lmeval
+def test_boolq_is_scored_as_the_harness_scores_super_glue_boolq():
+    """The boolq schema's prompt and choices are the harness's super_glue/boolq ones: the same requests and
+    loglikelihoods item by item (rel 1e-5, fp32), the same acc."""
+    from forgetless.data import load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness, suite_scores
+
+    model, tok = tiny()
+    task = load_harness_task(str(LMEVAL / "boolq_tiny.yaml"))
+    results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False, log_samples=True)
+    items = load_mc_task(str(LMEVAL / "boolq_tiny.jsonl"))
+    ours = evaluate_mc(model, tok, items, batch_size=4, precision="fp32", progress=False)
+    samples = sorted(results["samples"][task.task.task_name], key=lambda s: s["doc_id"])
+    assert len(samples) == ours.n == 6 and {item.answer for item in items} == {0, 1}
+    for sample, item, lls in zip(samples, items, ours.loglikelihoods, strict=True):
+        assert [a[0] for a in sample["arguments"]] == [item.context] * 2
+        assert [a[1] for a in sample["arguments"]] == [" no", " yes"] and sample["target"] == item.answer
+        assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(lls, rel=1e-5)
+    assert suite_scores(results, task.task)["acc"] == ours.acc
+
+
+@needs_lmeval
 def test_chat_template_parity_with_the_harness():
     """With the experiment's chat_template on, a harness task gets the harness's apply_chat_template, and forgetless's
     chat prompts (forgetless.data.chat_mc_items) score the same: same prompts, same loglikelihoods."""
