@@ -316,8 +316,8 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
 
     ``schema`` is one of :data:`SCHEMAS`; when None it is detected from the first record's fields (so
     ``allenai/sciq``, ``piqa``, ``openlifescienceai/medmcqa``, ``allenai/ai2_arc``, ``allenai/openbookqa``,
-    ``cais/mmlu`` and ``google/boolq`` all map to their schema). Every bad row raises DataError naming file, line and field, and so
-    does a source without items or an item with fewer than two choices (it would score 100%).
+    ``cais/mmlu`` and ``google/boolq`` all map to their schema). Every bad row raises DataError naming file, line
+    and field, and so does a source without items or an item with fewer than two choices (it would score 100%).
     """
     if schema is not None and schema not in SCHEMAS:
         raise DataError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
