@@ -146,7 +146,7 @@ def _check_theta_nu(adapter_dir: Path, source: Path, theta_nu: dict[str, torch.T
     written by ``forgetless run`` since session 31) and ``theta_nu`` is not them: another seed's or another run's
     general stage would give a WiSE-FT point of no run, silently."""
     recorded = adapter_record(adapter_dir).get("domain_start")
-    if recorded is None:  # an adapter saved without it (older runs, forgetless train's own folders): nothing to check
+    if recorded is None:  # an adapter saved without it (runs before session 31): nothing to check
         return
     got = weights_digest(theta_nu)
     if got != recorded:

@@ -147,11 +147,13 @@ _compiled_chunk = None
 def compiled_chunk_loss_and_grad():
     """:func:`_chunk_loss_and_grad` through ``torch.compile``, built once per process: inductor fuses the float32
     log-sum-exp, the softmax, the one-hot subtraction, the scaling and the cast into few passes over the chunk's
-    ``[rows, vocab]`` logits, where eager makes about eight. Shapes go dynamic on their first change (the last,
-    shorter chunk; another batch's number of labelled rows), so it compiles twice, not per step."""
+    ``[rows, vocab]`` logits, where eager makes about eight. Compiled with dynamic shapes from the start: one graph
+    serves the full chunks, the shorter last one and every batch's number of labelled rows (with automatic dynamic
+    shapes these were three graphs or more, each a stall of seconds inside the step loop). What still compiles again:
+    a chunk of exactly one row (size-1 specialization), and a change of autocast, soft-cap or gradient mode."""
     global _compiled_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad)
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
     return _compiled_chunk
 
 

@@ -175,6 +175,9 @@ def test_compiled_chunks_give_the_eager_loss_and_gradient_for_every_chunk_shape(
         # as a whole (an element that cancels to ~1e-5 of the others differs by float32 rounding of its terms)
         assert (got[1] - want[1]).norm() <= 1e-6 * want[1].norm() and want[1].norm() > 0
     assert calls == [8, 8, 7, 8, 8, 1, 8, 8, 7]
+    # one dynamic-shape graph for chunks of 8 and 7 rows in batches of 23 and 17 rows; the one-row chunk and the
+    # soft-cap compile their own (automatic dynamic shapes compiled a static graph first, then more per change)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
 def test_the_stage_passes_compile_on_to_the_loss(monkeypatch):
