@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ class ExperimentData:
 def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     """Tokenize the general text, the held-out text and every task's training data (``raw``: already read)."""
     from forgetless.data import chat_mc_items, lm_examples, pack_blocks, train_examples, use_chat_template
-    from forgetless.models import context_length, load_tokenizer
+    from forgetless.models import load_tokenizer
 
     raw = raw or read_data(exp)
     tokenizer = load_tokenizer(exp.model)
@@ -240,20 +240,12 @@ def load_data(exp: Experiment, raw: RawData | None = None) -> ExperimentData:
     general = lm_examples(blocks("train", raw.general, exp.general.train)) if raw.general is not None else []
     heldout = blocks("heldout", raw.heldout, exp.general.heldout) if raw.heldout is not None else None
     tasks = {}
-    context = context_length(exp.model)
     for i, task in enumerate(exp.tasks):
         train, test_items = raw.tasks[task.name]
         kind = raw.kinds.get(task.name, task.train_kind)
         with _data_errors(exp, f"tasks[{i}].train"):
             train = prompts(train) if kind == "multiple_choice" else train
-            examples = train_examples(kind, train, tokenizer, task.max_length)
-        longest = max((len(e["input_ids"]) for e in examples), default=0)
-        if context is not None and longest > context:  # positions the model never saw, or an index error in its
-            # position embedding; max_length may exceed the context as long as no example does (short items)
-            raise ConfigError(f"{where(exp, f'tasks[{i}].max_length')}: {task.max_length} lets this task's training "
-                              f"examples reach {longest} tokens, longer than the model's context ({context} "
-                              f"positions, its max_position_embeddings); set it to at most {context}")
-        tasks[task.name] = (examples, prompts(test_items))
+            tasks[task.name] = (train_examples(kind, train, tokenizer, task.max_length), prompts(test_items))
     # a harness task gets the harness's own apply_chat_template (forgetless.evaluation.lmeval)
     suite = {name: items.with_chat_template(chat) if hasattr(items, "with_chat_template") else prompts(items)
              for name, items in raw.suite.items()}
@@ -635,7 +627,7 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
         check_model_source(exp.model)
     except ModelNotFoundError as err:
         raise ModelNotFoundError(f"{where(exp, 'model')}: {err}") from None
-    check_context(exp)
+    check_context(exp, jobs)
     if jobs and exp.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:  # before any run (a
         # folder whose runs are all recorded rebuilds its tables without it)
         raise ConfigError(f"{where(exp, 'quantization')}: {exp.quantization} needs bitsandbytes: pip install "
@@ -647,17 +639,46 @@ def check_model(exp: Experiment, jobs: list[Job]) -> None:
             raise ConfigError(f"{where(exp, 'lora')}: {err}") from None
 
 
-def check_context(exp: Experiment) -> None:
-    """The general text's blocks (always ``block_size`` tokens) within the model's context, where its configuration
-    says it without loading it (a block of 100000 tokens on a 128-position model ran a minute before it was
-    stopped). A task's ``max_length`` only bounds its examples, so :func:`load_data` checks the examples themselves."""
+def check_context(exp: Experiment, jobs: Sequence[Job] | None = None) -> None:
+    """The general text's blocks (always ``block_size`` tokens) and the blocks of a task of packed text that ``jobs``
+    train on (``train_kind: text``: always ``max_length`` tokens) within the model's context, where its
+    configuration says it without loading it (a block of 100000 tokens on a 128-position model ran a minute before
+    it was stopped; ``run --dry-run`` says it too). Other kinds' ``max_length`` only bounds their examples:
+    :func:`check_example_lengths` checks those once tokenized."""
     from forgetless.models import context_length
 
     longest = context_length(exp.model)
-    size = exp.general.block_size
-    if longest is not None and size > longest:
-        raise ConfigError(f"{where(exp, 'general.block_size')}: {size} tokens is longer than the model's context "
-                          f"({longest} positions, its max_position_embeddings)")
+    if longest is None:
+        return
+    trained = None if jobs is None else {job.task.name for job in jobs if DOMAIN in job.recipe.stages}
+    limits = [("general.block_size", exp.general.block_size)]
+    limits += [(f"tasks[{i}].max_length", task.max_length) for i, task in enumerate(exp.tasks)
+               if task.train_kind == "text" and (trained is None or task.name in trained)]
+    for key, size in limits:
+        if size > longest:
+            raise ConfigError(f"{where(exp, key)}: {size} tokens is longer than the model's context ({longest} "
+                              f"positions, its max_position_embeddings)")
+
+
+def check_example_lengths(exp: Experiment, data: ExperimentData, jobs: Sequence[Job] | None = None) -> None:
+    """ConfigError when a task that ``jobs`` train on (all tasks when None) has a training example longer than the
+    model's context: positions the model never saw, or an index error in its position embedding. ``max_length`` may
+    exceed the context as long as no example does (short items), and a task only scored (``methods: [base]``) is
+    not checked. :func:`check_context` catches packed text before tokenizing; this sees every kind's examples."""
+    from forgetless.models import context_length
+
+    trained = None if jobs is None else {job.task.name for job in jobs if DOMAIN in job.recipe.stages}
+    context = context_length(exp.model)
+    if context is None:
+        return
+    for i, task in enumerate(exp.tasks):
+        if trained is not None and task.name not in trained:
+            continue
+        longest = max((len(e["input_ids"]) for e in data.tasks[task.name][0]), default=0)
+        if longest > context:
+            raise ConfigError(f"{where(exp, f'tasks[{i}].max_length')}: {task.max_length} lets this task's training "
+                              f"examples reach {longest} tokens, longer than the model's context ({context} "
+                              f"positions, its max_position_embeddings); set it to at most {context}")
 
 
 def check_output_possible(folder: Path, where_: str) -> None:
@@ -1112,6 +1133,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True, stale: 
     if _WORKER.get("data_for") != key:
         _WORKER["data"], _WORKER["data_for"] = load_data(exp, read_data(exp)), key
     plan = {job.rid: job for job in plan_runs(exp)}
+    check_example_lengths(exp, _WORKER["data"], [plan[rid] for rid in rids])
     for rid in rids:
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         recorded = exp.output / "runs" / f"{rid}.json"
@@ -1295,6 +1317,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             _run_parallel(exp, todo, workers, progress, stale={job.rid for job, _ in stale})
         elif todo:
             data = load_data(exp, raw)
+            check_example_lengths(exp, data, todo)
             for number, job in enumerate(todo, 1):
                 current = job.rid
                 print(f"[{number}/{len(todo)}] {job.rid}")
@@ -1403,7 +1426,8 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     with _removed_if_untouched(exp.output):
         check_output(exp.output, where(exp, "output"))
         raw = validate(exp, [job], stages_dir=None)
-        data = load_data(exp, raw)  # its checks (an example past the context) also leave no folder behind
+        data = load_data(exp, raw)
+        check_example_lengths(exp, data)  # an example past the context: no folder left behind either
     if held and is_main_process():  # what the new run may not write again (no test data, another method)
         for name in ("run.json", wise_ft.FILENAME):
             (exp.output / name).unlink(missing_ok=True)

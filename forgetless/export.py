@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,8 +111,11 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     if len(modules) != sum(1 for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_embedding_A." in n):
         raise AdapterError(f"{adapter_dir}: LoRA on embeddings or convolutions has no stacked-factor export")
     method = wise_ft.WiseFT(alphas=[alpha])
-    method.theta_nu = (wise_ft.STATE.load(nu_file)[0] if nu_file is not None
-                       else _adapter_theta(model, Path(theta_nu), Path(adapter_dir)))
+    if nu_file is not None:
+        method.theta_nu, metadata = wise_ft.STATE.load(nu_file)
+        _note_other_space(nu_file, metadata)
+    else:
+        method.theta_nu = _adapter_theta(model, Path(theta_nu), Path(adapter_dir))
     _check_theta_nu(Path(adapter_dir), Path(theta_nu), method.theta_nu)
     with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -153,6 +157,16 @@ def _check_theta_nu(adapter_dir: Path, source: Path, theta_nu: dict[str, torch.T
         raise AdapterError(f"{source}: not the theta_nu that {adapter_dir}'s domain stage started from (weights "
                            f"digest {got}, the adapter records {recorded}); pass that run's general stage: the "
                            f"folder OUTPUT/stages/<general_stage> named in OUTPUT/runs/<run id>.json")
+
+
+def _note_other_space(nu_file: Path, metadata: dict) -> None:
+    """A warning when the run that saved ``nu_file`` scored WiSE-FT in factor space (``space: factors``): the export
+    is the weight-space blend, so its scores are not that run's ``wise-ft(alpha=a)`` variant."""
+    options = metadata.get("options") if isinstance(metadata, dict) else None
+    if isinstance(options, dict) and options.get("space", "weights") != "weights":
+        warnings.warn(f"{nu_file}: the run that saved it interpolated the LoRA factors (space: {options['space']}); "
+                      f"this export is the weight-space blend W + (1-a) dW_nu + a dW_mu, so its scores differ from "
+                      f"that run's wise-ft variants", stacklevel=3)
 
 
 def _theta_nu_file(source: Path) -> Path | None:

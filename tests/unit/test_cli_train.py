@@ -125,6 +125,10 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     printed = capsys.readouterr().out
     scored = json.loads(printed[printed.index("{"):])
     assert scored["perplexity"]["ppl"] == pytest.approx(variant["general_ppl"], rel=1e-5)
+    # a run that interpolated the factors (space: factors) scored another blend than export writes: said
+    wise_ft.STATE.save(tmp_path / "factors", theta, {"options": {"alphas": [0.5], "space": "factors"}})
+    with pytest.warns(UserWarning, match="interpolated the LoRA factors .* its scores differ"):
+        export_wise_ft(str(model_dir), out, tmp_path / "factors", 0.5, tmp_path / "blend4")
     # another method trained over it (--overwrite) leaves no theta_nu of the old run behind for export to take
     assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--overwrite")) == 0
     assert not (out / wise_ft.FILENAME).exists()

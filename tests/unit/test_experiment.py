@@ -165,6 +165,39 @@ def test_instruction_training_data(tmp_path, tiny_model_dir):
     assert result["stages"][0]["stage"] == "domain" and result["stages"][0]["history"]
 
 
+def test_only_tasks_that_are_trained_on_must_fit_the_models_context(tmp_path, tiny_model_dir):
+    """Training examples longer than the model's 128 positions are an error naming max_length: for packed text
+    before anything loads (what run --dry-run checks), for other kinds once tokenized. A task only scored by the
+    runs left (methods: [base]) is not refused: it trains on nothing."""
+    from forgetless.experiment import check_example_lengths, check_model, load_data, plan_runs
+
+    long_text = tmp_path / "long.jsonl"
+    long_text.write_text(json.dumps({"text": "Plants make sugar from light. " * 60}) + "\n")
+    long_rows = tmp_path / "long_rows.jsonl"
+    long_rows.write_text(json.dumps({"instruction": "Say hello. " * 60, "input": "", "output": "Hello."}) + "\n")
+    for kind, source in (("text", long_text), ("instructions", long_rows)):
+        task = {"name": "gen", "train": str(source), "train_kind": kind, "test": str(FIXTURES / "generic.jsonl"),
+                "max_length": 200}
+        scored = load_experiment(write_experiment(tmp_path, tiny_model_dir, tasks=[task], methods=["base"],
+                                                  seeds=[0]))
+        check_model(scored, plan_runs(scored))
+        data = load_data(scored)
+        check_example_lengths(scored, data, plan_runs(scored))
+        trained = load_experiment(write_experiment(tmp_path, tiny_model_dir, tasks=[task], methods=["lora-mu"],
+                                                   seeds=[0]))
+        message = "tasks\\[0\\].max_length: 200 " + ("tokens is longer" if kind == "text" else
+                                                        "lets this task's training examples reach 200 tokens")
+        if kind == "text":
+            with pytest.raises(ConfigError, match=message):
+                check_model(trained, plan_runs(trained))
+        else:
+            check_model(trained, plan_runs(trained))
+            with pytest.raises(ConfigError, match=message):
+                check_example_lengths(trained, data, plan_runs(trained))
+    (result,) = run_experiment(scored, progress=False)  # the base run scores the task it would not train on
+    assert result["method"] == "base" and result["tasks"]["gen"]["n"] == 3
+
+
 def test_hlora_runs_report_importance_and_coefficients(tmp_path, tiny_model_dir):
     exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["hlora"], seeds=[0]))
     (result,) = run_experiment(exp, progress=False)
