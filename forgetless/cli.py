@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     # speed levers (docs/speed.md): the same numbers up to rounding, except --group-by-length (other batches)
     p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention of the model while training (default: as loaded, transformers' sdpa)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers (slow first steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers and the chunked loss (slow first steps)")
     # the frozen base (issue #12): as the YAML's dtype, quantization and train.*.gradient_checkpointing
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="the frozen base's weights (default auto: bf16 where the run computes in bf16, else fp32)")

@@ -97,7 +97,8 @@ class TrainConfig:
     # attn_implementation: switch the model's attention for the stage (sdpa, eager, flash_attention_2); null: as
     # loaded (transformers' default, sdpa).
     attn_implementation: str | None = field(default=None, metadata={"numbers": False})
-    # torch.compile the decoder layers for the stage (inductor; a C++ compiler on the CPU): slow first steps.
+    # torch.compile the decoder layers for the stage, and the chunked cross-entropy's chunks where the loss goes
+    # chunked (inductor; a C++ compiler on the CPU): slow first steps.
     compile: bool = field(default=False, metadata={"numbers": False})
     # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) in the model: pip install 'forgetless[liger]', CUDA only.
     liger: bool = field(default=False, metadata={"numbers": False})
