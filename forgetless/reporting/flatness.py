@@ -65,6 +65,7 @@ def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | No
         if not metrics or r.get("general_ppl") is None:  # no held-out text: no increase to relate flatness to
             continue
         row = {"method": r["method"], "task": r.get("task"), "seed": r.get("seed"),
+               "digest": r["landscape"].get("digest"), "settings": r["landscape"].get("settings") or {},
                "general_ppl": float(r["general_ppl"]),
                "ppl_increase": float(r["general_ppl"]) - reference_ppl(results, r, methods),
                **{k: metrics[k] for k in METRICS if k in metrics},
@@ -74,6 +75,23 @@ def flatness_rows(results: Sequence[dict[str, Any]], methods: Sequence[str] | No
             row["suite_forgetting"] = suite[key]
         rows.append(row)
     return rows
+
+
+def same_settings(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows measured with the landscape settings most rows have, the others). Metrics of another grid, span,
+    precision or data are on another scale: a run that could not be measured again after the settings changed keeps
+    its old metrics in its record, and must not join the others' correlations. Ties go to the settings of the
+    first row."""
+    from collections import Counter
+
+    if not rows:
+        return [], []
+    counts = Counter(row.get("digest") for row in rows)
+    first = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row.get("digest"), i)
+    kept = max(counts, key=lambda d: (counts[d], -first[d]))
+    return [row for row in rows if row.get("digest") == kept], [row for row in rows if row.get("digest") != kept]
 
 
 def distinct_models(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -199,7 +217,7 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
     """Markdown (per-method means, a table per run, correlations) and one scatter plot per metric into ``folder``;
     "" if nothing was measured. ``root``: the results folder the surfaces' paths are relative to (default
     ``folder``). ``metric``: the accuracy the general-suite change is counted in (the report's own)."""
-    rows = flatness_rows(results, methods, metric)
+    rows, other = same_settings(flatness_rows(results, methods, metric))
     if not rows:
         return ""
     if methods:
@@ -211,6 +229,11 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
     header = ["method", "task", "seed", "general PPL", "PPL increase"] + [
         labels[m] if m in shown else METRICS[m] for m in metrics]
     md = "\n## Flatness and forgetting\n\n"
+    if other:
+        names = ", ".join(f"`{row['method']}` ({row['task']}, seed {row['seed']})" for row in other)
+        md += (f"Left out: {len(other)} run(s) measured with other landscape settings than the rest ({names}): "
+               "their metrics are on another scale. Measure them again with these settings (`forgetless run` does "
+               "when it can) to include them.\n\n")
     if any("suite_forgetting" in row for row in rows):
         md += f"The general-suite change is counted in `{metric}`.\n\n"
     md += "Per method, mean ± std over its runs:\n\n" + method_means(rows, metrics) + "\nPer run:\n\n"
@@ -247,7 +270,7 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
             names.append(plot_flatness_scatter(rows, metric, Path(folder) / f"flatness_{metric}{suffix}.png",
                                                target).name)
         md += f"| {METRICS[metric]} | " + " | ".join(cells) + f" | {n} | {', '.join(names)} |\n"
-    settings = next((r["landscape"].get("settings") for r in results if (r.get("landscape") or {}).get("metrics")), None) or {}
+    settings = rows[0]["settings"]
     md += (f"\nMeasured on the domain-stage weights ({settings.get('params', '?')} parameters), on "
            f"{settings.get('blocks', '?')} held-out general-text blocks of {settings.get('block_size', '?')} tokens; "
            "the three surface metrics on a "

@@ -334,6 +334,27 @@ def test_flatness_correlations_count_one_model_once(tmp_path):
     assert sum(line.startswith("| wise-ft | t |") for line in md.splitlines()) == 2  # the per-run table keeps them
 
 
+def test_runs_measured_with_other_settings_are_left_out_of_the_correlations_and_named(tmp_path):
+    """A run that could not be measured again after the landscape settings changed keeps its old metrics: they are
+    on another scale (a span of 1.0 against 0.25) and joined the others' correlation, under the first record's
+    settings' caption. The rows of the settings most runs have are kept; the others are named."""
+    from forgetless.reporting.flatness import flatness_section
+
+    results = [{"method": "base", "task": "t", "seed": s, "general_ppl": 10.0} for s in range(4)]
+    stale = {"digest": "old", "settings": {"span": 1.0, "grid": 9}, "metrics": {"surface_curvature": 1.9}}
+    results.append({"method": "lora-mu", "task": "t", "seed": 0, "general_ppl": 14.0, "landscape": stale})
+    for seed, (ppl, x) in enumerate([(12.0, 0.10), (15.0, 0.30), (11.0, 0.12)], start=1):
+        results.append({"method": "lora-mu", "task": "t", "seed": seed, "general_ppl": ppl,
+                        "landscape": {"digest": "new", "settings": {"span": 0.25, "grid": 9},
+                                      "metrics": {"surface_curvature": x}}})
+    md = flatness_section(results, tmp_path)
+    assert "Left out: 1 run(s) measured with other landscape settings than the rest (`lora-mu` (t, seed 0))" in md
+    assert "| lora-mu | t | 0 |" not in md and "over [-0.25, 0.25]^2" in md and "1.9" not in md
+    spearman_row = next(line for line in md.splitlines() if line.startswith("| Surface Curvature | "))
+    # increases 2, 5, 1 against curvatures 0.10, 0.30, 0.12: rho = 1 - 6 * (1 + 0 + 1) / (3 * 8) = 0.5, n = 3
+    assert spearman_row.startswith("| Surface Curvature | 0.500, ") and "| 3 |" in spearman_row
+
+
 # ---------------------------------------------------------------- CLI and experiment
 
 
