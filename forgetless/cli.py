@@ -442,6 +442,8 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         raise ConfigError("landscape: give the evaluation data: --text FILE (general text) or --task FILE[:schema]")
     if args.dims == 2 and args.grid < 3:
         raise ConfigError("landscape: --grid: a 2-D surface needs --grid >= 3")
+    if args.grid < 2:
+        raise ConfigError("landscape: --grid: a 1-D curve needs --grid >= 2")
     if args.params == "trainable" and not args.adapter:
         raise ConfigError("landscape: a model without --adapter has no trainable weights: pass --adapter or "
                           "--params all")

@@ -358,6 +358,8 @@ def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], f
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from forgetless.reporting.landscape_plots import mark_origin
+
     columns = [(r, _surface(folder, r["landscape"]), _surface(folder, every)) for r, every in pairs[:most]]
     columns = [c for c in columns if c[1] is not None and c[2] is not None and c[1].dims == c[2].dims == 2]
     if not columns:
@@ -372,7 +374,7 @@ def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], f
             ax = axes[2 * band + i][j]
             a, b = np.meshgrid(surface.coords[0], surface.coords[1], indexing="ij")
             filled = ax.contourf(a, b, surface.losses, levels=20, cmap="viridis")
-            ax.plot([0], [0], "r+", ms=8)
+            mark_origin(ax, surface, ms=8)
             spread = float(surface.losses.max() - surface.losses.min())
             ax.set_title(f"{r['method']} s{r.get('seed')}: {name}\nloss range {spread:.3g}", fontsize=8)
             ax.tick_params(labelsize=7)

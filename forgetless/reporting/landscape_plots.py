@@ -12,6 +12,14 @@ import numpy as np
 from forgetless.landscape.surfaces import Surface
 
 
+def mark_origin(ax, surface, **style) -> None:
+    """A red + at (0, 0), the weights themselves, where the grid holds it (a range such as [0.5, 1] does not: the
+    marker would stretch the axes over blank space)."""
+    a, b = (np.asarray(c) for c in surface.coords[:2])
+    if a.min() <= 0 <= a.max() and b.min() <= 0 <= b.max():
+        ax.plot([0], [0], "r+", **style)
+
+
 def _pyplot():
     import matplotlib
 
@@ -51,7 +59,7 @@ def plot_surface(surface: Surface, folder: str | Path, name: str = "surface", le
     lines = ax.contour(a, b, losses, levels=levels, colors="k", linewidths=0.3)
     ax.clabel(lines, lines.levels[::4], inline=True, fontsize=6)
     fig.colorbar(filled, ax=ax, label="loss")
-    ax.plot([0], [0], "r+", ms=10)  # the weights themselves
+    mark_origin(ax, surface, ms=10)
     ax.set_xlabel("a (direction 1)")
     ax.set_ylabel("b (direction 2)")
     ax.set_title(_caption(surface), fontsize=8)

@@ -702,3 +702,23 @@ def test_flatness_over_16_bit_weights_says_what_it_costs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measure_flatness(make_tiny_model(), examples, settings)
+
+
+def test_the_origin_is_marked_only_where_the_grid_holds_it(tmp_path):
+    """A range that leaves (0, 0) out (e.g. [0.5, 1]) drew the marker anyway, stretching the axes over blank space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forgetless.reporting.landscape_plots import mark_origin
+
+    class S:  # a Surface's coordinates
+        def __init__(self, low, high):
+            self.coords = [torch.linspace(low, high, 5).numpy()] * 2
+
+    for (low, high), marked in (((-1.0, 1.0), 1), ((0.5, 1.0), 0), ((0.0, 1.0), 1)):
+        fig, ax = plt.subplots()
+        mark_origin(ax, S(low, high), ms=5)
+        assert len(ax.lines) == marked
+        plt.close(fig)

@@ -406,6 +406,8 @@ CASES: list[Case] = [
      "a model without --adapter has no trainable weights", 2),
     ("landscape --grid 2", lambda ws: ["landscape", "--text", ws.general, "--params", "all", "--grid", "2"],
      "a 2-D surface needs --grid >= 3", 2),
+    ("landscape --dims 1 --grid 1", lambda ws: ["landscape", "--text", ws.general, "--params", "all", "--dims", "1",
+                                                "--grid", "1"], "landscape: --grid: a 1-D curve needs --grid >= 2", 2),
     # forgetless report
     ("report on a missing folder", lambda ws: ["report", str(ws.root / "nope")], "no such results folder", 2),
     ("report on a corrupt record", lambda ws: _corrupt_record(ws, "report"), "base__t__seed0.json: corrupt run record",
