@@ -76,6 +76,10 @@ class LandscapeSettings:
         ``hessian_method: power``, so that measurements recorded before the option (all power) keep their digest."""
         fields_ = {k: v for k, v in asdict(self).items()
                    if k != "all_weights_seeds" and not (k == "hessian_method" and v == "power")}
+        if self.params == "all":  # measurements over all weights drawn before session 32 are measured again
+            from forgetless.landscape.surfaces import DIRECTIONS_ALL
+
+            fields_["directions"] = DIRECTIONS_ALL
         return hashlib.sha1(json.dumps([fields_, extra], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def all_weights(self) -> LandscapeSettings | None:

@@ -102,13 +102,50 @@ class Surface:
         return len(self.coords)
 
 
+# How directions over all weights are drawn (recorded in a surface's meta and in the landscape digest of
+# params: all): "separate streams" since session 32. Before, one stream ran through the parameters in the model's
+# order, where PEFT puts each targeted layer's LoRA factors right after its weight: the draws for every later base
+# weight depended on the LoRA rank and targets, so the base run and LoRA runs were cut along different directions.
+DIRECTIONS_ALL = "separate streams"
+_LORA_STREAM = 1_000_003  # the LoRA factors' generator: seed + this
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def _directions(named: Sequence[tuple[str, torch.Tensor]], dims: int, seed: int, filter_normalize: bool,
+                one_d: str) -> list[list[torch.Tensor]]:
+    """``dims`` directions over the parameters ``named``, in their order. When they mix the model's own weights and
+    LoRA factors (``params: all`` on an adapter), each kind draws from its own generator, one direction after the
+    other: the own weights from ``seed`` (as a model without an adapter draws them), the factors from ``seed +``
+    :data:`_LORA_STREAM`. Only factors (``params: trainable``) or only own weights: one generator seeded with
+    ``seed``, as before."""
+    kinds = [_is_lora(name) for name, _ in named]
+    tensors = [p for _, p in named]
+    if all(kinds) or not any(kinds):
+        g = torch.Generator().manual_seed(seed)
+        return [random_direction(tensors, g, filter_normalize, one_d) for _ in range(dims)]
+    own = [p for p, lora in zip(tensors, kinds) if not lora]
+    factors = [p for p, lora in zip(tensors, kinds) if lora]
+    g_own, g_factors = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + _LORA_STREAM)
+    out = []
+    for _ in range(dims):
+        parts = iter(random_direction(own, g_own, filter_normalize, one_d))
+        lora_parts = iter(random_direction(factors, g_factors, filter_normalize, one_d))
+        out.append([next(lora_parts) if lora else next(parts) for lora in kinds])
+    return out
+
+
 def compute_surface(model: torch.nn.Module, loss_fn: LossFn, dims: int = 2, params: str = "trainable",
                     steps: int = 21, span: tuple[float, float] = (-1.0, 1.0), filter_normalize: bool = True,
                     one_d: str = "zero", seed: int = 0, progress: bool = False) -> Surface:
     """A 1-D or 2-D surface around the model's current weights, on a ``steps`` (x ``steps``) grid over ``span``.
 
     ``loss_fn`` computes the loss of the model as it is (fixed evaluation data, e.g. ``Objective.value``). The
-    directions come from a CPU generator seeded with ``seed``, so they are the same on any device.
+    directions come from a CPU generator seeded with ``seed``, so they are the same on any device. Over all weights
+    (``params="all"``) the model's own weights and the LoRA factors draw from two streams (:func:`_directions`), so
+    the base weights' part of a direction is the same for the base model and for any LoRA rank or targets.
     """
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
@@ -116,8 +153,7 @@ def compute_surface(model: torch.nn.Module, loss_fn: LossFn, dims: int = 2, para
         raise ValueError("steps must be >= 2")
     named = select_parameters(model, params)
     tensors = [p for _, p in named]
-    g = torch.Generator().manual_seed(seed)
-    directions = [random_direction(tensors, g, filter_normalize, one_d) for _ in range(dims)]
+    directions = _directions(named, dims, seed, filter_normalize, one_d)
     coords = [np.linspace(span[0], span[1], steps) for _ in range(dims)]
     was_training = model.training
     model.eval()
@@ -127,6 +163,8 @@ def compute_surface(model: torch.nn.Module, loss_fn: LossFn, dims: int = 2, para
         model.train(was_training)
     meta = {"params": params, "n_params": int(sum(p.numel() for p in tensors)), "filter_normalize": filter_normalize,
             "one_d": one_d, "seed": seed, "steps": steps, "span": list(span)}
+    if params == "all":
+        meta["directions"] = DIRECTIONS_ALL
     return Surface(coords=coords, losses=losses, meta=meta)
 
 

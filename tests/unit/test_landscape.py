@@ -163,6 +163,39 @@ def lora_model(seed=0, r=2):
     return make_lora_model(seed, r=r, alpha=2 * r, b_std=0.05, b_seed=seed + 7)
 
 
+def test_directions_over_all_weights_give_the_base_weights_the_same_draws_whatever_the_adapter():
+    """One generator ran through the parameters in the model's order, where PEFT puts each targeted layer's LoRA
+    factors after its weight: the base run, a rank-2 q/v run and a rank-4 all-projection run were cut along
+    different directions over the same base weights. The own weights now draw from their own stream (as a model
+    without an adapter draws them) and the factors from another; LoRA-only directions are as before."""
+    from forgetless.landscape.surfaces import _directions
+    from forgetless.landscape.objective import select_parameters
+
+    def by_name(model, params="all"):
+        named = select_parameters(model, params)
+        dirs = _directions(named, 2, seed=3, filter_normalize=True, one_d="zero")
+        canonical = [n.removeprefix("base_model.model.").replace(".base_layer", "") for n, _ in named]
+        return {name: [d[i] for d in dirs] for i, name in enumerate(canonical)}
+
+    plain = by_name(make_tiny_model(0))
+    small = by_name(lora_model(0, r=2))
+    wide = by_name(make_lora_model(0, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")))
+    own = [name for name in plain if ".lora_" not in name]
+    assert len(own) == len(plain) > 10 and any("down_proj" in name for name in own)
+    for name in own:
+        for k in range(2):
+            assert torch.equal(small[name][k], plain[name][k]) and torch.equal(wide[name][k], plain[name][k]), name
+    assert not torch.equal(plain[own[5]][0], plain[own[5]][1])  # two directions, not one twice
+    # LoRA directions (params: trainable): one stream through the factors, as before
+    model = lora_model(0, r=2)
+    named = select_parameters(model, "trainable")
+    g = torch.Generator().manual_seed(3)
+    before = [random_direction([p for _, p in named], g) for _ in range(2)]
+    now = _directions(named, 2, seed=3, filter_normalize=True, one_d="zero")
+    assert all(torch.equal(a, b) for d0, d1 in zip(before, now) for a, b in zip(d0, d1))
+
+
 def test_filter_normalized_direction_has_the_weights_row_norms():
     model = make_tiny_model()
     params = [p for _, p in model.named_parameters()]
