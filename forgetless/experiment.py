@@ -1343,9 +1343,9 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                           f"resumes") from None
     from forgetless.reporting.tables import load_results
 
-    results = load_results(out)
+    results, others = planned_records(load_results(out), jobs)
     if is_main_process():
-        _write_report(exp, results)
+        _write_report(exp, results, others)
     if failed is not None:  # the tables first: a run that cannot be measured does not keep them from the others
         raise failed
     return results
@@ -1368,8 +1368,31 @@ def _landscape_step(exp: Experiment, workers: int, progress: bool) -> Exception 
     return None
 
 
-def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
-    """``results.md``/``results.csv`` with the sections of HLoRA and flatness, and the figures."""
+def planned_records(records: list[dict[str, Any]], jobs: Sequence[Job]) -> tuple[list[dict[str, Any]],
+                                                                                   list[dict[str, Any]]]:
+    """(the records of ``jobs`` with their settings, the others). A folder's ``runs/`` may hold records the
+    experiment no longer plans (a seed, method or task taken out of the YAML, records copied in from another
+    folder): averaged in, they would mix other settings into the tables without a word. A record without settings
+    (an older forgetless) counts as its job's, as the planner reuses it."""
+    planned = {job.rid: job.digest for job in jobs}
+    mine = [r for r in records if r.get("run_id") in planned
+            and r.get("settings_digest") in (None, planned[r["run_id"]])]
+    keep = {id(r) for r in mine}
+    return mine, [r for r in records if id(r) not in keep]
+
+
+def _others_note(others: list[dict[str, Any]]) -> str:
+    if not others:
+        return ""
+    names = ", ".join(str(r.get("run_id")) for r in others[:12]) + (", ..." if len(others) > 12 else "")
+    return (f"\nNot in these tables: {len(others)} record(s) in runs/ that this experiment does not plan, or planned "
+            f"with other settings (a seed, method or task no longer in the YAML, a record copied in): {names}. "
+            f"`forgetless report` shows any set of records.\n")
+
+
+def _write_report(exp: Experiment, results: list[dict[str, Any]], others: list[dict[str, Any]] = ()) -> None:
+    """``results.md``/``results.csv`` with the sections of HLoRA and flatness, and the figures; ``others``: records
+    in the folder left out of them (named in a note)."""
     from forgetless.reporting.flatness import flatness_section
     from forgetless.reporting.forgetting import forgetting_section
     from forgetless.reporting.hlora_plots import hlora_section
@@ -1378,7 +1401,8 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]]) -> None:
 
     out = exp.output
     methods = [method_label(m) for m in exp.methods]
-    write_tables(results, out, methods=methods, tasks=[t.name for t in exp.tasks])  # notes the runs left out
+    write_tables(results, out, methods=methods, tasks=[t.name for t in exp.tasks],  # notes the runs left out
+                 note=_others_note(list(others)))
     results = [r for r in results if finite_record(r)]
     plot_tradeoff(results, out / "tradeoff.png")
     plot_training_curves(results, out / "training_curves.png")

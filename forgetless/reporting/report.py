@@ -37,7 +37,8 @@ from forgetless.config import ConfigError
 from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
 from forgetless.reporting.plots import label_points
-from forgetless.reporting.tables import finite_record, nonfinite_note, read_record, scoring_note, variant_records
+from forgetless.reporting.tables import (finite_record, gathered_note, nonfinite_note, read_record, scoring_note,
+                                        variant_records)
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
@@ -657,13 +658,17 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     models = sorted({str(r.get("model", "?")) for r in res.runs})
     scoring = scoring_note(runs)
+    gathered = gathered_note(runs)
     head = (f"# Report: {Path(results_dir).resolve().name}\n\n"
             f"{sum('variant_of' not in r for r in res.runs)} runs"
             + (f" (and {sum('variant_of' in r for r in res.runs)} evaluation variants of them, e.g. WiSE-FT's "
                f"interpolations, as methods of their own)" if any('variant_of' in r for r in res.runs) else "")
             + f"; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
-            + nonfinite_note(runs) + scoring)
+            + nonfinite_note(runs) + scoring + gathered)
+    if gathered:
+        print("report: some records repeat a method, task and seed, or one method's records differ in more than "
+              "their seed; report.md names them", file=sys.stderr)
     if scoring:
         print("report: the runs were not scored alike (held-out text, test items, suite, model or precision differ); "
               "report.md says how", file=sys.stderr)

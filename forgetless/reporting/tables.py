@@ -48,8 +48,14 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def load_results(folder: Path) -> list[dict[str, Any]]:
-    """Every run record of an experiment folder; a corrupt one is an error naming it."""
-    return [read_record(path) for path in sorted((Path(folder) / "runs").glob("*.json"))]
+    """Every run record of an experiment folder; a corrupt one is an error naming it. A record without its
+    ``run_id`` (an old one) gets its file's name."""
+    records = []
+    for path in sorted((Path(folder) / "runs").glob("*.json")):
+        record = read_record(path)
+        record.setdefault("run_id", path.stem)
+        records.append(record)
+    return records
 
 
 def finite_record(record: dict[str, Any]) -> bool:
@@ -70,6 +76,33 @@ def nonfinite_note(records: list[dict[str, Any]]) -> str:
         return ""
     return (f"\nLeft out: {len(left)} run(s) with a non-finite score (training diverged), never ranked: "
             f"{', '.join(left)}.\n")
+
+
+def gathered_note(records: list[dict[str, Any]]) -> str:
+    """Lines naming what records gathered from several folders can mix ("" when nothing is): two records of one
+    method, task and seed (each would count as a seed of its own), and one method on one task run with other
+    settings than the seed (another learning rate, steps or data: its mean would mix them)."""
+    import json
+    from collections import Counter, defaultdict
+
+    own = [r for r in records if "variant_of" not in r]
+    twice = Counter((r.get("method"), r.get("task"), r.get("seed")) for r in own)
+    dup = [f"`{m}` on {t}, seed {s} ({n} records)" for (m, t, s), n in twice.items() if n > 1]
+    kinds: dict[tuple, set[str]] = defaultdict(set)
+    for r in own:
+        if isinstance(r.get("settings"), dict):
+            rest = {k: v for k, v in r["settings"].items() if k != "seed"}
+            kinds[(r.get("method"), r.get("task"))].add(json.dumps(rest, sort_keys=True, default=str))
+    mixed = [f"`{m}` on {t} ({len(v)} settings)" for (m, t), v in kinds.items() if len(v) > 1]
+    note = ""
+    if dup:
+        note += (f"\n**Duplicate runs:** {len(dup)} method, task and seed have more than one record (gathered from "
+                 f"several folders?), and each counts as a seed: {', '.join(dup[:8])}{' ...' if len(dup) > 8 else ''}.\n")
+    if mixed:
+        note += (f"\n**Mixed settings:** records of one method on one task differ in more than their seed (another "
+                 f"learning rate, steps, data...), and their means mix them: {', '.join(mixed[:8])}"
+                 f"{' ...' if len(mixed) > 8 else ''}. Report each folder on its own, or drop the odd records.\n")
+    return note
 
 
 _UNKNOWN = object()  # a value an older record does not give: matches any (scoring_note leaves it out)
@@ -195,10 +228,11 @@ def with_variant_records(results: list[dict[str, Any]],
 
 
 def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str] | None = None,
-                 tasks: list[str] | None = None) -> str:
+                 tasks: list[str] | None = None, note: str = "") -> str:
     """Write ``results.md`` and ``results.csv``; return the Markdown table. Runs with a non-finite score are left
-    out, and named in a note; runs scored differently (:func:`scoring_note`) are named in another."""
-    left_out = nonfinite_note(results) + scoring_note(results)
+    out, and named in a note; runs scored differently (:func:`scoring_note`) are named in another; ``note``: the
+    caller's own (records it left out)."""
+    left_out = nonfinite_note(results) + scoring_note(results) + note
     header, rows = summary_table([r for r in results if finite_record(r)], methods, tasks)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)

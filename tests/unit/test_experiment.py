@@ -165,6 +165,27 @@ def test_instruction_training_data(tmp_path, tiny_model_dir):
     assert result["stages"][0]["stage"] == "domain" and result["stages"][0]["history"]
 
 
+def test_tables_show_the_planned_runs_and_name_the_other_records(tmp_path, tiny_model_dir):
+    """Records the experiment no longer plans (a seed taken out of the YAML) were averaged into results.md without a
+    word; now the tables hold the planned runs and a note names the others, which stay on disk."""
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"])  # seeds 0 and 1
+    run_experiment(load_experiment(path), progress=False)
+    md = (tmp_path / "out" / "results.md").read_text()
+    lora = next(line for line in md.splitlines() if line.startswith("| lora-mu |"))
+    assert lora.endswith("| 2 |") and "Not in these tables" not in md
+    exp = yaml.safe_load(path.read_text())
+    exp["seeds"] = [0]
+    path.write_text(yaml.safe_dump(exp))
+    results = run_experiment(load_experiment(path), progress=False)
+    assert sorted((r["method"], r["seed"]) for r in results) == [("base", 0), ("lora-mu", 0)]
+    md = (tmp_path / "out" / "results.md").read_text()
+    lora = next(line for line in md.splitlines() if line.startswith("| lora-mu |"))
+    assert lora.endswith("| 1 |") and " ± " not in lora  # one seed: no spread from the other one
+    assert ("Not in these tables: 2 record(s) in runs/ that this experiment does not plan, or planned with other "
+            "settings") in md and "lora-mu__gen__seed1" in md
+    assert (tmp_path / "out" / "runs" / "lora-mu__gen__seed1.json").is_file()
+
+
 def test_only_tasks_that_are_trained_on_must_fit_the_models_context(tmp_path, tiny_model_dir):
     """Training examples longer than the model's 128 positions are an error naming max_length: for packed text
     before anything loads (what run --dry-run checks), for other kinds once tokenized. A task only scored by the

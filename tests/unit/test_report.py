@@ -466,3 +466,24 @@ def test_a_cell_over_fewer_seeds_says_so_and_is_not_ranked(tmp_path):
 
     _, plain = summary_table(records)
     assert plain[2] == ["hlora", "9.000 (n=1)", "90.0 (n=1)", "50.0 (n=1)", "1"] and "(n=" not in plain[0][1]
+
+
+def test_gathered_records_that_repeat_a_seed_or_mix_settings_are_named(tmp_path, capsys):
+    """`forgetless report` over records gathered from two folders counted a repeated method/task/seed as one more
+    seed, and averaged runs of another learning rate into a method's mean, without a word."""
+    folder = tmp_path / "gathered"
+    folder.mkdir()
+    for seed, lr in ((0, 2e-3), (1, 2e-3), (0, 3e-3)):
+        rec = run_record("lora-mu", "t1", seed, 12.0 + seed, 60.0)
+        rec["settings"] = {"seed": seed, "train": {"domain": {"lr": lr}}, "model": "tiny"}
+        (folder / f"lr{lr}_seed{seed}.json").write_text(json.dumps(rec))
+    base = run_record("base", "t1", 0, 10.0, 50.0)
+    (folder / "base.json").write_text(json.dumps(base))
+    md = build_report(folder).read_text()
+    assert "**Duplicate runs:** 1 method, task and seed have more than one record" in md
+    assert "`lora-mu` on t1, seed 0 (2 records)" in md
+    assert "**Mixed settings:**" in md and "`lora-mu` on t1 (2 settings)" in md
+    assert "repeat a method, task and seed" in capsys.readouterr().err
+    # one folder's records, one setting per method: neither note
+    clean = build_report(write_runs(tmp_path / "clean")).read_text()
+    assert "Duplicate runs" not in clean and "Mixed settings" not in clean
