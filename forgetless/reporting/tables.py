@@ -96,8 +96,9 @@ def gathered_note(records: list[dict[str, Any]]) -> str:
     mixed = [f"`{m}` on {t} ({len(v)} settings)" for (m, t), v in kinds.items() if len(v) > 1]
     note = ""
     if dup:
+        more = " ..." if len(dup) > 8 else ""
         note += (f"\n**Duplicate runs:** {len(dup)} method, task and seed have more than one record (gathered from "
-                 f"several folders?), and each counts as a seed: {', '.join(dup[:8])}{' ...' if len(dup) > 8 else ''}.\n")
+                 f"several folders?), and each counts as a seed: {', '.join(dup[:8])}{more}.\n")
     if mixed:
         note += (f"\n**Mixed settings:** records of one method on one task differ in more than their seed (another "
                  f"learning rate, steps, data...), and their means mix them: {', '.join(mixed[:8])}"
