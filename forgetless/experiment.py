@@ -1404,10 +1404,10 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]], others: list[d
     write_tables(results, out, methods=methods, tasks=[t.name for t in exp.tasks],  # notes the runs left out
                  note=_others_note(list(others)))
     results = [r for r in results if finite_record(r)]
-    plot_tradeoff(results, out / "tradeoff.png")
-    plot_training_curves(results, out / "training_curves.png")
     # the evaluation variants (WiSE-FT's interpolations) as the main table lists them, each after its method
     expanded, order = with_variant_records(results, methods)
+    plot_tradeoff(expanded, out / "tradeoff.png")  # the interpolations are points of the trade-off too
+    plot_training_curves(results, out / "training_curves.png")
     sections = [hlora_section(results, out), "\n" + forgetting_section(expanded, out, order)]
     if exp.landscape is not None:
         sections.append(flatness_section(results, out, methods=methods))

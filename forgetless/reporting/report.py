@@ -38,7 +38,7 @@ from forgetless.reporting.flatness import flatness_section
 from forgetless.reporting.forgetting import forgetting_section
 from forgetless.reporting.plots import label_points
 from forgetless.reporting.tables import (finite_record, gathered_note, nonfinite_note, read_record, scoring_note,
-                                        variant_records)
+                                        variant_records, variants_note)
 
 CANONICAL_ORDER = ("base", "lora-mu", "lora-nu-mu", "rslora", "ewc", "hlora-no-layer", "hlora")
 ABLATION = ("hlora", "hlora-no-layer", "lora-nu-mu")
@@ -665,7 +665,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
                f"interpolations, as methods of their own)" if any('variant_of' in r for r in res.runs) else "")
             + f"; model {', '.join(models)}; tasks {', '.join(res.tasks)}; "
             f"seeds {', '.join(map(str, res.seeds))}; methods {', '.join(f'`{m}`' for m in res.methods)}.\n"
-            + nonfinite_note(runs) + scoring + gathered)
+            + nonfinite_note(runs) + scoring + gathered + variants_note(runs))
     if gathered:
         print("report: some records repeat a method, task and seed, or one method's records differ in more than "
               "their seed; report.md names them", file=sys.stderr)

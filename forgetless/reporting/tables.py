@@ -78,6 +78,17 @@ def nonfinite_note(records: list[dict[str, Any]]) -> str:
             f"{', '.join(left)}.\n")
 
 
+def variants_note(records: list[dict[str, Any]]) -> str:
+    """A line saying what the row of a method with evaluation variants is ("" when no record has variants): the
+    run's own model, alpha = 1 of WiSE-FT, beside the rows of its interpolations."""
+    methods = list(dict.fromkeys(r["method"] for r in records if r.get("variants") and "variant_of" not in r))
+    if not methods:
+        return ""
+    return (f"\n{', '.join(f'`{m}`' for m in methods)}: the row of the method itself is its run's domain-tuned model "
+            "(alpha = 1, no interpolation; the same model as `lora-nu-mu`'s where the two share their stages); its "
+            "interpolations are the rows named after their alpha.\n")
+
+
 def gathered_note(records: list[dict[str, Any]]) -> str:
     """Lines naming what records gathered from several folders can mix ("" when nothing is): two records of one
     method, task and seed (each would count as a seed of its own), and one method on one task run with other
@@ -233,7 +244,7 @@ def write_tables(results: list[dict[str, Any]], folder: Path, methods: list[str]
     """Write ``results.md`` and ``results.csv``; return the Markdown table. Runs with a non-finite score are left
     out, and named in a note; runs scored differently (:func:`scoring_note`) are named in another; ``note``: the
     caller's own (records it left out)."""
-    left_out = nonfinite_note(results) + scoring_note(results) + note
+    left_out = nonfinite_note(results) + scoring_note(results) + variants_note(results) + note
     header, rows = summary_table([r for r in results if finite_record(r)], methods, tasks)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)

@@ -98,6 +98,8 @@ def test_domain_only_methods_share_the_plain_general_stage_and_get_the_same_numb
     from forgetless.models import AdapterError
 
     wise = next(r for r in results.values() if r["method"].startswith("wise-ft"))
+    md = (shared / "out" / "results.md").read_text()  # its own row is alpha 1, said beside the table
+    assert f"`{wise['method']}`: the row of the method itself is its run's domain-tuned model (alpha = 1" in md
     (adapter,) = (shared / "out" / "adapters").glob("wise-ft*")
     assert "domain_start" in json.loads((adapter / "forgetless_base.json").read_text())
     own = shared / "out" / wise["general_stage"]
