@@ -237,7 +237,8 @@ def results_table(res: Results, methods: Sequence[str], rank_base: bool = False)
     marks: dict[tuple[str, str], dict[str, str]] = {}
     for task in res.tasks:
         for metric in (PPL, ACC):
-            ranked = {m: res.cell(m, task, metric).mean for m in methods
+            digits = 2 if metric == PPL else 1  # ranked as shown: cells that print alike share a mark
+            ranked = {m: float(f"{res.cell(m, task, metric).mean:.{digits}f}") for m in methods
                       if (rank_base or m != "base") and len(res.cell(m, task, metric).values) == full}
             marks[(task, metric)] = rank_marks(ranked, lower_is_better=metric == PPL)
     rows = []
@@ -323,7 +324,8 @@ def section_welch(res: Results, reference: str | Sequence[str] | None, folder: P
              "in points; negative is forgetting." if SUITE in tested_metrics(res) else "")
     return (title + "Δ: mean of the method minus mean of the reference (PPL in perplexity points, accuracy in "
             "percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
-            f"n/a with fewer than two seeds on a side.{suite}\n\n" + "".join(table or note for table, note in parts)
+            f"n/a with fewer than two seeds on a side, or when neither side varies over its seeds; a cell over "
+            f"other seed counts than the rest says them (n = method/reference).{suite}\n\n" + "".join(table or note for table, note in parts)
             + "\n".join(figures) + "\n")
 
 
@@ -335,6 +337,7 @@ def _welch_table(res: Results, reference: str) -> tuple[str, str]:
     if not rows:
         return "", f"Skipped: no method shares a task with `{reference}`.\n\n"
     metrics = tested_metrics(res)
+    full = len(res.seeds)
     header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ (p)" for task in res.tasks for m in metrics]
     table = []
     for method in res.methods:
@@ -347,7 +350,9 @@ def _welch_table(res: Results, reference: str) -> tuple[str, str]:
                 if hit:
                     found = True
                     digits = 2 if metric == PPL else 1
-                    row.append(f"{hit[0]['diff']:+.{digits}f} (p={_p_text(hit[0]['p'])})")
+                    counts = "" if (hit[0]["n"], hit[0]["n_ref"]) == (full, full) else \
+                        f", n={hit[0]['n']}/{hit[0]['n_ref']}"
+                    row.append(f"{hit[0]['diff']:+.{digits}f} (p={_p_text(hit[0]['p'])}{counts})")
                 else:
                     row.append("-")
         if found:

@@ -213,7 +213,7 @@ def test_absent_data_gives_one_line_notes(tmp_path):
 def test_two_seeds_against_one_gives_na(tmp_path):
     data = {"lora-nu-mu": {"t1": [(12.0, 40.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.5, 47.0)]}}
     md = build_report(write_runs(tmp_path / "x", data)).read_text()
-    assert table_rows(md, "## Significance")["hlora"] == ["-0.75 (p=n/a)", "+6.0 (p=n/a)"]
+    assert table_rows(md, "## Significance")["hlora"] == ["-0.75 (p=n/a, n=2/1)", "+6.0 (p=n/a, n=2/1)"]
 
 
 def test_parse_label_inverts_method_label():
@@ -487,3 +487,20 @@ def test_gathered_records_that_repeat_a_seed_or_mix_settings_are_named(tmp_path,
     # one folder's records, one setting per method: neither note
     clean = build_report(write_runs(tmp_path / "clean")).read_text()
     assert "Duplicate runs" not in clean and "Mixed settings" not in clean
+
+
+def test_cells_that_print_alike_share_their_mark_and_odd_seed_counts_are_said(tmp_path):
+    """Marks were decided on unrounded means: two cells printed 42.60 and only one was bold. The Welch table said
+    nothing when a method had fewer seeds than its reference."""
+    data = {"base": {"t1": [(10.0, 50.0)] * 3},
+            "lora-mu": {"t1": [(42.601, 60.0), (42.601, 61.0), (42.601, 62.0)]},
+            "lora-nu-mu": {"t1": [(42.604, 60.0), (42.604, 61.0), (42.604, 62.0)]},
+            "hlora": {"t1": [(42.70, 59.0), (42.70, 60.0)]},
+            "ewc": {"t1": [(43.00, 58.0), (43.10, 58.5), (43.20, 59.0)]}}
+    md = build_report(write_runs(tmp_path / "r", data=data, suite=False), reference="lora-mu").read_text()
+    main = table_rows(md, "## Main results")
+    assert main["lora-mu"][0] == main["lora-nu-mu"][0] == "**42.60 ± 0.00**"
+    assert main["ewc"][0] == "<u>43.10 ± 0.10</u>"  # the next value shown; hlora has 2 of 3 seeds: not ranked
+    welch = next(line for line in md.splitlines() if line.startswith("| hlora | ") and "(p=" in line)
+    assert "n=2/3" in welch
+    assert "n=" not in next(line for line in md.splitlines() if line.startswith("| ewc | ") and "(p=" in line)
