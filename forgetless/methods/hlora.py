@@ -514,6 +514,16 @@ class HLoRA(Method):
                     self._accumulate(g, None if self.fused else 1)
         self.steps += 1
 
+    def on_step_skipped(self, ctx: StageContext) -> None:
+        """A skipped step moved nothing: its path-integral term is zero, and what its hooks gathered (the exact
+        estimator's summed gradient, NaN when the step was skipped for a NaN) must not reach the next step."""
+        if ctx.stage != GENERAL:
+            return
+        for g in self.groups:
+            if g.grad_full is not None:
+                g.grad_full.zero_()
+            g.before = g.grads = None
+
     def _accumulate(self, g: _Group, chunk_elements: int | None) -> None:
         """omega += g~ * (dW(t) - dW(t+1)) (eqs 8-10) for every module of the group, in chunks of modules
         (:func:`forgetless.lora.module_chunks`; ``chunk_elements`` 1: module by module, the plain path): each chunk's

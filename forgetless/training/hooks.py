@@ -168,6 +168,11 @@ class Method:
     def after_optimizer_step(self, ctx: StageContext) -> None:
         """The optimizer has moved the weights; gradients are still there until zero_grad."""
 
+    def on_step_skipped(self, ctx: StageContext) -> None:
+        """``on_nonfinite: skip_step`` dropped this step after :meth:`before_optimizer_step` (its loss or gradient
+        norm was not finite, here or on another process): the weights did not move and the gradients are about to be
+        zeroed. Drop whatever this step's hooks gathered, or it would reach the next step."""
+
     def on_stage_end(self, ctx: StageContext) -> None:
         """Called once after the last step of a stage."""
 

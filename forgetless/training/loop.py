@@ -358,6 +358,7 @@ def train_stage(
                     bad = ("loss on another process", math.nan)
             if bad is not None:
                 skipped.append(step + 1)
+                call_all(methods, "on_step_skipped", ctx)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 # the loss is recorded as null when it is not finite: run records stay strict JSON

@@ -65,6 +65,42 @@ def test_skip_step_drops_the_update_and_counts_it(clip, lora_model, accelerator)
     assert [row["lr"] for row in result.history] == pytest.approx([1e-2 * (1 - k / 4) for k in range(4)])
 
 
+class NanActivationsAt(Method):
+    """At optimizer step ``step`` (1-based) the embeddings' output is NaN: loss and every gradient non-finite."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_stage_start(self, ctx):
+        import math
+
+        emb = ctx.model.get_input_embeddings()
+        self.hook = emb.register_forward_hook(lambda m, a, out: out * math.nan if ctx.step + 1 == self.step else out)
+
+    def on_stage_end(self, ctx):
+        self.hook.remove()
+
+
+@pytest.mark.parametrize("estimator", ["exact", "paper", "adam"])
+def test_a_skipped_step_leaves_nothing_in_hloras_importance(estimator, lora_model, accelerator):
+    """HLoRA's exact estimator sums each step's full-weight gradient in its backward hooks and cleared the sum after
+    the optimizer step, which a skipped step never reaches: a step skipped for NaN gradients made every later omega
+    NaN, and one skipped for another reason (an infinite gradient norm) was counted into the next step. Skipped
+    for NaN activations or for an infinite gradient, step 2 now leaves the same importance, finite."""
+    importance = []
+    for poison in (NanActivationsAt(2), PoisonAt(2, "grad")):
+        model = lora_model()
+        hlora = resolve({"name": "hlora", "estimator": estimator}).plugins[0]
+        result = train_stage(model, random_examples(8, 8), _cfg(on_nonfinite="skip_step", max_grad_norm=1.0),
+                             [poison, hlora], stage="general", accelerator=accelerator)
+        assert result.extras["skipped_steps"] == [2]
+        importance.append({k: v.clone() for k, v in hlora.importance.items()})
+    for name, omega in importance[0].items():
+        assert torch.isfinite(omega).all(), name
+        assert torch.equal(omega, importance[1][name]), name
+    assert any(omega.abs().sum() > 0 for omega in importance[0].values())
+
+
 def test_nonfinite_policy_is_validated():
     with pytest.raises(ValueError, match="on_nonfinite"):
         TrainConfig(on_nonfinite="ignore")
