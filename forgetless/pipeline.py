@@ -128,21 +128,26 @@ def _mc_scores(model, tokenizer, items: list, settings: RunSettings, progress: b
 def _tracker(tokenizer, data: RunData, settings: RunSettings) -> EvalEvery | None:
     """The ``eval.every`` plugin of the domain stage (None when off): per row the domain accuracy (``domain_acc``,
     mean over the run's tasks), each suite task's (``suite/TASK``), their mean (``general_acc``) and the held-out
-    perplexity (``general_ppl``), on the first ``every_items`` items and ``every_blocks`` blocks."""
+    perplexity (``general_ppl``), on the first ``every_items`` items and ``every_blocks`` blocks. A suite task whose
+    main score is lower-is-better (a harness task that reports a perplexity) is logged as ``suite_lower/TASK`` and
+    kept out of ``general_acc``: averaged in, a rising perplexity read as general ability improving (and
+    ``eval.select`` chose by it)."""
     if settings.eval_every is None:
         return None
     k = settings.every_items
 
-    def accs(model: torch.nn.Module, tasks: dict[str, list]) -> dict[str, float]:
-        return {n: _mc_scores(model, tokenizer, items[:k], settings, False)["acc"] for n, items in tasks.items()}
+    def scores(model: torch.nn.Module, tasks: dict[str, list]) -> dict[str, dict]:
+        return {n: _mc_scores(model, tokenizer, items[:k], settings, False) for n, items in tasks.items()}
 
     def score(model: torch.nn.Module) -> dict[str, float]:
         row: dict[str, float] = {}
-        domain, suite = accs(model, data.eval_tasks), accs(model, data.suite)
+        domain, suite = scores(model, data.eval_tasks), scores(model, data.suite)
+        higher = {n: s["acc"] for n, s in suite.items() if s.get("higher_is_better", True)}
         if domain:
-            row["domain_acc"] = statistics.fmean(domain.values())
-        if suite:
-            row |= {f"suite/{n}": a for n, a in suite.items()} | {"general_acc": statistics.fmean(suite.values())}
+            row["domain_acc"] = statistics.fmean(s["acc"] for s in domain.values())
+        row |= {f"suite_lower/{n}": s["acc"] for n, s in suite.items() if n not in higher}
+        if higher:
+            row |= {f"suite/{n}": a for n, a in higher.items()} | {"general_acc": statistics.fmean(higher.values())}
         if data.heldout_blocks is not None:
             row["general_ppl"] = perplexity(model, data.heldout_blocks[:settings.every_blocks],
                                             batch_size=settings.eval_batch_size, precision=settings.precision,

@@ -30,6 +30,10 @@ def best_within_drop(domain: str, general: str, max_drop: float) -> Choose:
     score is at most ``max_drop`` below the first row's (step 0); the earliest such row on ties."""
 
     def choose(history: list[dict[str, float]]) -> int | None:
+        if general not in history[0]:
+            raise ValueError(f"eval.select chooses by {general!r}, which the scores taken while training do not have "
+                             f"(every general-suite task's main score is lower-is-better, e.g. a perplexity): add "
+                             f"a multiple-choice suite task")
         start = history[0][general]
         allowed = [i for i, row in enumerate(history) if start - row[general] <= max_drop + 1e-12]
         return max(allowed, key=lambda i: (history[i][domain], -i)) if allowed else None

@@ -126,6 +126,40 @@ def test_best_within_drop_keeps_the_best_domain_step_inside_the_budget():
     assert best_within_drop("d", "g", 0.0)(history[:1]) == 0
 
 
+def test_a_lower_is_better_suite_score_stays_out_of_general_acc_and_select():
+    """A harness suite task whose main score is a perplexity (higher_is_better False) was averaged into
+    general_acc, so eval.select read a rising perplexity as general ability improving."""
+    from forgetless.data import MCItem
+    from forgetless.models import LoraSettings
+    from forgetless.pipeline import RunData, RunSettings, _tracker
+    from forgetless.training.config import TrainConfig
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    class Perplexity:  # what suite_scores gives for a harness task that reports a perplexity only
+        def __getitem__(self, part):
+            return self
+
+        def score(self, model, tokenizer, **kwargs):
+            return {"acc": 25.0, "acc_norm": 25.0, "higher_is_better": False, "n": 10}
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(vocab_size=len(tok))
+    items = [MCItem("Question: What is the answer?\nAnswer:", ("A", "B"), 0)] * 4
+    settings = RunSettings(model="x", lora=LoraSettings(), general=TrainConfig(), domain=TrainConfig(), eval_every=1,
+                           max_general_drop=0.05, precision="fp32", progress=False)
+    for suite, general in (({"arc": items, "wikitext": Perplexity()}, True), ({"wikitext": Perplexity()}, False)):
+        row = _tracker(tok, RunData([], [], None, {"dom": items}, suite), settings).evaluate(model)
+        assert row["suite_lower/wikitext"] == 25.0 and "suite/wikitext" not in row
+        if general:
+            assert row["general_acc"] == row["suite/arc"] <= 1.0
+        else:
+            assert "general_acc" not in row
+            choose = _tracker(tok, RunData([], [], None, {"dom": items}, suite), settings).choose
+            with pytest.raises(ValueError, match="lower-is-better, e.g. a perplexity"):
+                choose([row, row])
+
+
 def test_eval_every_rows_final_row_and_selected_checkpoint(tmp_path, tiny_model_dir):
     from forgetless.evaluation import evaluate_mc
     from forgetless.models import load_adapter, load_model
