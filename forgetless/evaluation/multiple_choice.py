@@ -90,7 +90,7 @@ def _build_requests(model: nn.Module, tokenizer, items: Sequence[MCItem]) -> lis
     requests = []
     for i, item in enumerate(items):
         if not 0 <= item.answer < len(item.choices):
-            raise ValueError(f"item {i}: answer {item.answer} out of range for {len(item.choices)} choices")
+            raise item.error(f"item {i}: answer {item.answer} out of range for {len(item.choices)} choices", "answer")
         for j, choice in enumerate(item.choices):
             continuation = f"{item.target_delimiter}{choice}"
             # encode_pair is HFLM._encode_pair, including HFLM.loglikelihood's empty-context case
@@ -322,13 +322,17 @@ def _verified(model: nn.Module, scorer: HeadScorer, device: torch.device, resolv
     not change, and a run's evaluations (``eval.every`` included) then all take the same path."""
     seen = _VERIFIED.setdefault(model, {})
     if resolved not in seen:
-        seen[resolved] = _probe_sharing(scorer, device, resolved, by_item)
+        verdict = _probe_sharing(scorer, device, resolved, by_item)
+        if verdict is None:  # no item here gives a choice tokens of its own (one-token choices: MMLU's letters,
+            return True  # BoolQ's no/yes): packed is padded whatever the mask, so pack, and probe a later call
+        seen[resolved] = verdict
     return seen[resolved]
 
 
 def _probe_sharing(scorer: HeadScorer, device: torch.device, resolved: str,
-                   by_item: dict[int, list[_Request]]) -> bool:
-    """Whether the packed path works on this model, on the first item with several choices:
+                   by_item: dict[int, list[_Request]]) -> bool | None:
+    """Whether the packed path works on this model, on the first item whose choices have inputs of their own (None
+    when no item has: with one-token choices every input is the context, and nothing is checked):
 
     * the mask holds: changing the other choices' own tokens leaves choice 0's score bit for bit as it was (masked
       keys get weight exactly 0; an attention that ignored the custom mask would let choice 0 see nothing else either,
@@ -336,9 +340,9 @@ def _probe_sharing(scorer: HeadScorer, device: torch.device, resolved: str,
     * the scores agree with the padded path's to rounding (float32: 1e-4 + 1e-5 |ll|; bf16 and fp16, whose rounding
       alone moves a loglikelihood by up to ~0.5 nats between batch layouts: 1 nat + 5 %), which catches ignored
       position ids (in float32 surely; in bf16 only where they move the scores by more than rounding does)."""
-    reqs = next((r for r in by_item.values() if len(r) > 1), None)
+    reqs = next((r for r in by_item.values() if len({tuple(q.inp) for q in r}) > 1), None)
     if reqs is None:
-        return False
+        return None
     try:
         pack = _pack(reqs)
         packed = _score_packed(scorer, device, resolved, [pack])

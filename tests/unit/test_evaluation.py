@@ -337,6 +337,38 @@ def test_the_probe_refuses_a_model_that_ignores_the_mask_or_the_positions(broken
     assert got.acc == ref.acc and got.acc_norm == ref.acc_norm
 
 
+def test_one_token_choices_neither_probe_nor_vouch_for_a_broken_model(tiny_model, char_tokenizer, monkeypatch):
+    """With one-token choices (MMLU's letters) every request's input is the context, so the probe's checks changed
+    nothing and passed on a model that ignores the mask; the pass was kept for the model, and a later task with
+    longer choices was scored packed, wrong by nats. Such items now pack without a verdict (exact for them), and the
+    next task is probed."""
+    from forgetless.evaluation import multiple_choice
+
+    MCItem = _mcitem()
+    letters = [MCItem(f"q{i}: pick one:", ("A", "B", "C", "D"), i % 4) for i in range(4)]
+    longer = [MCItem("pick:", ("the first and much longer choice of all", "no"), 0)] + _varied_items(MCItem)
+    model = tiny_model(4).eval()
+    real = multiple_choice._packed_batch
+
+    def plain_causal_mask(packs):
+        ids, positions, mask = real(packs)
+        width = ids.shape[1]
+        return ids, positions, torch.tril(torch.ones(width, width, dtype=torch.bool)).expand_as(mask).clone()
+
+    monkeypatch.setattr(multiple_choice, "_packed_batch", plain_causal_mask)
+    multiple_choice._VERIFIED.pop(model, None)
+    got = evaluate_mc(model, char_tokenizer, letters, precision="fp32", progress=False, share_prefix=True)
+    ref = evaluate_mc_reference(model, char_tokenizer, letters, precision="fp32")
+    for mine, want in zip(got.loglikelihoods, ref.loglikelihoods, strict=True):  # packing is exact for these
+        assert mine == pytest.approx(want, abs=1e-4)
+    assert "fp32" not in multiple_choice._VERIFIED.get(model, {})  # no verdict kept
+    with pytest.warns(UserWarning, match="share_prefix"):
+        got = evaluate_mc(model, char_tokenizer, longer, precision="fp32", progress=False, share_prefix=True)
+    ref = evaluate_mc_reference(model, char_tokenizer, longer, precision="fp32")
+    for mine, want in zip(got.loglikelihoods, ref.loglikelihoods, strict=True):
+        assert mine == pytest.approx(want, abs=1e-4)
+
+
 def test_shared_prefix_on_a_sliding_window_architecture(char_tokenizer, tol):
     """A tiny Gemma-3 (a sliding-window layer and a global one): inputs within the window score packed as the
     reference does; inputs longer than the window go one row per choice (the custom mask would drop the window)."""
