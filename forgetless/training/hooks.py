@@ -61,7 +61,7 @@ class StageContext:
     config: TrainConfig
     step: int = 0  # optimizer steps taken so far in this stage
     total_steps: int = 0
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches of the current optimizer step (an epoch's last step may have fewer)
     micro: int = 0  # the current micro-batch's index within its optimizer step (0 .. grad_accum - 1)
     # The weight of the current micro-batch's mean task loss in the step's objective: n_i * processes / N for its n_i
     # of the step's N labelled tokens (1 for one micro-batch on one process). Its loss is already scaled by it.

@@ -245,7 +245,8 @@ def train_stage(
     wrapper, optimizer, loader = accelerator.prepare(task_loss, optimizer, loader)
     # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
     # is not handed to accelerate, which would step it once per process at every optimizer step.
-    steps_per_epoch = max(1, len(loader) // config.grad_accum)
+    windows = accumulation_windows(len(loader), config.grad_accum)
+    steps_per_epoch = len(windows)
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     scheduler = get_scheduler(config.scheduler, raw_optimizer, num_warmup_steps=int(config.warmup_ratio * total),
                               num_training_steps=total)
@@ -296,7 +297,7 @@ def train_stage(
         known = saved.get("seconds")  # the stage's time until that checkpoint (None: written by an older version)
         earlier = float(known or 0.0)
         skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
-        for _ in range(first * config.grad_accum):  # the data position: replay the loader (and its RNG)
+        for _ in range(micro_batches_before(first, windows)):  # the data position: replay the loader (and its RNG)
             next(batches)
         for method, state in zip(methods, saved["methods"], strict=True):
             method.load_stage_state(ctx, state)
@@ -330,7 +331,8 @@ def train_stage(
     try:
         for step in range(first, total):
             ctx.step, ctx.scalars = step, {}
-            micro_batches = [next(batches) for _ in range(config.grad_accum)]
+            ctx.grad_accum = windows[step % steps_per_epoch]  # the epoch's last window may be shorter
+            micro_batches = [next(batches) for _ in range(ctx.grad_accum)]
             counts = [b.pop(_COUNTS) for b in micro_batches]
             here = sum(n for n, _ in counts)
             step_tokens = _global_sum(accelerator, here)
@@ -341,7 +343,7 @@ def train_stage(
             loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             for micro, batch in enumerate(micro_batches):
                 ctx.micro, ctx.loss_scale = micro, weights[id(batch)][0]
-                if micro < config.grad_accum - 1:
+                if micro < ctx.grad_accum - 1:
                     with accelerator.no_sync(wrapper):
                         loss_sum = loss_sum + fb(batch).double()
                 else:
@@ -531,6 +533,22 @@ def disable_gradient_checkpointing(model: torch.nn.Module, use_cache: bool = Tru
     else:
         base.gradient_checkpointing_disable()
     base.config.use_cache = use_cache
+
+
+def accumulation_windows(micro_batches: int, grad_accum: int) -> list[int]:
+    """The micro-batches of each optimizer step of an epoch of ``micro_batches``: ``grad_accum`` each, the last one
+    the rest when they do not divide (as transformers' Trainer steps on an epoch's last, shorter window). The
+    step's loss is the token mean over its window whatever its length, so batch ``k b`` equals ``k`` x ``b``
+    accumulated on every step, the last of an epoch included. Dropping the rest (as before session 32) left up to
+    ``grad_accum - 1`` micro-batches of every epoch untrained, or made a window straddle two epochs."""
+    full, rest = divmod(max(1, micro_batches), grad_accum)
+    return [grad_accum] * full + ([rest] if rest else [])
+
+
+def micro_batches_before(step: int, windows: list[int]) -> int:
+    """How many micro-batches the steps before ``step`` (0-based) took, epochs of ``windows`` after one another."""
+    epochs, within = divmod(step, len(windows))
+    return epochs * sum(windows) + sum(windows[:within])
 
 
 def _endless(loader: DataLoader):

@@ -53,7 +53,8 @@ class GradRecorder:
         self.plugin = _Plugin()
 
 
-def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: float | None = None) -> dict:
+def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: float | None = None,
+        n: int = 16) -> dict:
     from accelerate import Accelerator
 
     from forgetless.methods import resolve
@@ -72,14 +73,16 @@ def run(case: str, batch_size: int, grad_accum: int, accelerator=None, epochs: f
     cfg = TrainConfig(max_steps=None if epochs else 3, epochs=epochs or 1.0, batch_size=batch_size,
                       grad_accum=grad_accum, lr=1e-2, scheduler="linear", max_grad_norm=None, precision="fp32",
                       progress=False)
-    general = variable_examples(16, seed=1)
+    general = variable_examples(n, seed=1)
     lrs = {}
     try:
         for stage in stages:
-            data = general if stage == "general" else variable_examples(16, seed=2)
+            data = general if stage == "general" else variable_examples(n, seed=2)
             result = train_stage(model, data, cfg, plugins, stage=stage, accelerator=accelerator,
                                  general_examples=general)
             lrs[stage] = [row["lr"] for row in result.history]
+            steps = lrs.setdefault("steps", {})
+            steps[stage] = result.steps
     finally:
         loss.CHUNK_ELEMENTS = chunk_elements
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -40,6 +40,27 @@ def test_batch_equals_accumulation(case, accelerator):
     assert whole["lrs"] == split["lrs"]
 
 
+@pytest.mark.parametrize("case", ["lora", "hlora", "ewc", "sam"])
+def test_batch_equals_accumulation_when_the_windows_do_not_divide_an_epoch(case, accelerator):
+    """10 examples: batch 4 takes 3 steps an epoch (4, 4, 2 examples); 2 x 2 accumulated took 2 (the fifth
+    micro-batch never trained) and, over two epochs, a window across the epochs' boundary. The epoch's last window
+    is now shorter, as its last batch is: the same steps, examples and weights."""
+    whole = run(case, batch_size=4, grad_accum=1, accelerator=accelerator, epochs=2.0, n=10)
+    split = run(case, batch_size=2, grad_accum=2, accelerator=accelerator, epochs=2.0, n=10)
+    assert whole["lrs"]["steps"] == split["lrs"]["steps"] and set(whole["lrs"]["steps"].values()) == {6}
+    assert_close(whole["weights"], split["weights"])
+    assert whole["lrs"] == split["lrs"]
+
+
+def test_accumulation_windows_and_the_resume_position():
+    from forgetless.training.loop import accumulation_windows, micro_batches_before
+
+    assert accumulation_windows(5, 2) == [2, 2, 1] and accumulation_windows(4, 2) == [2, 2]
+    assert accumulation_windows(3, 4) == [3] and accumulation_windows(7, 1) == [1] * 7
+    windows = [2, 2, 1]
+    assert [micro_batches_before(s, windows) for s in range(7)] == [0, 2, 4, 5, 7, 9, 10]
+
+
 def test_mean_of_micro_batch_means_would_differ(accelerator):
     """The check above can fail: weighting each micro-batch's mean equally is a different objective here."""
     from forgetless.training.batches import collate
