@@ -237,8 +237,12 @@ def train_stage(
 
     generator = torch.Generator().manual_seed(config.seed)
     examples = list(examples)
+    # grouped by the global batch (every process's micro-batches of a step): an optimizer step takes consecutive
+    # examples of the sampler's order whatever the split, so batch kb, k x b accumulated and b on k processes group
+    # alike (grouped by the micro-batch, they shared no step)
+    global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
     order = dict(shuffle=True, generator=generator) if not config.group_by_length else \
-        dict(sampler=LengthGroupedSampler([len(e["input_ids"]) for e in examples], config.batch_size, generator))
+        dict(sampler=LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator))
     loader = DataLoader(examples, batch_size=config.batch_size, **order,
                         collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model), packed=config.padding_free))
     raw_optimizer = optimizer

@@ -238,6 +238,34 @@ def test_length_grouped_batches_see_every_example_once_and_group_lengths():
     assert spread(epochs[0]) < spread(shuffled) / 5
 
 
+def test_length_groups_are_the_same_for_a_batch_and_its_accumulated_split():
+    """The sampler grouped by the micro-batch: batch 8 and 4 x 2 accumulated shared no optimizer step's examples.
+    Grouped by the global batch, every step holds the same examples (and the longest comes first in both)."""
+    examples = _ragged(48, seed=3, prompt=1)
+    for i, e in enumerate(examples):
+        e["input_ids"][0] = i  # a mark: which example a row is
+
+    def steps(batch_size, grad_accum):
+        seen = {}
+
+        class Batches(Method):
+            def wrap_forward_backward(self, ctx, fb):
+                def wrapped(batch):
+                    rows = seen.setdefault(ctx.step, [])
+                    rows += [int(r[0]) for r in batch["input_ids"]]
+                    return fb(batch)
+                return wrapped
+
+        train_stage(make_lora_model(0, b_std=0.05), examples, _cfg(max_steps=6, batch_size=batch_size,
+                                                                   grad_accum=grad_accum, group_by_length=True),
+                    [Batches()])
+        return [sorted(seen[s]) for s in sorted(seen)]
+
+    whole, split = steps(8, 1), steps(4, 2)
+    assert whole == split and len(whole) == 6
+    assert max(len(examples[i]["input_ids"]) for i in whole[0]) == max(len(e["input_ids"]) for e in examples)
+
+
 def test_group_by_length_stage_uses_the_token_weighted_mean(monkeypatch):
     """A length-grouped stage's logged loss is the token mean over the step's micro-batches (ctx.loss_scale weights
     each micro-batch by its labelled tokens), whatever the batches hold."""
