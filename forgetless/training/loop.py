@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import get_scheduler
 
 from forgetless.fused_lora import fuse_lora, unfuse_lora
+from forgetless.lm import IGNORE_INDEX
 from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, base_model,
                                check_attn_implementation, compile_model, is_quantized, liger_available,
                                set_attn_implementation, uncompile)
@@ -241,9 +242,13 @@ def train_stage(
     # examples of the sampler's order whatever the split, so batch kb, k x b accumulated and b on k processes group
     # alike (grouped by the micro-batch, they shared no step)
     global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
-    order = dict(shuffle=True, generator=generator) if not config.group_by_length else \
-        dict(sampler=LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator))
-    loader = DataLoader(examples, batch_size=config.batch_size, **order,
+    inner = RandomSampler(range(len(examples)), generator=generator) if not config.group_by_length else \
+        LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator)
+    nulls = _null_examples(examples, config.batch_size, accelerator.num_processes)
+    # the loader's generator as before: shuffled, each epoch's iterator draws its base seed from it (shuffle=True gave
+    # it the generator), grouped from the global RNG (the sampler alone had it): the same orders and draws as before
+    loader = DataLoader(examples + nulls, batch_size=config.batch_size, sampler=_PaddedOrder(inner, len(nulls)),
+                        generator=None if config.group_by_length else generator,
                         collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model), packed=config.padding_free))
     raw_optimizer = optimizer
     wrapper, optimizer, loader = accelerator.prepare(task_loss, optimizer, loader)
@@ -537,6 +542,33 @@ def disable_gradient_checkpointing(model: torch.nn.Module, use_cache: bool = Tru
     else:
         base.gradient_checkpointing_disable()
     base.config.use_cache = use_cache
+
+
+class _PaddedOrder(torch.utils.data.Sampler):
+    """``inner``'s order of the real examples, then the ``extra`` null examples after them (indices from
+    ``len(inner)``). Its ``generator`` is ``inner``'s: accelerate keeps that one alike on every process."""
+
+    def __init__(self, inner: torch.utils.data.Sampler, extra: int) -> None:
+        self.inner, self.extra, self.generator = inner, extra, inner.generator
+
+    def __iter__(self):
+        yield from self.inner
+        yield from range(len(self.inner), len(self.inner) + self.extra)
+
+    def __len__(self) -> int:
+        return len(self.inner) + self.extra
+
+
+def _null_examples(examples: list[dict], batch_size: int, processes: int) -> list[dict]:
+    """Examples without a labelled token that fill the epoch up to a multiple of ``batch_size`` x ``processes``. Under several processes accelerate otherwise evens out the last step with examples from the
+    epoch's start, trained twice, so 2 processes trained other examples than 1 with the same global batch. A null
+    example has no labelled token, so it weighs nothing in the step's token mean (the shortest example's tokens:
+    the least padding). None on one process: its last, shorter batch is the one transformers' Trainer takes."""
+    missing = -len(examples) % (batch_size * processes)
+    if processes == 1 or not missing:
+        return []
+    shortest = min(examples, key=lambda e: len(e["input_ids"]))
+    return [dict(shortest, labels=[IGNORE_INDEX] * len(shortest["input_ids"])) for _ in range(missing)]
 
 
 def accumulation_windows(micro_batches: int, grad_accum: int) -> list[int]:

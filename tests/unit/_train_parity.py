@@ -127,6 +127,9 @@ if __name__ == "__main__":
     assert accelerator.num_processes == 2, "run under accelerate launch with 2 processes"
     results = {case: run(case, batch_size=2, grad_accum=1, accelerator=accelerator) for case in CASES}
     results["epochs"] = run("lora", batch_size=2, grad_accum=1, accelerator=accelerator, epochs=1.0)
+    # 10 examples, a global batch of 4: the last step's 2 examples, filled with examples that weigh nothing
+    results["ragged-epoch"] = {case: run(case, batch_size=2, grad_accum=1, accelerator=accelerator, epochs=2.0, n=10)
+                               for case in ("lora", "sam")}
     # SAM's whole-step eps under accumulation and processes together: 1 example x 2 micro-batches x 2 processes
     results["sam-accum"] = run("sam", batch_size=1, grad_accum=2, accelerator=accelerator)
     # the token counts over a gloo group of their own, as under NCCL (here the default group is gloo already)

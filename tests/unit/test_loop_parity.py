@@ -98,6 +98,12 @@ def test_two_processes_equal_one(tmp_path):
     one_epoch = run("lora", batch_size=4, grad_accum=1, epochs=1.0)
     assert len(one_epoch["lrs"]["domain"]) == len(two["epochs"]["lrs"]["domain"]) == 4
     assert one_epoch["lrs"] == two["epochs"]["lrs"]
+    # 10 examples over two epochs: accelerate evened out the last step with 2 examples from the epoch's start,
+    # trained twice; now with null examples, which weigh nothing: the steps of one process with batch 4
+    for case, result in two["ragged-epoch"].items():
+        one = run(case, batch_size=4, grad_accum=1, epochs=2.0, n=10)
+        assert one["lrs"] == result["lrs"] and set(one["lrs"]["steps"].values()) == {6}, case
+        assert_close(one["weights"], result["weights"])
     # a loss that is not finite on one process only: both skip that step and stay equal, or both stop at it
     skip = [torch.load(tmp_path / f"nonfinite_skip_step_{rank}.pt") for rank in (0, 1)]
     assert skip[0]["skipped"] == skip[1]["skipped"] == [2]
