@@ -560,8 +560,9 @@ class _PaddedOrder(torch.utils.data.Sampler):
 
 
 def _null_examples(examples: list[dict], batch_size: int, processes: int) -> list[dict]:
-    """Examples without a labelled token that fill the epoch up to a multiple of ``batch_size`` x ``processes``. Under several processes accelerate otherwise evens out the last step with examples from the
-    epoch's start, trained twice, so 2 processes trained other examples than 1 with the same global batch. A null
+    """Examples without a labelled token that fill the epoch up to a multiple of ``batch_size`` x ``processes``.
+    Under several processes accelerate otherwise evens out the last step with examples from the epoch's start,
+    trained twice, so 2 processes trained other examples than 1 with the same global batch. A null
     example has no labelled token, so it weighs nothing in the step's token mean (the shortest example's tokens:
     the least padding). None on one process: its last, shorter batch is the one transformers' Trainer takes."""
     missing = -len(examples) % (batch_size * processes)
