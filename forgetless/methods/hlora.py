@@ -91,7 +91,9 @@ Default choices (all options of :class:`HLoRA`):
   the gradient w.r.t. the frozen path's weight (input without dropout); it assumes one backward per micro-batch,
   so a method that wraps the forward/backward on the general stage (SAM with ``stages: [general]``) is refused
   when the method list is resolved (:meth:`HLoRA.check_composition`): the hooks would add the gradients of both
-  passes. Under several processes it is averaged across them before use.
+  passes. Under several processes it is averaged across them before use. With ``"paper"`` and ``"adam"`` that
+  composition runs, and their ``g`` is the gradient the optimizer steps with: SAM's, taken at ``w + eps``, not the
+  task loss's gradient at ``w`` (the path integral then follows the path SAM's steps take, with SAM's gradients).
 * layer coefficients: eq 15 as written, ``softmax(||Omega_l||)``, depends on the absolute scale of the norms
   (which moves with lr, steps and 1/xi): one-hot once the norms differ by more than a few units, uniform when
   they are all small; the authors' released code multiplies the norms by 1e-8, which is uniform in practice.
