@@ -137,7 +137,9 @@ def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> st
         return f"{cfg.max_steps} (max_steps)"
     if examples is None:
         return f"{cfg.epochs:g} epoch(s) of the packed {what} (counted once tokenized)"
-    per_epoch = max(1, math.ceil(examples / cfg.batch_size) // cfg.grad_accum)
+    from forgetless.training.loop import accumulation_windows
+
+    per_epoch = len(accumulation_windows(math.ceil(examples / cfg.batch_size), cfg.grad_accum))
     steps = max(1, math.ceil(per_epoch * cfg.epochs))
     return f"{'at most ' if bound else ''}{steps} ({cfg.epochs:g} epoch(s) of {examples} {what})"
 

@@ -229,6 +229,7 @@ class _HookCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         trainer = self.trainer
         if trainer.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, as the loop's skip_step
+            call_all(trainer.methods, "on_step_skipped", trainer.stage_context)
             return
         ctx = trainer.stage_context
         call_all(trainer.methods, "after_optimizer_step", ctx)

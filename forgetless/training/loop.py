@@ -300,6 +300,10 @@ def train_stage(
     if checkpoint_dir is not None and (config.save_every or resume_from is not None):
         stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
                                                                     "start_weights": _weights_digest(named)}
+        if windows[-1] != config.grad_accum or nulls or (config.group_by_length and global_batch != config.batch_size):
+            # the data order and steps of session 32 (an epoch's short last window, null examples, groups of the
+            # global batch) differ from those a checkpoint written before took here: such a checkpoint is refused
+            stage_settings["data_order"] = 2
     if resume_from is not None:
         saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
         first, result.history = saved["step"], saved["history"]

@@ -102,6 +102,8 @@ class CausalLMLoss(torch.nn.Module):
             inputs["position_ids"] = position_ids
         hidden = scorer.backbone(**inputs).last_hidden_state if scorer.fast else self.model(**inputs).logits
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+        if picked.shape[0] == 0:  # no labelled row (a micro-batch of null examples, a truncated answer): 0, through
+            return picked.sum() * 0.0  # the graph (the loop weighs it 0; every weight still gets its backward)
         if self.fused_ce:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

@@ -117,3 +117,8 @@ class EvalEvery(Method):
         done = ctx.step + 1
         if ctx.stage in self.stages and (done % self.every == 0 or done == ctx.total_steps):
             self._record(ctx, done)
+
+    def on_step_skipped(self, ctx: StageContext) -> None:
+        """A skipped step still counts (the weights are those of the step before): its row, the final one included,
+        is taken as on any other step."""
+        self.after_optimizer_step(ctx)

@@ -101,6 +101,19 @@ def test_a_skipped_step_leaves_nothing_in_hloras_importance(estimator, lora_mode
     assert any(omega.abs().sum() > 0 for omega in importance[0].values())
 
 
+def test_eval_every_takes_its_row_on_a_skipped_step():
+    """EvalEvery recorded only after an optimizer step, which a skipped step never reaches: a skipped last step lost
+    the final row."""
+    from forgetless.training.tracking import EvalEvery
+    from tests.unit.tiny_model import make_lora_model
+
+    rows = []
+    tracker = EvalEvery(2, lambda model: rows.append(1) or {"domain_acc": 0.5}, stages=("domain",))
+    train_stage(make_lora_model(0, b_std=0.05), random_examples(8, 8), _cfg(on_nonfinite="skip_step"),
+                [PoisonAt(4, "grad"), tracker])
+    assert [row["step"] for row in tracker.history] == [0, 2, 4]
+
+
 def test_nonfinite_policy_is_validated():
     with pytest.raises(ValueError, match="on_nonfinite"):
         TrainConfig(on_nonfinite="ignore")

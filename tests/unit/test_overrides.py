@@ -179,3 +179,14 @@ def test_the_time_left_counts_the_flatness_measured_after_each_run(tmp_path, tin
     path = write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[1, 2], landscape=landscape)
     assert main(["run", str(path), "--dry-run"]) == 0
     assert "about 30 min for 1 run(s)" in capsys.readouterr().out  # 600 + 1200 s
+
+
+def test_the_dry_run_counts_an_epochs_short_last_step():
+    """run --dry-run counted ceil(n / b) // grad_accum steps an epoch, dropping the short last window the loop
+    trains: 10 examples in batches of 4 with grad_accum 2 are 2 steps an epoch (micro-batches 2 + 1), not 1."""
+    from forgetless.cli import _steps
+    from forgetless.training.config import TrainConfig
+
+    assert _steps(TrainConfig(batch_size=4, grad_accum=2), 10, "examples").startswith("2 ")
+    assert _steps(TrainConfig(batch_size=8, grad_accum=3, epochs=2.0), 100, "examples").startswith("10 ")
+    assert _steps(TrainConfig(batch_size=4), 10, "examples").startswith("3 ")
