@@ -30,6 +30,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.demo import demo_experiment
     from forgetless.experiment import run_experiment
 
+    from forgetless.models import check_model_source
+
+    check_model_source(args.model)  # a misspelt name: said now, before the text is sampled with it
     path = demo_experiment(Path(args.output), model=args.model)
     results = run_experiment(load_experiment(path), progress=not args.quiet, rerun_changed=args.rerun_changed)
     print()

@@ -408,6 +408,9 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
         raise ConfigError(f"experiment file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"{path} is a folder: give the experiment's YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save "
+                          f"the file as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(raw, dict):

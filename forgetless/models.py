@@ -132,9 +132,18 @@ def _load_gguf(gguf: Path, dtype: torch.dtype,
     try:
         tmp.rename(folder)
     except OSError:
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            # a leftover without its config (not a copy this code writes: those arrive whole): it blocked every
+            # later conversion, each ending in "Directory not empty"; replaced by this one
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                tmp.rename(folder)
+            except OSError:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / "config.json").is_file():
-            raise
+            raise ModelNotFoundError(f"cannot place the converted copy of {gguf} at {folder}: delete that folder and "
+                                     f"run again") from None
     # Every load, this first one too, comes from the cached copy: the same model each time. Casting this one instead
     # (model.to(dtype)) also cast its float32 rotary buffers, which from_pretrained keeps: the first run on a machine
     # scored other numbers than every later one (SmolLM2 in bf16: base perplexity 110.43 against 110.88).
@@ -147,10 +156,29 @@ def _load_folder(name_or_path: str, dtype: torch.dtype,
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
-    except (OSError, ValueError, KeyError) as err:  # a folder without weights or tokenizer, an unknown architecture
-        raise ModelNotFoundError(f"cannot load the model {name_or_path} ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    except (OSError, ValueError, KeyError, _SafetensorError) as err:  # no weights or tokenizer, an unknown
+        # architecture, weights cut short
+        raise ModelNotFoundError(_cannot_load(name_or_path, err)) from err
     return model, tokenizer
+
+
+try:  # a truncated or corrupt weights file (not an OSError)
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover - safetensors always comes with transformers
+    _SafetensorError = OSError
+
+
+def _cannot_load(name: str, err: Exception) -> str:
+    """One line for a model that cannot be loaded: its name, the error's first line, and, for forgetless's own
+    cached copy of a GGUF, that deleting it converts the GGUF again."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    hint = ""
+    try:
+        if Path(name).resolve().is_relative_to(cache_dir().resolve()):
+            hint = f"; it is forgetless's converted copy of a GGUF: delete {name} to convert it again"
+    except (OSError, ValueError):
+        pass
+    return f"cannot load the model {name} ({type(err).__name__}: {first}){hint}"
 
 
 # ------------------------------------------------------------------------------------------------ speed levers
@@ -693,9 +721,13 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
         folder = _gguf_cache_folder(gguf)
         if not (folder / "config.json").is_file():  # first use: dequantize once, then read the cached copy
             _load_gguf(gguf, torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        source = str(folder)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        source = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:  # as load_model says it: one line naming the model
+        raise ModelNotFoundError(_cannot_load(source, err)) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -81,6 +81,40 @@ def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, 
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
+def test_a_leftover_cache_folder_without_its_config_is_replaced_by_the_conversion(tmp_path, monkeypatch):
+    """A cache folder holding files but no config.json (not something the conversion writes: it renames a whole
+    folder into place) made every later conversion fail on "Directory not empty", on every call. It is now replaced
+    by the converted copy, and the model loads; later loads read that copy."""
+    import forgetless.models as models
+    from tests.unit.tiny_model import make_tiny_model
+    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
+
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
+    conversions = []
+
+    def model_from(path, *args, gguf_file=None, **kwargs):
+        if gguf_file:
+            conversions.append(gguf_file)
+            return make_tiny_model(vocab_size=len(make_tiny_tokenizer()))
+        return real_model(path, *args, **kwargs)
+
+    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
+        return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    folder = models._gguf_cache_folder(gguf)
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text("{}")  # a leftover
+    model, _ = models._load_gguf(gguf, torch.float32)
+    assert (folder / "config.json").is_file() and not list(folder.parent.glob("*.tmp"))
+    models._load_gguf(gguf, torch.float32)
+    assert conversions == ["tiny.gguf"]  # the second load read the cached copy
+
+
 def _fake_quantized_load(monkeypatch, cuda: bool):
     """Stand-ins for bitsandbytes' config and transformers' loader: what ``load_model(quantization=...)`` asks for."""
     import accelerate

@@ -80,6 +80,16 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-40])
 
 
+def _broken_model(ws) -> str:
+    """A copy of the workspace's model folder whose weights file is cut short."""
+    import shutil
+
+    broken = ws.root / "broken-model"
+    shutil.copytree(ws.model, broken)
+    _truncate(broken / "model.safetensors")
+    return str(broken)
+
+
 def _cached_stage(ws: Workspace, method: str, damage: Callable[[Path], None]) -> list[str]:
     """``run`` on an experiment whose cached general stage (a real one, made without the loader) is damaged."""
     from forgetless.config import load_experiment
@@ -343,6 +353,8 @@ CASES: list[Case] = [
      lambda ws: ["run", ws.experiment(tasks=ws.task(train=ws.file("d.jsonl", '{"text": "%s"}\n' % ("word " * 300)),
                                                    train_kind="text", max_length=200))],
      "exp.yaml: tasks[0].max_length: 200 tokens is longer than the model's context (", 2),
+    ("run a non-UTF-8 experiment file", lambda ws: ["run", ws.file("latin1.yaml", b"name: caf\xe9\n")],
+     "latin1.yaml: not UTF-8 text (byte 0xe9 at offset 9); save the file as UTF-8", 2),
     ("eval --block-size past the context",
      lambda ws: ["eval", "--model", str(ws.model), "--ppl", ws.general, "--block-size", "100000"],
      "eval: --block-size 100000 is longer than the model's context (", 2),
@@ -421,6 +433,20 @@ CASES: list[Case] = [
     ("unknown command", lambda ws: ["trian"], "argument command: invalid choice: 'trian'", 2),
     ("unknown flag", lambda ws: ["run", "x.yaml", "--rerun"], "unrecognized arguments: --rerun", 2),
 ]
+
+
+def test_a_model_whose_weights_are_cut_short_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A truncated model.safetensors (a local folder, or forgetless's cached copy of a GGUF) raised safetensors'
+    own error, which is not an OSError: a traceback. The load is the check here, so it is not among the cases
+    above (they must fail before any model loads)."""
+    ws = Workspace(tmp_path, tiny_model_dir, monkeypatch)
+    with ws.held:
+        broken = _broken_model(ws)
+        capsys.readouterr()
+        assert main(["eval", "--model", broken, "--ppl", ws.general]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forgetless: error: cannot load the model ") and "broken-model (SafetensorError: " in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture
