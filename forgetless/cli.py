@@ -29,7 +29,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.config import load_experiment
     from forgetless.demo import demo_experiment
     from forgetless.experiment import run_experiment
-
     from forgetless.models import check_model_source
 
     check_model_source(args.model)  # a misspelt name: said now, before the text is sampled with it
@@ -411,7 +410,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
     from forgetless.export import check_output, export_merged, export_wise_ft
-
     from forgetless.methods import wise_ft
 
     if args.wise_ft is not None and args.theta_nu is None and args.adapter \
@@ -693,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     # speed levers (docs/speed.md): the same numbers up to rounding, except --group-by-length (other batches)
     p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention of the model while training (default: as loaded, transformers' sdpa)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers and the chunked loss (slow first steps)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers and the chunked loss (slow first steps)")
     # the frozen base (issue #12): as the YAML's dtype, quantization and train.*.gradient_checkpointing
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="the frozen base's weights (default auto: bf16 where the run computes in bf16, else fp32)")

@@ -650,7 +650,7 @@ def check_context(exp: Experiment, jobs: Sequence[Job] | None = None) -> None:
     longest = context_length(exp.model)
     if longest is None:
         return
-    trained = None if jobs is None else {job.task.name for job in jobs if DOMAIN in job.recipe.stages}
+    trained = _trained_tasks(jobs)
     limits = [("general.block_size", exp.general.block_size)]
     limits += [(f"tasks[{i}].max_length", task.max_length) for i, task in enumerate(exp.tasks)
                if task.train_kind == "text" and (trained is None or task.name in trained)]
@@ -660,6 +660,11 @@ def check_context(exp: Experiment, jobs: Sequence[Job] | None = None) -> None:
                               f"positions, its max_position_embeddings)")
 
 
+def _trained_tasks(jobs: Sequence[Job] | None) -> set[str] | None:
+    """The names of the tasks some of ``jobs`` train on (a domain stage); None for every task."""
+    return None if jobs is None else {job.task.name for job in jobs if DOMAIN in job.recipe.stages}
+
+
 def check_example_lengths(exp: Experiment, data: ExperimentData, jobs: Sequence[Job] | None = None) -> None:
     """ConfigError when a task that ``jobs`` train on (all tasks when None) has a training example longer than the
     model's context: positions the model never saw, or an index error in its position embedding. ``max_length`` may
@@ -667,7 +672,7 @@ def check_example_lengths(exp: Experiment, data: ExperimentData, jobs: Sequence[
     not checked. :func:`check_context` catches packed text before tokenizing; this sees every kind's examples."""
     from forgetless.models import context_length
 
-    trained = None if jobs is None else {job.task.name for job in jobs if DOMAIN in job.recipe.stages}
+    trained = _trained_tasks(jobs)
     context = context_length(exp.model)
     if context is None:
         return
@@ -1375,10 +1380,11 @@ def planned_records(records: list[dict[str, Any]], jobs: Sequence[Job]) -> tuple
     folder): averaged in, they would mix other settings into the tables without a word. A record without settings
     (an older forgetless) counts as its job's, as the planner reuses it."""
     planned = {job.rid: job.digest for job in jobs}
-    mine = [r for r in records if r.get("run_id") in planned
-            and r.get("settings_digest") in (None, planned[r["run_id"]])]
-    keep = {id(r) for r in mine}
-    return mine, [r for r in records if id(r) not in keep]
+
+    def mine(record: dict[str, Any]) -> bool:
+        return record.get("run_id") in planned and record.get("settings_digest") in (None, planned[record["run_id"]])
+
+    return [r for r in records if mine(r)], [r for r in records if not mine(r)]
 
 
 def _others_note(others: list[dict[str, Any]]) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -156,16 +157,10 @@ def _load_folder(name_or_path: str, dtype: torch.dtype,
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
-    except (OSError, ValueError, KeyError, _SafetensorError) as err:  # no weights or tokenizer, an unknown
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # no weights or tokenizer, an unknown
         # architecture, weights cut short
         raise ModelNotFoundError(_cannot_load(name_or_path, err)) from err
     return model, tokenizer
-
-
-try:  # a truncated or corrupt weights file (not an OSError)
-    from safetensors import SafetensorError as _SafetensorError
-except ImportError:  # pragma: no cover - safetensors always comes with transformers
-    _SafetensorError = OSError
 
 
 def _cannot_load(name: str, err: Exception) -> str:
@@ -595,7 +590,7 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def check_safetensors(path: Path, what: str) -> None:
     """AdapterError for a missing, truncated or corrupt safetensors file (its header is read, not its tensors)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     if not path.is_file():
         raise AdapterError(f"{path.parent}: no {what} ({path.name})")

@@ -86,11 +86,7 @@ def same_settings(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
     if not rows:
         return [], []
-    counts = Counter(row.get("digest") for row in rows)
-    first = {}
-    for i, row in enumerate(rows):
-        first.setdefault(row.get("digest"), i)
-    kept = max(counts, key=lambda d: (counts[d], -first[d]))
+    (kept, _), = Counter(row.get("digest") for row in rows).most_common(1)  # ties: the first met
     return [row for row in rows if row.get("digest") == kept], [row for row in rows if row.get("digest") != kept]
 
 
