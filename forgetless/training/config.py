@@ -33,7 +33,7 @@ def as_float(name: str, value: Any) -> float:
     except ValueError:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if math.isnan(number):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, not NaN (got {value!r})")
     return number
 
 

@@ -124,7 +124,7 @@ ERRORS = [  # (YAML snippet, what the message says after "exp.yaml: ")
                                                      "'default'"),
     ("methods: [{name: hlora, adapter: 3}]", "methods[0]: adapter must be a string, got 3"),
     ("methods: [{name: wise-ft, alphas: [abc]}]", "methods[0]: alphas[0] must be a number, got 'abc'"),
-    ("methods: [{name: wise-ft, alphas: [.nan]}]", "methods[0]: alphas[0] must be a number, got nan"),
+    ("methods: [{name: wise-ft, alphas: [.nan]}]", "methods[0]: alphas[0] must be a number, not NaN (got nan)"),
     ("methods: [{name: wise-ft, alphas: [true]}]", "methods[0]: alphas[0] must be a number, got True"),
     ("methods: [{name: wise-ft, alphas: [.inf]}]", "methods[0]: alphas must be finite numbers, got inf"),
     ("methods: [{name: hlora, phi: .inf}]", "methods[0]: phi must be a finite number, got inf"),
@@ -233,7 +233,7 @@ def test_method_options_given_as_strings_or_floats_are_read_as_their_type(entry,
 @pytest.mark.parametrize("entry, message", [
     ({"name": "hlora", "layer_wise": "no way"}, "layer_wise must be true or false, got 'no way'"),
     ({"name": "hlora", "phi": None}, "phi must be a number, got None"),
-    ({"name": "sam", "rho": float("nan")}, "rho must be a number, got nan"),
+    ({"name": "sam", "rho": float("nan")}, "rho must be a number, not NaN (got nan)"),
     ({"name": "ewc", "samples": "all"}, "samples must be an integer, got 'all'"),
     ({"name": "sam", "every_k": 2.5}, "every_k must be an integer, got 2.5"),
 ])

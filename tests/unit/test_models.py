@@ -45,8 +45,39 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
 def test_missing_paths_are_clear_errors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
         load_model(str(tmp_path / "model.gguf"))
-    with pytest.raises(ModelNotFoundError, match="neither a model folder"):
+    with pytest.raises(ModelNotFoundError, match="nothing-here does not exist"):
         load_model(str(tmp_path / "nothing-here"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelNotFoundError, match="neither a model folder"):
+        load_model(str(tmp_path / "file.txt"))
+
+
+def test_a_name_that_can_only_be_a_path_is_refused_without_asking_the_hub(tmp_path, monkeypatch):
+    """A hub id is ORG/NAME: a missing relative path with two slashes, or one starting with ~, is a misspelt folder,
+    refused at once (the hub, unreachable, retries for most of a minute), naming the nearest folder that exists or the
+    near-miss sibling. ~ is expanded (a YAML file's path is not expanded by a shell); .GGUF is a GGUF file."""
+    import forgetless.models as models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(models, "_load_folder", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llama-1b").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match="models/llama-2b/v2 does not exist; the nearest folder above it "
+                                                 f"that exists is {tmp_path / 'models'}$"):
+        load_model("models/llama-2b/v2")
+    with pytest.raises(ModelNotFoundError, match="did you mean 'models/llama-1b'"):
+        models.check_model_source("./models/lama-1b")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        models.check_model_source("~/models/nothing")
+    (tmp_path / "models/llama-1b/config.json").write_text("{}")
+    models.check_model_source("~/models/llama-1b")
+    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
+        models.check_model_source("~/models/M.GGUF")
+    assert models.is_gguf("M.GGUF") and not models.is_gguf("org/gguf")
+    models.check_model_source("org/name")  # a hub id: not checked here
 
 
 def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, monkeypatch):

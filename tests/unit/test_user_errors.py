@@ -296,7 +296,7 @@ CASES: list[Case] = [
      "general.train: ", 2),
     # the model, the output folder, the finished runs, the cached stages
     ("missing model folder", lambda ws: ["run", ws.experiment(model=str(ws.root / "no-model"))],
-     "neither a model folder nor a .gguf file", 2),
+     "no-model does not exist", 2),
     ("missing gguf", lambda ws: ["run", ws.experiment(model=str(ws.root / "m.gguf"))], "GGUF file not found", 2),
 
     ("misspelt embedded model", lambda ws: ["run", ws.experiment(model="smollm2-136m")],
