@@ -19,6 +19,7 @@ not fit is an :class:`AdapterError` naming the folder and the first mismatching 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import importlib.util
@@ -27,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,9 +146,14 @@ def _load_gguf(gguf: Path, dtype: torch.dtype,
     model.hf_quantizer = None
     # a folder of this process's own (several workers convert at once on a new machine), renamed into place whole: a
     # half-written cache is never picked up, and a process that finds another's copy there already takes that one
+    _sweep_stale_copies(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:  # interrupted (Ctrl-C) or the disk filled: leave no half-written copy (an 8B one is 32 GB)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(folder)
     except OSError:
@@ -167,6 +174,21 @@ def _load_gguf(gguf: Path, dtype: torch.dtype,
     # scored other numbers than every later one (SmolLM2 in bf16: base perplexity 110.43 against 110.88).
     del model
     return _load_folder(str(folder), dtype, attn_implementation)
+
+
+STALE_COPY_S = 24 * 3600  # a half-written converted copy older than this is a killed process's, never finished
+
+
+def _sweep_stale_copies(folder: Path) -> None:
+    """Delete the half-written copies of ``folder`` that a killed conversion left (``kill -9``, a lost machine: no
+    handler ran), once they are a day old; younger ones may be another process's, converting now."""
+    now = time.time()
+    for stale in folder.parent.glob(f"{glob.escape(folder.name)}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_COPY_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _load_folder(name_or_path: str, dtype: torch.dtype,

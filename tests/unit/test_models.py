@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 import torch
 
@@ -80,11 +83,10 @@ def test_a_name_that_can_only_be_a_path_is_refused_without_asking_the_hub(tmp_pa
     models.check_model_source("org/name")  # a hub id: not checked here
 
 
-def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, monkeypatch):
-    """The first load converts the GGUF and caches a float copy; later loads read the copy. Both must give the same
-    model, buffers included: the first returned the converted model cast to bf16, rotary inv_freq too, while
-    from_pretrained keeps that buffer in float32, so a machine's first run scored differently from its later ones.
-    (The conversion itself is stood in for by a tiny Llama: what is checked is what happens after it.)"""
+def _fake_gguf(tmp_path, monkeypatch, model=None, save=None):
+    """A GGUF file whose conversion is stood in for by a tiny Llama (what is checked is what happens around it):
+    ``model()`` makes the converted model, ``save`` wraps its save_pretrained. Returns the models module, the file and
+    the list of conversions made."""
     import forgetless.models as models
     from tests.unit.tiny_model import make_tiny_model
     from tests.unit.tiny_tokenizer import make_tiny_tokenizer
@@ -93,15 +95,30 @@ def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, 
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
     real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
+    conversions = []
 
     def model_from(path, *args, gguf_file=None, **kwargs):
-        return make_tiny_model(vocab_size=len(make_tiny_tokenizer())) if gguf_file else real_model(path, *args, **kwargs)
+        if not gguf_file:
+            return real_model(path, *args, **kwargs)
+        conversions.append(gguf_file)
+        converted = model() if model else make_tiny_model(vocab_size=len(make_tiny_tokenizer()))
+        if save:
+            converted.save_pretrained = save(converted.save_pretrained)
+        return converted
 
     def tokenizer_from(path, *args, gguf_file=None, **kwargs):
         return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
 
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    return models, gguf, conversions
+
+
+def test_the_first_load_of_a_gguf_is_the_model_every_later_load_gives(tmp_path, monkeypatch):
+    """The first load converts the GGUF and caches a float copy; later loads read the copy. Both must give the same
+    model, buffers included: the first returned the converted model cast to bf16, rotary inv_freq too, while
+    from_pretrained keeps that buffer in float32, so a machine's first run scored differently from its later ones."""
+    models, gguf, _ = _fake_gguf(tmp_path, monkeypatch)
     first, _ = models._load_gguf(gguf, torch.bfloat16)
     later, _ = models._load_gguf(gguf, torch.bfloat16)
     for (name, a), (_, b) in zip(first.named_buffers(), later.named_buffers(), strict=True):
@@ -116,27 +133,7 @@ def test_a_leftover_cache_folder_without_its_config_is_replaced_by_the_conversio
     """A cache folder holding files but no config.json (not something the conversion writes: it renames a whole
     folder into place) made every later conversion fail on "Directory not empty", on every call. It is now replaced
     by the converted copy, and the model loads; later loads read that copy."""
-    import forgetless.models as models
-    from tests.unit.tiny_model import make_tiny_model
-    from tests.unit.tiny_tokenizer import make_tiny_tokenizer
-
-    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
-    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
-    conversions = []
-
-    def model_from(path, *args, gguf_file=None, **kwargs):
-        if gguf_file:
-            conversions.append(gguf_file)
-            return make_tiny_model(vocab_size=len(make_tiny_tokenizer()))
-        return real_model(path, *args, **kwargs)
-
-    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
-        return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
-
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    models, gguf, conversions = _fake_gguf(tmp_path, monkeypatch)
     folder = models._gguf_cache_folder(gguf)
     folder.mkdir(parents=True)
     (folder / "tokenizer.json").write_text("{}")  # a leftover
@@ -144,6 +141,32 @@ def test_a_leftover_cache_folder_without_its_config_is_replaced_by_the_conversio
     assert (folder / "config.json").is_file() and not list(folder.parent.glob("*.tmp"))
     models._load_gguf(gguf, torch.float32)
     assert conversions == ["tiny.gguf"]  # the second load read the cached copy
+
+
+def test_an_interrupted_conversion_leaves_no_half_written_copy(tmp_path, monkeypatch):
+    """Ctrl-C while the converted copy is written left FOLDER.PID.XXXX.tmp behind (for an 8B model, 32 GB) on every
+    interrupted first run. It is removed on the way out; a killed process's copy (no handler runs) is swept by the
+    next conversion once it is a day old, while a younger one, maybe another process's at work, is left alone."""
+    def interrupted(save_pretrained):
+        def save(path, *args, **kwargs):
+            save_pretrained(path, *args, **kwargs)  # the weights are written, then the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return save
+
+    models, gguf, _ = _fake_gguf(tmp_path, monkeypatch, save=interrupted)
+    folder = models._gguf_cache_folder(gguf)
+    with pytest.raises(KeyboardInterrupt):
+        models._load_gguf(gguf, torch.float32)
+    assert not folder.parent.exists() or sorted(folder.parent.iterdir()) == []
+    models, gguf, _ = _fake_gguf(tmp_path, monkeypatch)
+    old, young = (folder.with_name(f"{folder.name}.{pid}.abcd1234.tmp") for pid in (1, 2))
+    for stale in (old, young):
+        stale.mkdir(parents=True)
+        (stale / "model.safetensors").write_bytes(b"half")
+    day_ago = time.time() - models.STALE_COPY_S - 60
+    os.utime(old, (day_ago, day_ago))
+    models._load_gguf(gguf, torch.float32)
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, young.name])
 
 
 def _fake_quantized_load(monkeypatch, cuda: bool):
@@ -211,29 +234,17 @@ def test_two_processes_converting_one_gguf_both_get_the_model(tmp_path, monkeypa
     """Workers of `run --jobs 2` on a new machine convert the same GGUF at once. They wrote through one fixed
     `FOLDER.tmp` and the second crashed; now each writes its own and the one that finds the other's copy in place
     takes it. The cache is keyed by the file's content, so a copy of the file elsewhere shares it."""
-    import forgetless.models as models
     from tests.unit.tiny_model import make_tiny_model
     from tests.unit.tiny_tokenizer import make_tiny_tokenizer
 
-    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
-    folder = models._gguf_cache_folder(gguf)
-    real_model, real_tokenizer = models.AutoModelForCausalLM.from_pretrained, models.AutoTokenizer.from_pretrained
-
-    def model_from(path, *args, gguf_file=None, **kwargs):
-        if not gguf_file:
-            return real_model(path, *args, **kwargs)
+    def converted():
         winner = make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))  # the other process finishes first
         winner.save_pretrained(folder)
         make_tiny_tokenizer().save_pretrained(folder)
         return make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))
 
-    def tokenizer_from(path, *args, gguf_file=None, **kwargs):
-        return make_tiny_tokenizer() if gguf_file else real_tokenizer(path, *args, **kwargs)
-
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", model_from)
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", tokenizer_from)
+    models, gguf, _ = _fake_gguf(tmp_path, monkeypatch, model=converted)
+    folder = models._gguf_cache_folder(gguf)
     model, _ = models._load_gguf(gguf, torch.float32)
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary left behind
     assert torch.equal(model.get_input_embeddings().weight,
