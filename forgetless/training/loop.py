@@ -70,11 +70,12 @@ class NonFiniteError(RuntimeError):
 # a loss, i.e. next-token targets whose label is not -100; input tokens). Counted on the CPU while the batch is built,
 # so the step's token weights need no device value.
 _COUNTS = "forgetless_counts"
+_NULL = "forgetless_null"  # marks a null example (see _null_examples): not counted in tokens/s
 
 
 def _collate_counted(examples: Sequence[dict], pad_token_id: int, packed: bool = False) -> Batch:
     batch = add_loss_index(collate_packed(examples) if packed else collate(examples, pad_token_id))
-    batch[_COUNTS] = (int(batch[LOSS_INDEX].numel()), sum(len(e["input_ids"]) for e in examples))
+    batch[_COUNTS] = (int(batch[LOSS_INDEX].numel()), sum(len(e["input_ids"]) for e in examples if not e.get(_NULL)))
     return batch
 
 
@@ -573,7 +574,8 @@ def _null_examples(examples: list[dict], batch_size: int, processes: int) -> lis
     if processes == 1 or not missing:
         return []
     shortest = min(examples, key=lambda e: len(e["input_ids"]))
-    return [dict(shortest, labels=[IGNORE_INDEX] * len(shortest["input_ids"])) for _ in range(missing)]
+    return [dict(shortest, labels=[IGNORE_INDEX] * len(shortest["input_ids"]), **{_NULL: True})
+            for _ in range(missing)]
 
 
 def accumulation_windows(micro_batches: int, grad_accum: int) -> list[int]:

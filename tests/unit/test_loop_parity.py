@@ -113,6 +113,21 @@ def test_two_processes_equal_one(tmp_path):
     assert stop[0]["stopped"] == (2, "loss on another process") and stop[1]["stopped"] == (2, "loss")
 
 
+def test_null_examples_are_not_counted_as_trained_tokens():
+    """The null examples that fill a ragged last global batch under several processes count no input token in the
+    logged tokens/s (they made a 2-process run look faster than it was); a real example without a labelled token
+    (its answer cut off) still counts: the model read it."""
+    from forgetless.training.loop import _COUNTS, _collate_counted, _null_examples
+
+    examples = variable_examples()[:5]
+    nulls = _null_examples(examples, batch_size=2, processes=2)
+    assert len(nulls) == 3 and all(set(n["labels"]) == {-100} for n in nulls)
+    cut = dict(examples[0], labels=[-100] * len(examples[0]["labels"]))
+    labelled, tokens = _collate_counted([examples[1], cut, *nulls], pad_token_id=0)[_COUNTS]
+    assert tokens == len(examples[1]["input_ids"]) + len(cut["input_ids"])
+    assert labelled == sum(t != -100 for t in examples[1]["labels"][1:])
+
+
 def test_a_micro_batch_without_labelled_tokens_adds_nothing(accelerator):
     """An example whose answer was cut off has no labelled token. As a micro-batch of its own it crashed the step (its
     zero loss had no grad_fn); now it adds nothing: one step over [a, empty, b, c] one example at a time equals one
