@@ -668,6 +668,9 @@ def check_safetensors(path: Path, what: str) -> None:
 def check_adapter_files(folder: str | Path) -> None:
     """AdapterError unless ``folder`` holds a readable PEFT adapter (configuration and weights); no model needed."""
     folder = Path(folder)
+    if folder.is_file():  # the weights file, or its configuration, given for the folder that holds both
+        raise AdapterError(f"{folder}: a file; give the adapter folder that holds it and {ADAPTER_CONFIG}"
+                           + (f" ({folder.parent})" if folder.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) else ""))
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder")
     config = folder / ADAPTER_CONFIG
