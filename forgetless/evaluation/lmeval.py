@@ -278,14 +278,27 @@ def run_harness(model: nn.Module, tokenizer, tasks: list[Any], limit: int | None
     tok = copy.deepcopy(tokenizer) if getattr(tokenizer, "pad_token_id", None) is None else tokenizer
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with eval_mode(model), torch.no_grad(), _rng_kept(), _quiet(progress), autocast(resolved, device):
-        lm = (HFLM if progress else _quiet_hflm())(pretrained=model, tokenizer=tok, batch_size=batch_size,
-                                                    device=str(device))
+        with _no_retie(model):
+            lm = (HFLM if progress else _quiet_hflm())(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                                                        device=str(device))
         results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
                                   bootstrap_iters=1000, apply_chat_template=chat_template, num_fewshot=num_fewshot,
                                   task_manager=_task_manager(False))  # built tasks: no need to index every YAML
     if results is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
     return results
+
+
+@contextlib.contextmanager
+def _no_retie(model: torch.nn.Module):
+    """``model.tie_weights()`` made a no-op while HFLM wraps the model (it calls it on a model given in memory): on
+    a PEFT model of a base with tied embeddings whose head LoRA, ``modules_to_save`` or trainable tokens adapt, tying
+    again fails (KeyError "attribute 'weight' already exists"). The model in memory is tied as it should be."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        model.__dict__.pop("tie_weights", None)
 
 
 def _number(value: Any) -> float | None:

@@ -71,8 +71,11 @@ class _Request:
 
 
 def _max_length(model: nn.Module, tokenizer) -> int:
-    """Context length as ``HFLM.max_length`` finds it: model config first, then the tokenizer."""
+    """Context length as ``HFLM.max_length`` finds it (lm-eval's ``resolve_max_length``): the model config's
+    ``text_config`` when it has one (Gemma 3, Mistral 3: the top level may hold another modality's limit), else the
+    config itself; then the tokenizer."""
     config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None) if config is not None else None
         if isinstance(value, int) and value > 0:

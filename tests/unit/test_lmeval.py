@@ -480,3 +480,50 @@ def test_a_lower_is_better_metric_is_never_the_main_score_by_default_nor_forgett
             for m in ("base", "tuned")]
     (row,) = forgetting_rows(runs)
     assert row["forgetting"] == {"lambada_openai": pytest.approx(-10.0), "mean": pytest.approx(-10.0)}
+
+
+@needs_lmeval
+@pytest.mark.parametrize("adapter", [{"target_modules": ["q_proj", "lm_head"]},
+                                     {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}])
+def test_the_harness_scores_an_adapter_of_a_tied_head(adapter):
+    """HFLM calls tie_weights() on a model given in memory; on a PEFT model whose tied head LoRA or modules_to_save
+    adapts (SmolLM2 and Gemma 3 tie their embeddings) that failed with KeyError "attribute 'weight' already exists".
+    The harness now scores it as evaluate_mc does, and the model keeps its own tie_weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from forgetless.data import load_mc_task
+    from forgetless.evaluation import evaluate_mc
+    from forgetless.evaluation.lmeval import load_harness_task, run_harness, suite_scores
+
+    base, tok = tiny()
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, **adapter))
+    for name, p in model.named_parameters():  # a trained adapter: B away from 0
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    task = load_harness_task(str(ARC_YAML))
+    results = run_harness(model, tok, [task.task], batch_size=4, precision="fp32", progress=False)
+    ours = evaluate_mc(model, tok, load_mc_task(str(LMEVAL / "arc_tiny.jsonl"), schema="arc"), batch_size=4,
+                       precision="fp32", progress=False)
+    assert suite_scores(results, task.task)["acc"] == ours.acc
+    assert "tie_weights" not in model.__dict__
+
+
+def test_the_context_length_is_found_where_the_harness_finds_it():
+    """lm-eval's resolve_max_length reads a composite config's text_config (Gemma 3, Mistral 3), whose top level may
+    hold another modality's limit: evaluate_mc cut requests at 2048 tokens where the harness kept 131072."""
+    from types import SimpleNamespace
+
+    from forgetless.evaluation.multiple_choice import _max_length
+
+    tok = SimpleNamespace(model_max_length=4096)
+    composite = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1200,
+                                                       text_config=SimpleNamespace(max_position_embeddings=32768)))
+    assert _max_length(composite, tok) == 32768
+    assert _max_length(SimpleNamespace(config=SimpleNamespace(n_positions=1024)), tok) == 1024
+    assert _max_length(SimpleNamespace(config=SimpleNamespace()), tok) == 4096
+    if lmeval_available():
+        from lm_eval.models.utils import resolve_max_length
+
+        for model in (composite, SimpleNamespace(config=SimpleNamespace(n_positions=1024))):
+            assert _max_length(model, tok) == resolve_max_length(model.config, tok)
