@@ -431,6 +431,9 @@ class HLoRA(Method):
         if self.offload == "cpu" and device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def on_stage_abort(self, ctx: StageContext) -> None:
+        self._remove_hooks()
+
     def on_stage_end(self, ctx: StageContext) -> None:
         self._remove_hooks()
         if ctx.stage != GENERAL:

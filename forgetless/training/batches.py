@@ -1,6 +1,7 @@
 """Turn training examples (``{input_ids, labels}`` dicts of token lists) into batches.
 
-* :func:`collate`: right-padded rows (padding has attention 0 and label -100).
+* :func:`collate`: right-padded rows (padding has attention 0 and label -100); an example's own padding (its
+  ``attention_mask`` 0) is dropped first.
 * :func:`collate_packed`: padding-free, as TRL's ``padding_free`` / transformers' ``DataCollatorWithFlattening``: the
   examples concatenated into one row, ``position_ids`` restarting at 0 for each example and no attention mask, so
   that transformers' attention keeps each example to itself (a block-diagonal causal mask for sdpa and eager, the
@@ -32,7 +33,8 @@ def token_list(values) -> list[int]:
 
 def example_labels(example: dict) -> list[int]:
     """An example's labels. One without them (a tokenized dataset for a causal LM, as transformers'
-    DataCollatorForLanguageModeling takes it) has its input ids as labels, its padding (attention_mask 0) masked."""
+    DataCollatorForLanguageModeling takes it) has its input ids as labels, its padding (attention_mask 0) masked
+    (:func:`example_row` drops that padding when the example is collated)."""
     if "labels" in example:
         return token_list(example["labels"])
     if "input_ids" not in example:
@@ -42,19 +44,50 @@ def example_labels(example: dict) -> list[int]:
     return ids if mask is None else [t if m else IGNORE_INDEX for t, m in zip(ids, token_list(mask))]
 
 
+def example_row(example: dict) -> tuple[list[int], list[int]]:
+    """An example's (input ids, labels) as collated: of equal length, the positions its ``attention_mask`` marks as
+    padding (0) dropped (a row padded to ``max_length``, on either side: its pad tokens are no context, and left
+    padding would have shifted its positions); ValueError naming what is wrong."""
+    lab = example_labels(example)
+    ids = token_list(example["input_ids"])
+    if len(ids) != len(lab):
+        raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(lab)})")
+    mask = example.get("attention_mask")
+    if mask is not None:
+        keep = token_list(mask)
+        if len(keep) != len(ids):
+            raise ValueError(f"attention_mask and input_ids differ in length ({len(keep)} vs {len(ids)})")
+        if not all(keep):
+            ids = [t for t, m in zip(ids, keep) if m]
+            lab = [t for t, m in zip(lab, keep) if m]
+    return ids, lab
+
+
+def check_examples(examples: Sequence[dict]) -> None:
+    """ValueError naming the first training example (by its index) that cannot be collated, before the stage starts
+    rather than when its batch comes up; and when no example has a labelled target (a label other than -100 past the
+    first position), as when every answer was cut off: such a stage would train nothing."""
+    labelled = False
+    for i, example in enumerate(examples):
+        try:
+            _, lab = example_row(example)
+        except ValueError as err:
+            raise ValueError(f"training example {i}: {err}") from None
+        labelled = labelled or any(t != IGNORE_INDEX for t in lab[1:])
+    if examples and not labelled:
+        raise ValueError(f"none of the {len(examples)} training examples has a labelled token to learn from (every "
+                         f"label is -100: were the answers cut off by max_length?)")
+
+
 def _checked(examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
     if not examples:
         raise ValueError("cannot collate an empty batch")
     rows = []
     for row, example in enumerate(examples):
         try:
-            lab = example_labels(example)
+            rows.append(example_row(example))
         except ValueError as err:
             raise ValueError(f"example {row}: {err}") from None
-        ids = token_list(example["input_ids"])
-        if len(ids) != len(lab):
-            raise ValueError(f"example {row}: input_ids and labels differ in length ({len(ids)} vs {len(lab)})")
-        rows.append((ids, lab))
     return rows
 
 

@@ -95,6 +95,10 @@ class CheckpointMismatch(ValueError):
     """A checkpoint written by a stage with other settings or other trainable parameters."""
 
 
+# stage settings that checkpoints written before them lack: such a checkpoint is taken without comparing them
+LATER_KEYS = frozenset({"precision"})
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys]
@@ -123,8 +127,15 @@ def load(path: Path, named_params: Sequence[tuple[str, torch.nn.Parameter]], opt
                                      f"model's {tuple(param.shape)} (another LoRA rank or target?); {again}")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file, written above
     saved = state.get("settings")
+    if saved is not None and settings is not None:  # a key added since (LATER_KEYS) is compared where it was written
+        settings = {k: v for k, v in settings.items() if k in saved or k not in LATER_KEYS}
     if saved is not None and settings is not None and saved != settings:
         changed = _differences(saved, settings)
+        if [c.split(":")[0] for c in changed] == ["start_weights"]:
+            raise CheckpointMismatch(
+                f"{path}: the model's trainable weights are not those the stage started from when it wrote this "
+                f"checkpoint (a model already trained by an interrupted call, in the same process?): to resume, load "
+                f"the model and its adapter as they were at the stage's start; {again} from the weights it has now")
         raise CheckpointMismatch(f"{path}: the checkpoint was written by a stage with other settings "
                                  f"({'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}): going on from it "
                                  f"would train neither; {again}")

@@ -78,6 +78,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"numbers": False})
     # A non-finite loss or gradient norm: "stop" the run with an error naming the stage and step (default), or
     # "skip_step": drop that optimizer step (no update; the schedule still advances), counted in the stage record.
+    # (A step none of whose examples has a labelled token is dropped so whatever this says.)
     on_nonfinite: str = "stop"
     # Recompute activations in the backward pass instead of keeping them: less memory, about a third more time.
     gradient_checkpointing: bool = field(default=False, metadata={"numbers": False})

@@ -169,12 +169,17 @@ class Method:
         """The optimizer has moved the weights; gradients are still there until zero_grad."""
 
     def on_step_skipped(self, ctx: StageContext) -> None:
-        """``on_nonfinite: skip_step`` dropped this step after :meth:`before_optimizer_step` (its loss or gradient
-        norm was not finite, here or on another process): the weights did not move and the gradients are about to be
-        zeroed. Drop whatever this step's hooks gathered, or it would reach the next step."""
+        """This step was dropped after :meth:`before_optimizer_step`: ``on_nonfinite: skip_step`` (its loss or
+        gradient norm was not finite, here or on another process), or none of its examples had a labelled token. The
+        weights did not move and the gradients are about to be zeroed. Drop whatever this step's hooks gathered, or it
+        would reach the next step."""
 
     def on_stage_end(self, ctx: StageContext) -> None:
         """Called once after the last step of a stage."""
+
+    def on_stage_abort(self, ctx: StageContext) -> None:
+        """The stage failed (an error, an interrupt) after :meth:`on_stage_start`: undo what that put on the model
+        (hooks), so that a caller who catches the error has the model as it came. :meth:`on_stage_end` is not called."""
 
     def evaluation_variants(self, model: torch.nn.Module) -> Iterator[tuple[str, AbstractContextManager]]:
         """Extra models to evaluate after training, as (label, context manager that sets them up).

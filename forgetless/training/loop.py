@@ -29,8 +29,8 @@ from forgetless.models import (LeverUnavailable, apply_liger, attn_implementatio
                                set_attn_implementation, uncompile)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
-from forgetless.training.batches import (LOSS_INDEX, LengthGroupedSampler, add_loss_index, collate, collate_packed,
-                                        example_labels, token_list)
+from forgetless.training.batches import (LOSS_INDEX, LengthGroupedSampler, add_loss_index, check_examples, collate,
+                                        collate_packed, example_labels, token_list)
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all, options_of
 from forgetless.training.logging import StageLog, open_trackers
@@ -218,131 +218,141 @@ def train_stage(
     use_cache = getattr(base_model(model).config, "use_cache", True)
     if checkpointing:
         enable_gradient_checkpointing(model)
-    check_levers(model, config, accelerator.device)
-    if config.attn_implementation is not None:
-        set_attn_implementation(model, config.attn_implementation)
-    # its head split is verified on the model as loaded; compile: the chunked cross-entropy's chunks compiled too
-    task_loss = CausalLMLoss(model, fused_ce=config.liger, compile_chunks=config.compile)
-    if config.liger:
-        apply_liger(model)
-    fused = fuse_lora(model) if config.fused_lora else []  # before compile, which traces it; undone at the end
-    compiled = compile_model(model) if config.compile else []  # undone when the stage ends (evaluation runs eager)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
-                       config=config, grad_accum=config.grad_accum, general_examples=general_examples)
-    _note_model(methods, model)
-    call_all(methods, "on_stage_start", ctx)
-    for method in methods:
-        examples = method.prepare_examples(ctx, examples)
-    if not examples:
-        raise ValueError(f"stage {stage!r} has no training examples")
-
-    generator = torch.Generator().manual_seed(config.seed)
-    examples = list(examples)
-    # grouped by the global batch (every process's micro-batches of a step): an optimizer step takes consecutive
-    # examples of the sampler's order whatever the split, so batch kb, k x b accumulated and b on k processes group
-    # alike (grouped by the micro-batch, they shared no step)
-    global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
-    inner = RandomSampler(range(len(examples)), generator=generator) if not config.group_by_length else \
-        LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator)
-    nulls = _null_examples(examples, config.batch_size, accelerator.num_processes)
-    # the loader's generator as before: shuffled, each epoch's iterator draws its base seed from it (shuffle=True gave
-    # it the generator), grouped from the global RNG (the sampler alone had it): the same orders and draws as before
-    loader = DataLoader(examples + nulls, batch_size=config.batch_size, sampler=_PaddedOrder(inner, len(nulls)),
-                        generator=None if config.group_by_length else generator,
-                        collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model), packed=config.padding_free))
-    raw_optimizer = optimizer
-    wrapper, optimizer, loader = accelerator.prepare(task_loss, optimizer, loader)
-    # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The scheduler
-    # is not handed to accelerate, which would step it once per process at every optimizer step.
-    windows = accumulation_windows(len(loader), config.grad_accum)
-    steps_per_epoch = len(windows)
-    total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    scheduler = get_scheduler(config.scheduler, raw_optimizer, num_warmup_steps=int(config.warmup_ratio * total),
-                              num_training_steps=total)
-    ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
-    processes = accelerator.num_processes
-    # id(micro-batch) -> (n_i * processes / N, n_i / N_here): its weight in the step's objective, and in the loss
-    # logged by this process (the token mean over its own micro-batches)
-    weights: dict[int, tuple[float, float]] = {}
-
-    def forward_backward(batch: Batch) -> torch.Tensor:
-        weight, logged = weights[id(batch)]
-        with autocast(precision, accelerator.device):
-            loss = wrapper(**batch)
-            if weight == 0:  # no labelled tokens (a truncated answer): its loss is a mean over nothing, NaN. Zero
-                # instead, through the graph, so that the backward still reaches every weight (it had no grad_fn,
-                # an error; several processes also need every one's backward to reach every weight)
-                loss = loss.nan_to_num(0.0) * 0.0
-            task = loss * weight
-            extras = None
-            for method in methods:
-                extra = method.extra_loss(ctx, batch)
-                if extra is not None:
-                    extras = extra if extras is None else extras + extra
-        total_loss = task if extras is None else task + extras / ctx.grad_accum
-        accelerator.backward(total_loss)
-        if weight > 0:  # float64 on the device: the same sums as Python floats, without reading the value now
-            ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + loss.detach().double() * logged
-        return (loss.detach() if extras is None else loss.detach() + extras.detach()) * logged
-
-    fb = forward_backward
-    for method in methods:
-        fb = method.wrap_forward_backward(ctx, fb)
-
-    result = StageResult(stage=stage, steps=total)
-    skipped: list[int] = []
-    wrapper.train()
-    batches = _endless(loader)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    first, earlier = 0, 0.0  # steps and seconds of a checkpoint this stage resumes from
-    resume_from = checkpoint.latest(checkpoint_dir)
-    stage_settings = None  # what a checkpoint must share with this stage; computed only where one is written or read
-    if checkpoint_dir is not None and (config.save_every or resume_from is not None):
-        stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
-                                                                    "start_weights": _weights_digest(named)}
-        if windows[-1] != config.grad_accum or nulls or (config.group_by_length and global_batch != config.batch_size):
-            # the data order and steps of session 32 (an epoch's short last window, null examples, groups of the
-            # global batch) differ from those a checkpoint written before took here: such a checkpoint is refused
-            stage_settings["data_order"] = 2
-    if resume_from is not None:
-        saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
-        first, result.history = saved["step"], saved["history"]
-        known = saved.get("seconds")  # the stage's time until that checkpoint (None: written by an older version)
-        earlier = float(known or 0.0)
-        skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
-        for _ in range(micro_batches_before(first, windows)):  # the data position: replay the loader (and its RNG)
-            next(batches)
-        for method, state in zip(methods, saved["methods"], strict=True):
-            method.load_stage_state(ctx, state)
-        checkpoint.restore_rng(saved)
-    main = accelerator.is_main_process
-    trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir)) if main else []
-    log = StageLog(stage, total, first, config.progress and main, trackers)
-    synced = len(result.history)  # rows before this index hold host values
-    scored = 0  # rows of ctx.extras["eval_history"] (scores taken while training, EvalEvery) already logged
-
-    def sync() -> None:  # read the rows' device values; a non-finite step under "stop" ends the stage here
-        nonlocal synced, scored
-        rows = result.history[synced:]
-        synced = len(result.history)
-        first_bad = None
-        for row in rows:
-            row.update({k: float(v) for k, v in row.items() if isinstance(v, torch.Tensor)})
-            bad = None if row.get("skipped") else _nonfinite(row["loss"], row.get("grad_norm"))
-            if bad is not None and first_bad is None:
-                first_bad = (int(row["step"]), *bad)
-        # the loss is each process's own: all stop when one saw a non-finite value (else the others would wait for it
-        # in their next collective)
-        if processes > 1 and _global_sum(accelerator, int(first_bad is not None)) and first_bad is None:
-            first_bad = (int(rows[-1]["step"]) if rows else ctx.step, "loss on another process", math.nan)
-        if first_bad is not None:
-            raise NonFiniteError(stage, *first_bad)
-        scores = ctx.extras.get("eval_history", [])
-        log.write(rows, scores[scored:])
-        scored = len(scores)
-
+    # what the stage changes on the model (checkpointing, fused LoRA, compiled layers, the methods' hooks) is undone
+    # when it fails too: a caller that catches the error evaluates or trains the model as it came
+    fused: list = []
+    compiled: list = []
+    log = ctx = None
     try:
+        check_levers(model, config, accelerator.device)
+        if config.attn_implementation is not None:
+            set_attn_implementation(model, config.attn_implementation)
+        # its head split is verified on the model as loaded; compile: the chunked cross-entropy's chunks compiled too
+        task_loss = CausalLMLoss(model, fused_ce=config.liger, compile_chunks=config.compile)
+        if config.liger:
+            apply_liger(model)
+        fused = fuse_lora(model) if config.fused_lora else []  # before compile, which traces it; undone at the end
+        compiled = compile_model(model) if config.compile else []  # undone when the stage ends (evaluation runs eager)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        ctx = StageContext(stage=stage, model=model, optimizer=optimizer, scheduler=None, accelerator=accelerator,
+                           config=config, grad_accum=config.grad_accum, general_examples=general_examples)
+        _note_model(methods, model)
+        call_all(methods, "on_stage_start", ctx)
+        for method in methods:
+            examples = method.prepare_examples(ctx, examples)
+        if not examples:
+            raise ValueError(f"stage {stage!r} has no training examples")
+        check_examples(examples)
+
+        generator = torch.Generator().manual_seed(config.seed)
+        examples = list(examples)
+        # grouped by the global batch (every process's micro-batches of a step): an optimizer step takes consecutive
+        # examples of the sampler's order whatever the split, so batch kb, k x b accumulated and b on k processes group
+        # alike (grouped by the micro-batch, they shared no step)
+        global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
+        inner = RandomSampler(range(len(examples)), generator=generator) if not config.group_by_length else \
+            LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator)
+        nulls = _null_examples(examples, config.batch_size, accelerator.num_processes)
+        # the loader's generator as before: shuffled, each epoch's iterator draws its base seed from it (shuffle=True
+        # gave it the generator), grouped from the global RNG (the sampler alone had it): the same orders and draws
+        loader = DataLoader(examples + nulls, batch_size=config.batch_size, sampler=_PaddedOrder(inner, len(nulls)),
+                            generator=None if config.group_by_length else generator,
+                            collate_fn=partial(_collate_counted, pad_token_id=_pad_id(model),
+                                               packed=config.padding_free))
+        raw_optimizer = optimizer
+        wrapper, optimizer, loader = accelerator.prepare(task_loss, optimizer, loader)
+        # After prepare: the loader is this process's shard, so an epoch is len(loader) micro-batches here. The
+        # scheduler is not handed to accelerate, which would step it once per process at every optimizer step.
+        windows = accumulation_windows(len(loader), config.grad_accum)
+        steps_per_epoch = len(windows)
+        total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+        scheduler = get_scheduler(config.scheduler, raw_optimizer, num_warmup_steps=int(config.warmup_ratio * total),
+                                  num_training_steps=total)
+        ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
+        processes = accelerator.num_processes
+        # id(micro-batch) -> (n_i * processes / N, n_i / N_here): its weight in the step's objective, and in the loss
+        # logged by this process (the token mean over its own micro-batches)
+        weights: dict[int, tuple[float, float]] = {}
+
+        def forward_backward(batch: Batch) -> torch.Tensor:
+            weight, logged = weights[id(batch)]
+            with autocast(precision, accelerator.device):
+                loss = wrapper(**batch)
+                if weight == 0:  # no labelled tokens (a truncated answer): its loss is a mean over nothing, NaN. Zero
+                    # instead, through the graph, so that the backward still reaches every weight (it had no grad_fn,
+                    # an error; several processes also need every one's backward to reach every weight)
+                    loss = loss.nan_to_num(0.0) * 0.0
+                task = loss * weight
+                extras = None
+                for method in methods:
+                    extra = method.extra_loss(ctx, batch)
+                    if extra is not None:
+                        extras = extra if extras is None else extras + extra
+            total_loss = task if extras is None else task + extras / ctx.grad_accum
+            accelerator.backward(total_loss)
+            if weight > 0:  # float64 on the device: the same sums as Python floats, without reading the value now
+                ctx.scalars["task_loss"] = ctx.scalars.get("task_loss", 0.0) + loss.detach().double() * logged
+            return (loss.detach() if extras is None else loss.detach() + extras.detach()) * logged
+
+        fb = forward_backward
+        for method in methods:
+            fb = method.wrap_forward_backward(ctx, fb)
+
+        result = StageResult(stage=stage, steps=total)
+        skipped: list[int] = []
+        wrapper.train()
+        batches = _endless(loader)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        first, earlier = 0, 0.0  # steps and seconds of a checkpoint this stage resumes from
+        resume_from = checkpoint.latest(checkpoint_dir)
+        stage_settings = None  # what a checkpoint must share with this stage; computed only where one is written/read
+        if checkpoint_dir is not None and (config.save_every or resume_from is not None):
+            # precision: what "auto" resolved to (a bf16 GPU's checkpoint is not resumed in fp32 on a CPU)
+            stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
+                                                                        "start_weights": _weights_digest(named),
+                                                                        "precision": precision}
+            regrouped = config.group_by_length and global_batch != config.batch_size
+            if windows[-1] != config.grad_accum or nulls or regrouped:
+                # the data order and steps of session 32 (an epoch's short last window, null examples, groups of the
+                # global batch) differ from those a checkpoint written before took here: such a checkpoint is refused
+                stage_settings["data_order"] = 2
+        if resume_from is not None:
+            saved = checkpoint.load(resume_from, named, optimizer, scheduler, stage_settings)
+            first, result.history = saved["step"], saved["history"]
+            known = saved.get("seconds")  # the stage's time until that checkpoint (None: written by an older version)
+            earlier = float(known or 0.0)
+            skipped = [int(row["step"]) for row in result.history if row.get("skipped")]
+            for _ in range(micro_batches_before(first, windows)):  # the data position: replay the loader (and its RNG)
+                next(batches)
+            for method, state in zip(methods, saved["methods"], strict=True):
+                method.load_stage_state(ctx, state)
+            checkpoint.restore_rng(saved)
+        main = accelerator.is_main_process
+        trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir)) if main else []
+        log = StageLog(stage, total, first, config.progress and main, trackers)
+        synced = len(result.history)  # rows before this index hold host values
+        scored = 0  # rows of ctx.extras["eval_history"] (scores taken while training, EvalEvery) already logged
+
+        def sync() -> None:  # read the rows' device values; a non-finite step under "stop" ends the stage here
+            nonlocal synced, scored
+            rows = result.history[synced:]
+            synced = len(result.history)
+            first_bad = None
+            for row in rows:
+                row.update({k: float(v) for k, v in row.items() if isinstance(v, torch.Tensor)})
+                bad = None if row.get("skipped") else _nonfinite(row["loss"], row.get("grad_norm"))
+                if bad is not None and first_bad is None:
+                    first_bad = (int(row["step"]), *bad)
+            # the loss is each process's own: all stop when one saw a non-finite value (else the others would wait for
+            # it in their next collective)
+            if processes > 1 and _global_sum(accelerator, int(first_bad is not None)) and first_bad is None:
+                first_bad = (int(rows[-1]["step"]) if rows else ctx.step, "loss on another process", math.nan)
+            if first_bad is not None:
+                raise NonFiniteError(stage, *first_bad)
+            scores = ctx.extras.get("eval_history", [])
+            log.write(rows, scores[scored:])
+            scored = len(scores)
+
         for step in range(first, total):
             ctx.step, ctx.scalars = step, {}
             ctx.grad_accum = windows[step % steps_per_epoch]  # the epoch's last window may be shorter
@@ -365,8 +375,11 @@ def train_stage(
             call_all(methods, "before_optimizer_step", ctx)
             grad_norm = _clip(accelerator, params, config.max_grad_norm)
             lr = ctx.lr
-            bad = None
-            if config.on_nonfinite == "skip_step":  # the decision needs the values now: one read
+            bad, loss = None, math.nan
+            if not step_tokens:  # no labelled token in the whole step (every answer cut off): nothing to learn, and
+                # AdamW's momentum and weight decay would still move the weights; skipped, on every process alike
+                bad = ("no labelled token", math.nan)
+            elif config.on_nonfinite == "skip_step":  # the decision needs the values now: one read
                 loss, norm = _read_now(loss_sum, grad_norm)
                 bad = _nonfinite(loss, norm)
                 # the loss is this process's own: every process skips when one of them saw a non-finite value
@@ -376,7 +389,9 @@ def train_stage(
                 skipped.append(step + 1)
                 call_all(methods, "on_step_skipped", ctx)
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                with warnings.catch_warnings():  # the schedule advances on a dropped step (a first one too)
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()
                 # the loss is recorded as null when it is not finite: run records stay strict JSON
                 result.history.append({"step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                                        "skipped": 1.0})
@@ -399,8 +414,15 @@ def train_stage(
                                 [method.stage_state(ctx) for method in methods], stage_settings,
                                 seconds=earlier + time.perf_counter() - started)
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
+    except BaseException:
+        for method in methods if ctx is not None else ():  # a plugin of an older protocol may lack the hook
+            getattr(method, "on_stage_abort", lambda _: None)(ctx)
+        if checkpointing:
+            disable_gradient_checkpointing(model, use_cache)
+        raise
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         uncompile(compiled)
         unfuse_lora(fused)
     ctx.step = total
@@ -525,10 +547,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     base = base_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    hooked = bool(getattr(base, "_require_grads_hooks", None))
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the input embeddings' output to require grad, a hook its disable leaves on the model:
+    # remembered when it is this call's, so that disabling removes it
+    base._forgetless_require_grads = not hooked and bool(getattr(base, "_require_grads_hooks", None))
     base.config.use_cache = False
 
 
@@ -546,6 +572,8 @@ def disable_gradient_checkpointing(model: torch.nn.Module, use_cache: bool = Tru
         base.activation_checkpointing_disable()
     else:
         base.gradient_checkpointing_disable()
+    if base.__dict__.pop("_forgetless_require_grads", False) and hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
     base.config.use_cache = use_cache
 
 

@@ -3,6 +3,8 @@ nothing but memory: the same gradients, the same HLoRA importance, the same EWC 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -214,3 +216,88 @@ def test_reduction_buckets_keep_order_and_bound_size():
     sizes = [3, 4, 10, 1, 2, 2]
     runs = list(_buckets([torch.zeros(n) for n in sizes], 6))
     assert [[t.numel() for t in run] for run in runs] == [[3], [4], [10], [1, 2, 2]]
+
+
+def test_a_step_without_labelled_tokens_moves_nothing(lora_model, accelerator):
+    """A step none of whose examples has a labelled token (every answer cut off) has a zero gradient, yet AdamW's
+    momentum and weight decay moved the weights and the step was logged as loss 0.0. It is skipped now: 2 steps over
+    [labelled, unlabelled] one example at a time (either order) end where 1 step over [labelled] does."""
+    labelled = random_examples(1, 8, seed=1)[0]
+    unlabelled = dict(labelled, labels=[-100] * len(labelled["labels"]))
+    cfg = _cfg(batch_size=1, scheduler="constant", weight_decay=0.1)
+
+    def trained(examples, steps):
+        model = lora_model(b_std=0.05)
+        result = train_stage(model, examples, dataclasses.replace(cfg, max_steps=steps), accelerator=accelerator)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, result
+
+    both, result = trained([labelled, unlabelled], 2)
+    alone, _ = trained([labelled], 1)
+    for name, w in alone.items():
+        assert torch.equal(both[name], w), name
+    skipped = [row for row in result.history if row.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["loss"] is None and result.extras["skipped_steps"] == [skipped[0]["step"]]
+
+
+def test_bad_training_examples_are_named_before_the_stage_starts(lora_model, accelerator):
+    """A malformed example was found when its batch came up, maybe many steps in, and named by its place in that
+    batch; a stage whose examples have no labelled token at all trained nothing without a word."""
+    examples = random_examples(6, 8)
+    examples[4] = dict(examples[4], labels=examples[4]["labels"][:-1])
+    with pytest.raises(ValueError, match=r"training example 4: input_ids and labels differ in length \(8 vs 7\)"):
+        train_stage(lora_model(), examples, _cfg(), accelerator=accelerator)
+    unlabelled = [dict(e, labels=[-100] * 8) for e in random_examples(3, 8)]
+    with pytest.raises(ValueError, match="none of the 3 training examples has a labelled token"):
+        train_stage(lora_model(), unlabelled, _cfg(), accelerator=accelerator)
+
+
+def test_an_examples_own_padding_is_dropped(lora_model, accelerator):
+    """A tokenized row padded to max_length with an attention_mask (left or right): the pad tokens were attended to
+    (collate set attention 1 everywhere) and left padding shifted the positions. Its padding is dropped now: the
+    padded rows train as the bare row does."""
+    bare = random_examples(2, 6, seed=2)
+    pad = 0
+
+    def padded(example, left):
+        ids, labels, n = example["input_ids"], example["labels"], 3
+        mask = [0] * n + [1] * 6 if left else [1] * 6 + [0] * n
+        return {"input_ids": [pad] * n + ids if left else ids + [pad] * n,
+                "labels": [-100] * n + labels if left else labels + [-100] * n, "attention_mask": mask}
+
+    results = []
+    for examples in (bare, [padded(e, True) for e in bare], [padded(e, False) for e in bare]):
+        model = lora_model(b_std=0.05)
+        train_stage(model, examples, _cfg(max_steps=2, batch_size=2), accelerator=accelerator)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, w in results[0].items():
+        torch.testing.assert_close(results[1][name], w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(results[2][name], w, rtol=1e-5, atol=1e-7)
+
+
+class FailAt(Method):
+    """Raises at optimizer step ``step`` (1-based)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def before_optimizer_step(self, ctx):
+        if ctx.step + 1 == self.step:
+            raise RuntimeError("boom")
+
+
+def test_a_failed_stage_gives_the_model_back_as_it_came(lora_model, accelerator):
+    """An error inside the stage left gradient checkpointing on, LoRA fused and HLoRA's exact-estimator hooks on the
+    model, so a caller catching it evaluated or trained a changed model."""
+    from forgetless.fused_lora import _MARK
+
+    model = lora_model()
+    hlora = resolve({"name": "hlora", "estimator": "exact"}).plugins[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        train_stage(model, random_examples(8, 8), _cfg(gradient_checkpointing=True, fused_lora=True),
+                    [hlora, FailAt(2)], stage="general", accelerator=accelerator)
+    assert not gradient_checkpointing_on(model)
+    assert not any(getattr(m, _MARK, False) or "forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+    # a stage that ends well leaves no hook either (transformers' checkpointing left its embedding hook on)
+    train_stage(model, random_examples(8, 8), _cfg(gradient_checkpointing=True), accelerator=accelerator)
+    assert not gradient_checkpointing_on(model) and not any(m._forward_hooks for m in model.modules())

@@ -114,7 +114,9 @@ def test_a_checkpoint_of_other_data_or_other_start_weights_is_refused(tmp_path):
                       keep_checkpoints=True)
     data = random_examples(6, 8, seed=3)
     train_stage(model, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
-    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(start_weights: "):
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"the model's trainable weights are not those the stage "
+                                                            r"started from .* to resume, load the model and its "
+                                                            r"adapter as they were at the stage's start"):
         train_stage(model, data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
     fresh = attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(examples: 6 examples, "):
@@ -156,3 +158,36 @@ def test_only_the_current_gpus_cuda_rng_state_is_saved_and_restored(monkeypatch)
     restored.clear()
     checkpoint._set_rng_state(state | {"cuda": old[:1]})  # no entry for this device: left as it is
     assert restored == []
+
+
+def test_a_checkpoint_resumes_only_in_the_precision_it_was_written_in(tmp_path):
+    """precision: auto resolves per machine (bf16 on a GPU or an avx512_bf16 CPU, else fp32): a checkpoint written in
+    bf16 went on in fp32 elsewhere, one run of two precisions. The resolved precision is now part of the checkpoint's
+    settings; a checkpoint written before it was stored resumes as before."""
+    from accelerate import Accelerator
+
+    from forgetless.models import LoraSettings, attach_lora
+    from forgetless.training.config import TrainConfig
+    from forgetless.training.loop import train_stage
+    from tests.unit.tiny_model import make_tiny_model, random_examples
+
+    folder = tmp_path / "ckpt"
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, precision="fp32", progress=False, save_every=1,
+                      keep_checkpoints=True)
+    data = random_examples(6, 8, seed=3)
+
+    def fresh():
+        return attach_lora(make_tiny_model(0), LoraSettings(r=4, alpha=8, dropout=0.0))
+
+    train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    state_file = checkpoint.latest(folder) / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["settings"]["precision"] == "fp32"
+    state["settings"]["precision"] = "bf16"  # as a bf16 machine writes it
+    torch.save(state, state_file)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(precision: bf16 -> fp32\)"):
+        train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    del state["settings"]["precision"]  # as an older version wrote it
+    torch.save(state, state_file)
+    result = train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    assert result.extras["resumed_from_step"] == 2 and len(result.history) == 3
