@@ -29,8 +29,11 @@ averaged over the steps since the last log.
 
 A general stage's state (HLoRA's importance, EWC's Fisher, WiSE-FT's theta_nu) carries to a later Trainer run as in
 the runner: :meth:`save_method_state` after the general run, ``state_from=`` in the domain run (fresh plugins from
-``resolve`` read it at the domain stage's start). Checkpoint resumption inside a stage (``Method.stage_state``) is
-not wired to the Trainer's checkpoints.
+``resolve`` read it at the domain stage's start). What a method gathers during a stage (``Method.stage_state``:
+HLoRA's running path integral) is written into each of the Trainer's checkpoints (``checkpoint-N/``
+:data:`STAGE_STATE_FILE`) and read back by ``train(resume_from_checkpoint=...)``, after the Trainer has restored its
+weights: a resumed stage records the importance an uninterrupted one does. As in the loop, resume with the model as
+it was at the stage's start (freshly loaded, fresh plugins): ``on_stage_start`` runs again from those weights.
 
 Usage::
 
@@ -59,6 +62,7 @@ from forgetless.training.config import SCHEDULERS, TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all
 
 STAGES = ("general", "domain")
+STAGE_STATE_FILE = "forgetless_stage_state.pt"  # the methods' stage state, in each Trainer checkpoint folder
 
 
 def train_config(args: Any) -> TrainConfig:
@@ -101,6 +105,7 @@ class MethodsMixin:
         self._pass: tuple[torch.nn.Module, Any, tuple, dict] | None = None  # the micro-batch's step arguments
         self._before_done: int | None = None  # the step whose before_optimizer_step hooks have run
         self._scalars: dict[str, list[float]] = {}
+        self._resume_dir: Path | None = None  # the checkpoint train() resumes from
         self.add_callback(_HookCallback(self))
 
     def save_method_state(self, directory: str | Path) -> None:
@@ -112,6 +117,12 @@ class MethodsMixin:
 
     # ------------------------------------------------------------------------------------------ the stage
     def train(self, *args: Any, **kwargs: Any):
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(resume, bool):  # as the Trainer resolves it (it raises its own error when there is none)
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(self.args.output_dir) if resume else None
+        self._resume_dir = Path(resume) if resume else None
         ctx = StageContext(stage=self.stage, model=self.model, optimizer=self.optimizer, scheduler=self.lr_scheduler,
                            accelerator=self.accelerator, config=train_config(self.args),
                            grad_accum=self.args.gradient_accumulation_steps, general_examples=self.general_examples)
@@ -128,6 +139,32 @@ class MethodsMixin:
             fb = method.wrap_forward_backward(ctx, fb)
         self._forward_backward = fb
         return super().train(*args, **kwargs)
+
+    def _save_stage_state(self, folder: Path) -> None:
+        """The methods' stage state into the checkpoint folder the Trainer has just written (main process)."""
+        ctx = self.stage_context
+        states = [{k: v.detach().cpu() for k, v in method.stage_state(ctx).items()} for method in self.methods]
+        tmp = folder / f"{STAGE_STATE_FILE}.tmp"
+        torch.save({"stage": self.stage, "methods": [type(m).__name__ for m in self.methods], "states": states}, tmp)
+        tmp.replace(folder / STAGE_STATE_FILE)
+
+    def _load_stage_state(self, folder: Path) -> None:
+        """Restore what :meth:`_save_stage_state` wrote into ``folder``; ValueError when a method keeps stage state
+        and the checkpoint has none for it (written without these methods, or by an older forgetless)."""
+        path = folder / STAGE_STATE_FILE
+        keeping = [type(m).__name__ for m in self.methods if type(m).stage_state is not Method.stage_state]
+        if not path.is_file():
+            if keeping:
+                raise ValueError(f"{folder}: no {STAGE_STATE_FILE}, the running state of {', '.join(keeping)} at "
+                                 f"that checkpoint: resuming would restart it mid-stage; train the stage again")
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        names = [type(m).__name__ for m in self.methods]
+        if saved.get("stage") != self.stage or saved.get("methods") != names:
+            raise ValueError(f"{path}: written by the {saved.get('stage')} stage of {saved.get('methods')}, not by "
+                             f"the {self.stage} stage of {names}")
+        for method, state in zip(self.methods, saved["states"], strict=True):
+            method.load_stage_state(self.stage_context, state)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
                       *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -218,6 +255,14 @@ class _HookCallback(TrainerCallback):
         ctx, trainer = self.trainer.stage_context, self.trainer
         ctx.optimizer, ctx.scheduler, ctx.total_steps = trainer.optimizer, trainer.lr_scheduler, state.max_steps
         ctx.model, ctx.accelerator = trainer.model, trainer.accelerator
+        if trainer._resume_dir is not None:  # the Trainer has restored the checkpoint's weights and optimizer
+            ctx.step = state.global_step
+            trainer._load_stage_state(trainer._resume_dir)
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        if state.is_world_process_zero:
+            trainer = self.trainer
+            trainer._save_stage_state(Path(trainer._get_output_dir(trial=None)) / f"checkpoint-{state.global_step}")
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         ctx = self.trainer.stage_context

@@ -195,3 +195,31 @@ def test_a_dataset_without_labels_works_as_transformers_collator_reads_it(tmp_pa
     assert fishers[0].keys() == fishers[1].keys() and fishers[0]
     for name, value in fishers[0].items():
         assert torch.equal(value, fishers[1][name]), name
+
+
+def test_a_resumed_trainer_stage_records_the_importance_of_an_uninterrupted_one(tmp_path):
+    """train(resume_from_checkpoint=...) ran on_stage_start again and never restored what HLoRA had gathered before
+    the checkpoint: the general stage's importance covered the steps after it alone (relative error 3.9), silently.
+    The methods' stage state now travels in the Trainer's checkpoints; a checkpoint without it is refused."""
+    from forgetless.integrations import STAGE_STATE_FILE, ForgetlessTrainer
+
+    data = variable_examples(16, seed=1)
+
+    def run(out, resume=None):
+        model = make_lora_model(0, b_std=0.05)
+        plugin, = resolve([{"name": "hlora", "phi": 1e4}]).plugins
+        args = TrainingArguments(**trainer_args(tmp_path, 2, 2, torch.device("cpu")) | dict(
+            output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2))
+        trainer = ForgetlessTrainer(model=model, args=args, train_dataset=data, methods=[plugin], stage="general",
+                                    data_collator=partial(collate, pad_token_id=0))
+        trainer.train(resume_from_checkpoint=resume)
+        return plugin
+
+    whole = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.steps == whole.steps == 4
+    for name, omega in whole.importance.items():
+        torch.testing.assert_close(resumed.importance[name], omega, rtol=1e-5, atol=1e-9)
+    (tmp_path / "a" / "checkpoint-2" / STAGE_STATE_FILE).unlink()
+    with pytest.raises(ValueError, match=f"checkpoint-2: no {STAGE_STATE_FILE}, the running state of HLoRA"):
+        run(tmp_path / "c", resume=str(tmp_path / "a" / "checkpoint-2"))
