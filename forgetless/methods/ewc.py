@@ -17,8 +17,11 @@ Fisher (diagonal), per example ``n``, never the square of a batch-mean gradient:
   EWC-LoRA papers, ``E_{y ~ p_theta}[(d log p / d theta)**2]``, the quantity EWC's Laplace argument needs (it is the
   Gauss-Newton approximation of the Hessian). ``"empirical"`` uses the observed next tokens, as the EWCLoRA
   authors' code does; it is a different matrix (Kunstner et al. 2019, "Limitations of the empirical Fisher
-  approximation"), the same cost. Sampling: a generator seeded from the stage seed, one ``torch.multinomial``
-  call per example (in the order used) over that example's labelled positions.
+  approximation"), the same cost. Sampling: each example's labels come from a generator of its own, seeded from the
+  stage seed and the example's place in the Fisher's list (:func:`example_generator`), one ``torch.multinomial``
+  call over its labelled positions: the same draws whatever the batch size, the chunking or the number of processes
+  (which each take every world-th example). Before session 33 one generator drew for the examples in order, so two
+  processes drew other labels than one (and the same random numbers for their k-th examples).
 * Scale: under sampled labels the cross-token terms of ``G_n**2`` vanish in expectation (each drawn token's score
   has zero mean given its context), so ``F`` is the average per-token Fisher: ``lambda * sum F dW**2`` is about
   ``2 lambda`` times the predicted increase of the mean general-text token loss, independent of block length.
@@ -91,7 +94,7 @@ from forgetless.lora import (DEFAULT_ADAPTER, LoraGroup, compute_dtype, delta_fr
                              group_modules, lora_modules, scaling, update_shape, weighted_distance)
 from forgetless.methods import DOMAIN, GENERAL, MethodSpec, register
 from forgetless.methods.common import (STORAGE_DTYPES, Options, PendingState, StateFile, Timer, all_reduce_,
-                                       check_modules, option, rank, shard)
+                                       check_modules, option, rank, shard, world_size)
 from forgetless.precision import autocast, resolve_precision
 from forgetless.progress import say
 from forgetless.training.batches import collate
@@ -104,6 +107,19 @@ ESTIMATORS = ("sampled", "empirical")
 FISHER_OPTIONS = ("estimator", "samples", "batch_size", "fisher_over", "storage_dtype", "adapter", "fisher_precision")
 FISHER_PRECISIONS = ("float32", "run")
 _SEED_OFFSET = 104729  # keeps the Fisher's subset and draws independent of the loader's shuffling stream
+
+
+Draws = torch.Generator | Sequence[torch.Generator] | None  # one generator, or one per row of a batch
+
+
+def example_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of the sampled labels of example ``index`` (its place in the Fisher's whole list), on
+    ``device``: seeded from ``seed`` and ``index`` apart (the seed in the high 32 bits, the index in the low)."""
+    return torch.Generator(device=device).manual_seed(((int(seed) % 2**31) << 32) | (int(index) % 2**32))
+
+
+def _row_generator(generator: Draws, row: int) -> torch.Generator | None:
+    return generator[row] if isinstance(generator, Sequence) else generator
 
 
 def _example_nll(logits: torch.Tensor, labels: torch.Tensor, estimator: str,
@@ -120,18 +136,18 @@ def _example_nll(logits: torch.Tensor, labels: torch.Tensor, estimator: str,
 
 
 def rowwise_batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, estimator: str,
-                      generator: torch.Generator | None) -> torch.Tensor:
+                      generator: Draws) -> torch.Tensor:
     """The definition :func:`_batch_nll` computes in one pass: :func:`_example_nll` row by row, summed (``keep`` is
     unused; the signature is :func:`_batch_nll`'s). The reference of its test and of ``bench/bench_method_state.py``."""
     loss = None
     for row in range(logits.shape[0]):
-        nll, _ = _example_nll(logits[row], labels[row], estimator, generator)
+        nll, _ = _example_nll(logits[row], labels[row], estimator, _row_generator(generator, row))
         loss = nll if loss is None else loss + nll
     return loss
 
 
 def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, estimator: str,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: Draws) -> torch.Tensor:
     """The summed NLL of every example of a batch (``logits`` [B, T, V], ``labels`` [B, T] unshifted, ``keep`` [B, T-1]
     on the CPU: the positions with a loss), as :func:`_example_nll` summed over the rows, in one pass.
 
@@ -149,7 +165,8 @@ def _batch_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, e
             if not bool(keep[row].any()):  # (a CPU tensor) nothing to draw
                 continue
             index = keep[row].nonzero().squeeze(1).to(logits.device, non_blocking=True)
-            drawn = torch.multinomial(probs[row].index_select(0, index).exp(), 1, generator=generator).squeeze(1)
+            drawn = torch.multinomial(probs[row].index_select(0, index).exp(), 1,
+                                      generator=_row_generator(generator, row)).squeeze(1)
             y[row].index_copy_(0, index, drawn)
     else:
         y = torch.where(on_device, targets, 0)
@@ -169,7 +186,7 @@ def _chunk_examples(scorer: HeadScorer, rows: int, length: int) -> int | None:
 
 
 def _nll_grad_by_chunks(scorer: HeadScorer, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                        estimator: str, generator: torch.Generator | None, chunk: int) -> torch.Tensor:
+                        estimator: str, generator: Draws, chunk: int) -> torch.Tensor:
     """The gradient of :func:`_batch_nll` summed over the batch with respect to the backbone's ``hidden`` [B, T, H],
     computed ``chunk`` whole examples at a time: the head, the NLL and their backward for one chunk, whose logits are
     then dropped. The labels are drawn as :func:`_batch_nll` draws them (example by example, in order), and examples
@@ -179,20 +196,23 @@ def _nll_grad_by_chunks(scorer: HeadScorer, hidden: torch.Tensor, labels: torch.
         rows = slice(start, start + chunk)
         part = hidden[rows].detach().requires_grad_()
         with torch.enable_grad():
-            loss = _batch_nll(scorer.logits(part), labels[rows], keep[rows], estimator, generator)
+            draws = generator[rows] if isinstance(generator, Sequence) else generator
+            loss = _batch_nll(scorer.logits(part), labels[rows], keep[rows], estimator, draws)
         grad[rows] = torch.autograd.grad(loss, part)[0]
     return grad
 
 
 def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator: str = "sampled",
                     fisher_over: str = "lora", batch_size: int = 4, seed: int = 0,
-                    adapter: str = "default", precision: str = "fp32",
-                    offload: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                    adapter: str = "default", precision: str = "fp32", offload: bool = False,
+                    example_ids: Sequence[int] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """The diagonal Fisher ``F = sum_n G_n**2 / sum_n T_n`` over ``examples`` (``{input_ids, labels}``) in order.
 
     Returns ``({parameter name: F}, tokens)``; names are the model's parameter names (for a LoRA module
     ``<module>.base_layer.weight``). The model is put in eval mode (no dropout) and restored; no ``.grad`` is touched.
-    Sampled labels: ``torch.Generator(device).manual_seed(seed)``, one ``torch.multinomial`` call per example.
+    Sampled labels: example ``k``'s from ``example_generator(seed, example_ids[k])`` (``example_ids``: the examples'
+    places in the whole list when this process has a share of it; default ``0, 1, ...``), one ``torch.multinomial``
+    call per example. Under several processes each passes its share; the sums are all-reduced.
     ``precision`` (:data:`forgetless.precision.PRECISIONS`): the forward, the backward and the per-example ``G_n``
     run with autocast off with ``"fp32"`` (the default: the exact Fisher on a float32 base; a bf16 base still
     computes in bf16), under bf16 autocast where it resolves to ``"bf16"`` (the training loop's matmul precision;
@@ -209,19 +229,24 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if not examples:
+    if not examples and world_size() == 1:  # under several processes one may have no share: the sum decides
         raise ValueError("EWC needs general-text examples to compute the Fisher")
+    ids = list(range(len(examples))) if example_ids is None else [int(i) for i in example_ids]
+    if len(ids) != len(examples):
+        raise ValueError(f"example_ids: {len(ids)} ids for {len(examples)} examples")
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    draws = None if estimator != "sampled" else [example_generator(seed, i, device) for i in ids]
     with _eval_keeping_checkpointing(model), _fisher_autocast(precision, device):
         if fisher_over == "lora":
-            fisher, tokens = _fisher_lora(model, examples, estimator, batch_size, generator, adapter, offload)
+            fisher, tokens = _fisher_lora(model, examples, estimator, batch_size, draws, adapter, offload)
         elif fisher_over == "all":
-            fisher, tokens = _fisher_all(model, examples, estimator, generator)
+            fisher, tokens = _fisher_all(model, examples, estimator, draws)
         else:
             raise ValueError(f"fisher_over must be 'lora' or 'all', got {fisher_over!r}")
     count = torch.tensor(float(tokens), device=device, dtype=torch.float64)
     all_reduce_(list(fisher.values()) + [count], op="sum")
+    if not float(count):  # every process alike: the count is the sum
+        raise ValueError(f"EWC's Fisher: none of its examples has a labelled token ({len(examples)} here)")
     for t in fisher.values():
         t.div_(max(float(count), 1.0))
     return fisher, int(count)
@@ -271,7 +296,7 @@ class _SquaredExampleGradients(torch.autograd.Function):
         return grad_output, None, None
 
 
-def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, offload=False):
+def _fisher_lora(model, examples, estimator, batch_size, draws, adapter, offload=False):
     modules = lora_modules(model, adapter)
     if not modules:
         raise ValueError(f"EWC found no LoRA modules of adapter {adapter!r} in the model (attach LoRA first)")
@@ -328,6 +353,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
     try:
         for start in range(0, len(examples), batch_size):
             on_cpu = collate(examples[start:start + batch_size], pad_token_id=0)
+            generator = None if draws is None else draws[start:start + batch_size]  # one per example
             batch_shape[:] = on_cpu["input_ids"].shape
             keep = on_cpu["labels"][:, 1:] != IGNORE_INDEX  # on the CPU: counts and indices without a device read
             tokens += int(keep.sum())
@@ -351,7 +377,7 @@ def _fisher_lora(model, examples, estimator, batch_size, generator, adapter, off
     return fisher, tokens
 
 
-def _fisher_all(model, examples, estimator, generator):
+def _fisher_all(model, examples, estimator, draws):
     from forgetless.models import is_quantized
 
     if is_quantized(model):
@@ -363,10 +389,10 @@ def _fisher_all(model, examples, estimator, generator):
     try:
         for _, p in params:
             p.requires_grad_(True)
-        for example in examples:  # one example at a time: autograd gives G_n of every weight, tied ones included
+        for k, example in enumerate(examples):  # one at a time: autograd gives G_n of every weight, tied ones too
             batch = {k: v.to(params[0][1].device) for k, v in collate([example], pad_token_id=0).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, count = _example_nll(logits[0], batch["labels"][0], estimator, generator)
+            nll, count = _example_nll(logits[0], batch["labels"][0], estimator, None if draws is None else draws[k])
             tokens += count
             grads = torch.autograd.grad(nll, [p for _, p in params], allow_unused=True)
             for (name, _), g in zip(params, grads):
@@ -493,6 +519,8 @@ class EWC(Method):
     def _compute(self, ctx: StageContext, examples: Sequence[dict]) -> None:
         seed = int(getattr(ctx.config, "seed", 0) or 0) if ctx.config is not None else 0
         chosen = list(examples)
+        if not chosen:  # on every process alike (each would otherwise find only its own share empty)
+            raise ValueError("EWC needs general-text examples to compute the Fisher")
         if self.samples is not None and self.samples < len(chosen):
             g = torch.Generator().manual_seed(seed + _SEED_OFFSET)
             chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=g)[: self.samples].tolist()]
@@ -500,7 +528,8 @@ class EWC(Method):
         with Timer(next(model.parameters()).device) as timer:
             precision = "fp32" if self.fisher_precision == "float32" else getattr(ctx.config, "precision", "auto")
             fisher, tokens = fisher_diagonal(model, shard(chosen), self.estimator, self.fisher_over, self.batch_size,
-                                             seed + _SEED_OFFSET, self.adapter, precision, self.offload == "cpu")
+                                             seed + _SEED_OFFSET, self.adapter, precision, self.offload == "cpu",
+                                             example_ids=shard(range(len(chosen))))
         seconds = timer.seconds
         self.fisher = fisher
         self.metadata = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),

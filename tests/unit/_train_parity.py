@@ -20,6 +20,8 @@ CASES = {  # name: (method entry, stages)
     "sam-micro": ([{"name": "sam", "rho": 0.05, "perturb": "micro"}], ("domain",)),  # eps per micro-batch
     "hlora": ([{"name": "hlora", "phi": 1e4}], ("general", "domain")),
     "ewc": ([{"name": "ewc", "lambda": 1e3, "estimator": "empirical", "samples": 8}], ("general", "domain")),
+    # the default estimator: its labels are drawn per example, so each process's share draws what one process does
+    "ewc-sampled": ([{"name": "ewc", "lambda": 1e3, "samples": 8}], ("general", "domain")),
     "lora-chunked-ce": ("lora-nu-mu", ("domain",)),  # the loss's head + cross-entropy in chunks of 3 rows
 }
 CHUNKED_CE = {"lora-chunked-ce": 64 * 3}  # case -> CHUNK_ELEMENTS (the tiny vocabulary is 64)

@@ -8,7 +8,7 @@ import torch
 
 from forgetless.lora import lora_modules
 from forgetless.methods import REGISTRY, general_stage_entries, resolve
-from forgetless.methods.ewc import EWC, FILENAME, fisher_diagonal, load_fisher
+from forgetless.methods.ewc import EWC, FILENAME, example_generator, fisher_diagonal, load_fisher
 from forgetless.methods.hlora import HLoRA
 from forgetless.training.loop import TrainConfig, train_stage
 from tests.unit.gradcheck import central_differences
@@ -36,9 +36,9 @@ def reference_fisher(model, examples, estimator, seed):
         w.requires_grad_(True)
     fisher = [torch.zeros_like(w) for w in weights]
     device = weights[0].device
-    g = torch.Generator(device=device).manual_seed(seed)  # as fisher_diagonal samples: on the model's device
     tokens = 0
-    for ex in examples:
+    for index, ex in enumerate(examples):
+        g = example_generator(seed, index, device)  # as fisher_diagonal samples: one per example, on the model's device
         ids = torch.tensor([ex["input_ids"]], device=device)
         labels = torch.tensor(ex["labels"], device=device)
         logits = merged(input_ids=ids).logits[0]
@@ -443,3 +443,48 @@ def test_a_module_called_on_flattened_tokens_gets_per_example_gradients():
     for name, f in want.items():
         assert f.abs().max() > 0
         assert torch.allclose(fisher[name], f, rtol=1e-4, atol=1e-6 * float(f.abs().max())), name
+
+
+def test_each_examples_draws_are_its_own_whatever_the_share(lora_model):
+    """Under several processes each computes the Fisher of every world-th example. One generator drawing for the
+    examples in order gave two processes other labels than one (rank 1's k-th example drew rank 0's k-th numbers):
+    the sampled Fisher depended on the process count (1.14 relative, 8 examples), and a kept Fisher was shared
+    between such runs. Each example now draws from its own generator: the shares' sums are the whole's."""
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    examples = ragged_examples()
+    whole, tokens = fisher_diagonal(model, examples, "sampled", batch_size=3, seed=5)
+    shares = [fisher_diagonal(model, examples[r::2], "sampled", batch_size=2, seed=5,
+                              example_ids=range(r, len(examples), 2)) for r in (0, 1)]
+    assert sum(t for _, t in shares) == tokens
+    for name, f in whole.items():
+        summed = sum(share[name] * t for share, t in shares) / tokens
+        torch.testing.assert_close(summed, f, rtol=1e-10, atol=1e-18)
+    # the draws matter: the shares without their places draw other labels
+    other, _ = fisher_diagonal(model, examples[1::2], "sampled", batch_size=2, seed=5)
+    assert any(not torch.allclose(other[k], shares[1][0][k]) for k in other)
+
+
+def test_a_process_without_a_share_of_the_fishers_examples_joins_the_sum(lora_model, monkeypatch):
+    """With fewer examples than processes one process gets none. It raised "EWC needs general-text examples" while
+    the others waited in the all-reduce (gloo: 'Connection closed by peer'; NCCL: a hang until the timeout). It now
+    adds zeros to the sum; a Fisher with no labelled token anywhere is an error on every process alike."""
+    from forgetless.methods import ewc
+
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    examples = ragged_examples()[:1]
+    theirs, tokens = fisher_diagonal(model, examples, "sampled", batch_size=2, seed=5)  # rank 0's share: all
+    monkeypatch.setattr(ewc, "world_size", lambda: 2)
+
+    def reduce_with_rank0(tensors, op="sum"):  # what the all-reduce adds: rank 0's sums and token count
+        sums = [f * tokens for f in theirs.values()] + [torch.tensor(float(tokens), dtype=torch.float64)]
+        for t, other in zip(tensors, sums, strict=True):
+            t.add_(other.to(t.device, t.dtype))
+
+    monkeypatch.setattr(ewc, "all_reduce_", reduce_with_rank0)
+    mine, count = fisher_diagonal(model, [], "sampled", batch_size=2, seed=5, example_ids=[])
+    assert count == tokens
+    for name, f in theirs.items():
+        torch.testing.assert_close(mine[name], f)
+    monkeypatch.setattr(ewc, "all_reduce_", lambda tensors, op="sum": None)
+    with pytest.raises(ValueError, match="none of its examples has a labelled token"):
+        fisher_diagonal(model, [], "sampled", batch_size=2, seed=5, example_ids=[])
