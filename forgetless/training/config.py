@@ -71,6 +71,8 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     scheduler: str = "linear"  # one of SCHEDULERS (transformers.get_scheduler)
+    # warmup steps: int(warmup_ratio x the stage's steps), rounded down, as every recorded run took it (transformers'
+    # Trainer rounds up: 0.05 of 50 steps is 2 here, 3 there; a ratio under 1/steps gives no warmup here)
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     precision: str = "auto"  # "auto": bf16 autocast where the hardware has it, else fp32
