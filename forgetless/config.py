@@ -415,12 +415,21 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the experiment must be a mapping")
-    raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # x-...: YAML anchors only
+    anchors = sorted(str(k) for k in raw if str(k).startswith("x-"))
+    # x-...: YAML anchors only. Every use of an anchor (*alias) is one shared object in what PyYAML returns: copied
+    # apart, so that an override changes the place it names and not every place that uses the same anchor
+    raw = _unshared({k: v for k, v in raw.items() if not str(k).startswith("x-")})
+    for text in overrides:
+        if text.partition("=")[0].split(".")[0].split("[")[0] in anchors:
+            raise ConfigError(f"{path}: override {text!r}: {text.split('=')[0].split('.')[0]} holds YAML anchors, "
+                              f"read when the file is parsed; override the keys that use them instead")
     apply_overrides(raw, overrides, str(path))
     raw.setdefault("name", path.stem)
     raw["output"] = output or raw.get("output") or str(Path("runs") / path.stem)
     if "landscape" in raw and raw["landscape"] is None:
         raw["landscape"] = {}  # a bare 'landscape:' switches the section on with its defaults
+    if raw.get("landscape") is False:  # 'landscape: false' (or the override landscape=false): off
+        del raw["landscape"]
     exp = read_section(Experiment, raw, str(path), "")
     exp.source = path
     if exp.general.train is None or exp.general.heldout is None:
@@ -430,6 +439,15 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
             raise ConfigError(f"{path}: tasks[{i}]: missing key 'test' (the task's test set)")
     exp.methods, exp.method_tasks = check_methods(exp.methods, [t.name for t in exp.tasks], str(path))
     return exp
+
+
+def _unshared(node: Any) -> Any:
+    """``node`` with every mapping and list its own (YAML aliases share one object); leaves are kept."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 _KEY_PATH = re.compile(r"[^.\[\]=\s]+(?:\.[^.\[\]=\s]+|\[-?\d+\])*")  # train.domain.lr, tasks[0].name

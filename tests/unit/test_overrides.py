@@ -40,6 +40,35 @@ def test_overrides_replace_values_as_yaml(tmp_path):
     assert load_experiment(path).seeds == [0]  # the file is not changed
 
 
+def test_an_override_changes_one_use_of_a_yaml_anchor(tmp_path):
+    """PyYAML gives every *alias of an anchor the same object: an override of one place changed every place using
+    the anchor (methods[0].rho=1.0 moved SAM's rho in [replay, *sam] too, as examples/sam_shared.yaml writes them).
+    An override of an x- key (anchors only) is an error saying to override the keys that use it; landscape=false is
+    off (a bare 'landscape:' is on)."""
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(f'{{"text": "Plants make sugar from light, sentence {i}."}}\n' for i in range(20)))
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"""
+x-stage: &stage {{max_steps: 2, batch_size: 2}}
+x-sam: &sam {{name: sam, rho: 0.05}}
+name: tiny
+model: no-model
+output: {tmp_path / "out"}
+general: {{train: {general}, heldout: {general}, block_size: 16}}
+tasks: [{{name: t, train: {TASK}, test: {TASK}}}]
+methods: [*sam, [replay, *sam]]
+train: {{general: *stage, domain: *stage}}
+landscape: {{grid: 3}}
+""")
+    exp = load_experiment(path, overrides=["methods[0].rho=1.0", "train.domain.max_steps=7", "landscape=false"])
+    assert exp.methods == [{"name": "sam", "rho": 1.0}, ["replay", {"name": "sam", "rho": 0.05}]]
+    assert (exp.train.general.max_steps, exp.train.domain.max_steps) == (2, 7)
+    assert exp.landscape is None and load_experiment(path).landscape.grid == 3
+    with pytest.raises(ConfigError, match=r"override 'x-stage.max_steps=5': x-stage holds YAML anchors, read when "
+                                          r"the file is parsed; override the keys that use them"):
+        load_experiment(path, overrides=["x-stage.max_steps=5"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("train.domian.lr=1e-4", "exp.yaml: train: unknown key 'domian'; known: ['domain', 'general']"),
     ("train.domain.learning_rate=1", "exp.yaml: train.domain: unknown key 'learning_rate'"),
