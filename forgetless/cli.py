@@ -114,7 +114,7 @@ def _plan_text(exp: Experiment) -> str:
         lines.append("flatness of the recorded runs (the runs to do are measured as each finishes, in the time "
                      "above): "
                      + landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
-                                      exp.general.heldout.cache_key(), jobs_hint=True))
+                                      exp.general.heldout.cache_key(), jobs_hint=True, only={j.rid for j in jobs}))
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
     lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")
@@ -250,11 +250,18 @@ def _its_run(adapter: Path) -> tuple[Path, dict] | None:
 
 
 def _base_as_its_run(args: argparse.Namespace) -> None:
-    """``eval --adapter``'s base loaded as the run that trained the adapter loaded it (its ``dtype`` and
-    ``quantization``) unless the flags say otherwise: a QLoRA adapter scored on a float base gave other numbers."""
+    """``eval --adapter``'s (and ``landscape --adapter``'s) base loaded as the run that trained the adapter loaded it
+    (its ``dtype`` and ``quantization``) unless the flags say otherwise: a QLoRA adapter scored on a float base gave
+    other numbers. Read from the run's record, else from the adapter's own record (``forgetless_base.json``, which
+    says it since session 33: a ``train`` folder without a test set or held-out text has no record)."""
+    from forgetless.models import BASE_FILE, adapter_record
+
     found = _its_run(Path(args.adapter)) if args.adapter else None
     settings = found[1].get("settings") if found else None
     settings = settings if isinstance(settings, dict) else {}
+    if not found and args.adapter:
+        settings = adapter_record(args.adapter)
+        found = (Path(args.adapter) / BASE_FILE, settings)
     for key, default in (("dtype", "auto"), ("quantization", "none")):
         if getattr(args, key) is None:
             theirs = settings.get(key, default)  # a run's settings keep only what is not the default
@@ -437,7 +444,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
 
-    from forgetless.models import load_adapter, load_model
+    from forgetless.models import is_quantized, load_adapter, load_model
     from forgetless.precision import default_device
     from forgetless.reporting.landscape_plots import plot_surface
 
@@ -472,8 +479,14 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
             source, schema = _task_source(args.task)
             items = load_mc_task(source, schema=schema, limit=args.limit)
     chat = _chat_template_before_load(args, bool(args.task))
-    model, tokenizer = load_model(args.model, precision=args.precision)
-    model.to(default_device())  # evaluate on the GPU when there is one
+    _base_as_its_run(args)
+    if args.quantization != "none" and args.params == "all":
+        raise ConfigError(f"--params all moves every weight, and a {args.quantization} base's are quantized: "
+                          f"use --params trainable, or --quantization none")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, precision=args.precision,
+                                  quantization=args.quantization)
+    if not is_quantized(model):  # a quantized base is placed on the process's GPU as it loads
+        model.to(default_device())  # evaluate on the GPU when there is one
     if args.adapter:
         model = load_adapter(model, args.adapter, trainable=True)  # trainable: the LoRA weights
     with data_errors(flag):
@@ -491,7 +504,9 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         surface = compute_surface(model, objective.value, dims=args.dims, params=args.params, steps=args.grid,
                                   span=(args.range[0], args.range[1]), filter_normalize=args.filter_normalize,
                                   seed=args.seed, progress=not args.quiet)
-    surface.meta |= {"model": args.model, "adapter": args.adapter, "data": data, "precision": args.precision}
+    surface.meta |= {"model": args.model, "adapter": args.adapter, "data": data, "precision": args.precision,
+                     **{k: getattr(args, k) for k, default in (("dtype", "auto"), ("quantization", "none"))
+                        if getattr(args, k) != default}}
     report: dict = {"model": args.model, "adapter": args.adapter, "data": data, "loss": loss, **surface.meta}
     if args.dims == 2:
         report["surface_metrics"] = surface_metrics(surface.losses, surface.coords)
@@ -760,6 +775,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
     p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
     p.add_argument("--ascent-steps", type=int, default=5, help="projected gradient-ascent steps of eps-sharpness")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
+                   help="the base's weights (default: as the run that trained --adapter loaded them, else auto, which "
+                        "resolves with --precision: fp32)")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"],
+                   help="a 4-bit or 8-bit base (default: as the run that trained --adapter had it, else none)")
     p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json (new or "
                                                           "empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier measurement in --output")

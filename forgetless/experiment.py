@@ -317,6 +317,7 @@ def domain_stage_name(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int
             or any(plugin.shapes_domain_stage() for plugin in recipe.plugins)):
         return None  # names without a plugin (lora-nu-mu, rslora) act through the stages and LoRA, both in the key
     settings = run_settings(exp, recipe, task, seed)
+    settings.pop(SUITE_KEY, None)  # what the run is scored on, not what it trains (names as before session 33)
     settings["method"] = {"stages": list(recipe.stages),
                           "general": general_stage_entries(recipe.entries) if GENERAL in recipe.stages else None}
     return f"{DOMAIN}-{settings_digest(settings)}"
@@ -382,12 +383,30 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> 
         from importlib.metadata import version
 
         settings["lm_eval"] = version("lm_eval")
+    suite = _auto_suite(exp, task)
+    if suite:
+        settings[SUITE_KEY] = suite
     if recipe.stages:
         settings["lora"] = _non_default(replace(exp.lora, **recipe.lora))
     else:
         settings = {k: v for k, v in settings.items() if k not in ("lora", "train")}
         settings["general"] = {k: v for k, v in settings.get("general", {}).items() if k != "train"}
     return settings
+
+
+# The other tasks' test sets a run is scored on (``eval.suite: auto``), by what defines their items: in a run's
+# identity since session 33 (changing another task's test_limit reused runs scored on the old items). A record
+# written before has no such key; it is taken as it was (:attr:`Job.digests`).
+SUITE_KEY = "suite"
+_SUITE_ITEMS = ("test", "test_split", "test_limit", "schema")
+
+
+def _auto_suite(exp: Experiment, task: TaskSpec) -> dict[str, Any]:
+    """``{task name: what defines its test items}`` for the other tasks in ``task``'s suite (listed suite entries are
+    in ``eval``, already part of the settings)."""
+    others = {t.name: t for t in exp.tasks}
+    names = [n for n in exp.eval.suite_names(task.name, list(others)) if n in others and n != task.name]
+    return {n: {k: v for k, v in _non_default(others[n]).items() if k in _SUITE_ITEMS} for n in names}
 
 
 def _canonical(value: Any) -> Any:
@@ -435,6 +454,14 @@ class Job:
     @property
     def digest(self) -> str:
         return settings_digest(self.settings)
+
+    @property
+    def digests(self) -> set[str]:
+        """The digests a record of this run may carry: this one, and where the run has an auto suite, the one of a
+        record written before the suite was part of a run's identity (session 33), taken as it was."""
+        if SUITE_KEY not in self.settings:
+            return {self.digest}
+        return {self.digest, settings_digest({k: v for k, v in self.settings.items() if k != SUITE_KEY})}
 
 
 def plan_runs(exp: Experiment) -> list[Job]:
@@ -733,7 +760,7 @@ def _sort_finished(exp: Experiment, jobs: list[Job]) -> tuple[list[Job], list[tu
             continue
         record = read_record(path)
         digest = record.get("settings_digest")
-        if not finite_record(record) or (digest is not None and digest != job.digest):
+        if not finite_record(record) or (digest is not None and digest not in job.digests):
             stale.append((job, record))
         unrecorded += digest is None and finite_record(record)
     return pending, stale, unrecorded
@@ -858,7 +885,7 @@ def _train_job(exp: Experiment, job: Job, data: ExperimentData, progress: bool) 
 def _checkpoint_precision(out: Path, job: Job) -> str | None:
     """The precision an interrupted session of ``job`` computed in, from its checkpoint settings (None: none)."""
     saved = _saved_settings(out, job.rid)
-    if saved is None or saved.get("settings_digest") != job.digest:
+    if saved is None or saved.get("settings_digest") not in job.digests:
         return None
     return (saved.get("computed") or {}).get("precision")
 
@@ -922,7 +949,7 @@ def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str, 
         saved = _saved_settings(exp.output, job.rid)
         if saved is None:
             continue
-        if saved.get("settings_digest") != job.digest:
+        if saved.get("settings_digest") not in job.digests:
             found.append((job, settings_changes(saved.get("settings") or {}, job.settings),
                           saved.get("settings_digest") or "old"))
     return found
@@ -1072,13 +1099,19 @@ def computed_elsewhere(exp: Experiment) -> str:
             f"slower)")
 
 
+def planned_ids(exp: Experiment) -> set[str]:
+    """The run ids ``exp`` plans: the landscape step measures and counts their records only (a folder may hold
+    records of seeds, methods or a base model the file no longer names, as the tables leave them out)."""
+    return {job.rid for job in plan_runs(exp)}
+
+
 def _measure_landscape(exp: Experiment, progress: bool, only: set[str] | None = None) -> None:
     """The landscape step (:func:`forgetless.landscape_runs.measure_runs`) on ``exp``'s runs, or on ``only``."""
     from forgetless.landscape_runs import measure_runs
 
     heldout = exp.general.heldout
     measure_runs(exp.output, exp.model, exp.landscape, lambda: _texts(exp, heldout), exp.general.block_size,
-                 data_key=heldout.cache_key(), progress=progress, only=only)
+                 data_key=heldout.cache_key(), progress=progress, only=only, planned=planned_ids(exp))
 
 
 def _landscape_now(exp: Experiment, rid: str, progress: bool) -> None:
@@ -1185,7 +1218,7 @@ def _worker_landscape(exp: Experiment, rids: list[str], progress: bool, workers:
     with plain_lines(f"[{rids[0]}] ") if progress else contextlib.nullcontext():
         _measure_landscape(exp, progress, only=set(rids))
     left = landscape_left(exp.output, exp.model, exp.landscape, exp.general.block_size,
-                          exp.general.heldout.cache_key(), workers)
+                          exp.general.heldout.cache_key(), workers, only=planned_ids(exp))
     print(f"    [{left}]")
 
 
@@ -1195,7 +1228,7 @@ def _landscape_parallel(exp: Experiment, workers: int, progress: bool) -> None:
     from forgetless.landscape_runs import runs_to_measure
 
     rids = runs_to_measure(exp.output, exp.model, exp.landscape, exp.general.block_size,
-                           data_key=exp.general.heldout.cache_key())
+                           data_key=exp.general.heldout.cache_key(), only=planned_ids(exp))
     groups = landscape_groups(exp.output, rids)
     if len(groups) < 2:
         return
@@ -1379,10 +1412,11 @@ def planned_records(records: list[dict[str, Any]], jobs: Sequence[Job]) -> tuple
     experiment no longer plans (a seed, method or task taken out of the YAML, records copied in from another
     folder): averaged in, they would mix other settings into the tables without a word. A record without settings
     (an older forgetless) counts as its job's, as the planner reuses it."""
-    planned = {job.rid: job.digest for job in jobs}
+    planned = {job.rid: job.digests for job in jobs}
 
     def mine(record: dict[str, Any]) -> bool:
-        return record.get("run_id") in planned and record.get("settings_digest") in (None, planned[record["run_id"]])
+        return record.get("run_id") in planned and (record.get("settings_digest") is None
+                                                    or record["settings_digest"] in planned[record["run_id"]])
 
     return [r for r in records if mine(r)], [r for r in records if not mine(r)]
 
@@ -1442,6 +1476,10 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
         raise ConfigError(f"train: method {recipe.label!r} trains nothing, so there is no adapter to save")
     if GENERAL in recipe.stages and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r} has a general stage: give the general text (--general)")
+    needs = [type(p).__name__ for p in recipe.plugins if getattr(p, "needs_general_text", lambda s: False)(recipe.stages)]
+    if needs and exp.general.train is None:
+        raise ConfigError(f"train: method {recipe.label!r}: {', '.join(needs)} reads the general text in the domain "
+                          f"stage too (a replay mix, a Fisher): give it (--general)")
     held = [name for name in TRAIN_OUTPUTS if (exp.output / name).exists()]
     if held and not overwrite:
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "

@@ -142,10 +142,11 @@ def run_base(record: dict[str, Any]) -> dict[str, str]:
     return {k: run[k] for k, default in BASE_DEFAULTS.items() if run.get(k, default) != default}
 
 
-def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
-          data_key: Any) -> tuple[list[tuple[Path, dict, bool, bool]], list[dict[str, Any]], dict[str, Any]]:
-    """(runs to measure as (path, record, main surface?, all-weights surface?), every record in the folder,
-    digests)."""
+def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size: int, data_key: Any,
+          only: Collection[str] | None = None) -> tuple[list[tuple[Path, dict, bool, bool]], list[dict[str, Any]],
+                                                         dict[str, Any]]:
+    """(runs to measure as (path, record, main surface?, all-weights surface?), every record in the folder (of
+    ``only``, record file stems, when given: an experiment's planned runs), digests)."""
     block = settings.block_size or block_size
     extra = {"data": data_key, "block_size": block, "model": model_name}
     every = settings.all_weights()
@@ -154,6 +155,8 @@ def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size
 
     todo, records = [], []
     for path in sorted((Path(output) / "runs").glob("*.json")):
+        if only is not None and path.stem not in only:  # a run the experiment no longer plans (another seed,
+            continue  # method or base model): neither measured nor counted, as the tables leave it out
         record = read_record(path)  # a corrupt record: an error naming it
         records.append(record)
         entry = record.get("landscape") or {}
@@ -167,14 +170,14 @@ def _todo(output: Path, model_name: str, settings: LandscapeSettings, block_size
 
 
 def left_line(output: Path, model_name: str, settings: LandscapeSettings, block_size: int, data_key: Any = None,
-              workers: int = 1, jobs_hint: bool = False) -> str:
+              workers: int = 1, jobs_hint: bool = False, only: Collection[str] | None = None) -> str:
     """``"K/N runs' flatness measured; about T left"``: the landscape step's progress, the time left estimated from
     the measurements already in the records (mean seconds of a LoRA-direction measurement and of an all-weights one,
     times what is left of each, over ``workers``). ``jobs_hint``: say after an estimate that ``--jobs N`` divides it
     (``run --dry-run``)."""
     from forgetless.experiment import _hours
 
-    todo, records, digests = _todo(output, model_name, settings, block_size, data_key)
+    todo, records, digests = _todo(output, model_name, settings, block_size, data_key, only)
     line = f"{len(records) - len(todo)}/{len(records)} runs' flatness measured"
     if not todo:
         return line
@@ -258,14 +261,14 @@ def seconds_per_run(output: Path, model_name: str, settings: LandscapeSettings, 
 
 
 def runs_to_measure(output: Path, model_name: str, settings: LandscapeSettings, block_size: int,
-                    data_key: Any = None) -> list[str]:
+                    data_key: Any = None, only: Collection[str] | None = None) -> list[str]:
     """The run ids (record file stems) that :func:`measure_runs` would measure."""
-    return [path.stem for path, *_ in _todo(output, model_name, settings, block_size, data_key)[0]]
+    return [path.stem for path, *_ in _todo(output, model_name, settings, block_size, data_key, only)[0]]
 
 
 def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, heldout_texts: Callable[[], list[str]],
                  block_size: int, data_key: Any = None, progress: bool = True,
-                 only: Collection[str] | None = None) -> int:
+                 only: Collection[str] | None = None, planned: Collection[str] | None = None) -> int:
     """Add ``record["landscape"]`` to every run JSON under ``output/runs`` that lacks it (for these settings).
 
     The model of a run is ``model_name`` plus the run's adapter (``output/adapters/RUN_ID``, the weights after the
@@ -274,7 +277,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     With ``settings.all_weights_seeds``, the runs of those seeds (``base`` included) also get the surface over
     all weights, ``record["landscape"]["all_weights"]`` (its own digest: adding it measures only it). Returns how
     many runs were measured. ``only``: measure only these runs (record file stems), as one of several worker
-    processes does.
+    processes does; ``planned``: the runs an experiment plans (the others' records are left alone and not counted).
 
     Each measurement records its adapter's hash (``adapter_sha256``); a run whose adapter has the hash of another
     run measured with these settings on the same base is not measured: that run's entry is copied (its metrics and
@@ -284,7 +287,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
     A trained run whose adapter is not here (records moved to another machine without their weights) and a run whose
     measurement fails are left as they are, and the others measured; then :class:`LandscapeFailed` names each.
     """
-    todo, records, digests = _todo(output, model_name, settings, block_size, data_key)
+    todo, records, digests = _todo(output, model_name, settings, block_size, data_key, planned)
     if only is not None:
         todo = [item for item in todo if item[0].stem in only]
     if not todo:
@@ -308,7 +311,7 @@ def measure_runs(output: Path, model_name: str, settings: LandscapeSettings, hel
             first = first or error  # its traceback, as the failure's cause (forgetless --debug shows it)
             continue
         if only is None:
-            say(f"    [{left_line(output, model_name, settings, block_size, data_key)}]")
+            say(f"    [{left_line(output, model_name, settings, block_size, data_key, only=planned)}]")
     if problems:
         raise LandscapeFailed(problems) from first
     return measured

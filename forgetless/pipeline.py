@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from forgetless.config import BASE_DEFAULTS
 from forgetless.evaluation import evaluate_mc, perplexity
 from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
@@ -270,6 +271,8 @@ def run_recipe(
         selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
     if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
         start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
+        # how the base was loaded, where not the default: eval and landscape load it so for this adapter
+        start |= {k: getattr(settings, k) for k, default in BASE_DEFAULTS.items() if getattr(settings, k) != default}
         save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
         _save_beside_adapter(recipe.plugins, adapter_dir)
         if selected is not None:

@@ -506,6 +506,9 @@ class EWC(Method):
             examples, self._stage_examples = self._stage_examples, None
             self._compute(ctx, examples or ())
 
+    def needs_general_text(self, stages: Sequence[str]) -> bool:
+        return GENERAL not in stages and self._state.path is None  # no general stage, no Fisher loaded: computed on it
+
     def shapes_general_stage(self) -> bool:
         return False  # the Fisher is read off the general stage, which trains as lora-nu-mu's (see on_stage_start)
 

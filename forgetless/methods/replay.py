@@ -125,6 +125,9 @@ class Replay(Method):
     name = "replay"
     Options = ReplayOptions
 
+    def needs_general_text(self, stages: Sequence[str]) -> bool:
+        return self.fraction > 0.0
+
     def shapes_general_stage(self) -> bool:
         return False  # general text is mixed into the domain stage only
 

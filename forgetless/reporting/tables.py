@@ -139,6 +139,8 @@ def _scored_on(record: dict[str, Any]) -> dict[str, Any] | None:
             "general.block_size": general.get("block_size"),
             **{f"task.{k}": task.get(k) for k in ("test", "test_split", "test_limit", "schema", "max_length")},
             **{f"eval.{k}": ev.get(k) for k in ("suite", "suite_limit", "share_prefix")},
+            # the other tasks' test sets of an auto suite (a record written before session 33 does not say)
+            "suite items": settings.get("suite", _UNKNOWN),
             "lm_eval": settings.get("lm_eval")}  # the harness's version defines its suite tasks
 
 

@@ -142,6 +142,12 @@ class Method:
         stage of the same recipe without it from the cache (``wise-ft`` that of ``lora-nu-mu``)."""
         return True
 
+    def needs_general_text(self, stages: Sequence[str]) -> bool:
+        """Whether a run of ``stages`` must give this method the general training text even where it has no general
+        stage (``StageContext.general_examples``: replay mixes it in, EWC computes its Fisher on it), so that a run
+        without it is refused before any model loads (default: no)."""
+        return False
+
     def on_stage_skipped(self, stage: str, model: torch.nn.Module) -> None:
         """Called instead of the domain stage's hooks when that stage comes from the cache rather than training
         (:func:`forgetless.experiment.domain_stage_name`): ``model`` is at the stage's start (the cached weights are

@@ -218,6 +218,30 @@ def test_eval_of_a_qlora_adapter_loads_the_base_as_its_run_did(tmp_path, model_d
                                                                                           rel=1e-5)
 
 
+def test_an_adapter_without_a_run_record_says_how_its_base_was_loaded(tmp_path, model_dir, capsys):
+    """`train` without a test set or held-out text writes no run.json; `eval --adapter` and `landscape --adapter` then
+    loaded its base with the defaults, a bf16 (or 4-bit) run's adapter on a float32 base. The adapter's own record
+    (forgetless_base.json) now says how the base was loaded, and both commands load it so, saying it."""
+    from forgetless.models import BASE_FILE
+
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "adapter"
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--dtype", "bf16")) == 0
+    assert not (out / "run.json").exists() and json.loads((out / BASE_FILE).read_text())["dtype"] == "bf16"
+    general = str(tmp_path / "general.jsonl")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(out), "--ppl", general, "--precision", "fp32",
+                 "--block-size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert f"note: the base is loaded with dtype bf16, as the run that trained this adapter did ({out / BASE_FILE})" \
+        in captured.err
+    assert json.loads(captured.out[captured.out.index("{"):])["dtype"] == "bf16"
+    assert main(["landscape", "--model", str(model_dir), "--adapter", str(out), "--text", general, "--grid", "3",
+                 "--blocks", "1", "--block-size", "16", "--output", str(tmp_path / "ls"), "--quiet"]) == 0
+    assert "note: the base is loaded with dtype bf16" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ls" / "landscape.json").read_text())["dtype"] == "bf16"
+
+
 def test_without_model_an_adapter_s_recorded_base_is_used(tmp_path, capsys):
     """eval / landscape / export --adapter without --model take the base the adapter's forgetless_base.json names
     (said on stderr), instead of loading the default model and failing after that on missing keys; --model given

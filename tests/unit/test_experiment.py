@@ -514,3 +514,36 @@ def test_a_run_that_stops_on_an_error_removes_no_kept_checkpoints(tmp_path, tiny
     path = write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["lora-mu", "lora-nu-mu"], train=train)
     run_experiment(load_experiment(path), progress=False)
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == listing
+
+
+def test_the_other_tasks_test_sets_a_run_is_scored_on_are_part_of_its_identity(tmp_path, tiny_model_dir):
+    """With ``suite: auto`` a run is also scored on the other tasks' test sets; what defines their items was not part
+    of its identity, so after another task's test_limit changed, the finished runs were reused, scored on the old
+    items beside new runs scored on the new ones (a -10 point 'forgetting' made by the items). Now they are changed
+    runs; a record written before the suite was in the identity is taken as it was."""
+    from forgetless.experiment import SUITE_KEY, _sort_finished, plan_runs, settings_digest
+
+    generic = str(FIXTURES / "generic.jsonl")
+
+    def experiment(limit, **over):
+        tasks = [{"name": "gen", "train": generic, "test": generic},
+                 {"name": "other", "train": generic, "test": generic, "test_limit": limit}]
+        return load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["base"], seeds=[0], tasks=tasks,
+                                                **over))
+
+    before, after = experiment(3), experiment(2)
+    job = plan_runs(before)[0]
+    assert job.task.name == "gen" and job.settings[SUITE_KEY] == {"other": {"test": generic, "test_limit": 3}}
+    assert plan_runs(experiment(3, eval={"batch_size": 4, "suite": []}))[0].settings.get(SUITE_KEY) is None
+    (before.output / "runs").mkdir(parents=True)
+    record = before.output / "runs" / f"{job.rid}.json"
+    fields = {"run_id": job.rid, "method": "base", "task": "gen", "seed": 0, "general_ppl": 10.0,
+              "tasks": {"gen": {"acc": 0.5}}}
+    record.write_text(json.dumps(fields | {"settings": job.settings, "settings_digest": job.digest}))
+    new_job = plan_runs(after)[0]
+    _, stale, _ = _sort_finished(after, [new_job])
+    assert [j.rid for j, _ in stale] == [job.rid]
+    assert _sort_finished(before, [job])[1] == []
+    legacy = {k: v for k, v in job.settings.items() if k != SUITE_KEY}  # a record of before session 33
+    record.write_text(json.dumps(fields | {"settings": legacy, "settings_digest": settings_digest(legacy)}))
+    assert _sort_finished(after, [new_job])[1] == []

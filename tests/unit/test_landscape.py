@@ -650,6 +650,30 @@ def test_a_trained_run_without_its_adapter_is_named_not_marked_skipped(tmp_path,
     assert (out / "results.md").is_file()
 
 
+def test_the_landscape_step_measures_only_the_runs_the_experiment_plans(tmp_path, tiny_model_dir, capsys):
+    """The step measured every record in the folder: seeds or methods the file no longer names cost their time, and
+    one that could not be measured (its adapter gone, a record of another base model) failed a run whose planned runs
+    all succeeded (exit 2). The tables already leave such records out; so does the landscape step now."""
+    import shutil
+
+    from forgetless.cli import main
+    from forgetless.experiment import load_experiment, run_experiment
+
+    run_experiment(load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"])),
+                   progress=False)  # seeds 0 and 1
+    out = tmp_path / "out"
+    shutil.rmtree(out / "adapters" / "lora-mu__gen__seed1")
+    landscape = {"blocks": 2, "grid": 3, "batch_size": 2, "hessian_iters": 1, "trace_samples": 1, "ascent_steps": 1}
+    path = write_experiment(tmp_path, tiny_model_dir, methods=["base", "lora-mu"], seeds=[0], landscape=landscape)
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "landscape: measuring 2 run(s) (0 already measured)" in printed, printed
+    for seed, measured in ((0, True), (1, False)):
+        record = json.loads((out / "runs" / f"lora-mu__gen__seed{seed}.json").read_text())
+        assert ("landscape" in record) is measured, seed
+
+
 def test_the_landscape_command_measures_in_fp32_unless_told():
     """As an experiment's landscape: section does: in bf16, near a minimum, the gradient is mostly rounding (which
     moves eps-sharpness), and the curvature of a fine grid grows with the rounding divided by h^2. The other commands

@@ -378,6 +378,11 @@ CASES: list[Case] = [
     ("train non-UTF-8 --test", lambda ws: ws.train("--test", ws.file("t.jsonl", b"\xff")), "--test: ", 2),
     ("train general stage without --general", lambda ws: ws.train("--method", "lora-nu-mu"),
      "has a general stage: give the general text (--general)", 2),
+    ("train domain-only EWC without --general", lambda ws: ws.train("--method", "lora-mu+ewc"),
+     "train: method 'lora-mu+ewc': EWC reads the general text in the domain stage too (a replay mix, a Fisher): give "
+     "it (--general)", 2),
+    ("train replay without --general", lambda ws: ws.train("--method", "[lora-mu, replay]"),
+     "train: method 'lora-mu+replay': Replay reads the general text", 2),
     ("train output under a file", lambda ws: ws.train("--output", ws.file("f", "") + "/x"), "is not writable", 2),
     # forgetless eval and landscape
     ("eval with nothing to evaluate", lambda ws: ["eval", "--model", str(ws.model)], "eval: nothing to evaluate", 2),
