@@ -1476,7 +1476,8 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
         raise ConfigError(f"train: method {recipe.label!r} trains nothing, so there is no adapter to save")
     if GENERAL in recipe.stages and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r} has a general stage: give the general text (--general)")
-    needs = [type(p).__name__ for p in recipe.plugins if getattr(p, "needs_general_text", lambda s: False)(recipe.stages)]
+    needs = [type(p).__name__ for p in recipe.plugins
+             if getattr(p, "needs_general_text", lambda stages: False)(recipe.stages)]
     if needs and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r}: {', '.join(needs)} reads the general text in the domain "
                           f"stage too (a replay mix, a Fisher): give it (--general)")
