@@ -282,7 +282,10 @@ def _key_repr(section: Any) -> str:
     """The dataclass repr of ``section`` with the fields of :data:`_KEYED_FIELDS`, and later ones set to other than
     their default (``TrainConfig(epochs=1.0, ...)``, as ``str()`` gave it when the key was fixed)."""
     keyed = _KEYED_FIELDS[type(section).__name__]
-    shown = [f"{f.name}={getattr(section, f.name)!r}" for f in fields(section)
+    # a keyed field that changes no number (progress) is shown at its default: the key as every run had it, whatever
+    # its value now (progress: false retrained a cached general stage)
+    shown = [f"{f.name}={(getattr(section, f.name) if f.name not in _NO_NUMBERS else _default(f))!r}"
+             for f in fields(section)
              if f.name in keyed or (f.name not in _NO_NUMBERS and getattr(section, f.name) != _default(f))]
     return f"{type(section).__name__}({', '.join(shown)})"
 
