@@ -1461,7 +1461,7 @@ def _write_report(exp: Experiment, results: list[dict[str, Any]], others: list[d
 
 # What `forgetless train` writes into its output folder: an adapter (PEFT's files) and, when evaluated, its record.
 TRAIN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run.json",
-                 wise_ft.FILENAME)
+                 wise_ft.FILENAME, "logs")  # logs: the trackers' (--report-to), OUTPUT/logs
 
 
 def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -1503,6 +1503,8 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     if held and is_main_process():  # what the new run may not write again (no test data, another method)
         for name in ("run.json", wise_ft.FILENAME):
             (exp.output / name).unlink(missing_ok=True)
+        if (exp.output / "logs").is_dir():  # an earlier run's tracker files: TensorBoard would show both as one run
+            shutil.rmtree(exp.output / "logs")
     record = run_one(exp, exp.methods[0], exp.tasks[0], exp.seeds[0], data, adapter_dir=exp.output,
                      stages_dir=None, progress=progress)
     if is_main_process():

@@ -175,6 +175,21 @@ def test_train_keeps_an_earlier_runs_adapter_and_record_unless_told_to_replace_t
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4 and not (out / "run.json").exists()
 
 
+def test_the_tracker_logs_of_an_earlier_train_are_its_outputs(tmp_path, model_dir, capsys):
+    """A `train --report-to tensorboard` stopped before it saved the adapter left OUTPUT/logs: the folder was then
+    "files of its own", refused even with --overwrite; and after a finished run --overwrite kept the old event files
+    beside the new ones (TensorBoard showed both as one run). logs/ is now one of train's outputs, replaced."""
+    write_experiment(tmp_path, model_dir)
+    out = tmp_path / "adapter"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "events.out.tfevents.old").write_text("stopped run")
+    again = train_args(tmp_path, model_dir, "lora-mu", out)
+    assert main(again) == 2
+    assert f"--output: {out} already holds logs of an earlier run" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
+    assert not (out / "logs" / "events.out.tfevents.old").exists() and (out / "adapter_config.json").is_file()
+
+
 def test_eval_of_a_runs_adapter_says_which_flags_reproduce_the_runs_scores(tmp_path, model_dir, capsys):
     """`eval --adapter` with its own defaults (block size 128) scores a run trained and recorded with block size 16
     differently; it says so, naming the flag, and says nothing when the flags match the run's record."""
