@@ -522,13 +522,27 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         report["files"] = {k: str(out / Path(v).name) for k, v in files.items()}
         (tmp / "landscape.json").write_text(json.dumps(report, indent=2))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "landscape.json").unlink(missing_ok=True)
+        _remove_earlier_measurement(out)
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "landscape.json"):
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _remove_earlier_measurement(out: Path) -> None:
+    """The files of an earlier ``landscape`` measurement in ``out`` (its landscape.json first, then the files it
+    lists), so that a 1-D measurement over a 2-D one leaves no stale surface figure; other files stay."""
+    try:
+        earlier = json.loads((out / "landscape.json").read_text())
+    except (OSError, ValueError):
+        return
+    (out / "landscape.json").unlink(missing_ok=True)
+    files = earlier.get("files") if isinstance(earlier, dict) else None
+    for path in (files.values() if isinstance(files, dict) else ()):
+        if isinstance(path, str) and Path(path).parent == out:  # only its own files, in this folder
+            Path(path).unlink(missing_ok=True)
 
 
 def _landscape_output(out: Path, overwrite: bool) -> Path:

@@ -492,6 +492,15 @@ def test_landscape_output_is_checked_before_the_model_loads_and_not_overwritten(
     assert json.loads((out / "landscape.json").read_text()) == first
     assert measure("--seed", "7", "--overwrite") == 0 and loads
     assert json.loads((out / "landscape.json").read_text())["seed"] == 7
+    # a 2-D measurement over the 1-D one: the 1-D curve's figure goes (it stayed beside the new surface); a file of
+    # the user's stays
+    (out / "notes.txt").write_text("mine")
+    curve = set(json.loads((out / "landscape.json").read_text())["files"].values()) - {str(out / "surface.npz")}
+    assert curve and all(Path(f).is_file() for f in curve)
+    assert measure("--dims", "2", "--overwrite") == 0
+    now = set(json.loads((out / "landscape.json").read_text())["files"].values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(["landscape.json", "notes.txt"] + [Path(f).name for f in now])
+    assert not any(Path(f).exists() for f in curve - now)
     out = tmp_path / "text.txt" / "sub"
     assert measure() == 2
     assert "is not writable" in capsys.readouterr().err
