@@ -149,7 +149,15 @@ def _steps(cfg: Any, examples: int | None, what: str, bound: bool = False) -> st
 def _cmd_report(args: argparse.Namespace) -> int:
     from forgetless.reporting.report import build_report
 
+    from forgetless.config import ConfigError
+    from forgetless.experiment import check_output_possible
+
     references = [name.strip() for name in args.reference.split(",") if name.strip()]
+    if args.output is not None:
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"report: --output {output} is a file, not a folder")
+        check_output_possible(output, "report: --output")
     path = build_report(args.results, output=args.output, reference=references, metric=args.metric,
                         rank_base=args.rank_base)
     print(path.read_text())

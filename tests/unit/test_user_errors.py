@@ -437,6 +437,8 @@ CASES: list[Case] = [
     ("report on a file", lambda ws: ["report", ws.file("exp.yaml", "name: x\n")],
      "no such results folder (this is a file: give the experiment's output folder)", 2),
     ("report with only diverged runs", lambda ws: _diverged_report(ws), "every run record has a non-finite score", 2),
+    ("report --output a file", lambda ws: _diverged_report(ws)[:2] + ["--output", ws.file("r.md", "mine")],
+     "r.md is a file, not a folder", 2),
     # the command line itself
     ("unknown command", lambda ws: ["trian"], "argument command: invalid choice: 'trian'", 2),
     ("unknown flag", lambda ws: ["run", "x.yaml", "--rerun"], "unrecognized arguments: --rerun", 2),
