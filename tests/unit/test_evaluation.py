@@ -79,6 +79,39 @@ def test_perplexity_lora_model_and_mode_restored(adapted, tol):
     assert not model.training
 
 
+def test_the_scores_are_those_of_eval_mode_whatever_mode_the_model_is_in(char_tokenizer):
+    """Every other test's model has no dropout, so train and eval mode gave the same numbers and a scorer that left
+    the model in train mode passed them all. With LoRA dropout 0.5, perplexity, multiple choice and EWC's Fisher taken
+    from a model in train mode are the eval-mode numbers, the same on every call, and the mode is given back."""
+    from forgetless.methods.ewc import fisher_diagonal
+    from tests.unit.tiny_model import make_lora_model, random_examples
+
+    model = make_lora_model(1, b_std=0.5, dropout=0.5)
+    blocks = random_blocks(3, 12, seed=3)
+    items = _varied_items(_mcitem())[:4]
+    examples = random_examples(4, 10, seed=2)
+
+    def scores():
+        torch.manual_seed(0)
+        ppl = perplexity(model, blocks, batch_size=2, precision="fp32", progress=False).mean_nll
+        mc = evaluate_mc(model, char_tokenizer, items, batch_size=2, precision="fp32", progress=False).loglikelihoods
+        fisher, _ = fisher_diagonal(model, examples, "empirical", batch_size=2)
+        return ppl, mc, fisher
+
+    model.eval()
+    want = scores()
+    model.train()
+    torch.manual_seed(0)
+    noisy = [float(model(input_ids=blocks[:1]).logits.sum()) for _ in range(2)]
+    assert noisy[0] != noisy[1]  # dropout acts in train mode: a scorer in train mode would not give `want`
+    for _ in range(2):
+        ppl, mc, fisher = scores()
+        assert model.training  # given back
+        assert ppl == want[0] and mc == want[1]
+        for name, f in want[2].items():
+            assert torch.equal(fisher[name], f), name
+
+
 def test_head_scorer_uses_backbone_for_plain_and_peft_models(tiny_model, adapted):
     assert HeadScorer(tiny_model(0)).fast
     assert HeadScorer(adapted(0)).fast

@@ -202,6 +202,9 @@ def test_layer_coefficients_sum_to_one_and_flatten_with_temperature():
     expected = torch.softmax(norms / 20.0 / 0.25, dim=0)
     assert torch.allclose(c, expected) and c.max() / c.min() <= torch.e ** 4 + 1e-9
     assert torch.equal(layer_coefficients(norms, layer_wise=False), uniform)
+    # each scale's closed form (a sum to one holds for any softmax: it told the scales apart from nothing)
+    for scale, by in (("mean", norms.mean()), ("max", norms.max()), ("none", 1.0)):
+        assert torch.allclose(layer_coefficients(norms, 0.5, scale), torch.softmax(norms / by / 0.5, dim=0)), scale
 
 
 def test_no_layer_variant_uses_uniform_coefficients(lora_model, make_ctx, device):

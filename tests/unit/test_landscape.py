@@ -43,6 +43,18 @@ def test_surface_metrics_match_analytic_values_on_a_quadratic_surface():
     assert got["mean_absolute_gradient"] == pytest.approx(np.mean((abs(la) + abs(lb)) / 2), rel=1e-12)
 
 
+def test_surface_curvature_is_the_mean_absolute_laplacian_where_it_changes_sign():
+    """On a quadratic the Laplacian is one positive constant, so |mean| and mean |.| agree and either passed. On
+    L = a^3 + b^3 it is 6a + 6b, positive and negative: central differences are exact on a cubic's second
+    derivative, so SC is the mean of |6a + 6b| over the interior points exactly (its mean is 0 by symmetry)."""
+    a = np.linspace(-1, 1, 9)
+    A, B = np.meshgrid(a, a, indexing="ij")
+    got = surface_metrics(A**3 + B**3, [a, a])
+    inner = 6 * A[1:-1, 1:-1] + 6 * B[1:-1, 1:-1]
+    assert abs(np.mean(inner)) < 1e-12 < np.mean(np.abs(inner))
+    assert got["surface_curvature"] == pytest.approx(np.mean(np.abs(inner)), rel=1e-9)
+
+
 def test_surface_metrics_approach_the_continuum_integrals():
     # L = p (a^2 + b^2) on [-1, 1]^2: |grad| = 2 p |(a, b)|, whose mean over the square is
     # 2 p (sqrt 2 + ln(1 + sqrt 2)) / 3; (|L_a| + |L_b|) / 2 = p (|a| + |b|) has mean p; Laplacian 4 p.

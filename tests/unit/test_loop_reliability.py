@@ -301,3 +301,12 @@ def test_a_failed_stage_gives_the_model_back_as_it_came(lora_model, accelerator)
     # a stage that ends well leaves no hook either (transformers' checkpointing left its embedding hook on)
     train_stage(model, random_examples(8, 8), _cfg(gradient_checkpointing=True), accelerator=accelerator)
     assert not gradient_checkpointing_on(model) and not any(m._forward_hooks for m in model.modules())
+
+
+def test_warmup_steps_are_the_ratio_of_the_steps_rounded_down(lora_model, accelerator):
+    """warmup_ratio 0.25 of 10 steps: 2 warmup steps (int(2.5)), as every recorded run took it (transformers' Trainer
+    rounds up: 3), then the linear decay over the 8 others; the lr logged at step k is the one it stepped with."""
+    result = train_stage(lora_model(), random_examples(8, 8), _cfg(max_steps=10, warmup_ratio=0.25, lr=1e-2),
+                         accelerator=accelerator)
+    lrs = [row["lr"] / 1e-2 for row in result.history]
+    assert lrs == pytest.approx([0.0, 0.5] + [(10 - k) / 8 for k in range(2, 10)])

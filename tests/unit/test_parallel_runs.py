@@ -233,10 +233,24 @@ def test_workers_die_with_a_parent_killed_outright(tmp_path, tiny_model_dir):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_ctrl_c_taken_by_another_thread_still_stops_the_workers():
+def _block(folder: str) -> None:
+    """A worker's task: says it started, then waits for ``release`` (two minutes at most) and says it finished."""
+    import os
+    import time
+    from pathlib import Path
+
+    (Path(folder) / f"started-{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while not (Path(folder) / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (Path(folder) / f"finished-{os.getpid()}").touch()
+
+
+def test_ctrl_c_taken_by_another_thread_still_stops_the_workers(tmp_path):
     """SIGINT handled by a thread other than the main one (the kernel picks any thread of the process; the process
     pool has two of its own): the main thread, waiting for the workers, must still raise KeyboardInterrupt at once,
-    not when a run ends (a wait without timeout only looks at signals when it returns)."""
+    not when a run ends (a wait without timeout only looks at signals when it returns). The workers' tasks end only
+    when the test releases them, after the interrupt: a main thread that waited for them would see them finish."""
     import signal
     import threading
     import time
@@ -244,19 +258,21 @@ def test_ctrl_c_taken_by_another_thread_still_stops_the_workers():
     from forgetless.experiment import _in_workers
 
     def fire() -> None:
-        time.sleep(10)  # the two workers have started (spawned: seconds)
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # both workers have started (spawned: seconds)
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this helper thread, not the main one
 
     # Python's own handler, whatever this process inherited: a shell starts background jobs with SIGINT ignored
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Thread(target=fire, daemon=True).start()
-        start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            _in_workers(2, [(time.sleep, (60,)), (time.sleep, (60,))])
-        assert time.monotonic() - start < 40  # the runs would have ended after 60 s
+            _in_workers(2, [(_block, (str(tmp_path),)), (_block, (str(tmp_path),))])
+        assert len(list(tmp_path.glob("started-*"))) == 2 and not list(tmp_path.glob("finished-*"))
     finally:
         signal.signal(signal.SIGINT, previous)
+        (tmp_path / "release").touch()  # a worker left running ends
 
 
 def _killed():

@@ -257,7 +257,7 @@ def test_composition_with_hlora_through_train_stage(lora_model, accelerator):
 
 # ------------------------------------------------------------------------------------------ two processes
 def test_two_processes_use_the_same_eps(tmp_path):
-    launch_two_processes("_sam_ddp_script.py", tmp_path, port=29517, timeout=120)
+    launch_two_processes("_sam_ddp_script.py", tmp_path, port=29517)
     eps = [torch.load(tmp_path / f"eps_rank{r}.pt") for r in range(2)]
     local = [torch.load(tmp_path / f"local_grad_rank{r}.pt") for r in range(2)]
     assert eps[0].keys() == eps[1].keys() and eps[0]

@@ -28,12 +28,14 @@ def random_examples(n: int, length: int, vocab_size: int = 64, seed: int = 0, pr
 
 def make_lora_model(seed: int = 0, *, r: int = 4, alpha: float = 8, targets: tuple[str, ...] = ("q_proj", "v_proj"),
                     dtype: torch.dtype = torch.float32, use_rslora: bool = False, b_std: float | None = None,
-                    b_seed: int | None = None):
-    """``make_tiny_model(seed)`` with LoRA (no dropout) on ``targets``; ``b_std``: B drawn from N(0, b_std^2) instead
-    of PEFT's zeros, so that the adapter changes the outputs (``b_seed`` defaults to ``seed + 1``)."""
+                    b_seed: int | None = None, dropout: float = 0.0):
+    """``make_tiny_model(seed)`` with LoRA (no dropout unless ``dropout``) on ``targets``; ``b_std``: B drawn from
+    N(0, b_std^2) instead of PEFT's zeros, so that the adapter changes the outputs (``b_seed`` defaults to
+    ``seed + 1``)."""
     from forgetless.models import LoraSettings, attach_lora
 
-    model = attach_lora(make_tiny_model(seed), LoraSettings(r=r, alpha=alpha, dropout=0.0, target_modules=list(targets),
+    model = attach_lora(make_tiny_model(seed), LoraSettings(r=r, alpha=alpha, dropout=dropout,
+                                                            target_modules=list(targets),
                                                             use_rslora=use_rslora)).to(dtype)
     if b_std is not None:
         randomize_lora_b(model, seed=seed + 1 if b_seed is None else b_seed, std=b_std)
@@ -63,9 +65,10 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def launch_two_processes(script: str, out, port: int, timeout: int = 300) -> None:
+def launch_two_processes(script: str, out, port: int, timeout: int = 600) -> None:
     """Run ``tests/unit/<script> <out>`` under ``accelerate launch`` with 2 CPU processes (gloo); skip the test when
-    the launcher is missing or the machine is too slow, fail it when the script fails.
+    the launcher is missing, fail it when the script fails or does not finish in ``timeout`` seconds (a hang is how a
+    collective that one process skips shows: it was a skip, so such a bug passed), killing the processes it left.
 
     ``--cpu --num_processes 2`` starts ONE process in this accelerate version (its CPU launcher expects MPI);
     ``--multi_gpu`` goes through torchrun, and the script's ``Accelerator(cpu=True)`` then uses gloo on the CPU."""
@@ -84,8 +87,31 @@ def launch_two_processes(script: str, out, port: int, timeout: int = 300) -> Non
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(port), str(root / "tests/unit" / script), str(out)]
+    import signal
+
+    launched = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                start_new_session=True)  # its own process group: the workers die with it
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+        _, stderr = launched.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"accelerate launch with 2 CPU processes did not finish in {timeout} s on this machine")
-    assert done.returncode == 0, done.stderr[-3000:]
+        os.killpg(launched.pid, signal.SIGKILL)
+        _kill_processes_of(str(out))  # torchrun starts each worker in a session of its own
+        _, stderr = launched.communicate()
+        pytest.fail(f"accelerate launch with 2 CPU processes did not finish in {timeout} s (a collective that one "
+                    f"process never reached?):\n{stderr[-3000:]}")
+    assert launched.returncode == 0, stderr[-3000:]
+
+
+def _kill_processes_of(marker: str) -> None:
+    """SIGKILL every process of this user whose command line has ``marker`` (a test's own folder)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
+                    and int(proc.name) != os.getpid():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
