@@ -253,3 +253,23 @@ def test_results_md_s_forgetting_table_lists_the_wise_ft_interpolations(tmp_path
     forgetting = text[text.index("## Forgetting on the general suite"):text.index("## Forgetting over training")]
     assert "wise-ft @ wise-ft(alpha=0.5)" in forgetting and "-15.0" in forgetting  # 0.55 - 0.70, in points
     assert "-30.0" in forgetting  # the run itself: 0.40 - 0.70
+
+
+def test_forgetting_rows_on_hand_made_records():
+    """Three suite tasks with unequal changes (with two, a mean is a median, and the experiment test had one row of
+    zeros): each suite task's change in points, their mean, the domain gain; a run without a base of its task and
+    seed, and a lower-is-better harness score, give no row or no column."""
+    from forgetless.reporting.forgetting import MEAN, forgetting_rows
+
+    def run(method, seed, suite, domain):
+        return {"method": method, "task": "piqa", "seed": seed, "tasks": {"piqa": {"acc": domain}},
+                "suite": {name: {"acc": acc} for name, acc in suite.items()}
+                | {"wikitext": {"acc": 20.0 if method == "base" else 30.0, "higher_is_better": False}}}
+
+    base = run("base", 0, {"arc": 0.50, "sciq": 0.80, "obqa": 0.30}, 0.60)
+    tuned = run("lora-mu", 0, {"arc": 0.45, "sciq": 0.62, "obqa": 0.31}, 0.70)
+    orphan = run("lora-mu", 1, {"arc": 0.1, "sciq": 0.1, "obqa": 0.1}, 0.9)  # no base of seed 1
+    (row,) = forgetting_rows([base, tuned, orphan])
+    assert row["method"] == "lora-mu" and row["seed"] == 0
+    assert row["forgetting"] == pytest.approx({"arc": -5.0, "sciq": -18.0, "obqa": 1.0, MEAN: -22.0 / 3})
+    assert row["gain"] == pytest.approx(10.0)
