@@ -71,6 +71,14 @@ def test_chat_truncation_keeps_an_assistant_token(tok):
     first = next(t for t, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
     lo = min(first - 8, len(full["input_ids"]) - 16)  # at most half the budget before the reply, a full window
     assert cut == {"input_ids": full["input_ids"][lo: lo + 16], "labels": full["labels"][lo: lo + 16]}
+    # a reply longer than the window: the window starts half the budget before it (with a short reply it started at
+    # len - 16, whatever the half-budget rule said)
+    messages = [long_user, {"role": "assistant", "content": "Sugar is made from light and water by plants. " * 4}]
+    full = chat_examples([messages], tok)[0]
+    (cut,) = chat_examples([messages], tok, max_length=16)
+    first = next(t for t, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    assert first - 8 < len(full["input_ids"]) - 16  # the rule decides here
+    assert cut == {"input_ids": full["input_ids"][first - 8: first + 8], "labels": full["labels"][first - 8: first + 8]}
 
 
 def test_chat_needs_a_chat_template():
