@@ -224,6 +224,19 @@ def test_filter_normalized_direction_has_the_weights_row_norms():
     raw = random_direction(params, torch.Generator().manual_seed(0), filter_normalize=False)
     ratio = [(r.norm(dim=1) / di.norm(dim=1)) for r, di, p in zip(raw, d, params) if p.dim() == 2]
     assert not torch.allclose(ratio[0], torch.ones_like(ratio[0]))  # normalization changed something
+    # one-dimensional weights (norm scales, biases): "filter" scales the draw to the weight's norm, "keep" keeps it
+    ones = [(i, p) for i, p in enumerate(params) if p.dim() == 1]
+    assert ones
+    for one_d in ("filter", "keep"):
+        got = random_direction(params, torch.Generator().manual_seed(0), filter_normalize=True, one_d=one_d)
+        for i, p in ones:
+            if one_d == "keep":
+                assert torch.equal(got[i], raw[i])
+            else:
+                assert torch.allclose(got[i], raw[i] * p.detach().norm() / raw[i].norm(), rtol=1e-6)
+        for i, p in enumerate(params):
+            if p.dim() > 1:
+                assert torch.equal(got[i], d[i])  # the same draws: only the 1-D rule differs
 
 
 def test_surface_of_a_quadratic_module_matches_the_closed_form():
