@@ -807,3 +807,19 @@ def test_importance_recorded_on_an_older_converted_copy_of_the_same_gguf_is_the_
     assert _model_id(old) == _model_id(new) == "SmolLM2-135M-Instruct.Q4_1"
     assert _model_id("/data/models/my-model") == "/data/models/my-model" != _model_id("/data/models/other")
     assert _model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_the_adam_estimators_gradient_spends_each_modules_decrease_uphill_too():
+    """g~ = descent x dL / ||descent||^2 per module, so its path-integral term g~ . descent is the module's first-order
+    decrease dL itself: negative for a step that raised the loss (Adam's momentum overshooting), which the
+    non-negativity rule then treats; a module that did not move gets nothing. (No trained case went uphill, so
+    |dL| in place of dL passed every other test.)"""
+    from forgetless.methods.hlora import _adam_gradient
+
+    descent = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    descent[2] = 0.0
+    decrease = torch.tensor([2.0, -1.5, 0.7], dtype=torch.float64)
+    g = _adam_gradient(descent, decrease)
+    for i in range(2):
+        torch.testing.assert_close(g[i], descent[i] * decrease[i] / descent[i].square().sum())
+    torch.testing.assert_close((g * descent).sum(dim=(1, 2)), torch.tensor([2.0, -1.5, 0.0], dtype=torch.float64))
