@@ -32,6 +32,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.models import check_model_source
 
     check_model_source(args.model)  # a misspelt name: said now, before the text is sampled with it
+    _demo_runs_of_another_model(Path(args.output), args.model, args.rerun_changed)
     path = demo_experiment(Path(args.output), model=args.model)
     results = run_experiment(load_experiment(path), progress=not args.quiet, rerun_changed=args.rerun_changed)
     print()
@@ -43,6 +44,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         loss = r["general_ppl"] - base["general_ppl"]
         print(f"{r['method']:>11}: domain accuracy {gain:+.1f} points over base, general PPL {loss:+.3f}")
     return 0
+
+
+def _demo_runs_of_another_model(output: Path, model: str, rerun_changed: bool) -> None:
+    """ConfigError, before the demo samples its text or rewrites its files, when ``output`` holds the recorded runs of
+    a demo with another model: they would be refused as changed after that work (said, with what to do, now)."""
+    import yaml
+
+    from forgetless.config import ConfigError
+
+    try:
+        before = yaml.safe_load((output / "experiment.yaml").read_text()).get("model")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    if before != model and not rerun_changed and any((output / "runs").glob("*.json")):
+        raise ConfigError(f"demo --output {output} holds the runs of a demo with --model {before}: give another "
+                          f"--output, or --rerun-changed to redo them with {model} (the old records are kept aside)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -157,6 +157,13 @@ def test_the_demo_samples_its_general_text_again_for_another_model_and_can_redo_
     with pytest.raises(Stop):
         main(["demo", "--model", "b", "--output", str(tmp_path), "--rerun-changed", "--quiet"])
     assert asked["rerun_changed"] is True
+    # runs recorded with model b: demo --model c without --rerun-changed is refused before the text is sampled again
+    # or a file rewritten (it was refused only after that)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "base__corvath__seed0.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert main(["demo", "--model", "c", "--output", str(tmp_path), "--quiet"]) == 2
+    assert sampled == ["a", "b"] and {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_a_sample_from_before_the_note_counts_as_the_default_models(tmp_path, monkeypatch):
