@@ -43,7 +43,7 @@ class MergeSummary:
     copied: dict[str, list[str]] = field(default_factory=dict)  # source folder -> run ids copied from it
     updated: list[str] = field(default_factory=list)  # run ids whose flatness metrics were measured further since
     skipped: list[str] = field(default_factory=list)  # run ids the destination already had, identical
-    stages: list[str] = field(default_factory=list)  # general-stage folders copied
+    stages: list[str] = field(default_factory=list)  # cached stage folders copied (general-KEY, domain-KEY)
     checkpoints: list[str] = field(default_factory=list)  # unfinished runs whose checkpoints were copied
     running: list[str] = field(default_factory=list)  # sources a forgetless run held (their checkpoints stayed)
     set_aside: list[str] = field(default_factory=list)  # destination paths renamed NAME.unrecorded
@@ -55,7 +55,9 @@ class MergeSummary:
         if self.updated:
             out.append(f"merge: {len(self.updated)} run(s) with flatness metrics measured since, updated")
         if self.stages:
-            out.append(f"merge: {len(self.stages)} cached general stage(s) copied")
+            kinds = {kind: sum(name.startswith(f"{kind}-") for name in self.stages) for kind in ("general", "domain")}
+            said = [f"{n} {kind}" for kind, n in kinds.items() if n]
+            out.append(f"merge: {len(self.stages)} cached stage(s) copied ({', '.join(said) or 'of other kinds'})")
         if self.checkpoints:
             out.append(f"merge: checkpoints of {len(self.checkpoints)} unfinished run(s) copied (they resume there): "
                        + ", ".join(self.checkpoints))

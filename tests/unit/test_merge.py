@@ -40,11 +40,12 @@ def test_merge_copies_every_run_with_its_files_and_leaves_the_sources(tmp_path):
     a, b, dest = tmp_path / "a", tmp_path / "b", tmp_path / "dest"
     _run(a, "lora-mu__t__seed0", 10.0, stage="general-1")
     _run(b, "hlora__t__seed0", 9.0, landscape=True, stage="general-2")
-    _run(b, "hlora__t__seed1", 9.5)
+    _run(b, "hlora__t__seed1", 9.5, stage="domain-3")
     before_a, before_b = _tree(a), _tree(b)
     summary = merge_results(dest, [a, b])
     assert summary.copied == {str(a): ["lora-mu__t__seed0"], str(b): ["hlora__t__seed0", "hlora__t__seed1"]}
-    assert sorted(summary.stages) == ["general-1", "general-2"]
+    assert sorted(summary.stages) == ["domain-3", "general-1", "general-2"]
+    assert "merge: 3 cached stage(s) copied (2 general, 1 domain)" in summary.lines(dest)  # domain ones were "general"
     merged = _tree(dest)
     for src, tree in ((a, before_a), (b, before_b)):
         assert _tree(src) == tree  # sources only read
