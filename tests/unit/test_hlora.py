@@ -823,3 +823,32 @@ def test_the_adam_estimators_gradient_spends_each_modules_decrease_uphill_too():
     for i in range(2):
         torch.testing.assert_close(g[i], descent[i] * decrease[i] / descent[i].square().sum())
     torch.testing.assert_close((g * descent).sum(dim=(1, 2)), torch.tensor([2.0, -1.5, 0.0], dtype=torch.float64))
+
+
+def test_the_adam_estimators_omega_is_each_modules_first_order_decrease_on_an_uphill_step(lora_model, make_ctx,
+                                                                                           device):
+    """One step that climbs the loss (a gradient ascent standing in for Adam's momentum overshooting): with the adam
+    estimator and no non-negativity rule, each module's omega sums to its first-order decrease
+    -<g_A, A' - A> - <g_B, B' - B>, computed here from the factors and gradients: negative (the sign matters; |dL|
+    passed every other test)."""
+    from forgetless.training.loss import causal_lm_loss
+
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    plugin = HLoRA(estimator="adam", nonnegative="none")
+    ascent = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, maximize=True)
+    ctx = make_ctx("general", model, optimizer=ascent)
+    plugin.on_stage_start(ctx)
+    ctx.step, ctx.scalars = 0, {}
+    causal_lm_loss(model, batches(device=device)[0]).backward()
+    plugin.before_optimizer_step(ctx)
+    before = {n: [t.detach().clone() for t in (m.lora_A["default"].weight, m.lora_B["default"].weight,
+                                                m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad)]
+              for n, m in lora_modules(model)}
+    ctx.optimizer.step()
+    plugin.after_optimizer_step(ctx)
+    omega = {name: g.omega[i] for g in plugin.groups for i, name in enumerate(g.names)}
+    for name, (a0, b0, ga, gb) in before.items():
+        m = model.get_submodule(name)
+        want = -(ga * (m.lora_A["default"].weight - a0)).sum() - (gb * (m.lora_B["default"].weight - b0)).sum()
+        assert want < 0
+        torch.testing.assert_close(omega[name].sum(), want.detach(), rtol=1e-9, atol=1e-15)
