@@ -152,7 +152,9 @@ class MethodsMixin:
         """Restore what :meth:`_save_stage_state` wrote into ``folder``; ValueError when a method keeps stage state
         and the checkpoint has none for it (written without these methods, or by an older forgetless)."""
         path = folder / STAGE_STATE_FILE
-        keeping = [type(m).__name__ for m in self.methods if type(m).stage_state is not Method.stage_state]
+        # the methods with state at this stage (HLoRA's path integral in the general stage; none in the domain stage,
+        # whose checkpoints written before session 33, without the file, resume as they did)
+        keeping = [type(m).__name__ for m in self.methods if m.stage_state(self.stage_context)]
         if not path.is_file():
             if keeping:
                 raise ValueError(f"{folder}: no {STAGE_STATE_FILE}, the running state of {', '.join(keeping)} at "
@@ -262,7 +264,9 @@ class _HookCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs) -> None:
         if state.is_world_process_zero:
             trainer = self.trainer
-            trainer._save_stage_state(Path(trainer._get_output_dir(trial=None)) / f"checkpoint-{state.global_step}")
+            # the run folder the Trainer saved into (a hyperparameter search's trial has its own: run-ID)
+            run_dir = Path(trainer._get_output_dir(trial=getattr(trainer, "_trial", None)))
+            trainer._save_stage_state(run_dir / f"checkpoint-{state.global_step}")
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         ctx = self.trainer.stage_context

@@ -231,7 +231,10 @@ def fisher_diagonal(model: torch.nn.Module, examples: Sequence[dict], estimator:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if not examples and world_size() == 1:  # under several processes one may have no share: the sum decides
         raise ValueError("EWC needs general-text examples to compute the Fisher")
-    ids = list(range(len(examples))) if example_ids is None else [int(i) for i in example_ids]
+    if example_ids is None:  # this process's share as methods.common.shard cuts it (every example for one process)
+        ids = list(range(rank(), rank() + world_size() * len(examples), world_size()))
+    else:
+        ids = [int(i) for i in example_ids]
     if len(ids) != len(examples):
         raise ValueError(f"example_ids: {len(ids)} ids for {len(examples)} examples")
     device = next(model.parameters()).device

@@ -63,6 +63,12 @@ def example_row(example: dict) -> tuple[list[int], list[int]]:
     return ids, lab
 
 
+def collated_length(example: dict) -> int:
+    """The tokens of ``example`` once collated: its input ids less its own padding (``attention_mask`` 0)."""
+    mask = example.get("attention_mask")
+    return len(example["input_ids"]) if mask is None else int(sum(token_list(mask)))
+
+
 def check_examples(examples: Sequence[dict]) -> None:
     """ValueError naming the first training example (by its index) that cannot be collated, before the stage starts
     rather than when its batch comes up; and when no example has a labelled target (a label other than -100 past the

@@ -30,7 +30,7 @@ from forgetless.models import (LeverUnavailable, apply_liger, attn_implementatio
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
 from forgetless.training.batches import (LOSS_INDEX, LengthGroupedSampler, add_loss_index, check_examples, collate,
-                                        collate_packed, example_labels, token_list)
+                                        collate_packed, collated_length, example_labels, token_list)
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all, options_of
 from forgetless.training.logging import StageLog, open_trackers
@@ -75,7 +75,7 @@ _NULL = "forgetless_null"  # marks a null example (see _null_examples): not coun
 
 def _collate_counted(examples: Sequence[dict], pad_token_id: int, packed: bool = False) -> Batch:
     batch = add_loss_index(collate_packed(examples) if packed else collate(examples, pad_token_id))
-    batch[_COUNTS] = (int(batch[LOSS_INDEX].numel()), sum(len(e["input_ids"]) for e in examples if not e.get(_NULL)))
+    batch[_COUNTS] = (int(batch[LOSS_INDEX].numel()), sum(collated_length(e) for e in examples if not e.get(_NULL)))
     return batch
 
 
@@ -240,18 +240,18 @@ def train_stage(
         call_all(methods, "on_stage_start", ctx)
         for method in methods:
             examples = method.prepare_examples(ctx, examples)
+        examples = list(examples)  # an iterator too: read once, here
         if not examples:
             raise ValueError(f"stage {stage!r} has no training examples")
         check_examples(examples)
 
         generator = torch.Generator().manual_seed(config.seed)
-        examples = list(examples)
         # grouped by the global batch (every process's micro-batches of a step): an optimizer step takes consecutive
         # examples of the sampler's order whatever the split, so batch kb, k x b accumulated and b on k processes group
         # alike (grouped by the micro-batch, they shared no step)
         global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
         inner = RandomSampler(range(len(examples)), generator=generator) if not config.group_by_length else \
-            LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch, generator)
+            LengthGroupedSampler([collated_length(e) for e in examples], global_batch, generator)
         nulls = _null_examples(examples, config.batch_size, accelerator.num_processes)
         # the loader's generator as before: shuffled, each epoch's iterator draws its base seed from it (shuffle=True
         # gave it the generator), grouped from the global RNG (the sampler alone had it): the same orders and draws
@@ -426,7 +426,14 @@ def train_stage(
         uncompile(compiled)
         unfuse_lora(fused)
     ctx.step = total
-    call_all(methods, "on_stage_end", ctx)  # a Fisher computed here still recomputes activations
+    try:
+        call_all(methods, "on_stage_end", ctx)  # a Fisher computed here still recomputes activations
+    except BaseException:  # the model as it came here too (an EWC Fisher without a labelled token, say)
+        for method in methods:
+            getattr(method, "on_stage_abort", lambda _: None)(ctx)
+        if checkpointing:
+            disable_gradient_checkpointing(model, use_cache)
+        raise
     if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
         disable_gradient_checkpointing(model, use_cache)
     wrapper.eval()
@@ -601,7 +608,7 @@ def _null_examples(examples: list[dict], batch_size: int, processes: int) -> lis
     missing = -len(examples) % (batch_size * processes)
     if processes == 1 or not missing:
         return []
-    shortest = min(examples, key=lambda e: len(e["input_ids"]))
+    shortest = min(examples, key=collated_length)
     return [dict(shortest, labels=[IGNORE_INDEX] * len(shortest["input_ids"]), **{_NULL: True})
             for _ in range(missing)]
 

@@ -488,3 +488,21 @@ def test_a_process_without_a_share_of_the_fishers_examples_joins_the_sum(lora_mo
     monkeypatch.setattr(ewc, "all_reduce_", lambda tensors, op="sum": None)
     with pytest.raises(ValueError, match="none of its examples has a labelled token"):
         fisher_diagonal(model, [], "sampled", batch_size=2, seed=5, example_ids=[])
+
+
+def test_a_share_given_without_its_places_is_taken_as_shard_cuts_it(lora_model, monkeypatch):
+    """fisher_diagonal called by hand under several processes, each with its share and no example_ids: the k-th
+    example of every process drew the same labels (the old bug, by another door). Without ids a share is now taken
+    as methods.common.shard cuts it: every world-th example from the process's rank."""
+    from forgetless.methods import ewc
+
+    model = lora_model(dtype=torch.float64, b_std=0.05)
+    examples = ragged_examples()
+    placed, _ = fisher_diagonal(model, examples[1::2], "sampled", batch_size=2, seed=5,
+                                example_ids=range(1, len(examples), 2))
+    monkeypatch.setattr(ewc, "world_size", lambda: 2)
+    monkeypatch.setattr(ewc, "rank", lambda: 1)
+    monkeypatch.setattr(ewc, "all_reduce_", lambda tensors, op="sum": None)
+    guessed, _ = fisher_diagonal(model, examples[1::2], "sampled", batch_size=2, seed=5)
+    for name, f in placed.items():
+        assert torch.equal(guessed[name], f), name

@@ -223,3 +223,41 @@ def test_a_resumed_trainer_stage_records_the_importance_of_an_uninterrupted_one(
     (tmp_path / "a" / "checkpoint-2" / STAGE_STATE_FILE).unlink()
     with pytest.raises(ValueError, match=f"checkpoint-2: no {STAGE_STATE_FILE}, the running state of HLoRA"):
         run(tmp_path / "c", resume=str(tmp_path / "a" / "checkpoint-2"))
+    # a domain stage keeps no running state: its checkpoint without the file (any written before session 33) resumes
+    state = tmp_path / "general-state"
+    (tmp_path / "d").mkdir()
+    whole.save_state(state)
+
+    def domain(out, resume=None):
+        plugin, = resolve([{"name": "hlora", "phi": 1e4}]).plugins
+        plugin.load_state(state)
+        args = TrainingArguments(**trainer_args(tmp_path, 2, 2, torch.device("cpu")) | dict(
+            output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2))
+        trainer = ForgetlessTrainer(model=make_lora_model(0, b_std=0.05), args=args, train_dataset=data,
+                                    methods=[plugin], stage="domain", data_collator=partial(collate, pad_token_id=0))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainable(trainer.model)
+
+    first = domain(tmp_path / "d")
+    (tmp_path / "d" / "checkpoint-2" / STAGE_STATE_FILE).unlink()
+    assert_close(domain(tmp_path / "e", resume=str(tmp_path / "d" / "checkpoint-2")), first, rel=1e-6)
+
+
+def test_the_stage_state_goes_into_the_checkpoint_folder_of_a_search_trial(tmp_path):
+    """Under hyperparameter_search the Trainer saves a trial's checkpoints in OUTPUT/run-ID/checkpoint-N; the stage
+    state went to OUTPUT/checkpoint-N, which does not exist there (every search with saving died at its first
+    checkpoint). The trial's folder is stood in for (optuna is not installed here)."""
+    from types import SimpleNamespace
+
+    from forgetless.integrations import STAGE_STATE_FILE, ForgetlessTrainer, _HookCallback
+
+    args = TrainingArguments(**trainer_args(tmp_path, 2, 1, torch.device("cpu")))
+    plugin, = resolve([{"name": "hlora", "phi": 1e4}]).plugins
+    trainer = ForgetlessTrainer(model=make_lora_model(0), args=args, train_dataset=variable_examples(4, seed=1),
+                                methods=[plugin], stage="domain", data_collator=partial(collate, pad_token_id=0))
+    trainer.stage_context = SimpleNamespace(stage="domain")
+    trainer._trial = {"lr": 1e-3}
+    trainer._get_output_dir = lambda trial: str(tmp_path / "out" / ("run-0" if trial else ""))
+    (tmp_path / "out" / "run-0" / "checkpoint-2").mkdir(parents=True)
+    _HookCallback(trainer).on_save(args, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
+    assert (tmp_path / "out" / "run-0" / "checkpoint-2" / STAGE_STATE_FILE).is_file()

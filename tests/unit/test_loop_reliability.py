@@ -310,3 +310,40 @@ def test_warmup_steps_are_the_ratio_of_the_steps_rounded_down(lora_model, accele
                          accelerator=accelerator)
     lrs = [row["lr"] / 1e-2 for row in result.history]
     assert lrs == pytest.approx([0.0, 0.5] + [(10 - k) / 8 for k in range(2, 10)])
+
+
+def test_an_iterator_of_examples_is_read_once_and_trained_on(lora_model, accelerator):
+    """The check of the examples ran before they were listed: a generator was used up by it, and the stage then had
+    none ('num_samples=0')."""
+    result = train_stage(lora_model(), (e for e in random_examples(8, 8)), _cfg(max_steps=2), accelerator=accelerator)
+    assert len(result.history) == 2
+
+
+class FailAtEnd(Method):
+    def on_stage_end(self, ctx):
+        raise RuntimeError("end")
+
+
+def test_a_stage_whose_end_fails_gives_the_model_back_as_it_came(lora_model, accelerator):
+    """on_stage_end (an EWC Fisher without a labelled token, say) ran outside the stage's clean-up: its error left
+    gradient checkpointing on and HLoRA's exact-estimator hooks on the model."""
+    model = lora_model()
+    hlora = resolve({"name": "hlora", "estimator": "exact"}).plugins[0]
+    with pytest.raises(RuntimeError, match="end"):
+        train_stage(model, random_examples(8, 8), _cfg(max_steps=2, gradient_checkpointing=True),
+                    [FailAtEnd(), hlora], stage="general", accelerator=accelerator)
+    assert not gradient_checkpointing_on(model) and not any(m._forward_hooks for m in model.modules())
+
+
+def test_an_examples_padding_is_not_counted_as_its_length():
+    """Padding (attention_mask 0) is dropped when collated; the tokens/s count, group_by_length's lengths and the
+    null examples' choice of the shortest example used the padded length (every row padded to max_length looked the
+    same length, and grouping did nothing)."""
+    from forgetless.training.batches import collated_length
+    from forgetless.training.loop import _COUNTS, _collate_counted, _null_examples
+
+    short, long = ({"input_ids": [5] * n + [0] * (10 - n), "labels": [5] * n + [-100] * (10 - n),
+                    "attention_mask": [1] * n + [0] * (10 - n)} for n in (3, 8))
+    assert (collated_length(short), collated_length(long), collated_length({"input_ids": [1, 2]})) == (3, 8, 2)
+    assert _collate_counted([short, long], pad_token_id=0)[_COUNTS][1] == 11
+    assert _null_examples([long, short, long], batch_size=2, processes=2)[0]["input_ids"] == short["input_ids"]

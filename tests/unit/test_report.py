@@ -504,3 +504,19 @@ def test_cells_that_print_alike_share_their_mark_and_odd_seed_counts_are_said(tm
     welch = next(line for line in md.splitlines() if line.startswith("| hlora | ") and "(p=" in line)
     assert "n=2/3" in welch
     assert "n=" not in next(line for line in md.splitlines() if line.startswith("| ewc | ") and "(p=" in line)
+
+
+def test_a_record_from_before_the_suite_was_in_a_runs_identity_is_not_a_mixed_setting():
+    """An experiment takes a record written before session 33 (no "suite" in its settings) beside newer seeds that
+    have it: the report called them mixed settings. The suite is left to the scoring note, which knows the older
+    record does not say; another learning rate is still mixed."""
+    from forgetless.reporting.tables import gathered_note
+
+    settings = {"model": "m", "train": {"domain": {"lr": 0.001}}}
+    old = {"method": "lora-mu", "task": "gen", "seed": 0, "settings": settings | {"seed": 0}}
+    new = {"method": "lora-mu", "task": "gen", "seed": 1,
+           "settings": settings | {"seed": 1, "suite": {"arc": {"test": "arc.jsonl"}}}}
+    assert gathered_note([old, new]) == ""
+    other = {"method": "lora-mu", "task": "gen", "seed": 2,
+             "settings": {"model": "m", "train": {"domain": {"lr": 0.01}}, "seed": 2}}
+    assert "`lora-mu` on gen (2 settings)" in gathered_note([old, new, other])
