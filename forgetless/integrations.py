@@ -262,7 +262,8 @@ class _HookCallback(TrainerCallback):
             trainer._load_stage_state(trainer._resume_dir)
 
     def on_save(self, args, state, control, **kwargs) -> None:
-        if state.is_world_process_zero:
+        # where the Trainer writes the checkpoint: the main process, or each node's first with save_on_each_node
+        if state.is_world_process_zero or (getattr(args, "save_on_each_node", False) and state.is_local_process_zero):
             trainer = self.trainer
             # the run folder the Trainer saved into (a hyperparameter search's trial has its own: run-ID)
             run_dir = Path(trainer._get_output_dir(trial=getattr(trainer, "_trial", None)))

@@ -30,7 +30,7 @@ from forgetless.models import (LeverUnavailable, apply_liger, attn_implementatio
 from forgetless.precision import autocast, resolve_precision
 from forgetless.training import checkpoint
 from forgetless.training.batches import (LOSS_INDEX, LengthGroupedSampler, add_loss_index, check_examples, collate,
-                                        collate_packed, collated_length, example_labels, token_list)
+                                        collate_packed, collated_length, example_row)
 from forgetless.training.config import TrainConfig
 from forgetless.training.hooks import Batch, Method, StageContext, call_all, options_of
 from forgetless.training.logging import StageLog, open_trackers
@@ -474,8 +474,9 @@ def _examples_digest(examples: Sequence[dict]) -> str:
 
     h = hashlib.sha1()
     for example in examples:
-        h.update(array("q", token_list(example["input_ids"])).tobytes())
-        h.update(array("q", example_labels(example)).tobytes())
+        ids, labels = example_row(example)  # as collated: an example's own padding dropped (the same for one without)
+        h.update(array("q", ids).tobytes())
+        h.update(array("q", labels).tobytes())
         h.update(b"|")
     return f"{len(examples)} examples, {h.hexdigest()[:16]}"
 

@@ -191,3 +191,29 @@ def test_a_checkpoint_resumes_only_in_the_precision_it_was_written_in(tmp_path):
     torch.save(state, state_file)
     result = train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
     assert result.extras["resumed_from_step"] == 2 and len(result.history) == 3
+
+
+def test_the_examples_digest_is_as_before_unless_an_example_has_padding_of_its_own():
+    """A checkpoint keeps a digest of the stage's examples. Examples without padding of their own digest as before
+    session 33 (their checkpoints resume); one padded to max_length (attention_mask 0) now trains without its padding,
+    so its digest differs and a checkpoint written before, which trained on it, is refused rather than mixed."""
+    import hashlib
+    from array import array
+
+    from forgetless.training.loop import _examples_digest
+    from tests.unit.tiny_model import random_examples
+
+    def before(examples):  # the digest as ff42687 computed it
+        h = hashlib.sha1()
+        for e in examples:
+            h.update(array("q", e["input_ids"]).tobytes())
+            h.update(array("q", e["labels"]).tobytes())
+            h.update(b"|")
+        return f"{len(examples)} examples, {h.hexdigest()[:16]}"
+
+    plain = random_examples(3, 6)
+    masked = [dict(e, attention_mask=[1] * 6) for e in plain]
+    padded = [dict(e, input_ids=e["input_ids"] + [0, 0], labels=e["labels"] + [-100, -100],
+                   attention_mask=[1] * 6 + [0, 0]) for e in plain]
+    assert _examples_digest(plain) == before(plain) == _examples_digest(masked)
+    assert _examples_digest(padded) != before(padded) and _examples_digest(padded) == _examples_digest(plain)
