@@ -287,7 +287,9 @@ def _base_as_its_run(args: argparse.Namespace) -> None:
     if not found and args.adapter:
         settings = adapter_record(args.adapter)
         found = (Path(args.adapter) / BASE_FILE, settings)
-    for key, default in (("dtype", "auto"), ("quantization", "none")):
+    from forgetless.config import BASE_DEFAULTS
+
+    for key, default in BASE_DEFAULTS.items():
         if getattr(args, key) is None:
             theirs = settings.get(key, default)  # a run's settings keep only what is not the default
             setattr(args, key, theirs)
@@ -463,7 +465,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
-    from forgetless.config import ConfigError
+    from forgetless.config import BASE_DEFAULTS, ConfigError
     from forgetless.data import chat_mc_items, lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
     from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
@@ -530,8 +532,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
                                   span=(args.range[0], args.range[1]), filter_normalize=args.filter_normalize,
                                   seed=args.seed, progress=not args.quiet)
     surface.meta |= {"model": args.model, "adapter": args.adapter, "data": data, "precision": args.precision,
-                     **{k: getattr(args, k) for k, default in (("dtype", "auto"), ("quantization", "none"))
-                        if getattr(args, k) != default}}
+                     **{k: getattr(args, k) for k, default in BASE_DEFAULTS.items() if getattr(args, k) != default}}
     report: dict = {"model": args.model, "adapter": args.adapter, "data": data, "loss": loss, **surface.meta}
     if args.dims == 2:
         report["surface_metrics"] = surface_metrics(surface.losses, surface.coords)

@@ -420,9 +420,10 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
     # apart, so that an override changes the place it names and not every place that uses the same anchor
     raw = _unshared({k: v for k, v in raw.items() if not str(k).startswith("x-")})
     for text in overrides:
-        if text.partition("=")[0].split(".")[0].split("[")[0] in anchors:
-            raise ConfigError(f"{path}: override {text!r}: {text.split('=')[0].split('.')[0]} holds YAML anchors, "
-                              f"read when the file is parsed; override the keys that use them instead")
+        head = re.split(r"[.\[=]", text, maxsplit=1)[0]  # the top-level key the override names
+        if head in anchors:
+            raise ConfigError(f"{path}: override {text!r}: {head} holds YAML anchors, read when the file is parsed; "
+                              f"override the keys that use them instead")
     apply_overrides(raw, overrides, str(path))
     raw.setdefault("name", path.stem)
     raw["output"] = output or raw.get("output") or str(Path("runs") / path.stem)

@@ -223,6 +223,13 @@ def train_stage(
     fused: list = []
     compiled: list = []
     log = ctx = None
+
+    def give_back() -> None:  # on a failure: the methods' hooks and checkpointing off (a plugin of an older protocol
+        for method in methods if ctx is not None else ():  # may lack on_stage_abort)
+            getattr(method, "on_stage_abort", lambda _: None)(ctx)
+        if checkpointing:
+            disable_gradient_checkpointing(model, use_cache)
+
     try:
         check_levers(model, config, accelerator.device)
         if config.attn_implementation is not None:
@@ -415,10 +422,7 @@ def train_stage(
                                 seconds=earlier + time.perf_counter() - started)
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
     except BaseException:
-        for method in methods if ctx is not None else ():  # a plugin of an older protocol may lack the hook
-            getattr(method, "on_stage_abort", lambda _: None)(ctx)
-        if checkpointing:
-            disable_gradient_checkpointing(model, use_cache)
+        give_back()
         raise
     finally:
         if log is not None:
@@ -429,10 +433,7 @@ def train_stage(
     try:
         call_all(methods, "on_stage_end", ctx)  # a Fisher computed here still recomputes activations
     except BaseException:  # the model as it came here too (an EWC Fisher without a labelled token, say)
-        for method in methods:
-            getattr(method, "on_stage_abort", lambda _: None)(ctx)
-        if checkpointing:
-            disable_gradient_checkpointing(model, use_cache)
+        give_back()
         raise
     if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
         disable_gradient_checkpointing(model, use_cache)
