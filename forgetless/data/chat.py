@@ -200,15 +200,17 @@ def _spans(tokenizer: Any, messages: Conversation, trained: list[int]) -> tuple[
 
 def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]],
                   max_length: int | None) -> dict[str, list[int]]:
-    """``text`` tokenized (no special tokens added: the template writes its own), labels on the tokens that start
-    inside one of ``spans``."""
+    """``text`` tokenized (no special tokens added: the template writes its own), labels on the tokens that overlap
+    one of ``spans``: also a token that begins in the template and ends in the reply (a byte-level tokenizer merges
+    the template's ``\n`` with a reply's leading whitespace), as transformers' ``return_assistant_tokens_mask`` marks
+    the token holding a span's first character."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("chat data needs a fast tokenizer (its character offsets locate the assistant's tokens)")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
-    for t, (a, _) in enumerate(enc["offset_mapping"]):
-        if any(s <= a < e for s, e in spans):
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if any(a < e and max(a + 1, b) > s for s, e in spans):  # overlaps [s, e) (a zero-width token: at a)
             labels[t] = ids[t]
     if max_length is not None and len(ids) > max_length:
         # keep the beginning; when the first reply starts beyond it, half the budget for the turns before it

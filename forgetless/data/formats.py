@@ -67,7 +67,7 @@ def load_train(kind: str, source: str, split: str | None = None, limit: int | No
 
     split = split or "train"
     if kind == "instructions":
-        return load_instructions(source, split=split, limit=limit)
+        return load_instructions(source, split=split, limit=limit, name=name)
     if kind == "chat":
         return load_chat(source, split=split, limit=limit, name=name)
     if kind == "prompt_completion":

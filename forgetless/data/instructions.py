@@ -27,10 +27,12 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def load_instructions(source: str, split: str = "train", limit: int | None = None) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from Alpaca-style records (``instruction``, ``input`` optional, ``output``)."""
+def load_instructions(source: str, split: str = "train", limit: int | None = None,
+                      name: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from Alpaca-style records (``instruction``, ``input`` optional, ``output``).
+    ``name``: the hub dataset's configuration."""
     pairs = []
-    for record in iter_records(source, split=split):  # streamed: stops at `limit`
+    for record in iter_records(source, split=split, name=name):  # streamed: stops at `limit`
         values = {}
         for field in ("instruction", "input", "output"):
             value = record.get(field)
@@ -59,21 +61,30 @@ def instruction_examples(pairs: list[tuple[str, str]], tokenizer: Any,
     """Tokenized examples with the loss on the response (plus a closing EOS) only.
 
     Prompt and response are tokenized separately (no special tokens) so the prompt/response boundary is
-    exact. Over-long examples keep the prompt's tail and then the response's head: the response is cut
-    (it still ends in EOS only if it fits) only when the prompt alone leaves no room.
+    exact; the prompt starts with the BOS where the tokenizer adds one by default (:func:`~.text.bos_prefix`; as
+    TRL tokenizes a prompt, and as the harness scores), unless its text already starts with it. Over-long examples
+    keep the BOS, the prompt's tail and then the response's head: the response is cut (it still ends in EOS only if
+    it fits) only when the prompt alone leaves no room.
     """
+    from .text import bos_prefix
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("instruction_examples needs a tokenizer with an eos_token_id")
+    bos = bos_prefix(tokenizer)
+    bos_text = tokenizer.decode(bos) if bos else None
     examples = []
     for prompt, response in pairs:
+        head = bos if bos and not prompt.startswith(bos_text) else []
         p = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
-        if max_length is not None and len(p) + len(r) > max_length:
+        budget = None if max_length is None else max_length - len(head)
+        if budget is not None and len(p) + len(r) > budget:
             # Keep at least half the budget for the prompt's tail (its "### Response:" marker) so the model
             # learns responses conditioned on the template; the response is cut from the right.
-            keep_prompt = min(len(p), max(max_length - len(r), max_length // 2))
+            keep_prompt = min(len(p), max(budget - len(r), budget // 2))
             p = p[len(p) - keep_prompt:]
-            r = r[: max_length - len(p)]
+            r = r[: budget - len(p)]
+        p = head + p
         examples.append({"input_ids": p + r, "labels": [-100] * len(p) + r})
     return examples

@@ -158,7 +158,28 @@ def read_records(path: str | Path) -> list[Record]:
     text = read_utf8(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         return _read_json_array(text, origin)
-    return _read_jsonl(text, origin)
+    try:
+        return _read_jsonl(text, origin)
+    except DataError:
+        if suffix == ".json":
+            _refuse_one_object(text, origin)  # a pretty-printed {"data": [...]}: say so, not "line 1: invalid JSON"
+        raise
+
+
+def _refuse_one_object(text: str, origin: str) -> None:
+    """Raise a DataError naming the case when ``text`` is one JSON object over several lines (records under a key,
+    as some exports write them): neither a list of records nor JSON lines. Returns when it is not such an object."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if not isinstance(obj, dict):
+        return
+    lists = [key for key, value in obj.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+    hint = (f"; its key {lists[0]!r} holds a list of {len(obj[lists[0]])} records: save that list alone" if lists
+            else "")
+    raise DataError(f"{origin}: one JSON object over several lines; expected a list of records (a JSON array) or "
+                    f"one record per line (JSON lines){hint}", origin=origin)
 
 
 def looks_local(source: str) -> bool:

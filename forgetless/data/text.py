@@ -48,10 +48,24 @@ def load_texts(source: str, field: str = "text", split: str = "train", limit: in
     return texts[:limit] if limit is not None else texts
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` where the tokenizer puts a BOS before a text by default (Llama, Gemma, Mistral), else ``[]``
+    (SmolLM2, Qwen: none). What a model of the first kind saw at the start of every training sequence; Gemma's
+    outputs are far off without it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if len(ids) > 0 and ids[0] == bos else []
+
+
 def pack_blocks(texts: Sequence[str], tokenizer: Any, block_size: int,
                 max_blocks: int | None = None) -> torch.Tensor:
     """Concatenate tokenized documents (each followed by EOS) and cut them into full blocks.
 
+    Where the tokenizer adds a BOS by default (:func:`bos_prefix`), every block starts with it and holds
+    ``block_size - 1`` tokens of the stream (as lm-evaluation-harness starts each rolling window with its prefix
+    token): the same number of predicted tokens per block either way, since a block's first token is never a target.
     Returns a LongTensor ``[n_blocks, block_size]``; the trailing partial block is dropped. Raises ValueError
     when there is not enough text for one block.
     """
@@ -60,19 +74,27 @@ def pack_blocks(texts: Sequence[str], tokenizer: Any, block_size: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("pack_blocks needs a tokenizer with an eos_token_id (it separates documents)")
-    needed = max_blocks * block_size if max_blocks is not None else None
+    prefix = bos_prefix(tokenizer)
+    if prefix and block_size < 2:
+        raise ValueError(f"block_size must be at least 2 for a tokenizer that starts sequences with a BOS, got "
+                         f"{block_size}")
+    step = block_size - len(prefix)  # stream tokens per block
+    needed = max_blocks * step if max_blocks is not None else None
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.append(eos)
         if needed is not None and len(ids) >= needed:
             break  # enough tokens: don't tokenize the rest of a large corpus
-    n_blocks = len(ids) // block_size
+    n_blocks = len(ids) // step
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
         raise ValueError(f"not enough text for one block of {block_size} tokens ({len(ids)} tokens in all)")
-    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+    blocks = torch.tensor(ids[: n_blocks * step], dtype=torch.long).view(n_blocks, step)
+    if prefix:
+        blocks = torch.cat([torch.full((n_blocks, 1), prefix[0], dtype=torch.long), blocks], dim=1)
+    return blocks
 
 
 def lm_examples(blocks: torch.Tensor | Sequence[Sequence[int]]) -> list[dict[str, list[int]]]:

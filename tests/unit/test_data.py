@@ -10,7 +10,7 @@ import torch
 
 from forgetless.data import (SCHEMAS, DataError, MCItem, detect_schema, encode_pair, instruction_examples,
                              lm_examples, load_instructions, load_mc_task, load_records, load_texts,
-                             mc_train_examples, pack_blocks, read_records)
+                             mc_train_examples, pack_blocks, prompt_completion_examples, read_records)
 from tests.unit.tiny_tokenizer import make_tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
@@ -351,6 +351,38 @@ def test_read_json_list_tracks_lines(tmp_path):
     assert read_records(write(tmp_path, "lines.json", '{"a": 1}\n{"a": 2}\n')) == [{"a": 1}, {"a": 2}]
 
 
+def test_a_json_file_holding_one_object_over_several_lines_says_so(tmp_path):
+    """A pretty-printed {"data": [...]} export was read as JSON lines and reported as "line 1: invalid JSON", though
+    the file is valid JSON; the error now says what the file is and where its records are."""
+    path = write(tmp_path, "export.json", json.dumps({"version": 1, "data": [{"a": 1}, {"a": 2}]}, indent=2))
+    with pytest.raises(DataError, match=r"export\.json: one JSON object over several lines; expected a list of records "
+                                        r".*its key 'data' holds a list of 2 records"):
+        read_records(path)
+    no_list = write(tmp_path, "obj.json", json.dumps({"a": 1, "b": 2}, indent=2))
+    with pytest.raises(DataError, match=r"obj\.json: one JSON object over several lines.*JSON lines\)$"):
+        read_records(no_list)
+    broken = write(tmp_path, "broken.json", '{"a": 1}\n{"a": }\n')  # JSON lines with a bad row: as before
+    with pytest.raises(DataError, match=r"broken\.json, line 2: invalid JSON"):
+        read_records(broken)
+
+
+def test_load_instructions_passes_the_hub_configuration_on(monkeypatch):
+    """``load_train("instructions", ..., name=...)`` dropped the hub configuration (the other kinds pass it)."""
+    from forgetless.data import formats, instructions
+    from forgetless.data.io import Record
+
+    seen = {}
+
+    def records(source, split="train", name=None):
+        seen["name"] = name
+        return iter([Record({"instruction": "Say hi.", "output": "Hi."}, source, 1)])
+
+    monkeypatch.setattr(instructions, "iter_records", records)
+    assert formats.load_train("instructions", "org/alpaca", name="cleaned") == [
+        (instructions.alpaca_prompt("Say hi."), "Hi.")]
+    assert seen["name"] == "cleaned"
+
+
 def test_missing_local_path_does_not_try_the_hub(monkeypatch):
     import datasets
 
@@ -472,6 +504,37 @@ def test_encode_pair_adds_the_bos_a_tokenizer_adds_by_default_once():
     item = MCItem("Question: What is the answer?\nAnswer:", ("yes", "no"), 1)
     (example,) = mc_train_examples([item], bos)
     assert example["input_ids"][0] == 2 and example["input_ids"].count(2) == 1
+
+
+def test_instructions_prompt_completions_and_blocks_start_with_the_bos_a_tokenizer_adds_by_default():
+    """Instruction and string prompt/completion examples were encoded without special tokens and text blocks without
+    a BOS, so a Llama or Gemma model trained (and its perplexity was measured) on sequences without the BOS it always
+    saw; TRL tokenizes a prompt with the tokenizer's default. SmolLM2's tokenizer adds none: nothing changes there."""
+    bos = _bos_adding()
+    prompt, response = "### Instruction:\nSay hello.\n\n### Response:\n", "Hello there!"
+    p, r = ids(bos, prompt), ids(bos, response) + [bos.eos_token_id]
+    (ex,) = instruction_examples([(prompt, response)], bos)
+    assert ex["input_ids"] == [2] + p + r and ex["labels"] == [-100] * (1 + len(p)) + r
+    (ex,) = prompt_completion_examples([(prompt, response)], bos)
+    assert ex["input_ids"] == [2] + p + r
+    (ex,) = instruction_examples([("<s>" + prompt, response)], bos)  # the user wrote the BOS: not twice
+    assert ex["input_ids"].count(2) == 1 and ex["input_ids"][0] == 2
+    (short,) = instruction_examples([(prompt, response)], bos, max_length=len(r) + 4)  # cut: the BOS stays
+    assert short["input_ids"] == [2] + p[-3:] + r and short["labels"] == [-100] * 4 + r
+    texts = ["Answer: A", "hello world", "Question: What"]
+    stream = []
+    for t in texts:
+        stream += ids(bos, t) + [bos.eos_token_id]
+    blocks = pack_blocks(texts, bos, block_size=4)
+    assert blocks.shape == (len(stream) // 3, 4) and blocks[:, 0].tolist() == [2] * blocks.shape[0]
+    assert blocks[:, 1:].flatten().tolist() == stream[: len(stream) // 3 * 3]  # 3 tokens of the stream per block
+    assert pack_blocks(texts, bos, block_size=4, max_blocks=2).tolist() == blocks[:2].tolist()
+    with pytest.raises(ValueError, match="at least 2"):
+        pack_blocks(texts, bos, block_size=1)
+    tok = make_tiny_tokenizer()  # a tokenizer without a default BOS (SmolLM2's kind): as before
+    assert instruction_examples([(prompt, response)], tok)[0]["input_ids"] == ids(tok, prompt) + ids(tok, response) + [
+        tok.eos_token_id]
+    assert 2 not in pack_blocks(texts, tok, block_size=4)[:, 0].tolist()
 
 
 def test_mc_train_examples_masks_prompt(tok):

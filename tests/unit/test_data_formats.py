@@ -61,6 +61,23 @@ def test_chat_labels_are_exactly_the_assistant_turns(tok):
     assert tok.decode(labelled) == "Hello there!</s>\nHello!</s>\n"  # the replies and their end-of-turn marker
 
 
+def test_a_token_straddling_the_template_and_the_reply_is_labelled(tok):
+    """A reply starting with whitespace: a byte-level tokenizer merges the template's newline with the reply's first
+    one into one token, which begins before the reply's span. It was unlabelled (the reply's first newline never
+    trained); transformers' assistant mask marks the token holding the span's first character."""
+    tok.add_tokens(["\n\n"])  # as SmolLM2's tokenizer merges "assistant\n" + "\nHello" into "\n\n" + "Hello"
+    conv = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "\nHello there!"}]
+    (example,) = chat_examples([conv], tok)
+    pieces = [tok.decode([i]) for i in example["input_ids"]]
+    first = next(t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    assert pieces[first] == "\n\n" and pieces[first - 1] == "t"  # the straddling token, the template's before it
+    labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(labelled) == "\n\nHello there!</s>\n"
+    (plain,) = chat_examples([[conv[0], {"role": "assistant", "content": "Hello there!"}]], tok)  # no straddle:
+    assert tok.decode([t for t, label in zip(plain["input_ids"], plain["labels"]) if label != IGNORE_INDEX]) == (
+        "Hello there!</s>\n")  # the template's newline before the reply stays unlabelled
+
+
 def test_chat_truncation_keeps_an_assistant_token(tok):
     long_user = {"role": "user", "content": "Plants make sugar from light. " * 8}
     messages = [long_user, {"role": "assistant", "content": "Hello there!"}]
