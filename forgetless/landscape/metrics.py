@@ -270,11 +270,11 @@ def eps_sharpness_parts(objective: Objective, rho: float = 0.05, steps: int = 5,
         g = _random_vector(objective, seed)
         size = norm(g)
     delta = [rho * t / size for t in g]
-    best = -float("inf")
+    rises = []  # a NaN loss anywhere makes the estimate NaN (max() skipped it: -inf, "flat", for a diverged model)
     for _ in range(steps):
         with objective.shifted(delta):
             value, g = objective.value_and_gradient()
-        best = max(best, value - base)
+        rises.append(value - base)
         size = norm(g)
         if size == 0.0:
             break
@@ -283,8 +283,8 @@ def eps_sharpness_parts(objective: Objective, rho: float = 0.05, steps: int = 5,
         if length > rho:
             delta = [d * (rho / length) for d in delta]
     with objective.shifted(delta):
-        best = max(best, objective.value() - base)
-    return best, first_order
+        rises.append(objective.value() - base)
+    return (float("nan") if any(math.isnan(r) for r in rises) else max(rises)), first_order
 
 
 __all__ = ["SURFACE_METRICS", "eps_sharpness", "eps_sharpness_parts", "hessian_dominant_eigenvalue",

@@ -92,8 +92,12 @@ class _Shift:
     def __enter__(self) -> None:
         self.kept = [p.detach().clone() for p in self.params]
         if self.delta is not None:
-            for p, k, d in zip(self.params, self.kept, self.delta):
-                p.copy_((k.to(d.dtype) + d).to(p.dtype))
+            try:
+                for p, k, d in zip(self.params, self.kept, self.delta):
+                    p.copy_((k.to(d.dtype) + d).to(p.dtype))
+            except BaseException:  # an out-of-memory at some weight: the ones shifted before go back (no __exit__ runs
+                self.__exit__()  # when __enter__ raises)
+                raise
 
     @torch.no_grad()
     def __exit__(self, *exc) -> None:

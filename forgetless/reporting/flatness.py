@@ -34,18 +34,20 @@ PRECISION_OF = {"hessian_trace_stderr": "hessian_trace", "hessian_top_residual":
 
 def reference_ppl(results: Sequence[dict[str, Any]], run: dict[str, Any],
                   methods: Sequence[str] | None = None) -> float:
-    """General PPL of the run that ``run``'s forgetting is measured against (see the module doc)."""
-    same = [r for r in results if r.get("task") == run.get("task") and r.get("seed") == run.get("seed")]
-    for pool in (same, results):
+    """General PPL of the run that ``run``'s forgetting is measured against (see the module doc); runs without a
+    general PPL (scored without held-out text) are passed over."""
+    scored = [r for r in results if r.get("general_ppl") is not None] or [run]
+    same = [r for r in scored if r.get("task") == run.get("task") and r.get("seed") == run.get("seed")]
+    for pool in (same, scored):
         base = [r for r in pool if r["method"] == "base"]
         if base:
             return float(base[0]["general_ppl"])
     first = methods[0] if methods else results[0]["method"]
-    for pool in (same, results):
+    for pool in (same, scored):
         firsts = [r for r in pool if r["method"] == first]
         if firsts:
             return float(firsts[0]["general_ppl"])
-    return float(results[0]["general_ppl"])
+    return float(scored[0]["general_ppl"])
 
 
 TARGETS = {"ppl_increase": "increase in general perplexity", "suite_forgetting": "general-suite change (points)"}
@@ -275,8 +277,8 @@ def flatness_section(results: Sequence[dict[str, Any]], folder: Path, methods: S
            f"eigenvalue (the largest algebraic one) by {_eigen_method(settings)}, its trace from "
            f"{settings.get('trace_samples', '?')} Hutchinson probes; in {settings.get('precision', '?')}. PPL increase: "
            "general PPL "
-           "minus that of base (same task and seed), or of the first method if there is no base. With few runs the "
-           "p-values mean little.\n")
+           "minus that of base (same task and seed, else another base run), or of the first method if there is no "
+           "base. With few runs the p-values mean little.\n")
     variants = sorted({r["method"] for r in results if r.get("variant_of")}
                       | {label for r in results for label in (r.get("variants") or {})})
     if variants:

@@ -145,6 +145,32 @@ def test_eps_sharpness_closed_forms_and_restores_weights():
     assert eps_sharpness(obj, rho=rho, steps=60) == pytest.approx(0.5 * rho**2 * 5.0, rel=1e-8)
 
 
+def test_eps_sharpness_of_a_diverged_loss_is_nan_and_a_failed_shift_restores_the_weights():
+    """max() skipped NaN rises, so a model whose loss is NaN everywhere had eps-sharpness -inf ("flat"), and one NaN
+    on the sphere among finite points gave the others' maximum. And a shift that failed at some weight (an
+    out-of-memory) left the weights before it shifted: no __exit__ runs when __enter__ raises."""
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+    def nan_loss():
+        return (x * float("nan")).sum()
+
+    obj = Objective(params=[x], chunks=[(1.0, nan_loss)])
+    assert math.isnan(eps_sharpness(obj, rho=0.1, steps=2))
+
+    def nan_off_centre():  # finite at theta, NaN at every point of the sphere
+        centre = torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+        return (x**2).sum() + (0.0 if centre else float("nan"))
+
+    assert math.isnan(eps_sharpness(Objective(params=[x], chunks=[(1.0, nan_off_centre)]), rho=0.1, steps=2))
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    shifts = Objective(params=[a, b], chunks=[(1.0, lambda: a.sum())])
+    with pytest.raises(RuntimeError):
+        with shifts.shifted([torch.full((3,), 0.5), torch.zeros(5)]):  # the second weight's shape is wrong
+            pass
+    assert torch.equal(a, torch.ones(3, dtype=torch.bfloat16)) and torch.equal(b, torch.ones(2, dtype=torch.bfloat16))
+
+
 def test_eps_sharpness_reaches_the_trust_region_maximum():
     # max_{||d|| <= rho} g^T d + 1/2 d^T H d for H > 0: d = (mu I - H)^-1 g with mu > lambda_max, ||d|| = rho
     h = symmetric([4.0, 2.0, 1.0, 0.5], seed=3)
@@ -329,6 +355,10 @@ def test_spearman_and_reference_ppl():
     assert flatness_rows(results)[0]["ppl_increase"] == pytest.approx(3.0)
     no_base = [r for r in results if r["method"] != "base"]
     assert reference_ppl(no_base, no_base[1], methods=["lora-mu"]) == 13.0  # the first method, same seed
+    # a base scored without held-out text (records gathered from several folders): passed over, not a TypeError
+    unscored = [dict(results[1], seed=1, general_ppl=None)] + results
+    assert reference_ppl(unscored, results[2]) == 10.0
+    assert flatness_rows(unscored)[0]["ppl_increase"] == pytest.approx(3.0)
 
 
 def test_flatness_section_names_the_interpolations_it_does_not_measure(tmp_path):
