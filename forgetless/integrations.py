@@ -11,11 +11,14 @@ hook                         where the Trainer runs it
 ``wrap_forward_backward``    ``train()``, once; ``training_step`` (forward + backward of one micro-batch) goes
                              through the wrapped function, so SAM runs two passes of the Trainer's own step
 ``extra_loss``               ``compute_loss``: added to the Trainer's loss, once per optimizer step
-``before_optimizer_step``    before the Trainer clips the gradients (``_clip_grad_norm``), or in
-                             ``on_pre_optimizer_step`` when it does not clip (``max_grad_norm`` 0)
+``before_optimizer_step``    before the Trainer clips the gradients (``_clip_grad_norm``; under fp16 they are
+                             unscaled first), or in ``on_pre_optimizer_step`` when it does not clip
+                             (``max_grad_norm`` 0; the Trainer has unscaled them for its norm)
 ``after_optimizer_step``     ``on_optimizer_step`` (the gradients are still there; the scheduler has not stepped
                              yet, unlike the loop: no method reads the learning rate there)
+``on_step_skipped``          ``on_optimizer_step`` of a step an fp16 overflow skipped (the loss scale fell)
 ``on_stage_end``             ``on_train_end``
+``on_stage_abort``           ``train()`` raised (an error, Ctrl-C) after ``on_stage_start``
 ===========================  =====================================================================================
 
 The :class:`~forgetless.training.hooks.StageContext` holds the Trainer's model (unwrapped), optimizer, scheduler and
@@ -96,6 +99,14 @@ class MethodsMixin:
             raise RuntimeError("this transformers version clips gradients inside its loop, before any hook could see "
                                "them: use transformers >= 5 (Trainer._clip_grad_norm) or max_grad_norm=0")
         self.methods = list(methods)
+        sharded = str(getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type))
+        if self.methods and sharded in ("DEEPSPEED", "FSDP"):
+            # DeepSpeed steps the optimizer inside backward (before any hook of ours) and ZeRO/FSDP shard the gradients
+            # and LoRA factors the methods read: HLoRA would record zero importance, SAM perturb with a stepped weight
+            raise ValueError(f"forgetless methods ({', '.join(type(m).__name__ for m in self.methods)}) run in one "
+                             f"process or under DDP, not under {sharded}: it steps or shards the gradients and LoRA "
+                             "factors where the methods cannot see them. Launch without a DeepSpeed/FSDP config "
+                             "(accelerate launch --multi_gpu) or train without methods")
         self.stage, self.general_examples = stage, general_examples
         if state_from is not None:
             for method in self.methods:
@@ -104,6 +115,7 @@ class MethodsMixin:
         self._forward_backward = None
         self._pass: tuple[torch.nn.Module, Any, tuple, dict] | None = None  # the micro-batch's step arguments
         self._before_done: int | None = None  # the step whose before_optimizer_step hooks have run
+        self._scale_before: float | None = None  # the fp16 loss scale the step's gradients were scaled by
         self._scalars: dict[str, list[float]] = {}
         self._resume_dir: Path | None = None  # the checkpoint train() resumes from
         self.add_callback(_HookCallback(self))
@@ -129,16 +141,21 @@ class MethodsMixin:
         self.stage_context, self._before_done, self._scalars = ctx, None, {}
         self._micro_of = None  # the step whose micro-batches ctx.micro counts
         call_all(self.methods, "on_stage_start", ctx)
-        examples = self.train_dataset
-        for method in self.methods:
-            examples = method.prepare_examples(ctx, examples)
-        if examples is not self.train_dataset:
-            self.train_dataset = examples
-        fb = self._one_pass
-        for method in self.methods:
-            fb = method.wrap_forward_backward(ctx, fb)
-        self._forward_backward = fb
-        return super().train(*args, **kwargs)
+        try:
+            examples = self.train_dataset
+            for method in self.methods:
+                examples = method.prepare_examples(ctx, examples)
+            if examples is not self.train_dataset:
+                self.train_dataset = examples
+            fb = self._one_pass
+            for method in self.methods:
+                fb = method.wrap_forward_backward(ctx, fb)
+            self._forward_backward = fb
+            return super().train(*args, **kwargs)
+        except BaseException:  # an error, Ctrl-C: the methods take back what on_stage_start put on the model (hooks),
+            for method in self.methods:  # as the loop does; a plugin of an older protocol may lack on_stage_abort
+                getattr(method, "on_stage_abort", lambda _: None)(ctx)
+            raise
 
     def _save_stage_state(self, folder: Path) -> None:
         """The methods' stage state into the checkpoint folder the Trainer has just written (main process)."""
@@ -209,15 +226,46 @@ class MethodsMixin:
 
     def _clip_grad_norm(self, model: torch.nn.Module):
         # The hooks see the step's gradients before clipping, as in the loop (the Trainer calls
-        # on_pre_optimizer_step only after it has clipped).
+        # on_pre_optimizer_step only after it has clipped), and unscaled under fp16: accelerate unscales them only
+        # inside its clipping, so they are unscaled here first and its own unscaling skipped (torch refuses a second).
+        scaler = self._scaler()
+        if scaler is None:
+            self._before_optimizer_step()
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
         self._before_optimizer_step()
-        return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients = _unscaled_already
+        try:
+            return super()._clip_grad_norm(model)
+        finally:
+            del self.accelerator.unscale_gradients  # the method again
+
+    def _scaler(self):
+        """The fp16 GradScaler that scales this Trainer's backward (accelerate's, under fp16 mixed precision), else
+        None."""
+        acc = self.accelerator
+        if getattr(acc, "scaler", None) is not None and acc.native_amp and acc.mixed_precision == "fp16":
+            return acc.scaler
+        return None
 
     def _before_optimizer_step(self) -> None:
         ctx = self.stage_context
         if self._before_done != ctx.step:
             self._before_done = ctx.step
+            scaler = self._scaler()
+            # the scale every backward of this step was multiplied by (scaler.update() comes after the step); a host
+            # read once per step, under fp16 only
+            self._scale_before = ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
             call_all(self.methods, "before_optimizer_step", ctx)
+
+    def _step_was_skipped(self) -> bool:
+        """Whether the optimizer step just taken was skipped for an fp16 overflow. accelerate's flag misses it with a
+        fused optimizer (AdamW ``fused``, the Trainer's default since torch 2.8: GradScaler hands it the scale and it
+        skips inside); the scale tells either way: ``update()`` lowers it exactly when it found inf or NaN."""
+        if self.accelerator.optimizer_step_was_skipped:
+            return True
+        scaler = self._scaler()
+        return scaler is not None and self._scale_before is not None and float(scaler.get_scale()) < self._scale_before
 
     # ---------------------------------------------------------------------------------------- loss scale
     def _trainer_divides(self, num_items_in_batch: Any) -> bool:
@@ -278,7 +326,7 @@ class _HookCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         trainer = self.trainer
-        if trainer.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, as the loop's skip_step
+        if trainer._step_was_skipped():  # fp16 overflow: no step, as the loop's skip_step
             call_all(trainer.methods, "on_step_skipped", trainer.stage_context)
             return
         ctx = trainer.stage_context
@@ -290,6 +338,10 @@ class _HookCallback(TrainerCallback):
         ctx = self.trainer.stage_context
         ctx.step = state.global_step
         call_all(self.trainer.methods, "on_stage_end", ctx)
+
+
+def _unscaled_already(optimizer: Any = None) -> None:
+    """In place of ``Accelerator.unscale_gradients`` while the Trainer clips gradients the mixin has unscaled."""
 
 
 @cache

@@ -33,7 +33,9 @@ def lora_modules(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> list
     """(name, module) of every PEFT LoRA layer that has a Linear-style ``adapter`` (A: ``[r, in]``, B: ``[out, r]``).
 
     Modules whose LoRA factors are not plain linear maps (embeddings, convolutions) are skipped: their update is
-    not ``B @ A``.
+    not ``B @ A``. A DoRA (or other variant) layer or one with a LoRA bias is a ValueError: its update is not
+    ``s B A`` either, and a method that took it for one (HLoRA, EWC, WiSE-FT) would regularize or blend the wrong
+    thing while its magnitude vector or bias moved freely.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -43,6 +45,15 @@ def lora_modules(model: torch.nn.Module, adapter: str = DEFAULT_ADAPTER) -> list
             continue
         a, b = module.lora_A[adapter], module.lora_B[adapter]
         if isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear):
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None or adapter in getattr(module, "lora_magnitude_vector", {}):
+                raise ValueError(f"{name}: a {type(variant).__name__ if variant is not None else 'DoRA'} adapter "
+                                 f"({adapter!r}); forgetless's methods take a LoRA update to be s*B@A, which a DoRA "
+                                 "or other variant's is not: use plain LoRA (use_dora=False)")
+            if b.bias is not None:
+                raise ValueError(f"{name}: the adapter {adapter!r} has a LoRA bias (lora_bias=True); forgetless's "
+                                 "methods take a LoRA update to be s*B@A and would leave the bias unregularized: "
+                                 "use lora_bias=False")
             found.append((name, module))
     return found
 

@@ -506,6 +506,8 @@ class HLoRA(Method):
                     if g.grad_full is None:
                         g.grad_full = torch.zeros_like(g.omega, device=g.device)
                     all_reduce_([g.grad_full])
+                    if ctx.grad_scale != 1.0:  # summed from the backward's own (loss-scaled) output gradients
+                        g.grad_full.div_(ctx.grad_scale)
                 else:
                     g.grads = (torch.stack([_grad(p) for p in g.a_params]).to(g.dtype),
                                torch.stack([_grad(p) for p in g.b_params]).to(g.dtype))

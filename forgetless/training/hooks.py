@@ -66,6 +66,10 @@ class StageContext:
     # The weight of the current micro-batch's mean task loss in the step's objective: n_i * processes / N for its n_i
     # of the step's N labelled tokens (1 for one micro-batch on one process). Its loss is already scaled by it.
     loss_scale: float = 1.0
+    # The factor the step's backward gradients carry: an fp16 GradScaler's loss scale in the transformers Trainer
+    # (read before the step), 1 in forgetless's loop. ``p.grad`` is unscaled before ``before_optimizer_step``; what a
+    # method gathers itself in backward hooks (HLoRA's exact estimator) is divided by it there.
+    grad_scale: float = 1.0
     # The general-stage (nu) training examples, when the run has them: rehearsal mixes them in.
     general_examples: Sequence[dict] | None = None
     # Scalars a method wants logged at this step (e.g. {"reg_loss": ...}); the loop records them.

@@ -261,3 +261,120 @@ def test_the_stage_state_goes_into_the_checkpoint_folder_of_a_search_trial(tmp_p
     (tmp_path / "out" / "run-0" / "checkpoint-2").mkdir(parents=True)
     _HookCallback(trainer).on_save(args, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
     assert (tmp_path / "out" / "run-0" / "checkpoint-2" / STAGE_STATE_FILE).is_file()
+
+
+def _fp16_trainer(tmp_path, entry, *, scale, optim="adamw_torch", max_grad_norm=CLIP, inf_at_step=None, steps=4,
+                  collator=None):
+    """A general-stage Trainer run whose backward is scaled as under ``fp16=True`` on a GPU: accelerate's GradScaler
+    is put where accelerate puts it (torch's CPU GradScaler; its fp16 autocast switched off, so the loss scale is the
+    only difference from a float32 run). ``inf_at_step``: one LoRA gradient made inf at that step (an fp16 overflow)."""
+    from forgetless.integrations import ForgetlessTrainer
+
+    model = make_lora_model(0, b_std=0.05)
+    plugins = resolve(entry).plugins
+    args = TrainingArguments(**trainer_args(tmp_path, 4, 1, torch.device("cpu")) | dict(
+        max_steps=steps, optim=optim, max_grad_norm=max_grad_norm))
+    trainer = ForgetlessTrainer(model=model, args=args, train_dataset=variable_examples(16, seed=1), methods=plugins,
+                                stage="general", data_collator=collator or partial(collate, pad_token_id=0))
+    if scale is not None:
+        from accelerate.utils import AutocastKwargs
+
+        acc = trainer.accelerator
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2)  # the scale changes in the run
+        acc.native_amp = True
+        acc.state._mixed_precision = "fp16"
+        acc.autocast_handler = AutocastKwargs(enabled=False)  # the forward in float32: the loss scale alone differs
+    if inf_at_step is not None:
+        a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+        a.register_hook(lambda g: g * float("inf") if trainer.state.global_step == inf_at_step else g)
+    return trainer, plugins[0]
+
+
+@pytest.mark.parametrize("max_grad_norm", [CLIP, 0.0])
+@pytest.mark.parametrize("estimator", ["paper", "adam", "exact"])
+def test_hlora_importance_under_an_fp16_loss_scale_is_the_float32_one(estimator, max_grad_norm, tmp_path):
+    """Under fp16 the Trainer back-propagates loss x S (GradScaler; S = 65536 at the start, changing as it runs) and
+    accelerate unscales the gradients only inside its clipping, after the hooks had read them: HLoRA's importance was
+    about S x (and S^2 x for the paper term) the float32 one (ratio 1190 to 1333 at S = 1024), and the exact
+    estimator's, gathered in backward hooks, also without clipping. Scaling by a power of two is exact: the same
+    numbers."""
+    entry = [{"name": "hlora", "estimator": estimator}]
+    plain, expected = _fp16_trainer(tmp_path / "a", entry, scale=None, max_grad_norm=max_grad_norm)
+    plain.train()
+    scaled, got = _fp16_trainer(tmp_path / "b", entry, scale=1024.0, max_grad_norm=max_grad_norm)
+    scaled.train()
+    assert scaled.accelerator.scaler.get_scale() == 4096.0  # grown twice: the steps ran under three scales
+    assert got.steps == expected.steps == 4
+    for name, omega in expected.importance.items():
+        assert float(omega.abs().max()) > 0
+        torch.testing.assert_close(got.importance[name], omega, rtol=1e-5, atol=1e-12)
+    assert_close(trainable(scaled.model), trainable(plain.model), rel=1e-6)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_a_step_an_fp16_overflow_skips_is_skipped_by_the_methods_too(optim, tmp_path):
+    """accelerate's optimizer_step_was_skipped stays False when a fused AdamW (the Trainer's default since torch 2.8)
+    skips the step itself, so HLoRA counted the skipped step and added inf x 0 = NaN to its importance, for good. The
+    fall of the loss scale tells the skip either way: the importance is that of the three steps taken."""
+    entry = [{"name": "hlora", "estimator": "paper"}]
+    trainer, hlora = _fp16_trainer(tmp_path, entry, scale=1024.0, optim=optim, inf_at_step=1)
+    trainer.train()
+    assert trainer.state.global_step == 4 and hlora.steps == 3
+    assert all(bool(torch.isfinite(omega).all()) for omega in hlora.importance.values())
+    assert sum(float(omega.abs().sum()) for omega in hlora.importance.values()) > 0
+
+
+def test_a_failed_trainer_stage_takes_the_methods_hooks_off(tmp_path):
+    """A Trainer stage that raised (a bad batch, Ctrl-C) left HLoRA's exact-estimator hooks on the model, and a later,
+    unrelated backward still summed into its gradient; the loop gave the model back as it came, now the Trainer too."""
+    calls = []
+
+    def collator(rows):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bad batch")
+        return collate(rows, pad_token_id=0)
+
+    trainer, hlora = _fp16_trainer(tmp_path, [{"name": "hlora", "estimator": "exact"}], scale=None,
+                                   collator=collator)
+    hooks_before = sum(len(m._forward_hooks) for m in trainer.model.modules())
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        trainer.train()
+    assert sum(len(m._forward_hooks) for m in trainer.model.modules()) == hooks_before
+
+
+
+def test_methods_under_deepspeed_or_fsdp_are_refused(tmp_path, monkeypatch):
+    """DeepSpeed steps the optimizer inside backward and ZeRO/FSDP shard the gradients and factors: HLoRA recorded zero
+    importance there, silently. The Trainer is now refused with methods under either."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from forgetless.integrations import ForgetlessTrainer
+
+    args = TrainingArguments(**trainer_args(tmp_path, 2, 1, torch.device("cpu")))
+    ForgetlessTrainer(model=make_lora_model(0), args=args, methods=resolve(["hlora"]).plugins)  # DDP, one process
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with monkeypatch.context() as patch:
+            patch.setattr(Accelerator, "distributed_type", property(lambda self, kind=kind: kind))
+            with pytest.raises(ValueError, match=f"not under {kind.value}"):
+                ForgetlessTrainer(model=make_lora_model(0), args=args, methods=resolve(["hlora"]).plugins)
+            ForgetlessTrainer(model=make_lora_model(0), args=args, methods=[])  # no method: the Trainer's business
+
+
+def test_dora_and_lora_bias_adapters_are_refused_by_the_methods():
+    """HLoRA, EWC and WiSE-FT take a module's update to be s*B@A; a DoRA adapter's is not (its magnitude vector moved
+    unregularized), nor one with a LoRA bias. They were accepted silently; export already refused them."""
+    from peft import LoraConfig, get_peft_model
+
+    from forgetless.lora import lora_modules
+    from tests.unit.tiny_model import make_tiny_model
+
+    plain = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert len(lora_modules(plain)) == 2
+    dora = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"q_proj: a DoraLinearVariant adapter \('default'\).*use_dora=False"):
+        lora_modules(dora)
+    bias = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(ValueError, match=r"q_proj: the adapter 'default' has a LoRA bias"):
+        lora_modules(bias)
