@@ -151,8 +151,10 @@ def compiled_chunk_loss_and_grad():
     log-sum-exp, the softmax, the one-hot subtraction, the scaling and the cast into few passes over the chunk's
     ``[rows, vocab]`` logits, where eager makes about eight. Compiled with dynamic shapes from the start: one graph
     serves the full chunks, the shorter last one and every batch's number of labelled rows (with automatic dynamic
-    shapes these were three graphs or more, each a stall of seconds inside the step loop). What still compiles again:
-    a chunk of exactly one row (size-1 specialization), and a change of autocast, soft-cap or gradient mode."""
+    shapes these were three graphs or more, each a stall of seconds inside the step loop). A chunk of exactly one row
+    would compile a graph of its own (size-1 specialization): :class:`ChunkedLinearCrossEntropy` folds a one-row last
+    chunk into the one before and computes a batch of one labelled row eagerly. What still compiles again: a change of
+    autocast, soft-cap or gradient mode."""
     global _compiled_chunk
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
@@ -173,17 +175,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 softcap: float | None, chunk: int, compiled: bool = False) -> torch.Tensor:
         rows = hidden.shape[0]
+        compiled = compiled and rows > 1  # one row: eager (a size-1 graph of its own would compile, a stall of seconds)
         step = compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        for start in range(0, rows, chunk):
-            h = hidden[start:start + chunk]
+        bounds = list(range(0, rows, chunk)) + [rows]
+        if compiled and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]  # a one-row last chunk joins the one before (one row more than a chunk: same graph)
+        for start, end in zip(bounds, bounds[1:]):
+            h = hidden[start:end]
             if h.dtype != weight.dtype and not torch.is_autocast_enabled(h.device.type):
                 h = h.to(weight.dtype)  # a reduced head outside autocast computes in its dtype (models.prepare_quantized)
-            loss, grad = step(h, weight, bias, targets[start:start + chunk], softcap, rows, grad_hidden is not None)
+            loss, grad = step(h, weight, bias, targets[start:end], softcap, rows, grad_hidden is not None)
             total += loss
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grad
+                grad_hidden[start:end] = grad
         if grad_hidden is not None:
             ctx.save_for_backward(grad_hidden)
         return total / rows
