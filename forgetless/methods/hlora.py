@@ -840,6 +840,8 @@ class _ExactGradHook:
         out = output[0] if isinstance(output, tuple) else output
         if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad) or not args:
             return
+        if not module.training:  # an evaluation pass with gradients (EWC's Fisher at the stage's end, in eval mode,
+            return  # before HLoRA's on_stage_end took these hooks off): not the training step's gradient
         x = args[0].detach()
         group, index = self.group, self.index
 

@@ -80,7 +80,8 @@ Above it (closing the bracket): 2.0 removes 91 % but costs 3.4 domain points (+7
 The radius is over the LoRA matrices together, whose norm is far larger than a single step, so the 0.05 that SAM
 papers use on full weights perturbs them very little. ``{sam: {rho: 0.05}}`` is the papers' setting.
 
-Logged per step (``ctx.log``): ``sam_rho``, ``sam_grad_norm`` (mean over micro-batches of ||g|| of the
+Logged per step (``ctx.log``): ``sam_rho``, ``sam_grad_norm`` (``perturb: step``, the default: ||g|| of the
+step's whole loss, the gradient eps is taken from; ``perturb: micro``: the mean over micro-batches of ||g|| of each
 micro-batch's mean loss), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/``task_loss`` stay the loss at w).
 """
 

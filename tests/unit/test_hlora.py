@@ -852,3 +852,31 @@ def test_the_adam_estimators_omega_is_each_modules_first_order_decrease_on_an_up
         want = -(ga * (m.lora_A["default"].weight - a0)).sum() - (gb * (m.lora_B["default"].weight - b0)).sum()
         assert want < 0
         torch.testing.assert_close(omega[name].sum(), want.detach(), rtol=1e-9, atol=1e-15)
+
+
+def test_the_exact_estimator_gathers_nothing_from_an_evaluation_pass_with_gradients(lora_model, accelerator,
+                                                                                    monkeypatch):
+    """``[ewc, {hlora, estimator: exact}]``: EWC's Fisher runs its forward and backward passes (in eval mode) at the
+    general stage's end, before HLoRA's on_stage_end takes its hooks off, and each pass summed a full-weight gradient
+    into HLoRA's slot, which was thrown away but counted in HLoRA's importance cost. The hooks now act in training
+    passes only: one per module and training step."""
+    import forgetless.methods.hlora as hlora_module
+    from forgetless.methods.ewc import EWC
+
+    gathered = []
+    original = hlora_module._ExactGradHook.__call__
+
+    def counting(self, module, args, output):
+        before = len(output._backward_hooks or {})
+        original(self, module, args, output)
+        gathered.append(len(output._backward_hooks or {}) > before)
+
+    monkeypatch.setattr(hlora_module._ExactGradHook, "__call__", counting)
+    model = lora_model()
+    hlora = HLoRA(estimator="exact")
+    train_stage(model, random_examples(8, 12), TrainConfig(max_steps=2, batch_size=4, lr=1e-3, precision="fp32",
+                                                           progress=False),
+                [EWC(samples=8, batch_size=2), hlora], stage="general", accelerator=accelerator)
+    modules = len(lora_modules(model))
+    assert sum(gathered) == 2 * modules and len(gathered) > 2 * modules  # EWC's passes met the hooks, which passed
+    assert hlora.steps == 2
