@@ -720,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --domain holds: multiple-choice items, Alpaca-style instructions, chat 'messages', "
                         "'prompt'/'completion' rows, raw 'text' (packed into --max-length blocks), or auto (detected "
                         "from the first row's fields); docs/data_formats.md")
-    p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu or generic (default: detected)")
+    p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu, boolq or generic (default: detected)")
     p.add_argument("--domain-limit", type=_positive)
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per domain training example")
     p.add_argument("--heldout", help="held-out general text: evaluate the general perplexity after training")

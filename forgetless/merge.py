@@ -4,7 +4,8 @@ An output folder takes one ``forgetless run`` at a time (it is locked). To use s
 run disjoint method lists (or seeds) into separate folders; ``forgetless report`` and the landscape step then want
 them in one. :func:`merge_results` copies, from each source folder, every finished run: its record
 ``runs/RUN_ID.json`` and what belongs to it (``adapters/RUN_ID``, ``adapters/RUN_ID.selected``, ``landscape/RUN_ID``,
-``logs/RUN_ID``), and the cached general stages (``stages/KEY``, content-keyed) that the destination lacks.
+``logs/RUN_ID``), and the cached general and domain stages (``stages/KEY``, ``stages/domain-KEY``, content-keyed)
+that the destination lacks.
 
 Nothing is lost:
 
