@@ -193,6 +193,8 @@ class MethodsMixin:
         ctx.micro = ctx.micro + 1 if self._micro_of == ctx.step else 0  # ctx.step is set as each step begins
         self._micro_of = ctx.step
         ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
+        scaler = self._scaler()  # under fp16: the scale this micro-batch's backward is multiplied by (SAM's logged norm)
+        ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         self._pass = (model, num_items_in_batch, args, kwargs)
         try:
             return self._forward_backward(inputs)

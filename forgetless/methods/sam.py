@@ -225,7 +225,7 @@ class SAM(Method):
             all_reduce_(grads + stash32)
             for i, s32 in zip(stash_present, stash32):
                 stash[i] = s32.to(stash[i].dtype)
-        eps = self._ascent(named, grads, ctx.loss_scale)
+        eps = self._ascent(named, grads, ctx.loss_scale * ctx.grad_scale)
         self._at_perturbed(ctx, params, eps, lambda: fb(batch).detach())  # pass 2: gradient at w + eps
         add_back_(params, stash)
         self._log(ctx)
@@ -246,7 +246,8 @@ class SAM(Method):
         grads = _first_pass_gradients(params)
         if world_size() > 1:  # the last pass synchronized them; a mean of equal values changes nothing
             all_reduce_(grads)
-        eps = self._ascent(named, grads, 1.0)  # the step's (token-mean) loss: its gradient's norm as it is
+        eps = self._ascent(named, grads, ctx.grad_scale)  # the step's (token-mean) loss: its gradient's norm as it
+        # is (an fp16 loss scale taken out: eps's direction does not depend on it)
 
         def replay() -> torch.Tensor:  # pass 2 of every micro-batch of the step, at w + eps
             scale, total = ctx.loss_scale, 0.0

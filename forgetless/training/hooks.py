@@ -67,7 +67,7 @@ class StageContext:
     # of the step's N labelled tokens (1 for one micro-batch on one process). Its loss is already scaled by it.
     loss_scale: float = 1.0
     # The factor the step's backward gradients carry: an fp16 GradScaler's loss scale in the transformers Trainer
-    # (read before the step), 1 in forgetless's loop. ``p.grad`` is unscaled before ``before_optimizer_step``; what a
+    # (read at each micro-batch and before the step), 1 in forgetless's loop. ``p.grad`` is unscaled before ``before_optimizer_step``; what a
     # method gathers itself in backward hooks (HLoRA's exact estimator) is divided by it there.
     grad_scale: float = 1.0
     # The general-stage (nu) training examples, when the run has them: rehearsal mixes them in.

@@ -264,7 +264,7 @@ def test_the_stage_state_goes_into_the_checkpoint_folder_of_a_search_trial(tmp_p
 
 
 def _fp16_trainer(tmp_path, entry, *, scale, optim="adamw_torch", max_grad_norm=CLIP, inf_at_step=None, steps=4,
-                  collator=None):
+                  collator=None, stage="general"):
     """A general-stage Trainer run whose backward is scaled as under ``fp16=True`` on a GPU: accelerate's GradScaler
     is put where accelerate puts it (torch's CPU GradScaler; its fp16 autocast switched off, so the loss scale is the
     only difference from a float32 run). ``inf_at_step``: one LoRA gradient made inf at that step (an fp16 overflow)."""
@@ -273,9 +273,9 @@ def _fp16_trainer(tmp_path, entry, *, scale, optim="adamw_torch", max_grad_norm=
     model = make_lora_model(0, b_std=0.05)
     plugins = resolve(entry).plugins
     args = TrainingArguments(**trainer_args(tmp_path, 4, 1, torch.device("cpu")) | dict(
-        max_steps=steps, optim=optim, max_grad_norm=max_grad_norm))
+        max_steps=steps, optim=optim, max_grad_norm=max_grad_norm, logging_steps=1))
     trainer = ForgetlessTrainer(model=model, args=args, train_dataset=variable_examples(16, seed=1), methods=plugins,
-                                stage="general", data_collator=collator or partial(collate, pad_token_id=0))
+                                stage=stage, data_collator=collator or partial(collate, pad_token_id=0))
     if scale is not None:
         from accelerate.utils import AutocastKwargs
 
@@ -309,6 +309,22 @@ def test_hlora_importance_under_an_fp16_loss_scale_is_the_float32_one(estimator,
         assert float(omega.abs().max()) > 0
         torch.testing.assert_close(got.importance[name], omega, rtol=1e-5, atol=1e-12)
     assert_close(trainable(scaled.model), trainable(plain.model), rel=1e-6)
+
+
+@pytest.mark.parametrize("perturb", ["step", "micro"])
+def test_sam_under_an_fp16_loss_scale_logs_and_trains_as_in_float32(perturb, tmp_path):
+    """SAM's eps does not depend on the loss scale (rho g / ||g||), but its logged sam_grad_norm was S x the float32
+    one; it is taken out as for HLoRA. Weights and logs equal the float32 run's."""
+    entry = [{"name": "sam", "rho": 0.05, "perturb": perturb}]
+    runs = []
+    for scale in (None, 1024.0):
+        trainer, _ = _fp16_trainer(tmp_path / str(scale), entry, scale=scale, stage="domain")
+        trainer.train()
+        runs.append((trainable(trainer.model), [h["sam_grad_norm"] for h in trainer.state.log_history
+                                                if "sam_grad_norm" in h]))
+    (plain, plain_norms), (scaled, scaled_norms) = runs
+    assert len(plain_norms) == 4 and plain_norms == pytest.approx(scaled_norms, rel=1e-6)
+    assert_close(scaled, plain, rel=1e-6)
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
