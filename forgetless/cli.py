@@ -349,6 +349,17 @@ def _chat_template_before_load(args: argparse.Namespace, has_items: bool) -> boo
     from forgetless.data import chat_template_on, use_chat_template
     from forgetless.models import load_tokenizer
 
+    if args.chat_template is None:  # as the run that trained --adapter scored its items, else auto
+        found = _its_run(Path(args.adapter)) if args.adapter else None
+        settings = found[1].get("settings") if found else None
+        args.chat_template = "auto"
+        if isinstance(settings, dict):
+            theirs = bool(settings.get("chat_template", False))  # in a run's settings only when on
+            args.chat_template = "true" if theirs else "false"
+            if has_items and theirs != chat_template_on("auto", args.model):
+                print(f"note: multiple-choice prompts {'through' if theirs else 'without'} the chat template, as the "
+                      f"run that trained this adapter scored them ({found[0]}); --chat-template "
+                      f"{'false' if theirs else 'true'} to change that", file=sys.stderr)
     chat = has_items and chat_template_on(_CHAT_FLAG[args.chat_template], args.model)
     if chat:
         try:
@@ -636,6 +647,8 @@ _finite.__name__ = "number"
 _CHAT_ARG = dict(choices=["auto", "true", "false"], default="auto",
                  help="multiple-choice prompts through the tokenizer's chat template, as lm-eval's "
                       "--apply_chat_template (auto: when the model's name says it is instruction-tuned)")
+_CHAT_ARG_ADAPTER = dict(_CHAT_ARG, default=None,  # eval and landscape
+                         help=_CHAT_ARG["help"] + "; default: as the run that trained --adapter scored, else auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -715,11 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general-limit", type=_positive, help="read at most this many general-text documents")
     p.add_argument("--general-max-blocks", type=_positive, help="keep at most this many blocks of general text")
     p.add_argument("--domain", required=True, help="task file or hub dataset for stage mu")
-    p.add_argument("--domain-kind", default="multiple_choice",
+    p.add_argument("--domain-kind", default="auto",
                    choices=["multiple_choice", "instructions", "chat", "prompt_completion", "text", "auto"],
                    help="what --domain holds: multiple-choice items, Alpaca-style instructions, chat 'messages', "
-                        "'prompt'/'completion' rows, raw 'text' (packed into --max-length blocks), or auto (detected "
-                        "from the first row's fields); docs/data_formats.md")
+                        "'prompt'/'completion' rows, raw 'text' (packed into --max-length blocks), or auto (default: "
+                        "detected from the first row's fields); docs/data_formats.md")
     p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu, boolq or generic (default: detected)")
     p.add_argument("--domain-limit", type=_positive)
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per domain training example")
@@ -778,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--lmeval tasks: few-shot examples per prompt (the harness's --num_fewshot)")
     p.add_argument("--limit", type=_positive)
     p.add_argument("--max-blocks", type=_positive)
-    p.add_argument("--chat-template", **_CHAT_ARG)
+    p.add_argument("--chat-template", **_CHAT_ARG_ADAPTER)
     p.add_argument("--share-prefix", action="store_true",
                    help="--task: score each item as one sequence, its context once (1.4-4x fewer tokens; equal to "
                         "rounding, which in bf16 moves scores at noise level)")
@@ -823,7 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="landscape", help="folder for surface.npz, the PNGs and landscape.json (new or "
                                                           "empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier measurement in --output")
-    p.add_argument("--chat-template", **_CHAT_ARG)
+    p.add_argument("--chat-template", **_CHAT_ARG_ADAPTER)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_landscape)
 

@@ -303,8 +303,15 @@ def detect_schema(record: dict[str, Any]) -> str:
     for name, required in _SIGNATURES:
         if required <= keys:
             return name
-    known = "; ".join(f"{name}: {sorted(req)}" for name, req in _SIGNATURES)
-    problem = f"cannot tell the schema from fields {sorted(keys)}; known schemas: {known}"
+    from .formats import detect_kind
+
+    kind = detect_kind(record)
+    if kind != "multiple_choice":  # instructions, chat, ... read as multiple choice (a YAML task's default kind)
+        problem = (f"not multiple-choice items: fields {sorted(keys)} are {kind} data; say so with train_kind: {kind} "
+                   f"(forgetless train: --domain-kind {kind}) or auto")
+    else:
+        known = "; ".join(f"{name}: {sorted(req)}" for name, req in _SIGNATURES)
+        problem = f"cannot tell the schema from fields {sorted(keys)}; known schemas: {known}"
     if isinstance(record, Record):
         raise record.error(problem)
     raise DataError(problem)

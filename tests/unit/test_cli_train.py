@@ -138,11 +138,16 @@ def test_train_wise_ft_records_its_variants(tmp_path, model_dir, capsys):
     assert "go together" in capsys.readouterr().err
 
 
-def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir):
+def test_train_without_test_data_saves_only_the_adapter(tmp_path, model_dir, capsys):
     write_experiment(tmp_path, model_dir)
     out = tmp_path / "plain"
     assert main(train_args(tmp_path, model_dir, "lora-mu", out)) == 0
     assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
+    # --general with a method that never reads it was ignored without a word (a user believed it protected them)
+    assert ("note: --general is not used: method 'lora-mu' has no general stage and reads no general text"
+            in capsys.readouterr().err)
+    assert main(train_args(tmp_path, model_dir, "lora-nu-mu", tmp_path / "two")) == 0
+    assert "--general is not used" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method, args, message", [

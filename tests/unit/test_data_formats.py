@@ -443,3 +443,32 @@ def test_a_template_without_a_system_role(tok, tmp_path):
     tok.chat_template = "{{ raise_exception('too long') }}"
     with pytest.raises(DataError, match=r"mmlu\.jsonl, line 1: field 'context': the model's chat template refused"):
         chat_mc_items([item], tok)
+
+
+def test_eval_of_an_adapter_scores_with_the_chat_template_setting_of_its_run(tmp_path, chat_model_dir, capsys):
+    """``eval --adapter`` took ``--chat-template auto`` whatever the run had used, and only noted the difference: a
+    SmolLM2 adapter trained by a YAML run (``chat_template: false``) scored 0.20 against its record's 0.467. The run's
+    setting is now the default (as dtype and quantization are); a flag still overrides it."""
+    from forgetless.cli import main
+
+    out = tmp_path / "adapter"
+    test = str(FIXTURES / "generic.jsonl")
+    assert main(["train", "--model", str(chat_model_dir), "--precision", "fp32", "--domain", test, "--test", test,
+                 "--chat-template", "true", "--batch-size", "2", "--max-steps", "2", "--lora-r", "2",
+                 "--lora-dropout", "0", "--quiet", "--output", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["chat_template"] is True
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(chat_model_dir), "--precision", "fp32", "--adapter", str(out), "--task", test]
+    assert main(evaluate) == 0
+    captured = capsys.readouterr()
+    scored = json.loads(captured.out[captured.out.index("{"):])
+    assert "note: multiple-choice prompts through the chat template, as the run that trained this adapter" in \
+        captured.err and "reproduce its scores" not in captured.err
+    assert scored["chat_template"] is True
+    (task,) = scored["tasks"].values()
+    assert task["acc"] == pytest.approx(record["tasks"]["domain"]["acc"])
+    assert main(evaluate + ["--chat-template", "false"]) == 0  # the flag wins, and the difference is noted
+    captured = capsys.readouterr()
+    assert json.loads(captured.out[captured.out.index("{"):])["chat_template"] is False
+    assert "to reproduce its scores, add --chat-template true" in captured.err

@@ -269,6 +269,14 @@ CASES: list[Case] = [
      "general.train: ", 2),
     ("undetectable schema", lambda ws: ["run", ws.experiment(tasks=ws.task(train=ws.rows("x.jsonl", [{"q": 1}])))],
      "x.jsonl, line 1: cannot tell the schema", 2),
+    # instructions in a task without train_kind (multiple choice): the error listed the multiple-choice schemas only
+    ("instructions read as multiple choice", lambda ws: ["run", ws.experiment(tasks=ws.task(train=ws.rows(
+        "a.jsonl", [{"instruction": "Say hi.", "input": "", "output": "Hi."}])))],
+     "a.jsonl, line 1: not multiple-choice items: fields ['input', 'instruction', 'output'] are instructions data; "
+     "say so with train_kind: instructions (forgetless train: --domain-kind instructions) or auto", 2),
+    # forgetless train reads the kind from the rows by default
+    ("train on instructions by default", lambda ws: ws.train("--domain", ws.rows(
+        "b.jsonl", [{"instruction": "Say hi.", "output": ""}])), "b.jsonl, line 1: field 'output': empty", 2),
     ("one-choice item",
      lambda ws: ["run", ws.experiment(tasks=ws.task(test=ws.rows("one.jsonl", [
          {"question": "q", "choices": ["a", "b"], "answer": 0}, {"question": "q", "choices": ["a"], "answer": 0}])))],
