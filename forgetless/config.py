@@ -431,7 +431,10 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
         raw["landscape"] = {}  # a bare 'landscape:' switches the section on with its defaults
     if raw.get("landscape") is False:  # 'landscape: false' (or the override landscape=false): off
         del raw["landscape"]
-    exp = read_section(Experiment, raw, str(path), "")
+    try:
+        exp = read_section(Experiment, raw, str(path), "")
+    except ConfigError as err:
+        raise _from_the_command_line(err, overrides) from None
     exp.source = path
     if exp.general.train is None or exp.general.heldout is None:
         raise ConfigError(f"{path}: general: needs 'train' and 'heldout' (each a source or a {{source: ...}} mapping)")
@@ -440,6 +443,22 @@ def load_experiment(path: str | Path, output: str | Path | None = None, override
             raise ConfigError(f"{path}: tasks[{i}]: missing key 'test' (the task's test set)")
     exp.methods, exp.method_tasks = check_methods(exp.methods, [t.name for t in exp.tasks], str(path))
     return exp
+
+
+def _from_the_command_line(err: ConfigError, overrides: Sequence[str]) -> ConfigError:
+    """``err`` saying that the value it blames came from an override, not from the file it names (``exp.yaml:
+    train.domain: unknown key 'lrr'`` sent the user searching the file for a typo made on the command line)."""
+    message = str(err)
+    head = message.partition("; known: ")[0]  # what it blames, not the list of valid keys
+    for text in overrides:
+        key = text.partition("=")[0]
+        steps = key.split(".")
+        for j, step in enumerate(steps):  # the error may name any key on the path (train: unknown key 'domian')
+            parent, name = ".".join(steps[:j]), re.sub(r"\[-?\d+\]$", "", step)
+            at = not parent or f"{parent}: " in head or f"{parent}[" in head
+            if at and (repr(name) in head or f": {name} " in head) or f"{key}: " in head:
+                return ConfigError(f"{message} (set on the command line: {text!r})")
+    return err
 
 
 def _unshared(node: Any) -> Any:

@@ -101,8 +101,13 @@ class Options:
         ``fixed``: options that the method's name pins (``hlora-no-layer``: ``layer_wise=False``)."""
         names, fixed = cls.field_names(), dict(fixed or {})
         unknown = sorted(k for k in given if k not in names and k not in names.values())
-        if unknown:
-            raise ValueError(f"method {method!r} has no option {unknown[0]!r}; options: {cls.help_text()}")
+        if unknown:  # the names, and the nearest one (the full help of every option buried the answer)
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], list(names), n=1)
+            hint = f"did you mean {near[0]!r}? ({cls.help_text(near[0])}); " if near else ""
+            raise ValueError(f"method {method!r} has no option {unknown[0]!r}; {hint}its options: "
+                             f"{', '.join(names)} (README.md describes them)")
         values: dict[str, Any] = {}
         for key, value in given.items():
             if names.get(key, key) in values:
@@ -147,9 +152,12 @@ class Options:
         return _default(f) if was is _UNCHANGED else was
 
     @classmethod
-    def help_text(cls) -> str:
+    def help_text(cls, only: str | None = None) -> str:
+        """Every option (or the one named ``only``): name, default, stage, help."""
         parts = []
         for f in fields(cls):
+            if only is not None and (f.metadata.get("yaml") or f.name) != only:
+                continue
             default = _default(f)
             scope = ", domain stage" if f.metadata.get("domain") else ""
             parts.append(f"{f.metadata.get('yaml') or f.name} (default {default!r}{scope}): {f.metadata.get('help', '')}")

@@ -291,3 +291,17 @@ def test_the_domain_stage_check_catches_a_method_that_shapes_it():
     """The control: sam's domain stage is not the plain one, so the check above would fail for a method that
     wrongly said it leaves the stage alone."""
     assert not torch.equal(_domain_stage_weights(resolve("sam").plugins), _domain_stage_weights([]))
+
+
+def test_a_misspelt_method_option_names_the_nearest_one_and_the_names():
+    """The error listed every option with its full help (about 1,900 characters for hlora): the answer was buried."""
+    with pytest.raises(ValueError) as info:
+        resolve([{"name": "hlora", "phy": 1}])
+    message = str(info.value)
+    assert message.startswith("method 'hlora' has no option 'phy'; did you mean 'phi'? (phi (default 10.0, domain "
+                              "stage): weight of the regularizer")
+    assert message.endswith("its options: phi, phi_scale, xi, xi_mode, nonnegative, temperature, norm_scale, "
+                            "layer_wise, estimator, storage_dtype, offload, adapter, snap_reference (README.md "
+                            "describes them)") and len(message) < 400
+    with pytest.raises(ValueError, match=r"has no option 'zzz'; its options: phi, "):
+        resolve([{"name": "hlora", "zzz": 1}])

@@ -87,6 +87,19 @@ def test_a_bad_override_is_the_files_error_naming_the_key(override, message, tmp
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("override", ["train.domian.lr=1e-4", "train.domain.learning_rate=1", "trian.domain.lr=1",
+                                      "train.domain.lr=-1", "seeds=3"])
+def test_an_error_in_an_override_says_it_came_from_the_command_line(override, tmp_path):
+    """``exp.yaml: train.domain: unknown key 'lrr'`` sent the user searching the file for a typo made on the command
+    line; the error now names the override. An error of the file's own is not attributed to an override."""
+    with pytest.raises(ConfigError) as info:
+        load_experiment(_experiment(tmp_path), overrides=["train.general.lr=1e-3", override])
+    assert str(info.value).endswith(f" (set on the command line: {override!r})")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(_experiment(tmp_path, seeds=3), overrides=["train.domain.lr=1e-3"])
+    assert "command line" not in str(info.value)
+
+
 def test_run_takes_overrides_and_errors_are_one_line(tmp_path, capsys):
     path = _experiment(tmp_path)
     assert main(["run", str(path), "train.domain.batch_size=0", "--dry-run"]) == 2
