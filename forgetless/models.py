@@ -191,8 +191,34 @@ def _sweep_stale_copies(folder: Path) -> None:
             pass
 
 
+def _check_hub(name: str) -> None:
+    """For a hub id that is not in the local Hugging Face cache: one request to the hub first. Offline, transformers
+    retried every file it looked for (about a minute of 'Retrying in 8s' lines) before the same error; this says at
+    once what to do instead. Through huggingface_hub's own session, so a proxy it is set up for is used."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    if Path(name).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        if try_to_load_from_cache(name, "config.json") is not None:
+            return
+    except ValueError:  # not a valid repo id: from_pretrained says so
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as err:  # noqa: BLE001 - httpx's and requests' connection errors alike
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelNotFoundError(
+            f"cannot load the model {name}: it is not in the local Hugging Face cache and {constants.ENDPOINT} cannot "
+            f"be reached ({first}); give a local model folder, a .gguf file or an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}), or download it where there is a connection (hf download {name}) and "
+            "copy the cache (HF_HOME) here") from None
+
+
 def _load_folder(name_or_path: str, dtype: torch.dtype,
                  attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _check_hub(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **_attn_kwargs(attn_implementation))
@@ -788,6 +814,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
         source = str(folder)
     else:
         source = name
+        _check_hub(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:  # as load_model says it: one line naming the model

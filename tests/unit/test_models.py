@@ -255,3 +255,36 @@ def test_two_processes_converting_one_gguf_both_get_the_model(tmp_path, monkeypa
     assert models._gguf_cache_folder(copy) == folder  # by content, not by path
     copy.write_bytes(b"GGUF other content")
     assert models._gguf_cache_folder(copy) != folder
+
+
+def test_a_hub_model_not_cached_and_no_hub_to_reach_is_one_error_at_once(monkeypatch):
+    """Offline, a hub id that is not in the local cache spent about a minute on transformers' retries of each file
+    ('Retrying in 8s', twice over) before an error that said nothing of what to do. One request to the hub now says
+    it at once; a cached model and HF_HUB_OFFLINE skip the request."""
+    import huggingface_hub
+    import huggingface_hub.utils
+
+    from forgetless import models
+
+    asked = []
+
+    class Unreachable:
+        def head(self, url, timeout):
+            asked.append(url)
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Unreachable())
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(models.ModelNotFoundError, match=r"cannot load the model org/model: it is not in the local "
+                       r"Hugging Face cache and https://\S+ cannot be reached \(\[Errno -2\] Name or service not known"
+                       r"\); give a local model folder, a .gguf file or an embedded model \(smollm2-135m"):
+        models.load_tokenizer("org/model")
+    with pytest.raises(models.ModelNotFoundError, match="cannot be reached"):
+        models.load_model("org/model", precision="fp32")
+    assert len(asked) == 2
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/cache/config.json")
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: "loaded")
+    with pytest.raises(AttributeError):  # past the check: the stand-in tokenizer has no pad_token_id
+        models.load_tokenizer("org/model")
+    assert len(asked) == 2  # cached: no request
