@@ -140,6 +140,7 @@ class MethodsMixin:
                            grad_accum=self.args.gradient_accumulation_steps, general_examples=self.general_examples)
         self.stage_context, self._before_done, self._scalars = ctx, None, {}
         self._micro_of = None  # the step whose micro-batches ctx.micro counts
+        self._stage_ended = False  # on_stage_end has run (on_train_end)
         call_all(self.methods, "on_stage_start", ctx)
         try:
             examples = self.train_dataset
@@ -153,8 +154,9 @@ class MethodsMixin:
             self._forward_backward = fb
             return super().train(*args, **kwargs)
         except BaseException:  # an error, Ctrl-C: the methods take back what on_stage_start put on the model (hooks),
-            for method in self.methods:  # as the loop does; a plugin of an older protocol may lack on_stage_abort
-                getattr(method, "on_stage_abort", lambda _: None)(ctx)
+            if not self._stage_ended:  # as the loop does (not after on_stage_end: an error of a later callback's)
+                for method in self.methods:  # a plugin of an older protocol may lack on_stage_abort
+                    getattr(method, "on_stage_abort", lambda _: None)(ctx)
             raise
 
     def _save_stage_state(self, folder: Path) -> None:
@@ -193,8 +195,9 @@ class MethodsMixin:
         ctx.micro = ctx.micro + 1 if self._micro_of == ctx.step else 0  # ctx.step is set as each step begins
         self._micro_of = ctx.step
         ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
-        scaler = self._scaler()  # under fp16: the scale this micro-batch's backward is multiplied by (SAM's logged norm)
-        ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        if ctx.micro == 0:  # under fp16: the scale every backward of this step is multiplied by (update() comes after
+            scaler = self._scaler()  # the step; SAM's logged norm, HLoRA's exact estimator): one host read per step
+            self._scale_before = ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         self._pass = (model, num_items_in_batch, args, kwargs)
         try:
             return self._forward_backward(inputs)
@@ -254,11 +257,7 @@ class MethodsMixin:
         ctx = self.stage_context
         if self._before_done != ctx.step:
             self._before_done = ctx.step
-            scaler = self._scaler()
-            # the scale every backward of this step was multiplied by (scaler.update() comes after the step); a host
-            # read once per step, under fp16 only
-            self._scale_before = ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            call_all(self.methods, "before_optimizer_step", ctx)
+            call_all(self.methods, "before_optimizer_step", ctx)  # ctx.grad_scale: read at the step's first micro
 
     def _step_was_skipped(self) -> bool:
         """Whether the optimizer step just taken was skipped for an fp16 overflow. accelerate's flag misses it with a
@@ -340,6 +339,7 @@ class _HookCallback(TrainerCallback):
         ctx = self.trainer.stage_context
         ctx.step = state.global_step
         call_all(self.trainer.methods, "on_stage_end", ctx)
+        self.trainer._stage_ended = True  # an error after this point is not the stage's: no on_stage_abort
 
 
 def _unscaled_already(optimizer: Any = None) -> None:

@@ -62,7 +62,7 @@ def instruction_examples(pairs: list[tuple[str, str]], tokenizer: Any,
 
     Prompt and response are tokenized separately (no special tokens) so the prompt/response boundary is
     exact; the prompt starts with the BOS where the tokenizer adds one by default (:func:`~.text.bos_prefix`; as
-    TRL tokenizes a prompt, and as the harness scores), unless its text already starts with it. Over-long examples
+    TRL tokenizes a prompt, and as the harness scores), once where the prompt's text already starts with it. Over-long examples
     keep the BOS, the prompt's tail and then the response's head: the response is cut (it still ends in EOS only if
     it fits) only when the prompt alone leaves no room.
     """
@@ -72,11 +72,10 @@ def instruction_examples(pairs: list[tuple[str, str]], tokenizer: Any,
     if eos is None:
         raise ValueError("instruction_examples needs a tokenizer with an eos_token_id")
     bos = bos_prefix(tokenizer)
-    bos_text = tokenizer.decode(bos) if bos else None
     examples = []
     for prompt, response in pairs:
-        head = bos if bos and not prompt.startswith(bos_text) else []
         p = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        head, p = (p[:1], p[1:]) if bos and p[:1] == bos else (bos, p)  # one the prompt wrote is kept as ours
         r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos]
         budget = None if max_length is None else max_length - len(head)
         if budget is not None and len(p) + len(r) > budget:

@@ -64,8 +64,9 @@ def pack_blocks(texts: Sequence[str], tokenizer: Any, block_size: int,
     """Concatenate tokenized documents (each followed by EOS) and cut them into full blocks.
 
     Where the tokenizer adds a BOS by default (:func:`bos_prefix`), every block starts with it and holds
-    ``block_size - 1`` tokens of the stream (as lm-evaluation-harness starts each rolling window with its prefix
-    token): the same number of predicted tokens per block either way, since a block's first token is never a target.
+    ``block_size - 1`` tokens of the stream (what such a model saw at the start of every training sequence;
+    lm-evaluation-harness prefixes a document's first rolling window with it): the same number of predicted tokens per
+    block either way, since a block's first token is never a target.
     Returns a LongTensor ``[n_blocks, block_size]``; the trailing partial block is dropped. Raises ValueError
     when there is not enough text for one block.
     """

@@ -471,6 +471,7 @@ class EWC(Method):
         return examples
 
     def on_stage_start(self, ctx: StageContext) -> None:
+        lora_modules(ctx.model, self.adapter)  # a DoRA or LoRA-bias adapter: refused now, not after the stage
         if ctx.stage == GENERAL:
             self.fisher, self.metadata, self._state.path = {}, {}, None
         elif ctx.stage == DOMAIN:

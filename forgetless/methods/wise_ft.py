@@ -95,6 +95,7 @@ class WiseFT(Method):
             self._snapshot(ctx.model)
 
     def on_stage_start(self, ctx: StageContext) -> None:
+        lora_modules(ctx.model, self.adapter)  # a DoRA or LoRA-bias adapter: refused now, not at the evaluation
         if ctx.stage == DOMAIN:
             self._domain_start(ctx.model)
 

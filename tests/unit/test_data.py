@@ -521,6 +521,8 @@ def test_instructions_prompt_completions_and_blocks_start_with_the_bos_a_tokeniz
     assert ex["input_ids"].count(2) == 1 and ex["input_ids"][0] == 2
     (short,) = instruction_examples([(prompt, response)], bos, max_length=len(r) + 4)  # cut: the BOS stays
     assert short["input_ids"] == [2] + p[-3:] + r and short["labels"] == [-100] * 4 + r
+    (short,) = instruction_examples([("<s>" + prompt, response)], bos, max_length=len(r) + 4)  # the user's too
+    assert short["input_ids"] == [2] + p[-3:] + r
     texts = ["Answer: A", "hello world", "Question: What"]
     stream = []
     for t in texts:

@@ -394,3 +394,52 @@ def test_dora_and_lora_bias_adapters_are_refused_by_the_methods():
     bias = get_peft_model(make_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(ValueError, match=r"q_proj: the adapter 'default' has a LoRA bias"):
         lora_modules(bias)
+    # every method that reads the factors refuses at the stage's start, before a step: EWC's general stage first met
+    # the adapter in its Fisher at the stage's end, WiSE-FT at the evaluation
+    from forgetless.methods.ewc import EWC
+    from forgetless.methods.hlora import HLoRA
+    from forgetless.methods.wise_ft import WiseFT
+
+    for stage, plugin in (("general", EWC(samples=4)), ("domain", WiseFT()), ("general", HLoRA())):
+        before = {n: p.detach().clone() for n, p in dora.named_parameters() if p.requires_grad}
+        with pytest.raises(ValueError, match="DoraLinearVariant"):
+            train_stage(dora, variable_examples(8, seed=1), TrainConfig(max_steps=2, batch_size=4, lr=1e-2,
+                                                                         precision="fp32", progress=False),
+                        [plugin], stage=stage)
+        assert all(torch.equal(p, before[n]) for n, p in dora.named_parameters() if p.requires_grad)
+
+
+def test_an_error_after_the_stage_ended_does_not_abort_it(tmp_path):
+    """A later callback's on_train_end that raises (after ours ran on_stage_end) called on_stage_abort after
+    on_stage_end, which the hook's contract excludes; an error in on_stage_end itself still aborts, as in the loop."""
+    from transformers import TrainerCallback
+
+    from forgetless.integrations import ForgetlessTrainer
+    from forgetless.training.hooks import Method
+
+    class Spy(Method):
+        def __init__(self, fail_at_end=False):
+            self.calls, self.fail_at_end = [], fail_at_end
+
+        def on_stage_end(self, ctx):
+            self.calls.append("end")
+            if self.fail_at_end:
+                raise RuntimeError("on_stage_end failed")
+
+        def on_stage_abort(self, ctx):
+            self.calls.append("abort")
+
+    class Late(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            raise RuntimeError("a later callback")
+
+    for spy, callbacks, message in ((Spy(), [Late()], "a later callback"),
+                                    (Spy(fail_at_end=True), [], "on_stage_end failed")):
+        args = TrainingArguments(**trainer_args(tmp_path, 2, 1, torch.device("cpu")))
+        trainer = ForgetlessTrainer(model=make_lora_model(0), args=args, train_dataset=variable_examples(8, seed=1),
+                                    methods=[spy], data_collator=partial(collate, pad_token_id=0))
+        for callback in callbacks:  # after the mixin's own: its on_train_end runs later
+            trainer.add_callback(callback)
+        with pytest.raises(RuntimeError, match=message):
+            trainer.train()
+        assert spy.calls == (["end"] if callbacks else ["end", "abort"])
