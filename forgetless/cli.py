@@ -706,11 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default=None, help="embedded name, hub id, model folder or .gguf file (default: the "
                                                      f"base an --adapter's record names, else {DEFAULT_MODEL})")
     common.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
-                        help="default auto (bf16 where the hardware computes in it); landscape: fp32, as an "
-                             "experiment's landscape section measures (near a minimum a bf16 gradient is mostly "
-                             "rounding)")
-    common.add_argument("--batch-size", type=_positive, default=8)
-    common.add_argument("--block-size", type=_positive, default=128)
+                        help="how the model computes: auto (bf16 where the hardware computes in it, else fp32), bf16 "
+                             "or fp32; default auto, except landscape: fp32, as an experiment's landscape section "
+                             "measures (near a minimum a bf16 gradient is mostly rounding)")
+    common.add_argument("--batch-size", type=_positive, default=8,
+                        help="examples per batch, for training and for evaluation (default 8)")
+    common.add_argument("--block-size", type=_positive, default=128,
+                        help="tokens per block of general text, for training and perplexity (default 128)")
 
     p = sub.add_parser(
         "train", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -718,9 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="One (method, domain task, seed) run, trained exactly as `forgetless run` trains it (same code,\n"
                     "same adapter for the same settings). The adapter is saved to --output in PEFT's format. With\n"
                     "--heldout and/or --test the run is also evaluated (WiSE-FT's interpolations too) and its record,\n"
-                    "the run JSON of an experiment, is written to OUTPUT/run.json.")
+                    "the run JSON of an experiment, is written to OUTPUT/run.json. The training settings (--lr,\n"
+                    "--max-steps, --epochs, --batch-size) apply to both stages of a method with a general stage;\n"
+                    "an experiment YAML (forgetless run) sets them per stage.")
     p.add_argument("--method", default="lora-mu",
-                   help="method names joined by '+' (lora-nu-mu, lora-mu+ewc, hlora+sam), or one YAML entry of an "
+                   help="default lora-mu (the domain alone); method names joined by '+' (lora-nu-mu, lora-mu+ewc, "
+                        "hlora+sam), or one YAML entry of an "
                         "experiment's 'methods:' list, with options: '{name: hlora, phi: 0.01}', "
                         "'[lora-mu, {name: ewc, lambda: 100}]'")
     p.add_argument("--general", help="general text (jsonl with 'text', .txt, or hub dataset): stage nu's data and the "
@@ -734,23 +739,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "'prompt'/'completion' rows, raw 'text' (packed into --max-length blocks), or auto (default: "
                         "detected from the first row's fields); docs/data_formats.md")
     p.add_argument("--schema", help="sciq, piqa, medmcqa, arc, openbookqa, mmlu, boolq or generic (default: detected)")
-    p.add_argument("--domain-limit", type=_positive)
+    p.add_argument("--domain-limit", type=_positive, help="read at most this many training rows of --domain")
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per domain training example")
     p.add_argument("--heldout", help="held-out general text: evaluate the general perplexity after training")
-    p.add_argument("--heldout-max-blocks", type=_positive)
+    p.add_argument("--heldout-max-blocks", type=_positive, help="perplexity over at most this many blocks")
     p.add_argument("--test", help="multiple-choice test set of the domain: evaluate the accuracy after training")
-    p.add_argument("--test-limit", type=_positive)
+    p.add_argument("--test-limit", type=_positive,
+                   help="score at most this many test items (the first ones: a small limit may be unrepresentative)")
     p.add_argument("--output", required=True, help="adapter folder (and OUTPUT/run.json when evaluated)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the adapter and record an earlier run left in --output (refused otherwise)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=_positive)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=_nonnegative, default=0)
-    p.add_argument("--lora-r", type=_positive, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data per stage (default 1)")
+    p.add_argument("--max-steps", type=_positive, help="optimizer steps per stage (instead of --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, linear decay (default 2e-4)")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="default 0")
+    p.add_argument("--lora-r", type=_positive, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scaling alpha/r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="default 0.05")
+    p.add_argument("--target-modules", default="q_proj,v_proj",
+                   help="comma-separated module names to adapt (default q_proj,v_proj)")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
     p.add_argument("--report-to", action="append", choices=["tensorboard", "wandb", "mlflow"],
                    help="log the training scalars there too (OUTPUT/logs for tensorboard); repeatable")
@@ -776,7 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add each LoRA update inside one matmul (addmm): fewer passes over the layers' outputs")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy")
+    p = sub.add_parser("eval", parents=[common], help="general perplexity and multiple-choice accuracy",
+                       description="Score a model (and --adapter) as an experiment scores its runs: perplexity on "
+                                   "held-out general text (--ppl), multiple-choice accuracy (--task) and "
+                                   "lm-evaluation-harness tasks (--lmeval). Prints JSON; its ppl_base2 is 2 ** the "
+                                   "mean NLL in nats, what the HLoRA paper's code reports as perplexity (for "
+                                   "comparison with the paper only: not bits, not a perplexity).")
     p.add_argument("--adapter", help="a PEFT adapter folder to apply")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="the base's weights (default: as the run that trained --adapter loaded them, else auto)")
@@ -789,8 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "loaded (extra forgetless[lmeval]); repeatable; --limit applies per task")
     p.add_argument("--num-fewshot", type=_nonnegative, metavar="N",
                    help="--lmeval tasks: few-shot examples per prompt (the harness's --num_fewshot)")
-    p.add_argument("--limit", type=_positive)
-    p.add_argument("--max-blocks", type=_positive)
+    p.add_argument("--limit", type=_positive, help="score at most this many items of each task (the first ones)")
+    p.add_argument("--max-blocks", type=_positive, help="perplexity over at most this many blocks of --ppl")
     p.add_argument("--chat-template", **_CHAT_ARG_ADAPTER)
     p.add_argument("--share-prefix", action="store_true",
                    help="--task: score each item as one sequence, its context once (1.4-4x fewer tokens; equal to "

@@ -1484,9 +1484,6 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
     if needs and exp.general.train is None:
         raise ConfigError(f"train: method {recipe.label!r}: {', '.join(needs)} reads the general text in the domain "
                           f"stage too (a replay mix, a Fisher): give it (--general)")
-    if exp.general.train is not None and GENERAL not in recipe.stages and not needs and is_main_process():
-        print(f"note: --general is not used: method {recipe.label!r} has no general stage and reads no general text "
-              "(methods that use it: lora-nu-mu, hlora, ewc, replay)", file=sys.stderr)
     held = [name for name in TRAIN_OUTPUTS if (exp.output / name).exists()]
     if held and not overwrite:
         raise ConfigError(f"{where(exp, 'output')}: {exp.output} already holds {', '.join(held)} of an earlier run; "
@@ -1503,6 +1500,9 @@ def train_one(exp: Experiment, progress: bool = True, overwrite: bool = False) -
         raw = validate(exp, [job], stages_dir=None)
         data = load_data(exp, raw)
         check_example_lengths(exp, data)  # an example past the context: no folder left behind either
+    if exp.general.train is not None and GENERAL not in recipe.stages and not needs and is_main_process():
+        print(f"note: --general is not used: method {recipe.label!r} has no general stage and reads no general text "
+              "(methods that use it: lora-nu-mu, hlora, ewc, replay)", file=sys.stderr)
     if held and is_main_process():  # what the new run may not write again (no test data, another method)
         for name in ("run.json", wise_ft.FILENAME):
             (exp.output / name).unlink(missing_ok=True)
