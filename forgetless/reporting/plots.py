@@ -116,6 +116,7 @@ def plot_training_curves(results: Sequence[dict[str, Any]], path: str | Path) ->
                             label=f"{r['method']} / {r['task']} / seed {r['seed']}", lw=1)
         ax.set_title(f"{stage} stage")
         ax.set_xlabel("optimizer step")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole: no tick at 1.5 on a short stage
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
     handles, labels = axes[1].get_legend_handles_labels()

@@ -31,3 +31,19 @@ def test_labels_of_a_tight_cluster_do_not_overlap_and_coincident_points_share_on
     naive_boxes = [t.get_window_extent(renderer) for t in naive]
     assert any(a.overlaps(b) for i, a in enumerate(naive_boxes) for b in naive_boxes[i + 1:])
     plt.close(fig)
+
+
+def test_the_training_curves_tick_whole_steps(tmp_path, monkeypatch):
+    """A stage of two steps was drawn with a tick at step 1.5 (matplotlib's default locator)."""
+    from forgetless.reporting.plots import plot_training_curves
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    plot_training_curves([{"method": "lora-nu-mu", "task": "t", "seed": 0,
+                           "stages": [{"stage": "general", "history": history},
+                                      {"stage": "domain", "history": history}]}], tmp_path / "curves.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
