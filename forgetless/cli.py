@@ -859,7 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="the PEFT adapter folder (the domain stage's, theta_mu)")
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default="base",
-                   help="dtype of the merged model (default: the dtype the base is stored in)")
+                   help="dtype of the merged model (default: the dtype the base is stored in; float32 for the "
+                        "embedded GGUF models, which forgetless dequantizes: bf16 halves the files)")
     p.add_argument("--wise-ft", type=_finite, metavar="ALPHA",
                    help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
     p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "
