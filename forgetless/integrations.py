@@ -115,7 +115,6 @@ class MethodsMixin:
         self._forward_backward = None
         self._pass: tuple[torch.nn.Module, Any, tuple, dict] | None = None  # the micro-batch's step arguments
         self._before_done: int | None = None  # the step whose before_optimizer_step hooks have run
-        self._scale_before: float | None = None  # the fp16 loss scale the step's gradients were scaled by
         self._scalars: dict[str, list[float]] = {}
         self._resume_dir: Path | None = None  # the checkpoint train() resumes from
         self.add_callback(_HookCallback(self))
@@ -197,7 +196,7 @@ class MethodsMixin:
         ctx.loss_scale = self._loss_scale(inputs, num_items_in_batch)
         if ctx.micro == 0:  # under fp16: the scale every backward of this step is multiplied by (update() comes after
             scaler = self._scaler()  # the step; SAM's logged norm, HLoRA's exact estimator): one host read per step
-            self._scale_before = ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            ctx.grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         self._pass = (model, num_items_in_batch, args, kwargs)
         try:
             return self._forward_backward(inputs)
@@ -266,7 +265,7 @@ class MethodsMixin:
         if self.accelerator.optimizer_step_was_skipped:
             return True
         scaler = self._scaler()
-        return scaler is not None and self._scale_before is not None and float(scaler.get_scale()) < self._scale_before
+        return scaler is not None and float(scaler.get_scale()) < self.stage_context.grad_scale  # read before the step
 
     # ---------------------------------------------------------------------------------------- loss scale
     def _trainer_divides(self, num_items_in_batch: Any) -> bool:
