@@ -339,7 +339,10 @@ def _welch_table(res: Results, reference: str) -> tuple[str, str]:
         return "", f"Skipped: no method shares a task with `{reference}`.\n\n"
     metrics = tested_metrics(res)
     full = len(res.seeds)
-    header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ (p)" for task in res.tasks for m in metrics]
+    # one seed on every side: no test can run, so the table holds the differences alone (not a column of "n/a")
+    untestable = all(r["n"] < 2 or r["n_ref"] < 2 for r in rows)
+    header = ["method"] + [f"{task} {METRIC_TITLES[m]}: Δ{'' if untestable else ' (p)'}"
+                           for task in res.tasks for m in metrics]
     table = []
     for method in res.methods:
         if method == reference:
@@ -353,12 +356,18 @@ def _welch_table(res: Results, reference: str) -> tuple[str, str]:
                     digits = 2 if metric == PPL else 1
                     counts = "" if (hit[0]["n"], hit[0]["n_ref"]) == (full, full) else \
                         f", n={hit[0]['n']}/{hit[0]['n_ref']}"
-                    row.append(f"{hit[0]['diff']:+.{digits}f} (p={_p_text(hit[0]['p'])}{counts})")
+                    diff = f"{hit[0]['diff']:+.{digits}f}"
+                    if untestable:
+                        row.append(f"{diff} ({counts[2:]})" if counts else diff)
+                    else:
+                        row.append(f"{diff} (p={_p_text(hit[0]['p'])}{counts})")
                 else:
                     row.append("-")
         if found:
             table.append(row)
-    return f"### Against `{reference}`\n\n" + markdown_table(header, table) + "\n", ""
+    note = ("No p-values: every method or the reference has fewer than two seeds here (run more seeds for a test); "
+            "the table gives the differences alone.\n\n" if untestable else "")
+    return f"### Against `{reference}`\n\n" + note + markdown_table(header, table) + "\n", ""
 
 
 def _importance_costs(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -631,9 +640,11 @@ def plot_pareto(res: Results, path: Path) -> Path:
             ax.scatter([ppl], [acc], s=30, color="tab:red" if m in front else "tab:blue", zorder=3)
         ax.margins(0.12)
         label_points(ax, points)
-        if front:
-            ax.step([points[m][0] for m in front], [points[m][1] for m in front], where="post", color="tab:red",
-                    lw=1, label="Pareto front")
+        if front:  # ringed (a one-method front has no line for the legend to show)
+            xs, ys = [points[m][0] for m in front], [points[m][1] for m in front]
+            ax.scatter(xs, ys, s=120, facecolors="none", edgecolors="tab:red", zorder=3, label="Pareto front")
+            if len(front) > 1:
+                ax.step(xs, ys, where="post", color="tab:red", lw=1)
             ax.legend(fontsize=7, loc="lower right")
         ax.set_title(task)
         ax.set_xlabel("general perplexity (lower is better)")

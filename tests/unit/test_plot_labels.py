@@ -47,3 +47,19 @@ def test_the_training_curves_tick_whole_steps(tmp_path, monkeypatch):
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_one_method_pareto_front_is_ringed_and_its_legend_shows_it(tmp_path, monkeypatch):
+    """A front of one method was a zero-length step line: a legend entry with nothing drawn."""
+    from forgetless.reporting.report import Results, load_runs, plot_pareto
+    from tests.unit.test_report import write_runs
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    for name, data, size in (("one", {"hlora": {"t1": [(10.0, 50.0)]}, "lora-mu": {"t1": [(12.0, 40.0)]}}, 1),
+                             ("two", {"hlora": {"t1": [(10.0, 40.0)]}, "lora-mu": {"t1": [(12.0, 50.0)]}}, 2)):
+        plot_pareto(Results(load_runs(write_runs(tmp_path / name, data))), tmp_path / f"{name}.png")
+        (ax,) = figures.pop().axes
+        handles, labels = ax.get_legend_handles_labels()
+        assert labels == ["Pareto front"] and len(handles[0].get_offsets()) == size
+        assert len([line for line in ax.get_lines() if len(line.get_xdata()) > 1]) == (size > 1)

@@ -210,10 +210,22 @@ def test_absent_data_gives_one_line_notes(tmp_path):
         build_report(tmp_path / "nothing-here")
 
 
-def test_two_seeds_against_one_gives_na(tmp_path):
+def test_two_seeds_against_one_gives_differences_alone(tmp_path):
     data = {"lora-nu-mu": {"t1": [(12.0, 40.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.5, 47.0)]}}
     md = build_report(write_runs(tmp_path / "x", data)).read_text()
-    assert table_rows(md, "## Significance")["hlora"] == ["-0.75 (p=n/a, n=2/1)", "+6.0 (p=n/a, n=2/1)"]
+    assert table_rows(md, "## Significance")["hlora"] == ["-0.75 (n=2/1)", "+6.0 (n=2/1)"]
+    assert "No p-values: every method or the reference has fewer than two seeds" in md
+    # one seed everywhere: plain differences, no "n/a" column
+    data = {"lora-nu-mu": {"t1": [(12.0, 40.0)]}, "hlora": {"t1": [(11.0, 45.0)]}, "ewc": {"t1": [(13.0, 41.0)]}}
+    md = build_report(write_runs(tmp_path / "y", data)).read_text()
+    rows = table_rows(md, "## Significance")
+    assert rows["hlora"] == ["-1.00", "+5.0"] and rows["ewc"] == ["+1.00", "+1.0"]
+    assert "(p)" not in md.split("## Significance")[1].split("\n## ")[0]
+    # one method tested over two seeds on each side: p-values, and the single-seed one says n/a
+    data = {"lora-nu-mu": {"t1": [(12.0, 40.0), (12.5, 42.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.5, 47.0)]},
+            "ewc": {"t1": [(13.0, 41.0)]}}
+    rows = table_rows(build_report(write_runs(tmp_path / "z", data)).read_text(), "## Significance")
+    assert rows["ewc"] == ["+0.75 (p=n/a, n=1/2)", "+0.0 (p=n/a, n=1/2)"] and "p=0." in rows["hlora"][0]
 
 
 def test_parse_label_inverts_method_label():
