@@ -465,7 +465,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                           f"--theta-nu may be left out when the adapter folder holds {wise_ft.FILENAME}); "
                           "without them the merged model is written")
     _check_model_and_adapter(args)
-    check_output(Path(args.output))
+    try:
+        check_output(Path(args.output))
+    except FileExistsError as e:
+        raise ConfigError(f"export: --output: {e}") from None
     if args.wise_ft is None:
         out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
         print(f"merged model and tokenizer written to {out}")
