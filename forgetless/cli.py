@@ -274,6 +274,19 @@ def _its_run(adapter: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def _its_settings(adapter: str | Path | None) -> tuple[Path, dict, dict] | None:
+    """(record path, record, its settings) of the run that trained ``adapter`` (:func:`_its_run`); None when there is
+    no record or it keeps no settings (an older forgetless's)."""
+    found = _its_run(Path(adapter)) if adapter else None
+    if not found or not isinstance(found[1].get("settings"), dict):
+        return None
+    return found[0], found[1], found[1]["settings"]
+
+
+def _their_chat(settings: dict) -> bool:
+    return bool(settings.get("chat_template", False))  # in a run's settings only when on
+
+
 def _base_as_its_run(args: argparse.Namespace) -> None:
     """``eval --adapter``'s (and ``landscape --adapter``'s) base loaded as the run that trained the adapter loaded it
     (its ``dtype`` and ``quantization``) unless the flags say otherwise: a QLoRA adapter scored on a float base gave
@@ -281,12 +294,12 @@ def _base_as_its_run(args: argparse.Namespace) -> None:
     says it since session 33: a ``train`` folder without a test set or held-out text has no record)."""
     from forgetless.models import BASE_FILE, adapter_record
 
-    found = _its_run(Path(args.adapter)) if args.adapter else None
-    settings = found[1].get("settings") if found else None
-    settings = settings if isinstance(settings, dict) else {}
-    if not found and args.adapter:
-        settings = adapter_record(args.adapter)
-        found = (Path(args.adapter) / BASE_FILE, settings)
+    if not args.adapter:
+        where, settings = None, {}
+    elif found := _its_settings(args.adapter):
+        where, _, settings = found
+    else:
+        where, settings = Path(args.adapter) / BASE_FILE, adapter_record(args.adapter)
     from forgetless.config import BASE_DEFAULTS
 
     for key, default in BASE_DEFAULTS.items():
@@ -295,7 +308,7 @@ def _base_as_its_run(args: argparse.Namespace) -> None:
             setattr(args, key, theirs)
             if theirs != default:
                 print(f"note: the base is loaded with {key} {theirs}, as the run that trained this adapter did "
-                      f"({found[0]}); --{key} {default} to change that", file=sys.stderr)
+                      f"({where}); --{key} {default} to change that", file=sys.stderr)
 
 
 def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None, precision: str = "auto") -> str:
@@ -305,12 +318,10 @@ def _unlike_its_run(adapter: Path, chat: bool | None, block_size: int | None, pr
     from forgetless.config import GeneralData
     from forgetless.precision import default_device, resolve_precision
 
-    found = _its_run(adapter)
-    settings = found[1].get("settings") if found else None
-    if not isinstance(settings, dict):
+    if not (found := _its_settings(adapter)):
         return ""
-    path, record = found
-    theirs_chat = bool(settings.get("chat_template", False))  # in a run's settings only when on
+    path, record, settings = found
+    theirs_chat = _their_chat(settings)
     theirs_block = (settings.get("general") or {}).get("block_size", GeneralData.block_size)  # default: not kept
     computed = record.get("computed") if isinstance(record.get("computed"), dict) else {}
     theirs_precision = computed.get("precision")  # how the run computed (auto resolved on its machine)
@@ -350,11 +361,10 @@ def _chat_template_before_load(args: argparse.Namespace, has_items: bool) -> boo
     from forgetless.models import load_tokenizer
 
     if args.chat_template is None:  # as the run that trained --adapter scored its items, else auto
-        found = _its_run(Path(args.adapter)) if args.adapter else None
-        settings = found[1].get("settings") if found else None
+        found = _its_settings(args.adapter)
         args.chat_template = "auto"
-        if isinstance(settings, dict):
-            theirs = bool(settings.get("chat_template", False))  # in a run's settings only when on
+        if found:
+            theirs = _their_chat(found[2])
             args.chat_template = "true" if theirs else "false"
             if has_items and theirs != chat_template_on("auto", args.model):
                 print(f"note: multiple-choice prompts {'through' if theirs else 'without'} the chat template, as the "
