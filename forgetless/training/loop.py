@@ -166,6 +166,26 @@ def _global_sum(accelerator: Accelerator, value: int) -> int:
     return int(total[0])
 
 
+def _check_accelerator(accelerator: Accelerator) -> None:
+    """A caller's ``Accelerator`` must leave accumulation, casting and compiling to the stage (as
+    :func:`stage_accelerator` does): its own accumulation divides every loss again (gradients, logged norm and
+    clipping off by that factor), its mixed precision runs an ``fp32`` stage in bf16 (and records fp32)."""
+    from accelerate.utils import DynamoBackend
+
+    found = []
+    if accelerator.gradient_accumulation_steps != 1:
+        found.append(f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps} (use grad_accum)")
+    if accelerator.mixed_precision != "no":
+        found.append(f"mixed_precision={accelerator.mixed_precision!r} (use precision)")
+    backend = getattr(accelerator.state.dynamo_plugin, "backend", DynamoBackend.NO)
+    if backend != DynamoBackend.NO:
+        found.append(f"a dynamo backend {str(backend)!r} (use compile)")
+    if found:
+        raise ValueError(f"train_stage: the accelerator passed in sets {'; '.join(found)}: the stage accumulates, "
+                         f"casts and compiles itself from its TrainConfig; pass an Accelerator() without them, or "
+                         f"none")
+
+
 def train_stage(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -202,13 +222,25 @@ def train_stage(
     started = time.perf_counter()
     if stage not in ("general", "domain"):  # a method acts on the stages it names: any other would silently do nothing
         raise ValueError(f"stage must be 'general' (nu) or 'domain' (mu), got {stage!r}")
-    accelerator = accelerator or stage_accelerator()
+    if accelerator is None:
+        accelerator = stage_accelerator()
+    else:
+        _check_accelerator(accelerator)
     set_seed(config.seed)
     precision = resolve_precision(config.precision, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: attach LoRA first (models.attach_lora), or load a saved "
                          "adapter to train on with models.load_adapter(model, folder, trainable=True)")
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    if low:  # AdamW steps in the weights' dtype: at lr 1e-4 most bf16 updates round away (81% of a LoRA A unchanged)
+        raise ValueError(f"the trainable parameters must be float32 (found {', '.join(low)}): the optimizer steps in "
+                         f"their dtype, and small updates round away in 16 bits. forgetless keeps the LoRA weights in "
+                         f"float32 over a bf16 base (models.attach_lora); cast them with "
+                         f"`for p in model.parameters(): p.data = p.data.float() if p.requires_grad else p.data`")
+    for p in params:  # gradients a caller's earlier (failed) call left would be added to the first step
+        p.grad = None
+    modes = [(module, module.training) for module in model.modules()]  # given back as they came on a failure
     # The model moves to the run's device before any method looks at it: state a method builds at stage start
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
     if not is_quantized(model):  # bitsandbytes places a quantized base itself (and refuses .to)
@@ -229,6 +261,10 @@ def train_stage(
             getattr(method, "on_stage_abort", lambda _: None)(ctx)
         if checkpointing:
             disable_gradient_checkpointing(model, use_cache)
+        for p in params:  # the failed step's partial gradients
+            p.grad = None
+        for module, training in modes:  # each module's train/eval flag (dropout) as it came
+            module.training = training
 
     try:
         check_levers(model, config, accelerator.device)
@@ -315,9 +351,11 @@ def train_stage(
         stage_settings = None  # what a checkpoint must share with this stage; computed only where one is written/read
         if checkpoint_dir is not None and (config.save_every or resume_from is not None):
             # precision: what "auto" resolved to (a bf16 GPU's checkpoint is not resumed in fp32 on a CPU)
+            # processes: the global batch, the shards and the schedule's length depend on them
             stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
                                                                         "start_weights": _weights_digest(named),
-                                                                        "precision": precision}
+                                                                        "precision": precision,
+                                                                        "processes": processes}
             regrouped = config.group_by_length and global_batch != config.batch_size
             if windows[-1] != config.grad_accum or nulls or regrouped:
                 # the data order and steps of session 32 (an epoch's short last window, null examples, groups of the

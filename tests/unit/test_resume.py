@@ -160,7 +160,7 @@ def test_only_the_current_gpus_cuda_rng_state_is_saved_and_restored(monkeypatch)
     assert restored == []
 
 
-def test_a_checkpoint_resumes_only_in_the_precision_it_was_written_in(tmp_path):
+def test_a_checkpoint_resumes_only_in_the_precision_and_processes_it_was_written_in(tmp_path):
     """precision: auto resolves per machine (bf16 on a GPU or an avx512_bf16 CPU, else fp32): a checkpoint written in
     bf16 went on in fp32 elsewhere, one run of two precisions. The resolved precision is now part of the checkpoint's
     settings; a checkpoint written before it was stored resumes as before."""
@@ -187,7 +187,15 @@ def test_a_checkpoint_resumes_only_in_the_precision_it_was_written_in(tmp_path):
     torch.save(state, state_file)
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(precision: bf16 -> fp32\)"):
         train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
-    del state["settings"]["precision"]  # as an older version wrote it
+    state["settings"]["precision"] = "fp32"
+    # written by two processes: a global batch twice this one's, half the steps per epoch, another data position (it
+    # was resumed in one process: examples trained twice, the schedule's length changed)
+    assert state["settings"]["processes"] == 1
+    state["settings"]["processes"] = 2
+    torch.save(state, state_file)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"other settings \(processes: 2 -> 1\)"):
+        train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
+    del state["settings"]["precision"], state["settings"]["processes"]  # as an older version wrote it
     torch.save(state, state_file)
     result = train_stage(fresh(), data, cfg, accelerator=Accelerator(cpu=True), checkpoint_dir=folder)
     assert result.extras["resumed_from_step"] == 2 and len(result.history) == 3
