@@ -30,11 +30,31 @@ def hlora_kernels_failed() -> dict:
     return dict(kernels._FAILED)
 
 
+_LAUNCHED: list[str] = []
+
+
+def launches() -> list[str]:
+    """The kernels launched in this process so far, by name (``accumulate``, ``weighted``): the numbers alone cannot
+    tell a kernel from the torch formula it is checked against (a dispatcher that always took the formula passed)."""
+    from forgetless import kernels
+
+    if not getattr(kernels._kernel_or_formula, "counted", False):
+        real = kernels._kernel_or_formula
+
+        def counting(key, launch, formula):
+            return real(key, lambda: _LAUNCHED.append(key[0]) or launch(), formula)
+
+        counting.counted = True
+        kernels._kernel_or_formula = counting
+    return _LAUNCHED
+
+
 def check_formula(device: str) -> None:
     """Every mode, a transposed accumulator, ranks below tl.dot's 16 and sizes that are no multiple of a tile."""
     from forgetless import kernels
 
     assert kernels.triton_enabled(device)
+    launched = launches()
     g = torch.Generator().manual_seed(0)
     for n, rows, cols, k1, k2, transposed in [(2, 70, 90, 8, 8, False), (3, 33, 130, 32, 32, True),
                                               (1, 64, 64, 4, 32, False)]:
@@ -45,8 +65,8 @@ def check_formula(device: str) -> None:
             want = kernels._torch_formula(out.clone(), l1, r1, l2, r2, mode, transposed)
             got = kernels.lowrank_product_accumulate_(out.clone(), l1, r1, l2, r2, mode, transposed)
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), (mode, transposed)
-            if mode != "add":
-                assert (got >= 0).all() if mode == "add_then_clamp" else True
+            if mode == "add_then_clamp":
+                assert (got >= 0).all()
     # a non-finite product stays non-finite in every mode, as in torch (max(NaN, 0) is NaN, not 0)
     ones, r1 = torch.ones(1, 2, 1, device=device), torch.tensor([[[float("nan"), 1.0, float("inf")]]], device=device)
     r2 = torch.tensor([[[1.0, 1.0, 0.0]]], device=device)
@@ -58,6 +78,7 @@ def check_formula(device: str) -> None:
         kernels.lowrank_product_accumulate_(torch.zeros(1, 3, 4), torch.zeros(1, 4, 2), torch.zeros(1, 2, 3),
                                             torch.zeros(1, 4, 2), torch.zeros(1, 2, 3))
     assert not hlora_kernels_failed(), hlora_kernels_failed()  # the kernel ran each time
+    assert launched == ["accumulate"] * (3 * len(kernels.MODES) + len(kernels.MODES)), launched
 
 
 def check_hlora(device: str) -> None:
@@ -80,10 +101,13 @@ def check_hlora(device: str) -> None:
             os.environ["FORGETLESS_TRITON"] = use
             plugin = HLoRA(nonnegative=nonnegative)
             model = build().to(device)
+            launches().clear()
             train_stage(model, random_examples(12, 8), config, [plugin], stage="general")
             importance.append({k: v.detach().cpu() for k, v in plugin.importance.items()})
             if use == "1":
                 assert len(calls) == 3 * len(plugin.groups), (len(calls), nonnegative)  # one per group and step
+            # each call launched the kernel (and only it: the importance takes no weighted products)
+            assert launches() == (["accumulate"] * len(calls) if use == "1" else []), (use, launches())
         os.environ.pop("FORGETLESS_TRITON")
         hlora.lowrank_product_accumulate_ = real
         assert not hlora_kernels_failed(), hlora_kernels_failed()
@@ -117,8 +141,10 @@ def check_weighted_distance(device: str) -> None:
         results = []
         for use in ("1", "0"):
             os.environ["FORGETLESS_TRITON"] = use
+            launches().clear()
             value = weighted_distance(a, b, scale, weight, coeff, fan, **refs)
             results.append((value.detach(), *torch.autograd.grad(value, [a, b])))
+            assert ("weighted" in launches()) == (use == "1"), (use, launches())
         os.environ.pop("FORGETLESS_TRITON")
         assert not hlora_kernels_failed(), hlora_kernels_failed()
         for got, want in zip(*results):
@@ -143,9 +169,11 @@ def check_near_the_anchor(device: str) -> None:
     for use, dtype in (("0", torch.float64), ("1", torch.float32), ("0", torch.float32)):
         os.environ["FORGETLESS_TRITON"] = use
         x, y = (t.to(device, dtype).requires_grad_() for t in (a, b))
+        launches().clear()
         value = weighted_distance(x, y, scale.to(device, dtype), weight.to(device, dtype), None, False,
                                   ref_factors=(ref[0].to(device, dtype), ref[1].to(device, dtype), scale.to(device)))
         results.append([t.detach().double().cpu() for t in (value, *torch.autograd.grad(value, [x, y]))])
+        assert ("weighted" in launches()) == (use == "1"), (use, dtype, launches())
     os.environ.pop("FORGETLESS_TRITON")
     assert not hlora_kernels_failed(), hlora_kernels_failed()
     exact, kernel, formula = results
@@ -173,8 +201,10 @@ def check_penalties(device: str) -> None:
             model = make_lora_model(0, targets=("q_proj", "v_proj", "up_proj")).to(device)
             general = random_examples(12, 8, seed=1)
             train_stage(model, general, config, plugins, stage="general")
+            launches().clear()
             train_stage(model, random_examples(12, 8, seed=2), config, plugins, stage="domain",
                         general_examples=general)
+            assert (launches().count("weighted") == 9) == (use == "1"), (entry["name"], use, launches())
             adapters.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
             if use == "1":
                 assert len(calls) == 3 * 3, (entry["name"], len(calls))  # every step, 3 groups (q, v, up differ)
