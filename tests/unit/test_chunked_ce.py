@@ -194,12 +194,14 @@ def test_the_stage_passes_compile_on_to_the_loss(monkeypatch):
         return module
 
     monkeypatch.setattr(loop_mod, "CausalLMLoss", recording)
-    monkeypatch.setattr(loop_mod, "compile_model", lambda model: [])
+    compiled = []  # the layers' compile is stubbed (slow here), but it must be asked for exactly when compile is on
+    monkeypatch.setattr(loop_mod, "compile_model", lambda model: compiled.append(model) or [])
     from forgetless.training.config import TrainConfig
 
+    models = []
     for flag in (True, False):
-        model = make_lora_model(0)
-        loop_mod.train_stage(model, random_examples(4, 8), TrainConfig(max_steps=1, batch_size=2, compile=flag,
-                                                                        progress=False, precision="fp32"), [],
+        models.append(make_lora_model(0))
+        loop_mod.train_stage(models[-1], random_examples(4, 8), TrainConfig(max_steps=1, batch_size=2, compile=flag,
+                                                                             progress=False, precision="fp32"), [],
                              stage="general")
-    assert seen == [True, False]
+    assert seen == [True, False] and compiled == models[:1]

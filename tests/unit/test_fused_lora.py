@@ -151,19 +151,28 @@ def test_hooks_on_the_lora_layer_fire_and_unfuse_restores_peft_s_forward():
 def test_a_stage_with_fused_lora_trains_as_without_and_undoes_it():
     """train_stage(fused_lora=True): the adapter after 3 steps equals the unfused stage's to float32 rounding, HLoRA's
     exact estimator (a hook on the LoRA layers) records the same importance, and the layers are PEFT's again after."""
+    from forgetless.fused_lora import _MARK
     from forgetless.methods.hlora import HLoRA
     from forgetless.training.config import TrainConfig
+    from forgetless.training.hooks import Method
     from forgetless.training.loop import train_stage
+
+    class Watch(Method):  # were the layers fused while the stage stepped? (equal numbers alone cannot tell)
+        def before_optimizer_step(self, ctx):
+            seen.append(sum(bool(getattr(m, _MARK, False)) for m in ctx.model.modules()))
 
     results = []
     for fused in (False, True):
         model = make_lora_model(0, targets=SEVEN, b_std=0.1)
         plugin = HLoRA(estimator="exact")
         config = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, precision="fp32", progress=False, fused_lora=fused)
-        train_stage(model, random_examples(12, 8), config, [plugin], stage="general")
+        seen: list[int] = []
+        train_stage(model, random_examples(12, 8), config, [plugin, Watch()], stage="general")
+        lora_layers = sum(hasattr(m, "lora_A") for m in model.modules())
+        assert seen == [lora_layers if fused else 0] * 3 and lora_layers, (fused, seen)
         adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((adapter, {k: v.clone() for k, v in plugin.importance.items()}))
-        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not any("forward" in m.__dict__ or getattr(m, _MARK, False) for m in model.modules())
     (plain, plain_imp), (fused, fused_imp) = results
     for name, want in plain.items():
         assert torch.allclose(fused[name], want, rtol=1e-4, atol=1e-6), name

@@ -129,7 +129,9 @@ def test_experiment_landscape_over_all_weights(tmp_path, tiny_model_dir):
         assert "skipped" not in entry and entry["settings"]["params"] == "all", method
         m = entry["metrics"]
         assert all(math.isfinite(v) for v in m.values())
-        assert m["hessian_top_eigenvalue"] >= m["hessian_dominant_eigenvalue"] or m["hessian_dominant_eigenvalue"] >= 0
+        # lanczos (the default): top and bottom are the spectrum's ends, the dominant is the one larger in magnitude
+        top, bottom, dominant = (m[f"hessian_{k}_eigenvalue"] for k in ("top", "bottom", "dominant"))
+        assert top > bottom and dominant == (top if abs(top) >= abs(bottom) else bottom), (top, bottom, dominant)
         surface = load_surface(tmp_path / "out" / entry["surface"])
         assert surface.meta["params"] == "all" and surface.losses.shape == (3, 3)
         assert surface.meta["n_params"] == m["n_params"]
@@ -400,4 +402,7 @@ def test_available_bytes_reads_the_host_memory():
     from forgetless.landscape.measure import available_bytes
 
     free = available_bytes(torch.device("cpu"))
-    assert free is None or 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not os.path.exists("/proc/meminfo"):  # elsewhere it cannot be told (and the memory guard stands aside)
+        assert free is None
+        return
+    assert isinstance(free, int) and 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

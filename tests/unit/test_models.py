@@ -241,14 +241,17 @@ def test_two_processes_converting_one_gguf_both_get_the_model(tmp_path, monkeypa
         winner = make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))  # the other process finishes first
         winner.save_pretrained(folder)
         make_tiny_tokenizer().save_pretrained(folder)
-        return make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer()))
+        # this process's own conversion, told apart from the winner's (same file, same numbers in practice): the
+        # winner's complete copy is kept, not replaced
+        return make_tiny_model(seed=4, vocab_size=len(make_tiny_tokenizer()))
 
     models, gguf, _ = _fake_gguf(tmp_path, monkeypatch, model=converted)
     folder = models._gguf_cache_folder(gguf)
     model, _ = models._load_gguf(gguf, torch.float32)
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary left behind
-    assert torch.equal(model.get_input_embeddings().weight,
-                       make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer())).get_input_embeddings().weight)
+    winner = make_tiny_model(seed=3, vocab_size=len(make_tiny_tokenizer())).get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, winner)
+    assert torch.equal(models.load_model(str(folder), dtype="fp32")[0].get_input_embeddings().weight, winner)
     copy = tmp_path / "elsewhere" / "tiny.gguf"
     copy.parent.mkdir()
     copy.write_bytes(gguf.read_bytes())

@@ -60,19 +60,17 @@ def _loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------ attention
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_attention_implementations_give_equal_logits(impl):
+def test_attention_implementations_give_equal_logits():
     model = make_lora_model(0, b_std=0.05)
     batch = collate(_ragged(4), 0)
-    set_attn_implementation(model, "sdpa")
-    with torch.no_grad():
-        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    set_attn_implementation(model, impl)
-    assert attn_implementation_of(model) == impl
-    with torch.no_grad():
-        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        set_attn_implementation(model, impl)
+        assert attn_implementation_of(model) == impl
+        with torch.no_grad():
+            logits[impl] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits["eager"][keep], logits["sdpa"][keep], rtol=1e-5, atol=1e-5)
 
 
 def test_load_model_passes_the_attention_to_from_pretrained(tiny_model_dir):
@@ -199,13 +197,25 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(impl):
 
 
 def test_packed_stage_equals_padded_stage():
+    class Shapes(Method):  # what the model was given: equal numbers alone hold without packing too
+        def wrap_forward_backward(self, ctx, forward_backward):
+            def seen(batch):
+                shapes.append((tuple(batch["input_ids"].shape), "position_ids" in batch, "attention_mask" in batch))
+                return forward_backward(batch)
+            return seen
+
     examples = _ragged(12, seed=3)
     runs = {}
     for packed in (False, True):
         model = make_lora_model(0)
-        result = train_stage(model, examples, _cfg(max_steps=3, batch_size=4, padding_free=packed, log_every=1))
+        shapes: list[tuple] = []
+        result = train_stage(model, examples, _cfg(max_steps=3, batch_size=4, padding_free=packed, log_every=1),
+                             [Shapes()])
         runs[packed] = ([row["loss"] for row in result.history],
                         [p.detach().clone() for p in model.parameters() if p.requires_grad])
+        assert len(shapes) == 3, shapes
+        for (rows, _), positions, mask in shapes:  # packed: one row of the 4 examples, kept apart by position ids
+            assert (rows, positions, mask) == ((1, True, False) if packed else (4, False, True)), shapes
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert _rel(runs[True][1], runs[False][1]) <= 1e-4  # three Adam steps on top of gradients equal to ~1e-6
 
