@@ -23,6 +23,7 @@ import uuid
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,7 +101,12 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
 
     alpha = float(alpha)
     check_output(Path(out_dir))
-    nu_file = _theta_nu_file(Path(theta_nu))  # checked before the model loads
+    nu_file = _theta_nu_file(Path(theta_nu))  # checked (and a file read) before the model loads
+    if nu_file is not None:
+        try:
+            nu_state, metadata = wise_ft.STATE.load(nu_file)
+        except ValueError as err:  # not the state file's "delete it to recompute": here it may be the only copy
+            raise AdapterError(f"{nu_file}: unreadable wise-ft theta_nu file ({err.__cause__ or err})") from None
     model, _ = load_model(model_name, dtype="fp32")
     model = load_adapter(model, adapter_dir, trainable=True)  # WiseFT interpolates the trainable parameters
     model.eval()
@@ -113,11 +119,13 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
         raise AdapterError(f"{adapter_dir}: LoRA on embeddings or convolutions has no stacked-factor export")
     method = wise_ft.WiseFT(alphas=[alpha])
     if nu_file is not None:
-        method.theta_nu, metadata = wise_ft.STATE.load(nu_file)
+        method.theta_nu = nu_state
         _note_other_space(nu_file, metadata)
     else:
+        _check_same_lora(Path(theta_nu), config)
         method.theta_nu = _adapter_theta(model, Path(theta_nu), Path(adapter_dir))
     _check_theta_nu(Path(adapter_dir), Path(theta_nu), method.theta_nu)
+    _check_nu_layout(nu_file or Path(theta_nu), method.theta_nu, model)
     with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
         ranks = {name: int(module.lora_A[DEFAULT_ADAPTER].weight.shape[0]) for name, module in modules}
@@ -144,6 +152,47 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     if not (out / ADAPTER_CONFIG).is_file():  # pragma: no cover - PEFT's file name changed
         raise AdapterError(f"{out}: PEFT wrote no {ADAPTER_CONFIG}")
     return out
+
+
+# what a LoRA layer's update s B A depends on besides its factors: theta_nu's factors are scaled by mu's config
+_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def _check_same_lora(source: Path, config: Any) -> None:
+    """AdapterError when a general stage's adapter folder has other LoRA scaling or targets than the domain adapter:
+    its B A would be scaled by the domain adapter's s (a blend of no run)."""
+    try:
+        theirs = json.loads((source / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{source / ADAPTER_CONFIG}: unreadable ({err})") from None
+
+    def value(get, key):  # as PEFT takes an absent or null field; targets in any order
+        found = get(key)
+        found = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}.get(key) if found is None else found
+        return sorted(found) if key == "target_modules" and not isinstance(found, str) else found
+
+    changed = [f"{key}: {value(theirs.get, key)!r} there, {value(lambda k: getattr(config, k, None), key)!r} in the "
+               f"adapter" for key in (*_SCALING_FIELDS, "target_modules")
+               if value(theirs.get, key) != value(lambda k: getattr(config, k, None), key)]
+    if changed:
+        raise AdapterError(f"{source}: theta_nu's LoRA settings differ from the adapter's ({'; '.join(changed[:3])}): "
+                           f"WiSE-FT blends two stages of one run, with one LoRA configuration")
+
+
+def _check_nu_layout(source: Path, theta_nu: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """AdapterError when theta_nu does not hold exactly the adapter's trainable weights, in their shapes: a layer it
+    lacks kept the whole dW_mu (not a dW_mu), another rank's factors were scaled by the adapter's s."""
+    params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    for problem, keys in (("lacks", set(params) - set(theta_nu)), ("has a weight the adapter lacks:",
+                                                                     set(theta_nu) - set(params))):
+        if keys:
+            raise AdapterError(f"{source}: theta_nu {problem} {sorted(keys)[0]!r} ({len(keys)} in all): it is not "
+                               f"the general stage of the run that trained the adapter (other LoRA targets?)")
+    for name, shape in sorted(params.items()):
+        if tuple(theta_nu[name].shape) != shape:
+            raise AdapterError(f"{source}: theta_nu's {name!r} has shape {tuple(theta_nu[name].shape)}, the "
+                               f"adapter's {shape} (another LoRA rank?): it is not the general stage of the run "
+                               f"that trained the adapter")
 
 
 def _check_theta_nu(adapter_dir: Path, source: Path, theta_nu: dict[str, torch.Tensor]) -> None:
@@ -196,19 +245,29 @@ def check_output(out: Path) -> None:
 
 
 def _write_folder(out: Path, write) -> Path:
-    """``write(folder)`` into a temporary folder renamed to ``out``: a half-written export is never left as ``out``."""
+    """``write(folder)`` into a temporary folder beside ``out``, then moved there: a half-written export is never left
+    as ``out``, nor the temporary folder on any failure. ``out`` may be an empty folder the user made (``.``, a
+    symbolic link to one): it is filled in place, the folder itself kept."""
     check_output(out)
+    out = out.resolve()  # "." has no name to put a sibling beside; a link's target is where the files go
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"  # a new name: nothing of the user's is ever
     tmp.mkdir()  # removed (a fixed OUT.tmp was, whatever it held); mkdir, not mkdtemp: the folder keeps the umask's mode
+    moved: list[Path] = []
     try:
         write(tmp)
+        if out.exists():  # empty (checked): the files move in, one rename each
+            for entry in sorted(tmp.iterdir()):
+                os.replace(entry, out / entry.name)
+                moved.append(out / entry.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
     except BaseException:
+        for path in moved:  # the folder as it was: empty
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return out
 
 

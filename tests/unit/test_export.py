@@ -199,3 +199,74 @@ def test_an_export_leaves_a_folder_named_like_its_old_temporary_alone(tiny_model
     assert (mine / "notes.txt").read_text() == "mine"
     assert (tmp_path / "merged" / "config.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.")]  # its own temporary is gone
+
+
+def test_an_export_into_the_current_folder_or_a_link_to_an_empty_one(tiny_model_dir, tmp_path, ids, monkeypatch):
+    """`export --output .` failed after the whole merge ('Invalid argument: .') and left the merged copy in a hidden
+    folder inside; a link to an empty folder failed the same way (rmdir of a link). Both are filled in place now."""
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    want = logits(load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu"), ids)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert export_merged(base, tmp_path / "mu", ".") == here
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    export_merged(base, tmp_path / "mu", tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    for folder in (here, tmp_path / "target"):
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        torch.testing.assert_close(logits(load_model(str(folder), dtype="fp32")[0], ids), want, atol=ATOL, rtol=0)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    def failing(folder):  # a write that fails: the empty folder stays empty, no temporary is left
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    from forgetless.export import _write_folder
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        _write_folder(tmp_path / "empty", failing)
+    assert not list((tmp_path / "empty").iterdir()) and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["rank", "targets", "alpha", "rslora"])
+def test_a_theta_nu_of_another_lora_layout_is_refused(tiny_model_dir, tmp_path, case):
+    """theta_nu's B A was scaled by the domain adapter's s, and a layer theta_nu lacked kept the whole dW_mu: a blend
+    of no run (logit errors 0.3-0.5), written without a word. Only an adapter without the domain-start record (made
+    elsewhere, or before session 31) could get there."""
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)  # r 4, alpha 8, q and v
+    settings = {"rank": dict(r=2, alpha=8), "targets": dict(target_modules=["q_proj"]), "alpha": dict(alpha=32),
+                "rslora": dict(use_rslora=True)}[case]
+    model, _ = load_model(base, dtype="fp32")
+    torch.manual_seed(2)
+    nu_model = attach_lora(model, LoraSettings(**({"r": 4, "alpha": 8, "dropout": 0.0,
+                                                   "target_modules": ["q_proj", "v_proj"]} | settings)))
+    save_adapter(nu_model, tmp_path / "nu", base)
+    nu = {n: p.detach().clone() for n, p in nu_model.named_parameters() if p.requires_grad}
+    wise_ft.STATE.save(tmp_path / "general", nu, {})
+    said = {"rank": "r: 2 there, 4 in", "targets": r"target_modules: \['q_proj'\] there", "alpha": "lora_alpha: 32",
+            "rslora": "use_rslora: True"}[case]
+    with pytest.raises(AdapterError, match=f"LoRA settings differ from the adapter's .*{said}"):
+        export_wise_ft(base, tmp_path / "mu", tmp_path / "nu", 0.3, tmp_path / "out-folder")
+    if case in ("rank", "targets"):  # a theta_nu file keeps no LoRA settings: its shapes and keys tell these two
+        with pytest.raises(AdapterError, match="another LoRA rank" if case == "rank" else "theta_nu lacks"):
+            export_wise_ft(base, tmp_path / "mu", tmp_path / "general", 0.3, tmp_path / "out-file")
+    assert not (tmp_path / "out-folder").exists() and not (tmp_path / "out-file").exists()
+
+
+def test_an_unreadable_theta_nu_file_is_one_error_without_advice_to_delete_it(tiny_model_dir, tmp_path, capsys):
+    from forgetless.cli import main
+
+    base = str(tiny_model_dir)
+    make_adapter(base, tmp_path / "mu", seed=1)
+    (tmp_path / "general").mkdir()
+    (tmp_path / "general" / wise_ft.FILENAME).write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), "--output", str(tmp_path / "w"),
+                 "--wise-ft", "0.5", "--theta-nu", str(tmp_path / "general")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable wise-ft theta_nu file" in err[0] and "delete" not in err[0], err
