@@ -225,6 +225,12 @@ def _load_folder(name_or_path: str, dtype: torch.dtype,
     except (OSError, ValueError, KeyError, SafetensorError) as err:  # no weights or tokenizer, an unknown
         # architecture, weights cut short
         raise ModelNotFoundError(_cannot_load(name_or_path, err)) from err
+    except RuntimeError as err:  # weights of other shapes than config.json says (another model's config copied in)
+        if "mismatch" not in str(err):  # not an out-of-memory or a device error: those are what they say
+            raise
+        raise ModelNotFoundError(f"cannot load the model {name_or_path}: its weights have other shapes than its "
+                                 f"config.json says (a config of another model size?); transformers' report of the "
+                                 f"shapes is above") from err
     return model, tokenizer
 
 

@@ -467,6 +467,26 @@ def test_a_model_whose_weights_are_cut_short_is_one_line(tmp_path, tiny_model_di
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_model_whose_config_does_not_fit_its_weights_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Another model's config.json beside the weights: transformers' RuntimeError ('size mismatch ...') was a
+    traceback without the folder's name."""
+    import json
+    import shutil
+
+    ws = Workspace(tmp_path, tiny_model_dir, monkeypatch)
+    with ws.held:
+        other = ws.root / "other-config"
+        shutil.copytree(ws.model, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps(config | {"hidden_size": 2 * config["hidden_size"]}))
+        capsys.readouterr()
+        assert main(["eval", "--model", str(other), "--ppl", ws.general]) == 2
+    err = capsys.readouterr().err  # transformers' loading bar and its table of shapes come first
+    assert err.strip().splitlines()[-1].startswith(f"forgetless: error: cannot load the model {other}: its weights "
+                                                   f"have other shapes than its config.json says"), err
+    assert "Traceback" not in err, err
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     """The model loader fails the test: every check above must come before a model loads."""
