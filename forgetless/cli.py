@@ -467,6 +467,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from forgetless.export import check_output, export_merged, export_wise_ft
     from forgetless.methods import wise_ft
 
+    if args.wise_ft is not None and args.dtype is not None:
+        raise ConfigError("export: --dtype sets the merged model's dtype; a --wise-ft adapter is written in float32: "
+                          "leave --dtype out")
     if args.wise_ft is not None and args.theta_nu is None and args.adapter \
             and (Path(args.adapter) / wise_ft.FILENAME).is_file():
         args.theta_nu = args.adapter  # a wise-ft run's adapter folder keeps its own theta_nu
@@ -480,7 +483,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         raise ConfigError(f"export: --output: {e}") from None
     if args.wise_ft is None:
-        out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
+        out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype or "base")
         print(f"merged model and tokenizer written to {out}")
     else:
         out = export_wise_ft(args.model, args.adapter, args.theta_nu, args.wise_ft, args.output)
@@ -871,9 +874,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  f"the base the adapter's record names, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", required=True, help="the PEFT adapter folder (the domain stage's, theta_mu)")
     p.add_argument("--output", required=True, help="a new or empty folder")
-    p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default="base",
+    p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default=None,
                    help="dtype of the merged model (default: the dtype the base is stored in; float32 for the "
-                        "embedded GGUF models, which forgetless dequantizes: bf16 halves the files)")
+                        "embedded GGUF models, which forgetless dequantizes: bf16 halves the files); a --wise-ft "
+                        "adapter is written in float32")
     p.add_argument("--wise-ft", type=_finite, metavar="ALPHA",
                    help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
     p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "

@@ -155,6 +155,7 @@ def test_export_command(tiny_model_dir, tmp_path, ids, capsys):
 
     for argv, message in (
             (["--output", str(tmp_path / "x"), "--theta-nu", str(tmp_path / "general")], "go together"),
+            (["--output", str(tmp_path / "x"), "--wise-ft", "0.5", "--dtype", "bf16"], "written in float32"),
             (["--output", str(tmp_path / "m")], f"error: export: --output: {tmp_path / 'm'} exists and is not an empty"),
             (["--output", str(tmp_path / "x"), "--wise-ft", "0.5", "--theta-nu", str(tmp_path / "no")], "neither")):
         assert main(["export", "--model", base, "--adapter", str(tmp_path / "mu"), *argv]) == 2
