@@ -787,14 +787,15 @@ def set_aside(path: Path, suffix: str) -> Path:
 
 
 def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
-    """Rename a stale run's record, adapter, surfaces and logs with its digest: kept beside the new ones, never
-    overwritten. The set-aside record's surface paths are rewritten to the surfaces' new folder, so that it does not
-    point at the files the new run writes."""
+    """Rename a stale run's record, adapter, surfaces, logs and checkpoints with its digest: kept beside the new ones,
+    never overwritten. The set-aside record's surface paths are rewritten to the surfaces' new folder, so that it does
+    not point at the files the new run writes."""
     suffix = record.get("settings_digest") or "old"
     adapters = out / "adapters"
     moved = {}
+    # its checkpoints too (kept with keep_checkpoints): the redone run went on from the old run's last one
     for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected",
-                 out / "landscape" / job.rid, out / "logs" / job.rid):
+                 out / "landscape" / job.rid, out / "logs" / job.rid, out / "checkpoints" / job.rid):
         if path.exists():
             moved[path] = set_aside(path, suffix)
     kept, surfaces = moved.get(out / "runs" / f"{job.rid}.json"), moved.get(out / "landscape" / job.rid)

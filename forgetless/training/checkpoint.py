@@ -96,7 +96,7 @@ class CheckpointMismatch(ValueError):
 
 
 # stage settings that checkpoints written before them lack: such a checkpoint is taken without comparing them
-LATER_KEYS = frozenset({"precision", "processes"})
+LATER_KEYS = frozenset({"precision", "processes", "lora"})
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -355,7 +355,8 @@ def train_stage(
             stage_settings = _stage_settings(stage, config, methods) | {"examples": _examples_digest(examples),
                                                                         "start_weights": _weights_digest(named),
                                                                         "precision": precision,
-                                                                        "processes": processes}
+                                                                        "processes": processes,
+                                                                        "lora": _lora_settings(model)}
             regrouped = config.group_by_length and global_batch != config.batch_size
             if windows[-1] != config.grad_accum or nulls or regrouped:
                 # the data order and steps of session 32 (an epoch's short last window, null examples, groups of the
@@ -544,6 +545,16 @@ def _stage_settings(stage: str, config: TrainConfig, methods: Sequence[Method]) 
         options = options_of(method)
         out[f"method{i}"] = type(method).__name__ + (f" {options}" if options is not None else "")
     return out
+
+
+def _lora_settings(model: torch.nn.Module) -> str:
+    """What of the model's LoRA configuration changes the numbers and not the trainable shapes (those are checked by
+    name and shape): the scaling (alpha, rsLoRA, patterns) and the dropout. "" for a model without PEFT's config."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return ""
+    keys = ("lora_alpha", "use_rslora", "alpha_pattern", "rank_pattern", "lora_dropout")
+    return repr(sorted((name, [(k, getattr(c, k, None)) for k in keys]) for name, c in configs.items()))
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter],

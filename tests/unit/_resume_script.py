@@ -19,7 +19,7 @@ STEPS = 6
 
 
 def run_stage(case: str, checkpoint_dir=None, kill_after: int | None = None, keep: bool = False, lr: float = 1e-2,
-              r: int = 4, entry: list | None = None):
+              r: int = 4, entry: list | None = None, alpha: int = 8):
     from accelerate import Accelerator
 
     from forgetless.methods import resolve
@@ -36,7 +36,8 @@ def run_stage(case: str, checkpoint_dir=None, kill_after: int | None = None, kee
 
     entry, stage = (entry, CASES[case][1]) if entry is not None else CASES[case]
     torch.manual_seed(0)
-    model = attach_lora(make_tiny_model(0), LoraSettings(r=r, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    model = attach_lora(make_tiny_model(0), LoraSettings(r=r, alpha=alpha, dropout=0.1,
+                                                         target_modules=["q_proj", "v_proj"]))
     randomize_lora_b(model, seed=1, std=0.05)
     plugins = resolve(entry).plugins
     cfg = TrainConfig(max_steps=STEPS, batch_size=2, grad_accum=2, lr=lr, precision="fp32", progress=False,

@@ -388,6 +388,32 @@ def test_an_interrupted_run_with_changed_settings_is_refused_then_started_over(t
     assert (out / "checkpoints" / kept[0] / "domain" / "step-000002").is_dir()
 
 
+def test_a_changed_run_redone_does_not_go_on_from_its_kept_checkpoints(tmp_path, tiny_model_dir):
+    """keep_checkpoints: true leaves a finished run's checkpoints; --rerun-changed after a LoRA alpha change went on
+    from the old run's last one (resumed_from_step 3: three steps of the old alpha under the new record)."""
+    train = {"general": {"max_steps": 2, "batch_size": 4},
+             "domain": {"max_steps": 4, "batch_size": 2, "save_every": 1, "keep_checkpoints": True}}
+    lora = {"r": 2, "alpha": 64, "dropout": 0.0}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    reference = run_experiment(load_experiment(write_experiment(tmp_path / "a", tiny_model_dir, seeds=[0],
+                                                                methods=["lora-mu"], train=train, lora=lora)),
+                               progress=False)[0]
+    run_experiment(load_experiment(write_experiment(tmp_path / "b", tiny_model_dir, seeds=[0], methods=["lora-mu"],
+                                                    train=train, lora=dict(lora, alpha=4))), progress=False)
+    out = tmp_path / "b" / "out"
+    assert (out / "checkpoints" / "lora-mu__gen__seed0" / "domain" / "step-000003").is_dir()
+    record = run_experiment(load_experiment(write_experiment(tmp_path / "b", tiny_model_dir, seeds=[0],
+                                                             methods=["lora-mu"], train=train, lora=lora)),
+                            progress=False, rerun_changed=True)[0]
+    assert "resumed_from_step" not in (record["stages"][-1].get("extras") or {})
+    assert record["stages"][-1]["history"] == reference["stages"][-1]["history"]
+    assert record["general_ppl"] == reference["general_ppl"] and record["tasks"] == reference["tasks"]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept[0] == "lora-mu__gen__seed0"
+    assert len(kept) == 2 and kept[1].startswith("lora-mu__gen__seed0.")  # the old run's, set aside
+
+
 def test_eval_share_prefix_is_part_of_a_runs_identity_and_scores_packed(tmp_path, tiny_model_dir, monkeypatch):
     """``eval: {share_prefix: true}`` scores the runs' multiple choice one packed sequence per item, and is in the
     run's identity (its scores may differ from the default's by rounding, so a recorded run is never reused for it)."""

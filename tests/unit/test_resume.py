@@ -70,10 +70,11 @@ def test_mismatched_checkpoint_is_an_error(tmp_path):
     ({"lr": 2e-2}, r"other settings \(train.lr: 0.01 -> 0.02\)"),
     ({"entry": [{"name": "sam", "rho": 0.1}]}, r"other settings \(method0: SAM \{'rho': 0.05.* -> SAM \{'rho': 0.1"),
     ({"r": 8}, r"has shape \(4, 32\), the model's \(8, 32\) \(another LoRA rank or target\?\)"),
+    ({"alpha": 16}, r"other settings \(lora: .*'lora_alpha', 8\).* -> .*'lora_alpha', 16\)"),  # same shapes, other s
 ])
 def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, change, message):
-    """Going on from a checkpoint of another learning rate, method option or LoRA rank would train neither stage (the
-    old schedule and moments under the new settings): refused, naming what differs, the checkpoint untouched."""
+    """Going on from a checkpoint of another learning rate, method option, LoRA rank or alpha would train neither stage
+    (the old schedule and moments under the new settings): refused, naming what differs, the checkpoint untouched."""
     folder = tmp_path / "ckpt"
     run_stage("sam", folder, keep=True)
     saved = checkpoint.latest(folder)
