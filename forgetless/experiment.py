@@ -320,7 +320,8 @@ def domain_stage_name(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int
             or any(plugin.shapes_domain_stage() for plugin in recipe.plugins)):
         return None  # names without a plugin (lora-nu-mu, rslora) act through the stages and LoRA, both in the key
     settings = run_settings(exp, recipe, task, seed)
-    settings.pop(SUITE_KEY, None)  # what the run is scored on, not what it trains (names as before session 33)
+    if exp.eval.every is None:  # what the run is scored on, not what it trains (names as before session 33); with
+        settings.pop(SUITE_KEY, None)  # eval.every the stage keeps suite scores taken while it trained: on those items
     settings["method"] = {"stages": list(recipe.stages),
                           "general": general_stage_entries(recipe.entries) if GENERAL in recipe.stages else None}
     return f"{DOMAIN}-{settings_digest(settings)}"

@@ -122,6 +122,14 @@ def test_which_runs_share_a_domain_stage(tmp_path, tiny_model_dir):
                                               eval=EVAL | {"select": {"max_general_drop": 0.1}}))
     assert domain_stage_name(every, resolve("wise-ft"), every.tasks[0], 0) not in (None, key["wise-ft", 0])
     assert domain_stage_name(select, resolve("wise-ft"), select.tasks[0], 0) is None
+    # another task's test items: with eval.every the stage keeps the suite scores it took on them while training
+    # (a redone run took the old items' curve from the cache), without it the stage is the same
+    fewer = [tasks[0], dict(tasks[1], test_limit=3)]
+    for evaluation, same in ((EVAL, False), ({k: v for k, v in EVAL.items() if not k.startswith("every")}, True)):
+        names = [domain_stage_name(e, resolve("wise-ft"), e.tasks[0], 0) for e in (
+            load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=methods, seeds=[0], tasks=listed,
+                                             eval=evaluation)) for listed in (tasks, fewer))]
+        assert (names[0] == names[1]) is same and None not in names, (evaluation, names)
 
 
 def test_runs_sharing_an_uncached_domain_stage_stay_in_one_worker(tmp_path, tiny_model_dir):
