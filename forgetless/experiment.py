@@ -1286,7 +1286,9 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]],
             raise
     broken = [i for i, f in enumerate(futures) if not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)]
     failures = [f for f in failures if not isinstance(f, BrokenProcessPool)]
-    if failures:
+    if failures:  # the first is raised (the command's error line); the others are said, else no line named them
+        for other in failures[1:]:
+            print(f"forgetless: error (another worker): {other}", file=sys.stderr)
         raise failures[0]
     if broken:
         left = "; ".join(said for said in (names(i) if names else f"task {i}" for i in broken) if said)

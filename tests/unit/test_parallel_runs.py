@@ -71,9 +71,13 @@ def test_two_workers_give_the_records_of_one_process(tmp_path, tiny_model_dir, c
 def test_a_failing_run_is_raised_after_the_other_groups_finish(tmp_path, tiny_model_dir, capsys):
     from tests.unit.test_reliability import DIVERGING
 
-    write_experiment(tmp_path, tiny_model_dir, **DIVERGING | {"methods": ["lora-mu", "base"], "seeds": [0]})
+    write_experiment(tmp_path, tiny_model_dir, **DIVERGING | {"methods": ["lora-mu", "rslora", "base"], "seeds": [0]})
     assert main(["run", str(tmp_path / "exp.yaml"), "--jobs", "2", "--quiet"]) == 2
-    assert "forgetless: error: lora-mu__gen__seed0: non-finite loss (nan) at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # both failures named (only the first was: the other run's failure appeared nowhere)
+    for rid in ("lora-mu__gen__seed0", "rslora__gen__seed0"):
+        assert f"{rid}: non-finite loss (nan) at step 2" in err, err
+    assert "forgetless: error (another worker): " in err
     assert [p.name for p in (tmp_path / "out" / "runs").glob("*.json")] == ["base__gen__seed0.json"]
 
 
