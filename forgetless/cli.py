@@ -124,7 +124,8 @@ def _plan_text(exp: Experiment) -> str:
         lines.append(f"run time to do (from the finished runs of the same methods here): about {_hours(seconds)} "
                      f"for {len(todo) - unknown} run(s)"
                      + (f", and {unknown} run(s) of methods not run yet" if unknown else "")
-                     + " (with --jobs N, about 1/N of it)")
+                     + " (with --jobs N, about 1/N of it, but no less than the longest chain of runs that share "
+                       "a stage to train: one worker trains those one after another)")
     if exp.landscape is not None and done:  # recorded runs without their flatness (each run's is measured after it)
         from forgetless.landscape_runs import left_line as landscape_left
 

@@ -1016,14 +1016,31 @@ def time_to_do(exp: Experiment, todo: list[Job]) -> tuple[float, int]:
     """(estimated wall seconds of the runs ``todo`` whose method has a finished run here, how many runs have none).
     With a ``landscape:`` section a run's estimate includes its flatness, measured right after it (once a
     measurement of that kind is recorded)."""
+    known = [t for t in _job_seconds(exp, todo) if t is not None]
+    return sum(known), len(todo) - len(known)
+
+
+def _job_seconds(exp: Experiment, todo: list[Job]) -> list[float | None]:
+    """Each run's estimated seconds (:func:`time_to_do`), None for a method with no finished run here."""
     took = _seconds_by_method(exp.output)
     flatness = _landscape_estimate(exp)
-    known = []
+    out: list[float | None] = []
     for job in todo:
         left = _time_left(took, exp.output, job)
-        if left is not None:
-            known.append(left + flatness(bool(job.recipe.stages), job.seed))
-    return sum(known), len(todo) - len(known)
+        out.append(None if left is None else left + flatness(bool(job.recipe.stages), job.seed))
+    return out
+
+
+def wall_seconds(exp: Experiment, todo: list[Job], workers: int) -> float:
+    """The wall time of the timed runs of ``todo`` on ``workers`` workers: their sum shared out, but no less than the
+    largest group's (:func:`job_groups`: runs sharing a stage to train run one after another in one worker)."""
+    times = dict(zip(map(id, todo), _job_seconds(exp, todo)))
+    total = sum(t for t in times.values() if t is not None)
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        return total
+    largest = max(sum(times[id(job)] or 0.0 for job in group) for group in job_groups(exp, todo))
+    return max(total / workers, largest)
 
 
 def _landscape_estimate(exp: Experiment) -> Callable[[bool, int], float]:
@@ -1045,9 +1062,9 @@ def left_line(exp: Experiment, workers: int = 1) -> str:
     jobs = plan_runs(exp)
     todo = jobs_to_do(exp, jobs)
     line = f"{len(jobs) - len(todo)}/{len(jobs)} runs recorded"
-    seconds, unknown = time_to_do(exp, todo)
+    _, unknown = time_to_do(exp, todo)
     if unknown < len(todo):
-        line += f"; about {_hours(seconds / max(1, min(workers, len(todo))))} left"
+        line += f"; about {_hours(wall_seconds(exp, todo, workers))} left"
         if unknown:
             line += f" besides {unknown} run(s) of methods not timed yet"
     elif todo:

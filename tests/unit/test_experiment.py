@@ -10,7 +10,7 @@ import yaml
 
 from forgetless.data import DataError
 from forgetless.config import ConfigError, load_experiment
-from forgetless.experiment import computed_elsewhere, run_experiment
+from forgetless.experiment import computed_elsewhere, plan_runs, run_experiment
 from forgetless.methods import method_label, resolve
 from forgetless.reporting.tables import summary_table
 from tests.unit.tiny_model import make_tiny_model
@@ -297,6 +297,20 @@ def test_each_finished_run_says_how_many_are_recorded_and_the_time_left(tmp_path
     (tmp_path / "out" / "runs" / "lora-mu__gen__seed0.json").write_text(json.dumps(record))
     assert left_line(exp) == "1/3 runs recorded; about 4.0 h left"
     assert left_line(exp, workers=2) == "1/3 runs recorded; about 2.0 h left"
+
+
+def test_the_time_left_on_workers_is_no_less_than_the_longest_group(tmp_path, tiny_model_dir, monkeypatch):
+    """Runs that share a stage to train run one after another in one worker: four runs of an hour in groups of three
+    and one take three hours on two workers, not two."""
+    import forgetless.experiment as experiment
+
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0, 1, 2, 3]))
+    jobs = plan_runs(exp)
+    monkeypatch.setattr(experiment, "_job_seconds", lambda exp, todo: [3600.0] * len(todo))
+    for groups, workers, hours in (([jobs[:3], jobs[3:]], 2, 3.0), ([jobs[:2], jobs[2:]], 2, 2.0),
+                                   ([[j] for j in jobs], 3, 4 / 3), ([[j] for j in jobs], 1, 4.0)):
+        monkeypatch.setattr(experiment, "job_groups", lambda exp, todo, groups=groups: groups)
+        assert experiment.wall_seconds(exp, jobs, workers) == pytest.approx(hours * 3600), (groups, workers)
 
 
 def test_a_run_stopped_while_it_evaluates_resumes_from_its_domain_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
