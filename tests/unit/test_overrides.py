@@ -146,6 +146,26 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path, capsys, monkeypatch):
     assert not (out / "stages").exists() and not (out / ".forgetless.lock").exists()  # nothing run, nothing locked
 
 
+def test_dry_run_steps_of_text_tasks_and_replay(tmp_path, capsys, monkeypatch):
+    """Documents are packed into max_length blocks (not one example each: 6 documents said 3 steps, the run took 17),
+    and replay's general examples lengthen the domain stage (34 steps at fraction 0.5)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(f'{{"text": "Document {i} about cells and light."}}\n' for i in range(6)))
+    path = _experiment(tmp_path, tasks=[{"name": "t", "train": TASK, "test": TASK},
+                                        {"name": "doc", "train": str(docs), "train_kind": "text", "test": TASK}],
+                       methods=["lora-mu", {"name": "replay", "fraction": 0.5, "by": "examples"},
+                                {"name": "replay", "fraction": 0.25}])
+    assert main(["run", str(path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    items = 3  # the items of tests/fixtures/data/generic.jsonl, and as many general ones at fraction 0.5
+    assert f"  domain t: {2 * -(-items // 2)} (2 epoch(s) of {items} examples)\n" in text
+    assert f"    replay(by=examples,fraction=0.5): {2 * -(-2 * items // 2)} (2 epoch(s) of {2 * items} examples " \
+           f"with the replayed)\n" in text
+    assert "    replay(fraction=0.25): more steps: replayed general text makes 0.25 of the labelled tokens (counted " \
+           "once tokenized)\n" in text
+    assert "  domain doc: 2 epoch(s) of the packed blocks (counted once tokenized)\n" in text
+
+
 def test_train_flag_report_to(tmp_path):
     from forgetless.cli import _train_experiment, build_parser
 
