@@ -129,7 +129,7 @@ def _chunk_loss_and_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if softcap:
         capped = torch.tanh(logits / softcap)  # kept for the derivative, as autograd keeps tanh's output
         logits = capped * softcap
-    logits32 = logits.float()
+    logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, as the plain path
     lse = torch.logsumexp(logits32, dim=-1)
     loss = (lse - logits32.gather(1, t[:, None]).squeeze(1)).sum()
     if not need_grad:
@@ -169,6 +169,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     respect to the chunk's hidden states: ``(softmax - onehot) / rows`` (times the soft-cap's derivative), cast to
     the logits' dtype and multiplied by the head weight, as the plain path's backward does. Only that ``[rows,
     hidden]`` gradient is saved; the backward scales it by the incoming gradient. The head is frozen (no gradient).
+    Under bf16 the saved gradient is rounded before that scaling, the plain path's after it: a loss weight other than
+    1 (accumulated micro-batches) gives gradients equal to bf16 rounding, not bit for bit. float64 inputs compute in
+    float64 (a finite-difference check holds).
     """
 
     @staticmethod
@@ -177,7 +180,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows = hidden.shape[0]
         compiled = compiled and rows > 1  # one row: eager (a size-1 graph of its own would compile, a stall of seconds)
         step = compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         bounds = list(range(0, rows, chunk)) + [rows]
         if compiled and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:

@@ -37,9 +37,12 @@ def test_chunked_loss_and_hidden_gradient_equal_autograd_of_the_plain_path(softc
     (want,) = torch.autograd.grad(expected * upstream, hidden)
     got = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk)
     (have,) = torch.autograd.grad(got * upstream, hidden)
-    # float32 log-sum-exp in both (the plain path upcasts to float32, not float64)
+    # float32 log-sum-exp in the reference here (_plain upcasts to float32), float64 in the chunks
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert torch.allclose(have, want, rtol=1e-5, atol=1e-7)
+    assert got.dtype == torch.float64  # a float32 loss made a finite-difference check fail
+    assert torch.autograd.gradcheck(lambda h: ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, softcap, chunk),
+                                    (hidden,))
     # and the closed form: d mean CE / d h_i = W^T (softmax(W h_i + b) - onehot(t_i)) / rows (no soft-cap)
     if softcap is None:
         p = torch.softmax(hidden.detach() @ weight.T + bias, dim=-1)
