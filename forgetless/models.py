@@ -651,7 +651,10 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     rows are rounded to bfloat16 first: the same base loaded in float32 or in bfloat16 has one fingerprint."""
     config = getattr(model, "config", None)
     shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
-    rows = model.get_input_embeddings().weight[:2, :64].detach().to("cpu", torch.bfloat16).float().contiguous()
+    layer = model.get_input_embeddings()
+    # the base's own rows, under a PEFT wrapper that trains a copy (modules_to_save) or adds LoRA to the embedding
+    layer = getattr(layer, "original_module", None) or getattr(layer, "get_base_layer", lambda: layer)()
+    rows = layer.weight[:2, :64].detach().to("cpu", torch.bfloat16).float().contiguous()
     return hashlib.sha1(json.dumps(shape, sort_keys=True).encode() + rows.numpy().tobytes()).hexdigest()[:12]
 
 

@@ -271,3 +271,26 @@ def test_an_unreadable_theta_nu_file_is_one_error_without_advice_to_delete_it(ti
                  "--wise-ft", "0.5", "--theta-nu", str(tmp_path / "general")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreadable wise-ft theta_nu file" in err[0] and "delete" not in err[0], err
+
+
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["embed_tokens"]}, {"target_modules": ["q_proj", "embed_tokens"]}])
+def test_the_base_fingerprint_ignores_a_trained_embedding(tiny_model_dir, tmp_path, ids, extra):
+    """An adapter that trains the embedding (modules_to_save, or LoRA on it) recorded the trained rows as its base's
+    fingerprint, and forgetless then refused its own adapter ('trained on another base model')."""
+    from peft import LoraConfig, get_peft_model
+
+    from forgetless.models import base_fingerprint
+
+    base = str(tiny_model_dir)
+    before = base_fingerprint(load_model(base, dtype="fp32")[0])
+    model = get_peft_model(load_model(base, dtype="fp32")[0],
+                           LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]} | extra)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    assert base_fingerprint(model) == before
+    save_adapter(model, tmp_path / "mu", base)
+    want = logits(model, ids)
+    torch.testing.assert_close(logits(load_adapter(load_model(base, dtype="fp32")[0], tmp_path / "mu"), ids), want,
+                               atol=ATOL, rtol=0)
