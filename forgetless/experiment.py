@@ -373,11 +373,20 @@ def _non_default(value: Any) -> Any:
 _NOT_RUN_SETTINGS = ("name", "output", "seeds", "tasks", "methods", "landscape")
 
 
-def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> dict[str, Any]:
+_TASK_TRAINING = ("train", "train_limit", "train_split", "max_length", "train_kind")  # a task's training-side keys
+_EVAL_TRAINING = ("every", "every_items", "every_blocks", "select")  # eval keys that act while a stage trains
+
+
+def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int, legacy: bool = False) -> dict[str, Any]:
     """Everything that changes the numbers of one run: the model, the data sources and limits, LoRA, the training
     and evaluation settings, the method's options and the seed (every key of the experiment but those of
     :data:`_NOT_RUN_SETTINGS`, set to other than its default, so a key added to the schema later is covered).
-    ``base`` trains nothing: its identity has no LoRA, general training text or training settings."""
+    ``base`` trains nothing: its identity has no LoRA, general training text, training settings, task training data
+    or evaluation while training. A run without a general stage has no general-stage settings, nor the general
+    training text unless a method of it reads that text (replay, EWC without a general stage).
+
+    ``legacy``: the identity as runs recorded it before session 35, with the general-stage settings of runs without a
+    general stage and the training data of ``base`` (such a record is taken as it is: :attr:`Job.digests`)."""
     settings = {k: v for k, v in _non_default(exp).items() if k not in _NOT_RUN_SETTINGS + ("chat_template",)}
     if chat_template_on(exp.chat_template, exp.model):  # off (as every run was before the setting): no key
         settings["chat_template"] = True
@@ -392,9 +401,18 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int) -> 
         settings[SUITE_KEY] = suite
     if recipe.stages:
         settings["lora"] = _non_default(replace(exp.lora, **recipe.lora))
+        if not legacy and GENERAL not in recipe.stages:  # the general stage's settings never reach this run
+            settings["train"] = {k: v for k, v in settings.get("train", {}).items() if k != GENERAL}
+            if not any(plugin.needs_general_text(recipe.stages) for plugin in recipe.plugins):
+                settings["general"] = {k: v for k, v in settings.get("general", {}).items() if k != "train"}
     else:
         settings = {k: v for k, v in settings.items() if k not in ("lora", "train")}
         settings["general"] = {k: v for k, v in settings.get("general", {}).items() if k != "train"}
+        if not legacy:
+            settings["task"] = {k: v for k, v in settings["task"].items() if k not in _TASK_TRAINING}
+            settings["eval"] = {k: v for k, v in settings.get("eval", {}).items() if k not in _EVAL_TRAINING}
+    if not legacy:  # a section left empty is no setting (as a section at its defaults has no key)
+        settings = {k: v for k, v in settings.items() if v != {} or k not in ("train", "general", "eval")}
     return settings
 
 
@@ -454,6 +472,7 @@ class Job:
     recipe: Recipe
     rid: str
     settings: dict[str, Any]
+    legacy: dict[str, Any] | None = None  # the identity as recorded before session 35, where it differs
 
     @property
     def digest(self) -> str:
@@ -461,11 +480,13 @@ class Job:
 
     @property
     def digests(self) -> set[str]:
-        """The digests a record of this run may carry: this one, and where the run has an auto suite, the one of a
-        record written before the suite was part of a run's identity (session 33), taken as it was."""
-        if SUITE_KEY not in self.settings:
-            return {self.digest}
-        return {self.digest, settings_digest({k: v for k, v in self.settings.items() if k != SUITE_KEY})}
+        """The digests a record of this run may carry, taken as it was: this one; where the run has an auto suite,
+        the one of a record written before the suite was part of a run's identity (session 33); and those of a
+        record written before session 35 with settings that never reach the run (:func:`run_settings`)."""
+        found = set()
+        for settings in (self.settings, self.legacy or self.settings):
+            found |= {settings_digest(settings), settings_digest({k: v for k, v in settings.items() if k != SUITE_KEY})}
+        return found
 
 
 def plan_runs(exp: Experiment) -> list[Job]:
@@ -477,8 +498,9 @@ def plan_runs(exp: Experiment) -> list[Job]:
             for entry, tasks in zip(exp.methods, only):
                 if tasks is None or task.name in tasks:
                     recipe = resolve(entry)
-                    jobs.append(Job(entry, task, seed, recipe, run_id(recipe.label, task.name, seed),
-                                    run_settings(exp, recipe, task, seed)))
+                    settings, legacy = (run_settings(exp, recipe, task, seed, legacy=old) for old in (False, True))
+                    jobs.append(Job(entry, task, seed, recipe, run_id(recipe.label, task.name, seed), settings,
+                                    legacy if legacy != settings else None))
     return jobs
 
 
@@ -775,7 +797,17 @@ def _stale_reason(job: Job, record: dict[str, Any]) -> str:
 
     if not finite_record(record):
         return "has a non-finite number (it diverged)"
-    return settings_changes(record.get("settings") or {}, job.settings)
+    return _changes(record.get("settings") or {}, job)
+
+
+def _changes(old: dict[str, Any], job: Job) -> str:
+    """:func:`settings_changes` from a record's settings to the job's, as this version writes them or, for a record
+    written before session 35, as that version did (whichever differs less: the record does not say which)."""
+    def count(new: dict[str, Any]) -> int:
+        a, b = _flat(old), _flat(new)
+        return sum(_canonical(a.get(k)) != _canonical(b.get(k)) for k in a.keys() | b.keys())
+
+    return settings_changes(old, min((n for n in (job.settings, job.legacy) if n is not None), key=count))
 
 
 def set_aside(path: Path, suffix: str) -> Path:
@@ -955,7 +987,7 @@ def stale_checkpoints(exp: Experiment, jobs: list[Job]) -> list[tuple[Job, str, 
         if saved is None:
             continue
         if saved.get("settings_digest") not in job.digests:
-            found.append((job, settings_changes(saved.get("settings") or {}, job.settings),
+            found.append((job, _changes(saved.get("settings") or {}, job),
                           saved.get("settings_digest") or "old"))
     return found
 

@@ -587,3 +587,42 @@ def test_the_other_tasks_test_sets_a_run_is_scored_on_are_part_of_its_identity(t
     legacy = {k: v for k, v in job.settings.items() if k != SUITE_KEY}  # a record of before session 33
     record.write_text(json.dumps(fields | {"settings": legacy, "settings_digest": settings_digest(legacy)}))
     assert _sort_finished(after, [new_job])[1] == []
+
+
+def test_settings_that_never_reach_a_run_are_not_part_of_its_identity(tmp_path, tiny_model_dir):
+    """lora-mu has no general stage: a change of train.general (or of the general training text, which it does not
+    read) made it a changed run, recomputed to the same numbers; base trains nothing: a task's training data or
+    eval.every did the same. A record written before (with those settings in its digest) is taken as it was."""
+    from forgetless.experiment import _sort_finished, plan_runs, run_settings, settings_digest
+
+    generic = str(FIXTURES / "generic.jsonl")
+    methods = ["base", "lora-mu", "lora-nu-mu", {"name": "replay", "fraction": 0.5}]
+
+    def digests(**over):
+        exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=methods, seeds=[0], **over))
+        return {job.rid.split("__")[0]: job.digest for job in plan_runs(exp)}
+
+    plain = digests()
+    general = {"general": {"max_steps": 3, "batch_size": 4, "lr": 1e-3}, "domain": {"max_steps": 2, "batch_size": 2}}
+    text = tmp_path / "other-general.jsonl"
+    text.write_text(json.dumps({"text": "Another general document about the sea."}) + "\n")
+    for over, changed in (({"train": general}, {"lora-nu-mu", "replay_fraction=0.5"}),
+                          ({"general": {"train": {"source": str(text)}, "block_size": 16,
+                                        "heldout": {"source": str(tmp_path / "general.jsonl"), "limit": 10}}},
+                           {"lora-nu-mu", "replay_fraction=0.5"}),  # replay reads the general text, lora-mu not
+                          ({"tasks": [{"name": "gen", "train": generic, "test": generic, "train_limit": 2}]},
+                           {"lora-mu", "lora-nu-mu", "replay_fraction=0.5"}),
+                          ({"eval": {"batch_size": 4, "every": 1}}, {"lora-mu", "lora-nu-mu", "replay_fraction=0.5"})):
+        now = digests(**over)
+        assert {m for m in now if now[m] != plain[m]} == changed, over
+    # a record of before this change carries the digest with those settings: reused, not a changed run
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=methods, seeds=[0]))
+    (exp.output / "runs").mkdir(parents=True)
+    for job in plan_runs(exp):
+        legacy = run_settings(exp, job.recipe, job.task, job.seed, legacy=True)
+        assert (legacy != job.settings) == (job.recipe.label in ("base", "lora-mu")), job.rid
+        (exp.output / "runs" / f"{job.rid}.json").write_text(json.dumps(
+            {"run_id": job.rid, "method": job.recipe.label, "task": "gen", "seed": 0, "general_ppl": 10.0,
+             "tasks": {"gen": {"acc": 0.5}}, "settings": legacy, "settings_digest": settings_digest(legacy)}))
+    pending, stale, _ = _sort_finished(exp, plan_runs(exp))
+    assert pending == [] and stale == []
