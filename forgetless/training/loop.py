@@ -166,6 +166,30 @@ def _global_sum(accelerator: Accelerator, value: int) -> int:
     return int(total[0])
 
 
+def take_off_mixed_precision(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """accelerate's mixed-precision wrapper of a module's ``forward`` (an autocast and a cast of the outputs to
+    float32), which a transformers ``Trainer`` run with ``bf16``/``fp16`` leaves on the model it trained: taken off
+    for the stage, with a warning, and returned for :func:`put_back_mixed_precision`. Left on, a ``precision: fp32``
+    stage ran in bf16 and the loss took the full-logits path (its check of the head saw other logits)."""
+    found = []
+    for module in model.modules():
+        original = module.__dict__.get("_original_forward")
+        if original is not None and "forward" in module.__dict__:
+            found.append((module, module.__dict__["forward"]))
+            module.forward = original
+    if found:
+        warnings.warn("the model's forward carries accelerate's mixed-precision wrapper (left by a transformers "
+                      "Trainer run with bf16 or fp16): taken off for this stage, which casts by its own precision "
+                      "setting, and put back after it", stacklevel=3)
+    return found
+
+
+def put_back_mixed_precision(found: list[tuple[torch.nn.Module, Any]]) -> None:
+    for module, wrapped in found:
+        module.forward = wrapped
+    found.clear()
+
+
 def _check_accelerator(accelerator: Accelerator) -> None:
     """A caller's ``Accelerator`` must leave accumulation, casting and compiling to the stage (as
     :func:`stage_accelerator` does): its own accumulation divides every loss again (gradients, logged norm and
@@ -265,8 +289,11 @@ def train_stage(
             p.grad = None
         for module, training in modes:  # each module's train/eval flag (dropout) as it came
             module.training = training
+        put_back_mixed_precision(wrapped)
 
+    wrapped: list = []
     try:
+        wrapped = take_off_mixed_precision(model)
         check_levers(model, config, accelerator.device)
         if config.attn_implementation is not None:
             set_attn_implementation(model, config.attn_implementation)
@@ -476,6 +503,7 @@ def train_stage(
         raise
     if checkpointing:  # the next stage (its own config) and the evaluations get the model as it came
         disable_gradient_checkpointing(model, use_cache)
+    put_back_mixed_precision(wrapped)
     wrapper.eval()
     result.seconds = earlier + time.perf_counter() - started  # a resumed stage: its earlier sessions' time too
     result.extras = ctx.extras

@@ -412,3 +412,26 @@ def test_an_examples_padding_is_not_counted_as_its_length():
     assert (collated_length(short), collated_length(long), collated_length({"input_ids": [1, 2]})) == (3, 8, 2)
     assert _collate_counted([short, long], pad_token_id=0)[_COUNTS][1] == 11
     assert _null_examples([long, short, long], batch_size=2, processes=2)[0]["input_ids"] == short["input_ids"]
+
+
+def test_a_trainers_mixed_precision_wrapper_is_taken_off_for_the_stage(lora_model):
+    """A transformers Trainer run with bf16 leaves accelerate's autocast wrapper on the model's forward: a later
+    precision: fp32 stage on that model ran in bf16 (and the loss lost its labelled-rows path). The stage takes it
+    off, trains as on a model that never had it, and puts it back."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    examples = random_examples(8, 8)
+    clean = lora_model()
+    train_stage(clean, examples, _cfg(max_steps=2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(lora_model())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapped = model.__dict__["forward"]
+    with pytest.warns(UserWarning, match="accelerate's mixed-precision wrapper"):
+        train_stage(model, examples, _cfg(max_steps=2))
+    for (name, p), (_, q) in zip(model.named_parameters(), clean.named_parameters()):
+        assert torch.equal(p, q), name  # bf16 autocast would differ by far more than nothing
+    assert model.__dict__["forward"] is wrapped  # the caller's model as it came
