@@ -71,6 +71,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,10 +327,18 @@ def trainer_run(model, plan: Plan, batch: int, seq: int, precision: str) -> tupl
         try:
             Trainer(model=model, args=args, train_dataset=Rows(), data_collator=default_data_collator,
                     callbacks=[Stamp()]).train()
-        finally:  # accelerate keeps the Trainer's bf16 and compile settings process-wide: not for the next side
+        finally:  # accelerate keeps the Trainer's bf16 and compile settings process-wide, and its mixed-precision
+            # wrapper on the model's forward: neither for the next side (the wrapper made every later forgetless round
+            # take the Trainer's full-logits loss path, and its peak memory the Trainer's)
             from accelerate.state import AcceleratorState
 
+            from forgetless.training.loop import take_off_mixed_precision
+
             AcceleratorState._reset_state()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for module, _ in take_off_mixed_precision(model):  # for good: the bench owns the model
+                    module.__dict__.pop("_original_forward", None)
     return span.seconds_per_step(), peak_gib()
 
 

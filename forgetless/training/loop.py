@@ -175,8 +175,9 @@ def take_off_mixed_precision(model: torch.nn.Module) -> list[tuple[torch.nn.Modu
     for module in model.modules():
         original = module.__dict__.get("_original_forward")
         if original is not None and "forward" in module.__dict__:
-            found.append((module, module.__dict__["forward"]))
-            module.forward = original
+            found.append((module, module.__dict__.pop("forward")))
+            if getattr(original, "__func__", None) is not getattr(type(module), "forward", None):
+                module.forward = original  # else the class's own forward serves, as before the wrapper
     if found:
         warnings.warn("the model's forward carries accelerate's mixed-precision wrapper (left by a transformers "
                       "Trainer run with bf16 or fp16): taken off for this stage, which casts by its own precision "

@@ -148,3 +148,21 @@ def test_the_profile_sorts_kernels_by_kind_from_their_names():
     assert kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"  # memory-efficient sdpa, a CUTLASS kernel
     assert kind("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>") == "other"
     assert kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "other"
+
+
+def test_a_trainer_round_leaves_the_model_as_the_forgetless_round_needs_it():
+    """A Trainer round with bf16 left accelerate's mixed-precision wrapper on the shared model's forward, so every
+    later forgetless round took the Trainer's full-logits loss path (and its peak memory): rounds after the first
+    measured the Trainer's loss, not forgetless's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_gpu
+
+    from forgetless.training.loss import CausalLMLoss
+    from tests.unit.tiny_model import make_lora_model
+
+    model = make_lora_model(0)
+    assert CausalLMLoss(model)._scorer.fast
+    plan = bench_gpu.PLANS["tiny"]
+    bench_gpu.trainer_run(model, plan, batch=2, seq=8, precision="bf16")
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    assert CausalLMLoss(model)._scorer.fast  # the labelled-rows loss path again
