@@ -120,11 +120,15 @@ class MethodsMixin:
         self.add_callback(_HookCallback(self))
 
     def save_method_state(self, directory: str | Path) -> None:
-        """Every method's state for a later stage (HLoRA importance, EWC Fisher, ...), written to ``directory``."""
+        """Every method's state for a later stage (HLoRA importance, EWC Fisher, ...), written to ``directory`` by the
+        process that saves (``args.should_save``: the main one; every process holds the same state), the others
+        waiting until it is there. Under ``accelerate launch`` every process calls it (two wrote one file at once)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for method in self.methods:
-            method.save_state(directory)
+        if self.args.should_save:
+            directory.mkdir(parents=True, exist_ok=True)
+            for method in self.methods:
+                method.save_state(directory)
+        self.accelerator.wait_for_everyone()  # a process that goes on to load it finds it whole
 
     # ------------------------------------------------------------------------------------------ the stage
     def train(self, *args: Any, **kwargs: Any):

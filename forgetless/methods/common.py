@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -328,9 +329,12 @@ class StateFile:
         path = Path(directory) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {k: t.detach().to("cpu", dtype or t.dtype).contiguous() for k, t in tensors.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(payload, str(tmp), metadata={self.kind: json.dumps(dict(metadata), default=str)})
-        os.replace(tmp, path)
+        tmp = _temporary(path)
+        try:
+            save_file(payload, str(tmp), metadata={self.kind: json.dumps(dict(metadata), default=str)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def copy(self, source: Path, directory: str | Path) -> Path:
@@ -338,8 +342,12 @@ class StateFile:
         path = Path(directory) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         if source.resolve() != path.resolve():
-            shutil.copyfile(source, path.with_name(path.name + ".tmp"))
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            tmp = _temporary(path)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return path
 
     def load(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -354,6 +362,12 @@ class StateFile:
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path}: unreadable {self.what} file ({err}); delete it to recompute") from err
         return tensors, metadata
+
+
+def _temporary(path: Path) -> Path:
+    """A temporary name beside ``path`` of this process alone: two processes writing the same state (workers of one
+    experiment, ranks that all save) each rename their own whole file into place, never one half-written."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 class PendingState:

@@ -11,6 +11,7 @@ The examples carry a loss on 1 to 11 tokens each, so a step's token mean and a m
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 
 import pytest
@@ -443,3 +444,52 @@ def test_an_error_after_the_stage_ended_does_not_abort_it(tmp_path):
         with pytest.raises(RuntimeError, match=message):
             trainer.train()
         assert spy.calls == (["end"] if callbacks else ["end", "abort"])
+
+
+def test_only_the_saving_process_writes_the_method_state_and_all_wait(tmp_path, monkeypatch):
+    """Under `accelerate launch` every process called save_method_state and wrote one file at once through one
+    temporary name: one process's rename failed ('No such file ... .tmp') and it died, the others hung."""
+    from forgetless.integrations import ForgetlessTrainer
+
+    device = torch.device("cpu")
+    trainer = ForgetlessTrainer(model=make_lora_model(0, b_std=0.05), args=TrainingArguments(
+        **trainer_args(tmp_path, 4, 1, device)), train_dataset=loop_order(DATA["general"]()),
+        data_collator=partial(collate, pad_token_id=0), methods=resolve("hlora").plugins, stage="general")
+    trainer.train()
+    waits = []
+    monkeypatch.setattr(trainer.accelerator, "wait_for_everyone", lambda: waits.append(1))
+    for should_save, folder in ((False, tmp_path / "other-rank"), (True, tmp_path / "main-rank")):
+        monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self, v=should_save: v))
+        trainer.save_method_state(folder)
+        assert folder.is_dir() == should_save and len(waits) == 1 + should_save
+    assert sorted(p.name for p in (tmp_path / "main-rank").iterdir()) == ["hlora_importance.safetensors"]
+
+
+def test_two_writers_of_one_state_file_each_rename_a_whole_file():
+    """Workers (or ranks) saving the same state wrote through one fixed FILE.tmp: a rename could find it gone."""
+    import tempfile
+    import threading
+
+    from forgetless.methods.common import StateFile
+
+    state = StateFile("race.safetensors", "race", "race state")
+    folder = tempfile.mkdtemp()
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        tensors = {"w": torch.full((256, 1024), float(seed))}
+        try:
+            for _ in range(40):
+                state.save(folder, tensors, {"seed": seed})
+        except BaseException as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    tensors, meta = state.load(folder)
+    assert float(tensors["w"][0, 0]) == meta["seed"] and bool((tensors["w"] == meta["seed"]).all())
+    assert sorted(os.listdir(folder)) == ["race.safetensors"]  # no temporary left
