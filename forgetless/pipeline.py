@@ -30,6 +30,7 @@ from forgetless.methods import DOMAIN, GENERAL, Recipe
 from forgetless.models import (AdapterError, LoraSettings, attach_lora, is_quantized, load_adapter_weights, load_model,
                                save_adapter, weights_digest)
 from forgetless.precision import default_device
+from forgetless.training import checkpoint
 from forgetless.training.hooks import Method
 from forgetless.training.loop import StageResult, TrainConfig, train_stage
 from forgetless.training.tracking import EvalEvery, best_within_drop
@@ -219,14 +220,19 @@ def run_recipe(
                     plugin.load_state(cache)
                 stages.append(read_stage_record(cache) | {"cached": True})
             else:
+                # its checkpoints stay until the stage is in the cache: a run stopped while it writes the cache
+                # (an 8B model's importance takes a while) resumes from them, not from step 0
+                held = cache is not None and checkpoint_dir is not None and not settings.general.keep_checkpoints
                 cfg = replace(settings.general, seed=settings.seed, precision=settings.precision,
-                              progress=settings.progress)
+                              progress=settings.progress, keep_checkpoints=settings.general.keep_checkpoints or held)
                 result = train_stage(model, data.general_train, cfg, recipe.plugins, stage=GENERAL,
                                      checkpoint_dir=checkpoint_dir / GENERAL if checkpoint_dir else None)
                 stages.append(_stage_summary(result))
                 if cache is not None and PartialState().is_main_process:  # with how it computed: another
                     # machine resolves auto otherwise, and forgetless run warns before reusing it there
                     _save_stage(model, recipe.plugins, stages[-1] | {"computed": computed}, cache, settings.model)
+                    if held:
+                        checkpoint.remove(checkpoint_dir / GENERAL)
         if DOMAIN in recipe.stages:
             # theta_nu, the adapter the domain stage starts from: recorded with the saved adapter, so that
             # forgetless export --wise-ft can refuse another run's general stage (no adapter saved: not needed)

@@ -626,3 +626,25 @@ def test_settings_that_never_reach_a_run_are_not_part_of_its_identity(tmp_path, 
              "tasks": {"gen": {"acc": 0.5}}, "settings": legacy, "settings_digest": settings_digest(legacy)}))
     pending, stale, _ = _sort_finished(exp, plan_runs(exp))
     assert pending == [] and stale == []
+
+
+def test_a_run_stopped_while_it_caches_its_general_stage_resumes_it(tmp_path, tiny_model_dir, monkeypatch):
+    """The general stage removed its checkpoints when it ended, before it was written to the cache: a run stopped in
+    that window (an 8B model's importance takes a while to write) trained the general stage again from step 0."""
+    import forgetless.pipeline as pipeline
+    from forgetless.experiment import Interrupted
+
+    train = {"general": {"max_steps": 4, "batch_size": 2, "save_every": 1},
+             "domain": {"max_steps": 2, "batch_size": 2}}
+    path = write_experiment(tmp_path, tiny_model_dir, seeds=[0], methods=["hlora"], train=train)
+    real = pipeline._save_stage
+    monkeypatch.setattr(pipeline, "_save_stage", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(Interrupted):
+        run_experiment(load_experiment(path), progress=False)
+    monkeypatch.setattr(pipeline, "_save_stage", real)
+    record = run_experiment(load_experiment(path), progress=False)[0]
+    general = record["stages"][0]
+    assert general["stage"] == "general" and general["extras"]["resumed_from_step"] == 3
+    out = tmp_path / "out"
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").rglob("step-*"))
+    assert len([p for p in (out / "stages").iterdir() if p.name.startswith("general-")]) == 1
