@@ -82,7 +82,8 @@ papers use on full weights perturbs them very little. ``{sam: {rho: 0.05}}`` is 
 
 Logged per step (``ctx.log``): ``sam_rho``, ``sam_grad_norm`` (``perturb: step``, the default: ||g|| of the
 step's whole loss, the gradient eps is taken from; ``perturb: micro``: the mean over micro-batches of ||g|| of each
-micro-batch's mean loss), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/``task_loss`` stay the loss at w).
+micro-batch's mean loss; with ``adaptive: true`` (ASAM) the norm is ||T_w g|| = || |w| * g ||, the one eps is
+scaled by), ``sam_perturbed_loss`` (the loss at w + eps; ``loss``/``task_loss`` stay the loss at w).
 """
 
 from __future__ import annotations
