@@ -87,7 +87,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _plan_text(exp: Experiment) -> str:
     """``run --dry-run``: the runs to do and done, the general stages cached or to train, the steps per stage (from
-    the data files' sizes; no model is loaded, so the general text's blocks are not counted)."""
+    the data files' sizes; no model is loaded, so the general text's and text tasks' blocks are not counted; a replay
+    method's line includes its replayed examples)."""
     from forgetless.experiment import (_hours, _sort_finished, check_model, check_output_possible,
                                        general_stage_name, plan_runs, read_data, shared_domain_stage,
                                        shared_domain_stages, stale_checkpoints, time_to_do, where)
@@ -706,10 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "no model is loaded")
     p.add_argument("--output", help="results folder (default: the YAML's 'output')")
     p.add_argument("--rerun-changed", action="store_true",
-                   help="redo the finished runs whose settings changed (their old records are kept beside, "
-                        "as runs/RUN_ID.json.DIGEST); without it such runs are an error")
+                   help="redo the runs whose settings changed, finished or interrupted (the old record, adapter, "
+                        "checkpoints, surfaces and logs are kept beside, named with .DIGEST); without it such runs "
+                        "are an error")
     p.add_argument("--jobs", type=_positive, default=1, metavar="N",
-                   help="train N runs side by side, one worker process each (runs that share a general stage stay "
+                   help="train N runs side by side, one worker process each (runs that share a stage to train stay "
                         "in one worker; torch threads are shared out; with several GPUs, one GPU per worker)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
@@ -890,8 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--dtype", choices=["base", "bf16", "fp32"], default=None,
                    help="dtype of the merged model (default: the dtype the base is stored in; float32 for the "
-                        "embedded GGUF models, which forgetless dequantizes: bf16 halves the files); a --wise-ft "
-                        "adapter is written in float32")
+                        "embedded GGUF models, which forgetless dequantizes: bf16 halves the files); not with "
+                        "--wise-ft (that adapter is always float32)")
     p.add_argument("--wise-ft", type=_finite, metavar="ALPHA",
                    help="write the adapter of W + (1-ALPHA) dW_nu + ALPHA dW_mu (rank r_nu + r_mu) instead")
     p.add_argument("--theta-nu", help="with --wise-ft: wise_ft_theta_nu.safetensors, or a cached general stage's "

@@ -1089,7 +1089,8 @@ def _landscape_estimate(exp: Experiment) -> Callable[[bool, int], float]:
 
 def left_line(exp: Experiment, workers: int = 1) -> str:
     """``"K/N runs recorded; about T left"``: the experiment's progress, the time left estimated as ``forgetless run
-    --dry-run`` does (:func:`time_to_do`), over ``workers``; runs of methods with no finished run yet are counted,
+    --dry-run`` does (:func:`time_to_do`), over ``workers`` (:func:`wall_seconds`: shared out, but no less than the
+    longest chain of runs that share a stage); runs of methods with no finished run yet are counted,
     not timed."""
     jobs = plan_runs(exp)
     todo = jobs_to_do(exp, jobs)
@@ -1244,7 +1245,8 @@ def _run_parallel(exp: Experiment, todo: list[Job], workers: int, progress: bool
     """Train ``todo`` in ``workers`` fresh processes, each taking the next group of runs that share a general stage
     (:func:`job_groups`, largest first) when it is free; each writes its runs' records into ``exp.output`` (this
     process holds the folder's lock). Progress is plain lines led by the run id (bars would garble each other). A
-    run that fails stops its worker's group; the other groups go on, then the first failure is raised."""
+    run that fails stops its worker's group; the other groups go on, then the first failure is raised (the others'
+    are printed)."""
     groups = sorted(job_groups(exp, todo), key=len, reverse=True)
     workers = min(workers, len(groups))
     print(f"    {len(todo)} run(s) in {len(groups)} group(s) sharing a general stage, on {workers} worker processes "
@@ -1309,10 +1311,10 @@ def _in_workers(workers: int, tasks: list[tuple[Callable[..., Any], tuple]],
                 names: Callable[[int], str] | None = None) -> None:
     """Run ``tasks`` (function, arguments) in ``workers`` fresh processes, each taking the next task when free; the
     torch threads are shared out, and with several GPUs each worker gets one. A failed task does not stop the others;
-    the first failure is raised once all are done. Ctrl-C stops every worker at once (they ignore SIGINT themselves,
-    which would otherwise let each finish the tasks already queued to it). A worker that dies (the out-of-memory
-    killer, a signal) takes the pool's other work with it: that is a :class:`RunFailed` naming the tasks
-    (``names``) left unfinished."""
+    the first failure is raised once all are done, the others printed. Ctrl-C stops every worker at once (they
+    ignore SIGINT themselves, which would otherwise let each finish the tasks already queued to it). A worker that
+    dies (the out-of-memory killer, a signal) takes the pool's other work with it: that is a :class:`RunFailed`
+    naming the tasks (``names``) left unfinished."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool

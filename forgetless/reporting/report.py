@@ -324,7 +324,8 @@ def section_welch(res: Results, reference: str | Sequence[str] | None, folder: P
              "in points; negative is forgetting." if SUITE in tested_metrics(res) else "")
     return (title + "Δ: mean of the method minus mean of the reference (PPL in perplexity points, accuracy in "
             "percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
-            f"n/a with fewer than two seeds on a side, or when neither side varies over its seeds; a cell over "
+            f"n/a with fewer than two seeds on a side (a table where no method can be tested gives the differences "
+            f"alone), or when neither side varies over its seeds; a cell over "
             f"other seed counts than the rest says them (n = method/reference).{suite}\n\n"
             + "".join(table or note for table, note in parts)
             + "\n".join(figures) + "\n")

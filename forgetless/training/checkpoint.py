@@ -7,13 +7,16 @@ renamed when complete (a half-written checkpoint is never read), holding:
 * ``state.pt``: optimizer and scheduler state dicts, the RNG states (torch CPU, the current CUDA device's, Python,
   NumPy), the number of optimizer steps taken (the data position: the loader is replayed up to it), the stage's
   history so far, each method's :meth:`~forgetless.training.hooks.Method.stage_state`, and the stage's ``settings``
-  (what changes its numbers: the training settings, the methods, the trainable parameters' shapes). A checkpoint of
+  (what changes its numbers: the training settings, the methods, the digests of the examples and the start weights,
+  the resolved precision, the number of processes, the LoRA scaling and dropout; the trainable parameters' names and
+  shapes are checked against the model). A checkpoint of
   other settings is refused, naming what differs: going on from it would train neither the old stage nor the new one.
 
 Only the newest complete checkpoint is kept. Resuming gives the same weights as an uninterrupted stage, bit for bit
 on a CPU in float32 (tested with a stage killed by SIGKILL).
 
-Only the current CUDA device's RNG state is saved, so a checkpoint resumes on a machine with fewer GPUs (one written
+Only the current CUDA device's RNG state is saved, so a checkpoint resumes on a machine with fewer visible GPUs, under
+the same number of processes (one written
 by an older version, holding every visible GPU's state, restores the current device's entry when it has one). Under
 several processes only process 0 writes the checkpoint, so the RNG states saved are process 0's (its CUDA RNG state
 is its own GPU's) and every process restores those: the other processes' RNG, their CUDA RNG included, is not

@@ -232,7 +232,13 @@ def train_stage(
 
     With ``config.save_every`` and a ``checkpoint_dir`` the stage checkpoints every ``save_every`` optimizer steps
     (:mod:`forgetless.training.checkpoint`) and, called again with the same folder, resumes from the newest
-    checkpoint; the folder is removed when the stage ends unless ``config.keep_checkpoints``.
+    checkpoint written under the same settings, precision, number of processes and LoRA scaling; the folder is removed
+    when the stage ends unless ``config.keep_checkpoints``.
+
+    Refused before any work: trainable weights that are not float32 (or float64), and an ``accelerator`` that
+    accumulates, casts or compiles (:func:`_check_accelerator`). The mixed-precision wrapper a transformers Trainer
+    leaves on the model's ``forward`` is taken off for the stage and put back after it
+    (:func:`take_off_mixed_precision`).
 
     Host syncs: the step's scalars (loss, task loss, gradient norm, and the ``ctx.scalars`` a method leaves as
     tensors, as ``StageContext.log`` keeps them) stay tensors and are read every
