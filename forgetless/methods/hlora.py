@@ -368,6 +368,7 @@ class HLoRA(Method):
         self._state = PendingState(STATE)
         self._model_name = ""
         self._timer = Timer()  # time of recording importance (device time on a GPU; the report's cost table)
+        self._seconds_before = 0.0  # of that time, the sessions' before a resume (from the checkpoint)
         self._phi_unit = 1.0  # 1 / mean(Omega) with phi_scale "mean", set at the domain stage's start
 
     fused = True  # chunks of modules at once; False: the plain path, module by module (the same numbers)
@@ -400,7 +401,7 @@ class HLoRA(Method):
                              f"first)")
         self._model_name = str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or "")
         if ctx.stage == GENERAL:
-            self.steps, self._timer = 0, Timer(self.groups[0].device)
+            self.steps, self._timer, self._seconds_before = 0, Timer(self.groups[0].device), 0.0
             self.importance, self._refs = {}, ReferenceUpdates()
             if self.estimator == "exact":
                 self._install_hooks()
@@ -475,7 +476,7 @@ class HLoRA(Method):
         ctx.extras["hlora_importance_stats"] = {"negative_omega": float(counts[1] / counts[0].clamp(min=1)),
                                                 "delta_sq_above_xi": float(counts[2] / counts[0].clamp(min=1))}
         self._timer.__exit__()
-        seconds = self._timer.seconds + sum(g.hook_seconds for g in self.groups)
+        seconds = self._recording_seconds() + self._seconds_before  # with the sessions before a resume
         size = STORAGE_DTYPES[self.storage_dtype].itemsize
         ctx.extras.setdefault("importance_cost", {})["hlora"] = {
             "what": f"path-integral importance ({self.estimator} estimator) + dW_nu as factors", "seconds": seconds,
@@ -737,13 +738,18 @@ class HLoRA(Method):
             say(f"HLoRA importance: {path} ({path.stat().st_size / 2**20:.2f} MiB, {len(self.importance)} modules, "
                 f"{self.storage_dtype}; dW_nu as factors)")
 
+    def _recording_seconds(self) -> float:
+        return self._timer.seconds + sum(g.hook_seconds for g in self.groups)
+
     def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
         """The running path integral of the general stage (for a mid-stage checkpoint)."""
         if ctx.stage != GENERAL:
             return {}
         if self.groups:
             self._sync_offloaded(self.groups[0].device)
-        state = {"steps": torch.tensor(self.steps)}
+        # the recording time so far, with the sessions before (a resumed stage's cost counts them all)
+        state = {"steps": torch.tensor(self.steps), "seconds": torch.tensor(
+            self._recording_seconds() + self._seconds_before, dtype=torch.float64)}
         for i, g in enumerate(self.groups):
             if g.omega is not None:
                 state[f"{i}.omega"] = g.omega
@@ -757,6 +763,8 @@ class HLoRA(Method):
         if ctx.stage != GENERAL or not state:
             return
         self.steps = int(state["steps"])
+        # the recording time before this session (absent in a checkpoint of an older version: not known, 0)
+        self._seconds_before = float(state.get("seconds", 0.0))
         for i, g in enumerate(self.groups):
             if f"{i}.omega" in state:
                 g.scaling = g.scaling.to(g.device, g.dtype)

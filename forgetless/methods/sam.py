@@ -220,13 +220,18 @@ class SAM(Method):
         loss = fb(batch)  # pass 1: gradient at w
         grads = _first_pass_gradients(params)
         stash_present = [i for i, s in enumerate(stash) if s is not None]
+        share = ctx.loss_scale  # the micro-batch's weight in the step's objective
         if world_size() > 1:
-            # One buffer: ascent gradients, then the (possibly unsynchronized) stash of earlier micro-batches.
+            # One buffer: ascent gradients, then the (possibly unsynchronized) stash of earlier micro-batches, then
+            # this process's loss scale: their mean over processes is the micro-batch's global weight (the averaged
+            # gradient is mean_p(scale_p g_p); divided by one process's own scale, each rank logged another norm)
             stash32 = [stash[i].detach().float() for i in stash_present]
-            all_reduce_(grads + stash32)
+            scale = torch.tensor([ctx.loss_scale], dtype=torch.float32, device=grads[0].device)
+            all_reduce_(grads + stash32 + [scale])
             for i, s32 in zip(stash_present, stash32):
                 stash[i] = s32.to(stash[i].dtype)
-        eps = self._ascent(named, grads, ctx.loss_scale * ctx.grad_scale)
+            share = float(scale[0])  # one read per micro-batch, beside this step's collectives
+        eps = self._ascent(named, grads, share * ctx.grad_scale)
         self._at_perturbed(ctx, params, eps, lambda: fb(batch).detach())  # pass 2: gradient at w + eps
         add_back_(params, stash)
         self._log(ctx)

@@ -197,12 +197,14 @@ def _check_accelerator(accelerator: Accelerator) -> None:
     clipping off by that factor), its mixed precision runs an ``fp32`` stage in bf16 (and records fp32)."""
     from accelerate.utils import DynamoBackend
 
-    found = []
-    if accelerator.gradient_accumulation_steps != 1:
-        found.append(f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps} (use grad_accum)")
-    if accelerator.mixed_precision != "no":
-        found.append(f"mixed_precision={accelerator.mixed_precision!r} (use precision)")
-    backend = getattr(accelerator.state.dynamo_plugin, "backend", DynamoBackend.NO)
+    found = []  # read with defaults: a stand-in for an Accelerator (tests, a subclass) may lack some
+    steps = getattr(accelerator, "gradient_accumulation_steps", 1)
+    if steps != 1:
+        found.append(f"gradient_accumulation_steps={steps} (use grad_accum)")
+    mixed = getattr(accelerator, "mixed_precision", "no")
+    if mixed != "no":
+        found.append(f"mixed_precision={mixed!r} (use precision)")
+    backend = getattr(getattr(getattr(accelerator, "state", None), "dynamo_plugin", None), "backend", DynamoBackend.NO)
     if backend != DynamoBackend.NO:
         found.append(f"a dynamo backend {str(backend)!r} (use compile)")
     if found:

@@ -45,6 +45,19 @@ def main(out: Path) -> None:
     sam.wrap_forward_backward(ctx, fb)(batch)
     torch.save(local, out / f"local_grad_rank{rank}.pt")
     torch.save(sam.last_eps, out / f"eps_rank{rank}.pt")
+
+    # perturb: micro with the loop's weights: rank r's micro-batch loss scaled by n_r * P / N (here 0.5 and 1.5)
+    opt.zero_grad(set_to_none=True)
+    ctx.loss_scale = (0.5, 1.5)[rank]
+
+    def weighted(b):
+        loss = causal_lm_loss(model, b)
+        (loss * ctx.loss_scale).backward()
+        return loss.detach()
+
+    ctx.scalars = {}
+    SAM(rho=0.05, perturb="micro").wrap_forward_backward(ctx, weighted)(batch)
+    torch.save(float(ctx.scalars["sam_grad_norm"]), out / f"micro_norm_rank{rank}.pt")
     accelerator.wait_for_everyone()
 
 

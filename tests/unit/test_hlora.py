@@ -880,3 +880,46 @@ def test_the_exact_estimator_gathers_nothing_from_an_evaluation_pass_with_gradie
     modules = len(lora_modules(model))
     assert sum(gathered) == 2 * modules and len(gathered) > 2 * modules  # EWC's passes met the hooks, which passed
     assert hlora.steps == 2
+
+
+def test_a_resumed_general_stage_counts_the_recording_time_of_every_session(tmp_path, monkeypatch):
+    """importance_cost.seconds of a resumed stage counted only the last session (the checkpoint kept no time), so the
+    report's cost table understated HLoRA against EWC. With a timer that counts one second per timed section, the
+    resumed stage reports what the uninterrupted one does."""
+    import forgetless.methods.hlora as hlora_module
+    from forgetless.methods.common import Timer
+
+    class Counting(Timer):
+        def __exit__(self, *exc):
+            self._seconds += 1.0
+
+        def __enter__(self):
+            return self
+
+        @property
+        def seconds(self) -> float:
+            return self._seconds
+
+    class StopAt(Method):  # in every run (a checkpoint must be resumed with the same methods); stops one of them
+        def __init__(self, step=None):
+            self.step = step
+
+        def before_optimizer_step(self, ctx):
+            if ctx.step == self.step:
+                raise KeyboardInterrupt
+
+    from tests.unit.tiny_model import make_lora_model
+
+    monkeypatch.setattr(hlora_module, "Timer", Counting)
+    cfg = TrainConfig(max_steps=10, batch_size=2, lr=1e-2, precision="fp32", progress=False, save_every=3)
+    examples = random_examples(20, 8)
+
+    def stage(stop, folder):
+        result = train_stage(make_lora_model(0), examples, cfg, [HLoRA(), StopAt(stop)], stage="general",
+                             checkpoint_dir=folder)
+        return result.extras["importance_cost"]["hlora"]["seconds"], result.extras.get("resumed_from_step")
+
+    whole = stage(None, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        stage(7, tmp_path / "parts")
+    assert stage(None, tmp_path / "parts") == (whole[0], 6) and whole[0] >= 10

@@ -270,6 +270,11 @@ def test_two_processes_use_the_same_eps(tmp_path):
     eps_mean, _ = sam_perturbation(list(mean.values()), list(mean.values()), 0.05)
     for k, e in zip(mean, eps_mean):
         assert torch.allclose(eps[0][k], e, atol=1e-6), k
+    # perturb: micro, the loop's loss scales 0.5 and 1.5: the logged norm is that of the micro-batch's global mean-loss
+    # gradient, mean_r(scale_r g_r) / mean_r(scale_r), on both ranks (each divided by its own scale: 2 other values)
+    norms = [float(torch.load(tmp_path / f"micro_norm_rank{r}.pt")) for r in range(2)]
+    want = torch.cat([((0.5 * local[0][k] + 1.5 * local[1][k]) / 2).flatten() for k in local[0]]).norm() / 1.0
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6) and norms[0] == pytest.approx(float(want), rel=1e-5), norms
 
 
 def test_composition_with_ewc_through_registry(lora_model, accelerator):
