@@ -454,10 +454,14 @@ def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if _canonical(a.get(k)) != _canonical(b.get(k)))
+
+
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two runs' settings, for a message: ``train.domain.max_steps: 2 -> 50``."""
-    a, b = _flat(old), _flat(new)
-    keys = sorted(k for k in a.keys() | b.keys() if _canonical(a.get(k)) != _canonical(b.get(k)))
+    a, b, keys = _flat(old), _flat(new), _changed_keys(old, new)
     shown = [f"{k}: {a.get(k, 'default')} -> {b.get(k, 'default')}" for k in keys[:3]]
     return ", ".join(shown) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "") or "other settings"
 
@@ -484,7 +488,7 @@ class Job:
         the one of a record written before the suite was part of a run's identity (session 33); and those of a
         record written before session 35 with settings that never reach the run (:func:`run_settings`)."""
         found = set()
-        for settings in (self.settings, self.legacy or self.settings):
+        for settings in (self.settings, self.legacy) if self.legacy is not None else (self.settings,):
             found |= {settings_digest(settings), settings_digest({k: v for k, v in settings.items() if k != SUITE_KEY})}
         return found
 
@@ -803,11 +807,8 @@ def _stale_reason(job: Job, record: dict[str, Any]) -> str:
 def _changes(old: dict[str, Any], job: Job) -> str:
     """:func:`settings_changes` from a record's settings to the job's, as this version writes them or, for a record
     written before session 35, as that version did (whichever differs less: the record does not say which)."""
-    def count(new: dict[str, Any]) -> int:
-        a, b = _flat(old), _flat(new)
-        return sum(_canonical(a.get(k)) != _canonical(b.get(k)) for k in a.keys() | b.keys())
-
-    return settings_changes(old, min((n for n in (job.settings, job.legacy) if n is not None), key=count))
+    forms = [n for n in (job.settings, job.legacy) if n is not None]
+    return settings_changes(old, min(forms, key=lambda new: len(_changed_keys(old, new))))
 
 
 def set_aside(path: Path, suffix: str) -> Path:
@@ -1063,10 +1064,11 @@ def _job_seconds(exp: Experiment, todo: list[Job]) -> list[float | None]:
     return out
 
 
-def wall_seconds(exp: Experiment, todo: list[Job], workers: int) -> float:
+def wall_seconds(exp: Experiment, todo: list[Job], workers: int, seconds: list[float | None] | None = None) -> float:
     """The wall time of the timed runs of ``todo`` on ``workers`` workers: their sum shared out, but no less than the
-    largest group's (:func:`job_groups`: runs sharing a stage to train run one after another in one worker)."""
-    times = dict(zip(map(id, todo), _job_seconds(exp, todo)))
+    largest group's (:func:`job_groups`: runs sharing a stage to train run one after another in one worker).
+    ``seconds``: each run's estimate (:func:`_job_seconds`) where the caller has it already."""
+    times = dict(zip(map(id, todo), _job_seconds(exp, todo) if seconds is None else seconds))
     total = sum(t for t in times.values() if t is not None)
     workers = max(1, min(workers, len(todo)))
     if workers == 1:
@@ -1095,9 +1097,10 @@ def left_line(exp: Experiment, workers: int = 1) -> str:
     jobs = plan_runs(exp)
     todo = jobs_to_do(exp, jobs)
     line = f"{len(jobs) - len(todo)}/{len(jobs)} runs recorded"
-    _, unknown = time_to_do(exp, todo)
+    seconds = _job_seconds(exp, todo)  # the finished runs' records, read once
+    unknown = seconds.count(None)
     if unknown < len(todo):
-        line += f"; about {_hours(wall_seconds(exp, todo, workers))} left"
+        line += f"; about {_hours(wall_seconds(exp, todo, workers, seconds))} left"
         if unknown:
             line += f" besides {unknown} run(s) of methods not timed yet"
     elif todo:

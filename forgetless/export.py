@@ -125,7 +125,8 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
         _check_same_lora(Path(theta_nu), config)
         method.theta_nu = _adapter_theta(model, Path(theta_nu), Path(adapter_dir))
     _check_theta_nu(Path(adapter_dir), Path(theta_nu), method.theta_nu)
-    _check_nu_layout(nu_file or Path(theta_nu), method.theta_nu, model)
+    if nu_file is not None:  # a folder's adapter was loaded strictly into the model (load_adapter_weights)
+        _check_nu_layout(nu_file, method.theta_nu, model)
     with method.interpolated(model, alpha):  # every LoRA layer holds the stacked rank r_nu + r_mu factors
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
         ranks = {name: int(module.lora_A[DEFAULT_ADAPTER].weight.shape[0]) for name, module in modules}
@@ -166,14 +167,14 @@ def _check_same_lora(source: Path, config: Any) -> None:
     except (OSError, ValueError) as err:
         raise AdapterError(f"{source / ADAPTER_CONFIG}: unreadable ({err})") from None
 
-    def value(get, key):  # as PEFT takes an absent or null field; targets in any order
-        found = get(key)
+    def value(found, key):  # as PEFT takes an absent or null field; targets in any order
         found = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}.get(key) if found is None else found
         return sorted(found) if key == "target_modules" and not isinstance(found, str) else found
 
-    changed = [f"{key}: {value(theirs.get, key)!r} there, {value(lambda k: getattr(config, k, None), key)!r} in the "
-               f"adapter" for key in (*_SCALING_FIELDS, "target_modules")
-               if value(theirs.get, key) != value(lambda k: getattr(config, k, None), key)]
+    keys = (*_SCALING_FIELDS, "target_modules")
+    pairs = {key: (value(theirs.get(key), key), value(getattr(config, key, None), key)) for key in keys}
+    changed = [f"{key}: {there!r} there, {here!r} in the adapter" for key, (there, here) in pairs.items()
+               if there != here]
     if changed:
         raise AdapterError(f"{source}: theta_nu's LoRA settings differ from the adapter's ({'; '.join(changed[:3])}): "
                            f"WiSE-FT blends two stages of one run, with one LoRA configuration")

@@ -27,17 +27,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def train_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module's own train/eval flag, for :func:`restore_train_flags` (``model.train(mode)`` would set them all
+    alike: e.g. the Fisher keeps its checkpointed layers in training mode inside eval)."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_train_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in flags:
+        module.training = training
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """``model.eval()`` inside; afterwards every module's own train/eval flag as it was (not ``model.train(mode)``,
-    which would set them all alike: e.g. the Fisher keeps its checkpointed layers in training mode inside eval)."""
-    modes = [(module, module.training) for module in model.modules()]
+    """``model.eval()`` inside; afterwards every module's own train/eval flag as it was (:func:`train_flags`)."""
+    flags = train_flags(model)
     model.eval()
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_train_flags(flags)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import get_scheduler
 
 from forgetless.fused_lora import fuse_lora, unfuse_lora
-from forgetless.lm import IGNORE_INDEX
+from forgetless.lm import IGNORE_INDEX, restore_train_flags, train_flags
 from forgetless.models import (LeverUnavailable, apply_liger, attn_implementation_of, base_model,
                                check_attn_implementation, compile_model, is_quantized, liger_available,
                                set_attn_implementation, uncompile)
@@ -273,7 +273,7 @@ def train_stage(
                          f"`for p in model.parameters(): p.data = p.data.float() if p.requires_grad else p.data`")
     for p in params:  # gradients a caller's earlier (failed) call left would be added to the first step
         p.grad = None
-    modes = [(module, module.training) for module in model.modules()]  # given back as they came on a failure
+    modes = train_flags(model)  # given back as they came on a failure
     # The model moves to the run's device before any method looks at it: state a method builds at stage start
     # (a loaded importance, a Fisher, a weight snapshot) is then created where the weights are.
     if not is_quantized(model):  # bitsandbytes places a quantized base itself (and refuses .to)
@@ -296,8 +296,7 @@ def train_stage(
             disable_gradient_checkpointing(model, use_cache)
         for p in params:  # the failed step's partial gradients
             p.grad = None
-        for module, training in modes:  # each module's train/eval flag (dropout) as it came
-            module.training = training
+        restore_train_flags(modes)  # each module's train/eval flag (dropout) as it came
         put_back_mixed_precision(wrapped)
 
     wrapped: list = []
