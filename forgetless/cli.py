@@ -93,7 +93,6 @@ def _plan_text(exp: Experiment) -> str:
                                        general_stage_name, plan_runs, read_data, shared_domain_stage,
                                        shared_domain_stages, stale_checkpoints, time_to_do, where)
     from forgetless.methods import DOMAIN, GENERAL
-    from forgetless.methods.replay import replay_count
     from forgetless.pipeline import is_cached_stage
 
     jobs = plan_runs(exp)
@@ -138,20 +137,18 @@ def _plan_text(exp: Experiment) -> str:
     raw = read_data(exp)
     blocks = exp.general.train.max_blocks if exp.general.train is not None else None
     lines.append(f"steps per stage (estimated): {GENERAL}: {_steps(exp.train.general, blocks, 'blocks', bound=True)}")
-    replays = {job.recipe.label: p for job in jobs for p in job.recipe.plugins
-               if getattr(p, "name", "") == "replay" and p.fraction > 0}
+    recipes = {job.recipe.label: job.recipe for job in jobs}
     for task in exp.tasks:
         rows = len(raw.tasks[task.name][0])
         if raw.kinds.get(task.name) == "text":  # documents packed into max_length blocks: counted once tokenized
             lines.append(f"  {DOMAIN} {task.name}: {_steps(exp.train.domain, None, 'blocks')}")
             continue
         lines.append(f"  {DOMAIN} {task.name}: {_steps(exp.train.domain, rows, 'examples')}")
-        for label, replay in replays.items():  # the general examples it mixes in lengthen an epoch
-            lines.append(f"    {label}: " + (
-                _steps(exp.train.domain, rows + replay_count(rows, replay.fraction), "examples with the replayed")
-                if replay.by == "examples" else
-                f"more steps: replayed general text makes {replay.fraction:g} of the labelled tokens (counted once "
-                f"tokenized)"))
+        for label, recipe in recipes.items():  # a method that adds examples (replay's general ones) lengthens an epoch
+            for plan in filter(None, (p.planned_examples(DOMAIN, rows) for p in recipe.plugins)):
+                count, what = plan
+                lines.append(f"    {label}: " + (_steps(exp.train.domain, count, what) if count is not None else
+                                                  f"more steps: {what} (counted once tokenized)"))
     return "\n".join(lines)
 
 

@@ -131,6 +131,13 @@ class Replay(Method):
     def shapes_general_stage(self) -> bool:
         return False  # general text is mixed into the domain stage only
 
+    def planned_examples(self, stage: str, examples: int) -> tuple[int | None, str] | None:
+        if stage != DOMAIN or self.fraction == 0.0:
+            return None
+        if self.by == "examples":
+            return examples + replay_count(examples, self.fraction), "examples with the replayed"
+        return None, f"replayed general text makes {self.fraction:g} of the labelled tokens"
+
     def prepare_examples(self, ctx: StageContext, examples: Sequence[dict]) -> Sequence[dict]:
         if ctx.stage != DOMAIN or self.fraction == 0.0:
             return examples

@@ -164,6 +164,12 @@ class Method:
         """May return a different list of training examples (``{input_ids, labels}`` dicts)."""
         return examples
 
+    def planned_examples(self, stage: str, examples: int) -> tuple[int | None, str] | None:
+        """What :meth:`prepare_examples` will make of ``examples`` rows in ``stage``, for ``run --dry-run``'s step
+        count before any tokenizer: None when it leaves them as they are, else (how many, what they are) or (None,
+        why the count is known only once tokenized)."""
+        return None
+
     def extra_loss(self, ctx: StageContext, batch: Batch) -> torch.Tensor | None:
         """A term added to the task loss of every micro-batch (before dividing by accumulation)."""
         return None
