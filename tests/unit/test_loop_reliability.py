@@ -414,7 +414,7 @@ def test_an_examples_padding_is_not_counted_as_its_length():
     assert _null_examples([long, short, long], batch_size=2, processes=2)[0]["input_ids"] == short["input_ids"]
 
 
-def test_a_trainers_mixed_precision_wrapper_is_taken_off_for_the_stage(lora_model):
+def test_a_trainers_mixed_precision_wrapper_is_taken_off_for_the_stage(lora_model, device):
     """A transformers Trainer run with bf16 leaves accelerate's autocast wrapper on the model's forward: a later
     precision: fp32 stage on that model ran in bf16 (and the loss lost its labelled-rows path). The stage takes it
     off, trains as on a model that never had it, and puts it back."""
@@ -426,7 +426,7 @@ def test_a_trainers_mixed_precision_wrapper_is_taken_off_for_the_stage(lora_mode
     train_stage(clean, examples, _cfg(max_steps=2))
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(lora_model())
+        model = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16").prepare_model(lora_model())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     wrapped = model.__dict__["forward"]
