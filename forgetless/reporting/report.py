@@ -6,8 +6,8 @@ one per method x task x seed, with ``general_ppl``, ``tasks[task][acc|acc_norm]`
 
 1. the Table 1 analogue: general perplexity (lower is better) and domain accuracy (higher is better) per method and
    task, mean ± std over seeds, best in bold and second underlined;
-2. Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) of every method against a reference method, per
-   metric and task, with box plots of the seeds;
+2. a t-test of every method against a reference method, per metric and task, paired by seed where both ran the
+   same seeds (``scipy.stats.ttest_rel``), else Welch's (``ttest_ind(equal_var=False)``), with box plots of the seeds;
 3. the cost table: wall time and storage of recording importance (HLoRA's path integral, EWC's Fisher) as the runs
    recorded them in ``extras["importance_cost"]``, and the training time of each method;
 4. the sweep of the regularization weight (``phi`` for HLoRA, ``lambda`` for EWC: runs of one method differing only
@@ -172,19 +172,24 @@ class Results:
         return [r for r in self.runs if r["method"] == method and (task is None or r["task"] == task)]
 
     def values(self, method: str, task: str, metric: str) -> list[float]:
+        return [value for _, value in self.seeded(method, task, metric)]
+
+    def seeded(self, method: str, task: str, metric: str) -> list[tuple[int, float]]:
+        """``(seed, value)`` of each run of ``method`` on ``task`` that has ``metric``, by seed."""
         out = []
         for r in sorted(self.runs_of(method, task), key=lambda r: r.get("seed", 0)):
+            seed = r.get("seed", 0)
             if metric == PPL:
                 if r.get("general_ppl") is not None:  # a run without held-out text (forgetless train) has none
-                    out.append(float(r["general_ppl"]))
+                    out.append((seed, float(r["general_ppl"])))
             elif metric == SUITE:
-                key = (r["method"], r["task"], r.get("seed", 0))
+                key = (r["method"], r["task"], seed)
                 if key in self.suite:
-                    out.append(self.suite[key])
+                    out.append((seed, self.suite[key]))
             else:
                 scores = r["tasks"].get(task, {})
                 if self.metric in scores:
-                    out.append(100.0 * float(scores[self.metric]))
+                    out.append((seed, 100.0 * float(scores[self.metric])))
         return out
 
     def cell(self, method: str, task: str, metric: str) -> Cell:
@@ -261,13 +266,19 @@ def tested_metrics(res: Results) -> tuple[str, ...]:
     return (PPL, ACC, SUITE) if res.suite else (PPL, ACC)
 
 
-def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
-    """Welch's t-test of every method against ``reference``, per task and metric (:func:`tested_metrics`).
+def significance_tests(res: Results, reference: str) -> list[dict[str, Any]]:
+    """A two-sided t-test of every method against ``reference``, per task and metric (:func:`tested_metrics`).
 
-    Rows: ``{method, task, metric, diff, t, p, n, n_ref}`` with ``diff = mean(method) - mean(reference)``; ``t`` and
-    ``p`` are NaN when either side has fewer than two seeds or both have zero variance.
+    Paired by seed (``scipy.stats.ttest_rel``) where both sides ran the same seeds, two or more, each once: runs of
+    one seed share the data order, the LoRA initialization and the cached general stage, so the seed-to-seed spread
+    they share is not evidence against a difference (Welch's test counted it, and a gain of one point on every one
+    of five seeds got p = 0.85). Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) otherwise.
+
+    Rows: ``{method, task, metric, diff, t, p, n, n_ref, test}`` with ``diff = mean(method) - mean(reference)`` and
+    ``test`` "paired" or "welch"; ``t`` and ``p`` are NaN when either side has fewer than two seeds, or when nothing
+    varies (paired: the differences are equal on every seed; Welch: both sides are constant).
     """
-    from scipy.stats import ttest_ind
+    from scipy.stats import ttest_ind, ttest_rel
 
     rows = []
     for method in res.methods:
@@ -275,20 +286,27 @@ def welch_tests(res: Results, reference: str) -> list[dict[str, Any]]:
             continue
         for task in res.tasks:
             for metric in tested_metrics(res):
-                a, b = res.values(method, task, metric), res.values(reference, task, metric)
-                if not a or not b:
+                ours, theirs = res.seeded(method, task, metric), res.seeded(reference, task, metric)
+                if not ours or not theirs:
                     continue
+                a, b = [v for _, v in ours], [v for _, v in theirs]
+                seeds = [s for s, _ in ours]
+                paired = seeds == [s for s, _ in theirs] and len(set(seeds)) == len(seeds)
+                diffs = [x - y for x, y in zip(a, b)]
                 t = p = math.nan
-                # both without variance (seeds that tie on a small test set): scipy says t = +-inf, p = 0, which no
-                # test of two such samples supports; NaN as documented
-                if len(a) >= 2 and len(b) >= 2 and (statistics.variance(a) > 0 or statistics.variance(b) > 0):
-                    with warnings.catch_warnings():  # equal samples (WiSE-FT's alpha 1 is lora-nu-mu): t 0, p 1,
-                        warnings.simplefilter("ignore", RuntimeWarning)  # with scipy's "precision loss" warning
-                        test = ttest_ind(a, b, equal_var=False)
-                    t, p = float(test.statistic), float(test.pvalue)
+                # without variance (seeds that tie on a small test set): scipy says t = +-inf, p = 0, which no test
+                # of such samples supports; NaN as documented
+                if len(a) >= 2 and len(b) >= 2:
+                    varies = (statistics.variance(diffs) > 0 if paired
+                              else statistics.variance(a) > 0 or statistics.variance(b) > 0)
+                    if varies:
+                        with warnings.catch_warnings():  # equal samples (WiSE-FT's alpha 1 is lora-nu-mu): t 0,
+                            warnings.simplefilter("ignore", RuntimeWarning)  # p 1, with scipy's "precision loss"
+                            test = ttest_rel(a, b) if paired else ttest_ind(a, b, equal_var=False)
+                        t, p = float(test.statistic), float(test.pvalue)
                 rows.append({"method": method, "task": task, "metric": metric,
                              "diff": statistics.fmean(a) - statistics.fmean(b), "t": t, "p": p,
-                             "n": len(a), "n_ref": len(b)})
+                             "n": len(a), "n_ref": len(b), "test": "paired" if paired else "welch"})
     return rows
 
 
@@ -307,12 +325,12 @@ def section_main_table(res: Results, rank_base: bool) -> str:
             + results_table(res, res.methods, rank_base))
 
 
-def section_welch(res: Results, reference: str | Sequence[str] | None, folder: Path) -> str:
+def section_significance(res: Results, reference: str | Sequence[str] | None, folder: Path) -> str:
     references = [reference] if isinstance(reference, str) else list(reference or [])
-    title = f"## Significance: Welch's t-test against {'a reference' if len(references) < 2 else 'references'}\n\n"
+    title = f"## Significance: t-tests against {'a reference' if len(references) < 2 else 'references'}\n\n"
     if not references:
         return title + "Skipped: no reference method (give `--reference`; the defaults are absent).\n"
-    parts = [_welch_table(res, ref) for ref in references]
+    parts = [_significance_table(res, ref) for ref in references]
     if not any(table for table, _ in parts):
         return title + "".join(note for _, note in parts)
     figures = []
@@ -323,19 +341,21 @@ def section_welch(res: Results, reference: str | Sequence[str] | None, folder: P
     suite = (" General-suite change: the mean over the suite tasks of the run's score minus `base`'s (same items), "
              "in points; negative is forgetting." if SUITE in tested_metrics(res) else "")
     return (title + "Δ: mean of the method minus mean of the reference (PPL in perplexity points, accuracy in "
-            "percentage points); p: two-sided Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`); "
+            "percentage points); p: two-sided t-test over seeds, paired by seed where both sides ran the same seeds "
+            "(`scipy.stats.ttest_rel`: runs of one seed share data order, LoRA initialization and general stage), "
+            "else Welch's (`scipy.stats.ttest_ind(equal_var=False)`, the cell says Welch); "
             f"n/a with fewer than two seeds on a side (a table where no method can be tested gives the differences "
-            f"alone), or when neither side varies over its seeds; a cell over "
-            f"other seed counts than the rest says them (n = method/reference).{suite}\n\n"
+            f"alone), or when nothing varies over the seeds (paired: the difference is the same on every seed); a "
+            f"cell over other seed counts than the rest says them (n = method/reference).{suite}\n\n"
             + "".join(table or note for table, note in parts)
             + "\n".join(figures) + "\n")
 
 
-def _welch_table(res: Results, reference: str) -> tuple[str, str]:
+def _significance_table(res: Results, reference: str) -> tuple[str, str]:
     """(Markdown table of the tests against ``reference``, or "" and a one-line note saying why there is none)."""
     if reference not in res.methods:
         return "", f"Skipped: the reference method `{reference}` has no runs here.\n\n"
-    rows = welch_tests(res, reference)
+    rows = significance_tests(res, reference)
     if not rows:
         return "", f"Skipped: no method shares a task with `{reference}`.\n\n"
     metrics = tested_metrics(res)
@@ -361,7 +381,8 @@ def _welch_table(res: Results, reference: str) -> tuple[str, str]:
                     if untestable:
                         row.append(f"{diff} ({counts[2:]})" if counts else diff)
                     else:
-                        row.append(f"{diff} (p={_p_text(hit[0]['p'])}{counts})")
+                        welch = ", Welch" if hit[0]["test"] == "welch" and not math.isnan(hit[0]["p"]) else ""
+                        row.append(f"{diff} (p={_p_text(hit[0]['p'])}{counts}{welch})")
                 else:
                     row.append("-")
         if found:
@@ -690,7 +711,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     if scoring:
         print("report: the runs were not scored alike (held-out text, test items, suite, model or precision differ); "
               "report.md says how", file=sys.stderr)
-    sections = [section_main_table(res, rank_base), section_welch(res, reference, folder), section_cost(res),
+    sections = [section_main_table(res, rank_base), section_significance(res, reference, folder), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),
                 flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir), metric=metric)]
@@ -699,5 +720,5 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     return path
 
 
-__all__ = ["build_report", "load_runs", "with_variants", "parse_label", "welch_tests", "rank_marks", "pareto_front", "sweep_families",
+__all__ = ["build_report", "load_runs", "with_variants", "parse_label", "significance_tests", "rank_marks", "pareto_front", "sweep_families",
            "results_table", "Results"]

@@ -1,4 +1,4 @@
-"""The report from hand-written run records: ranks, Welch's t-tests (against scipy), cost, sweep, Pareto, ablation,
+"""The report from hand-written run records: ranks, t-tests (against scipy), cost, sweep, Pareto, ablation,
 notes for absent data; and from a real tiny experiment with EWC and HLoRA sweeps."""
 
 import json
@@ -6,12 +6,12 @@ import math
 import re
 
 import pytest
-from scipy.stats import ttest_ind
+from scipy.stats import ttest_ind, ttest_rel
 
 from forgetless.cli import main
 from forgetless.methods import method_label
-from forgetless.reporting.report import (Results, build_report, pareto_front, parse_label, rank_marks, sweep_families,
-                                         welch_tests, with_variants)
+from forgetless.reporting.report import (Results, build_report, pareto_front, parse_label, rank_marks,
+                                         significance_tests, sweep_families, with_variants)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -95,9 +95,9 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     assert rows["lora-nu-mu"][1] == "51.0 ± 1.0" and rows["base"][4] == "3"
     assert sum(line.count("**") // 2 for line in md.split("## Significance")[0].splitlines() if line.startswith("| ")) == 4
 
-    # Welch's t-test against lora-nu-mu, checked against scipy
+    # t-tests against lora-nu-mu, paired by seed (every method ran seeds 0-2), checked against scipy
     res = Results([json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")])
-    tests = welch_tests(res, "lora-nu-mu")
+    tests = significance_tests(res, "lora-nu-mu")
     assert {t["method"] for t in tests} == set(DATA) - {"lora-nu-mu"}
     welch = table_rows(md, "## Significance")
 
@@ -109,7 +109,8 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     assert not [t for t in tests if t["method"] == "base" and t["metric"] == "suite_change"]  # base: no change
     for t in tests:
         a, b = values(t["method"], t["task"], t["metric"]), values("lora-nu-mu", t["task"], t["metric"])
-        expected = ttest_ind(a, b, equal_var=False)
+        expected = ttest_rel(a, b)
+        assert t["test"] == "paired"
         if t["method"] == "base" and t["metric"] == "general_ppl":
             assert math.isfinite(t["p"])  # zero variance on one side only: still defined
         assert t["p"] == pytest.approx(expected.pvalue, rel=1e-12)
@@ -120,8 +121,8 @@ def test_report_sections_ranks_and_ttests(tmp_path):
     assert "lora-nu-mu" not in welch
     tied = Results([{"method": m, "task": "t1", "seed": k, "general_ppl": 10.0, "tasks": {"t1": {"acc": acc}}}
                     for m, acc in (("a", 0.5), ("b", 0.6)) for k in range(2)])
-    (row,) = [t for t in welch_tests(tied, "b") if t["metric"] == "domain_acc"]
-    assert math.isnan(row["p"]) and math.isnan(row["t"])  # no variance on either side: scipy's p = 0 is not a test
+    (row,) = [t for t in significance_tests(tied, "b") if t["metric"] == "domain_acc"]
+    assert math.isnan(row["p"]) and math.isnan(row["t"])  # the same difference on each seed: scipy's p = 0 is no test
     hl = next(t for t in tests if (t["method"], t["task"], t["metric"]) == ("hlora", "t1", "domain_acc"))
     assert welch["hlora"][1] == f"+5.0 (p={hl['p']:.3g})"
     assert "Skipped: the reference method `lora-mu` has no runs here." in md  # the other default reference
@@ -221,8 +222,9 @@ def test_two_seeds_against_one_gives_differences_alone(tmp_path):
     rows = table_rows(md, "## Significance")
     assert rows["hlora"] == ["-1.00", "+5.0"] and rows["ewc"] == ["+1.00", "+1.0"]
     assert "(p)" not in md.split("## Significance")[1].split("\n## ")[0]
-    # one method tested over two seeds on each side: p-values, and the single-seed one says n/a
-    data = {"lora-nu-mu": {"t1": [(12.0, 40.0), (12.5, 42.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.5, 47.0)]},
+    # one method tested over two seeds on each side: p-values, and the single-seed one says n/a (hlora's differences
+    # vary over the two seeds: a paired test of equal differences has no p)
+    data = {"lora-nu-mu": {"t1": [(12.0, 40.0), (12.5, 42.0)]}, "hlora": {"t1": [(11.0, 45.0), (11.4, 47.5)]},
             "ewc": {"t1": [(13.0, 41.0)]}}
     rows = table_rows(build_report(write_runs(tmp_path / "z", data)).read_text(), "## Significance")
     assert rows["ewc"] == ["+0.75 (p=n/a, n=1/2)", "+0.0 (p=n/a, n=1/2)"] and "p=0." in rows["hlora"][0]
@@ -499,6 +501,30 @@ def test_gathered_records_that_repeat_a_seed_or_mix_settings_are_named(tmp_path,
     # one folder's records, one setting per method: neither note
     clean = build_report(write_runs(tmp_path / "clean")).read_text()
     assert "Duplicate runs" not in clean and "Mixed settings" not in clean
+
+
+def test_runs_of_the_same_seeds_are_compared_pair_by_pair(tmp_path):
+    """Welch's test treated the seeds of two methods as independent samples: a gain of one point on each of five
+    seeds, which share data order and initialization, got p = 0.85 from the seed-to-seed spread. The test is now
+    paired by seed (scipy's ttest_rel) where both sides ran the same seeds, and Welch's (said in the cell) where not."""
+    spread = [40.0, 50.0, 60.0, 45.0, 55.0]
+    data = {"lora-mu": {"t1": [(12.0, acc) for acc in spread]},
+            "hlora": {"t1": [(12.0 - 0.1 * k, acc + 1.0 + 0.1 * k) for k, acc in enumerate(spread)]},
+            "ewc": {"t1": [(12.0, acc + 1.0) for acc in spread[:4]]}}  # seeds 0-3 only: no pairs for seed 4
+    folder = write_runs(tmp_path / "r", data=data, suite=False)
+    res = Results([json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")])
+    rows = {(t["method"], t["metric"]): t for t in significance_tests(res, "lora-mu")}
+    hl = rows[("hlora", "domain_acc")]
+    a, b = [acc + 1.0 + 0.1 * k for k, acc in enumerate(spread)], spread
+    assert hl["test"] == "paired" and hl["p"] == pytest.approx(ttest_rel(a, b).pvalue, rel=1e-12)
+    assert hl["p"] < 1e-3 < 0.8 < ttest_ind(a, b, equal_var=False).pvalue
+    ewc = rows[("ewc", "domain_acc")]
+    ewc_acc = [acc + 1.0 for acc in spread[:4]]
+    assert ewc["test"] == "welch" and ewc["p"] == pytest.approx(ttest_ind(ewc_acc, spread, equal_var=False).pvalue, rel=1e-12)
+    md = build_report(folder, reference="lora-mu").read_text()
+    cells = table_rows(md, "## Significance")
+    assert cells["hlora"][1] == f"+1.2 (p={hl['p']:.3g})"
+    assert cells["ewc"][1] == f"-0.2 (p={ewc['p']:.3g}, n=4/5, Welch)"  # 49.75 - 50
 
 
 def test_cells_that_print_alike_share_their_mark_and_odd_seed_counts_are_said(tmp_path):
