@@ -209,14 +209,16 @@ def order_methods(methods: Sequence[str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- tables
 def rank_marks(means: dict[str, float], lower_is_better: bool) -> dict[str, str]:
-    """``"best"`` / ``"second"`` per method by mean (ties share a rank); NaN means are not ranked."""
-    finite = sorted({m for m in means.values() if not math.isnan(m)}, reverse=not lower_is_better)
+    """``"best"`` / ``"second"`` per method by mean, in competition ranking (1 + the methods strictly better: ties
+    share a rank, and two tied for best leave no second); NaN means are not ranked."""
+    finite = [m for m in means.values() if not math.isnan(m)]
     marks = {}
     for method, mean in means.items():
-        if finite and mean == finite[0]:
-            marks[method] = "best"
-        elif len(finite) > 1 and mean == finite[1]:
-            marks[method] = "second"
+        if math.isnan(mean):
+            continue
+        better = sum(other < mean if lower_is_better else other > mean for other in finite)
+        if better < 2:
+            marks[method] = ("best", "second")[better]
     return marks
 
 
