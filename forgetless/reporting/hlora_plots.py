@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
+# a numbered block (Llama's layers.N, GPT-2's h.N, blocks.N, ...) and the module path inside it
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+OUTSIDE = -1  # the "layer" of a module outside the numbered blocks (a LoRA on lm_head)
 
 
 def _pyplot():
@@ -22,13 +24,16 @@ def _pyplot():
 
 
 def importance_norms(importance: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
-    """(module type, layer index) -> ||Omega_l||_2. Module type is the last name part (q_proj, v_proj, ...)."""
-    out = {}
-    for i, (name, omega) in enumerate(importance.items()):
+    """(module kind, layer index) -> ||Omega||_2. The kind is the module's path inside its numbered block
+    (``self_attn.q_proj``, ``mlp.experts.0.down_proj``, GPT-2's ``attn.c_attn``); a module outside the blocks is its
+    own kind at layer :data:`OUTSIDE`. Modules that meet in one cell (the language and vision towers' layers of one
+    index) give the norm of their importance together (root of the summed squares), not the last one's."""
+    squares: dict[tuple[str, int], float] = {}
+    for name, omega in importance.items():
         match = _LAYER.search(name)
-        layer = int(match.group(1)) if match else i
-        out[(name.rsplit(".", 1)[-1], layer)] = float(torch.linalg.vector_norm(omega.detach().float()))
-    return out
+        key = (match.group(2), int(match.group(1))) if match else (name, OUTSIDE)
+        squares[key] = squares.get(key, 0.0) + float(torch.linalg.vector_norm(omega.detach().float())) ** 2
+    return {key: math.sqrt(value) for key, value in squares.items()}
 
 
 def plot_importance_heatmap(importance: Mapping[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
@@ -42,7 +47,7 @@ def plot_importance_heatmap(importance: Mapping[str, torch.Tensor], path: str | 
         grid[kinds.index(kind), layers.index(layer)] = math.log10(value) if value > 0 else float("nan")
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 0.6 * len(kinds) + 1.8))
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_xticks(range(len(layers)), ["-" if x == OUTSIDE else str(x) for x in layers], fontsize=7)
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("layer")
     ax.set_title(title or "HLoRA importance: log10 ||Omega_l||_2")

@@ -421,6 +421,25 @@ def test_plots_write_png_files(tmp_path, lora_model, accelerator, examples):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_heatmap_cells_are_the_modules_of_each_numbered_block():
+    """Cells were keyed by (last name part, position in the dict when no ``layers.N``): GPT-2's ``h.N`` modules got
+    layers 2 and 3 that do not exist, and two experts of one layer overwrote each other."""
+    from forgetless.reporting.hlora_plots import OUTSIDE, importance_norms
+
+    def omega(norm):
+        return torch.tensor([norm, 0.0])
+
+    gpt2 = {"transformer.h.0.attn.c_attn": omega(1.0), "transformer.h.1.attn.c_attn": omega(2.0),
+            "transformer.h.0.mlp.c_proj": omega(3.0), "transformer.h.1.mlp.c_proj": omega(4.0)}
+    assert importance_norms(gpt2) == {("attn.c_attn", 0): 1.0, ("attn.c_attn", 1): 2.0, ("mlp.c_proj", 0): 3.0,
+                                      ("mlp.c_proj", 1): 4.0}
+    moe = {"model.layers.0.mlp.experts.0.down_proj": omega(3.0), "model.layers.0.mlp.experts.1.down_proj": omega(4.0),
+           "model.layers.0.mlp.shared_expert.down_proj": omega(5.0), "lm_head": omega(6.0),
+           "vision.layers.0.mlp.shared_expert.down_proj": omega(12.0)}  # meets the language model's layer 0
+    assert importance_norms(moe) == {("mlp.experts.0.down_proj", 0): 3.0, ("mlp.experts.1.down_proj", 0): 4.0,
+                                     ("mlp.shared_expert.down_proj", 0): pytest.approx(13.0), ("lm_head", OUTSIDE): 6.0}
+
+
 def test_importance_cost_is_recorded(lora_model, accelerator, examples):
     model = lora_model()
     for estimator in ("paper", "exact"):
