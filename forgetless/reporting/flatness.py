@@ -304,6 +304,10 @@ def all_weights_section(results: Sequence[dict[str, Any]], folder: Path, root: P
     and the loss range on the grid for each, and one figure with the two contour plots per run; "" if none."""
     pairs = [(r, r["landscape"]["all_weights"]) for r in results
              if "metrics" in ((r.get("landscape") or {}).get("all_weights") or {})]
+    # a run whose model another run had (WiSE-FT's alpha-1 copy) got that run's measurement copied: one row pair and
+    # one panel per model, the copies named below the table
+    copies = [(r["method"], r.get("seed"), every["same_model_as"]) for r, every in pairs if "same_model_as" in every]
+    pairs = [(r, every) for r, every in pairs if "same_model_as" not in every]
     if not pairs:
         return ""
     root = Path(root) if root is not None else Path(folder)
@@ -325,6 +329,9 @@ def all_weights_section(results: Sequence[dict[str, Any]], folder: Path, root: P
             cells.append(_loss_range(root, entry))
             table.append([_fmt(c) for c in cells])
     md += markdown_table(header, table)
+    if copies:
+        md += "\nNot repeated, the same model as the run named: " + "; ".join(
+            f"{method} (seed {seed}) = `{source}`" for method, seed, source in copies) + ".\n"
     figure = plot_surface_pairs(pairs, root, Path(folder) / "surfaces_lora_vs_all.png")
     if figure is not None:
         md += f"\n![LoRA directions (top) and all weights (bottom)]({figure.name})\n"
@@ -358,8 +365,8 @@ def plot_surface_pairs(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], f
 
     from forgetless.reporting.landscape_plots import mark_origin
 
-    columns = [(r, _surface(folder, r["landscape"]), _surface(folder, every)) for r, every in pairs[:most]]
-    columns = [c for c in columns if c[1] is not None and c[2] is not None and c[1].dims == c[2].dims == 2]
+    columns = [(r, _surface(folder, r["landscape"]), _surface(folder, every)) for r, every in pairs]
+    columns = [c for c in columns if c[1] is not None and c[2] is not None and c[1].dims == c[2].dims == 2][:most]
     if not columns:
         return None
     width = min(per_row, len(columns))

@@ -843,3 +843,35 @@ def test_the_origin_is_marked_only_where_the_grid_holds_it(tmp_path):
         mark_origin(ax, S(low, high), ms=5)
         assert len(ax.lines) == marked
         plt.close(fig)
+
+
+def test_the_lora_vs_all_weights_section_shows_each_model_once_and_plots_the_runs_with_surfaces(tmp_path):
+    """A run given another run's measurement (``same_model_as``: WiSE-FT's alpha-1 copy) got a second pair of rows;
+    and the figure took the first ``most`` runs before dropping those without surface files, so a figure could be
+    left out while later runs had their files."""
+    from forgetless.landscape import Surface, save_surface
+    from forgetless.reporting.flatness import all_weights_section, plot_surface_pairs
+
+    def surface(name, scale):
+        a = np.linspace(-1, 1, 3)
+        save_surface(Surface([a, a], scale * (a[:, None] ** 2 + a[None, :] ** 2), {}), tmp_path / name)
+        return name
+
+    metrics = {"loss": 1.0, "n_params": 10, "surface_curvature": 1.0, "average_gradient": 1.0,
+               "mean_absolute_gradient": 1.0}
+
+    def record(method, seed, files=True, copy_of=None):
+        every = {"metrics": metrics, "surface": surface(f"{method}{seed}_all.npz", 3.0) if files else None}
+        entry = {"metrics": metrics, "surface": surface(f"{method}{seed}.npz", 1.0) if files else None,
+                 "all_weights": every}
+        if copy_of:
+            entry["same_model_as"] = every["same_model_as"] = copy_of
+        return {"method": method, "seed": seed, "landscape": entry}
+
+    runs = [record("lora-nu-mu", 0), record("wise-ft(alpha=1.0)", 0, copy_of="lora-nu-mu__t__seed0")]
+    md = all_weights_section(runs, tmp_path, tmp_path)
+    assert sum(line.startswith("| lora-nu-mu | 0 |") for line in md.splitlines()) == 2
+    assert not any(line.startswith("| wise-ft") for line in md.splitlines())
+    assert "wise-ft(alpha=1.0) (seed 0) = `lora-nu-mu__t__seed0`" in md
+    pairs = [(r, r["landscape"]["all_weights"]) for r in (record("sam", 0, files=False), record("sam", 1))]
+    assert plot_surface_pairs(pairs, tmp_path, tmp_path / "pairs.png", most=1) == tmp_path / "pairs.png"
