@@ -107,6 +107,18 @@ class MethodsMixin:
                              f"process or under DDP, not under {sharded}: it steps or shards the gradients and LoRA "
                              "factors where the methods cannot see them. Launch without a DeepSpeed/FSDP config "
                              "(accelerate launch --multi_gpu) or train without methods")
+        names = ", ".join(type(m).__name__ for m in self.methods)
+        if self.methods and getattr(self, "model_init", None) is not None:
+            # train() builds a new model from model_init (a hyperparameter search's trials) after the methods were
+            # put on self.model: HLoRA recorded zero importance, the regularizers and SAM acted on another model
+            raise ValueError(f"forgetless methods ({names}) are put on the model the Trainer is given: pass model=, "
+                             "not model_init= (a hyperparameter search: one ForgetlessTrainer per trial)")
+        if self.methods and getattr(self.args, "n_gpu", 1) > 1:
+            # a plain `python` run on several GPUs: the Trainer wraps the model in nn.DataParallel, whose replicas'
+            # hooks write one buffer from several devices, and whose loss is averaged where the methods' terms are not
+            raise ValueError(f"forgetless methods ({names}) run in one process or under DDP, not under "
+                             f"nn.DataParallel ({self.args.n_gpu} GPUs in one process): launch with "
+                             "`accelerate launch --multi_gpu` (or torchrun), or make one GPU visible")
         self.stage, self.general_examples = stage, general_examples
         if state_from is not None:
             for method in self.methods:
@@ -145,11 +157,12 @@ class MethodsMixin:
         self._micro_of = None  # the step whose micro-batches ctx.micro counts
         self._stage_ended = False  # on_stage_end has run (on_train_end)
         call_all(self.methods, "on_stage_start", ctx)
-        try:
-            examples = self.train_dataset
+        given = self.train_dataset  # the caller's examples, put back after the stage: a second train() (a retry, a
+        try:  # resume) prepares them again, not the already mixed set (replay's share compounded: 8, 16, 32 examples)
+            examples = given
             for method in self.methods:
                 examples = method.prepare_examples(ctx, examples)
-            if examples is not self.train_dataset:
+            if examples is not given:
                 self.train_dataset = examples
             fb = self._one_pass
             for method in self.methods:
@@ -161,6 +174,8 @@ class MethodsMixin:
                 for method in self.methods:  # a plugin of an older protocol may lack on_stage_abort
                     getattr(method, "on_stage_abort", lambda _: None)(ctx)
             raise
+        finally:
+            self.train_dataset = given
 
     def _save_stage_state(self, folder: Path) -> None:
         """The methods' stage state into the checkpoint folder the Trainer has just written (main process)."""

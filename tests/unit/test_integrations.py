@@ -379,6 +379,46 @@ def test_methods_under_deepspeed_or_fsdp_are_refused(tmp_path, monkeypatch):
             ForgetlessTrainer(model=make_lora_model(0), args=args, methods=[])  # no method: the Trainer's business
 
 
+def test_methods_with_a_model_init_or_under_data_parallel_are_refused(tmp_path, monkeypatch):
+    """With ``model_init`` the Trainer's train() builds a new model after the methods were put on the given one (HLoRA
+    recorded zero importance); with several GPUs in one process it wraps the model in nn.DataParallel. Both are
+    refused with methods; without methods they are the Trainer's business."""
+    from forgetless.integrations import ForgetlessTrainer
+
+    args = TrainingArguments(**trainer_args(tmp_path, 2, 1, torch.device("cpu")))
+    with pytest.raises(ValueError, match="pass model=, not model_init="):
+        ForgetlessTrainer(model_init=lambda: make_lora_model(0), args=args, methods=resolve(["hlora"]).plugins)
+    ForgetlessTrainer(model_init=lambda: make_lora_model(0), args=args, methods=[])
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"not under nn.DataParallel \(2 GPUs in one process\)"):
+        ForgetlessTrainer(model=make_lora_model(0), args=args, methods=resolve(["hlora"]).plugins)
+
+
+def test_a_second_train_prepares_the_given_examples_again(tmp_path):
+    """train() replaced the Trainer's dataset by the methods' prepared one for good: each further train() (a retry, a
+    resume) mixed replay in again (8 domain examples: 16, 32, 64). The given dataset is put back after the stage."""
+    from forgetless.integrations import ForgetlessTrainer
+
+    domain = loop_order(DATA["domain"]())[:8]
+    general = DATA["general"]()
+    seen = []
+    args = TrainingArguments(**trainer_args(tmp_path, 2, 1, torch.device("cpu")) | {"max_steps": 1})
+    trainer = ForgetlessTrainer(model=make_lora_model(0), args=args, train_dataset=domain, general_examples=general,
+                                data_collator=partial(collate, pad_token_id=0),
+                                methods=resolve([{"name": "replay", "fraction": 0.5}]).plugins)
+    real = trainer.get_train_dataloader
+
+    def counting():
+        seen.append(len(trainer.train_dataset))
+        return real()
+
+    trainer.get_train_dataloader = counting
+    for _ in range(2):
+        trainer.train()
+        assert trainer.train_dataset is domain
+    assert seen[0] == seen[1] > len(domain)
+
+
 def test_dora_and_lora_bias_adapters_are_refused_by_the_methods():
     """HLoRA, EWC and WiSE-FT take a module's update to be s*B@A; a DoRA adapter's is not (its magnitude vector moved
     unregularized), nor one with a LoRA bias. They were accepted silently; export already refused them."""
