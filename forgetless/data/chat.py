@@ -213,10 +213,19 @@ def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]],
         if any(a < e and max(a + 1, b) > s for s, e in spans):  # overlaps [s, e) (a zero-width token: at a)
             labels[t] = ids[t]
     if max_length is not None and len(ids) > max_length:
-        # keep the beginning; when the first reply starts beyond it, half the budget for the turns before it
+        # keep the beginning; when the first reply starts beyond it, half the budget for the turns before it, after
+        # the BOS the template wrote where the tokenizer adds one by default (Llama's <|begin_of_text|>, Gemma's
+        # <bos>: what such a model saw first in every sequence; not SmolLM2's <|im_start|>, which opens every turn)
+        from .text import bos_prefix
+
         first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
-        lo = 0 if first < max_length else min(first - max_length // 2, len(ids) - max_length)
-        ids, labels = ids[lo: lo + max_length], labels[lo: lo + max_length]
+        if first < max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+        else:
+            head = 1 if ids[:1] == bos_prefix(tokenizer) != [] else 0
+            budget = max_length - head
+            lo = min(first - budget // 2, len(ids) - budget)
+            ids, labels = ids[:head] + ids[lo: lo + budget], labels[:head] + labels[lo: lo + budget]
     return {"input_ids": ids, "labels": labels}
 
 

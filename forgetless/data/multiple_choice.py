@@ -387,8 +387,13 @@ def mc_train_examples(items: list[MCItem], tokenizer: Any,
     """Training examples ``prompt + correct answer`` with the loss on the answer tokens only.
 
     Tokenized with :func:`encode_pair`, so the answer ids equal those the harness scores. If an example is
-    longer than ``max_length`` the context is cut from the left; answer tokens are never dropped.
+    longer than ``max_length`` the context is cut from the left, after its BOS where it starts with the one the
+    tokenizer adds (:func:`~.text.bos_prefix`: Llama's, Gemma's; as :func:`~.instructions.instruction_examples`
+    keeps it); answer tokens are never dropped.
     """
+    from .text import bos_prefix
+
+    bos = bos_prefix(tokenizer)
     examples = []
     for item in items:
         context, continuation = encode_pair(tokenizer, item.context, item.continuation(item.answer))
@@ -396,6 +401,8 @@ def mc_train_examples(items: list[MCItem], tokenizer: Any,
             if len(continuation) >= max_length:  # at least one context token: the first answer token's loss
                 raise item.error(f"answer of {len(continuation)} tokens leaves no room for the question in "
                                  f"max_length={max_length}: {item.continuation(item.answer)!r}", "answer")
-            context = context[len(context) + len(continuation) - max_length:]
+            head = context[:1] if bos and context[:1] == bos else []
+            rest = context[len(head):]
+            context = head + rest[len(head) + len(rest) + len(continuation) - max_length:]
         examples.append({"input_ids": context + continuation, "labels": [-100] * len(context) + continuation})
     return examples

@@ -529,6 +529,22 @@ def test_encode_pair_adds_the_bos_a_tokenizer_adds_by_default_once():
     assert example["input_ids"][0] == 2 and example["input_ids"].count(2) == 1
 
 
+def test_a_cut_multiple_choice_example_keeps_its_bos():
+    """A context cut from the left lost the BOS a Llama or Gemma tokenizer put first (instruction examples kept it)."""
+    bos = _bos_adding()
+    item = MCItem("Plants make sugar from light and absorb carbon dioxide.\nQuestion: What is the answer?\nAnswer:",
+                  ("yes", "no"), 1)
+    context, answer = encode_pair(bos, item.context, item.continuation(1))
+    (cut,) = mc_train_examples([item], bos, max_length=12)
+    keep = 12 - 1 - len(answer)
+    assert cut["input_ids"] == [2] + context[-keep:] + answer and cut["labels"] == [-100] * (1 + keep) + answer
+    (only,) = mc_train_examples([item], bos, max_length=len(answer) + 1)  # room for the BOS alone
+    assert only["input_ids"] == [2] + answer
+    tok = make_tiny_tokenizer()  # no default BOS: the tail as before
+    context, answer = encode_pair(tok, item.context, item.continuation(1))
+    assert mc_train_examples([item], tok, max_length=12)[0]["input_ids"] == context[-(12 - len(answer)):] + answer
+
+
 def test_instructions_prompt_completions_and_blocks_start_with_the_bos_a_tokenizer_adds_by_default():
     """Instruction and string prompt/completion examples were encoded without special tokens and text blocks without
     a BOS, so a Llama or Gemma model trained (and its perplexity was measured) on sequences without the BOS it always

@@ -98,6 +98,23 @@ def test_chat_truncation_keeps_an_assistant_token(tok):
     assert cut == {"input_ids": full["input_ids"][first - 8: first + 8], "labels": full["labels"][first - 8: first + 8]}
 
 
+def test_a_cut_chat_keeps_the_bos_of_a_tokenizer_that_adds_one(tok):
+    """A conversation whose first reply starts beyond max_length lost the template's opening BOS (Llama's
+    <|begin_of_text|>) when the window moved; it is kept where the tokenizer adds a BOS by default (not where <s>
+    only opens turns, as SmolLM2's <|im_start|> does: the test above)."""
+    from tokenizers import processors
+
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    messages = [{"role": "user", "content": "Plants make sugar from light. " * 8},
+                {"role": "assistant", "content": "Hello there!"}]
+    full = chat_examples([messages], tok)[0]
+    assert full["input_ids"][0] == 2
+    (cut,) = chat_examples([messages], tok, max_length=16)
+    first = next(t for t, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    lo = min(first - 7, len(full["input_ids"]) - 15)  # 15 after the BOS, at most half of them before the reply
+    assert cut == {"input_ids": [2] + full["input_ids"][lo: lo + 15], "labels": [IGNORE_INDEX] + full["labels"][lo: lo + 15]}
+
+
 def test_chat_needs_a_chat_template():
     with pytest.raises(ValueError, match="needs the model's chat template"):
         chat_examples([CHAT], make_tiny_tokenizer())
