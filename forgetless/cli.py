@@ -356,6 +356,28 @@ def _task_source(spec: str) -> tuple[str, str | None]:
     return source, schema or None
 
 
+def _task_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", help="--task: the split of a hub dataset or of a folder of split files (test.jsonl, ...); "
+                                   "default: the only one")
+    p.add_argument("--config", help="--task: the hub dataset's configuration (allenai/ai2_arc: ARC-Easy)")
+
+
+def _load_task(args: argparse.Namespace, spec: str) -> tuple[str, list]:
+    """``--task SPEC`` read as (source, items), with ``--split``, ``--config`` and ``--limit``."""
+    from forgetless.data import load_mc_task
+
+    source, schema = _task_source(spec)
+    return source, load_mc_task(source, schema=schema, split=args.split, name=args.config, limit=args.limit)
+
+
+def _check_task_data_args(args: argparse.Namespace, command: str) -> None:
+    from forgetless.config import ConfigError
+
+    given = [flag for flag, value in (("--split", args.split), ("--config", args.config)) if value is not None]
+    if given and not args.task:
+        raise ConfigError(f"{command}: {' and '.join(given)} choose the data of --task, and no --task was given")
+
+
 def _check_model_and_adapter(args: argparse.Namespace) -> None:
     """Before any model loads: the model's source and the adapter folder's files."""
     from forgetless.models import check_adapter_files, check_model_source
@@ -393,7 +415,7 @@ def _chat_template_before_load(args: argparse.Namespace, has_items: bool) -> boo
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.config import ConfigError
-    from forgetless.data import chat_mc_items, load_mc_task, load_texts, pack_blocks
+    from forgetless.data import chat_mc_items, load_texts, pack_blocks
     from forgetless.evaluation import evaluate_mc, perplexity
     from forgetless.experiment import RunFailed, data_errors
 
@@ -405,6 +427,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval: nothing to evaluate: give --ppl FILE (general perplexity), --task "
                           "FILE[:schema] (multiple-choice accuracy) and/or --lmeval TASK (an lm-evaluation-harness "
                           "task)")
+    _check_task_data_args(args, "eval")
     _check_model_and_adapter(args)
     texts = None
     if args.ppl:  # every file is read before the model loads
@@ -415,12 +438,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"eval: --block-size {args.block_size} is longer than the model's context ({longest} "
                               f"positions)")
         with data_errors("--ppl"):
-            texts = load_texts(args.ppl, limit=args.limit)
+            texts = load_texts(args.ppl)  # --limit counts task items; --max-blocks bounds the perplexity's text
     tasks = []
     for spec in args.task or []:
-        source, schema = _task_source(spec)
         with data_errors("--task"):
-            tasks.append((source, load_mc_task(source, schema=schema, limit=args.limit)))
+            tasks.append(_load_task(args, spec))
     harness = []
     for spec in args.lmeval or []:  # built (their data read) before the model loads, as the experiment does
         from forgetless.evaluation.lmeval import HarnessTaskError, LMEvalUnavailable, load_harness_task
@@ -505,7 +527,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_landscape(args: argparse.Namespace) -> int:
     from forgetless.config import BASE_DEFAULTS, ConfigError
-    from forgetless.data import chat_mc_items, lm_examples, load_mc_task, load_texts, mc_train_examples, pack_blocks
+    from forgetless.data import chat_mc_items, lm_examples, load_texts, mc_train_examples, pack_blocks
     from forgetless.experiment import data_errors
     from forgetless.landscape import (LandscapeSettings, compute_surface, measure_flatness, model_objective,
                                       save_surface, surface_metrics)
@@ -516,6 +538,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
 
     if bool(args.text) == bool(args.task):
         raise ConfigError("landscape: give the evaluation data: --text FILE (general text) or --task FILE[:schema]")
+    _check_task_data_args(args, "landscape")
     if args.dims == 2 and args.grid < 3:
         raise ConfigError("landscape: --grid: a 2-D surface needs --grid >= 3")
     if args.grid < 2:
@@ -542,8 +565,7 @@ def _cmd_landscape(args: argparse.Namespace) -> int:
         if args.text:
             texts = load_texts(args.text, limit=args.limit)
         else:
-            source, schema = _task_source(args.task)
-            items = load_mc_task(source, schema=schema, limit=args.limit)
+            source, items = _load_task(args, args.task)
     chat = _chat_template_before_load(args, bool(args.task))
     _base_as_its_run(args)
     if args.quantization != "none" and args.params == "all":
@@ -825,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a 4-bit or 8-bit base (default: as the run that trained --adapter had it, else none)")
     p.add_argument("--ppl", help="held-out general text for perplexity")
     p.add_argument("--task", action="append", help="multiple-choice task: FILE or HUB_NAME[:schema]; repeatable")
+    _task_data_args(p)
     p.add_argument("--lmeval", action="append", metavar="TASK",
                    help="an lm-evaluation-harness task name or task YAML, scored by the harness on the model as "
                         "loaded (extra forgetless[lmeval]); repeatable; --limit applies per task")
@@ -845,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="evaluation data: general text (jsonl with 'text', .txt, or hub dataset)")
     p.add_argument("--task", help="evaluation data: multiple-choice task FILE or HUB_NAME[:schema] (loss on the "
                                   "correct answers)")
+    _task_data_args(p)
     p.add_argument("--blocks", type=_positive, default=8, help="evaluation blocks of --block-size tokens (or task examples)")
     p.add_argument("--limit", type=_positive, help="read at most this many texts / task items")
     p.add_argument("--dims", type=int, choices=[1, 2], default=2, help="1-D curve or 2-D surface")
@@ -859,16 +883,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
     p.add_argument("--hessian-iters", type=_positive, default=20,
-                   help="Lanczos steps (or power iterations) for the top eigenvalue (fewer power iterations did "
+                   help="with --metrics: Lanczos steps (or power iterations) for the top eigenvalue (fewer power iterations did "
                         "not converge on SmolLM2's LoRA weights)")
     p.add_argument("--hessian-method", choices=("power", "lanczos"), default="lanczos",
-                   help="the top eigenvalue by Lanczos steps (default; they converge where the spectrum clusters or "
+                   help="with --metrics: the top eigenvalue by Lanczos steps (default; they converge where the spectrum clusters or "
                         "both ends are large, as in SAM-trained models, and keep --hessian-iters parameter-sized "
                         "vectors) or by the (shifted) power iteration (two vectors)")
     p.add_argument("--trace-samples", type=_positive, default=24,
-                   help="Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
-    p.add_argument("--rho", type=float, default=0.05, help="eps-sharpness radius (L2, over the selected weights)")
-    p.add_argument("--ascent-steps", type=int, default=5, help="projected gradient-ascent steps of eps-sharpness")
+                   help="with --metrics: Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
+    p.add_argument("--rho", type=float, default=0.05, help="with --metrics: eps-sharpness radius (L2, over the selected weights)")
+    p.add_argument("--ascent-steps", type=int, default=5, help="with --metrics: projected gradient-ascent steps of eps-sharpness")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="the base's weights (default: as the run that trained --adapter loaded them, else auto, which "
                         "resolves with --precision: fp32)")

@@ -137,8 +137,9 @@ class TaskSpec:
     schema: str | None = None
     train_limit: int | None = None
     test_limit: int | None = None
-    train_split: str | None = None  # for hub datasets (local files need none)
+    train_split: str | None = None  # default: train where the source has splits (a hub id, a folder of split files)
     test_split: str | None = None
+    config: str | None = None  # the hub dataset's configuration (allenai/ai2_arc: ARC-Easy), for train and test
     max_length: int = 256  # tokens per training example (train_kind text: the block size)
     # the training data's format (forgetless/data/formats.py): multiple_choice, instructions (Alpaca), chat
     # (messages), prompt_completion, text (packed blocks) or auto (from the first row's fields); tested on the MC task
@@ -185,6 +186,7 @@ class SuiteTask:
     schema: str | None = None
     limit: int | None = None
     split: str | None = None  # for hub datasets
+    config: str | None = None  # the hub dataset's configuration (cais/mmlu: all, or a subject)
     lmeval: str | None = None  # a task name the harness registers, or a task YAML file
     metric: str | None = None  # harness tasks: the metric compared (acc_norm, exact_match,flexible-extract, ...)
     num_fewshot: int | None = None  # harness tasks: examples in each prompt (the harness's --num_fewshot)
@@ -195,7 +197,7 @@ class SuiteTask:
         if self.lmeval is not None:
             from forgetless.evaluation.lmeval import default_name, lmeval_available, missing_message
 
-            given = [k for k in ("test", "schema", "split") if getattr(self, k) is not None]
+            given = [k for k in ("test", "schema", "split", "config") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"an lmeval entry takes no {given} (the harness task has its own data and split)")
             if not self.lmeval:

@@ -104,15 +104,17 @@ def _texts(exp: Experiment, spec: TextSource) -> list[str]:
                       limit=spec.limit)
 
 
-def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | None, split: str | None) -> list:
-    """A task from a file or hub name, or the demo's built-in task (``demo:facts/train``, ``demo:facts/test``)."""
+def _load_items(exp: Experiment, source: str, schema: str | None, limit: int | None, split: str | None,
+                config: str | None = None) -> list:
+    """A task from a file or hub name (``config``: the hub dataset's configuration), or the demo's built-in task
+    (``demo:facts/train``, ``demo:facts/test``)."""
     from forgetless.data import load_mc_task
 
     if source.startswith("demo:facts/"):
         from forgetless.data.demo import demo_task
 
         return demo_task(source.removeprefix("demo:facts/"))[:limit]
-    return load_mc_task(_resolve_path(exp, source), schema=schema, split=split, limit=limit)
+    return load_mc_task(_resolve_path(exp, source), schema=schema, split=split, name=config, limit=limit)
 
 
 # flags of `forgetless train` for the keys of its one-run experiment, so that its errors name what the user typed
@@ -157,6 +159,7 @@ def read_data(exp: Experiment) -> RawData:
     """Read every data source of ``exp`` (no model needed): a missing, empty, non-UTF-8 or malformed file, a
     multiple-choice item with fewer than two choices, is a DataError naming the file, the line and the key."""
     from forgetless.data import load_train, resolve_kind
+    from forgetless.data.io import training_split
 
     texts = {}
     for key in ("train", "heldout"):
@@ -168,14 +171,15 @@ def read_data(exp: Experiment) -> RawData:
         test_items = None
         if task.test is not None:
             with _data_errors(exp, f"tasks[{i}].test"):
-                test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split)
+                test_items = _load_items(exp, task.test, task.schema, task.test_limit, task.test_split, task.config)
         with _data_errors(exp, f"tasks[{i}].train"):
             source = task.train if task.train.startswith("demo:") else _resolve_path(exp, task.train)
-            kinds[task.name] = kind = resolve_kind(task.train_kind, source, task.train_split or "train")
+            split = training_split(source, task.train_split)  # train by default, for every kind
+            kinds[task.name] = kind = resolve_kind(task.train_kind, source, split, name=task.config)
             if kind == "multiple_choice":
-                train = _load_items(exp, task.train, task.schema, task.train_limit, task.train_split)
+                train = _load_items(exp, task.train, task.schema, task.train_limit, split, task.config)
             else:
-                train = load_train(kind, source, split=task.train_split, limit=task.train_limit)
+                train = load_train(kind, source, split=split, limit=task.train_limit, name=task.config)
         tasks[task.name] = (train, test_items)
     suite = {}
     for i, entry in enumerate(exp.eval.suite if isinstance(exp.eval.suite, list) else []):
@@ -185,7 +189,7 @@ def read_data(exp: Experiment) -> RawData:
             suite[entry.name] = _harness_task(exp, i, entry)
             continue
         with _data_errors(exp, f"eval.suite[{i}].test"):
-            suite[entry.name] = _load_items(exp, entry.test, entry.schema, entry.limit, entry.split)
+            suite[entry.name] = _load_items(exp, entry.test, entry.schema, entry.limit, entry.split, entry.config)
     return RawData(general=texts["train"], heldout=texts["heldout"], tasks=tasks, suite=suite, kinds=kinds)
 
 
@@ -420,7 +424,7 @@ def run_settings(exp: Experiment, recipe: Recipe, task: TaskSpec, seed: int, leg
 # identity since session 33 (changing another task's test_limit reused runs scored on the old items). A record
 # written before has no such key; it is taken as it was (:attr:`Job.digests`).
 SUITE_KEY = "suite"
-_SUITE_ITEMS = ("test", "test_split", "test_limit", "schema")
+_SUITE_ITEMS = ("test", "test_split", "test_limit", "schema", "config")
 
 
 def _auto_suite(exp: Experiment, task: TaskSpec) -> dict[str, Any]:

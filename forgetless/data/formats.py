@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import DataError
-from .io import iter_records, resolve_local
+from .io import iter_records, resolve_local, training_split
 
 TRAIN_KINDS = ("multiple_choice", "instructions", "chat", "prompt_completion", "text", "auto")
 AUTO = "auto"
@@ -65,7 +65,7 @@ def load_train(kind: str, source: str, split: str | None = None, limit: int | No
     from .instructions import load_instructions
     from .text import load_texts
 
-    split = split or "train"
+    split = training_split(source, split)
     if kind == "instructions":
         return load_instructions(source, split=split, limit=limit, name=name)
     if kind == "chat":

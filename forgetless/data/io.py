@@ -220,6 +220,20 @@ def resolve_local(source: str, split: str | None = None) -> Path | None:
     return None
 
 
+def training_split(source: str, split: str | None) -> str | None:
+    """The split training data is read from: ``split`` when given; else ``train`` for a hub dataset id, a folder
+    holding a ``train`` file (``../shared/data/piqa/{train,test}.jsonl``) or a dataset folder of shards, and None
+    (the one file) for a file or a folder of one JSON file."""
+    if split is not None or source.startswith("demo:"):
+        return split
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if any((path / f"train{suffix}").is_file() for suffix in (".jsonl", ".json", ".parquet")):
+            return "train"
+        return None if any(p.suffix in (".jsonl", ".json") for p in path.iterdir()) else "train"
+    return None if path.exists() or looks_local(source) else "train"
+
+
 def iter_records(source: str, split: str | None = None, name: str | None = None) -> Iterator[Record]:
     """Records from a local file (or a folder of ``{split}.jsonl`` files), else from the hub, one at a time.
 

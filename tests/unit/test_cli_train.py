@@ -284,3 +284,25 @@ def test_without_model_an_adapter_s_recorded_base_is_used(tmp_path, capsys):
     assert parse_command_line(["eval", "--adapter", str(adapter), "--ppl", "t.jsonl"]).model == DEFAULT_MODEL
     assert parse_command_line(["eval", "--ppl", "t.jsonl"]).model == DEFAULT_MODEL
     assert parse_command_line(["train", "--domain", "d.jsonl", "--output", str(tmp_path / "t")]).model == DEFAULT_MODEL
+
+
+def test_eval_reads_a_tasks_split_and_limits_task_items_only(tmp_path, model_dir, capsys):
+    """`eval --task FOLDER` could not choose a split (the documented HUB_NAME form always failed on a dataset of
+    several splits), and --limit, "items of each task", also cut the --ppl text to its first documents."""
+    write_experiment(tmp_path, model_dir)
+    general = str(tmp_path / "general.jsonl")
+    folder = tmp_path / "task"
+    folder.mkdir()
+    rows = (FIXTURES / "generic.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text(rows[0] + "\n")
+    (folder / "test.jsonl").write_text("\n".join(rows) + "\n")
+    scored = []
+    for extra in ([], ["--task", str(folder), "--split", "test", "--limit", "1"]):
+        assert main(["eval", "--model", str(model_dir), "--ppl", general, "--precision", "fp32", "--block-size", "16",
+                     *extra]) == 0
+        printed = capsys.readouterr().out
+        scored.append(json.loads(printed[printed.index("{"):]))
+    assert scored[1]["perplexity"] == scored[0]["perplexity"]  # the same text, whatever --limit says
+    assert scored[1]["tasks"][str(folder)]["n"] == 1
+    assert main(["eval", "--model", str(model_dir), "--ppl", general, "--split", "test"]) == 2
+    assert "eval: --split choose the data of --task, and no --task was given" in capsys.readouterr().err

@@ -489,3 +489,46 @@ def test_eval_of_an_adapter_scores_with_the_chat_template_setting_of_its_run(tmp
     captured = capsys.readouterr()
     assert json.loads(captured.out[captured.out.index("{"):])["chat_template"] is False
     assert "to reproduce its scores, add --chat-template true" in captured.err
+
+
+def test_a_task_reads_the_train_split_of_a_folder_and_passes_its_hub_configuration_on(tmp_path, monkeypatch):
+    """The docs say train_split defaults to train for every kind; a multiple-choice task read a folder of split files
+    (../shared/data/piqa) with no split and failed ("a folder of 2 data files: name the file"), and a task or suite
+    entry could not name a hub configuration (allenai/ai2_arc needs ARC-Easy or ARC-Challenge)."""
+    from forgetless.data import load_mc_task, multiple_choice
+    from forgetless.experiment import read_data
+
+    folder = tmp_path / "piqa"
+    folder.mkdir()
+    rows = [json.loads(line) for line in (FIXTURES / "piqa.jsonl").read_text().splitlines()]
+    (folder / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = tmp_path / "g.jsonl"
+    text.write_text(json.dumps({"text": "Plants make sugar from light."}) + "\n")
+
+    def experiment(suite=None, **task):
+        spec = {"name": "t", "model": "m", "output": str(tmp_path / "out"), "methods": ["lora-mu"],
+                "general": {"train": str(text), "heldout": str(text)}, "tasks": [{"name": "piqa"} | task]}
+        if suite:
+            spec["eval"] = {"suite": suite}
+        path = tmp_path / "exp.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return load_experiment(path)
+
+    for kind in ("multiple_choice", "auto"):
+        raw = read_data(experiment(train=str(folder), test=str(folder), test_split="test", train_kind=kind))
+        train, test = raw.tasks["piqa"]
+        assert [item.context for item in train] == [item.context for item in load_mc_task(str(folder / "train.jsonl"))]
+        assert len(train) == 1 and len(test) == len(rows) == 2
+    seen = []
+    real = multiple_choice.load_records
+
+    def records(source, split=None, name=None, limit=None):
+        seen.append((source, split, name))
+        return real(str(FIXTURES / "arc_easy.jsonl"), limit=limit)
+
+    monkeypatch.setattr(multiple_choice, "load_records", records)
+    read_data(experiment(train="allenai/ai2_arc", test="allenai/ai2_arc", test_split="test", config="ARC-Easy",
+                         suite=[{"name": "arc_c", "test": "allenai/ai2_arc", "split": "test", "config": "ARC-Challenge"}]))
+    assert seen == [("allenai/ai2_arc", "test", "ARC-Easy"), ("allenai/ai2_arc", "train", "ARC-Easy"),
+                    ("allenai/ai2_arc", "test", "ARC-Challenge")]
