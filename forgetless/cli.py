@@ -476,16 +476,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         res = perplexity(model, blocks, batch_size=args.batch_size, precision=args.precision)
         report["perplexity"] = {"source": args.ppl, "ppl": res.ppl, "ppl_base2": res.ppl_base2,
                                 "mean_nll": res.mean_nll, "tokens": res.tokens}
+        # each score on stderr as it is done: a later task's failure (memory, Ctrl-C) leaves the ones before it said
+        print(f"perplexity of {args.ppl}: {res.ppl:.4g} over {res.tokens} tokens", file=sys.stderr)
     for source, items in tasks:
         res = evaluate_mc(model, tokenizer, items, batch_size=args.batch_size, precision=args.precision,
                           share_prefix=args.share_prefix)
         report.setdefault("tasks", {})[source] = {"acc": res.acc, "acc_norm": res.acc_norm, "n": res.n,
                                                   "acc_stderr": res.acc_stderr}
+        print(f"{source}: acc {res.acc:.4f}, acc_norm {res.acc_norm:.4f} over {res.n} items", file=sys.stderr)
     for task in harness:
         scores = task.with_chat_template(chat).score(model, tokenizer, batch_size=args.batch_size,
                                                      precision=args.precision, progress=False)
         report.setdefault("lmeval", {})[task.spec] = {k: scores[k] for k in ("acc", "acc_stderr", "n", "metric")} | {
             "metrics": scores["metrics"]}
+        print(f"{task.spec}: {scores['metric']} {scores['acc']:.4f} over {scores['n']} items", file=sys.stderr)
     try:  # a broken model (or adapter) gives no numbers, rather than NaN in the JSON
         check_finite({"general_ppl": report.get("perplexity", {}).get("ppl"),
                       "tasks": report.get("tasks", {}) | {k: {"acc": v["acc"]} for k, v in

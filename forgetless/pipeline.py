@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -262,23 +263,36 @@ def run_recipe(
                     _save_stage(model, [], stages[-1] | {"computed": computed}, cache, settings.model)
             if cache is not None:  # every process finds what the main one cached (this general stage, this domain
                 PartialState().wait_for_everyone()  # stage) from the next run on: no training collective follows
-    scores = evaluate(model, tokenizer, data, settings)
-    check_finite(scores)
-    variants = {}
-    if data.heldout_blocks is not None or data.eval_tasks:  # else there is nothing to evaluate variants on
-        for plugin in plugins:  # the methods', and the checkpoint eval.select kept
-            for label, setup in plugin.evaluation_variants(model):
-                with setup:
-                    variants[label] = evaluate(model, tokenizer, data, settings)
-                check_finite(variants[label], f" of {label}")
+    saving = recipe.stages and adapter_dir is not None and PartialState().is_main_process
+    start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
+    # how the base was loaded, where not the default: eval and landscape load it so for this adapter
+    start |= {k: getattr(settings, k) for k, default in BASE_DEFAULTS.items() if getattr(settings, k) != default}
+    try:
+        scores = evaluate(model, tokenizer, data, settings)
+        check_finite(scores)
+        variants = {}
+        if data.heldout_blocks is not None or data.eval_tasks:  # else there is nothing to evaluate variants on
+            for plugin in plugins:  # the methods', and the checkpoint eval.select kept
+                for label, setup in plugin.evaluation_variants(model):
+                    with setup:
+                        variants[label] = evaluate(model, tokenizer, data, settings)
+                    check_finite(variants[label], f" of {label}")
+    except NonFiniteScore:
+        raise  # a diverged model: no adapter
+    except BaseException as err:
+        # an error or Ctrl-C while scoring: a run without checkpoints (forgetless train) would lose what it trained;
+        # the adapter is saved as it is, without scores (an experiment's run resumes from its domain checkpoints)
+        if saving and checkpoint_dir is None:
+            save_adapter(model, adapter_dir, settings.model, **start)
+            _save_beside_adapter(recipe.plugins, adapter_dir)
+            print(f"note: evaluation stopped ({type(err).__name__}); the trained adapter is saved to {adapter_dir} "
+                  f"without scores (forgetless eval --adapter {adapter_dir} scores it)", file=sys.stderr)
+        raise
     selected = None
     if tracker is not None and tracker.best_state is not None:
         row = next(r for r in tracker.history if r["step"] == tracker.best_step)
         selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
-    if recipe.stages and adapter_dir is not None and PartialState().is_main_process:
-        start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
-        # how the base was loaded, where not the default: eval and landscape load it so for this adapter
-        start |= {k: getattr(settings, k) for k, default in BASE_DEFAULTS.items() if getattr(settings, k) != default}
+    if saving:
         save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
         _save_beside_adapter(recipe.plugins, adapter_dir)
         if selected is not None:

@@ -306,3 +306,36 @@ def test_eval_reads_a_tasks_split_and_limits_task_items_only(tmp_path, model_dir
     assert scored[1]["tasks"][str(folder)]["n"] == 1
     assert main(["eval", "--model", str(model_dir), "--ppl", general, "--split", "test"]) == 2
     assert "eval: --split choose the data of --task, and no --task was given" in capsys.readouterr().err
+
+
+def test_a_train_stopped_while_it_scores_keeps_the_trained_adapter(tmp_path, model_dir, monkeypatch, capsys):
+    """`forgetless train` has no checkpoints to resume from, and it saved the adapter only after scoring it: an error
+    or Ctrl-C in the final evaluation lost the whole training. The adapter is now saved as trained, without scores;
+    a non-finite score still saves nothing (a diverged model)."""
+    import forgetless.pipeline as pipeline
+    from forgetless.models import load_adapter, load_model
+    from forgetless.pipeline import NonFiniteScore
+
+    write_experiment(tmp_path, model_dir)
+    trained = {}
+
+    def stop(model, *args, **kwargs):
+        trained.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", stop)
+    out = tmp_path / "adapter"
+    assert main(train_args(tmp_path, model_dir, "lora-mu", out, "--test", TASK)) == 130
+    assert f"the trained adapter is saved to {out} without scores" in capsys.readouterr().err
+    assert not (out / "run.json").exists()
+    model, _ = load_model(str(model_dir), precision="fp32")
+    saved = {n: p for n, p in load_adapter(model, out).named_parameters() if "lora_" in n}
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[n], trained[n]) for n in saved)
+
+    def diverged(*args, **kwargs):
+        raise NonFiniteScore("general PPL", float("nan"))
+
+    monkeypatch.setattr(pipeline, "evaluate", diverged)
+    again = tmp_path / "diverged"
+    assert main(train_args(tmp_path, model_dir, "lora-mu", again, "--test", TASK)) != 0
+    assert not (again / "adapter_model.safetensors").exists()
