@@ -79,11 +79,19 @@ def _int(record: Record, name: str) -> int:
     return value
 
 
-def _index(record: Record, name: str, n_choices: int) -> int:
+def _index(record: Record, name: str, n_choices: int, one_based_hint: str = "") -> int:
     value = _int(record, name)
     if not 0 <= value < n_choices:
-        raise record.error(f"{value} is not a valid choice index (0-{n_choices - 1})", name)
+        hint = one_based_hint if value == n_choices else ""
+        raise record.error(f"{value} is not a valid choice index (0-{n_choices - 1}){hint}", name)
     return value
+
+
+# MedMCQA's original release (GitHub JSON) counts cop from 1; the Hugging Face one, whose prompts the harness builds,
+# from 0: a file of the first kind is read one answer off, and only its cop = 4 rows fail
+MEDMCQA_ONE_BASED = ("; the Hugging Face MedMCQA counts cop from 0 (opa), the original release from 1: subtract 1 "
+                     "from every cop of such a file")
+ONE_BASED_SUSPECT = 50  # items of a 4-choice MedMCQA file, none answered opa: one-based (0.75 ** 50 by chance)
 
 
 def _str_list(record: Record, name: str, value: Any = None) -> tuple[str, ...]:
@@ -166,7 +174,7 @@ def medmcqa(record: Record) -> MCItem:
     prompt = "Question: " + question + "\nChoices:\n"
     prompt += "".join(f"{letter}. {option}\n" for letter, option in zip(MEDMCQA_LETTERS, options))
     prompt += "Answer:"
-    return MCItem(prompt, MEDMCQA_LETTERS, _index(record, "cop", 4))
+    return MCItem(prompt, MEDMCQA_LETTERS, _index(record, "cop", 4, MEDMCQA_ONE_BASED))
 
 
 def arc(record: Record) -> MCItem:
@@ -338,6 +346,12 @@ def load_mc_task(source: str, schema: str | None = None, split: str | None = Non
         if len(item.choices) < 2:
             raise record.error(f"needs at least two choices, got {len(item.choices)}", "choices")
         items.append(replace(item, origin=record.origin, line=record.line) if isinstance(record, Record) else item)
+    if adapter is medmcqa and len(items) >= ONE_BASED_SUSPECT and all(item.answer != 0 for item in items):
+        import warnings
+
+        warnings.warn(f"{source}: none of {len(items)} MedMCQA items has cop 0: if the file counts cop from 1 (the "
+                      f"original release; the Hugging Face one counts from 0), every answer is read one choice off: "
+                      f"subtract 1 from every cop", stacklevel=2)
     return items
 
 

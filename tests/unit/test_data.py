@@ -190,6 +190,26 @@ def test_bad_answer_index(tmp_path):
     assert str(_error(path)) == f"{path}, line 2: field 'cop': 7 is not a valid choice index (0-3)"
 
 
+def test_a_one_based_medmcqa_file_is_named_as_such(tmp_path):
+    """MedMCQA's original release counts cop from 1: its rows with cop 1-3 were read one answer off without a word,
+    and a cop 4 said only "not a valid choice index". The error says what such a file is; a file of 50 items or
+    more with no cop 0 gets a warning."""
+    row = json.loads((FIXTURES / "medmcqa.jsonl").read_text().splitlines()[0])
+    path = jsonl(tmp_path, "med.jsonl", [dict(row, cop=1 + i % 4) for i in range(8)])
+    assert str(_error(path)) == (f"{path}, line 4: field 'cop': 4 is not a valid choice index (0-3); the Hugging Face "
+                                 f"MedMCQA counts cop from 0 (opa), the original release from 1: subtract 1 from "
+                                 f"every cop of such a file")
+    path = jsonl(tmp_path, "med3.jsonl", [dict(row, cop=1 + i % 3) for i in range(50)])
+    with pytest.warns(UserWarning, match="none of 50 MedMCQA items has cop 0: if the file counts cop from 1"):
+        load_mc_task(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 49 items, or one answered opa: no warning
+        load_mc_task(jsonl(tmp_path, "few.jsonl", [dict(row, cop=1 + i % 3) for i in range(49)]))
+        load_mc_task(jsonl(tmp_path, "zero.jsonl", [dict(row, cop=i % 3) for i in range(50)]))
+
+
 def test_bad_answer_key(tmp_path):
     row = json.loads((FIXTURES / "arc_easy.jsonl").read_text().splitlines()[0])
     path = jsonl(tmp_path, "arc.jsonl", [dict(row, answerKey="E")])
