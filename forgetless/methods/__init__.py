@@ -166,6 +166,11 @@ def resolve(entry: Any) -> Recipe:
         lora.update(spec.lora)
         plugin = spec.build(options)
         if plugin is not None:
+            twin = next((other for other in plugins if type(other) is type(plugin)), None)
+            if twin is not None:  # each one's penalty added to the loss, SAM perturbing twice, one state file
+                raise ValueError(f"{method_label(entry)!r}: {type(plugin).__name__} twice in one composition "
+                                 f"({name!r} after another {type(plugin).__name__} entry): list each method once, "
+                                 "with the options it should have")
             plugins.append(plugin)
     stages = (GENERAL, DOMAIN) if stages is None else stages
     for plugin in plugins:

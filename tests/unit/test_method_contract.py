@@ -120,6 +120,20 @@ def test_builds_from_its_defaults(case):
         assert resolve(case.name).plugins[0] is not plugin  # every run gets its own plugin, its own state
 
 
+@pytest.mark.parametrize("case", cases(lambda c: c.plugin))
+def test_is_refused_twice_in_one_composition(case):
+    """[hlora, hlora] or [ewc, {name: ewc, lambda: 5}] resolved: each copy's penalty was added to the loss (doubled),
+    SAM perturbed twice, and both wrote one state file; a composition now holds each plugin kind once."""
+    kind = type(resolve(case.name).plugins[0]).__name__
+    with pytest.raises(ValueError, match=f"{kind} twice in one composition"):
+        resolve([case.name, case.name])
+    twins = [other.name for other in CASES if other.plugin and other.name != case.name
+             and type(resolve(other.name).plugins[0]).__name__ == kind]  # hlora and hlora-no-layer: both HLoRA
+    for other in twins:
+        with pytest.raises(ValueError, match=f"{kind} twice"):
+            resolve([case.name, other])
+
+
 # ------------------------------------------------------------------------------------------- composes with SAM
 @pytest.mark.parametrize("case", cases(lambda c: c.name != "sam"))
 def test_composes_with_sam(case):
