@@ -508,7 +508,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], file: str) ->
                 node[name] = parsed
             elif node.get(name) is None:
                 node[name] = {}
+            elif isinstance(node[name], str) and where in _SHORTHAND_AT:  # `train: c4.jsonl` is {source: c4.jsonl}
+                node[name] = {_SHORTHAND_AT[where]: node[name]}
             node = node[name]
+
+
+# the keys whose value may be a bare string standing for a mapping (TextSource's `train: data/c4.jsonl`), so that an
+# override can set a key inside it (general.train.limit=50)
+_SHORTHAND_AT = {f"general.{key}": TextSource.SHORTHAND for key in ("train", "heldout")}
 
 
 def check_methods(entries: list[Any], task_names: list[str], file: str) -> tuple[list[Any], list[list[str] | None]]:

@@ -40,6 +40,17 @@ def test_overrides_replace_values_as_yaml(tmp_path):
     assert load_experiment(path).seeds == [0]  # the file is not changed
 
 
+def test_an_override_reaches_inside_a_text_source_given_as_a_bare_string(tmp_path):
+    """`train: data/c4.jsonl` is the short form of {source: data/c4.jsonl}; general.train.limit=5 on it failed with
+    "expected a mapping, got a string"."""
+    path = _experiment(tmp_path)
+    exp = load_experiment(path, overrides=["general.train.limit=5", "general.heldout.max_blocks=2"])
+    assert exp.general.train.limit == 5 and exp.general.train.source == str(tmp_path / "general.jsonl")
+    assert exp.general.heldout.max_blocks == 2 and exp.general.heldout.source == exp.general.train.source
+    with pytest.raises(ConfigError, match="expected a mapping, got"):  # elsewhere a string is still no mapping
+        load_experiment(path, overrides=["model.revision=main"])
+
+
 def test_an_override_changes_one_use_of_a_yaml_anchor(tmp_path):
     """PyYAML gives every *alias of an anchor the same object: an override of one place changed every place using
     the anchor (methods[0].rho=1.0 moved SAM's rho in [replay, *sam] too, as examples/sam_shared.yaml writes them).
