@@ -496,8 +496,10 @@ class EWC(Method):
             # over the same examples with the same seed, it is the Fisher the stage's end would have given).
             if not self.fisher:
                 if not ctx.general_examples:
-                    raise ValueError("EWC needs a Fisher: run a general stage with EWC first, load_state() a folder "
-                                     f"with {FILENAME}, or give the domain stage general-text examples")
+                    given = (f" ({self._given} has no {FILENAME}: a stage trained without EWC, or a mistyped folder?)"
+                             if getattr(self, "_given", None) is not None else "")
+                    raise ValueError(f"EWC needs a Fisher{given}: run a general stage with EWC first, load_state() a "
+                                     f"folder with {FILENAME}, or give the domain stage general-text examples")
                 self._compute(ctx, ctx.general_examples)
                 if kept is not None and rank() == 0:  # beside the cached stage, for the next run of these
                     kept.save(self._stage_cache, self.fisher, self.metadata, STORAGE_DTYPES[self.storage_dtype])
@@ -636,6 +638,7 @@ class EWC(Method):
         and kept beside the stage (:meth:`_kept_file`) for the next run with the same Fisher options."""
         self.fisher = {}
         self._state.remember(directory, missing_ok=True)
+        self._given = None if self._state.path is not None else Path(directory)  # for the error when none is found
         stage = Path(directory)
         self._stage_cache = stage if (stage / "stage.json").is_file() else None  # a forgetless stage cache only
 

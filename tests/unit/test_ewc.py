@@ -190,6 +190,16 @@ def test_without_a_general_stage_the_fisher_is_taken_at_the_domain_start(lora_mo
         EWC().on_stage_start(make_ctx("domain", lora_model()))
 
 
+def test_a_folder_without_a_fisher_is_named(tmp_path, lora_model, make_ctx):
+    """load_state() of a folder without the Fisher file (mistyped, or a stage trained without EWC) then a domain
+    stage without general text said "load_state() a folder with ewc_fisher.safetensors", not which folder it had."""
+    plugin = EWC()
+    plugin.load_state(tmp_path / "general-stage")
+    with pytest.raises(ValueError, match=f"EWC needs a Fisher \\({tmp_path / 'general-stage'} has no "
+                                         f"ewc_fisher.safetensors"):
+        plugin.on_stage_start(make_ctx("domain", lora_model()))
+
+
 # ----------------------------------------------------------------------------------------- persistence
 def test_save_load_round_trip_and_bfloat16_storage(tmp_path, capsys, domain_ready, make_ctx, tol):
     model, plugin, _, gctx = domain_ready()
