@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# test processes (pytest-xdist), each taking its share of the cores (tests/conftest.py); 0: all in one process
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
@@ -20,7 +22,7 @@ demo: setup
 	$(PY) -m forgetless demo --output runs/demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) bench/bench_train_step.py

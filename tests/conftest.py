@@ -29,6 +29,33 @@ import torch
 from tests.unit.tiny_model import make_lora_model, make_tiny_model, random_examples
 
 CUDA = torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------- parallel test workers
+# `make test` runs the suite on pytest-xdist workers (TEST_WORKERS, 2 by default). Each worker then takes its share
+# of the cores for torch's threads (two workers each running two threads on two cores oversubscribe them), and so
+# do the processes a test starts. Tests that start processes of their own (two-process launches, experiment workers,
+# the benchmark scripts) run one after another on one worker (group "processes"), so two of them never compete.
+def _share_the_cores() -> None:
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+_share_the_cores()
+PROCESS_MODULES = ("test_parallel_runs.py", "test_bench_gpu.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in PROCESS_MODULES or "two_processes" in item.name or "two_workers" in item.name:
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 
 # The smallest tolerance a comparison may use on each device, per dtype. On the CPU a test keeps its own bound; on
