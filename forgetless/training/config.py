@@ -152,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+        twice = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if twice:  # two writers of one run: every scalar written twice
+            raise ValueError(f"report_to lists {', '.join(twice)} more than once")
         for name in self.report_to:
             if name not in REPORT_TO:
                 raise ValueError(f"report_to must list some of {list(REPORT_TO)}, got {name!r}")

@@ -26,10 +26,12 @@ class Tracker(Protocol):
 
 
 class _TensorBoard:
-    def __init__(self, log_dir: Path, run_name: str) -> None:
+    def __init__(self, log_dir: Path, run_name: str, first: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # a stage resumed at step `first`: the steps after it that the stopped session had written are purged, so
+        # the curves do not go back over them
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first + 1 if first else None)
 
     def log(self, scalars: Mapping[str, float], step: int) -> None:
         for tag, value in scalars.items():
@@ -40,7 +42,7 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, log_dir: Path, run_name: str) -> None:
+    def __init__(self, log_dir: Path, run_name: str, first: int = 0) -> None:
         import wandb  # the project, entity and mode come from the user's WANDB_* variables
 
         self.run = wandb.init(name=run_name, dir=str(log_dir), reinit="create_new")
@@ -53,7 +55,7 @@ class _WandB:
 
 
 class _MLflow:
-    def __init__(self, log_dir: Path, run_name: str) -> None:
+    def __init__(self, log_dir: Path, run_name: str, first: int = 0) -> None:
         import mlflow  # the tracking server comes from MLFLOW_TRACKING_URI (default ./mlruns)
 
         self.mlflow = mlflow
@@ -69,11 +71,11 @@ class _MLflow:
 _TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 
 
-def open_trackers(names: Iterable[str], log_dir: str | Path) -> list[Tracker]:
+def open_trackers(names: Iterable[str], log_dir: str | Path, first: int = 0) -> list[Tracker]:
     """The trackers ``names`` (TrainConfig.REPORT_TO), writing under ``log_dir`` (a run's folder; its name is the run's
-    name in wandb and mlflow)."""
+    name in wandb and mlflow); ``first``: the step a resumed stage goes on from."""
     log_dir = Path(log_dir)
-    return [_TRACKERS[name](log_dir, log_dir.name) for name in names]
+    return [_TRACKERS[name](log_dir, log_dir.name, first) for name in names]
 
 
 def log_scores(names: Iterable[str], log_dir: str | Path, scores: Mapping[str, Any], step: int = 0) -> None:
@@ -112,21 +114,27 @@ class StageLog:
     def write(self, rows: list[dict[str, Any]], scores: Sequence[Mapping[str, Any]] = ()) -> None:
         """The rows (host values) of the steps since the last call, and scores taken while training
         (``{"step": k, name: score}``): to the trackers and the progress display."""
+        # one call per step, in ascending steps, a step's scores beside its row: wandb drops a log whose step is
+        # below one it has seen (the scores of step 0 and 10 written before rows 1-10 lost rows 1-9)
+        by_step: dict[int, dict[str, float]] = {}
         for row in scores:
-            for tracker in self.trackers:
-                tracker.log({f"{self.stage}/eval/{k}": float(v) for k, v in row.items()
-                             if k != "step" and isinstance(v, (int, float))}, int(row["step"]))
-        if not rows:
-            return
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.since, 1e-9)
-        self.tokens, self.since = 0, now
+            by_step.setdefault(int(row["step"]), {}).update(
+                {f"{self.stage}/eval/{k}": float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+        rate = None
+        if rows:
+            now = time.perf_counter()
+            rate = self.tokens / max(now - self.since, 1e-9)
+            self.tokens, self.since = 0, now
         for row in rows:
-            scalars = {f"{self.stage}/{k}": float(v) for k, v in row.items() if k != "step" and v is not None}
+            scalars = by_step.setdefault(int(row["step"]), {})
+            scalars.update({f"{self.stage}/{k}": float(v) for k, v in row.items() if k != "step" and v is not None})
             if row is rows[-1]:
                 scalars[f"{self.stage}/tokens_per_s"] = rate
+        for step in sorted(by_step):
             for tracker in self.trackers:
-                tracker.log(scalars, int(row["step"]))
+                tracker.log(by_step[step], step)
+        if not rows:
+            return
         last = rows[-1]
         loss = "nan" if last.get("loss") is None else f"{last['loss']:.4f}"
         if self.bar is not None:

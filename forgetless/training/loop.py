@@ -409,10 +409,12 @@ def train_stage(
                 method.load_stage_state(ctx, state)
             checkpoint.restore_rng(saved)
         main = accelerator.is_main_process
-        trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir)) if main else []
+        trackers = open_trackers(config.report_to, _log_dir(config, checkpoint_dir), first) if main else []
         log = StageLog(stage, total, first, config.progress and main, trackers)
         synced = len(result.history)  # rows before this index hold host values
-        scored = 0  # rows of ctx.extras["eval_history"] (scores taken while training, EvalEvery) already logged
+        # rows of ctx.extras["eval_history"] (scores taken while training, EvalEvery) already logged: a resumed stage's
+        # restored ones were, by the session that took them
+        scored = len(ctx.extras.get("eval_history", [])) if resume_from is not None else 0
 
         def sync() -> None:  # read the rows' device values; a non-finite step under "stop" ends the stage here
             nonlocal synced, scored

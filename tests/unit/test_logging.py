@@ -146,3 +146,86 @@ def test_forgetless_train_report_to(tmp_path, tiny_model_dir):
     scalars = _scalars(out / "logs")
     assert [e.step for e in scalars["domain/loss"]] == [1, 2]
     assert [(e.step, e.value) for e in scalars["eval/domain/acc"]] == [(2, pytest.approx(record["tasks"]["domain"]["acc"]))]
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def log(self, scalars, step):
+        self.calls.append((step, dict(scalars)))
+
+    def close(self):
+        pass
+
+
+def test_each_step_is_logged_once_in_ascending_order():
+    """The scores of a logging interval were written before its rows (steps 0 and 10, then 1-10): wandb drops a log
+    whose step is below one it has seen, so it kept 2 rows in 10. One call per step now, in order, scores beside
+    their step's row."""
+    from forgetless.training.logging import StageLog
+
+    tracker = _Recorder()
+    log = StageLog("domain", 4, 0, False, [tracker])
+    log.step(10)
+    rows = [{"step": k, "loss": 1.0 / k, "lr": 0.1} for k in range(1, 5)]
+    log.write(rows, [{"step": 0, "acc": 0.25}, {"step": 2, "acc": 0.5}, {"step": 4, "acc": 0.75}])
+    assert [step for step, _ in tracker.calls] == [0, 1, 2, 3, 4]
+    assert tracker.calls[0][1] == {"domain/eval/acc": 0.25}
+    assert tracker.calls[2][1] == {"domain/eval/acc": 0.5, "domain/loss": 0.5, "domain/lr": 0.1}
+    assert set(tracker.calls[4][1]) == {"domain/eval/acc", "domain/loss", "domain/lr", "domain/tokens_per_s"}
+
+
+def test_report_to_listing_a_tracker_twice_is_refused():
+    with pytest.raises(ValueError, match="report_to lists tensorboard more than once"):
+        TrainConfig(report_to=["tensorboard", "tensorboard"])
+
+
+def test_a_resumed_stage_purges_the_steps_it_redoes_and_logs_no_score_twice(lora_model, accelerator, tmp_path,
+                                                                            monkeypatch):
+    """A stage stopped after its checkpoint at step 4 had logged step 5; the resumed session wrote it again into a new
+    events file (the curves went back), and logged the restored scores of steps 1-4 a second time."""
+    import forgetless.training.loop as loop
+
+    class Scores(Method):
+        def __init__(self, stop_at=None):
+            self.stop_at = stop_at
+
+        def after_optimizer_step(self, ctx):
+            ctx.extras.setdefault("eval_history", []).append({"step": ctx.step + 1, "acc": 0.1 * ctx.step})
+            if ctx.step + 1 == self.stop_at:
+                raise RuntimeError("stopped")
+
+        def stage_state(self, ctx):
+            return {"steps": torch.tensor([row["step"] for row in ctx.extras.get("eval_history", [])])}
+
+        def load_stage_state(self, ctx, state):
+            ctx.extras["eval_history"] = [{"step": int(s), "acc": 0.1 * (int(s) - 1)} for s in state["steps"]]
+
+    examples = random_examples(8, 8)
+    cfg = _cfg(max_steps=6, log_every=1, save_every=4, report_to=["tensorboard"], logging_dir=str(tmp_path / "tb"))
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_stage(lora_model(), examples, cfg, [Scores(stop_at=6)], checkpoint_dir=tmp_path / "ck" / "run" / "domain",
+                    accelerator=accelerator)
+    assert [e.step for e in _scalars(tmp_path / "tb" / "run")["domain/loss"]] == [1, 2, 3, 4, 5]
+    recorded = []
+    real = loop.open_trackers
+    monkeypatch.setattr(loop, "open_trackers", lambda *a, **k: [_Recording(t, recorded) for t in real(*a, **k)])
+    train_stage(lora_model(), examples, cfg, [Scores()], checkpoint_dir=tmp_path / "ck" / "run" / "domain",
+                accelerator=accelerator)
+    assert sorted({step for step, scalars in recorded if "domain/eval/acc" in scalars}) == [5, 6]  # not 1-4 again
+    scalars = _scalars(tmp_path / "tb" / "run")
+    assert [e.step for e in scalars["domain/loss"]] == [1, 2, 3, 4, 5, 6]  # 5 was written by both: the first purged
+    assert [e.step for e in scalars["domain/eval/acc"]] == [1, 2, 3, 4, 5, 6]
+
+
+class _Recording:
+    def __init__(self, tracker, calls):
+        self.tracker, self.calls = tracker, calls
+
+    def log(self, scalars, step):
+        self.calls.append((step, dict(scalars)))
+        self.tracker.log(scalars, step)
+
+    def close(self):
+        self.tracker.close()
