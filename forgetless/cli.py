@@ -72,17 +72,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     report_to = sorted(set(exp.train.general.report_to) | set(exp.train.domain.report_to))
     todo = {job.rid for job in jobs_to_do(exp, plan_runs(exp))} if report_to else set()
-    results = run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed, jobs=args.jobs)
-    if report_to and is_main_process():  # the scores of the runs done now, beside their training scalars
-        from forgetless.training.logging import log_scores
-
-        logs = Path(exp.train.domain.logging_dir or exp.output / "logs")
-        for record in results:
-            if record.get("run_id") in todo:
-                steps = record["stages"][-1]["steps"] if record.get("stages") else 0
-                log_scores(report_to, logs / record["run_id"], record, step=steps)
+    try:
+        run_experiment(exp, progress=not args.quiet, rerun_changed=args.rerun_changed, jobs=args.jobs)
+    finally:  # also when a later run fails or Ctrl-C stops the session: the next session does not redo these
+        if report_to and is_main_process():  # the scores of the runs recorded now, beside their training scalars
+            _log_recorded_scores(exp, report_to, todo)
     print((exp.output / "results.md").read_text())
     return 0
+
+
+def _log_recorded_scores(exp: Experiment, report_to: list[str], rids: set[str]) -> None:
+    from forgetless.training.logging import log_scores
+
+    logs = Path(exp.train.domain.logging_dir or exp.output / "logs")
+    for rid in sorted(rids):
+        path = exp.output / "runs" / f"{rid}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            steps = record["stages"][-1]["steps"] if record.get("stages") else 0
+            log_scores(report_to, logs / rid, record, step=steps)
 
 
 def _plan_text(exp: Experiment) -> str:

@@ -132,6 +132,26 @@ def test_forgetless_run_logs_training_and_scores(tmp_path, tiny_model_dir):
     assert [e.value for e in scalars["domain/loss"]] == pytest.approx([r["loss"] for r in record["stages"][0]["history"]])
     assert [(e.step, e.value) for e in scalars["eval/t/acc"]] == [(2, pytest.approx(record["tasks"]["t"]["acc"]))]
     assert scalars["eval/general_ppl"][0].value == pytest.approx(record["general_ppl"], rel=1e-6)
+    # a session stopped after its first run: that run's scores are logged all the same (the next session does not
+    # redo it, so they were never logged)
+    import forgetless.experiment as experiment
+
+    real, calls = experiment.run_one, []
+
+    def second_stops(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    import unittest.mock
+
+    exp["output"], exp["methods"] = str(tmp_path / "two"), ["lora-mu", "lora-nu-mu"]
+    path.write_text(yaml.safe_dump(exp))
+    with unittest.mock.patch.object(experiment, "run_one", second_stops):
+        assert main(["run", str(path), "train.domain.report_to=[tensorboard]", "--quiet"]) == 130
+    (done,) = [p.stem for p in (tmp_path / "two" / "runs").glob("*.json")]
+    assert "eval/t/acc" in _scalars(tmp_path / "two" / "logs" / done)
 
 
 def test_forgetless_train_report_to(tmp_path, tiny_model_dir):
