@@ -529,7 +529,8 @@ def run_one(exp: Experiment, entry: Any, task: TaskSpec, seed: int, data: Experi
                        suite=run_suite(exp, task.name, data))
     ev = exp.eval
     settings = RunSettings(model=exp.model, lora=exp.lora, general=exp.train.general, domain=exp.train.domain,
-                           seed=seed, eval_batch_size=ev.batch_size, precision=exp.precision, progress=progress,
+                           seed=seed, eval_batch_size=ev.batch_size, precision=exp.precision,
+                           progress=progress and is_main_process(),  # evaluation's bars too: one, not one a process
                            dtype=exp.dtype, quantization=exp.quantization, eval_every=ev.every,
                            every_items=ev.every_items, every_blocks=ev.every_blocks,
                            max_general_drop=ev.select.max_general_drop if ev.select is not None else None,
@@ -1399,14 +1400,15 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
               f"kept as checkpoints/RUN_ID.DIGEST")
     chosen = {id(job) for job in pending} | {id(job) for job, _ in stale}
     todo = [job for job in jobs if id(job) in chosen]
-    print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
-    if unrecorded:
-        print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as they "
-              f"are; delete a record to redo that run")
-    if stale:
-        print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
-    if todo and (elsewhere := computed_elsewhere(exp)):
-        print(elsewhere)
+    if is_main_process():  # once, not once a process under accelerate launch
+        print(f"experiment {exp.name}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, writing to {out}")
+        if unrecorded:
+            print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as "
+                  f"they are; delete a record to redo that run")
+        if stale:
+            print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
+        if todo and (elsewhere := computed_elsewhere(exp)):
+            print(elsewhere)
     raw = validate(exp, todo, out / "stages") if todo else None
     if is_main_process():  # a run killed between its record and its checkpoints' removal left them behind (after
         for job in jobs:  # the checks: a run that stops on an error changes nothing)
@@ -1423,7 +1425,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             check_example_lengths(exp, data, todo)
             for number, job in enumerate(todo, 1):
                 current = job.rid
-                print(f"[{number}/{len(todo)}] {job.rid}")
+                if is_main_process():
+                    print(f"[{number}/{len(todo)}] {job.rid}")
                 if is_main_process():
                     for stale_job, record in stale:
                         if stale_job is job:

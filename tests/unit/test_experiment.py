@@ -648,3 +648,21 @@ def test_a_run_stopped_while_it_caches_its_general_stage_resumes_it(tmp_path, ti
     out = tmp_path / "out"
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").rglob("step-*"))
     assert len([p for p in (out / "stages").iterdir() if p.name.startswith("general-")]) == 1
+
+
+def test_evaluation_progress_and_run_lines_show_on_the_main_process_only(tmp_path, tiny_model_dir, monkeypatch,
+                                                                         capsys):
+    """Under accelerate launch every process drew the evaluation's progress bars (training gated its own to the main
+    process) and printed the experiment's lines: four garbled copies with four processes."""
+    import forgetless.experiment as experiment
+
+    seen = []
+    real = experiment.run_recipe
+    monkeypatch.setattr(experiment, "run_recipe", lambda recipe, data, settings, **k: seen.append(settings.progress)
+                        or real(recipe, data, settings, **k))
+    monkeypatch.setattr(experiment, "is_main_process", lambda: False)
+    exp = load_experiment(write_experiment(tmp_path, tiny_model_dir, methods=["lora-mu"], seeds=[0]))
+    run_experiment(exp, progress=True)
+    assert seen == [False]
+    out = capsys.readouterr().out
+    assert "experiment tiny" not in out and "[1/1]" not in out
