@@ -769,6 +769,8 @@ def load_adapter(model: PreTrainedModel, folder: str | Path, trainable: bool = F
     if hasattr(model, "peft_config"):
         raise AdapterError(f"{folder}: the model already has LoRA adapters (a PEFT model); load the adapter into the "
                            f"base model as loaded (load_model), or its weights into this one (load_adapter_weights)")
+    if is_quantized(model):  # a QLoRA adapter computes as it trained (attach_lora): float32 norms, the head's cast
+        prepare_quantized(model)
     try:
         config = PeftConfig.from_pretrained(str(folder))
         config.inference_mode = not trainable

@@ -173,3 +173,27 @@ def test_prepare_quantized_casts_nothing_for_methods_peft_leaves_alone():
         assert all(p.dtype == norms for n, p in model.named_parameters() if "norm" in n)
         assert model.get_input_embeddings().weight.dtype == torch.bfloat16
         assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_qlora_adapter_loaded_for_evaluation_computes_as_it_trained(model_dir, tmp_path):
+    """load_adapter did not prepare a k-bit base as attach_lora does: eval --adapter of a QLoRA run kept bf16 norms
+    where training had float32 ones, and scored other numbers than the run's own evaluation."""
+    from forgetless.models import load_adapter, save_adapter
+
+    def base():  # a bf16 base, as on a GPU or an avx512_bf16 CPU, computing in fp32 (pinned: the same on every CPU)
+        try:
+            return load_model(str(model_dir), quantization="4bit", dtype="bf16", precision="fp32")[0]
+        except ModelNotFoundError as err:
+            pytest.skip(f"bitsandbytes cannot run here: {err}")
+
+    trained = attach_lora(base(), LoraSettings(r=4, alpha=8, dropout=0.0))
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    save_adapter(trained, tmp_path / "adapter", str(model_dir))
+    loaded = load_adapter(base(), tmp_path / "adapter")
+    assert sorted({str(p.dtype) for n, p in loaded.named_parameters() if "norm" in n}) == ["torch.float32"]
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    trained.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
