@@ -371,6 +371,14 @@ def uncompile(modules: list[torch.nn.Module]) -> None:
 
 
 def _decoder_layers(base: torch.nn.Module):
+    """The language model's decoder layers: its decoder's (``get_decoder()``: a multimodal model such as Gemma-3
+    4B-27B lists its vision tower's layers first), else the first non-empty ``layers`` list."""
+    from forgetless.lm import find_backbone_and_head
+
+    found = find_backbone_and_head(base)
+    layers = getattr(found[0], "layers", None) if found is not None else None
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        return layers
     for module in base.modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:

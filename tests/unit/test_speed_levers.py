@@ -360,3 +360,21 @@ def test_logged_tensors_stay_on_the_device_until_the_interval(examples, monkeypa
     monkeypatch.undo()
     assert seen == [0, 0, 0, 0], reads
     assert all(isinstance(row["l2"], float) for row in result.history)
+
+
+def test_compile_takes_the_language_models_layers_of_a_multimodal_model():
+    """Gemma-3 4B-27B loads as Gemma3ForConditionalGeneration, whose first `layers` list is its vision tower's:
+    `compile: true` compiled the SigLIP encoder and left the text decoder eager."""
+    import transformers
+
+    from forgetless.models import _decoder_layers
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    layers = _decoder_layers(model)
+    assert layers is model.get_decoder().layers and type(layers[0]).__name__ == "Gemma3DecoderLayer"
