@@ -494,15 +494,36 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings | None = None):
     settings = settings or LoraSettings()
     if is_quantized(model):  # QLoRA: norms in float32, embeddings and head in the base's dtype
         prepare_quantized(model)
+    targets = list(settings.target_modules)
+    outside = _outside_the_language_model(model, targets)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=targets,
         use_rslora=settings.use_rslora,
         task_type="CAUSAL_LM",
+        **({"exclude_modules": outside} if outside else {}),
     )
     return _peft_model(model, config)
+
+
+def _outside_the_language_model(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The modules ``targets`` name outside the language model's decoder and head: a multimodal model's vision tower
+    (Gemma-3 4B-27B's SigLIP has q_proj/v_proj too). LoRA there would never get a gradient from text, yet count in
+    HLoRA's and EWC's importance and in the saved adapter."""
+    from forgetless.lm import find_backbone_and_head
+
+    found = find_backbone_and_head(model)
+    if found is None:
+        return []
+    backbone, head = found
+    prefix = next((name for name, module in model.named_modules() if module is backbone), None)
+    if not prefix:
+        return []
+    return [name for name, module in model.named_modules()
+            if any(name == t or name.endswith("." + t) for t in targets)
+            and not name.startswith(prefix + ".") and module is not head]
 
 
 def prepare_quantized(model: PreTrainedModel) -> PreTrainedModel:
