@@ -829,6 +829,8 @@ def _load_quantized(name: str, quantization: str, compute_dtype: torch.dtype, at
     try:
         model = AutoModelForCausalLM.from_pretrained(name, quantization_config=config, device_map=device_map,
                                                      dtype=dtype or compute_dtype, **_attn_kwargs(attn_implementation))
+    except torch.OutOfMemoryError:
+        raise  # the device's memory, not bitsandbytes (an OutOfMemoryError is a RuntimeError)
     except (RuntimeError, ValueError, ImportError) as err:
         raise ModelNotFoundError(f"cannot load {name} with quantization: {quantization} on this machine ({err}); "
                                  "it needs bitsandbytes with a backend for this device (pip install "

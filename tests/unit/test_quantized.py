@@ -99,6 +99,19 @@ def test_missing_bitsandbytes_says_what_to_install(monkeypatch, model_dir):
         load_model(str(model_dir), quantization="4bit")
 
 
+def test_running_out_of_memory_while_loading_is_not_blamed_on_bitsandbytes(monkeypatch, model_dir):
+    """torch.OutOfMemoryError is a RuntimeError: a k-bit base that did not fit read as "it needs bitsandbytes with a
+    backend for this device"."""
+    import forgetless.models as models
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", full)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        load_model(str(model_dir), quantization="4bit")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_embeddings_and_head_keep_the_base_dtype_norms_are_float32(model_dir, precision):
     """A 4-bit base keeps its embeddings and head in the base's dtype (bf16 when the run computes in bf16, float32
