@@ -3,7 +3,8 @@
 Same model (SmolLM2-135M), same LoRA (r=8 on q_proj, v_proj), same batch (8 x 128 tokens of general text),
 same precision (bf16 autocast where the CPU has native bf16, else float32), same optimizer (AdamW),
 gradient clipping on in both. Each side's step time is the median over timed steps after warm-up, taken
-from hooks/callbacks at each optimizer step; two rounds, F T then T F, and each side keeps its best median.
+from hooks/callbacks at each optimizer step; ``--rounds`` rounds (2 by default), F T then T F alternately, and each
+side keeps its best median (each round's ratio and their median are printed too).
 
 Also prints the step's model FLOP rate as a fraction of a dense matmul's rate measured in this run:
 model FLOPs = those counted by torch's FlopCounterMode for one forward+backward of the PEFT model (its matmuls: the
@@ -17,7 +18,7 @@ batch above; on examples of random lengths (16 to 160 tokens, like multiple-choi
 sees every example once); ``compile`` (its compilation in the warm-up steps); and ``fused_lora`` on the q/v model
 and on a second one with LoRA r=16 on all seven projections. ``--only fused_lora`` picks levers by name.
 
-Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--levers | --levers-only [--only NAME,NAME]]
+Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--rounds 2] [--levers | --levers-only [--only NAME,NAME]]
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both sides, alternating F T / T F")
     parser.add_argument("--levers", action="store_true", help="also time the speed levers that run on the CPU")
     parser.add_argument("--levers-only", action="store_true", help="only the levers (no Trainer comparison)")
     parser.add_argument("--only", default="", help="comma-separated parts of lever names: only those levers "
@@ -174,7 +176,7 @@ def main() -> int:
         if args.levers_only:
             return 0
     ours, theirs = [], []
-    for r in range(2):  # F T, then T F: drift in machine load and the first side's warm caches hit both sides
+    for r in range(args.rounds):  # F T, then T F, ...: drift in machine load and the first side's warm caches hit both
         for side in (("f", "t") if r % 2 == 0 else ("t", "f")):
             if side == "f":
                 ours.append(forgetless_step(args.steps, args.warmup, precision))
@@ -183,7 +185,9 @@ def main() -> int:
         print(f"  round {r} ({'F T' if r % 2 == 0 else 'T F'}): forgetless step {ours[-1]:.3f} s   "
               f"Trainer+PEFT step {theirs[-1]:.3f} s")
     ratio = min(ours) / min(theirs)
-    print(f"forgetless / Trainer+PEFT step time: {ratio:.3f}  (target <= 1.0, issue #15 item 4)")
+    rounds = [a / b for a, b in zip(ours, theirs)]
+    print(f"forgetless / Trainer+PEFT step time: {ratio:.3f}  (target <= 1.0, issue #15 item 4; best of each side; "
+          f"per round {' '.join(f'{x:.3f}' for x in rounds)}, median {statistics.median(rounds):.3f})")
     flops = model_flops(precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_rate(dtype)
