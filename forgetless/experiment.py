@@ -825,16 +825,18 @@ def set_aside(path: Path, suffix: str) -> Path:
     return target
 
 
-def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
+def _set_aside(out: Path, job: Job, record: dict[str, Any], log_dirs: Sequence[str | None] = ()) -> None:
     """Rename a stale run's record, adapter, surfaces, logs and checkpoints with its digest: kept beside the new ones,
     never overwritten. The set-aside record's surface paths are rewritten to the surfaces' new folder, so that it does
-    not point at the files the new run writes."""
+    not point at the files the new run writes. ``log_dirs``: the stages' ``logging_dir`` settings (the run's tracker
+    files are in ``LOGGING_DIR/RUN_ID`` where one is set; the new run's would mix with them)."""
     suffix = record.get("settings_digest") or "old"
     adapters = out / "adapters"
     moved = {}
+    logs = dict.fromkeys([out / "logs" / job.rid] + [Path(d) / job.rid for d in log_dirs if d])
     # its checkpoints too (kept with keep_checkpoints): the redone run went on from the old run's last one
     for path in (out / "runs" / f"{job.rid}.json", adapters / job.rid, adapters / f"{job.rid}.selected",
-                 out / "landscape" / job.rid, out / "logs" / job.rid, out / "checkpoints" / job.rid):
+                 out / "landscape" / job.rid, *logs, out / "checkpoints" / job.rid):
         if path.exists():
             moved[path] = set_aside(path, suffix)
     kept, surfaces = moved.get(out / "runs" / f"{job.rid}.json"), moved.get(out / "landscape" / job.rid)
@@ -845,6 +847,10 @@ def _set_aside(out: Path, job: Job, record: dict[str, Any]) -> None:
             if isinstance(part.get("surface"), str) and part["surface"].startswith(old):
                 part["surface"] = new + part["surface"][len(old):]
         _write_json(kept, record)
+
+
+def _logging_dirs(exp: Experiment) -> list[str | None]:
+    return [exp.train.general.logging_dir, exp.train.domain.logging_dir]
 
 
 def run_experiment(exp: Experiment, progress: bool = True, rerun_changed: bool = False,
@@ -1239,7 +1245,7 @@ def _worker_run(exp: Experiment, rids: list[str], progress: bool = True, stale: 
         say(f"[worker {_WORKER.get('number', 0)}] {rid}")  # whole lines: the workers share one stdout
         recorded = exp.output / "runs" / f"{rid}.json"
         if rid in stale and recorded.is_file():
-            _set_aside(exp.output, plan[rid], json.loads(recorded.read_text()))
+            _set_aside(exp.output, plan[rid], json.loads(recorded.read_text()), _logging_dirs(exp))
         with plain_lines(f"[{rid}] ") if progress else contextlib.nullcontext():  # lines, not bars, led by the run
             record = _named(rid, lambda: _train_job(exp, plan[rid], _WORKER["data"], progress))
         say(f"    {rid}: {_named(rid, lambda: _keep(exp, rid, record))}")
@@ -1430,7 +1436,7 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 if is_main_process():
                     for stale_job, record in stale:
                         if stale_job is job:
-                            _set_aside(out, job, record)
+                            _set_aside(out, job, record, _logging_dirs(exp))
                 record = _named(job.rid, lambda: _train_job(exp, job, data, progress))
                 current = None
                 if is_main_process():  # under `accelerate launch`, every process trains; only one writes

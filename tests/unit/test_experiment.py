@@ -666,3 +666,20 @@ def test_evaluation_progress_and_run_lines_show_on_the_main_process_only(tmp_pat
     assert seen == [False]
     out = capsys.readouterr().out
     assert "experiment tiny" not in out and "[1/1]" not in out
+
+
+def test_a_redone_runs_tracker_files_under_logging_dir_are_set_aside(tmp_path):
+    """--rerun-changed set aside OUTPUT/logs/RUN_ID only: with logging_dir set, the old run's events stayed in
+    LOGGING_DIR/RUN_ID and the new run's were written beside them (one run in TensorBoard, two runs' curves)."""
+    from types import SimpleNamespace
+
+    from forgetless.experiment import _set_aside
+
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "r.json").write_text("{}")
+    (tb / "r").mkdir(parents=True)
+    (tb / "r" / "events.out").write_text("old")
+    _set_aside(out, SimpleNamespace(rid="r"), {"settings_digest": "abc"}, [None, str(tb)])
+    assert not (tb / "r").exists() and (tb / "r.abc" / "events.out").read_text() == "old"
+    assert (out / "runs" / "r.json.abc").is_file()
