@@ -196,7 +196,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"report: --output {output} is a file, not a folder")
         check_output_possible(output, "report: --output")
     path = build_report(args.results, output=args.output, reference=references, metric=args.metric,
-                        rank_base=args.rank_base)
+                        rank_base=args.rank_base, test=args.test)
     print(path.read_text())
     print(f"report: {path} (figures beside it)")
     return 0
@@ -755,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods the t-tests compare against, comma-separated ('' for none)")
     p.add_argument("--metric", choices=["acc", "acc_norm"], default="acc", help="domain accuracy metric")
     p.add_argument("--rank-base", action="store_true", help="rank 'base' too when marking best and second")
+    p.add_argument("--test", choices=["paired", "welch"], default="paired",
+                   help="significance test: paired by seed where both methods ran the same seeds (default), or "
+                        "Welch's throughout (as the reports of docs/results were written)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("merge", parents=[debug],

@@ -268,13 +268,18 @@ def tested_metrics(res: Results) -> tuple[str, ...]:
     return (PPL, ACC, SUITE) if res.suite else (PPL, ACC)
 
 
-def significance_tests(res: Results, reference: str) -> list[dict[str, Any]]:
+TESTS = ("paired", "welch")  # build_report's ``test``: paired by seed where it can be, or Welch's throughout
+
+
+def significance_tests(res: Results, reference: str, test: str = "paired") -> list[dict[str, Any]]:
     """A two-sided t-test of every method against ``reference``, per task and metric (:func:`tested_metrics`).
 
     Paired by seed (``scipy.stats.ttest_rel``) where both sides ran the same seeds, two or more, each once: runs of
     one seed share the data order, the LoRA initialization and the cached general stage, so the seed-to-seed spread
     they share is not evidence against a difference (Welch's test counted it, and a gain of one point on every one
-    of five seeds got p = 0.85). Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) otherwise.
+    of five seeds got p = 0.85). Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) otherwise, and
+    throughout with ``test="welch"`` (the reports of docs/results were written so). With three seeds the paired test
+    has 2 degrees of freedom against Welch's about 4: where the seeds share little, it gives the larger p.
 
     Rows: ``{method, task, metric, diff, t, p, n, n_ref, test}`` with ``diff = mean(method) - mean(reference)`` and
     ``test`` "paired" or "welch"; ``t`` and ``p`` are NaN when either side has fewer than two seeds, or when nothing
@@ -293,7 +298,7 @@ def significance_tests(res: Results, reference: str) -> list[dict[str, Any]]:
                     continue
                 a, b = [v for _, v in ours], [v for _, v in theirs]
                 seeds = [s for s, _ in ours]
-                paired = seeds == [s for s, _ in theirs] and len(set(seeds)) == len(seeds)
+                paired = test == "paired" and seeds == [s for s, _ in theirs] and len(set(seeds)) == len(seeds)
                 diffs = [x - y for x, y in zip(a, b)]
                 t = p = math.nan
                 # without variance (seeds that tie on a small test set): scipy says t = +-inf, p = 0, which no test
@@ -304,8 +309,8 @@ def significance_tests(res: Results, reference: str) -> list[dict[str, Any]]:
                     if varies:
                         with warnings.catch_warnings():  # equal samples (WiSE-FT's alpha 1 is lora-nu-mu): t 0,
                             warnings.simplefilter("ignore", RuntimeWarning)  # p 1, with scipy's "precision loss"
-                            test = ttest_rel(a, b) if paired else ttest_ind(a, b, equal_var=False)
-                        t, p = float(test.statistic), float(test.pvalue)
+                            found = ttest_rel(a, b) if paired else ttest_ind(a, b, equal_var=False)
+                        t, p = float(found.statistic), float(found.pvalue)
                 rows.append({"method": method, "task": task, "metric": metric,
                              "diff": statistics.fmean(a) - statistics.fmean(b), "t": t, "p": p,
                              "n": len(a), "n_ref": len(b), "test": "paired" if paired else "welch"})
@@ -327,12 +332,13 @@ def section_main_table(res: Results, rank_base: bool) -> str:
             + results_table(res, res.methods, rank_base))
 
 
-def section_significance(res: Results, reference: str | Sequence[str] | None, folder: Path) -> str:
+def section_significance(res: Results, reference: str | Sequence[str] | None, folder: Path,
+                         test: str = "paired") -> str:
     references = [reference] if isinstance(reference, str) else list(reference or [])
     title = f"## Significance: t-tests against {'a reference' if len(references) < 2 else 'references'}\n\n"
     if not references:
         return title + "Skipped: no reference method (give `--reference`; the defaults are absent).\n"
-    parts = [_significance_table(res, ref) for ref in references]
+    parts = [_significance_table(res, ref, test) for ref in references]
     if not any(table for table, _ in parts):
         return title + "".join(note for _, note in parts)
     figures = []
@@ -343,9 +349,12 @@ def section_significance(res: Results, reference: str | Sequence[str] | None, fo
     suite = (" General-suite change: the mean over the suite tasks of the run's score minus `base`'s (same items), "
              "in points; negative is forgetting." if SUITE in tested_metrics(res) else "")
     return (title + "Δ: mean of the method minus mean of the reference (PPL in perplexity points, accuracy in "
-            "percentage points); p: two-sided t-test over seeds, paired by seed where both sides ran the same seeds "
-            "(`scipy.stats.ttest_rel`: runs of one seed share data order, LoRA initialization and general stage), "
-            "else Welch's (`scipy.stats.ttest_ind(equal_var=False)`, the cell says Welch); "
+            "percentage points); p: two-sided "
+            + ("t-test over seeds, paired by seed where both sides ran the same seeds (`scipy.stats.ttest_rel`: runs "
+               "of one seed share data order, LoRA initialization and general stage), else Welch's "
+               "(`scipy.stats.ttest_ind(equal_var=False)`, the cell says Welch); " if test == "paired" else
+               "Welch's t-test over seeds (`scipy.stats.ttest_ind(equal_var=False)`; `--test paired` pairs runs by "
+               "seed); ") +
             f"n/a with fewer than two seeds on a side (a table where no method can be tested gives the differences "
             f"alone), or when nothing varies over the seeds (paired: the difference is the same on every seed); a "
             f"cell over other seed counts than the rest says them (n = method/reference).{suite}\n\n"
@@ -353,11 +362,11 @@ def section_significance(res: Results, reference: str | Sequence[str] | None, fo
             + "\n".join(figures) + "\n")
 
 
-def _significance_table(res: Results, reference: str) -> tuple[str, str]:
+def _significance_table(res: Results, reference: str, test: str = "paired") -> tuple[str, str]:
     """(Markdown table of the tests against ``reference``, or "" and a one-line note saying why there is none)."""
     if reference not in res.methods:
         return "", f"Skipped: the reference method `{reference}` has no runs here.\n\n"
-    rows = significance_tests(res, reference)
+    rows = significance_tests(res, reference, test)
     if not rows:
         return "", f"Skipped: no method shares a task with `{reference}`.\n\n"
     metrics = tested_metrics(res)
@@ -383,7 +392,8 @@ def _significance_table(res: Results, reference: str) -> tuple[str, str]:
                     if untestable:
                         row.append(f"{diff} ({counts[2:]})" if counts else diff)
                     else:
-                        welch = ", Welch" if hit[0]["test"] == "welch" and not math.isnan(hit[0]["p"]) else ""
+                        welch = ", Welch" if (test == "paired" and hit[0]["test"] == "welch"
+                                              and not math.isnan(hit[0]["p"])) else ""  # among paired cells
                         row.append(f"{diff} (p={_p_text(hit[0]['p'])}{counts}{welch})")
                 else:
                     row.append("-")
@@ -686,10 +696,14 @@ def _experiment_folder(results_dir: str | Path) -> Path:
 
 def build_report(results_dir: str | Path, output: str | Path | None = None,
                  reference: str | Sequence[str] | None = ("lora-mu", "lora-nu-mu"),
-                 metric: str = "acc", rank_base: bool = False) -> Path:
-    """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path."""
+                 metric: str = "acc", rank_base: bool = False, test: str = "paired") -> Path:
+    """Write ``report.md`` and its figures to ``output`` (default ``RESULTS_DIR/report``); return its path. ``test``:
+    the significance test (:func:`significance_tests`), "paired" (by seed, where both sides ran the same seeds) or
+    "welch"."""
     if metric not in ("acc", "acc_norm"):
         raise ValueError(f"metric must be 'acc' or 'acc_norm', got {metric!r}")
+    if test not in TESTS:
+        raise ValueError(f"test must be one of {list(TESTS)}, got {test!r}")
     runs = with_variants(load_runs(results_dir))
     finite = [r for r in runs if finite_record(r)]
     if not finite:
@@ -713,7 +727,7 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     if scoring:
         print("report: the runs were not scored alike (held-out text, test items, suite, model or precision differ); "
               "report.md says how", file=sys.stderr)
-    sections = [section_main_table(res, rank_base), section_significance(res, reference, folder), section_cost(res),
+    sections = [section_main_table(res, rank_base), section_significance(res, reference, folder, test), section_cost(res),
                 section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),
                 flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir), metric=metric)]

@@ -531,6 +531,15 @@ def test_runs_of_the_same_seeds_are_compared_pair_by_pair(tmp_path):
     cells = table_rows(md, "## Significance")
     assert cells["hlora"][1] == f"+1.2 (p={hl['p']:.3g})"
     assert cells["ewc"][1] == f"-0.2 (p={ewc['p']:.3g}, n=4/5, Welch)"  # 49.75 - 50
+    # --test welch: Welch's throughout, as the reports of docs/results were written
+    welch = {(t["method"], t["metric"]): t for t in significance_tests(res, "lora-mu", test="welch")}
+    assert welch[("hlora", "domain_acc")]["test"] == "welch"
+    assert welch[("hlora", "domain_acc")]["p"] == pytest.approx(ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
+    assert main(["report", str(folder), "--reference", "lora-mu", "--test", "welch", "--output",
+                 str(tmp_path / "w")]) == 0
+    cells = table_rows((tmp_path / "w" / "report.md").read_text(), "## Significance")
+    assert cells["hlora"][1] == f"+1.2 (p={welch[('hlora', 'domain_acc')]['p']:.3g})"  # every cell is Welch's
+    assert "two-sided Welch's t-test over seeds" in (tmp_path / "w" / "report.md").read_text()
 
 
 def test_cells_that_print_alike_share_their_mark_and_odd_seed_counts_are_said(tmp_path):
