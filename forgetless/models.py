@@ -771,8 +771,30 @@ def load_adapter_weights(model, folder: str | Path) -> None:
         if tuple(tensors[key].shape) != expected[key]:
             raise AdapterError(f"{folder}: the adapter does not fit the model: key {key!r} has shape "
                                f"{list(tensors[key].shape)} in the adapter, {list(expected[key])} in the model")
+    _check_scaling(model, folder)
     _check_base(model, folder)
     set_peft_model_state_dict(model, tensors)
+
+
+def _check_scaling(model, folder: Path) -> None:
+    """The adapter's ``lora_alpha`` and ``use_rslora`` (its update's scale, s = alpha / r or alpha / sqrt(r)) are the
+    model's: factors of one scale loaded under another give another update, with every key and shape fitting."""
+    try:
+        saved = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return  # check_adapter_files has said what is wrong with the folder's files
+    configs = getattr(model, "peft_config", {})
+    active = getattr(model, "active_adapter", "default")
+    mine = configs.get(active if isinstance(active, str) else "default")
+    if mine is None:
+        return
+    for key, default in (("lora_alpha", 8), ("use_rslora", False)):
+        theirs, ours = saved.get(key, default), getattr(mine, key, default)
+        if theirs != ours and not (isinstance(theirs, (int, float)) and isinstance(ours, (int, float))
+                                   and float(theirs) == float(ours)):
+            raise AdapterError(f"{folder}: the adapter was saved with {key}={theirs!r}, the model's LoRA has "
+                               f"{key}={ours!r}: its update would be scaled otherwise; attach LoRA with the adapter's "
+                               f"settings (or load it with load_adapter)")
 
 
 def _check_base(model, folder: Path) -> None:

@@ -291,3 +291,20 @@ def test_a_hub_model_not_cached_and_no_hub_to_reach_is_one_error_at_once(monkeyp
     with pytest.raises(AttributeError):  # past the check: the stand-in tokenizer has no pad_token_id
         models.load_tokenizer("org/model")
     assert len(asked) == 2  # cached: no request
+
+
+def test_adapter_weights_saved_under_another_scale_are_refused(tmp_path):
+    """load_adapter_weights checked keys, shapes and the base: factors saved with lora_alpha 32 loaded into a LoRA of
+    alpha 8 (or rsLoRA) fitted every key and gave another update, silently."""
+    from forgetless.models import AdapterError, load_adapter_weights, save_adapter
+
+    def lora(**settings):
+        return attach_lora(make_tiny_model(0), LoraSettings(r=2, dropout=0.0, **settings))
+
+    save_adapter(lora(alpha=32), tmp_path / "a32", "tiny")
+    load_adapter_weights(lora(alpha=32), tmp_path / "a32")  # the same scale: loads
+    load_adapter_weights(lora(alpha=32.0), tmp_path / "a32")  # 32 and 32.0 are one scale
+    with pytest.raises(AdapterError, match="saved with lora_alpha=32, the model's LoRA has lora_alpha=8"):
+        load_adapter_weights(lora(alpha=8), tmp_path / "a32")
+    with pytest.raises(AdapterError, match="saved with use_rslora=False, the model's LoRA has use_rslora=True"):
+        load_adapter_weights(lora(alpha=32, use_rslora=True), tmp_path / "a32")
