@@ -1,7 +1,7 @@
 """Scores taken while a stage trains: forgetting over training (``eval_every``).
 
 :class:`EvalEvery` is a plugin like the anti-forgetting methods: after every ``every``-th optimizer step (and before
-the first, as step 0) it calls ``evaluate(model) -> {name: score}`` with the model in eval mode and records a row
+the first moves the weights, as step 0; a resumed stage restores that row) it calls ``evaluate(model) -> {name: score}`` with the model in eval mode and records a row
 ``{"step": k, **scores}`` in ``ctx.extras["eval_history"]``. Evaluation draws no random numbers and restores the
 model's mode, so the training that follows is the same as without it (tested).
 
@@ -71,7 +71,14 @@ class EvalEvery(Method):
 
     def on_stage_start(self, ctx: StageContext) -> None:
         self.history, self.best_step, self.best_state = [], None, None
-        if ctx.stage in self.stages and self.at_start:
+        # step 0's row is taken before the first optimizer step moves the weights (before_optimizer_step), not here:
+        # a stage that resumes from a checkpoint restores it instead (load_stage_state), and evaluating here cost a
+        # whole evaluation that the restored history then replaced
+        self._start_pending = ctx.stage in self.stages and self.at_start
+
+    def before_optimizer_step(self, ctx: StageContext) -> None:
+        if getattr(self, "_start_pending", False):  # the weights are still the stage's starting ones
+            self._start_pending = False
             self._record(ctx, 0)
 
     def stage_state(self, ctx: StageContext) -> dict[str, torch.Tensor]:
@@ -84,6 +91,7 @@ class EvalEvery(Method):
         return state
 
     def load_stage_state(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> None:
+        self._start_pending = False  # the checkpoint's history has step 0's row
         columns = {k.removeprefix("history/"): v.tolist() for k, v in state.items() if k.startswith("history/")}
         rows = len(columns.get("step", []))
         self.history = [{k: (int(v[i]) if k == "step" else v[i]) for k, v in columns.items() if not math.isnan(v[i])}

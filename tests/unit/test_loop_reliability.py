@@ -435,3 +435,39 @@ def test_a_trainers_mixed_precision_wrapper_is_taken_off_for_the_stage(lora_mode
     for (name, p), (_, q) in zip(model.named_parameters(), clean.named_parameters()):
         assert torch.equal(p, q), name  # bf16 autocast would differ by far more than nothing
     assert model.__dict__["forward"] is wrapped  # the caller's model as it came
+
+
+def test_a_resumed_stage_does_not_evaluate_step_0_again(lora_model, accelerator, tmp_path):
+    """EvalEvery evaluated step 0 as the stage started, before the checkpoint was loaded, whose history then replaced
+    that row: a whole evaluation for nothing in every resumed stage. Step 0 is now taken before the first optimizer
+    step (the starting weights still) and only when no checkpoint is resumed."""
+    from forgetless.training.tracking import EvalEvery
+
+    class StopAt(Method):
+        armed = True
+
+        def after_optimizer_step(self, ctx):
+            if self.armed and ctx.step + 1 == 3:
+                raise RuntimeError("stopped")
+
+    def weights_sum(model):
+        return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+
+    examples = random_examples(8, 8)
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, precision="fp32", progress=False, save_every=2)
+    first = lora_model()
+    start = weights_sum(first)
+    calls = []
+    tracker = EvalEvery(2, lambda model: calls.append(weights_sum(model)) or {"acc": 0.5})
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_stage(first, examples, cfg, [tracker, StopAt()], checkpoint_dir=tmp_path / "ck",
+                    accelerator=accelerator)
+    assert len(calls) == 2 and calls[0] == start != calls[1]  # step 0 on the starting weights, then step 2
+    calls.clear()
+    tracker = EvalEvery(2, lambda model: calls.append(weights_sum(model)) or {"acc": 0.5})
+    disarmed = StopAt()
+    disarmed.armed = False
+    result = train_stage(lora_model(), examples, cfg, [tracker, disarmed], checkpoint_dir=tmp_path / "ck",
+                         accelerator=accelerator)
+    assert len(calls) == 1  # step 4 only
+    assert [row["step"] for row in result.extras["eval_history"]] == [0, 2, 4]
