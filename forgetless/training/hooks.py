@@ -74,6 +74,9 @@ class StageContext:
     general_examples: Sequence[dict] | None = None
     # Scalars a method wants logged at this step (e.g. {"reg_loss": ...}); the loop records them.
     scalars: dict[str, float] = field(default_factory=dict)
+    # Seconds a method spent on other work than training since the loop last read it (eval.every's evaluation): the
+    # loop leaves them out of the logged tokens_per_s and sets this back to 0.
+    paused_seconds: float = 0.0
     # Free room for methods to leave things for each other or for the report.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -104,6 +104,12 @@ class StageLog:
         if progress and not self.plain:
             self.bar = tqdm(total=total, desc=f"train {stage}", initial=first)
         self.tokens, self.since = 0, time.perf_counter()
+        self.paused = 0.0  # seconds of the current interval spent outside training (evaluation, a checkpoint)
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` of the current interval that were no training (``eval.every``'s evaluation, a checkpoint's
+        write): left out of the interval's ``tokens_per_s``."""
+        self.paused += seconds
 
     def step(self, tokens: int) -> None:
         """One optimizer step done, over ``tokens`` input tokens (no device value is read)."""
@@ -123,8 +129,8 @@ class StageLog:
         rate = None
         if rows:
             now = time.perf_counter()
-            rate = self.tokens / max(now - self.since, 1e-9)
-            self.tokens, self.since = 0, now
+            rate = self.tokens / max(now - self.since - self.paused, 1e-9)
+            self.tokens, self.since, self.paused = 0, now, 0.0
         for row in rows:
             scalars = by_step.setdefault(int(row["step"]), {})
             scalars.update({f"{self.stage}/{k}": float(v) for k, v in row.items() if k != "step" and v is not None})

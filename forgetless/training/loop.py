@@ -488,14 +488,18 @@ def train_stage(
                     row["grad_norm"] = grad_norm
                 result.history.append(row)
             log.step(sum(t for _, t in counts))
+            log.pause(ctx.paused_seconds)  # an evaluation (eval.every) is no training time
+            ctx.paused_seconds = 0.0
             saving = (checkpoint_dir is not None and config.save_every and (step + 1) % config.save_every == 0
                       and step + 1 < total)
             if saving or (step + 1) % config.log_every == 0 or step + 1 == total:
                 sync()  # on every process alike: a non-finite step stops them all at the same step
             if saving and main:
+                writing = time.perf_counter()
                 checkpoint.save(checkpoint_dir, step + 1, named, optimizer, scheduler, result.history,
                                 [method.stage_state(ctx) for method in methods], stage_settings,
                                 seconds=earlier + time.perf_counter() - started)
+                log.pause(time.perf_counter() - writing)  # the next interval's throughput leaves the write out
         sync()  # nothing left when the loop ran; a stage resumed at its end has nothing either
     except BaseException:
         give_back()

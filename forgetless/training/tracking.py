@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -55,6 +56,13 @@ class EvalEvery(Method):
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def _record(self, ctx: StageContext, step: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._evaluate(ctx, step)
+        finally:  # the stage's logged throughput leaves this time out
+            ctx.paused_seconds += time.perf_counter() - started
+
+    def _evaluate(self, ctx: StageContext, step: int) -> None:
         was_training = ctx.model.training
         ctx.model.eval()
         try:

@@ -249,3 +249,36 @@ class _Recording:
 
     def close(self):
         self.tracker.close()
+
+
+def test_tokens_per_s_leaves_out_the_evaluations_and_checkpoint_writes(monkeypatch, lora_model, accelerator):
+    """An interval holding an eval.every evaluation (or a checkpoint's write) logged a lower throughput: its time
+    counted as training. The stage's time minus the paused seconds is used now."""
+    from types import SimpleNamespace
+
+    import forgetless.training.logging as logging_module
+    from forgetless.training.logging import StageLog
+
+    clock = [0.0]
+    monkeypatch.setattr(logging_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    tracker = _Recorder()
+    log = StageLog("domain", 2, 0, False, [tracker])
+    clock[0] = 10.0
+    log.step(100)
+    log.pause(5.0)
+    log.write([{"step": 1, "loss": 1.0, "lr": 0.1}])
+    assert tracker.calls[-1][1]["domain/tokens_per_s"] == pytest.approx(20.0)  # 100 tokens in 10 - 5 s
+    clock[0] = 14.0
+    log.step(100)
+    log.write([{"step": 2, "loss": 1.0, "lr": 0.1}])
+    assert tracker.calls[-1][1]["domain/tokens_per_s"] == pytest.approx(25.0)  # the pause is spent: 100 in 4 s
+    monkeypatch.undo()
+
+    from forgetless.training.tracking import EvalEvery
+
+    paused = []
+    real = StageLog.pause
+    monkeypatch.setattr(StageLog, "pause", lambda self, s: paused.append(s) or real(self, s))
+    evaluate = EvalEvery(2, lambda model: {"acc": 0.5})
+    train_stage(lora_model(), random_examples(8, 8), _cfg(max_steps=4), [evaluate], accelerator=accelerator)
+    assert [s > 0 for s in paused] == [True, True, False, True]  # step 0's evaluation (in step 1), steps 2 and 4
