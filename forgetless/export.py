@@ -29,9 +29,10 @@ import torch
 
 from forgetless.lora import DEFAULT_ADAPTER, lora_modules, scaling
 from forgetless.methods import wise_ft
-from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, AdapterError,
-                               adapter_record, base_fingerprint, expand_model_name, is_gguf, load_adapter,
-                               load_adapter_weights, load_model, weights_digest)
+from forgetless.models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, EMBEDDED_MODELS, SCALING_FIELDS,
+                               AdapterError, adapter_record, base_fingerprint, expand_model_name, is_gguf,
+                               load_adapter, load_adapter_weights, load_model, lora_config_differences,
+                               weights_digest)
 
 DTYPES = {"base": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -155,9 +156,6 @@ def export_wise_ft(model_name: str, adapter_dir: str | Path, theta_nu: str | Pat
     return out
 
 
-# what a LoRA layer's update s B A depends on besides its factors: theta_nu's factors are scaled by mu's config
-_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
-
 
 def _check_same_lora(source: Path, config: Any) -> None:
     """AdapterError when a general stage's adapter folder has other LoRA scaling or targets than the domain adapter:
@@ -167,14 +165,9 @@ def _check_same_lora(source: Path, config: Any) -> None:
     except (OSError, ValueError) as err:
         raise AdapterError(f"{source / ADAPTER_CONFIG}: unreadable ({err})") from None
 
-    def value(found, key):  # as PEFT takes an absent or null field; targets in any order
-        found = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}.get(key) if found is None else found
-        return sorted(found) if key == "target_modules" and not isinstance(found, str) else found
-
-    keys = (*_SCALING_FIELDS, "target_modules")
-    pairs = {key: (value(theirs.get(key), key), value(getattr(config, key, None), key)) for key in keys}
-    changed = [f"{key}: {there!r} there, {here!r} in the adapter" for key, (there, here) in pairs.items()
-               if there != here]
+    # theta_nu's factors are scaled by mu's config: the same scale and the same layers
+    changed = [f"{key}: {there!r} there, {here!r} in the adapter" for key, (there, here)
+               in lora_config_differences(theirs, config, (*SCALING_FIELDS, "target_modules")).items()]
     if changed:
         raise AdapterError(f"{source}: theta_nu's LoRA settings differ from the adapter's ({'; '.join(changed[:3])}): "
                            f"WiSE-FT blends two stages of one run, with one LoRA configuration")

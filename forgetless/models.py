@@ -30,8 +30,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -776,25 +778,36 @@ def load_adapter_weights(model, folder: str | Path) -> None:
     set_peft_model_state_dict(model, tensors)
 
 
+# what a LoRA layer's update s B A depends on besides its factors (and, with target_modules, which layers have one)
+SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def lora_config_differences(saved: dict[str, Any], config: Any, keys: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, config's value)}`` for the ``keys`` where a saved ``adapter_config.json`` (``saved``)
+    and a PEFT config differ, each taken as PEFT takes an absent or null field (targets in any order)."""
+    def value(found: Any, key: str) -> Any:
+        found = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}.get(key) if found is None else found
+        return sorted(found) if key == "target_modules" and not isinstance(found, str) else found
+
+    pairs = {key: (value(saved.get(key), key), value(getattr(config, key, None), key)) for key in keys}
+    return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
+
+
 def _check_scaling(model, folder: Path) -> None:
-    """The adapter's ``lora_alpha`` and ``use_rslora`` (its update's scale, s = alpha / r or alpha / sqrt(r)) are the
-    model's: factors of one scale loaded under another give another update, with every key and shape fitting."""
+    """The adapter's scale (``lora_alpha``, ``use_rslora``, ...: s = alpha / r or alpha / sqrt(r)) is the model's:
+    factors of one scale loaded under another give another update, with every key and shape fitting."""
     try:
-        saved = json.loads((folder / "adapter_config.json").read_text())
+        saved = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError):
         return  # check_adapter_files has said what is wrong with the folder's files
-    configs = getattr(model, "peft_config", {})
     active = getattr(model, "active_adapter", "default")
-    mine = configs.get(active if isinstance(active, str) else "default")
+    mine = getattr(model, "peft_config", {}).get(active if isinstance(active, str) else "default")
     if mine is None:
         return
-    for key, default in (("lora_alpha", 8), ("use_rslora", False)):
-        theirs, ours = saved.get(key, default), getattr(mine, key, default)
-        if theirs != ours and not (isinstance(theirs, (int, float)) and isinstance(ours, (int, float))
-                                   and float(theirs) == float(ours)):
-            raise AdapterError(f"{folder}: the adapter was saved with {key}={theirs!r}, the model's LoRA has "
-                               f"{key}={ours!r}: its update would be scaled otherwise; attach LoRA with the adapter's "
-                               f"settings (or load it with load_adapter)")
+    for key, (theirs, ours) in lora_config_differences(saved, mine, SCALING_FIELDS).items():
+        raise AdapterError(f"{folder}: the adapter was saved with {key}={theirs!r}, the model's LoRA has "
+                           f"{key}={ours!r}: its update would be scaled otherwise; attach LoRA with the adapter's "
+                           f"settings (or load it with load_adapter)")
 
 
 def _check_base(model, folder: Path) -> None:
