@@ -18,7 +18,8 @@ batch above; on examples of random lengths (16 to 160 tokens, like multiple-choi
 sees every example once); ``compile`` (its compilation in the warm-up steps); and ``fused_lora`` on the q/v model
 and on a second one with LoRA r=16 on all seven projections. ``--only fused_lora`` picks levers by name.
 
-Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--rounds 2] [--levers | --levers-only [--only NAME,NAME]]
+Usage: python bench/bench_train_step.py [--steps 6] [--warmup 2] [--rounds 2]
+                                        [--levers | --levers-only [--only NAME,NAME]]
 """
 
 from __future__ import annotations

@@ -365,8 +365,8 @@ def _task_source(spec: str) -> tuple[str, str | None]:
 
 
 def _task_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", help="--task: the split of a hub dataset or of a folder of split files (test.jsonl, ...); "
-                                   "default: the only one")
+    p.add_argument("--split", help="--task: the split of a hub dataset or of a folder of split files (test.jsonl, "
+                                   "...); default: the only one")
     p.add_argument("--config", help="--task: the hub dataset's configuration (allenai/ai2_arc: ARC-Easy)")
 
 
@@ -898,16 +898,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true",
                    help="also the Hessian's top eigenvalue and trace, and eps-sharpness")
     p.add_argument("--hessian-iters", type=_positive, default=20,
-                   help="with --metrics: Lanczos steps (or power iterations) for the top eigenvalue (fewer power iterations did "
-                        "not converge on SmolLM2's LoRA weights)")
+                   help="with --metrics: Lanczos steps (or power iterations) for the top eigenvalue (fewer power "
+                        "iterations did not converge on SmolLM2's LoRA weights)")
     p.add_argument("--hessian-method", choices=("power", "lanczos"), default="lanczos",
-                   help="with --metrics: the top eigenvalue by Lanczos steps (default; they converge where the spectrum clusters or "
-                        "both ends are large, as in SAM-trained models, and keep --hessian-iters parameter-sized "
-                        "vectors) or by the (shifted) power iteration (two vectors)")
+                   help="with --metrics: the top eigenvalue by Lanczos steps (default; they converge where the "
+                        "spectrum clusters or both ends are large, as in SAM-trained models, and keep --hessian-iters "
+                        "parameter-sized vectors) or by the (shifted) power iteration (two vectors)")
     p.add_argument("--trace-samples", type=_positive, default=24,
-                   help="with --metrics: Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on SmolLM2)")
-    p.add_argument("--rho", type=float, default=0.05, help="with --metrics: eps-sharpness radius (L2, over the selected weights)")
-    p.add_argument("--ascent-steps", type=int, default=5, help="with --metrics: projected gradient-ascent steps of eps-sharpness")
+                   help="with --metrics: Hutchinson probes for the trace (single probes ranged -97..+186 around ~25 on "
+                        "SmolLM2)")
+    p.add_argument("--rho", type=float, default=0.05,
+                   help="with --metrics: eps-sharpness radius (L2, over the selected weights)")
+    p.add_argument("--ascent-steps", type=int, default=5,
+                   help="with --metrics: projected gradient-ascent steps of eps-sharpness")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="the base's weights (default: as the run that trained --adapter loaded them, else auto, which "
                         "resolves with --precision: fp32)")

@@ -1412,7 +1412,8 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
             print(f"    {unrecorded} of them were recorded without their settings (an older forgetless): reused as "
                   f"they are; delete a record to redo that run")
         if stale:
-            print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as runs/RUN_ID.json.DIGEST")
+            print(f"    redoing {len(stale)} run(s) whose settings changed; old records kept as "
+                  f"runs/RUN_ID.json.DIGEST")
         if todo and (elsewhere := computed_elsewhere(exp)):
             print(elsewhere)
     raw = validate(exp, todo, out / "stages") if todo else None
@@ -1433,7 +1434,6 @@ def _run_locked(exp: Experiment, progress: bool, rerun_changed: bool, workers: i
                 current = job.rid
                 if is_main_process():
                     print(f"[{number}/{len(todo)}] {job.rid}")
-                if is_main_process():
                     for stale_job, record in stale:
                         if stale_job is job:
                             _set_aside(out, job, record, _logging_dirs(exp))

@@ -267,6 +267,11 @@ def run_recipe(
     start = {"domain_start": domain_start} if DOMAIN in recipe.stages and domain_start else {}
     # how the base was loaded, where not the default: eval and landscape load it so for this adapter
     start |= {k: getattr(settings, k) for k, default in BASE_DEFAULTS.items() if getattr(settings, k) != default}
+
+    def keep(folder: Path) -> None:  # adapter_config.json + adapter_model.safetensors, and what goes beside them
+        save_adapter(model, folder, settings.model, **start)
+        _save_beside_adapter(recipe.plugins, folder)
+
     try:
         scores = evaluate(model, tokenizer, data, settings)
         check_finite(scores)
@@ -283,8 +288,7 @@ def run_recipe(
         # an error or Ctrl-C while scoring: a run without checkpoints (forgetless train) would lose what it trained;
         # the adapter is saved as it is, without scores (an experiment's run resumes from its domain checkpoints)
         if saving and checkpoint_dir is None:
-            save_adapter(model, adapter_dir, settings.model, **start)
-            _save_beside_adapter(recipe.plugins, adapter_dir)
+            keep(adapter_dir)
             print(f"note: evaluation stopped ({type(err).__name__}); the trained adapter is saved to {adapter_dir} "
                   f"without scores (forgetless eval --adapter {adapter_dir} scores it)", file=sys.stderr)
         raise
@@ -293,13 +297,11 @@ def run_recipe(
         row = next(r for r in tracker.history if r["step"] == tracker.best_step)
         selected = {"step": tracker.best_step, "max_general_drop": settings.max_general_drop, "scores": row}
     if saving:
-        save_adapter(model, adapter_dir, settings.model, **start)  # adapter_config.json + adapter_model.safetensors
-        _save_beside_adapter(recipe.plugins, adapter_dir)
+        keep(adapter_dir)
         if selected is not None:
             folder = adapter_dir.with_name(adapter_dir.name + ".selected")
             with tracker.selected(model):
-                save_adapter(model, folder, settings.model, **start)
-            _save_beside_adapter(recipe.plugins, folder)
+                keep(folder)
             selected["adapter"] = folder.name
     return RunResult(method=recipe.label, seed=settings.seed, general_ppl=scores["general_ppl"],
                      general_ppl_base2=scores["general_ppl_base2"], tasks=scores["tasks"], stages=stages,

@@ -40,8 +40,8 @@ def _share_the_cores() -> None:
     import os
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers > 1:  # torch's own count of the cores it may use (what one process would have), shared out
+        threads = max(1, torch.get_num_threads() // workers)
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 

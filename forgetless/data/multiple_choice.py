@@ -417,6 +417,6 @@ def mc_train_examples(items: list[MCItem], tokenizer: Any,
                                  f"max_length={max_length}: {item.continuation(item.answer)!r}", "answer")
             head = context[:1] if bos and context[:1] == bos else []
             rest = context[len(head):]
-            context = head + rest[len(head) + len(rest) + len(continuation) - max_length:]
+            context = head + rest[len(context) + len(continuation) - max_length:]
         examples.append({"input_ids": context + continuation, "labels": [-100] * len(context) + continuation})
     return examples

@@ -461,6 +461,7 @@ class EWC(Method):
         self._state = PendingState(STATE)
         self._terms: list[_Term] = []  # one per group of equal-shaped modules
         self._stage_cache: Path | None = None  # the cached general stage load_state was given, if it is one
+        self._given: Path | None = None  # a folder load_state was given that held no Fisher (for the error)
 
     fused = True  # one weighted_distance per group; False: module by module with autograd (the same value)
 
@@ -497,7 +498,7 @@ class EWC(Method):
             if not self.fisher:
                 if not ctx.general_examples:
                     given = (f" ({self._given} has no {FILENAME}: a stage trained without EWC, or a mistyped folder?)"
-                             if getattr(self, "_given", None) is not None else "")
+                             if self._given is not None else "")
                     raise ValueError(f"EWC needs a Fisher{given}: run a general stage with EWC first, load_state() a "
                                      f"folder with {FILENAME}, or give the domain stage general-text examples")
                 self._compute(ctx, ctx.general_examples)

@@ -727,8 +727,8 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     if scoring:
         print("report: the runs were not scored alike (held-out text, test items, suite, model or precision differ); "
               "report.md says how", file=sys.stderr)
-    sections = [section_main_table(res, rank_base), section_significance(res, reference, folder, test), section_cost(res),
-                section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
+    sections = [section_main_table(res, rank_base), section_significance(res, reference, folder, test),
+                section_cost(res), section_sweep(res, folder), section_pareto(res, folder), section_ablation(res),
                 forgetting_section(res.runs, folder, res.methods, metric),
                 flatness_section(res.runs, folder, res.methods, root=_experiment_folder(results_dir), metric=metric)]
     path = folder / "report.md"
@@ -736,5 +736,5 @@ def build_report(results_dir: str | Path, output: str | Path | None = None,
     return path
 
 
-__all__ = ["build_report", "load_runs", "with_variants", "parse_label", "significance_tests", "rank_marks", "pareto_front", "sweep_families",
-           "results_table", "Results"]
+__all__ = ["build_report", "load_runs", "with_variants", "parse_label", "significance_tests", "rank_marks",
+           "pareto_front", "sweep_families", "results_table", "Results"]

@@ -124,8 +124,8 @@ class StageLog:
         # below one it has seen (the scores of step 0 and 10 written before rows 1-10 lost rows 1-9)
         by_step: dict[int, dict[str, float]] = {}
         for row in scores:
-            by_step.setdefault(int(row["step"]), {}).update(
-                {f"{self.stage}/eval/{k}": float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+            by_step.setdefault(int(row["step"]), {}).update({f"{self.stage}/eval/{k}": float(v) for k, v in row.items()
+                                                             if k != "step" and isinstance(v, (int, float))})
         rate = None
         if rows:
             now = time.perf_counter()

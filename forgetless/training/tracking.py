@@ -1,9 +1,10 @@
 """Scores taken while a stage trains: forgetting over training (``eval_every``).
 
 :class:`EvalEvery` is a plugin like the anti-forgetting methods: after every ``every``-th optimizer step (and before
-the first moves the weights, as step 0; a resumed stage restores that row) it calls ``evaluate(model) -> {name: score}`` with the model in eval mode and records a row
-``{"step": k, **scores}`` in ``ctx.extras["eval_history"]``. Evaluation draws no random numbers and restores the
-model's mode, so the training that follows is the same as without it (tested).
+the first moves the weights, as step 0; a resumed stage restores that row) it calls ``evaluate(model) -> {name:
+score}`` with the model in eval mode and records a row ``{"step": k, **scores}`` in ``ctx.extras["eval_history"]``.
+Evaluation draws no random numbers and restores the model's mode, so the training that follows is the same as without
+it (tested).
 
 With ``choose(history) -> index of the row to keep, or None`` (e.g. :func:`best_within_drop`), the trainable weights
 are snapshot (a CPU copy) whenever the newest row is the one chosen: ``best_step`` and ``best_state`` then hold the
@@ -54,6 +55,7 @@ class EvalEvery(Method):
         self.history: list[dict[str, float]] = []
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._start_pending = False  # step 0's row is still to take (on_stage_start, before_optimizer_step)
 
     def _record(self, ctx: StageContext, step: int) -> None:
         started = time.perf_counter()
@@ -85,7 +87,7 @@ class EvalEvery(Method):
         self._start_pending = ctx.stage in self.stages and self.at_start
 
     def before_optimizer_step(self, ctx: StageContext) -> None:
-        if getattr(self, "_start_pending", False):  # the weights are still the stage's starting ones
+        if self._start_pending:  # the weights are still the stage's starting ones
             self._start_pending = False
             self._record(ctx, 0)
 

@@ -112,7 +112,8 @@ def test_a_cut_chat_keeps_the_bos_of_a_tokenizer_that_adds_one(tok):
     (cut,) = chat_examples([messages], tok, max_length=16)
     first = next(t for t, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
     lo = min(first - 7, len(full["input_ids"]) - 15)  # 15 after the BOS, at most half of them before the reply
-    assert cut == {"input_ids": [2] + full["input_ids"][lo: lo + 15], "labels": [IGNORE_INDEX] + full["labels"][lo: lo + 15]}
+    assert cut == {"input_ids": [2] + full["input_ids"][lo: lo + 15],
+                   "labels": [IGNORE_INDEX] + full["labels"][lo: lo + 15]}
 
 
 def test_chat_needs_a_chat_template():
@@ -528,7 +529,8 @@ def test_a_task_reads_the_train_split_of_a_folder_and_passes_its_hub_configurati
         return real(str(FIXTURES / "arc_easy.jsonl"), limit=limit)
 
     monkeypatch.setattr(multiple_choice, "load_records", records)
+    arc_c = {"name": "arc_c", "test": "allenai/ai2_arc", "split": "test", "config": "ARC-Challenge"}
     read_data(experiment(train="allenai/ai2_arc", test="allenai/ai2_arc", test_split="test", config="ARC-Easy",
-                         suite=[{"name": "arc_c", "test": "allenai/ai2_arc", "split": "test", "config": "ARC-Challenge"}]))
+                         suite=[arc_c]))
     assert seen == [("allenai/ai2_arc", "test", "ARC-Easy"), ("allenai/ai2_arc", "train", "ARC-Easy"),
                     ("allenai/ai2_arc", "test", "ARC-Challenge")]

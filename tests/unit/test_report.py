@@ -526,7 +526,8 @@ def test_runs_of_the_same_seeds_are_compared_pair_by_pair(tmp_path):
     assert hl["p"] < 1e-3 < 0.8 < ttest_ind(a, b, equal_var=False).pvalue
     ewc = rows[("ewc", "domain_acc")]
     ewc_acc = [acc + 1.0 for acc in spread[:4]]
-    assert ewc["test"] == "welch" and ewc["p"] == pytest.approx(ttest_ind(ewc_acc, spread, equal_var=False).pvalue, rel=1e-12)
+    assert ewc["test"] == "welch"
+    assert ewc["p"] == pytest.approx(ttest_ind(ewc_acc, spread, equal_var=False).pvalue, rel=1e-12)
     md = build_report(folder, reference="lora-mu").read_text()
     cells = table_rows(md, "## Significance")
     assert cells["hlora"][1] == f"+1.2 (p={hl['p']:.3g})"

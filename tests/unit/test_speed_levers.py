@@ -362,12 +362,10 @@ def test_logged_tensors_stay_on_the_device_until_the_interval(examples, monkeypa
     assert all(isinstance(row["l2"], float) for row in result.history)
 
 
-def test_compile_takes_the_language_models_layers_of_a_multimodal_model():
-    """Gemma-3 4B-27B loads as Gemma3ForConditionalGeneration, whose first `layers` list is its vision tower's:
-    `compile: true` compiled the SigLIP encoder and left the text decoder eager."""
+def tiny_gemma3_multimodal() -> torch.nn.Module:
+    """A tiny Gemma3ForConditionalGeneration (what Gemma-3 4B-27B load as): a SigLIP vision tower and a text decoder,
+    both with q_proj/v_proj."""
     import transformers
-
-    from forgetless.models import _decoder_layers
 
     text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
@@ -375,7 +373,15 @@ def test_compile_takes_the_language_models_layers_of_a_multimodal_model():
                   patch_size=14)
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                        image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_compile_takes_the_language_models_layers_of_a_multimodal_model():
+    """Gemma-3 4B-27B loads as Gemma3ForConditionalGeneration, whose first `layers` list is its vision tower's:
+    `compile: true` compiled the SigLIP encoder and left the text decoder eager."""
+    from forgetless.models import _decoder_layers
+
+    model = tiny_gemma3_multimodal()
     layers = _decoder_layers(model)
     assert layers is model.get_decoder().layers and type(layers[0]).__name__ == "Gemma3DecoderLayer"
 
@@ -383,16 +389,8 @@ def test_compile_takes_the_language_models_layers_of_a_multimodal_model():
 def test_lora_on_a_multimodal_model_wraps_the_language_model_only():
     """The default q_proj/v_proj targets matched Gemma-3's SigLIP attention too: LoRA matrices that never get a
     gradient from text, counted in HLoRA's and EWC's importance and saved in the adapter."""
-    import transformers
-
     from forgetless.models import LoraSettings, attach_lora
 
-    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    model = attach_lora(transformers.AutoModelForCausalLM.from_config(config), LoraSettings(r=2, alpha=4))
+    model = attach_lora(tiny_gemma3_multimodal(), LoraSettings(r=2, alpha=4))
     wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     assert len(wrapped) == 4 and all("language_model.layers." in n for n in wrapped)  # 2 layers x q, v
